@@ -1,0 +1,40 @@
+# make demo: create/reuse .venv, install, run the Bible en->es adaptive-span translation demo
+# make test: same environment, run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned to a CPU-sized build here: an unpinned torch pulls several GB of CUDA wheels
+TORCH := torch==2.13.0
+SOURCES := setup.py $(shell find fluence_fairseq -name '*.py' 2>/dev/null)
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow lm-demo bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) $(SOURCES)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(TORCH)" ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
+
+demo: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/translation/run.sh
+
+lm-demo: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/language_model/run.sh
+
+bench: $(STAMP)
+	$(PY) -m fluence_fairseq.bench --preset adaptive_span --out bench/adaptive_span
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,8 @@
+"""fluence_fairseq: adaptive, sparse and efficient attention for fairseq (``--user-dir fluence_fairseq``)."""
+from . import compat
+
+compat.install()
+
+from .modules import *  # noqa: E402,F401,F403
+
+__version__ = "0.1.0"

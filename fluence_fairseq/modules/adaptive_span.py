@@ -1,0 +1,246 @@
+"""Adaptive attention span (Sukhbaatar et al., 2019) with Fluence's API and the original semantics.
+
+Each head ``h`` learns a span ratio ``z_h`` in [0, 1] (the span in tokens is ``z_h * attn_span``). A key at
+distance ``x`` from the query (0 = the query's own position) gets the soft mask
+
+    m_h(x) = clamp((R + z_h * S - x) / R, 0, 1),   S = attn_span, R = adapt_span_ramp,
+
+and attention weights are multiplied by it and renormalised. The loss ``coeff * S * mean_h(z_h)`` pushes spans
+down; spans are clamped to [0, 1] after every optimizer step.
+
+Differences from Fluence's ``AdaptiveSpan`` (deliberate fixes): one span per head rather than per batch slot,
+a constant initial value instead of a random one, masks over query-key distance rather than absolute key index
+(for any batch size and key length), and a real saving in :class:`AdaptiveSpanAttention`: keys beyond the
+current maximum span plus ramp are never scored.
+"""
+import math
+import weakref
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.band import band_attention
+from .attention_base import FluenceAttention, fsmha
+
+
+def _check_span_args(attn_span, ramp, init, nb_heads):
+    if not isinstance(attn_span, int) or attn_span <= 0:
+        raise ValueError(f"attn_span must be a positive integer (maximum span in tokens), got {attn_span!r}")
+    if not (isinstance(ramp, (int, float)) and 0 < ramp <= attn_span):
+        raise ValueError(
+            f"adapt_span_ramp must be in (0, attn_span={attn_span}], got {ramp!r}: the ramp is the soft edge of "
+            "the span and cannot be longer than the span itself"
+        )
+    if not 0.0 <= init <= 1.0:
+        raise ValueError(
+            f"adapt_span_init must be in [0, 1] (a fraction of attn_span), got {init!r}; "
+            f"for a span of N tokens pass N / attn_span"
+        )
+    if not isinstance(nb_heads, int) or nb_heads <= 0:
+        raise ValueError(f"nb_heads must be a positive integer, got {nb_heads!r}")
+
+
+# AdaptiveSpan modules alive in this process; clamped after every optimizer step that updates them.
+_LIVE_SPANS: "weakref.WeakSet[AdaptiveSpan]" = weakref.WeakSet()
+
+
+def _clamp_after_step(optimizer, args, kwargs):
+    if not _LIVE_SPANS:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for span in list(_LIVE_SPANS):
+        if id(span.current_val) in stepped:
+            span.clamp_param()
+
+
+from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
+
+register_optimizer_step_post_hook(_clamp_after_step)
+
+
+class AdaptiveSpan(nn.Module):
+    """Learned soft span per head.
+
+    Args:
+        attn_span: maximum span S in tokens (keys farther away are never attended).
+        adapt_span_loss_coeff: weight of the span loss ``coeff * S * mean(z)``.
+        adapt_span_ramp: ramp length R of the soft mask edge, in tokens.
+        adapt_span_init: initial span ratio z in [0, 1] for every head.
+        adapt_span_cache: decoding caches hold only the current maximum span (True) or all S keys (False).
+        nb_heads: number of heads.
+        bs, mask_size: accepted for compatibility with Fluence and ignored (spans are per head and work for any
+            batch size and key length).
+        causal: distances are ``query - key`` and future keys are masked (True), or ``|query - key|`` (False).
+    """
+
+    def __init__(
+        self,
+        attn_span: int,
+        adapt_span_loss_coeff: float,
+        adapt_span_ramp: int,
+        adapt_span_init: float,
+        adapt_span_cache: bool,
+        nb_heads: int,
+        bs: Optional[int] = None,
+        mask_size=None,
+        *,
+        causal: bool = True,
+    ):
+        super().__init__()
+        _check_span_args(attn_span, adapt_span_ramp, adapt_span_init, nb_heads)
+        self.attn_span = attn_span
+        self.loss_coeff = float(adapt_span_loss_coeff)
+        self.ramp = adapt_span_ramp
+        self.cache = bool(adapt_span_cache)
+        self.nb_heads = nb_heads
+        self.causal = causal
+        # stored as a ratio of attn_span, as in facebookresearch/adaptive-span
+        self.current_val = nn.Parameter(torch.full((nb_heads, 1, 1), float(adapt_span_init)))
+        self.current_val.adaptive_span = True
+        _LIVE_SPANS.add(self)
+
+    # -------------------------------------------------------------------------------------------- mask
+    def distance(self, rel: Tensor) -> Tensor:
+        """Query-minus-key offsets -> distances the mask is defined on (future keys get ``attn_span``)."""
+        if self.causal:
+            return torch.where(rel >= 0, rel, torch.full_like(rel, self.attn_span))
+        return rel.abs()
+
+    def mask(self, rel: Tensor) -> Tensor:
+        """Soft mask (H, *rel.shape) in float32 for query-minus-key offsets ``rel``; zero beyond ``attn_span``."""
+        d = self.distance(rel).float()
+        z = self.current_val.float().view(self.nb_heads, *([1] * rel.dim()))
+        m = ((self.ramp + z * self.attn_span - d) / self.ramp).clamp(0.0, 1.0)
+        return m.masked_fill(d >= self.attn_span, 0.0)
+
+    def log_mask(self, rel: Tensor) -> Tensor:
+        """log of :meth:`mask`, -inf where the mask is zero, with finite gradients everywhere."""
+        m = self.mask(rel)
+        inside = m > 0
+        return torch.where(inside, torch.log(torch.where(inside, m, torch.ones_like(m))), float("-inf"))
+
+    def forward(self, attn: Tensor, normalize: bool = True) -> Tensor:
+        """Mask attention probabilities ``attn`` (B, H, Lq, Lk) and renormalise each row.
+
+        The last query is aligned with the last key (query ``i`` sits at key position ``i + Lk - Lq``).
+        """
+        if attn.dim() != 4 or attn.size(1) != self.nb_heads:
+            raise ValueError(
+                f"attn must be (batch, heads={self.nb_heads}, tgt_len, src_len) probabilities, got {tuple(attn.shape)}"
+            )
+        tgt_len, src_len = attn.shape[-2:]
+        rel = (torch.arange(tgt_len, device=attn.device).unsqueeze(1) + (src_len - tgt_len)
+               - torch.arange(src_len, device=attn.device).unsqueeze(0))
+        out = attn * self.mask(rel).to(attn.dtype)
+        if normalize:
+            out = out / (out.sum(dim=-1, keepdim=True) + 1e-8)
+        return out
+
+    # --------------------------------------------------------------------------------------- statistics
+    def _span(self, ratio: float, include_ramp: bool) -> int:
+        span = math.ceil(ratio * self.attn_span) + (self.ramp if include_ramp else 0)
+        return int(max(0, min(self.attn_span, span)))
+
+    def get_current_max_span(self, include_ramp: bool = True) -> int:
+        """Largest span over heads, in tokens (with the ramp, clipped to attn_span)."""
+        return self._span(self.current_val.max().item(), include_ramp)
+
+    def get_current_avg_span(self, include_ramp: bool = True) -> int:
+        return self._span(self.current_val.mean().item(), include_ramp)
+
+    def get_spans(self, include_ramp: bool = False) -> Tensor:
+        """Per-head spans in tokens (float), for plots and logs."""
+        spans = self.current_val.detach().view(-1).float() * self.attn_span
+        return (spans + self.ramp).clamp(max=self.attn_span) if include_ramp else spans
+
+    def get_trim_len(self) -> int:
+        """How many of the attn_span context keys can be dropped, floored to a multiple of 64."""
+        trim = min(self.attn_span - 1, self.attn_span - self.get_current_max_span())
+        return max(0, trim // 64 * 64)
+
+    def get_cache_size(self) -> int:
+        """Context to keep between segments (with a 64-token margin for spans that grow), as in the original."""
+        if self.cache:
+            return min(self.attn_span, self.attn_span - self.get_trim_len() + 64)
+        return self.attn_span
+
+    def get_loss(self) -> Tensor:
+        return self.loss_coeff * self.attn_span * self.current_val.mean()
+
+    @torch.no_grad()
+    def clamp_param(self):
+        self.current_val.clamp_(0.0, 1.0)
+
+    def extra_repr(self) -> str:
+        return (f"attn_span={self.attn_span}, ramp={self.ramp}, nb_heads={self.nb_heads}, "
+                f"loss_coeff={self.loss_coeff}, cache={self.cache}, causal={self.causal}")
+
+
+class AdaptiveSpanAttention(FluenceAttention):
+    """Self attention with a learned span per head; noncausal (encoder) or causal (decoder/LM).
+
+    Keys farther than the current maximum span plus ramp are never scored: training and full-sequence
+    inference use banded block computation, decoding keeps a cache of at most that many keys (or ``attn_span``
+    keys with ``adapt_span_cache=False``). When every head's span covers the whole input the mask is all ones
+    and the fused SDPA kernel runs.
+    """
+
+    supported_patterns = frozenset({(False, False), (False, True)})
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        *,
+        attn_span: int = 1024,
+        adapt_span_loss_coeff: float = 2e-6,
+        adapt_span_ramp: int = 32,
+        adapt_span_init: float = 0.0,
+        adapt_span_cache: bool = True,
+        causal: bool = False,
+        cross: bool = False,
+        bias: bool = True,
+        q_noise: float = 0.0,
+        qn_block_size: int = 8,
+        block_size: Optional[int] = None,
+        bs: Optional[int] = None,
+        mask_size=None,
+    ):
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, causal=causal, cross=cross,
+                         q_noise=q_noise, qn_block_size=qn_block_size)
+        self.adaptive_span = AdaptiveSpan(
+            attn_span, adapt_span_loss_coeff, adapt_span_ramp, adapt_span_init, adapt_span_cache, num_heads,
+            causal=causal,
+        )
+        self.block_size = block_size
+
+    def window(self) -> int:
+        """Keys per query that can have a nonzero mask: current maximum span + ramp (clipped to attn_span)."""
+        return self.adaptive_span.get_current_max_span(include_ramp=True)
+
+    def max_cached_keys(self) -> Optional[int]:
+        return self.window() if self.adaptive_span.cache else self.adaptive_span.attn_span
+
+    def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
+        span = self.adaptive_span
+        reach = self.window() - 1  # largest distance with a nonzero mask
+        # every allowed key has mask 1 when the smallest span reaches the farthest key: skip the bias
+        farthest = min(reach, max(query_offset + q.size(2) - 1, k.size(2) - 1 - query_offset))
+        saturated = span.current_val.min().item() * span.attn_span >= farthest
+        return band_attention(
+            q, k, v, query_offset=query_offset, left=reach, right=0 if self.causal else reach,
+            rel_bias=None if saturated else span.log_mask,
+            key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+            dropout_p=self.dropout_module.p if self.training else 0.0,
+            need_weights=need_weights, block_size=self.block_size,
+        )
+
+    def get_loss(self) -> Tensor:
+        return self.adaptive_span.get_loss()
+
+
+@fsmha
+class FSAdaptiveSpan(AdaptiveSpanAttention):
+    pass

@@ -1,0 +1,344 @@
+"""The fairseq glue, written once: every fluence attention subclasses :class:`FluenceAttention` and supplies
+only its math, :meth:`FluenceAttention.attend` (and, for recurrent attentions, :meth:`attend_incremental`).
+
+The base owns: ``(L, B, D)`` or ``batch_first`` inputs, padding and attention masks of any dtype, weights
+(``need_weights``/``need_head_weights``), ``static_kv`` cross attention, the incremental-decoding cache (batch on
+dim 0 of every cached tensor, so ``reorder_incremental_state`` is one ``index_select`` per tensor) and the
+pattern check (noncausal/causal x self/cross).
+
+It derives from fairseq's ``MultiheadAttention`` so the projections keep the names ``q_proj``, ``k_proj``,
+``v_proj`` and ``out_proj`` (state dicts load into stock transformers and back), and it overrides ``forward``
+entirely: fairseq's own forward has a fused fast path that would skip any hook we override.
+"""
+from typing import Dict, FrozenSet, Optional, Tuple
+
+import torch
+from fairseq.modules.multihead_attention import MultiheadAttention
+from torch import Tensor
+
+from .masks import append_padding_masks, attn_mask_to_additive, padding_mask_to_bool
+
+IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
+
+#: (cross, causal) -> name used in messages and docs
+PATTERNS = {
+    (False, False): "noncausal self",
+    (False, True): "causal self",
+    (True, False): "noncausal cross",
+    (True, True): "causal cross",
+}
+ALL_PATTERNS: FrozenSet[Tuple[bool, bool]] = frozenset(PATTERNS)
+
+
+class UnsupportedPatternError(AssertionError):
+    """Raised when an attention is built for a pattern its math does not support."""
+
+
+def describe_patterns(patterns) -> str:
+    return ", ".join(PATTERNS[p] for p in sorted(patterns, key=lambda p: (p[0], p[1])))
+
+
+class FluenceAttention(MultiheadAttention):
+    """Base of all fluence attentions. Subclasses set :attr:`supported_patterns` and implement :meth:`attend`.
+
+    Args:
+        embed_dim, num_heads, kdim, vdim, dropout, bias, q_noise, qn_block_size: as in fairseq's
+            ``MultiheadAttention`` (``dropout`` is attention-probability dropout).
+        causal: query ``i`` may only see keys up to its own position. Causality comes from this flag, not from
+            ``attn_mask`` (an ``attn_mask`` is still honoured on top of it).
+        cross: keys and values come from another sequence (encoder-decoder attention).
+    """
+
+    supported_patterns: FrozenSet[Tuple[bool, bool]] = ALL_PATTERNS
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        kdim: Optional[int] = None,
+        vdim: Optional[int] = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        *,
+        causal: bool = False,
+        cross: bool = False,
+        q_noise: float = 0.0,
+        qn_block_size: int = 8,
+    ):
+        causal, cross = bool(causal), bool(cross)
+        if (cross, causal) not in self.supported_patterns:
+            raise UnsupportedPatternError(
+                f"{type(self).__name__} cannot do {PATTERNS[(cross, causal)]} attention; it supports "
+                f"{describe_patterns(self.supported_patterns)} (set cross=/causal= accordingly)"
+            )
+        if num_heads <= 0 or embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        super().__init__(
+            embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias,
+            self_attention=not cross, encoder_decoder_attention=cross,
+            q_noise=q_noise, qn_block_size=qn_block_size,
+        )
+        self.causal = causal
+        self.cross = cross
+
+    # ----------------------------------------------------------------------------------------------- math
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Optional[Tensor],
+        attn_mask: Optional[Tensor],
+        query_offset: int,
+        need_weights: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """The attention's math on projected, unscaled heads.
+
+        Args:
+            q: (B, H, Lq, Dh); k, v: (B, H, Lk, Dh).
+            key_padding_mask: bool (B, Lk), True = padding, or None.
+            attn_mask: additive float broadcastable to (B, H, Lq, Lk), or None.
+            query_offset: query ``i`` sits at key position ``i + query_offset`` (causal: sees keys ``<=`` that).
+            need_weights: also return attention probabilities (B, H, Lq, Lk).
+        Returns:
+            (out (B, H, Lq, Dh), weights or None)
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement attend()")
+
+    def max_cached_keys(self) -> Optional[int]:
+        """Upper bound on the keys a causal self-attention cache must keep (None = all)."""
+        return None
+
+    def attend_incremental(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Optional[Tensor],
+        attn_mask: Optional[Tensor],
+        buffer: Dict[str, Optional[Tensor]],
+        need_weights: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """One causal self-attention decoding step (``q`` holds the newest query or queries).
+
+        The default keeps a key/value cache (``prev_key``/``prev_value`` (B, H, t, Dh) and
+        ``prev_key_padding_mask`` (B, t)) trimmed to :meth:`max_cached_keys` and calls :meth:`attend`.
+        Recurrent attentions override this to keep their own state in ``buffer`` (batch on dim 0).
+        """
+        prev_k = buffer.get("prev_key")
+        prev_len = 0 if prev_k is None else prev_k.size(2)
+        if prev_k is not None:
+            k = torch.cat([prev_k, k], dim=2)
+            v = torch.cat([buffer["prev_value"], v], dim=2)
+        key_padding_mask = append_padding_masks(
+            buffer.get("prev_key_padding_mask"), prev_len, key_padding_mask, q.size(2), q.size(0)
+        )
+        attn_mask = self._normalize_attn_mask(attn_mask, q.size(0), q.size(2), k.size(2), q.dtype)
+        keep = self.max_cached_keys()
+        if keep is not None and k.size(2) > max(keep, q.size(2)):
+            keep = max(keep, q.size(2))
+            k, v = k[:, :, -keep:], v[:, :, -keep:]
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask[:, -keep:]
+            if attn_mask is not None:
+                attn_mask = attn_mask[..., -keep:]
+        buffer["prev_key"], buffer["prev_value"] = k, v
+        if key_padding_mask is not None:
+            buffer["prev_key_padding_mask"] = key_padding_mask
+        return self.attend(
+            q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+            query_offset=k.size(2) - q.size(2), need_weights=need_weights,
+        )
+
+    # -------------------------------------------------------------------------------------------- glue
+    def _normalize_attn_mask(self, attn_mask, bsz, tgt_len, src_len, dtype):
+        return attn_mask_to_additive(attn_mask, bsz, self.num_heads, tgt_len, src_len, dtype)
+
+    def _heads(self, x: Tensor, bsz: int) -> Tensor:
+        """(L, B, H*Dh) -> (B, H, L, Dh)"""
+        return x.view(x.size(0), bsz, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Optional[Tensor] = None,
+        value: Optional[Tensor] = None,
+        query_padding_mask: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = True,
+        need_head_weights: bool = False,
+        attn_mask: Optional[Tensor] = None,
+        static_kv: bool = False,
+        incremental_state: Optional[IncrementalState] = None,
+        batch_first: bool = False,
+        before_softmax: bool = False,
+        **unused,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Attention with fairseq's keyword interface.
+
+        Args:
+            query: (Lq, B, D), or (B, Lq, D) with ``batch_first``.
+            key, value: (Lk, B, kdim/vdim); default to ``query`` (self attention) and ``key``. With ``static_kv``
+                and a filled cache they may be None.
+            query_padding_mask: (B, Lq) bool/byte/float, True/nonzero = padding; outputs there are zeroed.
+            key_padding_mask: (B, Lk) bool/byte/float, True/nonzero = padding. During decoding: the new keys only.
+            need_weights: return head-averaged weights (B, Lq, Lk); ``need_head_weights``: (H, B, Lq, Lk).
+            attn_mask: (Lq, Lk) or (B*H, Lq, Lk), bool (True = masked) or additive float.
+            static_kv: cross attention whose keys are computed once and cached (fairseq decoding).
+            incremental_state: fairseq's decoding cache; causal self or cross attention only.
+        Returns:
+            (output shaped like ``query``, weights or None)
+        """
+        if unused:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected arguments: {sorted(unused)}")
+        if before_softmax:
+            raise ValueError(f"{type(self).__name__} does not return raw scores (before_softmax=True)")
+        need_weights = need_weights or need_head_weights
+        if batch_first:
+            query = query.transpose(0, 1)
+            key = None if key is None else key.transpose(0, 1)
+            value = None if value is None else value.transpose(0, 1)
+        if query.dim() != 3 or query.size(-1) != self.embed_dim:
+            raise ValueError(
+                f"query must be (length, batch, {self.embed_dim}) (or batch first), got {tuple(query.shape)}"
+            )
+        tgt_len, bsz, _ = query.shape
+        if not self.cross:
+            key = query if key is None else key
+        value = key if value is None else value
+
+        buffer = None
+        if incremental_state is not None:
+            if not (self.cross or self.causal):
+                raise ValueError(
+                    f"{type(self).__name__}: incremental decoding needs causal=True or cross=True; a noncausal "
+                    "self attention would have to see tokens that have not been generated yet"
+                )
+            buffer = self._get_input_buffer(incremental_state)
+
+        q = self._heads(self.q_proj(query), bsz)
+        cached_kv = self.cross and static_kv and buffer is not None and buffer.get("prev_key") is not None
+        if cached_kv:
+            k, v = buffer["prev_key"], buffer["prev_value"]
+            if k.size(0) != bsz:
+                raise ValueError(f"cached keys have batch {k.size(0)} but the query has batch {bsz}; reorder the cache")
+        else:
+            if key is None:
+                raise ValueError(f"{type(self).__name__}: cross attention needs key/value (or a filled static_kv cache)")
+            if key.dim() != 3 or key.size(1) != bsz:
+                raise ValueError(f"key must be (length, batch={bsz}, kdim), got {tuple(key.shape)}")
+            if value.shape[:2] != key.shape[:2]:
+                raise ValueError(f"value {tuple(value.shape)} must match key {tuple(key.shape)} in length and batch")
+            k = self._heads(self.k_proj(key), bsz)
+            v = self._heads(self.v_proj(value), bsz)
+        src_len = k.size(2)
+        query_padding_mask = padding_mask_to_bool(query_padding_mask, bsz, tgt_len, "query_padding_mask")
+
+        if buffer is not None and not self.cross:
+            key_padding_mask = padding_mask_to_bool(key_padding_mask, bsz, tgt_len, "key_padding_mask")
+            out, weights = self.attend_incremental(
+                q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask, buffer=buffer,
+                need_weights=need_weights,
+            )
+        else:
+            if key_padding_mask is None and cached_kv:
+                key_padding_mask = buffer.get("prev_key_padding_mask")
+            key_padding_mask = padding_mask_to_bool(key_padding_mask, bsz, src_len, "key_padding_mask")
+            attn_mask = self._normalize_attn_mask(attn_mask, bsz, tgt_len, src_len, q.dtype)
+            # self attention: the last query is the last key; cross: both sequences start together
+            query_offset = src_len - tgt_len if not self.cross else 0
+            if buffer is not None:
+                steps = buffer.get("steps")
+                if steps is not None:
+                    query_offset = int(steps[0])
+                if self.causal:
+                    buffer["steps"] = torch.full((bsz,), query_offset + tgt_len, dtype=torch.long, device=q.device)
+                if static_kv:
+                    buffer["prev_key"], buffer["prev_value"] = k, v
+                    if key_padding_mask is not None:
+                        buffer["prev_key_padding_mask"] = key_padding_mask
+            out, weights = self.attend(
+                q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                query_offset=query_offset, need_weights=need_weights,
+            )
+        if buffer is not None:
+            self._set_input_buffer(incremental_state, buffer)
+
+        out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)
+        out = self.out_proj(out)
+        if query_padding_mask is not None:
+            out = out.masked_fill(query_padding_mask.t().unsqueeze(-1), 0.0)
+        if batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights or weights is None:
+            return out, None
+        weights = weights.transpose(0, 1)  # (H, B, Lq, Lk)
+        return out, (weights if need_head_weights else weights.mean(dim=0))
+
+    @torch.jit.unused
+    def reorder_incremental_state(self, incremental_state: IncrementalState, new_order: Tensor):
+        """Beam search: select the new batch order in every cached tensor (batch is dim 0 of all of them)."""
+        buffer = self._get_input_buffer(incremental_state)
+        if buffer:
+            for name, tensor in buffer.items():
+                if tensor is not None:
+                    buffer[name] = tensor.index_select(0, new_order)
+            incremental_state = self._set_input_buffer(incremental_state, buffer)
+        return incremental_state
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"pattern={PATTERNS[(self.cross, self.causal)]!r}, dropout={self.dropout_module.p}"
+        )
+
+
+_FAIRSEQ_ONLY = ("dictionary",)
+
+
+def fsmha(cls):
+    """Make an attention class accept the constructor keywords fairseq's transformer layers pass.
+
+    ``@fsmha class FSX(X): pass`` keeps ``X``'s math and Python API and adds: ``encoder_decoder_attention=True``
+    meaning ``cross=True``, ``self_attention`` checked against ``cross``, and clear errors for the fairseq
+    options fluence attentions do not implement (``add_bias_kv``, ``add_zero_attn``, ``xformers_att_config``).
+    ``X`` must derive from :class:`FluenceAttention`, which supplies the fairseq glue.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, FluenceAttention)):
+        raise TypeError(f"@fsmha expects a subclass of FluenceAttention, got {cls!r}")
+    inner_init = cls.__init__
+
+    def __init__(
+        self,
+        *args,
+        self_attention: Optional[bool] = None,
+        encoder_decoder_attention: Optional[bool] = None,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        xformers_att_config=None,
+        **kwargs,
+    ):
+        name = cls.__name__
+        if add_bias_kv or add_zero_attn:
+            raise ValueError(f"{name} does not implement add_bias_kv/add_zero_attn; build it without them")
+        if xformers_att_config is not None:
+            raise ValueError(f"{name} is its own attention; drop xformers_att_config")
+        for key in _FAIRSEQ_ONLY:
+            kwargs.pop(key, None)
+        if encoder_decoder_attention is not None:
+            if "cross" in kwargs and bool(kwargs["cross"]) != bool(encoder_decoder_attention):
+                raise ValueError(f"{name}: cross={kwargs['cross']} contradicts "
+                                 f"encoder_decoder_attention={encoder_decoder_attention}")
+            kwargs["cross"] = bool(encoder_decoder_attention)
+        if self_attention and kwargs.get("cross", False):
+            raise ValueError(f"{name}: self_attention=True contradicts cross=True")
+        inner_init(self, *args, **kwargs)
+
+    __init__.__doc__ = inner_init.__doc__
+    cls.__init__ = __init__
+    cls.is_fsmha = True
+    return cls

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fluence_fairseq",
+    version="0.1.0",
+    description="Adaptive, sparse and efficient attention for fairseq (--user-dir fluence_fairseq)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["fluence_fairseq", "fluence_fairseq.*"]),
+    install_requires=[
+        # pin torch yourself before installing (see README): an unpinned torch pulls a CUDA build
+        "torch>=2.4",
+        # fairseq 0.12.2 does not import on Python 3.11; ve-fairseq is a cp311/cp312 manylinux x86_64 wheel
+        "ve-fairseq==0.12.3",
+        "entmax>=1.1",
+        "numpy",
+        "sacrebleu>=2.0",
+        "sentencepiece",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={
+        "console_scripts": [
+            "fluence-bench=fluence_fairseq.bench:main",
+            "fluence-plot=fluence_fairseq.plot:main",
+        ]
+    },
+)
