@@ -1,0 +1,254 @@
+"""Plots of what attentions learned, read from fairseq checkpoints.
+
+    python -m fluence_fairseq.plot spans CHECKPOINT -o spans.png      (or: fluence-plot spans ...)
+
+``spans`` draws the span of every head of every adaptive-span layer (z * attn_span, in tokens), one heatmap per
+stack (encoder, decoder), and prints the same numbers as a text table. Each plot is a subcommand registered with
+:func:`register_plot`; later attentions add their own (e.g. entmax alphas) without touching the others.
+"""
+import argparse
+import logging
+import math
+import re
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+import fluence_fairseq  # noqa: F401  (registers the safe globals fairseq checkpoints need under weights_only)
+
+SPAN_SUFFIX = "adaptive_span.current_val"
+_LAYER_RE = re.compile(r"^(?P<stack>.*?)\.?layers\.(?P<layer>\d+)\.(?P<module>.+)\.adaptive_span\.current_val$")
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_checkpoint(path: str, trust: bool = False) -> dict:
+    """``torch.load`` on CPU, weights-only unless ``trust`` (only for checkpoints you made yourself)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=not trust)
+    except FileNotFoundError:
+        raise SystemExit(f"fluence-plot: no such checkpoint: {path}")
+    except Exception as e:  # pickle.UnpicklingError and friends: the message is long, keep its first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(
+            f"fluence-plot: cannot load {path} with weights_only=True ({first}). If you trust this file, "
+            "pass --trust-checkpoint to load it with weights_only=False."
+        )
+    if not isinstance(state, dict):
+        raise SystemExit(f"fluence-plot: {path} is not a fairseq checkpoint (a dict), got {type(state).__name__}")
+    return state
+
+
+def model_state(state: dict) -> Dict[str, torch.Tensor]:
+    """The model's parameters: ``state['model']`` for fairseq checkpoints, or the dict itself."""
+    model = state.get("model", state)
+    if not isinstance(model, dict):
+        raise SystemExit("fluence-plot: the checkpoint has no 'model' state dict")
+    return model
+
+
+def _get(obj, name):
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(name)
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # omegaconf raises on missing keys in struct mode
+        return None
+
+
+def model_options(state: dict) -> List[object]:
+    """Where model options may live: cfg['model'] (Namespace for legacy models, dict for dataclass ones), args."""
+    cfg = state.get("cfg")
+    found = [_get(cfg, "model"), state.get("args"), cfg]
+    return [o for o in found if o is not None]
+
+
+def model_option(state: dict, name: str):
+    for opts in model_options(state):
+        value = _get(opts, name)
+        if value is not None:
+            return value
+    return None
+
+
+# --------------------------------------------------------------------------------------------- spans
+@dataclass
+class SpanStack:
+    """Spans of one stack of layers (e.g. 'encoder'): ``rows[layer] = [z per head]``."""
+
+    name: str
+    rows: "OrderedDict[int, List[float]]" = field(default_factory=OrderedDict)
+
+    def tokens(self, attn_span: int, ramp: float = 0.0) -> List[List[float]]:
+        return [[min(attn_span, z * attn_span + ramp) for z in self.rows[k]] for k in sorted(self.rows)]
+
+
+def _stack_name(key: str):
+    m = _LAYER_RE.match(key)
+    if m is None:
+        return key[: -len(SPAN_SUFFIX)].rstrip(".") or "model", 0
+    stack = m.group("stack") or "model"
+    module = m.group("module")
+    if module != "self_attn":  # e.g. a cross attention with spans: keep it apart from the self attention
+        stack = f"{stack} {module}"
+    return stack, int(m.group("layer"))
+
+
+def find_spans(model: Dict[str, torch.Tensor]) -> "OrderedDict[str, SpanStack]":
+    """Every ``...adaptive_span.current_val`` (span ratios z, shape (heads, 1, 1)) grouped by stack and layer."""
+    stacks: "OrderedDict[str, SpanStack]" = OrderedDict()
+    for key in model:
+        if not key.endswith(SPAN_SUFFIX):
+            continue
+        name, layer = _stack_name(key)
+        z = model[key].detach().float().reshape(-1).clamp(0.0, 1.0).tolist()
+        stacks.setdefault(name, SpanStack(name)).rows[layer] = z
+    order = {"encoder": 0, "decoder": 1}
+    return OrderedDict(sorted(stacks.items(), key=lambda kv: (order.get(kv[0].split()[0], 2), kv[0])))
+
+
+def span_table(stacks, attn_span: int, ramp: float, include_ramp: bool) -> str:
+    add = ramp if include_ramp else 0.0
+    what = "z * attn_span + ramp (clipped)" if include_ramp else "z * attn_span"
+    lines = [f"learned spans in tokens ({what}; attn_span={attn_span}, ramp={ramp:g})"]
+    for stack in stacks.values():
+        grid = stack.tokens(attn_span, add)
+        heads = max(len(r) for r in grid)
+        lines.append("")
+        lines.append(f"{stack.name:<10}" + "".join(f"{'head ' + str(h):>9}" for h in range(heads)) + f"{'mean':>9}")
+        for layer, row in zip(sorted(stack.rows), grid):
+            cells = "".join(f"{v:9.1f}" for v in row) + " " * 9 * (heads - len(row))
+            lines.append(f"{'layer ' + str(layer):<10}" + cells + f"{sum(row) / len(row):9.1f}")
+        flat = [v for row in grid for v in row]
+        lines.append(f"{stack.name}: avg {sum(flat) / len(flat):.1f}, max {max(flat):.1f} tokens "
+                     f"over {len(grid)} layers x {heads} heads")
+    return "\n".join(lines)
+
+
+def plot_spans(stacks, attn_span: int, ramp: float, include_ramp: bool, out: str, title: Optional[str] = None):
+    """One annotated heatmap (layers x heads) per stack, side by side, on a common 0..attn_span colour scale."""
+    # fairseq's text_to_speech task sets the root logger to DEBUG on import; keep matplotlib's chatter out
+    for name in ("matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    add = ramp if include_ramp else 0.0
+    grids = [(s.name, sorted(s.rows), s.tokens(attn_span, add)) for s in stacks.values()]
+    max_heads = max(len(r) for _, _, g in grids for r in g)
+    max_layers = max(len(g) for _, _, g in grids)
+    fig, axes = plt.subplots(1, len(grids), squeeze=False, layout="constrained",
+                             figsize=(1.0 + len(grids) * (1.0 + 0.6 * max_heads), 1.6 + 0.5 * max_layers))
+    image = None
+    for ax, (name, layers, grid) in zip(axes[0], grids):
+        data = [row + [math.nan] * (max_heads - len(row)) for row in grid]
+        image = ax.imshow(data, vmin=0, vmax=attn_span, cmap="viridis", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=9,
+                        color="white" if v < 0.6 * attn_span else "black")
+        flat = [v for row in grid for v in row]
+        ax.set_title(f"{name}\navg {sum(flat) / len(flat):.1f}, max {max(flat):.1f}", fontsize=10)
+        ax.set_xticks(range(max_heads), [str(h) for h in range(max_heads)])
+        ax.set_yticks(range(len(layers)), [str(k) for k in layers])
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), label="span (tokens)")
+    allv = [v for _, _, g in grids for row in g for v in row]
+    what = "span + ramp" if include_ramp else "learned span"
+    fig.suptitle(title or f"{what} per head in tokens (attn_span={attn_span}, ramp={ramp:g}): "
+                 f"avg {sum(allv) / len(allv):.1f}, max {max(allv):.1f}", fontsize=10)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _spans_args(p: argparse.ArgumentParser):
+    p.add_argument("checkpoint", help="fairseq checkpoint (.pt) of a model with adaptive-span attention")
+    p.add_argument("-o", "--output", default="spans.png", help="image to write (default: spans.png)")
+    p.add_argument("--attn-span", type=int, default=None,
+                   help="maximum span S in tokens, if the checkpoint's config does not have it")
+    p.add_argument("--adapt-span-ramp", type=float, default=None,
+                   help="ramp R in tokens, if the checkpoint's config does not have it (default 32)")
+    p.add_argument("--include-ramp", action="store_true",
+                   help="plot z*S + R (every key the head can see) instead of z*S (the full-weight span)")
+    p.add_argument("--title", default=None)
+
+
+def _spans_run(args) -> int:
+    state = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+    stacks = find_spans(model_state(state))
+    if not stacks:
+        raise SystemExit(
+            f"fluence-plot spans: {args.checkpoint} has no adaptive spans (no parameter ending in "
+            f"'{SPAN_SUFFIX}'); was it trained with an adaptive-span architecture?"
+        )
+    attn_span = model_option(state, "attn_span")
+    if attn_span is None:
+        attn_span = args.attn_span
+    elif args.attn_span is not None and int(args.attn_span) != int(attn_span):
+        print(f"fluence-plot: using --attn-span {args.attn_span} instead of the checkpoint's {attn_span}",
+              file=sys.stderr)
+        attn_span = args.attn_span
+    if attn_span is None:
+        raise SystemExit(
+            "fluence-plot spans: the checkpoint's config has no attn_span; pass --attn-span (the maximum span in "
+            "tokens the model was trained with)"
+        )
+    ramp = model_option(state, "adapt_span_ramp")
+    if args.adapt_span_ramp is not None:
+        ramp = args.adapt_span_ramp
+    ramp = 32.0 if ramp is None else float(ramp)
+    attn_span = int(attn_span)
+    print(span_table(stacks, attn_span, ramp, args.include_ramp))
+    plot_spans(stacks, attn_span, ramp, args.include_ramp, args.output, args.title)
+    print(f"wrote {args.output}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ commands
+@dataclass(frozen=True)
+class PlotCommand:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+PLOTS: Dict[str, PlotCommand] = OrderedDict()
+
+
+def register_plot(command: PlotCommand) -> PlotCommand:
+    if command.name in PLOTS:
+        raise ValueError(f"plot {command.name!r} is already registered")
+    PLOTS[command.name] = command
+    return command
+
+
+register_plot(PlotCommand("spans", "learned adaptive attention span per head and layer", _spans_args, _spans_run))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fluence-plot", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in PLOTS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.add_argument("--trust-checkpoint", action="store_true",
+                       help="load with weights_only=False (arbitrary code in the file runs: trusted files only)")
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args._run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
