@@ -4,5 +4,6 @@ from . import compat
 compat.install()
 
 from .modules import *  # noqa: E402,F401,F403
+from . import criterions, models  # noqa: E402,F401  (registers models, --arch names and criterions)
 
 __version__ = "0.1.0"

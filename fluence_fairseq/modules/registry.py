@@ -30,10 +30,6 @@ class AttentionSpec:
     def build(self, embed_dim: int, num_heads: int, dropout: float = 0.0, **kwargs) -> FluenceAttention:
         return self.cls(embed_dim, num_heads, dropout=dropout, **kwargs)
 
-    def kwargs_from(self, args) -> Dict[str, Any]:
-        """Constructor options read from an argparse Namespace / config (missing ones take their default)."""
-        return {o.name: getattr(args, o.name, o.default) if getattr(args, o.name, None) is not None else o.default
-                for o in self.options}
 
 
 def _bool(value) -> bool:

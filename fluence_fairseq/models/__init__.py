@@ -1,0 +1,33 @@
+"""fairseq models and named architectures of fluence_fairseq.
+
+Registered models: ``fluence_transformer`` (encoder-decoder) and ``fluence_transformer_lm`` (decoder-only). The
+``--arch`` names come from the table in :mod:`fluence_fairseq.models.architectures`.
+"""
+from .attention_args import (
+    DECODER_CROSS,
+    DECODER_SELF,
+    DEFAULT_ATTENTION,
+    ENCODER_SELF,
+    AttentionRole,
+    add_attention_args,
+    build_attention,
+    fill_attention_defaults,
+)
+from .layers import (
+    FluenceTransformerDecoder,
+    FluenceTransformerDecoderLayer,
+    FluenceTransformerEncoder,
+    FluenceTransformerEncoderLayer,
+)
+from .encoder_decoder import FluenceTransformerModel
+from .language_model import FluenceTransformerLanguageModel
+from .architectures import ARCHITECTURES, Architecture, markdown_table, register_architecture
+
+__all__ = [
+    "AttentionRole", "ENCODER_SELF", "DECODER_SELF", "DECODER_CROSS", "DEFAULT_ATTENTION",
+    "add_attention_args", "build_attention", "fill_attention_defaults",
+    "FluenceTransformerEncoderLayer", "FluenceTransformerDecoderLayer",
+    "FluenceTransformerEncoder", "FluenceTransformerDecoder",
+    "FluenceTransformerModel", "FluenceTransformerLanguageModel",
+    "ARCHITECTURES", "Architecture", "markdown_table", "register_architecture",
+]

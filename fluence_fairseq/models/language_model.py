@@ -1,0 +1,75 @@
+"""``fluence_transformer_lm``: fairseq's decoder-only transformer language model with registry self attention."""
+import ast
+
+from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.models import register_model
+from fairseq.models.transformer import DEFAULT_MAX_TARGET_POSITIONS
+from fairseq.models.transformer_lm import (
+    TransformerLanguageModel,
+    TransformerLanguageModelConfig,
+    base_lm_architecture,
+)
+from fairseq.modules import AdaptiveInput, CharacterTokenEmbedder
+from fairseq.utils import eval_str_list, safe_getattr
+
+from .attention_args import DECODER_SELF, add_attention_args, fill_attention_defaults
+from .layers import FluenceTransformerDecoder
+
+
+@register_model("fluence_transformer_lm")
+class FluenceTransformerLanguageModel(TransformerLanguageModel):
+    """Decoder-only transformer LM whose (causal) self attention is ``--decoder-self-attention``.
+
+    Takes the stock ``transformer_lm`` flags plus the attention flags. Unlike the stock model it is registered on
+    fairseq's legacy argparse path (no dataclass), so named architectures such as ``transformer_lm_adaptive_span``
+    are plain ``--arch`` functions and checkpoints store the argparse namespace.
+    """
+
+    ATTENTION_ROLES = (DECODER_SELF,)
+
+    @classmethod
+    def hub_models(cls):
+        return {}
+
+    @classmethod
+    def add_args(cls, parser):
+        # the stock model gets its flags from its dataclass; ours is legacy, so generate them the same way
+        gen_parser_from_dataclass(parser, TransformerLanguageModelConfig(), delete_default=True)
+        add_attention_args(parser, cls.ATTENTION_ROLES, "fluence_transformer_lm")
+
+    @classmethod
+    def build_model(cls, args, task):
+        fill_attention_defaults(args, cls.ATTENTION_ROLES)
+        base_lm_architecture(args)  # any argument an old checkpoint lacks gets its default
+        if args.decoder_layers_to_keep:
+            args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
+        if safe_getattr(args, "max_target_positions", None) is None:
+            args.max_target_positions = safe_getattr(args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
+        embed_tokens = cls.build_input_embedding(args, task)
+        if args.tie_adaptive_weights:
+            if not args.adaptive_input:
+                raise ValueError("--tie-adaptive-weights needs --adaptive-input")
+            if args.adaptive_input_factor != args.adaptive_softmax_factor:
+                raise ValueError("--tie-adaptive-weights needs --adaptive-input-factor == --adaptive-softmax-factor")
+            if args.adaptive_softmax_cutoff != args.adaptive_input_cutoff:
+                raise ValueError("--tie-adaptive-weights needs --adaptive-softmax-cutoff == --adaptive-input-cutoff")
+            if args.decoder_input_dim != args.decoder_output_dim:
+                raise ValueError("--tie-adaptive-weights needs --decoder-input-dim == --decoder-output-dim")
+        decoder = FluenceTransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True)
+        return cls(decoder)
+
+    @classmethod
+    def build_input_embedding(cls, args, task):
+        dictionary = task.source_dictionary
+        if args.character_embeddings:
+            return CharacterTokenEmbedder(
+                dictionary, ast.literal_eval(args.character_filters), args.character_embedding_dim,
+                args.decoder_embed_dim, args.char_embedder_highway_layers,
+            )
+        if args.adaptive_input:
+            return AdaptiveInput(
+                len(dictionary), dictionary.pad(), args.decoder_input_dim, args.adaptive_input_factor,
+                args.decoder_embed_dim, eval_str_list(args.adaptive_input_cutoff, type=int),
+                args.quant_noise_pq, args.quant_noise_pq_block_size,
+            )
+        return cls.build_embedding(args, dictionary, args.decoder_input_dim)

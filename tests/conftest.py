@@ -1,0 +1,20 @@
+"""Shared fixtures: tiny random character data binarised once per session for the fairseq CLI and DDP tests."""
+import pytest
+
+
+@pytest.fixture(scope="session")
+def translation_bin(tmp_path_factory):
+    """A binarised joined-dictionary translation data set ``in -> out`` (120 train sentences)."""
+    import fairseq_helpers as H
+
+    root = tmp_path_factory.mktemp("translation")
+    return H.preprocess_translation(H.create_translation_data(root), root / "data-bin")
+
+
+@pytest.fixture(scope="session")
+def lm_bin(tmp_path_factory):
+    """A binarised character language-modelling data set (150 train lines)."""
+    import fairseq_helpers as H
+
+    root = tmp_path_factory.mktemp("lm")
+    return H.preprocess_lm(H.create_lm_data(root), root / "data-bin")
