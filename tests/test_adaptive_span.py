@@ -264,3 +264,17 @@ def test_span_loss_flows_from_the_attention():
     attn = make_attention(True)
     assert attn.get_loss().item() == pytest.approx(2e-6 * 128 * SPANS.mean().item())
     assert isinstance(attn, AdaptiveSpanAttention)
+
+
+def test_out_of_range_parameter_acts_clamped_but_keeps_its_gradient():
+    """fairseq --fp16 steps a flat fp32 copy of the weights, so the model's span may briefly leave [0, 1]."""
+    span = make_span(S=64, R=8)
+    inside = make_span(S=64, R=8)
+    with torch.no_grad():
+        span.current_val.copy_(torch.tensor([-0.3, 0.2, 1.4, 0.5]).view(H, 1, 1))
+        inside.current_val.copy_(torch.tensor([0.0, 0.2, 1.0, 0.5]).view(H, 1, 1))
+    probs = torch.rand(2, H, 6, 70).softmax(-1)
+    torch.testing.assert_close(span(probs), inside(probs))
+    assert span.get_current_max_span() == 64 and span.get_loss().item() == pytest.approx(inside.get_loss().item())
+    span.get_loss().backward()
+    assert torch.all(span.current_val.grad != 0), "a span outside [0, 1] must still be trainable"

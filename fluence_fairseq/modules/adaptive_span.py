@@ -97,10 +97,22 @@ class AdaptiveSpan(nn.Module):
         self.causal = causal
         # stored as a ratio of attn_span, as in facebookresearch/adaptive-span
         self.current_val = nn.Parameter(torch.full((nb_heads, 1, 1), float(adapt_span_init)))
-        self.current_val.adaptive_span = True
         _LIVE_SPANS.add(self)
 
     # -------------------------------------------------------------------------------------------- mask
+    def ratio(self) -> Tensor:
+        """The span ratios (H, 1, 1) as used: clamped to [0, 1] in value, with the gradient of the raw parameter.
+
+        The parameter itself is clamped after every optimizer step; this guards the paths that step a copy of it
+        (fairseq's --fp16/--bf16 flat fp32 master weights), where the model's copy may lie out of range.
+        """
+        z = self.current_val
+        return z + (z.clamp(0.0, 1.0) - z).detach()
+
+    def ratios(self) -> Tensor:
+        """Per-head span ratios in [0, 1], detached, shape (H,)."""
+        return self.current_val.detach().view(-1).clamp(0.0, 1.0)
+
     def distance(self, rel: Tensor) -> Tensor:
         """Query-minus-key offsets -> distances the mask is defined on (future keys get ``attn_span``)."""
         if self.causal:
@@ -110,7 +122,7 @@ class AdaptiveSpan(nn.Module):
     def mask(self, rel: Tensor) -> Tensor:
         """Soft mask (H, *rel.shape) in float32 for query-minus-key offsets ``rel``; zero beyond ``attn_span``."""
         d = self.distance(rel).float()
-        z = self.current_val.float().view(self.nb_heads, *([1] * rel.dim()))
+        z = self.ratio().float().view(self.nb_heads, *([1] * rel.dim()))
         m = ((self.ramp + z * self.attn_span - d) / self.ramp).clamp(0.0, 1.0)
         return m.masked_fill(d >= self.attn_span, 0.0)
 
@@ -144,14 +156,14 @@ class AdaptiveSpan(nn.Module):
 
     def get_current_max_span(self, include_ramp: bool = True) -> int:
         """Largest span over heads, in tokens (with the ramp, clipped to attn_span)."""
-        return self._span(self.current_val.max().item(), include_ramp)
+        return self._span(self.ratios().max().item(), include_ramp)
 
     def get_current_avg_span(self, include_ramp: bool = True) -> int:
-        return self._span(self.current_val.mean().item(), include_ramp)
+        return self._span(self.ratios().mean().item(), include_ramp)
 
     def get_spans(self, include_ramp: bool = False) -> Tensor:
         """Per-head spans in tokens (float), for plots and logs."""
-        spans = self.current_val.detach().view(-1).float() * self.attn_span
+        spans = self.ratios().float() * self.attn_span
         return (spans + self.ramp).clamp(max=self.attn_span) if include_ramp else spans
 
     def get_trim_len(self) -> int:
@@ -166,7 +178,7 @@ class AdaptiveSpan(nn.Module):
         return self.attn_span
 
     def get_loss(self) -> Tensor:
-        return self.loss_coeff * self.attn_span * self.current_val.mean()
+        return self.loss_coeff * self.attn_span * self.ratio().mean()
 
     @torch.no_grad()
     def clamp_param(self):
@@ -228,7 +240,7 @@ class AdaptiveSpanAttention(FluenceAttention):
         reach = self.window() - 1  # largest distance with a nonzero mask
         # every allowed key has mask 1 when the smallest span reaches the farthest key: skip the bias
         farthest = min(reach, max(query_offset + q.size(2) - 1, k.size(2) - 1 - query_offset))
-        saturated = span.current_val.min().item() * span.attn_span >= farthest
+        saturated = span.ratios().min().item() * span.attn_span >= farthest
         return band_attention(
             q, k, v, query_offset=query_offset, left=reach, right=0 if self.causal else reach,
             rel_bias=None if saturated else span.log_mask,

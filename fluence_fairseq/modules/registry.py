@@ -31,7 +31,6 @@ class AttentionSpec:
         return self.cls(embed_dim, num_heads, dropout=dropout, **kwargs)
 
 
-
 def _bool(value) -> bool:
     if isinstance(value, bool):
         return value
