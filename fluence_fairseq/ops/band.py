@@ -58,7 +58,7 @@ def dense_attention(
     if key_padding_mask is not None:
         disallowed = disallowed | key_padding_mask.view(-1, 1, 1, src_len)
     scores = scores.masked_fill(disallowed, _neg(scores.dtype))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=_acc(q.dtype)).to(q.dtype)
     dropped = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
     return torch.matmul(dropped, v), (probs if need_weights else None)
 
@@ -95,6 +95,130 @@ def _windows(x: Tensor, dim: int, start: int, size: int, step: int, count: int, 
     return x.unfold(dim, size, step)
 
 
+# Elements of one (batch, heads, blocks, block, window) score tensor processed at a time: bounds the transient
+# memory of the blocked path (4M float32 = 16 MiB per tensor) whatever the length and span.
+_GROUP_ELEMENTS = 1 << 22
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of scores and softmax statistics: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _pad_keys(x: Tensor, start: int, length: int) -> Tensor:
+    """Rows ``start .. start+length-1`` of ``x`` (B, H, L, D) along dim 2, zero outside ``[0, L)``."""
+    return F.pad(x, (0, 0, -start, length + start - x.size(2)))
+
+
+def _unpad_keys(x: Tensor, start: int, src_len: int) -> Tensor:
+    """Inverse of :func:`_pad_keys` for gradients."""
+    return F.pad(x, (0, 0, start, src_len - start - x.size(2)))
+
+
+class _BlockedBand(torch.autograd.Function):
+    """Blocked band attention that saves only q, k, v and the output for backward and recomputes the
+    probabilities there, block group by block group (as flash attention does): memory stays O(length * head_dim)
+    plus one bounded group, instead of keeping every block's probabilities alive. (The fused softmax kernel is
+    several times faster on CPU than exp against saved log-sum-exp rows, so backward simply reruns it.)"""
+
+    @staticmethod
+    def _scores(qb, kw, scale, bias, extra, valid, band):
+        s = torch.matmul(qb, kw).to(_acc(qb.dtype)) * scale  # (B, H, G, bq, kb)
+        if bias is not None:
+            s = s + bias.unsqueeze(1)
+        if extra is not None:
+            s = s + extra
+        allowed = valid.unsqueeze(1).unsqueeze(3) & band  # (B, 1, G, bq, kb)
+        return s.masked_fill_(~allowed, torch.finfo(s.dtype).min)
+
+    @staticmethod
+    def _groups(shape, nblocks, bq, kb):
+        step = max(1, _GROUP_ELEMENTS // (shape[0] * shape[1] * bq * kb))
+        return [(g, min(nblocks, g + step)) for g in range(0, nblocks, step)]
+
+    @staticmethod
+    def _window(xp, g0, g1, bq, kb):
+        """(B, H, G, D, kb) windows of the padded keys/values for blocks g0..g1-1 (a view)."""
+        return xp.narrow(2, g0 * bq, (g1 - g0 - 1) * bq + kb).unfold(2, kb, bq)
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, extra, valid, band, start, bq, dropout_p, seed):
+        bsz, heads, tgt_len, head_dim = q.shape
+        nblocks, kb = valid.size(1), band.size(1)
+        length = (nblocks - 1) * bq + kb
+        scale = head_dim**-0.5
+        qb = F.pad(q, (0, 0, 0, nblocks * bq - tgt_len)).view(bsz, heads, nblocks, bq, head_dim)
+        kp, vp = _pad_keys(k, start, length), _pad_keys(v, start, length)
+        out = q.new_empty(bsz, heads, nblocks, bq, head_dim)
+        gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
+        bias_ = None if bias is None else bias.detach().to(_acc(q.dtype))
+        for g0, g1 in _BlockedBand._groups(q.shape, nblocks, bq, kb):
+            s = _BlockedBand._scores(qb[:, :, g0:g1], _BlockedBand._window(kp, g0, g1, bq, kb), scale, bias_,
+                                     None if extra is None else extra[:, :, g0:g1], valid[:, g0:g1], band)
+            p = torch.softmax(s, dim=-1)
+            if gen is not None:
+                p = p * torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen) / (1 - dropout_p)
+            out[:, :, g0:g1] = torch.matmul(p.to(v.dtype), _BlockedBand._window(vp, g0, g1, bq, kb).transpose(-1, -2))
+        ctx.save_for_backward(q, k, v, bias, extra, valid, band, out)
+        ctx.config = (start, bq, dropout_p, seed)
+        return out.view(bsz, heads, nblocks * bq, head_dim)[:, :, :tgt_len].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, bias, extra, valid, band, out = ctx.saved_tensors
+        start, bq, dropout_p, seed = ctx.config
+        bsz, heads, tgt_len, head_dim = q.shape
+        nblocks, kb = valid.size(1), band.size(1)
+        length = (nblocks - 1) * bq + kb
+        pieces = math.ceil(kb / bq)
+        scale = head_dim**-0.5
+        qb = F.pad(q, (0, 0, 0, nblocks * bq - tgt_len)).view(bsz, heads, nblocks, bq, head_dim)
+        kp, vp = _pad_keys(k, start, length), _pad_keys(v, start, length)
+        go = F.pad(grad_out, (0, 0, 0, nblocks * bq - tgt_len)).view_as(out)
+        acc = _acc(q.dtype)
+        delta = (go.to(acc) * out.to(acc)).sum(-1)  # rowsum(dO * O) = rowsum(P * dP)
+        grad_q = torch.zeros_like(qb)
+        # window gradients are folded back piece by piece into buffers long enough for the last window's pieces
+        grad_kp = q.new_zeros(bsz, heads, (nblocks + pieces) * bq, head_dim)
+        grad_vp = torch.zeros_like(grad_kp)
+        grad_bias = None if bias is None else torch.zeros_like(bias, dtype=acc)
+        gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
+        bias_ = None if bias is None else bias.detach().to(acc)
+        for g0, g1 in _BlockedBand._groups(q.shape, nblocks, bq, kb):
+            kw = _BlockedBand._window(kp, g0, g1, bq, kb)  # (B, H, G, D, kb)
+            vw = _BlockedBand._window(vp, g0, g1, bq, kb)
+            s = _BlockedBand._scores(qb[:, :, g0:g1], kw, scale, bias_,
+                                     None if extra is None else extra[:, :, g0:g1], valid[:, g0:g1], band)
+            p = torch.softmax(s, dim=-1)
+            g_out = go[:, :, g0:g1]
+            grad_p = torch.matmul(g_out, vw).to(acc)  # (B, H, G, bq, kb)
+            if gen is not None:
+                keep = torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen) / (1 - dropout_p)
+                p_used, grad_p = p * keep, grad_p * keep
+            else:
+                p_used = p
+            grad_vw = torch.matmul(p_used.to(v.dtype).transpose(-1, -2), g_out)  # (B, H, G, kb, D)
+            grad_s = p * (grad_p - delta[:, :, g0:g1].unsqueeze(-1))
+            if grad_bias is not None:
+                grad_bias += grad_s.sum(dim=(0, 2)).sum_to_size(grad_bias.shape)
+            grad_s = grad_s.to(q.dtype) * scale
+            grad_q[:, :, g0:g1] = torch.matmul(grad_s, kw.transpose(-1, -2))
+            grad_kw = torch.matmul(grad_s.transpose(-1, -2), qb[:, :, g0:g1])  # (B, H, G, kb, D)
+            count = g1 - g0
+            for grad_w, grad_buf in ((grad_kw, grad_kp), (grad_vw, grad_vp)):
+                grad_w = F.pad(grad_w, (0, 0, 0, pieces * bq - kb)).view(bsz, heads, count, pieces, bq, head_dim)
+                for t in range(pieces):
+                    rows = grad_buf[:, :, (g0 + t) * bq : (g1 + t) * bq]
+                    rows += grad_w[:, :, :, t].reshape(bsz, heads, count * bq, head_dim)
+        src_len = k.size(2)
+        grad_k = _unpad_keys(grad_kp[:, :, :length], start, src_len)
+        grad_v = _unpad_keys(grad_vp[:, :, :length], start, src_len)
+        grad_q = grad_q.view(bsz, heads, nblocks * bq, head_dim)[:, :, :tgt_len]
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, None, None
+
+
 def blocked_band_attention(
     q: Tensor,
     k: Tensor,
@@ -115,32 +239,22 @@ def blocked_band_attention(
     nblocks = math.ceil(tgt_len / bq)
     kb = bq + left + right
     start = query_offset - left  # key index of window column 0 for block 0
-    # (B, H, nb, D, kb) views of the key/value windows of every query block
-    kw = _windows(k, 2, start, kb, bq, nblocks, 0.0)
-    vw = _windows(v, 2, start, kb, bq, nblocks, 0.0)
-    qb = F.pad(q, (0, 0, 0, nblocks * bq - tgt_len)).view(bsz, heads, nblocks, bq, head_dim)
-    scores = torch.matmul(qb * (head_dim**-0.5), kw)  # (B, H, nb, bq, kb)
     # offsets p - j inside a block do not depend on the block: rel[r, c] = r + left - c
     rel = torch.arange(bq, device=q.device).unsqueeze(1) + left - torch.arange(kb, device=q.device).unsqueeze(0)
-    if rel_bias is not None:
-        scores = scores + rel_bias(rel).unsqueeze(1).to(scores.dtype)  # (H, 1, bq, kb)
+    band = (rel <= left) & (rel >= -right)
+    bias = None if rel_bias is None else rel_bias(rel)  # (H, bq, kb)
+    extra = None
     if attn_mask is not None:
         rows = F.pad(attn_mask, (0, 0, 0, nblocks * bq - tgt_len))
         rows = rows.view(*rows.shape[:2], nblocks, bq, src_len)
         cols = _windows(rows, 4, start, kb, bq, nblocks, 0.0)  # (.., nb, bq, nb, kb)
-        scores = scores + torch.diagonal(cols, dim1=2, dim2=4).permute(0, 1, 4, 2, 3)
+        extra = torch.diagonal(cols, dim1=2, dim2=4).permute(0, 1, 4, 2, 3).to(_acc(q.dtype)).contiguous()
     valid = torch.ones(bsz, src_len, dtype=torch.bool, device=q.device)
     if key_padding_mask is not None:
         valid = ~key_padding_mask
-    valid = _windows(valid, 1, start, kb, bq, nblocks, False)  # (B, nb, kb)
-    band = (rel <= left) & (rel >= -right)
-    disallowed = ~(valid.view(bsz, 1, nblocks, 1, kb) & band)
-    scores = scores.masked_fill(disallowed, _neg(scores.dtype))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    if dropout_p > 0:
-        probs = F.dropout(probs, p=dropout_p)
-    out = torch.matmul(probs, vw.transpose(-1, -2))  # (B, H, nb, bq, D)
-    return out.reshape(bsz, heads, nblocks * bq, head_dim)[:, :, :tgt_len]
+    valid = _windows(valid, 1, start, kb, bq, nblocks, False).contiguous()  # (B, nb, kb)
+    seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
+    return _BlockedBand.apply(q, k, v, bias, extra, valid, band, start, bq, dropout_p, seed)
 
 
 def band_attention(
