@@ -377,3 +377,16 @@ def test_spans_are_clamped_after_a_fairseq_optimizer_step():
     assert torch.all(spans[0].current_val == 1.0)
     assert torch.all(spans[1].current_val == 1.0)
     assert torch.all(spans[2].current_val == 0.0)
+
+
+def test_help_command_documents_every_plugin_flag(capsys):
+    from fluence_fairseq import help as plugin_help
+    from fluence_fairseq.modules.registry import ATTENTIONS
+
+    plugin_help.main([])
+    text = capsys.readouterr().out
+    flags = ["--encoder-self-attention", "--decoder-self-attention", "--decoder-cross-attention"]
+    flags += ["--" + o.name.replace("_", "-") for spec in ATTENTIONS.values() for o in spec.options]
+    for flag in flags:
+        assert flag in text, f"{flag} missing from python -m fluence_fairseq.help"
+    assert "transformer_adaptive_span_tiny" in text and "adaptive_span_cross_entropy" in text
