@@ -62,8 +62,7 @@ def _get(obj, name):
 
 def model_options(state: dict) -> List[object]:
     """Where model options may live: cfg['model'] (Namespace for legacy models, dict for dataclass ones), args."""
-    cfg = state.get("cfg")
-    found = [_get(cfg, "model"), state.get("args"), cfg]
+    found = [_get(state.get("cfg"), "model"), state.get("args")]
     return [o for o in found if o is not None]
 
 
@@ -207,7 +206,7 @@ def _spans_run(args) -> int:
     attn_span = int(attn_span)
     print(span_table(stacks, attn_span, ramp, args.include_ramp))
     plot_spans(stacks, attn_span, ramp, args.include_ramp, args.output, args.title)
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
 

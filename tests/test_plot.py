@@ -56,6 +56,21 @@ def test_spans_include_ramp_and_flag_fallback(tmp_path, capsys):
     assert out.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_decoder_only_checkpoint_with_dict_config(tmp_path, capsys):
+    # language models have only a decoder; dataclass-configured models store cfg['model'] as a plain dict
+    model = {f"decoder.layers.{i}.self_attn.adaptive_span.current_val": torch.full((4, 1, 1), 0.25 * i)
+             for i in range(3)}
+    ckpt = _checkpoint(tmp_path / "lm.pt", model, cfg_model={"_name": "lm", "attn_span": 256, "adapt_span_ramp": 32})
+    out = tmp_path / "lm.png"
+    plot.main(["spans", str(ckpt), "-o", str(out)])
+    text = capsys.readouterr().out
+    assert "encoder" not in text
+    rows = [line.split()[2:] for line in text.splitlines() if line.startswith("layer")]
+    assert rows == [["0.0"] * 5, ["64.0"] * 5, ["128.0"] * 5]
+    assert "decoder: avg 64.0, max 128.0 tokens over 3 layers x 4 heads" in text
+    assert out.read_bytes()[:8] == PNG_MAGIC
+
+
 def test_no_spans_is_a_clear_error(tmp_path):
     ckpt = _checkpoint(tmp_path / "plain.pt", {"decoder.layers.0.self_attn.k_proj.weight": torch.zeros(4, 4)},
                        cfg_model=argparse.Namespace(arch="transformer", attn_span=64))
