@@ -143,7 +143,7 @@ def plot_spans(stacks, attn_span: int, ramp: float, include_ramp: bool, out: str
     max_heads = max(len(r) for _, _, g in grids for r in g)
     max_layers = max(len(g) for _, _, g in grids)
     fig, axes = plt.subplots(1, len(grids), squeeze=False, layout="constrained",
-                             figsize=(1.0 + len(grids) * (1.0 + 0.6 * max_heads), 1.6 + 0.5 * max_layers))
+                             figsize=(max(6.0, 1.0 + len(grids) * (1.0 + 0.6 * max_heads)), 1.9 + 0.5 * max_layers))
     image = None
     for ax, (name, layers, grid) in zip(axes[0], grids):
         data = [row + [math.nan] * (max_heads - len(row)) for row in grid]
@@ -161,8 +161,8 @@ def plot_spans(stacks, attn_span: int, ramp: float, include_ramp: bool, out: str
     fig.colorbar(image, ax=axes[0].tolist(), label="span (tokens)")
     allv = [v for _, _, g in grids for row in g for v in row]
     what = "span + ramp" if include_ramp else "learned span"
-    fig.suptitle(title or f"{what} per head in tokens (attn_span={attn_span}, ramp={ramp:g}): "
-                 f"avg {sum(allv) / len(allv):.1f}, max {max(allv):.1f}", fontsize=10)
+    fig.suptitle(title or f"{what} per head in tokens: avg {sum(allv) / len(allv):.1f}, max {max(allv):.1f}\n"
+                 f"(attn_span={attn_span}, ramp={ramp:g})", fontsize=10)
     fig.savefig(out, dpi=120)
     plt.close(fig)
 

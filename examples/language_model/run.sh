@@ -97,13 +97,14 @@ echo "== 4/4 plot the learned spans"
 python -m fluence_fairseq.plot spans "$CKPT/checkpoint_last.pt" -o "$WORK/spans.png" > "$WORK/spans.txt"
 cat "$WORK/spans.txt"
 
-VALID_LINE=$(grep -E "valid on 'valid' subset" "$WORK/train.log" 2>/dev/null | tail -1 | sed 's/.*| valid on/valid on/' || true)
+VALID_LOSS=$(grep -E "valid on 'valid' subset" "$WORK/train.log" 2>/dev/null | tail -1 | sed -nE 's/.*\| loss ([0-9.]+) .*num_updates ([0-9]+).*/\1 after \2 updates/p' || true)
 {
     echo "# Shakespeare character LM with adaptive attention span: results"
     echo
     echo "- test bits per character: **$BPC** (fairseq-eval-lm \"Loss (base 2)\", one token = one character,"
     echo "  newlines included; every scored character sees at least $CONTEXT previous ones)"
-    echo "- last validation during training: $VALID_LINE"
+    echo "- last validation loss during training: ${VALID_LOSS:-n/a} (bits per character on the valid split,"
+    echo "  each block of $TOKENS characters scored from its start, without earlier context)"
     echo "- times: prepare ${T_PREP}s, train ${T_TRAIN}s, evaluate ${T_EVAL}s"
     echo
     echo "Training command:"
