@@ -11,6 +11,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 HERE=examples/language_model
+source examples/common.sh
 WORK="${WORK:-$HERE/work}"
 DATA="${DATA:-$HERE/data}"
 BIN="$WORK/bin"
@@ -71,15 +72,7 @@ TRAIN_CMD=(fairseq-train "$BIN" --user-dir fluence_fairseq --task language_model
 
 echo "== 2/4 train (max $MAX_UPDATE updates or $STOP_HOURS h)"
 T1=$SECONDS
-if [[ "$TRAIN" == 1 ]]; then
-    rm -rf "$CKPT"
-    echo "${TRAIN_CMD[*]}"
-    "${TRAIN_CMD[@]}" > "$WORK/train.log" 2>&1 || { tail -30 "$WORK/train.log" >&2; exit 1; }
-    grep -E "train_inner|valid on|done training" "$WORK/train.log" | sed 's/.*| INFO | //' \
-        | sed -E 's/, (ppl|wps|ups|wpb|bsz|gnorm|train_wall|gb_free|clip|loss_scale)=[^,]*//g'
-elif [[ ! -f "$CKPT/checkpoint_last.pt" ]]; then
-    echo "run.sh: TRAIN=0 but there is no $CKPT/checkpoint_last.pt" >&2; exit 1
-fi
+train_or_reuse
 T_TRAIN=$((SECONDS - T1))
 
 echo "== 3/4 evaluate the test set"
