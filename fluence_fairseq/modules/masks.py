@@ -68,22 +68,6 @@ def append_padding_masks(
     return torch.cat([prev, new], dim=1)
 
 
-def allowed_positions(
-    tgt_len: int, src_len: int, query_offset: int, left: Optional[int], right: Optional[int], device
-) -> Optional[Tensor]:
-    """Bool (tgt, src): query i (at key position i + query_offset) may see key j iff -right <= pos - j <= left.
-
-    ``left``/``right`` None mean unbounded; returns None when nothing is excluded.
-    """
-    rel = relative_positions(tgt_len, src_len, query_offset, device)
-    allowed = torch.ones_like(rel, dtype=torch.bool)
-    if left is not None:
-        allowed &= rel <= left
-    if right is not None:
-        allowed &= rel >= -right
-    return None if bool(allowed.all()) else allowed
-
-
 def relative_positions(tgt_len: int, src_len: int, query_offset: int, device) -> Tensor:
     """(tgt, src) long tensor of query position minus key position."""
     q = torch.arange(tgt_len, device=device).unsqueeze(1) + query_offset
