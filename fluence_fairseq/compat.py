@@ -22,7 +22,8 @@ def _numpy_safe_globals():
     globs.append((reconstruct, "numpy.core.multiarray._reconstruct"))
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
-        for name in ("Int64DType", "Int32DType", "Float64DType", "Float32DType", "BoolDType"):
+        # the metric arrays fairseq's translation task logs with --eval-bleu are int64 (counts) and float64
+        for name in ("Int64DType", "Float64DType"):
             if hasattr(dtypes, name):
                 globs.append(getattr(dtypes, name))
     return globs
