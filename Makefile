@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 SOURCES := setup.py $(shell find fluence_fairseq -name '*.py' 2>/dev/null)
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lm-demo bench install clean
+.PHONY: demo test lm-demo bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,6 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
-
-test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow tests
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/translation/run.sh
