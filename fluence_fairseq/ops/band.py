@@ -125,14 +125,22 @@ class _BlockedBand(torch.autograd.Function):
     several times faster on CPU than exp against saved log-sum-exp rows, so backward simply reruns it.)"""
 
     @staticmethod
-    def _scores(qb, kw, scale, bias, extra, valid, band):
-        s = torch.matmul(qb, kw).to(_acc(qb.dtype)) * scale  # (B, H, G, bq, kb)
-        if bias is not None:
-            s = s + bias.unsqueeze(1)
+    def _band_bias(bias, band, dtype):
+        """The relative bias (or zeros) with every offset outside the band at the most negative value: one
+        (H|1, bq, kb) table added to each block's scores replaces a mask pass over them."""
+        table = torch.zeros(1, *band.shape, dtype=dtype, device=band.device) if bias is None else bias.detach().to(dtype)
+        return table.masked_fill(~band, torch.finfo(dtype).min)
+
+    @staticmethod
+    def _scores(qb_scaled, kw, band_bias, extra, valid):
+        s = torch.matmul(qb_scaled, kw)  # (B, H, G, bq, kb)
+        s = s.to(band_bias.dtype) if s.dtype != band_bias.dtype else s
+        s += band_bias.unsqueeze(1)
         if extra is not None:
-            s = s + extra
-        allowed = valid.unsqueeze(1).unsqueeze(3) & band  # (B, 1, G, bq, kb)
-        return s.masked_fill_(~allowed, torch.finfo(s.dtype).min)
+            s += extra
+        if not bool(valid.all()):  # only blocks at the sequence edges or with padding need the key mask
+            s.masked_fill_(~valid.unsqueeze(1).unsqueeze(3), torch.finfo(s.dtype).min)
+        return s
 
     @staticmethod
     def _groups(shape, nblocks, bq, kb):
@@ -150,14 +158,14 @@ class _BlockedBand(torch.autograd.Function):
         nblocks, kb = valid.size(1), band.size(1)
         length = (nblocks - 1) * bq + kb
         scale = head_dim**-0.5
-        qb = F.pad(q, (0, 0, 0, nblocks * bq - tgt_len)).view(bsz, heads, nblocks, bq, head_dim)
+        qb = F.pad(q * scale, (0, 0, 0, nblocks * bq - tgt_len)).view(bsz, heads, nblocks, bq, head_dim)
         kp, vp = _pad_keys(k, start, length), _pad_keys(v, start, length)
         out = q.new_empty(bsz, heads, nblocks, bq, head_dim)
         gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
-        bias_ = None if bias is None else bias.detach().to(_acc(q.dtype))
+        band_bias = _BlockedBand._band_bias(bias, band, _acc(q.dtype))
         for g0, g1 in _BlockedBand._groups(q.shape, nblocks, bq, kb):
-            s = _BlockedBand._scores(qb[:, :, g0:g1], _BlockedBand._window(kp, g0, g1, bq, kb), scale, bias_,
-                                     None if extra is None else extra[:, :, g0:g1], valid[:, g0:g1], band)
+            s = _BlockedBand._scores(qb[:, :, g0:g1], _BlockedBand._window(kp, g0, g1, bq, kb), band_bias,
+                                     None if extra is None else extra[:, :, g0:g1], valid[:, g0:g1])
             p = torch.softmax(s, dim=-1)
             if gen is not None:
                 p = p * torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen) / (1 - dropout_p)
@@ -175,7 +183,7 @@ class _BlockedBand(torch.autograd.Function):
         length = (nblocks - 1) * bq + kb
         pieces = math.ceil(kb / bq)
         scale = head_dim**-0.5
-        qb = F.pad(q, (0, 0, 0, nblocks * bq - tgt_len)).view(bsz, heads, nblocks, bq, head_dim)
+        qb = F.pad(q * scale, (0, 0, 0, nblocks * bq - tgt_len)).view(bsz, heads, nblocks, bq, head_dim)
         kp, vp = _pad_keys(k, start, length), _pad_keys(v, start, length)
         go = F.pad(grad_out, (0, 0, 0, nblocks * bq - tgt_len)).view_as(out)
         acc = _acc(q.dtype)
@@ -186,12 +194,12 @@ class _BlockedBand(torch.autograd.Function):
         grad_vp = torch.zeros_like(grad_kp)
         grad_bias = None if bias is None else torch.zeros_like(bias, dtype=acc)
         gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
-        bias_ = None if bias is None else bias.detach().to(acc)
+        band_bias = _BlockedBand._band_bias(bias, band, acc)
         for g0, g1 in _BlockedBand._groups(q.shape, nblocks, bq, kb):
             kw = _BlockedBand._window(kp, g0, g1, bq, kb)  # (B, H, G, D, kb)
             vw = _BlockedBand._window(vp, g0, g1, bq, kb)
-            s = _BlockedBand._scores(qb[:, :, g0:g1], kw, scale, bias_,
-                                     None if extra is None else extra[:, :, g0:g1], valid[:, g0:g1], band)
+            s = _BlockedBand._scores(qb[:, :, g0:g1], kw, band_bias,
+                                     None if extra is None else extra[:, :, g0:g1], valid[:, g0:g1])
             p = torch.softmax(s, dim=-1)
             g_out = go[:, :, g0:g1]
             grad_p = torch.matmul(g_out, vw).to(acc)  # (B, H, G, bq, kb)
@@ -201,12 +209,12 @@ class _BlockedBand(torch.autograd.Function):
             else:
                 p_used = p
             grad_vw = torch.matmul(p_used.to(v.dtype).transpose(-1, -2), g_out)  # (B, H, G, kb, D)
-            grad_s = p * (grad_p - delta[:, :, g0:g1].unsqueeze(-1))
+            grad_s = grad_p.sub_(delta[:, :, g0:g1].unsqueeze(-1)).mul_(p)
             if grad_bias is not None:
                 grad_bias += grad_s.sum(dim=(0, 2)).sum_to_size(grad_bias.shape)
-            grad_s = grad_s.to(q.dtype) * scale
-            grad_q[:, :, g0:g1] = torch.matmul(grad_s, kw.transpose(-1, -2))
-            grad_kw = torch.matmul(grad_s.transpose(-1, -2), qb[:, :, g0:g1])  # (B, H, G, kb, D)
+            grad_s = grad_s.to(q.dtype)
+            grad_q[:, :, g0:g1] = torch.matmul(grad_s, kw.transpose(-1, -2)) * scale
+            grad_kw = torch.matmul(grad_s.transpose(-1, -2), qb[:, :, g0:g1])  # (B, H, G, kb, D); qb is scaled
             count = g1 - g0
             for grad_w, grad_buf in ((grad_kw, grad_kp), (grad_vw, grad_vp)):
                 grad_w = F.pad(grad_w, (0, 0, 0, pieces * bq - kb)).view(bsz, heads, count, pieces, bq, head_dim)
