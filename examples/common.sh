@@ -1,6 +1,11 @@
-# Shared by the example scripts (sourced). Needs TRAIN, TRAIN_CMD (an array), WORK and CKPT.
+# Shared by the example scripts (sourced after setting HERE, the example's folder, from the repository root).
 
-# Train with TRAIN_CMD, or with TRAIN=0 reuse the checkpoint already in CKPT; print a digest of the training log.
+WORK="${WORK:-$HERE/work}"   # everything the run makes (git-ignored)
+DATA="${DATA:-$HERE/data}"   # the bundled corpus
+BIN="$WORK/bin"
+CKPT="$WORK/checkpoints"
+
+# Train with TRAIN_CMD (an array), or with TRAIN=0 reuse the checkpoint already in CKPT; print a digest of the training log.
 train_or_reuse() {
     if [[ "$TRAIN" == 1 ]]; then
         rm -rf "$CKPT"

@@ -239,3 +239,11 @@ def test_causal_attention_never_sees_the_future(cls, kwargs):
     x.requires_grad_(True)
     attn(query=x)[0][:6].sum().backward()
     assert torch.all(x.grad[6:] == 0)
+
+
+def test_an_attention_without_math_is_refused_at_construction():
+    class NoMath(FluenceAttention):
+        pass
+
+    with pytest.raises(TypeError, match="must implement attend"):
+        NoMath(E, H)

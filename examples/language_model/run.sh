@@ -12,10 +12,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 HERE=examples/language_model
 source examples/common.sh
-WORK="${WORK:-$HERE/work}"
-DATA="${DATA:-$HERE/data}"
-BIN="$WORK/bin"
-CKPT="$WORK/checkpoints"
 
 SEED="${SEED:-1}"
 MAX_UPDATE="${MAX_UPDATE:-2000}"      # ~1.8 passes over the 4.55M training characters

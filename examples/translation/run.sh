@@ -12,10 +12,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 HERE=examples/translation
 source examples/common.sh
-WORK="${WORK:-$HERE/work}"
-DATA="${DATA:-$HERE/data}"
-BIN="$WORK/bin"
-CKPT="$WORK/checkpoints"
 
 SEED="${SEED:-1}"
 VOCAB="${VOCAB:-6000}"

@@ -66,6 +66,8 @@ class FluenceAttention(MultiheadAttention):
         qn_block_size: int = 8,
     ):
         causal, cross = bool(causal), bool(cross)
+        if type(self).attend is FluenceAttention.attend:
+            raise TypeError(f"{type(self).__name__} must implement attend(): the base supplies only the fairseq glue")
         if (cross, causal) not in self.supported_patterns:
             raise UnsupportedPatternError(
                 f"{type(self).__name__} cannot do {PATTERNS[(cross, causal)]} attention; it supports "
@@ -106,7 +108,7 @@ class FluenceAttention(MultiheadAttention):
         Returns:
             (out (B, H, Lq, Dh), weights or None)
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement attend()")
+        raise TypeError(f"{type(self).__name__} must implement attend()")  # unreachable: checked in __init__
 
     def max_cached_keys(self) -> Optional[int]:
         """Upper bound on the keys a causal self-attention cache must keep (None = all)."""
