@@ -18,3 +18,14 @@ def lm_bin(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lm")
     return H.preprocess_lm(H.create_lm_data(root), root / "data-bin")
+
+
+def pytest_generate_tests(metafunc):
+    """Attention contract tests (tests/attention_contract.py) run once per pattern the attention supports."""
+    case = getattr(metafunc.cls, "case", None) if metafunc.cls is not None else None
+    if case is not None and "pattern" in metafunc.fixturenames:
+        from attention_contract import supported_patterns
+        from fluence_fairseq.modules.attention_base import PATTERNS
+
+        patterns = supported_patterns(case)
+        metafunc.parametrize("pattern", patterns, ids=[PATTERNS[p].replace(" ", "-") for p in patterns])

@@ -196,6 +196,15 @@ class AdaptiveSpanAttention(FluenceAttention):
     inference use banded block computation, decoding keeps a cache of at most that many keys (or ``attn_span``
     keys with ``adapt_span_cache=False``). When every head's span covers the whole input the mask is all ones
     and the fused SDPA kernel runs.
+
+    Example::
+
+        >>> import torch
+        >>> from fluence_fairseq import FSAdaptiveSpan
+        >>> attn = FSAdaptiveSpan(512, 8, attn_span=256, causal=True)
+        >>> x = torch.randn(100, 2, 512)                      # (length, batch, dim)
+        >>> out, _ = attn(x, x, x, need_weights=False)
+        >>> loss = attn.adaptive_span.get_loss()              # add to the training loss
     """
 
     supported_patterns = frozenset({(False, False), (False, True)})

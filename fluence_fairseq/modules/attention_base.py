@@ -50,6 +50,13 @@ class FluenceAttention(MultiheadAttention):
     """
 
     supported_patterns: FrozenSet[Tuple[bool, bool]] = ALL_PATTERNS
+    #: False for attentions whose math cannot take an arbitrary ``attn_mask`` (kernel and recurrent methods).
+    #: They still accept the standard future mask on a causal self attention (it says nothing new) and refuse
+    #: any other mask with an error, instead of silently ignoring it.
+    supports_attn_mask: bool = True
+    #: False for attentions that read only the values (S4D): ``q_proj``/``k_proj`` are not built and
+    #: :meth:`attend` receives the projected values as ``q``, ``k`` and ``v``.
+    uses_query_key: bool = True
 
     def __init__(
         self,
@@ -84,6 +91,11 @@ class FluenceAttention(MultiheadAttention):
         )
         self.causal = causal
         self.cross = cross
+        if not self.uses_query_key:
+            if cross:
+                raise UnsupportedPatternError(f"{type(self).__name__} reads only its input; it cannot do cross attention")
+            self.q_proj = None
+            self.k_proj = None
 
     # ----------------------------------------------------------------------------------------------- math
     def attend(
@@ -109,6 +121,30 @@ class FluenceAttention(MultiheadAttention):
             (out (B, H, Lq, Dh), weights or None)
         """
         raise TypeError(f"{type(self).__name__} must implement attend()")  # unreachable: checked in __init__
+
+    def summarize_keys(
+        self, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
+    ) -> Dict[str, Optional[Tensor]]:
+        """Cross attention: what the decoding cache keeps of the source sentence, computed once per sentence
+        (``static_kv``). Every tensor must have the batch on dim 0. The default keeps the keys and values;
+        kernel/landmark attentions override this (with :meth:`attend_summary`) to keep a fixed-size summary."""
+        return {"prev_key": k, "prev_value": v, "prev_key_padding_mask": key_padding_mask}
+
+    def attend_summary(
+        self,
+        q: Tensor,
+        summary: Dict[str, Optional[Tensor]],
+        *,
+        attn_mask: Optional[Tensor],
+        query_offset: int,
+        need_weights: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Cross attention of ``q`` (B, H, Lq, Dh) to a source summarised by :meth:`summarize_keys`.
+        Must equal :meth:`attend` on the original keys."""
+        return self.attend(
+            q, summary["prev_key"], summary["prev_value"], key_padding_mask=summary.get("prev_key_padding_mask"),
+            attn_mask=attn_mask, query_offset=query_offset, need_weights=need_weights,
+        )
 
     def max_cached_keys(self) -> Optional[int]:
         """Upper bound on the keys a causal self-attention cache must keep (None = all)."""
@@ -141,16 +177,17 @@ class FluenceAttention(MultiheadAttention):
         )
         attn_mask = self._normalize_attn_mask(attn_mask, q.size(0), q.size(2), k.size(2), q.dtype)
         keep = self.max_cached_keys()
-        if keep is not None and k.size(2) > max(keep, q.size(2)):
-            keep = max(keep, q.size(2))
-            k, v = k[:, :, -keep:], v[:, :, -keep:]
+        if keep is not None and k.size(2) > keep + q.size(2) - 1:
+            need = keep + q.size(2) - 1  # the first new query still sees keep - 1 keys before it
+            k, v = k[:, :, -need:], v[:, :, -need:]
             if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask[:, -keep:]
+                key_padding_mask = key_padding_mask[:, -need:]
             if attn_mask is not None:
-                attn_mask = attn_mask[..., -keep:]
-        buffer["prev_key"], buffer["prev_value"] = k, v
+                attn_mask = attn_mask[..., -need:]
+        stored = slice(None) if keep is None else slice(-keep, None)
+        buffer["prev_key"], buffer["prev_value"] = k[:, :, stored], v[:, :, stored]
         if key_padding_mask is not None:
-            buffer["prev_key_padding_mask"] = key_padding_mask
+            buffer["prev_key_padding_mask"] = key_padding_mask[:, stored]
         return self.attend(
             q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
             query_offset=k.size(2) - q.size(2), need_weights=need_weights,
@@ -159,6 +196,24 @@ class FluenceAttention(MultiheadAttention):
     # -------------------------------------------------------------------------------------------- glue
     def _normalize_attn_mask(self, attn_mask, bsz, tgt_len, src_len, dtype):
         return attn_mask_to_additive(attn_mask, bsz, self.num_heads, tgt_len, src_len, dtype)
+
+    def _drop_future_mask(self, attn_mask: Tensor, tgt_len: int) -> None:
+        """For attentions without ``attn_mask`` support: accept (and drop) the standard future mask of a causal
+        self attention, which ``causal=True`` already enforces; refuse anything else."""
+        if self.causal and not self.cross and attn_mask.dim() == 2 and attn_mask.size(0) == tgt_len:
+            cols = attn_mask.size(1)
+            future = torch.ones(tgt_len, cols, dtype=torch.bool, device=attn_mask.device).triu(1 + cols - tgt_len)
+            if attn_mask.dtype.is_floating_point:
+                is_future_mask = bool((attn_mask[~future] == 0).all() and (attn_mask[future] < -1e4).all())
+            else:
+                is_future_mask = bool(((attn_mask != 0) == future).all())
+            if is_future_mask:
+                return None
+        raise ValueError(
+            f"{type(self).__name__} cannot apply an arbitrary attn_mask (its math never forms the attention "
+            "matrix); causality comes from causal=True and padding from key_padding_mask. Drop attn_mask, or use "
+            "an attention that supports it (softmax, local, adaptive_span)"
+        )
 
     def _heads(self, x: Tensor, bsz: int) -> Tensor:
         """(L, B, H*Dh) -> (B, H, L, Dh)"""
@@ -222,12 +277,15 @@ class FluenceAttention(MultiheadAttention):
                 )
             buffer = self._get_input_buffer(incremental_state)
 
-        q = self._heads(self.q_proj(query), bsz)
-        cached_kv = self.cross and static_kv and buffer is not None and buffer.get("prev_key") is not None
-        if cached_kv:
-            k, v = buffer["prev_key"], buffer["prev_value"]
-            if k.size(0) != bsz:
-                raise ValueError(f"cached keys have batch {k.size(0)} but the query has batch {bsz}; reorder the cache")
+        summary = None
+        if self.cross and static_kv and buffer is not None and any(name != "steps" for name in buffer):
+            summary = {name: t for name, t in buffer.items() if name != "steps"}
+            cached_bsz = next(t.size(0) for t in summary.values() if t is not None)
+            if cached_bsz != bsz:
+                raise ValueError(f"the cached source has batch {cached_bsz} but the query has batch {bsz}; "
+                                 "reorder the cache with reorder_incremental_state")
+            k = v = None
+            src_len = summary["prev_key"].size(2) if summary.get("prev_key") is not None else None
         else:
             if key is None:
                 raise ValueError(f"{type(self).__name__}: cross attention needs key/value (or a filled static_kv cache)")
@@ -235,10 +293,13 @@ class FluenceAttention(MultiheadAttention):
                 raise ValueError(f"key must be (length, batch={bsz}, kdim), got {tuple(key.shape)}")
             if value.shape[:2] != key.shape[:2]:
                 raise ValueError(f"value {tuple(value.shape)} must match key {tuple(key.shape)} in length and batch")
-            k = self._heads(self.k_proj(key), bsz)
             v = self._heads(self.v_proj(value), bsz)
-        src_len = k.size(2)
+            k = self._heads(self.k_proj(key), bsz) if self.uses_query_key else v
+            src_len = k.size(2)
+        q = self._heads(self.q_proj(query), bsz) if self.uses_query_key else v
         query_padding_mask = padding_mask_to_bool(query_padding_mask, bsz, tgt_len, "query_padding_mask")
+        if attn_mask is not None and not self.supports_attn_mask:
+            attn_mask = self._drop_future_mask(attn_mask, tgt_len)
 
         if buffer is not None and not self.cross:
             key_padding_mask = padding_mask_to_bool(key_padding_mask, bsz, tgt_len, "key_padding_mask")
@@ -247,26 +308,31 @@ class FluenceAttention(MultiheadAttention):
                 need_weights=need_weights,
             )
         else:
-            if key_padding_mask is None and cached_kv:
-                key_padding_mask = buffer.get("prev_key_padding_mask")
-            key_padding_mask = padding_mask_to_bool(key_padding_mask, bsz, src_len, "key_padding_mask")
-            attn_mask = self._normalize_attn_mask(attn_mask, bsz, tgt_len, src_len, q.dtype)
+            if src_len is None and attn_mask is not None:
+                raise ValueError(f"{type(self).__name__}: attn_mask cannot be applied to a cached source summary")
+            if src_len is not None:
+                attn_mask = self._normalize_attn_mask(attn_mask, bsz, tgt_len, src_len, q.dtype)
             # self attention: the last query is the last key; cross: both sequences start together
             query_offset = src_len - tgt_len if not self.cross else 0
-            if buffer is not None:
+            if buffer is not None:  # cross attention while decoding: queries continue where the last call ended
                 steps = buffer.get("steps")
                 if steps is not None:
                     query_offset = int(steps[0])
-                if self.causal:
-                    buffer["steps"] = torch.full((bsz,), query_offset + tgt_len, dtype=torch.long, device=q.device)
-                if static_kv:
-                    buffer["prev_key"], buffer["prev_value"] = k, v
-                    if key_padding_mask is not None:
-                        buffer["prev_key_padding_mask"] = key_padding_mask
-            out, weights = self.attend(
-                q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                query_offset=query_offset, need_weights=need_weights,
-            )
+                buffer["steps"] = torch.full((bsz,), query_offset + tgt_len, dtype=torch.long, device=q.device)
+            if summary is None:
+                key_padding_mask = padding_mask_to_bool(key_padding_mask, bsz, src_len, "key_padding_mask")
+                if buffer is not None and static_kv:
+                    summary = self.summarize_keys(k, v, key_padding_mask)
+                    buffer.update({name: t for name, t in summary.items() if t is not None})
+            if summary is not None:
+                out, weights = self.attend_summary(
+                    q, summary, attn_mask=attn_mask, query_offset=query_offset, need_weights=need_weights
+                )
+            else:
+                out, weights = self.attend(
+                    q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                    query_offset=query_offset, need_weights=need_weights,
+                )
         if buffer is not None:
             self._set_input_buffer(incremental_state, buffer)
 

@@ -7,6 +7,14 @@ class SoftmaxAttention(FluenceAttention):
     """Standard scaled dot-product attention in all four patterns.
 
     Uses ``torch.nn.functional.scaled_dot_product_attention`` unless weights are requested.
+
+    Example::
+
+        >>> import torch
+        >>> from fluence_fairseq import FSSoftmax
+        >>> attn = FSSoftmax(512, 8, causal=True)
+        >>> x = torch.randn(10, 2, 512)                       # (length, batch, dim)
+        >>> out, weights = attn(x, x, x)                      # weights: (batch, length, length)
     """
 
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):

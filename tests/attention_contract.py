@@ -1,0 +1,311 @@
+"""The behaviour every fluence attention owes its users, written once and run for every attention and pattern.
+
+Use it from a test module::
+
+    from attention_contract import AttentionContract, Case
+
+    class TestPerformerContract(AttentionContract):
+        case = Case("performer", lambda **kw: FSPerformer(32, 4, approx_attn_dim=16, **kw))
+
+``conftest.py`` parametrizes each test's ``pattern`` argument ((cross, causal)) over the patterns the class
+supports (``cls.supported_patterns``); the unsupported ones are checked to raise the pattern error.
+
+What is checked, per supported pattern: shapes and ``batch_first``, finite gradients reaching every parameter,
+causality (changing future tokens never changes past outputs), incremental decoding equal to the full forward
+(one token and several tokens per call), padding invariance (left, right and no padding give the same outputs for
+real tokens), beam reordering (including finished hypotheses leaving the batch), state-dict round trip, eval
+determinism, no NaN (fully padded rows, length 1, huge logits), ``attn_mask`` honoured or refused.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Tuple
+
+import pytest
+import torch
+
+from fluence_fairseq.modules.attention_base import ALL_PATTERNS, UnsupportedPatternError
+
+E, H, B = 32, 4, 3
+
+
+@dataclass
+class Case:
+    name: str
+    #: factory(cross=..., causal=...) -> an FS* attention of width 32 with 4 heads
+    factory: Callable
+    tgt_len: int = 11
+    src_len: int = 9
+    atol: float = 1e-5
+    #: decoding may feed several tokens per call (fairseq feeds one; chunked calls are what a prefix would do)
+    chunked_decoding: bool = True
+    #: parameters allowed to get no gradient (e.g. used only in decoding)
+    no_grad_params: Tuple[str, ...] = ()
+    #: a module-level hook to make logits huge: default scales q_proj and k_proj weights
+    blow_up: Optional[Callable] = None
+    extra: dict = field(default_factory=dict)
+
+
+def _randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _build(case, cross, causal, seed=0):
+    torch.manual_seed(seed)
+    return case.factory(cross=cross, causal=causal).eval()
+
+
+def _inputs(case, cross, seed=1):
+    x = _randn(case.tgt_len, B, E, seed=seed)
+    src = _randn(case.src_len, B, E, seed=seed + 1) if cross else None
+    return x, src
+
+
+def _call(attn, x, src=None, **kw):
+    if src is None:
+        return attn(query=x, key=x, value=x, need_weights=False, **kw)[0]
+    return attn(query=x, key=src, value=src, need_weights=False, **kw)[0]
+
+
+def _decode(attn, x, src, sizes, *, key_padding_mask=None, state=None):
+    """Feed ``x`` in calls of the given sizes; returns the concatenated outputs and the state."""
+    state = {} if state is None else state
+    outs, t = [], 0
+    for n in sizes:
+        piece = x[t : t + n]
+        if src is None:
+            kpm = None if key_padding_mask is None else key_padding_mask[:, t : t + n]
+            outs.append(attn(query=piece, key=piece, value=piece, key_padding_mask=kpm, incremental_state=state,
+                             need_weights=False)[0])
+        else:
+            outs.append(attn(query=piece, key=src, value=src, key_padding_mask=key_padding_mask,
+                             incremental_state=state, static_kv=True, need_weights=False)[0])
+        t += n
+    return torch.cat(outs), state
+
+
+def _chunks(total, pattern=(1, 2, 3)):
+    sizes, i = [], 0
+    while sum(sizes) < total:
+        sizes.append(min(pattern[i % len(pattern)], total - sum(sizes)))
+        i += 1
+    return sizes
+
+
+class AttentionContract:
+    case: Case
+
+    # ------------------------------------------------------------------------------------------ basics
+    def test_shapes_batch_first_and_gradients(self, pattern):
+        cross, causal = pattern
+        attn = _build(self.case, cross, causal).train()
+        x, src = _inputs(self.case, cross)
+        x.requires_grad_(True)
+        out = _call(attn, x, src)
+        assert out.shape == x.shape
+        out_bf = _call(attn.eval(), x.transpose(0, 1), None if src is None else src.transpose(0, 1), batch_first=True)
+        torch.testing.assert_close(out_bf.transpose(0, 1), _call(attn, x, src), atol=self.case.atol, rtol=0)
+        attn.train()
+        _call(attn, x, src).pow(2).sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        for name, p in attn.named_parameters():
+            if name in self.case.no_grad_params or not p.requires_grad:
+                continue
+            assert p.grad is not None, f"parameter {name} got no gradient"
+            assert torch.isfinite(p.grad).all(), f"parameter {name} has a non-finite gradient"
+
+    def test_causality(self, pattern):
+        cross, causal = pattern
+        if not causal:
+            pytest.skip("noncausal pattern: future tokens are meant to be seen")
+        attn = _build(self.case, cross, causal)
+        x, src = _inputs(self.case, cross)
+        cut = self.case.tgt_len // 2
+        base = _call(attn, x, src)
+        if cross:  # query i sees source positions <= i
+            src2 = src.clone()
+            src2[cut:] = _randn(src.size(0) - cut, B, E, seed=9)
+            changed = _call(attn, x, src2)
+        else:
+            x2 = x.clone()
+            x2[cut:] = _randn(x.size(0) - cut, B, E, seed=9)
+            changed = _call(attn, x2)
+        torch.testing.assert_close(changed[:cut], base[:cut], atol=self.case.atol, rtol=0)
+        assert not torch.allclose(changed[cut:], base[cut:], atol=1e-3), "later outputs ignore the changed tokens"
+
+    def test_incremental_equals_full(self, pattern):
+        cross, causal = pattern
+        if not (cross or causal):
+            pytest.skip("noncausal self attention has no incremental decoding")
+        attn = _build(self.case, cross, causal)
+        x, src = _inputs(self.case, cross)
+        full = _call(attn, x, src)
+        steps, _ = _decode(attn, x, src, [1] * x.size(0))
+        torch.testing.assert_close(steps, full, atol=self.case.atol, rtol=0)
+        if self.case.chunked_decoding:
+            chunked, _ = _decode(attn, x, src, _chunks(x.size(0)))
+            torch.testing.assert_close(chunked, full, atol=self.case.atol, rtol=0)
+
+    def test_incremental_with_padding(self, pattern):
+        cross, causal = pattern
+        if not (cross or causal):
+            pytest.skip("noncausal self attention has no incremental decoding")
+        attn = _build(self.case, cross, causal)
+        x, src = _inputs(self.case, cross)
+        if cross:
+            kpm = torch.zeros(B, src.size(0), dtype=torch.bool)
+            kpm[0, -3:] = True
+            if not causal:  # causal cross: left padding would leave the first queries with no key to see
+                kpm[1, :2] = True
+        else:
+            kpm = torch.zeros(B, x.size(0), dtype=torch.bool)
+            kpm[1, :3] = True  # a left-padded decoder prefix
+        full = attn(query=x, key=x if src is None else src, value=x if src is None else src, key_padding_mask=kpm,
+                    need_weights=False)[0]
+        steps, _ = _decode(attn, x, src, [1] * x.size(0), key_padding_mask=kpm)
+        real = torch.ones(x.size(0), B, dtype=torch.bool) if cross else ~kpm.t()
+        torch.testing.assert_close(steps[real], full[real], atol=self.case.atol, rtol=0)
+
+    def test_padding_invariance(self, pattern):
+        """Left padding, right padding and no padding give the same outputs for the real tokens."""
+        cross, causal = pattern
+        attn = _build(self.case, cross, causal)
+        pad = 3
+        x, src = _inputs(self.case, cross)
+        if cross:
+            real_src = src[:, :1]  # one sentence; its padded copies carry garbage in the padding
+            n = real_src.size(0)
+            q = x[:, :1]
+            want = _call(attn, q, real_src)
+            junk = _randn(pad, 1, E, seed=5) * 10
+            right = torch.cat([real_src, junk]), torch.cat([torch.zeros(1, n, dtype=torch.bool),
+                                                            torch.ones(1, pad, dtype=torch.bool)], 1)
+            left = torch.cat([junk, real_src]), torch.cat([torch.ones(1, pad, dtype=torch.bool),
+                                                           torch.zeros(1, n, dtype=torch.bool)], 1)
+            if causal:
+                # causal cross aligns query i with source position i: left padding shifts the alignment,
+                # so only right padding must leave outputs unchanged
+                cases = [right]
+            else:
+                cases = [right, left]
+            for kv, kpm in cases:
+                got = attn(query=q, key=kv, value=kv, key_padding_mask=kpm, need_weights=False)[0]
+                torch.testing.assert_close(got, want, atol=self.case.atol, rtol=0)
+            return
+        real = x[:, :1]
+        n = real.size(0)
+        want = _call(attn, real)
+        junk = _randn(pad, 1, E, seed=5) * 10
+        mask_r = torch.cat([torch.zeros(1, n, dtype=torch.bool), torch.ones(1, pad, dtype=torch.bool)], 1)
+        got_r = attn(query=torch.cat([real, junk]), key_padding_mask=mask_r, need_weights=False)[0]
+        torch.testing.assert_close(got_r[:n], want, atol=self.case.atol, rtol=0)
+        mask_l = torch.cat([torch.ones(1, pad, dtype=torch.bool), torch.zeros(1, n, dtype=torch.bool)], 1)
+        got_l = attn(query=torch.cat([junk, real]), key_padding_mask=mask_l, need_weights=False)[0]
+        torch.testing.assert_close(got_l[pad:], want, atol=self.case.atol, rtol=0)
+
+    def test_beam_reorder_and_shrinking_batch(self, pattern):
+        cross, causal = pattern
+        if not (cross or causal):
+            pytest.skip("noncausal self attention has no incremental decoding")
+        attn = _build(self.case, cross, causal)
+        x, src = _inputs(self.case, cross)
+        split = 4
+        for order in (torch.tensor([2, 0, 2]), torch.tensor([1, 2])):  # beam reorder; a hypothesis finished
+            _, state = _decode(attn, x[:split], src, [1] * split)
+            attn.reorder_incremental_state(state, order)
+            for buf in state.values():
+                for name, t in buf.items():
+                    assert t is None or t.size(0) == len(order), f"cached {name} was not reordered"
+            x_new = _randn(x.size(0) - split, len(order), E, seed=7)
+            src_o = None if src is None else src[:, order]
+            got, _ = _decode(attn, x_new, src_o, [1] * x_new.size(0), state=state)
+            history = torch.cat([x[:split, order], x_new])
+            want = _call(attn, history, src_o)[split:]
+            torch.testing.assert_close(got, want, atol=self.case.atol, rtol=0)
+
+    def test_state_dict_round_trip_and_eval_determinism(self, pattern):
+        cross, causal = pattern
+        a = _build(self.case, cross, causal, seed=0)
+        b = _build(self.case, cross, causal, seed=1)
+        b.load_state_dict(a.state_dict())
+        x, src = _inputs(self.case, cross)
+        out_a = _call(a, x, src)
+        torch.testing.assert_close(_call(b, x, src), out_a, atol=0, rtol=0)
+        torch.testing.assert_close(_call(a, x, src), out_a, atol=0, rtol=0)
+
+    def test_no_nan_on_degenerate_inputs(self, pattern):
+        cross, causal = pattern
+        attn = _build(self.case, cross, causal).train()
+        x, src = _inputs(self.case, cross)
+        kv = x if src is None else src
+        kpm = torch.zeros(B, kv.size(0), dtype=torch.bool)
+        kpm[0] = True  # a fully padded row
+        out = attn(query=x, key=kv, value=kv, key_padding_mask=kpm, need_weights=False)[0]
+        out.sum().backward()
+        assert torch.isfinite(out).all()
+        assert all(torch.isfinite(p.grad).all() for p in attn.parameters() if p.grad is not None)
+        one = x[:1]
+        assert torch.isfinite(_call(attn, one, None if src is None else src[:1])).all()
+        big = _build(self.case, cross, causal)
+        with torch.no_grad():
+            if self.case.blow_up is not None:
+                self.case.blow_up(big)
+            else:
+                for proj in (big.q_proj, big.k_proj):
+                    if proj is not None:
+                        proj.weight.mul_(1e3)
+        assert torch.isfinite(_call(big, x * 10, None if src is None else src * 10)).all()
+
+    def test_attn_mask_honoured_or_refused(self, pattern):
+        cross, causal = pattern
+        attn = _build(self.case, cross, causal)
+        x, src = _inputs(self.case, cross)
+        kv_len = x.size(0) if src is None else src.size(0)
+        mask = torch.zeros(x.size(0), kv_len, dtype=torch.bool)
+        mask[:, 0] = True  # forbid the first key everywhere
+        if attn.supports_attn_mask:
+            kv = x if src is None else src
+            masked = attn(query=x, key=kv, value=kv, attn_mask=mask, need_weights=False)[0]
+            kv2 = kv.clone()
+            kv2[0] = _randn(1, B, E, seed=11)
+            masked2 = attn(query=x, key=kv2, value=kv2, attn_mask=mask, need_weights=False)[0]
+            # row 0 changes for self attention (its own input changed) and has no visible key under causality
+            rows = slice(None) if (cross and not causal) else slice(1, None)
+            torch.testing.assert_close(masked2[rows], masked[rows], atol=self.case.atol, rtol=0)
+        else:
+            with pytest.raises(ValueError, match="attn_mask"):
+                _call(attn, x, src, attn_mask=mask)
+            if causal and not cross:
+                future = torch.triu(torch.full((x.size(0), x.size(0)), float("-inf")), 1)
+                torch.testing.assert_close(_call(attn, x, attn_mask=future), _call(attn, x), atol=0, rtol=0)
+
+    def test_unsupported_patterns_raise(self):
+        probe = None
+        for pattern in sorted(ALL_PATTERNS):
+            cross, causal = pattern
+            try:
+                probe = _build(self.case, cross, causal)
+            except UnsupportedPatternError as err:
+                assert "supports" in str(err)
+                continue
+            assert pattern in type(probe).supported_patterns
+
+    def test_fsmha_keywords_and_docstring(self):
+        cls = type(_build(self.case, *self._supported()[0]))
+        assert getattr(cls, "is_fsmha", False), f"{cls.__name__} is not @fsmha-wrapped"
+        plain = cls.__mro__[1] if cls.__name__.startswith("FS") else cls
+        doc = plain.__doc__ or ""
+        assert ">>>" in doc or "Example" in doc, f"{plain.__name__} needs a docstring with a usage example"
+
+    def _supported(self):
+        return supported_patterns(self.case)
+
+
+def supported_patterns(case):
+    """The (cross, causal) patterns the case's attention can be built for, in a stable order."""
+    out = []
+    for cross, causal in sorted(ALL_PATTERNS):
+        try:
+            case.factory(cross=cross, causal=causal)
+        except UnsupportedPatternError:
+            continue
+        out.append((cross, causal))
+    return out
