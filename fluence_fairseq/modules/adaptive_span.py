@@ -22,6 +22,9 @@ from torch import Tensor, nn
 
 from ..ops.band import band_attention
 from .attention_base import FluenceAttention, fsmha
+from .spec import AttentionOption, AttentionSpec, parse_bool
+
+__all__ = ["AdaptiveSpan", "AdaptiveSpanAttention", "FSAdaptiveSpan"]
 
 
 def _check_span_args(attn_span, ramp, init, nb_heads):
@@ -265,3 +268,18 @@ class AdaptiveSpanAttention(FluenceAttention):
 @fsmha
 class FSAdaptiveSpan(AdaptiveSpanAttention):
     pass
+
+
+ATTENTION_SPEC = AttentionSpec(
+    "adaptive_span", FSAdaptiveSpan,
+    (
+        AttentionOption("attn_span", int, 1024, "maximum attention span S in tokens"),
+        AttentionOption("adapt_span_loss_coeff", float, 2e-6, "span loss weight: loss += coeff * S * mean(z)"),
+        AttentionOption("adapt_span_ramp", int, 32, "length R of the soft ramp at the span edge, in tokens"),
+        AttentionOption("adapt_span_init", float, 0.0, "initial span of every head as a fraction of S, in [0, 1]"),
+        AttentionOption("adapt_span_cache", parse_bool, True,
+                        "decoding caches keep only the current max span (true) or all S keys (false)"),
+    ),
+    "adaptive attention span (Sukhbaatar et al. 2019); noncausal and causal self attention",
+    tiny={"attn_span": 32, "adapt_span_ramp": 8},
+)

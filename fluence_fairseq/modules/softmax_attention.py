@@ -1,6 +1,9 @@
 """Exact softmax attention on the fluence base: the baseline every other attention is compared with."""
 from ..ops.band import band_attention
 from .attention_base import FluenceAttention, fsmha
+from .spec import AttentionSpec
+
+__all__ = ["SoftmaxAttention", "FSSoftmax"]
 
 
 class SoftmaxAttention(FluenceAttention):
@@ -28,3 +31,6 @@ class SoftmaxAttention(FluenceAttention):
 @fsmha
 class FSSoftmax(SoftmaxAttention):
     pass
+
+
+ATTENTION_SPEC = AttentionSpec("softmax", FSSoftmax, (), "exact softmax attention (baseline)")
