@@ -32,7 +32,7 @@ from fluence_fairseq.modules.registry import ATTENTIONS, AttentionOption, Attent
 ROLE_PATTERNS = {  # module name suffix -> (role, causal, cross)
     "encoder_self": ("encoder_self_attention", False, False),
     "decoder_self": ("decoder_self_attention", True, False),
-    "decoder_cross": ("decoder_cross_attention", False, True),
+    "decoder_cross": ("cross_attention", False, True),
 }
 
 
@@ -91,7 +91,7 @@ def test_arch_defaults_match_the_table():
     args = argparse.Namespace()
     ARCH_CONFIG_REGISTRY["transformer_adaptive_span"](args)
     assert (args.encoder_layers, args.encoder_embed_dim, args.encoder_attention_heads) == (6, 512, 8)
-    assert (args.encoder_self_attention, args.decoder_self_attention, args.decoder_cross_attention) \
+    assert (args.encoder_self_attention, args.decoder_self_attention, args.cross_attention) \
         == ("adaptive_span", "adaptive_span", "softmax")
     # command-line values are kept
     args = argparse.Namespace(attn_span=7, decoder_layers=1)
@@ -115,8 +115,8 @@ def test_role_flags_switch_attentions_and_reject_impossible_patterns():
     model, _, _ = H.build("transformer_adaptive_span_tiny", ["--encoder-self-attention", "softmax"])
     kinds = {role_of(n): type(m).__name__ for n, m in attentions(model).items()}
     assert kinds == {"encoder_self": "FSSoftmax", "decoder_self": "FSAdaptiveSpan", "decoder_cross": "FSSoftmax"}
-    with pytest.raises(ValueError, match="decoder-cross-attention adaptive_span.*noncausal cross"):
-        H.build("transformer_adaptive_span_tiny", ["--decoder-cross-attention", "adaptive_span"])
+    with pytest.raises(ValueError, match="cross-attention adaptive_span.*noncausal cross"):
+        H.build("transformer_adaptive_span_tiny", ["--cross-attention", "adaptive_span"])
     with pytest.raises(SystemExit):  # argparse: not a registered attention
         H.model_args("transformer_adaptive_span_tiny", ["--encoder-self-attention", "nope"])
 
@@ -125,12 +125,13 @@ def test_help_lists_every_flag_with_its_default():
     parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
     FluenceTransformerModel.add_args(parser)
     actions = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
-    for flag in ("--encoder-self-attention", "--decoder-self-attention", "--decoder-cross-attention"):
+    assert actions["--cross-attention"].option_strings == ["--cross-attention", "--decoder-cross-attention"]
+    for flag in ("--encoder-self-attention", "--decoder-self-attention", "--cross-attention"):
         assert "default" in actions[flag].help and set(actions[flag].choices) == set(ATTENTIONS)
     for spec in ATTENTIONS.values():
         for opt in spec.options:
             action = actions["--" + opt.name.replace("_", "-")]
-            assert f"default: {opt.default}" in action.help, action.help
+            assert f"default: {opt.default}" in action.help or f"{spec.name}={opt.default}" in action.help, action.help
     lm_parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
     FluenceTransformerLanguageModel.add_args(lm_parser)
     lm_flags = {s for a in lm_parser._actions for s in a.option_strings}
@@ -385,7 +386,7 @@ def test_help_command_documents_every_plugin_flag(capsys):
 
     plugin_help.main([])
     text = capsys.readouterr().out
-    flags = ["--encoder-self-attention", "--decoder-self-attention", "--decoder-cross-attention"]
+    flags = ["--encoder-self-attention", "--decoder-self-attention", "--cross-attention", "--decoder-cross-attention"]
     flags += ["--" + o.name.replace("_", "-") for spec in ATTENTIONS.values() for o in spec.options]
     for flag in flags:
         assert flag in text, f"{flag} missing from python -m fluence_fairseq.help"

@@ -22,6 +22,7 @@ from .layers import (
 from .encoder_decoder import FluenceTransformerModel
 from .language_model import FluenceTransformerLanguageModel
 from .architectures import ARCHITECTURES, Architecture, markdown_table, register_architecture
+from .efficient_encoder import EfficientTransformerEncoder
 
 __all__ = [
     "AttentionRole", "ENCODER_SELF", "DECODER_SELF", "DECODER_CROSS", "DEFAULT_ATTENTION",
@@ -29,5 +30,5 @@ __all__ = [
     "FluenceTransformerEncoderLayer", "FluenceTransformerDecoderLayer",
     "FluenceTransformerEncoder", "FluenceTransformerDecoder",
     "FluenceTransformerModel", "FluenceTransformerLanguageModel",
-    "ARCHITECTURES", "Architecture", "markdown_table", "register_architecture",
+    "ARCHITECTURES", "Architecture", "markdown_table", "register_architecture", "EfficientTransformerEncoder",
 ]

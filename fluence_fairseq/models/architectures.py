@@ -21,7 +21,8 @@ from fairseq.models.transformer.transformer_legacy import base_architecture as t
 from fairseq.models.transformer_lm import base_lm_architecture
 from fairseq.utils import safe_getattr
 
-from .attention_args import fill_attention_defaults
+from ..modules.registry import ATTENTIONS, AttentionSpec
+from .attention_args import DECODER_CROSS, DECODER_SELF, ENCODER_SELF, fill_attention_defaults
 from .encoder_decoder import FluenceTransformerModel  # noqa: F401  (registers the model)
 from .language_model import FluenceTransformerLanguageModel  # noqa: F401
 
@@ -46,7 +47,7 @@ class Architecture:
 
 def enc_dec(encoder_self: str, decoder_self: str, cross: str = "softmax") -> Dict[str, str]:
     return {"encoder_self_attention": encoder_self, "decoder_self_attention": decoder_self,
-            "decoder_cross_attention": cross}
+            "cross_attention": cross}
 
 
 def lm(decoder_self: str) -> Dict[str, str]:
@@ -90,6 +91,44 @@ ARCHITECTURES: List[Architecture] = [
     Architecture("transformer_lm_adaptive_span_tiny", LM, lm("adaptive_span"),
                  {**lm_sizes(2, 64, 4, 128), **_TINY_SPAN}, doc="2 layers, 64, 4 heads, ffn 128; for tests"),
 ]
+
+
+# ------------------------------------------------------------------ one family per efficient attention
+#: attentions whose architectures are written out by hand above
+_HANDWRITTEN = frozenset({"softmax", "adaptive_span"})
+
+
+def where_supported(spec: AttentionSpec, fallback: str = "softmax") -> Dict[str, str]:
+    """The encoder-decoder roles: ``spec`` wherever its math supports the role's pattern, ``fallback`` elsewhere."""
+    patterns = spec.cls.supported_patterns
+    return {role.attr: spec.name if role.pattern in patterns else fallback
+            for role in (ENCODER_SELF, DECODER_SELF, DECODER_CROSS)}
+
+
+def family(spec: AttentionSpec) -> List[Architecture]:
+    """``transformer_<name>`` (base sizes), ``_small`` and ``_tiny`` (tests), plus ``transformer_lm_<name>`` and
+    ``transformer_lm_<name>_tiny`` when the attention can be a causal self attention."""
+    roles = where_supported(spec)
+    uses = ", ".join(role.replace("_attention", "").replace("_", " ") for role, name in roles.items()
+                     if name == spec.name)
+    rows = [
+        Architecture(f"transformer_{spec.name}", ENC_DEC, roles,
+                     doc=f"transformer base sizes; {spec.name} in {uses}, softmax elsewhere"),
+        Architecture(f"transformer_{spec.name}_small", ENC_DEC, roles, sizes(3, 256, 4, 1024),
+                     doc="3+3 layers, 256, 4 heads, ffn 1024"),
+        Architecture(f"transformer_{spec.name}_tiny", ENC_DEC, roles, {**sizes(2, 64, 4, 128), **spec.tiny},
+                     doc="2+2 layers, 64, 4 heads, ffn 128; for tests"),
+    ]
+    if DECODER_SELF.pattern in spec.cls.supported_patterns:
+        rows += [
+            Architecture(f"transformer_lm_{spec.name}", LM, lm(spec.name), doc="transformer_lm base sizes"),
+            Architecture(f"transformer_lm_{spec.name}_tiny", LM, lm(spec.name),
+                         {**lm_sizes(2, 64, 4, 128), **spec.tiny}, doc="2 layers, 64, 4 heads, ffn 128; for tests"),
+        ]
+    return rows
+
+
+ARCHITECTURES += [arch for name, spec in ATTENTIONS.items() if name not in _HANDWRITTEN for arch in family(spec)]
 
 
 def _arch_function(arch: Architecture) -> Callable:

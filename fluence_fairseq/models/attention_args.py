@@ -1,7 +1,7 @@
 """Which attention each transformer sublayer uses, as command-line flags generated from the attention registry.
 
 A model has *roles*: the attention sublayers it builds (``encoder_self_attention``, ``decoder_self_attention``,
-``decoder_cross_attention``). Each role is one flag (``--decoder-self-attention adaptive_span``) whose choices are
+``cross_attention``; ``--decoder-cross-attention`` is an alias of ``--cross-attention``). Each role is one flag (``--decoder-self-attention adaptive_span``) whose choices are
 the keys of :data:`fluence_fairseq.modules.registry.ATTENTIONS`, and every option of every registered attention
 becomes a flag too (``attn_span`` -> ``--attn-span``). Adding a row to the registry is enough for the models to
 offer it.
@@ -33,10 +33,15 @@ class AttentionRole:
     causal: bool
     cross: bool
     what: str  # for help texts and errors
+    aliases: Tuple[str, ...] = ()  # older argparse dests that mean the same (read from old checkpoints too)
 
     @property
     def flag(self) -> str:
         return "--" + self.attr.replace("_", "-")
+
+    @property
+    def flags(self) -> Tuple[str, ...]:
+        return (self.flag,) + tuple("--" + a.replace("_", "-") for a in self.aliases)
 
     @property
     def pattern(self) -> Tuple[bool, bool]:
@@ -45,8 +50,8 @@ class AttentionRole:
 
 ENCODER_SELF = AttentionRole("encoder_self_attention", causal=False, cross=False, what="encoder self attention")
 DECODER_SELF = AttentionRole("decoder_self_attention", causal=True, cross=False, what="decoder self attention")
-DECODER_CROSS = AttentionRole("decoder_cross_attention", causal=False, cross=True,
-                              what="decoder cross (encoder-decoder) attention")
+DECODER_CROSS = AttentionRole("cross_attention", causal=False, cross=True,
+                              what="decoder cross (encoder-decoder) attention", aliases=("decoder_cross_attention",))
 
 # Option names that fairseq's TransformerConfig copies into both the encoder and the decoder sub-config (they would
 # silently change layer sizes), plus names fairseq already uses for other things.
@@ -106,7 +111,7 @@ def add_attention_args(parser, roles: Iterable[AttentionRole], model_name: str) 
         if role.flag in existing:
             continue  # the same parser asked twice (fairseq builds helper parsers)
         parser.add_argument(
-            role.flag, type=str, metavar="NAME", choices=names,
+            *role.flags, dest=role.attr, type=str, metavar="NAME", choices=names,
             help=f"attention used for the {role.what}: one of {', '.join(names)} [default: set by the --arch, "
                  f"{DEFAULT_ATTENTION} for --arch {model_name}]",
         )
@@ -135,7 +140,11 @@ def check_pattern(spec: AttentionSpec, role: AttentionRole) -> None:
 
 
 def attention_name(cfg, role: AttentionRole) -> str:
-    return safe_getattr(cfg, role.attr, None) or DEFAULT_ATTENTION
+    for attr in (role.attr,) + role.aliases:
+        name = safe_getattr(cfg, attr, None)
+        if name:
+            return name
+    return DEFAULT_ATTENTION
 
 
 def fill_attention_defaults(args, roles: Iterable[AttentionRole]) -> None:

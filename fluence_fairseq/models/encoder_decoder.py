@@ -11,7 +11,7 @@ class FluenceTransformerModel(TransformerModel):
     """Transformer (Vaswani et al., 2017) whose attentions are chosen per sublayer.
 
     ``--encoder-self-attention`` (built noncausal), ``--decoder-self-attention`` (built causal) and
-    ``--decoder-cross-attention`` (built as cross attention) take any name of the attention registry; each
+    ``--cross-attention`` (built as cross attention) take any name of the attention registry; each
     attention's options are flags of their own (``--attn-span`` ...). Named architectures such as
     ``transformer_adaptive_span`` set these defaults (:mod:`fluence_fairseq.models.architectures`).
 

@@ -35,7 +35,7 @@ class FluenceTransformerEncoderLayer(TransformerEncoderLayerBase):
 
 
 class FluenceTransformerDecoderLayer(TransformerDecoderLayerBase):
-    """fairseq's decoder layer with ``--decoder-self-attention`` (built causal) and ``--decoder-cross-attention``."""
+    """fairseq's decoder layer with ``--decoder-self-attention`` (built causal) and ``--cross-attention``."""
 
     def build_self_attention(self, embed_dim, cfg, add_bias_kv=False, add_zero_attn=False):
         if add_bias_kv or add_zero_attn:

@@ -1,0 +1,235 @@
+"""Landmark attentions on (batch, heads, length, head_dim) tensors: segment-mean landmarks over the real tokens,
+Nyström attention (Xiong et al., 2021) and LARA (Zheng et al., 2022).
+
+Landmarks are the means of ``m`` contiguous segments of the *real* (unpadded) tokens of each sequence. A token's
+segment comes from its rank among the real tokens of its sequence, so left, right or no padding give the same
+landmarks. With ``n`` real tokens and ``n > m`` the segmentation is Nyströmformer's: ``s = n // m``; the first
+``(s + 1) * m - n`` segments hold ``s`` tokens, the others ``s + 1``. With ``n <= m`` every real token is its own
+landmark (the remaining ``m - n`` landmarks are empty) and both attentions fall back to exact softmax attention,
+which then costs no more than the approximation.
+
+The means are one batched matmul with a ``(B, m, L)`` averaging matrix (``B = 1`` without padding); nothing of size
+``(L, L)`` is formed unless the attention weights are asked for.
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+class Landmarks(NamedTuple):
+    """Segment-mean landmarks of one batch, shared by queries and keys of a self attention."""
+
+    #: (Bw, m, L) averaging matrix: row c holds 1/|segment c| on the tokens of segment c (Bw = B, or 1 without padding)
+    weights: Tensor
+    #: (Bw, m) bool, True where a landmark has no token (only in sequences with fewer than m real tokens)
+    empty: Tensor
+    #: (Bw,) bool, True for sequences with at most m real tokens: they get exact softmax attention
+    short: Tensor
+
+    def means(self, x: Tensor) -> Tensor:
+        """(B, H, L, D) -> (B, H, m, D) segment means."""
+        return torch.matmul(self.weights.unsqueeze(1).to(x.dtype), x)
+
+
+def _neg(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).min
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Softmax and pseudo-inverse precision: float32 for half types."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def segment_index(real: Tensor, num_landmarks: int) -> Tensor:
+    """Segment of every token from its rank among the real tokens of its row; -1 at padding.
+
+    Args:
+        real: bool (Bw, L), True = real token.
+    Returns:
+        long (Bw, L) in [-1, num_landmarks).
+    """
+    m = num_landmarks
+    rank = real.long().cumsum(-1) - 1
+    n = real.sum(-1, keepdim=True)
+    size = (n // m).clamp(min=1)  # short segment length s (rows with n < m are handled below)
+    num_small = (size + 1) * m - n  # segments of length s; the rest have s + 1 (all of them when m divides n)
+    boundary = num_small * size
+    seg = torch.where(rank < boundary, rank // size, num_small + (rank - boundary) // (size + 1))
+    seg = torch.where(n <= m, rank, seg)  # one token per landmark
+    return torch.where(real, seg, torch.full_like(seg, -1))
+
+
+def segment_landmarks(
+    key_padding_mask: Optional[Tensor], length: int, num_landmarks: int, dtype: torch.dtype, device: torch.device
+) -> Landmarks:
+    """The averaging matrix of ``num_landmarks`` segment means over the real tokens.
+
+    Args:
+        key_padding_mask: bool (B, L), True = padding, or None (no padding: one shared matrix).
+    """
+    if key_padding_mask is None:
+        real = torch.ones(1, length, dtype=torch.bool, device=device)
+    else:
+        real = ~key_padding_mask
+    seg = segment_index(real, num_landmarks)
+    onehot = seg.unsqueeze(1) == torch.arange(num_landmarks, device=device).view(1, -1, 1)  # (Bw, m, L)
+    counts = onehot.sum(-1)
+    weights = onehot.to(dtype) / counts.clamp(min=1).unsqueeze(-1).to(dtype)
+    return Landmarks(weights, counts == 0, real.sum(-1) <= num_landmarks)
+
+
+def _masked_softmax(scores: Tensor, masked: Optional[Tensor]) -> Tensor:
+    """Softmax over the last dim with ``masked`` (broadcastable bool) entries excluded; finite for all-masked rows."""
+    if masked is not None:
+        scores = scores.masked_fill(masked, _neg(scores.dtype))
+    return torch.softmax(scores, dim=-1, dtype=_acc(scores.dtype)).to(scores.dtype)
+
+
+def landmark_softmax_attention(
+    q: Tensor, landmarks: Landmarks, k_lm: Tensor, v_lm: Tensor, need_weights: bool
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Exact softmax attention for the short sequences, whose landmarks are their real keys and values.
+
+    Args:
+        q: (B, H, L, D); k_lm, v_lm: (B, H, m, D) one-token landmarks (means of one token).
+    Returns:
+        (out (B, H, L, D), weights (B, H, L, L) or None)
+    """
+    scale = q.size(-1) ** -0.5
+    probs = _masked_softmax(torch.matmul(q, (k_lm * scale).transpose(-1, -2)), landmarks.empty[:, None, None, :])
+    out = torch.matmul(probs, v_lm)
+    # a one-token landmark's averaging row is the indicator of its token: it maps landmarks back to positions
+    weights = torch.matmul(probs, landmarks.weights.unsqueeze(1).to(probs.dtype)) if need_weights else None
+    return out, weights
+
+
+def _where_short(short: Tensor, exact: Tensor, approx: Tensor) -> Tensor:
+    return torch.where(short.view(-1, *([1] * (approx.dim() - 1))), exact, approx)
+
+
+def _with_fallback(q, landmarks, k_lm, v, approx_fn, need_weights):
+    """Run ``approx_fn`` for the long sequences and exact attention for the short ones (each only if needed)."""
+    short = landmarks.short
+    any_short = bool(short.any())
+    if any_short:
+        exact, exact_w = landmark_softmax_attention(q, landmarks, k_lm, landmarks.means(v), need_weights)
+        if bool(short.all()):
+            return exact, exact_w
+    out, weights = approx_fn()
+    if any_short:
+        # the approximation of a short row is finite but unused: torch.where passes it zero gradient
+        out = _where_short(short, exact, out)
+        weights = _where_short(short, exact_w, weights) if need_weights else None
+    return out, weights
+
+
+def iterative_pinv(a: Tensor, iterations: int) -> Tensor:
+    """Moore-Penrose pseudo-inverse of each (m, m) matrix in ``a`` (..., m, m) by the iteration of Razavi et al.
+    (2014) used in Nyströmformer: ``Z <- Z (13 I - A Z (15 I - A Z (7 I - A Z))) / 4``.
+
+    ``Z_0 = A^T / (||A||_1 ||A||_inf)`` (max column sum times max row sum) for EACH matrix, which keeps the
+    singular values of ``A Z_0`` in (0, 1] so the iteration converges. The reference takes the maximum column
+    sum over the whole batch, which makes one sequence's output depend on the others in its batch.
+    """
+    absolute = a.abs()
+    norm = absolute.sum(-2).amax(-1) * absolute.sum(-1).amax(-1)  # (...,)
+    z = a.transpose(-1, -2) / norm.clamp(min=torch.finfo(a.dtype).tiny)[..., None, None]
+    eye = torch.eye(a.size(-1), dtype=a.dtype, device=a.device)
+    for _ in range(iterations):
+        az = torch.matmul(a, z)
+        z = 0.25 * torch.matmul(z, 13 * eye - torch.matmul(az, 15 * eye - torch.matmul(az, 7 * eye - az)))
+    return z
+
+
+def nystrom_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    num_landmarks: int,
+    pinv_iterations: int,
+    key_padding_mask: Optional[Tensor] = None,
+    need_weights: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Nyström self attention ``softmax(Q K~^T s) pinv(softmax(Q~ K~^T s)) (softmax(Q~ K^T s) V)``, s = D^-1/2.
+
+    Args:
+        q, k, v: (B, H, L, D), one sequence for queries and keys (self attention).
+        key_padding_mask: bool (B, L), True = padding; padded tokens are left out of the landmarks and of the
+            third kernel's keys.
+    Returns:
+        (out (B, H, L, D), implied weights (B, H, L, L) or None)
+    """
+    landmarks = segment_landmarks(key_padding_mask, k.size(2), num_landmarks, q.dtype, q.device)
+    k_lm = landmarks.means(k)
+    scale = q.size(-1) ** -0.5
+
+    def approx():
+        q_lm = landmarks.means(q)
+        k_lm_s = (k_lm * scale).transpose(-1, -2)  # scale the small factor, not the (L, D) one
+        # empty landmarks exist only in short rows, whose result is replaced; masking them keeps those finite
+        empty = landmarks.empty[:, None, None, :] if bool(landmarks.short.any()) else None
+        kernel_1 = _masked_softmax(torch.matmul(q, k_lm_s), empty)  # (B, H, L, m)
+        kernel_2 = _masked_softmax(torch.matmul(q_lm, k_lm_s), empty)  # (B, H, m, m)
+        kpm = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        kernel_3 = _masked_softmax(torch.matmul(q_lm * scale, k.transpose(-1, -2)), kpm)  # (B, H, m, L)
+        pinv = iterative_pinv(kernel_2.to(_acc(q.dtype)), pinv_iterations).to(q.dtype)
+        out = torch.matmul(kernel_1, torch.matmul(pinv, torch.matmul(kernel_3, v)))
+        weights = torch.matmul(torch.matmul(kernel_1, pinv), kernel_3) if need_weights else None
+        return out, weights
+
+    return _with_fallback(q, landmarks, k_lm, v, approx, need_weights)
+
+
+def lara_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    num_landmarks: int,
+    noise: bool,
+    key_padding_mask: Optional[Tensor] = None,
+    need_weights: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Linear randomized attention with segment-mean proposals.
+
+    Proposal c has mean ``mu_c = q~_c + k~_c`` and sample ``w_c = mu_c + eps`` (eps ~ N(0, I) when ``noise``,
+    else 0). With ``log phi(x, w) = s w.x - s |x|^2 / 2``, s = D^-1/2:
+
+    * ``kv_c = sum_j softmax_j(log phi(k_j, w_c)) v_j`` (padded keys excluded);
+    * ``log r_{c,n} = s mu_c.q_n + log phi(q_n, w_c) + logsumexp_j log phi(k_j, w_c) - log phi(mu_c, w_c)``,
+      normalised over c;
+    * ``out_n = sum_c r_{c,n} kv_c``.
+
+    The ``-s |q_n|^2 / 2`` inside ``log phi(q_n, w_c)`` is the same for every c and cancels in the softmax over c,
+    so it is never computed.
+
+    Returns:
+        (out (B, H, L, D), implied weights ``sum_c r_{c,n} softmax_j(...)`` (B, H, L, L) or None)
+    """
+    landmarks = segment_landmarks(key_padding_mask, k.size(2), num_landmarks, q.dtype, q.device)
+    k_lm = landmarks.means(k)
+    scale = q.size(-1) ** -0.5
+
+    def approx():
+        mu = landmarks.means(q) + k_lm  # (B, H, m, D)
+        omega = mu + torch.randn_like(mu) if noise else mu
+        key_sq = torch.linalg.vector_norm(k, dim=-1).square()  # (B, H, L)
+        log_phi_k = torch.matmul(omega * scale, k.transpose(-1, -2)) - (0.5 * scale) * key_sq.unsqueeze(-2)
+        if key_padding_mask is not None:
+            log_phi_k = log_phi_k.masked_fill(key_padding_mask[:, None, None, :], _neg(log_phi_k.dtype))
+        log_phi_k = log_phi_k.to(_acc(q.dtype))
+        log_norm = torch.logsumexp(log_phi_k, dim=-1)  # (B, H, m)
+        probs = torch.exp(log_phi_k - log_norm.unsqueeze(-1)).to(q.dtype)  # (B, H, m, L)
+        kv = torch.matmul(probs, v)  # (B, H, m, D)
+        # log r = s q.(mu + w) + logsumexp_j log phi(k_j, w) - s w.mu + s |mu|^2 / 2  (the |q|^2 term cancels)
+        bias = log_norm.to(q.dtype) - scale * (omega * mu).sum(-1) + (0.5 * scale) * mu.square().sum(-1)
+        log_r = torch.matmul(q, ((mu + omega) * scale).transpose(-1, -2)) + bias.unsqueeze(-2)  # (B, H, L, m)
+        empty = landmarks.empty[:, None, None, :] if bool(landmarks.short.any()) else None
+        r = _masked_softmax(log_r, empty)
+        out = torch.matmul(r, kv)
+        weights = torch.matmul(r, probs) if need_weights else None
+        return out, weights
+
+    return _with_fallback(q, landmarks, k_lm, v, approx, need_weights)
