@@ -57,17 +57,35 @@ class Variant:
 
 @dataclass
 class TimeRatioTarget:
-    """Training step time of ``case`` <= ``limit`` x that of ``reference``, at the largest length measured."""
+    """Training step time (or peak memory, ``metric="peak_mem_mb"``) of ``case`` <= ``limit`` x that of
+    ``reference``, at ``length`` (default: the largest length measured)."""
 
     case: str
     reference: str
     limit: float
+    length: Optional[int] = None
+    metric: str = "time_ms_median"
 
     def check(self, report: dict) -> dict:
-        length = max(row["length"] for row in report["train"])
-        times = {row["case"]: row["time_ms_median"] for row in report["train"] if row["length"] == length}
-        return _verdict(f"{self.case} step time <= {self.limit:g} x {self.reference} (L={length})",
-                        times[self.case] / times[self.reference], self.limit)
+        length = self.length or max(row["length"] for row in report["train"])
+        values = {row["case"]: row[self.metric] for row in report["train"] if row["length"] == length}
+        what = "step time" if self.metric == "time_ms_median" else "peak memory"
+        return _verdict(f"{self.case} {what} <= {self.limit:g} x {self.reference} (L={length})",
+                        _ratio(values[self.case], values[self.reference]), self.limit)
+
+
+@dataclass
+class LengthGrowthTarget:
+    """Training step time of ``case`` grows no faster than L^``limit`` between the smallest and largest length."""
+
+    case: str
+    limit: float
+
+    def check(self, report: dict) -> dict:
+        points = sorted((row["length"], row["time_ms_median"]) for row in report["train"] if row["case"] == self.case)
+        (l0, t0), (l1, t1) = points[0], points[-1]
+        return _verdict(f"{self.case} step time grows as L^x from L={l0} to L={l1}, x <= {self.limit:g}",
+                        math.log(t1 / t0) / math.log(l1 / l0), self.limit)
 
 
 @dataclass
@@ -103,6 +121,8 @@ class BenchConfig:
     decode_batches: List[int] = field(default_factory=lambda: [1, 5])
     decode_steps: int = 10
     targets: list = field(default_factory=list)
+    #: fairseq MHA and SDPA are quadratic: run them only up to this length (None = every length)
+    baseline_max_length: Optional[int] = None
 
 
 def adaptive_span_preset() -> BenchConfig:
@@ -117,7 +137,45 @@ def adaptive_span_preset() -> BenchConfig:
     )
 
 
-PRESETS = {"adaptive_span": adaptive_span_preset}
+#: the efficient attentions of issue 3 with their benchmark options (defaults otherwise) and their time bound
+#: relative to the projections alone at L=8192
+EFFICIENT = {
+    "local": ({}, 1.4), "abc": ({}, 1.4), "nystrom": ({}, 1.4), "performer": ({}, 1.4), "lara": ({}, 1.4),
+    "cosformer": ({"cosformer_max_len": 16384}, 1.4), "probsparse": ({}, 2.5), "s4d": ({}, 1.6),
+    "longshort": ({}, 1.6),
+}
+
+
+def _efficient_preset(pattern: str, lengths: List[int]) -> BenchConfig:
+    flags = PATTERN_FLAGS[pattern]
+    names = [n for n in EFFICIENT if n in ATTENTIONS and flags in ATTENTIONS[n].cls.supported_patterns]
+    variants = [Variant(n, {k: v for k, v in EFFICIENT[n][0].items()
+                            if k in {o.name for o in ATTENTIONS[n].options}}, decode=pattern == "causal")
+                for n in names]
+    targets = []
+    for v in variants:
+        targets += [TimeRatioTarget(v.label, PROJECTIONS, EFFICIENT[v.attention][1], length=8192),
+                    TimeRatioTarget(v.label, PROJECTIONS, 1.5, length=8192, metric="peak_mem_mb")]
+        if max(lengths) > 8192:
+            targets.append(LengthGrowthTarget(v.label, 1.15))
+        if v.decode and v.attention not in ("local", "longshort"):  # constant-state decoders
+            targets += [DecodeGrowthTarget(v.label, 1, 1.1), DecodeGrowthTarget(v.label, 5, 1.1)]
+    return BenchConfig(variants, pattern=pattern, dim=512, heads=8, batch=1, lengths=lengths, repeats=3,
+                       decode_positions=[256, 1024, 4096], baseline_max_length=8192, targets=targets)
+
+
+def efficient_noncausal_preset() -> BenchConfig:
+    """Every efficient attention as noncausal self attention, L = 2048, 8192, 16384 (baselines up to 8192)."""
+    return _efficient_preset("noncausal", [2048, 8192, 16384])
+
+
+def efficient_causal_preset() -> BenchConfig:
+    """Every efficient attention with a causal self pattern at L = 2048 and 8192, plus decoding steps."""
+    return _efficient_preset("causal", [2048, 8192])
+
+
+PRESETS = {"adaptive_span": adaptive_span_preset, "efficient_noncausal": efficient_noncausal_preset,
+           "efficient_causal": efficient_causal_preset}
 
 
 # ------------------------------------------------------------------------------------------------- running
@@ -136,12 +194,13 @@ def _ratio(a: float, b: float) -> float:
 
 
 def add_ratios(train_rows: List[dict]) -> None:
-    """Time (median) and memory of every row as ratios to fairseq MHA and SDPA at the same length."""
+    """Time (median) and memory of every row as ratios to fairseq MHA, SDPA and the projections alone at the same
+    length (NaN where the reference did not run)."""
     for row in train_rows:
-        for reference, suffix in ((MHA, "mha"), (SDPA, "sdpa")):
-            ref = next(r for r in train_rows if r["case"] == reference and r["length"] == row["length"])
-            row[f"time_vs_{suffix}"] = _ratio(row["time_ms_median"], ref["time_ms_median"])
-            row[f"mem_vs_{suffix}"] = _ratio(row["peak_mem_mb"], ref["peak_mem_mb"])
+        for reference, suffix in ((MHA, "mha"), (SDPA, "sdpa"), (PROJECTIONS, "proj")):
+            ref = next((r for r in train_rows if r["case"] == reference and r["length"] == row["length"]), None)
+            row[f"time_vs_{suffix}"] = _ratio(row["time_ms_median"], ref["time_ms_median"]) if ref else math.nan
+            row[f"mem_vs_{suffix}"] = _ratio(row["peak_mem_mb"], ref["peak_mem_mb"]) if ref else math.nan
 
 
 def decode_series(report: dict) -> Dict[tuple, List[tuple]]:
@@ -177,6 +236,8 @@ def run_benchmark(cfg: BenchConfig, log=lambda msg: print(msg, file=sys.stderr, 
     train_rows, decode_rows = [], []
     for i, length in enumerate(cfg.lengths):
         for label, spec, decodes in cases:
+            if label in (MHA, SDPA) and cfg.baseline_max_length and length > cfg.baseline_max_length:
+                continue
             job = {"module": spec, "pattern": cfg.pattern, "dim": cfg.dim, "heads": cfg.heads, "batch": cfg.batch,
                    "length": length, "src_len": cfg.src_len or length, "repeats": cfg.repeats,
                    "warmup": cfg.warmup, "decode": decode_job if decoding and decodes and i == 0 else None}
@@ -217,12 +278,15 @@ def markdown(report: dict) -> str:
         "## Training step", "",
     ]
     lines += _table(
-        ["L", "case", "median ms", "min ms", "peak MiB", "time / MHA", "mem / MHA", "time / SDPA", "mem / SDPA"],
-        [[r["length"], r["case"], f"{r['time_ms_median']:.1f}", f"{r['time_ms_min']:.1f}", f"{r['peak_mem_mb']:.1f}",
-          f"{r['time_vs_mha']:.3f}", f"{r['mem_vs_mha']:.3f}", f"{r['time_vs_sdpa']:.3f}", f"{r['mem_vs_sdpa']:.3f}"]
+        ["L", "case", "median ms", "min ms", "peak MiB", "time / proj", "mem / proj", "time / MHA", "mem / MHA",
+         "time / SDPA", "mem / SDPA"],
+        [[r["length"], r["case"], f"{r['time_ms_median']:.1f}", f"{r['time_ms_min']:.1f}", f"{r['peak_mem_mb']:.1f}"]
+         + [f"{r[k]:.3f}" for k in ("time_vs_proj", "mem_vs_proj", "time_vs_mha", "mem_vs_mha", "time_vs_sdpa",
+                                   "mem_vs_sdpa")]
          for r in report["train"]])
     lines += [""] + [f"Floor: the four projections alone (q, k, v, out linear layers, forward + backward) take "
-                     f"{r['time_ms_median']:.1f} ms at L={r['length']}, {r['time_vs_mha']:.2f} x fairseq MHA."
+                     f"{r['time_ms_median']:.1f} ms at L={r['length']}"
+                     + (f", {r['time_vs_mha']:.2f} x fairseq MHA." if not math.isnan(r["time_vs_mha"]) else ".")
                      for r in report["train"] if r["case"] == PROJECTIONS]
     series = decode_series(report)
     if series:
@@ -248,20 +312,21 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     series = decode_series(report)
-    fig, axes = plt.subplots(1, 3 if series else 2, figsize=(16 if series else 11, 4.8))
+    fig, axes = plt.subplots(1, 3 if series else 2, figsize=(17 if series else 11.5, 5))
     cases = list(dict.fromkeys(row["case"] for row in report["train"]))
-    lengths = list(dict.fromkeys(row["length"] for row in report["train"]))
-    width = 0.8 / len(lengths)
-    for ax, key, title in zip(axes, ("time_vs_mha", "mem_vs_mha"),
-                              ("training step time / fairseq MHA", "peak memory / fairseq MHA")):
-        for j, length in enumerate(lengths):
-            values = {r["case"]: r[key] for r in report["train"] if r["length"] == length}
-            ax.bar([i + j * width for i in range(len(cases))], [values[c] for c in cases], width, label=f"L={length}")
-        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-        ax.set_xticks([i + width * (len(lengths) - 1) / 2 for i in range(len(cases))])
-        ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=8)
+    for ax, key, title, unit in zip(axes, ("time_ms_median", "peak_mem_mb"),
+                                    ("training step (forward + backward)", "peak memory of a training step"),
+                                    ("ms", "MiB")):
+        for case in cases:
+            points = sorted((r["length"], r[key]) for r in report["train"] if r["case"] == case)
+            style = dict(linestyle="--", color="black") if case == PROJECTIONS else {}
+            ax.plot([p for p, _ in points], [max(v, 1e-3) for _, v in points], marker="o", label=case, **style)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L")
+        ax.set_ylabel(unit)
         ax.set_title(title)
-        ax.legend()
+        ax.legend(fontsize=7)
     if series:
         ax = axes[2]
         for (case, batch), points in series.items():

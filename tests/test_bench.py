@@ -84,3 +84,32 @@ def test_preset_and_command_line_options():
 
 def _parse(argv):
     return build_parser().parse_args(argv)
+
+
+def test_efficient_presets_cover_every_registered_method_with_its_bounds():
+    from fluence_fairseq.bench import EFFICIENT, PRESETS, LengthGrowthTarget
+    from fluence_fairseq.modules import ATTENTIONS
+
+    noncausal = PRESETS["efficient_noncausal"]()
+    names = {v.attention for v in noncausal.variants}
+    assert names == {n for n in EFFICIENT if n in ATTENTIONS}
+    assert noncausal.baseline_max_length == 8192 and max(noncausal.lengths) == 16384
+    assert any(isinstance(t, LengthGrowthTarget) for t in noncausal.targets)
+    causal = PRESETS["efficient_causal"]()
+    assert all((False, True) in ATTENTIONS[v.attention].cls.supported_patterns for v in causal.variants)
+    assert all(v.decode for v in causal.variants)
+
+
+def test_growth_and_memory_targets_and_skipped_baselines():
+    from fluence_fairseq.bench import LengthGrowthTarget, add_ratios
+
+    rows = [{"case": "x", "length": 1000, "time_ms_median": 10.0, "peak_mem_mb": 5.0},
+            {"case": "x", "length": 8000, "time_ms_median": 160.0, "peak_mem_mb": 40.0},
+            {"case": PROJECTIONS, "length": 8000, "time_ms_median": 100.0, "peak_mem_mb": 50.0}]
+    add_ratios(rows)
+    assert math.isnan(rows[0]["time_vs_proj"]) and rows[1]["time_vs_proj"] == pytest.approx(1.6)
+    report = {"train": rows}
+    growth = LengthGrowthTarget("x", 1.15).check(report)
+    assert growth["value"] == pytest.approx(math.log(16) / math.log(8)) and not growth["pass"]
+    mem = TimeRatioTarget("x", PROJECTIONS, 1.5, length=8000, metric="peak_mem_mb").check(report)
+    assert mem["value"] == pytest.approx(0.8) and mem["pass"] and "peak memory" in mem["target"]

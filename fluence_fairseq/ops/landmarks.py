@@ -108,15 +108,21 @@ def _where_short(short: Tensor, exact: Tensor, approx: Tensor) -> Tensor:
     return torch.where(short.view(-1, *([1] * (approx.dim() - 1))), exact, approx)
 
 
-def _with_fallback(q, landmarks, k_lm, v, approx_fn, need_weights):
-    """Run ``approx_fn`` for the long sequences and exact attention for the short ones (each only if needed)."""
+def _with_fallback(q, landmarks, k_lm, v, key_padding_mask, approx_fn, need_weights):
+    """Exact attention for the short sequences, ``approx_fn(key_padding_mask)`` for the others (each only if
+    needed)."""
     short = landmarks.short
     any_short = bool(short.any())
     if any_short:
         exact, exact_w = landmark_softmax_attention(q, landmarks, k_lm, landmarks.means(v), need_weights)
         if bool(short.all()):
             return exact, exact_w
-    out, weights = approx_fn()
+        if key_padding_mask is not None:
+            # the approximation of a short row is discarded below, but its gradient (zero) still flows through it:
+            # leaving its keys unmasked keeps it finite even for a fully padded row (empty landmarks are zero
+            # vectors, harmless too)
+            key_padding_mask = key_padding_mask & ~short.unsqueeze(-1)
+    out, weights = approx_fn(key_padding_mask)
     if any_short:
         # the approximation of a short row is finite but unused: torch.where passes it zero gradient
         out = _where_short(short, exact, out)
@@ -165,13 +171,11 @@ def nystrom_attention(
     k_lm = landmarks.means(k)
     scale = q.size(-1) ** -0.5
 
-    def approx():
+    def approx(key_padding_mask):
         q_lm = landmarks.means(q)
         k_lm_s = (k_lm * scale).transpose(-1, -2)  # scale the small factor, not the (L, D) one
-        # empty landmarks exist only in short rows, whose result is replaced; masking them keeps those finite
-        empty = landmarks.empty[:, None, None, :] if bool(landmarks.short.any()) else None
-        kernel_1 = _masked_softmax(torch.matmul(q, k_lm_s), empty)  # (B, H, L, m)
-        kernel_2 = _masked_softmax(torch.matmul(q_lm, k_lm_s), empty)  # (B, H, m, m)
+        kernel_1 = _masked_softmax(torch.matmul(q, k_lm_s), None)  # (B, H, L, m)
+        kernel_2 = _masked_softmax(torch.matmul(q_lm, k_lm_s), None)  # (B, H, m, m)
         kpm = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         kernel_3 = _masked_softmax(torch.matmul(q_lm * scale, k.transpose(-1, -2)), kpm)  # (B, H, m, L)
         pinv = iterative_pinv(kernel_2.to(_acc(q.dtype)), pinv_iterations).to(q.dtype)
@@ -179,7 +183,7 @@ def nystrom_attention(
         weights = torch.matmul(torch.matmul(kernel_1, pinv), kernel_3) if need_weights else None
         return out, weights
 
-    return _with_fallback(q, landmarks, k_lm, v, approx, need_weights)
+    return _with_fallback(q, landmarks, k_lm, v, key_padding_mask, approx, need_weights)
 
 
 def lara_attention(
@@ -212,7 +216,7 @@ def lara_attention(
     k_lm = landmarks.means(k)
     scale = q.size(-1) ** -0.5
 
-    def approx():
+    def approx(key_padding_mask):
         mu = landmarks.means(q) + k_lm  # (B, H, m, D)
         omega = mu + torch.randn_like(mu) if noise else mu
         key_sq = torch.linalg.vector_norm(k, dim=-1).square()  # (B, H, L)
@@ -226,10 +230,9 @@ def lara_attention(
         # log r = s q.(mu + w) + logsumexp_j log phi(k_j, w) - s w.mu + s |mu|^2 / 2  (the |q|^2 term cancels)
         bias = log_norm.to(q.dtype) - scale * (omega * mu).sum(-1) + (0.5 * scale) * mu.square().sum(-1)
         log_r = torch.matmul(q, ((mu + omega) * scale).transpose(-1, -2)) + bias.unsqueeze(-2)  # (B, H, L, m)
-        empty = landmarks.empty[:, None, None, :] if bool(landmarks.short.any()) else None
-        r = _masked_softmax(log_r, empty)
+        r = _masked_softmax(log_r, None)
         out = torch.matmul(r, kv)
         weights = torch.matmul(r, probs) if need_weights else None
         return out, weights
 
-    return _with_fallback(q, landmarks, k_lm, v, approx, need_weights)
+    return _with_fallback(q, landmarks, k_lm, v, key_padding_mask, approx, need_weights)

@@ -1,0 +1,322 @@
+"""Long-short attention (Transformer-LS; Zhu et al., 2021, "Long-Short Transformer: Efficient Transformers for
+Language and Vision"), noncausal (the reference's ``AttentionLS``) and causal (``CausalLS``) self attention."""
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.long_short import compress_chunks, dense_joint_attention, head_layer_norm, joint_window_global_attention
+from .attention_base import FluenceAttention, fsmha
+from .spec import AttentionOption, AttentionSpec
+
+__all__ = ["LongShort", "FSLongShort"]
+
+#: ``ls_window_size=0`` picks these
+DEFAULT_WINDOW = {False: 15, True: 256}
+
+
+def _check_positive_int(name, value, minimum=1, hint=""):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}{hint}")
+
+
+class LongShort(FluenceAttention):
+    """Long-short attention: a short-range window branch and a long-range compressed branch sharing ONE softmax.
+
+    Per head, keys and values first pass through a layer norm ``LN_L`` (the paper's DualLN, local half).
+
+    * **Noncausal self** (``AttentionLS``): query ``i`` attends the band of keys ``|i - j| <= w``
+      (``w = ls_window_size``, 15 by default: ``2w + 1`` keys) and ``r = num_landmarks`` landmarks. The landmarks
+      come from a dynamic projection: ``P = softmax_over_positions(K W_P + b_P)`` (a learned per-head map
+      ``head_dim -> r``; padded keys excluded), ``K_bar = LN_G(P^T K)``, ``V_bar = LN_G(P^T V)``.
+    * **Causal self** (``CausalLS``): query ``t`` attends the last ``w`` keys ``t-w+1 .. t`` (256 by default) and
+      the compressed chunks lying entirely before that window: chunk ``m`` (positions ``m*c .. m*c+c-1``,
+      ``c = chunk_size``) is compressed to ``chunk_rank`` vectors by a softmax over its positions of a learned map of
+      its keys (then ``LN_G``), and is visible to query ``t`` iff ``m*c + c - 1 <= t - w``. So no key is seen by
+      both branches (no double counting). The compressed part costs O(L * L / c * chunk_rank), as in the reference.
+
+    Scores are ``q.k / sqrt(head_dim)``; the window keys and the global columns share one softmax, computed in
+    query blocks (O(L * (w + r)) memory; the backward recomputes the probabilities). ``need_weights`` returns None:
+    with ``LN_G`` after the projection the output is no mixture of the input keys' values, so there is no
+    (L, L) weight matrix to report.
+
+    Decoding state (causal; batch on dim 0): ``ls_pos`` (B,) the tokens seen since the sequence's first real
+    (non left-padding) token; ``ls_recent_key``/``ls_recent_value`` (B, H, <= max(w, c) - 1, Dh) the newest
+    normalised keys/values (the window and the current incomplete chunk) with ``ls_recent_pad`` (B, ...);
+    ``ls_chunk_key``/``ls_chunk_value`` (B, H, completed chunks * chunk_rank, Dh) with ``ls_chunk_valid``.
+    Several tokens per call are processed one after the other.
+
+    Chunks are aligned to the sequence's first real token: leading (left) padding is skipped, so left and right
+    padding give the same outputs (the reference aligns chunks to absolute positions).
+
+    Differences from NVIDIA/transformer-ls (deliberate):
+      * no Transformer-XL memory: the reference's ``h_cache`` memory slots are all zeros, i.e. constant slots;
+        we drop them and the relative position terms (``r_net``, ``r_w_bias``, ``r_r_bias``) with them;
+      * no conv branch (``conv_kernel_size``; broken in the reference);
+      * the noncausal window is a per-query band ``|i - j| <= w`` rather than segments of ``w`` queries sharing
+        ``w + 2 * (w // 2)`` keys: the segments tie outputs to absolute positions, so padding would change them;
+      * the layer norms are per head (own affine per head) rather than over the whole model width, the
+        projection/compression logits are a per-head linear map of the normalised keys instead of the layer
+        input, and ``P^T`` mixes the ``LN_L``-normalised keys (the paper's ``LN_G`` still follows);
+      * incremental decoding works (the reference caches inputs it never uses, so steps differ from the full pass);
+      * a chunk made only of padding is never attended.
+
+    Example::
+
+        >>> import torch
+        >>> from fluence_fairseq import FSLongShort
+        >>> enc = FSLongShort(512, 8, num_landmarks=16, ls_window_size=15)
+        >>> x = torch.randn(1000, 2, 512)                      # (length, batch, dim)
+        >>> out, _ = enc(x, x, x, need_weights=False)
+        >>> dec = FSLongShort(512, 8, causal=True, ls_window_size=128, chunk_size=32, chunk_rank=1)
+        >>> state = {}
+        >>> y, _ = dec(x[:1], x[:1], x[:1], incremental_state=state, need_weights=False)  # one decoding step
+    """
+
+    supported_patterns = frozenset({(False, False), (False, True)})
+    supports_attn_mask = False
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        *,
+        num_landmarks: int = 16,
+        ls_window_size: int = 0,
+        chunk_size: int = 32,
+        chunk_rank: int = 1,
+        causal: bool = False,
+        cross: bool = False,
+        kdim: Optional[int] = None,
+        vdim: Optional[int] = None,
+        bias: bool = True,
+        q_noise: float = 0.0,
+        qn_block_size: int = 8,
+        block_size: Optional[int] = None,
+    ):
+        _check_positive_int("num_landmarks", num_landmarks, 1, " (the number of landmarks r of the long branch)")
+        _check_positive_int("ls_window_size", ls_window_size, 0,
+                            " (0 = the default: 15 for noncausal, 256 for causal attention)")
+        _check_positive_int("chunk_size", chunk_size, 1, " (tokens per compressed chunk, causal attention)")
+        _check_positive_int("chunk_rank", chunk_rank, 1, " (vectors per compressed chunk, causal attention)")
+        if block_size is not None:
+            _check_positive_int("block_size", block_size, 1)
+        super().__init__(embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal,
+                         cross=cross, q_noise=q_noise, qn_block_size=qn_block_size)
+        self.window_size = ls_window_size or DEFAULT_WINDOW[bool(causal)]
+        self.num_landmarks = num_landmarks
+        self.chunk_size = chunk_size
+        self.chunk_rank = chunk_rank
+        self.block_size = block_size
+        heads, dim = num_heads, self.head_dim
+        rank = chunk_rank if causal else num_landmarks
+        # dual layer norm: LN_L on every key/value, LN_G on the projected landmarks / compressed chunks
+        self.ln_local_weight = nn.Parameter(torch.ones(heads, dim))
+        self.ln_local_bias = nn.Parameter(torch.zeros(heads, dim))
+        self.ln_global_weight = nn.Parameter(torch.ones(heads, dim))
+        self.ln_global_bias = nn.Parameter(torch.zeros(heads, dim))
+        # dynamic projection (noncausal: r landmarks) or chunk compression (causal: chunk_rank per chunk)
+        self.proj_weight = nn.Parameter(torch.randn(heads, dim, rank) * dim**-0.5)
+        self.proj_bias = nn.Parameter(torch.zeros(heads, rank))
+
+    def extra_repr(self) -> str:
+        if self.causal:
+            extra = f"window={self.window_size}, chunk_size={self.chunk_size}, chunk_rank={self.chunk_rank}"
+        else:
+            extra = f"window={self.window_size}, num_landmarks={self.num_landmarks}"
+        return f"{super().extra_repr()}, {extra}"
+
+    # ------------------------------------------------------------------------------------------- pieces
+    def _local_norm(self, x: Tensor) -> Tensor:
+        return head_layer_norm(x, self.ln_local_weight, self.ln_local_bias)
+
+    def _global_norm(self, x: Tensor) -> Tensor:
+        return head_layer_norm(x, self.ln_global_weight, self.ln_global_bias)
+
+    def _proj_logits(self, kn: Tensor) -> Tensor:
+        """(B, H, L, Dh) normalised keys -> (B, H, L, rank) projection logits, float32 or wider."""
+        logits = torch.matmul(kn, self.proj_weight.unsqueeze(0).to(kn.dtype)) + self.proj_bias.unsqueeze(1)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def _dropout_p(self) -> float:
+        return self.dropout_module.p if self.training else 0.0
+
+    # --------------------------------------------------------------------------------------------- math
+    def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
+        if attn_mask is not None:  # refused by the base already; kept for direct callers
+            raise ValueError(f"{type(self).__name__} cannot apply an arbitrary attn_mask")
+        if query_offset != 0 or q.size(2) != k.size(2):
+            raise ValueError(f"{type(self).__name__} is a self attention: queries and keys must coincide")
+        if self.causal:
+            return self._attend_causal(q, k, v, key_padding_mask), None
+        return self._attend_noncausal(q, k, v, key_padding_mask), None
+
+    def _attend_noncausal(self, q, k, v, key_padding_mask):
+        kn, vn = self._local_norm(k), self._local_norm(v)
+        logits = self._proj_logits(kn)
+        if key_padding_mask is not None:
+            logits = logits.masked_fill(key_padding_mask.view(q.size(0), 1, -1, 1), torch.finfo(logits.dtype).min)
+        proj = torch.softmax(logits, dim=2).to(kn.dtype).transpose(-1, -2)  # (B, H, r, L)
+        kbar = self._global_norm(torch.matmul(proj, kn))
+        vbar = self._global_norm(torch.matmul(proj, vn))
+        start = torch.zeros(self.num_landmarks, dtype=torch.long, device=q.device)
+        w = self.window_size
+        return joint_window_global_attention(
+            q, kn, vn, kbar, vbar, key_padding_mask=key_padding_mask, glob_valid=None, glob_start=start,
+            left=w, right=w, dropout_p=self._dropout_p(), block_size=self.block_size,
+        )
+
+    def _chunk_start(self, n_cols: int, device) -> Tensor:
+        """First query position that sees compressed column g (chunk g // rank): chunk end + window."""
+        chunk = torch.arange(n_cols, device=device) // self.chunk_rank
+        return (chunk + 1) * self.chunk_size - 1 + self.window_size - 1
+
+    def _attend_causal(self, q, k, v, key_padding_mask):
+        bsz, _, length, _ = q.shape
+        lead = None
+        if key_padding_mask is not None:
+            lead = key_padding_mask.long().cumprod(dim=1).sum(dim=1)  # leading (left) padding per sequence
+            if bool((lead == 0).all()):
+                lead = None
+        if lead is not None:
+            # move each sequence's first real token to position 0 so that chunks start there
+            pos = torch.arange(length, device=q.device)
+            src = pos.unsqueeze(0) + lead.unsqueeze(1)  # (B, L)
+            beyond = src >= length
+            index = src.clamp(max=length - 1).view(bsz, 1, length, 1).expand(-1, q.size(1), -1, q.size(3))
+            q, k, v = q.gather(2, index), k.gather(2, index), v.gather(2, index)
+            key_padding_mask = key_padding_mask.gather(1, src.clamp(max=length - 1)) | beyond
+        kn, vn = self._local_norm(k), self._local_norm(v)
+        w = self.window_size
+        # chunks that some query sees: chunk end + w - 1 <= length - 1
+        n_chunks = max(0, (length - w + 1) // self.chunk_size)
+        if n_chunks > 0:
+            used = n_chunks * self.chunk_size
+            logits = self._proj_logits(kn[:, :, :used])
+            ck, cv, valid = compress_chunks(kn[:, :, :used], vn[:, :, :used], logits,
+                                            None if key_padding_mask is None else key_padding_mask[:, :used],
+                                            self.chunk_size)
+            ck, cv = self._global_norm(ck), self._global_norm(cv)
+            if key_padding_mask is None:
+                valid = None
+        else:
+            ck = cv = kn.new_zeros(bsz, kn.size(1), 0, kn.size(3))
+            valid = None
+        out = joint_window_global_attention(
+            q, kn, vn, ck, cv, key_padding_mask=key_padding_mask, glob_valid=valid,
+            glob_start=self._chunk_start(ck.size(2), q.device), left=w - 1, right=0,
+            dropout_p=self._dropout_p(), block_size=self.block_size,
+        )
+        if lead is not None:
+            # back to the original positions; leading padded queries get zeros
+            dst = torch.arange(length, device=q.device).unsqueeze(0) - lead.unsqueeze(1)
+            index = dst.clamp(min=0).view(bsz, 1, length, 1).expand(-1, out.size(1), -1, out.size(3))
+            out = out.gather(2, index).masked_fill((dst < 0).view(bsz, 1, length, 1), 0.0)
+        return out
+
+    # ----------------------------------------------------------------------------------------- decoding
+    def max_cached_keys(self) -> Optional[int]:
+        return max(self.window_size, self.chunk_size) - 1
+
+    def attend_incremental(self, q, k, v, *, key_padding_mask, attn_mask, buffer, need_weights):
+        if attn_mask is not None:
+            raise ValueError(f"{type(self).__name__} cannot apply an arbitrary attn_mask")
+        outs = []
+        for i in range(q.size(2)):
+            pad = None if key_padding_mask is None else key_padding_mask[:, i]
+            outs.append(self._decode_step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], pad, buffer))
+        return torch.cat(outs, dim=2), None
+
+    def _decode_step(self, q: Tensor, k: Tensor, v: Tensor, pad: Optional[Tensor],
+                     buffer: Dict[str, Optional[Tensor]]) -> Tensor:
+        bsz, heads, _, dim = q.shape
+        device = q.device
+        w, c, rank = self.window_size, self.chunk_size, self.chunk_rank
+        if pad is None:
+            pad = torch.zeros(bsz, dtype=torch.bool, device=device)
+        kn, vn = self._local_norm(k), self._local_norm(v)
+        pos = buffer.get("ls_pos")
+        if pos is None:
+            pos = torch.zeros(bsz, dtype=torch.long, device=device)
+        leading = (pos == 0) & pad  # left padding before the first real token: not counted
+        pos = pos + (~leading).long()
+        here = pos - 1  # this token's position counted from the first real token (-1: leading padding)
+
+        recent_k, recent_v = buffer.get("ls_recent_key"), buffer.get("ls_recent_value")
+        if recent_k is not None:
+            kn_all, vn_all = torch.cat([recent_k, kn], 2), torch.cat([recent_v, vn], 2)
+            pad_all = torch.cat([buffer["ls_recent_pad"], pad.unsqueeze(1)], 1)
+        else:
+            kn_all, vn_all, pad_all = kn, vn, pad.unsqueeze(1)
+
+        chunk_k, chunk_v, chunk_valid = buffer.get("ls_chunk_key"), buffer.get("ls_chunk_value"), buffer.get("ls_chunk_valid")
+        done = (~leading) & (pos % c == 0)  # this token completes a chunk
+        if bool(done.any()):
+            ck, cv, valid = compress_chunks(kn_all[:, :, -c:], vn_all[:, :, -c:], self._proj_logits(kn_all[:, :, -c:]),
+                                            pad_all[:, -c:], c)
+            ck, cv = self._global_norm(ck), self._global_norm(cv)  # (B, H, rank, Dh)
+            slot0 = (pos // c - 1) * rank  # first column of the completed chunk, per sequence
+            need = int((slot0[done].max() + rank).item())
+            have = 0 if chunk_k is None else chunk_k.size(2)
+            if need > have:
+                grow = need - have
+                new_k = kn.new_zeros(bsz, heads, grow, dim)
+                new_valid = torch.zeros(bsz, grow, dtype=torch.bool, device=device)
+                chunk_k = new_k if chunk_k is None else torch.cat([chunk_k, new_k], 2)
+                chunk_v = new_k.clone() if chunk_v is None else torch.cat([chunk_v, new_k], 2)
+                chunk_valid = new_valid if chunk_valid is None else torch.cat([chunk_valid, new_valid], 1)
+            cols = torch.arange(chunk_k.size(2), device=device)
+            offset = cols.unsqueeze(0) - slot0.unsqueeze(1)  # (B, G)
+            write = done.unsqueeze(1) & (offset >= 0) & (offset < rank)
+            pick = offset.clamp(0, rank - 1).view(bsz, 1, -1, 1).expand(-1, heads, -1, dim)
+            write4 = write.view(bsz, 1, -1, 1)
+            chunk_k = torch.where(write4, ck.gather(2, pick), chunk_k)
+            chunk_v = torch.where(write4, cv.gather(2, pick), chunk_v)
+            chunk_valid = torch.where(write, valid.gather(1, offset.clamp(0, rank - 1)), chunk_valid)
+
+        # the query sees the last w keys (itself included) and the chunks ending at or before here - w
+        win_k, win_v, win_pad = kn_all[:, :, -w:], vn_all[:, :, -w:], pad_all[:, -w:]
+        if chunk_k is not None:
+            start = self._chunk_start(chunk_k.size(2), device)
+            glob_ok = chunk_valid & (here.unsqueeze(1) >= start.unsqueeze(0))  # (B, G)
+            gk, gv = chunk_k, chunk_v
+        else:
+            gk = gv = kn.new_zeros(bsz, heads, 0, dim)
+            glob_ok = torch.zeros(bsz, 0, dtype=torch.bool, device=device)
+        out = dense_joint_attention(
+            q, win_k, win_v, gk, gv, key_valid=~win_pad, glob_valid=glob_ok,
+            glob_start=torch.zeros(gk.size(2), dtype=torch.long, device=device),
+            left=w, right=0, query_offset=win_k.size(2) - 1, dropout_p=self._dropout_p(),
+        )
+
+        keep = self.max_cached_keys()
+        buffer["ls_pos"] = pos
+        buffer["ls_recent_key"] = kn_all[:, :, -keep:] if keep > 0 else kn_all[:, :, :0]
+        buffer["ls_recent_value"] = vn_all[:, :, -keep:] if keep > 0 else vn_all[:, :, :0]
+        buffer["ls_recent_pad"] = pad_all[:, -keep:] if keep > 0 else pad_all[:, :0]
+        if chunk_k is not None:
+            buffer["ls_chunk_key"], buffer["ls_chunk_value"], buffer["ls_chunk_valid"] = chunk_k, chunk_v, chunk_valid
+        return out
+
+
+@fsmha
+class FSLongShort(LongShort):
+    """:class:`LongShort` accepting fairseq's MultiheadAttention keywords."""
+
+
+ATTENTION_SPEC = AttentionSpec(
+    "longshort", FSLongShort,
+    (
+        AttentionOption("num_landmarks", int, 16, "long-short (noncausal): landmarks r of the dynamic projection"),
+        AttentionOption("ls_window_size", int, 0,
+                        "long-short window: noncausal sees |i-j| <= w, causal the last w tokens; "
+                        "0 = 15 (noncausal) / 256 (causal)"),
+        AttentionOption("chunk_size", int, 32, "long-short (causal): tokens per compressed chunk"),
+        AttentionOption("chunk_rank", int, 1, "long-short (causal): vectors per compressed chunk"),
+    ),
+    "long-short transformer (Zhu et al. 2021): window + dynamic projection, one softmax; noncausal and causal self",
+    tiny={"num_landmarks": 4, "ls_window_size": 4, "chunk_size": 4, "chunk_rank": 2},
+)
