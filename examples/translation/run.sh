@@ -42,6 +42,7 @@ else
     grep -E "Dictionary|replaced" "$WORK/preprocess.log" | sed -E "s/.*(preprocess[:|] *)//" | head -4
 fi
 T_PREP=$((SECONDS - T0))
+if [[ "${PREPARE_ONLY:-0}" == 1 ]]; then exit 0; fi   # compare.py only needs the data
 
 # Sizes: the _small arch (3+3 layers, 4 heads) at width $DIM (ffn 4x): at 128 it runs ~3x faster than at 256 on
 # 2 CPU cores, and seeing the data ~5 times beats seeing it once with a wider model in the same 9 minutes.

@@ -74,6 +74,8 @@ ARCHITECTURES: List[Architecture] = [
     # baselines: the same model code with exact softmax everywhere
     Architecture("fluence_transformer", ENC_DEC, enc_dec("softmax", "softmax"),
                  doc="transformer base sizes, softmax attention"),
+    Architecture("fluence_transformer_small", ENC_DEC, enc_dec("softmax", "softmax"), sizes(3, 256, 4, 1024),
+                 doc="3+3 layers, 256, 4 heads, ffn 1024; softmax attention (baseline of the _small archs)"),
     Architecture("fluence_transformer_lm", LM, lm("softmax"), doc="transformer_lm base sizes, softmax attention"),
     # adaptive attention span (Sukhbaatar et al., 2019)
     Architecture("transformer_adaptive_span", ENC_DEC, enc_dec("adaptive_span", "adaptive_span"),

@@ -172,7 +172,7 @@ class LongShort(FluenceAttention):
     def _chunk_start(self, n_cols: int, device) -> Tensor:
         """First query position that sees compressed column g (chunk g // rank): chunk end + window."""
         chunk = torch.arange(n_cols, device=device) // self.chunk_rank
-        return (chunk + 1) * self.chunk_size - 1 + self.window_size - 1
+        return (chunk + 1) * self.chunk_size - 1 + self.window_size
 
     def _attend_causal(self, q, k, v, key_padding_mask):
         bsz, _, length, _ = q.shape
@@ -191,8 +191,8 @@ class LongShort(FluenceAttention):
             key_padding_mask = key_padding_mask.gather(1, src.clamp(max=length - 1)) | beyond
         kn, vn = self._local_norm(k), self._local_norm(v)
         w = self.window_size
-        # chunks that some query sees: chunk end + w - 1 <= length - 1
-        n_chunks = max(0, (length - w + 1) // self.chunk_size)
+        # chunks that some query sees: chunk end + w <= length - 1
+        n_chunks = max(0, (length - w) // self.chunk_size)
         if n_chunks > 0:
             used = n_chunks * self.chunk_size
             logits = self._proj_logits(kn[:, :, :used])
@@ -289,7 +289,7 @@ class LongShort(FluenceAttention):
         out = dense_joint_attention(
             q, win_k, win_v, gk, gv, key_valid=~win_pad, glob_valid=glob_ok,
             glob_start=torch.zeros(gk.size(2), dtype=torch.long, device=device),
-            left=w, right=0, query_offset=win_k.size(2) - 1, dropout_p=self._dropout_p(),
+            left=w - 1, right=0, query_offset=win_k.size(2) - 1, dropout_p=self._dropout_p(),
         )
 
         keep = self.max_cached_keys()

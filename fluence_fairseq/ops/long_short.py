@@ -50,10 +50,10 @@ def dense_joint_attention(
     rel = pos.unsqueeze(1) - torch.arange(src_len, device=q.device).unsqueeze(0)
     band_bad = ((rel > left) | (rel < -right)).view(1, 1, tgt_len, src_len)
     if key_valid is not None:
-        band_bad = band_bad | ~key_valid.view(-1, 1, 1, src_len)
+        band_bad = band_bad | ~key_valid.view(key_valid.size(0), 1, 1, src_len)
     glob_bad = (pos.unsqueeze(1) < glob_start.unsqueeze(0)).view(1, 1, tgt_len, n_glob)
     if glob_valid is not None:
-        glob_bad = glob_bad | ~glob_valid.view(-1, 1, 1, n_glob)
+        glob_bad = glob_bad | ~glob_valid.view(glob_valid.size(0), 1, 1, n_glob)
     qs = q * scale
     s = torch.cat([torch.matmul(qs, kg.transpose(-1, -2)).to(acc).masked_fill(glob_bad, torch.finfo(acc).min),
                    torch.matmul(qs, k.transpose(-1, -2)).to(acc).masked_fill(band_bad, torch.finfo(acc).min)], -1)

@@ -1,0 +1,109 @@
+"""Train the same small transformer on the Bible corpus with every attention and report BLEU side by side.
+
+    PATH="$PWD/.venv/bin:$PATH" python examples/translation/compare.py            # all attentions, ~5 min each
+    PATH="$PWD/.venv/bin:$PATH" python examples/translation/compare.py --attentions softmax,local --max-update 200
+
+Every model is ``--arch transformer_<name>_small`` (``fluence_transformer_small`` for softmax): 3+3 layers, 4
+heads, width ``--dim`` (ffn 4x), shared embeddings, the attention wherever its math allows and softmax elsewhere
+(the table says where), each attention's default hyper-parameters. All get the same budget: the same data,
+``--max-update`` Adam updates of at most 4,096 tokens, lr 2e-3 (inverse sqrt, 300 warm-up), dropout 0.1, label
+smoothing 0.1, seed 1; then beam-5 translation of the 311 test verses scored with sacrebleu (the same scoring
+as ``run.sh``). Uses ``fairseq-*`` from PATH and the data prepared by ``run.sh`` in ``work/bin`` (prepared here
+if missing). Writes ``work/compare/<name>/`` and the table to ``--out``.
+"""
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+DEFAULT_ATTENTIONS = "softmax,local,abc,nystrom,performer,lara,cosformer,probsparse,s4d,longshort"
+
+
+def run(cmd, log_path):
+    with open(log_path, "w") as log:
+        proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = Path(log_path).read_text()[-3000:]
+        raise SystemExit(f"{cmd[0]} failed (see {log_path}):\n{tail}")
+
+
+def arch_of(name):
+    return "fluence_transformer_small" if name == "softmax" else f"transformer_{name}_small"
+
+
+def roles_of(arch):
+    import fluence_fairseq  # noqa: F401
+    from fluence_fairseq.models import ARCHITECTURES
+
+    row = next(a for a in ARCHITECTURES if a.name == arch)
+    short = {"encoder_self_attention": "enc self", "decoder_self_attention": "dec self", "cross_attention": "cross"}
+    return ", ".join(f"{short[role]}={name}" for role, name in row.attention.items())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--attentions", default=DEFAULT_ATTENTIONS)
+    p.add_argument("--max-update", type=int, default=600)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--work", default=str(HERE / "work"))
+    p.add_argument("--out", default=None, help="markdown table (default: WORK/compare/results.md)")
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    binary = work / "bin"
+    if not (binary / "test.en-es.es.bin").exists():
+        subprocess.run(["bash", str(HERE / "run.sh")], cwd=ROOT, check=True,
+                       env={**__import__("os").environ, "PREPARE_ONLY": "1"})
+    import sacrebleu
+    from evaluate import read_hypotheses, read_lines
+
+    ref = read_lines(work / "raw" / "test.es")
+    rows = []
+    for name in args.attentions.split(","):
+        out = work / "compare" / name
+        out.mkdir(parents=True, exist_ok=True)
+        arch = arch_of(name)
+        train = ["fairseq-train", binary, "--user-dir", "fluence_fairseq", "--arch", arch,
+                 "--encoder-embed-dim", args.dim, "--decoder-embed-dim", args.dim,
+                 "--encoder-ffn-embed-dim", 4 * args.dim, "--decoder-ffn-embed-dim", 4 * args.dim,
+                 "--share-all-embeddings", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+                 "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "2e-3", "--lr-scheduler",
+                 "inverse_sqrt", "--warmup-updates", "300", "--dropout", "0.1", "--max-tokens", "4096",
+                 "--required-batch-size-multiple", "1", "--max-update", args.max_update, "--cpu", "--num-workers",
+                 "0", "--seed", "1", "--save-dir", out / "checkpoints", "--no-epoch-checkpoints",
+                 "--log-format", "simple", "--log-interval", "100"]
+        t0 = time.time()
+        print(f"== {name}: {arch}", flush=True)
+        run(train, out / "train.log")
+        train_s = time.time() - t0
+        log = (out / "train.log").read_text()
+        params = re.search(r"num\. model params: ([\d,]+)", log).group(1)
+        valid = re.findall(r"valid on 'valid' subset \| loss ([\d.]+)", log)
+        run(["fairseq-generate", binary, "--user-dir", "fluence_fairseq", "--path", out / "checkpoints" /
+             "checkpoint_last.pt", "--source-lang", "en", "--target-lang", "es", "--gen-subset", "test", "--beam",
+             "5", "--batch-size", "64", "--required-batch-size-multiple", "1", "--remove-bpe", "sentencepiece",
+             "--cpu", "--seed", "1"], out / "generate-test.txt")
+        hyp = read_hypotheses(out / "generate-test.txt", len(ref))
+        bleu = sacrebleu.metrics.BLEU().corpus_score(hyp, [ref]).score
+        chrf = sacrebleu.metrics.CHRF().corpus_score(hyp, [ref]).score
+        rows.append((name, roles_of(arch), params, train_s, valid[-1] if valid else "-", bleu, chrf))
+        print(f"   BLEU {bleu:.2f} chrF {chrf:.2f} valid loss {rows[-1][4]} ({train_s:.0f} s)", flush=True)
+    lines = [f"Bible en->es test set (311 verses), beam 5, sacrebleu; every model {args.max_update} updates at width "
+             f"{args.dim}, 3+3 layers, 4 heads, seed 1 (`python examples/translation/compare.py "
+             f"--max-update {args.max_update} --dim {args.dim}`).", "",
+             "| attention | where | params | train s | valid loss | BLEU | chrF |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {w} | {pr} | {t:.0f} | {v} | {b:.2f} | {c:.2f} |" for n, w, pr, t, v, b, c in rows]
+    text = "\n".join(lines) + "\n"
+    target = Path(args.out) if args.out else work / "compare" / "results.md"
+    target.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

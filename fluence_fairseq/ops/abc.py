@@ -1,0 +1,253 @@
+"""ABC (Attention with Bounded-memory Control, Peng et al. 2021) as pure tensor functions.
+
+Notation, per batch item and head: queries ``q_i``, keys ``k_j``, values ``v_j`` in R^d, and slot scores
+``a_j = k_j W_k``, ``b_j = v_j W_v`` in R^r (r memory slots). Padded keys carry ``finfo.min`` in ``a``/``b``.
+
+Noncausal (and cross): each slot is a softmax-weighted average over the whole sequence,
+``K~ = softmax_j(a)^T K``, ``V~ = softmax_j(b)^T V`` (r x d), and ``o_i = softmax(q_i K~^T / sqrt d) V~``.
+
+Causal: the memory seen by query ``t`` holds only the keys ``j <= t``::
+
+    K~_t[r] = sum_{j<=t} exp(a_{j,r}) k_j / sum_{j<=t} exp(a_{j,r})      (V~_t likewise with b and v)
+    o_t     = sum_r softmax_r(q_t . K~_t[r] / sqrt d) V~_t[r]
+
+:func:`causal_abc` computes this in chunks of ``chunk_size`` positions without ever forming the per-position
+states ``K~_t`` (L x r x d). With ``E_j = exp(a_j - M)`` for a per-chunk reference ``M``:
+
+* ``q_t . K~_t[r] = (q_t . N_c[r] + sum_{j<=t in chunk} E_{j,r} (q_t . k_j)) / (Z_c[r] + sum_{j<=t} E_{j,r})``,
+  where ``N_c``, ``Z_c`` are the numerator and denominator carried in from earlier chunks: one masked
+  (C x C) score matrix per chunk plus a (C x d) @ (d x r) product;
+* ``o_t = w_t N^v_c + sum_{j<=t} (w_t . E^v_j) v_j`` with ``w_t = p_t / Z^v_t`` (p = slot probabilities),
+  again a masked (C x C) matrix per chunk.
+
+Stability: ``M`` is the running maximum of the scores up to the end of the chunk, so no exponential exceeds 1.
+A row whose own running maximum lies far below its chunk's (a jump of > ~60 nats inside one chunk, in float32)
+would lose every term to underflow; such blocks are redone with smaller chunks, down to one position per chunk
+where the reference is the row's own maximum, so the result stays exact and finite for any scores.
+
+The decoding state is the carried numerator/denominator/maximum for keys and for values (:class:`ABCState`),
+O(r d) per head whatever the length. Training runs the sequence in blocks of ``block_chunks`` chunks, each
+block under activation checkpointing, so only the inputs and one block's temporaries are held for backward.
+"""
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "ABCState", "empty_state", "slot_memory", "attend_slots", "noncausal_abc", "causal_abc", "causal_abc_dense",
+]
+
+
+class ABCState(NamedTuple):
+    """Constant-size causal state, batch on dim 0. ``*_num``: (B, H, r, d) numerators, ``*_den``: (B, H, r)
+    denominators, both scaled by ``exp(-*_max)``; ``*_max``: (B, H, r) running maximum of the slot scores."""
+
+    k_num: Tensor
+    k_den: Tensor
+    k_max: Tensor
+    v_num: Tensor
+    v_den: Tensor
+    v_max: Tensor
+
+
+def empty_state(batch: int, heads: int, slots: int, dim: int, dtype, device) -> ABCState:
+    low = torch.finfo(dtype).min
+    num = torch.zeros(batch, heads, slots, dim, dtype=dtype, device=device)
+    den = torch.zeros(batch, heads, slots, dtype=dtype, device=device)
+    mx = torch.full((batch, heads, slots), low, dtype=dtype, device=device)
+    return ABCState(num, den, mx, num.clone(), den.clone(), mx.clone())
+
+
+def _compute_dtype(dtype):
+    # half precision has too little exponent range for the carried sums
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _max_gap(dtype) -> float:
+    """Largest drop (in nats) of a row's maximum below its chunk reference that keeps the row's largest term a
+    normal number, with margin."""
+    return 0.7 * -math.log(torch.finfo(dtype).tiny)
+
+
+# --------------------------------------------------------------------------------------------- noncausal
+def slot_memory(k: Tensor, v: Tensor, alpha_k: Tensor, alpha_v: Tensor) -> Tuple[Tensor, Tensor]:
+    """The r memory slots of a whole sequence: (K~, V~), each (B, H, r, d)."""
+    k_slots = torch.matmul(torch.softmax(alpha_k, dim=-2).transpose(-1, -2), k)
+    v_slots = torch.matmul(torch.softmax(alpha_v, dim=-2).transpose(-1, -2), v)
+    return k_slots, v_slots
+
+
+def attend_slots(q: Tensor, k_slots: Tensor, v_slots: Tensor, *, dropout_p: float = 0.0) -> Tuple[Tensor, Tensor]:
+    """Softmax attention of q (B, H, L, d) over the r slots. Returns (out (B, H, L, d), slot probs (B, H, L, r))."""
+    probs = torch.softmax(torch.matmul(q, k_slots.transpose(-1, -2)) * q.size(-1) ** -0.5, dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p, training=True)
+    return torch.matmul(probs, v_slots), probs
+
+
+def noncausal_abc(
+    q: Tensor, k: Tensor, v: Tensor, alpha_k: Tensor, alpha_v: Tensor, *, dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Noncausal ABC. Weights, if asked, are the equivalent attention over keys,
+    ``W[i, j] = sum_r p[i, r] softmax_j(b)[j, r]`` (rows sum to 1): what each value contributes to ``o_i``."""
+    k_slots, v_slots = slot_memory(k, v, alpha_k, alpha_v)
+    out, probs = attend_slots(q, k_slots, v_slots, dropout_p=dropout_p)
+    weights = torch.matmul(probs, torch.softmax(alpha_v, dim=-2).transpose(-1, -2)) if need_weights else None
+    return out, weights
+
+
+# ------------------------------------------------------------------------------------------------ causal
+def _chunk_maxima(alpha: Tensor, m0: Tensor) -> Tuple[Tensor, Tensor, float]:
+    """alpha (B, H, N, C, r), m0 (B, H, r) -> (running max at each chunk's end (B, H, N, r), the same entering
+    each chunk, largest drop of a row's own running max below its chunk's end max)."""
+    ends = torch.cummax(torch.maximum(alpha.amax(dim=3), m0.unsqueeze(2)), dim=2).values
+    starts = torch.cat([m0.unsqueeze(2), ends[:, :, :-1]], dim=2)
+    rows = torch.maximum(torch.cummax(alpha, dim=3).values, starts.unsqueeze(3))
+    gap = (ends.unsqueeze(3) - rows).amax().item() if alpha.numel() else 0.0
+    return ends, starts, gap
+
+
+def _carried(exps: Tensor, x: Tensor, ends: Tensor, num0: Tensor, den0: Tensor, m0: Tensor):
+    """Numerator and denominator entering each chunk, at that chunk's end reference.
+
+    exps (B, H, N, C, r) = exp(alpha - ends), x (B, H, N, C, d). Returns (carried num (B, H, N, r, d),
+    carried den (B, H, N, r), chunk sums num (B, H, N, r, d), chunk sums den (B, H, N, r))."""
+    sum_num = torch.matmul(exps.transpose(-1, -2), x)
+    sum_den = exps.sum(dim=3)
+    n = ends.size(2)
+    # weight of chunk e's sums in the state entering chunk c (e < c), rescaled to chunk c's reference: <= 1
+    earlier = torch.ones(n, n, dtype=torch.bool, device=ends.device).tril(-1).view(1, 1, n, n, 1)
+    gaps = ends.unsqueeze(2) - ends.unsqueeze(3)  # [c, e] = ends[e] - ends[c]
+    decay = torch.exp(torch.where(earlier, gaps, torch.full_like(gaps, float("-inf"))))  # (B, H, N, N, r)
+    from_state = torch.exp(m0.unsqueeze(2) - ends)  # (B, H, N, r)
+    carried_num = torch.einsum("bhcer,bherd->bhcrd", decay, sum_num) + from_state.unsqueeze(-1) * num0.unsqueeze(2)
+    carried_den = torch.einsum("bhcer,bher->bhcr", decay, sum_den) + from_state * den0.unsqueeze(2)
+    return carried_num, carried_den, sum_num, sum_den
+
+
+def _causal_block(q, k, v, alpha_k, alpha_v, k_num, k_den, k_max, v_num, v_den, v_max, chunk: int,
+                  dropout_p: float):
+    """One block of positions, vectorised over its chunks. Returns (out, *new state)."""
+    length = q.size(2)
+    chunk = max(1, min(chunk, length))
+    pad = (-length) % chunk
+    if pad:  # tail positions that no key-side sum may count: score -inf
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        alpha_k, alpha_v = (F.pad(t, (0, 0, 0, pad), value=float("-inf")) for t in (alpha_k, alpha_v))
+    bsz, heads, padded, dim = q.shape
+    slots, n = alpha_k.size(-1), padded // chunk
+
+    def chunks(t):
+        return t.contiguous().view(bsz, heads, n, chunk, t.size(-1))
+
+    ak, av = chunks(alpha_k), chunks(alpha_v)
+    with torch.no_grad():  # the result does not depend on the references: no gradient through them
+        k_ends, _, k_gap = _chunk_maxima(ak, k_max)
+        v_ends, _, v_gap = _chunk_maxima(av, v_max)
+    if chunk > 1 and max(k_gap, v_gap) > _max_gap(q.dtype):
+        return _redo_in_smaller_chunks(q[:, :, :length], k[:, :, :length], v[:, :, :length],
+                                       alpha_k[:, :, :length], alpha_v[:, :, :length],
+                                       (k_num, k_den, k_max, v_num, v_den, v_max), chunk, dropout_p)
+    qc, kc, vc = chunks(q), chunks(k), chunks(v)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+
+    # keys: slot scores s[t, r] = q_t . K~_t[r]
+    k_exps = torch.exp(ak - k_ends.unsqueeze(3))
+    k_in_num, k_in_den, k_sum_num, k_sum_den = _carried(k_exps, kc, k_ends, k_num, k_den, k_max)
+    row_den = k_in_den.unsqueeze(3) + k_exps.cumsum(dim=3)
+    qk = torch.matmul(qc, kc.transpose(-1, -2)).masked_fill(~causal, 0.0)
+    row_num = torch.matmul(qk, k_exps) + torch.matmul(qc, k_in_num.transpose(-1, -2))
+    probs = torch.softmax(row_num / row_den * dim ** -0.5, dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p, training=True)
+
+    # values: o_t = sum_r p[t, r] V~_t[r]
+    v_exps = torch.exp(av - v_ends.unsqueeze(3))
+    v_in_num, v_in_den, v_sum_num, v_sum_den = _carried(v_exps, vc, v_ends, v_num, v_den, v_max)
+    w = probs / (v_in_den.unsqueeze(3) + v_exps.cumsum(dim=3))
+    mix = torch.matmul(w, v_exps.transpose(-1, -2)).masked_fill(~causal, 0.0)
+    out = torch.matmul(mix, vc) + torch.matmul(w, v_in_num)
+    out = out.view(bsz, heads, padded, dim)[:, :, :length]
+    return (out,
+            k_in_num[:, :, -1] + k_sum_num[:, :, -1], k_in_den[:, :, -1] + k_sum_den[:, :, -1], k_ends[:, :, -1],
+            v_in_num[:, :, -1] + v_sum_num[:, :, -1], v_in_den[:, :, -1] + v_sum_den[:, :, -1], v_ends[:, :, -1])
+
+
+def _redo_in_smaller_chunks(q, k, v, alpha_k, alpha_v, state, chunk, dropout_p):
+    """A block whose scores jump too far inside a chunk: the same positions, one chunk at a time, each with
+    chunks 8x smaller (one position per chunk at worst, where no jump is possible)."""
+    outs = []
+    for start in range(0, q.size(2), chunk):
+        part = slice(start, start + chunk)
+        out, *state = _causal_block(q[:, :, part], k[:, :, part], v[:, :, part], alpha_k[:, :, part],
+                                    alpha_v[:, :, part], *state, max(1, chunk // 8), dropout_p)
+        outs.append(out)
+    return (torch.cat(outs, dim=2), *state)
+
+
+def causal_abc(
+    q: Tensor, k: Tensor, v: Tensor, alpha_k: Tensor, alpha_v: Tensor, state: Optional[ABCState] = None, *,
+    chunk_size: int = 64, block_chunks: int = 16, dropout_p: float = 0.0, checkpoint_blocks: bool = True,
+) -> Tuple[Tensor, ABCState]:
+    """Causal ABC of the queries sitting on the key positions: q, k, v (B, H, L, d), alpha_k/alpha_v (B, H, L, r).
+
+    ``state`` continues a sequence (decoding); the returned state covers it plus these L positions. Blocks of
+    ``block_chunks * chunk_size`` positions are checkpointed when gradients are needed (``checkpoint_blocks``).
+    """
+    if chunk_size < 1 or block_chunks < 1:
+        raise ValueError(f"chunk_size ({chunk_size}) and block_chunks ({block_chunks}) must be positive")
+    out_dtype = q.dtype
+    dtype = _compute_dtype(q.dtype)
+    q, k, v, alpha_k, alpha_v = (t.to(dtype) for t in (q, k, v, alpha_k, alpha_v))
+    bsz, heads, length, dim = q.shape
+    if state is None:
+        state = empty_state(bsz, heads, alpha_k.size(-1), dim, dtype, q.device)
+    state = tuple(t.to(dtype) for t in state)
+    block = chunk_size * block_chunks
+    save_memory = checkpoint_blocks and torch.is_grad_enabled() and length > chunk_size and any(
+        t.requires_grad for t in (q, k, v, alpha_k, alpha_v, *state))
+    outs = []
+    for start in range(0, length, block):
+        part = slice(start, start + block)
+        args = (q[:, :, part], k[:, :, part], v[:, :, part], alpha_k[:, :, part], alpha_v[:, :, part], *state,
+                chunk_size, dropout_p)
+        if save_memory:
+            out, *state = checkpoint(_causal_block, *args, use_reentrant=False)
+        else:
+            out, *state = _causal_block(*args)
+        outs.append(out)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.to(out_dtype), ABCState(*state)
+
+
+def causal_abc_dense(
+    q: Tensor, k: Tensor, v: Tensor, alpha_k: Tensor, alpha_v: Tensor, *, query_offset: int = 0,
+    dropout_p: float = 0.0,
+) -> Tuple[Tensor, Tensor]:
+    """Causal ABC from the prefix formula with (Lq, Lk, r) tensors: query ``i`` sees keys ``j <= i + query_offset``.
+
+    For attention weights (``need_weights``): returns (out, W) with ``W[i, j] = sum_r p[i, r] softmax_{j'<=i}(b)[j, r]``
+    the equivalent attention over keys. Queries that see no key get zeros.
+    """
+    tgt_len, src_len = q.size(2), k.size(2)
+    pos = torch.arange(tgt_len, device=q.device) + query_offset
+    sees = torch.arange(src_len, device=q.device).view(1, -1) <= pos.view(-1, 1)  # (Lq, Lk)
+    last = pos.clamp(0, src_len - 1)
+
+    def prefix_softmax(alpha):  # (B, H, Lq, Lk, r): softmax over j <= pos_i of alpha[j]
+        lse = torch.logcumsumexp(alpha, dim=2)[:, :, last]  # (B, H, Lq, r)
+        logits = alpha.unsqueeze(2) - lse.unsqueeze(3)
+        return torch.exp(logits.masked_fill(~sees.view(1, 1, tgt_len, src_len, 1), float("-inf")))
+
+    scores = torch.einsum("bhijr,bhij->bhir", prefix_softmax(alpha_k), torch.matmul(q, k.transpose(-1, -2)))
+    probs = torch.softmax(scores * q.size(-1) ** -0.5, dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p, training=True)
+    weights = torch.einsum("bhir,bhijr->bhij", probs, prefix_softmax(alpha_v))
+    weights = weights.masked_fill(~(pos >= 0).view(1, 1, -1, 1), 0.0)
+    return torch.matmul(weights, v), weights
