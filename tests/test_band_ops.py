@@ -74,3 +74,74 @@ def test_blocked_path_keeps_only_linear_memory_for_backward():
     saved = out.grad_fn.saved_tensors
     biggest = max(t.numel() for t in saved if t is not None)
     assert biggest <= 2 * 512 * 8 * 2, f"backward keeps a tensor of {biggest} elements"
+
+
+# ------------------------------------------------------------------------------------- narrow-band path
+@pytest.mark.parametrize("left,right,block", [(5, 0, 4), (7, 7, 8), (3, 9, 4), (0, 0, 4), (2, 2, 16)])
+@pytest.mark.parametrize("tgt_len,cached", [(37, 0), (9, 6), (1, 6)], ids=["self", "cached-queries", "one-query"])
+def test_narrow_path_equals_dense_path_with_gradients(left, right, block, tgt_len, cached):
+    """All blocks of all heads in one batched op, with query offsets (decoding), padding, masks and a bias."""
+    offset = min(cached, left)  # band_attention cuts the keys no query reaches before the narrow path
+    src_len = tgt_len + offset
+    g = torch.Generator().manual_seed(0)
+    B, H, D = 2, 3, 4
+    q = torch.randn(B, H, tgt_len, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, H, src_len, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    span = 2 * (tgt_len + src_len)
+    bias_table = torch.randn(H, span, generator=g, dtype=torch.float64, requires_grad=True)
+    rel_bias = lambda rel: bias_table[:, (rel + span // 2).clamp(0, span - 1)]  # noqa: E731
+    kpm = torch.zeros(B, src_len, dtype=torch.bool)
+    kpm[1, :2] = True
+    kpm[0, -1] = True
+    attn_mask = torch.randn(1, H, tgt_len, src_len, generator=g, dtype=torch.float64)
+    kwargs = dict(query_offset=offset, left=left, right=right, rel_bias=rel_bias, key_padding_mask=kpm,
+                  attn_mask=attn_mask)
+    narrow = band.narrow_band_attention(q, k, v, block_size=block, **kwargs)
+    dense, _ = dense_attention(q, k, v, **kwargs)
+    rel = torch.arange(tgt_len).unsqueeze(1) + offset - torch.arange(src_len)
+    visible = ((rel <= left) & (rel >= -right)).view(1, 1, tgt_len, src_len) & ~kpm.view(B, 1, 1, src_len)
+    real = visible.any(-1, keepdim=True).expand_as(dense)  # rows with no visible key are arbitrary
+    torch.testing.assert_close(narrow[real], dense[real])
+    weights = torch.randn(dense.shape, generator=g, dtype=torch.float64) * real
+    grads_n = torch.autograd.grad((narrow * weights).sum(), [q, k, v, bias_table])
+    grads_d = torch.autograd.grad((dense * weights).sum(), [q, k, v, bias_table])
+    for gn, gd in zip(grads_n, grads_d):
+        torch.testing.assert_close(gn, gd)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_narrow_kernel_gradcheck(dropout_p):
+    q, k, v = qkv(B=1, H=1, L=9, D=2)
+    left, right, bq = 3, 2, 4
+    kb, tail, a = 8, 1, 4  # kb: bq + left + right rounded up to whole blocks; a: first real query row
+    nbs = (a + 9 + bq - 1) // bq + 1
+    rel = torch.arange(bq).unsqueeze(1) + left - torch.arange(kb).unsqueeze(0)
+    bandmask = (rel <= left) & (rel >= -right)
+    bias = torch.randn(1, bq, kb, dtype=torch.float64, requires_grad=True)
+    start = -a - left
+    valid = band._windows(torch.ones(1, 9, dtype=torch.bool), 1, start, kb, bq, nbs, False).contiguous()
+    fn = lambda q, k, v, bias: band._NarrowBand.apply(  # noqa: E731
+        q, k, v, bias, None, valid, bandmask, (bq, a, nbs, 0, left, tail), dropout_p, 1234)
+    assert torch.autograd.gradcheck(fn, (q, k, v, bias))
+
+
+def test_narrow_path_is_chosen_for_narrow_bands_and_keeps_linear_memory():
+    q, k, v = qkv(B=1, H=2, L=600, D=16, dtype=torch.float32)
+    out, _ = band_attention(q, k, v, query_offset=0, left=7, right=7)
+    assert type(out.grad_fn).__name__ == "_NarrowBandBackward"
+    saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+    # scaled queries, flat keys and values (a few rows of padding each), probabilities (kb = 32 per query)
+    assert sum(t.numel() for t in saved) <= 2 * 610 * (3 * 16 + 32) * 1.1
+    wide, _ = band_attention(q, k, v, query_offset=0, left=40, right=40)
+    assert type(wide.grad_fn).__name__ == "_BlockedBandBackward"
+
+
+def test_narrow_path_dropout_is_reproducible_from_the_global_seed():
+    q, k, v = qkv(dtype=torch.float32, L=64)
+    kwargs = dict(query_offset=0, left=3, right=3, dropout_p=0.5, block_size=8)
+    torch.manual_seed(7)
+    a = band.narrow_band_attention(q, k, v, **kwargs)
+    torch.manual_seed(7)
+    b = band.narrow_band_attention(q, k, v, **kwargs)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, band.narrow_band_attention(q, k, v, **{**kwargs, "dropout_p": 0.0}))

@@ -5,9 +5,201 @@ import torch
 
 from attention_contract import AttentionContract, Case
 from fluence_fairseq.modules import FSLongShort
-from fluence_fairseq.ops.long_short import joint_window_global_attention
+from fluence_fairseq.ops.long_short import long_short_attention
 
 
 class TestLongShortContract(AttentionContract):
     case = Case("longshort", lambda **kw: FSLongShort(32, 4, num_landmarks=3, ls_window_size=3, chunk_size=2,
                                                       chunk_rank=2, **kw), tgt_len=13)
+
+
+def _ln(x, weight, bias, eps=1e-5):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight.unsqueeze(1) + bias.unsqueeze(1)
+
+
+def _heads(bsz, length, heads=4, dim=8, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(bsz, heads, length, dim, generator=g, dtype=dtype) for _ in range(3)]
+
+
+def _randomize(attn, seed=3):
+    """Layer-norm affines and projection bias away from their identity/zero initialisation."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in ("ln_local_weight", "ln_global_weight"):
+            p = getattr(attn, name)
+            p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+        for name in ("ln_local_bias", "ln_global_bias", "proj_bias"):
+            p = getattr(attn, name)
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return attn
+
+
+def noncausal_reference(attn, q, k, v, kpm):
+    """Dense (L, r + L) score matrix: [landmarks || band keys], one softmax."""
+    bsz, heads, length, dim = q.shape
+    w, r = attn.window_size, attn.num_landmarks
+    kn, vn = _ln(k, attn.ln_local_weight, attn.ln_local_bias), _ln(v, attn.ln_local_weight, attn.ln_local_bias)
+    logits = torch.einsum("bhld,hdr->bhlr", kn, attn.proj_weight) + attn.proj_bias.view(1, heads, 1, r)
+    logits = logits.masked_fill(kpm.view(bsz, 1, length, 1), float("-inf"))
+    proj = torch.softmax(logits, dim=2)
+    kbar = _ln(torch.einsum("bhlr,bhld->bhrd", proj, kn), attn.ln_global_weight, attn.ln_global_bias)
+    vbar = _ln(torch.einsum("bhlr,bhld->bhrd", proj, vn), attn.ln_global_weight, attn.ln_global_bias)
+    scores = torch.cat([q @ kbar.transpose(-1, -2), q @ kn.transpose(-1, -2)], -1) / math.sqrt(dim)
+    i = torch.arange(length)
+    allowed = torch.cat([torch.ones(length, r, dtype=torch.bool), (i[:, None] - i[None, :]).abs() <= w], 1)
+    allowed = allowed.view(1, 1, length, r + length) & torch.cat(
+        [torch.ones(bsz, r, dtype=torch.bool), ~kpm], 1).view(bsz, 1, 1, r + length)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
+    return probs @ torch.cat([vbar, vn], 2)
+
+
+def causal_reference(attn, q, k, v, kpm):
+    """Per query: compressed chunks ending at or before t - w (each compressed by an explicit softmax over its
+    real positions) and the keys t-w+1..t; one softmax. Assumes no left padding."""
+    bsz, heads, length, dim = q.shape
+    w, c, rank = attn.window_size, attn.chunk_size, attn.chunk_rank
+    kn, vn = _ln(k, attn.ln_local_weight, attn.ln_local_bias), _ln(v, attn.ln_local_weight, attn.ln_local_bias)
+    out = torch.zeros_like(q)
+    for b in range(bsz):
+        for h in range(heads):
+            comp_k, comp_v, comp_end = [], [], []
+            for m in range(length // c):
+                pos = [j for j in range(m * c, m * c + c) if not kpm[b, j]]
+                if not pos:
+                    continue
+                logit = kn[b, h, pos] @ attn.proj_weight[h] + attn.proj_bias[h]  # (n, rank)
+                mix = torch.softmax(logit, dim=0)
+                for s in range(rank):
+                    comp_k.append(_ln((mix[:, s:s + 1] * kn[b, h, pos]).sum(0)[None, None], attn.ln_global_weight[h:h + 1], attn.ln_global_bias[h:h + 1])[0, 0])
+                    comp_v.append(_ln((mix[:, s:s + 1] * vn[b, h, pos]).sum(0)[None, None], attn.ln_global_weight[h:h + 1], attn.ln_global_bias[h:h + 1])[0, 0])
+                    comp_end.append(m * c + c - 1)
+            for t in range(length):
+                keys = [comp_k[i] for i in range(len(comp_k)) if comp_end[i] <= t - w]
+                vals = [comp_v[i] for i in range(len(comp_k)) if comp_end[i] <= t - w]
+                window = [j for j in range(max(0, t - w + 1), t + 1) if not kpm[b, j]]
+                keys += [kn[b, h, j] for j in window]
+                vals += [vn[b, h, j] for j in window]
+                if not keys:
+                    continue
+                scores = torch.stack(keys) @ q[b, h, t] / math.sqrt(dim)
+                out[b, h, t] = torch.softmax(scores, 0) @ torch.stack(vals)
+    return out
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_noncausal_equals_dense_reference(block_size):
+    attn = _randomize(FSLongShort(32, 4, num_landmarks=3, ls_window_size=2, block_size=block_size)).eval()
+    q, k, v = _heads(2, 19)
+    kpm = torch.zeros(2, 19, dtype=torch.bool)
+    kpm[1, :4] = True
+    kpm[1, -2:] = True
+    with torch.no_grad():
+        got, _ = attn.attend(q, k, v, key_padding_mask=kpm, attn_mask=None, query_offset=0, need_weights=False)
+        want = noncausal_reference(attn, q, k, v, kpm)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("block_size,window,chunk,rank", [(None, 3, 2, 2), (4, 3, 2, 2), (5, 4, 3, 1)])
+def test_causal_equals_dense_reference(block_size, window, chunk, rank):
+    attn = _randomize(FSLongShort(32, 4, causal=True, ls_window_size=window, chunk_size=chunk, chunk_rank=rank,
+                                  block_size=block_size)).eval()
+    q, k, v = _heads(2, 21)
+    kpm = torch.zeros(2, 21, dtype=torch.bool)
+    kpm[1, 5:9] = True  # a fully padded chunk and a partly padded one
+    kpm[1, -3:] = True
+    with torch.no_grad():
+        got, _ = attn.attend(q, k, v, key_padding_mask=kpm, attn_mask=None, query_offset=0, need_weights=False)
+        want = causal_reference(attn, q, k, v, kpm)
+    real = ~kpm.view(2, 1, 21, 1).expand_as(got)
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal,window,block,row_chunk", [(False, 1, 3, None), (True, 2, 2, 4)])
+def test_long_short_function_gradcheck_float64(causal, window, block, row_chunk):
+    """The hand-written backward (recomputation, in-place layer-norm backward) against finite differences."""
+    g = torch.Generator().manual_seed(4)
+    heads, dim, rank, length = 2, 3, 2, 10
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    q, k, v = rnd(2, heads, length, dim), rnd(2, heads, length, dim), rnd(2, heads, length, dim)
+    params = [1 + 0.3 * rnd(heads, dim), 0.3 * rnd(heads, dim), 1 + 0.3 * rnd(heads, dim), 0.3 * rnd(heads, dim),
+              rnd(heads, dim, rank), rnd(heads, rank)]
+    kpm = torch.zeros(2, length, dtype=torch.bool)
+    kpm[0, 2] = kpm[1, -3:] = True
+
+    def fn(q, k, v, lw, lb, gw, gb, pw, pb):
+        return long_short_attention(q, k, v, ln_local=(lw, lb), ln_global=(gw, gb), proj_weight=pw, proj_bias=pb,
+                                    key_padding_mask=kpm, causal=causal, window=window, chunk_size=2,
+                                    block_size=block, row_chunk=row_chunk)
+
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v, *params)]
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+def test_decoding_state_is_bounded():
+    w, c, rank = 3, 4, 2
+    attn = FSLongShort(32, 4, causal=True, ls_window_size=w, chunk_size=c, chunk_rank=rank).eval()
+    state = {}
+    x = torch.randn(30, 2, 32)
+    for t in range(30):
+        attn(x[t:t + 1], incremental_state=state, need_weights=False)
+        buf = attn._get_input_buffer(state)
+        entries = buf["ls_recent_key"].size(2) + (buf["ls_chunk_key"].size(2) if "ls_chunk_key" in buf else 0)
+        assert entries <= w + (t + 1) // c * rank + c
+        assert buf["ls_recent_key"].size(2) <= max(w, c) - 1
+
+
+def test_left_padding_aligns_chunks_to_first_real_token():
+    attn = _randomize(FSLongShort(32, 4, causal=True, ls_window_size=2, chunk_size=3, chunk_rank=1)).eval()
+    x = torch.randn(14, 1, 32)
+    want = attn(x, need_weights=False)[0]
+    padded = torch.cat([torch.randn(2, 1, 32) * 10, x])
+    kpm = torch.zeros(1, 16, dtype=torch.bool)
+    kpm[0, :2] = True
+    got = attn(padded, key_padding_mask=kpm, need_weights=False)[0]
+    torch.testing.assert_close(got[2:], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"num_landmarks": 0}, "num_landmarks"), ({"ls_window_size": -1}, "ls_window_size"),
+    ({"chunk_size": 0}, "chunk_size"), ({"chunk_rank": 1.5}, "chunk_rank"), ({"num_landmarks": True}, "num_landmarks"),
+])
+def test_option_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FSLongShort(32, 4, **kwargs)
+
+
+def test_defaults_and_no_weights():
+    assert FSLongShort(32, 4).window_size == 15
+    assert FSLongShort(32, 4, causal=True).window_size == 256
+    attn = FSLongShort(32, 4, num_landmarks=2, ls_window_size=1).eval()
+    x = torch.randn(9, 2, 32)
+    out, weights = attn(x, need_weights=True)
+    assert weights is None and out.shape == x.shape
+    causal = FSLongShort(32, 4, causal=True).eval()  # default window 256: plain causal softmax over LN'd keys
+    state = {}
+    steps = torch.cat([causal(x[t:t + 1], incremental_state=state, need_weights=False)[0] for t in range(9)])
+    torch.testing.assert_close(steps, causal(x, need_weights=False)[0], atol=1e-5, rtol=0)
+
+
+def test_multi_token_decoding_matches_full_pass():
+    """Block decoding (aligned sequences) and the token loop (left padding) both equal the full pass."""
+    attn = _randomize(FSLongShort(32, 4, causal=True, ls_window_size=3, chunk_size=4, chunk_rank=2)).eval()
+    x = torch.randn(30, 2, 32)
+    kpm = torch.zeros(2, 30, dtype=torch.bool)
+    kpm[1, :5] = True
+    for mask in (None, kpm):
+        full = attn(x, key_padding_mask=mask, need_weights=False)[0]
+        state, outs, t = {}, [], 0
+        for n in (7, 1, 12, 10):
+            piece_mask = None if mask is None else mask[:, t:t + n]
+            outs.append(attn(x[t:t + n], key_padding_mask=piece_mask, incremental_state=state, need_weights=False)[0])
+            t += n
+        got = torch.cat(outs)
+        real = torch.ones(30, 2, dtype=torch.bool) if mask is None else ~mask.t()
+        torch.testing.assert_close(got[real], full[real], atol=1e-5, rtol=0)

@@ -8,16 +8,15 @@ from fluence_fairseq.ops.landmarks import iterative_pinv, segment_index
 
 
 class TestNystromContract(AttentionContract):
-    case = Case("nystrom", lambda **kw: FSNystromAttention(32, 4, num_landmarks=4, **kw))
+    """Few landmarks (3 < 13 tokens, uneven segments) and the convolution over V, whose weight must get gradients
+    and whose padded inputs must not matter."""
 
-
-class TestNystromConvContract(AttentionContract):
-    case = Case("nystrom-conv", lambda **kw: FSNystromAttention(32, 4, num_landmarks=3, conv_kernel_size=3, **kw),
+    case = Case("nystrom", lambda **kw: FSNystromAttention(32, 4, num_landmarks=3, conv_kernel_size=3, **kw),
                 tgt_len=13)
 
 
 class TestNystromDefaultContract(AttentionContract):
-    case = Case("nystrom-default", lambda **kw: FSNystromAttention(32, 4, **kw), tgt_len=37)
+    case = Case("nystrom-default", lambda **kw: FSNystromAttention(32, 4, **kw), tgt_len=20)
 
 
 # ------------------------------------------------------------------------------- explicit reference

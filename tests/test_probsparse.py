@@ -89,8 +89,8 @@ class TestProbSparseContract(_CrossDecodingContract):
 
 
 class TestProbSparseDefaultContract(_CrossDecodingContract):
-    # the default factor 5 on 40 tokens: u = U = 20 of 40
-    case = Case("probsparse_default", lambda **kw: FSProbSparse(32, HEADS, **kw), tgt_len=40, src_len=40)
+    # the default factor 5: u = 5 ceil(ln 24) = 20 of 24 queries, U = 5 ceil(ln 22) = 20 of 22 keys
+    case = Case("probsparse_default", lambda **kw: FSProbSparse(32, HEADS, **kw), tgt_len=24, src_len=22)
 
 
 # ------------------------------------------------------------------------------------ slow reference

@@ -9,7 +9,17 @@ from attention_contract import AttentionContract, Case
 from fluence_fairseq.modules import FSS4D
 from fluence_fairseq.modules.attention_base import UnsupportedPatternError
 from fluence_fairseq.modules.registry import get_attention
-from fluence_fairseq.ops.s4d import discretize, fft_conv, fft_size, s4d_kernel, ssm_chunk_step, two_sided_kernel
+import fluence_fairseq.ops.s4d as s4d_ops
+from fluence_fairseq.ops.s4d import discretize, fft_size, s4d_conv, s4d_kernel, ssm_chunk_step
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run many tiny operations: on a busy shared machine, thread hand-offs would dominate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class TestS4DContract(AttentionContract):
@@ -118,13 +128,13 @@ def test_causal_flag_decides_direction():
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-11), (torch.float32, 1e-5)])
 def test_recurrence_equals_convolution_long(dtype, atol):
-    """Token-by-token and uneven chunks over 300 steps agree with the full causal convolution."""
+    """Token-by-token and uneven chunks over 200 steps agree with the full causal convolution."""
     attn = _attn(True, d_state=16, s4d_dt_min=1e-3, s4d_dt_max=0.3).to(dtype)
-    length = 300
+    length = 200
     u = torch.randn(length, 2, 16, dtype=dtype)
     dta, dc = (t[0] for t in attn.discretized())
-    full = fft_conv(u, two_sided_kernel(attn.kernels(length), fft_size(length)), attn.d_skip)
-    for sizes in ([1] * length, [37, 1, 1, 100, 5, 156]):
+    full = s4d_conv(u, *attn.discretized(), attn.d_skip, activation=False)
+    for sizes in ([1] * length, [37, 1, 1, 100, 5, 56]):
         state = torch.zeros(2, 16, 8, dtype=torch.complex128 if dtype == torch.float64 else torch.complex64)
         outs, t = [], 0
         for size in sizes:
@@ -145,40 +155,55 @@ def test_decoding_state_layout_and_constant_size():
         assert buf["s4d_state"].shape == (3, 16, 4, 2) and buf["s4d_state"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("two_sided", [False, True])
-def test_fft_conv_gradcheck(two_sided):
-    length, n = 6, fft_size(6)
+def _random_ssm(dirs, channels, modes, gen):
+    """Random S4D parameters in the range the layer uses (decaying modes, dt around 0.2), float64."""
+    def rand(*shape, scale=1.0):
+        return scale * torch.randn(*shape, dtype=torch.float64, generator=gen)
+
+    return (rand(dirs, channels, scale=0.3) - 1.5, rand(dirs, channels, modes, scale=0.1) - 0.7,
+            rand(dirs, channels, modes, scale=3.0), rand(dirs, channels, modes, 2))
+
+
+@pytest.mark.parametrize("dirs,activation", [(1, False), (2, True)])
+def test_s4d_conv_gradcheck(dirs, activation):
+    """The custom autograd function (kernel, spectra and pre-activation recomputed in backward) against finite
+    differences, through the discretisation to every parameter; 5 channels in groups of 2, 2 and 1."""
     gen = torch.Generator().manual_seed(0)
-    u = torch.randn(length, 2, 3, dtype=torch.float64, generator=gen, requires_grad=True)
-    k = torch.randn(n if two_sided else length, 3, dtype=torch.float64, generator=gen, requires_grad=True)
-    d = torch.randn(3, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda u, k, d: fft_conv(u, k, d, n), (u, k, d))
+    length, channels = 4, 5
+    u = torch.randn(length, 1, channels, dtype=torch.float64, generator=gen).requires_grad_(True)
+    d = torch.randn(channels, dtype=torch.float64, generator=gen).requires_grad_(True)
+    params = tuple(p.requires_grad_(True) for p in _random_ssm(dirs, channels, 2, gen))
+
+    def layer(u, d, *params):
+        return s4d_conv(u, *discretize(*params), d, activation=activation)
+
+    old = s4d_ops.CHUNK_ELEMENTS, s4d_ops.MIN_GROUP
+    s4d_ops.CHUNK_ELEMENTS, s4d_ops.MIN_GROUP = 1, 2
+    try:
+        assert len(s4d_ops._channel_groups(channels, 100)) == 3
+        assert torch.autograd.gradcheck(layer, (u, d, *params))
+    finally:
+        s4d_ops.CHUNK_ELEMENTS, s4d_ops.MIN_GROUP = old
 
 
-def test_fft_conv_equals_explicit_linear_convolution():
-    length, n = 7, fft_size(7)
-    u = torch.randn(length, 2, 3, dtype=torch.float64)
-    kernels = torch.randn(2, 3, length, dtype=torch.float64)
-    d = torch.randn(3, dtype=torch.float64)
+@pytest.mark.parametrize("length", [1, 2, 9])
+def test_s4d_conv_equals_explicit_linear_convolution(length):
+    gen = torch.Generator().manual_seed(1)
+    dta, dc = discretize(*_random_ssm(2, 3, 2, gen))
+    u = torch.randn(length, 2, 3, dtype=torch.float64, generator=gen)
+    d = torch.randn(3, dtype=torch.float64, generator=gen)
+    kernels = s4d_kernel(dta, dc, length)
     want = d * u
     for i in range(length):
         for j in range(length):
             want[i] += kernels[0, :, i - j] * u[j] if j <= i else kernels[1, :, j - i - 1] * u[j]
-    torch.testing.assert_close(fft_conv(u, two_sided_kernel(kernels, n), d, n), want)
-
-
-def test_layer_gradcheck():
-    """Gradients through discretisation, the blocked kernel and the convolution, to every S4D parameter."""
-    attn = _attn(False, d_state=4, s4d_dt_min=0.05, s4d_dt_max=0.5).double()
-    u = torch.randn(5, 1, 16, dtype=torch.float64, requires_grad=True)
-    params = (attn.log_dt, attn.log_neg_a_real, attn.a_imag, attn.c_modes, attn.d_skip)
-
-    def layer(u, log_dt, log_neg_a_real, a_imag, c_modes, d_skip):
-        dta, dc = discretize(log_dt, log_neg_a_real, a_imag, c_modes)
-        kernel = two_sided_kernel(s4d_kernel(dta, dc, 5), fft_size(5))
-        return fft_conv(u, kernel, d_skip)
-
-    assert torch.autograd.gradcheck(layer, (u, *params))
+    torch.testing.assert_close(s4d_conv(u, dta, dc, d, activation=False), want)
+    torch.testing.assert_close(s4d_conv(u, dta, dc, d), F.gelu(want))
+    want_causal = d * u
+    for i in range(length):
+        for j in range(i + 1):
+            want_causal[i] += kernels[0, :, i - j] * u[j]
+    torch.testing.assert_close(s4d_conv(u, dta[:1], dc[:1], d, activation=False), want_causal)
 
 
 def test_fft_size():

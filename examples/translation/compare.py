@@ -9,9 +9,11 @@ heads, width ``--dim`` (ffn 4x), shared embeddings, the attention wherever its m
 ``--max-update`` Adam updates of at most 4,096 tokens, lr 2e-3 (inverse sqrt, 300 warm-up), dropout 0.1, label
 smoothing 0.1, seed 1; then beam-5 translation of the 311 test verses scored with sacrebleu (the same scoring
 as ``run.sh``). Uses ``fairseq-*`` from PATH and the data prepared by ``run.sh`` in ``work/bin`` (prepared here
-if missing). Writes ``work/compare/<name>/`` and the table to ``--out``.
+if missing). Writes ``work/compare/<name>/`` (logs, checkpoint, ``result.json``) and the table of every result
+found there to ``--out``, so one attention can be rerun alone. A failing attention is reported, not fatal.
 """
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -50,7 +52,7 @@ def roles_of(arch):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--attentions", default=DEFAULT_ATTENTIONS)
-    p.add_argument("--max-update", type=int, default=600)
+    p.add_argument("--max-update", type=int, default=400)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--work", default=str(HERE / "work"))
     p.add_argument("--out", default=None, help="markdown table (default: WORK/compare/results.md)")
@@ -64,7 +66,6 @@ def main(argv=None):
     from evaluate import read_hypotheses, read_lines
 
     ref = read_lines(work / "raw" / "test.es")
-    rows = []
     for name in args.attentions.split(","):
         out = work / "compare" / name
         out.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,12 @@ def main(argv=None):
                  "--log-format", "simple", "--log-interval", "100"]
         t0 = time.time()
         print(f"== {name}: {arch}", flush=True)
-        run(train, out / "train.log")
+        try:
+            run(train, out / "train.log")
+        except SystemExit as failure:
+            print(failure, flush=True)
+            (out / "result.json").write_text(json.dumps({"name": name, "where": roles_of(arch), "failed": True}))
+            continue
         train_s = time.time() - t0
         log = (out / "train.log").read_text()
         params = re.search(r"num\. model params: ([\d,]+)", log).group(1)
@@ -92,13 +98,26 @@ def main(argv=None):
         hyp = read_hypotheses(out / "generate-test.txt", len(ref))
         bleu = sacrebleu.metrics.BLEU().corpus_score(hyp, [ref]).score
         chrf = sacrebleu.metrics.CHRF().corpus_score(hyp, [ref]).score
-        rows.append((name, roles_of(arch), params, train_s, valid[-1] if valid else "-", bleu, chrf))
-        print(f"   BLEU {bleu:.2f} chrF {chrf:.2f} valid loss {rows[-1][4]} ({train_s:.0f} s)", flush=True)
+        result = {"name": name, "where": roles_of(arch), "params": params, "train_s": train_s,
+                  "valid_loss": valid[-1] if valid else "-", "bleu": bleu, "chrf": chrf,
+                  "max_update": args.max_update, "dim": args.dim}
+        (out / "result.json").write_text(json.dumps(result))
+        print(f"   BLEU {bleu:.2f} chrF {chrf:.2f} valid loss {result['valid_loss']} ({train_s:.0f} s)", flush=True)
+    order = DEFAULT_ATTENTIONS.split(",")
+    results = [json.loads(f.read_text()) for f in (work / "compare").glob("*/result.json")]
+    results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     lines = [f"Bible en->es test set (311 verses), beam 5, sacrebleu; every model {args.max_update} updates at width "
              f"{args.dim}, 3+3 layers, 4 heads, seed 1 (`python examples/translation/compare.py "
              f"--max-update {args.max_update} --dim {args.dim}`).", "",
              "| attention | where | params | train s | valid loss | BLEU | chrF |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {w} | {pr} | {t:.0f} | {v} | {b:.2f} | {c:.2f} |" for n, w, pr, t, v, b, c in rows]
+    for r in results:
+        if r.get("failed"):
+            lines.append(f"| {r['name']} | {r['where']} | - | - | - | training failed | - |")
+        elif (r["max_update"], r["dim"]) != (args.max_update, args.dim):
+            continue  # another budget: not comparable
+        else:
+            lines.append(f"| {r['name']} | {r['where']} | {r['params']} | {r['train_s']:.0f} | {r['valid_loss']} | "
+                         f"{r['bleu']:.2f} | {r['chrf']:.2f} |")
     text = "\n".join(lines) + "\n"
     target = Path(args.out) if args.out else work / "compare" / "results.md"
     target.write_text(text)

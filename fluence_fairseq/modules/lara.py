@@ -27,8 +27,9 @@ class Lara(FluenceAttention):
     same outputs. A sequence with at most ``num_landmarks`` real tokens gets exact softmax attention (each
     proposal would hold a single token).
 
-    Differences from the reference (CAB ``Lara``): landmarks leave padded tokens out, the short-sequence fallback
-    is exact softmax, and an arbitrary ``attn_mask`` is refused. The math is otherwise the reference's (segment
+    Differences from the reference (CAB ``Lara``): landmarks leave padded tokens out, each sequence's padding
+    mask applies to its own heads (the reference's mask had the heads in another order), the short-sequence
+    fallback is exact softmax, and an arbitrary ``attn_mask`` is refused. The math is otherwise the reference's (segment
     means, no antithetic sampling, no ``use_opt_approx``). ``dropout`` is accepted for the common interface and,
     as in the reference, not applied. ``need_weights`` returns the implied weights
     ``sum_c r_{c,n} softmax_j(log phi(k_j, w_c))``, O(L^2).

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.long_short import compress_chunks, dense_joint_attention, head_layer_norm, joint_window_global_attention
+from ..ops.long_short import compress_chunks, dense_joint_attention, head_layer_norm, long_short_attention
 from .attention_base import FluenceAttention, fsmha
 from .spec import AttentionOption, AttentionSpec
 
@@ -38,7 +38,8 @@ class LongShort(FluenceAttention):
       both branches (no double counting). The compressed part costs O(L * L / c * chunk_rank), as in the reference.
 
     Scores are ``q.k / sqrt(head_dim)``; the window keys and the global columns share one softmax, computed in
-    query blocks (O(L * (w + r)) memory; the backward recomputes the probabilities). ``need_weights`` returns None:
+    query blocks of ``block_size`` queries (default: 16/32/64 by window; a constructor keyword, not a flag) by one
+    custom autograd node whose backward recomputes the probabilities (memory: a few L x D tensors). ``need_weights`` returns None:
     with ``LN_G`` after the projection the output is no mixture of the input keys' values, so there is no
     (L, L) weight matrix to report.
 
@@ -46,7 +47,8 @@ class LongShort(FluenceAttention):
     (non left-padding) token; ``ls_recent_key``/``ls_recent_value`` (B, H, <= max(w, c) - 1, Dh) the newest
     normalised keys/values (the window and the current incomplete chunk) with ``ls_recent_pad`` (B, ...);
     ``ls_chunk_key``/``ls_chunk_value`` (B, H, completed chunks * chunk_rank, Dh) with ``ls_chunk_valid``.
-    Several tokens per call are processed one after the other.
+    Several tokens per call are computed as one block when all sequences are aligned (same count, no new
+    leading padding), else one after the other.
 
     Chunks are aligned to the sequence's first real token: leading (left) padding is skipped, so left and right
     padding give the same outputs (the reference aligns chunks to absolute positions).
@@ -155,18 +157,11 @@ class LongShort(FluenceAttention):
         return self._attend_noncausal(q, k, v, key_padding_mask), None
 
     def _attend_noncausal(self, q, k, v, key_padding_mask):
-        kn, vn = self._local_norm(k), self._local_norm(v)
-        logits = self._proj_logits(kn)
-        if key_padding_mask is not None:
-            logits = logits.masked_fill(key_padding_mask.view(q.size(0), 1, -1, 1), torch.finfo(logits.dtype).min)
-        proj = torch.softmax(logits, dim=2).to(kn.dtype).transpose(-1, -2)  # (B, H, r, L)
-        kbar = self._global_norm(torch.matmul(proj, kn))
-        vbar = self._global_norm(torch.matmul(proj, vn))
-        start = torch.zeros(self.num_landmarks, dtype=torch.long, device=q.device)
-        w = self.window_size
-        return joint_window_global_attention(
-            q, kn, vn, kbar, vbar, key_padding_mask=key_padding_mask, glob_valid=None, glob_start=start,
-            left=w, right=w, dropout_p=self._dropout_p(), block_size=self.block_size,
+        return long_short_attention(
+            q, k, v, ln_local=(self.ln_local_weight, self.ln_local_bias),
+            ln_global=(self.ln_global_weight, self.ln_global_bias), proj_weight=self.proj_weight,
+            proj_bias=self.proj_bias, key_padding_mask=key_padding_mask, causal=False, window=self.window_size,
+            dropout_p=self._dropout_p(), block_size=self.block_size,
         )
 
     def _chunk_start(self, n_cols: int, device) -> Tensor:
@@ -189,26 +184,11 @@ class LongShort(FluenceAttention):
             index = src.clamp(max=length - 1).view(bsz, 1, length, 1).expand(-1, q.size(1), -1, q.size(3))
             q, k, v = q.gather(2, index), k.gather(2, index), v.gather(2, index)
             key_padding_mask = key_padding_mask.gather(1, src.clamp(max=length - 1)) | beyond
-        kn, vn = self._local_norm(k), self._local_norm(v)
-        w = self.window_size
-        # chunks that some query sees: chunk end + w <= length - 1
-        n_chunks = max(0, (length - w) // self.chunk_size)
-        if n_chunks > 0:
-            used = n_chunks * self.chunk_size
-            logits = self._proj_logits(kn[:, :, :used])
-            ck, cv, valid = compress_chunks(kn[:, :, :used], vn[:, :, :used], logits,
-                                            None if key_padding_mask is None else key_padding_mask[:, :used],
-                                            self.chunk_size)
-            ck, cv = self._global_norm(ck), self._global_norm(cv)
-            if key_padding_mask is None:
-                valid = None
-        else:
-            ck = cv = kn.new_zeros(bsz, kn.size(1), 0, kn.size(3))
-            valid = None
-        out = joint_window_global_attention(
-            q, kn, vn, ck, cv, key_padding_mask=key_padding_mask, glob_valid=valid,
-            glob_start=self._chunk_start(ck.size(2), q.device), left=w - 1, right=0,
-            dropout_p=self._dropout_p(), block_size=self.block_size,
+        out = long_short_attention(
+            q, k, v, ln_local=(self.ln_local_weight, self.ln_local_bias),
+            ln_global=(self.ln_global_weight, self.ln_global_bias), proj_weight=self.proj_weight,
+            proj_bias=self.proj_bias, key_padding_mask=key_padding_mask, causal=True, window=self.window_size,
+            chunk_size=self.chunk_size, dropout_p=self._dropout_p(), block_size=self.block_size,
         )
         if lead is not None:
             # back to the original positions; leading padded queries get zeros
@@ -224,11 +204,73 @@ class LongShort(FluenceAttention):
     def attend_incremental(self, q, k, v, *, key_padding_mask, attn_mask, buffer, need_weights):
         if attn_mask is not None:
             raise ValueError(f"{type(self).__name__} cannot apply an arbitrary attn_mask")
+        if q.size(2) > 1 and self._aligned(buffer, key_padding_mask):
+            return self._decode_block(q, k, v, key_padding_mask, buffer), None
         outs = []
         for i in range(q.size(2)):
             pad = None if key_padding_mask is None else key_padding_mask[:, i]
             outs.append(self._decode_step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], pad, buffer))
         return torch.cat(outs, dim=2), None
+
+    @staticmethod
+    def _aligned(buffer, key_padding_mask) -> bool:
+        """Every sequence has counted the same number of tokens and none of the new ones is leading padding, so
+        all sequences share chunk boundaries and the call can be computed as one block."""
+        pos = buffer.get("ls_pos")
+        if pos is None or bool((pos == 0).any()):
+            if pos is not None and not bool((pos == 0).all()):
+                return False
+            return key_padding_mask is None or not bool(key_padding_mask[:, 0].any())
+        return bool((pos == pos[0]).all())
+
+    def _decode_block(self, q, k, v, pad, buffer):
+        """Several new tokens at once (all sequences aligned, see :meth:`_aligned`)."""
+        bsz, heads, n, dim = q.shape
+        device = q.device
+        w, c, rank = self.window_size, self.chunk_size, self.chunk_rank
+        pos = buffer.get("ls_pos")
+        start = 0 if pos is None else int(pos[0])  # position of the first new token
+        if pad is None:
+            pad = torch.zeros(bsz, n, dtype=torch.bool, device=device)
+        kn, vn = self._local_norm(k), self._local_norm(v)
+        recent_k = buffer.get("ls_recent_key")
+        if recent_k is not None and start > 0:
+            kn_all = torch.cat([recent_k, kn], 2)
+            vn_all = torch.cat([buffer["ls_recent_value"], vn], 2)
+            pad_all = torch.cat([buffer["ls_recent_pad"], pad], 1)
+        else:
+            kn_all, vn_all, pad_all = kn, vn, pad
+        first = start - (kn_all.size(2) - n)  # position of kn_all[:, :, 0]
+        n_done = start // c
+        chunk_k, chunk_v, chunk_valid = buffer.get("ls_chunk_key"), buffer.get("ls_chunk_value"), buffer.get("ls_chunk_valid")
+        if chunk_k is not None:
+            chunk_k, chunk_v = chunk_k[:, :, :n_done * rank], chunk_v[:, :, :n_done * rank]
+            chunk_valid = chunk_valid[:, :n_done * rank]
+        n_new = (start + n) // c - n_done  # chunks completed by this call
+        if n_new > 0:
+            a, b = n_done * c - first, (n_done + n_new) * c - first
+            ck, cv, valid = compress_chunks(kn_all[:, :, a:b], vn_all[:, :, a:b],
+                                            self._proj_logits(kn_all[:, :, a:b]), pad_all[:, a:b], c)
+            ck, cv = self._global_norm(ck), self._global_norm(cv)
+            chunk_k = ck if chunk_k is None else torch.cat([chunk_k, ck], 2)
+            chunk_v = cv if chunk_v is None else torch.cat([chunk_v, cv], 2)
+            chunk_valid = valid if chunk_valid is None else torch.cat([chunk_valid, valid], 1)
+        if chunk_k is None:
+            chunk_k = chunk_v = kn.new_zeros(bsz, heads, 0, dim)
+            chunk_valid = torch.zeros(bsz, 0, dtype=torch.bool, device=device)
+        out = dense_joint_attention(
+            q, kn_all, vn_all, chunk_k, chunk_v, key_valid=~pad_all, glob_valid=chunk_valid,
+            glob_start=self._chunk_start(chunk_k.size(2), device) - first,
+            left=w - 1, right=0, query_offset=kn_all.size(2) - n, dropout_p=self._dropout_p(),
+        )
+        keep = self.max_cached_keys()
+        buffer["ls_pos"] = torch.full((bsz,), start + n, dtype=torch.long, device=device)
+        buffer["ls_recent_key"] = kn_all[:, :, -keep:] if keep > 0 else kn_all[:, :, :0]
+        buffer["ls_recent_value"] = vn_all[:, :, -keep:] if keep > 0 else vn_all[:, :, :0]
+        buffer["ls_recent_pad"] = pad_all[:, -keep:] if keep > 0 else pad_all[:, :0]
+        if chunk_k.size(2) > 0:
+            buffer["ls_chunk_key"], buffer["ls_chunk_value"], buffer["ls_chunk_valid"] = chunk_k, chunk_v, chunk_valid
+        return out
 
     def _decode_step(self, q: Tensor, k: Tensor, v: Tensor, pad: Optional[Tensor],
                      buffer: Dict[str, Optional[Tensor]]) -> Tensor:

@@ -36,8 +36,9 @@ class NystromAttention(FluenceAttention):
     * logits are scaled by ``head_dim^-1/2`` once; the reference divides both q and k by sqrt(d) (temperature 1/d);
     * the pinv's initial scaling ``1 / (||A||_1 ||A||_inf)`` is computed per sequence and head; the reference takes
       the maximum over the whole batch, so a sequence's output depended on the rest of its batch;
-    * padded tokens are left out of the landmark means (the reference averages zeroed padded keys in) and the
-      short-sequence fallback is per sequence (the reference decides on the padded length);
+    * padded tokens are left out of the landmark means (the reference averages zeroed padded keys in), each
+      sequence's padding mask applies to its own heads (the reference's mask had the heads in another order),
+      and the short-sequence fallback is per sequence (the reference decides on the padded length);
     * ``pinv_iterations`` is an option (the reference fixes 6, its default here);
     * the optional depthwise convolution over V (``conv_kernel_size``, reference ``Conv2d(H, H, (k, 1))``) sees
       zeros at padded positions; an arbitrary ``attn_mask`` is refused (the kernels are never formed in full).

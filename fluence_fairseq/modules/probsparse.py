@@ -28,6 +28,8 @@ class ProbSparse(FluenceAttention):
     that call: the top-u choice is made among them, so a single query (fairseq's one token per step) always gets
     exact attention. A full pass over all target positions chooses among all of them instead, so step-by-step
     decoding differs from the full pass by construction; each step equals the full pass on that step's queries.
+    In a full cross-attention pass, :meth:`attend` is not told which target positions are padding, so they
+    count as real queries (they may take top-u slots; the base zeroes their outputs).
 
     Differences from the reference (CAB ``efficient-attention`` ``ProbSparse``):
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.s4d import discretize, fft_conv, fft_size, s4d_kernel, ssm_chunk_step, two_sided_kernel
+from ..ops.s4d import discretize, s4d_conv, s4d_kernel, ssm_chunk_step
 from .attention_base import FluenceAttention, fsmha
 from .spec import AttentionOption, AttentionSpec
 
@@ -122,14 +122,29 @@ class S4D(FluenceAttention):
         dta, dc = self.discretized()
         return s4d_kernel(dta, dc, length)
 
+    def _decoding_coefficients(self):
+        """(dt A, dC) of the causal kernel for decoding, cached while the parameters are unchanged and no
+        gradient is recorded: a decoding step then costs a handful of small operations."""
+        params = (self.log_dt, self.log_neg_a_real, self.a_imag, self.c_modes)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            dta, dc = self.discretized()
+            return dta[0], dc[0]
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        cached = self.__dict__.get("_decoding_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                dta, dc = self.discretized()
+            cached = self.__dict__["_decoding_cache"] = (key, dta[0], dc[0])
+        return cached[1], cached[2]
+
     def _channels(self, v: Tensor) -> Tensor:
         """(B, H, L, Dh) -> (L, B, C), a view when ``v`` came straight from ``v_proj``."""
         bsz, _, length, _ = v.shape
         return v.permute(2, 0, 1, 3).reshape(length, bsz, self.embed_dim)
 
     def _output(self, y: Tensor, bsz: int) -> Tensor:
-        """GELU, dropout, and (L, B, C) -> (B, H, L, Dh)."""
-        y = self.dropout_module(F.gelu(y))
+        """Dropout, and (L, B, C) -> (B, H, L, Dh)."""
+        y = self.dropout_module(y)
         return y.view(y.size(0), bsz, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
 
     @staticmethod
@@ -141,12 +156,9 @@ class S4D(FluenceAttention):
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
         if attn_mask is not None:  # the base refuses masks before this; guard direct calls
             raise ValueError("S4D cannot apply an attn_mask; use causal=True and key_padding_mask")
-        bsz, length = v.size(0), v.size(2)
         u = self._zero_padding(self._channels(v), key_padding_mask)
-        n = fft_size(length)
-        kernel = two_sided_kernel(self.kernels(length), n)
-        y = fft_conv(u, kernel, self.d_skip, n)
-        return self._output(y, bsz), None
+        dta, dc = self.discretized()
+        return self._output(s4d_conv(u, dta, dc, self.d_skip, activation=True), v.size(0)), None
 
     def attend_incremental(self, q, k, v, *, key_padding_mask, attn_mask, buffer, need_weights):
         bsz = v.size(0)
@@ -157,10 +169,10 @@ class S4D(FluenceAttention):
             state = torch.zeros(bsz, self.embed_dim, self.d_state // 2, 2, dtype=real_dtype, device=u.device)
         else:
             state = saved.to(real_dtype)
-        dta, dc = self.discretized()
-        y, state = ssm_chunk_step(u, torch.view_as_complex(state.contiguous()), dta[0], dc[0], self.d_skip)
+        dta, dc = self._decoding_coefficients()
+        y, state = ssm_chunk_step(u, torch.view_as_complex(state.contiguous()), dta, dc, self.d_skip)
         buffer["s4d_state"] = torch.view_as_real(state)
-        return self._output(y, bsz), None
+        return self._output(F.gelu(y), bsz), None
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", d_state={self.d_state}, dt_range=({self.dt_min:g}, {self.dt_max:g}), "

@@ -108,6 +108,8 @@ def _chunk_maxima(alpha: Tensor, m0: Tensor) -> Tuple[Tensor, Tensor, float]:
     ends = torch.cummax(torch.maximum(alpha.amax(dim=3), m0.unsqueeze(2)), dim=2).values
     starts = torch.cat([m0.unsqueeze(2), ends[:, :, :-1]], dim=2)
     rows = torch.maximum(torch.cummax(alpha, dim=3).values, starts.unsqueeze(3))
+    # rows that have seen only padded keys have no output to protect (they give zeros)
+    rows = torch.where(rows > torch.finfo(alpha.dtype).min / 2, rows, ends.unsqueeze(3))
     gap = (ends.unsqueeze(3) - rows).amax().item() if alpha.numel() else 0.0
     return ends, starts, gap
 
@@ -130,10 +132,18 @@ def _carried(exps: Tensor, x: Tensor, ends: Tensor, num0: Tensor, den0: Tensor, 
     return carried_num, carried_den, sum_num, sum_den
 
 
+def _nonzero(den: Tensor) -> Tensor:
+    """Denominators are exactly 0 only in rows that have seen nothing but padded keys (every numerator is 0
+    there too): use 1, so those rows give zeros with finite gradients."""
+    return torch.where(den > 0, den, torch.ones_like(den))
+
+
 def _causal_block(q, k, v, alpha_k, alpha_v, k_num, k_den, k_max, v_num, v_den, v_max, chunk: int,
                   dropout_p: float):
     """One block of positions, vectorised over its chunks. Returns (out, *new state)."""
     length = q.size(2)
+    if length == 1:
+        return _causal_step(q, k, v, alpha_k, alpha_v, k_num, k_den, k_max, v_num, v_den, v_max, dropout_p)
     chunk = max(1, min(chunk, length))
     pad = (-length) % chunk
     if pad:  # tail positions that no key-side sum may count: score -inf
@@ -159,7 +169,7 @@ def _causal_block(q, k, v, alpha_k, alpha_v, k_num, k_den, k_max, v_num, v_den, 
     # keys: slot scores s[t, r] = q_t . K~_t[r]
     k_exps = torch.exp(ak - k_ends.unsqueeze(3))
     k_in_num, k_in_den, k_sum_num, k_sum_den = _carried(k_exps, kc, k_ends, k_num, k_den, k_max)
-    row_den = k_in_den.unsqueeze(3) + k_exps.cumsum(dim=3)
+    row_den = _nonzero(k_in_den.unsqueeze(3) + k_exps.cumsum(dim=3))
     qk = torch.matmul(qc, kc.transpose(-1, -2)).masked_fill(~causal, 0.0)
     row_num = torch.matmul(qk, k_exps) + torch.matmul(qc, k_in_num.transpose(-1, -2))
     probs = torch.softmax(row_num / row_den * dim ** -0.5, dim=-1)
@@ -169,13 +179,28 @@ def _causal_block(q, k, v, alpha_k, alpha_v, k_num, k_den, k_max, v_num, v_den, 
     # values: o_t = sum_r p[t, r] V~_t[r]
     v_exps = torch.exp(av - v_ends.unsqueeze(3))
     v_in_num, v_in_den, v_sum_num, v_sum_den = _carried(v_exps, vc, v_ends, v_num, v_den, v_max)
-    w = probs / (v_in_den.unsqueeze(3) + v_exps.cumsum(dim=3))
+    w = probs / _nonzero(v_in_den.unsqueeze(3) + v_exps.cumsum(dim=3))
     mix = torch.matmul(w, v_exps.transpose(-1, -2)).masked_fill(~causal, 0.0)
     out = torch.matmul(mix, vc) + torch.matmul(w, v_in_num)
     out = out.view(bsz, heads, padded, dim)[:, :, :length]
     return (out,
             k_in_num[:, :, -1] + k_sum_num[:, :, -1], k_in_den[:, :, -1] + k_sum_den[:, :, -1], k_ends[:, :, -1],
             v_in_num[:, :, -1] + v_sum_num[:, :, -1], v_in_den[:, :, -1] + v_sum_den[:, :, -1], v_ends[:, :, -1])
+
+
+def _causal_step(q, k, v, alpha_k, alpha_v, k_num, k_den, k_max, v_num, v_den, v_max, dropout_p: float):
+    """The recurrence for a single position (decoding): the reference is the new running maximum itself."""
+    def update(alpha, x, num, den, old_max):
+        new_max = torch.maximum(old_max, alpha.squeeze(2)).detach()
+        keep, add = torch.exp(old_max - new_max), torch.exp(alpha.squeeze(2) - new_max)
+        num = num * keep.unsqueeze(-1) + add.unsqueeze(-1) * x  # x (B, H, 1, d) broadcasts over the slots
+        return num, den * keep + add, new_max
+
+    k_num, k_den, k_max = update(alpha_k, k, k_num, k_den, k_max)
+    v_num, v_den, v_max = update(alpha_v, v, v_num, v_den, v_max)
+    # den >= 1: the term at the running maximum contributes exp(0)
+    out, _ = attend_slots(q, k_num / k_den.unsqueeze(-1), v_num / v_den.unsqueeze(-1), dropout_p=dropout_p)
+    return out, k_num, k_den, k_max, v_num, v_den, v_max
 
 
 def _redo_in_smaller_chunks(q, k, v, alpha_k, alpha_v, state, chunk, dropout_p):
@@ -190,14 +215,170 @@ def _redo_in_smaller_chunks(q, k, v, alpha_k, alpha_v, state, chunk, dropout_p):
     return (torch.cat(outs, dim=2), *state)
 
 
+def _decay_matrix(ends: Tensor) -> Tensor:
+    """(B, H, r, N, N): weight of chunk e's sums in the state entering chunk c (e < c), at chunk c's reference."""
+    ends_t = ends.transpose(-1, -2)  # (B, H, r, N)
+    n = ends_t.size(-1)
+    gaps = ends_t.unsqueeze(-2) - ends_t.unsqueeze(-1)  # [c, e] = ends[e] - ends[c] <= 0 for e < c
+    later = torch.ones(n, n, dtype=torch.bool, device=ends.device).triu()
+    return gaps.masked_fill_(later, float("-inf")).exp_()
+
+
+def _carry(decay, exps, x, ends, num0, den0, m0):
+    """Chunk sums and the numerator/denominator entering each chunk (at its end reference), r-major matmuls."""
+    sum_num = torch.matmul(exps.transpose(-1, -2), x)  # (B, H, N, r, d)
+    sum_den = exps.sum(dim=3)  # (B, H, N, r)
+    from_state = torch.exp(m0.unsqueeze(2) - ends)  # (B, H, N, r)
+    in_num = torch.matmul(decay, sum_num.transpose(2, 3)).transpose(2, 3) + from_state.unsqueeze(-1) * num0.unsqueeze(2)
+    in_den = torch.matmul(decay, sum_den.transpose(-1, -2).unsqueeze(-1)).squeeze(-1).transpose(-1, -2)
+    in_den = in_den + from_state * den0.unsqueeze(2)
+    return in_num, in_den, sum_num, sum_den
+
+
+def _reverse_cumsum(x: Tensor, dim: int) -> Tensor:
+    return x.sum(dim, keepdim=True) - x.cumsum(dim) + x
+
+
+class _ChunkedCausalABC(torch.autograd.Function):
+    """The chunked causal ABC of :func:`_causal_block` over a whole sequence (length a multiple of ``chunk``),
+    with a hand-written backward that saves only the inputs and O(L r + N r d) statistics and recomputes the
+    (chunk x chunk) matrices, so training memory does not grow with the chunk matrices of the whole sequence.
+    The chunk references ``k_ends``/``v_ends`` are constants (the result does not depend on them); the initial
+    state gets no gradient and the final state is not differentiable (decoding only)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, alpha_k, alpha_v, k_ends, v_ends, k_num, k_den, k_max, v_num, v_den, v_max,
+                chunk, dropout_p):
+        bsz, heads, length, dim = q.shape
+        n = length // chunk
+
+        def chunks(t):
+            return t.reshape(bsz, heads, n, chunk, t.size(-1))
+
+        # one contiguous copy each: batched matmuls would otherwise copy the strided heads at every use
+        qc, kc, vc = chunks(q.contiguous()), chunks(k.contiguous()), chunks(v.contiguous())
+        causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+        k_decay, v_decay = _decay_matrix(k_ends), _decay_matrix(v_ends)
+
+        k_exps = torch.exp(chunks(alpha_k) - k_ends.unsqueeze(3))
+        k_in_num, k_in_den, k_sum_num, k_sum_den = _carry(k_decay, k_exps, kc, k_ends, k_num, k_den, k_max)
+        k_row_den = _nonzero(k_in_den.unsqueeze(3) + k_exps.cumsum(dim=3))
+        qk = torch.matmul(qc, kc.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+        row_num = torch.matmul(qk, k_exps).add_(torch.matmul(qc, k_in_num.transpose(-1, -2)))
+        del qk
+        slot_scores = row_num / k_row_den
+        probs = torch.softmax(slot_scores * dim ** -0.5, dim=-1)
+        kept = None
+        dropped = probs
+        if dropout_p > 0.0:
+            dropped = F.dropout(probs, dropout_p, training=True)
+            kept = dropped != 0
+
+        v_exps = torch.exp(chunks(alpha_v) - v_ends.unsqueeze(3))
+        v_in_num, v_in_den, v_sum_num, v_sum_den = _carry(v_decay, v_exps, vc, v_ends, v_num, v_den, v_max)
+        v_row_den = _nonzero(v_in_den.unsqueeze(3) + v_exps.cumsum(dim=3))
+        w = dropped / v_row_den
+        mix = torch.matmul(w, v_exps.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+        out = torch.matmul(mix, vc)
+        _add_matmul_(out, w, v_in_num)
+        del mix
+        ctx.save_for_backward(q, k, v, alpha_k, alpha_v, k_ends, v_ends, k_in_num, v_in_num, k_row_den, v_row_den,
+                              slot_scores, probs, kept)
+        ctx.chunk, ctx.dropout_p = chunk, dropout_p
+        final = (k_in_num[:, :, -1] + k_sum_num[:, :, -1], k_in_den[:, :, -1] + k_sum_den[:, :, -1], k_ends[:, :, -1],
+                 v_in_num[:, :, -1] + v_sum_num[:, :, -1], v_in_den[:, :, -1] + v_sum_den[:, :, -1], v_ends[:, :, -1])
+        final = tuple(t.contiguous() for t in final)
+        ctx.mark_non_differentiable(*final)
+        return (out.view(bsz, heads, length, dim), *final)
+
+    @staticmethod
+    def backward(ctx, grad_out, *unused):
+        (q, k, v, alpha_k, alpha_v, k_ends, v_ends, k_in_num, v_in_num, k_row_den, v_row_den, slot_scores, probs,
+         kept) = ctx.saved_tensors
+        chunk, dropout_p = ctx.chunk, ctx.dropout_p
+        bsz, heads, length, dim = q.shape
+        n = length // chunk
+
+        def chunks(t):
+            return t.reshape(bsz, heads, n, chunk, t.size(-1))
+
+        qc, kc, vc, g_out = (chunks(t.contiguous()) for t in (q, k, v, grad_out))
+        causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+        dropped = probs if kept is None else probs * kept / (1.0 - dropout_p)
+
+        # values: out = tril(w E_v^T) V + w N_v,  w = dropped / den_v
+        v_exps = torch.exp(chunks(alpha_v) - v_ends.unsqueeze(3))
+        w = dropped / v_row_den
+        mix = torch.matmul(w, v_exps.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+        g_v = torch.matmul(mix.transpose(-1, -2), g_out)
+        del mix
+        g_mix = torch.matmul(g_out, vc.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+        g_w = torch.matmul(g_mix, v_exps)
+        _add_matmul_(g_w, g_out, v_in_num.transpose(-1, -2))
+        g_v_exps = torch.matmul(g_mix.transpose(-1, -2), w)
+        del g_mix
+        g_v_in_num = torch.matmul(w.transpose(-1, -2), g_out)  # (B, H, N, r, d)
+        g_v_den = -g_w * w / v_row_den
+        g_dropped = g_w / v_row_den
+        g_v_exps += _reverse_cumsum(g_v_den, 3)
+        g_v_exps, g_v = _carry_backward(_decay_matrix(v_ends), v_exps, vc, g_v_in_num, g_v_den.sum(3), g_v_exps, g_v)
+        g_alpha_v = (g_v_exps * v_exps).view(bsz, heads, length, -1)
+        del v_exps, g_v_exps
+
+        # slot softmax (and dropout)
+        g_probs = g_dropped if kept is None else g_dropped * kept / (1.0 - dropout_p)
+        g_scores = probs * (g_probs - (g_probs * probs).sum(-1, keepdim=True)) * dim ** -0.5
+        g_row_num = g_scores / k_row_den
+        g_k_den = -g_scores * slot_scores / k_row_den
+
+        # keys: row_num = tril(Q K^T) E_k + Q N_k^T
+        k_exps = torch.exp(chunks(alpha_k) - k_ends.unsqueeze(3))
+        qk = torch.matmul(qc, kc.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+        g_k_exps = torch.matmul(qk.transpose(-1, -2), g_row_num)
+        del qk
+        g_qk = torch.matmul(g_row_num, k_exps.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+        g_q = torch.matmul(g_qk, kc)
+        _add_matmul_(g_q, g_row_num, k_in_num)
+        g_k = torch.matmul(g_qk.transpose(-1, -2), qc)
+        del g_qk
+        g_k_in_num = torch.matmul(g_row_num.transpose(-1, -2), qc)
+        g_k_exps += _reverse_cumsum(g_k_den, 3)
+        g_k_exps, g_k = _carry_backward(_decay_matrix(k_ends), k_exps, kc, g_k_in_num, g_k_den.sum(3), g_k_exps, g_k)
+        g_alpha_k = (g_k_exps * k_exps).view(bsz, heads, length, -1)
+        shape = (bsz, heads, length, dim)
+        return (g_q.view(shape), g_k.view(shape), g_v.view(shape), g_alpha_k, g_alpha_v,
+                None, None, None, None, None, None, None, None, None, None)
+
+
+def _carry_backward(decay, exps, x, g_in_num, g_in_den, g_exps, g_x):
+    """Gradients through :func:`_carry` (sums of earlier chunks into each chunk's carried state)."""
+    decay_t = decay.transpose(-1, -2)
+    g_sum_num = torch.matmul(decay_t, g_in_num.transpose(2, 3)).transpose(2, 3)  # (B, H, N, r, d)
+    g_sum_den = torch.matmul(decay_t, g_in_den.transpose(-1, -2).unsqueeze(-1)).squeeze(-1).transpose(-1, -2)
+    _add_matmul_(g_exps, x, g_sum_num.transpose(-1, -2))
+    g_exps += g_sum_den.unsqueeze(3)
+    _add_matmul_(g_x, exps, g_sum_num)
+    return g_exps, g_x
+
+
+def _add_matmul_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """acc += a @ b over the leading batch dimensions, without a temporary for the product (acc contiguous)."""
+    acc.view(-1, *acc.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return acc
+
+
 def causal_abc(
     q: Tensor, k: Tensor, v: Tensor, alpha_k: Tensor, alpha_v: Tensor, state: Optional[ABCState] = None, *,
     chunk_size: int = 64, block_chunks: int = 16, dropout_p: float = 0.0, checkpoint_blocks: bool = True,
+    fused: bool = True,
 ) -> Tuple[Tensor, ABCState]:
     """Causal ABC of the queries sitting on the key positions: q, k, v (B, H, L, d), alpha_k/alpha_v (B, H, L, r).
 
-    ``state`` continues a sequence (decoding); the returned state covers it plus these L positions. Blocks of
-    ``block_chunks * chunk_size`` positions are checkpointed when gradients are needed (``checkpoint_blocks``).
+    ``state`` continues a sequence (decoding); the returned state covers it plus these L positions (it carries
+    no gradient). The whole sequence normally goes through one chunked autograd function with a hand-written,
+    recomputing backward (``fused``). Sequences whose scores jump by more than ~60 nats (float32) inside a chunk
+    take the exact fallback instead: plain autograd over blocks of ``block_chunks * chunk_size`` positions,
+    checkpointed when gradients are needed (``checkpoint_blocks``), offending blocks redone in smaller chunks.
     """
     if chunk_size < 1 or block_chunks < 1:
         raise ValueError(f"chunk_size ({chunk_size}) and block_chunks ({block_chunks}) must be positive")
@@ -208,6 +389,19 @@ def causal_abc(
     if state is None:
         state = empty_state(bsz, heads, alpha_k.size(-1), dim, dtype, q.device)
     state = tuple(t.to(dtype) for t in state)
+    if length > 1 and fused:
+        chunk = min(chunk_size, length)
+        pad = (-length) % chunk
+        padded = [F.pad(t, (0, 0, 0, pad)) for t in (q, k, v)] if pad else [q, k, v]
+        alphas = [F.pad(t, (0, 0, 0, pad), value=float("-inf")) if pad else t for t in (alpha_k, alpha_v)]
+        n = (length + pad) // chunk
+        with torch.no_grad():
+            k_ends, _, k_gap = _chunk_maxima(alphas[0].reshape(bsz, heads, n, chunk, -1), state[2])
+            v_ends, _, v_gap = _chunk_maxima(alphas[1].reshape(bsz, heads, n, chunk, -1), state[5])
+        if max(k_gap, v_gap) <= _max_gap(dtype):
+            out, *state = _ChunkedCausalABC.apply(*padded, *alphas, k_ends, v_ends, *state, chunk, dropout_p)
+            return out[:, :, :length].to(out_dtype), ABCState(*state)
+    # one position, or scores that jump too far inside a chunk: plain autograd, blocks redone in smaller chunks
     block = chunk_size * block_chunks
     save_memory = checkpoint_blocks and torch.is_grad_enabled() and length > chunk_size and any(
         t.requires_grad for t in (q, k, v, alpha_k, alpha_v, *state))

@@ -230,6 +230,212 @@ class _BlockedBand(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, None, None
 
 
+class _NarrowBand(torch.autograd.Function):
+    """Band attention for narrow bands, every block in one batched matmul (no Python loop over blocks).
+
+    Layout: each (batch, head) gets a segment of ``nbs * bq`` rows holding its queries at rows ``[a, a + Lq)``
+    and its keys at rows ``[a - query_offset, ...)``; all segments are laid end to end in one flat
+    (rows, head_dim) buffer, with ``left`` extra rows before and ``kb - bq - left >= right`` after. Then the
+    ``kb >= bq + left + right`` keys of query block ``n`` (over all segments) are flat rows ``[n*bq, n*bq + kb)``: one overlapping
+    ``as_strided`` view gives every block's window without copying, and one ``bmm`` scores them all. Gaps
+    between segments (at least ``left`` rows before and ``right`` after the real rows) are zero and masked, so
+    a real query's window never reaches another head's keys; the few all-gap query blocks are computed and
+    dropped. Forward saves the scaled queries, the flat keys/values and the probabilities
+    (``kb / head_dim`` of a query tensor); backward reuses them instead of recomputing scores, and folds the
+    window gradients back piece by piece with in-place ``baddbmm`` into flat key/value gradients, so no
+    (blocks, kb, head_dim) window gradient is ever materialised."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, extra, valid, band, layout, dropout_p, seed):
+        bq, a, nbs, query_offset, left, tail = layout
+        bsz, heads, tgt_len, head_dim = q.shape
+        src_len, kb = k.size(2), band.size(1)
+        n = bsz * heads * nbs
+        acc = _acc(q.dtype)
+        pad = (kb // bq - 1) * bq  # zero rows around the queries for the backward fold (see _fold)
+        qs_pad = _flat(q, pad, pad, nbs * bq, a, head_dim**-0.5)
+        qs = qs_pad[pad : pad + n * bq].view(n, bq, head_dim)
+        kp = _flat(k, left, tail, nbs * bq, a - query_offset)
+        vp = _flat(v, left, tail, nbs * bq, a - query_offset)
+        s = torch.bmm(qs, _NarrowBand._windows(kp, n, bq, kb).transpose(1, 2))
+        s = s.to(acc) if s.dtype != acc else s
+        s5 = s.view(bsz, heads, nbs, bq, kb)
+        if bias is None:
+            # band and key mask folded into one (B, 1, blocks, bq, kb) table: a single pass over the scores
+            allowed = valid.view(bsz, 1, nbs, 1, kb) & band.view(1, 1, 1, bq, kb)
+            s5 += torch.zeros((), dtype=acc, device=s.device).masked_fill(~allowed, torch.finfo(acc).min)
+        else:
+            s5 += _BlockedBand._band_bias(bias, band, acc).unsqueeze(1)
+            if not bool(valid.all()):
+                s5.masked_fill_(~valid.view(bsz, 1, nbs, 1, kb), torch.finfo(acc).min)
+        if extra is not None:
+            s5 += extra
+        p = torch.softmax(s, dim=-1)
+        del s, s5
+        p_used = p
+        if dropout_p > 0:
+            gen = torch.Generator(q.device).manual_seed(seed)
+            p_used = p * torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen).div_(1 - dropout_p)
+        out = torch.bmm(p_used.to(v.dtype), _NarrowBand._windows(vp, n, bq, kb))
+        del p_used
+        ctx.save_for_backward(qs_pad, kp, vp, p, bias, valid, band)
+        ctx.config = (layout, dropout_p, seed, q.shape, src_len)
+        return out.view(bsz, heads, nbs * bq, head_dim)[:, :, a : a + tgt_len]
+
+    @staticmethod
+    def _windows(xp, n, bq, kb):
+        """(n, kb, D) overlapping view: rows [i*bq, i*bq + kb) of the flat buffer for block i."""
+        return xp.as_strided((n, kb, xp.size(1)), (bq * xp.stride(0), xp.stride(0), xp.stride(1)), xp.storage_offset())
+
+    @staticmethod
+    def _skewed(n, bq, kb, like):
+        """(buffer, view): a zero-padded buffer in which :meth:`_fold` reads every key block's column pieces as
+        one matrix, and its (n, bq, kb) view to write the probabilities or score gradients into.
+
+        Block ``i`` sits at offset ``(i + G) * S`` with ``S = bq * (kb + 1)`` and ``G = kb / bq - 1`` zero blocks
+        on either side. Key block ``m`` is covered by column piece ``t`` (columns ``[t*bq, (t+1)*bq)``) of query
+        block ``m - t``; its entry (row r, column c of the piece) lies at ``m*S + G*bq + t'*bq*kb + r*kb + c``
+        with ``t' = G - t``, so the pieces for one key block form one (bq, kb) matrix of strides (1, kb)."""
+        pad = kb // bq - 1
+        stride = bq * (kb + 1)
+        buf = like.new_empty((n + 2 * pad) * stride)
+        buf[: pad * stride].zero_()
+        buf[(n + pad) * stride :].zero_()
+        return buf, buf.as_strided((n, bq, kb), (stride, kb, 1), pad * stride)
+
+    @staticmethod
+    def _fold(buf, rhs_pad, n, bq, kb):
+        """Flat key gradient (rows ``(n + G) * bq``) = for every key block ``m``, the sum over the ``G + 1``
+        query blocks whose windows cover it of (their piece of the window)^T @ (their rows of ``rhs``): a single
+        ``bmm`` of the skewed buffer (see :meth:`_skewed`) with overlapping windows of ``rhs_pad`` (``rhs`` with
+        ``G * bq`` zero rows on either side). No window gradient and no accumulation pass."""
+        pad = kb // bq - 1
+        head_dim = rhs_pad.size(1)
+        lhs = buf.as_strided((n + pad, bq, kb), (bq * (kb + 1), 1, kb), pad * bq)
+        rhs = rhs_pad.as_strided((n + pad, kb, head_dim), (bq * head_dim, head_dim, 1), rhs_pad.storage_offset())
+        return torch.bmm(lhs, rhs).view(-1, head_dim)
+
+    @staticmethod
+    def _write(view, a, b=None):
+        """view[...] = a (* b), casting to the view's dtype."""
+        if b is None:
+            view.copy_(a)
+        elif a.dtype == view.dtype and b.dtype == view.dtype:
+            torch.mul(a, b, out=view)
+        else:
+            view.copy_(a * b)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qs_pad, kp, vp, p, bias, valid, band = ctx.saved_tensors
+        (bq, a, nbs, query_offset, left, _), dropout_p, seed, q_shape, src_len = ctx.config
+        bsz, heads, tgt_len, head_dim = q_shape
+        n, kb = p.size(0), band.size(1)
+        pad = (kb // bq - 1) * bq
+        acc = p.dtype
+        seg = nbs * bq
+        go_pad = _flat(grad_out, pad, pad, seg, a)
+        go = go_pad[pad : pad + n * bq].view(n, bq, head_dim)
+        grad_p = torch.bmm(go, _NarrowBand._windows(vp, n, bq, kb).transpose(1, 2))
+        grad_p = grad_p.to(acc) if grad_p.dtype != acc else grad_p
+        buf, skewed = _NarrowBand._skewed(n, bq, kb, vp)
+        if dropout_p > 0:
+            gen = torch.Generator(p.device).manual_seed(seed)
+            keep = torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen).div_(1 - dropout_p)
+            _NarrowBand._write(skewed, p, keep)
+            grad_p *= keep
+            del keep
+        else:
+            _NarrowBand._write(skewed, p)
+        grad_vp = _NarrowBand._fold(buf, go_pad, n, bq, kb)
+        del go, go_pad
+        # rowsum(P * dP) (= rowsum(dO * O)) as a batched dot product: much faster than mul + sum over kb
+        delta = torch.bmm(p.view(-1, 1, kb), grad_p.view(-1, kb, 1)).view(n, bq, 1)
+        _NarrowBand._write(skewed, grad_p.sub_(delta), p)  # the score gradient, into the same skewed buffer
+        del delta, grad_p
+        grad_bias = None
+        if bias is not None:
+            grad_bias = skewed.view(bsz, heads, nbs, bq, kb).to(acc).sum(dim=(0, 2)).sum_to_size(bias.shape)
+            grad_bias = grad_bias.to(bias.dtype)
+        kw = _NarrowBand._windows(kp, n, bq, kb)
+        grad_q = torch.baddbmm(qs_pad.new_empty(()).expand(n, bq, head_dim), skewed, kw, beta=0,
+                               alpha=head_dim**-0.5)
+        grad_kp = _NarrowBand._fold(buf, qs_pad, n, bq, kb)  # qs is scaled: d(q.k*scale)/dk
+        start = a - query_offset
+
+        def keys(flat):
+            return flat[left : left + bsz * heads * seg].view(bsz, heads, seg, head_dim)[:, :, start : start + src_len]
+
+        grad_q = grad_q.view(bsz, heads, seg, head_dim)[:, :, a : a + tgt_len]
+        return grad_q, keys(grad_kp), keys(grad_vp), grad_bias, None, None, None, None, None, None
+
+
+def _flat(x: Tensor, lead: int, tail: int, seg: int, start: int, scale: Optional[float] = None) -> Tensor:
+    """(lead + B*H*seg + tail, D) buffer: x (B, H, L, D) at rows [start, start + L) of each (b, h) segment of
+    ``seg`` rows (scaled by ``scale``), zeros everywhere else."""
+    bsz, heads, length, head_dim = x.shape
+    body = bsz * heads * seg
+    buf = x.new_empty(lead + body + tail, head_dim)
+    buf[:lead].zero_()
+    buf[lead + body :].zero_()
+    segs = buf[lead : lead + body].view(bsz, heads, seg, head_dim)
+    segs[:, :, :start].zero_()
+    segs[:, :, start + length :].zero_()
+    if scale is None:
+        segs[:, :, start : start + length].copy_(x)
+    else:
+        torch.mul(x, scale, out=segs[:, :, start : start + length])
+    return buf
+
+
+def narrow_band_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    query_offset: int,
+    left: int,
+    right: int,
+    rel_bias: Optional[RelBias] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    block_size: int = 16,
+) -> Tensor:
+    """Band attention with all query blocks in one batched op (see :class:`_NarrowBand`); for narrow bands.
+
+    Needs ``0 <= query_offset <= left`` and every key within ``[query_offset - left, query_offset + tgt_len +
+    right)`` (what :func:`band_attention` leaves after cutting unreachable keys)."""
+    bsz, heads, tgt_len, head_dim = q.shape
+    src_len = k.size(2)
+    if not (query_offset <= left and src_len - query_offset <= tgt_len + right):
+        raise ValueError(f"keys reach outside the band: offset {query_offset}, left {left}, right {right}, "
+                         f"{tgt_len} queries, {src_len} keys")
+    bq = block_size
+    # windows a whole number of blocks wide: every piece of the backward fold is then a plain (n, bq, D) view
+    kb = math.ceil((bq + left + right) / bq) * bq
+    tail = kb - bq - left  # >= right: window rows after a block's last query
+    a = math.ceil(left / bq) * bq  # first real query row of a segment: the first window starts in the segment
+    nbs = (a + tgt_len + bq - 1) // bq + math.ceil(tail / bq)  # the last real window ends in the segment
+    seg = nbs * bq
+    rel = torch.arange(bq, device=q.device).unsqueeze(1) + left - torch.arange(kb, device=q.device).unsqueeze(0)
+    band = (rel <= left) & (rel >= -right)
+    bias = None if rel_bias is None else rel_bias(rel)  # (H, bq, kb)
+    start = query_offset - a - left  # key index of window column 0 of segment block 0
+    extra = None
+    if attn_mask is not None:
+        rows = F.pad(attn_mask, (0, 0, a, seg - a - tgt_len)).view(*attn_mask.shape[:2], nbs, bq, src_len)
+        cols = _windows(rows, 4, start, kb, bq, nbs, 0.0)  # (.., nbs, bq, nbs, kb)
+        extra = torch.diagonal(cols, dim1=2, dim2=4).permute(0, 1, 4, 2, 3).to(_acc(q.dtype)).contiguous()
+    valid = torch.ones(bsz, src_len, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        valid = ~key_padding_mask
+    valid = _windows(valid, 1, start, kb, bq, nbs, False).contiguous()  # (B, nbs, kb)
+    seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
+    layout = (bq, a, nbs, query_offset, left, tail)
+    return _NarrowBand.apply(q, k, v, bias, extra, valid, band, layout, dropout_p, seed)
+
+
 def blocked_band_attention(
     q: Tensor,
     k: Tensor,
@@ -266,6 +472,12 @@ def blocked_band_attention(
     valid = _windows(valid, 1, start, kb, bq, nblocks, False).contiguous()  # (B, nb, kb)
     seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
     return _BlockedBand.apply(q, k, v, bias, extra, valid, band, start, bq, dropout_p, seed)
+
+
+def _narrow_block(span: int, head_dim: int) -> int:
+    """Query block of the narrow path: about the span (smaller blocks waste fewer scores on the band's
+    corners, larger ones make each small matmul more efficient), keeping kb = block + span <= 2 head_dim."""
+    return max(8, min(32, 1 << max(0, int(span).bit_length() - 1), 2 * head_dim - span))
 
 
 def band_attention(
@@ -317,7 +529,17 @@ def band_attention(
         causal = right_active  # right == 0 here
         return _sdpa(q, k, v, query_offset=query_offset, causal=causal, key_padding_mask=key_padding_mask,
                      attn_mask=attn_mask, dropout_p=dropout_p), None
-    span = (left if left_active else max(0, max_rel)) + (right if right_active else max(0, -min_rel))
+    band_left = left if left_active else max(0, max_rel)
+    band_right = right if right_active else max(0, -min_rel)
+    span = band_left + band_right
+    if block_size is None and span <= q.size(-1) and tgt_len * src_len > _DENSE_PAIRS:
+        # narrow band: one batched op over all blocks, probabilities kept for backward (kb / head_dim of a
+        # query tensor, at most 2x)
+        return narrow_band_attention(
+            q, k, v, query_offset=query_offset, left=band_left, right=band_right, rel_bias=rel_bias,
+            key_padding_mask=key_padding_mask, attn_mask=attn_mask, dropout_p=dropout_p,
+            block_size=_narrow_block(span, q.size(-1)),
+        ), None
     if block_size is None:
         # 64-query blocks were fastest on CPU for spans of 64 and more; shorter spans waste less with smaller blocks
         block_size = max(16, min(64, 1 << max(0, int(span + 1).bit_length() - 1)))
@@ -328,8 +550,7 @@ def band_attention(
         )
         return out, None
     out = blocked_band_attention(
-        q, k, v, query_offset=query_offset,
-        left=left if left_active else max(0, max_rel), right=right if right_active else max(0, -min_rel),
+        q, k, v, query_offset=query_offset, left=band_left, right=band_right,
         rel_bias=rel_bias, key_padding_mask=key_padding_mask, attn_mask=attn_mask, dropout_p=dropout_p,
         block_size=block_size,
     )

@@ -29,7 +29,16 @@ class Landmarks(NamedTuple):
 
     def means(self, x: Tensor) -> Tensor:
         """(B, H, L, D) -> (B, H, m, D) segment means."""
-        return torch.matmul(self.weights.unsqueeze(1).to(x.dtype), x)
+        batch, heads, length, dim = x.shape
+        # one (m, L) @ (L, H*D) product per sequence on the (B, L, H*D) layout (a view of fairseq's heads): no
+        # per-head copy of the averaging matrix is made or saved for backward
+        flat = x.transpose(1, 2).reshape(batch, length, heads * dim)
+        weights = self.weights.to(x.dtype)
+        if weights.size(0) == 1:
+            out = torch.matmul(weights[0], flat) if batch == 1 else torch.einsum("ml,ble->bme", weights[0], flat)
+        else:
+            out = torch.bmm(weights, flat)
+        return out.view(batch, -1, heads, dim).transpose(1, 2)
 
 
 def _neg(dtype: torch.dtype) -> float:
@@ -218,7 +227,7 @@ def lara_attention(
 
     def approx(key_padding_mask):
         mu = landmarks.means(q) + k_lm  # (B, H, m, D)
-        omega = mu + torch.randn_like(mu) if noise else mu
+        omega = mu + torch.randn(mu.shape, dtype=mu.dtype, device=mu.device) if noise else mu
         key_sq = torch.linalg.vector_norm(k, dim=-1).square()  # (B, H, L)
         log_phi_k = torch.matmul(omega * scale, k.transpose(-1, -2)) - (0.5 * scale) * key_sq.unsqueeze(-2)
         if key_padding_mask is not None:

@@ -6,10 +6,12 @@ column ``g`` iff ``glob_valid[b, g]`` and ``i >= glob_start[g]`` (noncausal land
 compressed chunks become visible once they lie entirely left of the query's window). Both kinds of scores share
 one softmax, as in the paper ("[LN_G(P^T K); LN_L(K)]"), so the two branches compete for the same probability mass.
 
-Queries go in blocks of ``bq``; block ``b`` scores the ``bq + left + right`` keys of its band, taken as one strided
-view of the padded keys (``unfold``), plus the global columns visible to its last query. Forward keeps only the
-inputs and the output; backward recomputes the probabilities group by group (flash-attention style), so memory is
-O(L * head_dim) plus one bounded group of scores, whatever the window.
+:func:`long_short_attention` (training and full-sequence inference) is one autograd node, :class:`_LongShort`:
+queries go in blocks of ``bq``; block ``b`` scores the ``bq + left + right`` keys of its band, taken as one strided
+view of the padded normalised keys (``unfold``, all blocks of a group at once), plus the global columns visible to
+its group's last query. Forward keeps the normalised keys/values, q and the output; backward recomputes the
+probabilities group by group (flash-attention style), so memory is a few L x D tensors plus one bounded group of
+scores, whatever the window. :func:`dense_joint_attention` is the same math with a full score matrix (decoding).
 """
 import math
 from typing import Optional, Tuple
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["joint_window_global_attention", "dense_joint_attention", "head_layer_norm"]
+__all__ = ["long_short_attention", "dense_joint_attention", "compress_chunks", "head_layer_norm"]
 
 # elements of one (B, H, blocks, bq, keys) score tensor per group: bounds the transient memory
 _GROUP_ELEMENTS = 1 << 18
@@ -63,7 +65,145 @@ def dense_joint_attention(
     return torch.matmul(p[..., :n_glob], vg) + torch.matmul(p[..., n_glob:], v)
 
 
-class _JointBlocked(torch.autograd.Function):
+def _rows(x: Tensor, start: int, length: int) -> Tensor:
+    """Rows ``start .. start+length-1`` of ``x`` (B, H, L, D) along dim 2, zeros outside ``[0, L)``."""
+    lo, hi = max(0, start), min(x.size(2), start + length)
+    if lo >= hi:
+        return x.new_zeros(x.size(0), x.size(1), length, x.size(3))
+    piece = x[:, :, lo:hi]
+    if lo - start or start + length - hi:
+        piece = F.pad(piece, (0, 0, lo - start, start + length - hi))
+    return piece
+
+
+def _softmax_backward(p: Tensor, grad_p: Tensor, dim: int) -> Tensor:
+    return p * (grad_p - (p * grad_p).sum(dim, keepdim=True))
+
+
+class _LongShort(torch.autograd.Function):
+    """The whole long-short attention of one layer (after the q/k/v projections) as one autograd node.
+
+    Keys and values are layer-normalised once (``y = (x - mean) * rstd``, before the per-head affine
+    ``kn = y * w + b``) into padded buffers; forward saves only ``y``, ``rstd``, q, the small projection weights
+    ``A`` and the output (an (L, B, H, D) buffer, so the caller's permute + reshape is a view and the tensor is
+    shared with what ``out_proj`` saves). Backward recomputes the probabilities block by block and accumulates
+    the key/value gradients in place: memory stays a few L x D tensors.
+
+    The affine never touches an L x D tensor: band scores are ``(q * w) . y_j`` (the per-query constant ``q . b``
+    is subtracted from the global scores instead, which leaves the softmax unchanged), band values are
+    ``w * (P y) + b * sum(P)``, and the global columns use ``A^T kn = w * (A^T y) + b`` (``A`` sums to one).
+    """
+
+    @staticmethod
+    def _small_graph(zk, zv, w, b, gw, gb, proj_w, proj_b):
+        """The global keys/values and the effective logit map, from small tensors only."""
+        kg = head_layer_norm(zk * w.unsqueeze(1) + b.unsqueeze(1), gw, gb)
+        vg = head_layer_norm(zv * w.unsqueeze(1) + b.unsqueeze(1), gw, gb)
+        w_eff = w.unsqueeze(-1) * proj_w  # logits = kn @ proj_w + proj_b = y @ w_eff + b_eff
+        b_eff = torch.einsum("hd,hdr->hr", b, proj_w) + proj_b
+        return kg, vg, w_eff, b_eff
+
+    @staticmethod
+    def forward(ctx, q, k, v, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad, cfg):
+        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per = cfg
+        bsz, heads, length, dim = q.shape
+        acc = _acc(q.dtype)
+        neg = torch.finfo(acc).min
+        rank = proj_w.size(-1)
+        nblocks = math.ceil(length / bq)
+        kb = bq + left + right
+        span = (nblocks - 1) * bq + kb
+        # normalised keys/values in zero-padded buffers: row r holds key r - left
+        y_kp = q.new_zeros(bsz, heads, span, dim)
+        y_vp = q.new_zeros(bsz, heads, span, dim)
+        rstd = q.new_empty(2, bsz, heads, length)
+        for i, (x, yp) in enumerate(((k, y_kp), (v, y_vp))):
+            for a in range(0, length, rows_per):
+                n = min(rows_per, length - a)
+                y, _, r = torch.native_layer_norm(x[:, :, a:a + n], (dim,), None, None, 1e-5)
+                yp[:, :, left + a:left + a + n] = y
+                rstd[i, :, :, a:a + n] = r.squeeze(-1)
+        y_k, y_v = y_kp[:, :, left:left + length], y_vp[:, :, left:left + length]
+        # ---- global columns: landmarks (noncausal) / compressed chunks (causal)
+        used = n_chunks * chunk if causal else length
+        w_eff = ln_l_w.unsqueeze(-1) * proj_w
+        b_eff = torch.einsum("hd,hdr->hr", ln_l_b, proj_w) + proj_b
+        logits = (torch.matmul(y_k[:, :, :used], w_eff) + b_eff.unsqueeze(1)).to(acc)
+        glob_valid = None
+        if key_pad is not None:
+            logits.masked_fill_(key_pad[:, :used].view(bsz, 1, used, 1), neg)
+        if causal:
+            weights = torch.softmax(logits.view(bsz, heads, n_chunks, chunk, rank), dim=3).view(bsz, heads, used, rank)
+            if key_pad is not None:
+                glob_valid = (~key_pad[:, :used]).view(bsz, n_chunks, chunk).any(-1).repeat_interleave(rank, dim=1)
+        else:
+            weights = torch.softmax(logits, dim=2)
+        del logits
+        weights = weights.to(q.dtype)
+        zk = _LongShort._project(y_k, weights, causal, chunk)
+        zv = _LongShort._project(y_v, weights, causal, chunk)
+        kg, vg, _, _ = _LongShort._small_graph(zk, zv, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b)
+        kg_s, vg_s = kg - ln_l_b.unsqueeze(1), vg - ln_l_b.unsqueeze(1)  # shifted by the local bias (see above)
+        glob_start = _LongShort._glob_start(causal, kg.size(2), rank, chunk, left, q.device)
+        # ---- joint attention, query blocks
+        band_bad, glob_bad = _LongShort._masks(key_pad, glob_valid, glob_start, bsz, length, nblocks, bq, kb, left,
+                                               right, q.device)
+        buf = q.new_empty(length, bsz, heads, dim)
+        out = buf.permute(1, 2, 0, 3)
+        gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
+        w5 = ln_l_w.view(1, heads, 1, 1, dim)
+        b5 = ln_l_b.view(1, heads, 1, 1, dim)
+        for g0, g1 in _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2)):
+            count = g1 - g0
+            n_vis = _LongShort._visible(glob_start, g1, bq)
+            qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, band_bad, glob_bad, n_vis, acc)
+            p = torch.softmax(s, dim=-1)
+            if gen is not None:
+                p = p * torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen) / (1 - dropout_p)
+            p = p.to(q.dtype)
+            vw = _LongShort._window(y_vp, g0, g1, bq, kb)
+            o = torch.matmul(p[..., n_vis:], vw).mul_(w5).add_(b5)
+            if n_vis:
+                o += torch.matmul(p[..., :n_vis].reshape(bsz, heads, count * bq, n_vis),
+                                  vg_s[:, :, :n_vis]).view(bsz, heads, count, bq, dim)
+            hi = min(length, g1 * bq)
+            out[:, :, g0 * bq:hi] = o.view(bsz, heads, -1, dim)[:, :, :hi - g0 * bq]
+        ctx.save_for_backward(q, y_kp, y_vp, rstd, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad,
+                              weights, zk, zv, out)
+        ctx.cfg = cfg
+        return out
+
+    # ------------------------------------------------------------------------------------------ helpers
+    @staticmethod
+    def _project(y, weights, causal, chunk):
+        """``A^T y`` per global column (B, H, G, D)."""
+        bsz, heads, _, dim = y.shape
+        used, rank = weights.size(2), weights.size(3)
+        if causal:
+            m = used // chunk
+            res = torch.matmul(weights.reshape(bsz, heads, m, chunk, rank).transpose(-1, -2),
+                               y[:, :, :used].reshape(bsz, heads, m, chunk, dim))
+            return res.reshape(bsz, heads, m * rank, dim)
+        return torch.matmul(weights.transpose(-1, -2), y)
+
+    @staticmethod
+    def _glob_start(causal, n_cols, rank, chunk, left, device):
+        if not causal:
+            return torch.zeros(n_cols, dtype=torch.long, device=device)
+        # compressed chunk m is visible from the query whose window (left + 1 keys) starts after the chunk's end
+        return (torch.arange(n_cols, device=device) // rank + 1) * chunk - 1 + left + 1
+
+    @staticmethod
+    def _valid_windows(key_pad, bsz, length, nblocks, bq, kb, left, device):
+        span = (nblocks - 1) * bq + kb
+        valid = torch.ones(bsz, length, dtype=torch.bool, device=device) if key_pad is None else ~key_pad
+        return F.pad(valid, (left, span - left - length), value=False).unfold(1, kb, bq).contiguous()
+
+    @staticmethod
+    def _band_bad(bq, kb, left, right, device):
+        rel = torch.arange(bq, device=device).unsqueeze(1) + left - torch.arange(kb, device=device)
+        return (rel > left) | (rel < -right)
+
     @staticmethod
     def _groups(bsz, heads, nblocks, bq, width):
         step = max(1, _GROUP_ELEMENTS // (bsz * heads * bq * width))
@@ -74,164 +214,206 @@ class _JointBlocked(torch.autograd.Function):
         """Global columns visible to some query of blocks < g1 (glob_start is non-decreasing)."""
         if glob_start.numel() == 0:
             return 0
-        return int(torch.searchsorted(glob_start, torch.tensor([g1 * bq - 1], device=glob_start.device),
-                                      right=True)[0])
+        return int((glob_start <= g1 * bq - 1).sum())
 
     @staticmethod
-    def _scores(qs, kp, kg, g0, g1, bq, kb, band_bad, valid_w, glob_valid, glob_start, n_vis, acc):
-        """Masked joint scores (B, H, G, bq, n_vis + kb) of blocks g0..g1-1."""
-        bsz, heads, _, _, dim = qs.shape
-        count = g1 - g0
-        qb = qs[:, :, g0:g1]
-        kw = kp.narrow(2, g0 * bq, (count - 1) * bq + kb).unfold(2, kb, bq)  # (B, H, G, D, kb)
-        sw = torch.matmul(qb, kw).to(acc)
-        bad = band_bad.view(1, 1, bq, kb) | ~valid_w[:, g0:g1].unsqueeze(2)  # (B, G, bq, kb)
-        sw.masked_fill_(bad.unsqueeze(1), torch.finfo(acc).min)
-        if n_vis == 0:
-            return sw, kw
-        sg = torch.matmul(qb.reshape(bsz, heads, count * bq, dim), kg[:, :, :n_vis].transpose(-1, -2)).to(acc)
-        pos = torch.arange(g0 * bq, g1 * bq, device=qs.device)
-        gbad = (pos.unsqueeze(1) < glob_start[:n_vis].unsqueeze(0)).view(1, count * bq, n_vis)
+    def _window(xp, g0, g1, bq, kb):
+        """(B, H, G, kb, D) windows of a padded buffer for blocks g0..g1-1 (a view)."""
+        return xp.narrow(2, g0 * bq, (g1 - g0 - 1) * bq + kb).unfold(2, kb, bq).transpose(-1, -2)
+
+    @staticmethod
+    def _masks(key_pad, glob_valid, glob_start, bsz, length, nblocks, bq, kb, left, right, device):
+        """Disallowed band scores (B, nblocks, bq, kb) and global scores (B|1, nblocks * bq, G), built once."""
+        band = _LongShort._band_bad(bq, kb, left, right, device).view(1, 1, bq, kb)
+        band_bad = band | ~_LongShort._valid_windows(key_pad, bsz, length, nblocks, bq, kb, left, device).unsqueeze(2)
+        pos = torch.arange(nblocks * bq, device=device)
+        glob_bad = (pos.unsqueeze(1) < glob_start.unsqueeze(0)).unsqueeze(0)
         if glob_valid is not None:
-            gbad = gbad | ~glob_valid[:, :n_vis].unsqueeze(1)
-        sg.masked_fill_(gbad.unsqueeze(1), torch.finfo(acc).min)
-        return torch.cat([sg.view(bsz, heads, count, bq, n_vis), sw], dim=-1), kw
+            glob_bad = glob_bad | ~glob_valid.unsqueeze(1)
+        return band_bad, glob_bad
 
     @staticmethod
-    def forward(ctx, q, k, v, kg, vg, valid_w, glob_valid, glob_start, left, right, bq, dropout_p, seed):
-        bsz, heads, length, dim = q.shape
-        nblocks = valid_w.size(1)
-        kb = bq + left + right
-        acc = _acc(q.dtype)
-        span = (nblocks - 1) * bq + kb
-        qs = F.pad(q * dim**-0.5, (0, 0, 0, nblocks * bq - length)).view(bsz, heads, nblocks, bq, dim)
-        kp = F.pad(k, (0, 0, left, span - left - length))
-        vp = F.pad(v, (0, 0, left, span - left - length))
-        rel = torch.arange(bq, device=q.device).unsqueeze(1) + left - torch.arange(kb, device=q.device)
-        band_bad = (rel > left) | (rel < -right)
-        out = q.new_empty(bsz, heads, nblocks, bq, dim)
-        gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
-        width = kb + kg.size(2)
-        for g0, g1 in _JointBlocked._groups(bsz, heads, nblocks, bq, width):
-            n_vis = _JointBlocked._visible(glob_start, g1, bq)
-            s, _ = _JointBlocked._scores(qs, kp, kg, g0, g1, bq, kb, band_bad, valid_w, glob_valid, glob_start,
-                                         n_vis, acc)
-            p = torch.softmax(s, dim=-1)
-            if gen is not None:
-                p = p * torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen) / (1 - dropout_p)
-            p = p.to(v.dtype)
-            vw = vp.narrow(2, g0 * bq, (g1 - g0 - 1) * bq + kb).unfold(2, kb, bq)  # (B, H, G, D, kb)
-            o = torch.matmul(p[..., n_vis:], vw.transpose(-1, -2))
-            if n_vis:
-                count = g1 - g0
-                o += torch.matmul(p[..., :n_vis].reshape(bsz, heads, count * bq, n_vis),
-                                  vg[:, :, :n_vis]).view(bsz, heads, count, bq, dim)
-            out[:, :, g0:g1] = o
-        ctx.save_for_backward(q, k, v, kg, vg, valid_w, glob_valid, glob_start, out)
-        ctx.config = (left, right, bq, dropout_p, seed)
-        return out.view(bsz, heads, nblocks * bq, dim)[:, :, :length].contiguous()
+    def _block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, band_bad, glob_bad, n_vis, acc):
+        """Scaled queries (B, H, G, bq, D) and the masked joint scores (B, H, G, bq, n_vis + kb) of query
+        blocks g0..g1-1 (band scores against y with the local weight folded into the queries)."""
+        bsz, heads, _, dim = q.shape
+        count = g1 - g0
+        qs = _rows(q, g0 * bq, count * bq).mul(dim**-0.5).reshape(bsz, heads, count, bq, dim)
+        yw = _LongShort._window(y_kp, g0, g1, bq, kb)
+        sw = torch.matmul(qs * w5, yw.transpose(-1, -2)).to(acc)
+        sw.masked_fill_(band_bad[:, g0:g1].unsqueeze(1), torch.finfo(acc).min)
+        if n_vis == 0:
+            return qs, sw
+        sg = torch.matmul(qs.view(bsz, heads, count * bq, dim), kg_s[:, :, :n_vis].transpose(-1, -2)).to(acc)
+        sg.masked_fill_(glob_bad[:, g0 * bq:g1 * bq, :n_vis].unsqueeze(1), torch.finfo(acc).min)
+        return qs, torch.cat([sg.view(bsz, heads, count, bq, n_vis), sw], dim=-1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, kg, vg, valid_w, glob_valid, glob_start, out = ctx.saved_tensors
-        left, right, bq, dropout_p, seed = ctx.config
+        (q, y_kp, y_vp, rstd, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad, weights, zk, zv,
+         out) = ctx.saved_tensors
+        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per = ctx.cfg
         bsz, heads, length, dim = q.shape
-        nblocks = valid_w.size(1)
-        kb = bq + left + right
         acc = _acc(q.dtype)
-        span = (nblocks - 1) * bq + kb
-        pieces = math.ceil(kb / bq)
+        rank = proj_w.size(-1)
         scale = dim**-0.5
-        qs = F.pad(q * scale, (0, 0, 0, nblocks * bq - length)).view(bsz, heads, nblocks, bq, dim)
-        kp = F.pad(k, (0, 0, left, span - left - length))
-        vp = F.pad(v, (0, 0, left, span - left - length))
-        rel = torch.arange(bq, device=q.device).unsqueeze(1) + left - torch.arange(kb, device=q.device)
-        band_bad = (rel > left) | (rel < -right)
-        go = F.pad(grad_out, (0, 0, 0, nblocks * bq - length)).view_as(out)
-        delta = (go.to(acc) * out.to(acc)).sum(-1)  # rowsum(dO * O) = rowsum(P * dP)
-        grad_q = torch.zeros_like(qs)
-        grad_kp = q.new_zeros(bsz, heads, (nblocks + pieces) * bq, dim)
-        grad_vp = torch.zeros_like(grad_kp)
-        grad_kg = torch.zeros_like(kg)
-        grad_vg = torch.zeros_like(vg)
+        leaves = [t.detach().requires_grad_() for t in (zk, zv, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b)]
+        with torch.enable_grad():
+            kg_r, vg_r, w_eff_r, b_eff_r = _LongShort._small_graph(*leaves)
+        kg, vg, w_eff = kg_r.detach(), vg_r.detach(), w_eff_r.detach()
+        b_l = ln_l_b.unsqueeze(1)
+        kg_s, vg_s = kg - b_l, vg - b_l
+        glob_valid = None
+        used = n_chunks * chunk if causal else length
+        if causal and key_pad is not None:
+            glob_valid = (~key_pad[:, :used]).view(bsz, n_chunks, chunk).any(-1).repeat_interleave(rank, dim=1)
+        glob_start = _LongShort._glob_start(causal, kg.size(2), rank, chunk, left, q.device)
+        nblocks = math.ceil(length / bq)
+        kb = bq + left + right
+        pieces = math.ceil(kb / bq)
+        band_bad, glob_bad = _LongShort._masks(key_pad, glob_valid, glob_start, bsz, length, nblocks, bq, kb, left,
+                                               right, q.device)
+        w5 = ln_l_w.view(1, heads, 1, 1, dim)
+        # gradients w.r.t. the normalised keys/values kn, vn over padded rows, in (L, B, H, D) layouts so that
+        # the projections' backward gets contiguous (L, B, D) gradients; row r is key r - left
+        padded = (nblocks + pieces) * bq
+        gk_buf = q.new_zeros(padded, bsz, heads, dim)
+        gv_buf = torch.zeros_like(gk_buf)
+        grad_kp, grad_vp = gk_buf.permute(1, 2, 0, 3), gv_buf.permute(1, 2, 0, 3)
+        gq_buf = q.new_empty(length, bsz, heads, dim)
+        grad_q = gq_buf.permute(1, 2, 0, 3)
+        grad_kg, grad_vg = torch.zeros_like(kg), torch.zeros_like(vg)
         gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
-        width = kb + kg.size(2)
-        for g0, g1 in _JointBlocked._groups(bsz, heads, nblocks, bq, width):
+        for g0, g1 in _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2)):
             count = g1 - g0
-            n_vis = _JointBlocked._visible(glob_start, g1, bq)
-            s, kw = _JointBlocked._scores(qs, kp, kg, g0, g1, bq, kb, band_bad, valid_w, glob_valid, glob_start,
-                                          n_vis, acc)
+            rows = count * bq
+            n_vis = _LongShort._visible(glob_start, g1, bq)
+            qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, band_bad, glob_bad, n_vis, acc)
             p = torch.softmax(s, dim=-1)
-            vw = vp.narrow(2, g0 * bq, (count - 1) * bq + kb).unfold(2, kb, bq)  # (B, H, G, D, kb)
-            g_out = go[:, :, g0:g1]
-            grad_p_w = torch.matmul(g_out, vw)  # (B, H, G, bq, kb)
+            g_out = _rows(grad_out, g0 * bq, rows).reshape(bsz, heads, count, bq, dim)
+            o = _rows(out, g0 * bq, rows).reshape(bsz, heads, count, bq, dim)
+            # band entries of dP lack the per-row constant dO . b (as the global ones, via vg_s): shift delta too
+            delta = (g_out.to(acc) * (o - b_l.unsqueeze(1)).to(acc)).sum(-1, keepdim=True)
+            kw = _LongShort._window(y_kp, g0, g1, bq, kb)
+            vw = _LongShort._window(y_vp, g0, g1, bq, kb)
+            grad_p = torch.matmul(g_out * w5, vw.transpose(-1, -2))  # (B, H, G, bq, kb)
             if n_vis:
-                grad_p_g = torch.matmul(g_out.reshape(bsz, heads, count * bq, dim), vg[:, :, :n_vis].transpose(-1, -2))
-                grad_p = torch.cat([grad_p_g.view(bsz, heads, count, bq, n_vis), grad_p_w], -1).to(acc)
-            else:
-                grad_p = grad_p_w.to(acc)
+                gp_g = torch.matmul(g_out.reshape(bsz, heads, rows, dim), vg_s[:, :, :n_vis].transpose(-1, -2))
+                grad_p = torch.cat([gp_g.view(bsz, heads, count, bq, n_vis), grad_p], -1)
+            grad_p = grad_p.to(acc)
             if gen is not None:
                 keep = torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen) / (1 - dropout_p)
-                p_used, grad_p = p * keep, grad_p * keep
+                p_used, grad_p = (p * keep).to(q.dtype), grad_p * keep
             else:
-                p_used = p
-            p_used = p_used.to(v.dtype)
-            grad_s = grad_p.sub_(delta[:, :, g0:g1].unsqueeze(-1)).mul_(p).to(q.dtype)
-            grad_s_w = grad_s[..., n_vis:]
-            gq = torch.matmul(grad_s_w, kw.transpose(-1, -2))
-            grad_vw = torch.matmul(p_used[..., n_vis:].transpose(-1, -2), g_out)  # (B, H, G, kb, D)
-            grad_kw = torch.matmul(grad_s_w.transpose(-1, -2), qs[:, :, g0:g1])  # qs is pre-scaled
+                p_used = p.to(q.dtype)
+            grad_s = grad_p.sub_(delta).mul_(p).to(q.dtype)
+            gs_w = grad_s[..., n_vis:]
+            gq = torch.matmul(gs_w, kw).mul_(w5)  # d(q . kn) / dq with kn = y * w + b, minus the b part ...
+            gq += gs_w.sum(-1, keepdim=True) * ln_l_b.view(1, heads, 1, 1, dim)  # ... added back here
+            grad_kw = torch.matmul(gs_w.transpose(-1, -2), qs)  # d kn, (B, H, G, kb, D); qs is pre-scaled
+            grad_vw = torch.matmul(p_used[..., n_vis:].transpose(-1, -2), g_out)  # d vn
             if n_vis:
-                rows = count * bq
-                grad_s_g = grad_s[..., :n_vis].reshape(bsz, heads, rows, n_vis)
-                gq += torch.matmul(grad_s_g, kg[:, :, :n_vis]).view(bsz, heads, count, bq, dim)
-                grad_kg[:, :, :n_vis] += torch.matmul(grad_s_g.transpose(-1, -2), qs[:, :, g0:g1].reshape(bsz, heads, rows, dim))
-                grad_vg[:, :, :n_vis] += torch.matmul(p_used[..., :n_vis].reshape(bsz, heads, rows, n_vis).transpose(-1, -2),
-                                                      g_out.reshape(bsz, heads, rows, dim))
-            grad_q[:, :, g0:g1] = gq * scale
-            # fold each block's window gradient back onto key rows, bq rows (one "piece") at a time: piece t of
-            # block b covers padded rows (b + t) * bq ..; consecutive blocks' pieces are consecutive rows
+                gs_g = grad_s[..., :n_vis].reshape(bsz, heads, rows, n_vis)
+                gq += torch.matmul(gs_g, kg[:, :, :n_vis]).view(bsz, heads, count, bq, dim)
+                grad_kg[:, :, :n_vis] += torch.matmul(gs_g.transpose(-1, -2), qs.reshape(bsz, heads, rows, dim))
+                grad_vg[:, :, :n_vis] += torch.matmul(
+                    p_used[..., :n_vis].reshape(bsz, heads, rows, n_vis).transpose(-1, -2),
+                    g_out.reshape(bsz, heads, rows, dim))
+            hi = min(length, g1 * bq)
+            grad_q[:, :, g0 * bq:hi] = (gq * scale).view(bsz, heads, rows, dim)[:, :, :hi - g0 * bq]
+            # fold each block's window gradient back onto the padded key rows one bq-row piece at a time: piece
+            # t of block b covers rows (b + t) * bq ..., and consecutive blocks' pieces are consecutive rows
             for grad_w, grad_buf in ((grad_kw, grad_kp), (grad_vw, grad_vp)):
                 grad_w = F.pad(grad_w, (0, 0, 0, pieces * bq - kb)).view(bsz, heads, count, pieces, bq, dim)
                 for t in range(pieces):
-                    grad_buf[:, :, (g0 + t) * bq:(g1 + t) * bq] += grad_w[:, :, :, t].reshape(bsz, heads, count * bq, dim)
-        grad_k = grad_kp[:, :, left:left + length]
-        grad_v = grad_vp[:, :, left:left + length]
-        grad_q = grad_q.view(bsz, heads, nblocks * bq, dim)[:, :, :length]
-        return grad_q, grad_k, grad_v, grad_kg, grad_vg, None, None, None, None, None, None, None, None
+                    grad_buf[:, :, (g0 + t) * bq:(g1 + t) * bq] += grad_w[:, :, :, t].reshape(bsz, heads, rows, dim)
+        grad_kn = grad_kp[:, :, left:left + length]
+        grad_vn = grad_vp[:, :, left:left + length]
+        y_k, y_v = y_kp[:, :, left:left + length], y_vp[:, :, left:left + length]
+        # ---- local affine: d kn -> d y (in place), gradients of the local weight and bias
+        grad_l_w, grad_l_b = torch.zeros_like(ln_l_w), torch.zeros_like(ln_l_b)
+        for y, g in ((y_k, grad_kn), (y_v, grad_vn)):
+            for a in range(0, length, rows_per):
+                gr = g[:, :, a:a + rows_per]
+                grad_l_w += (gr * y[:, :, a:a + rows_per]).sum(dim=(0, 2))
+                grad_l_b += gr.sum(dim=(0, 2))
+                gr.mul_(ln_l_w.unsqueeze(1))
+        # ---- global columns backward
+        grad_zk, grad_zv = torch.autograd.grad((kg_r, vg_r), leaves[:2], (grad_kg, grad_vg), retain_graph=True)
+        if causal:
+            m = n_chunks
+            yk5 = y_k[:, :, :used].reshape(bsz, heads, m, chunk, dim)
+            yv5 = y_v[:, :, :used].reshape(bsz, heads, m, chunk, dim)
+            gzk5 = grad_zk.view(bsz, heads, m, rank, dim)
+            gzv5 = grad_zv.view(bsz, heads, m, rank, dim)
+            grad_weights = (torch.matmul(yk5, gzk5.transpose(-1, -2)) + torch.matmul(yv5, gzv5.transpose(-1, -2)))
+            grad_weights = grad_weights.view(bsz, heads, used, rank)
+            w5c = weights.reshape(bsz, heads, m, chunk, rank)
+            grad_kn[:, :, :used] += torch.matmul(w5c, gzk5).view(bsz, heads, used, dim)
+            grad_vn[:, :, :used] += torch.matmul(w5c, gzv5).view(bsz, heads, used, dim)
+        else:
+            grad_weights = torch.matmul(y_k, grad_zk.transpose(-1, -2)) + torch.matmul(y_v, grad_zv.transpose(-1, -2))
+            for a in range(0, length, rows_per):
+                grad_kn[:, :, a:a + rows_per] += torch.matmul(weights[:, :, a:a + rows_per], grad_zk)
+                grad_vn[:, :, a:a + rows_per] += torch.matmul(weights[:, :, a:a + rows_per], grad_zv)
+        weights = weights.to(acc)
+        grad_weights = grad_weights.to(acc)
+        if causal:
+            shape5 = (bsz, heads, n_chunks, chunk, rank)
+            grad_logits = _softmax_backward(weights.view(shape5), grad_weights.view(shape5), 3).view_as(weights)
+        else:
+            grad_logits = _softmax_backward(weights, grad_weights, 2)
+        grad_logits = grad_logits.to(q.dtype)
+        grad_w_eff = torch.matmul(y_k[:, :, :used].transpose(-1, -2), grad_logits).sum(0)
+        grad_b_eff = grad_logits.sum(dim=(0, 2))
+        for a in range(0, used, rows_per):
+            n = min(rows_per, used - a)
+            grad_kn[:, :, a:a + n] += torch.matmul(grad_logits[:, :, a:a + n], w_eff.transpose(-1, -2).unsqueeze(0))
+        small = torch.autograd.grad((kg_r, vg_r, w_eff_r, b_eff_r), leaves[2:],
+                                    (grad_kg, grad_vg, grad_w_eff, grad_b_eff), allow_unused=True)
+        small = [torch.zeros_like(t) if g is None else g for g, t in zip(small, leaves[2:])]
+        grad_l_w += small[0]
+        grad_l_b += small[1]
+        # ---- layer norm backward (d y -> d x = rstd * (dy - mean(dy) - y * mean(dy * y))), in place
+        for i, (y, g) in enumerate(((y_k, grad_kn), (y_v, grad_vn))):
+            for a in range(0, length, rows_per):
+                gr, yr = g[:, :, a:a + rows_per], y[:, :, a:a + rows_per]
+                m_gy = (gr * yr).mean(-1, keepdim=True)
+                gr.sub_(gr.mean(-1, keepdim=True)).addcmul_(yr, m_gy, value=-1)
+                gr.mul_(rstd[i, :, :, a:a + rows_per].unsqueeze(-1))
+        return (grad_q, grad_kn, grad_vn, grad_l_w, grad_l_b, small[2], small[3], small[4], small[5], None, None)
 
 
-def joint_window_global_attention(
-    q: Tensor, k: Tensor, v: Tensor, kg: Tensor, vg: Tensor, *, key_padding_mask: Optional[Tensor],
-    glob_valid: Optional[Tensor], glob_start: Tensor, left: int, right: int, dropout_p: float = 0.0,
-    block_size: Optional[int] = None,
+def long_short_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, ln_local: Tuple[Tensor, Tensor], ln_global: Tuple[Tensor, Tensor],
+    proj_weight: Tensor, proj_bias: Tensor, key_padding_mask: Optional[Tensor], causal: bool, window: int,
+    chunk_size: int = 1, dropout_p: float = 0.0, block_size: Optional[int] = None, row_chunk: Optional[int] = None,
 ) -> Tensor:
-    """Self attention (query ``i`` at key position ``i``) over [global columns || band ``-right <= i-j <= left``].
+    """Long-short self attention on raw projected heads q, k, v (B, H, L, D).
 
-    Args:
-        q, k, v: (B, H, L, D), unscaled queries.
-        kg, vg: (B, H, G, D) global keys/values; ``glob_valid`` (B, G) bool or None; ``glob_start`` (G,) long,
-            non-decreasing: column ``g`` is visible to queries ``i >= glob_start[g]``.
-        key_padding_mask: (B, L) bool, True = padding, or None.
-    Returns: (B, H, L, D)
+    Keys/values are normalised with ``ln_local`` (per-head weight, bias (H, D)); global columns are made with
+    the per-head map ``proj_weight`` (H, D, rank), ``proj_bias`` (H, rank) of the normalised keys: a softmax over
+    all positions (noncausal: ``rank`` landmarks) or within each chunk of ``chunk_size`` positions (causal:
+    ``rank`` vectors per chunk), then ``ln_global``. Noncausal: band ``|i - j| <= window``; causal: keys
+    ``i - window + 1 .. i`` and the chunks ending at or before ``i - window``. One softmax over both.
+    ``block_size``: queries per block (default by window); ``row_chunk``: rows per full-length elementwise pass.
+    Returns (B, H, L, D), a permuted view of an (L, B, H, D) buffer.
     """
     bsz, heads, length, dim = q.shape
+    left, right = (window - 1, 0) if causal else (window, window)
+    n_chunks = max(0, (length - window) // chunk_size) if causal else 0
     if block_size is None:
-        # small windows waste less with small blocks; 64 was the sweet spot for long windows
         span = left + right + 1
         block_size = 16 if span <= 24 else (32 if span <= 96 else 64)
     bq = max(1, min(block_size, length))
-    nblocks = math.ceil(length / bq)
-    kb = bq + left + right
-    span_len = (nblocks - 1) * bq + kb
-    valid = torch.ones(bsz, length, dtype=torch.bool, device=q.device)
-    if key_padding_mask is not None:
-        valid = ~key_padding_mask
-    valid = F.pad(valid, (left, span_len - left - length), value=False)
-    valid_w = valid.unfold(1, kb, bq).contiguous()  # (B, nblocks, kb)
+    # row chunks of the full-length elementwise passes: ~4 MiB transients (few operations, small transients)
+    rows_per = row_chunk or max(1, (1 << 20) // (bsz * heads * dim))
+    if causal:
+        rows_per = max(chunk_size, rows_per // chunk_size * chunk_size)
     seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
-    glob_start = glob_start.to(device=q.device, dtype=torch.long).contiguous()
-    return _JointBlocked.apply(q, k, v, kg, vg, valid_w, glob_valid, glob_start, left, right, bq, dropout_p, seed)
+    cfg = (causal, left, right, chunk_size, n_chunks, bq, dropout_p, seed, rows_per)
+    return _LongShort.apply(q, k, v, ln_local[0], ln_local[1], ln_global[0], ln_global[1], proj_weight, proj_bias,
+                            key_padding_mask, cfg)
 
 
 def compress_chunks(

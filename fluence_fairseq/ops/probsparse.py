@@ -36,6 +36,10 @@ def sample_count(n: int, factor: int) -> int:
     return max(1, min(n, factor * math.ceil(math.log(n))))
 
 
+# Elements of one block of sampled scores (queries x sampled keys, all heads) formed at a time (4 MiB in float32).
+_SCORE_ELEMENTS = 1 << 20
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
@@ -84,12 +88,24 @@ def _top_queries(
     (B, 1, u_max) (rows with fewer real queries select fewer)."""
     bsz, heads, tgt_len, dim = q.shape
     with torch.no_grad():  # the selection is discrete: no gradient flows through the scores
-        sampled = k.gather(2, sample.unsqueeze(-1).expand(-1, -1, -1, dim))
-        scores = torch.matmul(q, sampled.transpose(-1, -2)).to(_acc(q.dtype))  # (B, H, L, Umax), unscaled
-        used = torch.arange(sample.size(-1), device=q.device).view(1, 1, 1, -1) < sample_size.view(-1, 1, 1, 1)
-        peak = scores.masked_fill(~used, float("-inf")).amax(-1)
-        mean = scores.masked_fill(~used, 0.0).sum(-1) / sample_size.clamp(min=1).view(-1, 1, 1)
-        sparsity = peak - mean
+        sampled = k.gather(2, sample.unsqueeze(-1).expand(-1, -1, -1, dim)).transpose(-1, -2)
+        u_keys = sample.size(-1)
+        unused = torch.arange(u_keys, device=q.device).view(1, 1, 1, -1) >= sample_size.view(-1, 1, 1, 1)
+        if not unused.any():
+            unused = None  # every row samples u_max keys: no masking needed
+        divisor = sample_size.clamp(min=1).view(-1, 1, 1).to(_acc(q.dtype))
+        # queries in chunks: the (chunk, U) score block stays small whatever the length
+        chunk = max(1, _SCORE_ELEMENTS // max(1, bsz * heads * u_keys))
+        parts = []
+        for start in range(0, tgt_len, chunk):
+            scores = torch.matmul(q[:, :, start : start + chunk], sampled).to(_acc(q.dtype))  # unscaled
+            if unused is None:
+                peak, total = scores.amax(-1), scores.sum(-1)
+            else:
+                total = scores.masked_fill(unused, 0.0).sum(-1)
+                peak = scores.masked_fill_(unused, float("-inf")).amax(-1)
+            parts.append(peak - total / divisor)
+        sparsity = torch.cat(parts, -1)
         if query_padding_mask is not None:
             sparsity = sparsity.masked_fill(query_padding_mask.unsqueeze(1), float("-inf"))
         u_counts = [sample_count(m, factor) for m in query_counts]

@@ -8,15 +8,21 @@ needed around the projections).
 Per mode, with ``dA = exp(dt A)`` and ``dC = C (exp(dt A) - 1) / A`` (zero-order hold), the kernel is
 ``K[l] = 2 Re sum_n dC_n dA_n^l``. It is never materialised per mode and position: positions are split as
 ``l = m J + j`` (``J ~ sqrt(L)``) so that ``K[mJ + j] = 2 Re sum_n (dC_n dA_n^{mJ}) dA_n^j`` is one small real
-matmul per channel over ``2 N2`` inputs, with ``(C, N2, sqrt(L))`` temporaries only.
+matmul per channel over ``2 N2`` inputs (:func:`kernel_factors`), with ``(C, N2, sqrt(L))`` temporaries only.
+
+Training (:func:`s4d_conv`) goes one channel group at a time: kernel from its factors, FFTs of length
+``n >= 2L - 1``, product, inverse FFT, skip and GELU, written into the output; backward recomputes the same per
+group. So neither the (C, L) kernel nor any spectrum or pre-activation of full size is ever kept: memory is
+the input and output of the layer plus a few MB.
 """
 import math
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["discretize", "s4d_kernel", "two_sided_kernel", "fft_size", "fft_conv", "ssm_chunk_step"]
+__all__ = ["discretize", "kernel_factors", "s4d_kernel", "two_sided_kernel", "fft_size", "s4d_conv", "ssm_chunk_step"]
 
 
 def _exp_minus_one(z: Tensor) -> Tensor:
@@ -37,31 +43,46 @@ def discretize(log_dt: Tensor, log_neg_a_real: Tensor, a_imag: Tensor, c_modes: 
     Returns:
         (dt A, dC) complex (..., C, N2), with dC = C (exp(dt A) - 1) / A; dA = exp(dt A).
     """
+    # the state space runs in float32 at least (complex half is barely supported, and A's phases need it)
+    dtype = torch.promote_types(log_dt.dtype, torch.float32)
+    log_dt, log_neg_a_real, a_imag, c_modes = (t.to(dtype) for t in (log_dt, log_neg_a_real, a_imag, c_modes))
     a = torch.complex(-torch.exp(log_neg_a_real), a_imag)
     dta = a * torch.exp(log_dt).unsqueeze(-1)
     dc = torch.view_as_complex(c_modes.contiguous()) * _exp_minus_one(dta) / a
     return dta, dc
 
 
-def s4d_kernel(dta: Tensor, dc: Tensor, length: int) -> Tensor:
-    """K[..., c, l] = 2 Re sum_n dc[..., c, n] exp(dta[..., c, n] l) for l < ``length``, real (..., C, length).
+def kernel_factors(dta: Tensor, dc: Tensor, length: int) -> Tuple[Tensor, Tensor]:
+    """Real factors of the kernel: ``(left @ right).flatten(-2)[..., :length]`` is :func:`s4d_kernel`.
 
-    Costs O(C N2 L) multiply-adds in one batched matmul and O(C N2 sqrt(L)) complex exponentials and memory.
+    Positions are split as ``l = m J + j`` (``J = ceil(sqrt(L))``): ``left[..., c, m, :]`` holds
+    ``2 dC dA^{mJ}`` (real and imaginary parts), ``right[..., c, :, j]`` holds ``dA^j`` (real, -imaginary), so
+    that ``Re(2 dC dA^{mJ} dA^j)`` summed over modes is one real matmul over ``2 N2``.
+
+    Returns:
+        left (..., C, M, 2 N2) and right (..., C, 2 N2, J), real, with ``M J >= length``.
     """
-    if length <= 0:
-        return dta.real.new_zeros(*dta.shape[:-1], 0)
-    inner_len = max(1, math.isqrt(length - 1) + 1)  # J = ceil(sqrt(L))
+    length = max(1, length)
+    inner_len = math.isqrt(length - 1) + 1  # J = ceil(sqrt(L))
     outer_len = -(-length // inner_len)  # M = ceil(L / J)
     real_dtype = dta.real.dtype
     j = torch.arange(inner_len, device=dta.device, dtype=real_dtype)
     m = torch.arange(outer_len, device=dta.device, dtype=real_dtype) * inner_len
     inner = torch.exp(dta.unsqueeze(-1) * j)  # (..., C, N2, J): dA^j
-    outer = dc.unsqueeze(-1) * torch.exp(dta.unsqueeze(-1) * m)  # (..., C, N2, M): dC dA^{mJ}
-    # Re(o i) = o.re i.re - o.im i.im, as one real matmul over 2 N2
-    left = torch.cat([outer.real, outer.imag], dim=-2).transpose(-1, -2)  # (..., C, M, 2 N2)
-    right = torch.cat([inner.real, -inner.imag], dim=-2)  # (..., C, 2 N2, J)
-    kernel = 2.0 * torch.matmul(left, right)  # (..., C, M, J)
-    return kernel.flatten(-2)[..., :length]
+    outer = 2.0 * dc.unsqueeze(-1) * torch.exp(dta.unsqueeze(-1) * m)  # (..., C, N2, M): 2 dC dA^{mJ}
+    left = torch.cat([outer.real, outer.imag], dim=-2).transpose(-1, -2)
+    right = torch.cat([inner.real, -inner.imag], dim=-2)
+    return left, right
+
+
+def s4d_kernel(dta: Tensor, dc: Tensor, length: int) -> Tensor:
+    """K[..., c, l] = 2 Re sum_n dc[..., c, n] exp(dta[..., c, n] l) for l < ``length``, real (..., C, length).
+
+    Costs O(C N2 L) multiply-adds in one batched matmul and O(C N2 sqrt(L)) complex exponentials. The layer
+    itself never calls this: :func:`s4d_conv` builds the kernel a channel group at a time from the factors.
+    """
+    left, right = kernel_factors(dta, dc, length)
+    return torch.matmul(left, right).flatten(-2)[..., :length]
 
 
 def fft_size(length: int) -> int:
@@ -77,78 +98,126 @@ def fft_size(length: int) -> int:
         n += 1
 
 
-def two_sided_kernel(kernels: Tensor, n: int) -> Tensor:
-    """Lay out per-channel kernels (dirs, C, L) as one circular kernel (n_used, C) for :func:`fft_conv`.
+def two_sided_kernel(kernels: Tensor, n: int, length: Optional[int] = None) -> Tensor:
+    """Lay out per-channel kernels (dirs, C, >= L) as one circular kernel (C, n_used).
 
     ``kernels[0]`` is causal (offset ``i - j = l >= 0``); ``kernels[1]``, if present, is anti-causal with
-    ``kernels[1][s]`` at offset ``-(s + 1)`` (strictly future tokens, so the present token is counted once),
+    ``kernels[1][s]`` at offset ``-(s + 1)`` (strictly later tokens, so the present token is counted once),
     stored at the end of the period. A causal kernel is returned unpadded (``rfft`` pads it).
     """
-    causal = kernels[0].t()
+    length = kernels.size(-1) if length is None else length
+    causal = kernels[0, :, :length]
     if kernels.size(0) == 1:
         return causal
-    length = kernels.size(-1)
-    anti = kernels[1, :, : length - 1].flip(-1).t()  # offsets -(L-1) .. -1
-    gap = causal.new_zeros(n - 2 * length + 1, causal.size(1))
-    return torch.cat([causal, gap, anti], dim=0)
+    anti = kernels[1, :, : length - 1].flip(-1)  # offsets -(L-1) .. -1
+    gap = causal.new_zeros(causal.size(0), n - 2 * length + 1)
+    return torch.cat([causal, gap, anti], dim=-1)
 
 
-class _FFTConv(torch.autograd.Function):
-    """y = circular_conv_n(u, k)[:L] + d u along dim 0. Saves only u and k: the spectra (2x the size of u each)
-    are recomputed in backward instead of kept."""
+def _two_sided_adjoint(grad_two: Tensor, dirs: int, n: int, length: int, kernel_len: int) -> Tensor:
+    """Gradient of :func:`two_sided_kernel`: (C, n) -> (dirs, C, kernel_len)."""
+    out = grad_two.new_zeros(dirs, grad_two.size(0), kernel_len)
+    out[0, :, :length] = grad_two[:, :length]
+    if dirs == 2 and length > 1:
+        out[1, :, : length - 1] = grad_two[:, n - length + 1:].flip(-1)
+    return out
+
+
+#: complex elements per FFT temporary; channels are processed in groups this size (a few MB: the spectra stay
+#: in cache, and no temporary approaches the size of the input)
+CHUNK_ELEMENTS = 1 << 18
+#: fewest channels per group (pocketfft transforms several strided lanes at once)
+MIN_GROUP = 16
+
+
+def _channel_groups(channels: int, rows: int):
+    size = max(MIN_GROUP, CHUNK_ELEMENTS // max(1, rows))
+    return [slice(start, min(start + size, channels)) for start in range(0, channels, size)]
+
+
+def _group_spectra(u_g: Tensor, left_g: Tensor, right_g: Tensor, n: int) -> Tuple[Tensor, Tensor]:
+    """Spectra of one channel group: input (F, B, c) and two-sided kernel (F, 1, c)."""
+    length = u_g.size(0)
+    kernel = torch.matmul(left_g, right_g).flatten(-2)  # (dirs, c, M J)
+    kernel_f = torch.fft.rfft(two_sided_kernel(kernel, n, length), n=n, dim=-1)  # (c, F)
+    return torch.fft.rfft(u_g, n=n, dim=0), kernel_f.t().unsqueeze(1)
+
+
+def _pre_activation(u_spec: Tensor, kernel_f: Tensor, u_g: Tensor, d_g: Tensor, n: int) -> Tensor:
+    return torch.fft.irfft(u_spec * kernel_f, n=n, dim=0)[: u_g.size(0)].addcmul_(u_g, d_g)
+
+
+def _conv(u: Tensor, left: Tensor, right: Tensor, d: Tensor, n: int, activation: bool) -> Tensor:
+    length, bsz, channels = u.shape
+    out = u.new_empty(length, bsz, channels)
+    for g in _channel_groups(channels, (n // 2 + 1) * bsz):
+        u_g = u[:, :, g]
+        u_spec, kernel_f = _group_spectra(u_g, left[:, g], right[:, g], n)
+        y = _pre_activation(u_spec, kernel_f, u_g, d[g], n)
+        out[:, :, g] = F.gelu(y) if activation else y
+    return out
+
+
+class _S4DConv(torch.autograd.Function):
+    """``act(conv(u, K) + d u)`` with K generated from its factors a channel group at a time.
+
+    Neither the kernel (C, L), nor the spectra, nor the pre-activation are kept: backward recomputes them per
+    channel group from ``u`` and the small factors. Memory: the output plus O(group) temporaries.
+    """
 
     @staticmethod
-    def forward(ctx, u: Tensor, k: Tensor, d: Tensor, n: int) -> Tensor:
-        ctx.n = n
-        ctx.save_for_backward(u, k, d)
-        return _conv_forward(u, k, d, n)
+    def forward(ctx, u, left, right, d, n, activation):
+        ctx.n, ctx.activation = n, activation
+        ctx.save_for_backward(u, left, right, d)
+        return _conv(u, left, right, d, n, activation)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        u, k, d = ctx.saved_tensors
-        n, length = ctx.n, u.size(0)
-        need_u, need_k, need_d = ctx.needs_input_grad[:3]
-        grad_u = grad_k = grad_d = None
-        g = torch.fft.rfft(grad, n=n, dim=0)  # (F, B, C)
-        if need_u:
-            kf = torch.fft.rfft(k, n=n, dim=0)
-            # dL/du[j] = sum_i g[i] k[(i - j) mod n]: a correlation = conj spectrum of k
-            grad_u = torch.fft.irfft(g * kf.conj().unsqueeze(1), n=n, dim=0)[:length]
-            del kf
-            grad_u = grad_u + grad * d
-        if need_k:
-            uf = torch.fft.rfft(u, n=n, dim=0)
+    def backward(ctx, grad):
+        u, left, right, d = ctx.saved_tensors
+        n, activation = ctx.n, ctx.activation
+        length, bsz, channels = u.shape
+        dirs, kernel_len = left.size(0), left.size(-2) * right.size(-1)
+        grad = grad.contiguous()
+        grad_u, grad_left, grad_right, grad_d = (torch.empty_like(t) for t in (u, left, right, d))
+        for g in _channel_groups(channels, (n // 2 + 1) * bsz):
+            u_g, grad_g = u[:, :, g], grad[:, :, g]
+            u_spec, kernel_f = _group_spectra(u_g, left[:, g], right[:, g], n)
+            if activation:
+                grad_g = torch.ops.aten.gelu_backward(grad_g, _pre_activation(u_spec, kernel_f, u_g, d[g], n))
+            g_spec = torch.fft.rfft(grad_g, n=n, dim=0)
+            # dL/du[j] = sum_i g[i] k[(i - j) mod n]: a correlation, the conjugate spectrum of k
+            grad_u[:, :, g] = torch.fft.irfft(g_spec * kernel_f.conj(), n=n, dim=0)[:length].addcmul_(grad_g, d[g])
             # dL/dk[m] = sum_b sum_j g[(j + m) mod n] u[j]
-            grad_k = torch.fft.irfft((g * uf.conj()).sum(dim=1), n=n, dim=0)[: k.size(0)]
-        if need_d:
-            grad_d = (grad * u).sum(dim=(0, 1))
-        return grad_u, grad_k, grad_d, None
+            grad_two = torch.fft.irfft(g_spec.mul_(u_spec.conj()).sum(dim=1), n=n, dim=0).t()  # (c, n)
+            grad_kernel = _two_sided_adjoint(grad_two, dirs, n, length, kernel_len).unflatten(-1, (left.size(-2), -1))
+            grad_left[:, g] = torch.matmul(grad_kernel, right[:, g].transpose(-1, -2))
+            grad_right[:, g] = torch.matmul(left[:, g].transpose(-1, -2), grad_kernel)
+            grad_d[g] = (grad_g * u_g).sum(dim=(0, 1))
+        return grad_u, grad_left, grad_right, grad_d, None, None
 
 
-def _conv_forward(u: Tensor, k: Tensor, d: Tensor, n: int) -> Tensor:
-    spectrum = torch.fft.rfft(u, n=n, dim=0)  # (F, B, C)
-    spectrum.mul_(torch.fft.rfft(k, n=n, dim=0).unsqueeze(1))
-    out = torch.fft.irfft(spectrum, n=n, dim=0)[: u.size(0)]
-    del spectrum
-    return out.addcmul_(u, d)
-
-
-def fft_conv(u: Tensor, kernel: Tensor, d: Tensor, n: Optional[int] = None) -> Tensor:
-    """Per-channel convolution ``y[i] = sum_j k[(i - j) mod n] u[j] + d u[i]`` along the first dimension.
+def s4d_conv(u: Tensor, dta: Tensor, dc: Tensor, d: Tensor, *, activation: bool = True,
+             n: Optional[int] = None) -> Tensor:
+    """The S4D layer's sequence map: ``GELU(K_causal * u + K_anti * u + d u)`` along the first dimension.
 
     Args:
         u: (L, B, C) input.
-        kernel: (Lk, C) circular kernel (``Lk <= n``; from :func:`two_sided_kernel`).
+        dta, dc: (dirs, C, N2) complex from :func:`discretize`; direction 0 is the causal kernel (offsets
+            ``0..L-1``), direction 1 (if present) the anti-causal one (strictly later tokens, see
+            :func:`two_sided_kernel`).
         d: (C,) skip coefficients.
-        n: FFT size, >= 2 L - 1 for a linear convolution (default :func:`fft_size`).
+        activation: apply GELU (exact, erf form).
+        n: FFT size, >= 2 L - 1 (default :func:`fft_size`).
     Returns:
         (L, B, C), in ``u``'s dtype (half precision runs in float32: CPU FFTs need it).
     """
-    n = fft_size(u.size(0)) if n is None else n
-    if kernel.size(0) > n:
-        raise ValueError(f"kernel of length {kernel.size(0)} does not fit in an FFT of size {n}")
-    dtype = torch.promote_types(torch.promote_types(u.dtype, kernel.dtype), torch.float32)
-    out = _FFTConv.apply(u.to(dtype), kernel.to(dtype), d.to(dtype), n)
+    length = u.size(0)
+    n = fft_size(length) if n is None else n
+    if n < 2 * length - 1:
+        raise ValueError(f"FFT size {n} is too small for a linear convolution of length {length}; need >= {2 * length - 1}")
+    left, right = kernel_factors(dta, dc, length)
+    dtype = torch.promote_types(torch.promote_types(u.dtype, left.dtype), torch.float32)
+    out = _S4DConv.apply(u.to(dtype), left.to(dtype), right.to(dtype), d.to(dtype), n, activation)
     return out.to(u.dtype)
 
 
@@ -178,8 +247,8 @@ def ssm_chunk_step(u: Tensor, state: Tensor, dta: Tensor, dc: Tensor, d: Tensor)
         return y.unsqueeze(0).to(u.dtype), new_state
     # the history reaches y_t through dA^{t+1} x_prev; the chunk itself through the kernel
     from_state = 2.0 * torch.einsum("tcn,bcn->tbc", powers[1:] * dc, state).real
-    kernel = s4d_kernel(dta, dc, steps).t()
-    y = _conv_forward(uc, kernel, d, fft_size(steps)) + from_state
+    left, right = kernel_factors(dta.unsqueeze(0), dc.unsqueeze(0), steps)
+    y = _conv(uc, left, right, d, fft_size(steps), activation=False) + from_state
     # x_new = dA^T x_prev + sum_s dA^{T-1-s} u_s
     new_state = powers[steps] * state + torch.einsum("scn,sbc->bcn", powers[:steps].flip(0), uc.to(cdtype))
     return y.to(u.dtype), new_state

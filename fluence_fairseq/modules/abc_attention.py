@@ -1,0 +1,195 @@
+"""ABC, Attention with Bounded-memory Control (Peng et al., 2021), on the fluence base.
+
+The math lives in :mod:`fluence_fairseq.ops.abc`; this module holds the parameters and the fairseq glue.
+"""
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.abc import ABCState, attend_slots, causal_abc, causal_abc_dense, noncausal_abc, slot_memory
+from .attention_base import FluenceAttention, fsmha
+from .spec import AttentionOption, AttentionSpec
+
+__all__ = ["ABC", "FSABC"]
+
+_STATE_NAMES = ("abc_k_num", "abc_k_den", "abc_k_max", "abc_v_num", "abc_v_den", "abc_v_max")
+
+
+class ABC(FluenceAttention):
+    """ABC: attention over ``num_landmarks`` learned memory slots (Peng et al., 2021, arXiv 2110.02488).
+
+    Each slot ``r`` is a softmax-weighted average of the keys (and, with its own scores, of the values):
+    ``K~[r] = sum_j softmax_j(k_j W_k)[r] k_j``, ``V~[r] = sum_j softmax_j(v_j W_v)[r] v_j``, with
+    ``compress_k``/``compress_v`` (head_dim x r, shared by the heads) scoring the projected keys and values.
+    Each query then attends over the r slots: ``o = softmax(q K~^T / sqrt(d)) V~``. O(L r d) time, O(r d) memory
+    per head for the summary.
+
+    Patterns: all four.
+
+    * noncausal self/cross: the slots summarise the whole (unpadded) source. Cross decoding caches K~ and V~
+      (``abc_k_slots``/``abc_v_slots``, (B, H, r, d)) once per source sentence: constant cost per step.
+    * causal self: the true recurrence, query ``t`` reads slots over keys ``j <= t`` only,
+      ``K~_t[r] = sum_{j<=t} exp(a_{j,r}) k_j / sum_{j<=t} exp(a_{j,r})``. Training is chunked (masked chunk
+      matrices plus carried states, never per-position states); decoding keeps a constant-size state per head:
+      ``abc_k_num``/``abc_v_num`` (B, H, r, d), ``abc_k_den``/``abc_v_den`` and running maxima
+      ``abc_k_max``/``abc_v_max`` (B, H, r). Several tokens per call and padded new tokens are handled.
+    * causal cross: query ``i`` reads slots over source keys ``j <= i + query_offset``; decoding keeps the
+      source keys and values (fairseq's cache) and recomputes the prefix slots.
+
+    ``attn_mask`` is refused (the slots are not an attention matrix); padding comes from ``key_padding_mask``.
+    Weights (``need_weights``) are the equivalent attention over keys, ``sum_r p[i, r] softmax_j(b)[j, r]``; they
+    are None where only a summary or a state exists (cross decoding from slots, causal decoding).
+
+    Differences from the CAB reference implementation: its causal path normalises each key by a cumulative
+    logsumexp but never sums over earlier keys, so its output is a scalar multiple of ``v_t`` (not ABC); here
+    the prefix sums are real. Its decoding cache kept the whole key/value history and recomputed the slots every
+    step; here the causal state is bounded and cross slots are computed once. A fully padded row gives finite
+    outputs (the mean of its padded values) instead of NaN.
+
+    Args:
+        num_landmarks: number of memory slots r (default 16).
+
+    Example::
+
+        >>> import torch
+        >>> from fluence_fairseq import FSABC
+        >>> attn = FSABC(512, 8, num_landmarks=16, causal=True)
+        >>> x = torch.randn(100, 2, 512)                      # (length, batch, dim)
+        >>> out, _ = attn(x, x, x, need_weights=False)
+        >>> out.shape
+        torch.Size([100, 2, 512])
+    """
+
+    supports_attn_mask = False
+    #: positions per chunk of the causal computation (the masked chunk matrices are chunk x chunk)
+    chunk_size: int = 64
+    #: chunks per checkpointed block in training
+    block_chunks: int = 16
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        *,
+        num_landmarks: int = 16,
+        causal: bool = False,
+        cross: bool = False,
+        kdim: Optional[int] = None,
+        vdim: Optional[int] = None,
+        bias: bool = True,
+        q_noise: float = 0.0,
+        qn_block_size: int = 8,
+    ):
+        if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks <= 0:
+            raise ValueError(
+                f"num_landmarks must be a positive integer (the number of ABC memory slots), got {num_landmarks!r}"
+            )
+        super().__init__(embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal,
+                         cross=cross, q_noise=q_noise, qn_block_size=qn_block_size)
+        self.num_landmarks = num_landmarks
+        self.compress_k = nn.Parameter(torch.empty(self.head_dim, num_landmarks))
+        self.compress_v = nn.Parameter(torch.empty(self.head_dim, num_landmarks))
+        self._reset_compression()
+
+    def _reset_compression(self):
+        nn.init.xavier_uniform_(self.compress_k, gain=2 ** -0.5)
+        nn.init.xavier_uniform_(self.compress_v, gain=2 ** -0.5)
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if hasattr(self, "compress_k"):  # fairseq's constructor resets before the slots exist
+            self._reset_compression()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_landmarks={self.num_landmarks}"
+
+    # ----------------------------------------------------------------------------------------------- math
+    def _slot_scores(self, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]):
+        """(B, H, L, r) scores of every key/value for every slot; padded keys get finfo.min (never NaN)."""
+        # in (L, B, H, d) order, where the projected heads are contiguous: no copy of k or v is made (or saved)
+        alpha_k = torch.matmul(k.permute(2, 0, 1, 3), self.compress_k.to(k.dtype)).permute(1, 2, 0, 3)
+        alpha_v = torch.matmul(v.permute(2, 0, 1, 3), self.compress_v.to(v.dtype)).permute(1, 2, 0, 3)
+        if key_padding_mask is not None:
+            pad = key_padding_mask.view(key_padding_mask.size(0), 1, -1, 1)
+            low = torch.finfo(alpha_k.dtype).min
+            alpha_k, alpha_v = alpha_k.masked_fill(pad, low), alpha_v.masked_fill(pad, low)
+        return alpha_k, alpha_v
+
+    def _dropout_p(self) -> float:
+        return self.dropout_module.p if self.training else 0.0
+
+    def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
+        alpha_k, alpha_v = self._slot_scores(k, v, key_padding_mask)
+        if not self.causal:
+            return noncausal_abc(q, k, v, alpha_k, alpha_v, dropout_p=self._dropout_p(), need_weights=need_weights)
+        if need_weights:
+            return causal_abc_dense(q, k, v, alpha_k, alpha_v, query_offset=query_offset,
+                                    dropout_p=self._dropout_p())
+        return self._causal(q, k, v, alpha_k, alpha_v, query_offset), None
+
+    def _run_causal(self, q, k, v, alpha_k, alpha_v, state=None):
+        return causal_abc(q, k, v, alpha_k, alpha_v, state, chunk_size=self.chunk_size,
+                          block_chunks=self.block_chunks, dropout_p=self._dropout_p())
+
+    def _causal(self, q, k, v, alpha_k, alpha_v, query_offset: int) -> Tensor:
+        """Query i sees keys j <= i + query_offset. Queries are placed on their key positions; those before the
+        first key get zeros, those past the last key read the slots of the whole source."""
+        tgt_len, src_len = q.size(2), k.size(2)
+        if query_offset == 0 and tgt_len == src_len:
+            return self._run_causal(q, k, v, alpha_k, alpha_v)[0]
+        first = min(max(-query_offset, 0), tgt_len)  # queries [0, first) see no key
+        last = min(max(src_len - query_offset, first), tgt_len)  # [first, last) sit on keys; [last, Lq) see all
+        parts = []
+        if first > 0:
+            parts.append(q.new_zeros(q.size(0), q.size(1), first, v.size(-1)))
+        if last > first:
+            keys = last + query_offset
+            placed = nn.functional.pad(q[:, :, first:last], (0, 0, first + query_offset, 0))
+            out, _ = self._run_causal(placed, k[:, :, :keys], v[:, :, :keys], alpha_k[:, :, :keys],
+                                      alpha_v[:, :, :keys])
+            parts.append(out[:, :, first + query_offset:])
+        if last < tgt_len:  # the prefix is the whole source: the noncausal slots
+            k_slots, v_slots = slot_memory(k, v, alpha_k, alpha_v)
+            parts.append(attend_slots(q[:, :, last:], k_slots, v_slots, dropout_p=self._dropout_p())[0])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    # ------------------------------------------------------------------------------------------- decoding
+    def attend_incremental(self, q, k, v, *, key_padding_mask, attn_mask, buffer, need_weights):
+        """Causal self decoding from the constant-size state (see the class docstring); weights are None."""
+        alpha_k, alpha_v = self._slot_scores(k, v, key_padding_mask)
+        state = None
+        if buffer.get(_STATE_NAMES[0]) is not None:
+            state = ABCState(*(buffer[name] for name in _STATE_NAMES))
+        out, state = self._run_causal(q, k, v, alpha_k, alpha_v, state)
+        buffer.update(zip(_STATE_NAMES, state))
+        return out, None
+
+    def summarize_keys(self, k, v, key_padding_mask) -> Dict[str, Optional[Tensor]]:
+        if self.causal:  # each query step needs a different prefix of the source: keep the keys
+            return super().summarize_keys(k, v, key_padding_mask)
+        alpha_k, alpha_v = self._slot_scores(k, v, key_padding_mask)
+        k_slots, v_slots = slot_memory(k, v, alpha_k, alpha_v)
+        return {"abc_k_slots": k_slots, "abc_v_slots": v_slots}
+
+    def attend_summary(self, q, summary, *, attn_mask, query_offset, need_weights):
+        if self.causal:
+            return super().attend_summary(q, summary, attn_mask=attn_mask, query_offset=query_offset,
+                                          need_weights=need_weights)
+        out, _ = attend_slots(q, summary["abc_k_slots"], summary["abc_v_slots"], dropout_p=self._dropout_p())
+        return out, None
+
+
+@fsmha
+class FSABC(ABC):
+    """:class:`ABC` accepting fairseq's ``MultiheadAttention`` keywords."""
+
+
+ATTENTION_SPEC = AttentionSpec(
+    "abc", FSABC,
+    (AttentionOption("num_landmarks", int, 16, "number of memory slots r of ABC / landmarks of Nystrom, LARA, "
+                     "LongShort (each attention with its own default)"),),
+    "ABC, attention with bounded-memory control (Peng et al. 2021); all four patterns, true causal recurrence",
+    tiny={"num_landmarks": 4},
+)

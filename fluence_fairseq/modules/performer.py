@@ -1,0 +1,220 @@
+"""Performer / FAVOR+ (Choromanski et al., 2020): softmax attention approximated with positive random features."""
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..ops.linear_attention import (
+    LinearState,
+    attend_linear_summary,
+    causal_linear_attention,
+    linear_attention,
+    linear_summary,
+)
+from .attention_base import ALL_PATTERNS, FluenceAttention, fsmha
+from .spec import AttentionOption, AttentionSpec
+
+__all__ = ["Performer", "FSPerformer"]
+
+#: added to every (stabilised) feature, as in the reference: keeps each key's and query's features bounded
+#: away from zero relative to its own largest feature, so a denominator with a real key is never ~0
+FEATURE_EPS = 1e-4
+#: the denominator clamp only turns rows without any visible key (0 / 0) into zeros; real rows are >= ~1e-8
+DEN_EPS = 1e-30
+
+
+def orthogonal_gaussian_projection(heads: int, features: int, head_dim: int,
+                                   generator: Optional[torch.Generator] = None) -> Tensor:
+    """(heads, features, head_dim) random projection: rows orthogonal within blocks of ``head_dim`` rows, each
+    row's norm drawn like the norm of a standard Gaussian vector (orthogonal random features, FAVOR+)."""
+    blocks = math.ceil(features / head_dim)
+    gauss = torch.randn(heads * blocks, head_dim, head_dim, generator=generator)
+    q, r = torch.linalg.qr(gauss)
+    # sign correction makes Q Haar-distributed; rows of Q^T are then uniformly oriented orthonormal vectors
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    rows = q.transpose(-1, -2).reshape(heads, blocks * head_dim, head_dim)[:, :features]
+    norms = torch.randn(heads, features, head_dim, generator=generator).norm(dim=-1, keepdim=True)
+    return rows * norms
+
+
+class Performer(FluenceAttention):
+    """Performer attention with FAVOR+ positive orthogonal random features (Choromanski et al., 2020).
+
+    ``exp(q . k / sqrt(d))`` is estimated by ``phi(q) . phi(k)`` with ``phi(x) = exp(W x' - |x'|^2 / 2)``,
+    ``x' = x d^-1/4`` and ``W`` (m x d) a random orthogonal Gaussian projection per head; attention becomes
+    ``phi(Q) (phi(K)^T V) / (phi(Q) . sum phi(K))``, linear in the sequence length (shared op:
+    :mod:`fluence_fairseq.ops.linear_attention`).
+
+    Patterns: all four. Noncausal self and cross attention use the whole-sequence sums; causal self attention
+    uses chunked prefix sums (query ``i`` sees keys ``j <= i``); causal cross attention lets query ``i`` see source
+    keys ``j <= i``. ``attn_mask`` is refused (the standard future mask of a causal self attention is accepted).
+    Attention weights are not formed: ``need_weights`` returns ``None``; ``dropout`` is not applied.
+
+    Stabilisation (exact, never looks ahead): each query's features are divided by their own maximum (a
+    per-query factor that cancels); each key's features are divided by their own maximum, which is carried as a
+    log scale, and the scales enter relative to the running maximum over the keys a query can see. So causal
+    outputs never depend on future tokens, and decoding equals the full forward.
+
+    Decoding state: causal self attention keeps ``favor_kv`` (B, H, m, d) = sum phi(k) v^T, ``favor_k``
+    (B, H, m) = sum phi(k) and ``favor_max`` (B, H), the running key scale they are relative to: constant size
+    and constant time per step. Noncausal cross attention caches ``favor_kv`` and ``favor_k`` of the source once
+    per sentence; causal cross attention caches the source keys and values (each step sees a longer prefix).
+
+    Differences from the reference implementation (bugs fixed):
+
+    * the projection is a persistent buffer ``projection`` (H, m, d) drawn at construction (from ``seed``, or
+      from torch's global generator): a saved model has the same features after loading (the reference kept its
+      eval projection out of the state dict and redrew a fresh projection on every training call);
+    * ``feature_redraw_interval=N`` redraws it every N training forward calls (0 = never); never in eval;
+    * causal self attention really is causal (the reference silently turned it noncausal because its key
+      stabiliser, a maximum over the whole sequence, leaked the future);
+    * the feature epsilon is relative to each key's own largest feature, not to the largest feature of the whole
+      sequence, so it does not depend on the other keys (and the denominator is not clamped at 0.1);
+    * padding masks are applied per batch row for every head.
+
+    Example::
+
+        >>> import torch
+        >>> from fluence_fairseq import FSPerformer
+        >>> attn = FSPerformer(512, 8, approx_attn_dim=64, causal=True)
+        >>> x = torch.randn(100, 2, 512)                      # (length, batch, dim)
+        >>> out, _ = attn(x, x, x, need_weights=False)
+        >>> state = {}                                        # decoding: one token at a time, constant state
+        >>> step, _ = attn(x[:1], x[:1], x[:1], incremental_state=state)
+    """
+
+    supported_patterns = ALL_PATTERNS
+    supports_attn_mask = False
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        *,
+        approx_attn_dim: int = 16,
+        feature_redraw_interval: int = 0,
+        seed: Optional[int] = None,
+        chunk_size: int = 64,
+        causal: bool = False,
+        cross: bool = False,
+        kdim: Optional[int] = None,
+        vdim: Optional[int] = None,
+        bias: bool = True,
+        q_noise: float = 0.0,
+        qn_block_size: int = 8,
+    ):
+        if isinstance(approx_attn_dim, bool) or not isinstance(approx_attn_dim, int) or approx_attn_dim < 1:
+            raise ValueError(f"approx_attn_dim (the number of random features m) must be a positive integer, "
+                             f"got {approx_attn_dim!r}")
+        if (isinstance(feature_redraw_interval, bool) or not isinstance(feature_redraw_interval, int)
+                or feature_redraw_interval < 0):
+            raise ValueError(f"feature_redraw_interval must be an integer >= 0 (0 = never redraw, N = every N "
+                             f"training calls), got {feature_redraw_interval!r}")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        super().__init__(embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal,
+                         cross=cross, q_noise=q_noise, qn_block_size=qn_block_size)
+        if dropout > 0:
+            warnings.warn(f"Performer does not apply attention dropout ({dropout}): it never forms attention "
+                          "probabilities", stacklevel=2)
+        self.approx_attn_dim = approx_attn_dim
+        self.feature_redraw_interval = feature_redraw_interval
+        self.chunk_size = chunk_size
+        self._generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.register_buffer("projection", self._draw(), persistent=True)
+        self.training_calls_since_redraw = 0
+
+    # ------------------------------------------------------------------------------------------- features
+    def _draw(self) -> Tensor:
+        return orthogonal_gaussian_projection(self.num_heads, self.approx_attn_dim, self.head_dim, self._generator)
+
+    @torch.no_grad()
+    def redraw_projection(self) -> None:
+        """Draw a new random projection (a new tensor: graphs built with the old one stay valid)."""
+        old = self.projection
+        self.projection = self._draw().to(device=old.device, dtype=old.dtype)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """(B, H, L, Dh) -> W x' (B, H, L, m) in float32 or wider, with x' = x d^-1/4."""
+        work = torch.promote_types(x.dtype, torch.float32)
+        x = x.to(work) * self.head_dim ** -0.25
+        return torch.matmul(x, self.projection.to(work).transpose(-1, -2).unsqueeze(0)), x
+
+    def query_features(self, q: Tensor) -> Tensor:
+        # exp(-|q'|^2/2) and the division by the maximum are per-query factors: they cancel in num / den
+        logits, _ = self._logits(q)
+        return torch.exp(logits - logits.amax(-1, keepdim=True)) + FEATURE_EPS
+
+    def key_features(self, k: Tensor):
+        """(features relative to each key's largest one, log of that largest one (B, H, S))."""
+        logits, x = self._logits(k)
+        logits = logits - 0.5 * x.pow(2).sum(-1, keepdim=True)
+        scale = logits.amax(-1, keepdim=True)
+        return torch.exp(logits - scale) + FEATURE_EPS, scale.squeeze(-1)
+
+    # ----------------------------------------------------------------------------------------------- math
+    def forward(self, *args, **kwargs):
+        if self.training and self.feature_redraw_interval > 0:
+            if self.training_calls_since_redraw >= self.feature_redraw_interval:
+                self.redraw_projection()
+                self.training_calls_since_redraw = 0
+            self.training_calls_since_redraw += 1
+        return super().forward(*args, **kwargs)
+
+    def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
+        phi_k, scale = self.key_features(k)
+        out = linear_attention(
+            self.query_features(q), phi_k, v, causal=self.causal, query_offset=query_offset, key_log_scale=scale,
+            key_padding_mask=key_padding_mask, eps=DEN_EPS, chunk_size=self.chunk_size,
+        )
+        return out.to(v.dtype), None
+
+    def attend_incremental(self, q, k, v, *, key_padding_mask, attn_mask, buffer, need_weights):
+        state = None
+        if buffer.get("favor_kv") is not None:
+            state = LinearState(buffer["favor_kv"], buffer["favor_k"], buffer["favor_max"])
+        phi_k, scale = self.key_features(k)
+        out, state = causal_linear_attention(
+            self.query_features(q), phi_k, v, key_log_scale=scale, key_padding_mask=key_padding_mask, state=state,
+            eps=DEN_EPS, chunk_size=self.chunk_size,
+        )
+        buffer["favor_kv"], buffer["favor_k"], buffer["favor_max"] = state
+        return out.to(v.dtype), None
+
+    def summarize_keys(self, k, v, key_padding_mask):
+        if self.causal:  # each query step sees a longer source prefix: keep the keys
+            return super().summarize_keys(k, v, key_padding_mask)
+        phi_k, scale = self.key_features(k)
+        kv, ksum = linear_summary(phi_k, v, key_log_scale=scale, key_padding_mask=key_padding_mask)
+        return {"favor_kv": kv, "favor_k": ksum}
+
+    def attend_summary(self, q, summary, *, attn_mask, query_offset, need_weights):
+        if "favor_kv" not in summary:
+            return super().attend_summary(q, summary, attn_mask=attn_mask, query_offset=query_offset,
+                                          need_weights=need_weights)
+        out = attend_linear_summary(self.query_features(q), summary["favor_kv"], summary["favor_k"], eps=DEN_EPS)
+        return out.to(q.dtype), None
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", approx_attn_dim={self.approx_attn_dim}, "
+                f"feature_redraw_interval={self.feature_redraw_interval}")
+
+
+@fsmha
+class FSPerformer(Performer):
+    """Performer with fairseq's MultiheadAttention constructor keywords."""
+
+
+ATTENTION_SPEC = AttentionSpec(
+    "performer", FSPerformer,
+    (
+        AttentionOption("approx_attn_dim", int, 16, "number of random features m per head (FAVOR+)"),
+        AttentionOption("feature_redraw_interval", int, 0,
+                        "redraw the random projection every N training forward calls (0 = never)"),
+    ),
+    "Performer / FAVOR+ positive orthogonal random features (Choromanski et al. 2020); all four patterns",
+    tiny={"approx_attn_dim": 8},
+)

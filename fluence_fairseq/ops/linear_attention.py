@@ -1,0 +1,401 @@
+"""Linear attention with nonnegative feature maps, shared by Performer and cosFormer.
+
+Given feature maps ``phi_q`` (B, H, L, m) and ``phi_k`` (B, H, S, m) (nonnegative) and values ``v`` (B, H, S, d),
+query ``i`` attends key ``j`` with weight ``w_ij = phi_q_i . phi_k_j * exp(c_j)``:
+
+    out_i = sum_j w_ij v_j / sum_j w_ij
+
+where ``c`` (B, H, S) is an optional per-key *log scale* (``key_log_scale``). Performer factors each key's
+features as ``exp(c_j) * phi_k_j`` with ``max(phi_k_j) ~ 1`` because ``exp(c_j)`` alone can overflow or underflow;
+cosFormer passes no scale. Padded keys get weight zero.
+
+* Noncausal: ``out = phi_q (phi_k^T v) / (phi_q . sum_j phi_k_j)``; the scales are taken relative to their
+  maximum over the (real) keys, which cancels exactly.
+* Causal: query ``i`` sees keys ``j <= i + query_offset``. Keys are processed in chunks: the intra-chunk part is a
+  masked (chunk x chunk) product, the earlier chunks enter through a carried state ``sum phi_k v^T`` (m x d) and
+  ``sum phi_k`` (m). Per-position (L, m, d) prefix states are never formed. The scales are taken relative to
+  their *running* maximum up to the query's position (never a later key), and every carried quantity is
+  rescaled when the maximum grows, so the result is exact and causal even for keys whose scales differ by far
+  more than the floating-point range. A custom autograd function recomputes the states in backward, so
+  training memory is O(L (m + d)) besides the inputs.
+* Decoding: the same causal function continues from a :class:`LinearState` (``kv``, ``k``, ``max``) and returns
+  the updated state; its cost does not grow with the number of tokens already seen.
+* Cross decoding of noncausal attention: :func:`linear_summary` reduces the source to ``(kv, k)`` once and
+  :func:`attend_linear_summary` reuses it for every query.
+
+The denominator is a sum of nonnegative terms. It is clamped below by ``eps`` only to make rows with no visible
+key (fully padded) give 0 instead of 0/0; callers choose ``eps`` far below any real denominator, so the result
+is exactly ``num / den`` wherever there is a key to attend.
+
+Half-precision inputs are computed in float32 (sums over thousands of positions) and cast back.
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["LinearState", "linear_attention", "causal_linear_attention", "linear_summary",
+           "attend_linear_summary"]
+
+DEFAULT_CHUNK = 64
+
+
+class LinearState(NamedTuple):
+    """Carried state of causal linear attention (batch on dim 0 of every tensor).
+
+    ``kv`` (B, H, m, d) = sum_j exp(c_j - max) phi_k_j v_j^T, ``k`` (B, H, m) = sum_j exp(c_j - max) phi_k_j,
+    ``max`` (B, H) = running maximum of the key log scales (zeros when there are none).
+    """
+
+    kv: Tensor
+    k: Tensor
+    max: Tensor
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _masked_log_scale(c: Optional[Tensor], key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """Padded keys must not raise the maximum: their scale becomes the lowest finite value."""
+    if c is None or key_padding_mask is None:
+        return c
+    return c.masked_fill(key_padding_mask[:, None, :], torch.finfo(c.dtype).min)
+
+
+def _keep(key_padding_mask: Optional[Tensor], dtype) -> Optional[Tensor]:
+    """(B, S) bool padding -> (B, 1, S) float weights, 1 for real keys."""
+    return None if key_padding_mask is None else (~key_padding_mask).to(dtype)[:, None, :]
+
+
+def _check(phi_q: Tensor, phi_k: Tensor, v: Tensor, c: Optional[Tensor], key_padding_mask: Optional[Tensor]):
+    if phi_q.dim() != 4 or phi_k.dim() != 4 or v.dim() != 4:
+        raise ValueError("phi_q, phi_k and v must be (batch, heads, length, features)")
+    if phi_q.shape[:2] != phi_k.shape[:2] or phi_q.size(-1) != phi_k.size(-1):
+        raise ValueError(f"phi_q {tuple(phi_q.shape)} and phi_k {tuple(phi_k.shape)} need the same batch, heads "
+                         "and feature size")
+    if v.shape[:3] != phi_k.shape[:3]:
+        raise ValueError(f"v {tuple(v.shape)} must match phi_k {tuple(phi_k.shape)} in batch, heads and length")
+    if c is not None and tuple(c.shape) != tuple(phi_k.shape[:3]):
+        raise ValueError(f"key_log_scale must be (batch, heads, keys) = {tuple(phi_k.shape[:3])}, got {tuple(c.shape)}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (phi_k.size(0), phi_k.size(2)):
+        raise ValueError(f"key_padding_mask must be (batch, keys) = {(phi_k.size(0), phi_k.size(2))}, "
+                         f"got {tuple(key_padding_mask.shape)}")
+
+
+# ------------------------------------------------------------------------------------------------ noncausal
+def linear_summary(
+    phi_k: Tensor, v: Tensor, *, key_log_scale: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """Noncausal source summary: ``(sum_j w_j phi_k_j v_j^T (B,H,m,d), sum_j w_j phi_k_j (B,H,m))`` with
+    ``w_j = exp(c_j - max c)`` (1 without scales) and 0 for padded keys."""
+    work = _work_dtype(phi_k.dtype)
+    phi_k, v = phi_k.to(work), v.to(work)
+    c = _masked_log_scale(None if key_log_scale is None else key_log_scale.to(work), key_padding_mask)
+    weight = _keep(key_padding_mask, work)  # (B, 1, S) or None
+    if c is not None:
+        # the maximum only stabilises: every weight is relative to it and the ratio num/den does not depend on it
+        scale = torch.exp(c - c.amax(-1, keepdim=True).detach())
+        weight = scale if weight is None else scale * weight
+    if weight is None:
+        kv = torch.matmul(phi_k.transpose(-1, -2), v)
+        ksum = phi_k.sum(-2)
+    else:
+        # weight the (narrower) values rather than copying the features
+        kv = torch.matmul(phi_k.transpose(-1, -2), v * weight.unsqueeze(-1))
+        ksum = torch.matmul(weight.unsqueeze(-2), phi_k).squeeze(-2)
+    return kv, ksum
+
+
+def attend_linear_summary(phi_q: Tensor, kv: Tensor, ksum: Tensor, *, eps: float) -> Tensor:
+    """``phi_q kv / max(phi_q . ksum, eps)`` for queries (B, H, L, m) and a :func:`linear_summary`."""
+    phi_q = phi_q.to(kv.dtype)
+    num = torch.matmul(phi_q, kv)
+    den = torch.matmul(phi_q, ksum.unsqueeze(-1))
+    return num / den.clamp_min(eps)
+
+
+# --------------------------------------------------------------------------------------------------- causal
+class _Geometry:
+    """Where the queries sit among the keys: query ``i`` sees keys ``j <= i + offset``.
+
+    Queries whose last visible key exists (``0 <= i + offset < S``) are *aligned*: placed at row ``i + offset``
+    of a (B, H, Sp, .) tensor, Sp = S rounded up to whole chunks, so that chunk ``t`` of the keys and chunk ``t``
+    of the aligned queries face each other. Queries with ``i + offset >= S`` (the *tail*) see every key; queries
+    with ``i + offset < 0`` see none.
+    """
+
+    def __init__(self, length_q: int, length_k: int, offset: int, chunk: int):
+        self.chunk = max(1, min(chunk, length_k))
+        self.chunks = -(-length_k // self.chunk)
+        self.padded = self.chunks * self.chunk
+        self.length_q, self.length_k, self.offset = length_q, length_k, offset
+        self.q_lo = min(length_q, max(0, -offset))  # first aligned query
+        self.q_hi = min(length_q, max(self.q_lo, length_k - offset))  # end of the aligned queries = tail start
+        self.identity = offset == 0 and length_q == length_k == self.padded
+
+    def align(self, x: Tensor) -> Tensor:
+        """Query-indexed (B, H, L, .) -> key-aligned (B, H, Sp, .), zeros where no query sits."""
+        if self.identity:
+            return x
+        out = x.new_zeros(*x.shape[:2], self.padded, *x.shape[3:])
+        out[:, :, self.q_lo + self.offset : self.q_hi + self.offset] = x[:, :, self.q_lo : self.q_hi]
+        return out
+
+    def unalign(self, aligned: Tensor, out: Tensor) -> Tensor:
+        """Copy the aligned rows back into the query-indexed ``out`` (which holds the tail and zeros)."""
+        if self.identity:
+            return aligned
+        out[:, :, self.q_lo : self.q_hi] = aligned[:, :, self.q_lo + self.offset : self.q_hi + self.offset]
+        return out
+
+    def pad_keys(self, x: Optional[Tensor], value: float = 0.0) -> Optional[Tensor]:
+        """Pad keys (B, H, S, ...) to Sp with ``value``: padded keys carry zero features, so they add nothing."""
+        if x is None or x.size(2) == self.padded:
+            return x
+        pad = x.new_full((*x.shape[:2], self.padded - x.size(2), *x.shape[3:]), value)
+        return torch.cat([x, pad], dim=2)
+
+    def chunked(self, x: Tensor) -> Tensor:
+        """(B, H, Sp, ...) -> (B, H, T, C, ...) (a view)."""
+        return x.view(*x.shape[:2], self.chunks, self.chunk, *x.shape[3:])
+
+
+class _Scales:
+    """The key log scales of the chunks and the stabilisers derived from them, all without looking ahead.
+
+    ``running_before`` R_t: maximum of the scales before chunk t (the incoming state's maximum included);
+    ``running_after`` R_{t+1}; ``at_query`` M_i: maximum up to and including aligned position i. Every factor
+    below is exp(smaller - larger) <= 1.
+    """
+
+    def __init__(self, c: Tensor, m0: Tensor):
+        self.c = c  # (B, H, T, C)
+        within = torch.cummax(c, dim=-1).values
+        ends = torch.cummax(torch.cat([m0.unsqueeze(-1), within[..., -1]], dim=-1), dim=-1).values
+        self.running_before, self.running_after = ends[..., :-1], ends[..., 1:]
+        self.at_query = torch.maximum(within, self.running_before.unsqueeze(-1))
+        self.final = ends[..., -1]
+
+    def intra(self, tril: Tensor) -> Tensor:
+        """exp(c_j - M_i) on allowed pairs (j <= i within a chunk), 0 elsewhere: (B, H, T, C, C)."""
+        log_w = self.c.unsqueeze(-2) - self.at_query.unsqueeze(-1)
+        return torch.exp(log_w.masked_fill(~tril, float("-inf")))
+
+    def key_weights(self) -> Tensor:
+        """exp(c_j - R_{t+1}): a key's weight in the state after its chunk (B, H, T, C)."""
+        return torch.exp(self.c - self.running_after.unsqueeze(-1))
+
+    def query_weights(self) -> Tensor:
+        """exp(R_t - M_i): how much of the state before its chunk a query sees (B, H, T, C)."""
+        return torch.exp(self.running_before.unsqueeze(-1) - self.at_query)
+
+    def decay(self) -> Tensor:
+        """exp(R_t - R_{t+1}) (B, H, T): rescales a state when chunk t raises the maximum."""
+        return torch.exp(self.running_before - self.running_after)
+
+
+def _prefix_states(per_chunk: Tensor, initial: Tensor, decay: Optional[Tensor]):
+    """States before each chunk (B, H, T, ...) and after the last, for ``S_{t+1} = decay_t S_t + per_chunk_t``."""
+    if decay is None:
+        total = torch.cumsum(per_chunk, dim=2)
+        before = torch.cat([initial.unsqueeze(2), total[:, :, :-1] + initial.unsqueeze(2)], dim=2)
+        return before, total[:, :, -1] + initial
+    before = torch.empty_like(per_chunk)
+    state = initial
+    shape = decay.shape + (1,) * (per_chunk.dim() - 3)
+    decay = decay.view(shape)
+    for t in range(per_chunk.size(2)):
+        before[:, :, t] = state
+        state = state * decay[:, :, t] + per_chunk[:, :, t]
+    return before, state
+
+
+def _suffix_states(per_chunk: Tensor, tail: Tensor, decay: Optional[Tensor]) -> Tensor:
+    """Reverse of :func:`_prefix_states`: ``P_{T-1} = tail``, ``P_{t-1} = decay_t P_t + per_chunk_t``;
+    returns P_t for every chunk t (B, H, T, ...)."""
+    if decay is None:
+        rev = torch.cumsum(per_chunk.flip(2), dim=2).flip(2)  # sum over chunks >= t
+        return torch.cat([rev[:, :, 1:], torch.zeros_like(rev[:, :, :1])], dim=2) + tail.unsqueeze(2)
+    after = torch.empty_like(per_chunk)
+    state = tail
+    shape = decay.shape + (1,) * (per_chunk.dim() - 3)
+    decay = decay.view(shape)
+    for t in range(per_chunk.size(2) - 1, -1, -1):
+        after[:, :, t] = state
+        state = state * decay[:, :, t] + per_chunk[:, :, t]
+    return after
+
+
+class _CausalLinearAttention(torch.autograd.Function):
+    """Chunked causal linear attention, vectorised over chunks.
+
+    The intra-chunk products of all chunks are batched (B, H, T, C, C); the carried states exist once per chunk
+    (B, H, T, m, d), never per position. Backward recomputes them instead of keeping them alive.
+    """
+
+    @staticmethod
+    def _setup(q, k, v, c, kv0, ks0, m0, geo: _Geometry):
+        qa = geo.chunked(geo.pad_keys(geo.align(q)) if not geo.identity else q)
+        kc, vc = geo.chunked(geo.pad_keys(k)), geo.chunked(geo.pad_keys(v))
+        steps = torch.arange(geo.chunk, device=q.device)
+        tril = steps.unsqueeze(1) >= steps  # (torch.tril on bool can be very slow on a busy CPU)
+        scales = None if c is None else _Scales(geo.chunked(geo.pad_keys(c, torch.finfo(c.dtype).min)), m0)
+        intra = tril.to(q.dtype) if scales is None else scales.intra(tril)
+        kw = kc if scales is None else kc * scales.key_weights().unsqueeze(-1)
+        decay = None if scales is None else scales.decay()
+        kv_before, kv_final = _prefix_states(torch.matmul(kw.transpose(-1, -2), vc), kv0, decay)
+        ks_before, ks_final = _prefix_states(kw.sum(-2), ks0, decay)
+        qw = None if scales is None else scales.query_weights()
+        return qa, kc, vc, scales, intra, qw, kv_before, ks_before, kv_final, ks_final
+
+    @staticmethod
+    def forward(ctx, q, k, v, c, kv0, ks0, m0, offset: int, chunk: int, eps: float):
+        geo = _Geometry(q.size(2), k.size(2), offset, chunk)
+        qa, kc, vc, scales, intra, qw, kv_before, ks_before, kv, ks = _CausalLinearAttention._setup(
+            q, k, v, c, kv0, ks0, m0, geo)
+        scores = torch.matmul(qa, kc.transpose(-1, -2)).mul_(intra)
+        num = torch.matmul(scores, vc)
+        den = scores.sum(-1)
+        del scores
+        carried_num = torch.matmul(qa, kv_before)
+        carried_den = torch.matmul(qa, ks_before.unsqueeze(-1)).squeeze(-1)
+        if qw is not None:
+            carried_num.mul_(qw.unsqueeze(-1))
+            carried_den.mul_(qw)
+        num = (num + carried_num).flatten(2, 3)
+        den = (den + carried_den).flatten(2, 3)
+        del carried_num, carried_den, kv_before, ks_before
+        if not geo.identity:
+            num = geo.unalign(num, q.new_zeros(*q.shape[:3], v.size(-1)))
+            den = geo.unalign(den, q.new_zeros(q.shape[:3]))
+            if geo.q_hi < geo.length_q:  # the tail sees every key, at the final maximum
+                qt = q[:, :, geo.q_hi :]
+                num[:, :, geo.q_hi :] = torch.matmul(qt, kv)
+                den[:, :, geo.q_hi :] = torch.matmul(qt, ks.unsqueeze(-1)).squeeze(-1)
+        out = num.div_(den.clamp_min(eps).unsqueeze(-1))
+        ctx.offset, ctx.chunk, ctx.eps = offset, chunk, eps
+        ctx.save_for_backward(q, k, v, c, kv0, ks0, m0, out, den)
+        m_final = m0.clone() if scales is None else scales.final
+        ctx.mark_non_differentiable(kv, ks, m_final)
+        return out, kv, ks, m_final
+
+    @staticmethod
+    def backward(ctx, g_out, _g_kv, _g_ks, _g_max):
+        q, k, v, c, kv0, ks0, m0, out, den = ctx.saved_tensors
+        geo = _Geometry(q.size(2), k.size(2), ctx.offset, ctx.chunk)
+        qa, kc, vc, scales, intra, qw, kv_before, ks_before, kv, ks = _CausalLinearAttention._setup(
+            q, k, v, c, kv0, ks0, m0, geo)
+        # out = num / max(den, eps): gradients of the unnormalised sums
+        den_c = den.clamp_min(ctx.eps)
+        g_num = g_out / den_c.unsqueeze(-1)
+        g_den = ((g_out * out).sum(-1) / den_c).neg_().masked_fill_(den < ctx.eps, 0.0)
+        gn = geo.chunked(geo.pad_keys(geo.align(g_num)) if not geo.identity else g_num)
+        gd = geo.chunked(geo.pad_keys(geo.align(g_den)) if not geo.identity else g_den)
+
+        # intra-chunk pairs: w_ij = (q_i . k_j) intra_ij
+        weights = torch.matmul(gn, vc.transpose(-1, -2)).add_(gd.unsqueeze(-1)).mul_(intra)
+        dq = torch.matmul(weights, kc)
+        dk = torch.matmul(weights.transpose(-1, -2), qa)
+        del weights
+        scores = torch.matmul(qa, kc.transpose(-1, -2)).mul_(intra)
+        dv = torch.matmul(scores.transpose(-1, -2), gn)
+        del scores, intra
+
+        # the state before each chunk, seen by its queries
+        carried = torch.matmul(gn, kv_before.transpose(-1, -2)).add_(gd.unsqueeze(-1) * ks_before.unsqueeze(-2))
+        dq += carried if qw is None else carried.mul_(qw.unsqueeze(-1))
+        del carried, kv_before, ks_before
+
+        # keys see the queries of later chunks through a reverse state: sum exp(R - M_i) q_i [g_num_i, g_den_i]
+        qf = qa if qw is None else qa * qw.unsqueeze(-1)
+        per_chunk_num = torch.matmul(qf.transpose(-1, -2), gn)
+        per_chunk_den = torch.matmul(qf.transpose(-1, -2), gd.unsqueeze(-1)).squeeze(-1)
+        del qf
+        tail_num = kv.new_zeros(kv.shape)
+        tail_den = ks.new_zeros(ks.shape)
+        if geo.q_hi < geo.length_q:
+            qt, gnt, gdt = q[:, :, geo.q_hi :], g_num[:, :, geo.q_hi :], g_den[:, :, geo.q_hi :]
+            tail_num = torch.matmul(qt.transpose(-1, -2), gnt)
+            tail_den = torch.matmul(qt.transpose(-1, -2), gdt.unsqueeze(-1)).squeeze(-1)
+        decay = None if scales is None else scales.decay()
+        back_num = _suffix_states(per_chunk_num, tail_num, decay)
+        back_den = _suffix_states(per_chunk_den, tail_den, decay)
+        del per_chunk_num, per_chunk_den
+        dk_carried = torch.matmul(vc, back_num.transpose(-1, -2)).add_(back_den.unsqueeze(-2))
+        dv_carried = torch.matmul(kc, back_num)
+        if scales is not None:
+            kw = scales.key_weights().unsqueeze(-1)
+            dk_carried.mul_(kw)
+            dv_carried.mul_(kw)
+        dk += dk_carried
+        dv += dv_carried
+        del dk_carried, dv_carried, back_num, back_den
+
+        dq, dk, dv = dq.flatten(2, 3), dk.flatten(2, 3)[:, :, : geo.length_k], dv.flatten(2, 3)[:, :, : geo.length_k]
+        if not geo.identity:
+            dq = geo.unalign(dq, torch.zeros_like(q))
+            if geo.q_hi < geo.length_q:
+                dq[:, :, geo.q_hi :] = (torch.matmul(g_num[:, :, geo.q_hi :], kv.transpose(-1, -2))
+                                        + g_den[:, :, geo.q_hi :].unsqueeze(-1) * ks.unsqueeze(-2))
+        # w_ij is linear in both k_j and exp(c_j): dL/dc_j = k_j . dL/dk_j
+        dc = (k * dk).sum(-1) if c is not None else None
+        return dq, dk, dv, dc, None, None, None, None, None, None
+
+
+def causal_linear_attention(
+    phi_q: Tensor,
+    phi_k: Tensor,
+    v: Tensor,
+    *,
+    query_offset: int = 0,
+    key_log_scale: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    state: Optional[LinearState] = None,
+    eps: float,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tuple[Tensor, LinearState]:
+    """Causal linear attention: query ``i`` sees keys ``j <= i + query_offset`` (and the keys summarised in
+    ``state``). Returns ``(out (B, H, L, d), state after all keys)``. The incoming ``state`` is a constant
+    (decoding); gradients flow to ``phi_q``, ``phi_k``, ``v`` and ``key_log_scale``."""
+    _check(phi_q, phi_k, v, key_log_scale, key_padding_mask)
+    if phi_k.size(2) == 0:
+        raise ValueError("causal linear attention needs at least one key")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    work = _work_dtype(torch.promote_types(phi_q.dtype, v.dtype))
+    q, k, vv = phi_q.to(work), phi_k.to(work), v.to(work)
+    c = _masked_log_scale(None if key_log_scale is None else key_log_scale.to(work), key_padding_mask)
+    if key_padding_mask is not None:  # padded keys get zero features: no weight anywhere
+        k = k * _keep(key_padding_mask, work).unsqueeze(-1)
+    bsz, heads, _, m = q.shape
+    if state is None:
+        kv0 = q.new_zeros(bsz, heads, m, v.size(-1))
+        ks0 = q.new_zeros(bsz, heads, m)
+        m0 = q.new_full((bsz, heads), torch.finfo(work).min if c is not None else 0.0)
+    else:
+        kv0, ks0, m0 = (t.detach().to(work) for t in state)
+    out, kv, ks, m_run = _CausalLinearAttention.apply(q, k, vv, c, kv0, ks0, m0, int(query_offset),
+                                                      int(chunk_size), float(eps))
+    return out.to(phi_q.dtype), LinearState(kv, ks, m_run)
+
+
+def linear_attention(
+    phi_q: Tensor,
+    phi_k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    query_offset: int = 0,
+    key_log_scale: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    eps: float,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """Normalised linear attention (B, H, L, d); see the module docstring."""
+    if causal:
+        return causal_linear_attention(phi_q, phi_k, v, query_offset=query_offset, key_log_scale=key_log_scale,
+                                       key_padding_mask=key_padding_mask, eps=eps, chunk_size=chunk_size)[0]
+    _check(phi_q, phi_k, v, key_log_scale, key_padding_mask)
+    kv, ksum = linear_summary(phi_k, v, key_log_scale=key_log_scale, key_padding_mask=key_padding_mask)
+    return attend_linear_summary(phi_q, kv, ksum, eps=eps).to(phi_q.dtype)

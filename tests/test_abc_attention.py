@@ -1,0 +1,251 @@
+"""ABC (abc_attention.py, ops/abc.py): the shared contract, the prefix formula written out as loops, and the
+reference implementation's degenerate causal recurrence (o_t a multiple of v_t) not coming back."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attention_contract import AttentionContract, Case
+from fluence_fairseq.modules.abc_attention import ABC, FSABC
+from fluence_fairseq.modules.registry import get_attention
+from fluence_fairseq.ops.abc import causal_abc, causal_abc_dense
+
+
+def _small_chunks(attn, chunk=3, block_chunks=2):
+    """Sequences of ~10 tokens then cross chunk and block borders (carried state, checkpointed blocks)."""
+    attn.chunk_size, attn.block_chunks = chunk, block_chunks
+    return attn
+
+
+class TestABCContract(AttentionContract):
+    case = Case("abc", lambda **kw: _small_chunks(FSABC(32, 4, num_landmarks=3, **kw)), tgt_len=11, src_len=9)
+
+
+# ----------------------------------------------------------------------------------- explicit references
+def _heads(attn, x, src):
+    """Projected heads (B, H, L, d) as the module computes them, from (L, B, E) inputs."""
+    bsz = x.size(1)
+    kv = x if src is None else src
+    return attn._heads(attn.q_proj(x), bsz), attn._heads(attn.k_proj(kv), bsz), attn._heads(attn.v_proj(kv), bsz)
+
+
+def _finish(attn, o):
+    """(B, H, L, d) -> module output (L, B, E)."""
+    return attn.out_proj(o.permute(2, 0, 1, 3).reshape(o.size(2), o.size(0), -1))
+
+
+def _reference(attn, q, k, v, kpm=None, causal=False, offset=0):
+    """ABC by the paper's formula, one query at a time: slots over the keys the query may see (all, or the
+    prefix j <= t + offset), softmax over the slots."""
+    bsz, heads, tgt_len, d = q.shape
+    out = torch.zeros_like(q)
+    for b in range(bsz):
+        for h in range(heads):
+            a = k[b, h] @ attn.compress_k  # (S, r)
+            c = v[b, h] @ attn.compress_v
+            real = torch.ones(k.size(2), dtype=torch.bool) if kpm is None else ~kpm[b]
+            for t in range(tgt_len):
+                sees = real.clone()
+                if causal:
+                    sees[t + offset + 1:] = False
+                if not sees.any():
+                    continue
+                wk = torch.softmax(a[sees], dim=0)  # (j, r): sum_j exp(a_jr) k_j / sum_j exp(a_jr)
+                wv = torch.softmax(c[sees], dim=0)
+                k_slots, v_slots = wk.t() @ k[b, h][sees], wv.t() @ v[b, h][sees]
+                p = torch.softmax(k_slots @ q[b, h, t] / d ** 0.5, dim=0)
+                out[b, h, t] = p @ v_slots
+    return out
+
+
+def _build(causal=False, cross=False, r=3, seed=0, chunk=3, block_chunks=2):
+    torch.manual_seed(seed)
+    return _small_chunks(FSABC(32, 4, num_landmarks=r, causal=causal, cross=cross).double().eval(), chunk,
+                         block_chunks)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_noncausal_equals_formula_with_padding(cross):
+    attn = _build(cross=cross)
+    x = torch.randn(7, 2, 32, dtype=torch.double)
+    src = torch.randn(9, 2, 32, dtype=torch.double) if cross else None
+    kv = x if src is None else src
+    kpm = torch.zeros(2, kv.size(0), dtype=torch.bool)
+    kpm[1, -3:] = True
+    got = attn(x, kv, kv, key_padding_mask=kpm, need_weights=False)[0]
+    with torch.no_grad():
+        want = _finish(attn, _reference(attn, *_heads(attn, x, src), kpm))
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("chunk,block_chunks", [(1, 1), (2, 3), (4, 2), (64, 16)])
+def test_causal_self_equals_prefix_formula(chunk, block_chunks):
+    attn = _build(causal=True, chunk=chunk, block_chunks=block_chunks)
+    x = torch.randn(13, 2, 32, dtype=torch.double)
+    kpm = torch.zeros(2, 13, dtype=torch.bool)
+    kpm[1, :3] = True  # left padding
+    kpm[0, -2:] = True  # right padding
+    got = attn(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+    with torch.no_grad():
+        want = _finish(attn, _reference(attn, *_heads(attn, x, None), kpm, causal=True))
+    real = ~kpm.t()
+    torch.testing.assert_close(got[real], want[real], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("tgt_len,src_len", [(11, 9), (5, 9), (9, 9)])
+def test_causal_cross_equals_prefix_formula(tgt_len, src_len):
+    attn = _build(causal=True, cross=True)
+    x = torch.randn(tgt_len, 2, 32, dtype=torch.double)
+    src = torch.randn(src_len, 2, 32, dtype=torch.double)
+    got = attn(x, src, src, need_weights=False)[0]
+    with torch.no_grad():
+        want = _finish(attn, _reference(attn, *_heads(attn, x, src), causal=True))
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    # decoding: the cached source, one query step at a time (query_offset = earlier steps)
+    state, steps = {}, []
+    for t in range(tgt_len):
+        steps.append(attn(x[t:t + 1], src, src, incremental_state=state, static_kv=True, need_weights=False)[0])
+    torch.testing.assert_close(torch.cat(steps), want, atol=1e-10, rtol=0)
+
+
+# ------------------------------------------------------------------------------- the reference's bug
+def _causal_heads_out(attn, x):
+    q, k, v = _heads(attn, x, None)
+    out, _ = attn.attend(q, k, v, key_padding_mask=None, attn_mask=None, query_offset=0, need_weights=False)
+    return out, v
+
+
+def test_causal_output_is_not_a_multiple_of_the_current_value():
+    """The CAB reference gave o_t = c * v_t (cosine 0.99999976): no sum over earlier keys."""
+    attn = _build(causal=True, r=4)
+    x = torch.randn(40, 2, 32, dtype=torch.double)
+    with torch.no_grad():
+        out, v = _causal_heads_out(attn, x)
+    cosine = F.cosine_similarity(out[:, :, 5:], v[:, :, 5:], dim=-1).abs()
+    assert cosine.mean() < 0.8, f"o_t is (nearly) parallel to v_t: mean |cos| = {cosine.mean():.4f}"
+
+
+def test_past_tokens_change_the_last_output_substantially():
+    """Replacing every earlier token must move o_T like any attention would (the reference moved it by 6e-3)."""
+    attn = _build(causal=True, r=4)
+    x = torch.randn(40, 2, 32, dtype=torch.double)
+    x2 = x.clone()
+    x2[:-1] = torch.randn(39, 2, 32, dtype=torch.double)
+    with torch.no_grad():
+        out, _ = _causal_heads_out(attn, x)
+        out2, _ = _causal_heads_out(attn, x2)
+    change = (out2[:, :, -1] - out[:, :, -1]).norm() / out[:, :, -1].norm()
+    assert change > 0.2, f"o_T barely depends on the past: relative change {change:.4f}"
+
+
+# --------------------------------------------------------------------------------------- the chunked op
+def _op_inputs(bsz=2, heads=2, length=19, dim=5, slots=3, scale=1.0, seed=0, dtype=torch.double):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(bsz, heads, length, dim, generator=g, dtype=dtype) for _ in range(3))
+    ak, av = (torch.randn(bsz, heads, length, slots, generator=g, dtype=dtype) * scale for _ in range(2))
+    return q, k, v, ak, av
+
+
+def _slots_of(state):
+    """What a state means, independent of its reference: the slots and log of the true denominators."""
+    return (state.k_num / state.k_den.unsqueeze(-1), state.v_num / state.v_den.unsqueeze(-1),
+            state.k_den.log() + state.k_max, state.v_den.log() + state.v_max)
+
+
+def test_chunk_sizes_agree_with_each_other_and_with_dense():
+    q, k, v, ak, av = _op_inputs()
+    want, _ = causal_abc_dense(q, k, v, ak, av)
+    results = [causal_abc(q, k, v, ak, av, chunk_size=c, block_chunks=b) for c, b in [(1, 4), (4, 2), (4, 1), (64, 1)]]
+    for out, state in results:
+        torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
+        for got, ref in zip(_slots_of(state), _slots_of(results[0][1])):
+            torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+
+
+def test_state_continues_a_sequence():
+    q, k, v, ak, av = _op_inputs(length=23)
+    full, full_state = causal_abc(q, k, v, ak, av, chunk_size=4)
+    state, outs = None, []
+    for start, stop in [(0, 1), (1, 6), (6, 7), (7, 23)]:
+        part = slice(start, stop)
+        out, state = causal_abc(q[:, :, part], k[:, :, part], v[:, :, part], ak[:, :, part], av[:, :, part], state,
+                                chunk_size=4)
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, 2), full, atol=1e-12, rtol=0)
+    for got, ref in zip(_slots_of(state), _slots_of(full_state)):
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_and_jumping_scores_stay_exact(dtype):
+    """Scores of +-1e3 and a 300-nat jump inside one chunk: finite, and equal to the logcumsumexp reference."""
+    q, k, v, ak, av = _op_inputs(length=24, scale=1e3, dtype=dtype)
+    ak[:, :, 10:] += 300.0  # rows 8..9 of the chunk [8, 12) sit far below its maximum
+    av[:, :, :12] -= 5000.0
+    want, _ = causal_abc_dense(q.double(), k.double(), v.double(), ak.double(), av.double())
+    out, state = causal_abc(q, k, v, ak, av, chunk_size=4)
+    assert torch.isfinite(out).all() and all(torch.isfinite(t).all() for t in state)
+    torch.testing.assert_close(out.double(), want, atol=1e-4 if dtype == torch.float32 else 1e-10, rtol=0)
+
+
+def test_gradcheck_float64():
+    """The fused function's hand-written backward, and the fallback path (checkpointed blocks, autograd)."""
+    inputs = [t.requires_grad_() for t in _op_inputs(bsz=1, heads=2, length=7, dim=3, slots=2)]
+    # chunks of 2: carried state, masked chunk matrices, a padded tail
+    assert torch.autograd.gradcheck(lambda *a: causal_abc(*a, chunk_size=2)[0], inputs)
+    fallback = lambda *a: causal_abc(*a, chunk_size=2, block_chunks=2, fused=False)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fallback, inputs, fast_mode=True)
+
+
+def test_fused_backward_equals_autograd_with_padding():
+    inputs = [t.requires_grad_() for t in _op_inputs(length=30)]
+    with torch.no_grad():
+        inputs[3][0, :, :5] = inputs[4][0, :, :5] = torch.finfo(torch.double).min  # left-padded keys
+    grad = torch.randn(2, 2, 30, 5, dtype=torch.double)
+    fused = torch.autograd.grad((causal_abc(*inputs, chunk_size=7)[0] * grad).sum(), inputs)
+    plain = torch.autograd.grad((causal_abc(*inputs, chunk_size=7, fused=False)[0] * grad).sum(), inputs)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- module behaviour
+def test_decoding_state_has_constant_size():
+    attn = _build(causal=True, chunk=4)
+    x = torch.randn(30, 2, 32, dtype=torch.double)
+    state, sizes = {}, set()
+    with torch.no_grad():
+        for t in range(30):
+            attn(x[t:t + 1], incremental_state=state, need_weights=False)
+            (buf,) = state.values()
+            sizes.add(tuple((name, tuple(b.shape)) for name, b in sorted(buf.items())))
+    assert len(sizes) == 1 and "prev_key" not in dict(next(iter(sizes)))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_weights_are_the_equivalent_attention(causal):
+    attn = _build(causal=causal)
+    x = torch.randn(9, 2, 32, dtype=torch.double)
+    q, k, v = _heads(attn, x, None)
+    with torch.no_grad():
+        out, weights = attn.attend(q, k, v, key_padding_mask=None, attn_mask=None, query_offset=0, need_weights=True)
+        plain, _ = attn.attend(q, k, v, key_padding_mask=None, attn_mask=None, query_offset=0, need_weights=False)
+    torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights.sum(-1)), atol=1e-10, rtol=0)
+    torch.testing.assert_close(weights @ v, out, atol=1e-10, rtol=0)
+    torch.testing.assert_close(plain, out, atol=1e-10, rtol=0)
+    if causal:
+        assert (weights.triu(1) == 0).all()
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "16"])
+def test_num_landmarks_validated(bad):
+    with pytest.raises(ValueError, match="num_landmarks"):
+        ABC(32, 4, num_landmarks=bad)
+
+
+def test_registry_and_parameters():
+    spec = get_attention("abc")
+    attn = spec.build(32, 4, causal=True, **spec.tiny)
+    assert isinstance(attn, FSABC) and attn.compress_k.shape == (8, spec.tiny["num_landmarks"])
+    assert [o.default for o in spec.options if o.name == "num_landmarks"] == [16]
+    bound = 2 ** -0.5 * (6 / (8 + 16)) ** 0.5  # Xavier-uniform with gain 2^-1/2 on (head_dim, r)
+    default = FSABC(32, 4)
+    assert default.compress_v.abs().max() <= bound and default.compress_k.std() > bound / 4
