@@ -1,18 +1,160 @@
-"""cosFormer: contract, explicit O(L^2) re-weighted formula in every pattern, padding, M validation."""
+"""cosFormer: contract, the explicit O(L^2) re-weighted formula in every pattern, padding honoured (the
+reference ignored it), fixed-M validation, activations, vdim."""
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attention_contract import AttentionContract, Case
 from fluence_fairseq.modules import CosformerAttention, FSCosformerAttention
+from fluence_fairseq.ops.linear_attention import causal_linear_attention
 
-E, H = 32, 4
+E, H, DH = 32, 4, 8
 
 
 class TestCosformerContract(AttentionContract):
+    # a small M so that the re-weighting really varies over the test sequences; chunks shorter than them
     case = Case("cosformer", lambda **kw: FSCosformerAttention(32, 4, cosformer_max_len=16, chunk_size=4, **kw))
 
 
-class TestCosformerEluContract(AttentionContract):
-    case = Case("cosformer-elu", lambda **kw: FSCosformerAttention(32, 4, act_fun="elu", **kw), tgt_len=9, src_len=7)
+def _heads(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def slow_cosformer(q, k, v, *, act, causal, cross, max_len, query_offset=0, key_padding_mask=None):
+    """out_i = sum_j w_ij v_j / sum_j w_ij, w_ij = act(q_i) . act(k_j) cos(pi (p_i - p_j) / 2M), pair by pair."""
+    act_fn = F.relu if act == "relu" else (lambda x: 1 + F.elu(x))
+    B, _, L, _ = q.shape
+    S = k.size(2)
+    real = torch.ones(B, S, dtype=torch.bool) if key_padding_mask is None else ~key_padding_mask
+    out = torch.zeros(B, H, L, v.size(-1), dtype=torch.float64)
+    for b in range(B):
+        real_pos = (real[b].cumsum(0) - 1).tolist()  # position among the real tokens
+        for h in range(H):
+            for i in range(L):
+                num, den = 0.0, 0.0
+                for j in range(S):
+                    if not real[b, j] or (causal and j > i + query_offset):
+                        continue
+                    if not (cross or causal):  # M = real length, positions over real tokens
+                        M, pi_, pj = int(real[b].sum()), real_pos[i], real_pos[j]
+                    else:
+                        M, pi_ = max_len, i + query_offset
+                        pj = real_pos[j] if (cross and not causal) else j
+                    w = (act_fn(q[b, h, i]) @ act_fn(k[b, h, j])) * math.cos(math.pi * (pi_ - pj) / (2 * M))
+                    num, den = num + w * v[b, h, j], den + w
+                if torch.is_tensor(den) and den > 0:
+                    out[b, h, i] = num / den
+    return out
+
+
+@pytest.mark.parametrize("act", ["relu", "elu"])
+@pytest.mark.parametrize("cross,causal", [(False, False), (False, True), (True, False), (True, True)])
+def test_equals_explicit_reweighted_formula_in_every_pattern(cross, causal, act):
+    attn = CosformerAttention(E, H, cosformer_max_len=13, act_fun=act, chunk_size=3, causal=causal,
+                              cross=cross).double()
+    L, S = 7, (9 if cross else 7)
+    q, k, v = _heads(2, H, L, DH, seed=1), _heads(2, H, S, DH, seed=2), _heads(2, H, S, DH, seed=3)
+    kpm = torch.zeros(2, S, dtype=torch.bool)
+    kpm[1, -2:] = True
+    if not causal:
+        kpm[0, :2] = True  # left padding: positions count the real tokens only
+    offset = 3 if cross else S - L  # cross: queries continue after 3 earlier decoding steps
+    got, weights = attn.attend(q, k, v, key_padding_mask=kpm, attn_mask=None, query_offset=offset, need_weights=False)
+    assert weights is None
+    want = slow_cosformer(q, k, v, act=act, causal=causal, cross=cross, max_len=13, query_offset=offset,
+                          key_padding_mask=kpm)
+    real_rows = slice(None) if cross else ~kpm  # self attention: padded query rows are meaningless
+    torch.testing.assert_close(got.transpose(1, 2)[real_rows], want.transpose(1, 2)[real_rows], atol=1e-10,
+                               rtol=1e-10)
+
+
+@pytest.mark.parametrize("cross,causal", [(False, False), (False, True), (True, False), (True, True)])
+def test_padding_is_honoured(cross, causal):
+    """Padded keys carrying garbage change nothing (the reference ignored key_padding_mask)."""
+    torch.manual_seed(0)
+    attn = FSCosformerAttention(E, H, cosformer_max_len=32, causal=causal, cross=cross).eval()
+    x = torch.randn(6, 1, E)
+    src = torch.randn(5, 1, E) if cross else x
+    want = attn(x, src, src, need_weights=False)[0]
+    junk = torch.randn(3, 1, E) * 10
+    if causal and not cross:  # future keys are invisible anyway: pad on the left (a left-padded prefix)
+        padded = torch.cat([junk, src])
+        kpm = torch.cat([torch.ones(1, 3), torch.zeros(1, src.size(0))], 1).bool()
+        got = attn(padded, key_padding_mask=kpm, need_weights=False)[0][3:]
+        ignored = attn(padded, need_weights=False)[0][3:]
+    else:
+        padded = torch.cat([src, junk])
+        kpm = torch.cat([torch.zeros(1, src.size(0)), torch.ones(1, 3)], 1).bool()
+        if cross:
+            got = attn(x, padded, padded, key_padding_mask=kpm, need_weights=False)[0]
+            ignored = attn(x, padded, padded, need_weights=False)[0]
+        else:
+            got = attn(padded, key_padding_mask=kpm, need_weights=False)[0][:6]
+            ignored = attn(padded, need_weights=False)[0][:6]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert not torch.allclose(ignored, want, atol=1e-3), "the garbage keys should matter when not masked"
+
+
+def test_decoding_positions_continue_and_match_the_full_forward():
+    """The reference restarted query positions at every call, so decoding differed from the full forward."""
+    torch.manual_seed(0)
+    for causal in (False, True):
+        attn = FSCosformerAttention(E, H, cosformer_max_len=10, cross=True, causal=causal).eval()
+        x, src = torch.randn(8, 2, E), torch.randn(8, 2, E)
+        full = attn(x, src, src, need_weights=False)[0]
+        state, steps = {}, []
+        for t in range(8):
+            steps.append(attn(x[t : t + 1], src, src, incremental_state=state, static_kv=True, need_weights=False)[0])
+        torch.testing.assert_close(torch.cat(steps), full, atol=1e-5, rtol=0)
+
+
+def test_positions_beyond_max_len_raise_a_clear_error():
+    attn = FSCosformerAttention(E, H, cosformer_max_len=8, causal=True)
+    with pytest.raises(ValueError, match="cosformer-max-len"):
+        x = torch.randn(9, 1, E)
+        attn(x, x, x)
+    state = {}
+    x = torch.randn(8, 1, E)
+    attn(x, x, x, incremental_state=state)  # 8 positions fit
+    with pytest.raises(ValueError, match="at least 9"):
+        attn(x[:1], x[:1], x[:1], incremental_state=state)
+    noncausal = FSCosformerAttention(E, H, cosformer_max_len=8)  # noncausal self: M = the real length
+    y = torch.randn(50, 1, E)
+    assert torch.isfinite(noncausal(y, y, y)[0]).all()
+
+
+def test_decoding_state_is_constant_size():
+    attn = FSCosformerAttention(E, H, cosformer_max_len=64, causal=True).eval()
+    state = {}
+    for _ in range(5):
+        x = torch.randn(1, 2, E)
+        attn(x, x, x, incremental_state=state)
+    buf = next(iter(state.values()))
+    assert buf["cos_kv"].shape == (2, H, 2 * DH, DH) and buf["cos_k"].shape == (2, H, 2 * DH)
+    assert "prev_key" not in buf and int(buf["cos_steps"][0]) == 5
+
+
+def test_vdim_is_honoured_and_options_validated():
+    attn = FSCosformerAttention(E, H, kdim=12, vdim=20, cross=True)
+    assert attn.v_proj.in_features == 20 and attn.k_proj.in_features == 12
+    out = attn(torch.randn(3, 2, E), torch.randn(5, 2, 12), torch.randn(5, 2, 20))[0]
+    assert out.shape == (3, 2, E)
+    with pytest.raises(ValueError, match="act_fun"):
+        CosformerAttention(E, H, act_fun="gelu")
+    with pytest.raises(ValueError, match="cosformer_max_len"):
+        CosformerAttention(E, H, cosformer_max_len=0)
+
+
+@pytest.mark.parametrize("offset", [0, -3, 2, 40])
+def test_causal_op_gradcheck_without_scales(offset):
+    g = torch.Generator().manual_seed(offset + 11)
+    q = torch.rand(2, 2, 9, 4, dtype=torch.float64, generator=g).requires_grad_()
+    k = torch.rand(2, 2, 7, 4, dtype=torch.float64, generator=g).requires_grad_()
+    v = torch.randn(2, 2, 7, 3, dtype=torch.float64, generator=g).requires_grad_()
+    kpm = torch.zeros(2, 7, dtype=torch.bool)
+    kpm[0, -3:] = True
+    fn = lambda q, k, v: causal_linear_attention(q, k, v, query_offset=offset, key_padding_mask=kpm, eps=1e-6,
+                                                 chunk_size=3)[0]
+    assert torch.autograd.gradcheck(fn, (q, k, v))

@@ -72,9 +72,10 @@ def causal_reference(attn, q, k, v, kpm):
                     continue
                 logit = kn[b, h, pos] @ attn.proj_weight[h] + attn.proj_bias[h]  # (n, rank)
                 mix = torch.softmax(logit, dim=0)
+                gw, gb = attn.ln_global_weight[h:h + 1], attn.ln_global_bias[h:h + 1]
                 for s in range(rank):
-                    comp_k.append(_ln((mix[:, s:s + 1] * kn[b, h, pos]).sum(0)[None, None], attn.ln_global_weight[h:h + 1], attn.ln_global_bias[h:h + 1])[0, 0])
-                    comp_v.append(_ln((mix[:, s:s + 1] * vn[b, h, pos]).sum(0)[None, None], attn.ln_global_weight[h:h + 1], attn.ln_global_bias[h:h + 1])[0, 0])
+                    comp_k.append(_ln((mix[:, s:s + 1] * kn[b, h, pos]).sum(0)[None, None], gw, gb)[0, 0])
+                    comp_v.append(_ln((mix[:, s:s + 1] * vn[b, h, pos]).sum(0)[None, None], gw, gb)[0, 0])
                     comp_end.append(m * c + c - 1)
             for t in range(length):
                 keys = [comp_k[i] for i in range(len(comp_k)) if comp_end[i] <= t - w]

@@ -112,6 +112,7 @@ class CosformerAttention(FluenceAttention):
     def features(self, x: Tensor, angle: Tensor) -> Tensor:
         """(B, H, L, d) and angles pi * position / 2M broadcastable to (B, 1, L, 1) -> (B, H, L, 2d)."""
         a = self.activation(x)
+        angle = angle.to(a.dtype)  # angles are made in float64 (exact positions), used in the feature dtype
         return torch.cat([a * torch.sin(angle), a * torch.cos(angle)], dim=-1)
 
     def _check_position(self, last: int, what: str) -> None:
@@ -124,7 +125,7 @@ class CosformerAttention(FluenceAttention):
 
     def _angles(self, positions: Tensor) -> Tensor:
         """Positions -> angles for the fixed-M patterns, shaped to broadcast against (B, H, L, d)."""
-        angle = positions.to(torch.float32) * (math.pi / (2 * self.cosformer_max_len))
+        angle = positions.to(torch.float64) * (math.pi / (2 * self.cosformer_max_len))
         return angle.view(-1, 1, positions.size(-1), 1) if positions.dim() == 2 else angle.view(1, 1, -1, 1)
 
     def _query_angles(self, length: int, offset: int, device) -> Tensor:
@@ -146,12 +147,12 @@ class CosformerAttention(FluenceAttention):
         if not (self.cross or self.causal):
             # M = each sequence's real length; positions over its real tokens
             if key_padding_mask is None:
-                angle = torch.arange(length_k, device=q.device, dtype=torch.float32) * (math.pi / (2 * length_k))
+                angle = torch.arange(length_k, device=q.device, dtype=torch.float64) * (math.pi / (2 * length_k))
                 angle = angle.view(1, 1, -1, 1)
             else:
                 real = ~key_padding_mask
                 lengths = real.sum(-1, keepdim=True).clamp_min(1)
-                angle = ((real.cumsum(-1) - 1).to(torch.float32) * (math.pi / 2) / lengths).view(
+                angle = ((real.cumsum(-1) - 1).to(torch.float64) * (math.pi / 2) / lengths).view(
                     real.size(0), 1, length_k, 1)
             phi_q, phi_k = self.features(q, angle), self.features(k, angle)
         else:

@@ -1,10 +1,8 @@
 """Long-short attention (Transformer-LS; Zhu et al., 2021, "Long-Short Transformer: Efficient Transformers for
 Language and Vision"), noncausal (the reference's ``AttentionLS``) and causal (``CausalLS``) self attention."""
-import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.long_short import compress_chunks, dense_joint_attention, head_layer_norm, long_short_attention
@@ -39,9 +37,9 @@ class LongShort(FluenceAttention):
 
     Scores are ``q.k / sqrt(head_dim)``; the window keys and the global columns share one softmax, computed in
     query blocks of ``block_size`` queries (default: 16/32/64 by window; a constructor keyword, not a flag) by one
-    custom autograd node whose backward recomputes the probabilities (memory: a few L x D tensors). ``need_weights`` returns None:
-    with ``LN_G`` after the projection the output is no mixture of the input keys' values, so there is no
-    (L, L) weight matrix to report.
+    custom autograd node whose backward recomputes the probabilities (memory: a few L x D tensors).
+    ``need_weights`` returns None: with ``LN_G`` after the projection the output is no mixture of the input keys'
+    values, so there is no (L, L) weight matrix to report.
 
     Decoding state (causal; batch on dim 0): ``ls_pos`` (B,) the tokens seen since the sequence's first real
     (non left-padding) token; ``ls_recent_key``/``ls_recent_value`` (B, H, <= max(w, c) - 1, Dh) the newest
@@ -242,7 +240,8 @@ class LongShort(FluenceAttention):
             kn_all, vn_all, pad_all = kn, vn, pad
         first = start - (kn_all.size(2) - n)  # position of kn_all[:, :, 0]
         n_done = start // c
-        chunk_k, chunk_v, chunk_valid = buffer.get("ls_chunk_key"), buffer.get("ls_chunk_value"), buffer.get("ls_chunk_valid")
+        chunk_k, chunk_v = buffer.get("ls_chunk_key"), buffer.get("ls_chunk_value")
+        chunk_valid = buffer.get("ls_chunk_valid")
         if chunk_k is not None:
             chunk_k, chunk_v = chunk_k[:, :, :n_done * rank], chunk_v[:, :, :n_done * rank]
             chunk_valid = chunk_valid[:, :n_done * rank]
@@ -294,11 +293,12 @@ class LongShort(FluenceAttention):
         else:
             kn_all, vn_all, pad_all = kn, vn, pad.unsqueeze(1)
 
-        chunk_k, chunk_v, chunk_valid = buffer.get("ls_chunk_key"), buffer.get("ls_chunk_value"), buffer.get("ls_chunk_valid")
+        chunk_k, chunk_v = buffer.get("ls_chunk_key"), buffer.get("ls_chunk_value")
+        chunk_valid = buffer.get("ls_chunk_valid")
         done = (~leading) & (pos % c == 0)  # this token completes a chunk
         if bool(done.any()):
-            ck, cv, valid = compress_chunks(kn_all[:, :, -c:], vn_all[:, :, -c:], self._proj_logits(kn_all[:, :, -c:]),
-                                            pad_all[:, -c:], c)
+            last_k, last_v = kn_all[:, :, -c:], vn_all[:, :, -c:]
+            ck, cv, valid = compress_chunks(last_k, last_v, self._proj_logits(last_k), pad_all[:, -c:], c)
             ck, cv = self._global_norm(ck), self._global_norm(cv)  # (B, H, rank, Dh)
             slot0 = (pos // c - 1) * rank  # first column of the completed chunk, per sequence
             need = int((slot0[done].max() + rank).item())

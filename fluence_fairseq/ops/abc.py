@@ -26,8 +26,10 @@ would lose every term to underflow; such blocks are redone with smaller chunks, 
 where the reference is the row's own maximum, so the result stays exact and finite for any scores.
 
 The decoding state is the carried numerator/denominator/maximum for keys and for values (:class:`ABCState`),
-O(r d) per head whatever the length. Training runs the sequence in blocks of ``block_chunks`` chunks, each
-block under activation checkpointing, so only the inputs and one block's temporaries are held for backward.
+O(r d) per head whatever the length. Training runs the whole sequence through one autograd function
+(:class:`_ChunkedCausalABC`) whose hand-written backward saves only the inputs and O(L r + (L / C) r d)
+statistics and recomputes the chunk matrices. The exact fallback for jumping scores uses plain autograd over
+checkpointed blocks of ``block_chunks`` chunks.
 """
 import math
 from typing import NamedTuple, Optional, Tuple

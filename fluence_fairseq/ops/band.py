@@ -5,11 +5,15 @@ query with the last key, as in cached decoding). It may attend key ``j`` iff ``-
 ``rel_bias(rel)`` maps a long tensor of offsets ``p - j`` to an additive bias ``(heads, *rel.shape)``; adaptive
 span passes the log of its soft mask, which turns "softmax, multiply by the mask, renormalise" into one softmax.
 
-Three paths give the same numbers:
+Four paths give the same numbers:
 * SDPA when there is no bias and no band restriction beyond causality (fast fused kernel);
 * dense: the full (tgt, src) score matrix, needed for ``need_weights``;
-* blocked: queries in blocks of ``block_size``; each block scores only the ``block_size + left + right`` keys of
-  its band, so work and memory are O(tgt * (left + right)) instead of O(tgt * src).
+* narrow (band no wider than the head dimension, e.g. local attention's windows): every query block of every
+  head in one batched matmul over overlapping views of flat key/value buffers, probabilities kept for backward
+  (at most 2x a query tensor), window gradients folded back by one matmul (see :class:`_NarrowBand`);
+* blocked (wider bands): queries in blocks of ``block_size``; each block scores only the ``block_size + left +
+  right`` keys of its band, groups of blocks at a time, probabilities recomputed in backward.
+The banded paths do O(tgt * (left + right)) work and keep O(tgt * (left + right + head_dim)) memory.
 """
 import math
 from typing import Callable, Optional, Tuple
@@ -236,14 +240,16 @@ class _NarrowBand(torch.autograd.Function):
     Layout: each (batch, head) gets a segment of ``nbs * bq`` rows holding its queries at rows ``[a, a + Lq)``
     and its keys at rows ``[a - query_offset, ...)``; all segments are laid end to end in one flat
     (rows, head_dim) buffer, with ``left`` extra rows before and ``kb - bq - left >= right`` after. Then the
-    ``kb >= bq + left + right`` keys of query block ``n`` (over all segments) are flat rows ``[n*bq, n*bq + kb)``: one overlapping
-    ``as_strided`` view gives every block's window without copying, and one ``bmm`` scores them all. Gaps
-    between segments (at least ``left`` rows before and ``right`` after the real rows) are zero and masked, so
-    a real query's window never reaches another head's keys; the few all-gap query blocks are computed and
-    dropped. Forward saves the scaled queries, the flat keys/values and the probabilities
-    (``kb / head_dim`` of a query tensor); backward reuses them instead of recomputing scores, and folds the
-    window gradients back piece by piece with in-place ``baddbmm`` into flat key/value gradients, so no
-    (blocks, kb, head_dim) window gradient is ever materialised."""
+    ``kb >= bq + left + right`` keys of query block ``n`` (over all segments) are flat rows
+    ``[n*bq, n*bq + kb)``: one overlapping ``as_strided`` view gives every block's window without copying, and
+    one ``bmm`` scores them all. Gaps between segments (at least ``left`` rows before and ``right`` after the
+    real rows) are zero and masked, so a real query's window never reaches another head's keys; the few
+    all-gap query blocks are computed and dropped.
+
+    Forward saves the scaled queries, the flat keys/values and the probabilities (``kb / head_dim`` of a query
+    tensor); backward reuses them instead of recomputing the scores (one softmax pass saved), and computes the
+    key and value gradients with one ``bmm`` each through a skewed copy of the probabilities (:meth:`_fold`),
+    so no (blocks, kb, head_dim) window gradient is materialised and nothing is accumulated piece by piece."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, extra, valid, band, layout, dropout_p, seed):

@@ -196,34 +196,30 @@ class _Scales:
 
 
 def _prefix_states(per_chunk: Tensor, initial: Tensor, decay: Optional[Tensor]):
-    """States before each chunk (B, H, T, ...) and after the last, for ``S_{t+1} = decay_t S_t + per_chunk_t``."""
-    if decay is None:
-        total = torch.cumsum(per_chunk, dim=2)
-        before = torch.cat([initial.unsqueeze(2), total[:, :, :-1] + initial.unsqueeze(2)], dim=2)
-        return before, total[:, :, -1] + initial
+    """States before each chunk (B, H, T, ...) and after the last, for ``S_{t+1} = decay_t S_t + per_chunk_t``.
+
+    A loop over chunks: cheap (T additions of one state) and much faster on CPU than ``cumsum`` over a
+    non-innermost dimension."""
     before = torch.empty_like(per_chunk)
     state = initial
-    shape = decay.shape + (1,) * (per_chunk.dim() - 3)
-    decay = decay.view(shape)
+    if decay is not None:
+        decay = decay.view(decay.shape + (1,) * (per_chunk.dim() - 3))
     for t in range(per_chunk.size(2)):
         before[:, :, t] = state
-        state = state * decay[:, :, t] + per_chunk[:, :, t]
+        state = (state if decay is None else state * decay[:, :, t]) + per_chunk[:, :, t]
     return before, state
 
 
 def _suffix_states(per_chunk: Tensor, tail: Tensor, decay: Optional[Tensor]) -> Tensor:
     """Reverse of :func:`_prefix_states`: ``P_{T-1} = tail``, ``P_{t-1} = decay_t P_t + per_chunk_t``;
     returns P_t for every chunk t (B, H, T, ...)."""
-    if decay is None:
-        rev = torch.cumsum(per_chunk.flip(2), dim=2).flip(2)  # sum over chunks >= t
-        return torch.cat([rev[:, :, 1:], torch.zeros_like(rev[:, :, :1])], dim=2) + tail.unsqueeze(2)
     after = torch.empty_like(per_chunk)
     state = tail
-    shape = decay.shape + (1,) * (per_chunk.dim() - 3)
-    decay = decay.view(shape)
+    if decay is not None:
+        decay = decay.view(decay.shape + (1,) * (per_chunk.dim() - 3))
     for t in range(per_chunk.size(2) - 1, -1, -1):
         after[:, :, t] = state
-        state = state * decay[:, :, t] + per_chunk[:, :, t]
+        state = (state if decay is None else state * decay[:, :, t]) + per_chunk[:, :, t]
     return after
 
 
