@@ -255,7 +255,7 @@ def test_dropout_applies_to_selected_probabilities_in_training_only():
 
 @pytest.mark.parametrize("factor", [0, -2, 2.5, True, "5"])
 def test_factor_validation(factor):
-    with pytest.raises(ValueError, match="factor must be a positive integer"):
+    with pytest.raises(ValueError, match="factor must be an integer >= 1"):
         FSProbSparse(E, HEADS, factor=factor)
 
 

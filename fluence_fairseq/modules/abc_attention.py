@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..ops.abc import ABCState, attend_slots, causal_abc, causal_abc_dense, noncausal_abc, slot_memory
 from .attention_base import FluenceAttention, fsmha
-from .spec import AttentionOption, AttentionSpec
+from .spec import AttentionOption, AttentionSpec, check_int
 
 __all__ = ["ABC", "FSABC"]
 
@@ -82,10 +82,7 @@ class ABC(FluenceAttention):
         q_noise: float = 0.0,
         qn_block_size: int = 8,
     ):
-        if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks <= 0:
-            raise ValueError(
-                f"num_landmarks must be a positive integer (the number of ABC memory slots), got {num_landmarks!r}"
-            )
+        check_int("num_landmarks", num_landmarks, 1, "the number of ABC memory slots")
         super().__init__(embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal,
                          cross=cross, q_noise=q_noise, qn_block_size=qn_block_size)
         self.num_landmarks = num_landmarks

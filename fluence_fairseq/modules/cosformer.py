@@ -15,7 +15,7 @@ from ..ops.linear_attention import (
     linear_summary,
 )
 from .attention_base import ALL_PATTERNS, FluenceAttention, fsmha
-from .spec import AttentionOption, AttentionSpec
+from .spec import AttentionOption, AttentionSpec, check_int
 
 __all__ = ["CosformerAttention", "FSCosformerAttention"]
 
@@ -88,9 +88,8 @@ class CosformerAttention(FluenceAttention):
         q_noise: float = 0.0,
         qn_block_size: int = 8,
     ):
-        if isinstance(cosformer_max_len, bool) or not isinstance(cosformer_max_len, int) or cosformer_max_len < 1:
-            raise ValueError(f"cosformer_max_len must be a positive integer (the longest sequence a causal or "
-                             f"cross cosFormer attention accepts), got {cosformer_max_len!r}")
+        check_int("cosformer_max_len", cosformer_max_len, 1,
+                  "the longest sequence a causal or cross cosFormer attention accepts")
         if act_fun not in ACTIVATIONS:
             raise ValueError(f"act_fun must be one of {ACTIVATIONS} ('elu' means 1 + elu), got {act_fun!r}")
         if not isinstance(chunk_size, int) or chunk_size < 1:

@@ -1,7 +1,7 @@
 """LARA, linear randomized attention (Zheng et al., 2022), with segment-mean proposals over the real tokens."""
 from ..ops.landmarks import lara_attention
 from .attention_base import FluenceAttention, fsmha
-from .spec import AttentionOption, AttentionSpec
+from .spec import AttentionOption, AttentionSpec, check_int
 
 __all__ = ["Lara", "FSLara"]
 
@@ -66,8 +66,7 @@ class Lara(FluenceAttention):
         q_noise=0.0,
         qn_block_size=8,
     ):
-        if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks < 1:
-            raise ValueError(f"num_landmarks must be an integer >= 1 (the number of proposals), got {num_landmarks!r}")
+        check_int("num_landmarks", num_landmarks, 1, "the number of proposals")
         super().__init__(embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal,
                          cross=cross, q_noise=q_noise, qn_block_size=qn_block_size)
         self.num_landmarks = num_landmarks

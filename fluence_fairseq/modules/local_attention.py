@@ -7,7 +7,7 @@ from typing import Optional
 
 from ..ops.band import band_attention
 from .attention_base import FluenceAttention, fsmha
-from .spec import AttentionOption, AttentionSpec
+from .spec import AttentionOption, AttentionSpec, check_int
 
 __all__ = ["LocalAttention", "FSLocalAttention"]
 
@@ -63,11 +63,8 @@ class LocalAttention(FluenceAttention):
         q_noise: float = 0.0,
         qn_block_size: int = 8,
     ):
-        if isinstance(wsize, bool) or not isinstance(wsize, int) or wsize < 1:
-            raise ValueError(
-                f"wsize must be an integer >= 1 (the window: causal queries see the last wsize keys, noncausal "
-                f"ones wsize keys on each side), got {wsize!r}"
-            )
+        check_int("wsize", wsize, 1, "the window: causal queries see the last wsize keys, noncausal ones wsize "
+                  "keys on each side")
         super().__init__(embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal,
                          cross=cross, q_noise=q_noise, qn_block_size=qn_block_size)
         self.wsize = wsize

@@ -7,17 +7,13 @@ from torch import Tensor, nn
 
 from ..ops.long_short import compress_chunks, dense_joint_attention, head_layer_norm, long_short_attention
 from .attention_base import FluenceAttention, fsmha
-from .spec import AttentionOption, AttentionSpec
+from .spec import AttentionOption, AttentionSpec, check_int
 
 __all__ = ["LongShort", "FSLongShort"]
 
 #: ``ls_window_size=0`` picks these
 DEFAULT_WINDOW = {False: 15, True: 256}
 
-
-def _check_positive_int(name, value, minimum=1, hint=""):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}{hint}")
 
 
 class LongShort(FluenceAttention):
@@ -97,13 +93,13 @@ class LongShort(FluenceAttention):
         qn_block_size: int = 8,
         block_size: Optional[int] = None,
     ):
-        _check_positive_int("num_landmarks", num_landmarks, 1, " (the number of landmarks r of the long branch)")
-        _check_positive_int("ls_window_size", ls_window_size, 0,
-                            " (0 = the default: 15 for noncausal, 256 for causal attention)")
-        _check_positive_int("chunk_size", chunk_size, 1, " (tokens per compressed chunk, causal attention)")
-        _check_positive_int("chunk_rank", chunk_rank, 1, " (vectors per compressed chunk, causal attention)")
+        check_int("num_landmarks", num_landmarks, 1, "the number of landmarks r of the long branch")
+        check_int("ls_window_size", ls_window_size, 0,
+                            "0 = the default: 15 for noncausal, 256 for causal attention")
+        check_int("chunk_size", chunk_size, 1, "tokens per compressed chunk, causal attention")
+        check_int("chunk_rank", chunk_rank, 1, "vectors per compressed chunk, causal attention")
         if block_size is not None:
-            _check_positive_int("block_size", block_size, 1)
+            check_int("block_size", block_size, 1)
         super().__init__(embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal,
                          cross=cross, q_noise=q_noise, qn_block_size=qn_block_size)
         self.window_size = ls_window_size or DEFAULT_WINDOW[bool(causal)]

@@ -5,14 +5,10 @@ from torch import nn
 
 from ..ops.landmarks import nystrom_attention
 from .attention_base import FluenceAttention, fsmha
-from .spec import AttentionOption, AttentionSpec
+from .spec import AttentionOption, AttentionSpec, check_int
 
 __all__ = ["NystromAttention", "FSNystromAttention"]
 
-
-def _check_positive_int(name, value, minimum=1, how=""):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}{how}")
 
 
 class NystromAttention(FluenceAttention):
@@ -83,10 +79,10 @@ class NystromAttention(FluenceAttention):
         q_noise=0.0,
         qn_block_size=8,
     ):
-        _check_positive_int("num_landmarks", num_landmarks, how=" (the number of segment-mean landmarks)")
-        _check_positive_int("pinv_iterations", pinv_iterations,
-                            how=" (iterations of the pseudo-inverse approximation; 6 is the reference's choice)")
-        _check_positive_int("conv_kernel_size", conv_kernel_size, minimum=0, how=" (0 turns the convolution off)")
+        check_int("num_landmarks", num_landmarks, 1, meaning="the number of segment-mean landmarks")
+        check_int("pinv_iterations", pinv_iterations,
+                            meaning="iterations of the pseudo-inverse approximation; 6 is the reference's choice")
+        check_int("conv_kernel_size", conv_kernel_size, 0, meaning="0 turns the convolution off")
         if conv_kernel_size and conv_kernel_size % 2 == 0:
             raise ValueError(
                 f"conv_kernel_size must be odd so that the convolution is centred on each token, got "

@@ -14,7 +14,7 @@ from ..ops.linear_attention import (
     linear_summary,
 )
 from .attention_base import ALL_PATTERNS, FluenceAttention, fsmha
-from .spec import AttentionOption, AttentionSpec
+from .spec import AttentionOption, AttentionSpec, check_int
 
 __all__ = ["Performer", "FSPerformer"]
 
@@ -106,13 +106,9 @@ class Performer(FluenceAttention):
         q_noise: float = 0.0,
         qn_block_size: int = 8,
     ):
-        if isinstance(approx_attn_dim, bool) or not isinstance(approx_attn_dim, int) or approx_attn_dim < 1:
-            raise ValueError(f"approx_attn_dim (the number of random features m) must be a positive integer, "
-                             f"got {approx_attn_dim!r}")
-        if (isinstance(feature_redraw_interval, bool) or not isinstance(feature_redraw_interval, int)
-                or feature_redraw_interval < 0):
-            raise ValueError(f"feature_redraw_interval must be an integer >= 0 (0 = never redraw, N = every N "
-                             f"training calls), got {feature_redraw_interval!r}")
+        check_int("approx_attn_dim", approx_attn_dim, 1, "the number of random features m")
+        check_int("feature_redraw_interval", feature_redraw_interval, 0,
+                  "0 = never redraw, N = every N training calls")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         super().__init__(embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal,

@@ -5,7 +5,7 @@ from torch import Tensor
 
 from ..ops.probsparse import probsparse_attention, real_value_mean, sample_keys
 from .attention_base import FluenceAttention, fsmha
-from .spec import AttentionOption, AttentionSpec
+from .spec import AttentionOption, AttentionSpec, check_int
 
 __all__ = ["ProbSparse", "FSProbSparse"]
 
@@ -85,11 +85,8 @@ class ProbSparse(FluenceAttention):
         q_noise: float = 0.0,
         qn_block_size: int = 8,
     ):
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(
-                f"factor must be a positive integer (U = factor * ceil(ln S) sampled keys, u = factor * ceil(ln L) "
-                f"selected queries), got {factor!r}; the reference default is 5"
-            )
+        check_int("factor", factor, 1, "U = factor * ceil(ln S) sampled keys, u = factor * ceil(ln L) selected "
+                  "queries; the reference default is 5")
         super().__init__(
             embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal, cross=cross,
             q_noise=q_noise, qn_block_size=qn_block_size,

@@ -37,3 +37,11 @@ def parse_bool(value) -> bool:
     if str(value).lower() in ("0", "false", "no", "n", "off"):
         return False
     raise ValueError(f"expected a boolean (true/false), got {value!r}")
+
+
+def check_int(name: str, value, minimum: int = 1, meaning: str = "") -> int:
+    """Refuse anything but an integer >= ``minimum`` (bools too), saying what the option means."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}{what}, got {value!r}")
+    return value
