@@ -6,7 +6,7 @@
 Every model is ``--arch transformer_<name>_small`` (``fluence_transformer_small`` for softmax): 3+3 layers, 4
 heads, width ``--dim`` (ffn 4x), shared embeddings, the attention wherever its math allows and softmax elsewhere
 (the table says where), each attention's default hyper-parameters. All get the same budget: the same data,
-``--max-update`` Adam updates of at most 4,096 tokens, lr 2e-3 (inverse sqrt, 300 warm-up), dropout 0.1, label
+``--max-update`` Adam updates of at most 4,096 tokens, lr 2e-3 (inverse sqrt, ``--warmup-updates``), dropout 0.1, label
 smoothing 0.1, seed 1; then beam-5 translation of the 311 test verses scored with sacrebleu (the same scoring
 as ``run.sh``). Uses ``fairseq-*`` from PATH and the data prepared by ``run.sh`` in ``work/bin`` (prepared here
 if missing). Writes ``work/compare/<name>/`` (logs, checkpoint, ``result.json``) and the table of every result
@@ -17,7 +17,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,6 +35,17 @@ def run(cmd, log_path):
         raise SystemExit(f"{cmd[0]} failed (see {log_path}):\n{tail}")
 
 
+def training_seconds(log):
+    """Wall time from fairseq's first training iteration to 'done training', from the log's timestamps."""
+    from datetime import datetime
+
+    def stamp(marker):
+        line = next(ln for ln in log.splitlines() if marker in ln)
+        return datetime.strptime(line[:19], "%Y-%m-%d %H:%M:%S")
+
+    return (stamp("done training") - stamp("Start iterating over samples")).total_seconds()
+
+
 def arch_of(name):
     return "fluence_transformer_small" if name == "softmax" else f"transformer_{name}_small"
 
@@ -49,12 +59,37 @@ def roles_of(arch):
     return ", ".join(f"{short[role]}={name}" for role, name in row.attention.items())
 
 
+def write_table(args, work):
+    """The table of every result in WORK/compare with this run's budget."""
+    order = DEFAULT_ATTENTIONS.split(",")
+    results = [json.loads(f.read_text()) for f in (work / "compare").glob("*/result.json")]
+    results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    lines = [f"Bible en->es test set (311 verses), beam 5, sacrebleu; every model {args.max_update} updates at width "
+             f"{args.dim}, 3+3 layers, 4 heads, {args.warmup_updates} warm-up updates, seed 1 "
+             f"(`python examples/translation/compare.py --max-update {args.max_update} --dim {args.dim}`).", "",
+             "| attention | where | params | train s | valid loss | BLEU | chrF |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r.get("failed"):
+            lines.append(f"| {r['name']} | {r['where']} | - | - | - | training failed | - |")
+        elif (r["max_update"], r["dim"], r.get("warmup_updates")) != (args.max_update, args.dim, args.warmup_updates):
+            continue  # another budget: not comparable
+        else:
+            lines.append(f"| {r['name']} | {r['where']} | {r['params']} | {r['train_s']:.0f} | {r['valid_loss']} | "
+                         f"{r['bleu']:.2f} | {r['chrf']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    target = Path(args.out) if args.out else work / "compare" / "results.md"
+    target.write_text(text)
+    print(text, flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--attentions", default=DEFAULT_ATTENTIONS)
     p.add_argument("--max-update", type=int, default=400)
+    p.add_argument("--warmup-updates", type=int, default=100)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--work", default=str(HERE / "work"))
+    p.add_argument("--reuse", action="store_true", help="keep models already trained in WORK/compare/<name>/")
     p.add_argument("--out", default=None, help="markdown table (default: WORK/compare/results.md)")
     args = p.parse_args(argv)
     work = Path(args.work)
@@ -75,21 +110,24 @@ def main(argv=None):
                  "--encoder-ffn-embed-dim", 4 * args.dim, "--decoder-ffn-embed-dim", 4 * args.dim,
                  "--share-all-embeddings", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
                  "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "2e-3", "--lr-scheduler",
-                 "inverse_sqrt", "--warmup-updates", "300", "--dropout", "0.1", "--max-tokens", "4096",
+                 "inverse_sqrt", "--warmup-updates", args.warmup_updates, "--dropout", "0.1", "--max-tokens", "4096",
                  "--required-batch-size-multiple", "1", "--max-update", args.max_update, "--cpu", "--num-workers",
                  "0", "--seed", "1", "--save-dir", out / "checkpoints", "--no-epoch-checkpoints",
                  "--log-format", "simple", "--log-interval", "100"]
-        t0 = time.time()
         print(f"== {name}: {arch}", flush=True)
-        try:
-            run(train, out / "train.log")
-        except SystemExit as failure:
-            print(failure, flush=True)
-            (out / "result.json").write_text(json.dumps({"name": name, "where": roles_of(arch), "failed": True}))
-            continue
-        train_s = time.time() - t0
+        done = out / "train.log"
+        if args.reuse and done.exists() and "done training" in done.read_text():
+            print("   reusing the trained checkpoint", flush=True)
+        else:
+            try:
+                run(train, out / "train.log")
+            except SystemExit as failure:
+                print(failure, flush=True)
+                (out / "result.json").write_text(json.dumps({"name": name, "where": roles_of(arch), "failed": True}))
+                continue
+        train_s = training_seconds(done.read_text())
         log = (out / "train.log").read_text()
-        params = re.search(r"num\. model params: ([\d,]+)", log).group(1)
+        params = re.search(r"num\. (?:shared )?model params: ([\d,]+)", log).group(1)
         valid = re.findall(r"valid on 'valid' subset \| loss ([\d.]+)", log)
         run(["fairseq-generate", binary, "--user-dir", "fluence_fairseq", "--path", out / "checkpoints" /
              "checkpoint_last.pt", "--source-lang", "en", "--target-lang", "es", "--gen-subset", "test", "--beam",
@@ -100,28 +138,10 @@ def main(argv=None):
         chrf = sacrebleu.metrics.CHRF().corpus_score(hyp, [ref]).score
         result = {"name": name, "where": roles_of(arch), "params": params, "train_s": train_s,
                   "valid_loss": valid[-1] if valid else "-", "bleu": bleu, "chrf": chrf,
-                  "max_update": args.max_update, "dim": args.dim}
+                  "max_update": args.max_update, "dim": args.dim, "warmup_updates": args.warmup_updates}
         (out / "result.json").write_text(json.dumps(result))
         print(f"   BLEU {bleu:.2f} chrF {chrf:.2f} valid loss {result['valid_loss']} ({train_s:.0f} s)", flush=True)
-    order = DEFAULT_ATTENTIONS.split(",")
-    results = [json.loads(f.read_text()) for f in (work / "compare").glob("*/result.json")]
-    results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
-    lines = [f"Bible en->es test set (311 verses), beam 5, sacrebleu; every model {args.max_update} updates at width "
-             f"{args.dim}, 3+3 layers, 4 heads, seed 1 (`python examples/translation/compare.py "
-             f"--max-update {args.max_update} --dim {args.dim}`).", "",
-             "| attention | where | params | train s | valid loss | BLEU | chrF |", "|---|---|---|---|---|---|---|"]
-    for r in results:
-        if r.get("failed"):
-            lines.append(f"| {r['name']} | {r['where']} | - | - | - | training failed | - |")
-        elif (r["max_update"], r["dim"]) != (args.max_update, args.dim):
-            continue  # another budget: not comparable
-        else:
-            lines.append(f"| {r['name']} | {r['where']} | {r['params']} | {r['train_s']:.0f} | {r['valid_loss']} | "
-                         f"{r['bleu']:.2f} | {r['chrf']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    target = Path(args.out) if args.out else work / "compare" / "results.md"
-    target.write_text(text)
-    print(text)
+        write_table(args, work)
 
 
 if __name__ == "__main__":

@@ -34,14 +34,7 @@ ATTENTION_MODULES = (
 
 
 def _import_attention_modules():
-    modules = []
-    for name in ATTENTION_MODULES:
-        try:
-            modules.append(importlib.import_module(f"{__package__}.{name}"))
-        except ModuleNotFoundError as err:  # TODO(issue 3): remove once every module exists
-            if err.name != f"{__package__}.{name}":
-                raise
-    return modules
+    return [importlib.import_module(f"{__package__}.{name}") for name in ATTENTION_MODULES]
 
 
 for _module in _import_attention_modules():
