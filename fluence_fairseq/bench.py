@@ -304,6 +304,55 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(reports: List[dict], length: int = 8192) -> str:
+    """One row per case over several reports (one per pattern): time and memory / proj at ``length``, the growth
+    exponent over the lengths measured, and decoding step time last/first position per batch; targets missed are
+    marked with a star."""
+    def kind(text: str) -> str:
+        for key, word in (("growth", " grows "), ("mem", " peak memory "), ("decode", " decode "), ("time", " step time ")):
+            if word in text:
+                return key
+        return "other"
+
+    missed = [(r["config"]["pattern"], t["target"]) for r in reports for t in r["targets"] if not t["pass"]]
+
+    def star(pattern: str, case: str, what: str) -> str:
+        return "*" if any(p == pattern and text.startswith(case + " ") and kind(text[len(case):]) == what
+                          for p, text in missed) else ""
+
+    patterns = [r["config"]["pattern"] for r in reports]
+    cases = list(dict.fromkeys(row["case"] for r in reports for row in r["train"] if row["case"] != PROJECTIONS))
+    header = ["case"]
+    for pattern in patterns:
+        header += [f"{pattern}: time / proj", "mem / proj", "growth L^x"]
+    header += ["decode last / first (batch 1, beam 5)"]
+    rows = []
+    for case in cases:
+        row = [case]
+        decode = ""
+        for r in reports:
+            points = sorted((x["length"], x) for x in r["train"] if x["case"] == case)
+            at = next((x for n, x in points if n == length), None)
+            pattern = r["config"]["pattern"]
+            if at is None:
+                row += ["–", "–", "–"]
+                continue
+            growth = (math.log(points[-1][1]["time_ms_median"] / points[0][1]["time_ms_median"])
+                      / math.log(points[-1][0] / points[0][0])) if len(points) > 1 else math.nan
+            row += [f"{at['time_vs_proj']:.2f}" + star(pattern, case, "time"),
+                    f"{at['mem_vs_proj']:.2f}" + star(pattern, case, "mem"),
+                    f"{growth:.2f}" + star(pattern, case, "growth")]
+            series = decode_series(r)
+            ratios = [f"{p[-1][1] / p[0][1]:.2f}" + star(pattern, case, "decode")
+                      for (c, _), p in sorted(series.items()) if c == case]
+            decode = decode or " / ".join(ratios)
+        rows.append(row + [decode or "–"])
+    lengths = sorted({x["length"] for r in reports for x in r["train"]})
+    note = (f"Ratios at L={length}; growth from L={lengths[0]} to the largest length measured for that pattern; "
+            "* = the issue's target for that number missed (see the report's Targets).")
+    return "\n".join(_table(header, rows) + ["", note]) + "\n"
+
+
 def plot(report: dict, path: str) -> None:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's import sets the root logger to DEBUG
     import matplotlib
@@ -419,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-steps", type=int, help="timed decoding steps per position")
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--out", metavar="PREFIX", help="write PREFIX.md, PREFIX.json and PREFIX.png")
+    parser.add_argument("--summarize", nargs="+", metavar="REPORT.json",
+                        help="print one table of the given reports (e.g. the efficient presets) and exit")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one job: JSON stdin -> stdout
     return parser
 
@@ -427,6 +478,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     if args.worker:
         print(json.dumps(run_job(json.load(sys.stdin))))
+        return
+    if args.summarize:
+        reports = []
+        for path in args.summarize:
+            with open(path) as f:
+                reports.append(json.load(f))
+        print(summary(reports))
         return
     report = run_benchmark(config_from_args(args))
     print(markdown(report))

@@ -113,3 +113,15 @@ def test_growth_and_memory_targets_and_skipped_baselines():
     assert growth["value"] == pytest.approx(math.log(16) / math.log(8)) and not growth["pass"]
     mem = TimeRatioTarget("x", PROJECTIONS, 1.5, length=8000, metric="peak_mem_mb").check(report)
     assert mem["value"] == pytest.approx(0.8) and mem["pass"] and "peak memory" in mem["target"]
+
+
+def test_summary_table_marks_missed_targets(report):
+    from fluence_fairseq.bench import summary
+
+    text = summary([report], length=64)
+    lines = text.splitlines()
+    span_row = next(line for line in lines if line.startswith(f"| {SPAN.label} |"))
+    assert "causal: time / proj" in lines[0] and MHA in text and PROJECTIONS not in text.split("\n\n")[0]
+    time_target, decode_target = report["targets"]
+    assert span_row.split(" | ")[1].endswith("*") == (not time_target["pass"])
+    assert span_row.rstrip(" |").split(" | ")[-1].count("/") == 1  # batch 1 and batch 3 decode ratios

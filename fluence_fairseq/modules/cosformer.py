@@ -114,6 +114,13 @@ class CosformerAttention(FluenceAttention):
         angle = angle.to(a.dtype)  # angles are made in float64 (exact positions), used in the feature dtype
         return torch.cat([a * torch.sin(angle), a * torch.cos(angle)], dim=-1)
 
+    @staticmethod
+    def trig(angle: Tensor, dtype: torch.dtype) -> Tensor:
+        """Angles (B or 1, 1, L, 1) -> the multipliers [sin, cos] (B or 1, 1, L, 2): ``features(x, angle)`` is
+        ``activation(x)`` re-weighted by them (the causal op applies them chunk by chunk)."""
+        angle = angle.to(dtype)
+        return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)
+
     def _check_position(self, last: int, what: str) -> None:
         if last >= self.cosformer_max_len:
             raise ValueError(
@@ -155,13 +162,20 @@ class CosformerAttention(FluenceAttention):
                     real.size(0), 1, length_k, 1)
             phi_q, phi_k = self.features(q, angle), self.features(k, angle)
         else:
-            phi_q = self.features(q, self._query_angles(length_q, query_offset, q.device))
+            query_angle = self._query_angles(length_q, query_offset, q.device)
             if self.cross and not self.causal:
                 key_angle = self._source_key_angles(length_k, key_padding_mask, k.device)
             else:
                 self._check_position(length_k - 1, "key")
                 key_angle = self._angles(torch.arange(length_k, device=k.device))
-            phi_k = self.features(k, key_angle)
+            if self.causal:  # only the d-wide activations are kept; the op re-weights them chunk by chunk
+                a_q, a_k = self.activation(q), self.activation(k)
+                out, _ = causal_linear_attention(
+                    a_q, a_k, v, query_offset=query_offset, key_padding_mask=key_padding_mask, eps=DEN_EPS,
+                    chunk_size=self.chunk_size, query_mix=self.trig(query_angle, a_q.dtype),
+                    key_mix=self.trig(key_angle, a_k.dtype))
+                return out.to(v.dtype), None
+            phi_q, phi_k = self.features(q, query_angle), self.features(k, key_angle)
         out = linear_attention(phi_q, phi_k, v, causal=self.causal, query_offset=query_offset,
                                key_padding_mask=key_padding_mask, eps=DEN_EPS, chunk_size=self.chunk_size)
         return out.to(v.dtype), None
@@ -174,9 +188,11 @@ class CosformerAttention(FluenceAttention):
         if buffer.get("cos_kv") is not None:
             kv = buffer["cos_kv"]
             state = LinearState(kv, buffer["cos_k"], kv.new_zeros(kv.shape[:2]))
+        a_q, a_k = self.activation(q), self.activation(k)
+        mix = self.trig(angle, a_q.dtype)
         out, state = causal_linear_attention(
-            self.features(q, angle), self.features(k, angle), v, key_padding_mask=key_padding_mask, state=state,
-            eps=DEN_EPS, chunk_size=self.chunk_size,
+            a_q, a_k, v, key_padding_mask=key_padding_mask, state=state, eps=DEN_EPS, chunk_size=self.chunk_size,
+            query_mix=mix, key_mix=mix,
         )
         buffer["cos_kv"], buffer["cos_k"] = state.kv, state.k
         buffer["cos_steps"] = torch.full((q.size(0),), start + q.size(2), dtype=torch.long, device=q.device)

@@ -134,10 +134,13 @@ class Performer(FluenceAttention):
         self.projection = self._draw().to(device=old.device, dtype=old.dtype)
 
     def _logits(self, x: Tensor) -> Tensor:
-        """(B, H, L, Dh) -> W x' (B, H, L, m) in float32 or wider, with x' = x d^-1/4."""
+        """(B, H, L, Dh) -> (W x' (B, H, L, m) in float32 or wider, x in that dtype), with x' = x d^-1/4.
+
+        The scale d^-1/4 goes into the (small) projection, so no scaled copy of ``x`` is made and kept."""
         work = torch.promote_types(x.dtype, torch.float32)
-        x = x.to(work) * self.head_dim ** -0.25
-        return torch.matmul(x, self.projection.to(work).transpose(-1, -2).unsqueeze(0)), x
+        x = x.to(work)
+        projection = self.projection.to(work) * self.head_dim ** -0.25
+        return torch.matmul(x, projection.transpose(-1, -2).unsqueeze(0)), x
 
     def query_features(self, q: Tensor) -> Tensor:
         # exp(-|q'|^2/2) and the division by the maximum are per-query factors: they cancel in num / den
@@ -147,7 +150,8 @@ class Performer(FluenceAttention):
     def key_features(self, k: Tensor):
         """(features relative to each key's largest one, log of that largest one (B, H, S))."""
         logits, x = self._logits(k)
-        logits = logits - 0.5 * x.pow(2).sum(-1, keepdim=True)
+        # |x'|^2 / 2 = |x|^2 / (2 sqrt(d))
+        logits = logits - (0.5 * self.head_dim ** -0.5) * x.pow(2).sum(-1, keepdim=True)
         scale = logits.amax(-1, keepdim=True)
         return torch.exp(logits - scale) + FEATURE_EPS, scale.squeeze(-1)
 

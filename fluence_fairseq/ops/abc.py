@@ -237,6 +237,16 @@ def _carry(decay, exps, x, ends, num0, den0, m0):
     return in_num, in_den, sum_num, sum_den
 
 
+def _nonzero_(den: Tensor) -> Tensor:
+    """In-place :func:`_nonzero`."""
+    return den.masked_fill_(~(den > 0), 1.0)
+
+
+def _view_chunks(t: Tensor, start: int, stop: int, chunk: int) -> Tensor:
+    """Positions [start, stop) of t (B, H, L, x) as (B, H, chunks, chunk, x), a view (no copy)."""
+    return t[:, :, start:stop].unflatten(2, (-1, chunk))
+
+
 def _reverse_cumsum(x: Tensor, dim: int) -> Tensor:
     return x.sum(dim, keepdim=True) - x.cumsum(dim) + x
 
@@ -244,123 +254,173 @@ def _reverse_cumsum(x: Tensor, dim: int) -> Tensor:
 class _ChunkedCausalABC(torch.autograd.Function):
     """The chunked causal ABC of :func:`_causal_block` over a whole sequence (length a multiple of ``chunk``),
     with a hand-written backward that saves only the inputs and O(L r + N r d) statistics and recomputes the
-    (chunk x chunk) matrices, so training memory does not grow with the chunk matrices of the whole sequence.
-    The chunk references ``k_ends``/``v_ends`` are constants (the result does not depend on them); the initial
-    state gets no gradient and the final state is not differentiable (decoding only)."""
+    (chunk x chunk) matrices. Both directions walk the sequence in groups of ``group`` chunks (forward in order,
+    carrying the state from group to group; backward in reverse, carrying the state's gradient), so the
+    temporaries are bounded by one group whatever the length. The output and the input gradients are written
+    group by group into tensors laid out like the inputs (the projections' (L, B, H, d) layout), so neither the
+    caller's reshape nor the projections' backward copies them. The chunk references ``k_ends``/``v_ends`` are
+    constants (the result does not depend on them); the initial state gets no gradient and the final state is
+    not differentiable (decoding only)."""
 
     @staticmethod
     def forward(ctx, q, k, v, alpha_k, alpha_v, k_ends, v_ends, k_num, k_den, k_max, v_num, v_den, v_max,
-                chunk, dropout_p):
+                chunk, group, dropout_p):
         bsz, heads, length, dim = q.shape
-        n = length // chunk
-
-        def chunks(t):
-            return t.reshape(bsz, heads, n, chunk, t.size(-1))
-
-        # one contiguous copy each: batched matmuls would otherwise copy the strided heads at every use
-        qc, kc, vc = chunks(q.contiguous()), chunks(k.contiguous()), chunks(v.contiguous())
+        n, slots = length // chunk, alpha_k.size(-1)
         causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-        k_decay, v_decay = _decay_matrix(k_ends), _decay_matrix(v_ends)
+        out = torch.empty_like(q)  # keeps q's layout (dense strides are preserved)
+        stats = alpha_k.new_empty(4, bsz, heads, n, chunk, slots)  # k_row_den, v_row_den, slot_scores, probs
+        k_row_den_all, v_row_den_all, scores_all, probs_all = stats.unbind(0)
+        in_num_all = q.new_empty(2, bsz, heads, n, slots, dim)
+        kept_all = torch.empty(bsz, heads, n, chunk, slots, dtype=torch.bool, device=q.device) \
+            if dropout_p > 0.0 else None
+        for c0 in range(0, n, group):
+            c1 = min(n, c0 + group)
+            g, s0, s1 = c1 - c0, c0 * chunk, c1 * chunk
 
-        k_exps = torch.exp(chunks(alpha_k) - k_ends.unsqueeze(3))
-        k_in_num, k_in_den, k_sum_num, k_sum_den = _carry(k_decay, k_exps, kc, k_ends, k_num, k_den, k_max)
-        k_row_den = _nonzero(k_in_den.unsqueeze(3) + k_exps.cumsum(dim=3))
-        qk = torch.matmul(qc, kc.transpose(-1, -2)).masked_fill_(~causal, 0.0)
-        row_num = torch.matmul(qk, k_exps).add_(torch.matmul(qc, k_in_num.transpose(-1, -2)))
-        del qk
-        slot_scores = row_num / k_row_den
-        probs = torch.softmax(slot_scores * dim ** -0.5, dim=-1)
-        kept = None
-        dropped = probs
-        if dropout_p > 0.0:
-            dropped = F.dropout(probs, dropout_p, training=True)
-            kept = dropped != 0
+            def chunks(t):
+                return t[:, :, s0:s1].contiguous().view(bsz, heads, g, chunk, t.size(-1))
 
-        v_exps = torch.exp(chunks(alpha_v) - v_ends.unsqueeze(3))
-        v_in_num, v_in_den, v_sum_num, v_sum_den = _carry(v_decay, v_exps, vc, v_ends, v_num, v_den, v_max)
-        v_row_den = _nonzero(v_in_den.unsqueeze(3) + v_exps.cumsum(dim=3))
-        w = dropped / v_row_den
-        mix = torch.matmul(w, v_exps.transpose(-1, -2)).masked_fill_(~causal, 0.0)
-        out = torch.matmul(mix, vc)
-        _add_matmul_(out, w, v_in_num)
-        del mix
-        ctx.save_for_backward(q, k, v, alpha_k, alpha_v, k_ends, v_ends, k_in_num, v_in_num, k_row_den, v_row_den,
-                              slot_scores, probs, kept)
-        ctx.chunk, ctx.dropout_p = chunk, dropout_p
-        final = (k_in_num[:, :, -1] + k_sum_num[:, :, -1], k_in_den[:, :, -1] + k_sum_den[:, :, -1], k_ends[:, :, -1],
-                 v_in_num[:, :, -1] + v_sum_num[:, :, -1], v_in_den[:, :, -1] + v_sum_den[:, :, -1], v_ends[:, :, -1])
-        final = tuple(t.contiguous() for t in final)
+            qc, kc, vc = chunks(q), chunks(k), chunks(v)
+            k_e, v_e = k_ends[:, :, c0:c1], v_ends[:, :, c0:c1]
+
+            k_exps = torch.sub(_view_chunks(alpha_k, s0, s1, chunk), k_e.unsqueeze(3)).exp_()
+            k_in_num, k_in_den, k_sum_num, k_sum_den = _carry(_decay_matrix(k_e), k_exps, kc, k_e, k_num, k_den,
+                                                              k_max)
+            k_row_den = _nonzero_(k_exps.cumsum(dim=3).add_(k_in_den.unsqueeze(3)))
+            qk = torch.matmul(qc, kc.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+            row_num = torch.matmul(qk, k_exps)
+            del qk
+            _add_matmul_(row_num, qc, k_in_num.transpose(-1, -2))
+            slot_scores = row_num.div_(k_row_den)
+            probs = torch.softmax(slot_scores * dim ** -0.5, dim=-1)
+            dropped = probs
+            if dropout_p > 0.0:
+                dropped = F.dropout(probs, dropout_p, training=True)
+                kept_all[:, :, c0:c1] = dropped != 0
+
+            v_exps = torch.sub(_view_chunks(alpha_v, s0, s1, chunk), v_e.unsqueeze(3)).exp_()
+            v_in_num, v_in_den, v_sum_num, v_sum_den = _carry(_decay_matrix(v_e), v_exps, vc, v_e, v_num, v_den,
+                                                              v_max)
+            v_row_den = _nonzero_(v_exps.cumsum(dim=3).add_(v_in_den.unsqueeze(3)))
+            w = dropped / v_row_den
+            mix = torch.matmul(w, v_exps.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+            out_g = torch.matmul(mix, vc)
+            del mix
+            _add_matmul_(out_g, w, v_in_num)
+            out[:, :, s0:s1] = out_g.view(bsz, heads, s1 - s0, dim)
+            k_row_den_all[:, :, c0:c1] = k_row_den
+            v_row_den_all[:, :, c0:c1] = v_row_den
+            scores_all[:, :, c0:c1] = slot_scores
+            probs_all[:, :, c0:c1] = probs
+            in_num_all[0, :, :, c0:c1] = k_in_num
+            in_num_all[1, :, :, c0:c1] = v_in_num
+            # the state leaving the group, at its last chunk's reference
+            k_num, k_den, k_max = k_in_num[:, :, -1] + k_sum_num[:, :, -1], k_in_den[:, :, -1] + k_sum_den[:, :, -1], \
+                k_e[:, :, -1]
+            v_num, v_den, v_max = v_in_num[:, :, -1] + v_sum_num[:, :, -1], v_in_den[:, :, -1] + v_sum_den[:, :, -1], \
+                v_e[:, :, -1]
+        ctx.save_for_backward(q, k, v, alpha_k, alpha_v, k_ends, v_ends, in_num_all, stats, kept_all)
+        ctx.chunk, ctx.group, ctx.dropout_p = chunk, group, dropout_p
+        final = tuple(t.contiguous() for t in (k_num, k_den, k_max, v_num, v_den, v_max))
         ctx.mark_non_differentiable(*final)
-        return (out.view(bsz, heads, length, dim), *final)
+        return (out, *final)
 
     @staticmethod
     def backward(ctx, grad_out, *unused):
-        (q, k, v, alpha_k, alpha_v, k_ends, v_ends, k_in_num, v_in_num, k_row_den, v_row_den, slot_scores, probs,
-         kept) = ctx.saved_tensors
-        chunk, dropout_p = ctx.chunk, ctx.dropout_p
+        q, k, v, alpha_k, alpha_v, k_ends, v_ends, in_num_all, stats, kept_all = ctx.saved_tensors
+        chunk, group, dropout_p = ctx.chunk, ctx.group, ctx.dropout_p
         bsz, heads, length, dim = q.shape
         n = length // chunk
-
-        def chunks(t):
-            return t.reshape(bsz, heads, n, chunk, t.size(-1))
-
-        qc, kc, vc, g_out = (chunks(t.contiguous()) for t in (q, k, v, grad_out))
         causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-        dropped = probs if kept is None else probs * kept / (1.0 - dropout_p)
+        g_q, g_k, g_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        g_alpha_k, g_alpha_v = torch.empty_like(alpha_k), torch.empty_like(alpha_v)
+        g_k_state = g_v_state = None  # gradient of the state leaving the current group (from later groups)
+        for c0 in reversed(range(0, n, group)):
+            c1 = min(n, c0 + group)
+            g, s0, s1 = c1 - c0, c0 * chunk, c1 * chunk
 
-        # values: out = tril(w E_v^T) V + w N_v,  w = dropped / den_v
-        v_exps = torch.exp(chunks(alpha_v) - v_ends.unsqueeze(3))
-        w = dropped / v_row_den
-        mix = torch.matmul(w, v_exps.transpose(-1, -2)).masked_fill_(~causal, 0.0)
-        g_v = torch.matmul(mix.transpose(-1, -2), g_out)
-        del mix
-        g_mix = torch.matmul(g_out, vc.transpose(-1, -2)).masked_fill_(~causal, 0.0)
-        g_w = torch.matmul(g_mix, v_exps)
-        _add_matmul_(g_w, g_out, v_in_num.transpose(-1, -2))
-        g_v_exps = torch.matmul(g_mix.transpose(-1, -2), w)
-        del g_mix
-        g_v_in_num = torch.matmul(w.transpose(-1, -2), g_out)  # (B, H, N, r, d)
-        g_v_den = -g_w * w / v_row_den
-        g_dropped = g_w / v_row_den
-        g_v_exps += _reverse_cumsum(g_v_den, 3)
-        g_v_exps, g_v = _carry_backward(_decay_matrix(v_ends), v_exps, vc, g_v_in_num, g_v_den.sum(3), g_v_exps, g_v)
-        g_alpha_v = (g_v_exps * v_exps).view(bsz, heads, length, -1)
-        del v_exps, g_v_exps
+            def chunks(t):
+                return t[:, :, s0:s1].contiguous().view(bsz, heads, g, chunk, t.size(-1))
 
-        # slot softmax (and dropout)
-        g_probs = g_dropped if kept is None else g_dropped * kept / (1.0 - dropout_p)
-        g_scores = probs * (g_probs - (g_probs * probs).sum(-1, keepdim=True)) * dim ** -0.5
-        g_row_num = g_scores / k_row_den
-        g_k_den = -g_scores * slot_scores / k_row_den
+            qc, kc, vc, g_out = chunks(q), chunks(k), chunks(v), chunks(grad_out)
+            k_e, v_e = k_ends[:, :, c0:c1], v_ends[:, :, c0:c1]
+            k_m0 = k_ends[:, :, c0 - 1] if c0 > 0 else None
+            v_m0 = v_ends[:, :, c0 - 1] if c0 > 0 else None
+            k_row_den, v_row_den, slot_scores, probs = stats[:, :, :, c0:c1].unbind(0)
+            k_in_num, v_in_num = in_num_all[:, :, :, c0:c1].unbind(0)
+            kept = None if kept_all is None else kept_all[:, :, c0:c1]
+            dropped = probs if kept is None else probs * kept / (1.0 - dropout_p)
 
-        # keys: row_num = tril(Q K^T) E_k + Q N_k^T
-        k_exps = torch.exp(chunks(alpha_k) - k_ends.unsqueeze(3))
-        qk = torch.matmul(qc, kc.transpose(-1, -2)).masked_fill_(~causal, 0.0)
-        g_k_exps = torch.matmul(qk.transpose(-1, -2), g_row_num)
-        del qk
-        g_qk = torch.matmul(g_row_num, k_exps.transpose(-1, -2)).masked_fill_(~causal, 0.0)
-        g_q = torch.matmul(g_qk, kc)
-        _add_matmul_(g_q, g_row_num, k_in_num)
-        g_k = torch.matmul(g_qk.transpose(-1, -2), qc)
-        del g_qk
-        g_k_in_num = torch.matmul(g_row_num.transpose(-1, -2), qc)
-        g_k_exps += _reverse_cumsum(g_k_den, 3)
-        g_k_exps, g_k = _carry_backward(_decay_matrix(k_ends), k_exps, kc, g_k_in_num, g_k_den.sum(3), g_k_exps, g_k)
-        g_alpha_k = (g_k_exps * k_exps).view(bsz, heads, length, -1)
-        shape = (bsz, heads, length, dim)
-        return (g_q.view(shape), g_k.view(shape), g_v.view(shape), g_alpha_k, g_alpha_v,
-                None, None, None, None, None, None, None, None, None, None)
+            # values: out = tril(w E_v^T) V + w N_v,  w = dropped / den_v
+            v_exps = torch.sub(_view_chunks(alpha_v, s0, s1, chunk), v_e.unsqueeze(3)).exp_()
+            w = dropped / v_row_den
+            mix = torch.matmul(w, v_exps.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+            g_vc = torch.matmul(mix.transpose(-1, -2), g_out)
+            del mix
+            g_mix = torch.matmul(g_out, vc.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+            g_w = torch.matmul(g_mix, v_exps)
+            _add_matmul_(g_w, g_out, v_in_num.transpose(-1, -2))
+            g_v_exps = torch.matmul(g_mix.transpose(-1, -2), w)
+            del g_mix
+            g_v_in_num = torch.matmul(w.transpose(-1, -2), g_out)  # (B, H, G, r, d)
+            g_dropped = g_w.div_(v_row_den)
+            g_v_den = (g_dropped * w).neg_()
+            g_v_exps += _reverse_cumsum(g_v_den, 3)
+            g_v_state = _carry_backward(_decay_matrix(v_e), v_exps, vc, v_e, v_m0, g_v_in_num, g_v_den.sum(3),
+                                        g_v_exps, g_vc, g_v_state)
+            g_alpha_v[:, :, s0:s1] = g_v_exps.mul_(v_exps).view(bsz, heads, s1 - s0, -1)
+            g_v[:, :, s0:s1] = g_vc.view(bsz, heads, s1 - s0, dim)
+            del v_exps, g_v_exps, g_vc, w
+
+            # slot softmax (and dropout)
+            g_probs = g_dropped if kept is None else g_dropped * kept / (1.0 - dropout_p)
+            g_scores = probs * (g_probs - (g_probs * probs).sum(-1, keepdim=True)) * dim ** -0.5
+            g_row_num = g_scores.div_(k_row_den)
+            g_k_den = (g_row_num * slot_scores).neg_()
+
+            # keys: row_num = tril(Q K^T) E_k + Q N_k^T
+            k_exps = torch.sub(_view_chunks(alpha_k, s0, s1, chunk), k_e.unsqueeze(3)).exp_()
+            qk = torch.matmul(qc, kc.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+            g_k_exps = torch.matmul(qk.transpose(-1, -2), g_row_num)
+            del qk
+            g_qk = torch.matmul(g_row_num, k_exps.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+            g_qc = torch.matmul(g_qk, kc)
+            _add_matmul_(g_qc, g_row_num, k_in_num)
+            g_kc = torch.matmul(g_qk.transpose(-1, -2), qc)
+            del g_qk
+            g_k_in_num = torch.matmul(g_row_num.transpose(-1, -2), qc)
+            g_k_exps += _reverse_cumsum(g_k_den, 3)
+            g_k_state = _carry_backward(_decay_matrix(k_e), k_exps, kc, k_e, k_m0, g_k_in_num, g_k_den.sum(3),
+                                        g_k_exps, g_kc, g_k_state)
+            g_alpha_k[:, :, s0:s1] = g_k_exps.mul_(k_exps).view(bsz, heads, s1 - s0, -1)
+            g_k[:, :, s0:s1] = g_kc.view(bsz, heads, s1 - s0, dim)
+            g_q[:, :, s0:s1] = g_qc.view(bsz, heads, s1 - s0, dim)
+        return (g_q, g_k, g_v, g_alpha_k, g_alpha_v, None, None, None, None, None, None, None, None, None, None, None)
 
 
-def _carry_backward(decay, exps, x, g_in_num, g_in_den, g_exps, g_x):
-    """Gradients through :func:`_carry` (sums of earlier chunks into each chunk's carried state)."""
+def _carry_backward(decay, exps, x, ends, m0, g_in_num, g_in_den, g_exps, g_x, g_state):
+    """Gradients through :func:`_carry` for one group of chunks (sums of earlier chunks into each chunk's carried
+    state), given ``g_state`` = (num, den) gradient of the state leaving the group (its last ``in + sum``), or
+    None. Accumulates into ``g_exps`` and ``g_x``; returns the gradient of the state entering the group (at
+    reference ``m0``), or None for the first group (the initial state gets no gradient)."""
+    if g_state is not None:
+        g_in_num[:, :, -1] += g_state[0]
+        g_in_den[:, :, -1] += g_state[1]
     decay_t = decay.transpose(-1, -2)
-    g_sum_num = torch.matmul(decay_t, g_in_num.transpose(2, 3)).transpose(2, 3)  # (B, H, N, r, d)
+    g_sum_num = torch.matmul(decay_t, g_in_num.transpose(2, 3)).transpose(2, 3)  # (B, H, G, r, d)
     g_sum_den = torch.matmul(decay_t, g_in_den.transpose(-1, -2).unsqueeze(-1)).squeeze(-1).transpose(-1, -2)
+    if g_state is not None:
+        g_sum_num[:, :, -1] += g_state[0]
+        g_sum_den[:, :, -1] += g_state[1]
     _add_matmul_(g_exps, x, g_sum_num.transpose(-1, -2))
     g_exps += g_sum_den.unsqueeze(3)
     _add_matmul_(g_x, exps, g_sum_num)
-    return g_exps, g_x
+    if m0 is None:
+        return None
+    from_state = torch.exp(m0.unsqueeze(2) - ends)  # (B, H, G, r)
+    return (torch.matmul(from_state.transpose(-1, -2).unsqueeze(-2), g_in_num.transpose(2, 3)).squeeze(-2),
+            (from_state * g_in_den).sum(2))
 
 
 def _add_matmul_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -401,7 +461,8 @@ def causal_abc(
             k_ends, _, k_gap = _chunk_maxima(alphas[0].reshape(bsz, heads, n, chunk, -1), state[2])
             v_ends, _, v_gap = _chunk_maxima(alphas[1].reshape(bsz, heads, n, chunk, -1), state[5])
         if max(k_gap, v_gap) <= _max_gap(dtype):
-            out, *state = _ChunkedCausalABC.apply(*padded, *alphas, k_ends, v_ends, *state, chunk, dropout_p)
+            out, *state = _ChunkedCausalABC.apply(*padded, *alphas, k_ends, v_ends, *state, chunk, block_chunks,
+                                                  dropout_p)
             return out[:, :, :length].to(out_dtype), ABCState(*state)
     # one position, or scores that jump too far inside a chunk: plain autograd, blocks redone in smaller chunks
     block = chunk_size * block_chunks

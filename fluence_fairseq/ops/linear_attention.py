@@ -38,6 +38,8 @@ __all__ = ["LinearState", "linear_attention", "causal_linear_attention", "linear
            "attend_linear_summary"]
 
 DEFAULT_CHUNK = 64
+#: positions per group of the causal function: bounds its temporaries (forward and backward)
+GROUP = 1024
 
 
 class LinearState(NamedTuple):
@@ -81,6 +83,19 @@ def _check(phi_q: Tensor, phi_k: Tensor, v: Tensor, c: Optional[Tensor], key_pad
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (phi_k.size(0), phi_k.size(2)):
         raise ValueError(f"key_padding_mask must be (batch, keys) = {(phi_k.size(0), phi_k.size(2))}, "
                          f"got {tuple(key_padding_mask.shape)}")
+
+
+def _check_mix(phi_q: Tensor, phi_k: Tensor, query_mix: Optional[Tensor], key_mix: Optional[Tensor]):
+    if (query_mix is None) != (key_mix is None):
+        raise ValueError("query_mix and key_mix go together")
+    if query_mix is None:
+        return
+    for name, mix, phi in (("query_mix", query_mix, phi_q), ("key_mix", key_mix, phi_k)):
+        if mix.dim() != 4 or mix.size(1) != 1 or mix.size(2) != phi.size(2) or mix.size(0) not in (1, phi.size(0)):
+            raise ValueError(f"{name} must be (batch or 1, 1, length, r) for features {tuple(phi.shape)}, "
+                             f"got {tuple(mix.shape)}")
+    if query_mix.size(-1) != key_mix.size(-1):
+        raise ValueError("query_mix and key_mix need the same number of multipliers r")
 
 
 # ------------------------------------------------------------------------------------------------ noncausal
@@ -195,6 +210,55 @@ class _Scales:
         return torch.exp(self.running_before - self.running_after)
 
 
+def _mix(x: Tensor, w: Optional[Tensor]) -> Tensor:
+    """Features ``x`` (..., n, m) and per-position multipliers ``w`` (..., n, r) -> (..., n, r * m) =
+    ``[x * w_0, ..., x * w_{r-1}]`` (``x`` itself without multipliers)."""
+    if w is None:
+        return x
+    return (x.unsqueeze(-2) * w.unsqueeze(-1)).flatten(-2)
+
+
+def _unmix(g: Tensor, w: Optional[Tensor]) -> Tensor:
+    """Gradient of :func:`_mix` with respect to ``x``: (..., n, r * m) -> (..., n, m)."""
+    if w is None:
+        return g
+    return (g.unflatten(-1, (w.size(-1), -1)) * w.unsqueeze(-1)).sum(-2)
+
+
+class _Group:
+    """One group of consecutive chunks, continuing from the carried state (``state`` (B, H, M, d + 1): the
+    values are extended by a ones column, so the last column is the denominator state) at maximum ``m_run``."""
+
+    def __init__(self, qa, qm, kc, km, vc, c, state, m_run, tril):
+        self.q = _mix(qa, qm)  # (B, H, g, C, M)
+        self.k = _mix(kc, km)
+        self.v = torch.cat([vc, vc.new_ones(vc.shape[:-1] + (1,))], dim=-1)  # (B, H, g, C, d + 1)
+        self.scales = None if c is None else _Scales(c, m_run)
+        self.intra = tril.to(qa.dtype) if self.scales is None else self.scales.intra(tril)
+        self.decay = None if self.scales is None else self.scales.decay()
+        if self.scales is None:
+            self.kweight = None
+            kw = self.k
+        else:
+            self.kweight = self.scales.key_weights().unsqueeze(-1)
+            kw = self.k * self.kweight
+        self.before, self.state = _prefix_states(torch.matmul(kw.transpose(-1, -2), self.v), state, self.decay)
+        del kw
+        self.qw = None if self.scales is None else self.scales.query_weights().unsqueeze(-1)
+        self.m_run = m_run if self.scales is None else self.scales.final
+
+    def scores(self) -> Tensor:
+        return torch.matmul(self.q, self.k.transpose(-1, -2)).mul_(self.intra)
+
+    def numerator(self) -> Tensor:
+        """(B, H, g, C, d + 1): unnormalised outputs, the denominator in the last column."""
+        num = torch.matmul(self.scores(), self.v)
+        carried = torch.matmul(self.q, self.before)
+        if self.qw is not None:
+            carried.mul_(self.qw)
+        return num.add_(carried)
+
+
 def _prefix_states(per_chunk: Tensor, initial: Tensor, decay: Optional[Tensor]):
     """States before each chunk (B, H, T, ...) and after the last, for ``S_{t+1} = decay_t S_t + per_chunk_t``.
 
@@ -210,9 +274,9 @@ def _prefix_states(per_chunk: Tensor, initial: Tensor, decay: Optional[Tensor]):
     return before, state
 
 
-def _suffix_states(per_chunk: Tensor, tail: Tensor, decay: Optional[Tensor]) -> Tensor:
+def _suffix_states(per_chunk: Tensor, tail: Tensor, decay: Optional[Tensor]):
     """Reverse of :func:`_prefix_states`: ``P_{T-1} = tail``, ``P_{t-1} = decay_t P_t + per_chunk_t``;
-    returns P_t for every chunk t (B, H, T, ...)."""
+    returns P_t for every chunk t (B, H, T, ...) and P_{-1}."""
     after = torch.empty_like(per_chunk)
     state = tail
     if decay is not None:
@@ -220,123 +284,152 @@ def _suffix_states(per_chunk: Tensor, tail: Tensor, decay: Optional[Tensor]) -> 
     for t in range(per_chunk.size(2) - 1, -1, -1):
         after[:, :, t] = state
         state = (state if decay is None else state * decay[:, :, t]) + per_chunk[:, :, t]
-    return after
+    return after, state
 
 
 class _CausalLinearAttention(torch.autograd.Function):
-    """Chunked causal linear attention, vectorised over chunks.
+    """Chunked causal linear attention, vectorised over the chunks of a group of ~``GROUP`` positions.
 
-    The intra-chunk products of all chunks are batched (B, H, T, C, C); the carried states exist once per chunk
-    (B, H, T, m, d), never per position. Backward recomputes them instead of keeping them alive.
+    The intra-chunk products of a group's chunks are batched (B, H, g, C, C); the carried states exist once per
+    chunk of the group (B, H, g, M, d + 1), never per position, and temporaries never span the whole length.
+    Only the inputs, the output, the denominator and the state entering each group are kept for backward, which
+    recomputes the rest group by group (in reverse, carrying the keys' reverse state).
     """
 
     @staticmethod
-    def _setup(q, k, v, c, kv0, ks0, m0, geo: _Geometry):
-        qa = geo.chunked(geo.pad_keys(geo.align(q)) if not geo.identity else q)
-        kc, vc = geo.chunked(geo.pad_keys(k)), geo.chunked(geo.pad_keys(v))
-        steps = torch.arange(geo.chunk, device=q.device)
-        tril = steps.unsqueeze(1) >= steps  # (torch.tril on bool can be very slow on a busy CPU)
-        scales = None if c is None else _Scales(geo.chunked(geo.pad_keys(c, torch.finfo(c.dtype).min)), m0)
-        intra = tril.to(q.dtype) if scales is None else scales.intra(tril)
-        kw = kc if scales is None else kc * scales.key_weights().unsqueeze(-1)
-        decay = None if scales is None else scales.decay()
-        kv_before, kv_final = _prefix_states(torch.matmul(kw.transpose(-1, -2), vc), kv0, decay)
-        ks_before, ks_final = _prefix_states(kw.sum(-2), ks0, decay)
-        qw = None if scales is None else scales.query_weights()
-        return qa, kc, vc, scales, intra, qw, kv_before, ks_before, kv_final, ks_final
+    def _views(q, qmix, k, kmix, v, c, geo: _Geometry):
+        def keys(x, value=0.0):
+            return None if x is None else geo.chunked(geo.pad_keys(x, value))
+
+        def queries(x):
+            return None if x is None else geo.chunked(geo.pad_keys(geo.align(x)) if not geo.identity else x)
+
+        cc = None if c is None else keys(c, torch.finfo(c.dtype).min)
+        return queries(q), queries(qmix), keys(k), keys(kmix), keys(v), cc
 
     @staticmethod
-    def forward(ctx, q, k, v, c, kv0, ks0, m0, offset: int, chunk: int, eps: float):
+    def forward(ctx, q, k, v, c, qmix, kmix, kv0, ks0, m0, offset: int, chunk: int, eps: float, group: int):
         geo = _Geometry(q.size(2), k.size(2), offset, chunk)
-        qa, kc, vc, scales, intra, qw, kv_before, ks_before, kv, ks = _CausalLinearAttention._setup(
-            q, k, v, c, kv0, ks0, m0, geo)
-        scores = torch.matmul(qa, kc.transpose(-1, -2)).mul_(intra)
-        num = torch.matmul(scores, vc)
-        den = scores.sum(-1)
-        del scores
-        carried_num = torch.matmul(qa, kv_before)
-        carried_den = torch.matmul(qa, ks_before.unsqueeze(-1)).squeeze(-1)
-        if qw is not None:
-            carried_num.mul_(qw.unsqueeze(-1))
-            carried_den.mul_(qw)
-        num = (num + carried_num).flatten(2, 3)
-        den = (den + carried_den).flatten(2, 3)
-        del carried_num, carried_den, kv_before, ks_before
-        if not geo.identity:
-            num = geo.unalign(num, q.new_zeros(*q.shape[:3], v.size(-1)))
-            den = geo.unalign(den, q.new_zeros(q.shape[:3]))
+        qa, qm, kc, km, vc, cc = _CausalLinearAttention._views(q, qmix, k, kmix, v, c, geo)
+        steps = torch.arange(geo.chunk, device=q.device)
+        tril = steps.unsqueeze(1) >= steps  # (torch.tril on bool can be very slow on a busy CPU)
+        per = max(1, group // geo.chunk)
+        d = v.size(-1)
+        out_a = q.new_empty(*q.shape[:2], geo.padded, d)
+        den_a = q.new_empty(*q.shape[:2], geo.padded)
+        state = torch.cat([kv0, ks0.unsqueeze(-1)], dim=-1)
+        m_run = m0
+        starts = []
+        for t0 in range(0, geo.chunks, per):
+            sl = slice(t0, min(geo.chunks, t0 + per))
+            starts.append((state, m_run))
+            grp = _Group(qa[:, :, sl], None if qm is None else qm[:, :, sl], kc[:, :, sl],
+                         None if km is None else km[:, :, sl], vc[:, :, sl], None if cc is None else cc[:, :, sl],
+                         state, m_run, tril)
+            num = grp.numerator().flatten(2, 3)
+            rows = slice(sl.start * geo.chunk, sl.stop * geo.chunk)
+            den_a[:, :, rows] = num[..., d]
+            torch.div(num[..., :d], num[..., d:].clamp_min(eps), out=out_a[:, :, rows])
+            state, m_run = grp.state, grp.m_run
+            del grp, num
+        if geo.identity:
+            out, den = out_a, den_a
+        else:
+            out = geo.unalign(out_a, q.new_zeros(*q.shape[:3], d))
+            den = geo.unalign(den_a, q.new_zeros(q.shape[:3]))
+            del out_a, den_a
             if geo.q_hi < geo.length_q:  # the tail sees every key, at the final maximum
-                qt = q[:, :, geo.q_hi :]
-                num[:, :, geo.q_hi :] = torch.matmul(qt, kv)
-                den[:, :, geo.q_hi :] = torch.matmul(qt, ks.unsqueeze(-1)).squeeze(-1)
-        out = num.div_(den.clamp_min(eps).unsqueeze(-1))
-        ctx.offset, ctx.chunk, ctx.eps = offset, chunk, eps
-        ctx.save_for_backward(q, k, v, c, kv0, ks0, m0, out, den)
-        m_final = m0.clone() if scales is None else scales.final
+                qt = _mix(q[:, :, geo.q_hi :], None if qmix is None else qmix[:, :, geo.q_hi :])
+                num = torch.matmul(qt, state)
+                den[:, :, geo.q_hi :] = num[..., d]
+                out[:, :, geo.q_hi :] = num[..., :d] / num[..., d:].clamp_min(eps)
+        ctx.offset, ctx.chunk, ctx.eps, ctx.group = offset, chunk, eps, group
+        ctx.starts, ctx.final = starts, state
+        ctx.save_for_backward(q, k, v, c, qmix, kmix, out, den)
+        kv, ks = state[..., :d].contiguous(), state[..., d].contiguous()
+        m_final = m0.clone() if c is None else m_run
         ctx.mark_non_differentiable(kv, ks, m_final)
         return out, kv, ks, m_final
 
     @staticmethod
     def backward(ctx, g_out, _g_kv, _g_ks, _g_max):
-        q, k, v, c, kv0, ks0, m0, out, den = ctx.saved_tensors
+        q, k, v, c, qmix, kmix, out, den = ctx.saved_tensors
+        eps, d = ctx.eps, v.size(-1)
         geo = _Geometry(q.size(2), k.size(2), ctx.offset, ctx.chunk)
-        qa, kc, vc, scales, intra, qw, kv_before, ks_before, kv, ks = _CausalLinearAttention._setup(
-            q, k, v, c, kv0, ks0, m0, geo)
-        # out = num / max(den, eps): gradients of the unnormalised sums
-        den_c = den.clamp_min(ctx.eps)
-        g_num = g_out / den_c.unsqueeze(-1)
-        g_den = ((g_out * out).sum(-1) / den_c).neg_().masked_fill_(den < ctx.eps, 0.0)
-        gn = geo.chunked(geo.pad_keys(geo.align(g_num)) if not geo.identity else g_num)
-        gd = geo.chunked(geo.pad_keys(geo.align(g_den)) if not geo.identity else g_den)
+        qa, qm, kc, km, vc, cc = _CausalLinearAttention._views(q, qmix, k, kmix, v, c, geo)
+        steps = torch.arange(geo.chunk, device=q.device)
+        tril = steps.unsqueeze(1) >= steps
+        per = max(1, ctx.group // geo.chunk)
 
-        # intra-chunk pairs: w_ij = (q_i . k_j) intra_ij
-        weights = torch.matmul(gn, vc.transpose(-1, -2)).add_(gd.unsqueeze(-1)).mul_(intra)
-        dq = torch.matmul(weights, kc)
-        dk = torch.matmul(weights.transpose(-1, -2), qa)
-        del weights
-        scores = torch.matmul(qa, kc.transpose(-1, -2)).mul_(intra)
-        dv = torch.matmul(scores.transpose(-1, -2), gn)
-        del scores, intra
+        def grad_ext(g, o, dn):
+            """[g / den, -(g . out) / den] (..., d + 1): gradients of the unnormalised sums [num, den]."""
+            den_c = dn.clamp_min(eps).unsqueeze(-1)
+            g_den = (g * o).sum(-1, keepdim=True).neg_().div_(den_c).masked_fill_(dn.unsqueeze(-1) < eps, 0.0)
+            return torch.cat([g / den_c, g_den], dim=-1)
 
-        # the state before each chunk, seen by its queries
-        carried = torch.matmul(gn, kv_before.transpose(-1, -2)).add_(gd.unsqueeze(-1) * ks_before.unsqueeze(-2))
-        dq += carried if qw is None else carried.mul_(qw.unsqueeze(-1))
-        del carried, kv_before, ks_before
-
-        # keys see the queries of later chunks through a reverse state: sum exp(R - M_i) q_i [g_num_i, g_den_i]
-        qf = qa if qw is None else qa * qw.unsqueeze(-1)
-        per_chunk_num = torch.matmul(qf.transpose(-1, -2), gn)
-        per_chunk_den = torch.matmul(qf.transpose(-1, -2), gd.unsqueeze(-1)).squeeze(-1)
-        del qf
-        tail_num = kv.new_zeros(kv.shape)
-        tail_den = ks.new_zeros(ks.shape)
-        if geo.q_hi < geo.length_q:
-            qt, gnt, gdt = q[:, :, geo.q_hi :], g_num[:, :, geo.q_hi :], g_den[:, :, geo.q_hi :]
-            tail_num = torch.matmul(qt.transpose(-1, -2), gnt)
-            tail_den = torch.matmul(qt.transpose(-1, -2), gdt.unsqueeze(-1)).squeeze(-1)
-        decay = None if scales is None else scales.decay()
-        back_num = _suffix_states(per_chunk_num, tail_num, decay)
-        back_den = _suffix_states(per_chunk_den, tail_den, decay)
-        del per_chunk_num, per_chunk_den
-        dk_carried = torch.matmul(vc, back_num.transpose(-1, -2)).add_(back_den.unsqueeze(-2))
-        dv_carried = torch.matmul(kc, back_num)
-        if scales is not None:
-            kw = scales.key_weights().unsqueeze(-1)
-            dk_carried.mul_(kw)
-            dv_carried.mul_(kw)
-        dk += dk_carried
-        dv += dv_carried
-        del dk_carried, dv_carried, back_num, back_den
-
-        dq, dk, dv = dq.flatten(2, 3), dk.flatten(2, 3)[:, :, : geo.length_k], dv.flatten(2, 3)[:, :, : geo.length_k]
-        if not geo.identity:
-            dq = geo.unalign(dq, torch.zeros_like(q))
-            if geo.q_hi < geo.length_q:
-                dq[:, :, geo.q_hi :] = (torch.matmul(g_num[:, :, geo.q_hi :], kv.transpose(-1, -2))
-                                        + g_den[:, :, geo.q_hi :].unsqueeze(-1) * ks.unsqueeze(-2))
+        if geo.identity:
+            ga, oa, da = g_out, out, den
+        else:
+            ga, oa, da = (geo.chunked(geo.pad_keys(geo.align(x))) for x in (g_out, out, den))
+            ga, oa, da = ga.flatten(2, 3), oa.flatten(2, 3), da.flatten(2, 3)
+        final = ctx.final
+        rev = final.new_zeros(final.shape)
+        dq = torch.zeros_like(q) if not geo.identity else None
+        if geo.q_hi < geo.length_q:  # the tail sees every key: it enters the keys' reverse state at the end
+            tail = slice(geo.q_hi, None)
+            tm = None if qmix is None else qmix[:, :, tail]
+            gt = grad_ext(g_out[:, :, tail], out[:, :, tail], den[:, :, tail])
+            rev = torch.matmul(_mix(q[:, :, tail], tm).transpose(-1, -2), gt)
+            dq[:, :, tail] = _unmix(torch.matmul(gt, final.transpose(-1, -2)), tm)
+            del gt
+        dq_a = q.new_empty(*q.shape[:2], geo.padded, q.size(-1))
+        dk_a = k.new_empty(*k.shape[:2], geo.padded, k.size(-1))
+        dv_a = v.new_empty(*v.shape[:2], geo.padded, d)
+        group_starts = list(range(0, geo.chunks, per))
+        for i in range(len(group_starts) - 1, -1, -1):
+            t0 = group_starts[i]
+            sl = slice(t0, min(geo.chunks, t0 + per))
+            rows = slice(sl.start * geo.chunk, sl.stop * geo.chunk)
+            qm_g = None if qm is None else qm[:, :, sl]
+            km_g = None if km is None else km[:, :, sl]
+            state, m_run = ctx.starts[i]
+            grp = _Group(qa[:, :, sl], qm_g, kc[:, :, sl], km_g, vc[:, :, sl], None if cc is None else cc[:, :, sl],
+                         state, m_run, tril)
+            gn = grad_ext(ga[:, :, rows], oa[:, :, rows], da[:, :, rows]).unflatten(2, (-1, geo.chunk))  # (B, H, g, C, d + 1)
+            # intra-chunk pairs: w_ij = (q_i . k_j) intra_ij
+            weights = torch.matmul(gn, grp.v.transpose(-1, -2)).mul_(grp.intra)
+            dq_e = torch.matmul(weights, grp.k)
+            dk_e = torch.matmul(weights.transpose(-1, -2), grp.q)
+            del weights
+            dv_g = torch.matmul(grp.scores().transpose(-1, -2), gn[..., :d])
+            # the state before each chunk, seen by its queries
+            carried = torch.matmul(gn, grp.before.transpose(-1, -2))
+            dq_e += carried if grp.qw is None else carried.mul_(grp.qw)
+            del carried
+            # keys see the queries of later chunks through a reverse state sum exp(R - M_i) q_i [g_num_i, g_den_i]
+            qf = grp.q if grp.qw is None else grp.q * grp.qw
+            after, rev = _suffix_states(torch.matmul(qf.transpose(-1, -2), gn), rev, grp.decay)
+            del qf
+            dk_c = torch.matmul(grp.v, after.transpose(-1, -2))
+            dv_c = torch.matmul(grp.k, after[..., :d])
+            if grp.kweight is not None:
+                dk_c.mul_(grp.kweight)
+                dv_c.mul_(grp.kweight)
+            dk_e += dk_c
+            dv_g += dv_c
+            del dk_c, dv_c, after, gn
+            dq_a[:, :, rows] = _unmix(dq_e, qm_g).flatten(2, 3)
+            dk_a[:, :, rows] = _unmix(dk_e, km_g).flatten(2, 3)
+            dv_a[:, :, rows] = dv_g.flatten(2, 3)
+            del grp, dq_e, dk_e, dv_g
+        if geo.identity:
+            dq = dq_a
+        else:
+            dq = geo.unalign(dq_a, dq)
+        dk, dv = dk_a[:, :, : geo.length_k], dv_a[:, :, : geo.length_k]
         # w_ij is linear in both k_j and exp(c_j): dL/dc_j = k_j . dL/dk_j
         dc = (k * dk).sum(-1) if c is not None else None
-        return dq, dk, dv, dc, None, None, None, None, None, None
+        return dq, dk, dv, dc, None, None, None, None, None, None, None, None, None
 
 
 def causal_linear_attention(
@@ -350,11 +443,18 @@ def causal_linear_attention(
     state: Optional[LinearState] = None,
     eps: float,
     chunk_size: int = DEFAULT_CHUNK,
+    query_mix: Optional[Tensor] = None,
+    key_mix: Optional[Tensor] = None,
 ) -> Tuple[Tensor, LinearState]:
     """Causal linear attention: query ``i`` sees keys ``j <= i + query_offset`` (and the keys summarised in
     ``state``). Returns ``(out (B, H, L, d), state after all keys)``. The incoming ``state`` is a constant
-    (decoding); gradients flow to ``phi_q``, ``phi_k``, ``v`` and ``key_log_scale``."""
+    (decoding); gradients flow to ``phi_q``, ``phi_k``, ``v`` and ``key_log_scale``.
+
+    ``query_mix`` (B or 1, 1, L, r) and ``key_mix`` (B or 1, 1, S, r), constants given together, make the
+    features ``[phi * mix_0, ..., phi * mix_{r-1}]`` (r m wide) without materialising them over the whole
+    length (cosFormer's sin/cos re-weighting); the state is then r m wide."""
     _check(phi_q, phi_k, v, key_log_scale, key_padding_mask)
+    _check_mix(phi_q, phi_k, query_mix, key_mix)
     if phi_k.size(2) == 0:
         raise ValueError("causal linear attention needs at least one key")
     if chunk_size < 1:
@@ -365,14 +465,17 @@ def causal_linear_attention(
     if key_padding_mask is not None:  # padded keys get zero features: no weight anywhere
         k = k * _keep(key_padding_mask, work).unsqueeze(-1)
     bsz, heads, _, m = q.shape
+    if query_mix is not None:
+        query_mix, key_mix = query_mix.detach().to(work), key_mix.detach().to(work)
+        m *= query_mix.size(-1)
     if state is None:
         kv0 = q.new_zeros(bsz, heads, m, v.size(-1))
         ks0 = q.new_zeros(bsz, heads, m)
         m0 = q.new_full((bsz, heads), torch.finfo(work).min if c is not None else 0.0)
     else:
         kv0, ks0, m0 = (t.detach().to(work) for t in state)
-    out, kv, ks, m_run = _CausalLinearAttention.apply(q, k, vv, c, kv0, ks0, m0, int(query_offset),
-                                                      int(chunk_size), float(eps))
+    out, kv, ks, m_run = _CausalLinearAttention.apply(q, k, vv, c, query_mix, key_mix, kv0, ks0, m0,
+                                                      int(query_offset), int(chunk_size), float(eps), GROUP)
     return out.to(phi_q.dtype), LinearState(kv, ks, m_run)
 
 
