@@ -5,9 +5,9 @@
     python -m fluence_fairseq.bench --preset adaptive_span --out bench/adaptive_span
 
 Every case (one attention variant, fairseq ``MultiheadAttention``, SDPA with the same projections, and the four
-projections alone) runs in its own fresh worker process (``--worker``): one training step (forward + backward)
-on a random ``(L, B, D)`` input, timed over ``--repeats`` steps after ``--warmup``, with the peak memory of the
-first step (see :mod:`fluence_fairseq.bench_utils` for what exactly is measured). Decoding (causal self
+projections alone) runs in fresh worker processes (``--worker``): one training step (forward + backward)
+on a random ``(L, B, D)`` input, timed over ``--repeats`` steps after ``--warmup``, and the peak memory of the
+first step in a second worker (see :mod:`fluence_fairseq.bench_utils` for what exactly is measured). Decoding (causal self
 attention; the variants marked for it, on the command line the first, and fairseq MHA, each in its worker
 after training) times one incremental step with 256, 1024, ... tokens already cached, for batch 1 and for a
 beam (the cache reordered every step). Threads: torch's default (``torch.set_num_threads`` is never called),
@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .bench_utils import PATTERN_FLAGS, run_job
+from .bench_utils import MEMORY_ENV, PATTERN_FLAGS, run_job
 from .modules.attention_base import PATTERNS
 from .modules.registry import ATTENTIONS, get_attention
 
@@ -179,9 +179,10 @@ PRESETS = {"adaptive_span": adaptive_span_preset, "efficient_noncausal": efficie
 
 
 # ------------------------------------------------------------------------------------------------- running
-def _run_in_fresh_process(job: dict) -> dict:
+def _run_in_fresh_process(job: dict, extra_env: Optional[Dict[str, str]] = None) -> dict:
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+               **(extra_env or {}))
     proc = subprocess.run([sys.executable, "-m", "fluence_fairseq.bench", "--worker"], input=json.dumps(job),
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -242,6 +243,9 @@ def run_benchmark(cfg: BenchConfig, log=lambda msg: print(msg, file=sys.stderr, 
                    "length": length, "src_len": cfg.src_len or length, "repeats": cfg.repeats,
                    "warmup": cfg.warmup, "decode": decode_job if decoding and decodes and i == 0 else None}
             result = _run_in_fresh_process(job)
+            # memory from a second worker with a fixed mmap threshold (see bench_utils): reproducible RSS peaks
+            result["peak_mem_mb"] = _run_in_fresh_process({**job, "memory_only": True, "decode": None},
+                                                          MEMORY_ENV)["peak_mem_mb"]
             train_rows.append({"case": label, "length": length,
                                **{k: result[k] for k in ("time_ms_median", "time_ms_min", "time_ms", "peak_mem_mb")}})
             decode_rows += [{"case": label, **row} for row in result.get("decode", [])]
@@ -273,7 +277,8 @@ def markdown(report: dict) -> str:
         + "; options: " + "; ".join(dict.fromkeys(f"{v['attention']} {v['options']}" for v in cfg["variants"])) + ". "
         f"Each case runs in a fresh process. Time: one training step (forward + backward), median and min of "
         f"{cfg['repeats']} steps after {cfg['warmup']} warm-up. Memory: peak RSS increase during the first "
-        "full-size step over the RSS before it (activations, gradients, temporaries; not parameters or inputs).",
+        "full-size step over the RSS before it (activations, gradients, temporaries; not parameters or inputs), "
+        "in a separate worker with glibc's mmap threshold fixed so that RSS follows the live tensors.",
         "",
         "## Training step", "",
     ]

@@ -207,6 +207,43 @@ def test_fused_backward_equals_autograd_with_padding():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+def test_fused_groups_of_chunks_backward_and_state():
+    """The fused function walks the chunks in groups of ``block_chunks`` (state carried forward, its gradient
+    backward): several groups, a ragged last group and a padded tail agree with one group and with autograd."""
+    inputs = [t.requires_grad_() for t in _op_inputs(length=31)]
+    with torch.no_grad():
+        inputs[3][0, :, :5] = inputs[4][0, :, :5] = torch.finfo(torch.double).min  # left-padded keys
+    grad = torch.randn(2, 2, 31, 5, dtype=torch.double)
+    one_out, one_state = causal_abc(*inputs, chunk_size=3, block_chunks=64)
+    one = torch.autograd.grad((one_out * grad).sum(), inputs)
+    plain = torch.autograd.grad((causal_abc(*inputs, chunk_size=3, fused=False)[0] * grad).sum(), inputs)
+    for groups in (1, 2, 4):
+        out, state = causal_abc(*inputs, chunk_size=3, block_chunks=groups)
+        torch.testing.assert_close(out, one_out, atol=1e-12, rtol=0)
+        for a, b in zip(state, one_state):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+        for a, b, c in zip(torch.autograd.grad((out * grad).sum(), inputs), one, plain):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+            torch.testing.assert_close(a, c, atol=1e-12, rtol=0)
+    small = [t.detach()[:1, :1, :9, :3].clone().requires_grad_() for t in inputs[:3]]
+    small += [t.detach()[:1, :1, 5:14].clone().requires_grad_() for t in inputs[3:]]
+    assert torch.autograd.gradcheck(lambda *a: causal_abc(*a, chunk_size=2, block_chunks=2)[0], small)
+
+
+def test_fused_dropout_backward_matches_its_forward():
+    """With dropout the fused backward uses the mask its forward drew: a finite-difference check of the same
+    draw (the RNG reseeded before every call)."""
+    inputs = [t.requires_grad_() for t in _op_inputs(bsz=1, heads=1, length=9, dim=3, slots=3)]
+
+    def run(*a):
+        torch.manual_seed(5)
+        return causal_abc(*a, chunk_size=2, block_chunks=2, dropout_p=0.3)[0]
+
+    out = run(*inputs)
+    assert (out != run(*[t.detach() for t in inputs])).sum() == 0
+    assert torch.autograd.gradcheck(run, inputs)
+
+
 # ----------------------------------------------------------------------------------- module behaviour
 def test_decoding_state_has_constant_size():
     attn = _build(causal=True, chunk=4)

@@ -158,3 +158,37 @@ def test_causal_op_gradcheck_without_scales(offset):
     fn = lambda q, k, v: causal_linear_attention(q, k, v, query_offset=offset, key_padding_mask=kpm, eps=1e-6,
                                                  chunk_size=3)[0]
     assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("group", [4, 1024])
+@pytest.mark.parametrize("causal", [True, False])
+def test_mixed_features_equal_explicit_features_across_groups(monkeypatch, group, causal):
+    """query_mix / key_mix (the sin/cos re-weighting applied block by block) equal the explicit 2d features, with
+    the causal and noncausal ops split into several groups of positions (gradients included)."""
+    import fluence_fairseq.ops.linear_attention as la
+    monkeypatch.setattr(la, "GROUP", group)
+    g = torch.Generator().manual_seed(7)
+    q = torch.rand(2, 2, 19, 4, dtype=torch.float64, generator=g).requires_grad_()
+    k = torch.rand(2, 2, 19, 4, dtype=torch.float64, generator=g).requires_grad_()
+    v = torch.randn(2, 2, 19, 3, dtype=torch.float64, generator=g).requires_grad_()
+    angle = torch.rand(2, 1, 19, 1, dtype=torch.float64, generator=g)
+    mix = torch.cat([angle.sin(), angle.cos()], -1)
+    kpm = torch.zeros(2, 19, dtype=torch.bool)
+    kpm[1, :3] = True
+
+    def explicit(q, k, v):
+        feats = lambda x: torch.cat([x * angle.sin(), x * angle.cos()], -1)
+        return la.linear_attention(feats(q), feats(k), v, causal=causal, key_padding_mask=kpm, eps=1e-6,
+                                   chunk_size=3)
+
+    def mixed(q, k, v):
+        return la.linear_attention(q, k, v, causal=causal, key_padding_mask=kpm, eps=1e-6, chunk_size=3,
+                                   query_mix=mix, key_mix=mix)
+
+    torch.testing.assert_close(mixed(q, k, v), explicit(q, k, v))
+    w = torch.randn(2, 2, 19, 3, dtype=torch.float64, generator=g)
+    ga = torch.autograd.grad((mixed(q, k, v) * w).sum(), (q, k, v))
+    gb = torch.autograd.grad((explicit(q, k, v) * w).sum(), (q, k, v))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(mixed, (q, k, v))

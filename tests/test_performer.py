@@ -177,3 +177,27 @@ def test_hyper_parameter_validation():
         attn = FSPerformer(E, H)
         x = torch.randn(4, 1, E)
         attn(x, x, x, attn_mask=torch.zeros(4, 4, dtype=torch.bool).fill_diagonal_(True))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_groups_of_positions_change_nothing(monkeypatch, causal):
+    """The ops work on groups of positions (bounded temporaries); many small groups equal one group, values and
+    gradients, with scales, padding and an offset."""
+    import fluence_fairseq.ops.linear_attention as la
+    g = torch.Generator().manual_seed(21)
+    q = torch.rand(2, 2, 23, 3, dtype=torch.float64, generator=g).requires_grad_()
+    k = torch.rand(2, 2, 21, 3, dtype=torch.float64, generator=g).requires_grad_()
+    v = torch.randn(2, 2, 21, 2, dtype=torch.float64, generator=g).requires_grad_()
+    c = (torch.randn(2, 2, 21, dtype=torch.float64, generator=g) * 30).requires_grad_()
+    kpm = torch.zeros(2, 21, dtype=torch.bool)
+    kpm[0, :4] = True
+    w = torch.randn(2, 2, 23, 2, dtype=torch.float64, generator=g)
+
+    def run(group):
+        monkeypatch.setattr(la, "GROUP", group)
+        out = la.linear_attention(q, k, v, causal=causal, query_offset=-1 if causal else 0, key_log_scale=c,
+                                  key_padding_mask=kpm, eps=1e-30, chunk_size=3)
+        return (out, *torch.autograd.grad((out * w).sum(), (q, k, v, c)))
+
+    for a, b in zip(run(3), run(1024)):
+        torch.testing.assert_close(a, b)

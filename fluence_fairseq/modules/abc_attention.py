@@ -64,8 +64,9 @@ class ABC(FluenceAttention):
     supports_attn_mask = False
     #: positions per chunk of the causal computation (the masked chunk matrices are chunk x chunk)
     chunk_size: int = 64
-    #: chunks per checkpointed block in training
-    block_chunks: int = 16
+    #: chunks per group of the fused training pass (its temporaries are one group's), and per checkpointed block
+    #: of the exact fallback
+    block_chunks: int = 8
 
     def __init__(
         self,

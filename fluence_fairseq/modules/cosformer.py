@@ -160,7 +160,7 @@ class CosformerAttention(FluenceAttention):
                 lengths = real.sum(-1, keepdim=True).clamp_min(1)
                 angle = ((real.cumsum(-1) - 1).to(torch.float64) * (math.pi / 2) / lengths).view(
                     real.size(0), 1, length_k, 1)
-            phi_q, phi_k = self.features(q, angle), self.features(k, angle)
+            query_angle = key_angle = angle
         else:
             query_angle = self._query_angles(length_q, query_offset, q.device)
             if self.cross and not self.causal:
@@ -168,16 +168,11 @@ class CosformerAttention(FluenceAttention):
             else:
                 self._check_position(length_k - 1, "key")
                 key_angle = self._angles(torch.arange(length_k, device=k.device))
-            if self.causal:  # only the d-wide activations are kept; the op re-weights them chunk by chunk
-                a_q, a_k = self.activation(q), self.activation(k)
-                out, _ = causal_linear_attention(
-                    a_q, a_k, v, query_offset=query_offset, key_padding_mask=key_padding_mask, eps=DEN_EPS,
-                    chunk_size=self.chunk_size, query_mix=self.trig(query_angle, a_q.dtype),
-                    key_mix=self.trig(key_angle, a_k.dtype))
-                return out.to(v.dtype), None
-            phi_q, phi_k = self.features(q, query_angle), self.features(k, key_angle)
-        out = linear_attention(phi_q, phi_k, v, causal=self.causal, query_offset=query_offset,
-                               key_padding_mask=key_padding_mask, eps=DEN_EPS, chunk_size=self.chunk_size)
+        # only the d-wide activations are kept; the op applies the sin/cos re-weighting a block at a time
+        a_q, a_k = self.activation(q), self.activation(k)
+        out = linear_attention(a_q, a_k, v, causal=self.causal, query_offset=query_offset,
+                               key_padding_mask=key_padding_mask, eps=DEN_EPS, chunk_size=self.chunk_size,
+                               query_mix=self.trig(query_angle, a_q.dtype), key_mix=self.trig(key_angle, a_k.dtype))
         return out.to(v.dtype), None
 
     def attend_incremental(self, q, k, v, *, key_padding_mask, attn_mask, buffer, need_weights):

@@ -95,7 +95,7 @@ class LongShort(FluenceAttention):
     ):
         check_int("num_landmarks", num_landmarks, 1, "the number of landmarks r of the long branch")
         check_int("ls_window_size", ls_window_size, 0,
-                            "0 = the default: 15 for noncausal, 256 for causal attention")
+                  "0 = the default: 15 for noncausal, 256 for causal attention")
         check_int("chunk_size", chunk_size, 1, "tokens per compressed chunk, causal attention")
         check_int("chunk_rank", chunk_rank, 1, "vectors per compressed chunk, causal attention")
         if block_size is not None:

@@ -1,5 +1,4 @@
 """Nyströmformer attention (Xiong et al., 2021) with segment-mean landmarks over the real tokens."""
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -81,7 +80,7 @@ class NystromAttention(FluenceAttention):
     ):
         check_int("num_landmarks", num_landmarks, 1, meaning="the number of segment-mean landmarks")
         check_int("pinv_iterations", pinv_iterations,
-                            meaning="iterations of the pseudo-inverse approximation; 6 is the reference's choice")
+                  meaning="iterations of the pseudo-inverse approximation; 6 is the reference's choice")
         check_int("conv_kernel_size", conv_kernel_size, 0, meaning="0 turns the convolution off")
         if conv_kernel_size and conv_kernel_size % 2 == 0:
             raise ValueError(

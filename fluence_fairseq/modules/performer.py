@@ -39,6 +39,35 @@ def orthogonal_gaussian_projection(heads: int, features: int, head_dim: int,
     return rows * norms
 
 
+class _Logits(torch.autograd.Function):
+    """``x W^T`` for x (B, H, L, Dh) and W (H, m, Dh). ``torch.matmul`` on a strided heads view saves a
+    contiguous full-length copy of ``x`` for backward; this keeps ``x`` only where W needs a gradient (the
+    projection is a buffer: it does not), and writes the gradient of ``x`` in its layout, a block at a time."""
+
+    BLOCK = 1024
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x if w.requires_grad else None, w)
+        # the layout empty_like would give x (its own strides if dense), remembered without keeping x alive
+        meta = torch.empty_like(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta"))
+        ctx.x_layout = (meta.shape, meta.stride(), x.dtype, x.device)
+        return torch.matmul(x, w.transpose(-1, -2).unsqueeze(0))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            shape, stride, dtype, device = ctx.x_layout
+            gx = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+            for lo in range(0, g.size(2), _Logits.BLOCK):
+                gx[:, :, lo : lo + _Logits.BLOCK] = torch.matmul(g[:, :, lo : lo + _Logits.BLOCK], w.unsqueeze(0))
+        if ctx.needs_input_grad[1]:
+            gw = torch.matmul(g.transpose(-1, -2), x).sum(0)
+        return gx, gw
+
+
 class Performer(FluenceAttention):
     """Performer attention with FAVOR+ positive orthogonal random features (Choromanski et al., 2020).
 
@@ -140,7 +169,7 @@ class Performer(FluenceAttention):
         work = torch.promote_types(x.dtype, torch.float32)
         x = x.to(work)
         projection = self.projection.to(work) * self.head_dim ** -0.25
-        return torch.matmul(x, projection.transpose(-1, -2).unsqueeze(0)), x
+        return _Logits.apply(x, projection), x
 
     def query_features(self, q: Tensor) -> Tensor:
         # exp(-|q'|^2/2) and the division by the maximum are per-query factors: they cancel in num / den

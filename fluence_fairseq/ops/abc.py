@@ -28,8 +28,10 @@ where the reference is the row's own maximum, so the result stays exact and fini
 The decoding state is the carried numerator/denominator/maximum for keys and for values (:class:`ABCState`),
 O(r d) per head whatever the length. Training runs the whole sequence through one autograd function
 (:class:`_ChunkedCausalABC`) whose hand-written backward saves only the inputs and O(L r + (L / C) r d)
-statistics and recomputes the chunk matrices. The exact fallback for jumping scores uses plain autograd over
-checkpointed blocks of ``block_chunks`` chunks.
+statistics and recomputes the chunk matrices. Forward and backward walk the chunks in groups of ``block_chunks``
+(the state carried from group to group, its gradient carried back), so their temporaries are those of one group
+whatever the length; the output and the gradients are written straight into tensors laid out like the inputs.
+The exact fallback for jumping scores uses plain autograd over checkpointed blocks of ``block_chunks`` chunks.
 """
 import math
 from typing import NamedTuple, Optional, Tuple
@@ -106,13 +108,27 @@ def noncausal_abc(
 # ------------------------------------------------------------------------------------------------ causal
 def _chunk_maxima(alpha: Tensor, m0: Tensor) -> Tuple[Tensor, Tensor, float]:
     """alpha (B, H, N, C, r), m0 (B, H, r) -> (running max at each chunk's end (B, H, N, r), the same entering
-    each chunk, largest drop of a row's own running max below its chunk's end max)."""
+    each chunk, largest drop of a row's own running max below its chunk's end max).
+
+    A row's own running max is at least the max entering its chunk, so ``ends - starts`` bounds its drop: the
+    rows themselves are looked at only in the chunks where that bound exceeds :func:`_max_gap` (the first chunk
+    of a fresh state, jumps), elsewhere the bound (no larger than the limit) stands in for the exact drop. Every
+    comparison with the limit comes out as with the exact drops."""
     ends = torch.cummax(torch.maximum(alpha.amax(dim=3), m0.unsqueeze(2)), dim=2).values
     starts = torch.cat([m0.unsqueeze(2), ends[:, :, :-1]], dim=2)
-    rows = torch.maximum(torch.cummax(alpha, dim=3).values, starts.unsqueeze(3))
-    # rows that have seen only padded keys have no output to protect (they give zeros)
-    rows = torch.where(rows > torch.finfo(alpha.dtype).min / 2, rows, ends.unsqueeze(3))
-    gap = (ends.unsqueeze(3) - rows).amax().item() if alpha.numel() else 0.0
+    if not alpha.numel():
+        return ends, starts, 0.0
+    bound = (ends - starts).amax(dim=(0, 1, 3))  # (N,)
+    check = (bound > _max_gap(alpha.dtype)).nonzero().squeeze(-1)
+    gap = bound.max().item()
+    if check.numel():
+        ends_c, starts_c = ends.index_select(2, check), starts.index_select(2, check)
+        rows = torch.maximum(torch.cummax(alpha.index_select(2, check), dim=3).values, starts_c.unsqueeze(3))
+        # rows that have seen only padded keys have no output to protect (they give zeros)
+        rows = torch.where(rows > torch.finfo(alpha.dtype).min / 2, rows, ends_c.unsqueeze(3))
+        exact = (ends_c.unsqueeze(3) - rows).amax().item()
+        rest = bound.index_fill(0, check, float("-inf")).max().item() if check.numel() < bound.numel() else exact
+        gap = max(exact, rest)
     return ends, starts, gap
 
 
@@ -267,7 +283,6 @@ class _ChunkedCausalABC(torch.autograd.Function):
                 chunk, group, dropout_p):
         bsz, heads, length, dim = q.shape
         n, slots = length // chunk, alpha_k.size(-1)
-        causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
         out = torch.empty_like(q)  # keeps q's layout (dense strides are preserved)
         stats = alpha_k.new_empty(4, bsz, heads, n, chunk, slots)  # k_row_den, v_row_den, slot_scores, probs
         k_row_den_all, v_row_den_all, scores_all, probs_all = stats.unbind(0)
@@ -288,7 +303,7 @@ class _ChunkedCausalABC(torch.autograd.Function):
             k_in_num, k_in_den, k_sum_num, k_sum_den = _carry(_decay_matrix(k_e), k_exps, kc, k_e, k_num, k_den,
                                                               k_max)
             k_row_den = _nonzero_(k_exps.cumsum(dim=3).add_(k_in_den.unsqueeze(3)))
-            qk = torch.matmul(qc, kc.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+            qk = torch.matmul(qc, kc.transpose(-1, -2)).tril_()
             row_num = torch.matmul(qk, k_exps)
             del qk
             _add_matmul_(row_num, qc, k_in_num.transpose(-1, -2))
@@ -304,7 +319,7 @@ class _ChunkedCausalABC(torch.autograd.Function):
                                                               v_max)
             v_row_den = _nonzero_(v_exps.cumsum(dim=3).add_(v_in_den.unsqueeze(3)))
             w = dropped / v_row_den
-            mix = torch.matmul(w, v_exps.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+            mix = torch.matmul(w, v_exps.transpose(-1, -2)).tril_()
             out_g = torch.matmul(mix, vc)
             del mix
             _add_matmul_(out_g, w, v_in_num)
@@ -332,7 +347,6 @@ class _ChunkedCausalABC(torch.autograd.Function):
         chunk, group, dropout_p = ctx.chunk, ctx.group, ctx.dropout_p
         bsz, heads, length, dim = q.shape
         n = length // chunk
-        causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
         g_q, g_k, g_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         g_alpha_k, g_alpha_v = torch.empty_like(alpha_k), torch.empty_like(alpha_v)
         g_k_state = g_v_state = None  # gradient of the state leaving the current group (from later groups)
@@ -355,10 +369,10 @@ class _ChunkedCausalABC(torch.autograd.Function):
             # values: out = tril(w E_v^T) V + w N_v,  w = dropped / den_v
             v_exps = torch.sub(_view_chunks(alpha_v, s0, s1, chunk), v_e.unsqueeze(3)).exp_()
             w = dropped / v_row_den
-            mix = torch.matmul(w, v_exps.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+            mix = torch.matmul(w, v_exps.transpose(-1, -2)).tril_()
             g_vc = torch.matmul(mix.transpose(-1, -2), g_out)
             del mix
-            g_mix = torch.matmul(g_out, vc.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+            g_mix = torch.matmul(g_out, vc.transpose(-1, -2)).tril_()
             g_w = torch.matmul(g_mix, v_exps)
             _add_matmul_(g_w, g_out, v_in_num.transpose(-1, -2))
             g_v_exps = torch.matmul(g_mix.transpose(-1, -2), w)
@@ -381,10 +395,10 @@ class _ChunkedCausalABC(torch.autograd.Function):
 
             # keys: row_num = tril(Q K^T) E_k + Q N_k^T
             k_exps = torch.sub(_view_chunks(alpha_k, s0, s1, chunk), k_e.unsqueeze(3)).exp_()
-            qk = torch.matmul(qc, kc.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+            qk = torch.matmul(qc, kc.transpose(-1, -2)).tril_()
             g_k_exps = torch.matmul(qk.transpose(-1, -2), g_row_num)
             del qk
-            g_qk = torch.matmul(g_row_num, k_exps.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+            g_qk = torch.matmul(g_row_num, k_exps.transpose(-1, -2)).tril_()
             g_qc = torch.matmul(g_qk, kc)
             _add_matmul_(g_qc, g_row_num, k_in_num)
             g_kc = torch.matmul(g_qk.transpose(-1, -2), qc)
@@ -438,9 +452,10 @@ def causal_abc(
 
     ``state`` continues a sequence (decoding); the returned state covers it plus these L positions (it carries
     no gradient). The whole sequence normally goes through one chunked autograd function with a hand-written,
-    recomputing backward (``fused``). Sequences whose scores jump by more than ~60 nats (float32) inside a chunk
-    take the exact fallback instead: plain autograd over blocks of ``block_chunks * chunk_size`` positions,
-    checkpointed when gradients are needed (``checkpoint_blocks``), offending blocks redone in smaller chunks.
+    recomputing backward (``fused``), both walking the chunks in groups of ``block_chunks``. Sequences whose
+    scores jump by more than ~60 nats (float32) inside a chunk take the exact fallback instead: plain autograd
+    over blocks of ``block_chunks * chunk_size`` positions, checkpointed when gradients are needed
+    (``checkpoint_blocks``), offending blocks redone in smaller chunks.
     """
     if chunk_size < 1 or block_chunks < 1:
         raise ValueError(f"chunk_size ({chunk_size}) and block_chunks ({block_chunks}) must be positive")

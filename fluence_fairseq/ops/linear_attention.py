@@ -39,7 +39,7 @@ __all__ = ["LinearState", "linear_attention", "causal_linear_attention", "linear
 
 DEFAULT_CHUNK = 64
 #: positions per group of the causal function: bounds its temporaries (forward and backward)
-GROUP = 1024
+GROUP = 256
 
 
 class LinearState(NamedTuple):
@@ -292,8 +292,8 @@ class _CausalLinearAttention(torch.autograd.Function):
 
     The intra-chunk products of a group's chunks are batched (B, H, g, C, C); the carried states exist once per
     chunk of the group (B, H, g, M, d + 1), never per position, and temporaries never span the whole length.
-    Only the inputs, the output, the denominator and the state entering each group are kept for backward, which
-    recomputes the rest group by group (in reverse, carrying the keys' reverse state).
+    Only the inputs and the (small) state entering each group are kept for backward, which recomputes the rest,
+    the output included, group by group (in reverse, carrying the keys' reverse state).
     """
 
     @staticmethod
@@ -315,7 +315,10 @@ class _CausalLinearAttention(torch.autograd.Function):
         tril = steps.unsqueeze(1) >= steps  # (torch.tril on bool can be very slow on a busy CPU)
         per = max(1, group // geo.chunk)
         d = v.size(-1)
-        out_a = q.new_empty(*q.shape[:2], geo.padded, d)
+        # in the identity geometry the output takes the layout of v (for fairseq's (L, B, H, d) heads views, the
+        # caller's permute + reshape back to (L, B, D) is then a view, not a full-length copy)
+        out_a = torch.empty_like(v) if geo.identity and v.shape[:3] == q.shape[:3] else q.new_empty(
+            *q.shape[:2], geo.padded, d)
         den_a = q.new_empty(*q.shape[:2], geo.padded)
         state = torch.cat([kv0, ks0.unsqueeze(-1)], dim=-1)
         m_run = m0
@@ -329,7 +332,7 @@ class _CausalLinearAttention(torch.autograd.Function):
             num = grp.numerator().flatten(2, 3)
             rows = slice(sl.start * geo.chunk, sl.stop * geo.chunk)
             den_a[:, :, rows] = num[..., d]
-            torch.div(num[..., :d], num[..., d:].clamp_min(eps), out=out_a[:, :, rows])
+            out_a[:, :, rows] = num[..., :d] / num[..., d:].clamp_min(eps)
             state, m_run = grp.state, grp.m_run
             del grp, num
         if geo.identity:
@@ -345,7 +348,7 @@ class _CausalLinearAttention(torch.autograd.Function):
                 out[:, :, geo.q_hi :] = num[..., :d] / num[..., d:].clamp_min(eps)
         ctx.offset, ctx.chunk, ctx.eps, ctx.group = offset, chunk, eps, group
         ctx.starts, ctx.final = starts, state
-        ctx.save_for_backward(q, k, v, c, qmix, kmix, out, den)
+        ctx.save_for_backward(q, k, v, c, qmix, kmix)
         kv, ks = state[..., :d].contiguous(), state[..., d].contiguous()
         m_final = m0.clone() if c is None else m_run
         ctx.mark_non_differentiable(kv, ks, m_final)
@@ -353,7 +356,7 @@ class _CausalLinearAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, _g_kv, _g_ks, _g_max):
-        q, k, v, c, qmix, kmix, out, den = ctx.saved_tensors
+        q, k, v, c, qmix, kmix = ctx.saved_tensors
         eps, d = ctx.eps, v.size(-1)
         geo = _Geometry(q.size(2), k.size(2), ctx.offset, ctx.chunk)
         qa, qm, kc, km, vc, cc = _CausalLinearAttention._views(q, qmix, k, kmix, v, c, geo)
@@ -361,30 +364,34 @@ class _CausalLinearAttention(torch.autograd.Function):
         tril = steps.unsqueeze(1) >= steps
         per = max(1, ctx.group // geo.chunk)
 
-        def grad_ext(g, o, dn):
-            """[g / den, -(g . out) / den] (..., d + 1): gradients of the unnormalised sums [num, den]."""
-            den_c = dn.clamp_min(eps).unsqueeze(-1)
-            g_den = (g * o).sum(-1, keepdim=True).neg_().div_(den_c).masked_fill_(dn.unsqueeze(-1) < eps, 0.0)
-            return torch.cat([g / den_c, g_den], dim=-1)
+        def grad_ext(g, num):
+            """out = num / max(den, eps) from the recomputed [num, den] (..., d + 1) -> [g / den, -(g . out) / den]
+            (..., d + 1): the gradients of the unnormalised sums."""
+            dn = num[..., d:]
+            den_c = dn.clamp_min(eps)
+            g_num = g / den_c
+            g_den = (g_num * num[..., :d]).sum(-1, keepdim=True).neg_().div_(den_c).masked_fill_(dn < eps, 0.0)
+            return torch.cat([g_num, g_den], dim=-1)
 
-        if geo.identity:
-            ga, oa, da = g_out, out, den
-        else:
-            ga, oa, da = (geo.chunked(geo.pad_keys(geo.align(x))) for x in (g_out, out, den))
-            ga, oa, da = ga.flatten(2, 3), oa.flatten(2, 3), da.flatten(2, 3)
+        ga = g_out if geo.identity else geo.pad_keys(geo.align(g_out))
         final = ctx.final
         rev = final.new_zeros(final.shape)
         dq = torch.zeros_like(q) if not geo.identity else None
         if geo.q_hi < geo.length_q:  # the tail sees every key: it enters the keys' reverse state at the end
             tail = slice(geo.q_hi, None)
             tm = None if qmix is None else qmix[:, :, tail]
-            gt = grad_ext(g_out[:, :, tail], out[:, :, tail], den[:, :, tail])
-            rev = torch.matmul(_mix(q[:, :, tail], tm).transpose(-1, -2), gt)
+            qt = _mix(q[:, :, tail], tm)
+            gt = grad_ext(g_out[:, :, tail], torch.matmul(qt, final))
+            rev = torch.matmul(qt.transpose(-1, -2), gt)
+            del qt
             dq[:, :, tail] = _unmix(torch.matmul(gt, final.transpose(-1, -2)), tm)
             del gt
-        dq_a = q.new_empty(*q.shape[:2], geo.padded, q.size(-1))
-        dk_a = k.new_empty(*k.shape[:2], geo.padded, k.size(-1))
-        dv_a = v.new_empty(*v.shape[:2], geo.padded, d)
+        if geo.identity:  # gradients in the layout of the inputs (no copies when they go back through the heads view)
+            dq_a, dk_a, dv_a = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        else:
+            dq_a = q.new_empty(*q.shape[:2], geo.padded, q.size(-1))
+            dk_a = k.new_empty(*k.shape[:2], geo.padded, k.size(-1))
+            dv_a = v.new_empty(*v.shape[:2], geo.padded, d)
         group_starts = list(range(0, geo.chunks, per))
         for i in range(len(group_starts) - 1, -1, -1):
             t0 = group_starts[i]
@@ -395,13 +402,22 @@ class _CausalLinearAttention(torch.autograd.Function):
             state, m_run = ctx.starts[i]
             grp = _Group(qa[:, :, sl], qm_g, kc[:, :, sl], km_g, vc[:, :, sl], None if cc is None else cc[:, :, sl],
                          state, m_run, tril)
-            gn = grad_ext(ga[:, :, rows], oa[:, :, rows], da[:, :, rows]).unflatten(2, (-1, geo.chunk))  # (B, H, g, C, d + 1)
+            # the forward of the group again: the output is not kept
+            scores = grp.scores()
+            carried = torch.matmul(grp.q, grp.before)
+            if grp.qw is not None:
+                carried.mul_(grp.qw)
+            num = torch.matmul(scores, grp.v).add_(carried)
+            del carried
+            gn = grad_ext(ga[:, :, rows].unflatten(2, (-1, geo.chunk)), num)  # (B, H, g, C, d + 1)
+            del num
             # intra-chunk pairs: w_ij = (q_i . k_j) intra_ij
             weights = torch.matmul(gn, grp.v.transpose(-1, -2)).mul_(grp.intra)
             dq_e = torch.matmul(weights, grp.k)
             dk_e = torch.matmul(weights.transpose(-1, -2), grp.q)
             del weights
-            dv_g = torch.matmul(grp.scores().transpose(-1, -2), gn[..., :d])
+            dv_g = torch.matmul(scores.transpose(-1, -2), gn[..., :d])
+            del scores
             # the state before each chunk, seen by its queries
             carried = torch.matmul(gn, grp.before.transpose(-1, -2))
             dq_e += carried if grp.qw is None else carried.mul_(grp.qw)
@@ -430,6 +446,70 @@ class _CausalLinearAttention(torch.autograd.Function):
         # w_ij is linear in both k_j and exp(c_j): dL/dc_j = k_j . dL/dk_j
         dc = (k * dk).sum(-1) if c is not None else None
         return dq, dk, dv, dc, None, None, None, None, None, None, None, None, None
+
+
+class _LinearAttention(torch.autograd.Function):
+    """Noncausal linear attention ``out = phi_q KV / (phi_q . ksum)`` with per-key weights ``w`` (B, H, S)
+    (``None``: all 1), computed a block of ``GROUP`` positions at a time. Keeps only the inputs, the weights and
+    the (M, d + 1) summary for backward; the output is recomputed there block by block."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, c, w, qmix, kmix, eps: float):
+        d = v.size(-1)
+        kv = None
+        for lo in range(0, k.size(2), GROUP):
+            rows = slice(lo, lo + GROUP)
+            ke = _mix(k[:, :, rows], None if kmix is None else kmix[:, :, rows])
+            if w is not None:
+                ke = ke * w[:, :, rows].unsqueeze(-1)
+            vb = v[:, :, rows]
+            part = torch.cat([torch.matmul(ke.transpose(-1, -2), vb), ke.sum(-2).unsqueeze(-1)], dim=-1)
+            kv = part if kv is None else kv.add_(part)
+        out = torch.empty_like(v) if v.shape[:3] == q.shape[:3] else q.new_empty(*q.shape[:3], d)
+        for lo in range(0, q.size(2), GROUP):
+            rows = slice(lo, lo + GROUP)
+            num = torch.matmul(_mix(q[:, :, rows], None if qmix is None else qmix[:, :, rows]), kv)
+            out[:, :, rows] = num[..., :d] / num[..., d:].clamp_min(eps)
+        ctx.eps = eps
+        ctx.save_for_backward(q, k, v, c, w, qmix, kmix, kv)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        q, k, v, c, w, qmix, kmix, kv = ctx.saved_tensors
+        eps, d = ctx.eps, v.size(-1)
+        dq = torch.empty_like(q)
+        dkv = torch.zeros_like(kv)
+        for lo in range(0, q.size(2), GROUP):
+            rows = slice(lo, lo + GROUP)
+            qm = None if qmix is None else qmix[:, :, rows]
+            qe = _mix(q[:, :, rows], qm)
+            num = torch.matmul(qe, kv)
+            den = num[..., d:]
+            den_c = den.clamp_min(eps)
+            g_num = g_out[:, :, rows] / den_c
+            g_den = (g_num * num[..., :d]).sum(-1, keepdim=True).neg_().div_(den_c).masked_fill_(den < eps, 0.0)
+            gn = torch.cat([g_num, g_den], dim=-1)
+            del num, g_num, g_den
+            dq[:, :, rows] = _unmix(torch.matmul(gn, kv.transpose(-1, -2)), qm)
+            dkv += torch.matmul(qe.transpose(-1, -2), gn)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        for lo in range(0, k.size(2), GROUP):
+            rows = slice(lo, lo + GROUP)
+            km = None if kmix is None else kmix[:, :, rows]
+            ke = _mix(k[:, :, rows], km)
+            vb = v[:, :, rows]
+            dke = torch.matmul(vb, dkv[..., :d].transpose(-1, -2)).add_(dkv[..., d].unsqueeze(-2))
+            dvb = torch.matmul(ke, dkv[..., :d])
+            if w is not None:
+                wb = w[:, :, rows].unsqueeze(-1)
+                dke.mul_(wb)
+                dvb.mul_(wb)
+            dk[:, :, rows] = _unmix(dke, km)
+            dv[:, :, rows] = dvb
+        # the weights exp(c_j - max) (max detached) are linear in exp(c_j): dL/dc_j = k_j . dL/dk_j
+        dc = (k * dk).sum(-1) if c is not None and ctx.needs_input_grad[3] else None
+        return dq, dk, dv, dc, None, None, None, None
 
 
 def causal_linear_attention(
@@ -490,11 +570,26 @@ def linear_attention(
     key_padding_mask: Optional[Tensor] = None,
     eps: float,
     chunk_size: int = DEFAULT_CHUNK,
+    query_mix: Optional[Tensor] = None,
+    key_mix: Optional[Tensor] = None,
 ) -> Tensor:
-    """Normalised linear attention (B, H, L, d); see the module docstring."""
+    """Normalised linear attention (B, H, L, d); see the module docstring (and :func:`causal_linear_attention`
+    for ``query_mix`` / ``key_mix``)."""
     if causal:
         return causal_linear_attention(phi_q, phi_k, v, query_offset=query_offset, key_log_scale=key_log_scale,
-                                       key_padding_mask=key_padding_mask, eps=eps, chunk_size=chunk_size)[0]
+                                       key_padding_mask=key_padding_mask, eps=eps, chunk_size=chunk_size,
+                                       query_mix=query_mix, key_mix=key_mix)[0]
     _check(phi_q, phi_k, v, key_log_scale, key_padding_mask)
-    kv, ksum = linear_summary(phi_k, v, key_log_scale=key_log_scale, key_padding_mask=key_padding_mask)
-    return attend_linear_summary(phi_q, kv, ksum, eps=eps).to(phi_q.dtype)
+    _check_mix(phi_q, phi_k, query_mix, key_mix)
+    work = _work_dtype(torch.promote_types(phi_q.dtype, v.dtype))
+    q, k, vv = phi_q.to(work), phi_k.to(work), v.to(work)
+    if query_mix is not None:
+        query_mix, key_mix = query_mix.detach().to(work), key_mix.detach().to(work)
+    c = _masked_log_scale(None if key_log_scale is None else key_log_scale.to(work), key_padding_mask)
+    weight = None if key_padding_mask is None else _keep(key_padding_mask, work).expand(-1, k.size(1), -1)
+    if c is not None:
+        # the maximum only stabilises: every weight is relative to it and the ratio num/den does not depend on it
+        scale = torch.exp(c - c.amax(-1, keepdim=True)).detach()
+        weight = scale if weight is None else scale * weight
+    out = _LinearAttention.apply(q, k, vv, c, weight, query_mix, key_mix, float(eps))
+    return out.to(phi_q.dtype)
