@@ -230,11 +230,14 @@ class _Group:
     values are extended by a ones column, so the last column is the denominator state) at maximum ``m_run``."""
 
     def __init__(self, qa, qm, kc, km, vc, c, state, m_run, tril):
+        self.qa, self.kc, self.qm, self.km = qa, kc, qm, km
         self.q = _mix(qa, qm)  # (B, H, g, C, M)
         self.k = _mix(kc, km)
         self.v = torch.cat([vc, vc.new_ones(vc.shape[:-1] + (1,))], dim=-1)  # (B, H, g, C, d + 1)
         self.scales = None if c is None else _Scales(c, m_run)
         self.intra = tril.to(qa.dtype) if self.scales is None else self.scales.intra(tril)
+        if qm is not None:  # (q (x) mq) . (k (x) mk) = (q . k)(mq . mk): intra-chunk products stay m wide
+            self.intra = self.intra * torch.matmul(qm, km.transpose(-1, -2))
         self.decay = None if self.scales is None else self.scales.decay()
         if self.scales is None:
             self.kweight = None
@@ -248,7 +251,7 @@ class _Group:
         self.m_run = m_run if self.scales is None else self.scales.final
 
     def scores(self) -> Tensor:
-        return torch.matmul(self.q, self.k.transpose(-1, -2)).mul_(self.intra)
+        return torch.matmul(self.qa, self.kc.transpose(-1, -2)).mul_(self.intra)
 
     def numerator(self) -> Tensor:
         """(B, H, g, C, d + 1): unnormalised outputs, the denominator in the last column."""
@@ -413,14 +416,14 @@ class _CausalLinearAttention(torch.autograd.Function):
             del num
             # intra-chunk pairs: w_ij = (q_i . k_j) intra_ij
             weights = torch.matmul(gn, grp.v.transpose(-1, -2)).mul_(grp.intra)
-            dq_e = torch.matmul(weights, grp.k)
-            dk_e = torch.matmul(weights.transpose(-1, -2), grp.q)
+            dq_i = torch.matmul(weights, grp.kc)  # m wide (the mixing is inside intra)
+            dk_i = torch.matmul(weights.transpose(-1, -2), grp.qa)
             del weights
             dv_g = torch.matmul(scores.transpose(-1, -2), gn[..., :d])
             del scores
             # the state before each chunk, seen by its queries
             carried = torch.matmul(gn, grp.before.transpose(-1, -2))
-            dq_e += carried if grp.qw is None else carried.mul_(grp.qw)
+            dq_i += _unmix(carried if grp.qw is None else carried.mul_(grp.qw), qm_g)
             del carried
             # keys see the queries of later chunks through a reverse state sum exp(R - M_i) q_i [g_num_i, g_den_i]
             qf = grp.q if grp.qw is None else grp.q * grp.qw
@@ -431,13 +434,13 @@ class _CausalLinearAttention(torch.autograd.Function):
             if grp.kweight is not None:
                 dk_c.mul_(grp.kweight)
                 dv_c.mul_(grp.kweight)
-            dk_e += dk_c
+            dk_i += _unmix(dk_c, km_g)
             dv_g += dv_c
             del dk_c, dv_c, after, gn
-            dq_a[:, :, rows] = _unmix(dq_e, qm_g).flatten(2, 3)
-            dk_a[:, :, rows] = _unmix(dk_e, km_g).flatten(2, 3)
+            dq_a[:, :, rows] = dq_i.flatten(2, 3)
+            dk_a[:, :, rows] = dk_i.flatten(2, 3)
             dv_a[:, :, rows] = dv_g.flatten(2, 3)
-            del grp, dq_e, dk_e, dv_g
+            del grp, dq_i, dk_i, dv_g
         if geo.identity:
             dq = dq_a
         else:
