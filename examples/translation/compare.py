@@ -67,7 +67,7 @@ def write_table(args, work):
     lines = [f"Bible en->es test set (311 verses), beam 5, sacrebleu; every model {args.max_update} updates at width "
              f"{args.dim}, 3+3 layers, 4 heads, {args.warmup_updates} warm-up updates, seed 1 "
              f"(`python examples/translation/compare.py --max-update {args.max_update} --dim {args.dim}`).", "",
-             "| attention | where | params | train s | valid loss | BLEU | chrF |", "|---|---|---|---|---|---|---|"]
+             "| attention | where | params | train wall s | valid loss | BLEU | chrF |", "|---|---|---|---|---|---|---|"]
     for r in results:
         if r.get("failed"):
             lines.append(f"| {r['name']} | {r['where']} | - | - | - | training failed | - |")
