@@ -62,6 +62,7 @@ class ABC(FluenceAttention):
     """
 
     supports_attn_mask = False
+    hyper_parameters = ('num_landmarks',)
     #: positions per chunk of the causal computation (the masked chunk matrices are chunk x chunk)
     chunk_size: int = 64
     #: chunks per group of the fused training pass (its temporaries are one group's), and per checkpointed block
@@ -100,8 +101,6 @@ class ABC(FluenceAttention):
         if hasattr(self, "compress_k"):  # fairseq's constructor resets before the slots exist
             self._reset_compression()
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, num_landmarks={self.num_landmarks}"
 
     # ----------------------------------------------------------------------------------------------- math
     def _slot_scores(self, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]):

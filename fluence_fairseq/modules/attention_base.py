@@ -57,6 +57,8 @@ class FluenceAttention(MultiheadAttention):
     #: False for attentions that read only the values (S4D): ``q_proj``/``k_proj`` are not built and
     #: :meth:`attend` receives the projected values as ``q``, ``k`` and ``v``.
     uses_query_key: bool = True
+    #: constructor hyper-parameters (stored as attributes of the same name) shown by ``repr(module)``
+    hyper_parameters: Tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -362,7 +364,7 @@ class FluenceAttention(MultiheadAttention):
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"pattern={PATTERNS[(self.cross, self.causal)]!r}, dropout={self.dropout_module.p}"
-        )
+        ) + "".join(f", {name}={getattr(self, name)!r}" for name in self.hyper_parameters)
 
 
 _FAIRSEQ_ONLY = ("dictionary",)

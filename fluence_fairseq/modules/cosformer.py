@@ -69,6 +69,7 @@ class CosformerAttention(FluenceAttention):
     """
 
     supported_patterns = ALL_PATTERNS
+    hyper_parameters = ('cosformer_max_len', 'act_fun')
     supports_attn_mask = False
 
     def __init__(
@@ -208,8 +209,6 @@ class CosformerAttention(FluenceAttention):
         out = attend_linear_summary(phi_q, summary["cos_kv"], summary["cos_k"], eps=DEN_EPS)
         return out.to(q.dtype), None
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", cosformer_max_len={self.cosformer_max_len}, act_fun={self.act_fun!r}"
 
 
 @fsmha

@@ -49,6 +49,7 @@ class Lara(FluenceAttention):
     """
 
     supported_patterns = frozenset({(False, False)})
+    hyper_parameters = ('num_landmarks',)
     supports_attn_mask = False
 
     def __init__(
@@ -77,8 +78,6 @@ class Lara(FluenceAttention):
             key_padding_mask=key_padding_mask, need_weights=need_weights,
         )
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, num_landmarks={self.num_landmarks}"
 
 
 @fsmha

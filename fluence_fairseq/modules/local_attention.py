@@ -47,6 +47,7 @@ class LocalAttention(FluenceAttention):
     """
 
     supported_patterns = frozenset({(False, False), (False, True)})
+    hyper_parameters = ('wsize',)
 
     def __init__(
         self,
@@ -84,8 +85,6 @@ class LocalAttention(FluenceAttention):
             dropout_p=self.dropout_module.p if self.training else 0.0, need_weights=need_weights,
         )
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, wsize={self.wsize}"
 
 
 @fsmha

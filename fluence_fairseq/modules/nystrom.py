@@ -59,6 +59,7 @@ class NystromAttention(FluenceAttention):
     """
 
     supported_patterns = frozenset({(False, False)})
+    hyper_parameters = ('num_landmarks', 'pinv_iterations', 'conv_kernel_size')
     supports_attn_mask = False
 
     def __init__(
@@ -111,9 +112,6 @@ class NystromAttention(FluenceAttention):
             out = out + F.conv2d(v, self.conv.weight, padding=self.conv.padding, groups=self.num_heads)
         return out, weights
 
-    def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, num_landmarks={self.num_landmarks}, "
-                f"pinv_iterations={self.pinv_iterations}, conv_kernel_size={self.conv_kernel_size}")
 
 
 @fsmha

@@ -115,6 +115,7 @@ class Performer(FluenceAttention):
     """
 
     supported_patterns = ALL_PATTERNS
+    hyper_parameters = ('approx_attn_dim', 'feature_redraw_interval')
     supports_attn_mask = False
 
     def __init__(
@@ -227,9 +228,6 @@ class Performer(FluenceAttention):
         out = attend_linear_summary(self.query_features(q), summary["favor_kv"], summary["favor_k"], eps=DEN_EPS)
         return out.to(q.dtype), None
 
-    def extra_repr(self) -> str:
-        return (super().extra_repr() + f", approx_attn_dim={self.approx_attn_dim}, "
-                f"feature_redraw_interval={self.feature_redraw_interval}")
 
 
 @fsmha

@@ -68,6 +68,7 @@ class ProbSparse(FluenceAttention):
     """
 
     supported_patterns = frozenset({(False, False), (True, False)})
+    hyper_parameters = ('factor',)
     supports_attn_mask = False
 
     def __init__(
@@ -123,8 +124,6 @@ class ProbSparse(FluenceAttention):
             dropout_p=self.dropout_module.p if self.training else 0.0, need_weights=need_weights,
         )
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, factor={self.factor}"
 
 
 @fsmha
