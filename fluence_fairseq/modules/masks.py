@@ -11,6 +11,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+#: additive ``attn_mask`` values at or below this are masks, not biases: attentions that give masked keys exactly
+#: zero weight (entmax) treat them as removed (``exp(-1e4)`` is already 0 for softmax)
+HARD_MASK = -1e4
+
 
 def padding_mask_to_bool(mask: Optional[Tensor], bsz: int, length: int, name: str) -> Optional[Tensor]:
     """Bool, byte or float padding mask -> bool (batch, length), True = pad.

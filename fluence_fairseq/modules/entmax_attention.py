@@ -1,0 +1,220 @@
+"""Adaptively sparse attention (Correia, Niculae & Martins, 2019): the softmax of scaled dot-product attention
+replaced by sparsemax, 1.5-entmax or α-entmax with one learned α per head.
+
+The normalisers live in :mod:`fluence_fairseq.ops.entmax` (float32 arithmetic whatever the input dtype, zeros for
+rows with nothing to attend to, exact zeros elsewhere). Each attention can also count how many of its weights are
+non-zero (:meth:`EntmaxAttentionBase.track_density`), which the ``fluence_*`` criterions log in validation and
+``fluence-plot density`` draws per head.
+"""
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.entmax import entmax
+from .attention_base import FluenceAttention, fsmha
+from .masks import HARD_MASK, relative_positions
+from .spec import AttentionOption, AttentionSpec
+
+__all__ = [
+    "EntmaxAttentionBase", "SparsemaxAttention", "Entmax15Attention", "AlphaEntmaxAttention",
+    "FSSparsemax", "FSEntmax15", "FSAlphaEntmax", "parse_alpha_init",
+]
+
+#: the range α is clamped to (Correia et al. 2019): below 1.01 the α-gradient divides by almost zero
+ALPHA_MIN, ALPHA_MAX = 1.01, 2.0
+
+
+class EntmaxAttentionBase(FluenceAttention):
+    """Dense scaled dot-product attention normalised by α-entmax (subclasses choose α).
+
+    All four patterns (noncausal/causal, self/cross); decoding keeps the usual key/value cache. Masked positions
+    (causal future, key padding, ``attn_mask`` entries at or below ``-1e4``) get probability exactly 0; a query
+    with no key left gets a zero output instead of NaN. Other ``attn_mask`` values are added to the scores.
+    """
+
+    def alpha(self) -> Union[float, Tensor]:
+        """α of every head: a float, or a tensor of shape (num_heads,)."""
+        raise NotImplementedError
+
+    def _alpha_for_scores(self) -> Union[float, Tensor]:
+        alpha = self.alpha()
+        return alpha.view(1, -1, 1, 1) if isinstance(alpha, Tensor) else alpha
+
+    # ------------------------------------------------------------------------------------- density
+    def track_density(self, enabled: bool = True) -> None:
+        """Start (and reset) or stop counting non-zero weights; see :meth:`density_counts`."""
+        self._density = torch.zeros(2, self.num_heads, dtype=torch.float64) if enabled else None
+
+    def density_counts(self) -> Optional[Tensor]:
+        """(2, num_heads) float64: non-zero weights and allowed (query, key) pairs counted since
+        :meth:`track_density`, over real queries (padded queries of a self attention are left out); None when not
+        tracking. Density = row 0 / row 1: 1 for softmax, ``1/allowed keys`` for a one-hot head."""
+        return getattr(self, "_density", None)
+
+    def _count_density(self, probs: Tensor, masked: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                       query_offset: int) -> None:
+        counts = self.density_counts()
+        if counts is None:
+            return
+        bsz, heads, tgt_len, src_len = probs.shape
+        allowed = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=probs.device)
+        if masked is not None:
+            allowed = ~masked
+        real_queries = None
+        if not self.cross and key_padding_mask is not None:
+            # a self attention's query i is key i + query_offset: padded keys are padded queries
+            positions = torch.arange(tgt_len, device=probs.device) + query_offset
+            real_queries = ~key_padding_mask[:, positions].view(bsz, 1, tgt_len, 1)
+            allowed = allowed & real_queries
+        allowed = allowed.expand(bsz, heads, tgt_len, src_len)
+        nonzero = (probs > 0) & allowed
+        counts[0] += nonzero.sum(dim=(0, 2, 3)).to(torch.float64).cpu()
+        counts[1] += allowed.sum(dim=(0, 2, 3)).to(torch.float64).cpu()
+
+    # ---------------------------------------------------------------------------------------- math
+    def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
+        tgt_len, src_len = q.size(2), k.size(2)
+        scores = torch.matmul(q * (q.size(-1) ** -0.5), k.transpose(-1, -2))
+        masked = None
+        if self.causal:
+            future = relative_positions(tgt_len, src_len, query_offset, q.device) < 0
+            masked = future.view(1, 1, tgt_len, src_len)
+        if key_padding_mask is not None:
+            padded = key_padding_mask.view(-1, 1, 1, src_len)
+            masked = padded if masked is None else masked | padded
+        if attn_mask is not None:
+            scores = scores + attn_mask
+            hard = attn_mask <= HARD_MASK
+            masked = hard if masked is None else masked | hard
+        probs = entmax(scores, self._alpha_for_scores(), mask=masked)
+        self._count_density(probs, masked, key_padding_mask, query_offset)
+        out = torch.matmul(self.dropout_module(probs), v)
+        return out, (probs if need_weights else None)
+
+
+class SparsemaxAttention(EntmaxAttentionBase):
+    """Attention normalised by sparsemax (α = 2, Martins & Astudillo 2016): the Euclidean projection of the scores
+    onto the simplex, the sparsest member of the entmax family.
+
+    Example::
+
+        >>> import torch
+        >>> from fluence_fairseq import FSSparsemax
+        >>> attn = FSSparsemax(64, 4, causal=True)
+        >>> x = torch.randn(10, 2, 64)                        # (length, batch, dim)
+        >>> out, weights = attn(x, x, x)
+        >>> bool((weights == 0).any())                         # exact zeros
+        True
+    """
+
+    def alpha(self) -> float:
+        return 2.0
+
+
+class Entmax15Attention(EntmaxAttentionBase):
+    """Attention normalised by 1.5-entmax (Peters et al. 2019), between softmax and sparsemax.
+
+    Example::
+
+        >>> import torch
+        >>> from fluence_fairseq import FSEntmax15
+        >>> attn = FSEntmax15(64, 4)
+        >>> x = torch.randn(10, 2, 64)
+        >>> out, weights = attn(x, x, x)
+        >>> torch.allclose(weights.sum(-1), torch.ones(2, 10))
+        True
+    """
+
+    def alpha(self) -> float:
+        return 1.5
+
+
+def parse_alpha_init(value) -> Union[float, str]:
+    """``--alpha-init``: ``random`` or a number in [1.01, 2)."""
+    if isinstance(value, str) and value.strip().lower() == "random":
+        return "random"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha_init must be 'random' or a number in [{ALPHA_MIN}, {ALPHA_MAX}), got {value!r}") from None
+    if not ALPHA_MIN <= number < ALPHA_MAX:
+        raise ValueError(
+            f"alpha_init must be in [{ALPHA_MIN}, {ALPHA_MAX}) (alpha = 1 + sigmoid(a) never reaches 2), got {number}"
+        )
+    return number
+
+
+class AlphaEntmaxAttention(EntmaxAttentionBase):
+    """α-entmax attention with one learned α per head (the *adaptively sparse transformer*, Correia et al. 2019).
+
+    Each head h has an unconstrained parameter ``pre_alpha[h]`` and uses ``α_h = clamp(1 + sigmoid(pre_alpha[h]),
+    1.01, 2)`` in every forward, so α stays in range however the optimizer moves the parameter (Fluence's
+    ``EntmaxAlpha`` applies the sigmoid once at construction and then trains α directly, which lets it leave
+    (1, 2] and produce NaN). The gradient reaches α through the normaliser's analytic α-derivative.
+
+    Args:
+        alpha_init: ``"random"`` (the paper: ``pre_alpha ~ N(0, 1)``, so α starts between 1.01 and 2, mean 1.5)
+            or one starting α in [1.01, 2) for every head.
+
+    Example::
+
+        >>> import torch
+        >>> from fluence_fairseq import FSAlphaEntmax
+        >>> attn = FSAlphaEntmax(64, 4, alpha_init=1.5)
+        >>> attn.alpha()
+        tensor([1.5000, 1.5000, 1.5000, 1.5000], grad_fn=<ClampBackward1>)
+        >>> x = torch.randn(10, 2, 64)
+        >>> out, _ = attn(x, x, x)
+        >>> out.sum().backward()
+        >>> attn.pre_alpha.grad.shape
+        torch.Size([4])
+    """
+
+    hyper_parameters = ("alpha_init",)
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, *, alpha_init="random", **kwargs):
+        super().__init__(embed_dim, num_heads, dropout=dropout, **kwargs)
+        self.alpha_init = parse_alpha_init(alpha_init)
+        self.pre_alpha = nn.Parameter(torch.empty(num_heads))
+        self.reset_alpha()
+
+    def reset_alpha(self) -> None:
+        with torch.no_grad():
+            if self.alpha_init == "random":
+                self.pre_alpha.normal_()
+            else:
+                fraction = self.alpha_init - 1.0  # sigmoid(pre_alpha) = alpha - 1
+                self.pre_alpha.fill_(math.log(fraction / (1.0 - fraction)))
+
+    def alpha(self) -> Tensor:
+        return (1.0 + torch.sigmoid(self.pre_alpha)).clamp(ALPHA_MIN, ALPHA_MAX)
+
+
+@fsmha
+class FSSparsemax(SparsemaxAttention):
+    """:class:`SparsemaxAttention` with fairseq's ``MultiheadAttention`` constructor keywords."""
+
+
+@fsmha
+class FSEntmax15(Entmax15Attention):
+    """:class:`Entmax15Attention` with fairseq's ``MultiheadAttention`` constructor keywords."""
+
+
+@fsmha
+class FSAlphaEntmax(AlphaEntmaxAttention):
+    """:class:`AlphaEntmaxAttention` with fairseq's ``MultiheadAttention`` constructor keywords."""
+
+
+ATTENTION_SPECS = (
+    AttentionSpec("sparsemax", FSSparsemax, (), "sparsemax attention (alpha = 2): exact zeros (Correia et al. 2019)"),
+    AttentionSpec("entmax15", FSEntmax15, (), "1.5-entmax attention: sparse, between softmax and sparsemax"),
+    AttentionSpec(
+        "alpha_entmax", FSAlphaEntmax,
+        (AttentionOption("alpha_init", parse_alpha_init, "random",
+                         "initial alpha of every alpha-entmax head: 'random' (paper: 1 + sigmoid(N(0,1))) or a "
+                         f"number in [{ALPHA_MIN}, {ALPHA_MAX})"),),
+        "alpha-entmax attention with a learned alpha per head in [1.01, 2] (Correia et al. 2019)",
+    ),
+)

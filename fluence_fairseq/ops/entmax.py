@@ -1,0 +1,210 @@
+"""α-entmax normalisers (sparsemax α=2, 1.5-entmax, any α > 1 with a learnable α), safe for attention.
+
+``α-entmax(z)_i = [(α-1) z_i - τ]_+ ^ (1/(α-1))`` with the threshold τ that makes the output sum to one
+(Peters et al. 2019; Correia et al. 2019). The ``entmax`` package finds τ by sorting (sparsemax, entmax15) or by
+50 bisection steps (any α). Here τ comes from Newton's method on
+
+    g(τ) = ||[u - τ]_+||_β - 1,      u = (α-1) (z - max z),  β = 1/(α-1),
+
+started at τ = -1 (where g >= 0). For 1 < α <= 2 (β >= 1) g is a norm of a componentwise convex, decreasing map,
+so it is convex and decreasing: Newton's iterates rise monotonically to the root and never overshoot (up to
+rounding). Taking the β-norm rather than the sum of powers keeps g nearly linear far from the root, so a row
+dominated by one logit converges in one step whatever α is (the plain sum behaves like t^β and would need about β
+steps). For sparsemax (β=1) g is piecewise linear and Newton is Michelot's exact algorithm: it stops when the
+support is found. Rows of 64 N(0,1) logits need 3-6 steps; the loop stops when no row moved. For α > 2 (β < 1) g
+is not convex, and τ is found by bisection with the corrected bracket update of entmax >= 1.2.
+
+Where the ``entmax`` package is wrong for attention, these functions are not:
+
+* a row whose entries are all masked (``-inf``, or ``mask`` True everywhere) gives zeros, not NaN or an index
+  error (entmax issues #17, #19);
+* inputs are normalised in float32 (float64 stays float64) and the result cast back, so bf16/fp16 never produce
+  NaN (entmax issue #30): the row max is subtracted *before* the (α-1) scaling;
+* peaked rows with large α give a one-hot, not NaN (the bisection bug fixed upstream in 1.2).
+
+Backward is analytic (the entmax Jacobian, :func:`_entmax_backward`), including the gradient with respect to α
+(Correia et al. 2019, Proposition 1), reduced to α's shape so a per-head α of shape ``(1, H, 1, 1)`` works.
+"""
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+# Newton steps are capped here; they stop as soon as no row moves by more than the dtype's resolution.
+MAX_NEWTON_STEPS = 50
+BISECTION_STEPS = 60
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _shifted(x: Tensor, mask: Optional[Tensor]):
+    """``x - max(x)`` in the compute dtype with masked entries at -inf, and which rows have any entry at all."""
+    x = x.to(_compute_dtype(x.dtype))
+    if mask is not None:
+        x = x.masked_fill(mask, float("-inf"))
+    top = x.amax(dim=-1, keepdim=True)
+    has_entries = top > float("-inf")
+    # rows with nothing to attend to: shift by 0 so no NaN appears (-inf - -inf); they are zeroed at the end
+    return x - torch.where(has_entries, top, torch.zeros_like(top)), has_entries
+
+
+def _newton_threshold(u: Tensor, beta: Union[float, Tensor]) -> Tensor:
+    """τ with ``sum([u - τ]_+ ^ β) = 1`` for β >= 1, by Newton's method on the β-norm (see the module docstring).
+    ``u`` has its row max at 0 (or is all -inf)."""
+    tau = torch.full_like(u[..., :1], -1.0)
+    scalar_beta = isinstance(beta, float)
+    tol = 4 * torch.finfo(u.dtype).eps
+    for _ in range(MAX_NEWTON_STEPS):
+        d = (u - tau).clamp_(min=0)
+        if scalar_beta and beta == 1.0:  # sparsemax: g = sum(d) - 1, g' = -|support|
+            total = d.sum(-1, keepdim=True)
+            slope = (d > 0).sum(-1, keepdim=True).to(u.dtype)
+            step = (total - 1) / slope
+        elif scalar_beta and beta == 2.0:  # 1.5-entmax: g = ||d||_2 - 1, g' = -sum(d) / ||d||_2
+            power_sum = (d * d).sum(-1, keepdim=True)
+            slope = d.sum(-1, keepdim=True)
+            step = (power_sum - power_sum.sqrt()) / slope
+        else:  # N = sum d^β, Q = sum d^(β-1): step = (N - N^(1 - 1/β)) / Q
+            positive = d > 0
+            d_pow = torch.where(positive, d.pow(beta - 1), torch.zeros_like(d))
+            slope = d_pow.sum(-1, keepdim=True)
+            power_sum = (d_pow * d).sum(-1, keepdim=True)
+            step = (power_sum - power_sum.pow(1 - 1 / beta)) / slope
+        # rows without entries have slope 0: leave them alone (they are zeroed by the caller)
+        step = torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
+        tau = tau + step
+        if not bool((step.abs() > tol * (1 + tau.abs())).any()):
+            break
+    return tau
+
+
+def _bisection_threshold(u: Tensor, alpha_minus_one: Union[float, Tensor], beta: Union[float, Tensor]) -> Tensor:
+    """τ for α > 2 by bisection on ``sum([u - τ]_+ ^ β) - 1`` over [-1, -(1/n)^(α-1)], moving the lower end to the
+    midpoint whenever the sum there is still >= 1 (the rule of entmax >= 1.2; the older rule gave NaN)."""
+    n = (u > float("-inf")).sum(-1, keepdim=True).clamp_(min=1).to(u.dtype)
+    lo = torch.full_like(u[..., :1], -1.0)
+    width = -(1.0 / n) ** alpha_minus_one - lo
+    for _ in range(BISECTION_STEPS):
+        width = width / 2
+        mid = lo + width
+        total = (u - mid).clamp_(min=0).pow(beta).sum(-1, keepdim=True)
+        lo = torch.where(total >= 1, mid, lo)
+    return lo + width / 2
+
+
+def _entmax_forward(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor]) -> Tensor:
+    """Probabilities along the last dim in the compute dtype (float32/float64)."""
+    shifted, has_entries = _shifted(x, mask)
+    if isinstance(alpha, Tensor):
+        alpha = alpha.to(shifted.dtype)
+        if bool((alpha <= 1).any()):
+            raise ValueError("entmax needs alpha > 1 (alpha = 1 is softmax: use torch.softmax)")
+        large = bool((alpha > 2).any())
+    else:
+        if not alpha > 1:
+            raise ValueError(f"entmax needs alpha > 1, got {alpha} (alpha = 1 is softmax: use torch.softmax)")
+        alpha = float(alpha)
+        large = alpha > 2
+    alpha_minus_one = alpha - 1
+    beta = 1 / alpha_minus_one
+    u = shifted * alpha_minus_one
+    tau = _bisection_threshold(u, alpha_minus_one, beta) if large else _newton_threshold(u, beta)
+    d = (u - tau).clamp_(min=0)
+    if isinstance(beta, float) and beta == 1.0:
+        p = d
+    elif isinstance(beta, float) and beta == 2.0:
+        p = d * d
+    else:
+        p = d.pow(beta)
+    # τ is exact up to rounding; renormalising removes the last ulps (rows without entries: 0 / tiny = 0)
+    p = p / p.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny)
+    return p * has_entries
+
+
+def _support_weights(p: Tensor, alpha: Union[float, Tensor]) -> Tensor:
+    """``s = p^(2-α)`` on the support and 0 elsewhere: the Jacobian of α-entmax is ``diag(s) - s sᵀ / sum(s)``."""
+    if isinstance(alpha, float) and alpha == 2.0:
+        return (p > 0).to(p.dtype)
+    if isinstance(alpha, float) and alpha == 1.5:
+        return p.sqrt()
+    positive = p > 0
+    return torch.where(positive, p.clamp(min=torch.finfo(p.dtype).tiny).pow(2 - alpha), torch.zeros_like(p))
+
+
+class _Entmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha, mask):
+        p = _entmax_forward(x, alpha, mask)
+        ctx.alpha_is_tensor = isinstance(alpha, Tensor)
+        ctx.save_for_backward(p, alpha if ctx.alpha_is_tensor else None)
+        ctx.alpha_value = None if ctx.alpha_is_tensor else alpha
+        ctx.input_dtype = x.dtype
+        return p.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_p):
+        p, alpha_t = ctx.saved_tensors
+        alpha = alpha_t.to(p.dtype) if ctx.alpha_is_tensor else float(ctx.alpha_value)
+        grad = grad_p.to(p.dtype)
+        s = _support_weights(p, alpha)
+        s_sum = s.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny)
+        gs = grad * s
+        grad_x = gs - s * (gs.sum(-1, keepdim=True) / s_sum)
+        grad_alpha = None
+        if ctx.alpha_is_tensor and ctx.needs_input_grad[1]:
+            # Proposition 1 of Correia et al. (2019): dp/dα = (p - p̃)/(α-1)² - (p log p - p̃ Σ p log p)/(α-1),
+            # with the skewed distribution p̃ = s / Σ s
+            p_log_p = torch.where(p > 0, p * p.clamp(min=torch.finfo(p.dtype).tiny).log(), torch.zeros_like(p))
+            skewed = s / s_sum
+            am1 = alpha - 1
+            dp_dalpha = (p - skewed) / am1**2 - (p_log_p - skewed * p_log_p.sum(-1, keepdim=True)) / am1
+            grad_alpha = (grad * dp_dalpha).sum(-1, keepdim=True)
+            grad_alpha = grad_alpha.sum_to_size(alpha_t.shape).to(alpha_t.dtype)
+        return grad_x.to(ctx.input_dtype), grad_alpha, None
+
+
+def _check_alpha_shape(x: Tensor, alpha: Tensor) -> None:
+    if alpha.dim() > x.dim() or (alpha.dim() == x.dim() and alpha.size(-1) != 1):
+        raise ValueError(
+            f"alpha of shape {tuple(alpha.shape)} must broadcast against the rows of x {tuple(x.shape)} with size 1 "
+            "along the normalised (last) dim, e.g. (1, H, 1, 1) for one alpha per head of (B, H, Lq, Lk) scores"
+        )
+    try:
+        torch.broadcast_shapes(alpha.shape, x.shape[:-1] + (1,))
+    except RuntimeError:
+        raise ValueError(f"alpha of shape {tuple(alpha.shape)} does not broadcast against x {tuple(x.shape)}") from None
+
+
+def entmax(x: Tensor, alpha: Union[float, Tensor] = 1.5, dim: int = -1, mask: Optional[Tensor] = None) -> Tensor:
+    """α-entmax of ``x`` along ``dim``.
+
+    Args:
+        x: scores of any float dtype (normalised in float32, or float64 for float64; returned in ``x.dtype``).
+            ``-inf`` entries get probability 0; a row with no finite entry gives all zeros.
+        alpha: a float > 1, or a tensor (broadcastable to ``x`` with size 1 along ``dim``) that may require grad.
+        mask: optional bool tensor broadcastable to ``x``; True entries are left out (probability 0).
+    """
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"entmax expects floating-point scores, got {x.dtype}")
+    moved = dim not in (-1, x.dim() - 1)
+    if moved:
+        x = x.movedim(dim, -1)
+        mask = None if mask is None else mask.movedim(dim, -1)
+        if isinstance(alpha, Tensor) and alpha.dim() == x.dim():
+            alpha = alpha.movedim(dim, -1)
+    if isinstance(alpha, Tensor):
+        _check_alpha_shape(x, alpha)
+    p = _Entmax.apply(x, alpha, mask)
+    return p.movedim(-1, dim) if moved else p
+
+
+def sparsemax(x: Tensor, dim: int = -1, mask: Optional[Tensor] = None) -> Tensor:
+    """Sparsemax (α = 2): the Euclidean projection of ``x`` onto the simplex. See :func:`entmax`."""
+    return entmax(x, 2.0, dim=dim, mask=mask)
+
+
+def entmax15(x: Tensor, dim: int = -1, mask: Optional[Tensor] = None) -> Tensor:
+    """1.5-entmax. See :func:`entmax`."""
+    return entmax(x, 1.5, dim=dim, mask=mask)
