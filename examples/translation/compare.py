@@ -24,7 +24,8 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-DEFAULT_ATTENTIONS = "softmax,local,abc,nystrom,performer,lara,cosformer,probsparse,s4d,longshort"
+DEFAULT_ATTENTIONS = ("softmax,local,abc,nystrom,performer,lara,cosformer,probsparse,s4d,longshort,"
+                      "sparsemax,entmax15,alpha_entmax")
 
 
 def run(cmd, log_path):
