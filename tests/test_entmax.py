@@ -1,4 +1,6 @@
 """Sparse attention: the α-entmax normalisers (fluence_fairseq.ops.entmax) and the three attentions."""
+import re
+
 import entmax as entmax_pkg
 import pytest
 import torch
@@ -220,3 +222,78 @@ def test_density_counts_nonzero_weights_of_real_queries_only():
     attn.track_density(False)
     attn(x, x, x)
     assert attn.density_counts() is None
+
+
+# -------------------------------------------------------------------------------------- models and logs
+def test_fluence_criterion_logs_alpha_always_and_density_in_validation():
+    import fairseq_helpers as H
+    from fairseq.logging import metrics
+    from fluence_fairseq.criterions import FluenceLabelSmoothedCrossEntropyCriterion, sparse_attentions
+
+    model, task, _ = H.build("transformer_alpha_entmax_tiny", ["--alpha-init", "1.9", "--dropout", "0"])
+    criterion = FluenceLabelSmoothedCrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.1)
+    sample = H.translation_sample(task)
+    labels = [label for label, _ in sparse_attentions(model)]
+    assert labels == ["enc_self_0", "enc_self_1", "dec_self_0", "cross_0", "dec_self_1", "cross_1"]
+    model.train()
+    _, _, train_log = criterion(model, sample)
+    assert all(train_log[f"alpha_{label}"] == pytest.approx(1.9) for label in labels)
+    assert not any(key.startswith("density") for key in train_log)
+    model.eval()
+    with torch.no_grad():
+        _, _, valid_log = criterion(model, sample)
+    assert all(module.density_counts() is None for _, module in sparse_attentions(model))  # tracking switched off
+    with metrics.aggregate() as agg:
+        type(criterion).reduce_metrics([valid_log, valid_log])
+        values = agg.get_smoothed_values()
+    densities = [values[f"density_{label}"] for label in labels]
+    assert all(0 < d < 1 for d in densities) and 0 < values["density"] < 1
+    assert values["alpha_cross_1"] == pytest.approx(1.9, abs=1e-3)
+    # the counted density is that of the weights the model used: recompute one layer by hand
+    attn = model.encoder.layers[0].self_attn
+    attn.track_density()
+    with torch.no_grad():
+        model(**sample["net_input"])
+    nonzero, allowed = attn.density_counts().sum(dim=1)
+    assert values["density_enc_self_0"] == pytest.approx(float(nonzero / allowed), abs=1e-3)
+
+
+def test_softmax_model_logs_no_sparse_statistics():
+    import fairseq_helpers as H
+    from fluence_fairseq.criterions import FluenceLabelSmoothedCrossEntropyCriterion
+
+    model, task, _ = H.build("fluence_transformer", ["--encoder-layers", "1", "--decoder-layers", "1",
+                                                     "--encoder-embed-dim", "16", "--encoder-ffn-embed-dim", "16",
+                                                     "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"])
+    criterion = FluenceLabelSmoothedCrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.1)
+    model.eval()
+    _, _, log = criterion(model, H.translation_sample(task))
+    assert not any(key.startswith(("alpha", "density", "span")) for key in log)
+
+
+def test_sparse_architectures_use_the_normaliser_in_every_attention():
+    import fairseq_helpers as H
+
+    for arch, cls in (("transformer_sparsemax_tiny", FSSparsemax), ("transformer_entmax15_tiny", FSEntmax15),
+                      ("transformer_alpha_entmax_tiny", FSAlphaEntmax), ("transformer_lm_entmax15_tiny", FSEntmax15)):
+        model, _, _ = H.build(arch)
+        attentions = [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)
+                      or hasattr(m, "q_proj")]
+        assert attentions and all(type(m) is cls for m in attentions), arch
+
+
+def test_train_and_generate_with_alpha_entmax_logs_alpha_and_density(translation_bin, tmp_path):
+    import fairseq_helpers as H
+
+    log = H.run_fairseq("train", [translation_bin, "--user-dir", "fluence_fairseq", "--arch",
+                                  "transformer_alpha_entmax_tiny", "--criterion", "fluence_label_smoothed_cross_entropy",
+                                  "--label-smoothing", "0.1", *H.tiny_train_flags(tmp_path, 4)])
+    train = [ln for ln in log.splitlines() if "| train |" in ln][-1]
+    valid = [ln for ln in log.splitlines() if "| valid |" in ln][-1]
+    assert "alpha_enc_self_0" in train and "alpha_cross_1" in train and "density" not in train
+    density = float(re.search(r"density_dec_self_1 ([0-9.]+)", valid).group(1))
+    assert 0 < density <= 1 and "alpha_dec_self_0" in valid
+    out = H.run_fairseq("generate", [translation_bin, "--path", tmp_path / "checkpoint_last.pt", "--user-dir",
+                                     "fluence_fairseq", "--cpu", "--beam", "3", "--max-len-b", "10",
+                                     "--batch-size", "8"])
+    assert re.search(r"BLEU4? = [0-9.]+", out), out[-2000:]
