@@ -1,9 +1,11 @@
 """Plots of what attentions learned, read from fairseq checkpoints.
 
     python -m fluence_fairseq.plot spans CHECKPOINT -o spans.png      (or: fluence-plot spans ...)
+    python -m fluence_fairseq.plot entmax CHECKPOINT --data DATA-BIN -o entmax.png
 
 ``spans`` draws the span of every head of every adaptive-span layer (z * attn_span, in tokens), one heatmap per
-stack (encoder, decoder), and prints the same numbers as a text table. Each plot is a subcommand registered with
+stack (encoder, decoder), and prints the same numbers as a text table. ``entmax`` draws the learned α of every
+head per layer and attention type and, with ``--data``, the density (share of non-zero weights) of every head. Each plot is a subcommand registered with
 :func:`register_plot`; later attentions add their own (e.g. entmax alphas) without touching the others.
 """
 import argparse
@@ -210,6 +212,166 @@ def _spans_run(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------- entmax
+_KINDS = ("enc_self", "dec_self", "cross")
+_KIND_TITLES = {"enc_self": "encoder self", "dec_self": "decoder self", "cross": "context (cross)"}
+
+
+def _split_label(label: str):
+    kind, layer = label.rsplit("_", 1)
+    return kind, int(layer)
+
+
+def find_alphas(model: Dict[str, torch.Tensor]) -> "OrderedDict[str, Dict[int, List[float]]]":
+    """Learned α per attention type, layer and head, from every ``...pre_alpha`` parameter
+    (α = clamp(1 + sigmoid(pre_alpha), 1.01, 2), as the attention computes it)."""
+    from .criterions.fluence import attention_label
+    from .modules.entmax_attention import ALPHA_MAX, ALPHA_MIN
+
+    found: "OrderedDict[str, Dict[int, List[float]]]" = OrderedDict((k, {}) for k in _KINDS)
+    for key, value in model.items():
+        if not key.endswith(".pre_alpha"):
+            continue
+        label = attention_label(key[: -len(".pre_alpha")])
+        if label is None:
+            continue
+        kind, layer = _split_label(label)
+        alpha = (1 + torch.sigmoid(value.detach().float())).clamp(ALPHA_MIN, ALPHA_MAX)
+        found[kind][layer] = alpha.tolist()
+    return OrderedDict((k, v) for k, v in found.items() if v)
+
+
+def measure_density(checkpoint: str, data: str, subset: str, max_tokens: int, max_batches: Optional[int]):
+    """Share of non-zero weights per attention type, layer and head of a sparse-attention model over a data split
+    (real queries and allowed keys only), with the model in eval mode."""
+    from fairseq import checkpoint_utils, utils
+
+    from .criterions.fluence import sparse_attentions
+
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides={"data": data})
+    model = models[0].eval()
+    attentions = sparse_attentions(model)
+    if not attentions:
+        raise SystemExit(f"fluence-plot entmax: {checkpoint} has no sparse (sparsemax/entmax) attention")
+    task.load_dataset(subset)
+    dataset = task.dataset(subset)
+    batches = task.get_batch_iterator(dataset=dataset, max_tokens=max_tokens, max_positions=utils.resolve_max_positions(
+        task.max_positions(), model.max_positions()), ignore_invalid_inputs=True).next_epoch_itr(shuffle=False)
+    for _, module in attentions:
+        module.track_density(True)
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            model(**batch["net_input"])
+    density: "OrderedDict[str, Dict[int, List[float]]]" = OrderedDict((k, {}) for k in _KINDS)
+    for label, module in attentions:
+        counts = module.density_counts()
+        module.track_density(False)
+        kind, layer = _split_label(label)
+        density[kind][layer] = (counts[0] / counts[1].clamp(min=1)).tolist()
+    return OrderedDict((k, v) for k, v in density.items() if v)
+
+
+def grid_table(title: str, grids, fmt: str = "{:6.3f}") -> str:
+    lines = [title]
+    for kind, rows in grids.items():
+        heads = max(len(r) for r in rows.values())
+        lines.append("")
+        lines.append(f"{_KIND_TITLES.get(kind, kind):<16}" + "".join(f"{'head ' + str(h):>8}" for h in range(heads))
+                     + f"{'mean':>8}")
+        for layer in sorted(rows):
+            row = rows[layer]
+            lines.append(f"{'layer ' + str(layer):<16}" + "".join(f"{fmt.format(v):>8}" for v in row)
+                         + f"{fmt.format(sum(row) / len(row)):>8}")
+    return "\n".join(lines)
+
+
+def plot_entmax(alphas, density, out: str, title: Optional[str] = None) -> None:
+    """Top row: α of every head against its layer, one panel per attention type (the paper's α figure). Bottom
+    row (with data): density of every head (layers x heads heatmap, 1 = dense)."""
+    for name in ("matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in _KINDS if k in alphas or k in (density or {})]
+    rows = int(bool(alphas)) + int(bool(density))
+    fig, axes = plt.subplots(rows, len(kinds), squeeze=False, layout="constrained",
+                             figsize=(3.6 * len(kinds), 3.2 * rows))
+    r = 0
+    if alphas:
+        for ax, kind in zip(axes[r], kinds):
+            for layer, values in sorted(alphas.get(kind, {}).items()):
+                offsets = [(h - (len(values) - 1) / 2) * 0.08 for h in range(len(values))]
+                ax.scatter([layer + o for o in offsets], values, s=22, alpha=0.8)
+            ax.set_ylim(0.98, 2.02)
+            ax.axhline(1.5, color="grey", lw=0.5, ls=":")
+            ax.set_title(f"{_KIND_TITLES[kind]}: learned alpha", fontsize=10)
+            ax.set_xlabel("layer")
+            ax.set_ylabel("alpha (1 = softmax, 2 = sparsemax)")
+        r += 1
+    if density:
+        image = None
+        for ax, kind in zip(axes[r], kinds):
+            grid = density.get(kind, {})
+            layers = sorted(grid)
+            data = [grid[k] for k in layers]
+            if not data:
+                ax.axis("off")
+                continue
+            image = ax.imshow(data, vmin=0, vmax=1, cmap="magma", aspect="auto")
+            for i, row in enumerate(data):
+                for j, v in enumerate(row):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if v < 0.6 else "black")
+            ax.set_yticks(range(len(layers)), [str(k) for k in layers])
+            ax.set_xticks(range(len(data[0])), [str(h) for h in range(len(data[0]))])
+            ax.set_title(f"{_KIND_TITLES[kind]}: density", fontsize=10)
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+        if image is not None:
+            fig.colorbar(image, ax=axes[r].tolist(), label="share of non-zero weights")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _entmax_args(p: argparse.ArgumentParser):
+    p.add_argument("checkpoint", help="fairseq checkpoint (.pt) of a model with sparsemax/entmax15/alpha_entmax")
+    p.add_argument("-o", "--output", default="entmax.png", help="image to write (default: entmax.png)")
+    p.add_argument("--data", default=None,
+                   help="binarised data directory: also measure each head's density on --subset (loads the model "
+                        "with fairseq, so the checkpoint is loaded the way fairseq-generate loads it)")
+    p.add_argument("--subset", default="valid")
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
+    p.add_argument("--title", default=None)
+
+
+def _entmax_run(args) -> int:
+    state = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+    alphas = find_alphas(model_state(state))
+    density = None
+    if args.data:
+        density = measure_density(args.checkpoint, args.data, args.subset, args.max_tokens, args.max_batches)
+    if not alphas and not density:
+        raise SystemExit(
+            f"fluence-plot entmax: {args.checkpoint} has no learned alpha (no '...pre_alpha' parameter); for "
+            "sparsemax/entmax15 models pass --data to plot the density"
+        )
+    if alphas:
+        print(grid_table("learned alpha per head (1 = softmax, 2 = sparsemax)", alphas))
+    if density:
+        print(grid_table(f"\nattention density per head on '{args.subset}' (share of non-zero weights)", density))
+    plot_entmax(alphas, density, args.output, args.title)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ commands
 @dataclass(frozen=True)
 class PlotCommand:
@@ -230,6 +392,8 @@ def register_plot(command: PlotCommand) -> PlotCommand:
 
 
 register_plot(PlotCommand("spans", "learned adaptive attention span per head and layer", _spans_args, _spans_run))
+register_plot(PlotCommand("entmax", "learned alpha and attention density per head and layer (sparse attention)",
+                          _entmax_args, _entmax_run))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -282,7 +282,7 @@ def test_sparse_architectures_use_the_normaliser_in_every_attention():
         assert attentions and all(type(m) is cls for m in attentions), arch
 
 
-def test_train_and_generate_with_alpha_entmax_logs_alpha_and_density(translation_bin, tmp_path):
+def test_train_generate_and_plot_alpha_entmax(translation_bin, tmp_path, capsys):
     import fairseq_helpers as H
 
     log = H.run_fairseq("train", [translation_bin, "--user-dir", "fluence_fairseq", "--arch",
@@ -297,3 +297,15 @@ def test_train_and_generate_with_alpha_entmax_logs_alpha_and_density(translation
                                      "fluence_fairseq", "--cpu", "--beam", "3", "--max-len-b", "10",
                                      "--batch-size", "8"])
     assert re.search(r"BLEU4? = [0-9.]+", out), out[-2000:]
+    # the plot command reads alpha from the checkpoint and measures every head's density on the data
+    from fluence_fairseq import plot
+
+    image = tmp_path / "entmax.png"
+    assert plot.main(["entmax", str(tmp_path / "checkpoint_last.pt"), "-o", str(image),
+                      "--data", str(translation_bin)]) == 0
+    assert image.stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "learned alpha per head" in printed and "attention density per head on 'valid'" in printed
+    values = [float(v) for line in printed.splitlines() if line.startswith("layer ") for v in line.split()[2:]]
+    assert len(values) == 2 * (2 + 2 + 2) * 5  # alpha and density: 3 types x 2 layers x (4 heads + mean)
+    assert all(0 < v <= 2 for v in values)
