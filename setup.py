@@ -24,6 +24,8 @@ setup(
         "console_scripts": [
             "fluence-bench=fluence_fairseq.bench:main",
             "fluence-plot=fluence_fairseq.plot:main",
+            "fluence-prune-layers=fluence_fairseq.prune_layers:main",
+            "fluence-bench-models=fluence_fairseq.bench_models:main",
         ]
     },
 )

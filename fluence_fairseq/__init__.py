@@ -6,5 +6,6 @@ compat.install()
 from .modules import *  # noqa: E402,F401,F403
 from . import criterions, models  # noqa: E402,F401  (registers models, --arch names and criterions)
 from .models import EfficientTransformerEncoder  # noqa: E402,F401
+from .layerdrop import LayerDrop  # noqa: E402,F401
 
 __version__ = "0.1.0"

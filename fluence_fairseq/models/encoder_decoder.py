@@ -2,6 +2,7 @@
 from fairseq.models import register_model
 from fairseq.models.transformer import TransformerModel
 
+from ..layerdrop import normalize_layers_to_keep_args, prune_for_load
 from .attention_args import DECODER_CROSS, DECODER_SELF, ENCODER_SELF, add_attention_args, fill_attention_defaults
 from .layers import FluenceTransformerDecoder, FluenceTransformerEncoder
 
@@ -17,7 +18,14 @@ class FluenceTransformerModel(TransformerModel):
 
     It stays on fairseq's legacy argparse path, like the stock ``transformer``: the checkpoint stores the argparse
     namespace and the ``--arch`` function runs again at load time.
+
+    LayerDrop: ``--encoder-layerdrop``/``--decoder-layerdrop`` use fairseq's own ``LayerDropModuleList`` (drops only
+    in training). Pruning: ``--encoder-layers-to-keep``/``--decoder-layers-to-keep`` (or the same keys in
+    ``--model-overrides``) take ``"0,2"`` or a list of ints; each side is pruned on its own by our
+    :meth:`load_state_dict` (see :mod:`fluence_fairseq.layerdrop`), not by fairseq's ``prune_state_dict``.
     """
+
+    LAYER_STACKS = ("encoder", "decoder")
 
     ATTENTION_ROLES = (ENCODER_SELF, DECODER_SELF, DECODER_CROSS)
 
@@ -33,7 +41,20 @@ class FluenceTransformerModel(TransformerModel):
     @classmethod
     def build_model(cls, args, task):
         fill_attention_defaults(args, cls.ATTENTION_ROLES)
+        # fairseq's build_model calls .split(",") on the keep lists, which the CLI parses to lists of ints
+        normalize_layers_to_keep_args(args, cls.LAYER_STACKS)
         return super().build_model(args, task)
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """fairseq's ``load_state_dict``, with our layer pruning in place of fairseq's ``prune_state_dict``.
+
+        The keep lists come from ``model_cfg`` (or ``args``), else from the args the model was built with. Both are
+        reset (``*_layers_to_keep`` None, ``*_layers`` the kept count), so fairseq's own pruning then finds
+        nothing to do, and a checkpoint saved afterwards describes the smaller model.
+        """
+        layers = {side: len(getattr(self, side).layers) for side in self.LAYER_STACKS}
+        state_dict = prune_for_load(state_dict, [model_cfg if model_cfg is not None else args, self.args], layers)
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):

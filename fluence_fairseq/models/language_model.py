@@ -12,6 +12,7 @@ from fairseq.models.transformer_lm import (
 from fairseq.modules import AdaptiveInput, CharacterTokenEmbedder
 from fairseq.utils import eval_str_list, safe_getattr
 
+from ..layerdrop import normalize_layers_to_keep_args, prune_for_load
 from .attention_args import DECODER_SELF, add_attention_args, fill_attention_defaults
 from .layers import FluenceTransformerDecoder
 
@@ -23,6 +24,9 @@ class FluenceTransformerLanguageModel(TransformerLanguageModel):
     Takes the stock ``transformer_lm`` flags plus the attention flags. Unlike the stock model it is registered on
     fairseq's legacy argparse path (no dataclass), so named architectures such as ``transformer_lm_adaptive_span``
     are plain ``--arch`` functions and checkpoints store the argparse namespace.
+
+    ``--decoder-layerdrop`` drops layers in training (fairseq's ``LayerDropModuleList``); ``--decoder-layers-to-keep``
+    (or ``--model-overrides``) prunes at load time with :mod:`fluence_fairseq.layerdrop`.
     """
 
     ATTENTION_ROLES = (DECODER_SELF,)
@@ -41,8 +45,8 @@ class FluenceTransformerLanguageModel(TransformerLanguageModel):
     def build_model(cls, args, task):
         fill_attention_defaults(args, cls.ATTENTION_ROLES)
         base_lm_architecture(args)  # any argument an old checkpoint lacks gets its default
-        if args.decoder_layers_to_keep:
-            args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
+        # "0,2" or a list of ints, validated; sets decoder_layers to the kept count
+        normalize_layers_to_keep_args(args, ("decoder",))
         if safe_getattr(args, "max_target_positions", None) is None:
             args.max_target_positions = safe_getattr(args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
         embed_tokens = cls.build_input_embedding(args, task)
@@ -56,7 +60,17 @@ class FluenceTransformerLanguageModel(TransformerLanguageModel):
             if args.decoder_input_dim != args.decoder_output_dim:
                 raise ValueError("--tie-adaptive-weights needs --decoder-input-dim == --decoder-output-dim")
         decoder = FluenceTransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True)
-        return cls(decoder)
+        model = cls(decoder)
+        model.build_args = args  # the keep list to prune with when load_state_dict gets no config
+        return model
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """fairseq's ``load_state_dict`` with our ``--decoder-layers-to-keep`` pruning (see
+        :meth:`fluence_fairseq.models.FluenceTransformerModel.load_state_dict`)."""
+        state_dict = prune_for_load(state_dict, [model_cfg if model_cfg is not None else args,
+                                                 getattr(self, "build_args", None)],
+                                    {"decoder": len(self.decoder.layers)})
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     @classmethod
     def build_input_embedding(cls, args, task):
