@@ -56,6 +56,7 @@ def _newton_threshold(u: Tensor, beta: Union[float, Tensor]) -> Tensor:
     tau = torch.full_like(u[..., :1], -1.0)
     scalar_beta = isinstance(beta, float)
     tol = 4 * torch.finfo(u.dtype).eps
+    tiny = torch.finfo(u.dtype).tiny
     for _ in range(MAX_NEWTON_STEPS):
         d = (u - tau).clamp_(min=0)
         if scalar_beta and beta == 1.0:  # sparsemax: g = sum(d) - 1, g' = -|support|
@@ -67,10 +68,9 @@ def _newton_threshold(u: Tensor, beta: Union[float, Tensor]) -> Tensor:
             slope = d.sum(-1, keepdim=True)
             step = (power_sum - power_sum.sqrt()) / slope
         else:  # N = sum d^β, Q = sum d^(β-1): step = (N - N^(1 - 1/β)) / Q
-            positive = d > 0
-            d_pow = torch.where(positive, d.pow(beta - 1), torch.zeros_like(d))
-            slope = d_pow.sum(-1, keepdim=True)
-            power_sum = (d_pow * d).sum(-1, keepdim=True)
+            powers = d.pow(beta)  # the one transcendental pass; d^(β-1) = d^β / d (0 where d = 0)
+            power_sum = powers.sum(-1, keepdim=True)
+            slope = powers.div_(d.clamp_(min=tiny)).sum(-1, keepdim=True)
             step = (power_sum - power_sum.pow(1 - 1 / beta)) / slope
         # rows without entries have slope 0: leave them alone (they are zeroed by the caller)
         step = torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
