@@ -307,6 +307,8 @@ def plot_entmax(alphas, density, out: str, title: Optional[str] = None) -> None:
             for layer, values in sorted(alphas.get(kind, {}).items()):
                 offsets = [(h - (len(values) - 1) / 2) * 0.08 for h in range(len(values))]
                 ax.scatter([layer + o for o in offsets], values, s=22, alpha=0.8)
+            layers = sorted(alphas.get(kind, {}))
+            ax.set_xticks(layers, [str(k) for k in layers])
             ax.set_ylim(0.98, 2.02)
             ax.axhline(1.5, color="grey", lw=0.5, ls=":")
             ax.set_title(f"{_KIND_TITLES[kind]}: learned alpha", fontsize=10)
