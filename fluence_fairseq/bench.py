@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -30,7 +29,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .bench_utils import MEMORY_ENV, PATTERN_FLAGS, run_job
+from .bench_utils import MEMORY_ENV, PATTERN_FLAGS, run_in_fresh_process, run_job
 from .modules.attention_base import PATTERNS
 from .modules.registry import ATTENTIONS, get_attention
 
@@ -180,14 +179,7 @@ PRESETS = {"adaptive_span": adaptive_span_preset, "efficient_noncausal": efficie
 
 # ------------------------------------------------------------------------------------------------- running
 def _run_in_fresh_process(job: dict, extra_env: Optional[Dict[str, str]] = None) -> dict:
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
-               **(extra_env or {}))
-    proc = subprocess.run([sys.executable, "-m", "fluence_fairseq.bench", "--worker"], input=json.dumps(job),
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed for {job['module']} at L={job['length']}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_fresh_process("fluence_fairseq.bench", job, f"{job['module']} at L={job['length']}", extra_env)
 
 
 def _ratio(a: float, b: float) -> float:

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .bench_utils import MEMORY_ENV, peak_rss_increase_mb
+from .bench_utils import MEMORY_ENV, peak_rss_increase_mb, run_in_fresh_process
 
 
 @dataclass(frozen=True)
@@ -136,14 +135,7 @@ def _worker(job: dict) -> dict:
 
 
 def _run(job: dict, extra_env: Optional[Dict[str, str]] = None) -> dict:
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
-               **(extra_env or {}))
-    proc = subprocess.run([sys.executable, "-m", "fluence_fairseq.bench_models", "--worker"], input=json.dumps(job),
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed for {job['arch']}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_fresh_process("fluence_fairseq.bench_models", job, job["arch"], extra_env)
 
 
 # ------------------------------------------------------------------------------------------------- driver

@@ -20,7 +20,11 @@ are then always mapped and unmapped, so the RSS follows the live tensors instead
 adaptive threshold (which otherwise made the same run read 94 or 160 MiB). Times come from a worker with the
 default allocator settings.
 """
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -33,6 +37,19 @@ from .modules.registry import get_attention
 
 #: environment of the memory-measuring worker (see the module docstring)
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+def run_in_fresh_process(module: str, job: dict, what: str, extra_env: Optional[Dict[str, str]] = None) -> dict:
+    """``python -m <module> --worker`` with ``job`` as JSON on stdin; returns the JSON of its last stdout line.
+    A fresh process per measurement keeps allocator state and thread pools from leaking between cases."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+               **(extra_env or {}))
+    proc = subprocess.run([sys.executable, "-m", module, "--worker"], input=json.dumps(job), capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed for {what}:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
 
 #: name -> (module, value): changes to a built attention before measuring, ``--setup name=value``
 SETUPS: Dict[str, Callable[[nn.Module, float], None]] = {}
