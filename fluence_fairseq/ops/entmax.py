@@ -39,15 +39,18 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _shifted(x: Tensor, mask: Optional[Tensor]):
-    """``x - max(x)`` in the compute dtype with masked entries at -inf, and which rows have any entry at all."""
-    x = x.to(_compute_dtype(x.dtype))
+def _shifted(x: Tensor, mask: Optional[Tensor], scale: Union[float, Tensor]):
+    """``(x - max(x)) * scale`` in the compute dtype with masked entries at -inf (a new tensor), and which rows
+    have any entry at all."""
+    compute = _compute_dtype(x.dtype)
     if mask is not None:
-        x = x.masked_fill(mask, float("-inf"))
+        x = x.to(compute).masked_fill(mask, float("-inf"))
+    else:
+        x = x.to(compute, copy=True)
     top = x.amax(dim=-1, keepdim=True)
     has_entries = top > float("-inf")
     # rows with nothing to attend to: shift by 0 so no NaN appears (-inf - -inf); they are zeroed at the end
-    return x - torch.where(has_entries, top, torch.zeros_like(top)), has_entries
+    return x.sub_(torch.where(has_entries, top, torch.zeros_like(top))).mul_(scale), has_entries
 
 
 def _newton_threshold(u: Tensor, beta: Union[float, Tensor]) -> Tensor:
@@ -57,18 +60,20 @@ def _newton_threshold(u: Tensor, beta: Union[float, Tensor]) -> Tensor:
     scalar_beta = isinstance(beta, float)
     tol = 4 * torch.finfo(u.dtype).eps
     tiny = torch.finfo(u.dtype).tiny
+    # two work buffers reused by every step: fresh full-size tensors would be page-faulted in at every step
+    d, work = torch.empty_like(u), torch.empty_like(u)
     for _ in range(MAX_NEWTON_STEPS):
-        d = (u - tau).clamp_(min=0)
+        torch.sub(u, tau, out=d).clamp_(min=0)
         if scalar_beta and beta == 1.0:  # sparsemax: g = sum(d) - 1, g' = -|support|
             total = d.sum(-1, keepdim=True)
-            slope = (d > 0).sum(-1, keepdim=True).to(u.dtype)
+            slope = d.sign_().sum(-1, keepdim=True)  # d >= 0: its sign counts the support
             step = (total - 1) / slope
         elif scalar_beta and beta == 2.0:  # 1.5-entmax: g = ||d||_2 - 1, g' = -sum(d) / ||d||_2
-            power_sum = (d * d).sum(-1, keepdim=True)
             slope = d.sum(-1, keepdim=True)
+            power_sum = d.square_().sum(-1, keepdim=True)
             step = (power_sum - power_sum.sqrt()) / slope
         else:  # N = sum d^β, Q = sum d^(β-1): step = (N - N^(1 - 1/β)) / Q
-            powers = d.pow(beta)  # the one transcendental pass; d^(β-1) = d^β / d (0 where d = 0)
+            powers = torch.pow(d, beta, out=work)  # the one transcendental pass; d^(β-1) = d^β / d (0 at d = 0)
             power_sum = powers.sum(-1, keepdim=True)
             slope = powers.div_(d.clamp_(min=tiny)).sum(-1, keepdim=True)
             step = (power_sum - power_sum.pow(1 - 1 / beta)) / slope
@@ -96,9 +101,8 @@ def _bisection_threshold(u: Tensor, alpha_minus_one: Union[float, Tensor], beta:
 
 def _entmax_forward(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor]) -> Tensor:
     """Probabilities along the last dim in the compute dtype (float32/float64)."""
-    shifted, has_entries = _shifted(x, mask)
     if isinstance(alpha, Tensor):
-        alpha = alpha.to(shifted.dtype)
+        alpha = alpha.to(_compute_dtype(x.dtype))
         if bool((alpha <= 1).any()):
             raise ValueError("entmax needs alpha > 1 (alpha = 1 is softmax: use torch.softmax)")
         large = bool((alpha > 2).any())
@@ -109,28 +113,34 @@ def _entmax_forward(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tenso
         large = alpha > 2
     alpha_minus_one = alpha - 1
     beta = 1 / alpha_minus_one
-    u = shifted * alpha_minus_one
+    u, has_entries = _shifted(x, mask, alpha_minus_one)
     tau = _bisection_threshold(u, alpha_minus_one, beta) if large else _newton_threshold(u, beta)
-    d = (u - tau).clamp_(min=0)
-    if isinstance(beta, float) and beta == 1.0:
-        p = d
-    elif isinstance(beta, float) and beta == 2.0:
-        p = d * d
-    else:
-        p = d.pow(beta)
+    p = u.sub_(tau).clamp_(min=0)  # u is ours (a fresh tensor from _shifted): reuse its memory for p
+    if isinstance(beta, float) and beta == 2.0:
+        p.square_()
+    elif not (isinstance(beta, float) and beta == 1.0):
+        p.pow_(beta)
     # τ is exact up to rounding; renormalising removes the last ulps (rows without entries: 0 / tiny = 0)
-    p = p / p.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny)
-    return p * has_entries
+    p.div_(p.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny))
+    return p.mul_(has_entries)
 
 
 def _support_weights(p: Tensor, alpha: Union[float, Tensor]) -> Tensor:
-    """``s = p^(2-α)`` on the support and 0 elsewhere: the Jacobian of α-entmax is ``diag(s) - s sᵀ / sum(s)``."""
+    """``s = p^(2-α)`` on the support and 0 elsewhere (a new tensor): the Jacobian of α-entmax is
+    ``diag(s) - s sᵀ / sum(s)``."""
     if isinstance(alpha, float) and alpha == 2.0:
-        return (p > 0).to(p.dtype)
+        return torch.sign(p)  # p >= 0: the support indicator
     if isinstance(alpha, float) and alpha == 1.5:
         return p.sqrt()
-    positive = p > 0
-    return torch.where(positive, p.clamp(min=torch.finfo(p.dtype).tiny).pow(2 - alpha), torch.zeros_like(p))
+    s = p.pow(2 - alpha)
+    if bool(torch.as_tensor(alpha >= 2).any()):  # 0^0 = 1 and 0^negative = inf off the support
+        s.masked_fill_(p <= 0, 0.0)
+    return s
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(-1, keepdim=True)`` without the full-size product."""
+    return torch.linalg.vecdot(a, b).unsqueeze(-1)
 
 
 class _Entmax(torch.autograd.Function):
@@ -150,18 +160,19 @@ class _Entmax(torch.autograd.Function):
         grad = grad_p.to(p.dtype)
         s = _support_weights(p, alpha)
         s_sum = s.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny)
-        gs = grad * s
-        grad_x = gs - s * (gs.sum(-1, keepdim=True) / s_sum)
+        gs_sum = _row_dot(grad, s)
         grad_alpha = None
         if ctx.alpha_is_tensor and ctx.needs_input_grad[1]:
-            # Proposition 1 of Correia et al. (2019): dp/dα = (p - p̃)/(α-1)² - (p log p - p̃ Σ p log p)/(α-1),
-            # with the skewed distribution p̃ = s / Σ s
-            p_log_p = torch.where(p > 0, p * p.clamp(min=torch.finfo(p.dtype).tiny).log(), torch.zeros_like(p))
-            skewed = s / s_sum
+            # Proposition 1 of Correia et al. (2019): dp/dα = (p - p̃)/(α-1)² - (p log p - p̃ Σ p log p)/(α-1)
+            # with the skewed distribution p̃ = s / Σ s, reduced against grad row by row
+            p_log_p = torch.special.xlogy(p, p)  # 0 where p = 0
+            g_skewed = gs_sum / s_sum
             am1 = alpha - 1
-            dp_dalpha = (p - skewed) / am1**2 - (p_log_p - skewed * p_log_p.sum(-1, keepdim=True)) / am1
-            grad_alpha = (grad * dp_dalpha).sum(-1, keepdim=True)
+            grad_alpha = ((_row_dot(grad, p) - g_skewed) / am1**2
+                          - (_row_dot(grad, p_log_p) - g_skewed * p_log_p.sum(-1, keepdim=True)) / am1)
             grad_alpha = grad_alpha.sum_to_size(alpha_t.shape).to(alpha_t.dtype)
+        grad_x = grad * s
+        grad_x.sub_(s.mul_(gs_sum / s_sum))
         return grad_x.to(ctx.input_dtype), grad_alpha, None
 
 
