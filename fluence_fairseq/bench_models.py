@@ -177,7 +177,10 @@ def run_benchmark(cfg: BenchModelsConfig, log=lambda msg: print(msg, file=sys.st
         limit = None if row["baseline"] else cfg.targets.get(row["attention"])
         row["target"] = limit
         row["met"] = None if limit is None else bool(row["throughput_vs_baseline"] >= limit)
-    return {"machine": machine_info(), "config": asdict(cfg), "rows": rows, "wall_s": time.perf_counter() - started}
+    machine = machine_info()
+    if cfg.threads:  # the workers' setting, not the driver's
+        machine.update(threads=cfg.threads, threads_from="--threads")
+    return {"machine": machine, "config": asdict(cfg), "rows": rows, "wall_s": time.perf_counter() - started}
 
 
 def markdown(report: dict) -> str:
