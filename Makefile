@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 SOURCES := setup.py $(shell find fluence_fairseq -name '*.py' 2>/dev/null)
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lm-demo bench install clean
+.PHONY: demo test lm-demo bench bench-sparse install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ lm-demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m fluence_fairseq.bench --preset adaptive_span --out bench/adaptive_span
+
+bench-sparse: $(STAMP)
+	$(PY) -m fluence_fairseq.bench_models --preset sparse --threads 1 --out bench/sparse_training
 
 clean:
 	rm -rf $(VENV) build *.egg-info
