@@ -321,6 +321,26 @@ def test_layerdrop_on_every_tiny_architecture(arch):
     assert torch.equal(a, b) and torch.allclose(a, c, atol=1e-6)
 
 
+def test_training_forward_equals_the_model_without_the_dropped_layers():
+    """A training forward with drops is exactly the model with the dropped layers removed (same draw), so LayerDrop
+    skips whole residual blocks and nothing else."""
+    model, task, _ = H.build("transformer_alpha_entmax_tiny", ["--decoder-layers", "4", "--decoder-layerdrop", "0.5",
+                                                               "--dropout", "0", "--alpha-init", "1.5"])
+    sample = H.translation_sample(task)
+    model.train()
+    seen = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        kept = (torch.empty(4).uniform_() > 0.5).nonzero().flatten().tolist()  # fairseq's draw, per forward
+        torch.manual_seed(seed)
+        out = model(**sample["net_input"])[0]
+        reference = copy.deepcopy(model)
+        reference.decoder.layers = nn.ModuleList([reference.decoder.layers[i] for i in kept])
+        torch.testing.assert_close(out, reference(**sample["net_input"])[0], atol=1e-6, rtol=0)
+        seen.add(tuple(kept))
+    assert len(seen) > 1  # different draws were exercised
+
+
 def test_model_drop_rate_matches_p():
     model, task, _ = H.build(ENC_DEC_ARCH, ["--encoder-layers", "6", "--decoder-layers", "6",
                                             "--encoder-layerdrop", "0.5", "--decoder-layerdrop", "0.5"])
