@@ -33,6 +33,8 @@ from torch import Tensor
 # Newton steps are capped here; they stop as soon as no row moves by more than the dtype's resolution.
 MAX_NEWTON_STEPS = 50
 BISECTION_STEPS = 60
+#: Newton steps run on a gathered copy of the rows that still move once fewer than this share of them do
+COMPACT_BELOW = 0.75
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -53,36 +55,62 @@ def _shifted(x: Tensor, mask: Optional[Tensor], scale: Union[float, Tensor]):
     return x.sub_(torch.where(has_entries, top, torch.zeros_like(top))).mul_(scale), has_entries
 
 
+def _newton_step(u: Tensor, tau: Tensor, beta: Union[float, Tensor], d: Tensor, work: Tensor) -> Tensor:
+    """One Newton step on g(τ) = ||[u - τ]_+||_β - 1 for rows ``u`` (R, n) at ``tau`` (R, 1), using the buffers
+    ``d`` and ``work`` (R, n). Rows without entries (slope 0) get step 0; the caller zeroes them."""
+    torch.sub(u, tau, out=d).clamp_(min=0)
+    if isinstance(beta, float) and beta == 1.0:  # sparsemax: g = sum(d) - 1, g' = -|support|
+        total = d.sum(-1, keepdim=True)
+        slope = d.sign_().sum(-1, keepdim=True)  # d >= 0: its sign counts the support
+        step = (total - 1) / slope
+    elif isinstance(beta, float) and beta == 2.0:  # 1.5-entmax: g = ||d||_2 - 1, g' = -sum(d) / ||d||_2
+        slope = d.sum(-1, keepdim=True)
+        power_sum = d.square_().sum(-1, keepdim=True)
+        step = (power_sum - power_sum.sqrt()) / slope
+    else:  # N = sum d^β, Q = sum d^(β-1): step = (N - N^(1 - 1/β)) / Q
+        powers = torch.pow(d, beta, out=work)  # the one transcendental pass; d^(β-1) = d^β / d (0 at d = 0)
+        power_sum = powers.sum(-1, keepdim=True)
+        slope = powers.div_(d.clamp_(min=torch.finfo(u.dtype).tiny)).sum(-1, keepdim=True)
+        step = (power_sum - power_sum.pow(1 - 1 / beta)) / slope
+    return torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def _newton_threshold(u: Tensor, beta: Union[float, Tensor]) -> Tensor:
     """τ with ``sum([u - τ]_+ ^ β) = 1`` for β >= 1, by Newton's method on the β-norm (see the module docstring).
-    ``u`` has its row max at 0 (or is all -inf)."""
-    tau = torch.full_like(u[..., :1], -1.0)
-    scalar_beta = isinstance(beta, float)
+    ``u`` has its row max at 0 (or is all -inf).
+
+    Rows converge after different numbers of steps (most within one or two of each other); once fewer than
+    :data:`COMPACT_BELOW` of the rows still move, the steps run on a gathered copy of those rows only, so the last
+    steps (including the one that only confirms convergence) cost a fraction of a full pass."""
+    n = u.size(-1)
+    rows = u.reshape(-1, n)
+    tau = torch.full((rows.size(0), 1), -1.0, dtype=u.dtype, device=u.device)
+    if not isinstance(beta, float):
+        beta = beta.expand(u.shape[:-1] + (1,)).reshape(-1, 1)
     tol = 4 * torch.finfo(u.dtype).eps
-    tiny = torch.finfo(u.dtype).tiny
     # two work buffers reused by every step: fresh full-size tensors would be page-faulted in at every step
-    d, work = torch.empty_like(u), torch.empty_like(u)
+    d_buffer, work_buffer = torch.empty_like(rows), torch.empty_like(rows)
+    active: Optional[Tensor] = None  # indices of the rows still iterated; None = all rows, in place
     for _ in range(MAX_NEWTON_STEPS):
-        torch.sub(u, tau, out=d).clamp_(min=0)
-        if scalar_beta and beta == 1.0:  # sparsemax: g = sum(d) - 1, g' = -|support|
-            total = d.sum(-1, keepdim=True)
-            slope = d.sign_().sum(-1, keepdim=True)  # d >= 0: its sign counts the support
-            step = (total - 1) / slope
-        elif scalar_beta and beta == 2.0:  # 1.5-entmax: g = ||d||_2 - 1, g' = -sum(d) / ||d||_2
-            slope = d.sum(-1, keepdim=True)
-            power_sum = d.square_().sum(-1, keepdim=True)
-            step = (power_sum - power_sum.sqrt()) / slope
-        else:  # N = sum d^β, Q = sum d^(β-1): step = (N - N^(1 - 1/β)) / Q
-            powers = torch.pow(d, beta, out=work)  # the one transcendental pass; d^(β-1) = d^β / d (0 at d = 0)
-            power_sum = powers.sum(-1, keepdim=True)
-            slope = powers.div_(d.clamp_(min=tiny)).sum(-1, keepdim=True)
-            step = (power_sum - power_sum.pow(1 - 1 / beta)) / slope
-        # rows without entries have slope 0: leave them alone (they are zeroed by the caller)
-        step = torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
-        tau = tau + step
-        if not bool((step.abs() > tol * (1 + tau.abs())).any()):
+        if active is None:
+            step = _newton_step(rows, tau, beta, d_buffer, work_buffer)
+            tau += step
+            new_tau = tau
+        else:
+            k = active.numel()
+            row_beta = beta if isinstance(beta, float) else beta.index_select(0, active)
+            new_tau = tau.index_select(0, active)
+            step = _newton_step(rows.index_select(0, active), new_tau, row_beta, d_buffer[:k], work_buffer[:k])
+            new_tau += step
+            tau.index_copy_(0, active, new_tau)
+        moving = (step.abs() > tol * (1 + new_tau.abs())).view(-1)
+        count = int(moving.sum())
+        if count == 0:
             break
-    return tau
+        if count < COMPACT_BELOW * moving.numel():
+            positions = moving.nonzero().view(-1)
+            active = positions if active is None else active.index_select(0, positions)
+    return tau.view(u.shape[:-1] + (1,))
 
 
 def _bisection_threshold(u: Tensor, alpha_minus_one: Union[float, Tensor], beta: Union[float, Tensor]) -> Tensor:
