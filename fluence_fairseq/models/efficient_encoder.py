@@ -30,7 +30,8 @@ class EfficientTransformerEncoder(nn.Module):
 
     Args:
         attention: registry name (``local``, ``abc``, ``nystrom``, ``performer``, ``lara``, ``cosformer``,
-            ``probsparse``, ``s4d``, ``longshort``, ``softmax``, ``adaptive_span``).
+            ``probsparse``, ``s4d``, ``longshort``, ``softmax``, ``adaptive_span``, ``sparsemax``, ``entmax15``,
+            ``alpha_entmax``).
         num_layers, embed_dim, num_heads, ffn_embed_dim: sizes.
         dropout, attention_dropout, activation_dropout: dropout rates (as in fairseq).
         activation_fn: ``relu``, ``gelu``, ...
