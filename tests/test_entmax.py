@@ -309,3 +309,19 @@ def test_train_generate_and_plot_alpha_entmax(translation_bin, tmp_path, capsys)
     values = [float(v) for line in printed.splitlines() if line.startswith("layer ") for v in line.split()[2:]]
     assert len(values) == 2 * (2 + 2 + 2) * 5  # alpha and density: 3 types x 2 layers x (4 heads + mean)
     assert all(0 < v <= 2 for v in values)
+
+
+def test_a_new_entmax_attention_must_say_its_alpha():
+    from fluence_fairseq.modules.entmax_attention import EntmaxAttentionBase
+
+    class NoAlpha(EntmaxAttentionBase):
+        pass
+
+    with pytest.raises(TypeError, match="must set fixed_alpha or override alpha"):
+        NoAlpha(8, 2)
+
+    class Fixed(EntmaxAttentionBase):
+        fixed_alpha = 1.25
+
+    x = torch.randn(5, 1, 8)
+    torch.testing.assert_close(Fixed(8, 2)(x, x, x)[1].sum(-1), torch.ones(1, 5))

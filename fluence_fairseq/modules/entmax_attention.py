@@ -34,9 +34,17 @@ class EntmaxAttentionBase(FluenceAttention):
     with no key left gets a zero output instead of NaN. Other ``attn_mask`` values are added to the scores.
     """
 
+    #: α of every head for the fixed-α attentions; learned-α attentions override :meth:`alpha` instead
+    fixed_alpha: Optional[float] = None
+
+    def __init__(self, *args, **kwargs):
+        if self.fixed_alpha is None and type(self).alpha is EntmaxAttentionBase.alpha:
+            raise TypeError(f"{type(self).__name__} must set fixed_alpha or override alpha()")
+        super().__init__(*args, **kwargs)
+
     def alpha(self) -> Union[float, Tensor]:
         """α of every head: a float, or a tensor of shape (num_heads,)."""
-        raise NotImplementedError
+        return self.fixed_alpha
 
     def _alpha_for_scores(self) -> Union[float, Tensor]:
         alpha = self.alpha()
@@ -109,8 +117,7 @@ class SparsemaxAttention(EntmaxAttentionBase):
         True
     """
 
-    def alpha(self) -> float:
-        return 2.0
+    fixed_alpha = 2.0
 
 
 class Entmax15Attention(EntmaxAttentionBase):
@@ -127,8 +134,7 @@ class Entmax15Attention(EntmaxAttentionBase):
         True
     """
 
-    def alpha(self) -> float:
-        return 1.5
+    fixed_alpha = 1.5
 
 
 def parse_alpha_init(value) -> Union[float, str]:
