@@ -115,7 +115,8 @@ class FluenceCriterionMixin:
             logging_output["span_avg"] = sum(s.get_current_avg_span() for s in spans) / len(spans)
             logging_output["span_max"] = max(s.get_current_max_span() for s in spans)
             logging_output["span_n"] = 1
-        alphas = [(label, module.alpha()) for label, module in sparse if isinstance(module.alpha(), torch.Tensor)]
+        alphas = [(label, alpha) for label, alpha in ((label, module.alpha()) for label, module in sparse)
+                  if isinstance(alpha, torch.Tensor)]  # learned alphas only; fixed ones are constants
         if alphas:
             for label, alpha in alphas:
                 logging_output[f"alpha_{label}"] = float(alpha.detach().float().mean())
