@@ -16,7 +16,7 @@ import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor
 
-from .masks import append_padding_masks, attn_mask_to_additive, padding_mask_to_bool
+from .masks import HARD_MASK, append_padding_masks, attn_mask_to_additive, padding_mask_to_bool
 
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
 
@@ -206,7 +206,7 @@ class FluenceAttention(MultiheadAttention):
             cols = attn_mask.size(1)
             future = torch.ones(tgt_len, cols, dtype=torch.bool, device=attn_mask.device).triu(1 + cols - tgt_len)
             if attn_mask.dtype.is_floating_point:
-                is_future_mask = bool((attn_mask[~future] == 0).all() and (attn_mask[future] < -1e4).all())
+                is_future_mask = bool((attn_mask[~future] == 0).all() and (attn_mask[future] <= HARD_MASK).all())
             else:
                 is_future_mask = bool(((attn_mask != 0) == future).all())
             if is_future_mask:
