@@ -10,7 +10,7 @@ It derives from fairseq's ``MultiheadAttention`` so the projections keep the nam
 ``v_proj`` and ``out_proj`` (state dicts load into stock transformers and back), and it overrides ``forward``
 entirely: fairseq's own forward has a fused fast path that would skip any hook we override.
 """
-from typing import Dict, FrozenSet, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Optional, Tuple
 
 import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
@@ -59,6 +59,9 @@ class FluenceAttention(MultiheadAttention):
     uses_query_key: bool = True
     #: constructor hyper-parameters (stored as attributes of the same name) shown by ``repr(module)``
     hyper_parameters: Tuple[str, ...] = ()
+    #: when set (an instance attribute), every forward computes head weights and calls
+    #: ``weight_recorder(module, weights (B, H, Lq, Lk))``; ``compute_attn_score`` uses it to collect patterns
+    weight_recorder: Optional[Callable[["FluenceAttention", Tensor], None]] = None
 
     def __init__(
         self,
@@ -257,6 +260,9 @@ class FluenceAttention(MultiheadAttention):
         if before_softmax:
             raise ValueError(f"{type(self).__name__} does not return raw scores (before_softmax=True)")
         need_weights = need_weights or need_head_weights
+        recorder = self.weight_recorder
+        return_weights = need_weights
+        need_weights = need_weights or recorder is not None
         if batch_first:
             query = query.transpose(0, 1)
             key = None if key is None else key.transpose(0, 1)
@@ -337,6 +343,14 @@ class FluenceAttention(MultiheadAttention):
                 )
         if buffer is not None:
             self._set_input_buffer(incremental_state, buffer)
+        if recorder is not None:
+            if weights is None:
+                raise ValueError(
+                    f"{type(self).__name__} does not form attention probabilities, so its attention patterns cannot "
+                    "be recorded; collect patterns from a model whose attention exposes weights (softmax, local, "
+                    "adaptive_span, the entmax family, ...)"
+                )
+            recorder(self, weights)
 
         out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)
         out = self.out_proj(out)
@@ -344,7 +358,7 @@ class FluenceAttention(MultiheadAttention):
             out = out.masked_fill(query_padding_mask.t().unsqueeze(-1), 0.0)
         if batch_first:
             out = out.transpose(0, 1)
-        if not need_weights or weights is None:
+        if not return_weights or weights is None:
             return out, None
         weights = weights.transpose(0, 1)  # (H, B, Lq, Lk)
         return out, (weights if need_head_weights else weights.mean(dim=0))
