@@ -26,6 +26,7 @@ setup(
             "fluence-plot=fluence_fairseq.plot:main",
             "fluence-prune-layers=fluence_fairseq.prune_layers:main",
             "fluence-bench-models=fluence_fairseq.bench_models:main",
+            "fluence-attn-score=fluence_fairseq.compute_attn_score:main",
         ]
     },
 )

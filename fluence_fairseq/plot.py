@@ -2,10 +2,15 @@
 
     python -m fluence_fairseq.plot spans CHECKPOINT -o spans.png      (or: fluence-plot spans ...)
     python -m fluence_fairseq.plot entmax CHECKPOINT --data DATA-BIN -o entmax.png
+    python -m fluence_fairseq.plot patterns DIR/self-enc.npy -o patterns.png [--max-pos 64] [--layers 0,1] [--log]
 
 ``spans`` draws the span of every head of every adaptive-span layer (z * attn_span, in tokens), one heatmap per
 stack (encoder, decoder), and prints the same numbers as a text table. ``entmax`` draws the learned α of every
-head per layer and attention type and, with ``--data``, the density (share of non-zero weights) of every head. Each plot is a subcommand registered with
+head per layer and attention type and, with ``--data``, the density (share of non-zero weights) of every head. ``patterns`` draws the average attention written by
+``python -m fluence_fairseq.compute_attn_score``: one heatmap per layer (rows) and head (columns), query position
+down and key position across, one linear colour scale shared by the heads of a layer (heads of a layer compare
+directly, while layers, whose peaks differ a lot, stay readable; ``--log`` for a log scale), and pairs never seen
+in the data left grey. Each plot is a subcommand registered with
 :func:`register_plot`; later attentions add their own (e.g. entmax alphas) without touching the others.
 """
 import argparse
@@ -374,6 +379,131 @@ def _entmax_run(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ patterns
+def _parse_index_list(text: Optional[str], available: int, what: str) -> List[int]:
+    if text is None:
+        return list(range(available))
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"fluence-plot patterns: --{what} takes comma-separated integers, got {text!r}")
+    bad = [v for v in values if not 0 <= v < available]
+    if bad or not values:
+        raise SystemExit(f"fluence-plot patterns: --{what} {text!r} is out of range (the file has {available} {what})")
+    return sorted(set(values))
+
+
+def read_patterns(path: str):
+    """(averages (L, H, N, N) float32 numpy, counts (N, N) numpy or None, metadata dict) of a pattern file written
+    by ``compute_attn_score`` (the ``.json`` next to it is optional)."""
+    import json
+    import os
+
+    import numpy as np
+
+    from .ops.attention_patterns import load_patterns
+
+    try:
+        array = load_patterns(path).numpy()
+    except ValueError as e:
+        raise SystemExit(f"fluence-plot patterns: {e}")
+    meta_path = os.path.splitext(path)[0] + ".json"
+    meta, counts = {}, None
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("counts") is not None:
+            counts = np.asarray(meta["counts"], dtype=np.float64)
+            if counts.shape != array.shape[2:]:
+                counts = None
+    return array, counts, meta
+
+
+def plot_patterns(array, counts, out: str, layers: Sequence[int], max_pos: int, log: bool = False,
+                  title: Optional[str] = None, layer_names: Optional[Sequence] = None) -> None:
+    """Heatmaps of average attention, one row per layer and one column per head (query position down, key
+    position across), on one colour scale per layer; (query, key) pairs never seen are left blank."""
+    for name in ("matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm, Normalize
+
+    n = min(max_pos, array.shape[2])
+    if counts is not None:
+        seen = counts[:n, :n] > 0
+        rows, cols = np.nonzero(seen)
+        if rows.size:  # crop to the positions that were seen at all
+            n = max(int(rows.max()), int(cols.max())) + 1
+            seen = seen[:n, :n]
+    else:
+        seen = np.ones((n, n), dtype=bool)
+    heads = array.shape[1]
+    fig, axes = plt.subplots(len(layers), heads, squeeze=False, layout="constrained",
+                             figsize=(1.0 + 2.2 * heads, 0.6 + 2.2 * len(layers)))
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    for r, layer in enumerate(layers):
+        block = array[layer, :, :n, :n].astype(np.float64)
+        data = np.where(seen[None], block, np.nan)
+        finite = data[np.isfinite(data)]
+        vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        if log:
+            positive = finite[finite > 0]
+            vmin = max(float(positive.min()) if positive.size else vmax * 1e-4, vmax * 1e-4)
+            norm = LogNorm(vmin=vmin, vmax=vmax, clip=True)
+            data = np.where(data > 0, data, np.where(np.isnan(data), np.nan, vmin))
+        else:
+            norm = Normalize(vmin=0.0, vmax=vmax)
+        image = None
+        for h in range(heads):
+            ax = axes[r][h]
+            image = ax.imshow(data[h], cmap=cmap, norm=norm, interpolation="nearest", aspect="equal")
+            name = layer_names[layer] if layer_names is not None else layer
+            ax.set_title(f"layer {name}, head {h}", fontsize=9)
+            if r == len(layers) - 1:
+                ax.set_xlabel("key position")
+            if h == 0:
+                ax.set_ylabel("query position")
+            ax.tick_params(labelsize=7)
+        fig.colorbar(image, ax=axes[r].tolist(), shrink=0.9,
+                     label="mean probability" + (" (log)" if log else ""))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def _patterns_args(p: argparse.ArgumentParser):
+    p.add_argument("patterns", help="<type>.npy written by compute_attn_score (its .json is read when present)")
+    p.add_argument("-o", "--output", "--out", dest="output", default="patterns.png",
+                   help="image to write (default: patterns.png)")
+    p.add_argument("--max-pos", type=int, default=64, help="plot query/key positions below this (default 64)")
+    p.add_argument("--layers", default=None, metavar="I,J,...", help="0-based layers to plot (default: all)")
+    p.add_argument("--log", action="store_true",
+                   help="logarithmic colour scale (down to 1e-4 of each layer's maximum): shows the structure of the "
+                        "low-probability pairs that pruning removes first")
+    p.add_argument("--title", default=None)
+
+
+def _patterns_run(args) -> int:
+    if args.max_pos < 1:
+        raise SystemExit("fluence-plot patterns: --max-pos must be positive")
+    array, counts, meta = read_patterns(args.patterns)
+    layers = _parse_index_list(args.layers, array.shape[0], "layers")
+    names = meta.get("layers") if isinstance(meta.get("layers"), list) and len(meta["layers"]) == array.shape[0] else None
+    title = args.title
+    if title is None:
+        what = meta.get("type", "attention")
+        extra = f", {meta['sentences']} sentences of '{meta.get('split', '?')}'" if "sentences" in meta else ""
+        title = f"average {what} attention{extra}"
+    plot_patterns(array, counts, args.output, layers, args.max_pos, args.log, title, names)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ commands
 @dataclass(frozen=True)
 class PlotCommand:
@@ -396,6 +526,8 @@ def register_plot(command: PlotCommand) -> PlotCommand:
 register_plot(PlotCommand("spans", "learned adaptive attention span per head and layer", _spans_args, _spans_run))
 register_plot(PlotCommand("entmax", "learned alpha and attention density per head and layer (sparse attention)",
                           _entmax_args, _entmax_run))
+register_plot(PlotCommand("patterns", "average attention per layer and head (from compute_attn_score)",
+                          _patterns_args, _patterns_run))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,3 +85,25 @@ def test_missing_checkpoint_and_unknown_command(tmp_path):
         plot.main(["spans", str(tmp_path / "missing.pt")])
     with pytest.raises(SystemExit):
         plot.main(["nonsense"])
+
+
+def test_patterns_plot_writes_png(tmp_path, capsys):
+    from fluence_fairseq.ops.attention_patterns import PatternAccumulator, save_patterns
+
+    acc = PatternAccumulator(layers=2, heads=3, max_len=6)
+    weights = torch.softmax(torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    for layer in range(2):
+        acc.add(layer, weights, torch.tensor([[False] * 4, [True, False, False, False]]),
+                torch.tensor([[False] * 4, [True, False, False, False]]), count=layer == 0)
+    save_patterns(str(tmp_path / "self-enc"), acc, {"type": "self-enc", "split": "train", "layers": [0, 1]})
+    out = tmp_path / "patterns.png"
+    assert plot.main(["patterns", str(tmp_path / "self-enc.npy"), "--out", str(out), "--max-pos", "5",
+                      "--layers", "1"]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    log_out = tmp_path / "log.png"
+    assert plot.main(["patterns", str(tmp_path / "self-enc.npy"), "-o", str(log_out), "--log"]) == 0
+    assert log_out.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(SystemExit, match="out of range"):
+        plot.main(["patterns", str(tmp_path / "self-enc.npy"), "-o", str(out), "--layers", "2"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        plot.main(["patterns", str(tmp_path / "missing.npy"), "-o", str(out)])

@@ -104,7 +104,7 @@ def main(argv=None):
     work = Path(args.work)
     binary = work / "bin"
     if not (binary / "test.en-es.es.bin").exists():
-        subprocess.run(["bash", str(HERE / "run.sh")], cwd=ROOT, check=True, env={**os.environ, "PREPARE_ONLY": "1"})
+        subprocess.run(["bash", str(HERE / "run.sh")], cwd=ROOT, check=True, env={**os.environ, "PREPARE_ONLY": "1", "WORK": str(work)})
     from evaluate import read_lines
 
     ref = read_lines(work / "raw" / "test.es")

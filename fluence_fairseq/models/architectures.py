@@ -77,6 +77,10 @@ ARCHITECTURES: List[Architecture] = [
     Architecture("fluence_transformer_small", ENC_DEC, enc_dec("softmax", "softmax"), sizes(3, 256, 4, 1024),
                  doc="3+3 layers, 256, 4 heads, ffn 1024; softmax attention (baseline of the _small archs)"),
     Architecture("fluence_transformer_lm", LM, lm("softmax"), doc="transformer_lm base sizes, softmax attention"),
+    Architecture("fluence_transformer_tiny", ENC_DEC, enc_dec("softmax", "softmax"), sizes(2, 64, 4, 128),
+                 doc="2+2 layers, 64, 4 heads, ffn 128; softmax attention, for tests"),
+    Architecture("fluence_transformer_lm_tiny", LM, lm("softmax"), lm_sizes(2, 64, 4, 128),
+                 doc="2 layers, 64, 4 heads, ffn 128; softmax attention, for tests"),
     # adaptive attention span (Sukhbaatar et al., 2019)
     Architecture("transformer_adaptive_span", ENC_DEC, enc_dec("adaptive_span", "adaptive_span"),
                  doc="transformer base sizes (6+6 layers, 512, 8 heads, ffn 2048); adaptive span self attention"),

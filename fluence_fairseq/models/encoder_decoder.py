@@ -3,6 +3,7 @@ from fairseq.models import register_model
 from fairseq.models.transformer import TransformerModel
 
 from ..layerdrop import normalize_layers_to_keep_args, prune_for_load
+from .pruning_args import add_pruning_args, apply_attention_pruning
 from .attention_args import DECODER_CROSS, DECODER_SELF, ENCODER_SELF, add_attention_args, fill_attention_defaults
 from .layers import FluenceTransformerDecoder, FluenceTransformerEncoder
 
@@ -37,13 +38,16 @@ class FluenceTransformerModel(TransformerModel):
     def add_args(cls, parser):
         super().add_args(parser)
         add_attention_args(parser, cls.ATTENTION_ROLES, "fluence_transformer")
+        add_pruning_args(parser)
 
     @classmethod
     def build_model(cls, args, task):
         fill_attention_defaults(args, cls.ATTENTION_ROLES)
         # fairseq's build_model calls .split(",") on the keep lists, which the CLI parses to lists of ints
         normalize_layers_to_keep_args(args, cls.LAYER_STACKS)
-        return super().build_model(args, task)
+        model = super().build_model(args, task)
+        apply_attention_pruning(model, args)
+        return model
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """fairseq's ``load_state_dict``, with our layer pruning in place of fairseq's ``prune_state_dict``.

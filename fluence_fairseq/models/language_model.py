@@ -13,6 +13,7 @@ from fairseq.modules import AdaptiveInput, CharacterTokenEmbedder
 from fairseq.utils import eval_str_list, safe_getattr
 
 from ..layerdrop import normalize_layers_to_keep_args, prune_for_load
+from .pruning_args import add_pruning_args, apply_attention_pruning
 from .attention_args import DECODER_SELF, add_attention_args, fill_attention_defaults
 from .layers import FluenceTransformerDecoder
 
@@ -40,6 +41,7 @@ class FluenceTransformerLanguageModel(TransformerLanguageModel):
         # the stock model gets its flags from its dataclass; ours is legacy, so generate them the same way
         gen_parser_from_dataclass(parser, TransformerLanguageModelConfig(), delete_default=True)
         add_attention_args(parser, cls.ATTENTION_ROLES, "fluence_transformer_lm")
+        add_pruning_args(parser)
 
     @classmethod
     def build_model(cls, args, task):
@@ -62,6 +64,7 @@ class FluenceTransformerLanguageModel(TransformerLanguageModel):
         decoder = FluenceTransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True)
         model = cls(decoder)
         model.build_args = args  # the keep list to prune with when load_state_dict gets no config
+        apply_attention_pruning(model, args)
         return model
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):

@@ -16,6 +16,7 @@ import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor
 
+from .attention_pruning import GlobalAttentionMask, leading_padding, mask_positions
 from .masks import HARD_MASK, append_padding_masks, attn_mask_to_additive, padding_mask_to_bool
 
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
@@ -96,6 +97,7 @@ class FluenceAttention(MultiheadAttention):
         )
         self.causal = causal
         self.cross = cross
+        self.global_mask: Optional[GlobalAttentionMask] = None  # data-informed pruning: set_global_mask()
         if not self.uses_query_key:
             if cross:
                 raise UnsupportedPatternError(f"{type(self).__name__} reads only its input; it cannot do cross attention")
@@ -127,6 +129,73 @@ class FluenceAttention(MultiheadAttention):
         """
         raise TypeError(f"{type(self).__name__} must implement attend()")  # unreachable: checked in __init__
 
+    def set_global_mask(self, mask: Optional[GlobalAttentionMask]) -> None:
+        """Prune this attention with a global keep mask (or remove it with None): every call (training,
+        validation, decoding) then attends only to the kept (query position, key position) entries."""
+        if mask is not None:
+            if not self.supports_attn_mask:
+                raise ValueError(
+                    f"{type(self).__name__} cannot apply a global attention mask ({mask.label}): its math never "
+                    "forms the attention matrix. Prune a softmax, entmax, local or adaptive_span attention instead"
+                )
+            if mask.heads != self.num_heads:
+                raise ValueError(f"global attention mask {mask.label} has {mask.heads} heads but "
+                                 f"{type(self).__name__} has {self.num_heads}")
+        self.global_mask = mask
+
+    def attend_pruned(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Optional[Tensor],
+        attn_mask: Optional[Tensor],
+        query_offset: int,
+        query_start: Tensor,
+        key_start: Tensor,
+        need_weights: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """:meth:`attend` restricted to the entries :attr:`global_mask` keeps. Query ``i`` of row ``b`` sits at
+        position ``query_start[b] + i``, key ``j`` at ``key_start[b] + j``.
+
+        This default folds the mask into ``attn_mask`` (exact for any attention that honours ``attn_mask``, but
+        it computes every entry); a query with no kept, unpadded (and, if causal, past) key gets output and
+        weights 0. :class:`~fluence_fairseq.modules.softmax_attention.SoftmaxAttention` overrides it with a
+        block-sparse kernel that never computes pruned blocks."""
+        bsz, _, tgt_len, _ = q.shape
+        src_len = k.size(2)
+        keep = self.global_mask.rows(query_start, key_start, tgt_len, src_len).to(q.device)
+        base = attn_mask if attn_mask is not None else q.new_zeros(1, 1, 1, 1)
+        attn_mask = base.expand(bsz, self.num_heads, tgt_len, src_len).masked_fill(~keep, torch.finfo(q.dtype).min)
+        out, weights = self.attend(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                   query_offset=query_offset, need_weights=need_weights)
+        visible = keep
+        if key_padding_mask is not None:
+            visible = visible & ~key_padding_mask.view(bsz, 1, 1, src_len)
+        if self.causal and not self.cross:
+            past = (torch.arange(src_len, device=q.device) <= torch.arange(tgt_len, device=q.device).view(-1, 1)
+                    + query_offset)
+            visible = visible & past
+        empty = ~visible.any(dim=-1, keepdim=True)  # (B, H, Lq, 1)
+        if bool(empty.any()):
+            out = out.masked_fill(empty, 0.0)
+            weights = None if weights is None else weights.masked_fill(empty, 0.0)
+        return out, weights
+
+    def _core_attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights, positions=None):
+        """:meth:`attend`, or :meth:`attend_pruned` when a global mask is set (positions derived from the padding
+        unless given as ``(query_start, key_start)``)."""
+        if self.global_mask is None:
+            return self.attend(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                               query_offset=query_offset, need_weights=need_weights)
+        if positions is None:
+            positions = mask_positions(key_padding_mask, q.size(0), q.size(2), query_offset, self.cross, q.device)
+        query_start, key_start = positions
+        return self.attend_pruned(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                  query_offset=query_offset, query_start=query_start, key_start=key_start,
+                                  need_weights=need_weights)
+
     def summarize_keys(
         self, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
     ) -> Dict[str, Optional[Tensor]]:
@@ -146,7 +215,7 @@ class FluenceAttention(MultiheadAttention):
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Cross attention of ``q`` (B, H, Lq, Dh) to a source summarised by :meth:`summarize_keys`.
         Must equal :meth:`attend` on the original keys."""
-        return self.attend(
+        return self._core_attend(
             q, summary["prev_key"], summary["prev_value"], key_padding_mask=summary.get("prev_key_padding_mask"),
             attn_mask=attn_mask, query_offset=query_offset, need_weights=need_weights,
         )
@@ -193,9 +262,19 @@ class FluenceAttention(MultiheadAttention):
         buffer["prev_key"], buffer["prev_value"] = k[:, :, stored], v[:, :, stored]
         if key_padding_mask is not None:
             buffer["prev_key_padding_mask"] = key_padding_mask[:, stored]
-        return self.attend(
+        positions = None
+        if self.global_mask is not None:
+            # a trimmed cache forgets how many tokens came before it, so the step count is cached too
+            steps = buffer.get("mask_steps")
+            seen = q.size(2) + (0 if steps is None else steps)
+            if not torch.is_tensor(seen):
+                seen = torch.full((q.size(0),), seen, dtype=torch.long, device=q.device)
+            buffer["mask_steps"] = seen
+            shift = leading_padding(key_padding_mask, q.size(0), q.device)
+            positions = (seen - q.size(2) - shift, seen - k.size(2) - shift)
+        return self._core_attend(
             q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-            query_offset=k.size(2) - q.size(2), need_weights=need_weights,
+            query_offset=k.size(2) - q.size(2), need_weights=need_weights, positions=positions,
         )
 
     # -------------------------------------------------------------------------------------------- glue
@@ -337,7 +416,7 @@ class FluenceAttention(MultiheadAttention):
                     q, summary, attn_mask=attn_mask, query_offset=query_offset, need_weights=need_weights
                 )
             else:
-                out, weights = self.attend(
+                out, weights = self._core_attend(
                     q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
                     query_offset=query_offset, need_weights=need_weights,
                 )

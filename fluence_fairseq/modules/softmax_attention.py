@@ -1,6 +1,10 @@
 """Exact softmax attention on the fluence base: the baseline every other attention is compared with."""
+import torch
+
 from ..ops.band import band_attention
+from ..ops.pruned_attention import BlockLayout, pruned_attention
 from .attention_base import FluenceAttention, fsmha
+from .attention_pruning import roll_rows
 from .spec import AttentionSpec
 
 __all__ = ["SoftmaxAttention", "FSSoftmax"]
@@ -26,6 +30,57 @@ class SoftmaxAttention(FluenceAttention):
             key_padding_mask=key_padding_mask, attn_mask=attn_mask,
             dropout_p=self.dropout_module.p if self.training else 0.0, need_weights=need_weights,
         )
+
+    def attend_pruned(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, query_start, key_start,
+                      need_weights):
+        """Global-mask pruning with a block-sparse kernel: pruned blocks are never computed.
+
+        The kernel needs one mask for the whole batch, so left-padded rows are first rolled into right-padded
+        ones (their positions then start at index 0) and the results rolled back. Calls the kernel cannot serve
+        (an extra ``attn_mask``, or queries of one batch at different positions) take the base's masked path."""
+        bsz, _, tgt_len, _ = q.shape
+        src_len = k.size(2)
+        shift = -key_start  # leading padding of every row
+        if self.cross:
+            q_shift = torch.zeros_like(shift)
+        elif tgt_len == src_len or not bool(shift.any()):
+            q_shift = shift
+        else:
+            q_shift = None
+        starts = None if q_shift is None else query_start + q_shift
+        mask = self.global_mask
+        block = mask.block
+        short = tgt_len <= block or src_len <= block  # one block (or a decoding step): the masked path is cheaper
+        if (short or attn_mask is not None or starts is None or bool((starts != starts[0]).any())
+                or bool((shift < 0).any())):
+            return super().attend_pruned(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                         query_offset=query_offset, query_start=query_start, key_start=key_start,
+                                         need_weights=need_weights)
+        start = int(starts[0])
+
+        def build():
+            keep = mask.shared(start, tgt_len, src_len)
+            if self.causal:
+                keep = keep & (torch.arange(src_len, device=keep.device)
+                               <= torch.arange(tgt_len, device=keep.device).view(-1, 1) + start)
+            return keep, BlockLayout.build(keep, block)
+
+        keep, layout = mask.layout((start, tgt_len, src_len, self.causal), build)
+        rolled = bool(shift.any())
+        if rolled:
+            k, v = roll_rows(k, shift, 2), roll_rows(v, shift, 2)
+            key_padding_mask = roll_rows(key_padding_mask, shift, 1)
+            q = roll_rows(q, q_shift, 2)
+        out, weights = pruned_attention(
+            q, k, v, keep.to(q.device), key_padding_mask=key_padding_mask,
+            dropout_p=self.dropout_module.p if self.training else 0.0, need_weights=need_weights,
+            layout=layout.to(q.device), block=block,
+        )
+        if rolled:
+            out = roll_rows(out, -q_shift, 2)
+            if weights is not None:
+                weights = roll_rows(roll_rows(weights, -q_shift, 2), -shift, 3)
+        return out, weights
 
 
 @fsmha

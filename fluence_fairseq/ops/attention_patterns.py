@@ -138,3 +138,23 @@ def load_patterns(path: str, layers: Optional[int] = None, heads: Optional[int] 
         raise ValueError(f"attention pattern file {path} contains NaN or infinite values; recollect it")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
+
+
+def load_pattern_info(path: str, length: int) -> Optional[Dict[str, Any]]:
+    """The JSON written next to a ``.npy`` pattern file (None if there is none, as for the reference's files),
+    with ``counts`` turned into a (length, length) tensor; a JSON that does not fit the array raises."""
+    json_path = os.path.splitext(path)[0] + ".json"
+    if not os.path.isfile(json_path):
+        return None
+    try:
+        with open(json_path) as f:
+            info = json.load(f)
+        counts = torch.tensor(info["counts"], dtype=torch.float64)
+    except Exception as e:
+        raise ValueError(f"attention pattern metadata {json_path} is not readable ({e}); recollect the patterns "
+                         "or delete the .json to use the .npy alone") from None
+    if tuple(counts.shape) != (length, length):
+        raise ValueError(f"attention pattern metadata {json_path} has counts of shape {tuple(counts.shape)} but "
+                         f"its .npy has length {length}; the two files do not belong together")
+    info["counts"] = counts
+    return info
