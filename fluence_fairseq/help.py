@@ -10,6 +10,7 @@ from .models.architectures import markdown_table
 from .models.attention_args import add_attention_args
 from .models.encoder_decoder import FluenceTransformerModel
 from .models.language_model import FluenceTransformerLanguageModel
+from .models.pruning_args import add_pruning_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     for model, name in ((FluenceTransformerModel, "fluence_transformer"),
                         (FluenceTransformerLanguageModel, "fluence_transformer_lm")):
         add_attention_args(group, model.ATTENTION_ROLES, name)  # flags already added are skipped
+    add_pruning_args(parser.add_argument_group(
+        "attention pruning flags (every fluence architecture; patterns from python -m fluence_fairseq.compute_attn_score)"
+    ))
     return parser
 
 
