@@ -11,20 +11,27 @@ Two paths give the same numbers:
   float mask, or explicit scores and softmax for ``need_weights``), as the reference code does (no savings).
   Used for ``need_weights``, for layouts denser than ``dense_above`` (a random mask keeps almost every block)
   and for sequences that fit in one block;
-* block-sparse: queries and keys are cut into blocks of ``block``; a (head, query block, key block) triple is
-  *kept* when any of its entries is kept (pruned entries inside a kept block are masked exactly by the bias).
-  Only kept triples are computed. Rows (head, query block) keep different numbers of key blocks (heads differ a
-  lot under a per-layer threshold), so rows are grouped into *buckets* by that count (exact for counts up to 8,
-  then rounded up to a geometric grid of ratio 1.25: at most 25% padding, a handful of buckets). A bucket of
-  ``n`` rows with ``c`` key blocks is one dense attention problem: queries (B, n, block, D), its rows' key and
-  value blocks gathered into (B, n, c * block, D), the element mask as an additive (n, block, c * block) bias,
-  solved by ``F.scaled_dot_product_attention`` (the fused flash kernel: forward+backward keep only its inputs
-  and a log-sum-exp per query, no probability tensor). The outputs of all buckets go back to their rows with
-  one ``index_copy``; rows with no kept key (and empty rows, which are in no bucket) give 0.
+* block-sparse: queries and keys are cut into blocks of ``block``; a (head, query block, key block) triple is *kept*
+  when any of its entries is kept (pruned entries inside a kept block are masked exactly by the bias). Only kept
+  triples are computed. Rows (head, query block) keep different numbers of key blocks (heads differ a lot under a
+  per-layer threshold), so rows are grouped into *buckets* by that count (exact for counts up to 8, then rounded up
+  to a geometric grid of ratio 1.25: at most 25% padding, a handful of buckets). A bucket of ``n`` rows with ``c``
+  key blocks is one dense attention problem: queries (B, n, block, D), its rows' key and value blocks gathered into
+  (B, n, c * block, D), the element mask as an additive (n, block, c * block) bias, solved by the fused flash kernel
+  of ``F.scaled_dot_product_attention`` (buckets with many rows in row chunks of at most :data:`_CHUNK_ELEMENTS`
+  gathered keys, which bounds the transient memory). The outputs of all buckets go back to their rows with one
+  ``index_copy``; queries with no kept key (and rows with no kept block, which are in no bucket) give 0. On CPU
+  without dropout, :class:`_BucketsFlashCPU` calls the kernel's forward and backward directly and gathers the
+  key/value blocks again in backward, so only the bucket outputs and log-sum-exps are kept for backward; otherwise
+  (dropout, other devices) autograd runs around ``F.scaled_dot_product_attention`` and keeps every bucket's gathered
+  keys, values and bias until backward.
 
-Measured on one CPU thread at L=1024, 4 heads, D=64, batch 2, a data-informed 90% mask (block density 0.16):
-a segmented softmax over all kept triples at once (``scatter_reduce`` row maxima, ``index_add`` row sums, a
-custom backward) took 0.39-0.50x dense SDPA, the buckets 0.34x; 32-query blocks beat 16 and 64.
+Measured on one CPU thread at L=1024, 4 heads, D=64, batch 2, a data-informed 90% mask (block density 0.16),
+forward+backward relative to dense SDPA in the same process: a segmented softmax over all kept triples at once
+(``scatter_reduce`` row maxima, ``index_add`` row sums, custom backward keeping the probabilities) 0.39-0.50x;
+buckets with autograd 0.33-0.38x (40 MiB peak vs 4.9 MiB for SDPA); buckets with :class:`_BucketsFlashCPU`
+0.30x (33 MiB), and in row chunks 0.27x (15 MiB). 32-query blocks beat 16 and 64 (64: 0.33x, block density
+0.23). See ``python -m fluence_fairseq.bench_pruning``.
 
 :class:`BlockLayout` (the buckets of one mask at one block size) depends only on the mask, so callers build it
 once per length and pass it in.
@@ -178,8 +185,112 @@ def _dense_path(q, k, v, keep, key_padding_mask, dropout_p, need_weights):
     return (out if bool(has_key.all()) else out.masked_fill(~has_key, 0.0)), None
 
 
-def _sparse_path(q, k, v, layout: BlockLayout, key_padding_mask, dropout_p):
-    """One fused attention per bucket of rows (see the module docstring)."""
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+#: gathered key (and value) elements per fused call: a bucket with more rows is split into row chunks, which bounds
+#: the transient memory (2 MiB per float32 tensor) whatever the length and density
+_CHUNK_ELEMENTS = 1 << 19
+
+
+def _to_blocks(x: Tensor, n: int, b: int) -> Tensor:
+    """(B, H, L, D) -> (B, H * n, b, D), zero padded (a view when L is a multiple of b)."""
+    bsz, heads, length, head_dim = x.shape
+    if n * b != length:
+        x = F.pad(x, (0, 0, 0, n * b - length))
+    return x.reshape(bsz, heads * n, b, head_dim)
+
+
+def _chunks(layout: BlockLayout, bsz: int, head_dim: int):
+    """(bucket, first row, end row) of every fused call, in the order of ``layout.bucket_rows``."""
+    for bucket in layout.buckets:
+        n = bucket.rows.numel()
+        step = max(1, _CHUNK_ELEMENTS // (bsz * bucket.cap * layout.block * head_dim))
+        for lo in range(0, n, step):
+            yield bucket, lo, min(n, lo + step)
+
+
+def _bucket_problem(bucket: _Bucket, lo: int, hi: int, kp: Tensor, vp: Tensor, pad: Optional[Tensor], dtype):
+    """Rows (n,), key columns (n * cap,), keys and values (B, n, cap * b, D), additive mask (1|B, n, b, cap * b)
+    and queries-with-a-key mask (None if all have one) of rows ``lo:hi`` of a bucket."""
+    bsz, _, b, head_dim = kp.shape
+    n, width = hi - lo, bucket.cap * b
+    rows, cols = bucket.rows[lo:hi], bucket.cols[lo * bucket.cap : hi * bucket.cap]
+    kb = kp.index_select(1, cols).view(bsz, n, width, head_dim)
+    vb = vp.index_select(1, cols).view(bsz, n, width, head_dim)
+    bias = bucket.bias(dtype)[lo:hi].unsqueeze(0)
+    has_key = None if bucket.all_have_keys else bucket.has_key[lo:hi]
+    if pad is not None:
+        padded = pad.index_select(1, bucket.key_block[lo * bucket.cap : hi * bucket.cap]).view(bsz, n, 1, width)
+        bias = bias.masked_fill(padded, torch.finfo(dtype).min)  # (B, n, b, width)
+        has_key = (bucket.mask[lo:hi] & ~padded).any(dim=-1, keepdim=True)
+        has_key = None if bool(has_key.all()) else has_key
+    return rows, cols, kb, vb, bias, has_key
+
+
+def _assemble(outs: List[Tensor], layout: BlockLayout, like: Tensor) -> Tensor:
+    """Bucket outputs (B, n_i, b, D) -> (B, H * q_blocks, b, D) in row order; rows in no bucket are 0."""
+    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    bsz, _, b, head_dim = out.shape
+    if layout.bucket_rows.numel() < layout.heads * layout.q_blocks:
+        return like.new_zeros(bsz, layout.heads * layout.q_blocks, b, head_dim).index_copy(1, layout.bucket_rows, out)
+    return out.index_select(1, layout.bucket_order)
+
+
+class _BucketsFlashCPU(torch.autograd.Function):
+    """The buckets through the CPU flash kernel with a backward that gathers the key/value blocks again: autograd
+    around ``F.scaled_dot_product_attention`` would keep every bucket's gathered keys, values and mask alive
+    until backward (each kept key block once per row that keeps it: 8x the memory of dense SDPA at L=1024, 90%
+    pruning); here only the bucket outputs and log-sum-exps are kept (one query tensor)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout, pad):
+        b, nq, nk = layout.block, layout.q_blocks, layout.k_blocks
+        qp, kp, vp = _to_blocks(q, nq, b), _to_blocks(k, nk, b), _to_blocks(v, nk, b)
+        outs, saved = [], []
+        for bucket, lo, hi in _chunks(layout, q.size(0), q.size(3)):
+            rows, _, kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype)
+            o, lse = _FLASH_CPU(qp.index_select(1, rows), kb, vb, attn_mask=bias)
+            saved += [o, lse]
+            outs.append(o if has_key is None else o.masked_fill(~has_key, 0.0))
+        out = _assemble(outs, layout, q)
+        ctx.save_for_backward(q, k, v, pad, *saved)
+        ctx.layout = layout
+        return out.view(q.size(0), q.size(1), nq * b, q.size(3))[:, :, : q.size(2)]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, pad, *saved = ctx.saved_tensors
+        layout = ctx.layout
+        bsz, heads, tgt_len, head_dim = q.shape
+        src_len = k.size(2)
+        b, nq, nk = layout.block, layout.q_blocks, layout.k_blocks
+        qp, kp, vp = _to_blocks(q, nq, b), _to_blocks(k, nk, b), _to_blocks(v, nk, b)
+        go = _to_blocks(grad_out, nq, b)
+        grad_q, grad_k, grad_v = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(vp)
+        for i, (bucket, lo, hi) in enumerate(_chunks(layout, bsz, head_dim)):
+            o, lse = saved[2 * i], saved[2 * i + 1]
+            rows, cols, kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype)
+            gob = go.index_select(1, rows)
+            if has_key is not None:
+                gob = gob.masked_fill(~has_key, 0.0)
+            gq, gk, gv = _FLASH_CPU_BACKWARD(gob, qp.index_select(1, rows), kb, vb, o, lse, 0.0, False,
+                                             attn_mask=bias)
+            del kb, vb
+            grad_q.index_add_(1, rows, gq)
+            grad_k.index_add_(1, cols, gk.reshape(bsz, -1, b, head_dim))
+            grad_v.index_add_(1, cols, gv.reshape(bsz, -1, b, head_dim))
+
+        def unblock(x, n, length):
+            return x.view(bsz, heads, n * b, head_dim)[:, :, :length]
+
+        return unblock(grad_q, nq, tgt_len), unblock(grad_k, nk, src_len), unblock(grad_v, nk, src_len), None, None
+
+
+def _sparse_path(q, k, v, layout: BlockLayout, key_padding_mask, dropout_p, lean: Optional[bool] = None):
+    """One fused attention per bucket of rows (see the module docstring). ``lean`` (default: on CPU without
+    dropout) takes :class:`_BucketsFlashCPU`, else autograd around ``F.scaled_dot_product_attention``."""
     if layout.mask.device != q.device:
         layout = layout.to(q.device)
     bsz, heads, tgt_len, head_dim = q.shape
@@ -187,35 +298,22 @@ def _sparse_path(q, k, v, layout: BlockLayout, key_padding_mask, dropout_p):
     b, nq, nk = layout.block, layout.q_blocks, layout.k_blocks
     if not layout.buckets:  # every entry pruned
         return q * 0.0
-
-    def blocks(x, n, length):  # (B, H, L, D) -> (B, H * n, b, D), zero padded
-        return F.pad(x, (0, 0, 0, n * b - length)).reshape(bsz, heads * n, b, head_dim)
-
-    qp, kp, vp = blocks(q, nq, tgt_len), blocks(k, nk, src_len), blocks(v, nk, src_len)
     pad = None
     if key_padding_mask is not None:
         pad = F.pad(key_padding_mask, (0, nk * b - src_len), value=True).view(bsz, nk, b)
+    if lean is None:
+        lean = q.device.type == "cpu" and dropout_p == 0 and _FLASH_CPU_BACKWARD is not None
+    if lean:
+        return _BucketsFlashCPU.apply(q, k, v, layout, pad)
+    qp, kp, vp = _to_blocks(q, nq, b), _to_blocks(k, nk, b), _to_blocks(v, nk, b)
     outs = []
-    for bucket in layout.buckets:
-        n, width = bucket.rows.numel(), bucket.cap * b
-        kb = kp.index_select(1, bucket.cols).view(bsz, n, width, head_dim)
-        vb = vp.index_select(1, bucket.cols).view(bsz, n, width, head_dim)
-        bias, has_key, all_have = bucket.bias(q.dtype), bucket.has_key, bucket.all_have_keys  # (n, b, width)
-        if pad is not None:
-            padded = pad.index_select(1, bucket.key_block).view(bsz, n, 1, width)
-            bias = bias.masked_fill(padded, torch.finfo(q.dtype).min)  # (B, n, b, width)
-            has_key = (bucket.mask & ~padded).any(dim=-1, keepdim=True)
-            all_have = bool(has_key.all())
-        o = F.scaled_dot_product_attention(qp.index_select(1, bucket.rows), kb, vb, attn_mask=bias,
+    for bucket, lo, hi in _chunks(layout, bsz, head_dim):
+        rows, _, kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype)
+        o = F.scaled_dot_product_attention(qp.index_select(1, rows), kb, vb, attn_mask=bias,
                                            dropout_p=dropout_p)
         # queries with no kept key would average every masked key: 0 instead (and no gradient)
-        outs.append(o if all_have else o.masked_fill(~has_key, 0.0))
-    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-    if layout.bucket_rows.numel() < heads * nq:  # rows with no kept block stay 0
-        out = q.new_zeros(bsz, heads * nq, b, head_dim).index_copy(1, layout.bucket_rows, out)
-    else:
-        out = out.index_select(1, layout.bucket_order)
-    return out.view(bsz, heads, nq * b, head_dim)[:, :, :tgt_len]
+        outs.append(o if has_key is None else o.masked_fill(~has_key, 0.0))
+    return _assemble(outs, layout, q).view(bsz, heads, nq * b, head_dim)[:, :, :tgt_len]
 
 
 def choose_path(tgt_len: int, src_len: int, layout: Optional[BlockLayout], *, need_weights: bool = False,
