@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 SOURCES := setup.py $(shell find fluence_fairseq -name '*.py' 2>/dev/null)
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lm-demo bench bench-sparse install clean
+.PHONY: demo test lm-demo bench bench-sparse bench-pruning install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench: $(STAMP)
 
 bench-sparse: $(STAMP)
 	$(PY) -m fluence_fairseq.bench_models --preset sparse --threads 1 --out bench/sparse_training
+
+bench-pruning: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m fluence_fairseq.bench_pruning --repeats 7 --json bench/pruning.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -282,3 +282,39 @@ def test_pruned_training_and_generation_rebuild_masks_from_files(translation_bin
     (patterns / "enc-dec.npy").rename(patterns / "moved.npy")
     with pytest.raises(AssertionError, match=r"enc-dec\.npy does not exist"):
         H.run_fairseq("generate", generate)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_block_sparse_kernel_runs_in_the_module_and_matches_the_masked_path(monkeypatch, cross):
+    """A band mask keeps few blocks, so the module takes the block-sparse kernel (left-padded rows rolled into
+    one layout); its outputs and gradients equal the exact masked path's."""
+    import fluence_fairseq.ops.pruned_attention as pa
+    from fluence_fairseq.modules.attention_base import FluenceAttention
+
+    torch.manual_seed(3)
+    n = 40
+    pos = torch.arange(n)
+    band = (pos.view(-1, 1) - pos.view(1, -1)).abs() <= 2
+    keep = band.unsqueeze(0).repeat(2, 1, 1) & (torch.rand(2, n, n) > 0.3)
+    module = FSSoftmax(16, 2, causal=not cross, cross=cross)
+    module.set_global_mask(GlobalAttentionMask(keep, block=4))
+    tgt_len, src_len = (30, 36) if cross else (36, 36)
+    x = torch.randn(tgt_len, 3, 16, requires_grad=True)
+    src = torch.randn(src_len, 3, 16) if cross else x
+    padding = torch.zeros(3, src_len, dtype=torch.bool)
+    padding[1, :5] = True
+    padding[2, :11] = True
+    kpm = padding  # self attention: the queries are the same left-padded tokens
+    calls = []
+    original = pa._sparse_path
+    monkeypatch.setattr(pa, "_sparse_path", lambda *a, **k: calls.append(1) or original(*a, **k))
+    fast, _ = module(x, src, src, key_padding_mask=kpm, need_weights=False)
+    assert calls, "the block-sparse kernel did not run"
+    generic = FluenceAttention.attend_pruned.__get__(module)
+    monkeypatch.setattr(module, "attend_pruned", generic)
+    slow, _ = module(x, src, src, key_padding_mask=kpm, need_weights=False)
+    real = ~padding.t().unsqueeze(-1) if not cross else torch.ones(tgt_len, 3, 1, dtype=torch.bool)
+    torch.testing.assert_close(fast * real, slow * real, atol=1e-5, rtol=1e-4)
+    g_fast = torch.autograd.grad((fast * real).square().sum(), x)[0]
+    g_slow = torch.autograd.grad((slow * real).square().sum(), x)[0]
+    torch.testing.assert_close(g_fast, g_slow, atol=1e-4, rtol=1e-3)
