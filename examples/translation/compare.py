@@ -77,8 +77,13 @@ def write_table(args, work):
         else:
             lines.append(f"| {r['name']} | {r['where']} | {r['params']} | {r['train_s']:.0f} | {r['valid_loss']} | "
                          f"{r['bleu']:.2f} | {r['chrf']:.2f} |")
+    write_markdown(lines, Path(args.out) if args.out else work / "compare" / "results.md")
+
+
+def write_markdown(lines, target):
+    """Write the table (a list of lines) to ``target`` and print it."""
     text = "\n".join(lines) + "\n"
-    target = Path(args.out) if args.out else work / "compare" / "results.md"
+    target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)
     print(text, flush=True)
 

@@ -35,7 +35,7 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from compare import run, training_seconds  # noqa: E402  (same helpers and conventions as compare.py)
+from compare import run, training_seconds, write_markdown  # noqa: E402  (same helpers and conventions as compare.py)
 
 #: name -> (decoder layers trained, decoder LayerDrop)
 MODELS = {"layerdrop4": (4, True), "plain2": (2, False), "plain4": (4, False)}
@@ -82,10 +82,7 @@ def write_table(args, rows, target):
     for r in rows:
         lines.append(f"| {r['label']} | {r['model']} | {r['trained_layers']} | {r['layerdrop']} | {r['test_layers']} "
                      f"| {r['params']} | {r['train_s']:.0f} | {r['bleu']:.2f} | {r['chrf']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
-    print(text, flush=True)
+    write_markdown(lines, target)
 
 
 def main(argv=None):

@@ -37,7 +37,7 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from compare import training_seconds  # noqa: E402
+from compare import training_seconds, write_markdown  # noqa: E402
 
 #: name -> (tau or None, random)
 VARIANTS = {"dense": (None, False), "ap50": (50, False), "ap90": (90, False), "random90": (90, True)}
@@ -102,10 +102,7 @@ def write_table(args, rows, target):
     for r in rows:
         lines.append(f"| {r['name']} | {r['pruned']} | {r['kept']} | {r['bleu']:.2f} | {r['chrf']:.2f} | "
                      f"{r['train_s']:.0f} | {r['rss_mb']:.0f} | {r['translate_s']:.1f} |")
-    text = "\n".join(lines) + "\n"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
-    print(text, flush=True)
+    write_markdown(lines, target)
 
 
 def main(argv=None):
