@@ -8,6 +8,7 @@ from . import criterions, models  # noqa: E402,F401  (registers models, --arch n
 from .models import EfficientTransformerEncoder  # noqa: E402,F401
 from .layerdrop import LayerDrop  # noqa: E402,F401
 from . import compute_attn_score  # noqa: E402,F401  (registers the compute_attn_score task)
+from . import orthogonal  # noqa: E402,F401  (registers hex_classifier and its archs)
 
 # ``python -m fluence_fairseq.compute_attn_score`` runs a module this package has already imported (to register its
 # task); runpy warns about that, harmlessly: the command delegates to the imported copy.
