@@ -93,21 +93,10 @@ def _settings(args) -> dict:
 
 
 def attentions_by_type(model: torch.nn.Module) -> Dict[str, List[FluenceAttention]]:
-    """Fluence attentions of every pattern type, in layer order (``named_modules`` does not iterate LayerDrop
-    lists, so no layer is skipped)."""
-    from ..criterions.fluence import attention_label  # the criterion module imports models: import late
+    """Fluence attentions of every pattern type, in layer order (the grouping compute_attn_score collects by)."""
+    from ..compute_attn_score import find_attentions  # it imports the criterions, which import models: late
 
-    prefixes = {prefix: kind for kind, (prefix, _) in PATTERN_TYPES.items()}
-    found: Dict[str, List[Tuple[int, FluenceAttention]]] = {}
-    for path, module in model.named_modules():
-        if not isinstance(module, FluenceAttention):
-            continue
-        label = attention_label(path)
-        if label is None:
-            continue
-        prefix, layer = label.rsplit("_", 1)
-        found.setdefault(prefixes[prefix], []).append((int(layer), module))
-    return {kind: [m for _, m in sorted(mods, key=lambda t: t[0])] for kind, mods in found.items()}
+    return {kind: [module for _, _, module in entries] for kind, entries in find_attentions(model).items()}
 
 
 def _pair_counts(path: str, patterns: torch.Tensor) -> torch.Tensor:
