@@ -18,6 +18,7 @@ setup(
         "sacrebleu>=2.0",
         "sentencepiece",
         "matplotlib",
+        "scikit-learn",  # k-means of the importance sampler (fairseq's sentence_prediction metrics use it too)
     ],
     extras_require={"test": ["pytest"]},
     entry_points={
@@ -27,6 +28,7 @@ setup(
             "fluence-prune-layers=fluence_fairseq.prune_layers:main",
             "fluence-bench-models=fluence_fairseq.bench_models:main",
             "fluence-attn-score=fluence_fairseq.compute_attn_score:main",
+            "fluence-prune-weights=fluence_fairseq.weight_pruning:main",
         ]
     },
 )
