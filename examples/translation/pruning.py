@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE))
 from compare import training_seconds, write_markdown  # noqa: E402
 
 #: name -> (tau or None, random)
-VARIANTS = {"dense": (None, False), "ap50": (50, False), "ap90": (90, False), "random90": (90, True)}
+VARIANTS = {"unpruned": (None, False), "ap50": (50, False), "ap90": (90, False), "random90": (90, True)}
 TYPES = ("self-enc", "self-dec", "enc-dec")
 
 
@@ -129,6 +129,7 @@ def main(argv=None):
     from evaluate import read_lines
 
     ref = read_lines(work / "raw" / "test.es")
+    # the dense model lives in WORK/pruning/dense/; each fine-tuned variant in its own WORK/pruning/<variant>/
     dense = Path(args.dense) if args.dense else out_dir / "dense" / "checkpoints" / "checkpoint_last.pt"
     if not args.dense and not (args.reuse and dense.exists()):
         print(f"== dense: {args.max_update} updates", flush=True)
