@@ -48,6 +48,20 @@ baseline), ``--no-naive`` drops the naive branch (the main encoder alone).
 for spanning directions the main logits do **not** need, i.e. it is pushed away from the very cue it should absorb.
 With ``lambda > 0`` the naive logits are trained to predict the label from superficial statistics, so they capture
 the spurious cue and the projection removes it from the main logits. See ``examples/classification/README.md``.
+
+Two additions (not in the paper) without which HEX still followed the spurious cue on our data, and with which it
+never did (measurements in the README); off by default, so the defaults stay the paper's method:
+
+* ``--hex-center`` (``hex_project(..., center=True)``): project out the span of the *batch-centred* naive logits,
+  and apply it to ``F_L``. With two classes the two naive logit columns are nearly collinear and their span misses
+  the constant, so a cue indicator is only partly removed by the paper's projection; centring removes it exactly
+  while keeping ``F_L``'s batch mean (the class prior) trainable.
+* ``--hex-orth-penalty W`` with ``--criterion hex_sentence_prediction``: the projection hides the naive-explained
+  part of ``F_L`` from the loss but does not remove it from ``F_L``: it gets no gradient and stays whatever the main
+  features carry incidentally, and prediction uses ``F_L``, so the cue comes back at test time. The penalty
+  ``W * ||P_c F_L||^2`` (:func:`hex_penalty`, per class by default: ``--hex-penalty-scope``) drives it to zero. It
+  needs the labels, so the criterion computes it (``model.hex_pending_penalty(targets)``); the model warns if a
+  training penalty is never consumed (e.g. with the stock ``sentence_prediction`` criterion).
 """
 import logging
 import warnings
@@ -60,13 +74,14 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "hex_project", "HexLogits", "BagOfWordsEncoder", "HexClassificationHead", "HexClassifierModel",
+    "hex_project", "hex_penalty", "HexLogits", "BagOfWordsEncoder", "HexClassificationHead", "HexClassifierModel",
     "LOGIT_KINDS",
 ]
 
 
 # ---------------------------------------------------------------------------------------------- the op
-def hex_project(f_a: Tensor, f_g: Tensor, ridge: float = 1e-6, intercept: bool = False) -> Tensor:
+def hex_project(f_a: Tensor, f_g: Tensor, ridge: float = 1e-6, intercept: bool = False,
+                center: bool = False) -> Tensor:
     """``F_P = (I - F_G (F_G^T F_G + eps I)^-1 F_G^T) F_A`` with ``eps = ridge * ||F_G||_F^2`` (paper eq. 4).
 
     Args:
@@ -75,6 +90,9 @@ def hex_project(f_a: Tensor, f_g: Tensor, ridge: float = 1e-6, intercept: bool =
         ridge: relative ridge (>= 0). 0 uses the exact Moore-Penrose pseudo-inverse (exact orthogonality, but
             unstable gradients when ``F_G``'s columns are nearly collinear).
         intercept: project out ``span{1, F_G}`` (prepend a column of ones to ``F_G``); not in the paper.
+        center: project out the span of the *centred* naive logits ``F_G - mean_batch(F_G)``; not in the paper.
+            Removes what the naive logits explain up to a constant, but keeps ``F_A``'s own batch mean (so the
+            class prior stays trainable, unlike ``intercept``). Not combinable with ``intercept``.
 
     Returns ``F_P``, (n, K), dtype of ``f_a``; ``F_G^T F_P ~ 0``. Computed in float64 (the matrices are tiny).
     """
@@ -91,11 +109,17 @@ def hex_project(f_a: Tensor, f_g: Tensor, ridge: float = 1e-6, intercept: bool =
     ridge = float(ridge)
     if not ridge >= 0.0:  # also rejects NaN
         raise ValueError(f"hex_project: ridge must be >= 0, got {ridge}")
+    if intercept and center:
+        raise ValueError("hex_project: intercept=True and center=True together: intercept also removes the batch "
+                         "mean, center keeps it; choose one")
     a = f_a.to(torch.float64)
     g = f_g.to(torch.float64)
     if intercept:
         # also project out the all-ones vector: span{1, F_G} (see the docstring)
         g = torch.cat([torch.ones_like(g[:, :1]), g], dim=1)
+    elif center:
+        # centred columns are orthogonal to the all-ones vector, so (I - P) leaves the batch mean of f_a alone
+        g = g - g.mean(dim=0, keepdim=True)
     gram = g.transpose(0, 1) @ g  # K' x K'
     rhs = g.transpose(0, 1) @ a  # K' x K
     if ridge > 0.0:
@@ -108,6 +132,39 @@ def hex_project(f_a: Tensor, f_g: Tensor, ridge: float = 1e-6, intercept: bool =
     return (a - g @ coef).to(f_a.dtype)
 
 
+def hex_penalty(f_l: Tensor, f_g: Tensor, targets: Optional[Tensor] = None, ridge: float = 1e-6) -> Tensor:
+    """``sum_rows ||P_c F_L||^2 / K``: how much of the prediction logits ``F_L`` (n, K) the naive logits ``F_G``
+    explain linearly (``P_c`` projects onto the batch-centred columns of ``F_G``; not in the paper).
+
+    HEX's projection only hides that part from the training loss; it gets no gradient, so the main branch keeps
+    whatever cue dependence its features carry incidentally, and ``F_L`` uses it at test time. The penalty removes it.
+
+    With ``targets`` (n,) the penalty is computed within each class separately (the centring and the projection
+    use that class's rows; classes with fewer than 2 rows add nothing). Use it: in training data the cue is
+    correlated with the label, so over the whole batch "explained by the naive logits" includes the label itself and
+    the batch version also penalises the correct prediction (it drives ``F_L`` to be *anti*-correlated with the
+    cue). Within a class, the label is constant and only the cue dependence is penalised.
+    """
+    if f_l.shape[0] != f_g.shape[0]:
+        raise ValueError(f"hex_penalty: f_l and f_g must have the same batch size, got {f_l.shape[0]} and "
+                         f"{f_g.shape[0]}")
+    if targets is None:
+        groups = [torch.arange(f_l.shape[0], device=f_l.device)]
+    else:
+        targets = targets.reshape(-1)
+        if targets.numel() != f_l.shape[0]:
+            raise ValueError(f"hex_penalty: {targets.numel()} targets for a batch of {f_l.shape[0]}")
+        groups = [(targets == c).nonzero().squeeze(1) for c in torch.unique(targets)]
+    total = f_l.new_zeros((), dtype=torch.float32)
+    for rows in groups:
+        if rows.numel() < 2:
+            continue  # one row: nothing to centre, no variation to explain
+        a = f_l[rows]
+        explained = a - hex_project(a, f_g[rows], ridge, center=True)
+        total = total + explained.float().square().sum()
+    return total / f_l.shape[1]
+
+
 class HexLogits(NamedTuple):
     """The three logit matrices of HEX, each (n, K)."""
 
@@ -118,19 +175,26 @@ class HexLogits(NamedTuple):
 
 #: what :meth:`HexClassifierModel.forward` can return as logits (``logits=``)
 LOGIT_KINDS = ("auto", "projected", "full", "main", "naive")
+#: how :class:`BagOfWordsEncoder` pools token embeddings
+BOW_POOLINGS = ("mean", "sum")
 
 
 # ------------------------------------------------------------------------------------------ the naive model
 class BagOfWordsEncoder(nn.Module):
-    """The naive model: a continuous bag of words (mean of token embeddings over the non-padding tokens), optionally
-    followed by one tanh layer (saturating, so its features can become clean indicators of a cue). It sees which tokens occur and how often, never their order, so it can pick up
-    superficial cues (a telltale token) but not order-dependent meaning.
+    """The naive model: a continuous bag of words (mean, or with ``pooling="sum"`` sum, of the token embeddings over
+    the non-padding tokens), optionally followed by one tanh layer (saturating, so its features can become clean
+    indicators of a cue). It sees which tokens occur and how often, never their order, so it can pick up superficial
+    cues (a telltale token) but not order-dependent meaning.
 
     ``forward(src_tokens)`` -> (B, out_dim).
     """
 
-    def __init__(self, num_embeddings: int, embed_dim: int, padding_idx: int, hidden_dim: int = 0):
+    def __init__(self, num_embeddings: int, embed_dim: int, padding_idx: int, hidden_dim: int = 0,
+                 pooling: str = "mean"):
         super().__init__()
+        if pooling not in BOW_POOLINGS:
+            raise ValueError(f"BagOfWordsEncoder: pooling must be one of {BOW_POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
         if embed_dim < 1:
             raise ValueError(f"BagOfWordsEncoder: embed_dim must be >= 1, got {embed_dim}")
         if hidden_dim < 0:
@@ -146,7 +210,7 @@ class BagOfWordsEncoder(nn.Module):
     def forward(self, src_tokens: Tensor) -> Tensor:
         keep = src_tokens.ne(self.padding_idx).unsqueeze(-1).to(self.embed.weight.dtype)
         summed = (self.embed(src_tokens) * keep).sum(dim=1)
-        h = summed / keep.sum(dim=1).clamp(min=1.0)
+        h = summed if self.pooling == "sum" else summed / keep.sum(dim=1).clamp(min=1.0)
         return torch.tanh(self.hidden(h)) if self.hidden is not None else h
 
 
@@ -219,6 +283,9 @@ def _register_fairseq_model():
             self.naive = naive  # None with --no-naive
             self.classification_heads = nn.ModuleDict()
             self._warned_small_batch = False
+            # (F_L, F_G) of the last training forward, for the penalty (see hex_pending_penalty)
+            self._hex_pending = None
+            self._warned_unused_penalty = False
 
         # ---------------------------------------------------------------- args
         @staticmethod
@@ -245,7 +312,9 @@ def _register_fairseq_model():
             add("--pooler-dropout", type=float, metavar="D", help="dropout in the classification head")
             add("--classifier-inner-dim", type=int, metavar="N", help="size of h_A (head dense layer) [embed dim]")
             add("--naive-embed-dim", type=int, metavar="N", help="bag-of-words embedding size")
-            add("--naive-hidden-dim", type=int, metavar="N", help="bag-of-words hidden ReLU layer (0 = none)")
+            add("--naive-hidden-dim", type=int, metavar="N", help="bag-of-words hidden tanh layer (0 = none)")
+            add("--naive-pooling", choices=list(BOW_POOLINGS),
+                help="bag of words: mean or sum of the token embeddings [mean]")
             add("--no-naive", action="store_true", default=None,
                 help="no naive branch: the main encoder alone (a baseline; needs --no-hex)")
             add("--no-hex", action="store_true", default=None,
@@ -258,6 +327,16 @@ def _register_fairseq_model():
             add("--hex-intercept", action="store_true", default=None,
                 help="project out span{1, F_G} instead of span{F_G}: with two classes the naive logit columns are "
                      "nearly collinear and their span misses the constant, so a cue indicator leaks through")
+            add("--hex-center", action="store_true", default=None,
+                help="project out the span of the batch-centred naive logits and apply the projection to F_L: "
+                     "removes what the naive logits explain up to a constant, keeps the class prior trainable")
+            add("--hex-orth-penalty", type=float, metavar="W",
+                help="add W * ||P F_L||^2 (summed over the batch, / classes) to the loss: the part of the "
+                     "prediction logits F_L that the (centred) naive logits explain, see --hex-penalty-scope "
+                     "(needs --criterion hex_sentence_prediction) [0]")
+            add("--hex-penalty-scope", choices=["class", "batch"],
+                help="compute the penalty within each class of the batch (the cue dependence given the label) or "
+                     "over the whole batch (also penalises the label where the cue predicts it) [class]")
             add("--hex-naive-through-projection", action="store_true", default=None,
                 help="let the projection's gradient reach the naive branch (as in the paper's end-to-end training); "
                      "by default the naive branch learns only from the LAMBDA F_G term")
@@ -274,6 +353,13 @@ def _register_fairseq_model():
                 raise ValueError(f"--hex-ridge must be >= 0, got {args.hex_ridge}")
             if args.hex_naive_weight < 0:
                 raise ValueError(f"--hex-naive-weight must be >= 0, got {args.hex_naive_weight}")
+            if args.hex_center and args.hex_intercept:
+                raise ValueError("--hex-center and --hex-intercept together: --hex-intercept also removes the batch "
+                                 "mean, --hex-center keeps it; choose one")
+            if args.hex_orth_penalty < 0:
+                raise ValueError(f"--hex-orth-penalty must be >= 0, got {args.hex_orth_penalty}")
+            # (no check of --criterion here: fairseq-validate rebuilds the model with the evaluation criterion,
+            # where the stock one is right; an unused penalty is reported in training instead, see forward)
             dictionary = task.source_dictionary
             embed = nn.Embedding(len(dictionary), args.encoder_embed_dim, padding_idx=dictionary.pad())
             nn.init.normal_(embed.weight, mean=0, std=args.encoder_embed_dim ** -0.5)
@@ -282,7 +368,7 @@ def _register_fairseq_model():
             naive = None
             if not args.no_naive:
                 naive = BagOfWordsEncoder(len(dictionary), args.naive_embed_dim, dictionary.pad(),
-                                          args.naive_hidden_dim)
+                                          args.naive_hidden_dim, args.naive_pooling)
             return cls(args, encoder, naive)
 
         def max_positions(self):
@@ -322,6 +408,20 @@ def _register_fairseq_model():
             h_naive = None if self.naive is None else self.naive(src_tokens)
             return head.hex_logits(pooled, h_naive)
 
+        def hex_pending_penalty(self, targets=None):
+            """``--hex-orth-penalty W`` times :func:`hex_penalty` of the last training forward (summed over the
+            batch, like fairseq's losses), per class of ``targets`` unless ``--hex-penalty-scope batch``; None if
+            that forward had no penalty. Consumes it (``--criterion hex_sentence_prediction`` calls this)."""
+            pending, self._hex_pending = self._hex_pending, None
+            if pending is None:
+                return None
+            f_l, f_g = pending
+            per_class = self.args.hex_penalty_scope == "class"
+            if per_class and targets is None:
+                raise ValueError("hex_pending_penalty: --hex-penalty-scope class needs the targets")
+            return self.args.hex_orth_penalty * hex_penalty(f_l, f_g, targets if per_class else None,
+                                                            self.args.hex_ridge)
+
         def _head(self, name):
             if name not in self.classification_heads:
                 raise KeyError(f"no classification head {name!r}; registered: {sorted(self.classification_heads)}")
@@ -345,6 +445,14 @@ def _register_fairseq_model():
                     kind = "full"
                 else:
                     kind = "projected" if self.training else "main"
+            if self.training and self._hex_pending is not None and not self._warned_unused_penalty:
+                # hex_sentence_prediction resets it after adding it to the loss: still set = nobody used it
+                self._warned_unused_penalty = True
+                msg = ("HEX: --hex-orth-penalty is set but the last training penalty was not added to any loss; "
+                       "train with --criterion hex_sentence_prediction (the stock sentence_prediction ignores it)")
+                logger.warning(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            self._hex_pending = None
             if kind == "projected":
                 if self.naive is None:
                     raise ValueError("projected logits need the naive branch (the model was built with --no-naive)")
@@ -361,7 +469,16 @@ def _register_fairseq_model():
                     # f is linear: f([h_A, sg(h_G)]) = F_L + sg(F_G) - b.
                     naive = hx.naive.detach()
                     full = hx.main + naive - head.out_proj.bias
-                out = hex_project(full, naive, self.args.hex_ridge, intercept=self.args.hex_intercept)
+                ridge, center = self.args.hex_ridge, self.args.hex_center
+                if center:
+                    # (I - P_c) F_A = (I - P_c) F_L + mean_batch(F_G - b): project F_L itself so that training and
+                    # prediction (F_L) carry the same constant (the batch mean of the naive part is not in F_L)
+                    full = hx.main
+                out = hex_project(full, naive, ridge, intercept=self.args.hex_intercept, center=center)
+                extra["hex_projected"] = out
+                if self.args.hex_orth_penalty > 0:
+                    # the penalty needs the labels (per class), so the criterion computes it: hex_pending_penalty
+                    self._hex_pending = (hx.main, hx.naive.detach())
                 if self.args.hex_naive_weight:
                     out = out + self.args.hex_naive_weight * hx.naive
                 return out, extra
@@ -375,8 +492,11 @@ def _register_fairseq_model():
         defaults = dict(
             encoder_layers=6, encoder_embed_dim=512, encoder_ffn_embed_dim=2048, encoder_attention_heads=8,
             dropout=0.1, attention_dropout=0.0, activation_dropout=0.0, activation_fn="relu", pooler="mean",
-            pooler_dropout=0.0, naive_embed_dim=64, naive_hidden_dim=0, no_naive=False, no_hex=False,
-            hex_ridge=1e-6, hex_naive_weight=1.0, hex_naive_through_projection=False, hex_intercept=False, encoder_normalize_before=False, encoder_learned_pos=False,
+            pooler_dropout=0.0, naive_embed_dim=64, naive_hidden_dim=0, naive_pooling="mean", no_naive=False,
+            no_hex=False,
+            hex_ridge=1e-6, hex_naive_weight=1.0, hex_naive_through_projection=False, hex_intercept=False,
+            hex_center=False, hex_orth_penalty=0.0,
+            hex_penalty_scope="class", encoder_normalize_before=False, encoder_learned_pos=False,
         )
         for key, value in defaults.items():
             if safe_getattr(args, key, None) is None:
@@ -409,6 +529,50 @@ def _register_fairseq_model():
     return HexClassifierModel, hex_base_architecture
 
 
+def _register_fairseq_criterion():
+    """Define and register ``--criterion hex_sentence_prediction``: fairseq's ``sentence_prediction`` plus the
+    model's orthogonality penalty (``--hex-orth-penalty``)."""
+    from dataclasses import dataclass
+
+    from fairseq.criterions import CRITERION_REGISTRY, register_criterion
+    from fairseq.criterions.sentence_prediction import SentencePredictionConfig, SentencePredictionCriterion
+    from fairseq.logging import metrics
+
+    @dataclass
+    class HexSentencePredictionConfig(SentencePredictionConfig):
+        pass
+
+    class HexSentencePredictionCriterion(SentencePredictionCriterion):
+        """The stock sentence-prediction loss (cross entropy of the model's logits, its metrics) + the penalty the
+        model's ``hex_pending_penalty(targets)`` for that forward (None in evaluation or without the penalty)."""
+
+        def forward(self, model, sample, reduce=True):
+            if self.regression_target:
+                raise ValueError("hex_sentence_prediction: HEX needs class logits; --regression-target is not "
+                                 "supported (use --criterion sentence_prediction without the HEX penalty)")
+            loss, sample_size, logging_output = super().forward(model, sample, reduce=reduce)
+            pending = getattr(model, "hex_pending_penalty", None)
+            penalty = None if pending is None else pending(model.get_targets(sample, None).view(-1))
+            if penalty is not None:
+                loss = loss + penalty.to(loss.dtype)
+                logging_output["loss"] = loss.data
+                logging_output["hex_penalty"] = penalty.data
+            return loss, sample_size, logging_output
+
+        @staticmethod
+        def reduce_metrics(logging_outputs) -> None:
+            SentencePredictionCriterion.reduce_metrics(logging_outputs)
+            penalty = sum(log.get("hex_penalty", 0) for log in logging_outputs)
+            sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
+            if penalty and sample_size:
+                metrics.log_scalar("hex_penalty", penalty / sample_size, sample_size, round=4)
+
+    if "hex_sentence_prediction" not in CRITERION_REGISTRY:
+        register_criterion("hex_sentence_prediction", dataclass=HexSentencePredictionConfig)(
+            HexSentencePredictionCriterion)
+    return CRITERION_REGISTRY["hex_sentence_prediction"]
+
+
 def _existing_model():
     from fairseq.models import MODEL_REGISTRY
 
@@ -419,3 +583,4 @@ if _existing_model() is None:
     HexClassifierModel, hex_base_architecture = _register_fairseq_model()
 else:  # imported a second time (e.g. under another module name): reuse the registered class
     HexClassifierModel = _existing_model()
+HexSentencePredictionCriterion = _register_fairseq_criterion()

@@ -6,7 +6,9 @@ For every seed it trains, with the same budget and seed, ``--arch hex_classifier
 
 * ``baseline``: ``--no-hex`` (the same main + naive network trained and evaluated on F_A = f([h_A, h_G])),
 * ``main-only``: ``--no-hex --no-naive`` (the main encoder alone),
-* ``hex``: the projection (train F_P + lambda F_G, evaluate F_L = f([h_A, 0])),
+* ``hex-paper``: the projection as in the paper/authors' code (train F_P + lambda F_G, evaluate F_L = f([h_A, 0])),
+* ``hex``: the same with ``--hex-center --hex-orth-penalty 1 --criterion hex_sentence_prediction`` (the projection
+  against the batch-centred naive logits, plus a penalty on the part of F_L the naive logits explain),
 
 then scores ``checkpoint_last.pt`` on the test split (cue independent of the label) with fairseq-validate, and
 prints a Markdown table (also written to ``work/results.md``). Output: ``examples/classification/work/``.
@@ -25,7 +27,8 @@ import spurious_data  # noqa: E402
 VARIANTS = {
     "baseline": ["--no-hex"],
     "main-only": ["--no-hex", "--no-naive"],
-    "hex": [],
+    "hex-paper": [],
+    "hex": ["--hex-center", "--hex-orth-penalty", "1", "--criterion", "hex_sentence_prediction"],
 }
 
 
@@ -48,14 +51,18 @@ def train_and_test(data: Path, out: Path, variant: str, seed: int, a) -> float:
     save = out / f"{variant}_seed{seed}"
     save.mkdir(parents=True, exist_ok=True)
     common = ["--user-dir", a.user_dir, "--task", "sentence_prediction", "--num-classes", "2",
-              "--criterion", "sentence_prediction", "--cpu", "--num-workers", "0"]
-    train = [sys.executable, "-m", "fairseq_cli.train", str(data), *common, "--arch", a.arch,
-             *VARIANTS[variant], *a.model_args, "--seed", str(seed),
+              "--cpu", "--num-workers", "0"]
+    flags = VARIANTS[variant]
+    criterion = [] if "--criterion" in flags else ["--criterion", "sentence_prediction"]
+    train = [sys.executable, "-m", "fairseq_cli.train", str(data), *common, *criterion, "--arch", a.arch,
+             *flags, *a.model_args, "--seed", str(seed),
              "--optimizer", "adam", "--lr", str(a.lr), "--lr-scheduler", "fixed", "--batch-size", str(a.batch_size),
              "--max-update", str(a.max_update), "--max-epoch", "1000", "--save-dir", str(save),
              "--no-epoch-checkpoints", "--disable-validation", "--log-format", "simple", "--log-interval", "100"]
     run(train, save / "train.log")
-    valid = [sys.executable, "-m", "fairseq_cli.validate", str(data), *common, "--path",
+    # evaluation: the stock criterion (the penalty exists only in training; prediction is F_L in every HEX mode)
+    valid = [sys.executable, "-m", "fairseq_cli.validate", str(data), *common, "--criterion", "sentence_prediction",
+             "--path",
              str(save / "checkpoint_last.pt"), "--valid-subset", "test", "--batch-size", "256"]
     return accuracy(run(valid, save / "test.log"), "test")
 
@@ -63,7 +70,7 @@ def train_and_test(data: Path, out: Path, variant: str, seed: int, a) -> float:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=HERE / "work")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--arch", default="hex_classifier_tiny")
     p.add_argument("--user-dir", default="fluence_fairseq")
