@@ -29,6 +29,7 @@ setup(
             "fluence-bench-models=fluence_fairseq.bench_models:main",
             "fluence-attn-score=fluence_fairseq.compute_attn_score:main",
             "fluence-prune-weights=fluence_fairseq.weight_pruning:main",
+            "fluence-sample=fluence_fairseq.sampling:main",
         ]
     },
 )
