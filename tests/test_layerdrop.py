@@ -289,13 +289,14 @@ def test_language_model_pruning_at_load_and_with_the_command(tmp_path):
 
 # ------------------------------------------------------------------------------------------ LayerDrop in models
 TINY = [a.name for a in ARCHITECTURES if a.name.endswith("_tiny")]
+ARCHITECTURE_MODELS = {a.name: a.model for a in ARCHITECTURES}
 
 
 @pytest.mark.parametrize("arch", TINY)
 def test_layerdrop_on_every_tiny_architecture(arch):
     """Training forwards run with layers dropped; eval runs every layer, deterministically, and equals the same
     model built without LayerDrop."""
-    lm = arch.startswith("transformer_lm_")
+    lm = ARCHITECTURE_MODELS[arch] == "fluence_transformer_lm"
     sides = ("decoder",) if lm else ("encoder", "decoder")
     drop_flags = [f for side in sides for f in (f"--{side}-layerdrop", "0.5")]
     model, task, _ = H.build(arch, drop_flags)
