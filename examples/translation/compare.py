@@ -36,6 +36,25 @@ def run(cmd, log_path):
         raise SystemExit(f"{cmd[0]} failed (see {log_path}):\n{tail}")
 
 
+def translate_and_score(binary, checkpoint, out_txt, ref, beam=5, max_len_b=200):
+    """Beam-search the test set with ``checkpoint`` into ``out_txt``; return (BLEU, chrF, wall seconds) against the
+    raw references ``ref`` (sacrebleu, the scoring of ``run.sh``)."""
+    import time
+
+    import sacrebleu
+    from evaluate import read_hypotheses
+
+    start = time.time()
+    run(["fairseq-generate", binary, "--user-dir", "fluence_fairseq", "--path", checkpoint, "--source-lang", "en",
+         "--target-lang", "es", "--gen-subset", "test", "--beam", beam, "--max-len-b", max_len_b,
+         "--batch-size", "64", "--required-batch-size-multiple", "1", "--remove-bpe", "sentencepiece", "--cpu",
+         "--seed", "1"], out_txt)
+    seconds = time.time() - start
+    hyp = read_hypotheses(out_txt, len(ref))
+    return (sacrebleu.metrics.BLEU().corpus_score(hyp, [ref]).score,
+            sacrebleu.metrics.CHRF().corpus_score(hyp, [ref]).score, seconds)
+
+
 def training_seconds(log):
     """Wall time from fairseq's first training iteration to 'done training', from the log's timestamps."""
     from datetime import datetime
@@ -103,8 +122,7 @@ def main(argv=None):
     if not (binary / "test.en-es.es.bin").exists():
         subprocess.run(["bash", str(HERE / "run.sh")], cwd=ROOT, check=True,
                        env={**__import__("os").environ, "PREPARE_ONLY": "1"})
-    import sacrebleu
-    from evaluate import read_hypotheses, read_lines
+    from evaluate import read_lines
 
     ref = read_lines(work / "raw" / "test.es")
     for name in args.attentions.split(","):
@@ -135,13 +153,8 @@ def main(argv=None):
         log = (out / "train.log").read_text()
         params = re.search(r"num\. (?:shared )?model params: ([\d,]+)", log).group(1)
         valid = re.findall(r"valid on 'valid' subset \| loss ([\d.]+)", log)
-        run(["fairseq-generate", binary, "--user-dir", "fluence_fairseq", "--path", out / "checkpoints" /
-             "checkpoint_last.pt", "--source-lang", "en", "--target-lang", "es", "--gen-subset", "test", "--beam",
-             "5", "--batch-size", "64", "--required-batch-size-multiple", "1", "--remove-bpe", "sentencepiece",
-             "--cpu", "--seed", "1"], out / "generate-test.txt")
-        hyp = read_hypotheses(out / "generate-test.txt", len(ref))
-        bleu = sacrebleu.metrics.BLEU().corpus_score(hyp, [ref]).score
-        chrf = sacrebleu.metrics.CHRF().corpus_score(hyp, [ref]).score
+        bleu, chrf, _ = translate_and_score(binary, out / "checkpoints" / "checkpoint_last.pt",
+                                            out / "generate-test.txt", ref)
         result = {"name": name, "where": roles_of(arch), "params": params, "train_s": train_s,
                   "valid_loss": valid[-1] if valid else "-", "bleu": bleu, "chrf": chrf,
                   "max_update": args.max_update, "dim": args.dim, "warmup_updates": args.warmup_updates}

@@ -35,7 +35,7 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from compare import run, training_seconds, write_markdown  # noqa: E402  (same helpers and conventions as compare.py)
+from compare import run, training_seconds, translate_and_score, write_markdown  # noqa: E402  (same helpers and conventions as compare.py)
 
 #: name -> (decoder layers trained, decoder LayerDrop)
 MODELS = {"layerdrop4": (4, True), "plain2": (2, False), "plain4": (4, False)}
@@ -58,16 +58,7 @@ def train_command(args, binary, save_dir, decoder_layers, layerdrop):
 
 
 def score(args, binary, checkpoint, out_txt, ref):
-    import sacrebleu
-    from evaluate import read_hypotheses
-
-    run(["fairseq-generate", binary, "--user-dir", "fluence_fairseq", "--path", checkpoint, "--source-lang", "en",
-         "--target-lang", "es", "--gen-subset", "test", "--beam", args.beam, "--max-len-b", args.max_len_b,
-         "--batch-size", "64", "--required-batch-size-multiple", "1", "--remove-bpe", "sentencepiece", "--cpu",
-         "--seed", "1"], out_txt)
-    hyp = read_hypotheses(out_txt, len(ref))
-    return (sacrebleu.metrics.BLEU().corpus_score(hyp, [ref]).score,
-            sacrebleu.metrics.CHRF().corpus_score(hyp, [ref]).score)
+    return translate_and_score(binary, checkpoint, out_txt, ref, args.beam, args.max_len_b)[:2]
 
 
 def write_table(args, rows, target):

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from compare import training_seconds, write_markdown  # noqa: E402
+from compare import training_seconds, translate_and_score, write_markdown  # noqa: E402
 
 #: name -> (tau or None, random)
 VARIANTS = {"unpruned": (None, False), "ap50": (50, False), "ap90": (90, False), "random90": (90, True)}
@@ -69,17 +68,7 @@ def train_command(args, binary, save_dir, max_update, extra):
 
 
 def score(args, binary, checkpoint, out_txt, ref):
-    import sacrebleu
-    from evaluate import read_hypotheses
-
-    seconds, _ = run_measured(
-        ["fairseq-generate", binary, "--user-dir", "fluence_fairseq", "--path", checkpoint, "--source-lang", "en",
-         "--target-lang", "es", "--gen-subset", "test", "--beam", args.beam, "--max-len-b", args.max_len_b,
-         "--batch-size", "64", "--required-batch-size-multiple", "1", "--remove-bpe", "sentencepiece", "--cpu",
-         "--seed", "1"], out_txt)
-    hyp = read_hypotheses(out_txt, len(ref))
-    return (sacrebleu.metrics.BLEU().corpus_score(hyp, [ref]).score,
-            sacrebleu.metrics.CHRF().corpus_score(hyp, [ref]).score, seconds)
+    return translate_and_score(binary, checkpoint, out_txt, ref, args.beam, args.max_len_b)
 
 
 def kept_shares(log):

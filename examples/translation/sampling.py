@@ -20,7 +20,6 @@ inside each cluster).
 import argparse
 import json
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,11 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 
-def run(cmd, log_path):
-    with open(log_path, "w") as log:
-        proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd[0]} failed (see {log_path}):\n{Path(log_path).read_text()[-3000:]}")
+from compare import run, translate_and_score  # noqa: E402  (same subprocess and scoring conventions)
 
 
 def link_data(source: Path, target: Path):
@@ -117,8 +112,7 @@ def main(argv=None):
     args.embed_checkpoint_label = str(ckpt.relative_to(ROOT)) if ckpt.is_relative_to(ROOT) else str(ckpt)
     embeddings = out_dir / "embeddings.npy"
 
-    import sacrebleu
-    from evaluate import read_hypotheses, read_lines
+    from evaluate import read_lines
 
     ref = read_lines(work / "raw" / "test.es")
     for arm in args.arms.split(","):
@@ -149,13 +143,8 @@ def main(argv=None):
         log = log_path.read_text()
         valid = re.findall(r"valid on 'valid' subset \| loss ([\d.]+)", log)
         epochs = re.findall(r"epoch (\d+) \| loss", log)
-        run(["fairseq-generate", data, "--user-dir", "fluence_fairseq", "--path", arm_dir / "checkpoints" /
-             "checkpoint_last.pt", "--source-lang", "en", "--target-lang", "es", "--gen-subset", "test", "--beam",
-             "5", "--batch-size", "64", "--required-batch-size-multiple", "1", "--remove-bpe", "sentencepiece",
-             "--cpu", "--seed", "1"], arm_dir / "generate-test.txt")
-        hyp = read_hypotheses(arm_dir / "generate-test.txt", len(ref))
-        bleu = sacrebleu.metrics.BLEU().corpus_score(hyp, [ref]).score
-        chrf = sacrebleu.metrics.CHRF().corpus_score(hyp, [ref]).score
+        bleu, chrf, _ = translate_and_score(data, arm_dir / "checkpoints" / "checkpoint_last.pt",
+                                            arm_dir / "generate-test.txt", ref)
         result = {"arm": arm, **stats, "epochs": int(epochs[-1]) if epochs else "-",
                   "valid_loss": valid[-1] if valid else "-", "bleu": bleu, "chrf": chrf,
                   "max_update": args.max_update, "warmup_updates": args.warmup_updates, "dim": args.dim}

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,7 +34,7 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from compare import run  # noqa: E402  (same subprocess conventions as compare.py)
+from compare import run, translate_and_score, write_markdown  # noqa: E402  (same subprocess conventions as compare.py)
 
 DEFAULT_CHECKPOINT = HERE / "work" / "pruning" / "dense" / "checkpoints" / "checkpoint_last.pt"
 LAYERS = ["encoder.layers.*", "decoder.layers.*"]
@@ -69,17 +68,7 @@ def achieved(path):
 
 
 def score(args, binary, checkpoint, out_txt, ref):
-    import sacrebleu
-    from evaluate import read_hypotheses
-
-    start = time.time()
-    run(["fairseq-generate", binary, "--user-dir", "fluence_fairseq", "--path", checkpoint, "--source-lang", "en",
-         "--target-lang", "es", "--gen-subset", "test", "--beam", args.beam, "--max-len-b", args.max_len_b,
-         "--batch-size", "64", "--required-batch-size-multiple", "1", "--remove-bpe", "sentencepiece", "--cpu",
-         "--seed", "1"], out_txt)
-    hyp = read_hypotheses(out_txt, len(ref))
-    return (sacrebleu.metrics.BLEU().corpus_score(hyp, [ref]).score,
-            sacrebleu.metrics.CHRF().corpus_score(hyp, [ref]).score, time.time() - start)
+    return translate_and_score(binary, checkpoint, out_txt, ref, args.beam, args.max_len_b)
 
 
 def write_table(args, rows, target):
@@ -102,10 +91,7 @@ def write_table(args, rows, target):
         amount = f"{r['amount']:.0%} of heads" if r["variant"] == "heads-l1" else f"{r['amount']:.0%}"
         lines.append(f"| {r['variant']} | {amount} | {r['layer_sparsity']:.2%} | {r['model_sparsity']:.2%} "
                      f"| {r['bleu']:.2f} | {r['chrf']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
-    print(text, flush=True)
+    write_markdown(lines, target)
 
 
 def main(argv=None):
