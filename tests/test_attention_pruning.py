@@ -21,7 +21,7 @@ def write_patterns(directory, kind, layers, heads, n=N, seen=None, seed=0):
     acc = PatternAccumulator(layers, heads, n)
     seen = n if seen is None else seen
     weights = torch.rand(1, heads, seen, seen, generator=g)
-    if PATTERN_TYPES[kind][1]:
+    if PATTERN_TYPES[kind]:
         weights = weights.tril()
     for layer in range(layers):
         acc.add(layer, weights * (layer + 1), count=layer == 0)
@@ -61,7 +61,7 @@ def test_roll_rows_is_invertible():
 def test_model_masks_prune_exact_share_of_allowed_entries(tmp_path, scope):
     model, _, args = pruned_model(tmp_path, tau=50, extra=["--attn-prune-scope", scope])
     for kind, modules in attentions_by_type(model).items():
-        causal = PATTERN_TYPES[kind][1]
+        causal = PATTERN_TYPES[kind]
         allowed = torch.ones(N, N, dtype=torch.bool)
         if causal:
             allowed = allowed.tril()

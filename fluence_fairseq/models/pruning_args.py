@@ -19,7 +19,7 @@ error naming the file and the shape the model needs, never a silently unpruned m
 """
 import logging
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import torch
 from fairseq.utils import safe_getattr
@@ -31,12 +31,8 @@ from ..ops.global_mask import SCOPES, pruning_mask, random_pruning_mask
 
 logger = logging.getLogger(__name__)
 
-#: attention type (the names of the reference and of compute_attn_score) -> (label prefix, causal)
-PATTERN_TYPES: Dict[str, Tuple[str, bool]] = {
-    "self-enc": ("enc_self", False),
-    "self-dec": ("dec_self", True),
-    "enc-dec": ("cross", False),
-}
+#: attention type (the names of the reference and of compute_attn_score) -> whether it is causal
+PATTERN_TYPES: Dict[str, bool] = {"self-enc": False, "self-dec": True, "enc-dec": False}
 
 
 def pattern_dest(kind: str) -> str:
@@ -47,7 +43,7 @@ def add_pruning_args(parser) -> None:
     existing = getattr(parser, "_option_string_actions", {})
     if "--attn-prune-tau" in existing:
         return
-    for kind, (_, causal) in PATTERN_TYPES.items():
+    for kind in PATTERN_TYPES:
         parser.add_argument(
             "--" + pattern_dest(kind).replace("_", "-"), dest=pattern_dest(kind), metavar="NPY", default=None,
             help=f"average attention patterns of the {kind} attentions (a .npy from compute_attn_score): prune them "
@@ -99,11 +95,11 @@ def attentions_by_type(model: torch.nn.Module) -> Dict[str, List[FluenceAttentio
     return {kind: [module for _, _, module in entries] for kind, entries in find_attentions(model).items()}
 
 
-def _pair_counts(path: str, patterns: torch.Tensor) -> torch.Tensor:
-    """(N, N) float: how many (query, key) pairs the collection saw at every pair of positions (for the
-    reference's files, which carry no counts: 1 inside the box of rows/columns with any attention, its own rule)."""
+def _pair_counts(info, patterns: torch.Tensor) -> torch.Tensor:
+    """(N, N) float: how many (query, key) pairs the collection saw at every pair of positions, from the pattern
+    file's JSON ``info`` (for the reference's files, which have none: 1 inside the box of rows/columns with any
+    attention, its own rule)."""
     n = patterns.size(-1)
-    info = load_pattern_info(path, n)
     if info is not None:
         return info["counts"]
     # the reference's files carry no counts: its own rule, the box of rows/columns with any attention
@@ -118,7 +114,7 @@ def _pair_counts(path: str, patterns: torch.Tensor) -> torch.Tensor:
 def build_keep_masks(path: str, kind: str, layers: int, heads: int, settings: dict):
     """(keep, pairs): bool (layers, heads, N, N) keep masks of one attention type from its pattern file, and the
     (N, N) number of (query, key) pairs the collection saw at each allowed entry (0 elsewhere)."""
-    causal = PATTERN_TYPES[kind][1]
+    causal = PATTERN_TYPES[kind]
     patterns = load_patterns(path, layers=layers, heads=heads)
     info = load_pattern_info(path, patterns.size(-1))
     if info is not None and info.get("type") not in (None, kind):
@@ -128,7 +124,7 @@ def build_keep_masks(path: str, kind: str, layers: int, heads: int, settings: di
     structural = torch.ones(n, n, dtype=torch.bool)
     if causal:
         structural = structural.tril()
-    counts = _pair_counts(path, patterns)
+    counts = _pair_counts(info, patterns)  # the JSON is read once: its counts are N x N numbers
     allowed = structural & (counts > 0)
     if settings["random"]:
         seed = settings["seed"] if settings["seed"] is not None else 1
