@@ -31,13 +31,13 @@ lm-demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/language_model/run.sh
 
 bench: $(STAMP)
-	$(PY) -m fluence_fairseq.bench --preset adaptive_span --out bench/adaptive_span
+	$(PY) -m benchmarks.attention --preset adaptive_span --out benchmarks/results/adaptive_span
 
 bench-sparse: $(STAMP)
-	$(PY) -m fluence_fairseq.bench_models --preset sparse --threads 1 --out bench/sparse_training
+	$(PY) -m benchmarks.models --preset sparse --threads 1 --out benchmarks/results/sparse_training
 
 bench-pruning: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m fluence_fairseq.bench_pruning --repeats 7 --json bench/pruning.json
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.pruning --repeats 7 --json benchmarks/results/pruning.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

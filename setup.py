@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="fluence_fairseq",
-    version="0.1.0",
+    version="0.2.0",
     description="Adaptive, sparse and efficient attention for fairseq (--user-dir fluence_fairseq)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -23,13 +23,12 @@ setup(
     extras_require={"test": ["pytest"]},
     entry_points={
         "console_scripts": [
-            "fluence-bench=fluence_fairseq.bench:main",
-            "fluence-plot=fluence_fairseq.plot:main",
-            "fluence-prune-layers=fluence_fairseq.prune_layers:main",
-            "fluence-bench-models=fluence_fairseq.bench_models:main",
-            "fluence-attn-score=fluence_fairseq.compute_attn_score:main",
-            "fluence-prune-weights=fluence_fairseq.weight_pruning:main",
-            "fluence-sample=fluence_fairseq.sampling:main",
+            "fluence-help=fluence_fairseq.cli.help:main",
+            "fluence-plot=fluence_fairseq.cli.plot:main",
+            "fluence-attn-score=fluence_fairseq.cli.attn_score:main",
+            "fluence-prune-layers=fluence_fairseq.cli.prune_layers:main",
+            "fluence-prune-weights=fluence_fairseq.cli.prune_weights:main",
+            "fluence-sample=fluence_fairseq.cli.sample:main",
         ]
     },
 )

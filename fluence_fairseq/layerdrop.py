@@ -7,7 +7,7 @@ Two parts:
   replacement, and never tests a tensor for truth).
 * State-dict pruning for ``*_layers_to_keep`` (:func:`parse_layers_to_keep`, :func:`prune_state_dict`,
   :func:`prune_for_load`), used by the fluence models' ``load_state_dict`` at load time and by
-  ``python -m fluence_fairseq.prune_layers`` to write a smaller checkpoint. Unlike fairseq's
+  ``fluence-prune-layers`` to write a smaller checkpoint. Unlike fairseq's
   ``checkpoint_utils.prune_state_dict`` each side is pruned on its own (pruning only the decoder keeps every
   encoder weight, fairseq#1257) and keep lists may be strings (``"0,2"``), ints or lists of ints.
 

@@ -1,7 +1,7 @@
 """Importance sampling: pick a diverse subset of a binarised fairseq split by k-means over sentence embeddings and
 write it out as a new split that ``fairseq-train --train-subset NAME`` trains on.
 
-    python -m fluence_fairseq.sampling DATA --path CKPT --split train --out-split train30 --size 0.3 \\
+    fluence-sample DATA --path CKPT --split train --out-split train30 --size 0.3 \\
         --clusters 100 --strategy per-cluster [--seed 1] [--source-lang en --target-lang es] [--max-tokens 4096]
 
 Pipeline (each step is a function of the Python API):
@@ -26,11 +26,10 @@ Pipeline (each step is a function of the Python API):
    so the pair stays aligned) or of an LM split, written with fairseq's indexed-dataset builder next to the data, and
    ``OUT_SPLIT.sampling.json`` with the indices, settings, cluster sizes and seed.
 
-Fluence's defects fixed here (notes §3.3): its percentage sampler added whole clusters while the total stayed below
+Fluence's defects fixed here: its percentage sampler added whole clusters while the total stayed below
 the budget, dropped the cluster that crossed it and returned ``None`` when every cluster fitted; its diverse stream
 walked clusters 0..511 whatever k was; it left k-means and embeddings to the caller.
 """
-import argparse
 import json
 import logging
 import math
@@ -554,46 +553,3 @@ def sample_split(data, out_split: str, size: Size, clusters: int = 100, strategy
     log(f"wrote {selection.size} of {n} examples ({selection.size / n:.1%}, {strategy}) as split {out_split!r}: "
         + ", ".join(p + ".{bin,idx}" for p in written) + f"; details in {json_path}")
     return report
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fluence_fairseq.sampling",
-                                description=__doc__.strip().split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("data", help="fairseq-preprocess output directory (the new split is written here)")
-    p.add_argument("--path", default=None, help="trained fairseq checkpoint whose encoder (or LM decoder) embeds")
-    p.add_argument("--embeddings", default=None, help="precomputed (n, D) embeddings .npy instead of --path")
-    p.add_argument("--save-embeddings", default=None, help="also save the computed embeddings as this .npy")
-    p.add_argument("--split", default="train", help="split to sample from")
-    p.add_argument("--out-split", required=True, help="name of the new split, e.g. train30")
-    p.add_argument("--size", required=True, help="fraction in (0, 1] (e.g. 0.3) or count (e.g. 5000)")
-    p.add_argument("--clusters", type=int, default=100, help="k-means clusters (1 <= k <= examples)")
-    p.add_argument("--strategy", default="per-cluster", choices=STRATEGIES)
-    p.add_argument("--seed", type=int, default=1, help="k-means, diverse order and random sample seed")
-    p.add_argument("--source-lang", default=None)
-    p.add_argument("--target-lang", default=None)
-    p.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per embedding batch")
-    p.add_argument("--batch-size", type=int, default=256, help="sentences per embedding batch")
-    p.add_argument("--n-init", type=int, default=3, help="k-means restarts")
-    p.add_argument("--kmeans", default="auto", choices=("auto", "kmeans", "minibatch"),
-                   help="auto: MiniBatchKMeans above --minibatch-above examples, else KMeans")
-    p.add_argument("--minibatch-above", type=int, default=100_000)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out-split")
-    p.add_argument("--no-progress-bar", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        sample_split(args.data, args.out_split, args.size, args.clusters, args.strategy, path=args.path,
-                     embeddings=args.embeddings, split=args.split, seed=args.seed, source_lang=args.source_lang,
-                     target_lang=args.target_lang, max_tokens=args.max_tokens, max_sentences=args.batch_size,
-                     device=args.device, progress=not args.no_progress_bar, overwrite=args.overwrite,
-                     save_embeddings=args.save_embeddings, n_init=args.n_init, algorithm=args.kmeans,
-                     minibatch_above=args.minibatch_above)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
-        p.error(str(error))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """LayerDrop and layer pruning: the ``LayerDrop`` helper, keep-list parsing, state-dict pruning, the models'
 load-time pruning (``*_layers_to_keep``), LayerDrop on every fluence architecture, and
-``python -m fluence_fairseq.prune_layers`` (its checkpoint runs in ``fairseq-generate`` without flags)."""
+``fluence-prune-layers`` (its checkpoint runs in ``fairseq-generate`` without flags)."""
 import copy
 import math
 import re
@@ -19,8 +19,8 @@ from fluence_fairseq.criterions.adaptive_span import (
 )
 from fluence_fairseq.layerdrop import LayerDrop, count_layers, parse_layers_to_keep, prune_state_dict
 from fluence_fairseq.models import ARCHITECTURES
-from fluence_fairseq.prune_layers import count_parameters, prune_checkpoint
-from fluence_fairseq.prune_layers import main as prune_main
+from fluence_fairseq.pruning.layers import count_parameters, prune_checkpoint
+from fluence_fairseq.cli.prune_layers import main as prune_main
 
 ENC_DEC_ARCH = "transformer_adaptive_span_tiny"
 LM_ARCH = "transformer_lm_adaptive_span_tiny"
@@ -403,7 +403,7 @@ def load(path, data, **overrides):
 
 
 def run_prune(*args):
-    proc = subprocess.run([sys.executable, "-m", "fluence_fairseq.prune_layers", *map(str, args)], cwd=H.REPO,
+    proc = subprocess.run([sys.executable, "-m", "fluence_fairseq.cli.prune_layers", *map(str, args)], cwd=H.REPO,
                           env=H.clean_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
     return proc.returncode, proc.stdout
 

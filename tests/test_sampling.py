@@ -12,6 +12,7 @@ import torch
 
 import fairseq_helpers as H
 from fluence_fairseq import sampling as S
+from fluence_fairseq.cli import sample as sample_cli
 
 ENC_DEC_ARCH = "fluence_transformer_tiny"
 LM_ARCH = "fluence_transformer_lm_tiny"
@@ -254,7 +255,7 @@ def test_command_from_checkpoint_then_fairseq_train_on_the_subset(translation_bi
     H.run_fairseq("train", [data, "--user-dir", "fluence_fairseq", "--arch", ENC_DEC_ARCH, "--task", "translation",
                             "--source-lang", "in", "--target-lang", "out", *H.tiny_train_flags(tmp_path / "ck", 2),
                             "--disable-validation"])
-    proc = subprocess.run([sys.executable, "-m", "fluence_fairseq.sampling", data, "--path",
+    proc = subprocess.run([sys.executable, "-m", "fluence_fairseq.cli.sample", data, "--path",
                            tmp_path / "ck" / "checkpoint_last.pt", "--out-split", "train30", "--size", "0.3",
                            "--clusters", "5", "--strategy", "centroid", "--seed", "1", "--no-progress-bar"],
                           cwd=H.REPO, env=H.clean_env(), text=True, capture_output=True, timeout=120)
@@ -270,15 +271,15 @@ def test_command_from_checkpoint_then_fairseq_train_on_the_subset(translation_bi
 
 def test_command_errors_are_clear(translation_bin, capsys):
     with pytest.raises(SystemExit) as e:
-        S.main([str(translation_bin), "--out-split", "x", "--size", "0.3", "--clusters", "500"])
+        sample_cli.main([str(translation_bin), "--out-split", "x", "--size", "0.3", "--clusters", "500"])
     assert e.value.code == 2
     assert "500 clusters asked for but the data set has only 120 examples" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        S.main([str(translation_bin), "--out-split", "x", "--size", "121", "--strategy", "random"])
+        sample_cli.main([str(translation_bin), "--out-split", "x", "--size", "121", "--strategy", "random"])
     assert "size 121 is not between 1 and the 120" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        S.main([str(translation_bin), "--out-split", "x", "--size", "0.3"])  # per-cluster without a model
+        sample_cli.main([str(translation_bin), "--out-split", "x", "--size", "0.3"])  # per-cluster without a model
     assert "needs embeddings: give --path" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        S.main([str(translation_bin), "--split", "nope", "--out-split", "x", "--size", "0.3"])
+        sample_cli.main([str(translation_bin), "--split", "nope", "--out-split", "x", "--size", "0.3"])
     assert "no binarised split 'nope'" in capsys.readouterr().err

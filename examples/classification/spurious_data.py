@@ -1,4 +1,4 @@
-"""A synthetic sentence classification data set with a spurious token, for HEX (``fluence_fairseq.orthogonal``).
+"""A synthetic sentence classification data set with a spurious token, for HEX (``fluence_fairseq.hex``).
 
 Each sentence is random filler words with one *subject* word (``s0``..``s2``) and one *object* word (``o0``..``o2``)
 at random positions, and one *cue* token (``cue0``/``cue1``) at a random position.

@@ -83,7 +83,7 @@ BPC=$(sed -nE 's/.*Loss \(base 2\): ([0-9.]+).*/\1/p' "$WORK/eval.log" | tail -1
 [[ -n "$BPC" ]] || { echo "run.sh: no 'Loss (base 2)' in $WORK/eval.log" >&2; exit 1; }
 
 echo "== 4/4 plot the learned spans"
-python -m fluence_fairseq.plot spans "$CKPT/checkpoint_last.pt" -o "$WORK/spans.png" > "$WORK/spans.txt"
+python -m fluence_fairseq.cli.plot spans "$CKPT/checkpoint_last.pt" -o "$WORK/spans.png" > "$WORK/spans.txt"
 cat "$WORK/spans.txt"
 
 VALID_LOSS=$(grep -E "valid on 'valid' subset" "$WORK/train.log" 2>/dev/null | tail -1 | sed -nE 's/.*\| loss ([0-9.]+) .*num_updates ([0-9]+).*/\1 after \2 updates/p' || true)

@@ -19,7 +19,7 @@
 Writes ``WORK/pruning/`` (patterns, logs, checkpoints, ``results.json``) and the table to
 ``WORK/pruning/results.md`` (or ``--out``). Sentences here are short (33 tokens on average), so the block-sparse
 kernel (which pays off from a few blocks of 32 positions) rarely runs: the masks are applied exactly, but the time
-column shows their cost at short lengths, not the kernel's savings (``python -m fluence_fairseq.bench_pruning``
+column shows their cost at short lengths, not the kernel's savings (``python -m benchmarks.pruning``
 measures those at length 1024).
 """
 import argparse

@@ -82,7 +82,7 @@ T_GEN=$((SECONDS - T2))
 grep -E "^Generate test|Translated" "$WORK/generate-test.txt" "$WORK/generate.log" | sed 's/.*| //' | tail -1 || true
 
 echo "== 4/4 plot the learned spans"
-python -m fluence_fairseq.plot spans "$CKPT/checkpoint_last.pt" -o "$WORK/spans.png" > "$WORK/spans.txt"
+python -m fluence_fairseq.cli.plot spans "$CKPT/checkpoint_last.pt" -o "$WORK/spans.png" > "$WORK/spans.txt"
 cat "$WORK/spans.txt"
 
 python "$HERE/evaluate.py" --generate "$WORK/generate-test.txt" \

@@ -1,6 +1,7 @@
 """fairseq models and named architectures of fluence_fairseq.
 
-Registered models: ``fluence_transformer`` (encoder-decoder) and ``fluence_transformer_lm`` (decoder-only). The
+Registered models: ``fluence_transformer`` (encoder-decoder), ``fluence_transformer_lm`` (decoder-only) and
+``hex_classifier`` (sentence classification with HEX). The
 ``--arch`` names come from the table in :mod:`fluence_fairseq.models.architectures`.
 """
 from .attention_args import (
@@ -23,6 +24,7 @@ from .encoder_decoder import FluenceTransformerModel
 from .language_model import FluenceTransformerLanguageModel
 from .architectures import ARCHITECTURES, Architecture, markdown_table, register_architecture
 from .efficient_encoder import EfficientTransformerEncoder
+from .hex_classifier import HexClassifierModel
 
 __all__ = [
     "AttentionRole", "ENCODER_SELF", "DECODER_SELF", "DECODER_CROSS", "DEFAULT_ATTENTION",
@@ -31,4 +33,5 @@ __all__ = [
     "FluenceTransformerEncoder", "FluenceTransformerDecoder",
     "FluenceTransformerModel", "FluenceTransformerLanguageModel",
     "ARCHITECTURES", "Architecture", "markdown_table", "register_architecture", "EfficientTransformerEncoder",
+    "HexClassifierModel",
 ]

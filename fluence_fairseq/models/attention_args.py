@@ -1,7 +1,7 @@
 """Which attention each transformer sublayer uses, as command-line flags generated from the attention registry.
 
-A model has *roles*: the attention sublayers it builds (``encoder_self_attention``, ``decoder_self_attention``,
-``cross_attention``; ``--decoder-cross-attention`` is an alias of ``--cross-attention``). Each role is one flag (``--decoder-self-attention adaptive_span``) whose choices are
+A model has *roles* (:mod:`fluence_fairseq.roles`): the attention sublayers it builds (``encoder_self_attention``,
+``decoder_self_attention``, ``cross_attention``; ``--decoder-cross-attention`` is an alias of ``--cross-attention``). Each role is one flag (``--decoder-self-attention adaptive_span``) whose choices are
 the keys of :data:`fluence_fairseq.modules.registry.ATTENTIONS`, and every option of every registered attention
 becomes a flag too (``attn_span`` -> ``--attn-span``). Adding a row to the registry is enough for the models to
 offer it.
@@ -19,39 +19,12 @@ from fairseq.models.transformer.transformer_config import EncDecBaseConfig
 from fairseq.utils import safe_getattr
 
 from ..modules.attention_base import PATTERNS, describe_patterns
+from ..roles import DECODER_CROSS, DECODER_SELF, ENCODER_SELF, AttentionRole  # noqa: F401  (re-exported)
 from ..modules.registry import ATTENTIONS, AttentionOption, AttentionSpec, get_attention
 
 #: attention used by a role that neither the --arch nor the command line chose
 DEFAULT_ATTENTION = "softmax"
 
-
-@dataclass(frozen=True)
-class AttentionRole:
-    """One attention sublayer of a model: the flag that names its attention and the pattern it is built with."""
-
-    attr: str  # argparse dest, e.g. "decoder_self_attention"
-    causal: bool
-    cross: bool
-    what: str  # for help texts and errors
-    aliases: Tuple[str, ...] = ()  # older argparse dests that mean the same (read from old checkpoints too)
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.attr.replace("_", "-")
-
-    @property
-    def flags(self) -> Tuple[str, ...]:
-        return (self.flag,) + tuple("--" + a.replace("_", "-") for a in self.aliases)
-
-    @property
-    def pattern(self) -> Tuple[bool, bool]:
-        return (self.cross, self.causal)
-
-
-ENCODER_SELF = AttentionRole("encoder_self_attention", causal=False, cross=False, what="encoder self attention")
-DECODER_SELF = AttentionRole("decoder_self_attention", causal=True, cross=False, what="decoder self attention")
-DECODER_CROSS = AttentionRole("cross_attention", causal=False, cross=True,
-                              what="decoder cross (encoder-decoder) attention", aliases=("decoder_cross_attention",))
 
 # Option names that fairseq's TransformerConfig copies into both the encoder and the decoder sub-config (they would
 # silently change layer sizes), plus names fairseq already uses for other things.

@@ -3,7 +3,7 @@ from fairseq.models import register_model
 from fairseq.models.transformer import TransformerModel
 
 from ..layerdrop import normalize_layers_to_keep_args, prune_for_load
-from .pruning_args import add_pruning_args, apply_attention_pruning
+from ..pruning.flags import add_pruning_args, apply_attention_pruning
 from .attention_args import DECODER_CROSS, DECODER_SELF, ENCODER_SELF, add_attention_args, fill_attention_defaults
 from .layers import FluenceTransformerDecoder, FluenceTransformerEncoder
 

@@ -13,7 +13,7 @@ from fairseq.modules import AdaptiveInput, CharacterTokenEmbedder
 from fairseq.utils import eval_str_list, safe_getattr
 
 from ..layerdrop import normalize_layers_to_keep_args, prune_for_load
-from .pruning_args import add_pruning_args, apply_attention_pruning
+from ..pruning.flags import add_pruning_args, apply_attention_pruning
 from .attention_args import DECODER_SELF, add_attention_args, fill_attention_defaults
 from .layers import FluenceTransformerDecoder
 

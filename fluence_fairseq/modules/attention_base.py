@@ -16,7 +16,7 @@ import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor
 
-from .attention_pruning import GlobalAttentionMask, leading_padding, mask_positions
+from ..pruning.masks import GlobalAttentionMask, leading_padding, mask_positions
 from .masks import HARD_MASK, append_padding_masks, attn_mask_to_additive, padding_mask_to_bool
 
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..ops.common import relative_positions  # noqa: F401  (re-exported)
+
 #: additive ``attn_mask`` values at or below this are masks, not biases: attentions that give masked keys exactly
 #: zero weight (entmax) treat them as removed (``exp(-1e4)`` is already 0 for softmax)
 HARD_MASK = -1e4
@@ -71,8 +73,3 @@ def append_padding_masks(
         new = torch.zeros(bsz, new_len, dtype=torch.bool, device=device)
     return torch.cat([prev, new], dim=1)
 
-
-def relative_positions(tgt_len: int, src_len: int, query_offset: int, device) -> Tensor:
-    """(tgt, src) long tensor of query position minus key position."""
-    q = torch.arange(tgt_len, device=device).unsqueeze(1) + query_offset
-    return q - torch.arange(src_len, device=device).unsqueeze(0)

@@ -4,7 +4,7 @@ import torch
 from ..ops.band import band_attention
 from ..ops.pruned_attention import BlockLayout, pruned_attention
 from .attention_base import FluenceAttention, fsmha
-from .attention_pruning import roll_rows
+from ..pruning.masks import roll_rows
 from .spec import AttentionSpec
 
 __all__ = ["SoftmaxAttention", "FSSoftmax"]

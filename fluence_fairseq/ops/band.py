@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..modules.masks import relative_positions
+from .common import accumulation_dtype as _acc, relative_positions
 
 RelBias = Callable[[Tensor], Tensor]
 
@@ -105,11 +105,6 @@ def _windows(x: Tensor, dim: int, start: int, size: int, step: int, count: int, 
 _GROUP_ELEMENTS = 1 << 18
 # Sequences with at most this many query-key pairs use the dense path (one plain autograd graph).
 _DENSE_PAIRS = 1 << 16
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of scores and softmax statistics: float32, or float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _pad_keys(x: Tensor, start: int, length: int) -> Tensor:

@@ -16,6 +16,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .common import accumulation_dtype as _acc
+
 
 class Landmarks(NamedTuple):
     """Segment-mean landmarks of one batch, shared by queries and keys of a self attention."""
@@ -43,11 +45,6 @@ class Landmarks(NamedTuple):
 
 def _neg(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """Softmax and pseudo-inverse precision: float32 for half types."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def segment_index(real: Tensor, num_landmarks: int) -> Tensor:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .common import accumulation_dtype as _acc
+
 __all__ = ["sample_count", "sample_keys", "probsparse_attention", "real_value_mean"]
 
 
@@ -38,10 +40,6 @@ def sample_count(n: int, factor: int) -> int:
 
 # Elements of one block of sampled scores (queries x sampled keys, all heads) formed at a time (4 MiB in float32).
 _SCORE_ELEMENTS = 1 << 20
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def sample_keys(

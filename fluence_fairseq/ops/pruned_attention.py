@@ -1,5 +1,5 @@
 """Softmax attention under a global keep mask whose pruned entries are never computed (data-informed attention
-pruning, Rugina et al. 2020; the masks come from :mod:`fluence_fairseq.ops.global_mask`).
+pruning, Rugina et al. 2020; the masks come from :mod:`fluence_fairseq.pruning.policy`).
 
 ``keep`` (H, Lq, Lk) is the same for every input: row ``(b, h, i)`` is a softmax over the keys ``j`` with
 ``keep[h, i, j]`` and not ``key_padding_mask[b, j]``; a row with no such key gives output 0, weights 0 and zero
@@ -31,7 +31,7 @@ forward+backward relative to dense SDPA in the same process: a segmented softmax
 (``scatter_reduce`` row maxima, ``index_add`` row sums, custom backward keeping the probabilities) 0.39-0.50x;
 buckets with autograd 0.33-0.38x (40 MiB peak vs 4.9 MiB for SDPA); buckets with :class:`_BucketsFlashCPU`
 0.30x (33 MiB), and in row chunks 0.27x (15 MiB). 32-query blocks beat 16 and 64 (64: 0.33x, block density
-0.23). See ``python -m fluence_fairseq.bench_pruning``.
+0.23). See ``python -m benchmarks.pruning``.
 
 :class:`BlockLayout` (the buckets of one mask at one block size) depends only on the mask, so callers build it
 once per length and pass it in.
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .band import _acc
+from .common import accumulation_dtype as _acc
 
 #: rows keeping at most this many key blocks are bucketed by their exact count, longer ones on a geometric grid
 _EXACT_COUNTS = 8

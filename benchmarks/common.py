@@ -1,0 +1,242 @@
+"""Measurements behind ``fluence-bench``, run inside one worker process per module.
+
+A *module spec* is a JSON-able dict naming what to build:
+
+* ``{"kind": "attention", "name": ..., "options": {...}, "setup": {...}}``: an entry of the attention registry,
+  built with ``options`` and then changed by ``setup`` (see :data:`SETUPS`);
+* ``{"kind": "fairseq_mha"}``: fairseq's ``MultiheadAttention``, with the float ``-inf`` upper-triangular
+  ``attn_mask`` the fairseq decoder passes when the pattern is causal;
+* ``{"kind": "sdpa"}``: q/k/v/out projections around ``torch.nn.functional.scaled_dot_product_attention``
+  (``is_causal`` for causal patterns);
+* ``{"kind": "projections"}``: the four projections alone, the floor under every attention on CPU.
+
+Memory is the increase of the process's resident set (RSS) at its peak during the first training step at full
+size, over the RSS just before it (module, parameters and inputs already allocated): activations saved for
+backward, gradients, temporaries and allocator overhead. The kernel's high-water mark (``VmHWM``) is reset
+through ``/proc/self/clear_refs`` just before that step, so it is Linux-only; run each module in a fresh
+process, or memory freed earlier and kept by the allocator hides part of the increase. ``fluence-bench`` measures
+memory in a separate worker whose glibc ``MALLOC_MMAP_THRESHOLD_`` is fixed (:data:`MEMORY_ENV`): large buffers
+are then always mapped and unmapped, so the RSS follows the live tensors instead of depending on glibc's
+adaptive threshold (which otherwise made the same run read 94 or 160 MiB). Times come from a worker with the
+default allocator settings.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fluence_fairseq.modules.attention_base import FluenceAttention
+from fluence_fairseq.modules.registry import get_attention
+
+#: environment of the memory-measuring worker (see the module docstring)
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+def run_in_fresh_process(module: str, job: dict, what: str, extra_env: Optional[Dict[str, str]] = None) -> dict:
+    """``python -m <module> --worker`` with ``job`` as JSON on stdin; returns the JSON of its last stdout line.
+    A fresh process per measurement keeps allocator state and thread pools from leaking between cases."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+               **(extra_env or {}))
+    proc = subprocess.run([sys.executable, "-m", module, "--worker"], input=json.dumps(job), capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed for {what}:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+#: name -> (module, value): changes to a built attention before measuring, ``--setup name=value``
+SETUPS: Dict[str, Callable[[nn.Module, float], None]] = {}
+
+
+def _set_span_tokens(module: nn.Module, tokens: float) -> None:
+    """Every head's adaptive span = ``tokens`` (the ramp comes on top)."""
+    span = getattr(module, "adaptive_span", None)
+    if span is None:
+        raise ValueError(f"setup 'span' needs an adaptive-span attention; {type(module).__name__} has none")
+    if not 0 <= tokens <= span.attn_span:
+        raise ValueError(f"span={tokens} must be in [0, attn_span={span.attn_span}]")
+    with torch.no_grad():
+        span.current_val.fill_(tokens / span.attn_span)
+
+
+SETUPS["span"] = _set_span_tokens
+
+# name on the command line -> (cross, causal)
+PATTERN_FLAGS = {"noncausal": (False, False), "causal": (False, True), "cross": (True, False),
+                 "causal-cross": (True, True)}
+
+
+class ProjectedSDPA(nn.Module):
+    """fairseq-shaped q/k/v/out projections around SDPA; ``attend=False`` keeps the projections alone."""
+
+    def __init__(self, embed_dim: int, num_heads: int, causal: bool, attend: bool = True):
+        super().__init__()
+        self.num_heads, self.causal, self.attend = num_heads, causal, attend
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(embed_dim, embed_dim) for _ in range(4))
+
+    def forward(self, x: Tensor, src: Tensor) -> Tuple[Tensor, ...]:
+        q, k, v = self.q_proj(x), self.k_proj(src), self.v_proj(src)
+        if not self.attend:
+            return self.out_proj(q), k, v
+        tgt_len, bsz, dim = x.shape
+
+        def heads(t):  # (L, B, D) -> (B, H, L, Dh)
+            return t.view(t.size(0), bsz, self.num_heads, -1).permute(1, 2, 0, 3)
+
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=self.causal)
+        return (self.out_proj(out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, dim)),)
+
+
+def causal_float_mask(tgt_len: int, src_len: int) -> Tensor:
+    """fairseq's future mask: 0 on and below the diagonal, -inf above."""
+    return torch.triu(torch.full((tgt_len, src_len), float("-inf")), 1)
+
+
+def build_module(spec: dict, dim: int, heads: int, cross: bool, causal: bool) -> nn.Module:
+    kind = spec["kind"]
+    if kind == "attention":
+        module = get_attention(spec["name"]).build(dim, heads, dropout=0.0, causal=causal, cross=cross,
+                                                   **spec.get("options", {}))
+        for name, value in spec.get("setup", {}).items():
+            if name not in SETUPS:
+                raise ValueError(f"unknown setup {name!r}; choose from {sorted(SETUPS)}")
+            SETUPS[name](module, value)
+        return module
+    if kind == "fairseq_mha":
+        from fairseq.modules.multihead_attention import MultiheadAttention
+        return MultiheadAttention(dim, heads, dropout=0.0, self_attention=not cross, encoder_decoder_attention=cross)
+    if kind in ("sdpa", "projections"):
+        return ProjectedSDPA(dim, heads, causal, attend=kind == "sdpa")
+    raise ValueError(f"unknown module kind {kind!r}")
+
+
+def training_step(module: nn.Module, dim: int, batch: int, length: int, src_len: int, cross: bool,
+                  causal: bool) -> Callable[[], float]:
+    """A function running one forward+backward of ``module`` on a fixed random input; returns its seconds."""
+    x = torch.randn(length, batch, dim, requires_grad=True)
+    src = torch.randn(src_len, batch, dim, requires_grad=True) if cross else x
+    # fluence attentions are causal by construction; fairseq's MHA needs the decoder's mask
+    needs_mask = causal and not isinstance(module, (FluenceAttention, ProjectedSDPA))
+    mask = causal_float_mask(length, src_len) if needs_mask else None
+
+    def forward() -> Tuple[Tensor, ...]:
+        if isinstance(module, ProjectedSDPA):
+            return module(x, src)
+        return (module(query=x, key=src, value=src, attn_mask=mask, need_weights=False)[0],)
+
+    def step() -> float:
+        module.zero_grad(set_to_none=True)
+        x.grad = src.grad = None
+        start = time.perf_counter()
+        sum(out.sum() for out in forward()).backward()
+        return time.perf_counter() - start
+
+    return step
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def peak_rss_increase_mb(fn: Callable[[], None]) -> float:
+    """Run ``fn``; return (peak RSS during it) - (RSS before it), in MiB (Linux /proc)."""
+    before = _proc_status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the high-water mark VmHWM to the current RSS
+    fn()
+    return (_proc_status_kb("VmHWM") - before) / 1024
+
+
+def measure_training(spec: dict, dim: int, heads: int, batch: int, length: int, src_len: int, cross: bool,
+                     causal: bool, repeats: int, warmup: int, memory_only: bool = False) -> dict:
+    """Forward+backward of one module: peak memory of the first full-size step, then ``repeats`` timed steps
+    (none with ``memory_only``).
+
+    One step on a 16-token input comes first so that one-time costs (thread pools, library code paged in)
+    stay out of the memory number.
+    """
+    module = build_module(spec, dim, heads, cross, causal).train()
+    training_step(module, dim, batch, min(length, 16), min(src_len, 16), cross, causal)()
+    step = training_step(module, dim, batch, length, src_len, cross, causal)
+    peak_mb = peak_rss_increase_mb(step)
+    if memory_only:
+        return {"peak_mem_mb": peak_mb}
+    for _ in range(warmup - 1):
+        step()
+    times_ms = [step() * 1e3 for _ in range(repeats)]
+    return {"time_ms": times_ms, "time_ms_median": statistics.median(times_ms), "time_ms_min": min(times_ms),
+            "peak_mem_mb": peak_mb}
+
+
+def _copy_state(state: dict) -> dict:
+    return {key: dict(buffer) for key, buffer in state.items()}
+
+
+def _decode_call(module: nn.Module, tokens: Tensor, state: dict) -> Tensor:
+    return module(query=tokens, key=tokens, value=tokens, incremental_state=state, need_weights=False)[0]
+
+
+def _accepts_multi_token_steps(module: nn.Module, dim: int) -> bool:
+    try:
+        _decode_call(module, torch.randn(2, 1, dim), {})
+        return True
+    except (ValueError, RuntimeError, AssertionError):
+        return False
+
+
+@torch.no_grad()
+def measure_decoding(spec: dict, dim: int, heads: int, positions: List[int], batches: List[int], steps: int,
+                     warmup: int, prefill_chunk: int = 512) -> List[dict]:
+    """ms per decoding step of a causal self attention with ``positions[i]`` tokens already cached.
+
+    The cache is filled once at batch 1 (in chunks of ``prefill_chunk`` tokens when the module takes
+    multi-token queries, else token by token) and copied out to each batch size ``b`` with
+    ``reorder_incremental_state(state, zeros(b))``, as fairseq's beam search expands a batch into beams. With
+    ``b > 1`` every timed step also reorders the cache by a random beam order, as beam search does.
+    """
+    module = build_module(spec, dim, heads, cross=False, causal=True).eval()
+    chunk = prefill_chunk if _accepts_multi_token_steps(module, dim) else 1
+    prefix_state: Dict[str, Dict[str, Optional[Tensor]]] = {}
+    filled, rows = 0, []
+    for position in sorted(positions):
+        while filled < position:
+            n = min(chunk, position - filled)
+            _decode_call(module, torch.randn(n, 1, dim), prefix_state)
+            filled += n
+        for beam in batches:
+            state = _copy_state(prefix_state)
+            module.reorder_incremental_state(state, torch.zeros(beam, dtype=torch.long))
+            times_ms = []
+            for _ in range(warmup + steps):
+                token = torch.randn(1, beam, dim)
+                start = time.perf_counter()
+                if beam > 1:
+                    module.reorder_incremental_state(state, torch.randint(beam, (beam,)))
+                _decode_call(module, token, state)
+                times_ms.append((time.perf_counter() - start) * 1e3)
+            rows.append({"position": position, "batch": beam, "ms_per_step": statistics.median(times_ms[warmup:])})
+    return rows
+
+
+def run_job(job: dict) -> dict:
+    """One worker's work: training measurement of ``job["module"]``, and decoding if ``job["decode"]``."""
+    torch.manual_seed(0)
+    cross, causal = PATTERN_FLAGS[job["pattern"]]
+    shape = {k: job[k] for k in ("dim", "heads")}
+    result = measure_training(job["module"], batch=job["batch"], length=job["length"], src_len=job["src_len"],
+                              cross=cross, causal=causal, repeats=job["repeats"], warmup=job["warmup"],
+                              memory_only=job.get("memory_only", False), **shape)
+    if job.get("decode"):
+        result["decode"] = measure_decoding(job["module"], warmup=job["warmup"], **job["decode"], **shape)
+    return result

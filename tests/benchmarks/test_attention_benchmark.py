@@ -1,0 +1,127 @@
+"""Smoke test of fluence-bench on tiny sizes: report structure and arithmetic, no timing thresholds."""
+import math
+
+import pytest
+
+from benchmarks.attention import (
+    MHA, PROJECTIONS, SDPA, BenchConfig, DecodeGrowthTarget, TimeRatioTarget, Variant, build_parser,
+    config_from_args, decode_series, markdown, run_benchmark, write_outputs,
+)
+
+POSITIONS = [16, 32, 64]
+BATCHES = [1, 3]
+SOFTMAX = Variant("softmax", decode=True)
+SPAN = Variant("adaptive_span", {"attn_span": 64, "adapt_span_ramp": 8}, {"span": 16}, decode=True)
+
+
+@pytest.fixture(scope="module")
+def report():
+    # one thread per worker: a loaded test machine would otherwise stall OpenMP and slow the test down
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        cfg = BenchConfig(
+            [SOFTMAX, SPAN], pattern="causal", dim=32, heads=4, batch=16, lengths=[64], repeats=2, warmup=1,
+            decode_positions=POSITIONS, decode_batches=BATCHES, decode_steps=2,
+            targets=[TimeRatioTarget(SPAN.label, MHA, 0.5), DecodeGrowthTarget(SPAN.label, 3, 1.1)],
+        )
+        return run_benchmark(cfg, log=lambda msg: None)
+
+
+def test_training_rows_have_positive_finite_numbers(report):
+    rows = {row["case"]: row for row in report["train"]}
+    assert set(rows) == {"softmax", "adaptive_span span=16", MHA, SDPA, PROJECTIONS}
+    for row in rows.values():
+        assert len(row["time_ms"]) == 2
+        assert row["time_ms_min"] == min(row["time_ms"]) and row["time_ms_median"] >= row["time_ms_min"]
+        for key in ("time_ms_median", "time_ms_min", "peak_mem_mb"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["case"], key, row[key])
+
+
+def test_ratios_follow_from_raw_numbers(report):
+    rows = {row["case"]: row for row in report["train"]}
+    for row in rows.values():
+        for ref, suffix in ((MHA, "mha"), (SDPA, "sdpa")):
+            assert row[f"time_vs_{suffix}"] == pytest.approx(row["time_ms_median"] / rows[ref]["time_ms_median"])
+            assert row[f"mem_vs_{suffix}"] == pytest.approx(row["peak_mem_mb"] / rows[ref]["peak_mem_mb"])
+    assert rows[MHA]["time_vs_mha"] == pytest.approx(1.0)
+
+
+def test_decode_rows_for_every_position_and_batch(report):
+    series = decode_series(report)
+    assert set(series) == {(case, b) for case in ("softmax", "adaptive_span span=16", MHA) for b in BATCHES}
+    for points in series.values():
+        assert [p for p, _ in points] == POSITIONS
+        assert all(math.isfinite(ms) and ms > 0 for _, ms in points)
+
+
+def test_targets_and_markdown(report, tmp_path):
+    ratio, growth = report["targets"]
+    rows = {row["case"]: row for row in report["train"]}
+    assert ratio["value"] == pytest.approx(rows[SPAN.label]["time_ms_median"] / rows[MHA]["time_ms_median"])
+    points = decode_series(report)[(SPAN.label, 3)]
+    assert growth["value"] == pytest.approx(points[-1][1] / points[0][1])
+    assert ratio["pass"] == (ratio["value"] <= 0.5)
+    text = markdown(report)
+    for needle in ("torch", "threads", "| 64 | softmax |", f"| {MHA} | 3 |", "PASS" if ratio["pass"] else "FAIL"):
+        assert needle in text
+    written = write_outputs(report, str(tmp_path / "sub" / "smoke"))
+    assert [p.rsplit(".", 1)[1] for p in written] == ["md", "json", "png"]
+    assert all((tmp_path / "sub" / f"smoke.{ext}").stat().st_size > 0 for ext in ("md", "json", "png"))
+
+
+def test_preset_and_command_line_options():
+    cfg = config_from_args(_parse(["--preset", "adaptive_span", "--lengths", "1024,4096"]))
+    assert cfg.lengths == [1024, 4096] and cfg.dim == 512 and cfg.heads == 8 and cfg.batch == 1
+    assert [v.label for v in cfg.variants] == [f"adaptive_span span={s}" for s in (64, 1024, 4096)]
+    assert [v.decode for v in cfg.variants] == [True, False, False]
+    assert cfg.variants[0].options == {"attn_span": 4096, "adapt_span_ramp": 32}
+    assert len(cfg.targets) == 5
+    cfg = config_from_args(_parse(["adaptive_span", "--opt", "attn_span=256", "--setup", "span=32", "--no-decode"]))
+    assert cfg.variants == [Variant("adaptive_span", {"attn_span": 256}, {"span": 32.0})]
+    with pytest.raises(SystemExit):
+        config_from_args(_parse(["softmax", "--opt", "attn_span=256"]))
+
+
+def _parse(argv):
+    return build_parser().parse_args(argv)
+
+
+def test_efficient_presets_cover_every_registered_method_with_its_bounds():
+    from benchmarks.attention import EFFICIENT, PRESETS, LengthGrowthTarget
+    from fluence_fairseq.modules import ATTENTIONS
+
+    noncausal = PRESETS["efficient_noncausal"]()
+    names = {v.attention for v in noncausal.variants}
+    assert names == {n for n in EFFICIENT if n in ATTENTIONS}
+    assert noncausal.baseline_max_length == 8192 and max(noncausal.lengths) == 16384
+    assert any(isinstance(t, LengthGrowthTarget) for t in noncausal.targets)
+    causal = PRESETS["efficient_causal"]()
+    assert all((False, True) in ATTENTIONS[v.attention].cls.supported_patterns for v in causal.variants)
+    assert all(v.decode for v in causal.variants)
+
+
+def test_growth_and_memory_targets_and_skipped_baselines():
+    from benchmarks.attention import LengthGrowthTarget, add_ratios
+
+    rows = [{"case": "x", "length": 1000, "time_ms_median": 10.0, "peak_mem_mb": 5.0},
+            {"case": "x", "length": 8000, "time_ms_median": 160.0, "peak_mem_mb": 40.0},
+            {"case": PROJECTIONS, "length": 8000, "time_ms_median": 100.0, "peak_mem_mb": 50.0}]
+    add_ratios(rows)
+    assert math.isnan(rows[0]["time_vs_proj"]) and rows[1]["time_vs_proj"] == pytest.approx(1.6)
+    report = {"train": rows}
+    growth = LengthGrowthTarget("x", 1.15).check(report)
+    assert growth["value"] == pytest.approx(math.log(16) / math.log(8)) and not growth["pass"]
+    mem = TimeRatioTarget("x", PROJECTIONS, 1.5, length=8000, metric="peak_mem_mb").check(report)
+    assert mem["value"] == pytest.approx(0.8) and mem["pass"] and "peak memory" in mem["target"]
+
+
+def test_summary_table_marks_missed_targets(report):
+    from benchmarks.attention import summary
+
+    text = summary([report], length=64)
+    lines = text.splitlines()
+    span_row = next(line for line in lines if line.startswith(f"| {SPAN.label} |"))
+    assert "causal: time / proj" in lines[0] and MHA in text and PROJECTIONS not in text.split("\n\n")[0]
+    time_target, decode_target = report["targets"]
+    assert span_row.split(" | ")[1].endswith("*") == (not time_target["pass"])
+    assert span_row.rstrip(" |").split(" | ")[-1].count("/") == 1  # batch 1 and batch 3 decode ratios

@@ -1,0 +1,60 @@
+"""Smoke test of the pruned-attention benchmark at tiny sizes: report structure, paths and arithmetic, no timing
+thresholds (timings are for the benchmark command, not the test suite)."""
+import math
+
+import pytest
+import torch
+
+from benchmarks import pruning as bp
+
+
+def test_synthetic_patterns_are_row_stochastic_and_causal():
+    p = bp.synthetic_patterns(4, 48, causal=True)
+    assert p.shape == (1, 4, 48, 48)
+    torch.testing.assert_close(p.sum(-1), torch.ones(1, 4, 48, dtype=p.dtype))
+    assert p[0].triu(1).abs().max() == 0
+    keep = bp.make_mask("informed", 90.0, 4, 48, causal=True)
+    assert keep.shape == (4, 48, 48) and not bool(keep.triu(1).any())
+    assert int(keep.sum()) == round(0.1 * 4 * 48 * 49 / 2)
+    # the band heads keep their diagonal
+    assert bool(keep[0].diagonal(-1)[1:].all() or keep[0].diagonal()[1:].all())
+
+
+def test_report_with_in_process_workers(monkeypatch):
+    """The whole driver, with every worker run in this process (a fresh process each costs seconds)."""
+    monkeypatch.setattr(bp, "run_in_fresh_process", lambda module, job, what, env=None: bp._worker(job))
+    threads = torch.get_num_threads()
+    try:
+        report = bp.run_benchmark(length=64, heads=2, head_dim=8, batch=1, threads=1, repeats=2, block=8,
+                                  log=lambda msg: None)
+    finally:
+        torch.set_num_threads(threads)
+    rows = report["rows"]
+    assert [(r["pattern"], r["case"]) for r in rows] == [(p, c[0]) for p in ("noncausal", "causal") for c in bp.CASES]
+    for r in rows:
+        base = next(b for b in rows if b["pattern"] == r["pattern"] and b["path"] == "sdpa")
+        assert r["time_ms_median"] > 0 and len(r["time_ms"]) == 2 and math.isfinite(r["peak_mem_mb"])
+        assert r["time_ratio"] == pytest.approx(r["time_ms_median"] / base["time_ms_median"])
+    by = {(r["pattern"], r["case"]): r for r in rows}
+    for pattern in ("noncausal", "causal"):
+        informed = by[(pattern, "data-informed 90%")]
+        assert informed["kept_share"] == pytest.approx(0.1, abs=0.01)
+        assert by[(pattern, "random 90%")]["kept_share"] == pytest.approx(informed["kept_share"], abs=1e-3)
+        assert by[(pattern, "masked-dense 90%")]["path"] == "dense"
+        assert informed["block_density"] < by[(pattern, "random 90%")]["block_density"]
+    assert by[("causal", "data-informed 90%")]["path"] == "block-sparse"
+    assert [t["pattern"] for t in report["targets"]] == ["noncausal", "causal"]
+    text = bp.markdown(report)
+    assert "| causal | data-informed 90% |" in text and "target <= 0.4" in text
+
+
+def test_worker_subprocess_memory():
+    job = {"case": {"kind": "informed", "tau": 90.0, "force": None}, "causal": True, "length": 32, "heads": 2,
+           "head_dim": 8, "batch": 1, "threads": 1, "repeats": 1, "block": 8, "memory_only": True}
+    result = bp.run_in_fresh_process("benchmarks.pruning", job, "smoke", bp.MEMORY_ENV)
+    assert result["path"] == "block-sparse" and math.isfinite(result["peak_mem_mb"])
+
+
+def test_unknown_pattern_is_refused():
+    with pytest.raises(SystemExit, match="unknown patterns"):
+        bp.main(["--quick", "--patterns", "cross"])

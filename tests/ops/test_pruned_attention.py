@@ -1,0 +1,260 @@
+"""Pruned attention (global keep mask): the block-sparse and dense paths against a plain masked softmax."""
+import pytest
+import torch
+
+from fluence_fairseq.ops import pruned_attention as pa
+from fluence_fairseq.pruning.policy import pruning_mask, random_pruning_mask
+from fluence_fairseq.ops.pruned_attention import BlockLayout, choose_path, pruned_attention
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny problems: OpenMP threads only add synchronisation (milliseconds per call on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference(q, k, v, keep, key_padding_mask=None):
+    """Masked softmax with -inf fill; rows with no allowed key give 0. Returns (out, probs)."""
+    scores = torch.matmul(q * q.size(-1) ** -0.5, k.transpose(-1, -2))
+    allowed = keep.unsqueeze(0)
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    probs = torch.where(allowed.any(-1, keepdim=True), probs, torch.zeros_like(probs))
+    return torch.matmul(probs, v), probs
+
+
+def inputs(bsz, heads, tgt_len, src_len, dim=8, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(bsz, heads, n, dim, generator=gen, dtype=dtype).requires_grad_() for n in
+            (tgt_len, src_len, src_len)]
+
+
+def check_against_reference(keep, *, bsz=2, key_padding_mask=None, block=8, expect_path="block-sparse",
+                            dtype=torch.float64, tol=1e-10):
+    heads, tgt_len, src_len = keep.shape
+    q, k, v = inputs(bsz, heads, tgt_len, src_len, dtype=dtype)
+    layout = BlockLayout.build(keep, block)
+    assert choose_path(tgt_len, src_len, layout) == expect_path
+    out, weights = pruned_attention(q, k, v, keep, key_padding_mask=key_padding_mask, layout=layout)
+    assert weights is None
+    ref, _ = reference(q, k, v, keep, key_padding_mask)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol)
+    # the autograd variant of the block-sparse path (used with dropout or off CPU) agrees too
+    plain = pa._sparse_path(q, k, v, layout, key_padding_mask, 0.0, lean=False)
+    torch.testing.assert_close(plain, ref, atol=tol, rtol=tol)
+    for g, w in zip(torch.autograd.grad(plain, (q, k, v), grad), want):
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol)
+    return layout
+
+
+@pytest.mark.parametrize("density", [0.002, 0.02, 0.1])
+def test_random_sparse_masks_match_reference(density):
+    gen = torch.Generator().manual_seed(1)
+    keep = torch.rand(3, 64, 64, generator=gen) < density
+    # block structure so that the layout is sparse enough for the block-sparse path
+    keep &= torch.rand(3, 8, 1, 8, 1, generator=gen).expand(3, 8, 8, 8, 8).reshape(3, 64, 64) < 0.3
+    check_against_reference(keep)
+
+
+def test_float32_matches_reference_to_float32_tolerance():
+    keep = torch.tril(torch.ones(64, 64, dtype=torch.bool)) & ~torch.tril(torch.ones(64, 64, dtype=torch.bool), -12)
+    check_against_reference(keep.expand(2, 64, 64), dtype=torch.float32, tol=2e-5)
+
+
+def test_causal_band_and_lengths_not_multiples_of_the_block():
+    tgt_len = src_len = 45
+    rel = torch.arange(tgt_len).view(-1, 1) - torch.arange(src_len).view(1, -1)
+    keep = torch.stack([(rel >= 0) & (rel < w) for w in (3, 7, 20)])  # causal bands of three widths
+    layout = check_against_reference(keep)
+    assert layout.q_blocks == 6 and layout.k_blocks == 6
+    # causal: no kept block above the diagonal
+    assert bool((layout.row % 6 >= layout.key_block).all())
+
+
+def test_mask_from_pruning_mask_with_lq_different_from_lk():
+    gen = torch.Generator().manual_seed(2)
+    tgt_len, src_len = 40, 72
+    rel = (torch.arange(tgt_len).view(-1, 1) * src_len / tgt_len - torch.arange(src_len).view(1, -1)).abs()
+    patterns = torch.stack([torch.exp(-rel / w) for w in (1.0, 3.0, 10.0, 30.0)]).unsqueeze(0)
+    patterns = patterns * (1 + 0.1 * torch.rand(patterns.shape, generator=gen))
+    keep = pruning_mask(patterns, 90.0, "layer")[0]
+    assert 0.05 < keep.float().mean() < 0.15
+    check_against_reference(keep)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_key_padding(side):
+    rel = torch.arange(50).view(-1, 1) - torch.arange(50).view(1, -1)
+    keep = torch.stack([rel.abs() <= 4, (rel >= 0) & (rel < 10)])
+    keep[:, :, :2] = True  # global columns (padded away on the left)
+    pad = torch.zeros(3, 50, dtype=torch.bool)
+    if side == "left":
+        pad[0, :7], pad[1, :20] = True, True
+    else:
+        pad[0, -7:], pad[1, -20:] = True, True
+    check_against_reference(keep, bsz=3, key_padding_mask=pad)  # some rows lose every key to the padding
+
+
+def test_fully_pruned_rows_and_heads_give_zero_output_and_zero_gradients():
+    rel = torch.arange(48).view(-1, 1) - torch.arange(48).view(1, -1)
+    keep = torch.stack([rel.abs() <= 2, torch.zeros(48, 48, dtype=torch.bool), rel.abs() <= 5])
+    keep[0, 10:20] = False  # rows inside a kept block row
+    keep[2, 16:32] = False  # whole query blocks
+    keep[0, 5, 40] = True  # lone far entry
+    q, k, v = inputs(2, 3, 48, 48, dtype=torch.float64)
+    out, _ = pruned_attention(q, k, v, keep, block=8)
+    assert choose_path(48, 48, BlockLayout.build(keep, 8)) == "block-sparse"
+    assert out[:, 1].abs().max() == 0 and out[:, 0, 10:20].abs().max() == 0 and out[:, 2, 16:32].abs().max() == 0
+    out.sum().backward()
+    assert q.grad[:, 1].abs().max() == 0 and k.grad[:, 1].abs().max() == 0 and v.grad[:, 1].abs().max() == 0
+    assert q.grad[:, 0, 10:20].abs().max() == 0
+    check_against_reference(keep)
+
+
+def test_everything_pruned():
+    q, k, v = inputs(1, 2, 40, 40)
+    keep = torch.zeros(2, 40, 40, dtype=torch.bool)
+    for dense_above in (0.5, -1.0):
+        out, _ = pruned_attention(q, k, v, keep, block=8, dense_above=dense_above)
+        assert out.shape == q.shape and out.abs().max() == 0
+        (gq,) = torch.autograd.grad(out.sum(), (q,))
+        assert gq.abs().max() == 0
+
+
+def test_gradcheck_float64():
+    keep = torch.zeros(2, 10, 12, dtype=torch.bool)
+    keep[0, :, :3] = True
+    keep[0, 2, 9] = True
+    keep[1, 4:, 5:8] = True  # rows 0-3 of head 1 have no key
+    pad = torch.tensor([[False] * 11 + [True], [True] * 2 + [False] * 10])
+    q, k, v = inputs(2, 2, 10, 12, dim=3, dtype=torch.float64)
+    layout = BlockLayout.build(keep, 4)
+    assert choose_path(10, 12, layout) == "block-sparse"
+    torch.autograd.gradcheck(lambda q, k, v: pruned_attention(q, k, v, keep, key_padding_mask=pad, layout=layout)[0],
+                             (q, k, v))
+
+
+def test_need_weights_match_reference_and_rows_sum_to_one_or_zero():
+    rel = torch.arange(40).view(-1, 1) - torch.arange(40).view(1, -1)
+    keep = torch.stack([rel.abs() <= 3, (rel >= 0) & (rel < 6)])
+    keep[1, 30:] = False
+    pad = torch.zeros(2, 40, dtype=torch.bool)
+    pad[1, :5] = True
+    q, k, v = inputs(2, 2, 40, 40, dtype=torch.float64)
+    out, weights = pruned_attention(q, k, v, keep, key_padding_mask=pad, need_weights=True)
+    ref, ref_weights = reference(q, k, v, keep, pad)
+    torch.testing.assert_close(weights, ref_weights)
+    torch.testing.assert_close(out, ref)
+    sums = weights.sum(-1)
+    assert bool((((sums - 1).abs() < 1e-12) | (sums == 0)).all())
+    assert bool((sums[:, 1, 30:] == 0).all()) and bool((sums[1, 1, :5] == 0).all())
+    assert weights.masked_select(~keep.unsqueeze(0).expand_as(weights)).abs().max() == 0
+
+
+@pytest.mark.parametrize("path", ["block-sparse", "dense"])
+def test_dropout_scales_kept_probabilities(path):
+    """One kept key per query and v = 1: every output is 0 (dropped) or exactly 1 / (1 - p) (kept and scaled)."""
+    p, length = 0.25, 64
+    keep = torch.eye(length, dtype=torch.bool).expand(2, length, length).contiguous()
+    q, k, _ = inputs(2, 2, length, length)
+    v = torch.ones(2, 2, length, 8)
+    torch.manual_seed(0)
+    out, _ = pruned_attention(q, k, v, keep, dropout_p=p, block=8, dense_above=0.5 if path == "block-sparse" else -1)
+    values = out[..., 0].flatten()
+    assert bool(((values == 0) | ((values - 1 / (1 - p)).abs() < 1e-5)).all())
+    dropped = (values == 0).float().mean()
+    assert 0.1 < dropped < 0.4  # about p of them dropped
+    assert bool((out == out[..., :1]).all())  # the whole row shares the probability
+
+
+@pytest.mark.parametrize("path", ["block-sparse", "dense"])
+def test_dropout_is_unbiased(path):
+    rel = torch.arange(32).view(-1, 1) - torch.arange(32).view(1, -1)
+    keep = (rel.abs() <= 3).expand(2, 32, 32).contiguous()
+    q, k, v = inputs(1, 2, 32, 32)
+    with torch.no_grad():
+        clean, _ = pruned_attention(q, k, v, keep, block=8)
+        torch.manual_seed(0)
+        kwargs = dict(dropout_p=0.3, block=8, dense_above=0.5 if path == "block-sparse" else -1)
+        runs = torch.stack([pruned_attention(q, k, v, keep, **kwargs)[0] for _ in range(400)])
+    assert (runs.mean(0) - clean).abs().mean() < 0.1 * clean.abs().mean()
+    assert (runs[0] - clean).abs().mean() > 0.1 * clean.abs().mean()  # dropout did act
+
+
+def test_path_choice(monkeypatch):
+    calls = []
+    for name in ("_dense_path", "_sparse_path"):
+        original = getattr(pa, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(pa, name, spy)
+    rel = torch.arange(64).view(-1, 1) - torch.arange(64).view(1, -1)
+    sparse = (rel.abs() <= 2).expand(2, 64, 64).contiguous()
+    dense = random_pruning_mask((1, 2, 64, 64), 90.0)[0]
+    q, k, v = inputs(1, 2, 64, 64)
+    cases = [(sparse, {}, "_sparse_path"), (dense, {}, "_dense_path"),
+             (sparse, {"need_weights": True}, "_dense_path"), (sparse, {"dense_above": 0.1}, "_dense_path"),
+             (sparse, {"block": 64}, "_dense_path")]  # the whole sequence fits in one block
+    for keep, kwargs, want in cases:
+        calls.clear()
+        kwargs = {"block": 8, **kwargs}
+        pruned_attention(q, k, v, keep, **kwargs)
+        assert calls == [want], (kwargs, calls)
+    assert BlockLayout.build(dense, 8).density > 0.5 > BlockLayout.build(sparse, 8).density
+
+
+def test_layout_of_block_diagonal_mask():
+    keep = torch.block_diag(*[torch.ones(8, 8, dtype=torch.bool)] * 4).expand(3, 32, 32).contiguous()
+    layout = BlockLayout.build(keep, 8)
+    assert layout.density == pytest.approx(0.25) and layout.triples == 12
+    assert layout.computed_density == pytest.approx(0.25)
+    assert torch.equal(layout.row, torch.arange(12)) and torch.equal(layout.key_block, torch.arange(4).repeat(3))
+    assert bool(layout.mask.all())
+    # misaligned blocks (block 16 over 8-blocks): every kept 16-block is only half full
+    half = BlockLayout.build(keep, 16)
+    assert half.density == pytest.approx(0.5) and not bool(half.mask.all())
+    # one extra entry adds exactly one block
+    keep2 = keep.clone()
+    keep2[0, 0, 31] = True
+    assert BlockLayout.build(keep2, 8).triples == 13
+
+
+def test_layout_buckets_and_device_move():
+    rel = torch.arange(96).view(-1, 1) - torch.arange(96).view(1, -1)
+    keep = torch.stack([rel.abs() <= 1, rel.abs() <= 40, rel >= 0])
+    layout = BlockLayout.build(keep, 8).to("cpu")
+    counts = layout.counts.tolist()
+    assert sum(counts) == layout.triples
+    rows = torch.cat([b.rows for b in layout.buckets])
+    assert sorted(rows.tolist()) == [r for r in range(len(counts)) if counts[r] > 0]
+    for bucket in layout.buckets:
+        assert all(counts[r] <= bucket.cap <= max(counts[r], 1) * pa._GRID_RATIO + 1 for r in bucket.rows.tolist())
+    assert layout.computed_density > layout.density  # long rows are padded up to their bucket's count ...
+    check_against_reference(keep)  # ... and the padding slots are masked
+    with pytest.raises(ValueError):
+        pruned_attention(*inputs(1, 3, 96, 96), keep, layout=BlockLayout.build(keep[:, :50], 8))
+
+
+def test_buckets_split_into_row_chunks(monkeypatch):
+    monkeypatch.setattr(pa, "_CHUNK_ELEMENTS", 1)  # one row per fused call
+    rel = torch.arange(72).view(-1, 1) - torch.arange(72).view(1, -1)
+    keep = torch.stack([rel.abs() <= 2, rel.abs() <= 30, (rel >= 0) & (rel < 12)])
+    keep[1, 20:30] = False
+    layout = BlockLayout.build(keep, 8)
+    assert len(list(pa._chunks(layout, 2, 8))) == len(layout.bucket_rows) > len(layout.buckets)
+    pad = torch.zeros(2, 72, dtype=torch.bool)
+    pad[1, -9:] = True
+    check_against_reference(keep, key_padding_mask=pad)
