@@ -136,28 +136,24 @@ def adaptive_span_preset() -> BenchConfig:
     )
 
 
-#: the efficient attentions of issue 3 with their benchmark options (defaults otherwise) and their time bound
-#: relative to the projections alone at L=8192
-EFFICIENT = {
-    "local": ({}, 1.4), "abc": ({}, 1.4), "nystrom": ({}, 1.4), "performer": ({}, 1.4), "lara": ({}, 1.4),
-    "cosformer": ({"cosformer_max_len": 16384}, 1.4), "probsparse": ({}, 2.5), "s4d": ({}, 1.6),
-    "longshort": ({}, 1.6),
-}
+def efficient_attentions() -> Dict[str, Any]:
+    """name -> spec of every registered attention of the "efficient" family, with its benchmark options and time
+    bound (relative to the projections alone at L=8192) as its spec declares them."""
+    return {name: spec for name, spec in ATTENTIONS.items() if spec.family == "efficient"}
 
 
 def _efficient_preset(pattern: str, lengths: List[int]) -> BenchConfig:
     flags = PATTERN_FLAGS[pattern]
-    names = [n for n in EFFICIENT if n in ATTENTIONS and flags in ATTENTIONS[n].cls.supported_patterns]
-    variants = [Variant(n, {k: v for k, v in EFFICIENT[n][0].items()
-                            if k in {o.name for o in ATTENTIONS[n].options}}, decode=pattern == "causal")
-                for n in names]
+    specs = {n: spec for n, spec in efficient_attentions().items() if flags in spec.cls.supported_patterns}
+    variants = [Variant(n, dict(spec.bench_options), decode=pattern == "causal") for n, spec in specs.items()]
     targets = []
     for v in variants:
-        targets += [TimeRatioTarget(v.label, PROJECTIONS, EFFICIENT[v.attention][1], length=8192),
+        spec = specs[v.attention]
+        targets += [TimeRatioTarget(v.label, PROJECTIONS, spec.bench_time_bound, length=8192),
                     TimeRatioTarget(v.label, PROJECTIONS, 1.5, length=8192, metric="peak_mem_mb")]
         if max(lengths) > 8192:
             targets.append(LengthGrowthTarget(v.label, 1.15))
-        if v.decode and v.attention not in ("local", "longshort"):  # constant-state decoders
+        if v.decode and spec.cls.constant_state:
             targets += [DecodeGrowthTarget(v.label, 1, 1.1), DecodeGrowthTarget(v.label, 5, 1.1)]
     return BenchConfig(variants, pattern=pattern, dim=512, heads=8, batch=1, lengths=lengths, repeats=3,
                        decode_positions=[256, 1024, 4096], baseline_max_length=8192, targets=targets)

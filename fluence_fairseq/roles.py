@@ -19,6 +19,7 @@ class AttentionRole:
     causal: bool
     cross: bool
     what: str  # for help texts and errors
+    title: str  # short name for plot titles and tables
     pattern_name: str  # pattern files (<pattern_name>.npy) and pruning flags (--attn-patterns-<pattern_name>)
     label: str  # logged statistics and plots (<stat>_<label>_<layer>)
     stack: str  # "encoder" or "decoder": the module path is <stack>.layers.<n>.<sublayer>
@@ -43,11 +44,11 @@ class AttentionRole:
 
 
 ENCODER_SELF = AttentionRole("encoder_self_attention", causal=False, cross=False, what="encoder self attention",
-                             pattern_name="self-enc", label="enc_self", stack="encoder", sublayer="self_attn")
+                             title="encoder self", pattern_name="self-enc", label="enc_self", stack="encoder", sublayer="self_attn")
 DECODER_SELF = AttentionRole("decoder_self_attention", causal=True, cross=False, what="decoder self attention",
-                             pattern_name="self-dec", label="dec_self", stack="decoder", sublayer="self_attn")
+                             title="decoder self", pattern_name="self-dec", label="dec_self", stack="decoder", sublayer="self_attn")
 DECODER_CROSS = AttentionRole("cross_attention", causal=False, cross=True,
-                              what="decoder cross (encoder-decoder) attention", pattern_name="enc-dec",
+                              what="decoder cross (encoder-decoder) attention", title="cross", pattern_name="enc-dec",
                               label="cross", stack="decoder", sublayer="encoder_attn",
                               aliases=("decoder_cross_attention",))
 

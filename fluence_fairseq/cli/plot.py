@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 import fluence_fairseq  # noqa: F401  (registers the safe globals fairseq checkpoints need under weights_only)
+from ..roles import ROLES, attention_label, split_label
 
 SPAN_SUFFIX = "adaptive_span.current_val"
 _LAYER_RE = re.compile(r"^(?P<stack>.*?)\.?layers\.(?P<layer>\d+)\.(?P<module>.+)\.adaptive_span\.current_val$")
@@ -218,19 +219,18 @@ def _spans_run(args) -> int:
 
 
 # -------------------------------------------------------------------------------------------- entmax
-_KINDS = ("enc_self", "dec_self", "cross")
-_KIND_TITLES = {"enc_self": "encoder self", "dec_self": "decoder self", "cross": "context (cross)"}
+_KINDS = tuple(role.label for role in ROLES)
+_KIND_TITLES = {role.label: role.title for role in ROLES}
 
 
 def _split_label(label: str):
-    kind, layer = label.rsplit("_", 1)
-    return kind, int(layer)
+    role, layer = split_label(label)
+    return role.label, layer
 
 
 def find_alphas(model: Dict[str, torch.Tensor]) -> "OrderedDict[str, Dict[int, List[float]]]":
     """Learned α per attention type, layer and head, from every ``...pre_alpha`` parameter
     (α = clamp(1 + sigmoid(pre_alpha), 1.01, 2), as the attention computes it)."""
-    from ..roles import attention_label
     from ..modules.entmax_attention import ALPHA_MAX, ALPHA_MIN
 
     found: "OrderedDict[str, Dict[int, List[float]]]" = OrderedDict((k, {}) for k in _KINDS)

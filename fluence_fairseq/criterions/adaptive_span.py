@@ -22,7 +22,7 @@ class AdaptiveSpanLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEnt
 class AdaptiveSpanLabelSmoothedCrossEntropyCriterion(FluenceLabelSmoothedCrossEntropyCriterion):
     """``label_smoothed_cross_entropy`` + the adaptive-span loss (training only); logs span_loss/avg/max."""
 
-    require_spans = True
+    required_aux_loss = "span_loss"
 
 
 @dataclass
@@ -34,4 +34,4 @@ class AdaptiveSpanCrossEntropyCriterionConfig(CrossEntropyCriterionConfig):
 class AdaptiveSpanCrossEntropyCriterion(FluenceCrossEntropyCriterion):
     """``cross_entropy`` + the adaptive-span loss (training only); logs span_loss/avg/max."""
 
-    require_spans = True
+    required_aux_loss = "span_loss"

@@ -1,29 +1,31 @@
-"""Criterions that add what fluence attentions need to fairseq's cross entropies, and log what they learned.
+"""Criterions that add what fluence attentions need to fairseq's cross entropies, and log what they report.
 
-``fluence_label_smoothed_cross_entropy`` and ``fluence_cross_entropy`` work with any fluence model:
+``fluence_label_smoothed_cross_entropy`` and ``fluence_cross_entropy`` work with any fluence model. They read
+what each attention declares (:class:`~fluence_fairseq.modules.attention_base.FluenceAttention`), never its class:
 
-* adaptive span: the span loss ``sum of AdaptiveSpan.get_loss()`` is added in training, and ``span_loss``,
-  ``span_avg`` and ``span_max`` are logged (see below);
-* sparse attention (sparsemax, entmax15, alpha_entmax): ``alpha_<type>_<layer>`` is the mean α over the heads of
-  each learned-α attention (logged in training and validation), and ``density_<type>_<layer>`` the share of
-  non-zero attention weights among the allowed (query, key) pairs of real queries (validation only: counting
-  costs a pass over every attention matrix). ``<type>`` is ``enc_self``, ``dec_self`` or ``cross``; ``density``
-  alone is the share over every sparse attention of the model.
+* :meth:`~FluenceAttention.aux_losses`: regularisers by name (adaptive span: ``span_loss``), summed over the
+  model's attentions, added to the loss in training and logged;
+* :meth:`~FluenceAttention.stats`: statistics by name (adaptive span: ``span_avg``, ``span_max``; learned-α
+  entmax: ``alpha``; sparse attentions in validation: ``density``), logged per attention as
+  ``<name>_<role label>_<layer>`` (labels from :mod:`fluence_fairseq.roles`: ``alpha_enc_self_2``) and/or over
+  the model as ``<name>``, as each :class:`~fluence_fairseq.modules.attention_base.Statistic` asks;
+* :meth:`~FluenceAttention.track_statistics`: switched on for validation steps only (counting densities costs a
+  pass over every attention matrix).
 
-The ``adaptive_span_*`` criterions are the same but refuse a model without adaptive span.
+The ``adaptive_span_*`` criterions are the same but refuse a model without a ``span_loss``.
 
-The span loss is a per-token quantity (the original code adds it to the *mean* NLL). fairseq criterions return a
-*summed* loss that the trainer divides by ``sample_size`` (over all workers and accumulated batches), so we add
-``span_loss * sample_size``: after fairseq's division the gradient of the spans is exactly that of ``span_loss``,
-whatever the batch size, ``--update-freq`` or number of workers. It is added to the returned loss only: the logged
-``loss``, ``nll_loss`` and ``ppl`` are those of the plain criterion.
+An auxiliary loss is a per-token quantity (the adaptive-span code adds it to the *mean* NLL). fairseq criterions
+return a *summed* loss that the trainer divides by ``sample_size`` (over all workers and accumulated batches), so
+we add ``aux * sample_size``: after fairseq's division the gradient is exactly that of ``aux``, whatever the batch
+size, ``--update-freq`` or number of workers. It is added to the returned loss only: the logged ``loss``,
+``nll_loss`` and ``ppl`` are those of the plain criterion.
 
-Every statistic is logged as sums plus a count, so fairseq may sum the logging outputs of several workers before
-:meth:`reduce_metrics` (``logging_outputs_can_be_summed``) and the averages stay right.
+Every statistic is logged as a weighted sum plus its weight (``<key>__sum``, ``<key>__weight``), so fairseq may sum
+the logging outputs of several workers before :meth:`reduce_metrics` (``logging_outputs_can_be_summed``) and the
+averages stay right.
 """
-import re
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from fairseq import utils
@@ -36,11 +38,25 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from fairseq.logging import metrics
 
 from ..modules.adaptive_span import AdaptiveSpan
-from ..modules.entmax_attention import EntmaxAttentionBase
+from ..modules.attention_base import FluenceAttention, Statistic
+from ..roles import attention_label
 
-# encoder.layers.3.self_attn, decoder.layers.0.encoder_attn (wrappers such as FSDP may add path segments)
-_ATTENTION_PATH = re.compile(r"(?:^|\.)(?P<stack>encoder|decoder)\.(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?"
-                             r"(?P<sublayer>self_attn|encoder_attn)$")
+_SUM, _WEIGHT = "__sum", "__weight"
+#: log key -> rounding of its statistic, filled by forward (which runs in every process that reduces metrics)
+_DIGITS: Dict[str, Optional[int]] = {}
+
+
+def fluence_attentions(model: torch.nn.Module) -> List[Tuple[str, FluenceAttention]]:
+    """(label, attention) of every fluence attention of ``model``, in module order (``named_modules`` walks the
+    registered children, so a LayerDrop list is not iterated and no layer is skipped). The label is the role's
+    (``enc_self_2``), or the module path with dots as underscores outside a transformer layer."""
+    return [(attention_label(path) or path.replace(".", "_"), module) for path, module in model.named_modules()
+            if isinstance(module, FluenceAttention)]
+
+
+def sparse_attentions(model: torch.nn.Module) -> List[Tuple[str, FluenceAttention]]:
+    """(label, attention) of every attention whose weights can be exactly zero (``sparse_weights``)."""
+    return [(label, module) for label, module in fluence_attentions(model) if module.sparse_weights]
 
 
 def adaptive_spans(model: torch.nn.Module) -> List[AdaptiveSpan]:
@@ -56,105 +72,92 @@ def span_loss(model: torch.nn.Module) -> torch.Tensor:
     return torch.stack([s.get_loss() for s in spans]).sum()
 
 
-def attention_label(path: str) -> Optional[str]:
-    """``encoder.layers.2.self_attn`` -> ``enc_self_2``; ``decoder.layers.0.encoder_attn`` -> ``cross_0``."""
-    match = _ATTENTION_PATH.search(path)
-    if match is None:
-        return None
-    if match["sublayer"] == "encoder_attn":
-        kind = "cross"
-    else:
-        kind = "enc_self" if match["stack"] == "encoder" else "dec_self"
-    return f"{kind}_{int(match['layer'])}"
+def aux_losses(attentions) -> Dict[str, torch.Tensor]:
+    """Every auxiliary loss of the attentions, summed by name."""
+    total: Dict[str, torch.Tensor] = {}
+    for _, module in attentions:
+        for name, value in module.aux_losses().items():
+            total[name] = value if name not in total else total[name] + value
+    return total
 
 
-def sparse_attentions(model: torch.nn.Module) -> List[Tuple[str, EntmaxAttentionBase]]:
-    """(label, module) of every entmax-family attention, in module order (``named_modules`` walks the registered
-    children, so a LayerDrop list is not iterated and no layer is skipped)."""
-    found = []
-    for path, module in model.named_modules():
-        if isinstance(module, EntmaxAttentionBase):
-            found.append((attention_label(path) or path.replace(".", "_"), module))
-    return found
+def combine_stats(attentions) -> Dict[str, Statistic]:
+    """The attentions' statistics as log keys: ``<name>_<label>`` per attention (``per_layer``) and ``<name>``
+    combined over the model (``model_wide``) by each statistic's ``reduce``."""
+    out: Dict[str, Statistic] = {}
+    for label, module in attentions:
+        for name, stat in module.stats().items():
+            if stat.per_layer:
+                out[f"{name}_{label}"] = stat
+            if stat.model_wide:
+                out[name] = stat if name not in out else _combine(out[name], stat)
+    return out
+
+
+def _combine(a: Statistic, b: Statistic) -> Statistic:
+    if a.reduce != b.reduce:
+        raise ValueError(f"statistics of one name must reduce the same way, got {a.reduce!r} and {b.reduce!r}")
+    if a.reduce == "max":
+        return a if a.value >= b.value else b
+    if a.reduce == "sum":
+        return Statistic(a.value + b.value, 1.0, "sum", a.per_layer, a.model_wide, a.digits)
+    weight = a.weight + b.weight
+    value = (a.value * a.weight + b.value * b.weight) / weight if weight > 0 else 0.0
+    return Statistic(value, weight, "mean", a.per_layer, a.model_wide, a.digits)
 
 
 class FluenceCriterionMixin:
-    """Adds the span loss and the fluence statistics to a fairseq criterion's ``forward`` and metrics."""
+    """Adds the attentions' auxiliary losses and statistics to a fairseq criterion's ``forward`` and metrics."""
 
     plain_criterion = ""  # the stock criterion this one extends (named in errors)
-    require_spans = False
-
-    def _spans(self, model) -> List[AdaptiveSpan]:
-        spans = adaptive_spans(model)
-        if not spans and self.require_spans:
-            raise ValueError(
-                f"{type(self).__name__}: the model has no adaptive span attention (no AdaptiveSpan module), so "
-                f"there is no span loss to add; train it with --criterion {self.plain_criterion} (or "
-                f"fluence_{self.plain_criterion}), or use an --arch with adaptive span (e.g. "
-                "--encoder-self-attention/--decoder-self-attention adaptive_span)"
-            )
-        return spans
+    #: an auxiliary loss the model must have (the adaptive_span_* criterions: "span_loss")
+    required_aux_loss = None
 
     def forward(self, model, sample, reduce=True):
-        spans = self._spans(model)
-        sparse = sparse_attentions(model)
-        count_density = bool(sparse) and not model.training
-        for _, module in sparse:
-            module.track_density(count_density)
+        attentions = fluence_attentions(model)
+        validating = not model.training
+        for _, module in attentions:
+            module.track_statistics(validating)
         try:
             loss, sample_size, logging_output = super().forward(model, sample, reduce=reduce)
-            density = [(label, module.density_counts()) for label, module in sparse] if count_density else []
+            stats = combine_stats(attentions)
         finally:
-            for _, module in sparse:
-                module.track_density(False)
-        if spans:
-            regulariser = torch.stack([s.get_loss() for s in spans]).sum()
+            if validating:
+                for _, module in attentions:
+                    module.track_statistics(False)
+        aux = aux_losses(attentions)
+        if self.required_aux_loss is not None and self.required_aux_loss not in aux:
+            raise ValueError(
+                f"{type(self).__name__}: no attention of the model reports a {self.required_aux_loss} (the "
+                f"model has no adaptive span attention), so there is no span loss to add; train it with "
+                f"--criterion {self.plain_criterion} (or fluence_{self.plain_criterion}), or use an --arch with "
+                "adaptive span (e.g. --encoder-self-attention/--decoder-self-attention adaptive_span)"
+            )
+        if aux:
             if model.training and reduce:
-                loss = loss + regulariser.to(loss.dtype) * sample_size
-            logging_output["span_loss"] = regulariser.detach().float()
-            logging_output["span_avg"] = sum(s.get_current_avg_span() for s in spans) / len(spans)
-            logging_output["span_max"] = max(s.get_current_max_span() for s in spans)
-            logging_output["span_n"] = 1
-        alphas = [(label, alpha) for label, alpha in ((label, module.alpha()) for label, module in sparse)
-                  if isinstance(alpha, torch.Tensor)]  # learned alphas only; fixed ones are constants
-        if alphas:
-            for label, alpha in alphas:
-                logging_output[f"alpha_{label}"] = float(alpha.detach().float().mean())
-            logging_output["alpha_n"] = 1
-        for label, counts in density:
-            logging_output[f"density_nonzero_{label}"] = float(counts[0].sum())
-            logging_output[f"density_allowed_{label}"] = float(counts[1].sum())
+                loss = loss + sum(aux.values()).to(loss.dtype) * sample_size
+            for name, value in aux.items():
+                stats[name] = Statistic(float(value.detach()), reduce="sum", digits=None)
+        for key, stat in stats.items():
+            logging_output[key + _SUM] = stat.value * stat.weight
+            logging_output[key + _WEIGHT] = stat.weight
+            _DIGITS[key] = stat.digits
         return loss, sample_size, logging_output
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         super().reduce_metrics(logging_outputs)
 
-        # the logging outputs may be summed over workers first (logging_outputs_can_be_summed): average with the
-        # summed count, and log plain floats (tensors would be printed unrounded by the progress bar)
+        # the logging outputs may be summed over workers first (logging_outputs_can_be_summed): divide sums by
+        # summed weights, and log plain floats (tensors would be printed unrounded by the progress bar)
         def total(key):
             return float(utils.item(sum(log.get(key, 0) for log in logging_outputs)))
 
-        keys = sorted({key for log in logging_outputs for key in log})
-        spans = total("span_n")
-        if spans > 0:
-            for key, digits in (("span_loss", None), ("span_avg", 1), ("span_max", 1)):
-                metrics.log_scalar(key, total(key) / spans, spans, round=digits)
-        alphas = total("alpha_n")
-        if alphas > 0:
-            for key in keys:
-                if key.startswith("alpha_") and key != "alpha_n":
-                    metrics.log_scalar(key, total(key) / alphas, alphas, round=3)
-        nonzero_all = allowed_all = 0.0
+        keys = sorted({key[: -len(_SUM)] for log in logging_outputs for key in log if key.endswith(_SUM)})
         for key in keys:
-            if key.startswith("density_nonzero_"):
-                label = key[len("density_nonzero_"):]
-                nonzero, allowed = total(key), total(f"density_allowed_{label}")
-                if allowed > 0:
-                    metrics.log_scalar(f"density_{label}", nonzero / allowed, allowed, round=3)
-                nonzero_all, allowed_all = nonzero_all + nonzero, allowed_all + allowed
-        if allowed_all > 0:
-            metrics.log_scalar("density", nonzero_all / allowed_all, allowed_all, round=3)
+            weight = total(key + _WEIGHT)
+            if weight > 0:
+                metrics.log_scalar(key, total(key + _SUM) / weight, weight, round=_DIGITS.get(key, 3))
 
 
 @dataclass

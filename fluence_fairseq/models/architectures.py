@@ -21,7 +21,7 @@ from fairseq.models.transformer.transformer_legacy import base_architecture as t
 from fairseq.models.transformer_lm import base_lm_architecture
 from fairseq.utils import safe_getattr
 
-from ..modules.registry import ATTENTIONS, AttentionSpec
+from ..modules.registry import AttentionSpec, on_register
 from .attention_args import DECODER_CROSS, DECODER_SELF, ENCODER_SELF, fill_attention_defaults
 from .encoder_decoder import FluenceTransformerModel  # noqa: F401  (registers the model)
 from .language_model import FluenceTransformerLanguageModel  # noqa: F401
@@ -43,6 +43,16 @@ class Architecture:
     attention: Mapping[str, str]  # role (e.g. "decoder_self_attention") -> attention registry name
     defaults: Mapping[str, Any] = field(default_factory=dict)  # flat arg name -> default
     doc: str = ""
+
+    @property
+    def for_tests(self) -> bool:
+        """``*_tiny`` architectures exist for the test suite: registered, but left out of user-facing lists."""
+        return self.name.endswith("_tiny")
+
+
+def user_architectures() -> List["Architecture"]:
+    """The architectures users see (help, docs): every registered one but the ``*_tiny`` test sizes."""
+    return [arch for arch in ARCHITECTURES if not arch.for_tests]
 
 
 def enc_dec(encoder_self: str, decoder_self: str, cross: str = "softmax") -> Dict[str, str]:
@@ -134,7 +144,6 @@ def family(spec: AttentionSpec) -> List[Architecture]:
     return rows
 
 
-ARCHITECTURES += [arch for name, spec in ATTENTIONS.items() if name not in _HANDWRITTEN for arch in family(spec)]
 
 
 def _arch_function(arch: Architecture) -> Callable:
@@ -171,10 +180,10 @@ def register_architecture(arch: Architecture) -> Callable:
 
 
 def markdown_table(rows: List[Architecture] = None) -> str:
-    """The architecture table as Markdown (for the README and docs)."""
+    """The architecture table as Markdown (for the docs and ``fluence-help``; the test sizes are left out)."""
     lines = ["| --arch | model | attention | option defaults | description |", "|---|---|---|---|---|"]
     size_keys = {"layers", "embed_dim", "attention_heads", "ffn_embed_dim"}
-    for arch in ARCHITECTURES if rows is None else rows:
+    for arch in user_architectures() if rows is None else rows:
         attention = ", ".join(f"{role.replace('_attention', '')}={name}" for role, name in arch.attention.items())
         options = ", ".join(f"{k}={v}" for k, v in arch.defaults.items()
                             if k.split("_", 1)[-1] not in size_keys) or "-"
@@ -182,5 +191,13 @@ def markdown_table(rows: List[Architecture] = None) -> str:
     return "\n".join(lines)
 
 
+def _register_family(spec: AttentionSpec) -> None:
+    if spec.name not in _HANDWRITTEN:
+        for arch in family(spec):
+            register_architecture(arch)
+
+
 for _arch in list(ARCHITECTURES):
     register_architecture(_arch)
+# every attention of the registry, also one registered later, gets its family of --arch names
+on_register(_register_family)

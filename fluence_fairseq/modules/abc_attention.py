@@ -62,7 +62,7 @@ class ABC(FluenceAttention):
     """
 
     supports_attn_mask = False
-    hyper_parameters = ('num_landmarks',)
+    constant_state = True  # causal decoding keeps r memory slots
     #: positions per chunk of the causal computation (the masked chunk matrices are chunk x chunk)
     chunk_size: int = 64
     #: chunks per group of the fused training pass (its temporaries are one group's), and per checkpointed block
@@ -185,7 +185,7 @@ class FSABC(ABC):
 
 ATTENTION_SPEC = AttentionSpec(
     "abc", FSABC,
-    (AttentionOption("num_landmarks", int, 16, "number of memory slots r of ABC / landmarks of Nystrom, LARA, "
+    (AttentionOption("num_landmarks", int, help="number of memory slots r of ABC / landmarks of Nystrom, LARA, "
                      "LongShort (each attention with its own default)"),),
     "ABC, attention with bounded-memory control (Peng et al. 2021); all four patterns, true causal recurrence",
     tiny={"num_landmarks": 4},

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.band import band_attention
-from .attention_base import FluenceAttention, fsmha
+from .attention_base import FluenceAttention, Statistic, fsmha
 from .spec import AttentionOption, AttentionSpec, parse_bool
 
 __all__ = ["AdaptiveSpan", "AdaptiveSpanAttention", "FSAdaptiveSpan"]
@@ -264,6 +264,14 @@ class AdaptiveSpanAttention(FluenceAttention):
     def get_loss(self) -> Tensor:
         return self.adaptive_span.get_loss()
 
+    def aux_losses(self):
+        return {"span_loss": self.adaptive_span.get_loss()}
+
+    def stats(self):
+        span = self.adaptive_span
+        return {"span_avg": Statistic(span.get_current_avg_span(), digits=1),
+                "span_max": Statistic(span.get_current_max_span(), reduce="max", digits=1)}
+
 
 @fsmha
 class FSAdaptiveSpan(AdaptiveSpanAttention):
@@ -273,13 +281,13 @@ class FSAdaptiveSpan(AdaptiveSpanAttention):
 ATTENTION_SPEC = AttentionSpec(
     "adaptive_span", FSAdaptiveSpan,
     (
-        AttentionOption("attn_span", int, 1024, "maximum attention span S in tokens"),
-        AttentionOption("adapt_span_loss_coeff", float, 2e-6, "span loss weight: loss += coeff * S * mean(z)"),
-        AttentionOption("adapt_span_ramp", int, 32, "length R of the soft ramp at the span edge, in tokens"),
-        AttentionOption("adapt_span_init", float, 0.0, "initial span of every head as a fraction of S, in [0, 1]"),
-        AttentionOption("adapt_span_cache", parse_bool, True,
-                        "decoding caches keep only the current max span (true) or all S keys (false)"),
+        AttentionOption("attn_span", int, help="maximum attention span S in tokens"),
+        AttentionOption("adapt_span_loss_coeff", float, help="span loss weight: loss += coeff * S * mean(z)"),
+        AttentionOption("adapt_span_ramp", int, help="length R of the soft ramp at the span edge, in tokens"),
+        AttentionOption("adapt_span_init", float, help="initial span of every head as a fraction of S, in [0, 1]"),
+        AttentionOption("adapt_span_cache", parse_bool, help="decoding caches keep only the current max span (true) or all S keys (false)"),
     ),
     "adaptive attention span (Sukhbaatar et al. 2019); noncausal and causal self attention",
     tiny={"attn_span": 32, "adapt_span_ramp": 8},
+    family="adaptive",
 )

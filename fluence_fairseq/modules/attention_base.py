@@ -10,6 +10,8 @@ It derives from fairseq's ``MultiheadAttention`` so the projections keep the nam
 ``v_proj`` and ``out_proj`` (state dicts load into stock transformers and back), and it overrides ``forward``
 entirely: fairseq's own forward has a fused fast path that would skip any hook we override.
 """
+import inspect
+from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Optional, Tuple
 
 import torch
@@ -29,6 +31,25 @@ PATTERNS = {
     (True, True): "causal cross",
 }
 ALL_PATTERNS: FrozenSet[Tuple[bool, bool]] = frozenset(PATTERNS)
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One number an attention reports for the training log (see :meth:`FluenceAttention.stats`).
+
+    Statistics of one name combine over the attentions of a model by ``reduce``: ``"mean"`` (weighted by
+    ``weight``: a density of ``nonzero / allowed`` pairs has ``weight=allowed``), ``"max"`` or ``"sum"``. Over the
+    workers of a data-parallel run the per-worker results are averaged, weighted by their total weight.
+    ``per_layer``: also log it per attention as ``<name>_<role label>_<layer>`` (``alpha_enc_self_2``);
+    ``model_wide``: log the combination over the model as ``<name>``; ``digits``: rounding in the log.
+    """
+
+    value: float
+    weight: float = 1.0
+    reduce: str = "mean"
+    per_layer: bool = False
+    model_wide: bool = True
+    digits: Optional[int] = 3
 
 
 class UnsupportedPatternError(AssertionError):
@@ -58,11 +79,20 @@ class FluenceAttention(MultiheadAttention):
     #: False for attentions that read only the values (S4D): ``q_proj``/``k_proj`` are not built and
     #: :meth:`attend` receives the projected values as ``q``, ``k`` and ``v``.
     uses_query_key: bool = True
-    #: constructor hyper-parameters (stored as attributes of the same name) shown by ``repr(module)``
-    hyper_parameters: Tuple[str, ...] = ()
     #: when set (an instance attribute), every forward computes head weights and calls
     #: ``weight_recorder(module, weights (B, H, Lq, Lk))``; ``compute_attn_score`` uses it to collect patterns
     weight_recorder: Optional[Callable[["FluenceAttention", Tensor], None]] = None
+    #: capabilities the rest of the package reads (the benchmark, pattern collection, the docs' support matrix)
+    #: causal decoding keeps a state whose size does not grow with the number of decoded tokens
+    constant_state: bool = False
+    #: the math forms attention probabilities, so ``need_weights`` and pattern collection can have them
+    forms_weights: bool = True
+    #: the weights can be exactly zero (sparse normalisers); the attention counts them while
+    #: :meth:`track_statistics` is on and reports their density in :meth:`stats`
+    sparse_weights: bool = False
+    #: cross decoding attends each call's queries on their own (a method that selects among the queries):
+    #: step-by-step decoding then equals the full pass applied call by call, not the whole target at once
+    cross_decoding_per_call: bool = False
 
     def __init__(
         self,
@@ -129,6 +159,24 @@ class FluenceAttention(MultiheadAttention):
         """
         raise TypeError(f"{type(self).__name__} must implement attend()")  # unreachable: checked in __init__
 
+    # ------------------------------------------------------------------------- what the criterion reads
+    def aux_losses(self) -> Dict[str, Tensor]:
+        """Regularisers this attention adds to the training loss, by name (e.g. ``{"span_loss": ...}``).
+
+        Each is a per-token quantity, like the mean NLL. The ``fluence_*`` criterions sum every name over the
+        model's attentions, add the total in training (scaled so that fairseq's division by ``sample_size`` leaves
+        exactly this value) and log each name."""
+        return {}
+
+    def stats(self) -> Dict[str, Statistic]:
+        """Statistics to log, by name (e.g. ``{"span_avg": Statistic(12.0)}``); see :class:`Statistic`."""
+        return {}
+
+    def track_statistics(self, enabled: bool) -> None:
+        """Start (and reset) or stop the statistics that cost a pass over the weights; the criterions turn this
+        on for validation steps only."""
+
+    # -------------------------------------------------------------------------------------- pruning
     def set_global_mask(self, mask: Optional[GlobalAttentionMask]) -> None:
         """Prune this attention with a global keep mask (or remove it with None): every call (training,
         validation, decoding) then attends only to the kept (query position, key position) entries."""
@@ -453,11 +501,19 @@ class FluenceAttention(MultiheadAttention):
             incremental_state = self._set_input_buffer(incremental_state, buffer)
         return incremental_state
 
+    def hyper_parameters(self) -> Tuple[str, ...]:
+        """The constructor keywords beyond the base's that the instance keeps as attributes of the same name
+        (derived from the signature, so a hyper-parameter is declared once)."""
+        base = inspect.signature(FluenceAttention.__init__).parameters
+        own = inspect.signature(type(self).__init__).parameters
+        return tuple(name for name in own if name not in base and name != "self" and name in self.__dict__)
+
+    def _pattern_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+                f"pattern={PATTERNS[(self.cross, self.causal)]!r}, dropout={self.dropout_module.p}")
+
     def extra_repr(self) -> str:
-        return (
-            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
-            f"pattern={PATTERNS[(self.cross, self.causal)]!r}, dropout={self.dropout_module.p}"
-        ) + "".join(f", {name}={getattr(self, name)!r}" for name in self.hyper_parameters)
+        return self._pattern_repr() + "".join(f", {name}={getattr(self, name)!r}" for name in self.hyper_parameters())
 
 
 _FAIRSEQ_ONLY = ("dictionary",)
@@ -502,6 +558,7 @@ def fsmha(cls):
         inner_init(self, *args, **kwargs)
 
     __init__.__doc__ = inner_init.__doc__
+    __init__.__wrapped__ = inner_init  # inspect.signature shows (and the registry checks) the real keywords
     cls.__init__ = __init__
     cls.is_fsmha = True
     return cls

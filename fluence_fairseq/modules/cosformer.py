@@ -69,7 +69,8 @@ class CosformerAttention(FluenceAttention):
     """
 
     supported_patterns = ALL_PATTERNS
-    hyper_parameters = ('cosformer_max_len', 'act_fun')
+    constant_state = True  # causal decoding keeps sum phi(k) v^T, sum phi(k) and the step count
+    forms_weights = False
     supports_attn_mask = False
 
     def __init__(
@@ -219,11 +220,11 @@ class FSCosformerAttention(CosformerAttention):
 ATTENTION_SPEC = AttentionSpec(
     "cosformer", FSCosformerAttention,
     (
-        AttentionOption("cosformer_max_len", int, 1024,
-                        "fixed M of the cos re-weighting for causal and cross cosFormer attention: the longest "
+        AttentionOption("cosformer_max_len", int, help="fixed M of the cos re-weighting for causal and cross cosFormer attention: the longest "
                         "sequence (query or key positions) accepted"),
-        AttentionOption("act_fun", str, "relu", "cosFormer feature activation: relu or elu (= 1 + elu)"),
+        AttentionOption("act_fun", str, help="cosFormer feature activation: relu or elu (= 1 + elu)"),
     ),
     "cosFormer linear attention with cos re-weighting (Qin et al. 2022); all four patterns",
     tiny={"cosformer_max_len": 64},
+    bench_options={"cosformer_max_len": 16384},
 )

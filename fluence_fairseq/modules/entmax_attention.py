@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.entmax import entmax
-from .attention_base import FluenceAttention, fsmha
+from .attention_base import FluenceAttention, Statistic, fsmha
 from .masks import HARD_MASK, relative_positions
 from .spec import AttentionOption, AttentionSpec
 
@@ -49,6 +49,26 @@ class EntmaxAttentionBase(FluenceAttention):
     def _alpha_for_scores(self) -> Union[float, Tensor]:
         alpha = self.alpha()
         return alpha.view(1, -1, 1, 1) if isinstance(alpha, Tensor) else alpha
+
+    sparse_weights = True
+
+    # ------------------------------------------------------------------------------ what the criterion logs
+    def track_statistics(self, enabled: bool) -> None:
+        self.track_density(enabled)
+
+    def stats(self):
+        """``alpha`` (mean over the heads; learned α only, fixed ones are constants) and, while tracking,
+        ``density``: the share of non-zero weights among the allowed (query, key) pairs of real queries."""
+        out = {}
+        alpha = self.alpha()
+        if isinstance(alpha, Tensor):
+            out["alpha"] = Statistic(float(alpha.detach().float().mean()), per_layer=True, model_wide=False)
+        counts = self.density_counts()
+        if counts is not None:
+            nonzero, allowed = (float(c) for c in counts.sum(dim=1))
+            if allowed > 0:
+                out["density"] = Statistic(nonzero / allowed, weight=allowed, per_layer=True)
+        return out
 
     # ------------------------------------------------------------------------------------- density
     def track_density(self, enabled: bool = True) -> None:
@@ -178,7 +198,6 @@ class AlphaEntmaxAttention(EntmaxAttentionBase):
         torch.Size([4])
     """
 
-    hyper_parameters = ("alpha_init",)
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, *, alpha_init="random", **kwargs):
         super().__init__(embed_dim, num_heads, dropout=dropout, **kwargs)
@@ -214,13 +233,15 @@ class FSAlphaEntmax(AlphaEntmaxAttention):
 
 
 ATTENTION_SPECS = (
-    AttentionSpec("sparsemax", FSSparsemax, (), "sparsemax attention (alpha = 2): exact zeros (Correia et al. 2019)"),
-    AttentionSpec("entmax15", FSEntmax15, (), "1.5-entmax attention: sparse, between softmax and sparsemax"),
+    AttentionSpec("sparsemax", FSSparsemax, (), "sparsemax attention (alpha = 2): exact zeros (Correia et al. 2019)",
+                  family="sparse"),
+    AttentionSpec("entmax15", FSEntmax15, (), "1.5-entmax attention: sparse, between softmax and sparsemax",
+                  family="sparse"),
     AttentionSpec(
         "alpha_entmax", FSAlphaEntmax,
-        (AttentionOption("alpha_init", parse_alpha_init, "random",
-                         "initial alpha of every alpha-entmax head: 'random' (paper: 1 + sigmoid(N(0,1))) or a "
+        (AttentionOption("alpha_init", parse_alpha_init, help="initial alpha of every alpha-entmax head: 'random' (paper: 1 + sigmoid(N(0,1))) or a "
                          f"number in [{ALPHA_MIN}, {ALPHA_MAX})"),),
         "alpha-entmax attention with a learned alpha per head in [1.01, 2] (Correia et al. 2019)",
+        family="sparse",
     ),
 )

@@ -49,7 +49,6 @@ class Lara(FluenceAttention):
     """
 
     supported_patterns = frozenset({(False, False)})
-    hyper_parameters = ('num_landmarks',)
     supports_attn_mask = False
 
     def __init__(
@@ -89,7 +88,7 @@ class FSLara(Lara):
 
 ATTENTION_SPEC = AttentionSpec(
     "lara", FSLara,
-    (AttentionOption("num_landmarks", int, 16, "number of segment-mean landmarks"),),
+    (AttentionOption("num_landmarks", int, help="number of segment-mean landmarks"),),
     "LARA, linear randomized attention (Zheng et al. 2022); noncausal self attention only",
     tiny={"num_landmarks": 4},
 )

@@ -47,7 +47,6 @@ class LocalAttention(FluenceAttention):
     """
 
     supported_patterns = frozenset({(False, False), (False, True)})
-    hyper_parameters = ('wsize',)
 
     def __init__(
         self,
@@ -94,7 +93,7 @@ class FSLocalAttention(LocalAttention):
 
 ATTENTION_SPEC = AttentionSpec(
     "local", FSLocalAttention,
-    (AttentionOption("wsize", int, 15, "local attention window: causal queries see the last wsize keys (itself "
+    (AttentionOption("wsize", int, help="local attention window: causal queries see the last wsize keys (itself "
                                        "included), noncausal ones wsize keys on each side"),),
     "local sliding-window attention (Luong et al. 2015); noncausal and causal self attention",
     tiny={"wsize": 4},

@@ -71,6 +71,7 @@ class LongShort(FluenceAttention):
         >>> y, _ = dec(x[:1], x[:1], x[:1], incremental_state=state, need_weights=False)  # one decoding step
     """
 
+    forms_weights = False
     supported_patterns = frozenset({(False, False), (False, True)})
     supports_attn_mask = False
 
@@ -123,7 +124,7 @@ class LongShort(FluenceAttention):
             extra = f"window={self.window_size}, chunk_size={self.chunk_size}, chunk_rank={self.chunk_rank}"
         else:
             extra = f"window={self.window_size}, num_landmarks={self.num_landmarks}"
-        return f"{super().extra_repr()}, {extra}"
+        return f"{self._pattern_repr()}, {extra}"
 
     # ------------------------------------------------------------------------------------------- pieces
     def _local_norm(self, x: Tensor) -> Tensor:
@@ -348,13 +349,13 @@ class FSLongShort(LongShort):
 ATTENTION_SPEC = AttentionSpec(
     "longshort", FSLongShort,
     (
-        AttentionOption("num_landmarks", int, 16, "long-short (noncausal): landmarks r of the dynamic projection"),
-        AttentionOption("ls_window_size", int, 0,
-                        "long-short window: noncausal sees |i-j| <= w, causal the last w tokens; "
+        AttentionOption("num_landmarks", int, help="long-short (noncausal): landmarks r of the dynamic projection"),
+        AttentionOption("ls_window_size", int, help="long-short window: noncausal sees |i-j| <= w, causal the last w tokens; "
                         "0 = 15 (noncausal) / 256 (causal)"),
-        AttentionOption("chunk_size", int, 32, "long-short (causal): tokens per compressed chunk"),
-        AttentionOption("chunk_rank", int, 1, "long-short (causal): vectors per compressed chunk"),
+        AttentionOption("chunk_size", int, help="long-short (causal): tokens per compressed chunk"),
+        AttentionOption("chunk_rank", int, help="long-short (causal): vectors per compressed chunk"),
     ),
     "long-short transformer (Zhu et al. 2021): window + dynamic projection, one softmax; noncausal and causal self",
     tiny={"num_landmarks": 4, "ls_window_size": 4, "chunk_size": 4, "chunk_rank": 2},
+    bench_time_bound=1.6,
 )

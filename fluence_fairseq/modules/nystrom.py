@@ -59,7 +59,6 @@ class NystromAttention(FluenceAttention):
     """
 
     supported_patterns = frozenset({(False, False)})
-    hyper_parameters = ('num_landmarks', 'pinv_iterations', 'conv_kernel_size')
     supports_attn_mask = False
 
     def __init__(
@@ -124,10 +123,9 @@ class FSNystromAttention(NystromAttention):
 ATTENTION_SPEC = AttentionSpec(
     "nystrom", FSNystromAttention,
     (
-        AttentionOption("num_landmarks", int, 16, "number of segment-mean landmarks"),
-        AttentionOption("pinv_iterations", int, 6, "iterations of Nystrom's Moore-Penrose pseudo-inverse"),
-        AttentionOption("conv_kernel_size", int, 0,
-                        "odd kernel length of Nystrom's depthwise convolution over V (0 = off)"),
+        AttentionOption("num_landmarks", int, help="number of segment-mean landmarks"),
+        AttentionOption("pinv_iterations", int, help="iterations of Nystrom's Moore-Penrose pseudo-inverse"),
+        AttentionOption("conv_kernel_size", int, help="odd kernel length of Nystrom's depthwise convolution over V (0 = off)"),
     ),
     "Nystromformer (Xiong et al. 2021): landmark Nystrom approximation; noncausal self attention only",
     tiny={"num_landmarks": 4},

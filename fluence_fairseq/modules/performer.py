@@ -114,8 +114,9 @@ class Performer(FluenceAttention):
         >>> step, _ = attn(x[:1], x[:1], x[:1], incremental_state=state)
     """
 
+    constant_state = True  # causal decoding keeps sum phi(k) v^T and sum phi(k)
+    forms_weights = False
     supported_patterns = ALL_PATTERNS
-    hyper_parameters = ('approx_attn_dim', 'feature_redraw_interval')
     supports_attn_mask = False
 
     def __init__(
@@ -238,9 +239,8 @@ class FSPerformer(Performer):
 ATTENTION_SPEC = AttentionSpec(
     "performer", FSPerformer,
     (
-        AttentionOption("approx_attn_dim", int, 16, "number of random features m per head (FAVOR+)"),
-        AttentionOption("feature_redraw_interval", int, 0,
-                        "redraw the random projection every N training forward calls (0 = never)"),
+        AttentionOption("approx_attn_dim", int, help="number of random features m per head (FAVOR+)"),
+        AttentionOption("feature_redraw_interval", int, help="redraw the random projection every N training forward calls (0 = never)"),
     ),
     "Performer / FAVOR+ positive orthogonal random features (Choromanski et al. 2020); all four patterns",
     tiny={"approx_attn_dim": 8},

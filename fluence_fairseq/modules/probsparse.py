@@ -68,7 +68,9 @@ class ProbSparse(FluenceAttention):
     """
 
     supported_patterns = frozenset({(False, False), (True, False)})
-    hyper_parameters = ('factor',)
+    #: cross decoding selects the top queries among each call's queries, so step-by-step decoding equals the
+    #: full pass applied call by call (a single query always gets exact attention), not the whole target
+    cross_decoding_per_call = True
     supports_attn_mask = False
 
     def __init__(
@@ -133,8 +135,9 @@ class FSProbSparse(ProbSparse):
 
 ATTENTION_SPEC = AttentionSpec(
     "probsparse", FSProbSparse,
-    (AttentionOption("factor", int, 5, "ProbSparse sampling factor c: c*ceil(ln S) sampled keys, "
+    (AttentionOption("factor", int, help="ProbSparse sampling factor c: c*ceil(ln S) sampled keys, "
                                        "c*ceil(ln L) queries with exact attention"),),
     "ProbSparse attention (Informer, Zhou et al. 2021); noncausal self and cross attention",
     tiny={"factor": 1},
+    bench_time_bound=2.5,
 )

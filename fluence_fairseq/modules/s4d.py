@@ -67,6 +67,8 @@ class S4D(FluenceAttention):
         >>> step, _ = attn(x[:1], x[:1], x[:1], incremental_state=state, need_weights=False)
     """
 
+    constant_state = True  # causal decoding keeps N/2 complex modes per channel
+    forms_weights = False
     supported_patterns = frozenset({(False, False), (False, True)})
     supports_attn_mask = False
     uses_query_key = False
@@ -175,7 +177,7 @@ class S4D(FluenceAttention):
         return self._output(F.gelu(y), bsz), None
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", d_state={self.d_state}, dt_range=({self.dt_min:g}, {self.dt_max:g}), "
+        return (self._pattern_repr() + f", d_state={self.d_state}, dt_range=({self.dt_min:g}, {self.dt_max:g}), "
                 f"directions={'causal' if self.causal else 'bidirectional'}")
 
 
@@ -187,10 +189,11 @@ class FSS4D(S4D):
 ATTENTION_SPEC = AttentionSpec(
     "s4d", FSS4D,
     (
-        AttentionOption("d_state", int, 16, "S4D state size N (even): N/2 complex modes per channel"),
-        AttentionOption("s4d_dt_min", float, 1e-3, "S4D: smallest initial step size dt (log-uniform init)"),
-        AttentionOption("s4d_dt_max", float, 1e-1, "S4D: largest initial step size dt (log-uniform init)"),
+        AttentionOption("d_state", int, help="S4D state size N (even): N/2 complex modes per channel"),
+        AttentionOption("s4d_dt_min", float, help="S4D: smallest initial step size dt (log-uniform init)"),
+        AttentionOption("s4d_dt_max", float, help="S4D: largest initial step size dt (log-uniform init)"),
     ),
     "S4D diagonal state space (Gu et al. 2022); causal self or bidirectional noncausal self, value-only",
     tiny={"d_state": 8},
+    bench_time_bound=1.6,
 )

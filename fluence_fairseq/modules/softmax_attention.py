@@ -88,4 +88,4 @@ class FSSoftmax(SoftmaxAttention):
     pass
 
 
-ATTENTION_SPEC = AttentionSpec("softmax", FSSoftmax, (), "exact softmax attention (baseline)")
+ATTENTION_SPEC = AttentionSpec("softmax", FSSoftmax, (), "exact softmax attention (baseline)", family="baseline")

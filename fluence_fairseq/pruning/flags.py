@@ -25,18 +25,23 @@ import torch
 from fairseq.utils import safe_getattr
 
 from ..modules.attention_base import FluenceAttention
+from ..roles import ROLES
 from .masks import GlobalAttentionMask
 from .patterns import load_pattern_info, load_patterns
 from .policy import SCOPES, pruning_mask, random_pruning_mask
 
 logger = logging.getLogger(__name__)
 
-#: attention type (the names of the reference and of compute_attn_score) -> whether it is causal
-PATTERN_TYPES: Dict[str, bool] = {"self-enc": False, "self-dec": True, "enc-dec": False}
+#: attention type (a role's pattern name, as in the reference and the pattern files) -> whether it is causal
+PATTERN_TYPES: Dict[str, bool] = {role.pattern_name: role.causal for role in ROLES}
 
 
 def pattern_dest(kind: str) -> str:
     return "attn_patterns_" + kind.replace("-", "_")
+
+
+def pattern_flag(kind: str) -> str:
+    return "--" + pattern_dest(kind).replace("_", "-")
 
 
 def add_pruning_args(parser) -> None:
@@ -45,7 +50,7 @@ def add_pruning_args(parser) -> None:
         return
     for kind in PATTERN_TYPES:
         parser.add_argument(
-            "--" + pattern_dest(kind).replace("_", "-"), dest=pattern_dest(kind), metavar="NPY", default=None,
+            pattern_flag(kind), dest=pattern_dest(kind), metavar="NPY", default=None,
             help=f"average attention patterns of the {kind} attentions (a .npy from compute_attn_score): prune them "
                  "with a global mask [default: not pruned]",
         )
@@ -71,9 +76,9 @@ def _settings(args) -> dict:
     tau = safe_getattr(args, "attn_prune_tau", None)
     if not files:
         if tau is not None or safe_getattr(args, "attn_prune_random", None):
-            raise ValueError("--attn-prune-tau/--attn-prune-random need pattern files: give --attn-patterns-self-enc, "
-                             "--attn-patterns-self-dec and/or --attn-patterns-enc-dec (collected with "
-                             "compute_attn_score)")
+            raise ValueError("--attn-prune-tau/--attn-prune-random need pattern files: give "
+                             + " and/or ".join(pattern_flag(kind) for kind in PATTERN_TYPES)
+                             + " (collected with compute_attn_score)")
         return {}
     if tau is None:
         raise ValueError("--attn-patterns-* needs --attn-prune-tau, the percent of attention entries to prune "
@@ -119,7 +124,7 @@ def build_keep_masks(path: str, kind: str, layers: int, heads: int, settings: di
     info = load_pattern_info(path, patterns.size(-1))
     if info is not None and info.get("type") not in (None, kind):
         raise ValueError(f"attention pattern file {path} holds {info['type']} patterns but was given for {kind} "
-                         f"(--{pattern_dest(kind).replace('_', '-')})")
+                         f"({pattern_flag(kind)})")
     n = patterns.size(-1)
     structural = torch.ones(n, n, dtype=torch.bool)
     if causal:

@@ -87,17 +87,25 @@ def _parse(argv):
 
 
 def test_efficient_presets_cover_every_registered_method_with_its_bounds():
-    from benchmarks.attention import EFFICIENT, PRESETS, LengthGrowthTarget
+    from benchmarks.attention import PRESETS, DecodeGrowthTarget, LengthGrowthTarget, TimeRatioTarget
     from fluence_fairseq.modules import ATTENTIONS
 
     noncausal = PRESETS["efficient_noncausal"]()
     names = {v.attention for v in noncausal.variants}
-    assert names == {n for n in EFFICIENT if n in ATTENTIONS}
+    efficient = {n for n, spec in ATTENTIONS.items() if spec.family == "efficient"}
+    assert names == efficient and {"local", "abc", "performer", "s4d", "longshort"} <= names
+    assert "softmax" not in names and "entmax15" not in names
+    bounds = {t.case: t.limit for t in noncausal.targets if isinstance(t, TimeRatioTarget) and t.metric != "peak_mem_mb"}
+    assert all(bounds[v.label] == ATTENTIONS[v.attention].bench_time_bound for v in noncausal.variants)
     assert noncausal.baseline_max_length == 8192 and max(noncausal.lengths) == 16384
     assert any(isinstance(t, LengthGrowthTarget) for t in noncausal.targets)
     causal = PRESETS["efficient_causal"]()
     assert all((False, True) in ATTENTIONS[v.attention].cls.supported_patterns for v in causal.variants)
     assert all(v.decode for v in causal.variants)
+    # the decode-growth targets follow the constant_state capability the attentions declare
+    constant = {t.case for t in causal.targets if isinstance(t, DecodeGrowthTarget)}
+    assert constant == {v.label for v in causal.variants if ATTENTIONS[v.attention].cls.constant_state}
+    assert {"abc", "performer", "s4d"} <= constant and "local" not in constant
 
 
 def test_growth_and_memory_targets_and_skipped_baselines():

@@ -2,16 +2,7 @@
 import pytest
 import torch
 
-from attention_contract import AttentionContract, Case
 from fluence_fairseq.modules import FSLara, FSSoftmax, Lara
-
-
-class TestLaraContract(AttentionContract):
-    case = Case("lara", lambda **kw: FSLara(32, 4, num_landmarks=4, **kw))
-
-
-class TestLaraDefaultContract(AttentionContract):
-    case = Case("lara-default", lambda **kw: FSLara(32, 4, **kw), tgt_len=20)
 
 
 # ------------------------------------------------------------------------------- explicit reference

@@ -17,10 +17,6 @@ class TestLocalContract(AttentionContract):
     case = Case("local", lambda **kw: FSLocalAttention(E, H, wsize=3, **kw), tgt_len=11)
 
 
-class TestLocalDefaultContract(AttentionContract):
-    case = Case("local", lambda **kw: FSLocalAttention(E, H, **kw), tgt_len=11)
-
-
 class TestLocalNarrowKernelContract(AttentionContract):
     """The same contract through the narrow-band kernel that long sequences use (forced at every size)."""
 

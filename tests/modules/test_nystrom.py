@@ -15,10 +15,6 @@ class TestNystromContract(AttentionContract):
                 tgt_len=13)
 
 
-class TestNystromDefaultContract(AttentionContract):
-    case = Case("nystrom-default", lambda **kw: FSNystromAttention(32, 4, **kw), tgt_len=20)
-
-
 # ------------------------------------------------------------------------------- explicit reference
 def reference_segments(n, m):
     """Nyströmformer's segmentation of n tokens into m contiguous segments (one token each when n <= m)."""

@@ -1,96 +1,16 @@
-"""ProbSparse attention (Informer): contract, an explicit loop reference, determinism, padding, exactness."""
+"""ProbSparse attention (Informer): an explicit loop reference, determinism, padding, exactness (the contract runs
+from the registry, in tests/modules/test_contract.py)."""
 import math
 
 import pytest
 import torch
 
-from attention_contract import B, E, AttentionContract, Case, _build, _call, _chunks, _decode, _inputs, _randn
+from attention_contract import B, E, _call, _decode, _randn
 from fluence_fairseq.modules import FSProbSparse, FSSoftmax
 from fluence_fairseq.modules.attention_base import UnsupportedPatternError
 from fluence_fairseq.ops.probsparse import sample_keys
 
 HEADS = 4
-
-
-class _CrossDecodingContract(AttentionContract):
-    """Cross decoding applies ProbSparse to the queries of each call: the top-u queries are chosen among them
-    (a single query always gets exact attention), while a full pass chooses among all target positions. So
-    "step-by-step decoding equals the full pass" is undefined for this method (it holds only when every query
-    is selected). The three contract tests that assert it are replaced, for noncausal cross attention, by:
-    each decoding call equals the full forward applied to that call's queries alone, the source summary is
-    computed once per sentence, and reordering keeps that equality."""
-
-    def test_incremental_equals_full(self, pattern):
-        cross, causal = pattern
-        if not cross:
-            return super().test_incremental_equals_full(pattern)
-        attn = _build(self.case, cross, causal)
-        calls = []
-        summarize = attn.summarize_keys
-        attn.summarize_keys = lambda *a: calls.append(1) or summarize(*a)
-        x, src = _inputs(self.case, cross)
-        for sizes in ([1] * x.size(0), _chunks(x.size(0))):
-            calls.clear()
-            got, _ = _decode(attn, x, src, sizes)
-            assert len(calls) == 1, "the source summary must be computed once per sentence"
-            want, t = [], 0
-            for n in sizes:
-                want.append(_call(attn, x[t : t + n], src))
-                t += n
-            torch.testing.assert_close(got, torch.cat(want), atol=self.case.atol, rtol=0)
-
-    def test_incremental_with_padding(self, pattern):
-        cross, causal = pattern
-        if not cross:
-            return super().test_incremental_with_padding(pattern)
-        attn = _build(self.case, cross, causal)
-        x, src = _inputs(self.case, cross)
-        kpm = torch.zeros(B, src.size(0), dtype=torch.bool)
-        kpm[0, -3:] = True
-        kpm[1, :2] = True
-        for sizes in ([1] * x.size(0), _chunks(x.size(0))):
-            got, _ = _decode(attn, x, src, sizes, key_padding_mask=kpm)
-            want, t = [], 0
-            for n in sizes:
-                want.append(attn(query=x[t : t + n], key=src, value=src, key_padding_mask=kpm, need_weights=False)[0])
-                t += n
-            torch.testing.assert_close(got, torch.cat(want), atol=self.case.atol, rtol=0)
-
-    def test_beam_reorder_and_shrinking_batch(self, pattern):
-        cross, causal = pattern
-        if not cross:
-            return super().test_beam_reorder_and_shrinking_batch(pattern)
-        attn = _build(self.case, cross, causal)
-        x, src = _inputs(self.case, cross)
-        kpm = torch.zeros(B, src.size(0), dtype=torch.bool)
-        kpm[0, -4:] = True  # rows with different real lengths have different key samples and value means
-        kpm[2, :1] = True
-        split = 4
-        for order in (torch.tensor([2, 0, 2]), torch.tensor([1, 2])):
-            _, state = _decode(attn, x[:split], src, [1] * split, key_padding_mask=kpm)
-            attn.reorder_incremental_state(state, order)
-            for buf in state.values():
-                for name, t in buf.items():
-                    assert t is None or t.size(0) == len(order), f"cached {name} was not reordered"
-            x_new = _randn(x.size(0) - split, len(order), E, seed=7)
-            sizes = _chunks(x_new.size(0), (3, 2))
-            got, _ = _decode(attn, x_new, src[:, order], sizes, key_padding_mask=kpm[order], state=state)
-            want, t = [], 0
-            for n in sizes:
-                want.append(attn(query=x_new[t : t + n], key=src[:, order], value=src[:, order],
-                                 key_padding_mask=kpm[order], need_weights=False)[0])
-                t += n
-            torch.testing.assert_close(got, torch.cat(want), atol=self.case.atol, rtol=0)
-
-
-class TestProbSparseContract(_CrossDecodingContract):
-    # factor 1: u = ceil(ln 11) = 3 of 11 queries and U = ceil(ln 9) = 3 of 9 keys, so the method really selects
-    case = Case("probsparse", lambda **kw: FSProbSparse(32, HEADS, factor=1, **kw), tgt_len=11, src_len=9)
-
-
-class TestProbSparseDefaultContract(_CrossDecodingContract):
-    # the default factor 5: u = 5 ceil(ln 24) = 20 of 24 queries, U = 5 ceil(ln 22) = 20 of 22 keys
-    case = Case("probsparse_default", lambda **kw: FSProbSparse(32, HEADS, **kw), tgt_len=24, src_len=22)
 
 
 # ------------------------------------------------------------------------------------ slow reference

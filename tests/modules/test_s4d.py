@@ -26,10 +26,6 @@ class TestS4DContract(AttentionContract):
     case = Case("s4d", lambda **kw: FSS4D(32, 4, d_state=4, s4d_dt_min=0.05, s4d_dt_max=0.5, **kw))
 
 
-class TestS4DDefaultsContract(AttentionContract):
-    case = Case("s4d-defaults", lambda **kw: FSS4D(32, 4, **kw), tgt_len=17)
-
-
 # ------------------------------------------------------------------------------------------- references
 def explicit_kernels(attn, length):
     """K[dir, c, l] = 2 Re sum_n C_n (exp(dt A_n) - 1) / A_n exp(dt A_n l), term by term in complex128."""
