@@ -231,7 +231,7 @@ def _split_label(label: str):
 def find_alphas(model: Dict[str, torch.Tensor]) -> "OrderedDict[str, Dict[int, List[float]]]":
     """Learned α per attention type, layer and head, from every ``...pre_alpha`` parameter
     (α = clamp(1 + sigmoid(pre_alpha), 1.01, 2), as the attention computes it)."""
-    from ..modules.entmax_attention import ALPHA_MAX, ALPHA_MIN
+    from ..modules.entmax import ALPHA_MAX, ALPHA_MIN
 
     found: "OrderedDict[str, Dict[int, List[float]]]" = OrderedDict((k, {}) for k in _KINDS)
     for key, value in model.items():

@@ -24,7 +24,7 @@ from ..ops.band import band_attention
 from .attention_base import FluenceAttention, Statistic, fsmha
 from .spec import AttentionOption, AttentionSpec, parse_bool
 
-__all__ = ["AdaptiveSpan", "AdaptiveSpanAttention", "FSAdaptiveSpan"]
+__all__ = ["AdaptiveSpan", "AdaptiveSpanAttention", "FSAdaptiveSpanAttention", "FSAdaptiveSpan"]
 
 
 def _check_span_args(attn_span, ramp, init, nb_heads):
@@ -44,22 +44,32 @@ def _check_span_args(attn_span, ramp, init, nb_heads):
         raise ValueError(f"nb_heads must be a positive integer, got {nb_heads!r}")
 
 
-# AdaptiveSpan modules alive in this process; clamped after every optimizer step that updates them.
+# The span ratios are clamped to [0, 1] after every optimizer step that updates them. torch offers no hook per
+# parameter, so one global optimizer post-step hook does it: registered when the first AdaptiveSpan is built (so
+# importing the package changes nothing), it returns at once for an optimizer that holds no span ratio (the
+# optimizers of unrelated models are never touched) and clamps only the ratios that optimizer stepped.
 _LIVE_SPANS: "weakref.WeakSet[AdaptiveSpan]" = weakref.WeakSet()
+_CLAMP_HOOK = None
 
 
 def _clamp_after_step(optimizer, args, kwargs):
     if not _LIVE_SPANS:
         return
-    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for span in list(_LIVE_SPANS):
-        if id(span.current_val) in stepped:
-            span.clamp_param()
+    live = {id(span.current_val): span for span in list(_LIVE_SPANS)}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            span = live.get(id(p))
+            if span is not None:
+                span.clamp_param()
 
 
-from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
+def _track_span(span: "AdaptiveSpan") -> None:
+    global _CLAMP_HOOK
+    if _CLAMP_HOOK is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
 
-register_optimizer_step_post_hook(_clamp_after_step)
+        _CLAMP_HOOK = register_optimizer_step_post_hook(_clamp_after_step)
+    _LIVE_SPANS.add(span)
 
 
 class AdaptiveSpan(nn.Module):
@@ -100,7 +110,7 @@ class AdaptiveSpan(nn.Module):
         self.causal = causal
         # stored as a ratio of attn_span, as in facebookresearch/adaptive-span
         self.current_val = nn.Parameter(torch.full((nb_heads, 1, 1), float(adapt_span_init)))
-        _LIVE_SPANS.add(self)
+        _track_span(self)
 
     # -------------------------------------------------------------------------------------------- mask
     def ratio(self) -> Tensor:
@@ -203,8 +213,8 @@ class AdaptiveSpanAttention(FluenceAttention):
     Example::
 
         >>> import torch
-        >>> from fluence_fairseq import FSAdaptiveSpan
-        >>> attn = FSAdaptiveSpan(512, 8, attn_span=256, causal=True)
+        >>> from fluence_fairseq import FSAdaptiveSpanAttention
+        >>> attn = FSAdaptiveSpanAttention(512, 8, attn_span=256, causal=True)
         >>> x = torch.randn(100, 2, 512)                      # (length, batch, dim)
         >>> out, _ = attn(x, x, x, need_weights=False)
         >>> loss = attn.adaptive_span.get_loss()              # add to the training loss
@@ -274,12 +284,12 @@ class AdaptiveSpanAttention(FluenceAttention):
 
 
 @fsmha
-class FSAdaptiveSpan(AdaptiveSpanAttention):
+class FSAdaptiveSpanAttention(AdaptiveSpanAttention):
     pass
 
 
 ATTENTION_SPEC = AttentionSpec(
-    "adaptive_span", FSAdaptiveSpan,
+    "adaptive_span", FSAdaptiveSpanAttention,
     (
         AttentionOption("attn_span", int, help="maximum attention span S in tokens"),
         AttentionOption("adapt_span_loss_coeff", float, help="span loss weight: loss += coeff * S * mean(z)"),
@@ -291,3 +301,7 @@ ATTENTION_SPEC = AttentionSpec(
     tiny={"attn_span": 32, "adapt_span_ramp": 8},
     family="adaptive",
 )
+
+
+# the names before 0.2, kept for code that imports them
+FSAdaptiveSpan = FSAdaptiveSpanAttention

@@ -209,7 +209,7 @@ class FluenceAttention(MultiheadAttention):
 
         This default folds the mask into ``attn_mask`` (exact for any attention that honours ``attn_mask``, but
         it computes every entry); a query with no kept, unpadded (and, if causal, past) key gets output and
-        weights 0. :class:`~fluence_fairseq.modules.softmax_attention.SoftmaxAttention` overrides it with a
+        weights 0. :class:`~fluence_fairseq.modules.softmax.SoftmaxAttention` overrides it with a
         block-sparse kernel that never computes pruned blocks."""
         bsz, _, tgt_len, _ = q.shape
         src_len = k.size(2)

@@ -3,10 +3,10 @@ from ..ops.landmarks import lara_attention
 from .attention_base import FluenceAttention, fsmha
 from .spec import AttentionOption, AttentionSpec, check_int
 
-__all__ = ["Lara", "FSLara"]
+__all__ = ["LaraAttention", "FSLaraAttention", "Lara", "FSLara"]
 
 
-class Lara(FluenceAttention):
+class LaraAttention(FluenceAttention):
     """Linear randomized attention (Zheng et al., 2022, "Linear Complexity Randomized Self-attention Mechanism"),
     noncausal self only.
 
@@ -40,8 +40,8 @@ class Lara(FluenceAttention):
     Example::
 
         >>> import torch
-        >>> from fluence_fairseq import FSLara
-        >>> attn = FSLara(512, 8, num_landmarks=16).eval()           # eval: deterministic proposals
+        >>> from fluence_fairseq import FSLaraAttention
+        >>> attn = FSLaraAttention(512, 8, num_landmarks=16).eval()           # eval: deterministic proposals
         >>> x = torch.randn(100, 2, 512)                              # (length, batch, dim)
         >>> out, _ = attn(x, x, x, need_weights=False)
         >>> out.shape
@@ -80,15 +80,20 @@ class Lara(FluenceAttention):
 
 
 @fsmha
-class FSLara(Lara):
-    """:class:`Lara` accepting fairseq's ``MultiheadAttention`` constructor keywords."""
+class FSLaraAttention(LaraAttention):
+    """:class:`LaraAttention` accepting fairseq's ``MultiheadAttention`` constructor keywords."""
 
     pass
 
 
 ATTENTION_SPEC = AttentionSpec(
-    "lara", FSLara,
+    "lara", FSLaraAttention,
     (AttentionOption("num_landmarks", int, help="number of segment-mean landmarks"),),
     "LARA, linear randomized attention (Zheng et al. 2022); noncausal self attention only",
     tiny={"num_landmarks": 4},
 )
+
+
+# the names before 0.2, kept for code that imports them
+Lara = LaraAttention
+FSLara = FSLaraAttention

@@ -16,7 +16,7 @@ from ..ops.linear_attention import (
 from .attention_base import ALL_PATTERNS, FluenceAttention, fsmha
 from .spec import AttentionOption, AttentionSpec, check_int
 
-__all__ = ["Performer", "FSPerformer"]
+__all__ = ["PerformerAttention", "FSPerformerAttention", "Performer", "FSPerformer"]
 
 #: added to every (stabilised) feature, as in the reference: keeps each key's and query's features bounded
 #: away from zero relative to its own largest feature, so a denominator with a real key is never ~0
@@ -68,7 +68,7 @@ class _Logits(torch.autograd.Function):
         return gx, gw
 
 
-class Performer(FluenceAttention):
+class PerformerAttention(FluenceAttention):
     """Performer attention with FAVOR+ positive orthogonal random features (Choromanski et al., 2020).
 
     ``exp(q . k / sqrt(d))`` is estimated by ``phi(q) . phi(k)`` with ``phi(x) = exp(W x' - |x'|^2 / 2)``,
@@ -106,8 +106,8 @@ class Performer(FluenceAttention):
     Example::
 
         >>> import torch
-        >>> from fluence_fairseq import FSPerformer
-        >>> attn = FSPerformer(512, 8, approx_attn_dim=64, causal=True)
+        >>> from fluence_fairseq import FSPerformerAttention
+        >>> attn = FSPerformerAttention(512, 8, approx_attn_dim=64, causal=True)
         >>> x = torch.randn(100, 2, 512)                      # (length, batch, dim)
         >>> out, _ = attn(x, x, x, need_weights=False)
         >>> state = {}                                        # decoding: one token at a time, constant state
@@ -232,12 +232,12 @@ class Performer(FluenceAttention):
 
 
 @fsmha
-class FSPerformer(Performer):
+class FSPerformerAttention(PerformerAttention):
     """Performer with fairseq's MultiheadAttention constructor keywords."""
 
 
 ATTENTION_SPEC = AttentionSpec(
-    "performer", FSPerformer,
+    "performer", FSPerformerAttention,
     (
         AttentionOption("approx_attn_dim", int, help="number of random features m per head (FAVOR+)"),
         AttentionOption("feature_redraw_interval", int, help="redraw the random projection every N training forward calls (0 = never)"),
@@ -245,3 +245,8 @@ ATTENTION_SPEC = AttentionSpec(
     "Performer / FAVOR+ positive orthogonal random features (Choromanski et al. 2020); all four patterns",
     tiny={"approx_attn_dim": 8},
 )
+
+
+# the names before 0.2, kept for code that imports them
+Performer = PerformerAttention
+FSPerformer = FSPerformerAttention

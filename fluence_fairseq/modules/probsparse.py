@@ -7,10 +7,10 @@ from ..ops.probsparse import probsparse_attention, real_value_mean, sample_keys
 from .attention_base import FluenceAttention, fsmha
 from .spec import AttentionOption, AttentionSpec, check_int
 
-__all__ = ["ProbSparse", "FSProbSparse"]
+__all__ = ["ProbSparseAttention", "FSProbSparseAttention", "ProbSparse", "FSProbSparse"]
 
 
-class ProbSparse(FluenceAttention):
+class ProbSparseAttention(FluenceAttention):
     """ProbSparse attention (Zhou et al., 2021, "Informer"): only the "active" queries attend.
 
     Per head, ``U = factor * ceil(ln S)`` keys are sampled (capped at S) and every query gets the sparsity score
@@ -59,8 +59,8 @@ class ProbSparse(FluenceAttention):
     Example::
 
         >>> import torch
-        >>> from fluence_fairseq import FSProbSparse
-        >>> attn = FSProbSparse(512, 8, factor=5).eval()
+        >>> from fluence_fairseq import FSProbSparseAttention
+        >>> attn = FSProbSparseAttention(512, 8, factor=5).eval()
         >>> x = torch.randn(100, 2, 512)                      # (length, batch, dim)
         >>> out, _ = attn(x, x, x, need_weights=False)
         >>> out.shape
@@ -129,15 +129,20 @@ class ProbSparse(FluenceAttention):
 
 
 @fsmha
-class FSProbSparse(ProbSparse):
-    """:class:`ProbSparse` accepting fairseq's attention keywords."""
+class FSProbSparseAttention(ProbSparseAttention):
+    """:class:`ProbSparseAttention` accepting fairseq's attention keywords."""
 
 
 ATTENTION_SPEC = AttentionSpec(
-    "probsparse", FSProbSparse,
+    "probsparse", FSProbSparseAttention,
     (AttentionOption("factor", int, help="ProbSparse sampling factor c: c*ceil(ln S) sampled keys, "
                                        "c*ceil(ln L) queries with exact attention"),),
     "ProbSparse attention (Informer, Zhou et al. 2021); noncausal self and cross attention",
     tiny={"factor": 1},
     bench_time_bound=2.5,
 )
+
+
+# the names before 0.2, kept for code that imports them
+ProbSparse = ProbSparseAttention
+FSProbSparse = FSProbSparseAttention

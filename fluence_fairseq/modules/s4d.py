@@ -12,7 +12,7 @@ from ..ops.s4d import discretize, s4d_conv, s4d_kernel, ssm_chunk_step
 from .attention_base import FluenceAttention, fsmha
 from .spec import AttentionOption, AttentionSpec
 
-__all__ = ["S4D", "FSS4D"]
+__all__ = ["S4DAttention", "FSS4DAttention", "S4D", "FSS4D"]
 
 
 def _check_s4d_args(d_state, dt_min, dt_max):
@@ -28,7 +28,7 @@ def _check_s4d_args(d_state, dt_min, dt_max):
         )
 
 
-class S4D(FluenceAttention):
+class S4DAttention(FluenceAttention):
     """Diagonal state space layer (S4D; Gu, Gupta, Goel and Ré, 2022) in place of attention.
 
     Value-only (``uses_query_key = False``): ``q_proj``/``k_proj`` are not built, the ``embed_dim`` projected
@@ -59,8 +59,8 @@ class S4D(FluenceAttention):
     Example::
 
         >>> import torch
-        >>> from fluence_fairseq import FSS4D
-        >>> attn = FSS4D(512, 8, d_state=16, causal=True)
+        >>> from fluence_fairseq import FSS4DAttention
+        >>> attn = FSS4DAttention(512, 8, d_state=16, causal=True)
         >>> x = torch.randn(100, 2, 512)                      # (length, batch, dim)
         >>> out, _ = attn(x, x, x, need_weights=False)        # weights are always None
         >>> state = {}
@@ -182,12 +182,12 @@ class S4D(FluenceAttention):
 
 
 @fsmha
-class FSS4D(S4D):
+class FSS4DAttention(S4DAttention):
     """S4D with fairseq's MultiheadAttention keywords (``self_attention``, ``encoder_decoder_attention``)."""
 
 
 ATTENTION_SPEC = AttentionSpec(
-    "s4d", FSS4D,
+    "s4d", FSS4DAttention,
     (
         AttentionOption("d_state", int, help="S4D state size N (even): N/2 complex modes per channel"),
         AttentionOption("s4d_dt_min", float, help="S4D: smallest initial step size dt (log-uniform init)"),
@@ -197,3 +197,8 @@ ATTENTION_SPEC = AttentionSpec(
     tiny={"d_state": 8},
     bench_time_bound=1.6,
 )
+
+
+# the names before 0.2, kept for code that imports them
+S4D = S4DAttention
+FSS4D = FSS4DAttention

@@ -8,7 +8,7 @@ queries:
 3. the ``u = factor * ceil(ln m)`` queries (capped at ``m``, at least 1) with the largest ``M`` get exact
    ``softmax(q_i K^T / sqrt(d)) V`` over all real keys; every other query outputs the mean of the real values.
 
-Design choices (see :class:`fluence_fairseq.modules.probsparse.ProbSparse` for the comparison with the reference):
+Design choices (see :class:`fluence_fairseq.modules.probsparse.ProbSparseAttention` for the comparison with the reference):
 
 * one key sample per (sentence, head), shared by all queries, so step 2 is a ``(L, U)`` matmul instead of a
   gather of ``(L, U, d)`` sampled keys; the sample is drawn without replacement among the real keys;

@@ -1,5 +1,5 @@
 """Diagonal state space (S4D, Gu et al. 2022) math: discretisation, convolution kernels, FFT convolution and the
-recurrent decoding step. Pure tensor functions; the layer is :class:`fluence_fairseq.modules.s4d.S4D`.
+recurrent decoding step. Pure tensor functions; the layer is :class:`fluence_fairseq.modules.s4d.S4DAttention`.
 
 Shapes: ``dirs`` kernels (1 = causal, 2 = causal + anti-causal), ``C`` channels, ``N2 = d_state / 2`` complex
 modes per channel. Sequences are laid out ``(L, B, C)`` (fairseq's time-major layout, so no transposes are

@@ -1,11 +1,11 @@
-"""ABC (abc_attention.py, ops/abc.py): the shared contract, the prefix formula written out as loops, and the
+"""ABC (modules/abc.py, ops/abc.py): the shared contract, the prefix formula written out as loops, and the
 reference implementation's degenerate causal recurrence (o_t a multiple of v_t) not coming back."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from attention_contract import AttentionContract, Case
-from fluence_fairseq.modules.abc_attention import ABC, FSABC
+from fluence_fairseq.modules.abc import ABC, FSABC
 from fluence_fairseq.modules.registry import get_attention
 from fluence_fairseq.ops.abc import causal_abc, causal_abc_dense
 

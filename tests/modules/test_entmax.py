@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fluence_fairseq import FSAlphaEntmax, FSEntmax15, FSSparsemax
-from fluence_fairseq.modules.entmax_attention import ALPHA_MAX, ALPHA_MIN, parse_alpha_init
+from fluence_fairseq.modules.entmax import ALPHA_MAX, ALPHA_MIN, parse_alpha_init
 from fluence_fairseq.ops.entmax import entmax, entmax15, sparsemax
 
 
@@ -298,7 +298,7 @@ def test_train_generate_and_plot_alpha_entmax(translation_bin, tmp_path, capsys)
 
 
 def test_a_new_entmax_attention_must_say_its_alpha():
-    from fluence_fairseq.modules.entmax_attention import EntmaxAttentionBase
+    from fluence_fairseq.modules.entmax import EntmaxAttentionBase
 
     class NoAlpha(EntmaxAttentionBase):
         pass

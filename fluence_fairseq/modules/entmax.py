@@ -19,7 +19,8 @@ from .spec import AttentionOption, AttentionSpec
 
 __all__ = [
     "EntmaxAttentionBase", "SparsemaxAttention", "Entmax15Attention", "AlphaEntmaxAttention",
-    "FSSparsemax", "FSEntmax15", "FSAlphaEntmax", "parse_alpha_init",
+    "FSSparsemaxAttention", "FSEntmax15Attention", "FSAlphaEntmaxAttention", "parse_alpha_init",
+    "FSSparsemax", "FSEntmax15", "FSAlphaEntmax",
 ]
 
 #: the range α is clamped to (Correia et al. 2019): below 1.01 the α-gradient divides by almost zero
@@ -129,8 +130,8 @@ class SparsemaxAttention(EntmaxAttentionBase):
     Example::
 
         >>> import torch
-        >>> from fluence_fairseq import FSSparsemax
-        >>> attn = FSSparsemax(64, 4, causal=True)
+        >>> from fluence_fairseq import FSSparsemaxAttention
+        >>> attn = FSSparsemaxAttention(64, 4, causal=True)
         >>> x = torch.randn(10, 2, 64)                        # (length, batch, dim)
         >>> out, weights = attn(x, x, x)
         >>> bool((weights == 0).any())                         # exact zeros
@@ -146,8 +147,8 @@ class Entmax15Attention(EntmaxAttentionBase):
     Example::
 
         >>> import torch
-        >>> from fluence_fairseq import FSEntmax15
-        >>> attn = FSEntmax15(64, 4)
+        >>> from fluence_fairseq import FSEntmax15Attention
+        >>> attn = FSEntmax15Attention(64, 4)
         >>> x = torch.randn(10, 2, 64)
         >>> out, weights = attn(x, x, x)
         >>> torch.allclose(weights.sum(-1), torch.ones(2, 10))
@@ -187,8 +188,8 @@ class AlphaEntmaxAttention(EntmaxAttentionBase):
     Example::
 
         >>> import torch
-        >>> from fluence_fairseq import FSAlphaEntmax
-        >>> attn = FSAlphaEntmax(64, 4, alpha_init=1.5)
+        >>> from fluence_fairseq import FSAlphaEntmaxAttention
+        >>> attn = FSAlphaEntmaxAttention(64, 4, alpha_init=1.5)
         >>> attn.alpha()
         tensor([1.5000, 1.5000, 1.5000, 1.5000], grad_fn=<ClampBackward1>)
         >>> x = torch.randn(10, 2, 64)
@@ -218,30 +219,36 @@ class AlphaEntmaxAttention(EntmaxAttentionBase):
 
 
 @fsmha
-class FSSparsemax(SparsemaxAttention):
+class FSSparsemaxAttention(SparsemaxAttention):
     """:class:`SparsemaxAttention` with fairseq's ``MultiheadAttention`` constructor keywords."""
 
 
 @fsmha
-class FSEntmax15(Entmax15Attention):
+class FSEntmax15Attention(Entmax15Attention):
     """:class:`Entmax15Attention` with fairseq's ``MultiheadAttention`` constructor keywords."""
 
 
 @fsmha
-class FSAlphaEntmax(AlphaEntmaxAttention):
+class FSAlphaEntmaxAttention(AlphaEntmaxAttention):
     """:class:`AlphaEntmaxAttention` with fairseq's ``MultiheadAttention`` constructor keywords."""
 
 
 ATTENTION_SPECS = (
-    AttentionSpec("sparsemax", FSSparsemax, (), "sparsemax attention (alpha = 2): exact zeros (Correia et al. 2019)",
+    AttentionSpec("sparsemax", FSSparsemaxAttention, (), "sparsemax attention (alpha = 2): exact zeros (Correia et al. 2019)",
                   family="sparse"),
-    AttentionSpec("entmax15", FSEntmax15, (), "1.5-entmax attention: sparse, between softmax and sparsemax",
+    AttentionSpec("entmax15", FSEntmax15Attention, (), "1.5-entmax attention: sparse, between softmax and sparsemax",
                   family="sparse"),
     AttentionSpec(
-        "alpha_entmax", FSAlphaEntmax,
+        "alpha_entmax", FSAlphaEntmaxAttention,
         (AttentionOption("alpha_init", parse_alpha_init, help="initial alpha of every alpha-entmax head: 'random' (paper: 1 + sigmoid(N(0,1))) or a "
                          f"number in [{ALPHA_MIN}, {ALPHA_MAX})"),),
         "alpha-entmax attention with a learned alpha per head in [1.01, 2] (Correia et al. 2019)",
         family="sparse",
     ),
 )
+
+
+# the names before 0.2, kept for code that imports them
+FSSparsemax = FSSparsemaxAttention
+FSEntmax15 = FSEntmax15Attention
+FSAlphaEntmax = FSAlphaEntmaxAttention

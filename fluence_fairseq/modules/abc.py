@@ -11,12 +11,12 @@ from ..ops.abc import ABCState, attend_slots, causal_abc, causal_abc_dense, nonc
 from .attention_base import FluenceAttention, fsmha
 from .spec import AttentionOption, AttentionSpec, check_int
 
-__all__ = ["ABC", "FSABC"]
+__all__ = ["ABCAttention", "FSABCAttention", "ABC", "FSABC"]
 
 _STATE_NAMES = ("abc_k_num", "abc_k_den", "abc_k_max", "abc_v_num", "abc_v_den", "abc_v_max")
 
 
-class ABC(FluenceAttention):
+class ABCAttention(FluenceAttention):
     """ABC: attention over ``num_landmarks`` learned memory slots (Peng et al., 2021, arXiv 2110.02488).
 
     Each slot ``r`` is a softmax-weighted average of the keys (and, with its own scores, of the values):
@@ -53,8 +53,8 @@ class ABC(FluenceAttention):
     Example::
 
         >>> import torch
-        >>> from fluence_fairseq import FSABC
-        >>> attn = FSABC(512, 8, num_landmarks=16, causal=True)
+        >>> from fluence_fairseq import FSABCAttention
+        >>> attn = FSABCAttention(512, 8, num_landmarks=16, causal=True)
         >>> x = torch.randn(100, 2, 512)                      # (length, batch, dim)
         >>> out, _ = attn(x, x, x, need_weights=False)
         >>> out.shape
@@ -179,14 +179,19 @@ class ABC(FluenceAttention):
 
 
 @fsmha
-class FSABC(ABC):
-    """:class:`ABC` accepting fairseq's ``MultiheadAttention`` keywords."""
+class FSABCAttention(ABCAttention):
+    """:class:`ABCAttention` accepting fairseq's ``MultiheadAttention`` keywords."""
 
 
 ATTENTION_SPEC = AttentionSpec(
-    "abc", FSABC,
+    "abc", FSABCAttention,
     (AttentionOption("num_landmarks", int, help="number of memory slots r of ABC / landmarks of Nystrom, LARA, "
                      "LongShort (each attention with its own default)"),),
     "ABC, attention with bounded-memory control (Peng et al. 2021); all four patterns, true causal recurrence",
     tiny={"num_landmarks": 4},
 )
+
+
+# the names before 0.2, kept for code that imports them
+ABC = ABCAttention
+FSABC = FSABCAttention

@@ -7,7 +7,7 @@ from .attention_base import FluenceAttention, fsmha
 from ..pruning.masks import roll_rows
 from .spec import AttentionSpec
 
-__all__ = ["SoftmaxAttention", "FSSoftmax"]
+__all__ = ["SoftmaxAttention", "FSSoftmaxAttention", "FSSoftmax"]
 
 
 class SoftmaxAttention(FluenceAttention):
@@ -18,8 +18,8 @@ class SoftmaxAttention(FluenceAttention):
     Example::
 
         >>> import torch
-        >>> from fluence_fairseq import FSSoftmax
-        >>> attn = FSSoftmax(512, 8, causal=True)
+        >>> from fluence_fairseq import FSSoftmaxAttention
+        >>> attn = FSSoftmaxAttention(512, 8, causal=True)
         >>> x = torch.randn(10, 2, 512)                       # (length, batch, dim)
         >>> out, weights = attn(x, x, x)                      # weights: (batch, length, length)
     """
@@ -84,8 +84,12 @@ class SoftmaxAttention(FluenceAttention):
 
 
 @fsmha
-class FSSoftmax(SoftmaxAttention):
+class FSSoftmaxAttention(SoftmaxAttention):
     pass
 
 
-ATTENTION_SPEC = AttentionSpec("softmax", FSSoftmax, (), "exact softmax attention (baseline)", family="baseline")
+ATTENTION_SPEC = AttentionSpec("softmax", FSSoftmaxAttention, (), "exact softmax attention (baseline)", family="baseline")
+
+
+# the names before 0.2, kept for code that imports them
+FSSoftmax = FSSoftmaxAttention

@@ -5,7 +5,7 @@ import torch
 
 from attention_contract import AttentionContract, Case
 from fluence_fairseq.modules import FSLongShort
-from fluence_fairseq.ops.long_short import long_short_attention
+from fluence_fairseq.ops.longshort import long_short_attention
 
 
 class TestLongShortContract(AttentionContract):

@@ -5,18 +5,18 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.long_short import compress_chunks, dense_joint_attention, head_layer_norm, long_short_attention
+from ..ops.longshort import compress_chunks, dense_joint_attention, head_layer_norm, long_short_attention
 from .attention_base import FluenceAttention, fsmha
 from .spec import AttentionOption, AttentionSpec, check_int
 
-__all__ = ["LongShort", "FSLongShort"]
+__all__ = ["LongShortAttention", "FSLongShortAttention", "LongShort", "FSLongShort"]
 
 #: ``ls_window_size=0`` picks these
 DEFAULT_WINDOW = {False: 15, True: 256}
 
 
 
-class LongShort(FluenceAttention):
+class LongShortAttention(FluenceAttention):
     """Long-short attention: a short-range window branch and a long-range compressed branch sharing ONE softmax.
 
     Per head, keys and values first pass through a layer norm ``LN_L`` (the paper's DualLN, local half).
@@ -62,11 +62,11 @@ class LongShort(FluenceAttention):
     Example::
 
         >>> import torch
-        >>> from fluence_fairseq import FSLongShort
-        >>> enc = FSLongShort(512, 8, num_landmarks=16, ls_window_size=15)
+        >>> from fluence_fairseq import FSLongShortAttention
+        >>> enc = FSLongShortAttention(512, 8, num_landmarks=16, ls_window_size=15)
         >>> x = torch.randn(1000, 2, 512)                      # (length, batch, dim)
         >>> out, _ = enc(x, x, x, need_weights=False)
-        >>> dec = FSLongShort(512, 8, causal=True, ls_window_size=128, chunk_size=32, chunk_rank=1)
+        >>> dec = FSLongShortAttention(512, 8, causal=True, ls_window_size=128, chunk_size=32, chunk_rank=1)
         >>> state = {}
         >>> y, _ = dec(x[:1], x[:1], x[:1], incremental_state=state, need_weights=False)  # one decoding step
     """
@@ -342,12 +342,12 @@ class LongShort(FluenceAttention):
 
 
 @fsmha
-class FSLongShort(LongShort):
-    """:class:`LongShort` accepting fairseq's MultiheadAttention keywords."""
+class FSLongShortAttention(LongShortAttention):
+    """:class:`LongShortAttention` accepting fairseq's MultiheadAttention keywords."""
 
 
 ATTENTION_SPEC = AttentionSpec(
-    "longshort", FSLongShort,
+    "longshort", FSLongShortAttention,
     (
         AttentionOption("num_landmarks", int, help="long-short (noncausal): landmarks r of the dynamic projection"),
         AttentionOption("ls_window_size", int, help="long-short window: noncausal sees |i-j| <= w, causal the last w tokens; "
@@ -359,3 +359,8 @@ ATTENTION_SPEC = AttentionSpec(
     tiny={"num_landmarks": 4, "ls_window_size": 4, "chunk_size": 4, "chunk_rank": 2},
     bench_time_bound=1.6,
 )
+
+
+# the names before 0.2, kept for code that imports them
+LongShort = LongShortAttention
+FSLongShort = FSLongShortAttention
