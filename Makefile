@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 SOURCES := setup.py $(shell find fluence_fairseq -name '*.py' 2>/dev/null)
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lm-demo bench bench-sparse bench-pruning install clean
+.PHONY: demo test lm-demo docs bench bench-sparse bench-pruning install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ demo: $(STAMP)
 
 lm-demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/language_model/run.sh
+
+docs: $(STAMP)
+	$(PY) docs/generate.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.attention --preset adaptive_span --out benchmarks/results/adaptive_span

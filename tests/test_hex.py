@@ -50,7 +50,7 @@ def test_projection_equals_the_paper_formula(n):
     expected = paper_formula(f_a.numpy(), f_g.numpy())
     np.testing.assert_allclose(hex_project(f_a, f_g, ridge=0.0).numpy(), expected, atol=1e-10)
     np.testing.assert_allclose(hex_project(f_a, f_g).numpy(), expected, atol=1e-5)
-    # and not Fluence's I - P F_A (notes §3.5), which is not even (n, K)-shaped for n != K
+    # and not Fluence's I - P F_A, which is not even (n, K)-shaped for n != K
     assert hex_project(f_a, f_g).shape == f_a.shape
 
 

@@ -8,7 +8,7 @@ The setup of ``compare.py`` (same data, budget, optimiser, seed and scoring; sof
 at width ``--dim``, 3 encoder layers, shared embeddings), with the decoder depth varied:
 
 * ``layerdrop4``: 4 decoder layers trained with ``--decoder-layerdrop P``, scored as trained (4 layers) and pruned
-  to every other layer (``--keep``, default ``0,2``) with ``python -m fluence_fairseq.pruning.layers``;
+  to every other layer (``--keep``, default ``0,2``) with ``python -m fluence_fairseq.cli.prune_layers``;
 * ``plain2``: 2 decoder layers, no LayerDrop: what the same budget gives a model built small;
 * ``plain4``: 4 decoder layers, no LayerDrop, scored as trained and pruned the same way: pruning a model that never
   learnt to work without some of its layers (expected to collapse: this is why LayerDrop matters).
@@ -118,7 +118,7 @@ def main(argv=None):
         if layers > kept:
             pruned = out / "checkpoints" / "pruned.pt"
             prune_log = out / "prune.log"
-            run([sys.executable, "-m", "fluence_fairseq.pruning.layers", ckpt, pruned,
+            run([sys.executable, "-m", "fluence_fairseq.cli.prune_layers", ckpt, pruned,
                  "--decoder-layers-to-keep", args.keep], prune_log)
             small_params = re.search(r"parameters: [\d,]+ -> ([\d,]+)", prune_log.read_text()).group(1)
             bleu, chrf = score(args, binary, pruned, out / "generate-test-pruned.txt", ref)

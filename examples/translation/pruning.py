@@ -7,7 +7,7 @@
 
 1. **dense**: the softmax ``fluence_transformer_small`` of ``compare.py`` (3+3 layers, 4 heads, width ``--dim``,
    ``--max-update`` updates), or the checkpoint given with ``--dense``;
-2. **collect**: ``python -m fluence_fairseq.compute_attn_score`` over the training split (``--collect-subset``)
+2. **collect**: ``python -m fluence_fairseq.cli.attn_score`` over the training split (``--collect-subset``)
    writes the average pattern of every attention type (``self-enc``, ``self-dec``, ``enc-dec``);
 3. **fine-tune** the dense checkpoint for ``--finetune-updates`` updates (fresh Adam, lr 1e-3, 50 warm-up updates,
    same data and seed) four ways: unpruned (the baseline: same extra budget), data-informed masks at tau = 50% and
@@ -129,7 +129,7 @@ def main(argv=None):
     patterns = out_dir / "patterns"
     if not (args.reuse and all((patterns / f"{t}.npy").exists() for t in TYPES)):
         print(f"== collecting attention patterns on '{args.collect_subset}'", flush=True)
-        seconds, _ = run_measured([sys.executable, "-m", "fluence_fairseq.compute_attn_score", binary, "--path", dense,
+        seconds, _ = run_measured([sys.executable, "-m", "fluence_fairseq.cli.attn_score", binary, "--path", dense,
                                    "--subset", args.collect_subset, "--out", patterns, "--max-tokens", "4096",
                                    "--cpu", "--log-format", "simple"], out_dir / "collect.log")
         print(f"   {seconds:.0f} s", flush=True)

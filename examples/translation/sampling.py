@@ -4,7 +4,7 @@
     PATH="$PWD/.venv/bin:$PATH" python examples/translation/sampling.py --arms random --max-update 20   # smoke run
 
 1. ``work/sampling/bin``: links to the binarised corpus in ``work/bin`` (that folder is never written to); the
-   subsets are written next to the links by ``python -m fluence_fairseq.sampling`` as new splits
+   subsets are written next to the links by ``python -m fluence_fairseq.cli.sample`` as new splits
    ``train30-<arm>`` (both languages, aligned), with ``train30-<arm>.sampling.json`` (indices, cluster sizes, seed).
 2. Embeddings: mean encoder output of the trained dense model (``--embed-checkpoint``, default the 1000-update
    ``work/pruning/dense`` model), computed once and cached in ``work/sampling/embeddings.npy``.
@@ -121,7 +121,7 @@ def main(argv=None):
         subset = "train" if arm == "full" else f"train30-{arm}"
         print(f"== {arm}", flush=True)
         if arm != "full" and not (args.reuse and (data / f"{subset}.en-es.en.bin").exists()):
-            cmd = [sys.executable, "-m", "fluence_fairseq.sampling", data, "--split", "train", "--out-split", subset,
+            cmd = [sys.executable, "-m", "fluence_fairseq.cli.sample", data, "--split", "train", "--out-split", subset,
                    "--size", args.size, "--clusters", args.clusters, "--strategy", arm, "--seed", args.seed,
                    "--source-lang", "en", "--target-lang", "es", "--overwrite", "--no-progress-bar"]
             if arm != "random":

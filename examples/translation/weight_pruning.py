@@ -1,4 +1,4 @@
-"""BLEU against weight sparsity: prune a trained en->es model with ``python -m fluence_fairseq.pruning.weights`` at
+"""BLEU against weight sparsity: prune a trained en->es model with ``python -m fluence_fairseq.cli.prune_weights`` at
 several amounts and score each pruned checkpoint on the test set.
 
     OMP_NUM_THREADS=1 PATH="$PWD/.venv/bin:$PATH" python examples/translation/weight_pruning.py
@@ -46,7 +46,7 @@ DEFAULT_AMOUNTS = {"heads-l1": [0.25, 0.5]}
 
 def prune_command(checkpoint, out, variant, amount):
     method, scope, heads = VARIANTS[variant]
-    cmd = [sys.executable, "-m", "fluence_fairseq.pruning.weights", checkpoint, out]
+    cmd = [sys.executable, "-m", "fluence_fairseq.cli.prune_weights", checkpoint, out]
     if heads:
         return cmd + ["--prune-heads", amount]
     return cmd + ["--amount", amount, "--method", method, "--scope", scope, "--include", *LAYERS, "--seed", "1"]
@@ -80,7 +80,7 @@ def write_table(args, rows, target):
         pass
     lines = [f"Bible en->es test set (311 verses), beam {args.beam}, `--max-len-b {args.max_len_b}`, sacrebleu; "
              f"dense softmax `fluence_transformer_small` (width 128, 3+3 layers, 4 heads, shared embeddings) from "
-             f"`{ckpt}`, pruned with `python -m fluence_fairseq.pruning.weights` (no fine-tuning). Pruned: every "
+             f"`{ckpt}`, pruned with `python -m fluence_fairseq.cli.prune_weights` (no fine-tuning). Pruned: every "
              f"Linear weight of the encoder and decoder layers (q/k/v/out_proj, fc1, fc2); embeddings, layer norms "
              f"and biases dense. Sparsity is counted from the written checkpoints. "
              f"(`OMP_NUM_THREADS=1 python examples/translation/weight_pruning.py{flag} --variants "

@@ -1,44 +1,133 @@
-"""``python -m fluence_fairseq.cli.help``: the plugin's architectures, flags and criterions in one page.
+"""``fluence-help``: the plugin's architectures, flags, criterions and attentions in one page.
 
 ``fairseq-train --help`` cannot show them: fairseq handles ``--help`` in its first parsing pass, before it adds
 the flags of the chosen ``--arch``. This prints what fairseq would add, with each flag's help text and default.
+``fluence-help --markdown`` prints the same as the Markdown reference page (``docs/reference.md``; ``make docs``
+writes it and the support matrix of the README, and a test fails when the committed files differ).
 """
 import argparse
 import sys
+from typing import List, Tuple
 
 from ..models.architectures import markdown_table
 from ..models.attention_args import add_attention_args
 from ..models.encoder_decoder import FluenceTransformerModel
+from ..models.hex_classifier import HexClassifierModel
 from ..models.language_model import FluenceTransformerLanguageModel
+from ..modules.attention_base import ALL_PATTERNS, PATTERNS
+from ..modules.registry import ATTENTIONS
 from ..pruning.flags import add_pruning_args
+
+ATTENTION_GROUP = "attention flags"
+PRUNING_GROUP = "attention pruning flags"
+HEX_GROUP = "hex_classifier flags"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fluence_fairseq.cli.help",
+        prog="fluence-help",
         description="Flags that --user-dir fluence_fairseq adds to fairseq-train/-generate for its models "
-        "(besides fairseq's own transformer flags). Criterions: adaptive_span_label_smoothed_cross_entropy, "
-        "adaptive_span_cross_entropy (same options as label_smoothed_cross_entropy / cross_entropy).",
+        "(besides fairseq's own transformer flags), its criterions and its architectures.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="architectures (--arch):\n" + markdown_table(),
+        epilog=f"criterions (--criterion):\n{criterions_table()}\n\narchitectures (--arch):\n{markdown_table()}",
     )
+    parser.add_argument("--markdown", action="store_true", help="print the Markdown reference page instead")
     group = parser.add_argument_group(
-        "attention flags (fluence_transformer has all three roles, fluence_transformer_lm only the decoder self "
-        "attention)"
-    )
+        ATTENTION_GROUP, "fluence_transformer has all three roles, fluence_transformer_lm only the decoder self "
+        "attention; an option applies where its attention is chosen")
     for model, name in ((FluenceTransformerModel, "fluence_transformer"),
                         (FluenceTransformerLanguageModel, "fluence_transformer_lm")):
         add_attention_args(group, model.ATTENTION_ROLES, name)  # flags already added are skipped
     add_pruning_args(parser.add_argument_group(
-        "attention pruning flags (every fluence architecture; patterns from python -m fluence_fairseq.compute_attn_score)"
-    ))
+        PRUNING_GROUP, "every fluence architecture; pattern files from fluence-attn-score"))
+    HexClassifierModel.add_args(parser.add_argument_group(
+        HEX_GROUP, "--arch hex_classifier*, --task sentence_prediction"))
     return parser
 
 
+# ------------------------------------------------------------------------------------------- tables
+def criterions() -> List[Tuple[str, str]]:
+    """(name, first docstring line) of every criterion the plugin registers."""
+    from fairseq.criterions import CRITERION_REGISTRY
+
+    def summary(cls) -> str:
+        first = (cls.__doc__ or "").strip().split("\n\n")[0]
+        return " ".join(line.strip() for line in first.splitlines()).replace("``", "`")
+
+    return [(name, summary(cls)) for name, cls in sorted(CRITERION_REGISTRY.items())
+            if cls.__module__.startswith("fluence_fairseq.")]
+
+
+def criterions_table() -> str:
+    return "\n".join(["| --criterion | what it adds |", "|---|---|"]
+                     + [f"| `{name}` | {doc} |" for name, doc in criterions()])
+
+
+def _mark(supported: bool) -> str:
+    return "✓" if supported else "—"
+
+
+def support_matrix() -> str:
+    """Which patterns, masks, weights and decoding state every registered attention has, from what it declares."""
+    order = sorted(ALL_PATTERNS)
+    header = ["attention", "classes", *(PATTERNS[p] for p in order), "`attn_mask` / pruning", "weights",
+              "decoding state (batch on dim 0)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, spec in ATTENTIONS.items():
+        cls = spec.cls
+        state = cls.decoding_state + (" (constant size)" if cls.constant_state else "")
+        cells = [f"`{name}` ({spec.family})", f"`{cls.__mro__[1].__name__}`, `{cls.__name__}`",
+                 *(_mark(p in cls.supported_patterns) for p in order), _mark(cls.supports_attn_mask),
+                 "sparse" if cls.sparse_weights else _mark(cls.forms_weights), state]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def flags_table(parser: argparse.ArgumentParser, title: str) -> str:
+    group = next(g for g in parser._action_groups if g.title == title)
+    lines = ["| flag | meaning (defaults come from the `--arch`, else as stated) |", "|---|---|"]
+    for action in group._group_actions:
+        flags = " / ".join(f"`{f}`" for f in action.option_strings)
+        text = (action.help or "").replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {flags} | {text} |")
+    return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    parser = build_parser()
+    return "\n\n".join([
+        "# Reference: attentions, architectures, criterions and flags",
+        "Generated from the registry by `make docs` (`fluence-help --markdown`); do not edit by hand.",
+        "## Support matrix",
+        "✓ supported; — not defined for the method (building it raises `UnsupportedPatternError` naming the "
+        "supported patterns). `attn_mask` / pruning: an arbitrary `attn_mask` and the global masks of attention "
+        "pruning are applied (— : refused with a clear error; the standard future mask of a causal self attention "
+        "is always accepted). Weights: `need_weights` returns attention probabilities (sparse: with exact zeros).",
+        support_matrix(),
+        "## Architectures (`--arch`)",
+        "Every attention also has `transformer_<name>_tiny` (and `transformer_lm_<name>_tiny`) test sizes, "
+        "registered but not listed.",
+        markdown_table(),
+        "## Criterions (`--criterion`)",
+        criterions_table(),
+        "## Attention flags",
+        flags_table(parser, ATTENTION_GROUP),
+        "## Attention pruning flags",
+        flags_table(parser, PRUNING_GROUP),
+        "## hex_classifier flags",
+        flags_table(parser, HEX_GROUP),
+    ]) + "\n"
+
+
 def main(argv=None):
-    build_parser().print_help()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.markdown:
+        sys.stdout.write(reference_markdown())
+    else:
+        parser.print_help()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 import fluence_fairseq  # noqa: F401  (registers the safe globals fairseq checkpoints need under weights_only)
-from ..roles import ROLES, attention_label, split_label
+from ..roles import ENCODER_SELF, ROLES, attention_label, split_label
 
 SPAN_SUFFIX = "adaptive_span.current_val"
 _LAYER_RE = re.compile(r"^(?P<stack>.*?)\.?layers\.(?P<layer>\d+)\.(?P<module>.+)\.adaptive_span\.current_val$")
@@ -100,7 +100,7 @@ def _stack_name(key: str):
         return key[: -len(SPAN_SUFFIX)].rstrip(".") or "model", 0
     stack = m.group("stack") or "model"
     module = m.group("module")
-    if module != "self_attn":  # e.g. a cross attention with spans: keep it apart from the self attention
+    if module != ENCODER_SELF.sublayer:  # e.g. a cross attention with spans: keep it apart from the self attention
         stack = f"{stack} {module}"
     return stack, int(m.group("layer"))
 

@@ -167,7 +167,8 @@ class FluenceLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntropyC
 
 @register_criterion("fluence_label_smoothed_cross_entropy", dataclass=FluenceLabelSmoothedCrossEntropyCriterionConfig)
 class FluenceLabelSmoothedCrossEntropyCriterion(FluenceCriterionMixin, LabelSmoothedCrossEntropyCriterion):
-    """``label_smoothed_cross_entropy`` + the span loss where there are spans; logs span, alpha and density."""
+    """``label_smoothed_cross_entropy`` + the attentions' auxiliary losses (adaptive span: the span loss) in
+    training; logs their statistics (span, alpha, density)."""
 
     plain_criterion = "label_smoothed_cross_entropy"
 
@@ -179,6 +180,7 @@ class FluenceCrossEntropyCriterionConfig(CrossEntropyCriterionConfig):
 
 @register_criterion("fluence_cross_entropy", dataclass=FluenceCrossEntropyCriterionConfig)
 class FluenceCrossEntropyCriterion(FluenceCriterionMixin, CrossEntropyCriterion):
-    """``cross_entropy`` + the span loss where there are spans; logs span, alpha and density."""
+    """``cross_entropy`` + the attentions' auxiliary losses (adaptive span: the span loss) in training; logs their
+    statistics (span, alpha, density)."""
 
     plain_criterion = "cross_entropy"

@@ -56,12 +56,11 @@ def user_architectures() -> List["Architecture"]:
 
 
 def enc_dec(encoder_self: str, decoder_self: str, cross: str = "softmax") -> Dict[str, str]:
-    return {"encoder_self_attention": encoder_self, "decoder_self_attention": decoder_self,
-            "cross_attention": cross}
+    return {ENCODER_SELF.attr: encoder_self, DECODER_SELF.attr: decoder_self, DECODER_CROSS.attr: cross}
 
 
 def lm(decoder_self: str) -> Dict[str, str]:
-    return {"decoder_self_attention": decoder_self}
+    return {DECODER_SELF.attr: decoder_self}
 
 
 def sizes(layers: int, dim: int, heads: int, ffn: int, sides=("encoder", "decoder")) -> Dict[str, int]:

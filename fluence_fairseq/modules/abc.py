@@ -61,6 +61,8 @@ class ABCAttention(FluenceAttention):
         torch.Size([100, 2, 512])
     """
 
+    decoding_state = "r x d numerators, r denominators and a running max"
+
     supports_attn_mask = False
     constant_state = True  # causal decoding keeps r memory slots
     #: positions per chunk of the causal computation (the masked chunk matrices are chunk x chunk)

@@ -220,6 +220,8 @@ class AdaptiveSpanAttention(FluenceAttention):
         >>> loss = attn.adaptive_span.get_loss()              # add to the training loss
     """
 
+    decoding_state = "K/V cache of at most the current max span + ramp"
+
     supported_patterns = frozenset({(False, False), (False, True)})
 
     def __init__(

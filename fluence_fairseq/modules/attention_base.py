@@ -56,6 +56,13 @@ class UnsupportedPatternError(AssertionError):
     """Raised when an attention is built for a pattern its math does not support."""
 
 
+def registered_attentions(capability: str) -> str:
+    """The registered attentions whose class has ``capability`` set, for error messages ("softmax, local, ...")."""
+    from .registry import ATTENTIONS  # the registry imports this module
+
+    return ", ".join(name for name, spec in ATTENTIONS.items() if getattr(spec.cls, capability))
+
+
 def describe_patterns(patterns) -> str:
     return ", ".join(PATTERNS[p] for p in sorted(patterns, key=lambda p: (p[0], p[1])))
 
@@ -83,6 +90,8 @@ class FluenceAttention(MultiheadAttention):
     #: ``weight_recorder(module, weights (B, H, Lq, Lk))``; ``compute_attn_score`` uses it to collect patterns
     weight_recorder: Optional[Callable[["FluenceAttention", Tensor], None]] = None
     #: capabilities the rest of the package reads (the benchmark, pattern collection, the docs' support matrix)
+    #: what causal (or cross) decoding keeps, for the docs (every cached tensor has the batch on dim 0)
+    decoding_state: str = "K/V cache"
     #: causal decoding keeps a state whose size does not grow with the number of decoded tokens
     constant_state: bool = False
     #: the math forms attention probabilities, so ``need_weights`` and pattern collection can have them
@@ -184,7 +193,8 @@ class FluenceAttention(MultiheadAttention):
             if not self.supports_attn_mask:
                 raise ValueError(
                     f"{type(self).__name__} cannot apply a global attention mask ({mask.label}): its math never "
-                    "forms the attention matrix. Prune a softmax, entmax, local or adaptive_span attention instead"
+                    f"forms the attention matrix. Prune one of these attentions instead: "
+                    f"{registered_attentions('supports_attn_mask')}"
                 )
             if mask.heads != self.num_heads:
                 raise ValueError(f"global attention mask {mask.label} has {mask.heads} heads but "
@@ -344,7 +354,7 @@ class FluenceAttention(MultiheadAttention):
         raise ValueError(
             f"{type(self).__name__} cannot apply an arbitrary attn_mask (its math never forms the attention "
             "matrix); causality comes from causal=True and padding from key_padding_mask. Drop attn_mask, or use "
-            "an attention that supports it (softmax, local, adaptive_span)"
+            f"an attention that supports it: {registered_attentions('supports_attn_mask')}"
         )
 
     def _heads(self, x: Tensor, bsz: int) -> Tensor:
@@ -474,8 +484,8 @@ class FluenceAttention(MultiheadAttention):
             if weights is None:
                 raise ValueError(
                     f"{type(self).__name__} does not form attention probabilities, so its attention patterns cannot "
-                    "be recorded; collect patterns from a model whose attention exposes weights (softmax, local, "
-                    "adaptive_span, the entmax family, ...)"
+                    "be recorded; collect patterns from a model whose attention exposes weights: "
+                    f"{registered_attentions('forms_weights')}"
                 )
             recorder(self, weights)
 

@@ -68,6 +68,8 @@ class CosformerAttention(FluenceAttention):
         >>> step, _ = attn(x[:1], x[:1], x[:1], incremental_state=state)
     """
 
+    decoding_state = "sum phi(k) v^T (2d x d), sum phi(k) (2d) and the position"
+
     supported_patterns = ALL_PATTERNS
     constant_state = True  # causal decoding keeps sum phi(k) v^T, sum phi(k) and the step count
     forms_weights = False

@@ -48,6 +48,8 @@ class LaraAttention(FluenceAttention):
         torch.Size([100, 2, 512])
     """
 
+    decoding_state = "none (noncausal self only)"
+
     supported_patterns = frozenset({(False, False)})
     supports_attn_mask = False
 

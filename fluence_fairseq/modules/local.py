@@ -46,6 +46,8 @@ class LocalAttention(FluenceAttention):
         torch.Size([100, 2, 512])
     """
 
+    decoding_state = "the last wsize keys/values"
+
     supported_patterns = frozenset({(False, False), (False, True)})
 
     def __init__(

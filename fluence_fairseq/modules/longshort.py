@@ -71,6 +71,8 @@ class LongShortAttention(FluenceAttention):
         >>> y, _ = dec(x[:1], x[:1], x[:1], incremental_state=state, need_weights=False)  # one decoding step
     """
 
+    decoding_state = "the last w keys/values, the compressed chunks and the current chunk"
+
     forms_weights = False
     supported_patterns = frozenset({(False, False), (False, True)})
     supports_attn_mask = False

@@ -58,6 +58,8 @@ class NystromAttention(FluenceAttention):
         torch.Size([100, 2, 512])
     """
 
+    decoding_state = "none (noncausal self only)"
+
     supported_patterns = frozenset({(False, False)})
     supports_attn_mask = False
 

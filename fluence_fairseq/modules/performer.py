@@ -114,6 +114,8 @@ class PerformerAttention(FluenceAttention):
         >>> step, _ = attn(x[:1], x[:1], x[:1], incremental_state=state)
     """
 
+    decoding_state = "sum phi(k) v^T (m x d), sum phi(k) (m) and a running max"
+
     constant_state = True  # causal decoding keeps sum phi(k) v^T and sum phi(k)
     forms_weights = False
     supported_patterns = ALL_PATTERNS

@@ -67,6 +67,8 @@ class ProbSparseAttention(FluenceAttention):
         torch.Size([100, 2, 512])
     """
 
+    decoding_state = "cross: keys, values, the key sample and the value mean"
+
     supported_patterns = frozenset({(False, False), (True, False)})
     #: cross decoding selects the top queries among each call's queries, so step-by-step decoding equals the
     #: full pass applied call by call (a single query always gets exact attention), not the whole target

@@ -67,6 +67,8 @@ class S4DAttention(FluenceAttention):
         >>> step, _ = attn(x[:1], x[:1], x[:1], incremental_state=state, need_weights=False)
     """
 
+    decoding_state = "the complex mode state (channels x N/2)"
+
     constant_state = True  # causal decoding keeps N/2 complex modes per channel
     forms_weights = False
     supported_patterns = frozenset({(False, False), (False, True)})

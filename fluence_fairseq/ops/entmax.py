@@ -17,9 +17,9 @@ is not convex, and τ is found by bisection with the corrected bracket update of
 Where the ``entmax`` package is wrong for attention, these functions are not:
 
 * a row whose entries are all masked (``-inf``, or ``mask`` True everywhere) gives zeros, not NaN or an index
-  error (entmax issues #17, #19);
+  error (issues #17 and #19 of the entmax package on GitHub);
 * inputs are normalised in float32 (float64 stays float64) and the result cast back, so bf16/fp16 never produce
-  NaN (entmax issue #30): the row max is subtracted *before* the (α-1) scaling;
+  NaN (issue #30 of the entmax package): the row max is subtracted *before* the (α-1) scaling;
 * peaked rows with large α give a one-hot, not NaN (the bisection bug fixed upstream in 1.2).
 
 Backward is analytic (the entmax Jacobian, :func:`_entmax_backward`), including the gradient with respect to α

@@ -8,9 +8,8 @@ those averages on any fluence model; the ``compute_attn_score`` task (:mod:`flue
 Attention types are the roles' pattern names (:mod:`fluence_fairseq.roles`): ``self-enc`` (encoder self
 attention), ``self-dec`` (decoder self attention; the only type of a language model) and ``enc-dec`` (the
 decoder's cross attention). Every :class:`~fluence_fairseq.modules.attention_base.FluenceAttention` of the model
-is recorded through its ``weight_recorder``, so any fluence architecture whose attention forms probabilities works
-(softmax, adaptive span, local, the entmax family, ...); attentions that never form them (performer, cosformer,
-S4D, ...) raise a clear error.
+is recorded through its ``weight_recorder``, so any fluence architecture whose attention forms probabilities
+(``forms_weights``) works; an attention that never forms them raises a clear error naming those that do.
 
 Positions are those the model sees: the index of a token within its own sentence, counted from the sentence's
 first real token. fairseq left-pads sources (``left_pad_source=True``) and right-pads decoder inputs, and its
