@@ -78,17 +78,10 @@ class ABCAttention(FluenceAttention):
         dropout: float = 0.0,
         *,
         num_landmarks: int = 16,
-        causal: bool = False,
-        cross: bool = False,
-        kdim: Optional[int] = None,
-        vdim: Optional[int] = None,
-        bias: bool = True,
-        q_noise: float = 0.0,
-        qn_block_size: int = 8,
+        **kwargs,
     ):
         check_int("num_landmarks", num_landmarks, 1, "the number of ABC memory slots")
-        super().__init__(embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal,
-                         cross=cross, q_noise=q_noise, qn_block_size=qn_block_size)
+        super().__init__(embed_dim, num_heads, dropout=dropout, **kwargs)
         self.num_landmarks = num_landmarks
         self.compress_k = nn.Parameter(torch.empty(self.head_dim, num_landmarks))
         self.compress_v = nn.Parameter(torch.empty(self.head_dim, num_landmarks))

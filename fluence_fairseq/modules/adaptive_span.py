@@ -235,20 +235,15 @@ class AdaptiveSpanAttention(FluenceAttention):
         adapt_span_ramp: int = 32,
         adapt_span_init: float = 0.0,
         adapt_span_cache: bool = True,
-        causal: bool = False,
-        cross: bool = False,
-        bias: bool = True,
-        q_noise: float = 0.0,
-        qn_block_size: int = 8,
         block_size: Optional[int] = None,
         bs: Optional[int] = None,
         mask_size=None,
+        **kwargs,
     ):
-        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, causal=causal, cross=cross,
-                         q_noise=q_noise, qn_block_size=qn_block_size)
+        super().__init__(embed_dim, num_heads, dropout=dropout, **kwargs)
         self.adaptive_span = AdaptiveSpan(
             attn_span, adapt_span_loss_coeff, adapt_span_ramp, adapt_span_init, adapt_span_cache, num_heads,
-            causal=causal,
+            causal=self.causal,
         )
         self.block_size = block_size
 

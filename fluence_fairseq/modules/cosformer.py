@@ -84,13 +84,7 @@ class CosformerAttention(FluenceAttention):
         cosformer_max_len: int = 1024,
         act_fun: str = "relu",
         chunk_size: int = 64,
-        causal: bool = False,
-        cross: bool = False,
-        kdim: Optional[int] = None,
-        vdim: Optional[int] = None,
-        bias: bool = True,
-        q_noise: float = 0.0,
-        qn_block_size: int = 8,
+        **kwargs,
     ):
         check_int("cosformer_max_len", cosformer_max_len, 1,
                   "the longest sequence a causal or cross cosFormer attention accepts")
@@ -98,8 +92,7 @@ class CosformerAttention(FluenceAttention):
             raise ValueError(f"act_fun must be one of {ACTIVATIONS} ('elu' means 1 + elu), got {act_fun!r}")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        super().__init__(embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal,
-                         cross=cross, q_noise=q_noise, qn_block_size=qn_block_size)
+        super().__init__(embed_dim, num_heads, dropout=dropout, **kwargs)
         if dropout > 0:
             warnings.warn(f"CosformerAttention does not apply attention dropout ({dropout}): it never forms "
                           "attention probabilities", stacklevel=2)

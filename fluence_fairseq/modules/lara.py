@@ -60,17 +60,10 @@ class LaraAttention(FluenceAttention):
         dropout=0.0,
         *,
         num_landmarks=16,
-        causal=False,
-        cross=False,
-        kdim=None,
-        vdim=None,
-        bias=True,
-        q_noise=0.0,
-        qn_block_size=8,
+        **kwargs,
     ):
         check_int("num_landmarks", num_landmarks, 1, "the number of proposals")
-        super().__init__(embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal,
-                         cross=cross, q_noise=q_noise, qn_block_size=qn_block_size)
+        super().__init__(embed_dim, num_heads, dropout=dropout, **kwargs)
         self.num_landmarks = num_landmarks
 
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):

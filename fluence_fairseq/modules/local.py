@@ -57,18 +57,11 @@ class LocalAttention(FluenceAttention):
         dropout: float = 0.0,
         *,
         wsize: int = 15,
-        causal: bool = False,
-        cross: bool = False,
-        kdim: Optional[int] = None,
-        vdim: Optional[int] = None,
-        bias: bool = True,
-        q_noise: float = 0.0,
-        qn_block_size: int = 8,
+        **kwargs,
     ):
         check_int("wsize", wsize, 1, "the window: causal queries see the last wsize keys, noncausal ones wsize "
                   "keys on each side")
-        super().__init__(embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal,
-                         cross=cross, q_noise=q_noise, qn_block_size=qn_block_size)
+        super().__init__(embed_dim, num_heads, dropout=dropout, **kwargs)
         self.wsize = wsize
 
     def band(self):

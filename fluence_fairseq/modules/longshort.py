@@ -87,14 +87,8 @@ class LongShortAttention(FluenceAttention):
         ls_window_size: int = 0,
         chunk_size: int = 32,
         chunk_rank: int = 1,
-        causal: bool = False,
-        cross: bool = False,
-        kdim: Optional[int] = None,
-        vdim: Optional[int] = None,
-        bias: bool = True,
-        q_noise: float = 0.0,
-        qn_block_size: int = 8,
         block_size: Optional[int] = None,
+        **kwargs,
     ):
         check_int("num_landmarks", num_landmarks, 1, "the number of landmarks r of the long branch")
         check_int("ls_window_size", ls_window_size, 0,
@@ -103,15 +97,14 @@ class LongShortAttention(FluenceAttention):
         check_int("chunk_rank", chunk_rank, 1, "vectors per compressed chunk, causal attention")
         if block_size is not None:
             check_int("block_size", block_size, 1)
-        super().__init__(embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal,
-                         cross=cross, q_noise=q_noise, qn_block_size=qn_block_size)
-        self.window_size = ls_window_size or DEFAULT_WINDOW[bool(causal)]
+        super().__init__(embed_dim, num_heads, dropout=dropout, **kwargs)
+        self.window_size = ls_window_size or DEFAULT_WINDOW[self.causal]
         self.num_landmarks = num_landmarks
         self.chunk_size = chunk_size
         self.chunk_rank = chunk_rank
         self.block_size = block_size
         heads, dim = num_heads, self.head_dim
-        rank = chunk_rank if causal else num_landmarks
+        rank = chunk_rank if self.causal else num_landmarks
         # dual layer norm: LN_L on every key/value, LN_G on the projected landmarks / compressed chunks
         self.ln_local_weight = nn.Parameter(torch.ones(heads, dim))
         self.ln_local_bias = nn.Parameter(torch.zeros(heads, dim))

@@ -72,13 +72,7 @@ class NystromAttention(FluenceAttention):
         num_landmarks=16,
         pinv_iterations=6,
         conv_kernel_size=0,
-        causal=False,
-        cross=False,
-        kdim=None,
-        vdim=None,
-        bias=True,
-        q_noise=0.0,
-        qn_block_size=8,
+        **kwargs,
     ):
         check_int("num_landmarks", num_landmarks, 1, meaning="the number of segment-mean landmarks")
         check_int("pinv_iterations", pinv_iterations,
@@ -89,8 +83,7 @@ class NystromAttention(FluenceAttention):
                 f"conv_kernel_size must be odd so that the convolution is centred on each token, got "
                 f"{conv_kernel_size}; use {conv_kernel_size + 1} or {conv_kernel_size - 1} (0 = off)"
             )
-        super().__init__(embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal,
-                         cross=cross, q_noise=q_noise, qn_block_size=qn_block_size)
+        super().__init__(embed_dim, num_heads, dropout=dropout, **kwargs)
         self.num_landmarks = num_landmarks
         self.pinv_iterations = pinv_iterations
         self.conv_kernel_size = conv_kernel_size

@@ -131,21 +131,14 @@ class PerformerAttention(FluenceAttention):
         feature_redraw_interval: int = 0,
         seed: Optional[int] = None,
         chunk_size: int = 64,
-        causal: bool = False,
-        cross: bool = False,
-        kdim: Optional[int] = None,
-        vdim: Optional[int] = None,
-        bias: bool = True,
-        q_noise: float = 0.0,
-        qn_block_size: int = 8,
+        **kwargs,
     ):
         check_int("approx_attn_dim", approx_attn_dim, 1, "the number of random features m")
         check_int("feature_redraw_interval", feature_redraw_interval, 0,
                   "0 = never redraw, N = every N training calls")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        super().__init__(embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal,
-                         cross=cross, q_noise=q_noise, qn_block_size=qn_block_size)
+        super().__init__(embed_dim, num_heads, dropout=dropout, **kwargs)
         if dropout > 0:
             warnings.warn(f"Performer does not apply attention dropout ({dropout}): it never forms attention "
                           "probabilities", stacklevel=2)

@@ -82,20 +82,11 @@ class ProbSparseAttention(FluenceAttention):
         dropout: float = 0.0,
         *,
         factor: int = 5,
-        causal: bool = False,
-        cross: bool = False,
-        kdim: Optional[int] = None,
-        vdim: Optional[int] = None,
-        bias: bool = True,
-        q_noise: float = 0.0,
-        qn_block_size: int = 8,
+        **kwargs,
     ):
         check_int("factor", factor, 1, "U = factor * ceil(ln S) sampled keys, u = factor * ceil(ln L) selected "
                   "queries; the reference default is 5")
-        super().__init__(
-            embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal, cross=cross,
-            q_noise=q_noise, qn_block_size=qn_block_size,
-        )
+        super().__init__(embed_dim, num_heads, dropout=dropout, **kwargs)
         self.factor = factor
 
     def summarize_keys(self, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]) -> Dict[str, Optional[Tensor]]:

@@ -84,17 +84,10 @@ class S4DAttention(FluenceAttention):
         d_state: int = 16,
         s4d_dt_min: float = 1e-3,
         s4d_dt_max: float = 1e-1,
-        causal: bool = False,
-        cross: bool = False,
-        kdim: Optional[int] = None,
-        vdim: Optional[int] = None,
-        bias: bool = True,
-        q_noise: float = 0.0,
-        qn_block_size: int = 8,
+        **kwargs,
     ):
         _check_s4d_args(d_state, s4d_dt_min, s4d_dt_max)
-        super().__init__(embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, bias=bias, causal=causal,
-                         cross=cross, q_noise=q_noise, qn_block_size=qn_block_size)
+        super().__init__(embed_dim, num_heads, dropout=dropout, **kwargs)
         self.d_state = d_state
         self.dt_min, self.dt_max = float(s4d_dt_min), float(s4d_dt_max)
         directions = 1 if self.causal else 2
