@@ -82,15 +82,22 @@ def aux_losses(attentions) -> Dict[str, torch.Tensor]:
 
 
 def combine_stats(attentions) -> Dict[str, Statistic]:
-    """The attentions' statistics as log keys: ``<name>_<label>`` per attention (``per_layer``) and ``<name>``
-    combined over the model (``model_wide``) by each statistic's ``reduce``."""
-    out: Dict[str, Statistic] = {}
+    """The attentions' statistics as log keys, grouped by name in the order the names first appear:
+    ``<name>_<label>`` per attention (``per_layer``), then ``<name>`` combined over the model (``model_wide``) by
+    each statistic's ``reduce``."""
+    per_name: Dict[str, Dict[str, Statistic]] = {}
     for label, module in attentions:
         for name, stat in module.stats().items():
+            group = per_name.setdefault(name, {})
             if stat.per_layer:
-                out[f"{name}_{label}"] = stat
+                group[f"{name}_{label}"] = stat
             if stat.model_wide:
-                out[name] = stat if name not in out else _combine(out[name], stat)
+                group[name] = stat if name not in group else _combine(group[name], stat)
+    out: Dict[str, Statistic] = {}
+    for name, group in per_name.items():
+        out.update((key, stat) for key, stat in group.items() if key != name)
+        if name in group:
+            out[name] = group[name]
     return out
 
 
@@ -133,12 +140,12 @@ class FluenceCriterionMixin:
                 f"--criterion {self.plain_criterion} (or fluence_{self.plain_criterion}), or use an --arch with "
                 "adaptive span (e.g. --encoder-self-attention/--decoder-self-attention adaptive_span)"
             )
-        if aux:
-            if model.training and reduce:
-                loss = loss + sum(aux.values()).to(loss.dtype) * sample_size
-            for name, value in aux.items():
-                stats[name] = Statistic(float(value.detach()), reduce="sum", digits=None)
-        for key, stat in stats.items():
+        if aux and model.training and reduce:
+            loss = loss + sum(aux.values()).to(loss.dtype) * sample_size
+        # logged in this order: the auxiliary losses, then each statistic per attention and over the model
+        entries = {name: Statistic(float(value.detach()), reduce="sum", digits=None) for name, value in aux.items()}
+        entries.update(stats)
+        for key, stat in entries.items():
             logging_output[key + _SUM] = stat.value * stat.weight
             logging_output[key + _WEIGHT] = stat.weight
             _DIGITS[key] = stat.digits
@@ -153,7 +160,7 @@ class FluenceCriterionMixin:
         def total(key):
             return float(utils.item(sum(log.get(key, 0) for log in logging_outputs)))
 
-        keys = sorted({key[: -len(_SUM)] for log in logging_outputs for key in log if key.endswith(_SUM)})
+        keys = list(dict.fromkeys(key[: -len(_SUM)] for log in logging_outputs for key in log if key.endswith(_SUM)))
         for key in keys:
             weight = total(key + _WEIGHT)
             if weight > 0:

@@ -1,12 +1,13 @@
 """LARA, linear randomized attention (Zheng et al., 2022), with segment-mean proposals over the real tokens."""
 from ..ops.landmarks import lara_attention
-from .attention_base import FluenceAttention, fsmha
-from .spec import AttentionOption, AttentionSpec, check_int
+from .attention_base import fsmha
+from .landmarks import LandmarkAttention
+from .spec import AttentionOption, AttentionSpec
 
 __all__ = ["LaraAttention", "FSLaraAttention", "Lara", "FSLara"]
 
 
-class LaraAttention(FluenceAttention):
+class LaraAttention(LandmarkAttention):
     """Linear randomized attention (Zheng et al., 2022, "Linear Complexity Randomized Self-attention Mechanism"),
     noncausal self only.
 
@@ -47,24 +48,6 @@ class LaraAttention(FluenceAttention):
         >>> out.shape
         torch.Size([100, 2, 512])
     """
-
-    decoding_state = "none (noncausal self only)"
-
-    supported_patterns = frozenset({(False, False)})
-    supports_attn_mask = False
-
-    def __init__(
-        self,
-        embed_dim,
-        num_heads,
-        dropout=0.0,
-        *,
-        num_landmarks=16,
-        **kwargs,
-    ):
-        check_int("num_landmarks", num_landmarks, 1, "the number of proposals")
-        super().__init__(embed_dim, num_heads, dropout=dropout, **kwargs)
-        self.num_landmarks = num_landmarks
 
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
         return lara_attention(

@@ -3,14 +3,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.landmarks import nystrom_attention
-from .attention_base import FluenceAttention, fsmha
+from .attention_base import fsmha
+from .landmarks import LandmarkAttention
 from .spec import AttentionOption, AttentionSpec, check_int
 
 __all__ = ["NystromAttention", "FSNystromAttention"]
 
 
 
-class NystromAttention(FluenceAttention):
+class NystromAttention(LandmarkAttention):
     """Nyström approximation of softmax attention (Xiong et al., 2021, "Nyströmformer"), noncausal self only.
 
     With ``m = num_landmarks`` segment means ``Q~``, ``K~`` of the queries and keys and ``s = head_dim^-1/2``::
@@ -58,11 +59,6 @@ class NystromAttention(FluenceAttention):
         torch.Size([100, 2, 512])
     """
 
-    decoding_state = "none (noncausal self only)"
-
-    supported_patterns = frozenset({(False, False)})
-    supports_attn_mask = False
-
     def __init__(
         self,
         embed_dim,
@@ -74,7 +70,6 @@ class NystromAttention(FluenceAttention):
         conv_kernel_size=0,
         **kwargs,
     ):
-        check_int("num_landmarks", num_landmarks, 1, meaning="the number of segment-mean landmarks")
         check_int("pinv_iterations", pinv_iterations,
                   meaning="iterations of the pseudo-inverse approximation; 6 is the reference's choice")
         check_int("conv_kernel_size", conv_kernel_size, 0, meaning="0 turns the convolution off")
@@ -83,8 +78,7 @@ class NystromAttention(FluenceAttention):
                 f"conv_kernel_size must be odd so that the convolution is centred on each token, got "
                 f"{conv_kernel_size}; use {conv_kernel_size + 1} or {conv_kernel_size - 1} (0 = off)"
             )
-        super().__init__(embed_dim, num_heads, dropout=dropout, **kwargs)
-        self.num_landmarks = num_landmarks
+        super().__init__(embed_dim, num_heads, dropout=dropout, num_landmarks=num_landmarks, **kwargs)
         self.pinv_iterations = pinv_iterations
         self.conv_kernel_size = conv_kernel_size
         if conv_kernel_size:

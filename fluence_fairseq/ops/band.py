@@ -389,6 +389,35 @@ def _flat(x: Tensor, lead: int, tail: int, seg: int, start: int, scale: Optional
     return buf
 
 
+def _band_blocks(q: Tensor, src_len: int, left: int, right: int, bq: int, kb: int, nblocks: int, lead: int,
+                 start: int, rel_bias: Optional[RelBias], key_padding_mask: Optional[Tensor],
+                 attn_mask: Optional[Tensor], dropout_p: float):
+    """What both band paths need per block of ``bq`` query rows and its ``kb``-wide key window (window column 0
+    of block 0 is key ``start``; the queries start at row ``lead`` of ``nblocks * bq`` rows):
+
+    * ``band`` (bq, kb): the entries inside the band (offsets ``p - j`` in a block do not depend on the block);
+    * ``bias`` (H, bq, kb) from ``rel_bias``, or None;
+    * ``extra`` (.., nblocks, bq, kb): ``attn_mask`` cut into the windows, or None;
+    * ``valid`` (B, nblocks, kb): real (unpadded, in range) keys of every window;
+    * ``seed`` of the dropout mask (0 without dropout)."""
+    bsz, _, tgt_len, _ = q.shape
+    rel = torch.arange(bq, device=q.device).unsqueeze(1) + left - torch.arange(kb, device=q.device).unsqueeze(0)
+    band = (rel <= left) & (rel >= -right)
+    bias = None if rel_bias is None else rel_bias(rel)
+    extra = None
+    if attn_mask is not None:
+        rows = F.pad(attn_mask, (0, 0, lead, nblocks * bq - lead - tgt_len))
+        rows = rows.view(*rows.shape[:2], nblocks, bq, src_len)
+        cols = _windows(rows, 4, start, kb, bq, nblocks, 0.0)  # (.., nb, bq, nb, kb)
+        extra = torch.diagonal(cols, dim1=2, dim2=4).permute(0, 1, 4, 2, 3).to(_acc(q.dtype)).contiguous()
+    valid = torch.ones(bsz, src_len, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        valid = ~key_padding_mask
+    valid = _windows(valid, 1, start, kb, bq, nblocks, False).contiguous()
+    seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
+    return band, bias, extra, valid, seed
+
+
 def narrow_band_attention(
     q: Tensor,
     k: Tensor,
@@ -407,8 +436,7 @@ def narrow_band_attention(
 
     Needs ``0 <= query_offset <= left`` and every key within ``[query_offset - left, query_offset + tgt_len +
     right)`` (what :func:`band_attention` leaves after cutting unreachable keys)."""
-    bsz, heads, tgt_len, head_dim = q.shape
-    src_len = k.size(2)
+    tgt_len, src_len = q.size(2), k.size(2)
     if not (query_offset <= left and src_len - query_offset <= tgt_len + right):
         raise ValueError(f"keys reach outside the band: offset {query_offset}, left {left}, right {right}, "
                          f"{tgt_len} queries, {src_len} keys")
@@ -418,21 +446,9 @@ def narrow_band_attention(
     tail = kb - bq - left  # >= right: window rows after a block's last query
     a = math.ceil(left / bq) * bq  # first real query row of a segment: the first window starts in the segment
     nbs = (a + tgt_len + bq - 1) // bq + math.ceil(tail / bq)  # the last real window ends in the segment
-    seg = nbs * bq
-    rel = torch.arange(bq, device=q.device).unsqueeze(1) + left - torch.arange(kb, device=q.device).unsqueeze(0)
-    band = (rel <= left) & (rel >= -right)
-    bias = None if rel_bias is None else rel_bias(rel)  # (H, bq, kb)
     start = query_offset - a - left  # key index of window column 0 of segment block 0
-    extra = None
-    if attn_mask is not None:
-        rows = F.pad(attn_mask, (0, 0, a, seg - a - tgt_len)).view(*attn_mask.shape[:2], nbs, bq, src_len)
-        cols = _windows(rows, 4, start, kb, bq, nbs, 0.0)  # (.., nbs, bq, nbs, kb)
-        extra = torch.diagonal(cols, dim1=2, dim2=4).permute(0, 1, 4, 2, 3).to(_acc(q.dtype)).contiguous()
-    valid = torch.ones(bsz, src_len, dtype=torch.bool, device=q.device)
-    if key_padding_mask is not None:
-        valid = ~key_padding_mask
-    valid = _windows(valid, 1, start, kb, bq, nbs, False).contiguous()  # (B, nbs, kb)
-    seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
+    band, bias, extra, valid, seed = _band_blocks(q, src_len, left, right, bq, kb, nbs, a, start, rel_bias,
+                                                  key_padding_mask, attn_mask, dropout_p)
     layout = (bq, a, nbs, query_offset, left, tail)
     return _NarrowBand.apply(q, k, v, bias, extra, valid, band, layout, dropout_p, seed)
 
@@ -451,27 +467,14 @@ def blocked_band_attention(
     dropout_p: float = 0.0,
     block_size: int = 64,
 ) -> Tensor:
-    bsz, heads, tgt_len, head_dim = q.shape
-    src_len = k.size(2)
+    """Band attention block by block (see :class:`_BlockedBand`); for wide bands."""
+    tgt_len, src_len = q.size(2), k.size(2)
     bq = block_size
     nblocks = math.ceil(tgt_len / bq)
     kb = bq + left + right
     start = query_offset - left  # key index of window column 0 for block 0
-    # offsets p - j inside a block do not depend on the block: rel[r, c] = r + left - c
-    rel = torch.arange(bq, device=q.device).unsqueeze(1) + left - torch.arange(kb, device=q.device).unsqueeze(0)
-    band = (rel <= left) & (rel >= -right)
-    bias = None if rel_bias is None else rel_bias(rel)  # (H, bq, kb)
-    extra = None
-    if attn_mask is not None:
-        rows = F.pad(attn_mask, (0, 0, 0, nblocks * bq - tgt_len))
-        rows = rows.view(*rows.shape[:2], nblocks, bq, src_len)
-        cols = _windows(rows, 4, start, kb, bq, nblocks, 0.0)  # (.., nb, bq, nb, kb)
-        extra = torch.diagonal(cols, dim1=2, dim2=4).permute(0, 1, 4, 2, 3).to(_acc(q.dtype)).contiguous()
-    valid = torch.ones(bsz, src_len, dtype=torch.bool, device=q.device)
-    if key_padding_mask is not None:
-        valid = ~key_padding_mask
-    valid = _windows(valid, 1, start, kb, bq, nblocks, False).contiguous()  # (B, nb, kb)
-    seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
+    band, bias, extra, valid, seed = _band_blocks(q, src_len, left, right, bq, kb, nblocks, 0, start, rel_bias,
+                                                  key_padding_mask, attn_mask, dropout_p)
     return _BlockedBand.apply(q, k, v, bias, extra, valid, band, start, bq, dropout_p, seed)
 
 
