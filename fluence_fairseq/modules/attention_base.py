@@ -18,7 +18,7 @@ import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor
 
-from ..pruning.masks import GlobalAttentionMask, leading_padding, mask_positions
+from ..pruning.masks import PrunableAttentionMixin, leading_padding
 from .masks import HARD_MASK, append_padding_masks, attn_mask_to_additive, padding_mask_to_bool
 
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
@@ -67,7 +67,7 @@ def describe_patterns(patterns) -> str:
     return ", ".join(PATTERNS[p] for p in sorted(patterns, key=lambda p: (p[0], p[1])))
 
 
-class FluenceAttention(MultiheadAttention):
+class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     """Base of all fluence attentions. Subclasses set :attr:`supported_patterns` and implement :meth:`attend`.
 
     Args:
@@ -136,7 +136,7 @@ class FluenceAttention(MultiheadAttention):
         )
         self.causal = causal
         self.cross = cross
-        self.global_mask: Optional[GlobalAttentionMask] = None  # data-informed pruning: set_global_mask()
+        self.global_mask = None  # data-informed pruning: set_global_mask()
         if not self.uses_query_key:
             if cross:
                 raise UnsupportedPatternError(f"{type(self).__name__} reads only its input; it cannot do cross attention")
@@ -184,75 +184,6 @@ class FluenceAttention(MultiheadAttention):
     def track_statistics(self, enabled: bool) -> None:
         """Start (and reset) or stop the statistics that cost a pass over the weights; the criterions turn this
         on for validation steps only."""
-
-    # -------------------------------------------------------------------------------------- pruning
-    def set_global_mask(self, mask: Optional[GlobalAttentionMask]) -> None:
-        """Prune this attention with a global keep mask (or remove it with None): every call (training,
-        validation, decoding) then attends only to the kept (query position, key position) entries."""
-        if mask is not None:
-            if not self.supports_attn_mask:
-                raise ValueError(
-                    f"{type(self).__name__} cannot apply a global attention mask ({mask.label}): its math never "
-                    f"forms the attention matrix. Prune one of these attentions instead: "
-                    f"{registered_attentions('supports_attn_mask')}"
-                )
-            if mask.heads != self.num_heads:
-                raise ValueError(f"global attention mask {mask.label} has {mask.heads} heads but "
-                                 f"{type(self).__name__} has {self.num_heads}")
-        self.global_mask = mask
-
-    def attend_pruned(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        key_padding_mask: Optional[Tensor],
-        attn_mask: Optional[Tensor],
-        query_offset: int,
-        query_start: Tensor,
-        key_start: Tensor,
-        need_weights: bool,
-    ) -> Tuple[Tensor, Optional[Tensor]]:
-        """:meth:`attend` restricted to the entries :attr:`global_mask` keeps. Query ``i`` of row ``b`` sits at
-        position ``query_start[b] + i``, key ``j`` at ``key_start[b] + j``.
-
-        This default folds the mask into ``attn_mask`` (exact for any attention that honours ``attn_mask``, but
-        it computes every entry); a query with no kept, unpadded (and, if causal, past) key gets output and
-        weights 0. :class:`~fluence_fairseq.modules.softmax.SoftmaxAttention` overrides it with a
-        block-sparse kernel that never computes pruned blocks."""
-        bsz, _, tgt_len, _ = q.shape
-        src_len = k.size(2)
-        keep = self.global_mask.rows(query_start, key_start, tgt_len, src_len).to(q.device)
-        base = attn_mask if attn_mask is not None else q.new_zeros(1, 1, 1, 1)
-        attn_mask = base.expand(bsz, self.num_heads, tgt_len, src_len).masked_fill(~keep, torch.finfo(q.dtype).min)
-        out, weights = self.attend(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                                   query_offset=query_offset, need_weights=need_weights)
-        visible = keep
-        if key_padding_mask is not None:
-            visible = visible & ~key_padding_mask.view(bsz, 1, 1, src_len)
-        if self.causal and not self.cross:
-            past = (torch.arange(src_len, device=q.device) <= torch.arange(tgt_len, device=q.device).view(-1, 1)
-                    + query_offset)
-            visible = visible & past
-        empty = ~visible.any(dim=-1, keepdim=True)  # (B, H, Lq, 1)
-        if bool(empty.any()):
-            out = out.masked_fill(empty, 0.0)
-            weights = None if weights is None else weights.masked_fill(empty, 0.0)
-        return out, weights
-
-    def _core_attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights, positions=None):
-        """:meth:`attend`, or :meth:`attend_pruned` when a global mask is set (positions derived from the padding
-        unless given as ``(query_start, key_start)``)."""
-        if self.global_mask is None:
-            return self.attend(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                               query_offset=query_offset, need_weights=need_weights)
-        if positions is None:
-            positions = mask_positions(key_padding_mask, q.size(0), q.size(2), query_offset, self.cross, q.device)
-        query_start, key_start = positions
-        return self.attend_pruned(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                                  query_offset=query_offset, query_start=query_start, key_start=key_start,
-                                  need_weights=need_weights)
 
     def summarize_keys(
         self, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
@@ -400,18 +331,8 @@ class FluenceAttention(MultiheadAttention):
         recorder = self.weight_recorder
         return_weights = need_weights
         need_weights = need_weights or recorder is not None
-        if batch_first:
-            query = query.transpose(0, 1)
-            key = None if key is None else key.transpose(0, 1)
-            value = None if value is None else value.transpose(0, 1)
-        if query.dim() != 3 or query.size(-1) != self.embed_dim:
-            raise ValueError(
-                f"query must be (length, batch, {self.embed_dim}) (or batch first), got {tuple(query.shape)}"
-            )
+        query, key, value = self._inputs(query, key, value, batch_first)
         tgt_len, bsz, _ = query.shape
-        if not self.cross:
-            key = query if key is None else key
-        value = key if value is None else value
 
         buffer = None
         if incremental_state is not None:
@@ -422,26 +343,8 @@ class FluenceAttention(MultiheadAttention):
                 )
             buffer = self._get_input_buffer(incremental_state)
 
-        summary = None
-        if self.cross and static_kv and buffer is not None and any(name != "steps" for name in buffer):
-            summary = {name: t for name, t in buffer.items() if name != "steps"}
-            cached_bsz = next(t.size(0) for t in summary.values() if t is not None)
-            if cached_bsz != bsz:
-                raise ValueError(f"the cached source has batch {cached_bsz} but the query has batch {bsz}; "
-                                 "reorder the cache with reorder_incremental_state")
-            k = v = None
-            src_len = summary["prev_key"].size(2) if summary.get("prev_key") is not None else None
-        else:
-            if key is None:
-                raise ValueError(f"{type(self).__name__}: cross attention needs key/value (or a filled static_kv cache)")
-            if key.dim() != 3 or key.size(1) != bsz:
-                raise ValueError(f"key must be (length, batch={bsz}, kdim), got {tuple(key.shape)}")
-            if value.shape[:2] != key.shape[:2]:
-                raise ValueError(f"value {tuple(value.shape)} must match key {tuple(key.shape)} in length and batch")
-            v = self._heads(self.v_proj(value), bsz)
-            k = self._heads(self.k_proj(key), bsz) if self.uses_query_key else v
-            src_len = k.size(2)
-        q = self._heads(self.q_proj(query), bsz) if self.uses_query_key else v
+        summary = self._cached_source(buffer, bsz) if self.cross and static_kv else None
+        q, k, v, src_len = self._project(query, key, value, bsz, summary)
         query_padding_mask = padding_mask_to_bool(query_padding_mask, bsz, tgt_len, "query_padding_mask")
         if attn_mask is not None and not self.supports_attn_mask:
             attn_mask = self._drop_future_mask(attn_mask, tgt_len)
@@ -453,41 +356,12 @@ class FluenceAttention(MultiheadAttention):
                 need_weights=need_weights,
             )
         else:
-            if src_len is None and attn_mask is not None:
-                raise ValueError(f"{type(self).__name__}: attn_mask cannot be applied to a cached source summary")
-            if src_len is not None:
-                attn_mask = self._normalize_attn_mask(attn_mask, bsz, tgt_len, src_len, q.dtype)
-            # self attention: the last query is the last key; cross: both sequences start together
-            query_offset = src_len - tgt_len if not self.cross else 0
-            if buffer is not None:  # cross attention while decoding: queries continue where the last call ended
-                steps = buffer.get("steps")
-                if steps is not None:
-                    query_offset = int(steps[0])
-                buffer["steps"] = torch.full((bsz,), query_offset + tgt_len, dtype=torch.long, device=q.device)
-            if summary is None:
-                key_padding_mask = padding_mask_to_bool(key_padding_mask, bsz, src_len, "key_padding_mask")
-                if buffer is not None and static_kv:
-                    summary = self.summarize_keys(k, v, key_padding_mask)
-                    buffer.update({name: t for name, t in summary.items() if t is not None})
-            if summary is not None:
-                out, weights = self.attend_summary(
-                    q, summary, attn_mask=attn_mask, query_offset=query_offset, need_weights=need_weights
-                )
-            else:
-                out, weights = self._core_attend(
-                    q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                    query_offset=query_offset, need_weights=need_weights,
-                )
+            out, weights = self._attend_whole(q, k, v, summary, buffer, static_kv, key_padding_mask, attn_mask,
+                                              src_len, need_weights)
         if buffer is not None:
             self._set_input_buffer(incremental_state, buffer)
         if recorder is not None:
-            if weights is None:
-                raise ValueError(
-                    f"{type(self).__name__} does not form attention probabilities, so its attention patterns cannot "
-                    "be recorded; collect patterns from a model whose attention exposes weights: "
-                    f"{registered_attentions('forms_weights')}"
-                )
-            recorder(self, weights)
+            self._record(recorder, weights)
 
         out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)
         out = self.out_proj(out)
@@ -499,6 +373,86 @@ class FluenceAttention(MultiheadAttention):
             return out, None
         weights = weights.transpose(0, 1)  # (H, B, Lq, Lk)
         return out, (weights if need_head_weights else weights.mean(dim=0))
+
+    def _inputs(self, query, key, value, batch_first: bool):
+        """(L, B, D) query, key and value; key and value default to the query (self) and the key."""
+        if batch_first:
+            query = query.transpose(0, 1)
+            key = None if key is None else key.transpose(0, 1)
+            value = None if value is None else value.transpose(0, 1)
+        if query.dim() != 3 or query.size(-1) != self.embed_dim:
+            raise ValueError(
+                f"query must be (length, batch, {self.embed_dim}) (or batch first), got {tuple(query.shape)}"
+            )
+        if not self.cross:
+            key = query if key is None else key
+        return query, key, key if value is None else value
+
+    def _cached_source(self, buffer, bsz: int) -> Optional[Dict[str, Optional[Tensor]]]:
+        """Cross attention with ``static_kv``: the source summary cached by an earlier call, if any."""
+        if buffer is None or not any(name != "steps" for name in buffer):
+            return None
+        summary = {name: t for name, t in buffer.items() if name != "steps"}
+        cached_bsz = next(t.size(0) for t in summary.values() if t is not None)
+        if cached_bsz != bsz:
+            raise ValueError(f"the cached source has batch {cached_bsz} but the query has batch {bsz}; "
+                             "reorder the cache with reorder_incremental_state")
+        return summary
+
+    def _project(self, query, key, value, bsz: int, summary):
+        """(q, k, v, src_len) as heads (B, H, L, Dh); k, v None (and src_len None unless the summary keeps the
+        keys) when a cached source summary replaces them."""
+        if summary is not None:
+            src_len = summary["prev_key"].size(2) if summary.get("prev_key") is not None else None
+            k = v = None
+        else:
+            if key is None:
+                raise ValueError(f"{type(self).__name__}: cross attention needs key/value (or a filled static_kv cache)")
+            if key.dim() != 3 or key.size(1) != bsz:
+                raise ValueError(f"key must be (length, batch={bsz}, kdim), got {tuple(key.shape)}")
+            if value.shape[:2] != key.shape[:2]:
+                raise ValueError(f"value {tuple(value.shape)} must match key {tuple(key.shape)} in length and batch")
+            v = self._heads(self.v_proj(value), bsz)
+            k = self._heads(self.k_proj(key), bsz) if self.uses_query_key else v
+            src_len = k.size(2)
+        q = self._heads(self.q_proj(query), bsz) if self.uses_query_key else v
+        return q, k, v, src_len
+
+    def _attend_whole(self, q, k, v, summary, buffer, static_kv, key_padding_mask, attn_mask, src_len,
+                      need_weights):
+        """Every call but a causal self-attention decoding step: a full pass, or cross attention (decoding or
+        not) against the keys or their cached summary."""
+        bsz, _, tgt_len, _ = q.shape
+        if src_len is None and attn_mask is not None:
+            raise ValueError(f"{type(self).__name__}: attn_mask cannot be applied to a cached source summary")
+        if src_len is not None:
+            attn_mask = self._normalize_attn_mask(attn_mask, bsz, tgt_len, src_len, q.dtype)
+        # self attention: the last query is the last key; cross: both sequences start together
+        query_offset = src_len - tgt_len if not self.cross else 0
+        if buffer is not None:  # cross attention while decoding: queries continue where the last call ended
+            steps = buffer.get("steps")
+            if steps is not None:
+                query_offset = int(steps[0])
+            buffer["steps"] = torch.full((bsz,), query_offset + tgt_len, dtype=torch.long, device=q.device)
+        if summary is None:
+            key_padding_mask = padding_mask_to_bool(key_padding_mask, bsz, src_len, "key_padding_mask")
+            if buffer is not None and static_kv:
+                summary = self.summarize_keys(k, v, key_padding_mask)
+                buffer.update({name: t for name, t in summary.items() if t is not None})
+        if summary is not None:
+            return self.attend_summary(q, summary, attn_mask=attn_mask, query_offset=query_offset,
+                                       need_weights=need_weights)
+        return self._core_attend(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                 query_offset=query_offset, need_weights=need_weights)
+
+    def _record(self, recorder, weights) -> None:
+        if weights is None:
+            raise ValueError(
+                f"{type(self).__name__} does not form attention probabilities, so its attention patterns cannot "
+                "be recorded; collect patterns from a model whose attention exposes weights: "
+                f"{registered_attentions('forms_weights')}"
+            )
+        recorder(self, weights)
 
     @torch.jit.unused
     def reorder_incremental_state(self, incremental_state: IncrementalState, new_order: Tensor):

@@ -8,7 +8,8 @@ pattern files (:mod:`fluence_fairseq.pruning.patterns`). The attention base turn
 :meth:`GlobalAttentionMask.shared` (one mask for the batch, what the block-sparse kernel needs).
 
 Entries the patterns say nothing about (positions at or beyond the collected length ``N``) are kept: there is no
-evidence to prune them. Pruning never silently turns off: a module with a mask always applies it.
+evidence to prune them. Pruning never silently turns off: a module with a mask always applies it
+(:class:`PrunableAttentionMixin`, part of every attention, routes each call of its math through the mask).
 """
 from collections import OrderedDict
 from typing import Optional, Tuple
@@ -114,3 +115,87 @@ def mask_positions(key_padding_mask: Optional[Tensor], bsz: int, tgt_len: int, q
     else:
         query_start = query_offset - shift
     return query_start, key_start
+
+
+def _registered_attentions(capability: str) -> str:
+    from ..modules.attention_base import registered_attentions  # the attention base imports this module
+
+    return registered_attentions(capability)
+
+
+class PrunableAttentionMixin:
+    """How an attention applies its :class:`GlobalAttentionMask` (mixed into the attention base, so every
+    attention gets it): :meth:`set_global_mask` attaches one, and every call of the attention's math goes through
+    :meth:`_core_attend`, which restricts it to the kept entries with :meth:`attend_pruned`. Attentions with a
+    faster way (softmax: a block-sparse kernel) override :meth:`attend_pruned`."""
+
+    # ``self.global_mask`` (a submodule, or None) is set by the attention's __init__: a class attribute here would
+    # shadow the submodule that nn.Module keeps in ``_modules``
+
+    def set_global_mask(self, mask: Optional[GlobalAttentionMask]) -> None:
+        """Prune this attention with a global keep mask (or remove it with None): every call (training,
+        validation, decoding) then attends only to the kept (query position, key position) entries."""
+        if mask is not None:
+            if not self.supports_attn_mask:
+                raise ValueError(
+                    f"{type(self).__name__} cannot apply a global attention mask ({mask.label}): its math never "
+                    f"forms the attention matrix. Prune one of these attentions instead: "
+                    f"{_registered_attentions('supports_attn_mask')}"
+                )
+            if mask.heads != self.num_heads:
+                raise ValueError(f"global attention mask {mask.label} has {mask.heads} heads but "
+                                 f"{type(self).__name__} has {self.num_heads}")
+        self.global_mask = mask
+
+    def attend_pruned(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Optional[Tensor],
+        attn_mask: Optional[Tensor],
+        query_offset: int,
+        query_start: Tensor,
+        key_start: Tensor,
+        need_weights: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """:meth:`attend` restricted to the entries :attr:`global_mask` keeps. Query ``i`` of row ``b`` sits at
+        position ``query_start[b] + i``, key ``j`` at ``key_start[b] + j``.
+
+        This default folds the mask into ``attn_mask`` (exact for any attention that honours ``attn_mask``, but
+        it computes every entry); a query with no kept, unpadded (and, if causal, past) key gets output and
+        weights 0. :class:`~fluence_fairseq.modules.softmax.SoftmaxAttention` overrides it with a
+        block-sparse kernel that never computes pruned blocks."""
+        bsz, _, tgt_len, _ = q.shape
+        src_len = k.size(2)
+        keep = self.global_mask.rows(query_start, key_start, tgt_len, src_len).to(q.device)
+        base = attn_mask if attn_mask is not None else q.new_zeros(1, 1, 1, 1)
+        attn_mask = base.expand(bsz, self.num_heads, tgt_len, src_len).masked_fill(~keep, torch.finfo(q.dtype).min)
+        out, weights = self.attend(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                   query_offset=query_offset, need_weights=need_weights)
+        visible = keep
+        if key_padding_mask is not None:
+            visible = visible & ~key_padding_mask.view(bsz, 1, 1, src_len)
+        if self.causal and not self.cross:
+            past = (torch.arange(src_len, device=q.device) <= torch.arange(tgt_len, device=q.device).view(-1, 1)
+                    + query_offset)
+            visible = visible & past
+        empty = ~visible.any(dim=-1, keepdim=True)  # (B, H, Lq, 1)
+        if bool(empty.any()):
+            out = out.masked_fill(empty, 0.0)
+            weights = None if weights is None else weights.masked_fill(empty, 0.0)
+        return out, weights
+
+    def _core_attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights, positions=None):
+        """:meth:`attend`, or :meth:`attend_pruned` when a global mask is set (positions derived from the padding
+        unless given as ``(query_start, key_start)``)."""
+        if self.global_mask is None:
+            return self.attend(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                               query_offset=query_offset, need_weights=need_weights)
+        if positions is None:
+            positions = mask_positions(key_padding_mask, q.size(0), q.size(2), query_offset, self.cross, q.device)
+        query_start, key_start = positions
+        return self.attend_pruned(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                  query_offset=query_offset, query_start=query_start, key_start=key_start,
+                                  need_weights=need_weights)
