@@ -1,4 +1,4 @@
-"""fluence-bench: speed and memory of any registered attention against fairseq's MHA and plain SDPA.
+"""``python -m benchmarks.attention``: speed and memory of any registered attention against fairseq's MHA and plain SDPA.
 
     python -m benchmarks.attention adaptive_span --opt attn_span=4096 --setup span=64 --setup span=4096 \\
         --lengths 1024,4096 --out benchmarks/results/spans
@@ -108,7 +108,7 @@ def _verdict(text: str, value: float, limit: float) -> dict:
 @dataclass
 class BenchConfig:
     variants: List[Variant]
-    pattern: str = "causal"  # a key of bench_utils.PATTERN_FLAGS
+    pattern: str = "causal"  # a key of common.PATTERN_FLAGS
     dim: int = 512
     heads: int = 8
     batch: int = 1
@@ -231,7 +231,7 @@ def run_benchmark(cfg: BenchConfig, log=lambda msg: print(msg, file=sys.stderr, 
                    "length": length, "src_len": cfg.src_len or length, "repeats": cfg.repeats,
                    "warmup": cfg.warmup, "decode": decode_job if decoding and decodes and i == 0 else None}
             result = _run_in_fresh_process(job)
-            # memory from a second worker with a fixed mmap threshold (see bench_utils): reproducible RSS peaks
+            # memory from a second worker with a fixed mmap threshold (see benchmarks/common.py): reproducible RSS peaks
             result["peak_mem_mb"] = _run_in_fresh_process({**job, "memory_only": True, "decode": None},
                                                           MEMORY_ENV)["peak_mem_mb"]
             train_rows.append({"case": label, "length": length,
@@ -256,7 +256,7 @@ def markdown(report: dict) -> str:
     cfg, machine = report["config"], report["machine"]
     attentions = sorted({v["attention"] for v in cfg["variants"]})
     lines = [
-        f"# fluence-bench: {', '.join(attentions)}, {PATTERNS[PATTERN_FLAGS[cfg['pattern']]]} attention", "",
+        f"# benchmarks.attention: {', '.join(attentions)}, {PATTERNS[PATTERN_FLAGS[cfg['pattern']]]} attention", "",
         f"Machine: {machine['cpu']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, "
         f"{machine['threads']} threads ({machine['threads_from']}), Python {machine['python']}; load average "
         f"{machine['load_avg_1min']:.2f} at the start.", "",

@@ -1,4 +1,4 @@
-"""Measurements behind ``fluence-bench``, run inside one worker process per module.
+"""Measurements behind the benchmarks, run inside one worker process per module.
 
 A *module spec* is a JSON-able dict naming what to build:
 
@@ -14,7 +14,7 @@ Memory is the increase of the process's resident set (RSS) at its peak during th
 size, over the RSS just before it (module, parameters and inputs already allocated): activations saved for
 backward, gradients, temporaries and allocator overhead. The kernel's high-water mark (``VmHWM``) is reset
 through ``/proc/self/clear_refs`` just before that step, so it is Linux-only; run each module in a fresh
-process, or memory freed earlier and kept by the allocator hides part of the increase. ``fluence-bench`` measures
+process, or memory freed earlier and kept by the allocator hides part of the increase. ``benchmarks.attention`` measures
 memory in a separate worker whose glibc ``MALLOC_MMAP_THRESHOLD_`` is fixed (:data:`MEMORY_ENV`): large buffers
 are then always mapped and unmapped, so the RSS follows the live tensors instead of depending on glibc's
 adaptive threshold (which otherwise made the same run read 94 or 160 MiB). Times come from a worker with the

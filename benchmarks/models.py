@@ -203,7 +203,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="fluence-bench-models", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.models", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="sparse")
     p.add_argument("--settings", default=None, help="comma-separated subset of the preset's settings")
     p.add_argument("--vocab", type=int, default=8000)

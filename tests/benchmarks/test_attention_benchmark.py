@@ -1,4 +1,4 @@
-"""Smoke test of fluence-bench on tiny sizes: report structure and arithmetic, no timing thresholds."""
+"""Smoke test of benchmarks.attention on tiny sizes: report structure and arithmetic, no timing thresholds."""
 import math
 
 import pytest
