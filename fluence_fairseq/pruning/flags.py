@@ -26,6 +26,7 @@ from fairseq.utils import safe_getattr
 
 from ..modules.attention_base import FluenceAttention
 from ..roles import ROLES
+from .collect import find_attentions
 from .masks import GlobalAttentionMask
 from .patterns import load_pattern_info, load_patterns
 from .policy import SCOPES, pruning_mask, random_pruning_mask
@@ -95,8 +96,6 @@ def _settings(args) -> dict:
 
 def attentions_by_type(model: torch.nn.Module) -> Dict[str, List[FluenceAttention]]:
     """Fluence attentions of every pattern type, in layer order (the grouping compute_attn_score collects by)."""
-    from .collect import find_attentions
-
     return {kind: [module for _, _, module in entries] for kind, entries in find_attentions(model).items()}
 
 

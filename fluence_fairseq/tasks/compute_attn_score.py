@@ -34,6 +34,7 @@ import torch
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import TASK_REGISTRY, FairseqTask, register_task
 
+from .. import compat
 from ..pruning.collect import DEFAULT_MAX_LEN_CAP, AttentionPatternCollector, default_max_len, to_device
 from ..pruning.patterns import PatternAccumulator, save_patterns
 from ..roles import BY_PATTERN_NAME
@@ -68,8 +69,6 @@ class ComputeAttnScoreTask(FairseqTask):
     @classmethod
     def setup_task(cls, cfg, **kwargs):
         from fairseq import checkpoint_utils
-
-        from .. import compat
 
         compat.install()
         if not cfg.attn_checkpoint:
