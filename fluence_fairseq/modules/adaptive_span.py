@@ -72,6 +72,25 @@ def _track_span(span: "AdaptiveSpan") -> None:
     _LIVE_SPANS.add(span)
 
 
+class _LogRamp(torch.autograd.Function):
+    """``log(clamp(x, 0, 1))`` with ``clamp``'s gradient convention (live on the closed interval [0, 1]): at
+    ``x = 0`` the value is ``log(FLOOR)`` instead of ``-inf`` and the gradient ``grad / FLOOR``, so that a
+    softmax score biased by it passes the gradient of a mask multiplied into the probabilities."""
+
+    FLOOR = 1e-20
+
+    @staticmethod
+    def forward(ctx, x):
+        m = x.clamp(0.0, 1.0).clamp_min(_LogRamp.FLOOR)
+        ctx.save_for_backward(m, (x >= 0) & (x <= 1))
+        return torch.where(x >= 0, m.log(), torch.full_like(m, float("-inf")))
+
+    @staticmethod
+    def backward(ctx, grad):
+        m, live = ctx.saved_tensors
+        return torch.where(live, grad / m, torch.zeros_like(grad))
+
+
 class AdaptiveSpan(nn.Module):
     """Learned soft span per head.
 
@@ -140,10 +159,19 @@ class AdaptiveSpan(nn.Module):
         return m.masked_fill(d >= self.attn_span, 0.0)
 
     def log_mask(self, rel: Tensor) -> Tensor:
-        """log of :meth:`mask`, -inf where the mask is zero, with finite gradients everywhere."""
-        m = self.mask(rel)
-        inside = m > 0
-        return torch.where(inside, torch.log(torch.where(inside, m, torch.ones_like(m))), float("-inf"))
+        """log of :meth:`mask` for the attention's scores, -inf where the mask is zero, with the reference's
+        gradient of the span ratio everywhere.
+
+        The reference multiplies probabilities by the mask, so the key at the far end of the ramp (distance
+        exactly ``R + z S``, where the mask is 0 but ``clamp`` still passes its gradient) gives ``z`` the gradient
+        ``S/R`` times the derivative of the output in that key's weight. ``log 0`` would lose it (and understate
+        the push to grow a span by 11-40% at z = 0, where ``z S`` is a whole number); here that key gets the mask
+        ``LOG_FLOOR`` instead of 0 (a weight of ``e^-46``, invisible in the output) and the gradient of ``log m``
+        is divided by it, which is exactly the reference's gradient."""
+        d = self.distance(rel).float()
+        z = self.ratio().float().view(self.nb_heads, *([1] * rel.dim()))
+        log_m = _LogRamp.apply((self.ramp + z * self.attn_span - d) / self.ramp)
+        return log_m.masked_fill(d >= self.attn_span, float("-inf"))
 
     def forward(self, attn: Tensor, normalize: bool = True) -> Tensor:
         """Mask attention probabilities ``attn`` (B, H, Lq, Lk) and renormalise each row.
@@ -248,8 +276,11 @@ class AdaptiveSpanAttention(FluenceAttention):
         self.block_size = block_size
 
     def window(self) -> int:
-        """Keys per query that can have a nonzero mask: current maximum span + ramp (clipped to attn_span)."""
-        return self.adaptive_span.get_current_max_span(include_ramp=True)
+        """Keys per query the span reaches, the query itself included: distances ``0 .. floor(z S) + R`` of the
+        widest head (clipped to attn_span). The farthest of them has mask 0 when ``z S`` is a whole number, but
+        its gradient moves the span (see :meth:`AdaptiveSpan.log_mask`)."""
+        span = self.adaptive_span
+        return min(span.attn_span, math.floor(span.ratios().max().item() * span.attn_span + span.ramp) + 1)
 
     def max_cached_keys(self) -> Optional[int]:
         return self.window() if self.adaptive_span.cache else self.adaptive_span.attn_span
@@ -259,7 +290,7 @@ class AdaptiveSpanAttention(FluenceAttention):
         reach = self.window() - 1  # largest distance with a nonzero mask
         # every allowed key has mask 1 when the smallest span reaches the farthest key: skip the bias
         farthest = min(reach, max(query_offset + q.size(2) - 1, k.size(2) - 1 - query_offset))
-        saturated = span.ratios().min().item() * span.attn_span >= farthest
+        saturated = span.ratios().min().item() * span.attn_span > farthest  # strictly: m = 1 with no gradient
         return band_attention(
             q, k, v, query_offset=query_offset, left=reach, right=0 if self.causal else reach,
             rel_bias=None if saturated else span.log_mask,

@@ -188,7 +188,7 @@ def test_real_savings_only_the_band_is_scored(monkeypatch):
     attn = make_attention(True, S=1024, spans=torch.full((H,), 40 / 1024))
     T = 1024
     attn(query=torch.randn(T, 1, E), need_weights=False)
-    assert attn.window() == 40 + 16
+    assert attn.window() == 40 + 16 + 1  # distances 0..56: the last has mask 0 but moves the span (z S is whole)
     assert max(scored) < H * T * T / 8, "scores for the whole sequence were computed"
 
 
@@ -278,3 +278,28 @@ def test_out_of_range_parameter_acts_clamped_but_keeps_its_gradient():
     assert span.get_current_max_span() == 64 and span.get_loss().item() == pytest.approx(inside.get_loss().item())
     span.get_loss().backward()
     assert torch.all(span.current_val.grad != 0), "a span outside [0, 1] must still be trainable"
+
+
+@pytest.mark.parametrize("S,R,T", [(32, 8, 48), (1024, 32, 300)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("z", [0.0, 0.25, 0.5, 0.3, 0.0071])  # z S whole (0, S/4, S/2) and not
+def test_span_gradient_equals_the_reference_at_whole_and_fractional_spans(S, R, T, causal, z):
+    """At z S whole the key at distance R + z S has mask 0 but clamp passes its gradient: the reference (mask
+    multiplied into the probabilities) gives z the gradient S/R through it; the banded log-mask path must too."""
+    attn = make_attention(causal, S=S, R=R, spans=torch.full((H,), z))
+    attn.double()
+    x = torch.randn(T, 2, E, dtype=torch.float64)
+    kpm = torch.zeros(2, T, dtype=torch.bool)
+    kpm[1, :3] = True
+    real = ~kpm.t()
+    span = attn.adaptive_span
+    ref = reference_attention(attn, x, x, causal=causal, key_padding_mask=kpm, span=span)
+    g_ref = torch.autograd.grad(ref[real].sum(), span.current_val)[0]
+    out, _ = attn(query=x, key_padding_mask=kpm, need_weights=False)
+    g = torch.autograd.grad(out[real].sum(), span.current_val, allow_unused=True)[0]
+    g = torch.zeros_like(g_ref) if g is None else g  # every key inside every span: the mask is 1, no gradient
+    torch.testing.assert_close(out[real], ref[real], atol=1e-6, rtol=0)
+    # the mask is computed in float32 (as the reference's is): with S/R = 32 its rounding shows at 1e-4
+    torch.testing.assert_close(g, g_ref, rtol=2e-3, atol=1e-6)
+    if z * S + R < T:
+        assert g_ref.abs().min() > 0  # the ramp (and at whole z S its far key) really moves every span
