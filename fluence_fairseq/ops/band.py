@@ -67,6 +67,53 @@ def dense_attention(
     return torch.matmul(dropped, v), (probs if need_weights else None)
 
 
+@torch.no_grad()
+def band_weights(
+    q: Tensor,
+    k: Tensor,
+    *,
+    query_offset: int,
+    left: Optional[int] = None,
+    right: Optional[int] = None,
+    rel_bias: Optional[RelBias] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
+    block: int = 256,
+) -> Tensor:
+    """The probabilities of :func:`dense_attention` (B, H, Lq, Lk), computed a block of queries at a time over
+    the keys its band reaches: O(Lq x band) work, zeros outside the band (where the dense probabilities are exactly
+    zero too). No gradient flows through them: they are for inspection and alignment, the output keeps its own
+    (differentiable) path."""
+    bsz, heads, tgt_len, head_dim = q.shape
+    src_len = k.size(2)
+    dtype = _acc(q.dtype)
+    weights = q.new_zeros(bsz, heads, tgt_len, src_len)
+    scale = head_dim ** -0.5
+    for i0 in range(0, tgt_len, block):
+        i1 = min(tgt_len, i0 + block)
+        k0 = 0 if left is None else max(0, i0 + query_offset - left)
+        k1 = src_len if right is None else min(src_len, i1 - 1 + query_offset + right + 1)
+        if k1 <= k0:
+            continue
+        scores = torch.matmul(q[:, :, i0:i1].to(dtype) * scale, k[:, :, k0:k1].transpose(-1, -2).to(dtype))
+        rel = relative_positions(i1 - i0, k1 - k0, query_offset + i0 - k0, q.device)
+        if rel_bias is not None:
+            scores += rel_bias(rel).to(dtype)
+        if attn_mask is not None:
+            scores += attn_mask[..., i0:i1, k0:k1].to(dtype) if attn_mask.size(-2) > 1 else attn_mask[..., k0:k1]
+        disallowed = torch.zeros_like(rel, dtype=torch.bool)
+        if left is not None:
+            disallowed |= rel > left
+        if right is not None:
+            disallowed |= rel < -right
+        disallowed = disallowed.view(1, 1, i1 - i0, k1 - k0)
+        if key_padding_mask is not None:
+            disallowed = disallowed | key_padding_mask[:, k0:k1].view(-1, 1, 1, k1 - k0)
+        scores.masked_fill_(disallowed, _neg(dtype))
+        weights[:, :, i0:i1, k0:k1] = torch.softmax(scores, dim=-1).to(q.dtype)
+    return weights
+
+
 def _sdpa(q, k, v, *, query_offset, causal, key_padding_mask, attn_mask, dropout_p):
     tgt_len, src_len = q.size(2), k.size(2)
     if key_padding_mask is None and attn_mask is None and (not causal or (tgt_len == src_len and query_offset == 0)):
@@ -522,10 +569,22 @@ def band_attention(
     left_active = left is not None and left < max_rel
     right_active = right is not None and -right > min_rel
     if need_weights:
-        out, probs = dense_attention(
-            q, k, v, query_offset=query_offset, left=left, right=right, rel_bias=rel_bias,
-            key_padding_mask=key_padding_mask, attn_mask=attn_mask, dropout_p=dropout_p, need_weights=True,
-        )
+        banded = (left_active or right_active or rel_bias is not None) and tgt_len * src_len > _DENSE_PAIRS
+        if banded:
+            # the output from the banded path (differentiable), the weights inside the band only: no full score
+            # matrix is formed; the weights are detached from the graph (see band_weights)
+            out, _ = band_attention(
+                q, k, v, query_offset=query_offset, left=left, right=right, rel_bias=rel_bias,
+                key_padding_mask=key_padding_mask, attn_mask=attn_mask, dropout_p=dropout_p,
+                block_size=block_size,
+            )
+            probs = band_weights(q, k, query_offset=query_offset, left=left, right=right, rel_bias=rel_bias,
+                                 key_padding_mask=key_padding_mask, attn_mask=attn_mask)
+        else:
+            out, probs = dense_attention(
+                q, k, v, query_offset=query_offset, left=left, right=right, rel_bias=rel_bias,
+                key_padding_mask=key_padding_mask, attn_mask=attn_mask, dropout_p=dropout_p, need_weights=True,
+            )
         if cut is not None:
             probs = F.pad(probs, (cut[0], cut[2] - cut[1]))
         return out, probs

@@ -145,3 +145,29 @@ def test_narrow_path_dropout_is_reproducible_from_the_global_seed():
     b = band.narrow_band_attention(q, k, v, **kwargs)
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, band.narrow_band_attention(q, k, v, **{**kwargs, "dropout_p": 0.0}))
+
+
+@pytest.mark.parametrize("left,right,biased", [(7, 7, False), (9, 0, True), (20, 3, True)])
+def test_weights_of_long_inputs_come_from_the_band_without_a_full_score_matrix(left, right, biased, monkeypatch):
+    """need_weights on a long input: the output from the banded path, the weights block by block inside the
+    band; both equal the dense computation, and no (Lq, Lk) score matrix is ever multiplied out."""
+    import fluence_fairseq.ops.band as band
+
+    g = torch.Generator().manual_seed(3)
+    B, H, L, D = 2, 2, 300, 8  # 90,000 query-key pairs: above the dense threshold
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64) for _ in range(3))
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    kpm[1, :4] = True
+    table = torch.randn(H, 2 * L, generator=g, dtype=torch.float64)
+    rel_bias = (lambda rel: table[:, rel + L]) if biased else None
+    kw = dict(query_offset=0, left=left, right=right, rel_bias=rel_bias, key_padding_mask=kpm)
+    want_out, want_w = band.dense_attention(q, k, v, need_weights=True, **kw)
+    shapes = []
+    real_matmul = torch.matmul
+    monkeypatch.setattr(band.torch, "matmul", lambda a, b: shapes.append(tuple(real_matmul(a, b).shape[-2:]))
+                        or real_matmul(a, b))
+    out, w = band.band_attention(q, k, v, need_weights=True, **kw)
+    assert (L, L) not in shapes, "a full score matrix was computed"
+    real = ~kpm.view(B, 1, L, 1)
+    torch.testing.assert_close(out.masked_fill(~real, 0), want_out.masked_fill(~real, 0), atol=1e-10, rtol=0)
+    torch.testing.assert_close(w.masked_fill(~real, 0), want_w.masked_fill(~real, 0), atol=1e-10, rtol=0)
