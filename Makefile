@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 SOURCES := setup.py $(shell find fluence_fairseq -name '*.py' 2>/dev/null)
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lm-demo docs bench bench-sparse bench-pruning install clean
+.PHONY: demo test lm-demo docs bench bench-sparse bench-pruning bench-weights install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ bench-sparse: $(STAMP)
 
 bench-pruning: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.pruning --repeats 7 --json benchmarks/results/pruning.json
+
+bench-weights: $(STAMP)
+	$(PY) -m benchmarks.need_weights --threads 1 | tee benchmarks/results/need_weights.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info
