@@ -102,6 +102,13 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     #: cross decoding attends each call's queries on their own (a method that selects among the queries):
     #: step-by-step decoding then equals the full pass applied call by call, not the whole target at once
     cross_decoding_per_call: bool = False
+    #: causal self attention can carry memory from one segment of a stream to the next (``forward(memory=)``):
+    #: the state its decoding keeps, fed a whole segment at a time
+    supports_memory: bool = True
+    #: why not, for the error message, where ``supports_memory`` is False
+    memory_refusal: str = ""
+    #: keys and values kept from earlier segments by an otherwise unbounded cache (:meth:`set_mem_len`)
+    mem_len: Optional[int] = None
 
     def __init__(
         self,
@@ -209,6 +216,30 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
             attn_mask=attn_mask, query_offset=query_offset, need_weights=need_weights,
         )
 
+    def set_mem_len(self, mem_len: Optional[int]) -> None:
+        """Keep at most the last ``mem_len`` keys and values of the previous segments (or decoding steps) in an
+        attention whose cache is otherwise unbounded (softmax, entmax): Transformer-XL's memory length. Attentions
+        with their own bound (a window, a span, a recurrent state) keep that. None: keep every key."""
+        if mem_len is not None and (isinstance(mem_len, bool) or not isinstance(mem_len, int) or mem_len < 1):
+            raise ValueError(f"mem_len must be a positive integer (keys kept from earlier segments) or None, "
+                             f"got {mem_len!r}")
+        self.mem_len = mem_len
+
+    def _check_memory(self, incremental_state, attn_mask) -> None:
+        name = type(self).__name__
+        if self.cross or not self.causal:
+            raise ValueError(f"{name}: segment memory is for causal self attention; this one is "
+                             f"{PATTERNS[(self.cross, self.causal)]}")
+        if not self.supports_memory:
+            raise ValueError(f"{name} cannot carry memory from one segment to the next: {self.memory_refusal} "
+                             f"Attentions that can: {registered_attentions('supports_memory')}")
+        if incremental_state is not None:
+            raise ValueError(f"{name}: pass either memory (a stream, segment by segment) or incremental_state "
+                             "(decoding), not both")
+        if attn_mask is not None:
+            raise ValueError(f"{name}: an attn_mask cannot be applied with memory (its keys include the earlier "
+                             "segments); causality comes from causal=True, padding from key_padding_mask")
+
     def max_cached_keys(self) -> Optional[int]:
         """Upper bound on the keys a causal self-attention cache must keep (None = all)."""
         return None
@@ -247,7 +278,8 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
                 key_padding_mask = key_padding_mask[:, -need:]
             if attn_mask is not None:
                 attn_mask = attn_mask[..., -need:]
-        stored = slice(None) if keep is None else slice(-keep, None)
+        store = keep if keep is not None else self.mem_len
+        stored = slice(None) if store is None else slice(-store, None)
         buffer["prev_key"], buffer["prev_value"] = k[:, :, stored], v[:, :, stored]
         if key_padding_mask is not None:
             buffer["prev_key_padding_mask"] = key_padding_mask[:, stored]
@@ -304,6 +336,7 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         attn_mask: Optional[Tensor] = None,
         static_kv: bool = False,
         incremental_state: Optional[IncrementalState] = None,
+        memory: Optional[Dict[str, Optional[Tensor]]] = None,
         batch_first: bool = False,
         before_softmax: bool = False,
         **unused,
@@ -320,6 +353,11 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
             attn_mask: (Lq, Lk) or (B*H, Lq, Lk), bool (True = masked) or additive float.
             static_kv: cross attention whose keys are computed once and cached (fairseq decoding).
             incremental_state: fairseq's decoding cache; causal self or cross attention only.
+            memory: segment memory of a causal self attention (training or scoring a stream segment by segment):
+                a dict, empty at the start of a stream, that the call reads (the previous segments as this
+                attention keeps them: keys and values, a window, or a recurrent state; batch on dim 0) and
+                updates, detached, with this segment (truncated backpropagation through time). See
+                :attr:`supports_memory` and :meth:`set_mem_len`.
         Returns:
             (output shaped like ``query``, weights or None)
         """
@@ -335,7 +373,10 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         tgt_len, bsz, _ = query.shape
 
         buffer = None
-        if incremental_state is not None:
+        if memory is not None:
+            self._check_memory(incremental_state, attn_mask)
+            buffer = memory
+        elif incremental_state is not None:
             if not (self.cross or self.causal):
                 raise ValueError(
                     f"{type(self).__name__}: incremental decoding needs causal=True or cross=True; a noncausal "
@@ -358,7 +399,10 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         else:
             out, weights = self._attend_whole(q, k, v, summary, buffer, static_kv, key_padding_mask, attn_mask,
                                               src_len, need_weights)
-        if buffer is not None:
+        if memory is not None:
+            for name, tensor in list(memory.items()):
+                memory[name] = None if tensor is None else tensor.detach()
+        elif buffer is not None:
             self._set_input_buffer(incremental_state, buffer)
         if recorder is not None:
             self._record(recorder, weights)

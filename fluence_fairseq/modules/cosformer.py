@@ -72,6 +72,10 @@ class CosformerAttention(FluenceAttention):
 
     supported_patterns = ALL_PATTERNS
     constant_state = True  # causal decoding keeps sum phi(k) v^T, sum phi(k) and the step count
+    supports_memory = False
+    memory_refusal = ("its causal re-weighting uses a fixed M = cosformer_max_len and positions from the start of "
+                      "the stream, so a stream longer than M cannot be scored (silently wrapping the positions would "
+                      "change the method).")
     forms_weights = False
     supports_attn_mask = False
 
