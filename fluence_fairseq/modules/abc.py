@@ -62,6 +62,7 @@ class ABCAttention(FluenceAttention):
     """
 
     decoding_state = "r x d numerators, r denominators and a running max"
+    position_scheme = "state"  # causal: the recurrent state carries the order
 
     supports_attn_mask = False
     constant_state = True  # causal decoding keeps r memory slots

@@ -293,7 +293,7 @@ class AdaptiveSpanAttention(FluenceAttention):
         saturated = span.ratios().min().item() * span.attn_span > farthest  # strictly: m = 1 with no gradient
         return band_attention(
             q, k, v, query_offset=query_offset, left=reach, right=0 if self.causal else reach,
-            rel_bias=None if saturated else span.log_mask,
+            rel_bias=self.relative_bias(None if saturated else span.log_mask),
             key_padding_mask=key_padding_mask, attn_mask=attn_mask,
             dropout_p=self.dropout_module.p if self.training else 0.0,
             need_weights=need_weights, block_size=self.block_size,

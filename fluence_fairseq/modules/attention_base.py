@@ -56,11 +56,12 @@ class UnsupportedPatternError(AssertionError):
     """Raised when an attention is built for a pattern its math does not support."""
 
 
-def registered_attentions(capability: str) -> str:
-    """The registered attentions whose class has ``capability`` set, for error messages ("softmax, local, ...")."""
+def registered_attentions(capability: str, value=True) -> str:
+    """The registered attentions whose class has ``capability`` equal to ``value``, for error messages ("softmax,
+    local, ...")."""
     from .registry import ATTENTIONS  # the registry imports this module
 
-    return ", ".join(name for name, spec in ATTENTIONS.items() if getattr(spec.cls, capability))
+    return ", ".join(name for name, spec in ATTENTIONS.items() if getattr(spec.cls, capability) == value)
 
 
 def describe_patterns(patterns) -> str:
@@ -109,6 +110,10 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     memory_refusal: str = ""
     #: keys and values kept from earlier segments by an otherwise unbounded cache (:meth:`set_mem_len`)
     mem_len: Optional[int] = None
+    #: how the attention knows token order without absolute positions (for memory over a stream): "alibi" where
+    #: its math takes a relative bias (:meth:`set_alibi`), "state" where a recurrent state carries the order,
+    #: "cos re-weighting" (cosFormer), "none" where it takes no relative bias
+    position_scheme: str = "alibi"
 
     def __init__(
         self,
@@ -224,6 +229,31 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
             raise ValueError(f"mem_len must be a positive integer (keys kept from earlier segments) or None, "
                              f"got {mem_len!r}")
         self.mem_len = mem_len
+
+    def set_alibi(self, enabled: bool = True) -> None:
+        """Add ALiBi (Press et al. 2022) to the scores: ``-slope_h * distance``, slopes ``2^(-8 (h+1) / H)``. A
+        relative position bias that survives memory (a key's bias depends on its distance from the query, not on
+        where the segment starts), for models without absolute position embeddings."""
+        if enabled and self.position_scheme != "alibi":
+            raise ValueError(f"{type(self).__name__} takes no relative position bias (its position scheme: "
+                             f"{self.position_scheme}); ALiBi is for {registered_attentions('position_scheme', 'alibi')}")
+        slopes = None
+        if enabled:
+            slopes = torch.pow(2.0, -8.0 * torch.arange(1, self.num_heads + 1, dtype=torch.float32) / self.num_heads)
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
+
+    def relative_bias(self, other=None):
+        """The relative bias ``rel -> (H, *rel.shape)`` of query-minus-key offsets this attention adds to its
+        scores: ALiBi if set, plus ``other`` (e.g. adaptive span's log-mask); None when there is none."""
+        slopes = getattr(self, "alibi_slopes", None)
+        if slopes is None:
+            return other
+
+        def bias(rel: Tensor) -> Tensor:
+            alibi = -slopes.view(-1, *([1] * rel.dim())) * rel.abs().to(slopes.dtype)
+            return alibi if other is None else alibi + other(rel)
+
+        return bias
 
     def _check_memory(self, incremental_state, attn_mask) -> None:
         name = type(self).__name__

@@ -69,6 +69,7 @@ class CosformerAttention(FluenceAttention):
     """
 
     decoding_state = "sum phi(k) v^T (2d x d), sum phi(k) (2d) and the position"
+    position_scheme = "cos re-weighting"  # its own position re-weighting
 
     supported_patterns = ALL_PATTERNS
     constant_state = True  # causal decoding keeps sum phi(k) v^T, sum phi(k) and the step count

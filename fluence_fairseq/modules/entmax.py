@@ -106,6 +106,9 @@ class EntmaxAttentionBase(FluenceAttention):
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
         tgt_len, src_len = q.size(2), k.size(2)
         scores = torch.matmul(q * (q.size(-1) ** -0.5), k.transpose(-1, -2))
+        bias = self.relative_bias()
+        if bias is not None:
+            scores = scores + bias(relative_positions(tgt_len, src_len, query_offset, q.device)).to(scores.dtype)
         masked = None
         if self.causal:
             future = relative_positions(tgt_len, src_len, query_offset, q.device) < 0

@@ -11,6 +11,7 @@ class LandmarkAttention(FluenceAttention):
     decoding."""
 
     decoding_state = "none (noncausal self only)"
+    position_scheme = "none"  # noncausal only
     supported_patterns = frozenset({(False, False)})
     supports_attn_mask = False
 

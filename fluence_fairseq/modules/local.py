@@ -74,7 +74,7 @@ class LocalAttention(FluenceAttention):
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
         left, right = self.band()
         return band_attention(
-            q, k, v, query_offset=query_offset, left=left, right=right,
+            q, k, v, query_offset=query_offset, left=left, right=right, rel_bias=self.relative_bias(),
             key_padding_mask=key_padding_mask, attn_mask=attn_mask,
             dropout_p=self.dropout_module.p if self.training else 0.0, need_weights=need_weights,
         )

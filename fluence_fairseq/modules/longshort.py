@@ -72,6 +72,7 @@ class LongShortAttention(FluenceAttention):
     """
 
     decoding_state = "the last w keys/values, the compressed chunks and the current chunk"
+    position_scheme = "none"  # takes no relative bias; causality alone orders the window
 
     forms_weights = False
     supported_patterns = frozenset({(False, False), (False, True)})

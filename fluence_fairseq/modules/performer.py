@@ -115,6 +115,7 @@ class PerformerAttention(FluenceAttention):
     """
 
     decoding_state = "sum phi(k) v^T (m x d), sum phi(k) (m) and a running max"
+    position_scheme = "state"  # causal: the prefix sums carry the order
 
     constant_state = True  # causal decoding keeps sum phi(k) v^T and sum phi(k)
     forms_weights = False

@@ -68,6 +68,7 @@ class ProbSparseAttention(FluenceAttention):
     """
 
     decoding_state = "cross: keys, values, the key sample and the value mean"
+    position_scheme = "none"  # noncausal only
 
     supported_patterns = frozenset({(False, False), (True, False)})
     #: cross decoding selects the top queries among each call's queries, so step-by-step decoding equals the

@@ -68,6 +68,7 @@ class S4DAttention(FluenceAttention):
     """
 
     decoding_state = "the complex mode state (channels x N/2)"
+    position_scheme = "state"  # the convolution/recurrence carries the order
 
     constant_state = True  # causal decoding keeps N/2 complex modes per channel
     forms_weights = False

@@ -26,7 +26,7 @@ class SoftmaxAttention(FluenceAttention):
 
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
         return band_attention(
-            q, k, v, query_offset=query_offset, right=0 if self.causal else None,
+            q, k, v, query_offset=query_offset, right=0 if self.causal else None, rel_bias=self.relative_bias(),
             key_padding_mask=key_padding_mask, attn_mask=attn_mask,
             dropout_p=self.dropout_module.p if self.training else 0.0, need_weights=need_weights,
         )
@@ -51,7 +51,7 @@ class SoftmaxAttention(FluenceAttention):
         mask = self.global_mask
         block = mask.block
         short = tgt_len <= block or src_len <= block  # one block (or a decoding step): the masked path is cheaper
-        if (short or attn_mask is not None or starts is None or bool((starts != starts[0]).any())
+        if (short or attn_mask is not None or starts is None or self.relative_bias() is not None or bool((starts != starts[0]).any())
                 or bool((shift < 0).any())):
             return super().attend_pruned(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
                                          query_offset=query_offset, query_start=query_start, key_start=key_start,

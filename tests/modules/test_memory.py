@@ -105,3 +105,32 @@ def test_attentions_that_cannot_stream_or_take_no_memory_say_why():
         noncausal(torch.randn(4, 1, E), memory={})
     with pytest.raises(ValueError, match="either memory .* or incremental_state"):
         _build("softmax")(torch.randn(4, 1, E), memory={}, incremental_state={})
+
+
+ALIBI = [n for n in STREAMING if ATTENTIONS[n].cls.position_scheme == "alibi"]
+
+
+def test_alibi_is_offered_where_the_math_takes_a_relative_bias():
+    assert {"softmax", "adaptive_span", "local", "sparsemax", "entmax15", "alpha_entmax"} <= set(ALIBI)
+    assert ATTENTIONS["performer"].cls.position_scheme == "state"
+    with pytest.raises(ValueError, match="takes no relative position bias.*ALiBi is for .*softmax"):
+        _build("performer").set_alibi()
+
+
+@pytest.mark.parametrize("name", ALIBI)
+def test_alibi_survives_memory_and_penalises_distance(name):
+    """With ALiBi the bias of a key depends on its distance to the query only, so segments with memory still equal
+    one pass; and it is the documented bias: -slope_h * |i - j| added to the scores."""
+    attn = _build(name)
+    attn.set_alibi()
+    x = _randn(24, B, E, seed=6)
+    full = attn(x, need_weights=False)[0]
+    torch.testing.assert_close(_segments(attn, x, [9, 15])[0], full, atol=1e-5, rtol=0)
+    plain = _build(name)
+    assert not torch.allclose(plain(x, need_weights=False)[0], full, atol=1e-3)
+    if name == "softmax":  # against the explicit formula, through an additive attn_mask on the plain attention
+        rel = torch.arange(24).view(-1, 1) - torch.arange(24)
+        slopes = attn.alibi_slopes.view(-1, 1, 1)
+        bias = (-slopes * rel.abs()).masked_fill(rel < 0, float("-inf"))  # (H, L, L)
+        want = plain(x, attn_mask=bias.repeat(B, 1, 1), need_weights=False)[0]
+        torch.testing.assert_close(full, want, atol=1e-5, rtol=0)
