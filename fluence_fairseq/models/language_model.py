@@ -16,6 +16,7 @@ from ..layerdrop import normalize_layers_to_keep_args, prune_for_load
 from ..pruning.flags import add_pruning_args, apply_attention_pruning
 from .attention_args import DECODER_SELF, add_attention_args, fill_attention_defaults
 from .layers import FluenceTransformerDecoder
+from .memory_args import add_memory_args, apply_memory_args
 
 
 @register_model("fluence_transformer_lm")
@@ -42,6 +43,7 @@ class FluenceTransformerLanguageModel(TransformerLanguageModel):
         gen_parser_from_dataclass(parser, TransformerLanguageModelConfig(), delete_default=True)
         add_attention_args(parser, cls.ATTENTION_ROLES, "fluence_transformer_lm")
         add_pruning_args(parser)
+        add_memory_args(parser)
 
     @classmethod
     def build_model(cls, args, task):
@@ -65,6 +67,7 @@ class FluenceTransformerLanguageModel(TransformerLanguageModel):
         model = cls(decoder)
         model.build_args = args  # the keep list to prune with when load_state_dict gets no config
         apply_attention_pruning(model, args)
+        apply_memory_args(model, args)
         return model
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):

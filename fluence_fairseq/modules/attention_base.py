@@ -110,6 +110,9 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     memory_refusal: str = ""
     #: keys and values kept from earlier segments by an otherwise unbounded cache (:meth:`set_mem_len`)
     mem_len: Optional[int] = None
+    #: the memory a forward without ``memory=`` and ``incremental_state`` uses (see
+    #: :class:`fluence_fairseq.models.stream_memory.StreamMemory`, which sets it around a model's forward)
+    active_memory: Optional[Dict[str, Optional[Tensor]]] = None
     #: how the attention knows token order without absolute positions (for memory over a stream): "alibi" where
     #: its math takes a relative bias (:meth:`set_alibi`), "state" where a recurrent state carries the order,
     #: "cos re-weighting" (cosFormer), "none" where it takes no relative bias
@@ -403,6 +406,8 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         tgt_len, bsz, _ = query.shape
 
         buffer = None
+        if memory is None and incremental_state is None:
+            memory = self.active_memory  # set by StreamMemory.attached() around a model's forward
         if memory is not None:
             self._check_memory(incremental_state, attn_mask)
             buffer = memory
