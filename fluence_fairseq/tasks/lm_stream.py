@@ -26,7 +26,7 @@ The name is not fairseq's ``truncated_bptt_lm`` example task, which it does not 
 ``language_modeling`` task's.
 """
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
@@ -89,7 +89,9 @@ class StreamSegments(FairseqDataset):
 
 @dataclass
 class StreamLanguageModelingConfig(LanguageModelingConfig):
-    pass
+    stream_without_memory: bool = field(default=False, metadata={
+        "help": "read the stream segment by segment but forget every segment before the next (the baseline of "
+                "the same data without memory)"})
 
 
 class StreamLanguageModelingTask(LanguageModelingTask):
@@ -145,7 +147,7 @@ class StreamLanguageModelingTask(LanguageModelingTask):
         if not sample or "segment" not in sample:
             return None
         memory = self.memories.setdefault(sample["split"], StreamMemory())
-        if sample["segment"] == 0:
+        if sample["segment"] == 0 or self.args.stream_without_memory:
             memory.reset()
         memory.fit_rows(sample["net_input"]["src_tokens"].size(0))
         return memory
@@ -191,7 +193,7 @@ class _ScoredWithMemory:
             stack = []
             for index, model in enumerate(self.task.models):
                 memory = memories.setdefault(index, StreamMemory())
-                if sample["segment"] == 0:
+                if sample["segment"] == 0 or self.task.args.stream_without_memory:
                     memory.reset()
                 stack.append(memory.attached(model))
             for context in stack:

@@ -141,3 +141,14 @@ def test_two_ranks_train_on_their_streams_and_stay_identical(lm_bin, tmp_path):
         torch.testing.assert_close(states[0]["final"][key], states[1]["final"][key], atol=0, rtol=0)
     assert any(not torch.equal(states[0]["init"][k], states[0]["final"][k]) for k in states[0]["init"])
     assert states[0]["num_updates"] == states[1]["num_updates"] == 4
+
+
+def test_without_memory_every_segment_starts_afresh(lm_bin, stream_checkpoint):
+    task, model = _task_and_model(lm_bin, stream_checkpoint[0])
+    task.args.stream_without_memory = True
+    task.load_dataset("valid")
+    batches = list(task.get_batch_iterator(task.dataset("valid"), max_sentences=1).next_epoch_itr(shuffle=False))
+    memory = task.memory(batches[0])
+    with memory.attached(model), torch.no_grad():
+        model(**batches[0]["net_input"])
+    assert memory.states and not task.memory(batches[1]).states

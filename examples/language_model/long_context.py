@@ -1,0 +1,184 @@
+"""Long-context character LM on the bundled Shakespeare: every causal attention with and without memory.
+
+    PATH="$PWD/.venv/bin:$PATH" python examples/language_model/long_context.py            # hours on 2 cores
+    PATH="$PWD/.venv/bin:$PATH" python examples/language_model/long_context.py --max-update 20 \\
+        --rows softmax softmax_mem adaptive_span_mem --eval-subset valid                  # smoke run
+
+Every row trains the same model (``--layers`` layers of width ``--dim``, 4 heads, no absolute positions, ALiBi
+where the attention takes a relative bias) for the same ``--max-update`` updates of ``--batch-size`` streams x
+``--segment`` characters with ``--task fluence_lm_stream``, then scores the test stream with ``fairseq-eval-lm``
+(one stream, batch 1: every character but the first is scored):
+
+* ``<attention>`` rows train and score without memory (``--mem-len``-free softmax sees only its segment; the
+  memory of every segment is dropped by resetting it, i.e. ``--segment``-character contexts);
+* ``<attention>_mem`` rows carry memory: softmax ``--mem-len``, adaptive span with ``--attn-span``, local
+  attention its window, ABC/Performer/S4D/LongShort their recurrent state.
+
+Per row: test bits per character, training characters per second (fairseq's ``wps``), peak resident memory of
+training, mean and max learned span (adaptive span), and the validation bpc against training time (a plot). The
+table goes to ``WORK/long_context/results.md`` (or ``--out``); ``fluence-plot spans`` draws the spans per head.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+
+#: row -> (attention, memory?, extra training flags)
+ROWS = {
+    "softmax": ("softmax", False, []),
+    "softmax_mem": ("softmax", True, ["--mem-len", "{mem_len}"]),
+    "adaptive_span_mem": ("adaptive_span", True, ["--attn-span", "{attn_span}", "--adapt-span-init", "0.02",
+                                                  "--adapt-span-ramp", "32", "--adapt-span-loss-coeff", "2e-6",
+                                                  "--criterion", "adaptive_span_cross_entropy"]),
+    "local": ("local", False, ["--wsize", "{wsize}"]),
+    "local_mem": ("local", True, ["--wsize", "{wsize}"]),
+    "abc": ("abc", False, []),
+    "abc_mem": ("abc", True, []),
+    "performer": ("performer", False, []),
+    "performer_mem": ("performer", True, []),
+    "s4d": ("s4d", False, []),
+    "s4d_mem": ("s4d", True, []),
+    "longshort": ("longshort", False, []),
+    "longshort_mem": ("longshort", True, []),
+}
+
+
+def run_measured(cmd, log_path):
+    """Run ``cmd`` with its output in ``log_path``; return (wall seconds, peak RSS in MB of that process)."""
+    start = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd[0]} failed (see {log_path}):\n{Path(log_path).read_text()[-3000:]}")
+    return time.time() - start, usage.ru_maxrss / 1024.0
+
+
+def prepare(args, work: Path) -> Path:
+    binary = work / "bin"
+    if (binary / "test.bin").exists():
+        return binary
+    subprocess.run([sys.executable, str(HERE / "prepare.py"), "--data", str(HERE / "data"), "--work", str(work)],
+                   check=True)
+    subprocess.run(["fairseq-preprocess", "--only-source", "--trainpref", work / "chars/train.txt", "--validpref",
+                    work / "chars/valid.txt", "--testpref", work / "chars/test.txt", "--destdir", binary,
+                    "--workers", "2"], check=True, capture_output=True)
+    return binary
+
+
+def train_command(args, binary, save_dir, attention, memory, extra):
+    fill = {"mem_len": args.mem_len, "attn_span": args.attn_span, "wsize": args.wsize}
+    extra = [str(e).format(**fill) for e in extra]
+    if "--criterion" not in extra:
+        extra += ["--criterion", "cross_entropy"]
+    cmd = ["fairseq-train", binary, "--user-dir", "fluence_fairseq", "--task", "fluence_lm_stream",
+           "--arch", "fluence_transformer_lm", "--decoder-self-attention", attention,
+           "--decoder-layers", args.layers, "--decoder-embed-dim", args.dim, "--decoder-ffn-embed-dim", 4 * args.dim,
+           "--decoder-attention-heads", 4, "--share-decoder-input-output-embed",
+           "--no-token-positional-embeddings", "--attn-position-bias", "alibi",
+           "--tokens-per-sample", args.segment, "--batch-size", args.batch_size,
+           "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", args.lr, "--lr-scheduler", "inverse_sqrt",
+           "--warmup-updates", args.warmup, "--dropout", "0.0", "--max-update", args.max_update,
+           "--cpu", "--num-workers", "0", "--seed", args.seed, "--save-dir", save_dir, "--no-epoch-checkpoints",
+           "--validate-interval-updates", args.validate_every, "--log-format", "simple", "--log-interval", 50,
+           *extra]
+    if not memory:
+        cmd += ["--stream-without-memory"]
+    if attention in ("softmax",) and "--mem-len" not in extra:
+        cmd += ["--mem-len", args.segment]  # bounded cache; without memory nothing is carried anyway
+    return cmd
+
+
+def parse_log(text):
+    wps = [float(m) for m in re.findall(r"\| wps ([0-9.]+) \|", text)]
+    valid = [(float(t), float(l)) for l, t in re.findall(r"valid on 'valid' subset \| loss ([0-9.]+).*?wall ([0-9.]+)",
+                                                          text)]
+    spans = re.findall(r"span_avg ([0-9.]+) \| span_loss [0-9.e-]+ \| span_max ([0-9.]+)", text)
+    return {"wps": wps[-1] if wps else None, "valid_curve": valid,
+            "span_avg": float(spans[-1][0]) if spans else None, "span_max": float(spans[-1][1]) if spans else None}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--work", default=str(HERE / "work"))
+    p.add_argument("--out", default=None)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--segment", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-update", type=int, default=4000)
+    p.add_argument("--validate-every", type=int, default=500)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--mem-len", type=int, default=2048)
+    p.add_argument("--attn-span", type=int, default=4096)
+    p.add_argument("--wsize", type=int, default=64)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--eval-subset", default="test")
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    out_dir = work / "long_context"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    binary = prepare(args, work)
+    results = {}
+    for row in args.rows:
+        attention, memory, extra = ROWS[row]
+        run_dir = out_dir / row
+        run_dir.mkdir(exist_ok=True)
+        seconds, rss = run_measured(train_command(args, binary, run_dir, attention, memory, extra),
+                                    run_dir / "train.log")
+        log = (run_dir / "train.log").read_text()
+        evaluation = ["fairseq-eval-lm", binary, "--user-dir", "fluence_fairseq", "--task", "fluence_lm_stream",
+                      "--path", run_dir / "checkpoint_last.pt", "--gen-subset", args.eval_subset, "--batch-size", 1,
+                      "--tokens-per-sample", args.segment, "--cpu", "--num-workers", 0]
+        if not memory:
+            evaluation += ["--stream-without-memory"]
+        eval_seconds, _ = run_measured(evaluation, run_dir / "eval.log")
+        bpc = float(re.search(r"Loss \(base 2\): ([0-9.]+)", (run_dir / "eval.log").read_text()).group(1))
+        results[row] = {"attention": attention, "memory": memory, "test_bpc": bpc, "train_seconds": seconds,
+                        "peak_rss_mb": rss, "eval_seconds": eval_seconds, **parse_log(log)}
+        print(f"{row}: {bpc:.3f} bpc, {seconds:.0f} s, {results[row]['wps']} chars/s", flush=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    lines = [f"Character LM, {args.layers} layers x {args.dim}, segments of {args.segment} characters x "
+             f"{args.batch_size} streams, {args.max_update} updates, seed {args.seed}; test stream scored with "
+             f"`fairseq-eval-lm --task fluence_lm_stream --batch-size 1`.", "",
+             "| row | memory | test bpc | train chars/s | train s | peak RSS MB | span avg / max |",
+             "|---|---|---|---|---|---|---|"]
+    for row, r in results.items():
+        spans = f"{r['span_avg']} / {r['span_max']}" if r["span_avg"] is not None else "-"
+        lines.append(f"| {row} | {'yes' if r['memory'] else 'no'} | {r['test_bpc']:.3f} | {r['wps']} | "
+                     f"{r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} | {spans} |")
+    target = Path(args.out) if args.out else out_dir / "results.md"
+    target.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for row, r in results.items():
+            if r["valid_curve"]:
+                xs, ys = zip(*r["valid_curve"])
+                ax.plot(xs, [y for y in ys], marker="o", label=row)
+        ax.set_xlabel("training wall time (s)")
+        ax.set_ylabel("validation bits per character")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "bpc_vs_time.png", dpi=120)
+    except ImportError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
