@@ -14,7 +14,7 @@ from ..models.attention_args import add_attention_args
 from ..models.encoder_decoder import FluenceTransformerModel
 from ..models.hex_classifier import HexClassifierModel
 from ..models.language_model import FluenceTransformerLanguageModel
-from ..modules.attention_base import ALL_PATTERNS, PATTERNS
+from ..modules.attention_base import ALL_PATTERNS, PATTERNS, FluenceAttention
 from ..modules.registry import ATTENTIONS
 from ..pruning.flags import add_pruning_args
 
@@ -67,18 +67,29 @@ def _mark(supported: bool) -> str:
     return "✓" if supported else "—"
 
 
+def _memory(cls) -> str:
+    if (False, True) not in cls.supported_patterns:
+        return "—"
+    if not cls.supports_memory:
+        return "refused"
+    unbounded = (cls.attend_incremental is FluenceAttention.attend_incremental
+                 and cls.max_cached_keys is FluenceAttention.max_cached_keys)
+    return "✓ (bounded by `--mem-len`)" if unbounded else "✓ (its decoding state)"
+
+
 def support_matrix() -> str:
     """Which patterns, masks, weights and decoding state every registered attention has, from what it declares."""
     order = sorted(ALL_PATTERNS)
     header = ["attention", "classes", *(PATTERNS[p] for p in order), "`attn_mask` / pruning", "weights",
-              "decoding state (batch on dim 0)"]
+              "decoding state (batch on dim 0)", "memory over a stream", "positions with memory"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, spec in ATTENTIONS.items():
         cls = spec.cls
         state = cls.decoding_state + (" (constant size)" if cls.constant_state else "")
         cells = [f"`{name}` ({spec.family})", f"`{cls.__mro__[1].__name__}`, `{cls.__name__}`",
                  *(_mark(p in cls.supported_patterns) for p in order), _mark(cls.supports_attn_mask),
-                 "sparse" if cls.sparse_weights else _mark(cls.forms_weights), state]
+                 "sparse" if cls.sparse_weights else _mark(cls.forms_weights), state, _memory(cls),
+                 cls.position_scheme if (False, True) in cls.supported_patterns else "—"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -102,7 +113,10 @@ def reference_markdown() -> str:
         "✓ supported; — not defined for the method (building it raises `UnsupportedPatternError` naming the "
         "supported patterns). `attn_mask` / pruning: an arbitrary `attn_mask` and the global masks of attention "
         "pruning are applied (— : refused with a clear error; the standard future mask of a causal self attention "
-        "is always accepted). Weights: `need_weights` returns attention probabilities (sparse: with exact zeros).",
+        "is always accepted). Weights: `need_weights` returns attention probabilities (sparse: with exact zeros). "
+        "Memory over a stream: what a causal self attention carries from one segment to the next with "
+        "`--task fluence_lm_stream` (see long_context.md); positions with memory: `alibi` "
+        "(`--attn-position-bias alibi`), `state` (a recurrent state carries the order), or what the method has.",
         support_matrix(),
         "## Architectures (`--arch`)",
         "Every attention also has `transformer_<name>_tiny` (and `transformer_lm_<name>_tiny`) test sizes, "
