@@ -20,15 +20,16 @@ table goes to ``WORK/long_context/results.md`` (or ``--out``); ``fluence-plot sp
 """
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent))
+
+from measure import run_measured  # noqa: E402
 
 #: row -> (attention, memory?, extra training flags)
 ROWS = {
@@ -49,16 +50,6 @@ ROWS = {
     "longshort_mem": ("longshort", True, []),
 }
 
-
-def run_measured(cmd, log_path):
-    """Run ``cmd`` with its output in ``log_path``; return (wall seconds, peak RSS in MB of that process)."""
-    start = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{cmd[0]} failed (see {log_path}):\n{Path(log_path).read_text()[-3000:]}")
-    return time.time() - start, usage.ru_maxrss / 1024.0
 
 
 def prepare(args, work: Path) -> Path:

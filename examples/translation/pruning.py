@@ -28,7 +28,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -38,21 +37,13 @@ sys.path.insert(0, str(HERE))
 
 from compare import training_seconds, translate_and_score, write_markdown  # noqa: E402
 
+sys.path.insert(0, str(HERE.parent))
+from measure import run_measured  # noqa: E402
+
 #: name -> (tau or None, random)
 VARIANTS = {"unpruned": (None, False), "ap50": (50, False), "ap90": (90, False), "random90": (90, True)}
 TYPES = ("self-enc", "self-dec", "enc-dec")
 
-
-def run_measured(cmd, log_path):
-    """Run ``cmd`` with its output in ``log_path``; return (wall seconds, peak RSS in MB of that process)."""
-    start = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        tail = Path(log_path).read_text()[-3000:]
-        raise SystemExit(f"{cmd[0]} failed (see {log_path}):\n{tail}")
-    return time.time() - start, usage.ru_maxrss / 1024.0  # ru_maxrss is in KiB on Linux
 
 
 def train_command(args, binary, save_dir, max_update, extra):

@@ -31,6 +31,20 @@ def _neg(dtype):
     return torch.finfo(dtype).min
 
 
+def _outside(rel: Tensor, left: Optional[int], right: Optional[int],
+             key_padding_mask: Optional[Tensor]) -> Tensor:
+    """bool (B or 1, 1, Lq, Lk): keys outside the band ``-right <= p - j <= left`` (None = unbounded) or padded."""
+    outside = torch.zeros_like(rel, dtype=torch.bool)
+    if left is not None:
+        outside |= rel > left
+    if right is not None:
+        outside |= rel < -right
+    outside = outside.view(1, 1, *rel.shape)
+    if key_padding_mask is not None:
+        outside = outside | key_padding_mask.view(-1, 1, 1, rel.size(1))
+    return outside
+
+
 def dense_attention(
     q: Tensor,
     k: Tensor,
@@ -53,15 +67,7 @@ def dense_attention(
         scores = scores + rel_bias(rel).to(scores.dtype)
     if attn_mask is not None:
         scores = scores + attn_mask
-    disallowed = torch.zeros_like(rel, dtype=torch.bool)
-    if left is not None:
-        disallowed |= rel > left
-    if right is not None:
-        disallowed |= rel < -right
-    disallowed = disallowed.view(1, 1, tgt_len, src_len)
-    if key_padding_mask is not None:
-        disallowed = disallowed | key_padding_mask.view(-1, 1, 1, src_len)
-    scores = scores.masked_fill(disallowed, _neg(scores.dtype))
+    scores = scores.masked_fill(_outside(rel, left, right, key_padding_mask), _neg(scores.dtype))
     probs = torch.softmax(scores, dim=-1, dtype=_acc(q.dtype)).to(q.dtype)
     dropped = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
     return torch.matmul(dropped, v), (probs if need_weights else None)
@@ -101,15 +107,8 @@ def band_weights(
             scores += rel_bias(rel).to(dtype)
         if attn_mask is not None:
             scores += attn_mask[..., i0:i1, k0:k1].to(dtype) if attn_mask.size(-2) > 1 else attn_mask[..., k0:k1]
-        disallowed = torch.zeros_like(rel, dtype=torch.bool)
-        if left is not None:
-            disallowed |= rel > left
-        if right is not None:
-            disallowed |= rel < -right
-        disallowed = disallowed.view(1, 1, i1 - i0, k1 - k0)
-        if key_padding_mask is not None:
-            disallowed = disallowed | key_padding_mask[:, k0:k1].view(-1, 1, 1, k1 - k0)
-        scores.masked_fill_(disallowed, _neg(dtype))
+        padding = None if key_padding_mask is None else key_padding_mask[:, k0:k1]
+        scores.masked_fill_(_outside(rel, left, right, padding), _neg(dtype))
         weights[:, :, i0:i1, k0:k1] = torch.softmax(scores, dim=-1).to(q.dtype)
     return weights
 
