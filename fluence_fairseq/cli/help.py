@@ -14,6 +14,7 @@ from ..models.attention_args import add_attention_args
 from ..models.encoder_decoder import FluenceTransformerModel
 from ..models.hex_classifier import HexClassifierModel
 from ..models.language_model import FluenceTransformerLanguageModel
+from ..models.memory_args import add_memory_args
 from ..modules.attention_base import ALL_PATTERNS, PATTERNS, FluenceAttention
 from ..modules.registry import ATTENTIONS
 from ..pruning.flags import add_pruning_args
@@ -21,6 +22,7 @@ from ..pruning.flags import add_pruning_args
 ATTENTION_GROUP = "attention flags"
 PRUNING_GROUP = "attention pruning flags"
 HEX_GROUP = "hex_classifier flags"
+MEMORY_GROUP = "language model memory flags"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_attention_args(group, model.ATTENTION_ROLES, name)  # flags already added are skipped
     add_pruning_args(parser.add_argument_group(
         PRUNING_GROUP, "every fluence architecture; pattern files from fluence-attn-score"))
+    add_memory_args(parser.add_argument_group(
+        MEMORY_GROUP, "fluence_transformer_lm and transformer_lm_*, for --task fluence_lm_stream"))
     HexClassifierModel.add_args(parser.add_argument_group(
         HEX_GROUP, "--arch hex_classifier*, --task sentence_prediction"))
     return parser
@@ -128,6 +132,9 @@ def reference_markdown() -> str:
         flags_table(parser, ATTENTION_GROUP),
         "## Attention pruning flags",
         flags_table(parser, PRUNING_GROUP),
+        "## Language model memory flags",
+        "With `--task fluence_lm_stream` (see long_context.md), which adds `--stream-without-memory`.",
+        flags_table(parser, MEMORY_GROUP),
         "## hex_classifier flags",
         flags_table(parser, HEX_GROUP),
     ]) + "\n"
