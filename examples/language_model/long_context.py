@@ -22,6 +22,7 @@ import argparse
 import json
 import re
 import subprocess
+from datetime import datetime
 import sys
 from pathlib import Path
 
@@ -89,11 +90,16 @@ def train_command(args, binary, save_dir, attention, memory, extra):
 
 def parse_log(text):
     wps = [float(m) for m in re.findall(r"\| wps ([0-9.]+) \|", text)]
-    valid = [(float(t), float(l)) for l, t in re.findall(r"valid on 'valid' subset \| loss ([0-9.]+).*?wall ([0-9.]+)",
-                                                          text)]
-    spans = re.findall(r"span_avg ([0-9.]+) \| span_loss [0-9.e-]+ \| span_max ([0-9.]+)", text)
+    stamps = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) .*?valid on 'valid' subset \| loss ([0-9.]+)", text, re.M)
+    first = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", text, re.M)
+    start = datetime.strptime(first.group(1), "%Y-%m-%d %H:%M:%S") if first else None
+    valid = [((datetime.strptime(t, "%Y-%m-%d %H:%M:%S") - start).total_seconds(), float(loss))
+             for t, loss in stamps]  # (seconds since the log began, validation bits per character)
+    span_avg = re.findall(r"\| train \|.*?span_avg ([0-9.]+)", text)
+    span_max = re.findall(r"\| train \|.*?span_max ([0-9.]+)", text)
     return {"wps": wps[-1] if wps else None, "valid_curve": valid,
-            "span_avg": float(spans[-1][0]) if spans else None, "span_max": float(spans[-1][1]) if spans else None}
+            "span_avg": float(span_avg[-1]) if span_avg else None,
+            "span_max": float(span_max[-1]) if span_max else None}
 
 
 def main(argv=None) -> int:
@@ -114,6 +120,9 @@ def main(argv=None) -> int:
     p.add_argument("--wsize", type=int, default=64)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--eval-subset", default="test")
+    p.add_argument("--eval-batch-size", type=int, default=1,
+                   help="streams scored in parallel (1: every character but the first; B: faster, leaves out the "
+                        "first character of each row and the last < B)")
     args = p.parse_args(argv)
     work = Path(args.work)
     out_dir = work / "long_context"
@@ -128,7 +137,8 @@ def main(argv=None) -> int:
                                     run_dir / "train.log")
         log = (run_dir / "train.log").read_text()
         evaluation = ["fairseq-eval-lm", binary, "--user-dir", "fluence_fairseq", "--task", "fluence_lm_stream",
-                      "--path", run_dir / "checkpoint_last.pt", "--gen-subset", args.eval_subset, "--batch-size", 1,
+                      "--path", run_dir / "checkpoint_last.pt", "--gen-subset", args.eval_subset,
+                      "--batch-size", args.eval_batch_size,
                       "--tokens-per-sample", args.segment, "--cpu", "--num-workers", 0]
         if not memory:
             evaluation += ["--stream-without-memory"]
@@ -139,8 +149,8 @@ def main(argv=None) -> int:
         print(f"{row}: {bpc:.3f} bpc, {seconds:.0f} s, {results[row]['wps']} chars/s", flush=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     lines = [f"Character LM, {args.layers} layers x {args.dim}, segments of {args.segment} characters x "
-             f"{args.batch_size} streams, {args.max_update} updates, seed {args.seed}; test stream scored with "
-             f"`fairseq-eval-lm --task fluence_lm_stream --batch-size 1`.", "",
+             f"{args.batch_size} streams, {args.max_update} updates, seed {args.seed}; the {args.eval_subset} stream "
+             f"scored with `fairseq-eval-lm --task fluence_lm_stream --batch-size {args.eval_batch_size}`.", "",
              "| row | memory | test bpc | train chars/s | train s | peak RSS MB | span avg / max |",
              "|---|---|---|---|---|---|---|"]
     for row, r in results.items():
