@@ -587,10 +587,16 @@ def band_attention(
         if cut is not None:
             probs = F.pad(probs, (cut[0], cut[2] - cut[1]))
         return out, probs
-    if rel_bias is None and not left_active and (not right_active or right == 0):
+    if not left_active and (not right_active or right == 0):
         causal = right_active  # right == 0 here
-        return _sdpa(q, k, v, query_offset=query_offset, causal=causal, key_padding_mask=key_padding_mask,
-                     attn_mask=attn_mask, dropout_p=dropout_p), None
+        if rel_bias is None:
+            return _sdpa(q, k, v, query_offset=query_offset, causal=causal, key_padding_mask=key_padding_mask,
+                         attn_mask=attn_mask, dropout_p=dropout_p), None
+        bias = rel_bias(relative_positions(tgt_len, src_len, query_offset, q.device))
+        if not bias.requires_grad:  # a fixed bias over every key (ALiBi): one fused kernel with it as the mask
+            bias = bias.to(q.dtype).unsqueeze(0)
+            return _sdpa(q, k, v, query_offset=query_offset, causal=causal, key_padding_mask=key_padding_mask,
+                         attn_mask=bias if attn_mask is None else attn_mask + bias, dropout_p=dropout_p), None
     band_left = left if left_active else max(0, max_rel)
     band_right = right if right_active else max(0, -min_rel)
     span = band_left + band_right
