@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 SOURCES := setup.py $(shell find fluence_fairseq -name '*.py' 2>/dev/null)
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lm-demo docs bench bench-sparse bench-pruning bench-weights install clean
+.PHONY: demo test lm-demo docs bench bench-sparse bench-pruning bench-weights bench-memory install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench-pruning: $(STAMP)
 
 bench-weights: $(STAMP)
 	$(PY) -m benchmarks.need_weights --threads 1 | tee benchmarks/results/need_weights.md
+
+bench-memory: $(STAMP)
+	$(PY) -m benchmarks.memory --threads 1 | tee benchmarks/results/memory.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info
