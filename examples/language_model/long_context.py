@@ -102,6 +102,23 @@ def parse_log(text):
             "span_max": float(span_max[-1]) if span_max else None}
 
 
+def write_results(args, results, out_dir: Path) -> str:
+    """results.json and the Markdown table (rewritten after every row, so a long run shows what it has)."""
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    lines = [f"Character LM, {args.layers} layers x {args.dim}, segments of {args.segment} characters x "
+             f"{args.batch_size} streams, {args.max_update} updates, seed {args.seed}; the {args.eval_subset} stream "
+             f"scored with `fairseq-eval-lm --task fluence_lm_stream --batch-size {args.eval_batch_size}`.", "",
+             "| row | memory | test bpc | train chars/s | train s | peak RSS MB | span avg / max |",
+             "|---|---|---|---|---|---|---|"]
+    for row, r in results.items():
+        spans = f"{r['span_avg']} / {r['span_max']}" if r["span_avg"] is not None else "-"
+        lines.append(f"| {row} | {'yes' if r['memory'] else 'no'} | {r['test_bpc']:.3f} | {r['wps']} | "
+                     f"{r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} | {spans} |")
+    target = Path(args.out) if args.out else out_dir / "results.md"
+    target.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
@@ -147,19 +164,8 @@ def main(argv=None) -> int:
         results[row] = {"attention": attention, "memory": memory, "test_bpc": bpc, "train_seconds": seconds,
                         "peak_rss_mb": rss, "eval_seconds": eval_seconds, **parse_log(log)}
         print(f"{row}: {bpc:.3f} bpc, {seconds:.0f} s, {results[row]['wps']} chars/s", flush=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    lines = [f"Character LM, {args.layers} layers x {args.dim}, segments of {args.segment} characters x "
-             f"{args.batch_size} streams, {args.max_update} updates, seed {args.seed}; the {args.eval_subset} stream "
-             f"scored with `fairseq-eval-lm --task fluence_lm_stream --batch-size {args.eval_batch_size}`.", "",
-             "| row | memory | test bpc | train chars/s | train s | peak RSS MB | span avg / max |",
-             "|---|---|---|---|---|---|---|"]
-    for row, r in results.items():
-        spans = f"{r['span_avg']} / {r['span_max']}" if r["span_avg"] is not None else "-"
-        lines.append(f"| {row} | {'yes' if r['memory'] else 'no'} | {r['test_bpc']:.3f} | {r['wps']} | "
-                     f"{r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} | {spans} |")
-    target = Path(args.out) if args.out else out_dir / "results.md"
-    target.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        write_results(args, results, out_dir)
+    print(write_results(args, results, out_dir))
     try:
         import matplotlib
 
