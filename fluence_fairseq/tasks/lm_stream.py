@@ -127,8 +127,14 @@ class StreamLanguageModelingTask(LanguageModelingTask):
                            shard_id=0, num_workers=0, epoch=1, data_buffer_size=0, disable_iterator_cache=False,
                            skip_remainder_batch=False, grouped_shuffling=False, update_epoch_batch_itr=False):
         split = next((s for s, d in self.datasets.items() if d is dataset), None)
-        if split is None:
-            raise ValueError("fluence_lm_stream batches its own splits; load them with load_dataset()")
+        if split is None:  # a dataset of prompts (fairseq-interactive, the hub): batched like any LM's
+            return super().get_batch_iterator(
+                dataset, max_tokens=max_tokens, max_sentences=max_sentences, max_positions=max_positions,
+                ignore_invalid_inputs=ignore_invalid_inputs, required_batch_size_multiple=required_batch_size_multiple,
+                seed=seed, num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
+                data_buffer_size=data_buffer_size, disable_iterator_cache=disable_iterator_cache,
+                skip_remainder_batch=skip_remainder_batch, grouped_shuffling=grouped_shuffling,
+                update_epoch_batch_itr=update_epoch_batch_itr)
         if max_sentences is None:
             raise ValueError("fluence_lm_stream needs --batch-size (rows: parallel streams per rank); "
                              "--max-tokens alone cannot say how many")

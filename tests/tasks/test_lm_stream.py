@@ -152,3 +152,12 @@ def test_without_memory_every_segment_starts_afresh(lm_bin, stream_checkpoint):
     with memory.attached(model), torch.no_grad():
         model(**batches[0]["net_input"])
     assert memory.states and not task.memory(batches[1]).states
+
+
+def test_generation_continues_a_prompt_like_any_language_model(lm_bin, stream_checkpoint):
+    prompt = " ".join((lm_bin.parent / "raw_lm" / "valid.txt").read_text().split()[:3])
+    log = H.run_fairseq("interactive", [lm_bin, "--user-dir", "fluence_fairseq", "--task", "fluence_lm_stream",
+                                        "--path", stream_checkpoint[0], "--beam", "2", "--cpu", "--max-len-b", "8",
+                                        "--tokens-per-sample", "16"], input=prompt + "\n")
+    hypothesis = next(line for line in log.splitlines() if line.startswith("H-0"))
+    assert hypothesis.split("\t")[2].startswith(prompt) and len(hypothesis.split("\t")[2].split()) > 3
