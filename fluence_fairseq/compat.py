@@ -5,6 +5,9 @@
   exactly those globals, so weights-only protection stays on for everything else.
 * numpy 2 removed ``np.compat``; fairseq's ``TokenBlockDataset`` (LM ``--sample-break-mode eos``) and
   ``LanguagePairDataset`` (``--num-batch-buckets``) still read ``np.compat.long``.
+* numpy 2.4 removed ``np.percentile(interpolation=)``, which fairseq's ``get_buckets`` passes
+  (``--num-batch-buckets`` for translation, ``BucketPadLengthDataset``): we give it ``method=`` instead, the same
+  "lower" percentile. (``np.int`` in fairseq's wav2vec span masking is left alone: no text data path reaches it.)
 """
 import argparse
 import types
@@ -32,6 +35,20 @@ def _numpy_safe_globals():
 SAFE_GLOBALS = [argparse.Namespace] + _numpy_safe_globals()
 
 
+def bucket_boundaries(sizes, num_buckets):
+    """fairseq's ``data_utils.get_buckets``: the distinct lower percentiles splitting ``sizes`` into
+    ``num_buckets`` groups, without the ``interpolation=`` keyword numpy 2.4 removed."""
+    edges = np.percentile(sizes, np.linspace(0, 100, num_buckets + 1), method="lower")
+    return np.unique(edges[1:])
+
+
+def _patch_buckets():
+    from fairseq.data import bucket_pad_length_dataset, data_utils
+
+    for module in (data_utils, bucket_pad_length_dataset):
+        module.get_buckets = bucket_boundaries
+
+
 def install():
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals(SAFE_GLOBALS)
@@ -39,3 +56,4 @@ def install():
         np.compat = types.SimpleNamespace(long=int, unicode=str, basestring=str)
     elif not hasattr(np.compat, "long"):
         np.compat.long = int
+    _patch_buckets()

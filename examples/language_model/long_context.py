@@ -32,13 +32,14 @@ sys.path.insert(0, str(HERE.parent))
 
 from measure import run_measured  # noqa: E402
 
+ADAPTIVE_SPAN = ["--attn-span", "{attn_span}", "--adapt-span-init", "0.02", "--adapt-span-ramp", "32",
+                 "--adapt-span-loss-coeff", "2e-6", "--criterion", "adaptive_span_cross_entropy"]
 #: row -> (attention, memory?, extra training flags)
 ROWS = {
     "softmax": ("softmax", False, []),
     "softmax_mem": ("softmax", True, ["--mem-len", "{mem_len}"]),
-    "adaptive_span_mem": ("adaptive_span", True, ["--attn-span", "{attn_span}", "--adapt-span-init", "0.02",
-                                                  "--adapt-span-ramp", "32", "--adapt-span-loss-coeff", "2e-6",
-                                                  "--criterion", "adaptive_span_cross_entropy"]),
+    "adaptive_span": ("adaptive_span", False, ADAPTIVE_SPAN),
+    "adaptive_span_mem": ("adaptive_span", True, ADAPTIVE_SPAN),
     "local": ("local", False, ["--wsize", "{wsize}"]),
     "local_mem": ("local", True, ["--wsize", "{wsize}"]),
     "abc": ("abc", False, []),
