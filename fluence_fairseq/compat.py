@@ -8,8 +8,14 @@
 * numpy 2.4 removed ``np.percentile(interpolation=)``, which fairseq's ``get_buckets`` passes
   (``--num-batch-buckets`` for translation, ``BucketPadLengthDataset``): we give it ``method=`` instead, the same
   "lower" percentile. (``np.int`` in fairseq's wav2vec span masking is left alone: no text data path reaches it.)
+* fairseq's ``import_user_module`` finds an installed plugin as ``site-packages/fairseq/../fluence_fairseq`` and,
+  when the package is already imported, compares that unnormalised spelling with the package's ``__path__``: the
+  natural ``import fluence_fairseq`` then ``from_pretrained(..., user_dir="fluence_fairseq")`` (or
+  ``parse_args_and_arch`` with ``--user-dir``) failed with "not globally unique". :func:`user_dir_spellings` lists
+  the spellings that name this very directory, and the package adds them to its ``__path__``.
 """
 import argparse
+import os
 import types
 
 import numpy as np
@@ -47,6 +53,18 @@ def _patch_buckets():
 
     for module in (data_utils, bucket_pad_length_dataset):
         module.get_buckets = bucket_boundaries
+
+
+def user_dir_spellings(package_dir):
+    """The paths fairseq's ``import_user_module`` may build for ``--user-dir <name>`` that are this package's
+    directory under another spelling (relative to fairseq's own directory, as it tries them)."""
+    import fairseq
+
+    name = os.path.basename(os.path.normpath(package_dir))
+    fairseq_dir = os.path.dirname(fairseq.__file__)
+    candidates = [os.path.join(fairseq_dir, name), os.path.join(fairseq_dir, "..", name)]
+    return [c for c in candidates
+            if c != package_dir and os.path.isdir(c) and os.path.samefile(c, package_dir)]
 
 
 def install():

@@ -93,20 +93,57 @@ def test_user_dir_directory_registers_everything(translation_bin, tmp_path):
     assert re.search(r"BLEU4? = [0-9.]+", out)
 
 
-def test_language_model_trains_and_eval_lm_works(lm_bin, tmp_path):
-    save = tmp_path / "lm_ckpt"
+@pytest.fixture(scope="module")
+def trained_lm(lm_bin, tmp_path_factory):
+    """A tiny adaptive-span language model trained for 6 updates: (data-bin, save dir, training log)."""
+    save = tmp_path_factory.mktemp("lm_ckpt")
     log = H.run_fairseq("train", [
         lm_bin, *USER_DIR, "--task", "language_modeling", "--arch", "transformer_lm_adaptive_span_tiny",
         "--criterion", "adaptive_span_cross_entropy", "--tokens-per-sample", "48",
         "--sample-break-mode", "eos",  # TokenBlockDataset's eos mode needs the numpy-2 compat shim
         *H.tiny_train_flags(save, 6),
     ])
+    return lm_bin, save, log
+
+
+def test_language_model_trains_and_eval_lm_works(trained_lm):
+    lm_bin, save, log = trained_lm
     assert "FluenceTransformerLanguageModel" in log and "span_max" in log and "done training" in log
     out = H.run_fairseq("eval_lm", [
         lm_bin, "--path", save / "checkpoint_best.pt", *USER_DIR, "--cpu", "--gen-subset", "valid",
         "--tokens-per-sample", "24", "--context-window", "8", "--max-tokens", "256", "--num-workers", "0",
     ])
     assert re.search(r"Loss \(base 2\): [0-9.]+, Perplexity: [0-9.]+", out), out[-2000:]
+
+
+LM_HUB_SCRIPT = """
+import sys
+order, save, data = sys.argv[1:]
+if order == "import":
+    import fluence_fairseq  # noqa: F401
+from fairseq.models.transformer_lm import TransformerLanguageModel
+kwargs = {"user_dir": "fluence_fairseq"} if order == "user_dir" else {}
+lm = TransformerLanguageModel.from_pretrained(save, checkpoint_file="checkpoint_best.pt", data_name_or_path=data,
+                                              **kwargs)
+lm.eval()
+print("SAMPLE", lm.sample("a b c", beam=1, sampling=True, sampling_topk=5, max_len_b=8, seed=1))
+scored = lm.score("a b c d e")
+print("SCORE", len(scored["positional_scores"]), float(scored["positional_scores"].sum()))
+"""
+
+
+@pytest.mark.parametrize("order", ["import", "user_dir"])
+def test_hub_language_model_samples_and_scores(trained_lm, tmp_path, order):
+    env = {k: v for k, v in H.clean_env().items() if k != "PYTHONPATH"}
+    data, save, _ = trained_lm
+    proc = subprocess.run([sys.executable, "-c", LM_HUB_SCRIPT, order, str(save), str(data)], cwd=tmp_path,
+                          env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    sample = re.search(r"^SAMPLE (.*)$", proc.stdout, re.M).group(1).split()
+    assert sample[:3] == ["a", "b", "c"] and len(sample) > 3, sample  # continues the prompt
+    n, total = re.search(r"^SCORE (\d+) (\S+)$", proc.stdout, re.M).groups()
+    # b c d e and </s>, each a log-probability (the first character has no context to be predicted from)
+    assert int(n) == 5 and float(total) < 0
 
 
 def test_installed_package_works_as_user_dir_from_any_directory(trained, tmp_path):
@@ -130,3 +167,36 @@ def test_installed_package_works_as_user_dir_from_any_directory(trained, tmp_pat
     out = H.run_fairseq("generate", [data, "--path", save / "checkpoint_best.pt", *USER_DIR, *GENERATION],
                         cwd=tmp_path, env=env)
     assert re.search(r"BLEU4? = [0-9.]+", out)
+
+
+HUB_SCRIPT = """
+import sys
+order, save, data = sys.argv[1:]
+if order in ("import", "both"):
+    import fluence_fairseq  # noqa: F401
+from fairseq.models.transformer import TransformerModel
+kwargs = {"user_dir": "fluence_fairseq"} if order in ("user_dir", "both") else {}
+hub = TransformerModel.from_pretrained(save, checkpoint_file="checkpoint_best.pt", data_name_or_path=data, **kwargs)
+print("TRANSLATION", hub.translate("a b c d e", beam=3, max_len_b=20))
+if order == "both":
+    from fairseq import options
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [data, "--user-dir", "fluence_fairseq", "--arch",
+                                                "transformer_adaptive_span_tiny"])
+    print("PARSED", args.arch, args.attn_span)
+"""
+
+
+@pytest.mark.parametrize("order", ["import", "user_dir", "both"])
+def test_hub_loads_after_import_with_user_dir_or_both_from_any_directory(trained, tmp_path, order):
+    """fairseq spells the installed plugin ``site-packages/fairseq/../fluence_fairseq``; an imported plugin must
+    still count as that user dir (fairseq otherwise calls the name "not globally unique")."""
+    env = {k: v for k, v in H.clean_env().items() if k != "PYTHONPATH"}
+    data, save, _ = trained
+    proc = subprocess.run([sys.executable, "-c", HUB_SCRIPT, order, str(save), str(data)], cwd=tmp_path, env=env,
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    translation = re.search(r"^TRANSLATION (.*)$", proc.stdout, re.M).group(1)
+    assert translation and set(translation.split()) <= set(H.LETTERS) | {"<unk>"}
+    if order == "both":
+        assert re.search(r"^PARSED transformer_adaptive_span_tiny \d+$", proc.stdout, re.M), proc.stdout[-2000:]
