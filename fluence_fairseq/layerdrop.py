@@ -25,6 +25,8 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 import torch
 from torch import nn
 
+from .flag_types import FloatRange, restrict
+
 logger = logging.getLogger(__name__)
 
 KeepList = Union[None, str, int, Sequence[int]]
@@ -141,6 +143,25 @@ def set_pruned_config(cfg, side: str, num_layers: int) -> None:
     with _writable(cfg):
         setattr(cfg, f"{side}_layers", num_layers)
         setattr(cfg, f"{side}_layers_to_keep", None)
+
+
+#: --encoder-layerdrop / --decoder-layerdrop: p = 1 would skip every layer in training and run all of them in
+#: evaluation, a model trained for nothing
+LAYERDROP_RATE = FloatRange(0.0, 1.0, hi_open=True, meaning="probability of skipping a layer in training")
+
+
+def restrict_layerdrop_flags(parser, sides: Sequence[str]) -> None:
+    """Check fairseq's own ``--<side>-layerdrop`` flags when the arguments are parsed."""
+    for side in sides:
+        restrict(parser, f"--{side}-layerdrop", LAYERDROP_RATE, "in [0, 1)")
+
+
+def check_layerdrop_args(args, sides: Sequence[str]) -> None:
+    """At ``build_model``: the same range for values that did not come through the parser (overrides, Python)."""
+    for side in sides:
+        value = getattr(args, f"{side}_layerdrop", None)
+        if value is not None:
+            LAYERDROP_RATE.check(f"--{side}-layerdrop", value)
 
 
 def normalize_layers_to_keep_args(args, sides: Sequence[str]) -> Dict[str, Optional[List[int]]]:

@@ -51,7 +51,7 @@ def merged_options(specs: Optional[Iterable[AttentionSpec]] = None) -> Dict[str,
                 )
             if opt.name in merged:
                 first = merged[opt.name]
-                if first.option.type is not opt.type:
+                if first.option.type != opt.type:
                     raise ValueError(
                         f"attentions {first.users[0][0]!r} and {spec.name!r} both have an option {opt.name!r} but "
                         "with different types; one flag cannot serve both, rename one of them"

@@ -2,7 +2,8 @@
 from fairseq.models import register_model
 from fairseq.models.transformer import TransformerModel
 
-from ..layerdrop import normalize_layers_to_keep_args, prune_for_load
+from ..layerdrop import (check_layerdrop_args, normalize_layers_to_keep_args, prune_for_load,
+                         restrict_layerdrop_flags)
 from ..pruning.flags import add_pruning_args, apply_attention_pruning
 from .attention_args import DECODER_CROSS, DECODER_SELF, ENCODER_SELF, add_attention_args, fill_attention_defaults
 from .layers import FluenceTransformerDecoder, FluenceTransformerEncoder
@@ -37,6 +38,7 @@ class FluenceTransformerModel(TransformerModel):
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
+        restrict_layerdrop_flags(parser, cls.LAYER_STACKS)
         add_attention_args(parser, cls.ATTENTION_ROLES, "fluence_transformer")
         add_pruning_args(parser)
 
@@ -44,6 +46,7 @@ class FluenceTransformerModel(TransformerModel):
     def build_model(cls, args, task):
         fill_attention_defaults(args, cls.ATTENTION_ROLES)
         # fairseq's build_model calls .split(",") on the keep lists, which the CLI parses to lists of ints
+        check_layerdrop_args(args, cls.LAYER_STACKS)
         normalize_layers_to_keep_args(args, cls.LAYER_STACKS)
         model = super().build_model(args, task)
         apply_attention_pruning(model, args)

@@ -14,6 +14,7 @@ from fairseq.models.transformer.transformer_legacy import base_architecture as t
 from fairseq.utils import safe_getattr
 from torch import nn
 
+from ..flag_types import FloatRange, IntRange
 from ..hex import BOW_POOLINGS, LOGIT_KINDS, BagOfWordsEncoder, HexClassificationHead, hex_penalty, hex_project
 from ..roles import ENCODER_SELF
 from .attention_args import add_attention_args, fill_attention_defaults
@@ -69,19 +70,19 @@ class HexClassifierModel(BaseFairseqModel):
         add("--activation-fn", type=str, metavar="NAME", help="FFN activation (relu, gelu, ...)")
         add("--pooler", choices=["mean", "first"], help="main sentence vector: mean over tokens, or the first "
             "token (use with --init-token) [mean]")
-        add("--pooler-dropout", type=float, metavar="D", help="dropout in the classification head")
-        add("--classifier-inner-dim", type=int, metavar="N", help="size of h_A (head dense layer) [embed dim]")
-        add("--naive-embed-dim", type=int, metavar="N", help="bag-of-words embedding size")
-        add("--naive-hidden-dim", type=int, metavar="N", help="bag-of-words hidden tanh layer (0 = none)")
+        add("--pooler-dropout", type=FloatRange(0.0, 1.0, hi_open=True), metavar="D", help="dropout in the classification head")
+        add("--classifier-inner-dim", type=IntRange(1), metavar="N", help="size of h_A (head dense layer) [embed dim]")
+        add("--naive-embed-dim", type=IntRange(1), metavar="N", help="bag-of-words embedding size")
+        add("--naive-hidden-dim", type=IntRange(0), metavar="N", help="bag-of-words hidden tanh layer (0 = none)")
         add("--naive-pooling", choices=list(BOW_POOLINGS),
             help="bag of words: mean or sum of the token embeddings [mean]")
         add("--no-naive", action="store_true", default=None,
             help="no naive branch: the main encoder alone (a baseline; needs --no-hex)")
         add("--no-hex", action="store_true", default=None,
             help="baseline: train and evaluate F_A = f([h_A, h_G]) without the projection")
-        add("--hex-ridge", type=float, metavar="R",
+        add("--hex-ridge", type=FloatRange(0.0), metavar="R",
             help="relative ridge of (F_G^T F_G + R ||F_G||^2 I)^-1; 0 = exact pseudo-inverse [1e-6]")
-        add("--hex-naive-weight", type=float, metavar="LAMBDA",
+        add("--hex-naive-weight", type=FloatRange(0.0), metavar="LAMBDA",
             help="train on F_P + LAMBDA F_G (the authors' variant) so the naive branch learns the superficial "
                  "cue [1.0]")
         add("--hex-intercept", action="store_true", default=None,
@@ -90,7 +91,7 @@ class HexClassifierModel(BaseFairseqModel):
         add("--hex-center", action="store_true", default=None,
             help="project out the span of the batch-centred naive logits and apply the projection to F_L: "
                  "removes what the naive logits explain up to a constant, keeps the class prior trainable")
-        add("--hex-orth-penalty", type=float, metavar="W",
+        add("--hex-orth-penalty", type=FloatRange(0.0), metavar="W",
             help="add W * ||P F_L||^2 (summed over the batch, / classes) to the loss: the part of the "
                  "prediction logits F_L that the (centred) naive logits explain, see --hex-penalty-scope "
                  "(needs --criterion hex_sentence_prediction) [0]")

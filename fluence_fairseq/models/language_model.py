@@ -12,7 +12,8 @@ from fairseq.models.transformer_lm import (
 from fairseq.modules import AdaptiveInput, CharacterTokenEmbedder
 from fairseq.utils import eval_str_list, safe_getattr
 
-from ..layerdrop import normalize_layers_to_keep_args, prune_for_load
+from ..layerdrop import (check_layerdrop_args, normalize_layers_to_keep_args, prune_for_load,
+                         restrict_layerdrop_flags)
 from ..pruning.flags import add_pruning_args, apply_attention_pruning
 from .attention_args import DECODER_SELF, add_attention_args, fill_attention_defaults
 from .layers import FluenceTransformerDecoder
@@ -41,6 +42,7 @@ class FluenceTransformerLanguageModel(TransformerLanguageModel):
     def add_args(cls, parser):
         # the stock model gets its flags from its dataclass; ours is legacy, so generate them the same way
         gen_parser_from_dataclass(parser, TransformerLanguageModelConfig(), delete_default=True)
+        restrict_layerdrop_flags(parser, ("decoder",))
         add_attention_args(parser, cls.ATTENTION_ROLES, "fluence_transformer_lm")
         add_pruning_args(parser)
         add_memory_args(parser)
@@ -49,6 +51,7 @@ class FluenceTransformerLanguageModel(TransformerLanguageModel):
     def build_model(cls, args, task):
         fill_attention_defaults(args, cls.ATTENTION_ROLES)
         base_lm_architecture(args)  # any argument an old checkpoint lacks gets its default
+        check_layerdrop_args(args, ("decoder",))
         # "0,2" or a list of ints, validated; sets decoder_layers to the kept count
         normalize_layers_to_keep_args(args, ("decoder",))
         if safe_getattr(args, "max_target_positions", None) is None:

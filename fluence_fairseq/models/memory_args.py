@@ -8,31 +8,18 @@
   adaptive span, the entmax family), for models without absolute positions (``--no-token-positional-embeddings``),
   whose positions would restart every segment. The others carry order in their state.
 """
-import argparse
-
 from fairseq.utils import safe_getattr
 
+from ..flag_types import IntRange
 from ..modules.attention_base import FluenceAttention
 
 POSITION_BIASES = ("none", "alibi")
 
 
-def _positive_int(flag: str):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"takes a positive integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"takes a positive integer (keys kept from earlier segments), got {value}")
-        return value
-    return parse
-
-
 def add_memory_args(parser) -> None:
     if "--mem-len" in getattr(parser, "_option_string_actions", {}):
         return
-    parser.add_argument("--mem-len", type=_positive_int("--mem-len"), metavar="N", default=None,
+    parser.add_argument("--mem-len", type=IntRange(1, meaning="keys kept from earlier segments"), metavar="N", default=None,
                         help="keys/values of earlier segments kept by softmax and entmax attentions (Transformer-XL's "
                              "memory length; other attentions keep their own bound) [default: all, when decoding]")
     parser.add_argument("--attn-position-bias", choices=POSITION_BIASES, default=None,

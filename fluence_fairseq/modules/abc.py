@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..ops.abc import ABCState, attend_slots, causal_abc, causal_abc_dense, noncausal_abc, slot_memory
 from .attention_base import FluenceAttention, fsmha
+from ..flag_types import IntRange
 from .spec import AttentionOption, AttentionSpec, check_int
 
 __all__ = ["ABCAttention", "FSABCAttention", "ABC", "FSABC"]
@@ -181,7 +182,7 @@ class FSABCAttention(ABCAttention):
 
 ATTENTION_SPEC = AttentionSpec(
     "abc", FSABCAttention,
-    (AttentionOption("num_landmarks", int, help="number of memory slots r of ABC / landmarks of Nystrom, LARA, "
+    (AttentionOption("num_landmarks", IntRange(1), help="number of memory slots r of ABC / landmarks of Nystrom, LARA, "
                      "LongShort (each attention with its own default)"),),
     "ABC, attention with bounded-memory control (Peng et al. 2021); all four patterns, true causal recurrence",
     tiny={"num_landmarks": 4},

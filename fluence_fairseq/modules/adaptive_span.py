@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..ops.band import band_attention
 from .attention_base import FluenceAttention, Statistic, fsmha
+from ..flag_types import Boolean, FloatRange, IntRange
 from .spec import AttentionOption, AttentionSpec, parse_bool
 
 __all__ = ["AdaptiveSpan", "AdaptiveSpanAttention", "FSAdaptiveSpanAttention", "FSAdaptiveSpan"]
@@ -121,6 +122,9 @@ class AdaptiveSpan(nn.Module):
     ):
         super().__init__()
         _check_span_args(attn_span, adapt_span_ramp, adapt_span_init, nb_heads)
+        if not adapt_span_loss_coeff >= 0:
+            raise ValueError(f"adapt_span_loss_coeff must be >= 0 (a negative weight rewards longer spans), got "
+                             f"{adapt_span_loss_coeff!r}")
         self.attn_span = attn_span
         self.loss_coeff = float(adapt_span_loss_coeff)
         self.ramp = adapt_span_ramp
@@ -319,11 +323,11 @@ class FSAdaptiveSpanAttention(AdaptiveSpanAttention):
 ATTENTION_SPEC = AttentionSpec(
     "adaptive_span", FSAdaptiveSpanAttention,
     (
-        AttentionOption("attn_span", int, help="maximum attention span S in tokens"),
-        AttentionOption("adapt_span_loss_coeff", float, help="span loss weight: loss += coeff * S * mean(z)"),
-        AttentionOption("adapt_span_ramp", int, help="length R of the soft ramp at the span edge, in tokens"),
-        AttentionOption("adapt_span_init", float, help="initial span of every head as a fraction of S, in [0, 1]"),
-        AttentionOption("adapt_span_cache", parse_bool, help="decoding caches keep only the current max span (true) or all S keys (false)"),
+        AttentionOption("attn_span", IntRange(1, meaning="tokens"), help="maximum attention span S in tokens"),
+        AttentionOption("adapt_span_loss_coeff", FloatRange(0.0), help="span loss weight: loss += coeff * S * mean(z)"),
+        AttentionOption("adapt_span_ramp", IntRange(1, meaning="tokens, at most --attn-span"), help="length R of the soft ramp at the span edge, in tokens"),
+        AttentionOption("adapt_span_init", FloatRange(0.0, 1.0, meaning="a fraction of --attn-span"), help="initial span of every head as a fraction of S, in [0, 1]"),
+        AttentionOption("adapt_span_cache", Boolean(), help="decoding caches keep only the current max span (true) or all S keys (false)"),
     ),
     "adaptive attention span (Sukhbaatar et al. 2019); noncausal and causal self attention",
     tiny={"attn_span": 32, "adapt_span_ramp": 8},

@@ -15,6 +15,7 @@ from ..ops.linear_attention import (
     linear_summary,
 )
 from .attention_base import ALL_PATTERNS, FluenceAttention, fsmha
+from ..flag_types import Choice, IntRange
 from .spec import AttentionOption, AttentionSpec, check_int
 
 __all__ = ["CosformerAttention", "FSCosformerAttention"]
@@ -220,9 +221,9 @@ class FSCosformerAttention(CosformerAttention):
 ATTENTION_SPEC = AttentionSpec(
     "cosformer", FSCosformerAttention,
     (
-        AttentionOption("cosformer_max_len", int, help="fixed M of the cos re-weighting for causal and cross cosFormer attention: the longest "
+        AttentionOption("cosformer_max_len", IntRange(1), help="fixed M of the cos re-weighting for causal and cross cosFormer attention: the longest "
                         "sequence (query or key positions) accepted"),
-        AttentionOption("act_fun", str, help="cosFormer feature activation: relu or elu (= 1 + elu)"),
+        AttentionOption("act_fun", Choice("relu", "elu"), help="cosFormer feature activation: relu or elu (= 1 + elu)"),
     ),
     "cosFormer linear attention with cos re-weighting (Qin et al. 2022); all four patterns",
     tiny={"cosformer_max_len": 64},

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..ops.entmax import entmax
 from .attention_base import FluenceAttention, Statistic, fsmha
 from .masks import HARD_MASK, relative_positions
+from ..flag_types import FloatRange, NumberOrWord
 from .spec import AttentionOption, AttentionSpec
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
 
 #: the range α is clamped to (Correia et al. 2019): below 1.01 the α-gradient divides by almost zero
 ALPHA_MIN, ALPHA_MAX = 1.01, 2.0
+#: --alpha-init: 'random' or a starting alpha (alpha = 1 + sigmoid(a) never reaches 2)
+ALPHA_INIT = NumberOrWord(FloatRange(ALPHA_MIN, ALPHA_MAX, hi_open=True), "random")
 
 
 class EntmaxAttentionBase(FluenceAttention):
@@ -163,17 +166,7 @@ class Entmax15Attention(EntmaxAttentionBase):
 
 def parse_alpha_init(value) -> Union[float, str]:
     """``--alpha-init``: ``random`` or a number in [1.01, 2)."""
-    if isinstance(value, str) and value.strip().lower() == "random":
-        return "random"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"alpha_init must be 'random' or a number in [{ALPHA_MIN}, {ALPHA_MAX}), got {value!r}") from None
-    if not ALPHA_MIN <= number < ALPHA_MAX:
-        raise ValueError(
-            f"alpha_init must be in [{ALPHA_MIN}, {ALPHA_MAX}) (alpha = 1 + sigmoid(a) never reaches 2), got {number}"
-        )
-    return number
+    return ALPHA_INIT.check("alpha_init", value)
 
 
 class AlphaEntmaxAttention(EntmaxAttentionBase):
@@ -243,7 +236,7 @@ ATTENTION_SPECS = (
                   family="sparse"),
     AttentionSpec(
         "alpha_entmax", FSAlphaEntmaxAttention,
-        (AttentionOption("alpha_init", parse_alpha_init, help="initial alpha of every alpha-entmax head: 'random' (paper: 1 + sigmoid(N(0,1))) or a "
+        (AttentionOption("alpha_init", ALPHA_INIT, help="initial alpha of every alpha-entmax head: 'random' (paper: 1 + sigmoid(N(0,1))) or a "
                          f"number in [{ALPHA_MIN}, {ALPHA_MAX})"),),
         "alpha-entmax attention with a learned alpha per head in [1.01, 2] (Correia et al. 2019)",
         family="sparse",

@@ -2,6 +2,7 @@
 from ..ops.landmarks import lara_attention
 from .attention_base import fsmha
 from .landmarks import LandmarkAttention
+from ..flag_types import IntRange
 from .spec import AttentionOption, AttentionSpec
 
 __all__ = ["LaraAttention", "FSLaraAttention", "Lara", "FSLara"]
@@ -66,7 +67,7 @@ class FSLaraAttention(LaraAttention):
 
 ATTENTION_SPEC = AttentionSpec(
     "lara", FSLaraAttention,
-    (AttentionOption("num_landmarks", int, help="number of segment-mean landmarks"),),
+    (AttentionOption("num_landmarks", IntRange(1), help="number of segment-mean landmarks"),),
     "LARA, linear randomized attention (Zheng et al. 2022); noncausal self attention only",
     tiny={"num_landmarks": 4},
 )

@@ -7,6 +7,7 @@ from typing import Optional
 
 from ..ops.band import band_attention
 from .attention_base import FluenceAttention, fsmha
+from ..flag_types import IntRange
 from .spec import AttentionOption, AttentionSpec, check_int
 
 __all__ = ["LocalAttention", "FSLocalAttention"]
@@ -88,7 +89,7 @@ class FSLocalAttention(LocalAttention):
 
 ATTENTION_SPEC = AttentionSpec(
     "local", FSLocalAttention,
-    (AttentionOption("wsize", int, help="local attention window: causal queries see the last wsize keys (itself "
+    (AttentionOption("wsize", IntRange(1, meaning="tokens"), help="local attention window: causal queries see the last wsize keys (itself "
                                        "included), noncausal ones wsize keys on each side"),),
     "local sliding-window attention (Luong et al. 2015); noncausal and causal self attention",
     tiny={"wsize": 4},

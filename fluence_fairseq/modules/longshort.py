@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ..ops.longshort import compress_chunks, dense_joint_attention, head_layer_norm, long_short_attention
 from .attention_base import FluenceAttention, fsmha
+from ..flag_types import IntRange
 from .spec import AttentionOption, AttentionSpec, check_int
 
 __all__ = ["LongShortAttention", "FSLongShortAttention", "LongShort", "FSLongShort"]
@@ -345,11 +346,11 @@ class FSLongShortAttention(LongShortAttention):
 ATTENTION_SPEC = AttentionSpec(
     "longshort", FSLongShortAttention,
     (
-        AttentionOption("num_landmarks", int, help="long-short (noncausal): landmarks r of the dynamic projection"),
-        AttentionOption("ls_window_size", int, help="long-short window: noncausal sees |i-j| <= w, causal the last w tokens; "
+        AttentionOption("num_landmarks", IntRange(1), help="long-short (noncausal): landmarks r of the dynamic projection"),
+        AttentionOption("ls_window_size", IntRange(0, meaning="tokens"), help="long-short window: noncausal sees |i-j| <= w, causal the last w tokens; "
                         "0 = 15 (noncausal) / 256 (causal)"),
-        AttentionOption("chunk_size", int, help="long-short (causal): tokens per compressed chunk"),
-        AttentionOption("chunk_rank", int, help="long-short (causal): vectors per compressed chunk"),
+        AttentionOption("chunk_size", IntRange(1, meaning="tokens"), help="long-short (causal): tokens per compressed chunk"),
+        AttentionOption("chunk_rank", IntRange(1), help="long-short (causal): vectors per compressed chunk"),
     ),
     "long-short transformer (Zhu et al. 2021): window + dynamic projection, one softmax; noncausal and causal self",
     tiny={"num_landmarks": 4, "ls_window_size": 4, "chunk_size": 4, "chunk_rank": 2},

@@ -5,6 +5,7 @@ from torch import nn
 from ..ops.landmarks import nystrom_attention
 from .attention_base import fsmha
 from .landmarks import LandmarkAttention
+from ..flag_types import IntRange, OddOrOff
 from .spec import AttentionOption, AttentionSpec, check_int
 
 __all__ = ["NystromAttention", "FSNystromAttention"]
@@ -112,9 +113,9 @@ class FSNystromAttention(NystromAttention):
 ATTENTION_SPEC = AttentionSpec(
     "nystrom", FSNystromAttention,
     (
-        AttentionOption("num_landmarks", int, help="number of segment-mean landmarks"),
-        AttentionOption("pinv_iterations", int, help="iterations of Nystrom's Moore-Penrose pseudo-inverse"),
-        AttentionOption("conv_kernel_size", int, help="odd kernel length of Nystrom's depthwise convolution over V (0 = off)"),
+        AttentionOption("num_landmarks", IntRange(1), help="number of segment-mean landmarks"),
+        AttentionOption("pinv_iterations", IntRange(1), help="iterations of Nystrom's Moore-Penrose pseudo-inverse"),
+        AttentionOption("conv_kernel_size", OddOrOff(), help="odd kernel length of Nystrom's depthwise convolution over V (0 = off)"),
     ),
     "Nystromformer (Xiong et al. 2021): landmark Nystrom approximation; noncausal self attention only",
     tiny={"num_landmarks": 4},

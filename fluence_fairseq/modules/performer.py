@@ -14,6 +14,7 @@ from ..ops.linear_attention import (
     linear_summary,
 )
 from .attention_base import ALL_PATTERNS, FluenceAttention, fsmha
+from ..flag_types import IntRange
 from .spec import AttentionOption, AttentionSpec, check_int
 
 __all__ = ["PerformerAttention", "FSPerformerAttention", "Performer", "FSPerformer"]
@@ -235,8 +236,8 @@ class FSPerformerAttention(PerformerAttention):
 ATTENTION_SPEC = AttentionSpec(
     "performer", FSPerformerAttention,
     (
-        AttentionOption("approx_attn_dim", int, help="number of random features m per head (FAVOR+)"),
-        AttentionOption("feature_redraw_interval", int, help="redraw the random projection every N training forward calls (0 = never)"),
+        AttentionOption("approx_attn_dim", IntRange(1), help="number of random features m per head (FAVOR+)"),
+        AttentionOption("feature_redraw_interval", IntRange(0, meaning="0 = never"), help="redraw the random projection every N training forward calls (0 = never)"),
     ),
     "Performer / FAVOR+ positive orthogonal random features (Choromanski et al. 2020); all four patterns",
     tiny={"approx_attn_dim": 8},

@@ -5,6 +5,7 @@ from torch import Tensor
 
 from ..ops.probsparse import probsparse_attention, real_value_mean, sample_keys
 from .attention_base import FluenceAttention, fsmha
+from ..flag_types import IntRange
 from .spec import AttentionOption, AttentionSpec, check_int
 
 __all__ = ["ProbSparseAttention", "FSProbSparseAttention", "ProbSparse", "FSProbSparse"]
@@ -129,7 +130,7 @@ class FSProbSparseAttention(ProbSparseAttention):
 
 ATTENTION_SPEC = AttentionSpec(
     "probsparse", FSProbSparseAttention,
-    (AttentionOption("factor", int, help="ProbSparse sampling factor c: c*ceil(ln S) sampled keys, "
+    (AttentionOption("factor", IntRange(1), help="ProbSparse sampling factor c: c*ceil(ln S) sampled keys, "
                                        "c*ceil(ln L) queries with exact attention"),),
     "ProbSparse attention (Informer, Zhou et al. 2021); noncausal self and cross attention",
     tiny={"factor": 1},

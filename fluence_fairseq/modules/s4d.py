@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..ops.s4d import discretize, s4d_conv, s4d_kernel, ssm_chunk_step
 from .attention_base import FluenceAttention, fsmha
+from ..flag_types import FloatRange, IntRange
 from .spec import AttentionOption, AttentionSpec
 
 __all__ = ["S4DAttention", "FSS4DAttention", "S4D", "FSS4D"]
@@ -185,9 +186,9 @@ class FSS4DAttention(S4DAttention):
 ATTENTION_SPEC = AttentionSpec(
     "s4d", FSS4DAttention,
     (
-        AttentionOption("d_state", int, help="S4D state size N (even): N/2 complex modes per channel"),
-        AttentionOption("s4d_dt_min", float, help="S4D: smallest initial step size dt (log-uniform init)"),
-        AttentionOption("s4d_dt_max", float, help="S4D: largest initial step size dt (log-uniform init)"),
+        AttentionOption("d_state", IntRange(2, multiple_of=2), help="S4D state size N (even): N/2 complex modes per channel"),
+        AttentionOption("s4d_dt_min", FloatRange(0.0, lo_open=True), help="S4D: smallest initial step size dt (log-uniform init)"),
+        AttentionOption("s4d_dt_max", FloatRange(0.0, lo_open=True), help="S4D: largest initial step size dt (log-uniform init)"),
     ),
     "S4D diagonal state space (Gu et al. 2022); causal self or bidirectional noncausal self, value-only",
     tiny={"d_state": 8},

@@ -24,6 +24,7 @@ from typing import Dict, List
 import torch
 from fairseq.utils import safe_getattr
 
+from ..flag_types import ExistingFile, FloatRange, IntRange
 from ..modules.attention_base import FluenceAttention
 from ..roles import ROLES
 from .collect import find_attentions
@@ -52,10 +53,11 @@ def add_pruning_args(parser) -> None:
     for kind in PATTERN_TYPES:
         parser.add_argument(
             pattern_flag(kind), dest=pattern_dest(kind), metavar="NPY", default=None,
+            type=ExistingFile("pattern file (.npy from compute_attn_score)"),
             help=f"average attention patterns of the {kind} attentions (a .npy from compute_attn_score): prune them "
                  "with a global mask [default: not pruned]",
         )
-    parser.add_argument("--attn-prune-tau", type=float, metavar="PERCENT", default=None,
+    parser.add_argument("--attn-prune-tau", type=FloatRange(0.0, 100.0, hi_open=True, meaning="percent"), metavar="PERCENT", default=None,
                         help="percent of the allowed attention entries to prune, in [0, 100) (required with "
                              "--attn-patterns-*)")
     parser.add_argument("--attn-prune-scope", choices=SCOPES, default=None,
@@ -65,9 +67,9 @@ def add_pruning_args(parser) -> None:
     parser.add_argument("--attn-prune-random", action="store_true", default=None,
                         help="random-pruning baseline: prune as many entries per scope group as the data-informed "
                              "mask would, chosen uniformly at random (--attn-prune-seed)")
-    parser.add_argument("--attn-prune-seed", type=int, metavar="N", default=None,
+    parser.add_argument("--attn-prune-seed", type=IntRange(0), metavar="N", default=None,
                         help="seed of the random-pruning baseline [default: 1]")
-    parser.add_argument("--attn-prune-block", type=int, metavar="N", default=None,
+    parser.add_argument("--attn-prune-block", type=IntRange(1, meaning="tokens per block"), metavar="N", default=None,
                         help="block size of the block-sparse kernel of pruned softmax attention [default: 32]")
 
 
@@ -84,9 +86,9 @@ def _settings(args) -> dict:
     if tau is None:
         raise ValueError("--attn-patterns-* needs --attn-prune-tau, the percent of attention entries to prune "
                          "(e.g. 50 or 90)")
-    block = safe_getattr(args, "attn_prune_block", None) or 32
-    if block < 1:
-        raise ValueError(f"--attn-prune-block must be positive, got {block}")
+    block = safe_getattr(args, "attn_prune_block", None)
+    block = 32 if block is None else IntRange(1).check("--attn-prune-block", block)
+    tau = FloatRange(0.0, 100.0, hi_open=True).check("--attn-prune-tau", tau)
     return {
         "files": files, "tau": float(tau), "scope": safe_getattr(args, "attn_prune_scope", None) or "layer",
         "random": bool(safe_getattr(args, "attn_prune_random", None)),

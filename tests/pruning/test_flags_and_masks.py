@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+from fairseq.models import build_model
 import torch
 
 import fairseq_helpers as H
@@ -203,10 +204,16 @@ def test_model_incremental_decoder_equals_full_forward(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ errors
-def test_missing_file_names_file_and_expected_shape(tmp_path):
+def test_missing_file_names_file_and_expected_shape(tmp_path, capsys):
+    missing = str(tmp_path / "nope.npy")
+    with pytest.raises(SystemExit):  # refused when the arguments are parsed
+        H.model_args("fluence_transformer_tiny", ["--attn-patterns-self-enc", missing, "--attn-prune-tau", "50"])
+    assert "--attn-patterns-self-enc" in capsys.readouterr().err
+    # a checkpoint whose pattern file has moved since: refused when the model is built
+    args = H.model_args("fluence_transformer_tiny", ["--encoder-layers", "2", "--attn-prune-tau", "50"])
+    args.attn_patterns_self_enc = missing
     with pytest.raises(ValueError, match=r"nope\.npy does not exist.*compute_attn_score.*layers=2, heads="):
-        H.build("fluence_transformer_tiny", ["--encoder-layers", "2", "--attn-patterns-self-enc",
-                                             str(tmp_path / "nope.npy"), "--attn-prune-tau", "50"])
+        build_model(args, H.FluenceDummyTask(args))
 
 
 def test_mismatched_and_corrupt_files(tmp_path):
@@ -235,9 +242,13 @@ def test_flag_errors(tmp_path):
         H.build("fluence_transformer_tiny", ["--attn-patterns-self-enc", path])
     with pytest.raises(ValueError, match="need pattern files"):
         H.build("fluence_transformer_tiny", ["--attn-prune-tau", "50"])
-    with pytest.raises(ValueError, match=r"tau .* must be in \[0, 100\)"):
-        H.build("fluence_transformer_tiny", ["--encoder-layers", "2", "--encoder-attention-heads", "4",
-                                             "--attn-patterns-self-enc", path, "--attn-prune-tau", "100"])
+    with pytest.raises(SystemExit):  # refused when parsed ...
+        H.model_args("fluence_transformer_tiny", ["--attn-patterns-self-enc", path, "--attn-prune-tau", "100"])
+    args = H.model_args("fluence_transformer_tiny", ["--encoder-layers", "2", "--encoder-attention-heads", "4",
+                                                     "--attn-patterns-self-enc", path])
+    args.attn_prune_tau = 100.0  # ... and when built from a value that bypassed the parser
+    with pytest.raises(ValueError, match=r"--attn-prune-tau must be a number in \[0.0, 100.0\)"):
+        build_model(args, H.FluenceDummyTask(args))
     with pytest.raises(ValueError, match="has no self-enc attention"):
         H.build("fluence_transformer_lm_tiny", ["--attn-patterns-self-enc", path, "--attn-prune-tau", "50"])
 
