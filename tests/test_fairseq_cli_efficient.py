@@ -63,3 +63,20 @@ def test_language_model_train_and_eval_lm(arch, lm_bin, tmp_path):
                                     "--gen-subset", "valid", "--tokens-per-sample", "24", "--context-window", "8",
                                     "--max-tokens", "256", "--num-workers", "0"])
     assert re.search(r"Perplexity: [0-9.]+", out), out[-2000:]
+
+
+def test_cosformer_length_error_names_a_fix_that_works_in_fairseq_generate(translation_bin, tmp_path):
+    """Generating past a trained cosFormer's M stops with a message; the override it suggests then works."""
+    save = tmp_path / "ckpt"
+    H.run_fairseq("train", [translation_bin, *USER_DIR, "--arch", "transformer_cosformer_tiny",
+                            "--cosformer-max-len", "24", *H.tiny_train_flags(save, 2)])
+    long_generation = [translation_bin, "--path", save / "checkpoint_last.pt", *USER_DIR, "--cpu", "--beam", "2",
+                       "--batch-size", "8", "--max-len-a", "0", "--max-len-b", "40", "--min-len", "30"]
+    with pytest.raises(AssertionError) as failed:
+        H.run_fairseq("generate", long_generation)
+    message = str(failed.value)
+    assert "beyond cosformer_max_len=24" in message and "at least 25" in message, message[-3000:]
+    override = re.search(r'--model-overrides "(\{[^"]+\})"', message).group(1).replace("M", "41")  # 40 + 1
+    out = H.run_fairseq("generate", [*long_generation, "--model-overrides", override])
+    hyps = [ln for ln in out.splitlines() if ln.startswith("H-")]
+    assert len(hyps) == 16 and all(len(h.split("\t")[2].split()) >= 30 for h in hyps), out[-2000:]

@@ -128,8 +128,12 @@ class CosformerAttention(FluenceAttention):
         if last >= self.cosformer_max_len:
             raise ValueError(
                 f"cosFormer {what} position {last} is beyond cosformer_max_len={self.cosformer_max_len} (causal and "
-                f"cross cosFormer attention re-weights with a fixed M = cosformer_max_len); raise "
-                f"--cosformer-max-len (cosformer_max_len=) to at least {last + 1}"
+                f"cross cosFormer attention re-weights with a fixed M = cosformer_max_len). M must exceed every "
+                f"position the model will see (here at least {last + 1}; when generating, the longest output: "
+                f"max-len-a x source length + max-len-b + 1). Train with --cosformer-max-len M; for a trained "
+                f"checkpoint, fairseq-generate, fairseq-interactive and fairseq-eval-lm take --model-overrides "
+                f"\"{{'cosformer_max_len': M}}\" (the re-weighting then differs from training's); in Python pass "
+                f"cosformer_max_len=M"
             )
 
     def _angles(self, positions: Tensor) -> Tensor:

@@ -121,6 +121,14 @@ def build_keep_masks(path: str, kind: str, layers: int, heads: int, settings: di
     """(keep, pairs): bool (layers, heads, N, N) keep masks of one attention type from its pattern file, and the
     (N, N) number of (query, key) pairs the collection saw at each allowed entry (0 elsewhere)."""
     causal = PATTERN_TYPES[kind]
+    if not os.path.isfile(path):  # e.g. a checkpoint whose pattern file has moved since training
+        dest = pattern_dest(kind)
+        raise ValueError(
+            f"attention pattern file {path} ({pattern_flag(kind)}) does not exist; collect it with the "
+            f"compute_attn_score task, or, if it has moved since the checkpoint was trained, give the new path: "
+            f"--model-overrides \"{{'{dest}': 'NEW/{kind}.npy'}}\" (fairseq-generate, fairseq-interactive, "
+            f"fairseq-eval-lm) or {pattern_flag(kind)} NEW/{kind}.npy (fairseq-train); expected an array of shape "
+            f"(layers={layers}, heads={heads}, N, N)")
     patterns = load_patterns(path, layers=layers, heads=heads)
     info = load_pattern_info(path, patterns.size(-1))
     if info is not None and info.get("type") not in (None, kind):

@@ -134,8 +134,14 @@ def load_patterns(path: str, layers: Optional[int] = None, heads: Optional[int] 
     if problems:
         raise ValueError(f"attention pattern file {path} has {', '.join(problems)} (shape {array.shape}) but the "
                          f"model needs {expected}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"attention pattern file {path} holds {array.dtype} values; patterns are average attention "
+                         "probabilities (floats in [0, 1]) as compute_attn_score writes them")
     if not np.isfinite(array).all():
         raise ValueError(f"attention pattern file {path} contains NaN or infinite values; recollect it")
+    if array.size and array.min() < 0:
+        raise ValueError(f"attention pattern file {path} has negative values (down to {array.min():.3g}); patterns "
+                         "are average attention probabilities: recollect it with compute_attn_score")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 

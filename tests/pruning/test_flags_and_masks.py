@@ -1,5 +1,6 @@
 """Global-mask attention pruning in models: flags, masks from pattern files, position alignment, decoding."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -212,8 +213,21 @@ def test_missing_file_names_file_and_expected_shape(tmp_path, capsys):
     # a checkpoint whose pattern file has moved since: refused when the model is built
     args = H.model_args("fluence_transformer_tiny", ["--encoder-layers", "2", "--attn-prune-tau", "50"])
     args.attn_patterns_self_enc = missing
-    with pytest.raises(ValueError, match=r"nope\.npy does not exist.*compute_attn_score.*layers=2, heads="):
+    with pytest.raises(ValueError, match=r"nope\.npy \(--attn-patterns-self-enc\) does not exist.*compute_attn_score"
+                                         r".*--model-overrides \"\{'attn_patterns_self_enc': .*layers=2, heads="):
         build_model(args, H.FluenceDummyTask(args))
+
+
+@pytest.mark.parametrize("values,message", [
+    (np.ones((2, 4, N, N), dtype=np.int64), r"holds int64 values; patterns are average attention probabilities"),
+    (-np.ones((2, 4, N, N), dtype=np.float32), r"has negative values"),
+])
+def test_integer_or_negative_patterns_are_refused(tmp_path, values, message):
+    path = tmp_path / "self-enc.npy"
+    np.save(path, values)
+    with pytest.raises(ValueError, match=message):
+        H.build("fluence_transformer_tiny", ["--encoder-layers", "2", "--encoder-attention-heads", "4",
+                                             "--attn-patterns-self-enc", str(path), "--attn-prune-tau", "50"])
 
 
 def test_mismatched_and_corrupt_files(tmp_path):
@@ -291,8 +305,13 @@ def test_pruned_training_and_generation_rebuild_masks_from_files(translation_bin
     out = H.run_fairseq("generate", generate, cwd=tmp_path)  # another directory: the paths are absolute
     assert "attention pruning: self-enc keeps" in out and "H-0" in out
     (patterns / "enc-dec.npy").rename(patterns / "moved.npy")
-    with pytest.raises(AssertionError, match=r"enc-dec\.npy does not exist"):
+    with pytest.raises(AssertionError, match=r"enc-dec\.npy \(--attn-patterns-enc-dec\) does not exist") as failed:
         H.run_fairseq("generate", generate)
+    # the fix the message names works
+    override = re.search(r'--model-overrides "(\{[^"]+\})"', str(failed.value)).group(1)
+    override = override.replace("NEW/enc-dec.npy", str(patterns / "moved.npy"))
+    out = H.run_fairseq("generate", [*generate, "--model-overrides", override])
+    assert "attention pruning: enc-dec keeps" in out and "moved.npy" in out and "H-0" in out
 
 
 @pytest.mark.parametrize("cross", [False, True])
