@@ -13,6 +13,8 @@
   natural ``import fluence_fairseq`` then ``from_pretrained(..., user_dir="fluence_fairseq")`` (or
   ``parse_args_and_arch`` with ``--user-dir``) failed with "not globally unique". :func:`user_dir_spellings` lists
   the spellings that name this very directory, and the package adds them to its ``__path__``.
+* fairseq's ``load_checkpoint_to_cpu`` is wrapped so that a checkpoint it cannot read is named and described
+  (:mod:`.checkpoints`).
 """
 import argparse
 import os
@@ -75,3 +77,6 @@ def install():
     elif not hasattr(np.compat, "long"):
         np.compat.long = int
     _patch_buckets()
+    from .checkpoints import guard_fairseq_loading
+
+    guard_fairseq_loading()

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import checkpoints
 from ..pruning.collect import DEFAULT_MAX_LEN_CAP, TYPES, find_attentions, parse_types
 from ..tasks.compute_attn_score import TASK_NAME
 
@@ -61,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = argparse.Namespace(task=TASK_NAME, data=args.data, attn_checkpoint=args.path, attn_types=args.types,
                                  attn_max_len=args.max_len, attn_out_dir=args.out, task_overrides=args.overrides)
         task = tasks.setup_task(cfg)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, checkpoints.CheckpointError) as e:
         parser.error(str(e))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     found = find_attentions(task.model)

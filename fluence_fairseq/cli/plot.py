@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 import fluence_fairseq  # noqa: F401  (registers the safe globals fairseq checkpoints need under weights_only)
+from .. import checkpoints
 from ..roles import ENCODER_SELF, ROLES, attention_label, split_label
 
 SPAN_SUFFIX = "adaptive_span.current_val"
@@ -33,20 +34,12 @@ _LAYER_RE = re.compile(r"^(?P<stack>.*?)\.?layers\.(?P<layer>\d+)\.(?P<module>.+
 
 # ------------------------------------------------------------------------------------------- loading
 def load_checkpoint(path: str, trust: bool = False) -> dict:
-    """``torch.load`` on CPU, weights-only unless ``trust`` (only for checkpoints you made yourself)."""
+    """``torch.load`` on CPU, weights-only unless ``trust`` (only for checkpoints you made yourself); a file that
+    cannot be read stops the command with a message naming it and what is wrong."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=not trust)
-    except FileNotFoundError:
-        raise SystemExit(f"fluence-plot: no such checkpoint: {path}")
-    except Exception as e:  # pickle.UnpicklingError and friends: the message is long, keep its first line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(
-            f"fluence-plot: cannot load {path} with weights_only=True ({first}). If you trust this file, "
-            "pass --trust-checkpoint to load it with weights_only=False."
-        )
-    if not isinstance(state, dict):
-        raise SystemExit(f"fluence-plot: {path} is not a fairseq checkpoint (a dict), got {type(state).__name__}")
-    return state
+        return checkpoints.load(path, trust=trust, trust_flag="--trust-checkpoint", prog="fluence-plot")
+    except checkpoints.CheckpointError as error:
+        raise SystemExit(str(error)) from None
 
 
 def model_state(state: dict) -> Dict[str, torch.Tensor]:

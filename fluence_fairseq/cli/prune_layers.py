@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from .. import compat
+from .. import checkpoints
 from ..pruning import layers
 from ..pruning.layers import (
     prune_checkpoint,
@@ -25,8 +25,10 @@ def main(argv=None) -> int:
     p.add_argument("--decoder-layers-to-keep", default=None, metavar="I,J,...",
                    help="comma-separated 0-based decoder layers to keep (default: keep all)")
     args = p.parse_args(argv)
-    compat.install()  # the safe globals that a weights-only load of an argparse-model checkpoint needs
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    try:
+        state = checkpoints.load(args.checkpoint, prog="fluence-prune-layers")
+    except checkpoints.CheckpointError as error:
+        raise SystemExit(str(error)) from None
     try:
         prune_checkpoint(state, {"encoder": args.encoder_layers_to_keep, "decoder": args.decoder_layers_to_keep})
     except ValueError as error:

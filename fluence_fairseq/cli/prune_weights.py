@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from .. import compat
+from .. import checkpoints
 from ..pruning import weights
 from ..pruning.weights import (
     DEFAULT_EXCLUDE,
@@ -54,8 +54,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1, help="seed of --method random (default 1)")
     p.add_argument("--list", action="store_true", help="print the module names and exit")
     args = p.parse_args(argv)
-    compat.install()  # safe globals for a weights-only load of argparse-model checkpoints
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    try:
+        state = checkpoints.load(args.checkpoint, prog="fluence-prune-weights")
+    except checkpoints.CheckpointError as error:
+        raise SystemExit(str(error)) from None
     try:
         if args.list:
             print(list_modules(build_model_from_checkpoint(state)))
