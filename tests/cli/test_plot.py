@@ -81,7 +81,7 @@ def test_no_spans_is_a_clear_error(tmp_path):
 
 
 def test_missing_checkpoint_and_unknown_command(tmp_path):
-    with pytest.raises(SystemExit, match="no such checkpoint"):
+    with pytest.raises(SystemExit, match=r"missing\.pt does not exist"):
         plot.main(["spans", str(tmp_path / "missing.pt")])
     with pytest.raises(SystemExit):
         plot.main(["nonsense"])
