@@ -2,7 +2,8 @@
 
 ``fairseq-train --help`` cannot show them: fairseq handles ``--help`` in its first parsing pass, before it adds
 the flags of the chosen ``--arch``. This prints what fairseq would add, with each flag's help text and default.
-``fluence-help --markdown`` prints the same as the Markdown reference page (``docs/reference.md``; ``make docs``
+``fluence-help --arch NAME`` prints what one architecture sets: its model, the attention of every role and the
+values of their options and sizes. ``fluence-help --markdown`` prints the same as the Markdown reference page (``docs/reference.md``; ``make docs``
 writes it and the support matrix of the README, and a test fails when the committed files differ).
 """
 import argparse
@@ -10,6 +11,7 @@ import sys
 from typing import List, Tuple
 
 from ..models.architectures import markdown_table
+from ..layerdrop import LAYERDROP_RATE
 from ..models.attention_args import add_attention_args
 from ..models.encoder_decoder import FluenceTransformerModel
 from ..models.hex_classifier import HexClassifierModel
@@ -23,6 +25,9 @@ ATTENTION_GROUP = "attention flags"
 PRUNING_GROUP = "attention pruning flags"
 HEX_GROUP = "hex_classifier flags"
 MEMORY_GROUP = "language model memory flags"
+LAYERDROP_GROUP = "LayerDrop flags"
+#: the model of every architecture the plugin registers
+PLUGIN_MODELS = ("fluence_transformer", "fluence_transformer_lm", "hex_classifier")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Flags that --user-dir fluence_fairseq adds to fairseq-train/-generate for its models "
         "(besides fairseq's own transformer flags), its criterions and its architectures.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"criterions (--criterion):\n{criterions_table()}\n\narchitectures (--arch):\n{markdown_table()}",
+        epilog=f"criterions (--criterion):\n{criterions_table()}\n\narchitectures (--arch):\n{markdown_table()}"
+               f"\n\nhex_classifier architectures (--task sentence_prediction): {', '.join(hex_architectures())}",
     )
     parser.add_argument("--markdown", action="store_true", help="print the Markdown reference page instead")
+    parser.add_argument("--arch", choices=plugin_architectures(), metavar="NAME",
+                        help="print what this architecture sets (model, attention per role, option values, sizes)")
     group = parser.add_argument_group(
         ATTENTION_GROUP, "fluence_transformer has all three roles, fluence_transformer_lm only the decoder self "
         "attention; an option applies where its attention is chosen")
@@ -46,7 +54,59 @@ def build_parser() -> argparse.ArgumentParser:
         MEMORY_GROUP, "fluence_transformer_lm and transformer_lm_*, for --task fluence_lm_stream"))
     HexClassifierModel.add_args(parser.add_argument_group(
         HEX_GROUP, "--arch hex_classifier*, --task sentence_prediction"))
+    add_layerdrop_help(parser.add_argument_group(
+        LAYERDROP_GROUP, "fairseq's own flags on every fluence encoder-decoder and language model; the plugin checks "
+        "their values and prunes by its own rules (see layerdrop.md)"))
     return parser
+
+
+def add_layerdrop_help(group) -> None:
+    for side in ("encoder", "decoder"):
+        group.add_argument(f"--{side}-layerdrop", type=LAYERDROP_RATE, metavar="P",
+                           help=f"probability of skipping each {side} layer in training, in [0, 1) [default: 0]")
+        group.add_argument(f"--{side}-layers-to-keep", metavar="I,J,...",
+                           help=f"0-based {side} layers to keep when loading (prunes a LayerDrop-trained model; also "
+                                "as --model-overrides) [default: all]")
+
+
+def plugin_architectures() -> List[str]:
+    """Every --arch the plugin registers (test sizes included: they are valid names)."""
+    from fairseq.models import ARCH_MODEL_NAME_REGISTRY
+
+    return sorted(name for name, model in ARCH_MODEL_NAME_REGISTRY.items() if model in PLUGIN_MODELS)
+
+
+def hex_architectures() -> List[str]:
+    return [a for a in plugin_architectures() if a.startswith("hex_classifier") and not a.endswith("_tiny")]
+
+
+def describe_architecture(name: str) -> str:
+    """What ``--arch name`` sets, resolved the way fairseq-train resolves it (the arch function on empty args)."""
+    from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_NAME_REGISTRY
+
+    from ..models.attention_args import attention_name
+
+    args = argparse.Namespace()
+    ARCH_CONFIG_REGISTRY[name](args)
+    model = ARCH_MODEL_NAME_REGISTRY[name]
+    model_roles = {FluenceTransformerModel: "fluence_transformer", FluenceTransformerLanguageModel:
+                   "fluence_transformer_lm", HexClassifierModel: "hex_classifier"}
+    roles = next(cls.ATTENTION_ROLES for cls, m in model_roles.items() if m == model)
+    sides = {"fluence_transformer": ("encoder", "decoder"), "fluence_transformer_lm": ("decoder",),
+             "hex_classifier": ("encoder",)}[model]
+    lines = [f"--arch {name}: model {model}"]
+    for role in roles:
+        attention = attention_name(args, role)
+        options = ", ".join(f"--{o.name.replace('_', '-')} {getattr(args, o.name, o.default)}"
+                            for o in ATTENTIONS[attention].options) or "no options"
+        lines.append(f"  {role.flag} {attention}: {options}")
+    sizes = [k for k in ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads", "encoder_ffn_embed_dim",
+                         "decoder_layers", "decoder_embed_dim", "decoder_attention_heads", "decoder_ffn_embed_dim",
+                         "encoder_layerdrop", "decoder_layerdrop")
+             if getattr(args, k, None) is not None and k.split("_")[0] in sides]
+    if sizes:
+        lines.append("  " + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in sizes))
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------- tables
@@ -136,7 +196,10 @@ def reference_markdown() -> str:
         "With `--task fluence_lm_stream` (see long_context.md), which adds `--stream-without-memory`.",
         flags_table(parser, MEMORY_GROUP),
         "## hex_classifier flags",
+        "Architectures: " + ", ".join(f"`{a}`" for a in hex_architectures()) + ".",
         flags_table(parser, HEX_GROUP),
+        "## LayerDrop flags",
+        flags_table(parser, LAYERDROP_GROUP),
     ]) + "\n"
 
 
@@ -145,6 +208,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.markdown:
         sys.stdout.write(reference_markdown())
+    elif args.arch:
+        print(describe_architecture(args.arch))
     else:
         parser.print_help()
     return 0
