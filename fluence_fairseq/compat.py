@@ -13,6 +13,11 @@
   natural ``import fluence_fairseq`` then ``from_pretrained(..., user_dir="fluence_fairseq")`` (or
   ``parse_args_and_arch`` with ``--user-dir``) failed with "not globally unique". :func:`user_dir_spellings` lists
   the spellings that name this very directory, and the package adds them to its ``__path__``.
+* fairseq's default ``--ddp-backend c10d`` (and ``pytorch_ddp``) hands torch's ``DistributedDataParallel``
+  ``device_ids=[device_id]``, which torch refuses for a model on the CPU. torch's DDP runs on CPU with gloo when
+  given no device ids, so on CPU we build it that way (same options otherwise); GPUs are untouched.
+* ``--bf16`` implies ``--tpu`` in fairseq 0.12: without torch_xla fairseq fails with "'NoneType' object has no
+  attribute 'xla_device'". We stop with a message naming the working choices instead.
 * fairseq's ``load_checkpoint_to_cpu`` is wrapped so that a checkpoint it cannot read is named and described
   (:mod:`.checkpoints`).
 """
@@ -69,6 +74,54 @@ def user_dir_spellings(package_dir):
             if c != package_dir and os.path.isdir(c) and os.path.samefile(c, package_dir)]
 
 
+def _patch_cpu_ddp():
+    import fairseq.models
+    from fairseq.models import distributed_fairseq_model as dfm
+
+    original = dfm.DistributedFairseqModel
+    if getattr(original, "_fluence_cpu_ddp", False):
+        return
+
+    def DistributedFairseqModel(args, model, process_group, device):
+        on_cpu = torch.device(device).type == "cpu"
+        if on_cpu and not getattr(args, "tpu", False) and args.ddp_backend in {"c10d", "pytorch_ddp"}:
+            if getattr(args, "ddp_comm_hook", "none") == "fp16":
+                raise ValueError("--ddp-comm-hook fp16 compresses gradients for GPUs; on CPU leave it out")
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                module=model.to(device), device_ids=None, output_device=None,
+                broadcast_buffers=args.broadcast_buffers, bucket_cap_mb=args.bucket_cap_mb,
+                process_group=process_group, find_unused_parameters=args.find_unused_parameters,
+                gradient_as_bucket_view=args.gradient_as_bucket_view,
+            )
+            return dfm.ModuleProxyWrapper(wrapped)
+        return original(args, model, process_group, device)
+
+    DistributedFairseqModel._fluence_cpu_ddp = True
+    dfm.DistributedFairseqModel = DistributedFairseqModel
+    fairseq.models.DistributedFairseqModel = DistributedFairseqModel
+
+
+def _patch_tpu_device():
+    from fairseq import utils
+
+    original = utils.get_tpu_device
+    if getattr(original, "_fluence_checked", False):
+        return
+
+    def get_tpu_device():
+        try:
+            import torch_xla.core.xla_model  # noqa: F401
+        except ImportError:
+            raise RuntimeError(
+                "--bf16 (and --memory-efficient-bf16) in fairseq 0.12 implies --tpu, which needs torch_xla and a "
+                "TPU; it is not installed here. On CPU train in float32 (leave out --bf16); on a GPU use --fp16"
+            ) from None
+        return original()
+
+    get_tpu_device._fluence_checked = True
+    utils.get_tpu_device = get_tpu_device
+
+
 def install():
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals(SAFE_GLOBALS)
@@ -77,6 +130,8 @@ def install():
     elif not hasattr(np.compat, "long"):
         np.compat.long = int
     _patch_buckets()
+    _patch_cpu_ddp()
+    _patch_tpu_device()
     from .checkpoints import guard_fairseq_loading
 
     guard_fairseq_loading()

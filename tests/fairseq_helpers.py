@@ -227,8 +227,9 @@ def ddp_worker(out: Path, train_args: List[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     final = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     rank = cfg.distributed_training.distributed_rank
+    wrapper = type(getattr(trainer.model, "module", trainer.model)).__name__  # inside fairseq's ModuleProxyWrapper
     torch.save({"init": captured["init"], "final": final, "num_updates": trainer.get_num_updates(), "rank": rank,
-                "sample_ids": seen_ids}, out / f"rank{rank}.pt")
+                "sample_ids": seen_ids, "wrapper": wrapper}, out / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -26,14 +26,14 @@ def free_port() -> int:
 COMMON = ["--cpu", "--num-workers", "0", "--seed", "3", "--optimizer", "adam", "--lr", "0.01",
           "--max-tokens", "300", "--max-update", "4", "--no-save", "--disable-validation",
           "--log-format", "simple", "--log-interval", "1", "--no-progress-bar",
-          "--distributed-world-size", "2", "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp",
-          "--distributed-no-spawn"]
+          "--distributed-world-size", "2", "--distributed-backend", "gloo", "--distributed-no-spawn"]
 
 
-def run_two_ranks(translation_bin, tmp_path, model_args):
+def run_two_ranks(translation_bin, tmp_path, model_args, ddp_backend="legacy_ddp"):
     """Train on two ranks; returns (per-rank saved states, per-rank logs)."""
     init_method = f"tcp://127.0.0.1:{free_port()}"
-    common = [str(translation_bin), *model_args, *COMMON, "--distributed-init-method", init_method]
+    common = [str(translation_bin), *model_args, *COMMON, "--ddp-backend", ddp_backend,
+              "--distributed-init-method", init_method]
     logs, procs = [tmp_path / f"rank{r}.log" for r in (0, 1)], []
     for rank in (0, 1):
         with open(logs[rank], "w") as log:  # files, not pipes: a full pipe would block a rank
@@ -62,6 +62,7 @@ def run_two_ranks(translation_bin, tmp_path, model_args):
 
 def assert_ranks_in_sync(states):
     assert [s["num_updates"] for s in states] == [4, 4]
+    assert len({s["wrapper"] for s in states}) == 1
     ids0, ids1 = set(states[0]["sample_ids"]), set(states[1]["sample_ids"])
     assert ids0 and ids1 and ids0 != ids1, "the ranks must train on different batches"
     init0, final0 = states[0]["init"], states[0]["final"]
@@ -108,6 +109,24 @@ def test_two_rank_training_with_layerdrop_and_learned_alpha(translation_bin, tmp
     assert any(not torch.equal(states[0]["init"][k], states[0]["final"][k]) for k in alpha_keys)
     train_line = [ln for ln in logs[0].splitlines() if "train_inner" in ln][-1]
     assert re.search(r"alpha_enc_self_0=1\.[0-9]+", train_line), train_line
+
+
+def test_two_rank_training_with_fairseqs_default_c10d_backend_on_cpu(translation_bin, tmp_path):
+    """fairseq's default --ddp-backend c10d passes device_ids=[0], which torch refuses for CPU parameters; the
+    plugin builds torch's DDP without device ids on CPU, and the ranks end identical."""
+    states, logs = run_two_ranks(translation_bin, tmp_path, [
+        "--arch", "transformer_adaptive_span_tiny",
+        "--criterion", "adaptive_span_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+    ], ddp_backend="c10d")
+    assert_ranks_in_sync(states)
+    assert [s["wrapper"] for s in states] == ["DistributedDataParallel"] * 2  # torch's DDP, not fairseq's legacy
+
+
+def test_bf16_on_cpu_stops_before_training_with_the_working_choices(translation_bin, tmp_path):
+    with pytest.raises(AssertionError, match=r"--bf16 .* implies --tpu.*On CPU train in float32.*--fp16"):
+        H.run_fairseq("train", [translation_bin, "--user-dir", "fluence_fairseq", "--arch",
+                                "transformer_adaptive_span_tiny", "--bf16", *H.tiny_train_flags(tmp_path, 2)])
+    assert not (tmp_path / "checkpoint_last.pt").exists()
 
 
 if __name__ == "__main__":  # pragma: no cover
