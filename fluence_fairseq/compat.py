@@ -13,6 +13,12 @@
   natural ``import fluence_fairseq`` then ``from_pretrained(..., user_dir="fluence_fairseq")`` (or
   ``parse_args_and_arch`` with ``--user-dir``) failed with "not globally unique". :func:`user_dir_spellings` lists
   the spellings that name this very directory, and the package adds them to its ``__path__``.
+* fairseq main (and so ve-fairseq 0.12.3) drops the last batch whenever its size is not a multiple of
+  ``--required-batch-size-multiple`` (8 by default): ``fairseq-generate --beam 5`` on 20 sentences translated 16,
+  and training loses up to 7 samples per epoch, silently (fairseq#5036). We keep that batch, as fairseq 0.12.2 did.
+* ``fairseq-eval-lm`` drops every block longer than the model's positions without a word (a model trained with
+  ``--tokens-per-sample 64`` scored with the default 1024 printed "Evaluated 0 tokens ... Perplexity: 1.00" and
+  exited 0). The language-modelling task's ``eval_lm_dataloader`` now refuses such blocks, naming the flag.
 * fairseq's default ``--ddp-backend c10d`` (and ``pytorch_ddp``) hands torch's ``DistributedDataParallel``
   ``device_ids=[device_id]``, which torch refuses for a model on the CPU. torch's DDP runs on CPU with gloo when
   given no device ids, so on CPU we build it that way (same options otherwise); GPUs are untouched.
@@ -74,6 +80,60 @@ def user_dir_spellings(package_dir):
             if c != package_dir and os.path.isdir(c) and os.path.samefile(c, package_dir)]
 
 
+def _patch_batch_by_size():
+    from fairseq.data import data_utils
+
+    original = data_utils.batch_by_size
+    if getattr(original, "_fluence_keeps_last", False):
+        return
+
+    def batch_by_size(indices, num_tokens_fn, num_tokens_vec=None, max_tokens=None, max_sentences=None,
+                      required_batch_size_multiple=1, fixed_shapes=None):
+        batches = original(indices, num_tokens_fn, num_tokens_vec=num_tokens_vec, max_tokens=max_tokens,
+                           max_sentences=max_sentences, required_batch_size_multiple=required_batch_size_multiple,
+                           fixed_shapes=fixed_shapes)
+        if fixed_shapes is not None:
+            return batches  # fixed shapes leave out what fits none of them, by design
+        indices = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices), dtype=np.int64)
+        if sum(len(b) for b in batches) == len(indices):
+            return batches
+        seen = np.concatenate(batches) if len(batches) else np.zeros(0, dtype=np.int64)
+        dropped = indices[~np.isin(indices, seen)]  # the last batch, in order
+        return list(batches) + [dropped]
+
+    batch_by_size._fluence_keeps_last = True
+    data_utils.batch_by_size = batch_by_size
+
+
+def _check_eval_blocks(dataset, max_positions, tokens_per_sample) -> None:
+    limit = max_positions[0] if isinstance(max_positions, (tuple, list)) else max_positions
+    sizes = getattr(dataset, "sizes", None)
+    if limit is None or sizes is None or len(sizes) == 0:
+        return
+    too_long = int((np.asarray(sizes) > limit).sum())
+    if too_long:
+        raise ValueError(
+            f"fairseq-eval-lm: {too_long} of {len(sizes)} blocks are longer than the model's {limit} positions, and "
+            f"fairseq would skip them without scoring (blocks of --tokens-per-sample {tokens_per_sample}). Pass "
+            f"--tokens-per-sample {limit} or less (add --context-window N to give every scored token N tokens of "
+            "context)")
+
+
+def _patch_eval_lm_dataloader():
+    from fairseq.tasks.language_modeling import LanguageModelingTask
+
+    original = LanguageModelingTask.eval_lm_dataloader
+    if getattr(original, "_fluence_checked", False):
+        return
+
+    def eval_lm_dataloader(self, dataset, max_tokens=36000, batch_size=None, max_positions=None, *args, **kwargs):
+        _check_eval_blocks(dataset, max_positions, getattr(self.args, "tokens_per_sample", None))
+        return original(self, dataset, max_tokens, batch_size, max_positions, *args, **kwargs)
+
+    eval_lm_dataloader._fluence_checked = True
+    LanguageModelingTask.eval_lm_dataloader = eval_lm_dataloader
+
+
 def _patch_cpu_ddp():
     import fairseq.models
     from fairseq.models import distributed_fairseq_model as dfm
@@ -130,6 +190,8 @@ def install():
     elif not hasattr(np.compat, "long"):
         np.compat.long = int
     _patch_buckets()
+    _patch_batch_by_size()
+    _patch_eval_lm_dataloader()
     _patch_cpu_ddp()
     _patch_tpu_device()
     from .checkpoints import guard_fairseq_loading

@@ -105,3 +105,21 @@ def test_lm_sharded_data_reads_one_shard_per_epoch(lm_bin, tmp_path):
     for epoch in (1, 2):
         dataset, batches = _all_batches(task, "train", args, epoch=epoch)
         assert sum(int(b["ntokens"]) for b in batches) == int(dataset.sizes.sum()) > 0
+
+
+@pytest.mark.parametrize("max_tokens,max_sentences,multiple", [(None, None, 8), (None, 3, 8), (100, None, 8),
+                                                              (37, None, 4), (None, 5, 1)])
+def test_batch_by_size_keeps_every_index(max_tokens, max_sentences, multiple):
+    from fairseq.data import data_utils
+
+    sizes = np.random.default_rng(0).integers(1, 12, size=203)
+    indices = np.argsort(sizes, kind="stable").astype(np.int64)
+    batches = data_utils.batch_by_size(indices, lambda i: int(sizes[i]), num_tokens_vec=sizes[indices],
+                                       max_tokens=max_tokens, max_sentences=max_sentences,
+                                       required_batch_size_multiple=multiple)
+    assert np.array_equal(np.concatenate(batches), indices)  # all of them, once, in order
+    for batch in batches:
+        if max_sentences:
+            assert len(batch) <= max_sentences
+        if max_tokens:
+            assert len(batch) * sizes[batch].max() <= max_tokens

@@ -116,6 +116,27 @@ def test_language_model_trains_and_eval_lm_works(trained_lm):
     assert re.search(r"Loss \(base 2\): [0-9.]+, Perplexity: [0-9.]+", out), out[-2000:]
 
 
+def test_eval_lm_refuses_blocks_longer_than_the_model_instead_of_scoring_nothing(trained_lm):
+    """fairseq skips blocks longer than the model's positions without scoring them ("Evaluated 0 tokens ...
+    Perplexity: 1.00", exit 0); the model was trained with --tokens-per-sample 48."""
+    lm_bin, save, _ = trained_lm
+    with pytest.raises(AssertionError, match=r"blocks are longer than the model's 48 positions.*"
+                                             r"--tokens-per-sample 48 or less"):
+        H.run_fairseq("eval_lm", [lm_bin, "--path", save / "checkpoint_best.pt", *USER_DIR, "--cpu",
+                                  "--gen-subset", "valid", "--num-workers", "0"])
+
+
+def test_generate_translates_every_sentence_whatever_the_batch_size(trained):
+    """fairseq main drops a last batch whose size is not a multiple of --required-batch-size-multiple (8):
+    16 sentences in batches of 3 gave 15 hypotheses, and the README's plain --beam 5 gave 16 of 20."""
+    data, save, _ = trained
+    for batch in (["--batch-size", "3"], ["--max-tokens", "50"]):
+        out = H.run_fairseq("generate", [data, "--path", save / "checkpoint_best.pt", *USER_DIR, "--cpu",
+                                         "--beam", "2", "--max-len-b", "5", *batch])
+        ids = sorted(int(ln.split("\t")[0][2:]) for ln in out.splitlines() if ln.startswith("H-"))
+        assert ids == list(range(16)), (batch, ids)
+
+
 LM_HUB_SCRIPT = """
 import sys
 order, save, data = sys.argv[1:]

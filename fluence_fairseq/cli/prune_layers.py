@@ -15,7 +15,7 @@ from ..pruning.layers import (
 )
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fluence-prune-layers",
                                 description=layers.__doc__.strip().split("\n\n")[0])
     p.add_argument("checkpoint", help="fairseq checkpoint to prune (read-only)")
@@ -24,6 +24,11 @@ def main(argv=None) -> int:
                    help="comma-separated 0-based encoder layers to keep (default: keep all)")
     p.add_argument("--decoder-layers-to-keep", default=None, metavar="I,J,...",
                    help="comma-separated 0-based decoder layers to keep (default: keep all)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         state = checkpoints.load(args.checkpoint, prog="fluence-prune-layers")

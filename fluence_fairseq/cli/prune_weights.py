@@ -24,7 +24,7 @@ from ..pruning.weights import (
 )
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fluence-prune-weights",
                                 description=weights.__doc__.strip().split("\n\n")[0],
                                 epilog="Default selection: every nn.Linear weight except *output_projection* "
@@ -53,6 +53,11 @@ def main(argv=None) -> int:
                    help="with --prune-heads: only attention modules matching these")
     p.add_argument("--seed", type=int, default=1, help="seed of --method random (default 1)")
     p.add_argument("--list", action="store_true", help="print the module names and exit")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         state = checkpoints.load(args.checkpoint, prog="fluence-prune-weights")

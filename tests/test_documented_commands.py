@@ -1,0 +1,107 @@
+"""The commands in the README and the docs work as written.
+
+Every ``fairseq-*`` and ``python -m fluence_fairseq.cli.*`` line of their shell blocks must parse (flags that
+exist, values in range); the README's tour (train, generate, interactive; train and eval-lm for a language
+model) runs as written on tiny data, with only the sizes and the number of updates appended, and every test
+sentence must be translated and every test token scored.
+"""
+import os
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+import fairseq_helpers as H
+
+DOCS = [H.REPO / "README.md", *sorted((H.REPO / "docs").glob("*.md"))]
+FAIRSEQ_PARSERS = {"fairseq-train": "get_training_parser", "fairseq-generate": "get_generation_parser",
+                   "fairseq-interactive": "get_interactive_generation_parser",
+                   "fairseq-eval-lm": "get_eval_lm_parser"}
+
+
+def documented_commands(path: Path):
+    """(tool, argv) of every command line in the shell blocks of ``path`` (continuations joined, comments cut);
+    synopsis lines with ``[optional]`` parts or ``...`` are templates, not commands."""
+    out = []
+    for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", path.read_text(), re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = line.split(" # ")[0].strip()
+            if not re.match(r"(fairseq-|python -m fluence_fairseq\.cli\.)", line) or "[" in line or "..." in line:
+                continue
+            words = shlex.split(line)
+            tool = words[2] if words[0] == "python" else words[0]
+            out.append((tool, words[3:] if words[0] == "python" else words[1:]))
+    return out
+
+
+COMMANDS = [(path.name, tool, argv) for path in DOCS for tool, argv in documented_commands(path)]
+
+
+def test_the_docs_have_commands():
+    tools = {tool for _, tool, _ in COMMANDS}
+    assert {"fairseq-train", "fairseq-generate", "fairseq-interactive", "fairseq-eval-lm"} <= tools
+    assert len(COMMANDS) >= 15
+
+
+@pytest.mark.parametrize("doc,tool,argv", COMMANDS, ids=[f"{d}:{t}:{i}" for i, (d, t, _) in enumerate(COMMANDS)])
+def test_documented_command_parses(doc, tool, argv, capsys):
+    import importlib
+
+    from fairseq import options
+
+    try:
+        if tool in FAIRSEQ_PARSERS:
+            parser = getattr(options, FAIRSEQ_PARSERS[tool])(**({"default_task": "language_modeling"}
+                                                                 if tool == "fairseq-eval-lm" else {}))
+            options.parse_args_and_arch(parser, argv)
+        else:
+            module = importlib.import_module(tool)
+            module.build_parser().parse_args(argv)
+    except SystemExit as stop:
+        pytest.fail(f"{doc}: `{tool} {' '.join(argv)}` does not parse: {capsys.readouterr().err.strip()[-500:]} "
+                    f"({stop.code})")
+
+
+def _readme_tour():
+    return [(tool, argv) for tool, argv in documented_commands(H.REPO / "README.md") if tool.startswith("fairseq")]
+
+
+SMALL = ["--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+         "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2",
+         "--decoder-attention-heads", "2"]
+LM_SMALL = ["--decoder-layers", "1", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+            "--decoder-attention-heads", "2"]
+TINY_RUN = ["--max-update", "3", "--max-tokens", "512", "--cpu", "--num-workers", "0", "--no-epoch-checkpoints",
+            "--warmup-updates", "1"]
+
+
+def test_readme_tour_runs_as_written_and_loses_nothing(translation_bin, lm_bin, tmp_path):
+    tour = _readme_tour()
+    assert [t for t, _ in tour] == ["fairseq-train", "fairseq-generate", "fairseq-interactive", "fairseq-train",
+                                    "fairseq-eval-lm"]
+    # the names the README uses, in a scratch directory; the plugin is the checkout's
+    os.symlink(translation_bin, tmp_path / "data-bin")
+    os.symlink(lm_bin, tmp_path / "lm-bin")
+    os.symlink(H.REPO / "fluence_fairseq", tmp_path / "fluence_fairseq")
+    test_sentences = len((translation_bin.parent / "raw" / "test.in").read_text().splitlines()) \
+        if (translation_bin.parent / "raw").exists() else 16
+    outputs = []
+    for tool, argv in tour:
+        if tool == "fairseq-train":
+            extra = (LM_SMALL if "language_modeling" in argv else SMALL) + TINY_RUN
+        else:
+            extra = ["--cpu", "--num-workers", "0"]
+        module = {"fairseq-train": "train", "fairseq-generate": "generate", "fairseq-interactive": "interactive",
+                  "fairseq-eval-lm": "eval_lm"}[tool]
+        stdin = "a b c d e\nj i h g\nc c a\n" if tool == "fairseq-interactive" else None
+        outputs.append(H.run_fairseq(module, [*argv, *extra], cwd=tmp_path, input=stdin))
+    generate, interactive, evaluation = outputs[1], outputs[2], outputs[4]
+    ids = sorted(int(line.split("\t")[0][2:]) for line in generate.splitlines() if line.startswith("H-"))
+    assert ids == list(range(test_sentences)), f"generate translated {len(ids)} of {test_sentences}"
+    assert sum(line.startswith("H-") for line in interactive.splitlines()) == 3
+    scored = int(re.search(r"Evaluated ([0-9,]+) tokens", evaluation).group(1).replace(",", ""))
+    from fairseq.data import data_utils
+
+    test = data_utils.load_indexed_dataset(str(lm_bin / "test"), None)
+    assert scored == int(test.sizes.sum())  # every token of the split
