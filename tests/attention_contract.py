@@ -46,7 +46,9 @@ class Case:
 
 
 def _randn(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    """The same numbers on every device: drawn on the CPU, then moved to the default device."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), device="cpu")
+    return x.to(torch.get_default_device())
 
 
 def _build(case, cross, causal, seed=0):
@@ -94,6 +96,11 @@ def _chunks(total, pattern=(1, 2, 3)):
 class AttentionContract:
     case: Case
 
+    @pytest.fixture(autouse=True)
+    def _on_device(self, device):
+        """Each contract test runs on every device of the machine (``device`` sets the default device)."""
+        self.device = device
+
     # ------------------------------------------------------------------------------------------ basics
     def test_shapes_batch_first_and_gradients(self, pattern):
         cross, causal = pattern
@@ -112,6 +119,32 @@ class AttentionContract:
                 continue
             assert p.grad is not None, f"parameter {name} got no gradient"
             assert torch.isfinite(p.grad).all(), f"parameter {name} has a non-finite gradient"
+
+    def test_autocast(self, pattern):
+        """Mixed precision (bf16 on CPU; fp16 and bf16 on CUDA): outputs and gradients stay finite and the outputs
+        near the float32 ones."""
+        cross, causal = pattern
+        attn = _build(self.case, cross, causal)
+        if not attn.supports_autocast:
+            pytest.skip(f"{type(attn).__name__} declares supports_autocast = False")
+        x, src = _inputs(self.case, cross)
+        reference = _call(attn, x, src)
+        dtypes = (torch.float16, torch.bfloat16) if self.device.type == "cuda" else (torch.bfloat16,)
+        for dtype in dtypes:
+            attn.eval()
+            with torch.autocast(self.device.type, dtype=dtype):
+                out = _call(attn, x, src)
+            assert torch.isfinite(out).all(), dtype
+            error = (out.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-6)
+            assert error < attn.autocast_tolerance, f"{dtype}: relative error {error:.3g} against float32"
+            attn.train()
+            attn.zero_grad()
+            with torch.autocast(self.device.type, dtype=dtype):
+                loss = _call(attn, x, src).float().pow(2).sum()
+            loss.backward()
+            for name, p in attn.named_parameters():
+                if p.grad is not None:
+                    assert torch.isfinite(p.grad).all(), f"{dtype}: {name} has a non-finite gradient"
 
     def test_causality(self, pattern):
         cross, causal = pattern

@@ -29,3 +29,26 @@ def pytest_generate_tests(metafunc):
 
         patterns = supported_patterns(case)
         metafunc.parametrize("pattern", patterns, ids=[PATTERNS[p].replace(" ", "-") for p in patterns])
+
+
+def _devices():
+    import torch
+
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=_devices())
+def device(request):
+    """Every device this machine has: tests that take it run on the CPU and, where there is one, on CUDA (with
+    CUDA the default device for the test's tensors and modules). ``make gpu-check`` runs them on a GPU."""
+    import torch
+
+    dev = torch.device(request.param)
+    if dev.type == "cpu":
+        yield dev
+        return
+    torch.set_default_device(dev)
+    try:
+        yield dev
+    finally:
+        torch.set_default_device("cpu")

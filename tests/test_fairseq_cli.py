@@ -221,3 +221,17 @@ def test_hub_loads_after_import_with_user_dir_or_both_from_any_directory(trained
     assert translation and set(translation.split()) <= set(H.LETTERS) | {"<unk>"}
     if order == "both":
         assert re.search(r"^PARSED transformer_adaptive_span_tiny \d+$", proc.stdout, re.M), proc.stdout[-2000:]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device (make gpu-check runs it)")
+@pytest.mark.parametrize("precision", [[], ["--amp"]], ids=["fp32", "amp"])
+def test_train_and_generate_on_cuda(translation_bin, tmp_path, precision):
+    env = H.clean_env(CUDA_VISIBLE_DEVICES="0")
+    save = tmp_path / "ck"
+    flags = [f for f in H.tiny_train_flags(save, 4) if f != "--cpu"]
+    log = H.run_fairseq("train", [translation_bin, *USER_DIR, *TRANSLATION_ARCH, *flags, *precision], env=env)
+    assert "done training" in log and "cuda" in log.lower()
+    out = H.run_fairseq("generate", [translation_bin, "--path", save / "checkpoint_last.pt", *USER_DIR, "--beam",
+                                     "3", "--max-len-b", "20", "--batch-size", "5"], env=env)
+    ids = sorted(int(ln.split("\t")[0][2:]) for ln in out.splitlines() if ln.startswith("H-"))
+    assert ids == list(range(16)), out[-2000:]

@@ -63,6 +63,7 @@ class ABCAttention(FluenceAttention):
     """
 
     decoding_state = "r x d numerators, r denominators and a running max"
+    float32_math = True  # its own autograd kernels keep float32 accumulators
     position_scheme = "state"  # causal: the recurrent state carries the order
 
     supports_attn_mask = False

@@ -10,6 +10,7 @@ It derives from fairseq's ``MultiheadAttention`` so the projections keep the nam
 ``v_proj`` and ``out_proj`` (state dicts load into stock transformers and back), and it overrides ``forward``
 entirely: fairseq's own forward has a fused fast path that would skip any hook we override.
 """
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Optional, Tuple
@@ -117,6 +118,15 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     #: its math takes a relative bias (:meth:`set_alibi`), "state" where a recurrent state carries the order,
     #: "cos re-weighting" (cosFormer), "none" where it takes no relative bias
     position_scheme: str = "alibi"
+    #: runs under ``torch.autocast`` (fp16/bf16 mixed precision) with finite outputs and gradients near float32's
+    supports_autocast: bool = True
+    #: largest relative deviation of a 16-bit autocast output from float32 (the contract checks it): methods that
+    #: select discretely (top-k queries) can flip a selection on rounding and deviate more
+    autocast_tolerance: float = 0.05
+    #: under autocast the base runs :meth:`attend`/:meth:`attend_incremental` in float32 with autocast off (the
+    #: projections stay in low precision): for methods whose own autograd kernels keep float32 accumulators or
+    #: whose selections (top-k) are too brittle in 16 bits
+    float32_math: bool = False
 
     def __init__(
         self,
@@ -425,15 +435,20 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         if attn_mask is not None and not self.supports_attn_mask:
             attn_mask = self._drop_future_mask(attn_mask, tgt_len)
 
-        if buffer is not None and not self.cross:
-            key_padding_mask = padding_mask_to_bool(key_padding_mask, bsz, tgt_len, "key_padding_mask")
-            out, weights = self.attend_incremental(
-                q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask, buffer=buffer,
-                need_weights=need_weights,
-            )
-        else:
-            out, weights = self._attend_whole(q, k, v, summary, buffer, static_kv, key_padding_mask, attn_mask,
-                                              src_len, need_weights)
+        math_precision = contextlib.nullcontext()
+        if self.float32_math and torch.is_autocast_enabled(q.device.type):
+            q, k, v = (None if t is None else t.float() for t in (q, k, v))
+            math_precision = torch.autocast(q.device.type, enabled=False)
+        with math_precision:
+            if buffer is not None and not self.cross:
+                key_padding_mask = padding_mask_to_bool(key_padding_mask, bsz, tgt_len, "key_padding_mask")
+                out, weights = self.attend_incremental(
+                    q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask, buffer=buffer,
+                    need_weights=need_weights,
+                )
+            else:
+                out, weights = self._attend_whole(q, k, v, summary, buffer, static_kv, key_padding_mask,
+                                                  attn_mask, src_len, need_weights)
         if memory is not None:
             for name, tensor in list(memory.items()):
                 memory[name] = None if tensor is None else tensor.detach()

@@ -73,6 +73,7 @@ class LongShortAttention(FluenceAttention):
     """
 
     decoding_state = "the last w keys/values, the compressed chunks and the current chunk"
+    float32_math = True  # its own autograd kernels keep float32 accumulators
     position_scheme = "none"  # takes no relative bias; causality alone orders the window
 
     forms_weights = False

@@ -7,8 +7,9 @@ from fluence_fairseq.ops import band_attention, dense_attention
 
 
 def qkv(B=2, H=3, L=37, D=4, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, L, D, generator=g, dtype=dtype, requires_grad=True) for _ in range(3)]
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU, used on the test's (default) device
+    return [torch.randn(B, H, L, D, generator=g, dtype=dtype, device="cpu").to(torch.get_default_device())
+            .requires_grad_() for _ in range(3)]
 
 
 @pytest.mark.parametrize("left,right", [(5, 0), (7, 7), (3, 9)])
@@ -38,7 +39,7 @@ def test_blocked_path_equals_dense_path_with_gradients(left, right, with_mask, m
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_blocked_kernel_gradcheck(dropout_p, monkeypatch):
+def test_blocked_kernel_gradcheck(dropout_p, monkeypatch, device):
     monkeypatch.setattr(band, "_GROUP_ELEMENTS", 100)
     q, k, v = qkv(B=1, H=2, L=13, D=3)
     left, right, bq = 4, 2, 4
@@ -110,7 +111,7 @@ def test_narrow_path_equals_dense_path_with_gradients(left, right, block, tgt_le
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_narrow_kernel_gradcheck(dropout_p):
+def test_narrow_kernel_gradcheck(dropout_p, device):
     q, k, v = qkv(B=1, H=1, L=9, D=2)
     left, right, bq = 3, 2, 4
     kb, tail, a = 8, 1, 4  # kb: bq + left + right rounded up to whole blocks; a: first real query row

@@ -28,9 +28,9 @@ def reference(q, k, v, keep, key_padding_mask=None):
 
 
 def inputs(bsz, heads, tgt_len, src_len, dim=8, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(bsz, heads, n, dim, generator=gen, dtype=dtype).requires_grad_() for n in
-            (tgt_len, src_len, src_len)]
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU, used on the test's (default) device
+    return [torch.randn(bsz, heads, n, dim, generator=gen, dtype=dtype, device="cpu").to(torch.get_default_device())
+            .requires_grad_() for n in (tgt_len, src_len, src_len)]
 
 
 def check_against_reference(keep, *, bsz=2, key_padding_mask=None, block=8, expect_path="block-sparse",
@@ -131,7 +131,7 @@ def test_everything_pruned():
         assert gq.abs().max() == 0
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(device):
     keep = torch.zeros(2, 10, 12, dtype=torch.bool)
     keep[0, :, :3] = True
     keep[0, 2, 9] = True
