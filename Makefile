@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 SOURCES := setup.py $(shell find fluence_fairseq -name '*.py' 2>/dev/null)
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lm-demo docs bench bench-sparse bench-pruning bench-weights bench-memory install clean
+.PHONY: demo test lm-demo docs bench bench-sparse bench-pruning bench-weights bench-memory gpu-wheels gpu-check install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,15 @@ bench-weights: $(STAMP)
 
 bench-memory: $(STAMP)
 	$(PY) -m benchmarks.memory --threads 1 | tee benchmarks/results/memory.md
+
+# where the registries are reachable: the wheels a GPU machine lacks (not torch), for its Python version
+GPU_PYTHON_VERSION ?= 3.12
+gpu-wheels: $(STAMP)
+	$(PY) scripts/gpu_wheels.py --python-version $(GPU_PYTHON_VERSION) --dest gpu-wheels
+
+# on the GPU machine (offline, its own CUDA torch): install those wheels, run the CUDA tests and the device benchmark
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

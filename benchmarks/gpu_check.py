@@ -1,0 +1,187 @@
+"""The short device benchmark of ``make gpu-check``: every attention's training step and decode step against
+fairseq ``MultiheadAttention`` and SDPA, at a few lengths, with device time and peak device memory.
+
+    python -m benchmarks.gpu_check --out gpu-check-report.md [--tests-log gpu-tests.log] [--lengths 1024 4096]
+
+On CUDA, times come from CUDA events around each step after a synchronisation (median of ``--repeats``), and
+memory is the peak of ``torch.cuda.max_memory_allocated`` during the first full-size step over what was allocated
+before it (module, parameters, inputs). On a CPU (to try the script) times are wall clock and memory is not
+measured. Each attention runs in its causal self pattern where it has one (decode steps too), else noncausal.
+"""
+import argparse
+import contextlib
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from benchmarks.common import build_module, causal_float_mask
+from fluence_fairseq.modules.attention_base import FluenceAttention
+from fluence_fairseq.modules.registry import ATTENTIONS
+
+BASELINES = {"fairseq_mha": {"kind": "fairseq_mha"}, "sdpa": {"kind": "sdpa"}}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    """Milliseconds of ``fn`` on ``device``."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _sync(device)
+        start.record()
+        fn()
+        end.record()
+        _sync(device)
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def peak_mib(fn: Callable[[], None], device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        fn()
+        return None
+    _sync(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+
+
+def pattern_of(spec_name: str) -> tuple:
+    patterns = ATTENTIONS[spec_name].cls.supported_patterns
+    return (False, True) if (False, True) in patterns else (False, False)
+
+
+def training_row(spec: dict, pattern: tuple, args, device: torch.device, length: int) -> dict:
+    cross, causal = pattern
+    module = build_module(spec, args.dim, args.heads, cross, causal).to(device).train()
+    x = torch.randn(length, args.batch, args.dim, device=device, requires_grad=True)
+    mask = None
+    if causal and not isinstance(module, FluenceAttention) and spec["kind"] == "fairseq_mha":
+        mask = causal_float_mask(length, length).to(device)
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        if spec["kind"] in ("sdpa", "projections"):
+            out = module(x, x)[0]
+        else:
+            out = module(query=x, key=x, value=x, attn_mask=mask, need_weights=False)[0]
+        out.float().sum().backward()
+
+    step()  # warm-up: kernels chosen, workspaces allocated
+    memory = peak_mib(step, device)
+    times = [timed(step, device) for _ in range(args.repeats)]
+    return {"train_ms": statistics.median(times), "train_mib": memory}
+
+
+@torch.no_grad()
+def decode_ms(spec: dict, args, device: torch.device, length: int) -> Optional[float]:
+    """Median ms of one decoding step with ``length`` tokens cached (causal self attention only)."""
+    module = build_module(spec, args.dim, args.heads, False, True).to(device).eval()
+    state: Dict = {}
+    try:
+        prefix = torch.randn(length, args.batch, args.dim, device=device)
+        module(query=prefix, key=prefix, value=prefix, incremental_state=state, need_weights=False)
+    except (ValueError, RuntimeError, AssertionError, TypeError):
+        return None  # takes one token per call: prefilling token by token would not be a short check
+    token = torch.randn(1, args.batch, args.dim, device=device)
+
+    def step():
+        module(query=token, key=token, value=token, incremental_state=state, need_weights=False)
+
+    step()
+    return statistics.median(timed(step, device) for _ in range(args.repeats))
+
+
+def run(args) -> List[dict]:
+    device = torch.device(args.device)
+    rows = []
+    subjects = {name: {"kind": "attention", "name": name, "options": dict(ATTENTIONS[name].bench_options)}
+                for name in ATTENTIONS}
+    for length in args.lengths:
+        for name, spec in {**BASELINES, **subjects}.items():
+            pattern = pattern_of(name) if spec["kind"] == "attention" else (False, True)
+            row = {"module": name, "length": length, "pattern": "causal" if pattern[1] else "noncausal"}
+            context = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+            try:
+                with context:
+                    row.update(training_row(spec, pattern, args, device, length))
+                    if pattern[1] and spec["kind"] != "sdpa":
+                        row["decode_ms"] = decode_ms(spec, args, device, length)
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "out of memory"
+            except Exception as error:  # a failure is a finding for the report, not the end of the check
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def _fmt(value, digits=2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def report(rows: List[dict], args, tests_log: Optional[str]) -> str:
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    lines = [f"# GPU check: {name}", "",
+             f"torch {torch.__version__}, CUDA {torch.version.cuda}, Python {platform.python_version()}; "
+             f"batch {args.batch}, width {args.dim}, {args.heads} heads, {'bf16 autocast' if args.bf16 else 'fp32'}; "
+             f"median of {args.repeats} steps. Ratios are to fairseq `MultiheadAttention` at the same length.", ""]
+    if tests_log:
+        with open(tests_log) as f:
+            tail = [line for line in f.read().splitlines() if line.strip()][-1:]
+        lines += [f"Device tests (`pytest -k cuda`): {tail[0] if tail else 'no output'}", ""]
+    lines += ["| length | module | pattern | train ms | × MHA | peak MiB | × MHA | decode ms/step |",
+              "|---|---|---|---|---|---|---|---|"]
+    base = {(r["length"]): r for r in rows if r["module"] == "fairseq_mha" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['length']} | {r['module']} | {r['pattern']} | {r['error']} | | | | |")
+            continue
+        ref = base.get(r["length"], {})
+        t_ratio = r["train_ms"] / ref["train_ms"] if ref.get("train_ms") else None
+        m_ratio = (r["train_mib"] / ref["train_mib"]) if ref.get("train_mib") and r["train_mib"] is not None else None
+        lines.append(f"| {r['length']} | {r['module']} | {r['pattern']} | {_fmt(r['train_ms'])} | {_fmt(t_ratio)} | "
+                     f"{_fmt(r['train_mib'], 1)} | {_fmt(m_ratio)} | {_fmt(r.get('decode_ms'), 3)} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="gpu-check-report.md")
+    p.add_argument("--tests-log", default=None, help="pytest output whose summary line goes into the report")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--bf16", action="store_true", help="run every step under bf16 autocast")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    rows = run(args)
+    text = report(rows, args, args.tests_log)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
