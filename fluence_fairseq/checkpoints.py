@@ -1,4 +1,4 @@
-"""Loading checkpoints with errors that say which file is wrong, how, and what to do.
+"""Loading checkpoints (and binarised data) with errors that say which file is wrong, how, and what to do.
 
 torch reports a truncated checkpoint as a bare ``OSError: [Errno 22] Invalid argument`` and random bytes with advice
 to set ``weights_only=False``, neither naming the file. :func:`load` (the plugin's commands) and the wrapper that
@@ -12,6 +12,7 @@ import pickle
 import zipfile
 from typing import Optional
 
+import numpy as np
 import torch
 
 #: what to do with a checkpoint that cannot be read
@@ -113,3 +114,71 @@ def guard_fairseq_loading() -> None:
 
     load_checkpoint_to_cpu._fluence_guarded = True
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+
+
+class CorruptDataError(RuntimeError):
+    """A binarised split (``.idx``/``.bin`` from fairseq-preprocess) that cannot be read or is cut short."""
+
+
+def fix_hint() -> str:
+    return "binarise it again with fairseq-preprocess (or restore the file)"
+
+
+def guard_binarised_data() -> None:
+    """Check fairseq's memory-mapped splits as they open: a truncated or foreign ``.idx`` (fairseq: a bare
+    ``struct.error``) or a ``.bin`` shorter than its index says (fairseq: garbage or a crash at some later step)
+    is named, with the fix."""
+    import struct
+
+    from fairseq.data import indexed_dataset as ids
+
+    cls = ids.MMapIndexedDataset
+    original = cls._do_init
+    if getattr(original, "_fluence_guarded", False):
+        return
+
+    def _do_init(self, path):
+        fix = fix_hint()
+        try:
+            original(self, path)
+        except (struct.error, AssertionError, ValueError, KeyError, OSError, EOFError) as error:
+            if isinstance(error, FileNotFoundError):
+                raise
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CorruptDataError(f"binarised split {ids.index_file_path(path)} (or its .bin) is truncated or not "
+                                   f"a fairseq index ({first}); {fix}") from None
+        index = self._index
+        if len(index):
+            needed = int(index._pointers[-1]) + int(index._sizes[-1]) * np.dtype(index.dtype).itemsize
+            actual = os.path.getsize(ids.data_file_path(path))
+            if actual < needed:
+                raise CorruptDataError(f"binarised split {ids.data_file_path(path)} is truncated: {actual} bytes, its "
+                                       f"index {ids.index_file_path(path)} needs {needed}; {fix}")
+
+    _do_init._fluence_guarded = True
+    cls._do_init = _do_init
+    legacy = ids.IndexedDataset.read_index
+    if not getattr(legacy, "_fluence_guarded", False):
+        def read_index(self, path):  # an .idx that is not of the mmap kind falls through to the legacy reader
+            try:
+                return legacy(self, path)
+            except (struct.error, AssertionError, ValueError, EOFError) as error:
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise CorruptDataError(f"binarised split {ids.index_file_path(path)} is empty, truncated or not a "
+                                       f"fairseq index ({first}); {fix_hint()}") from None
+
+        read_index._fluence_guarded = True
+        ids.IndexedDataset.read_index = read_index
+    # fairseq's destructors assume a complete object; after a failed open they would print AttributeErrors
+    for owner in (cls, cls.Index):
+        _tolerant_del(owner)
+
+
+def _tolerant_del(owner) -> None:
+    original = owner.__del__
+
+    def __del__(self):
+        if hasattr(self, "_bin_buffer_mmap"):
+            original(self)
+
+    owner.__del__ = __del__

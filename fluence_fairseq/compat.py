@@ -24,8 +24,8 @@
   given no device ids, so on CPU we build it that way (same options otherwise); GPUs are untouched.
 * ``--bf16`` implies ``--tpu`` in fairseq 0.12: without torch_xla fairseq fails with "'NoneType' object has no
   attribute 'xla_device'". We stop with a message naming the working choices instead.
-* fairseq's ``load_checkpoint_to_cpu`` is wrapped so that a checkpoint it cannot read is named and described
-  (:mod:`.checkpoints`).
+* fairseq's ``load_checkpoint_to_cpu`` is wrapped so that a checkpoint it cannot read is named and described, and
+  a truncated or foreign binarised split is named as it opens (:mod:`.checkpoints`).
 """
 import argparse
 import os
@@ -194,6 +194,7 @@ def install():
     _patch_eval_lm_dataloader()
     _patch_cpu_ddp()
     _patch_tpu_device()
-    from .checkpoints import guard_fairseq_loading
+    from .checkpoints import guard_binarised_data, guard_fairseq_loading
 
     guard_fairseq_loading()
+    guard_binarised_data()

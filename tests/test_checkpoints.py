@@ -121,3 +121,30 @@ def test_fairseq_generate_and_resume_on_a_truncated_checkpoint(translation_bin, 
     with pytest.raises(AssertionError, match=r"checkpoint_last\.pt is truncated or corrupt.*--restore-file"):
         H.run_fairseq("train", [translation_bin, "--user-dir", "fluence_fairseq", "--arch",
                                 "transformer_adaptive_span_tiny", *H.tiny_train_flags(save, 4)])
+
+
+@pytest.mark.parametrize("damage", ["truncated_idx", "empty_idx", "random_idx", "truncated_bin"])
+def test_a_damaged_binarised_split_is_named_when_it_opens(damage, lm_bin, tmp_path):
+    import shutil
+
+    from fairseq.data import data_utils
+
+    data = tmp_path / "bin"
+    shutil.copytree(lm_bin, data)
+    idx, binary = data / "valid.idx", data / "valid.bin"
+    if damage == "truncated_idx":
+        idx.write_bytes(idx.read_bytes()[:20])
+    elif damage == "empty_idx":
+        idx.write_bytes(b"")
+    elif damage == "random_idx":
+        idx.write_bytes(np.random.default_rng(1).bytes(200))
+    else:
+        binary.write_bytes(binary.read_bytes()[:50])
+    with pytest.raises(checkpoints.CorruptDataError) as failed:
+        data_utils.load_indexed_dataset(str(data / "valid"), None)
+    message = str(failed.value)
+    assert str(data / "valid") in message and "fairseq-preprocess" in message
+    if damage == "truncated_bin":
+        assert re.search(r"valid\.bin is truncated: 50 bytes, its index .* needs \d+", message)
+    # the intact copy still opens
+    assert len(data_utils.load_indexed_dataset(str(lm_bin / "valid"), None)) == 16

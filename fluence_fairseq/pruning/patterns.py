@@ -116,10 +116,17 @@ def load_patterns(path: str, layers: Optional[int] = None, heads: Optional[int] 
     if not os.path.isfile(path):
         raise ValueError(f"attention pattern file {path} does not exist; collect it with the compute_attn_score "
                          f"task (expected an array of shape {expected})")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head != b"\x93NUMPY":
+        raise ValueError(f"attention pattern file {path} is not a .npy array (it starts with {head!r}); give the "
+                         f".npy that compute_attn_score wrote (expected {expected})")
     try:
         array = np.load(path, allow_pickle=False)
-    except Exception as e:  # truncated or not an .npy at all
-        raise ValueError(f"attention pattern file {path} is not a readable .npy array ({e}); expected {expected}") from None
+    except Exception as e:  # truncated, or an object array (never written by compute_attn_score)
+        first = str(e).split(". ")[0]
+        raise ValueError(f"attention pattern file {path} is truncated or corrupt ({first}); collect it again with "
+                         f"compute_attn_score (expected {expected})") from None
     if array.ndim == 5 and array.shape[1] == 1:  # the reference's (L, 1, H, N, N)
         array = array[:, 0]
     if array.ndim != 4 or array.shape[2] != array.shape[3]:

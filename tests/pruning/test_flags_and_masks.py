@@ -237,7 +237,7 @@ def test_mismatched_and_corrupt_files(tmp_path):
                                              "--attn-prune-tau", "50"])
     bad = tmp_path / "bad.npy"
     bad.write_bytes(b"not an array")
-    with pytest.raises(ValueError, match=r"bad\.npy is not a readable \.npy"):
+    with pytest.raises(ValueError, match=r"bad\.npy is not a \.npy array"):
         H.build("fluence_transformer_tiny", ["--attn-patterns-self-enc", str(bad), "--attn-prune-tau", "50"])
     dec = write_patterns(tmp_path, "self-dec", 2, 4)
     with pytest.raises(ValueError, match=r"holds self-dec patterns but was given for self-enc"):

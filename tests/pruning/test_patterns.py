@@ -104,8 +104,17 @@ def test_bad_pattern_files_name_the_file_and_the_expected_shape(tmp_path):
         load_patterns(str(tmp_path / "missing.npy"))
     corrupt = tmp_path / "corrupt.npy"
     corrupt.write_bytes(b"not an array")
-    with pytest.raises(ValueError, match="corrupt.npy is not a readable .npy"):
+    with pytest.raises(ValueError, match=r"corrupt\.npy is not a \.npy array \(it starts with b'not an'\)"):
         load_patterns(str(corrupt))
+    truncated = tmp_path / "truncated.npy"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"truncated\.npy is truncated or corrupt.*compute_attn_score") as error:
+        load_patterns(str(truncated))
+    assert "allow_pickle" not in str(error.value)  # never advise unsafe loading for a broken file
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.npy is not a \.npy array"):
+        load_patterns(str(empty))
     with pytest.raises(ValueError, match=r"p\.npy has 2 layers.*needs \(layers=3, heads=2, N, N\)"):
         load_patterns(str(good), layers=3, heads=H)
     with pytest.raises(ValueError, match="has 2 heads"):
