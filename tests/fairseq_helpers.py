@@ -143,6 +143,16 @@ def create_lm_data(root: Path, n_train=150, n_valid=16, seed=2) -> Path:
     return raw
 
 
+def load_script(relative_path: str, name: str):
+    """A repository script that is not part of a package (docs/generate.py, scripts/*.py), imported by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 def clean_env(**extra: str) -> Dict[str, str]:
     env = dict(os.environ)

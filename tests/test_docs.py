@@ -1,15 +1,11 @@
 """The documentation: generated parts match the registry, the README stays a short tour, links resolve."""
-import importlib.util
 import re
 
 import fairseq_helpers as H
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("docs_generate", H.REPO / "docs" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return H.load_script("docs/generate.py", "docs_generate")
 
 
 def test_generated_docs_are_up_to_date():

@@ -153,7 +153,7 @@ print("SCORE", len(scored["positional_scores"]), float(scored["positional_scores
 """
 
 
-@pytest.mark.parametrize("order", ["import", "user_dir"])
+@pytest.mark.parametrize("order", ["import", pytest.param("user_dir", marks=pytest.mark.slow)])
 def test_hub_language_model_samples_and_scores(trained_lm, tmp_path, order):
     env = {k: v for k, v in H.clean_env().items() if k != "PYTHONPATH"}
     data, save, _ = trained_lm
@@ -208,7 +208,8 @@ if order == "both":
 """
 
 
-@pytest.mark.parametrize("order", ["import", "user_dir", "both"])
+@pytest.mark.parametrize("order", [pytest.param("import", marks=pytest.mark.slow),
+                                   pytest.param("user_dir", marks=pytest.mark.slow), "both"])
 def test_hub_loads_after_import_with_user_dir_or_both_from_any_directory(trained, tmp_path, order):
     """fairseq spells the installed plugin ``site-packages/fairseq/../fluence_fairseq``; an imported plugin must
     still count as that user dir (fairseq otherwise calls the name "not globally unique")."""

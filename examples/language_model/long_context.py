@@ -91,11 +91,12 @@ def train_command(args, binary, save_dir, attention, memory, extra):
 
 def parse_log(text):
     wps = [float(m) for m in re.findall(r"\| wps ([0-9.]+) \|", text)]
-    stamps = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) .*?valid on 'valid' subset \| loss ([0-9.]+)", text, re.M)
+    stamps = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) .*?valid on 'valid' subset \| loss ([0-9.]+).*?"
+                        r"num_updates (\d+)", text, re.M)
     first = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", text, re.M)
     start = datetime.strptime(first.group(1), "%Y-%m-%d %H:%M:%S") if first else None
-    valid = [((datetime.strptime(t, "%Y-%m-%d %H:%M:%S") - start).total_seconds(), float(loss))
-             for t, loss in stamps]  # (seconds since the log began, validation bits per character)
+    valid = [((datetime.strptime(t, "%Y-%m-%d %H:%M:%S") - start).total_seconds(), float(loss), int(updates))
+             for t, loss, updates in stamps]  # (seconds since the log began, validation bpc, updates)
     span_avg = re.findall(r"\| train \|.*?span_avg ([0-9.]+)", text)
     span_max = re.findall(r"\| train \|.*?span_max ([0-9.]+)", text)
     return {"wps": wps[-1] if wps else None, "valid_curve": valid,
@@ -120,6 +121,49 @@ def write_results(args, results, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def plot(results, path: Path) -> None:
+    """Validation bpc against training updates and against training wall time, one line per row."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for row, r in results.items():
+        curve = [point for point in r["valid_curve"] if len(point) == 3]
+        if curve:
+            seconds, bpc, updates = zip(*curve)
+            style = "-" if r["memory"] else "--"
+            axes[0].plot(updates, bpc, style, marker="o", label=row)
+            axes[1].plot(seconds, bpc, style, marker="o", label=row)
+    axes[0].set_xlabel("training updates")
+    axes[1].set_xlabel("training wall time (s, validation included)")
+    axes[0].set_ylabel("validation bits per character")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def merge(args) -> int:
+    """Re-read the logs of several runs' row directories (``--merge DIR/long_context ...``, the later run of a
+    row wins) into one table and plot: rows of one comparison that did not fit one sitting."""
+    results = {}
+    for directory in map(Path, args.merge):
+        previous = json.loads((directory / "results.json").read_text())
+        for row, r in previous.items():
+            r.update(parse_log((directory / row / "train.log").read_text()))
+            r["run"] = str(directory)
+            results[row] = r
+    ordered = {row: results[row] for row in ROWS if row in results}
+    out_dir = Path(args.work) / "long_context"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(write_results(args, ordered, out_dir))
+    plot(ordered, Path(args.out).with_suffix(".png") if args.out else out_dir / "bpc_vs_time.png")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
@@ -141,7 +185,11 @@ def main(argv=None) -> int:
     p.add_argument("--eval-batch-size", type=int, default=1,
                    help="streams scored in parallel (1: every character but the first; B: faster, leaves out the "
                         "first character of each row and the last < B)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="instead of training: combine the rows of earlier runs (their long_context directories)")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args)
     work = Path(args.work)
     out_dir = work / "long_context"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -167,24 +215,7 @@ def main(argv=None) -> int:
         print(f"{row}: {bpc:.3f} bpc, {seconds:.0f} s, {results[row]['wps']} chars/s", flush=True)
         write_results(args, results, out_dir)
     print(write_results(args, results, out_dir))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for row, r in results.items():
-            if r["valid_curve"]:
-                xs, ys = zip(*r["valid_curve"])
-                ax.plot(xs, [y for y in ys], marker="o", label=row)
-        ax.set_xlabel("training wall time (s)")
-        ax.set_ylabel("validation bits per character")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "bpc_vs_time.png", dpi=120)
-    except ImportError:
-        pass
+    plot(results, out_dir / "bpc_vs_time.png")
     return 0
 
 

@@ -1,7 +1,6 @@
 """The GPU readiness commands, checked where CI can: the device benchmark runs (on the CPU here) and reports every
 attention against both baselines; the wheel list leaves torch to the GPU machine; the check script refuses a
 machine without CUDA with a clear message."""
-import importlib.util
 import subprocess
 
 import fairseq_helpers as H
@@ -23,10 +22,7 @@ def test_device_benchmark_reports_every_attention_against_both_baselines(tmp_pat
 
 
 def _gpu_wheels():
-    spec = importlib.util.spec_from_file_location("gpu_wheels", H.REPO / "scripts" / "gpu_wheels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return H.load_script("scripts/gpu_wheels.py", "gpu_wheels")
 
 
 def test_wheel_list_leaves_torch_and_its_companions_to_the_gpu_machine():
