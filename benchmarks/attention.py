@@ -122,6 +122,7 @@ class BenchConfig:
     targets: list = field(default_factory=list)
     #: fairseq MHA and SDPA are quadratic: run them only up to this length (None = every length)
     baseline_max_length: Optional[int] = None
+    device: str = "cpu"  # "cuda": synchronised timing and peak CUDA memory (decoding is measured on the CPU only)
 
 
 def adaptive_span_preset() -> BenchConfig:
@@ -229,7 +230,8 @@ def run_benchmark(cfg: BenchConfig, log=lambda msg: print(msg, file=sys.stderr, 
                 continue
             job = {"module": spec, "pattern": cfg.pattern, "dim": cfg.dim, "heads": cfg.heads, "batch": cfg.batch,
                    "length": length, "src_len": cfg.src_len or length, "repeats": cfg.repeats,
-                   "warmup": cfg.warmup, "decode": decode_job if decoding and decodes and i == 0 else None}
+                   "warmup": cfg.warmup, "device": cfg.device,
+                   "decode": decode_job if decoding and decodes and i == 0 and cfg.device == "cpu" else None}
             result = _run_in_fresh_process(job)
             # memory from a second worker with a fixed mmap threshold (see benchmarks/common.py): reproducible RSS peaks
             result["peak_mem_mb"] = _run_in_fresh_process({**job, "memory_only": True, "decode": None},
@@ -420,7 +422,7 @@ def _typed_options(attention: str, raw: Dict[str, str]) -> Dict[str, Any]:
 def config_from_args(args) -> BenchConfig:
     overrides = {name: getattr(args, name) for name in (
         "pattern", "dim", "heads", "batch", "lengths", "src_len", "repeats", "warmup", "decode_positions",
-        "decode_batches", "decode_steps") if getattr(args, name) is not None}
+        "decode_batches", "decode_steps", "device") if getattr(args, name) is not None}
     raw_options = _key_values(args.opt, "--opt")
     if args.preset:
         if args.setup or args.attention:
@@ -460,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-batches", type=_ints, help="decoding batch sizes; > 1 reorders like a beam")
     parser.add_argument("--decode-steps", type=int, help="timed decoding steps per position")
     parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument("--device", help="cpu (default) or cuda: synchronised times and peak CUDA memory")
     parser.add_argument("--out", metavar="PREFIX", help="write PREFIX.md, PREFIX.json and PREFIX.png")
     parser.add_argument("--summarize", nargs="+", metavar="REPORT.json",
                         help="print one table of the given reports (e.g. the efficient presets) and exit")

@@ -10,7 +10,9 @@ A *module spec* is a JSON-able dict naming what to build:
   (``is_causal`` for causal patterns);
 * ``{"kind": "projections"}``: the four projections alone, the floor under every attention on CPU.
 
-Memory is the increase of the process's resident set (RSS) at its peak during the first training step at full
+On CUDA (``--device cuda``) every timed step is synchronised before and after, and memory is the peak of
+``torch.cuda.max_memory_allocated`` during the first full-size step over what was allocated before it. On the CPU,
+memory is the increase of the process's resident set (RSS) at its peak during the first training step at full
 size, over the RSS just before it (module, parameters and inputs already allocated): activations saved for
 backward, gradients, temporaries and allocator overhead. The kernel's high-water mark (``VmHWM``) is reset
 through ``/proc/self/clear_refs`` just before that step, so it is Linux-only; run each module in a fresh
@@ -117,14 +119,20 @@ def build_module(spec: dict, dim: int, heads: int, cross: bool, causal: bool) ->
     raise ValueError(f"unknown module kind {kind!r}")
 
 
+def synchronize(device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a timer must not stop before it ends)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def training_step(module: nn.Module, dim: int, batch: int, length: int, src_len: int, cross: bool,
-                  causal: bool) -> Callable[[], float]:
+                  causal: bool, device="cpu") -> Callable[[], float]:
     """A function running one forward+backward of ``module`` on a fixed random input; returns its seconds."""
-    x = torch.randn(length, batch, dim, requires_grad=True)
-    src = torch.randn(src_len, batch, dim, requires_grad=True) if cross else x
+    x = torch.randn(length, batch, dim, device=device, requires_grad=True)
+    src = torch.randn(src_len, batch, dim, device=device, requires_grad=True) if cross else x
     # fluence attentions are causal by construction; fairseq's MHA needs the decoder's mask
     needs_mask = causal and not isinstance(module, (FluenceAttention, ProjectedSDPA))
-    mask = causal_float_mask(length, src_len) if needs_mask else None
+    mask = causal_float_mask(length, src_len).to(device) if needs_mask else None
 
     def forward() -> Tuple[Tensor, ...]:
         if isinstance(module, ProjectedSDPA):
@@ -134,8 +142,10 @@ def training_step(module: nn.Module, dim: int, batch: int, length: int, src_len:
     def step() -> float:
         module.zero_grad(set_to_none=True)
         x.grad = src.grad = None
+        synchronize(device)
         start = time.perf_counter()
         sum(out.sum() for out in forward()).backward()
+        synchronize(device)
         return time.perf_counter() - start
 
     return step
@@ -158,18 +168,29 @@ def peak_rss_increase_mb(fn: Callable[[], None]) -> float:
     return (_proc_status_kb("VmHWM") - before) / 1024
 
 
+def cuda_peak_increase_mb(fn: Callable[[], None], device) -> float:
+    """Run ``fn``; return the peak CUDA memory allocated during it over what was allocated before, in MiB."""
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+
+
 def measure_training(spec: dict, dim: int, heads: int, batch: int, length: int, src_len: int, cross: bool,
-                     causal: bool, repeats: int, warmup: int, memory_only: bool = False) -> dict:
+                     causal: bool, repeats: int, warmup: int, memory_only: bool = False, device="cpu") -> dict:
     """Forward+backward of one module: peak memory of the first full-size step, then ``repeats`` timed steps
     (none with ``memory_only``).
 
     One step on a 16-token input comes first so that one-time costs (thread pools, library code paged in)
     stay out of the memory number.
     """
-    module = build_module(spec, dim, heads, cross, causal).train()
-    training_step(module, dim, batch, min(length, 16), min(src_len, 16), cross, causal)()
-    step = training_step(module, dim, batch, length, src_len, cross, causal)
-    peak_mb = peak_rss_increase_mb(step)
+    module = build_module(spec, dim, heads, cross, causal).to(device).train()
+    training_step(module, dim, batch, min(length, 16), min(src_len, 16), cross, causal, device)()
+    step = training_step(module, dim, batch, length, src_len, cross, causal, device)
+    on_cuda = torch.device(device).type == "cuda"
+    peak_mb = cuda_peak_increase_mb(step, device) if on_cuda else peak_rss_increase_mb(step)
     if memory_only:
         return {"peak_mem_mb": peak_mb}
     for _ in range(warmup - 1):
@@ -236,7 +257,8 @@ def run_job(job: dict) -> dict:
     shape = {k: job[k] for k in ("dim", "heads")}
     result = measure_training(job["module"], batch=job["batch"], length=job["length"], src_len=job["src_len"],
                               cross=cross, causal=causal, repeats=job["repeats"], warmup=job["warmup"],
-                              memory_only=job.get("memory_only", False), **shape)
+                              memory_only=job.get("memory_only", False), device=job.get("device", "cpu"),
+                              **shape)
     if job.get("decode"):
         result["decode"] = measure_decoding(job["module"], warmup=job["warmup"], **job["decode"], **shape)
     return result
