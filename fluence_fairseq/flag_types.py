@@ -12,6 +12,7 @@ must be accepted. A new flag with a domain joins that test by itself.
 """
 import argparse
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -23,21 +24,23 @@ class Probes:
     boundary: Sequence[str]  # valid values at the edges of the domain
 
 
-class Domain:
+class Domain(ABC):
     """A set of valid flag values: ``domain("3")`` parses or raises ``argparse.ArgumentTypeError``."""
 
+    @abstractmethod
     def describe(self) -> str:
-        raise NotImplementedError
+        """The valid values in words, as the error message shows them."""
 
+    @abstractmethod
     def convert(self, value) -> Any:
         """The value as this domain's type, or ``ValueError`` when it is not one."""
-        raise NotImplementedError
 
     def contains(self, value) -> bool:
         return True
 
+    @abstractmethod
     def probes(self) -> Probes:
-        raise NotImplementedError
+        """Values for the flag table: of the wrong type, just out of range, and valid at the edges."""
 
     def __call__(self, text):
         try:
