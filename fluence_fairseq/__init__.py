@@ -14,8 +14,6 @@ task, and installs the documented compatibility fixes (:mod:`.compat`). Layout:
 from . import compat
 
 compat.install()
-# fairseq's --user-dir may name this directory by another spelling (site-packages/fairseq/../fluence_fairseq)
-__path__.extend(p for p in compat.user_dir_spellings(__path__[0]) if p not in __path__)  # noqa: F821
 
 from . import modules  # noqa: E402  (registers the attentions)
 from .modules import *  # noqa: E402,F401,F403

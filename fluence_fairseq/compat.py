@@ -9,10 +9,11 @@
   (``--num-batch-buckets`` for translation, ``BucketPadLengthDataset``): we give it ``method=`` instead, the same
   "lower" percentile. (``np.int`` in fairseq's wav2vec span masking is left alone: no text data path reaches it.)
 * fairseq's ``import_user_module`` finds an installed plugin as ``site-packages/fairseq/../fluence_fairseq`` and,
-  when the package is already imported, compares that unnormalised spelling with the package's ``__path__``: the
-  natural ``import fluence_fairseq`` then ``from_pretrained(..., user_dir="fluence_fairseq")`` (or
-  ``parse_args_and_arch`` with ``--user-dir``) failed with "not globally unique". :func:`user_dir_spellings` lists
-  the spellings that name this very directory, and the package adds them to its ``__path__``.
+  when the package is already imported, compares that unnormalised spelling (or a symlink's) with the package's
+  ``__path__``: the natural ``import fluence_fairseq`` then ``from_pretrained(..., user_dir="fluence_fairseq")`` (or
+  ``parse_args_and_arch`` with ``--user-dir``) failed with "not globally unique". Once the plugin is imported, a
+  ``--user-dir`` that is the same directory under another spelling counts as imported; a different copy of the
+  plugin is still refused by fairseq.
 * fairseq main (and so ve-fairseq 0.12.3) drops the last batch whenever its size is not a multiple of
   ``--required-batch-size-multiple`` (8 by default): ``fairseq-generate --beam 5`` on 20 sentences translated 16,
   and training loses up to 7 samples per epoch, silently (fairseq#5036). We keep that batch, as fairseq 0.12.2 did.
@@ -68,16 +69,41 @@ def _patch_buckets():
         module.get_buckets = bucket_boundaries
 
 
-def user_dir_spellings(package_dir):
-    """The paths fairseq's ``import_user_module`` may build for ``--user-dir <name>`` that are this package's
-    directory under another spelling (relative to fairseq's own directory, as it tries them)."""
+def _fairseq_user_dir(user_dir: str) -> str:
+    """The directory fairseq's ``import_user_module`` resolves ``--user-dir`` to (relative to the working
+    directory, else to fairseq's own directory or its parent)."""
     import fairseq
 
-    name = os.path.basename(os.path.normpath(package_dir))
-    fairseq_dir = os.path.dirname(fairseq.__file__)
-    candidates = [os.path.join(fairseq_dir, name), os.path.join(fairseq_dir, "..", name)]
-    return [c for c in candidates
-            if c != package_dir and os.path.isdir(c) and os.path.samefile(c, package_dir)]
+    path = os.path.abspath(user_dir)
+    if not os.path.exists(path):
+        fairseq_dir = os.path.dirname(fairseq.__file__)
+        for candidate in (os.path.join(fairseq_dir, user_dir), os.path.join(fairseq_dir, "..", user_dir)):
+            if os.path.exists(candidate):
+                return candidate
+    return path
+
+
+def _patch_import_user_module():
+    import sys
+
+    from fairseq import utils
+
+    original = utils.import_user_module
+    if getattr(original, "_fluence_same_dir", False):
+        return
+
+    def import_user_module(args):
+        user_dir = getattr(args, "user_dir", None)
+        if user_dir is not None:
+            path = _fairseq_user_dir(user_dir)
+            module = sys.modules.get(os.path.basename(os.path.normpath(path)))
+            if module is not None and os.path.isdir(path) and any(
+                    os.path.isdir(p) and os.path.samefile(path, p) for p in getattr(module, "__path__", [])):
+                return  # this very directory is imported already, under another spelling
+        return original(args)
+
+    import_user_module._fluence_same_dir = True
+    utils.import_user_module = import_user_module
 
 
 def _patch_batch_by_size():
@@ -191,6 +217,7 @@ def install():
         np.compat.long = int
     _patch_buckets()
     _patch_batch_by_size()
+    _patch_import_user_module()
     _patch_eval_lm_dataloader()
     _patch_cpu_ddp()
     _patch_tpu_device()

@@ -52,6 +52,7 @@ def test_documented_command_parses(doc, tool, argv, capsys, tmp_path, monkeypatc
 
     # the files an earlier documented step writes (pattern arrays, checkpoints) exist when this one runs
     monkeypatch.chdir(tmp_path)
+    os.symlink(H.REPO / "fluence_fairseq", tmp_path / "fluence_fairseq")  # --user-dir: the checkout's package
     for word in argv:
         if word.endswith((".npy", ".pt")) and not word.startswith("-"):
             (tmp_path / word).parent.mkdir(parents=True, exist_ok=True)
