@@ -64,7 +64,7 @@ class ABCAttention(FluenceAttention):
 
     decoding_state = "r x d numerators, r denominators and a running max"
     float32_math = True  # its own autograd kernels keep float32 accumulators
-    position_scheme = "state"  # causal: the recurrent state carries the order
+    position_scheme = "none"  # sums over the prefix: no order without position embeddings
 
     supports_attn_mask = False
     constant_state = True  # causal decoding keeps r memory slots

@@ -117,7 +117,7 @@ class PerformerAttention(FluenceAttention):
 
     decoding_state = "sum phi(k) v^T (m x d), sum phi(k) (m) and a running max"
     float32_math = True  # its own autograd kernels keep float32 accumulators
-    position_scheme = "state"  # causal: the prefix sums carry the order
+    position_scheme = "none"  # sums over the prefix: no order without position embeddings
 
     constant_state = True  # causal decoding keeps sum phi(k) v^T and sum phi(k)
     forms_weights = False

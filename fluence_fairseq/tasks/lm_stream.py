@@ -230,6 +230,23 @@ def check_streaming_model(model) -> None:
         if kv_cache and attn.max_cached_keys() is None and attn.mem_len is None:
             raise ValueError(f"{path}: {type(attn).__name__} keeps every key of the stream unless --mem-len N "
                              "bounds its memory; pass --mem-len (e.g. the segment length or more)")
+    blind = order_blind_attentions(attentions)
+    if blind:
+        logger.warning("fluence_lm_stream: the model has no position embeddings, and these attentions get no token "
+                       "order either, so they see the prefix as a bag of tokens: " + "; ".join(blind))
+
+
+def order_blind_attentions(attentions) -> List[str]:
+    """Attentions of a model without absolute positions that cannot tell one earlier token's distance from
+    another's: ALiBi-capable ones without ALiBi, and those whose state is a plain sum (position scheme "none")."""
+    blind = []
+    for path, attn in attentions:
+        name = type(attn).__name__
+        if attn.position_scheme == "alibi" and getattr(attn, "alibi_slopes", None) is None:
+            blind.append(f"{path} ({name}: pass --attn-position-bias alibi)")
+        elif attn.position_scheme == "none":
+            blind.append(f"{path} ({name}: its state is order-free; use an attention with a relative bias or S4D)")
+    return blind
 
 
 if TASK_NAME not in TASK_REGISTRY:

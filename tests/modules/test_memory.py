@@ -112,7 +112,9 @@ ALIBI = [n for n in STREAMING if ATTENTIONS[n].cls.position_scheme == "alibi"]
 
 def test_alibi_is_offered_where_the_math_takes_a_relative_bias():
     assert {"softmax", "adaptive_span", "local", "sparsemax", "entmax15", "alpha_entmax"} <= set(ALIBI)
-    assert ATTENTIONS["performer"].cls.position_scheme == "state"
+    assert ATTENTIONS["s4d"].cls.position_scheme == "state"  # its decaying convolution orders the prefix
+    # prefix sums are order-free: without position embeddings these see the prefix as a bag of tokens
+    assert ATTENTIONS["performer"].cls.position_scheme == ATTENTIONS["abc"].cls.position_scheme == "none"
     with pytest.raises(ValueError, match="takes no relative position bias.*ALiBi is for .*softmax"):
         _build("performer").set_alibi()
 

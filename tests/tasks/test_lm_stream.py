@@ -124,6 +124,30 @@ def test_models_that_cannot_stream_are_refused_naming_the_fix(lm_bin, extra, mat
         task.build_model(args)
 
 
+@pytest.mark.parametrize("extra,blind", [
+    (["--arch", "transformer_lm_performer_tiny"], "PerformerAttention"),
+    (["--arch", "fluence_transformer_lm_tiny", "--mem-len", "16"], "--attn-position-bias alibi"),
+    (["--arch", "fluence_transformer_lm_tiny", "--mem-len", "16", "--attn-position-bias", "alibi"], None),
+    (["--arch", "transformer_lm_s4d_tiny"], None),
+])
+def test_a_model_that_cannot_see_token_order_is_warned_about(lm_bin, extra, blind, caplog):
+    """Without position embeddings, ALiBi-capable attentions need ALiBi and prefix-sum attentions (Performer,
+    ABC) see a bag of the prefix: the task says so when it builds the model."""
+    from fairseq import options, tasks
+
+    parser = options.get_training_parser()
+    flags = [str(lm_bin), "--user-dir", "fluence_fairseq", "--task", "fluence_lm_stream", "--tokens-per-sample", "16",
+             "--batch-size", "2", "--no-token-positional-embeddings", *extra, "--cpu"]
+    args = options.parse_args_and_arch(parser, flags)
+    with caplog.at_level("WARNING"):
+        tasks.setup_task(args).build_model(args)
+    warned = [r.getMessage() for r in caplog.records if "get no token order" in r.getMessage()]
+    if blind is None:
+        assert not warned
+    else:
+        assert len(warned) == 1 and blind in warned[0]
+
+
 def test_mem_len_flag_is_validated_at_parse_time():
     from fairseq import options
 
