@@ -1,6 +1,6 @@
 """Long-context character LM on the bundled Shakespeare: every causal attention with and without memory.
 
-    PATH="$PWD/.venv/bin:$PATH" python examples/language_model/long_context.py            # hours on 2 cores
+    PATH="$PWD/.venv/bin:$PATH" python examples/language_model/long_context.py            # about 3 hours on 2 cores
     PATH="$PWD/.venv/bin:$PATH" python examples/language_model/long_context.py --max-update 20 \\
         --rows softmax softmax_mem adaptive_span_mem --eval-subset valid                  # smoke run
 
@@ -172,8 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--segment", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-update", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-update", type=int, default=3000)
     p.add_argument("--validate-every", type=int, default=500)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=200)
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--wsize", type=int, default=64)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--eval-subset", default="test")
-    p.add_argument("--eval-batch-size", type=int, default=1,
+    p.add_argument("--eval-batch-size", type=int, default=8,
                    help="streams scored in parallel (1: every character but the first; B: faster, leaves out the "
                         "first character of each row and the last < B)")
     p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
