@@ -17,27 +17,22 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from benchmarks.common import build_module, causal_float_mask
+from benchmarks.common import build_module, causal_float_mask, cuda_peak_increase_mb, synchronize
 from fluence_fairseq.modules.attention_base import FluenceAttention
 from fluence_fairseq.modules.registry import ATTENTIONS
 
 BASELINES = {"fairseq_mha": {"kind": "fairseq_mha"}, "sdpa": {"kind": "sdpa"}}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable[[], None], device: torch.device) -> float:
     """Milliseconds of ``fn`` on ``device``."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        _sync(device)
+        synchronize(device)
         start.record()
         fn()
         end.record()
-        _sync(device)
+        synchronize(device)
         return start.elapsed_time(end)
     begin = time.perf_counter()
     fn()
@@ -48,12 +43,7 @@ def peak_mib(fn: Callable[[], None], device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         fn()
         return None
-    _sync(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    _sync(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+    return cuda_peak_increase_mb(fn, device)
 
 
 def pattern_of(spec_name: str) -> tuple:

@@ -14,7 +14,7 @@ import argparse
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
 
 @dataclass(frozen=True)
