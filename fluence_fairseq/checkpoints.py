@@ -9,6 +9,7 @@ weights-only allow-list.
 """
 import os
 import pickle
+import struct
 import zipfile
 from typing import Optional
 
@@ -99,10 +100,12 @@ def guard_fairseq_loading() -> None:
     described (every fairseq tool, resume and the hub load checkpoints through it)."""
     from fairseq import checkpoint_utils
 
-    original = checkpoint_utils.load_checkpoint_to_cpu
-    if getattr(original, "_fluence_guarded", False):
-        return
+    from .compat import replace_once
 
+    replace_once(checkpoint_utils, "load_checkpoint_to_cpu", _naming_unreadable_checkpoints)
+
+
+def _naming_unreadable_checkpoints(original):
     def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
         try:
             return original(path, arg_overrides, load_on_all_ranks)
@@ -112,73 +115,74 @@ def guard_fairseq_loading() -> None:
                 raise  # no such file (fairseq says so), or a sound file and an error about something else
             raise CheckpointError(diagnose(name, error)) from error
 
-    load_checkpoint_to_cpu._fluence_guarded = True
-    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    return load_checkpoint_to_cpu
 
 
 class CorruptDataError(RuntimeError):
     """A binarised split (``.idx``/``.bin`` from fairseq-preprocess) that cannot be read or is cut short."""
 
 
-def fix_hint() -> str:
-    return "binarise it again with fairseq-preprocess (or restore the file)"
+FIX_DATA = "binarise it again with fairseq-preprocess (or restore the file)"
+#: what fairseq raises for an index it cannot parse
+_INDEX_ERRORS = (struct.error, AssertionError, ValueError, KeyError, EOFError)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def guard_binarised_data() -> None:
-    """Check fairseq's memory-mapped splits as they open: a truncated or foreign ``.idx`` (fairseq: a bare
-    ``struct.error``) or a ``.bin`` shorter than its index says (fairseq: garbage or a crash at some later step)
-    is named, with the fix."""
-    import struct
+    """Check fairseq's splits as they open: a truncated or foreign ``.idx`` (fairseq: a bare ``struct.error``) or a
+    ``.bin`` shorter than its index says (fairseq: garbage or a crash at some later step) is named, with the fix."""
+    from fairseq.data import indexed_dataset
 
-    from fairseq.data import indexed_dataset as ids
+    from .compat import replace_once
 
-    cls = ids.MMapIndexedDataset
-    original = cls._do_init
-    if getattr(original, "_fluence_guarded", False):
-        return
+    mmap = indexed_dataset.MMapIndexedDataset
+    replace_once(mmap, "_do_init", _checking_mmap_splits)
+    # an .idx that is not of the mmap kind falls through to the legacy reader
+    replace_once(indexed_dataset.IndexedDataset, "read_index", _checking_legacy_index)
+    # fairseq's destructors assume a complete object; after a failed open they would print AttributeErrors
+    for owner in (mmap, mmap.Index):
+        replace_once(owner, "__del__", _tolerant_del)
+
+
+def _checking_mmap_splits(original):
+    from fairseq.data.indexed_dataset import data_file_path, index_file_path
 
     def _do_init(self, path):
-        fix = fix_hint()
         try:
             original(self, path)
-        except (struct.error, AssertionError, ValueError, KeyError, OSError, EOFError) as error:
-            if isinstance(error, FileNotFoundError):
-                raise
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CorruptDataError(f"binarised split {ids.index_file_path(path)} (or its .bin) is truncated or not "
-                                   f"a fairseq index ({first}); {fix}") from None
+        except _INDEX_ERRORS as error:
+            raise CorruptDataError(f"binarised split {index_file_path(path)} (or its .bin) is truncated or not a "
+                                   f"fairseq index ({_first_line(error)}); {FIX_DATA}") from None
         index = self._index
         if len(index):
             needed = int(index._pointers[-1]) + int(index._sizes[-1]) * np.dtype(index.dtype).itemsize
-            actual = os.path.getsize(ids.data_file_path(path))
+            actual = os.path.getsize(data_file_path(path))
             if actual < needed:
-                raise CorruptDataError(f"binarised split {ids.data_file_path(path)} is truncated: {actual} bytes, its "
-                                       f"index {ids.index_file_path(path)} needs {needed}; {fix}")
+                raise CorruptDataError(f"binarised split {data_file_path(path)} is truncated: {actual} bytes, its "
+                                       f"index {index_file_path(path)} needs {needed}; {FIX_DATA}")
 
-    _do_init._fluence_guarded = True
-    cls._do_init = _do_init
-    legacy = ids.IndexedDataset.read_index
-    if not getattr(legacy, "_fluence_guarded", False):
-        def read_index(self, path):  # an .idx that is not of the mmap kind falls through to the legacy reader
-            try:
-                return legacy(self, path)
-            except (struct.error, AssertionError, ValueError, EOFError) as error:
-                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise CorruptDataError(f"binarised split {ids.index_file_path(path)} is empty, truncated or not a "
-                                       f"fairseq index ({first}); {fix_hint()}") from None
-
-        read_index._fluence_guarded = True
-        ids.IndexedDataset.read_index = read_index
-    # fairseq's destructors assume a complete object; after a failed open they would print AttributeErrors
-    for owner in (cls, cls.Index):
-        _tolerant_del(owner)
+    return _do_init
 
 
-def _tolerant_del(owner) -> None:
-    original = owner.__del__
+def _checking_legacy_index(original):
+    from fairseq.data.indexed_dataset import index_file_path
 
+    def read_index(self, path):
+        try:
+            return original(self, path)
+        except _INDEX_ERRORS as error:
+            raise CorruptDataError(f"binarised split {index_file_path(path)} is empty, truncated or not a fairseq "
+                                   f"index ({_first_line(error)}); {FIX_DATA}") from None
+
+    return read_index
+
+
+def _tolerant_del(original):
     def __del__(self):
         if hasattr(self, "_bin_buffer_mmap"):
             original(self)
 
-    owner.__del__ = __del__
+    return __del__

@@ -36,6 +36,17 @@ import numpy as np
 import torch
 
 
+def replace_once(owner, name: str, make_wrapper) -> None:
+    """Put ``make_wrapper(original)`` in place of ``owner.name``, once: installing again keeps the first wrapper
+    (every fix here and in :mod:`.checkpoints` goes through this, so importing twice never wraps twice)."""
+    original = getattr(owner, name)
+    if getattr(original, "_fluence_wrapper", False):
+        return
+    wrapper = make_wrapper(original)
+    wrapper._fluence_wrapper = True
+    setattr(owner, name, wrapper)
+
+
 def _numpy_safe_globals():
     globs = []
     core = getattr(np, "_core", None) or getattr(np, "core")
@@ -83,14 +94,9 @@ def _fairseq_user_dir(user_dir: str) -> str:
     return path
 
 
-def _patch_import_user_module():
+def _same_directory_counts_as_imported(original):
     import sys
 
-    from fairseq import utils
-
-    original = utils.import_user_module
-    if getattr(original, "_fluence_same_dir", False):
-        return
 
     def import_user_module(args):
         user_dir = getattr(args, "user_dir", None)
@@ -102,16 +108,10 @@ def _patch_import_user_module():
                 return  # this very directory is imported already, under another spelling
         return original(args)
 
-    import_user_module._fluence_same_dir = True
-    utils.import_user_module = import_user_module
+    return import_user_module
 
 
-def _patch_batch_by_size():
-    from fairseq.data import data_utils
-
-    original = data_utils.batch_by_size
-    if getattr(original, "_fluence_keeps_last", False):
-        return
+def _keeping_the_last_batch(original):
 
     def batch_by_size(indices, num_tokens_fn, num_tokens_vec=None, max_tokens=None, max_sentences=None,
                       required_batch_size_multiple=1, fixed_shapes=None):
@@ -127,8 +127,7 @@ def _patch_batch_by_size():
         dropped = indices[~np.isin(indices, seen)]  # the last batch, in order
         return list(batches) + [dropped]
 
-    batch_by_size._fluence_keeps_last = True
-    data_utils.batch_by_size = batch_by_size
+    return batch_by_size
 
 
 def _check_eval_blocks(dataset, max_positions, tokens_per_sample) -> None:
@@ -145,28 +144,17 @@ def _check_eval_blocks(dataset, max_positions, tokens_per_sample) -> None:
             "context)")
 
 
-def _patch_eval_lm_dataloader():
-    from fairseq.tasks.language_modeling import LanguageModelingTask
-
-    original = LanguageModelingTask.eval_lm_dataloader
-    if getattr(original, "_fluence_checked", False):
-        return
+def _refusing_blocks_too_long(original):
 
     def eval_lm_dataloader(self, dataset, max_tokens=36000, batch_size=None, max_positions=None, *args, **kwargs):
         _check_eval_blocks(dataset, max_positions, getattr(self.args, "tokens_per_sample", None))
         return original(self, dataset, max_tokens, batch_size, max_positions, *args, **kwargs)
 
-    eval_lm_dataloader._fluence_checked = True
-    LanguageModelingTask.eval_lm_dataloader = eval_lm_dataloader
+    return eval_lm_dataloader
 
 
-def _patch_cpu_ddp():
-    import fairseq.models
+def _cpu_ddp_without_device_ids(original):
     from fairseq.models import distributed_fairseq_model as dfm
-
-    original = dfm.DistributedFairseqModel
-    if getattr(original, "_fluence_cpu_ddp", False):
-        return
 
     def DistributedFairseqModel(args, model, process_group, device):
         on_cpu = torch.device(device).type == "cpu"
@@ -182,17 +170,10 @@ def _patch_cpu_ddp():
             return dfm.ModuleProxyWrapper(wrapped)
         return original(args, model, process_group, device)
 
-    DistributedFairseqModel._fluence_cpu_ddp = True
-    dfm.DistributedFairseqModel = DistributedFairseqModel
-    fairseq.models.DistributedFairseqModel = DistributedFairseqModel
+    return DistributedFairseqModel
 
 
-def _patch_tpu_device():
-    from fairseq import utils
-
-    original = utils.get_tpu_device
-    if getattr(original, "_fluence_checked", False):
-        return
+def _tpu_device_or_a_clear_error(original):
 
     def get_tpu_device():
         try:
@@ -204,8 +185,7 @@ def _patch_tpu_device():
             ) from None
         return original()
 
-    get_tpu_device._fluence_checked = True
-    utils.get_tpu_device = get_tpu_device
+    return get_tpu_device
 
 
 def install():
@@ -216,11 +196,18 @@ def install():
     elif not hasattr(np.compat, "long"):
         np.compat.long = int
     _patch_buckets()
-    _patch_batch_by_size()
-    _patch_import_user_module()
-    _patch_eval_lm_dataloader()
-    _patch_cpu_ddp()
-    _patch_tpu_device()
+    import fairseq.models
+    from fairseq import utils
+    from fairseq.data import data_utils
+    from fairseq.models import distributed_fairseq_model
+    from fairseq.tasks.language_modeling import LanguageModelingTask
+
+    replace_once(data_utils, "batch_by_size", _keeping_the_last_batch)
+    replace_once(LanguageModelingTask, "eval_lm_dataloader", _refusing_blocks_too_long)
+    replace_once(utils, "import_user_module", _same_directory_counts_as_imported)
+    replace_once(distributed_fairseq_model, "DistributedFairseqModel", _cpu_ddp_without_device_ids)
+    fairseq.models.DistributedFairseqModel = distributed_fairseq_model.DistributedFairseqModel  # the name trainers use
+    replace_once(utils, "get_tpu_device", _tpu_device_or_a_clear_error)
     from .checkpoints import guard_binarised_data, guard_fairseq_loading
 
     guard_fairseq_loading()
