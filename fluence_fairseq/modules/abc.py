@@ -38,6 +38,11 @@ class ABCAttention(FluenceAttention):
     * causal cross: query ``i`` reads slots over source keys ``j <= i + query_offset``; decoding keeps the
       source keys and values (fairseq's cache) and recomputes the prefix slots.
 
+    Positions: none of its own (a causal slot is a weighted average over the prefix, order-free). With
+    :meth:`set_alibi` (``--attn-position-bias alibi``, causal self attention) the slots written for query ``t``
+    weigh key ``j`` by an extra ``exp(-slope_h (t - j))`` (ALiBi's bias on the slot-writing softmax), so recent keys
+    dominate each head's slots at that head's rate; the state stays constant-size, decoding and memory exact.
+
     ``attn_mask`` is refused (the slots are not an attention matrix); padding comes from ``key_padding_mask``.
     Weights (``need_weights``) are the equivalent attention over keys, ``sum_r p[i, r] softmax_j(b)[j, r]``; they
     are None where only a summary or a state exists (cross decoding from slots, causal decoding).
@@ -64,7 +69,8 @@ class ABCAttention(FluenceAttention):
 
     decoding_state = "r x d numerators, r denominators and a running max"
     float32_math = True  # its own autograd kernels keep float32 accumulators
-    position_scheme = "none"  # sums over the prefix: no order without position embeddings
+    position_scheme = "alibi"  # as a decay of the causal slot sums (slope_h * j on every key's slot scores)
+    alibi_as_decay = True
 
     supports_attn_mask = False
     constant_state = True  # causal decoding keeps r memory slots
@@ -102,10 +108,15 @@ class ABCAttention(FluenceAttention):
 
     # ----------------------------------------------------------------------------------------------- math
     def _slot_scores(self, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]):
-        """(B, H, L, r) scores of every key/value for every slot; padded keys get finfo.min (never NaN)."""
+        """(B, H, L, r) scores of every key/value for every slot; padded keys get finfo.min (never NaN). With
+        ALiBi (causal self attention) key ``j`` of the call gets ``slope_h * j`` on every slot: a prefix slot
+        then weighs key ``j`` by ``exp(-slope_h (t - j))`` relative to the newest key ``t``."""
         # in (L, B, H, d) order, where the projected heads are contiguous: no copy of k or v is made (or saved)
         alpha_k = torch.matmul(k.permute(2, 0, 1, 3), self.compress_k.to(k.dtype)).permute(1, 2, 0, 3)
         alpha_v = torch.matmul(v.permute(2, 0, 1, 3), self.compress_v.to(v.dtype)).permute(1, 2, 0, 3)
+        offsets = self.alibi_key_offsets(k.size(2), alpha_k)
+        if offsets is not None:
+            alpha_k, alpha_v = alpha_k + offsets.unsqueeze(-1), alpha_v + offsets.unsqueeze(-1)
         if key_padding_mask is not None:
             pad = key_padding_mask.view(key_padding_mask.size(0), 1, -1, 1)
             low = torch.finfo(alpha_k.dtype).min
@@ -158,6 +169,10 @@ class ABCAttention(FluenceAttention):
         if buffer.get(_STATE_NAMES[0]) is not None:
             state = ABCState(*(buffer[name] for name in _STATE_NAMES))
         out, state = self._run_causal(q, k, v, alpha_k, alpha_v, state)
+        shift = self.alibi_state_shift(k.size(2), state.k_max)
+        if shift is not None:  # into the next call's frame (its first key at position 0)
+            shift = shift.view(-1, 1)
+            state = state._replace(k_max=state.k_max - shift, v_max=state.v_max - shift)
         buffer.update(zip(_STATE_NAMES, state))
         return out, None
 

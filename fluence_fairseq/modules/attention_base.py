@@ -118,6 +118,10 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     #: its math takes a relative bias (:meth:`set_alibi`), "state" where a recurrent state carries the order,
     #: "cos re-weighting" (cosFormer), "none" where it takes no relative bias
     position_scheme: str = "alibi"
+    #: ALiBi enters as a decay of a causal prefix sum (:meth:`alibi_key_offsets`), not as a bias on scores: for
+    #: attentions whose causal state is a normalised weighted sum over the prefix (Performer, ABC); causal self
+    #: attention only, since ``|i - j|`` does not factor into a key term once keys can follow the query
+    alibi_as_decay: bool = False
     #: runs under ``torch.autocast`` (fp16/bf16 mixed precision) with finite outputs and gradients near float32's
     supports_autocast: bool = True
     #: largest relative deviation of a 16-bit autocast output from float32 (the contract checks it): methods that
@@ -250,6 +254,9 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         if enabled and self.position_scheme != "alibi":
             raise ValueError(f"{type(self).__name__} takes no relative position bias (its position scheme: "
                              f"{self.position_scheme}); ALiBi is for {registered_attentions('position_scheme', 'alibi')}")
+        if enabled and self.alibi_as_decay and (self.cross or not self.causal):
+            raise ValueError(f"{type(self).__name__} takes ALiBi as a decay of its causal prefix sums, so only as "
+                             f"causal self attention; this one is {PATTERNS[(self.cross, self.causal)]}")
         slopes = None
         if enabled:
             slopes = torch.pow(2.0, -8.0 * torch.arange(1, self.num_heads + 1, dtype=torch.float32) / self.num_heads)
@@ -267,6 +274,25 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
             return alibi if other is None else alibi + other(rel)
 
         return bias
+
+    def alibi_key_offsets(self, length: int, like: Tensor) -> Optional[Tensor]:
+        """ALiBi for a normalised causal prefix sum (:attr:`alibi_as_decay`): ``slope_h * j`` (H, length) to add
+        to the log weight of key ``j`` of this call. Query ``i``'s weight on key ``j`` then carries
+        ``exp(slope_h * j) = exp(slope_h * i) * exp(-slope_h * (i - j))``; the first factor is the query's own and
+        cancels in the normalisation, which leaves ALiBi's ``-slope_h * (i - j)``. None without ALiBi. A state
+        carried to the next call must be moved into that call's frame with :meth:`alibi_state_shift`."""
+        slopes = getattr(self, "alibi_slopes", None)
+        if slopes is None:
+            return None
+        positions = torch.arange(length, device=like.device, dtype=like.dtype)
+        return slopes.to(like).unsqueeze(-1) * positions
+
+    def alibi_state_shift(self, length: int, like: Tensor) -> Optional[Tensor]:
+        """(H,) ``slope_h * length``: the log-scale shift that moves a state built from a call of ``length``
+        keys (positions 0 .. length-1) into the frame of the next call (whose first key is position 0), by
+        subtracting it from the state's running maxima. Keeps the log weights small however long the stream."""
+        slopes = getattr(self, "alibi_slopes", None)
+        return None if slopes is None else slopes.to(like) * length
 
     def _check_memory(self, incremental_state, attn_mask) -> None:
         name = type(self).__name__

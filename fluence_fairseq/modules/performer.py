@@ -82,6 +82,12 @@ class PerformerAttention(FluenceAttention):
     keys ``j <= i``. ``attn_mask`` is refused (the standard future mask of a causal self attention is accepted).
     Attention weights are not formed: ``need_weights`` returns ``None``; ``dropout`` is not applied.
 
+    Positions: none of its own (its causal state is a plain sum over the prefix). With :meth:`set_alibi`
+    (``--attn-position-bias alibi``, causal self attention) key ``j`` of query ``i`` is weighted by
+    ``exp(-slope_h (i - j))``, which is ALiBi applied to the kernel Performer estimates, ``exp(q . k / sqrt(d))``;
+    it enters as ``slope_h * j`` added to the key's log scale (the query's factor cancels), so the state stays
+    constant-size and decoding and memory stay exact.
+
     Stabilisation (exact, never looks ahead): each query's features are divided by their own maximum (a
     per-query factor that cancels); each key's features are divided by their own maximum, which is carried as a
     log scale, and the scales enter relative to the running maximum over the keys a query can see. So causal
@@ -117,7 +123,8 @@ class PerformerAttention(FluenceAttention):
 
     decoding_state = "sum phi(k) v^T (m x d), sum phi(k) (m) and a running max"
     float32_math = True  # its own autograd kernels keep float32 accumulators
-    position_scheme = "none"  # sums over the prefix: no order without position embeddings
+    position_scheme = "alibi"  # as a decay of the causal prefix sums: exactly ALiBi on the estimated exp(q . k)
+    alibi_as_decay = True
 
     constant_state = True  # causal decoding keeps sum phi(k) v^T and sum phi(k)
     forms_weights = False
@@ -193,8 +200,14 @@ class PerformerAttention(FluenceAttention):
             self.training_calls_since_redraw += 1
         return super().forward(*args, **kwargs)
 
+    def _decayed(self, scale: Tensor) -> Tensor:
+        """Key log scales with ALiBi's decay (causal self attention with :meth:`set_alibi`; else unchanged)."""
+        offsets = self.alibi_key_offsets(scale.size(-1), scale)
+        return scale if offsets is None else scale + offsets
+
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
         phi_k, scale = self.key_features(k)
+        scale = self._decayed(scale)
         out = linear_attention(
             self.query_features(q), phi_k, v, causal=self.causal, query_offset=query_offset, key_log_scale=scale,
             key_padding_mask=key_padding_mask, eps=DEN_EPS, chunk_size=self.chunk_size,
@@ -207,10 +220,12 @@ class PerformerAttention(FluenceAttention):
             state = LinearState(buffer["favor_kv"], buffer["favor_k"], buffer["favor_max"])
         phi_k, scale = self.key_features(k)
         out, state = causal_linear_attention(
-            self.query_features(q), phi_k, v, key_log_scale=scale, key_padding_mask=key_padding_mask, state=state,
-            eps=DEN_EPS, chunk_size=self.chunk_size,
+            self.query_features(q), phi_k, v, key_log_scale=self._decayed(scale), key_padding_mask=key_padding_mask,
+            state=state, eps=DEN_EPS, chunk_size=self.chunk_size,
         )
-        buffer["favor_kv"], buffer["favor_k"], buffer["favor_max"] = state
+        shift = self.alibi_state_shift(k.size(2), state.max)
+        buffer["favor_kv"], buffer["favor_k"] = state.kv, state.k
+        buffer["favor_max"] = state.max if shift is None else state.max - shift
         return out.to(v.dtype), None
 
     def summarize_keys(self, k, v, key_padding_mask):

@@ -113,10 +113,15 @@ ALIBI = [n for n in STREAMING if ATTENTIONS[n].cls.position_scheme == "alibi"]
 def test_alibi_is_offered_where_the_math_takes_a_relative_bias():
     assert {"softmax", "adaptive_span", "local", "sparsemax", "entmax15", "alpha_entmax"} <= set(ALIBI)
     assert ATTENTIONS["s4d"].cls.position_scheme == "state"  # its decaying convolution orders the prefix
-    # prefix sums are order-free: without position embeddings these see the prefix as a bag of tokens
-    assert ATTENTIONS["performer"].cls.position_scheme == ATTENTIONS["abc"].cls.position_scheme == "none"
+    # prefix sums are order-free by themselves; ALiBi enters them as a decay (causal self attention only)
+    assert {"performer", "abc"} <= set(ALIBI)
+    assert ATTENTIONS["performer"].cls.alibi_as_decay and ATTENTIONS["abc"].cls.alibi_as_decay
     with pytest.raises(ValueError, match="takes no relative position bias.*ALiBi is for .*softmax"):
-        _build("performer").set_alibi()
+        _build("s4d").set_alibi()
+    for name in ("performer", "abc"):
+        noncausal = ATTENTIONS[name].build(E, H, **ATTENTIONS[name].tiny)
+        with pytest.raises(ValueError, match="decay of its causal prefix sums.*noncausal self"):
+            noncausal.set_alibi()
 
 
 @pytest.mark.parametrize("name", ALIBI)
@@ -136,3 +141,64 @@ def test_alibi_survives_memory_and_penalises_distance(name):
         bias = (-slopes * rel.abs()).masked_fill(rel < 0, float("-inf"))  # (H, L, L)
         want = plain(x, attn_mask=bias.repeat(B, 1, 1), need_weights=False)[0]
         torch.testing.assert_close(full, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ALIBI)
+def test_alibi_decodes_token_by_token_as_one_pass(name):
+    attn = _build(name)
+    attn.set_alibi()
+    x = _randn(20, B, E, seed=7)
+    torch.testing.assert_close(_segments(attn, x, [1] * 20)[0], attn(x, need_weights=False)[0], atol=1e-5, rtol=0)
+
+
+def _heads(attn, x):
+    """(B, H, L, Dh) projections of x (L, B, E) by the attention's own in-projections."""
+    def split(t):
+        return t.view(t.size(0), t.size(1), H, -1).permute(1, 2, 0, 3)
+    return split(attn.q_proj(x)), split(attn.k_proj(x)), split(attn.v_proj(x))
+
+
+def _out(attn, o):
+    return attn.out_proj(o.permute(2, 0, 1, 3).reshape(o.size(2), o.size(0), E))
+
+
+@pytest.mark.parametrize("heads", [4, 16])  # 16 heads: slopes up to 2^-0.5, ~45 nats across a 64-key chunk
+def test_performer_alibi_is_alibi_on_the_estimated_kernel(heads):
+    """Against the dense formula: weight(i, j) = phi(q_i) . phi(k_j) exp(c_j) exp(-slope_h (i - j)), j <= i."""
+    spec = ATTENTIONS["performer"]
+    torch.manual_seed(0)
+    attn = spec.build(64, heads, causal=True, approx_attn_dim=8).eval()
+    attn.set_alibi()
+    x = _randn(150, 2, 64, seed=8)
+    split = lambda t: t.view(150, 2, heads, -1).permute(1, 2, 0, 3)  # noqa: E731
+    q, k, v = split(attn.q_proj(x)), split(attn.k_proj(x)), split(attn.v_proj(x))
+    phi_q = attn.query_features(q).double()
+    phi_k, c = attn.key_features(k)
+    rel = torch.arange(150).view(-1, 1) - torch.arange(150)
+    log_w = (c.double().unsqueeze(-2) - attn.alibi_slopes.double().view(-1, 1, 1) * rel).masked_fill(rel < 0, -1e300)
+    w = torch.einsum("bhim,bhjm->bhij", phi_q, phi_k.double()) * torch.exp(log_w - log_w.amax(-1, keepdim=True))
+    o = torch.matmul(w / w.sum(-1, keepdim=True), v.double()).float()
+    want = attn.out_proj(o.permute(2, 0, 1, 3).reshape(150, 2, 64))
+    torch.testing.assert_close(attn(x, need_weights=False)[0], want, atol=1e-5, rtol=1e-4)
+
+
+def test_abc_alibi_decays_the_slot_writes():
+    """Against the dense formula: query t reads slots K~_t[r] = sum_{j<=t} w_tjr k_j / sum_j w_tjr with
+    w_tjr = exp(a_jr - slope_h (t - j)), likewise for the values."""
+    attn = _build("abc")
+    attn.set_alibi()
+    x = _randn(40, B, E, seed=9)
+    q, k, v = _heads(attn, x)
+    plain_k = torch.matmul(k, attn.compress_k)
+    plain_v = torch.matmul(v, attn.compress_v)
+    rel = torch.arange(40).view(-1, 1) - torch.arange(40)
+    decay = (-attn.alibi_slopes.view(-1, 1, 1) * rel).masked_fill(rel < 0, float("-inf"))  # (H, t, j)
+
+    def slots(alpha, x):  # (B, H, t, r, d)
+        w = torch.softmax(alpha.unsqueeze(2) + decay.view(1, H, 40, 40, 1), dim=3)  # over j
+        return torch.einsum("bhtjr,bhjd->bhtrd", w, x)
+
+    ks, vs = slots(plain_k, k), slots(plain_v, v)
+    p = torch.softmax(torch.einsum("bhtd,bhtrd->bhtr", q, ks) * k.size(-1) ** -0.5, dim=-1)
+    want = _out(attn, torch.einsum("bhtr,bhtrd->bhtd", p, vs))
+    torch.testing.assert_close(attn(x, need_weights=False)[0], want, atol=1e-5, rtol=1e-4)

@@ -125,14 +125,16 @@ def test_models_that_cannot_stream_are_refused_naming_the_fix(lm_bin, extra, mat
 
 
 @pytest.mark.parametrize("extra,blind", [
-    (["--arch", "transformer_lm_performer_tiny"], "PerformerAttention"),
+    (["--arch", "transformer_lm_performer_tiny"], "PerformerAttention: pass --attn-position-bias alibi"),
+    (["--arch", "transformer_lm_performer_tiny", "--attn-position-bias", "alibi"], None),
+    (["--arch", "transformer_lm_abc_tiny"], "ABCAttention: pass --attn-position-bias alibi"),
     (["--arch", "fluence_transformer_lm_tiny", "--mem-len", "16"], "--attn-position-bias alibi"),
     (["--arch", "fluence_transformer_lm_tiny", "--mem-len", "16", "--attn-position-bias", "alibi"], None),
     (["--arch", "transformer_lm_s4d_tiny"], None),
 ])
 def test_a_model_that_cannot_see_token_order_is_warned_about(lm_bin, extra, blind, caplog):
-    """Without position embeddings, ALiBi-capable attentions need ALiBi and prefix-sum attentions (Performer,
-    ABC) see a bag of the prefix: the task says so when it builds the model."""
+    """Without position embeddings, ALiBi-capable attentions (Performer and ABC included: a decay of their prefix
+    sums) see a bag of the prefix unless ALiBi is on: the task says so when it builds the model."""
     from fairseq import options, tasks
 
     parser = options.get_training_parser()
