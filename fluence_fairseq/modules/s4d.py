@@ -121,21 +121,6 @@ class S4DAttention(FluenceAttention):
         dta, dc = self.discretized()
         return s4d_kernel(dta, dc, length)
 
-    def _decoding_coefficients(self):
-        """(dt A, dC) of the causal kernel for decoding, cached while the parameters are unchanged and no
-        gradient is recorded: a decoding step then costs a handful of small operations."""
-        params = (self.log_dt, self.log_neg_a_real, self.a_imag, self.c_modes)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            dta, dc = self.discretized()
-            return dta[0], dc[0]
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        cached = self.__dict__.get("_decoding_cache")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                dta, dc = self.discretized()
-            cached = self.__dict__["_decoding_cache"] = (key, dta[0], dc[0])
-        return cached[1], cached[2]
-
     def _channels(self, v: Tensor) -> Tensor:
         """(B, H, L, Dh) -> (L, B, C), a view when ``v`` came straight from ``v_proj``."""
         bsz, _, length, _ = v.shape
@@ -168,8 +153,11 @@ class S4DAttention(FluenceAttention):
             state = torch.zeros(bsz, self.embed_dim, self.d_state // 2, 2, dtype=real_dtype, device=u.device)
         else:
             state = saved.to(real_dtype)
-        dta, dc = self._decoding_coefficients()
-        y, state = ssm_chunk_step(u, torch.view_as_complex(state.contiguous()), dta, dc, self.d_skip)
+        # discretised on every call (a few operations on (C, N/2)): a cache keyed on the parameters' versions went
+        # stale under fairseq's optimizers, which step through ``p.data`` (a separate version counter), so
+        # validation with memory used the coefficients of the first validation
+        dta, dc = self.discretized()
+        y, state = ssm_chunk_step(u, torch.view_as_complex(state.contiguous()), dta[0], dc[0], self.d_skip)
         buffer["s4d_state"] = torch.view_as_real(state)
         return self._output(F.gelu(y), bsz), None
 

@@ -202,3 +202,19 @@ def test_abc_alibi_decays_the_slot_writes():
     p = torch.softmax(torch.einsum("bhtd,bhtrd->bhtr", q, ks) * k.size(-1) ** -0.5, dim=-1)
     want = _out(attn, torch.einsum("bhtr,bhtrd->bhtd", p, vs))
     torch.testing.assert_close(attn(x, need_weights=False)[0], want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", STREAMING)
+def test_memory_follows_parameters_updated_through_data(name):
+    """fairseq's optimizers step through ``p.data``, which has its own version counter: nothing the memory or
+    decoding path computes from the parameters may be cached across such an update (S4D's discretised
+    coefficients were, and validation with memory used those of the first validation)."""
+    attn = _build(name)
+    x = _randn(12, B, E, seed=10)
+    with torch.no_grad():
+        _segments(attn, x, [6, 6])  # warm every cache
+        for p in attn.parameters():
+            p.data.mul_(0.8).add_(0.05)
+        want = attn(x, need_weights=False)[0]
+        torch.testing.assert_close(_segments(attn, x, [6, 6])[0], want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(_segments(attn, x, [1] * 12)[0], want, atol=1e-5, rtol=0)
