@@ -313,6 +313,12 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         """Upper bound on the keys a causal self-attention cache must keep (None = all)."""
         return None
 
+    def unbounded_memory(self) -> bool:
+        """Whether the memory of a stream grows with the stream as things stand (a key/value cache without a
+        bound of its own or :meth:`set_mem_len`): such a model cannot read a long stream with memory."""
+        kv_cache = type(self).attend_incremental is FluenceAttention.attend_incremental
+        return kv_cache and self.max_cached_keys() is None and self.mem_len is None
+
     def attend_incremental(
         self,
         q: Tensor,

@@ -42,6 +42,9 @@ class LongShortAttention(FluenceAttention):
     (non left-padding) token; ``ls_recent_key``/``ls_recent_value`` (B, H, <= max(w, c) - 1, Dh) the newest
     normalised keys/values (the window and the current incomplete chunk) with ``ls_recent_pad`` (B, ...);
     ``ls_chunk_key``/``ls_chunk_value`` (B, H, completed chunks * chunk_rank, Dh) with ``ls_chunk_valid``.
+    With :meth:`set_mem_len` (``--mem-len``, memory over a stream) only the chunks covering the last ``mem_len``
+    tokens are kept between calls (``ls_chunk_first`` (B,) counts the dropped ones); without it they grow by
+    ``chunk_rank`` vectors every ``chunk_size`` tokens for as long as the stream or the decoding goes on.
     Several tokens per call are computed as one block when all sequences are aligned (same count, no new
     leading padding), else one after the other.
 
@@ -157,9 +160,10 @@ class LongShortAttention(FluenceAttention):
             dropout_p=self._dropout_p(), block_size=self.block_size,
         )
 
-    def _chunk_start(self, n_cols: int, device) -> Tensor:
-        """First query position that sees compressed column g (chunk g // rank): chunk end + window."""
-        chunk = torch.arange(n_cols, device=device) // self.chunk_rank
+    def _chunk_start(self, n_cols: int, device, first_chunk: int = 0) -> Tensor:
+        """First query position that sees compressed column g (chunk ``first_chunk + g // rank``): chunk end +
+        window."""
+        chunk = first_chunk + torch.arange(n_cols, device=device) // self.chunk_rank
         return (chunk + 1) * self.chunk_size - 1 + self.window_size
 
     def _attend_causal(self, q, k, v, key_padding_mask):
@@ -194,16 +198,50 @@ class LongShortAttention(FluenceAttention):
     def max_cached_keys(self) -> Optional[int]:
         return max(self.window_size, self.chunk_size) - 1
 
+    def unbounded_memory(self) -> bool:
+        # the compressed chunks grow with the stream (chunk_rank vectors per chunk_size tokens) unless set_mem_len
+        # keeps those of the last mem_len tokens
+        return self.mem_len is None
+
+    def max_memory_chunks(self) -> Optional[int]:
+        """Compressed chunks kept between calls: those covering the last ``mem_len`` tokens (None: all)."""
+        return None if self.mem_len is None else -(-self.mem_len // self.chunk_size)
+
+    def _trim_chunks(self, buffer) -> None:
+        """After a call, drop the oldest compressed chunks beyond :meth:`max_memory_chunks` (all sequences
+        share the chunk columns, so only chunks every sequence has left behind are dropped)."""
+        keep, chunk_k = self.max_memory_chunks(), buffer.get("ls_chunk_key")
+        if keep is None or chunk_k is None:
+            return
+        rank, first = self.chunk_rank, buffer.get("ls_chunk_first")
+        first = 0 if first is None else int(first[0])
+        completed = int((buffer["ls_pos"] // self.chunk_size).min())  # chunks the slowest sequence completed
+        drop = min(completed - keep - first, chunk_k.size(2) // rank)
+        if drop <= 0:
+            return
+        for name in ("ls_chunk_key", "ls_chunk_value"):
+            buffer[name] = buffer[name][:, :, drop * rank:]
+        buffer["ls_chunk_valid"] = buffer["ls_chunk_valid"][:, drop * rank:]
+        buffer["ls_chunk_first"] = torch.full_like(buffer["ls_pos"], first + drop)
+
     def attend_incremental(self, q, k, v, *, key_padding_mask, attn_mask, buffer, need_weights):
         if attn_mask is not None:
             raise ValueError(f"{type(self).__name__} cannot apply an arbitrary attn_mask")
         if q.size(2) > 1 and self._aligned(buffer, key_padding_mask):
-            return self._decode_block(q, k, v, key_padding_mask, buffer), None
-        outs = []
-        for i in range(q.size(2)):
-            pad = None if key_padding_mask is None else key_padding_mask[:, i]
-            outs.append(self._decode_step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], pad, buffer))
-        return torch.cat(outs, dim=2), None
+            out = self._decode_block(q, k, v, key_padding_mask, buffer)
+        else:
+            outs = []
+            for i in range(q.size(2)):
+                pad = None if key_padding_mask is None else key_padding_mask[:, i]
+                outs.append(self._decode_step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], pad, buffer))
+            out = torch.cat(outs, dim=2)
+        self._trim_chunks(buffer)
+        return out, None
+
+    @staticmethod
+    def _first_chunk(buffer) -> int:
+        first = buffer.get("ls_chunk_first")
+        return 0 if first is None else int(first[0])
 
     @staticmethod
     def _aligned(buffer, key_padding_mask) -> bool:
@@ -235,11 +273,12 @@ class LongShortAttention(FluenceAttention):
             kn_all, vn_all, pad_all = kn, vn, pad
         first = start - (kn_all.size(2) - n)  # position of kn_all[:, :, 0]
         n_done = start // c
+        first_chunk = self._first_chunk(buffer)  # chunks before it were dropped (mem_len)
         chunk_k, chunk_v = buffer.get("ls_chunk_key"), buffer.get("ls_chunk_value")
         chunk_valid = buffer.get("ls_chunk_valid")
         if chunk_k is not None:
-            chunk_k, chunk_v = chunk_k[:, :, :n_done * rank], chunk_v[:, :, :n_done * rank]
-            chunk_valid = chunk_valid[:, :n_done * rank]
+            kept = (n_done - first_chunk) * rank
+            chunk_k, chunk_v, chunk_valid = chunk_k[:, :, :kept], chunk_v[:, :, :kept], chunk_valid[:, :kept]
         n_new = (start + n) // c - n_done  # chunks completed by this call
         if n_new > 0:
             a, b = n_done * c - first, (n_done + n_new) * c - first
@@ -254,7 +293,7 @@ class LongShortAttention(FluenceAttention):
             chunk_valid = torch.zeros(bsz, 0, dtype=torch.bool, device=device)
         out = dense_joint_attention(
             q, kn_all, vn_all, chunk_k, chunk_v, key_valid=~pad_all, glob_valid=chunk_valid,
-            glob_start=self._chunk_start(chunk_k.size(2), device) - first,
+            glob_start=self._chunk_start(chunk_k.size(2), device, first_chunk) - first,
             left=w - 1, right=0, query_offset=kn_all.size(2) - n, dropout_p=self._dropout_p(),
         )
         keep = self.max_cached_keys()
@@ -290,12 +329,13 @@ class LongShortAttention(FluenceAttention):
 
         chunk_k, chunk_v = buffer.get("ls_chunk_key"), buffer.get("ls_chunk_value")
         chunk_valid = buffer.get("ls_chunk_valid")
+        first_chunk = self._first_chunk(buffer)  # chunks before it were dropped (mem_len)
         done = (~leading) & (pos % c == 0)  # this token completes a chunk
         if bool(done.any()):
             last_k, last_v = kn_all[:, :, -c:], vn_all[:, :, -c:]
             ck, cv, valid = compress_chunks(last_k, last_v, self._proj_logits(last_k), pad_all[:, -c:], c)
             ck, cv = self._global_norm(ck), self._global_norm(cv)  # (B, H, rank, Dh)
-            slot0 = (pos // c - 1) * rank  # first column of the completed chunk, per sequence
+            slot0 = (pos // c - 1 - first_chunk) * rank  # first column of the completed chunk, per sequence
             need = int((slot0[done].max() + rank).item())
             have = 0 if chunk_k is None else chunk_k.size(2)
             if need > have:
@@ -317,7 +357,7 @@ class LongShortAttention(FluenceAttention):
         # the query sees the last w keys (itself included) and the chunks ending at or before here - w
         win_k, win_v, win_pad = kn_all[:, :, -w:], vn_all[:, :, -w:], pad_all[:, -w:]
         if chunk_k is not None:
-            start = self._chunk_start(chunk_k.size(2), device)
+            start = self._chunk_start(chunk_k.size(2), device, first_chunk)
             glob_ok = chunk_valid & (here.unsqueeze(1) >= start.unsqueeze(0))  # (B, G)
             gk, gv = chunk_k, chunk_v
         else:

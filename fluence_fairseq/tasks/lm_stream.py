@@ -35,7 +35,6 @@ from fairseq.tasks import TASK_REGISTRY, register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
 from ..models.stream_memory import StreamMemory, streaming_attentions
-from ..modules.attention_base import FluenceAttention
 
 logger = logging.getLogger(__name__)
 
@@ -226,10 +225,10 @@ def check_streaming_model(model) -> None:
     for path, attn in attentions:
         if not attn.supports_memory:
             raise ValueError(f"{path}: {type(attn).__name__} cannot carry memory: {attn.memory_refusal}")
-        kv_cache = type(attn).attend_incremental is FluenceAttention.attend_incremental
-        if kv_cache and attn.max_cached_keys() is None and attn.mem_len is None:
-            raise ValueError(f"{path}: {type(attn).__name__} keeps every key of the stream unless --mem-len N "
-                             "bounds its memory; pass --mem-len (e.g. the segment length or more)")
+        if attn.unbounded_memory():
+            raise ValueError(f"{path}: {type(attn).__name__}'s memory grows with the stream unless --mem-len N "
+                             "bounds it (the keys, or compressed chunks, of the last N tokens); pass --mem-len "
+                             "(e.g. the segment length or more)")
     blind = order_blind_attentions(attentions)
     if blind:
         logger.warning("fluence_lm_stream: the model has no position embeddings, and these attentions get no token "

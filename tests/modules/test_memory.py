@@ -218,3 +218,31 @@ def test_memory_follows_parameters_updated_through_data(name):
         want = attn(x, need_weights=False)[0]
         torch.testing.assert_close(_segments(attn, x, [6, 6])[0], want, atol=1e-5, rtol=0)
         torch.testing.assert_close(_segments(attn, x, [1] * 12)[0], want, atol=1e-5, rtol=0)
+
+
+def test_longshort_memory_keeps_the_chunks_of_the_last_mem_len_tokens():
+    """With mem_len the compressed chunks between segments cover the last mem_len tokens: the memory stops
+    growing, what it dropped no longer matters, what it kept still does; without mem_len it grows."""
+    spec = ATTENTIONS["longshort"]
+    torch.manual_seed(0)
+    attn = spec.build(E, H, causal=True, ls_window_size=4, chunk_size=4, chunk_rank=2).eval()
+    x = _randn(64, B, E, seed=11)
+    sizes = [8] * 8
+    grown = _segments(attn, x, sizes)[1]
+    assert grown["ls_chunk_key"].size(2) == 16 * 2  # every chunk of the stream
+    assert attn.unbounded_memory()
+    attn.set_mem_len(10)  # 3 chunks of 4 tokens
+    assert not attn.unbounded_memory()
+    out, memory = _segments(attn, x, sizes)
+    assert memory["ls_chunk_key"].size(2) == 3 * 2 and int(memory["ls_chunk_first"][0]) == 13
+    assert memory["ls_chunk_valid"].shape == (B, 6) and memory["ls_chunk_first"].shape == (B,)
+    # the last segment (56..63) remembers chunks 11..13 (tokens 44..55) and its window: tokens before 44 do not
+    # matter to it any more, token 44 still does
+    for changed, matters in ((slice(0, 44), False), (slice(44, 45), True)):
+        y = x.clone()
+        y[changed] += 1.0
+        other = _segments(attn, y, sizes)[0]
+        assert torch.allclose(other[56:], out[56:], atol=1e-6) != matters
+    # within a segment nothing is dropped: the first segments equal the unbounded pass
+    attn.set_mem_len(None)
+    torch.testing.assert_close(out[:16], _segments(attn, x, sizes)[0][:16], atol=1e-6, rtol=0)

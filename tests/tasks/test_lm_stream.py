@@ -110,6 +110,7 @@ def test_memory_is_per_split_and_resets_at_every_pass(lm_bin):
 @pytest.mark.parametrize("extra,match", [
     (["--arch", "transformer_lm_local_tiny"], None),
     (["--arch", "fluence_transformer_lm_tiny", "--no-token-positional-embeddings"], "--mem-len"),
+    (["--arch", "transformer_lm_longshort_tiny", "--no-token-positional-embeddings"], "LongShort.*--mem-len"),
     (["--arch", "transformer_lm_cosformer_tiny", "--no-token-positional-embeddings"], "cosformer_max_len"),
 ])
 def test_models_that_cannot_stream_are_refused_naming_the_fix(lm_bin, extra, match):
