@@ -12,7 +12,8 @@ where the attention takes a relative bias) for the same ``--max-update`` updates
 * ``<attention>`` rows train and score without memory (``--mem-len``-free softmax sees only its segment; the
   memory of every segment is dropped by resetting it, i.e. ``--segment``-character contexts);
 * ``<attention>_mem`` rows carry memory: softmax ``--mem-len``, adaptive span with ``--attn-span``, local
-  attention its window, ABC/Performer/S4D/LongShort their recurrent state.
+  attention its window, ABC/Performer/S4D their recurrent state, LongShort its window and the compressed chunks
+  of the last ``--mem-len`` characters.
 
 Per row: test bits per character, training characters per second (fairseq's ``wps``), peak resident memory of
 training, mean and max learned span (adaptive span), and the validation bpc against training time (a plot). The
@@ -49,7 +50,7 @@ ROWS = {
     "s4d": ("s4d", False, []),
     "s4d_mem": ("s4d", True, []),
     "longshort": ("longshort", False, []),
-    "longshort_mem": ("longshort", True, []),
+    "longshort_mem": ("longshort", True, ["--mem-len", "{mem_len}"]),
 }
 
 
@@ -84,7 +85,7 @@ def train_command(args, binary, save_dir, attention, memory, extra):
            *extra]
     if not memory:
         cmd += ["--stream-without-memory"]
-    if attention in ("softmax",) and "--mem-len" not in extra:
+    if attention in ("softmax", "longshort") and "--mem-len" not in extra:
         cmd += ["--mem-len", args.segment]  # bounded cache; without memory nothing is carried anyway
     return cmd
 

@@ -136,8 +136,8 @@ def _memory(cls) -> str:
         return "—"
     if not cls.supports_memory:
         return "refused"
-    unbounded = (cls.attend_incremental is FluenceAttention.attend_incremental
-                 and cls.max_cached_keys is FluenceAttention.max_cached_keys)
+    unbounded = cls.grows_without_mem_len or (cls.attend_incremental is FluenceAttention.attend_incremental
+                                              and cls.max_cached_keys is FluenceAttention.max_cached_keys)
     return "✓ (bounded by `--mem-len`)" if unbounded else "✓ (its decoding state)"
 
 

@@ -111,6 +111,9 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     memory_refusal: str = ""
     #: keys and values kept from earlier segments by an otherwise unbounded cache (:meth:`set_mem_len`)
     mem_len: Optional[int] = None
+    #: its own decoding state grows with the sequence unless :meth:`set_mem_len` bounds it (LongShort's
+    #: compressed chunks); a plain key/value cache without :meth:`max_cached_keys` is recognised by itself
+    grows_without_mem_len: bool = False
     #: the memory a forward without ``memory=`` and ``incremental_state`` uses (see
     #: :class:`fluence_fairseq.models.stream_memory.StreamMemory`, which sets it around a model's forward)
     active_memory: Optional[Dict[str, Optional[Tensor]]] = None
@@ -317,7 +320,8 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         """Whether the memory of a stream grows with the stream as things stand (a key/value cache without a
         bound of its own or :meth:`set_mem_len`): such a model cannot read a long stream with memory."""
         kv_cache = type(self).attend_incremental is FluenceAttention.attend_incremental
-        return kv_cache and self.max_cached_keys() is None and self.mem_len is None
+        grows = self.grows_without_mem_len or (kv_cache and self.max_cached_keys() is None)
+        return grows and self.mem_len is None
 
     def attend_incremental(
         self,

@@ -76,6 +76,7 @@ class LongShortAttention(FluenceAttention):
     """
 
     decoding_state = "the last w keys/values, the compressed chunks and the current chunk"
+    grows_without_mem_len = True  # chunk_rank compressed vectors per chunk_size tokens, kept for ever without it
     float32_math = True  # its own autograd kernels keep float32 accumulators
     position_scheme = "none"  # takes no relative bias; causality alone orders the window
 
@@ -197,11 +198,6 @@ class LongShortAttention(FluenceAttention):
     # ----------------------------------------------------------------------------------------- decoding
     def max_cached_keys(self) -> Optional[int]:
         return max(self.window_size, self.chunk_size) - 1
-
-    def unbounded_memory(self) -> bool:
-        # the compressed chunks grow with the stream (chunk_rank vectors per chunk_size tokens) unless set_mem_len
-        # keeps those of the last mem_len tokens
-        return self.mem_len is None
 
     def max_memory_chunks(self) -> Optional[int]:
         """Compressed chunks kept between calls: those covering the last ``mem_len`` tokens (None: all)."""
