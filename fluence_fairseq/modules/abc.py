@@ -70,7 +70,7 @@ class ABCAttention(FluenceAttention):
     decoding_state = "r x d numerators, r denominators and a running max"
     float32_math = True  # its own autograd kernels keep float32 accumulators
     position_scheme = "alibi"  # as a decay of the causal slot sums (slope_h * j on every key's slot scores)
-    alibi_as_decay = True
+    alibi_causal_self_only = "it enters as a decay of the causal slot sums"
 
     supports_attn_mask = False
     constant_state = True  # causal decoding keeps r memory slots

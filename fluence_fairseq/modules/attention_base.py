@@ -121,10 +121,10 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     #: its math takes a relative bias (:meth:`set_alibi`), "state" where a recurrent state carries the order,
     #: "cos re-weighting" (cosFormer), "none" where it takes no relative bias
     position_scheme: str = "alibi"
-    #: ALiBi enters as a decay of a causal prefix sum (:meth:`alibi_key_offsets`), not as a bias on scores: for
-    #: attentions whose causal state is a normalised weighted sum over the prefix (Performer, ABC); causal self
-    #: attention only, since ``|i - j|`` does not factor into a key term once keys can follow the query
-    alibi_as_decay: bool = False
+    #: why ALiBi applies to this attention as causal self attention only ("" where every pattern takes it): e.g. it
+    #: enters as a decay of a causal prefix sum (:meth:`alibi_key_offsets`; Performer, ABC), since ``|i - j|``
+    #: does not factor into a key term once keys can follow the query
+    alibi_causal_self_only: str = ""
     #: runs under ``torch.autocast`` (fp16/bf16 mixed precision) with finite outputs and gradients near float32's
     supports_autocast: bool = True
     #: largest relative deviation of a 16-bit autocast output from float32 (the contract checks it): methods that
@@ -257,9 +257,9 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         if enabled and self.position_scheme != "alibi":
             raise ValueError(f"{type(self).__name__} takes no relative position bias (its position scheme: "
                              f"{self.position_scheme}); ALiBi is for {registered_attentions('position_scheme', 'alibi')}")
-        if enabled and self.alibi_as_decay and (self.cross or not self.causal):
-            raise ValueError(f"{type(self).__name__} takes ALiBi as a decay of its causal prefix sums, so only as "
-                             f"causal self attention; this one is {PATTERNS[(self.cross, self.causal)]}")
+        if enabled and self.alibi_causal_self_only and (self.cross or not self.causal):
+            raise ValueError(f"{type(self).__name__} takes ALiBi only as causal self attention "
+                             f"({self.alibi_causal_self_only}); this one is {PATTERNS[(self.cross, self.causal)]}")
         slopes = None
         if enabled:
             slopes = torch.pow(2.0, -8.0 * torch.arange(1, self.num_heads + 1, dtype=torch.float32) / self.num_heads)
@@ -279,7 +279,7 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         return bias
 
     def alibi_key_offsets(self, length: int, like: Tensor) -> Optional[Tensor]:
-        """ALiBi for a normalised causal prefix sum (:attr:`alibi_as_decay`): ``slope_h * j`` (H, length) to add
+        """ALiBi for a normalised causal prefix sum (Performer, ABC): ``slope_h * j`` (H, length) to add
         to the log weight of key ``j`` of this call. Query ``i``'s weight on key ``j`` then carries
         ``exp(slope_h * j) = exp(slope_h * i) * exp(-slope_h * (i - j))``; the first factor is the query's own and
         cancels in the normalisation, which leaves ALiBi's ``-slope_h * (i - j)``. None without ALiBi. A state

@@ -78,7 +78,8 @@ class LongShortAttention(FluenceAttention):
     decoding_state = "the last w keys/values, the compressed chunks and the current chunk"
     grows_without_mem_len = True  # chunk_rank compressed vectors per chunk_size tokens, kept for ever without it
     float32_math = True  # its own autograd kernels keep float32 accumulators
-    position_scheme = "none"  # takes no relative bias; causality alone orders the window
+    position_scheme = "alibi"  # on the window and on the compressed chunks (at their centres): causal only
+    alibi_causal_self_only = "its noncausal landmarks summarise the whole sequence and have no position"
 
     forms_weights = False
     supported_patterns = frozenset({(False, False), (False, True)})
@@ -167,6 +168,11 @@ class LongShortAttention(FluenceAttention):
         chunk = first_chunk + torch.arange(n_cols, device=device) // self.chunk_rank
         return (chunk + 1) * self.chunk_size - 1 + self.window_size
 
+    def _chunk_centre(self, n_cols: int, device, first_chunk: int = 0) -> Tensor:
+        """Position of compressed column g for ALiBi: the middle of its chunk."""
+        chunk = first_chunk + torch.arange(n_cols, device=device) // self.chunk_rank
+        return chunk * self.chunk_size + (self.chunk_size - 1) / 2
+
     def _attend_causal(self, q, k, v, key_padding_mask):
         bsz, _, length, _ = q.shape
         lead = None
@@ -187,6 +193,7 @@ class LongShortAttention(FluenceAttention):
             ln_global=(self.ln_global_weight, self.ln_global_bias), proj_weight=self.proj_weight,
             proj_bias=self.proj_bias, key_padding_mask=key_padding_mask, causal=True, window=self.window_size,
             chunk_size=self.chunk_size, dropout_p=self._dropout_p(), block_size=self.block_size,
+            alibi_slopes=getattr(self, "alibi_slopes", None),
         )
         if lead is not None:
             # back to the original positions; leading padded queries get zeros
@@ -287,10 +294,13 @@ class LongShortAttention(FluenceAttention):
         if chunk_k is None:
             chunk_k = chunk_v = kn.new_zeros(bsz, heads, 0, dim)
             chunk_valid = torch.zeros(bsz, 0, dtype=torch.bool, device=device)
+        queries = torch.arange(start, start + n, device=device)
         out = dense_joint_attention(
             q, kn_all, vn_all, chunk_k, chunk_v, key_valid=~pad_all, glob_valid=chunk_valid,
             glob_start=self._chunk_start(chunk_k.size(2), device, first_chunk) - first,
             left=w - 1, right=0, query_offset=kn_all.size(2) - n, dropout_p=self._dropout_p(),
+            alibi_slopes=getattr(self, "alibi_slopes", None),
+            glob_distance=(queries.unsqueeze(1) - self._chunk_centre(chunk_k.size(2), device, first_chunk)).unsqueeze(0),
         )
         keep = self.max_cached_keys()
         buffer["ls_pos"] = torch.full((bsz,), start + n, dtype=torch.long, device=device)
@@ -363,6 +373,8 @@ class LongShortAttention(FluenceAttention):
             q, win_k, win_v, gk, gv, key_valid=~win_pad, glob_valid=glob_ok,
             glob_start=torch.zeros(gk.size(2), dtype=torch.long, device=device),
             left=w - 1, right=0, query_offset=win_k.size(2) - 1, dropout_p=self._dropout_p(),
+            alibi_slopes=getattr(self, "alibi_slopes", None),
+            glob_distance=(here.unsqueeze(1) - self._chunk_centre(gk.size(2), device, first_chunk)).unsqueeze(1),
         )
 
         keep = self.max_cached_keys()

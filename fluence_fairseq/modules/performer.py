@@ -124,7 +124,7 @@ class PerformerAttention(FluenceAttention):
     decoding_state = "sum phi(k) v^T (m x d), sum phi(k) (m) and a running max"
     float32_math = True  # its own autograd kernels keep float32 accumulators
     position_scheme = "alibi"  # as a decay of the causal prefix sums: exactly ALiBi on the estimated exp(q . k)
-    alibi_as_decay = True
+    alibi_causal_self_only = "it enters as a decay of the causal prefix sums"
 
     constant_state = True  # causal decoding keeps sum phi(k) v^T and sum phi(k)
     forms_weights = False

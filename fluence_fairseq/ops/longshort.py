@@ -37,11 +37,13 @@ def head_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) 
 def dense_joint_attention(
     q: Tensor, k: Tensor, v: Tensor, kg: Tensor, vg: Tensor, *, key_valid: Optional[Tensor],
     glob_valid: Optional[Tensor], glob_start: Tensor, left: int, right: int, query_offset: int = 0,
-    dropout_p: float = 0.0,
+    dropout_p: float = 0.0, alibi_slopes: Optional[Tensor] = None, glob_distance: Optional[Tensor] = None,
 ) -> Tensor:
     """The same math with the full (Lq, G + Lk) score matrix (small inputs and decoding steps).
 
     Query ``i`` sits at key position ``i + query_offset``; ``glob_start`` compares with that position too.
+    ``alibi_slopes`` (H,): ALiBi, ``-slope_h |i - j|`` on the band and ``-slope_h * glob_distance`` on the global
+    columns (``glob_distance`` (B|1, Lq, G): from each query to each column's position).
     """
     tgt_len, src_len, n_glob = q.size(2), k.size(2), kg.size(2)
     acc = _acc(q.dtype)
@@ -55,8 +57,13 @@ def dense_joint_attention(
     if glob_valid is not None:
         glob_bad = glob_bad | ~glob_valid.view(glob_valid.size(0), 1, 1, n_glob)
     qs = q * scale
-    s = torch.cat([torch.matmul(qs, kg.transpose(-1, -2)).to(acc).masked_fill(glob_bad, torch.finfo(acc).min),
-                   torch.matmul(qs, k.transpose(-1, -2)).to(acc).masked_fill(band_bad, torch.finfo(acc).min)], -1)
+    sg, sb = torch.matmul(qs, kg.transpose(-1, -2)).to(acc), torch.matmul(qs, k.transpose(-1, -2)).to(acc)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(acc).view(1, -1, 1, 1)
+        sb = sb - slopes * rel.abs().to(acc)
+        if n_glob:
+            sg = sg - slopes * glob_distance.to(acc).unsqueeze(1)
+    s = torch.cat([sg.masked_fill(glob_bad, torch.finfo(acc).min), sb.masked_fill(band_bad, torch.finfo(acc).min)], -1)
     p = torch.softmax(s, dim=-1).to(q.dtype)
     if dropout_p > 0:
         p = F.dropout(p, p=dropout_p)
@@ -102,7 +109,7 @@ class _LongShort(torch.autograd.Function):
         return kg, vg, w_eff, b_eff
 
     @staticmethod
-    def forward(ctx, q, k, v, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad, cfg):
+    def forward(ctx, q, k, v, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad, slopes, cfg):
         causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per = cfg
         bsz, heads, length, dim = q.shape
         acc = _acc(q.dtype)
@@ -146,6 +153,7 @@ class _LongShort(torch.autograd.Function):
         # ---- joint attention, query blocks
         band_bad, glob_bad = _LongShort._masks(key_pad, glob_valid, glob_start, bsz, length, nblocks, bq, kb, left,
                                                right, q.device)
+        alibi = _LongShort._alibi(slopes, rank, chunk, kg.size(2), bq, kb, left, acc)
         buf = q.new_empty(length, bsz, heads, dim)
         out = buf.permute(1, 2, 0, 3)
         gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
@@ -154,7 +162,8 @@ class _LongShort(torch.autograd.Function):
         for g0, g1 in _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2)):
             count = g1 - g0
             n_vis = _LongShort._visible(glob_start, g1, bq)
-            qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, band_bad, glob_bad, n_vis, acc)
+            qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, band_bad, glob_bad, n_vis, acc,
+                                             alibi)
             p = torch.softmax(s, dim=-1)
             if gen is not None:
                 p = p * torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen) / (1 - dropout_p)
@@ -167,7 +176,7 @@ class _LongShort(torch.autograd.Function):
             hi = min(length, g1 * bq)
             out[:, :, g0 * bq:hi] = o.view(bsz, heads, -1, dim)[:, :, :hi - g0 * bq]
         ctx.save_for_backward(q, y_kp, y_vp, rstd, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad,
-                              weights, zk, zv, out)
+                              weights, zk, zv, out, slopes)
         ctx.cfg = cfg
         return out
 
@@ -190,6 +199,19 @@ class _LongShort(torch.autograd.Function):
             return torch.zeros(n_cols, dtype=torch.long, device=device)
         # compressed chunk m is visible from the query whose window (left + 1 keys) starts after the chunk's end
         return (torch.arange(n_cols, device=device) // rank + 1) * chunk - 1 + left + 1
+
+    @staticmethod
+    def _alibi(slopes, rank, chunk, n_cols, bq, kb, left, acc):
+        """ALiBi of the causal pattern (None without ``slopes``): the band bias ``-slope_h (i - j)`` of a block
+        (the same for every block, (1, H, 1, bq, kb)), the slopes and each compressed column's position, the centre
+        of its chunk (a query at ``i`` is ``i - centre`` from it)."""
+        if slopes is None:
+            return None
+        device = slopes.device
+        rel = (torch.arange(bq, device=device).unsqueeze(1) + left - torch.arange(kb, device=device)).clamp(min=0)
+        band = (-slopes.to(acc).view(1, -1, 1, 1, 1) * rel.to(acc))
+        centre = (torch.arange(n_cols, device=device) // rank).to(acc) * chunk + (chunk - 1) / 2
+        return band, slopes.to(acc), centre
 
     @staticmethod
     def _valid_windows(key_pad, bsz, length, nblocks, bq, kb, left, device):
@@ -231,25 +253,31 @@ class _LongShort(torch.autograd.Function):
         return band_bad, glob_bad
 
     @staticmethod
-    def _block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, band_bad, glob_bad, n_vis, acc):
+    def _block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, band_bad, glob_bad, n_vis, acc, alibi=None):
         """Scaled queries (B, H, G, bq, D) and the masked joint scores (B, H, G, bq, n_vis + kb) of query
-        blocks g0..g1-1 (band scores against y with the local weight folded into the queries)."""
+        blocks g0..g1-1 (band scores against y with the local weight folded into the queries), ALiBi added."""
         bsz, heads, _, dim = q.shape
         count = g1 - g0
         qs = _rows(q, g0 * bq, count * bq).mul(dim**-0.5).reshape(bsz, heads, count, bq, dim)
         yw = _LongShort._window(y_kp, g0, g1, bq, kb)
         sw = torch.matmul(qs * w5, yw.transpose(-1, -2)).to(acc)
+        if alibi is not None:
+            sw += alibi[0]
         sw.masked_fill_(band_bad[:, g0:g1].unsqueeze(1), torch.finfo(acc).min)
         if n_vis == 0:
             return qs, sw
         sg = torch.matmul(qs.view(bsz, heads, count * bq, dim), kg_s[:, :, :n_vis].transpose(-1, -2)).to(acc)
+        if alibi is not None:
+            _, slopes, centre = alibi
+            pos = torch.arange(g0 * bq, g1 * bq, device=q.device).to(acc)
+            sg -= slopes.view(1, -1, 1, 1) * (pos.unsqueeze(1) - centre[:n_vis])
         sg.masked_fill_(glob_bad[:, g0 * bq:g1 * bq, :n_vis].unsqueeze(1), torch.finfo(acc).min)
         return qs, torch.cat([sg.view(bsz, heads, count, bq, n_vis), sw], dim=-1)
 
     @staticmethod
     def backward(ctx, grad_out):
         (q, y_kp, y_vp, rstd, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad, weights, zk, zv,
-         out) = ctx.saved_tensors
+         out, slopes) = ctx.saved_tensors
         causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per = ctx.cfg
         bsz, heads, length, dim = q.shape
         acc = _acc(q.dtype)
@@ -271,6 +299,7 @@ class _LongShort(torch.autograd.Function):
         pieces = math.ceil(kb / bq)
         band_bad, glob_bad = _LongShort._masks(key_pad, glob_valid, glob_start, bsz, length, nblocks, bq, kb, left,
                                                right, q.device)
+        alibi = _LongShort._alibi(slopes, rank, chunk, kg.size(2), bq, kb, left, acc)
         w5 = ln_l_w.view(1, heads, 1, 1, dim)
         # gradients w.r.t. the normalised keys/values kn, vn over padded rows, in (L, B, H, D) layouts so that
         # the projections' backward gets contiguous (L, B, D) gradients; row r is key r - left
@@ -286,7 +315,8 @@ class _LongShort(torch.autograd.Function):
             count = g1 - g0
             rows = count * bq
             n_vis = _LongShort._visible(glob_start, g1, bq)
-            qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, band_bad, glob_bad, n_vis, acc)
+            qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, band_bad, glob_bad, n_vis, acc,
+                                             alibi)
             p = torch.softmax(s, dim=-1)
             g_out = _rows(grad_out, g0 * bq, rows).reshape(bsz, heads, count, bq, dim)
             o = _rows(out, g0 * bq, rows).reshape(bsz, heads, count, bq, dim)
@@ -379,13 +409,15 @@ class _LongShort(torch.autograd.Function):
                 m_gy = (gr * yr).mean(-1, keepdim=True)
                 gr.sub_(gr.mean(-1, keepdim=True)).addcmul_(yr, m_gy, value=-1)
                 gr.mul_(rstd[i, :, :, a:a + rows_per].unsqueeze(-1))
-        return (grad_q, grad_kn, grad_vn, grad_l_w, grad_l_b, small[2], small[3], small[4], small[5], None, None)
+        return (grad_q, grad_kn, grad_vn, grad_l_w, grad_l_b, small[2], small[3], small[4], small[5], None, None,
+                None)
 
 
 def long_short_attention(
     q: Tensor, k: Tensor, v: Tensor, *, ln_local: Tuple[Tensor, Tensor], ln_global: Tuple[Tensor, Tensor],
     proj_weight: Tensor, proj_bias: Tensor, key_padding_mask: Optional[Tensor], causal: bool, window: int,
     chunk_size: int = 1, dropout_p: float = 0.0, block_size: Optional[int] = None, row_chunk: Optional[int] = None,
+    alibi_slopes: Optional[Tensor] = None,
 ) -> Tensor:
     """Long-short self attention on raw projected heads q, k, v (B, H, L, D).
 
@@ -395,6 +427,8 @@ def long_short_attention(
     ``rank`` vectors per chunk), then ``ln_global``. Noncausal: band ``|i - j| <= window``; causal: keys
     ``i - window + 1 .. i`` and the chunks ending at or before ``i - window``. One softmax over both.
     ``block_size``: queries per block (default by window); ``row_chunk``: rows per full-length elementwise pass.
+    ``alibi_slopes`` (H,), causal only: ALiBi, ``-slope_h (i - j)`` on band scores and ``-slope_h (i - centre)``
+    on a compressed chunk's, ``centre`` the middle of its chunk.
     Returns (B, H, L, D), a permuted view of an (L, B, H, D) buffer.
     """
     bsz, heads, length, dim = q.shape
@@ -409,9 +443,11 @@ def long_short_attention(
     if causal:
         rows_per = max(chunk_size, rows_per // chunk_size * chunk_size)
     seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
+    if alibi_slopes is not None and not causal:
+        raise ValueError("long_short_attention: ALiBi is for the causal pattern (noncausal landmarks have no position)")
     cfg = (causal, left, right, chunk_size, n_chunks, bq, dropout_p, seed, rows_per)
     return _LongShort.apply(q, k, v, ln_local[0], ln_local[1], ln_global[0], ln_global[1], proj_weight, proj_bias,
-                            key_padding_mask, cfg)
+                            key_padding_mask, alibi_slopes, cfg)
 
 
 def compress_chunks(

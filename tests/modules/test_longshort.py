@@ -56,16 +56,17 @@ def noncausal_reference(attn, q, k, v, kpm):
     return probs @ torch.cat([vbar, vn], 2)
 
 
-def causal_reference(attn, q, k, v, kpm):
+def causal_reference(attn, q, k, v, kpm, slopes=None):
     """Per query: compressed chunks ending at or before t - w (each compressed by an explicit softmax over its
-    real positions) and the keys t-w+1..t; one softmax. Assumes no left padding."""
+    real positions) and the keys t-w+1..t; one softmax. Assumes no left padding. With ``slopes``, ALiBi:
+    ``-slope_h (t - j)`` for key j, ``-slope_h (t - centre)`` for a chunk, centre the middle of the chunk."""
     bsz, heads, length, dim = q.shape
     w, c, rank = attn.window_size, attn.chunk_size, attn.chunk_rank
     kn, vn = _ln(k, attn.ln_local_weight, attn.ln_local_bias), _ln(v, attn.ln_local_weight, attn.ln_local_bias)
     out = torch.zeros_like(q)
     for b in range(bsz):
         for h in range(heads):
-            comp_k, comp_v, comp_end = [], [], []
+            comp_k, comp_v, comp_end, comp_pos = [], [], [], []
             for m in range(length // c):
                 pos = [j for j in range(m * c, m * c + c) if not kpm[b, j]]
                 if not pos:
@@ -77,15 +78,19 @@ def causal_reference(attn, q, k, v, kpm):
                     comp_k.append(_ln((mix[:, s:s + 1] * kn[b, h, pos]).sum(0)[None, None], gw, gb)[0, 0])
                     comp_v.append(_ln((mix[:, s:s + 1] * vn[b, h, pos]).sum(0)[None, None], gw, gb)[0, 0])
                     comp_end.append(m * c + c - 1)
+                    comp_pos.append(m * c + (c - 1) / 2)
             for t in range(length):
-                keys = [comp_k[i] for i in range(len(comp_k)) if comp_end[i] <= t - w]
-                vals = [comp_v[i] for i in range(len(comp_k)) if comp_end[i] <= t - w]
+                seen = [i for i in range(len(comp_k)) if comp_end[i] <= t - w]
+                keys, vals = [comp_k[i] for i in seen], [comp_v[i] for i in seen]
                 window = [j for j in range(max(0, t - w + 1), t + 1) if not kpm[b, j]]
                 keys += [kn[b, h, j] for j in window]
                 vals += [vn[b, h, j] for j in window]
                 if not keys:
                     continue
                 scores = torch.stack(keys) @ q[b, h, t] / math.sqrt(dim)
+                if slopes is not None:
+                    distance = torch.tensor([t - comp_pos[i] for i in seen] + [t - j for j in window])
+                    scores = scores - slopes[h] * distance
                 out[b, h, t] = torch.softmax(scores, 0) @ torch.stack(vals)
     return out
 
@@ -103,23 +108,26 @@ def test_noncausal_equals_dense_reference(block_size):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("alibi", [False, True])
 @pytest.mark.parametrize("block_size,window,chunk,rank", [(None, 3, 2, 2), (4, 3, 2, 2), (5, 4, 3, 1)])
-def test_causal_equals_dense_reference(block_size, window, chunk, rank):
+def test_causal_equals_dense_reference(block_size, window, chunk, rank, alibi):
     attn = _randomize(FSLongShort(32, 4, causal=True, ls_window_size=window, chunk_size=chunk, chunk_rank=rank,
                                   block_size=block_size)).eval()
+    attn.set_alibi(alibi)
     q, k, v = _heads(2, 21)
     kpm = torch.zeros(2, 21, dtype=torch.bool)
     kpm[1, 5:9] = True  # a fully padded chunk and a partly padded one
     kpm[1, -3:] = True
     with torch.no_grad():
         got, _ = attn.attend(q, k, v, key_padding_mask=kpm, attn_mask=None, query_offset=0, need_weights=False)
-        want = causal_reference(attn, q, k, v, kpm)
+        want = causal_reference(attn, q, k, v, kpm, attn.alibi_slopes)
     real = ~kpm.view(2, 1, 21, 1).expand_as(got)
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("causal,window,block,row_chunk", [(False, 1, 3, None), (True, 2, 2, 4)])
-def test_long_short_function_gradcheck_float64(causal, window, block, row_chunk):
+@pytest.mark.parametrize("causal,window,block,row_chunk,alibi", [(False, 1, 3, None, False), (True, 2, 2, 4, False),
+                                                                 (True, 2, 2, 4, True)])
+def test_long_short_function_gradcheck_float64(causal, window, block, row_chunk, alibi):
     """The hand-written backward (recomputation, in-place layer-norm backward) against finite differences."""
     g = torch.Generator().manual_seed(4)
     heads, dim, rank, length = 2, 3, 2, 10
@@ -136,7 +144,8 @@ def test_long_short_function_gradcheck_float64(causal, window, block, row_chunk)
     def fn(q, k, v, lw, lb, gw, gb, pw, pb):
         return long_short_attention(q, k, v, ln_local=(lw, lb), ln_global=(gw, gb), proj_weight=pw, proj_bias=pb,
                                     key_padding_mask=kpm, causal=causal, window=window, chunk_size=2,
-                                    block_size=block, row_chunk=row_chunk)
+                                    block_size=block, row_chunk=row_chunk,
+                                    alibi_slopes=torch.tensor([0.5, 0.125], dtype=torch.float64) if alibi else None)
 
     inputs = [t.clone().requires_grad_(True) for t in (q, k, v, *params)]
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)

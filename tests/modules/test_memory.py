@@ -115,12 +115,13 @@ def test_alibi_is_offered_where_the_math_takes_a_relative_bias():
     assert ATTENTIONS["s4d"].cls.position_scheme == "state"  # its decaying convolution orders the prefix
     # prefix sums are order-free by themselves; ALiBi enters them as a decay (causal self attention only)
     assert {"performer", "abc"} <= set(ALIBI)
-    assert ATTENTIONS["performer"].cls.alibi_as_decay and ATTENTIONS["abc"].cls.alibi_as_decay
+    assert {"performer", "abc", "longshort"} <= set(ALIBI)
     with pytest.raises(ValueError, match="takes no relative position bias.*ALiBi is for .*softmax"):
         _build("s4d").set_alibi()
-    for name in ("performer", "abc"):
+    for name, why in (("performer", "decay of the causal prefix sums"), ("abc", "decay of the causal slot sums"),
+                      ("longshort", "landmarks .* have no position")):
         noncausal = ATTENTIONS[name].build(E, H, **ATTENTIONS[name].tiny)
-        with pytest.raises(ValueError, match="decay of its causal prefix sums.*noncausal self"):
+        with pytest.raises(ValueError, match=f"only as causal self attention \\(.*{why}\\); this one is noncausal self"):
             noncausal.set_alibi()
 
 
