@@ -133,7 +133,7 @@ def plot(results, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for row, r in results.items():
-        curve = [point for point in r["valid_curve"] if len(point) == 3]
+        curve = [point for point in r.get("valid_curve", []) if len(point) == 3]
         if curve:
             seconds, bpc, updates = zip(*curve)
             style = "-" if r["memory"] else "--"
@@ -148,14 +148,17 @@ def plot(results, path: Path) -> None:
 
 
 def merge(args) -> int:
-    """Re-read the logs of several runs' row directories (``--merge DIR/long_context ...``, the later run of a
-    row wins) into one table and plot: rows of one comparison that did not fit one sitting."""
+    """Combine the rows of several runs into one table and plot (the later run of a row wins): rows of one
+    comparison that did not fit one sitting. Each source is a run's ``long_context`` directory (its logs are
+    re-read) or a saved ``results.json`` (rows kept as they are; a row without a validation curve is not plotted)."""
     results = {}
-    for directory in map(Path, args.merge):
-        previous = json.loads((directory / "results.json").read_text())
+    for source in map(Path, args.merge):
+        directory = source if source.is_dir() else None
+        previous = json.loads(((directory / "results.json") if directory else source).read_text())
         for row, r in previous.items():
-            r.update(parse_log((directory / row / "train.log").read_text()))
-            r["run"] = str(directory)
+            if directory is not None:
+                r.update(parse_log((directory / row / "train.log").read_text()))
+            r["run"] = str(source)
             results[row] = r
     ordered = {row: results[row] for row in ROWS if row in results}
     out_dir = Path(args.work) / "long_context"
@@ -186,8 +189,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-batch-size", type=int, default=8,
                    help="streams scored in parallel (1: every character but the first; B: faster, leaves out the "
                         "first character of each row and the last < B)")
-    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
-                   help="instead of training: combine the rows of earlier runs (their long_context directories)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR_OR_JSON",
+                   help="instead of training: combine the rows of earlier runs (their long_context directories, or "
+                        "saved results.json files)")
     args = p.parse_args(argv)
     if args.merge:
         return merge(args)

@@ -141,6 +141,13 @@ def _memory(cls) -> str:
     return "✓ (bounded by `--mem-len`)" if unbounded else "✓ (its decoding state)"
 
 
+def _weights(cls) -> str:
+    if not cls.forms_weights:
+        return "—"
+    kind = "sparse" if cls.sparse_weights else "✓"
+    return kind if cls.weights_by_default else f"{kind} (on request)"
+
+
 def support_matrix() -> str:
     """Which patterns, masks, weights and decoding state every registered attention has, from what it declares."""
     order = sorted(ALL_PATTERNS)
@@ -152,7 +159,7 @@ def support_matrix() -> str:
         state = cls.decoding_state + (" (constant size)" if cls.constant_state else "")
         cells = [f"`{name}` ({spec.family})", f"`{cls.__mro__[1].__name__}`, `{cls.__name__}`",
                  *(_mark(p in cls.supported_patterns) for p in order), _mark(cls.supports_attn_mask),
-                 "sparse" if cls.sparse_weights else _mark(cls.forms_weights), state, _memory(cls),
+                 _weights(cls), state, _memory(cls),
                  cls.position_scheme if (False, True) in cls.supported_patterns else "—"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -177,7 +184,10 @@ def reference_markdown() -> str:
         "✓ supported; — not defined for the method (building it raises `UnsupportedPatternError` naming the "
         "supported patterns). `attn_mask` / pruning: an arbitrary `attn_mask` and the global masks of attention "
         "pruning are applied (— : refused with a clear error; the standard future mask of a causal self attention "
-        "is always accepted). Weights: `need_weights` returns attention probabilities (sparse: with exact zeros). "
+        "is always accepted). Weights: `need_weights` returns attention probabilities (sparse: with exact zeros); "
+        "*on request*: only with `need_head_weights=True` (or a pattern recorder), since they would cost an extra "
+        "O(Lq x Lk) pass; a plain `need_weights=True` (fairseq's default) returns None there and runs exactly the "
+        "`need_weights=False` computation. "
         "Memory over a stream: what a causal self attention carries from one segment to the next with "
         "`--task fluence_lm_stream` (see long_context.md); positions with memory: `alibi` "
         "(`--attn-position-bias alibi`), `state` (a recurrent state carries the order), or what the method has.",

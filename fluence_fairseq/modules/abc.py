@@ -44,7 +44,7 @@ class ABCAttention(FluenceAttention):
     dominate each head's slots at that head's rate; the state stays constant-size, decoding and memory exact.
 
     ``attn_mask`` is refused (the slots are not an attention matrix); padding comes from ``key_padding_mask``.
-    Weights (``need_weights``) are the equivalent attention over keys, ``sum_r p[i, r] softmax_j(b)[j, r]``; they
+    Weights (on request: ``need_head_weights=True``) are the equivalent attention over keys, ``sum_r p[i, r] softmax_j(b)[j, r]``; they
     are None where only a summary or a state exists (cross decoding from slots, causal decoding).
 
     Differences from the CAB reference implementation: its causal path normalises each key by a cumulative

@@ -98,6 +98,12 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     constant_state: bool = False
     #: the math forms attention probabilities, so ``need_weights`` and pattern collection can have them
     forms_weights: bool = True
+    #: ``need_weights=True`` alone (fairseq's default) returns the weights. True where they come with the math
+    #: (the entmax family forms them anyway) or where fairseq's MultiheadAttention contract is the point
+    #: (softmax, the baseline). Elsewhere weights would cost an extra O(Lq x Lk) pass (5x the step at L=8192), so
+    #: they are returned only on explicit request: ``need_head_weights=True`` or a pattern recorder; a plain
+    #: ``need_weights=True`` gives None, as fairseq's interface allows
+    weights_by_default: bool = False
     #: the weights can be exactly zero (sparse normalisers); the attention counts them while
     #: :meth:`track_statistics` is on and reports their density in :meth:`stats`
     sparse_weights: bool = False
@@ -428,7 +434,8 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
                 and a filled cache they may be None.
             query_padding_mask: (B, Lq) bool/byte/float, True/nonzero = padding; outputs there are zeroed.
             key_padding_mask: (B, Lk) bool/byte/float, True/nonzero = padding. During decoding: the new keys only.
-            need_weights: return head-averaged weights (B, Lq, Lk); ``need_head_weights``: (H, B, Lq, Lk).
+            need_weights: return head-averaged weights (B, Lq, Lk) where :attr:`weights_by_default` (softmax,
+                entmax), else None; ``need_head_weights``: (H, B, Lq, Lk) from every attention that forms them.
             attn_mask: (Lq, Lk) or (B*H, Lq, Lk), bool (True = masked) or additive float.
             static_kv: cross attention whose keys are computed once and cached (fairseq decoding).
             incremental_state: fairseq's decoding cache; causal self or cross attention only.
@@ -444,8 +451,10 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
             raise TypeError(f"{type(self).__name__}.forward() got unexpected arguments: {sorted(unused)}")
         if before_softmax:
             raise ValueError(f"{type(self).__name__} does not return raw scores (before_softmax=True)")
-        need_weights = need_weights or need_head_weights
         recorder = self.weight_recorder
+        if need_weights and not (need_head_weights or self.weights_by_default):
+            need_weights = False  # only on explicit request (see weights_by_default)
+        need_weights = need_weights or need_head_weights
         return_weights = need_weights
         need_weights = need_weights or recorder is not None
         query, key, value = self._inputs(query, key, value, batch_first)

@@ -55,6 +55,7 @@ class EntmaxAttentionBase(FluenceAttention):
         return alpha.view(1, -1, 1, 1) if isinstance(alpha, Tensor) else alpha
 
     sparse_weights = True
+    weights_by_default = True  # the normaliser forms the full probabilities anyway
 
     # ------------------------------------------------------------------------------ what the criterion logs
     def track_statistics(self, enabled: bool) -> None:

@@ -33,7 +33,7 @@ class LaraAttention(LandmarkAttention):
     mask applies to its own heads (the reference's mask had the heads in another order), the short-sequence
     fallback is exact softmax, and an arbitrary ``attn_mask`` is refused. The math is otherwise the reference's (segment
     means, no antithetic sampling, no ``use_opt_approx``). ``dropout`` is accepted for the common interface and,
-    as in the reference, not applied. ``need_weights`` returns the implied weights
+    as in the reference, not applied. ``need_head_weights=True`` returns the implied weights
     ``sum_c r_{c,n} softmax_j(log phi(k_j, w_c))``, O(L^2).
 
     Args:

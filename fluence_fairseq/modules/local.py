@@ -34,7 +34,8 @@ class LocalAttention(FluenceAttention):
     * ``attn_mask`` is applied (additively, on top of the window) instead of being silently ignored;
     * the windows are never gathered into (L, W, Dh) copies of K and V: a blocked band kernel scores each block
       of queries against the keys its band reaches, and recomputes the probabilities in backward;
-    * ``need_weights`` returns the (B, H, L, L) weights, zero outside the window.
+    * ``need_head_weights=True`` returns the (H, B, L, L) weights, zero outside the window, computed inside the
+      band; a plain ``need_weights=True`` returns None (see ``weights_by_default``).
 
     Example::
 

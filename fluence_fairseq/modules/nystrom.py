@@ -41,7 +41,7 @@ class NystromAttention(LandmarkAttention):
       zeros at padded positions; an arbitrary ``attn_mask`` is refused (the kernels are never formed in full).
 
     ``dropout`` is accepted for the common interface and, as in the reference, not applied.
-    ``need_weights`` returns the implied (not necessarily nonnegative) matrix ``kernel_1 pinv kernel_3``, O(L^2).
+    ``need_head_weights=True`` returns the implied (not necessarily nonnegative) matrix ``kernel_1 pinv kernel_3``, O(L^2).
 
     Args:
         num_landmarks: number of segment-mean landmarks m.

@@ -50,7 +50,7 @@ class ProbSparseAttention(FluenceAttention):
       the dropout module and never uses it);
     * noncausal cross attention is supported (the reference asserts it out).
 
-    ``attn_mask`` is refused (``supports_attn_mask = False``). With ``need_weights`` the weights are the
+    ``attn_mask`` is refused (``supports_attn_mask = False``). With ``need_head_weights=True`` the weights are the
     softmax rows of the selected queries and uniform rows over the real keys for the others (this forms the
     (L, S) matrix, so ask for it only when needed).
 

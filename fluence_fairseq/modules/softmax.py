@@ -24,6 +24,8 @@ class SoftmaxAttention(FluenceAttention):
         >>> out, weights = attn(x, x, x)                      # weights: (batch, length, length)
     """
 
+    weights_by_default = True  # fairseq's MultiheadAttention contract: need_weights returns the weights
+
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
         return band_attention(
             q, k, v, query_offset=query_offset, right=0 if self.causal else None, rel_bias=self.relative_bias(),
