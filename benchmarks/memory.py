@@ -4,7 +4,8 @@ A training step (forward + backward) of one segment with the memory of all the s
 same step with an empty memory (the first segment), after ``--segments`` segments of the stream: the issue's
 bounds are at most 1.1x for the constant-state methods, however far the stream has gone, and at most 1.2x for
 adaptive span with ``attn_span`` 8192 and spans at 64. Softmax keeps ``--mem-len`` keys (Transformer-XL), so its
-step grows with that length by design.
+step grows with that length by design; LongShort's compressed chunks grow with the stream unless ``mem_len`` keeps
+those of the last N tokens (both rows are measured).
 
     python -m benchmarks.memory [--segment 256] [--batch 8] [--dim 256] [--heads 4] [--segments 8] [--threads 1]
 """
@@ -23,7 +24,8 @@ CASES = [
     ("abc", "abc", {}, None, 1.1),
     ("performer", "performer", {}, None, 1.1),
     ("s4d", "s4d", {}, None, 1.1),
-    ("longshort", "longshort", {}, None, None),
+    ("longshort, no mem-len", "longshort", {}, None, None),
+    ("longshort, mem-len 512", "longshort", {}, 512, None),
 ]
 
 

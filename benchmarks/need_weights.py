@@ -9,7 +9,7 @@ default / ``need_weights=False`` (at most 1.2) and default / fairseq MHA (at mos
 the entmax family); the others return None and run their ``need_weights=False`` computation (see
 ``weights_by_default``), so their default equals their weight-free step.
 
-    python -m benchmarks.need_weights [--length 4096] [--threads 1] [--repeats 2] [--only NAME ...]
+    python -m benchmarks.need_weights [--length 4096] [--threads 1] [--repeats 2] [--only NAME ...] [--head-weights]
 """
 import argparse
 import platform
@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", nargs="+", default=None, help="attentions to measure (default: every one)")
+    parser.add_argument("--head-weights", action="store_true",
+                        help="also time need_head_weights=True (the dense weights some attentions form on request "
+                             "take minutes at L=4096)")
     args = parser.parse_args(argv)
     from fairseq.modules.multihead_attention import MultiheadAttention
 
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
         module = spec.build(D, H, causal=causal, **extra)
         plain_s = _measure(module, x, args.repeats, need_weights=False)
         default_s = _measure(module, x, args.repeats)
-        head_s = _measure(module, x, args.repeats, need_head_weights=True)
+        head_s = _measure(module, x, args.repeats, need_head_weights=True) if args.head_weights else float("nan")
         returned = module(x[:8], x[:8], x[:8])[1]
         print(f"| {name} | {'causal' if causal else 'noncausal'} self | {plain_s:.2f} | {default_s:.2f} | "
               f"{head_s:.2f} | {default_s / plain_s:.2f} | {default_s / mha_s:.2f} | "
