@@ -294,13 +294,15 @@ class LongShortAttention(FluenceAttention):
         if chunk_k is None:
             chunk_k = chunk_v = kn.new_zeros(bsz, heads, 0, dim)
             chunk_valid = torch.zeros(bsz, 0, dtype=torch.bool, device=device)
-        queries = torch.arange(start, start + n, device=device)
+        slopes, distance = getattr(self, "alibi_slopes", None), None
+        if slopes is not None:  # from each new query to each compressed chunk's centre
+            queries = torch.arange(start, start + n, device=device)
+            distance = (queries.unsqueeze(1) - self._chunk_centre(chunk_k.size(2), device, first_chunk)).unsqueeze(0)
         out = dense_joint_attention(
             q, kn_all, vn_all, chunk_k, chunk_v, key_valid=~pad_all, glob_valid=chunk_valid,
             glob_start=self._chunk_start(chunk_k.size(2), device, first_chunk) - first,
             left=w - 1, right=0, query_offset=kn_all.size(2) - n, dropout_p=self._dropout_p(),
-            alibi_slopes=getattr(self, "alibi_slopes", None),
-            glob_distance=(queries.unsqueeze(1) - self._chunk_centre(chunk_k.size(2), device, first_chunk)).unsqueeze(0),
+            alibi_slopes=slopes, glob_distance=distance,
         )
         keep = self.max_cached_keys()
         buffer["ls_pos"] = torch.full((bsz,), start + n, dtype=torch.long, device=device)
@@ -374,7 +376,8 @@ class LongShortAttention(FluenceAttention):
             glob_start=torch.zeros(gk.size(2), dtype=torch.long, device=device),
             left=w - 1, right=0, query_offset=win_k.size(2) - 1, dropout_p=self._dropout_p(),
             alibi_slopes=getattr(self, "alibi_slopes", None),
-            glob_distance=(here.unsqueeze(1) - self._chunk_centre(gk.size(2), device, first_chunk)).unsqueeze(1),
+            glob_distance=None if getattr(self, "alibi_slopes", None) is None else
+            (here.unsqueeze(1) - self._chunk_centre(gk.size(2), device, first_chunk)).unsqueeze(1),
         )
 
         keep = self.max_cached_keys()
