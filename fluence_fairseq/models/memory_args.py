@@ -2,11 +2,12 @@
 
 * ``--mem-len N``: keys and values of the earlier segments kept by the attentions whose cache is otherwise
   unbounded (softmax, the entmax family): Transformer-XL's memory length. Attentions with their own bound keep it
-  (local: the window; adaptive span: the current span + ramp; ABC, Performer, S4D: their recurrent state;
-  LongShort: its window and compressed chunks).
-* ``--attn-position-bias alibi``: ALiBi on the attentions whose scores take a relative bias (softmax, local,
-  adaptive span, the entmax family), for models without absolute positions (``--no-token-positional-embeddings``),
-  whose positions would restart every segment. The others carry order in their state.
+  (local: the window; adaptive span: the current span + ramp; ABC, Performer, S4D: their recurrent state);
+  LongShort keeps its window and the compressed chunks of the last N tokens.
+* ``--attn-position-bias alibi``: ALiBi on the causal self attentions that take it (``position_scheme ==
+  "alibi"``: softmax, local, adaptive span, the entmax family, LongShort on its scores; Performer and ABC as a
+  decay of their prefix sums), for models without absolute positions (``--no-token-positional-embeddings``),
+  whose positions would restart every segment. S4D carries order in its state.
 """
 from fairseq.utils import safe_getattr
 
@@ -21,7 +22,8 @@ def add_memory_args(parser) -> None:
         return
     parser.add_argument("--mem-len", type=IntRange(1, meaning="keys kept from earlier segments"), metavar="N", default=None,
                         help="keys/values of earlier segments kept by softmax and entmax attentions (Transformer-XL's "
-                             "memory length; other attentions keep their own bound) [default: all, when decoding]")
+                             "memory length), and LongShort's compressed chunks of the last N tokens; other attentions "
+                             "keep their own bound [default: all, when decoding]")
     parser.add_argument("--attn-position-bias", choices=POSITION_BIASES, default=None,
                         help="relative position bias of the attentions that take one (alibi: Press et al. 2022); use "
                              "with --no-token-positional-embeddings for memory over a stream [default: none]")
