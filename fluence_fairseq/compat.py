@@ -173,6 +173,29 @@ def _cpu_ddp_without_device_ids(original):
     return DistributedFairseqModel
 
 
+def _alignment_needs_cross_weights(original):
+    """``--print-alignment`` reads the cross-attention weights of every decoding step; fairseq crashes with an
+    IndexError deep in the generator when they are None. Refuse such a model up front, naming the fix."""
+
+    def __init__(self, models, *args, **kwargs):
+        from .modules.attention_base import FluenceAttention
+
+        for model in models:
+            if getattr(model, "full_context_alignment", False):
+                continue  # aligned by a separate forward pass, not from the decoding steps
+            for name, module in model.named_modules():
+                if isinstance(module, FluenceAttention) and module.cross and not (
+                        module.weights_by_default and module.forms_weights):
+                    raise ValueError(
+                        f"--print-alignment reads the cross-attention weights of every decoding step, but {name} "
+                        f"({type(module).__name__}) returns none: its weights are not a byproduct of its math. "
+                        "Generate without --print-alignment, or align with a model whose cross attention is "
+                        "softmax or an entmax (--cross-attention softmax)")
+        original(self, models, *args, **kwargs)
+
+    return __init__
+
+
 def _tpu_device_or_a_clear_error(original):
 
     def get_tpu_device():
@@ -208,6 +231,9 @@ def install():
     replace_once(distributed_fairseq_model, "DistributedFairseqModel", _cpu_ddp_without_device_ids)
     fairseq.models.DistributedFairseqModel = distributed_fairseq_model.DistributedFairseqModel  # the name trainers use
     replace_once(utils, "get_tpu_device", _tpu_device_or_a_clear_error)
+    from fairseq.sequence_generator import SequenceGeneratorWithAlignment
+
+    replace_once(SequenceGeneratorWithAlignment, "__init__", _alignment_needs_cross_weights)
     from .checkpoints import guard_binarised_data, guard_fairseq_loading
 
     guard_fairseq_loading()

@@ -31,6 +31,14 @@ def _attention_classes(arch):
     return {ATTENTIONS[name].cls.__name__ for name in row.attention.values()}
 
 
+def _cross_attention(arch):
+    from fluence_fairseq.models.attention_args import DECODER_CROSS
+    from fluence_fairseq.modules import ATTENTIONS
+
+    row = next(a for a in ARCHITECTURES if a.name == arch)
+    return ATTENTIONS[row.attention[DECODER_CROSS.attr]].cls
+
+
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=_marks(a)) for a in ENC_DEC])
 def test_translation_train_generate_interactive(arch, translation_bin, tmp_path):
     save = tmp_path / "ckpt"
@@ -49,6 +57,14 @@ def test_translation_train_generate_interactive(arch, translation_bin, tmp_path)
                                         *GENERATION, "--source-lang", "in", "--target-lang", "out",
                                         "--buffer-size", "8"], input="a b c d e\nj i h g\n")
     assert "H-0\t" in out and "H-1\t" in out, out[-2000:]
+    # --print-alignment reads cross-attention weights: where the cross attention does not return them, a clear
+    # refusal instead of fairseq's IndexError inside the generator
+    align = [translation_bin, "--path", save / "checkpoint_last.pt", *USER_DIR, *GENERATION, "--print-alignment"]
+    if _cross_attention(arch).weights_by_default:
+        assert "A-0\t" in H.run_fairseq("generate", align)
+    else:
+        with pytest.raises(AssertionError, match="--print-alignment reads the cross-attention weights.*encoder_attn"):
+            H.run_fairseq("generate", align)
 
 
 @pytest.mark.slow
