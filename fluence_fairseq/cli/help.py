@@ -17,7 +17,7 @@ from ..models.encoder_decoder import FluenceTransformerModel
 from ..models.hex_classifier import HexClassifierModel
 from ..models.language_model import FluenceTransformerLanguageModel
 from ..models.memory_args import add_memory_args
-from ..modules.attention_base import ALL_PATTERNS, PATTERNS, FluenceAttention
+from ..modules.attention_base import ALL_PATTERNS, PATTERNS
 from ..modules.registry import ATTENTIONS
 from ..pruning.flags import add_pruning_args
 
@@ -136,9 +136,7 @@ def _memory(cls) -> str:
         return "—"
     if not cls.supports_memory:
         return "refused"
-    unbounded = cls.grows_without_mem_len or (cls.attend_incremental is FluenceAttention.attend_incremental
-                                              and cls.max_cached_keys is FluenceAttention.max_cached_keys)
-    return "✓ (bounded by `--mem-len`)" if unbounded else "✓ (its decoding state)"
+    return "✓ (bounded by `--mem-len`)" if cls.memory_grows() else "✓ (its decoding state)"
 
 
 def _weights(cls) -> str:

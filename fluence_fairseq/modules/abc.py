@@ -71,6 +71,7 @@ class ABCAttention(FluenceAttention):
     float32_math = True  # its own autograd kernels keep float32 accumulators
     position_scheme = "alibi"  # as a decay of the causal slot sums (slope_h * j on every key's slot scores)
     alibi_causal_self_only = "it enters as a decay of the causal slot sums"
+    alibi_running_maxima = ("abc_k_max", "abc_v_max")
 
     supports_attn_mask = False
     constant_state = True  # causal decoding keeps r memory slots
@@ -169,10 +170,6 @@ class ABCAttention(FluenceAttention):
         if buffer.get(_STATE_NAMES[0]) is not None:
             state = ABCState(*(buffer[name] for name in _STATE_NAMES))
         out, state = self._run_causal(q, k, v, alpha_k, alpha_v, state)
-        shift = self.alibi_state_shift(k.size(2), state.k_max)
-        if shift is not None:  # into the next call's frame (its first key at position 0)
-            shift = shift.view(-1, 1)
-            state = state._replace(k_max=state.k_max - shift, v_max=state.v_max - shift)
         buffer.update(zip(_STATE_NAMES, state))
         return out, None
 

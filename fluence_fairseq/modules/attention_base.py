@@ -131,6 +131,10 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     #: enters as a decay of a causal prefix sum (:meth:`alibi_key_offsets`; Performer, ABC), since ``|i - j|``
     #: does not factor into a key term once keys can follow the query
     alibi_causal_self_only: str = ""
+    #: decoding-state entries that hold running maxima of key log weights taken with :meth:`alibi_key_offsets`:
+    #: after each causal self-attention call the base moves them into the next call's frame (see
+    #: :meth:`_shift_alibi_state`)
+    alibi_running_maxima: Tuple[str, ...] = ()
     #: runs under ``torch.autocast`` (fp16/bf16 mixed precision) with finite outputs and gradients near float32's
     supports_autocast: bool = True
     #: largest relative deviation of a 16-bit autocast output from float32 (the contract checks it): methods that
@@ -288,20 +292,26 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         """ALiBi for a normalised causal prefix sum (Performer, ABC): ``slope_h * j`` (H, length) to add
         to the log weight of key ``j`` of this call. Query ``i``'s weight on key ``j`` then carries
         ``exp(slope_h * j) = exp(slope_h * i) * exp(-slope_h * (i - j))``; the first factor is the query's own and
-        cancels in the normalisation, which leaves ALiBi's ``-slope_h * (i - j)``. None without ALiBi. A state
-        carried to the next call must be moved into that call's frame with :meth:`alibi_state_shift`."""
+        cancels in the normalisation, which leaves ALiBi's ``-slope_h * (i - j)``. None without ALiBi. The base
+        moves a carried state into the next call's frame (:attr:`alibi_running_maxima`)."""
         slopes = getattr(self, "alibi_slopes", None)
         if slopes is None:
             return None
         positions = torch.arange(length, device=like.device, dtype=like.dtype)
         return slopes.to(like).unsqueeze(-1) * positions
 
-    def alibi_state_shift(self, length: int, like: Tensor) -> Optional[Tensor]:
-        """(H,) ``slope_h * length``: the log-scale shift that moves a state built from a call of ``length``
-        keys (positions 0 .. length-1) into the frame of the next call (whose first key is position 0), by
-        subtracting it from the state's running maxima. Keeps the log weights small however long the stream."""
+    def _shift_alibi_state(self, buffer: Dict[str, Optional[Tensor]], length: int) -> None:
+        """Move the :attr:`alibi_running_maxima` of a state built from a call of ``length`` keys (positions
+        0 .. length-1) into the frame of the next call (whose first key is position 0): subtract
+        ``slope_h * length`` from them (each is (B, H, ...)). Keeps the log weights small however long the stream."""
         slopes = getattr(self, "alibi_slopes", None)
-        return None if slopes is None else slopes.to(like) * length
+        if slopes is None:
+            return
+        for name in self.alibi_running_maxima:
+            running = buffer.get(name)
+            if running is not None:
+                shift = slopes.to(running) * length
+                buffer[name] = running - shift.view(1, -1, *([1] * (running.dim() - 2)))
 
     def _check_memory(self, incremental_state, attn_mask) -> None:
         name = type(self).__name__
@@ -322,12 +332,18 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         """Upper bound on the keys a causal self-attention cache must keep (None = all)."""
         return None
 
+    @classmethod
+    def memory_grows(cls) -> bool:
+        """Whether the attention's memory grows with the stream unless :meth:`set_mem_len` bounds it: its own
+        state says so (:attr:`grows_without_mem_len`), or it is the base's key/value cache without a
+        :meth:`max_cached_keys` bound."""
+        kv_cache = cls.attend_incremental is FluenceAttention.attend_incremental
+        return cls.grows_without_mem_len or (kv_cache and cls.max_cached_keys is FluenceAttention.max_cached_keys)
+
     def unbounded_memory(self) -> bool:
-        """Whether the memory of a stream grows with the stream as things stand (a key/value cache without a
-        bound of its own or :meth:`set_mem_len`): such a model cannot read a long stream with memory."""
-        kv_cache = type(self).attend_incremental is FluenceAttention.attend_incremental
-        grows = self.grows_without_mem_len or (kv_cache and self.max_cached_keys() is None)
-        return grows and self.mem_len is None
+        """The memory grows with the stream as things stand (no ``mem_len``): such a model cannot read a long
+        stream with memory."""
+        return self.memory_grows() and self.mem_len is None
 
     def attend_incremental(
         self,
@@ -491,6 +507,7 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
                     q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask, buffer=buffer,
                     need_weights=need_weights,
                 )
+                self._shift_alibi_state(buffer, k.size(2))
             else:
                 out, weights = self._attend_whole(q, k, v, summary, buffer, static_kv, key_padding_mask,
                                                   attn_mask, src_len, need_weights)

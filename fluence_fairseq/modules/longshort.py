@@ -162,16 +162,17 @@ class LongShortAttention(FluenceAttention):
             dropout_p=self._dropout_p(), block_size=self.block_size,
         )
 
+    def _chunk_of(self, n_cols: int, device, first_chunk: int = 0) -> Tensor:
+        """The chunk of each compressed column g: ``first_chunk + g // rank``."""
+        return first_chunk + torch.arange(n_cols, device=device) // self.chunk_rank
+
     def _chunk_start(self, n_cols: int, device, first_chunk: int = 0) -> Tensor:
-        """First query position that sees compressed column g (chunk ``first_chunk + g // rank``): chunk end +
-        window."""
-        chunk = first_chunk + torch.arange(n_cols, device=device) // self.chunk_rank
-        return (chunk + 1) * self.chunk_size - 1 + self.window_size
+        """First query position that sees compressed column g: its chunk's end + window."""
+        return (self._chunk_of(n_cols, device, first_chunk) + 1) * self.chunk_size - 1 + self.window_size
 
     def _chunk_centre(self, n_cols: int, device, first_chunk: int = 0) -> Tensor:
         """Position of compressed column g for ALiBi: the middle of its chunk."""
-        chunk = first_chunk + torch.arange(n_cols, device=device) // self.chunk_rank
-        return chunk * self.chunk_size + (self.chunk_size - 1) / 2
+        return self._chunk_of(n_cols, device, first_chunk) * self.chunk_size + (self.chunk_size - 1) / 2
 
     def _attend_causal(self, q, k, v, key_padding_mask):
         bsz, _, length, _ = q.shape
@@ -216,8 +217,7 @@ class LongShortAttention(FluenceAttention):
         keep, chunk_k = self.max_memory_chunks(), buffer.get("ls_chunk_key")
         if keep is None or chunk_k is None:
             return
-        rank, first = self.chunk_rank, buffer.get("ls_chunk_first")
-        first = 0 if first is None else int(first[0])
+        rank, first = self.chunk_rank, self._first_chunk(buffer)
         completed = int((buffer["ls_pos"] // self.chunk_size).min())  # chunks the slowest sequence completed
         drop = min(completed - keep - first, chunk_k.size(2) // rank)
         if drop <= 0:

@@ -125,6 +125,7 @@ class PerformerAttention(FluenceAttention):
     float32_math = True  # its own autograd kernels keep float32 accumulators
     position_scheme = "alibi"  # as a decay of the causal prefix sums: exactly ALiBi on the estimated exp(q . k)
     alibi_causal_self_only = "it enters as a decay of the causal prefix sums"
+    alibi_running_maxima = ("favor_max",)
 
     constant_state = True  # causal decoding keeps sum phi(k) v^T and sum phi(k)
     forms_weights = False
@@ -223,9 +224,7 @@ class PerformerAttention(FluenceAttention):
             self.query_features(q), phi_k, v, key_log_scale=self._decayed(scale), key_padding_mask=key_padding_mask,
             state=state, eps=DEN_EPS, chunk_size=self.chunk_size,
         )
-        shift = self.alibi_state_shift(k.size(2), state.max)
-        buffer["favor_kv"], buffer["favor_k"] = state.kv, state.k
-        buffer["favor_max"] = state.max if shift is None else state.max - shift
+        buffer["favor_kv"], buffer["favor_k"], buffer["favor_max"] = state
         return out.to(v.dtype), None
 
     def summarize_keys(self, k, v, key_padding_mask):
