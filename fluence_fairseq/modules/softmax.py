@@ -2,7 +2,7 @@
 import torch
 
 from ..ops.band import band_attention
-from ..ops.pruned_attention import BlockLayout, pruned_attention
+from ..ops.pruned_attention import PrunedPlan, pruned_attention
 from .attention_base import FluenceAttention, fsmha
 from ..pruning.masks import roll_rows
 from .spec import AttentionSpec
@@ -61,22 +61,22 @@ class SoftmaxAttention(FluenceAttention):
         start = int(starts[0])
 
         def build():
-            keep = mask.shared(start, tgt_len, src_len)
+            keep = mask.shared(start, tgt_len, src_len).to(q.device)
             if self.causal:
                 keep = keep & (torch.arange(src_len, device=keep.device)
                                <= torch.arange(tgt_len, device=keep.device).view(-1, 1) + start)
-            return keep, BlockLayout.build(keep, block)
+            return PrunedPlan(keep, block, tune=True)  # the path is measured at its first call
 
-        keep, layout = mask.layout((start, tgt_len, src_len, self.causal), build)
+        plan = mask.layout((start, tgt_len, src_len, self.causal, q.device), build)
         rolled = bool(shift.any())
         if rolled:
             k, v = roll_rows(k, shift, 2), roll_rows(v, shift, 2)
             key_padding_mask = roll_rows(key_padding_mask, shift, 1)
             q = roll_rows(q, q_shift, 2)
         out, weights = pruned_attention(
-            q, k, v, keep.to(q.device), key_padding_mask=key_padding_mask,
-            dropout_p=self.dropout_module.p if self.training else 0.0, need_weights=need_weights,
-            layout=layout.to(q.device), block=block,
+            q, k, v, plan.keep, key_padding_mask=key_padding_mask,
+            dropout_p=self.dropout_module.p if self.training else 0.0, need_weights=need_weights, plan=plan,
+            block=block,
         )
         if rolled:
             out = roll_rows(out, -q_shift, 2)

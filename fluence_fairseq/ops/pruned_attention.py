@@ -7,34 +7,36 @@ gradients (not a uniform row, not NaN).
 
 Two paths give the same numbers:
 
-* dense: the full (Lq, Lk) matrix under the mask as an additive bias (``F.scaled_dot_product_attention`` with a
-  float mask, or explicit scores and softmax for ``need_weights``), as the reference code does (no savings).
-  Used for ``need_weights``, for layouts denser than ``dense_above`` (a random mask keeps almost every block)
-  and for sequences that fit in one block;
-* block-sparse: queries and keys are cut into blocks of ``block``; a (head, query block, key block) triple is *kept*
-  when any of its entries is kept (pruned entries inside a kept block are masked exactly by the bias). Only kept
-  triples are computed. Rows (head, query block) keep different numbers of key blocks (heads differ a lot under a
-  per-layer threshold), so rows are grouped into *buckets* by that count (exact for counts up to 8, then rounded up
-  to a geometric grid of ratio 1.25: at most 25% padding, a handful of buckets). A bucket of ``n`` rows with ``c``
-  key blocks is one dense attention problem: queries (B, n, block, D), its rows' key and value blocks gathered into
-  (B, n, c * block, D), the element mask as an additive (n, block, c * block) bias, solved by the fused flash kernel
-  of ``F.scaled_dot_product_attention`` (buckets with many rows in row chunks of at most :data:`_CHUNK_ELEMENTS`
-  gathered keys, which bounds the transient memory). The outputs of all buckets go back to their rows with one
-  ``index_copy``; queries with no kept key (and rows with no kept block, which are in no bucket) give 0. On CPU
+* dense: the full (Lq, Lk) problem under the mask as an additive bias (cached in the :class:`PrunedPlan`), through
+  the CPU flash kernel (with ``is_causal`` as well when the mask lies in the causal triangle, so the kernel skips
+  the blocks above the diagonal) or ``F.scaled_dot_product_attention``; explicit scores and softmax for
+  ``need_weights``. Used for ``need_weights``, for sequences that fit in one block, and wherever it is cheaper;
+* block-sparse: queries are cut into blocks of ``q_block`` and keys into blocks of ``block``; a (head, query block,
+  key block) triple is *kept* when any of its entries is kept (pruned entries inside a kept block are masked
+  exactly by the bias). Only kept triples are computed. Rows (head, query block) keep different numbers of key
+  blocks (heads differ a lot under a per-layer threshold), so rows are grouped into *buckets* by that count (exact
+  for counts up to 8, then rounded up to a geometric grid of ratio 1.25: at most 25% padding, a handful of
+  buckets). A bucket of ``n`` rows with ``c`` key blocks is one dense attention problem: queries
+  (B, n, q_block, D), its rows' key and value blocks gathered into (B, n, c * block, D), the element mask as an
+  additive (n, q_block, c * block) bias, solved by the fused flash kernel (buckets with many rows in row chunks of
+  at most :data:`_CHUNK_ELEMENTS` gathered keys, which bounds the transient memory). Each bucket's output is
+  written into its rows of one output buffer; queries with no kept key (and rows with no kept block) give 0. On CPU
   without dropout, :class:`_BucketsFlashCPU` calls the kernel's forward and backward directly and gathers the
-  key/value blocks again in backward, so only the bucket outputs and log-sum-exps are kept for backward; otherwise
-  (dropout, other devices) autograd runs around ``F.scaled_dot_product_attention`` and keeps every bucket's gathered
-  keys, values and bias until backward.
+  key/value blocks again in backward, so only the log-sum-exps are kept beyond the output itself; otherwise
+  (dropout, other devices) autograd runs around ``F.scaled_dot_product_attention``.
 
-Measured on one CPU thread at L=1024, 4 heads, D=64, batch 2, a data-informed 90% mask (block density 0.16),
-forward+backward relative to dense SDPA in the same process: a segmented softmax over all kept triples at once
-(``scatter_reduce`` row maxima, ``index_add`` row sums, custom backward keeping the probabilities) 0.39-0.50x;
-buckets with autograd 0.33-0.38x (40 MiB peak vs 4.9 MiB for SDPA); buckets with :class:`_BucketsFlashCPU`
-0.30x (33 MiB), and in row chunks 0.27x (15 MiB). 32-query blocks beat 16 and 64 (64: 0.33x, block density
-0.23). See ``python -m benchmarks.pruning``.
+Which path, and which query block, is a matter of cost (:class:`PrunedPlan`): the CPU flash kernel runs 32-query
+problems at about half its dense speed per entry (one thread, L=1024, D=64) and 256-query ones within 10-15%, so
+a coarser query block that keeps more entries can still be cheaper; the masked dense kernel costs about 1.2x the
+unmasked one. How much each costs differs between CPUs (a data-informed 90% mask at 32x32 blocks took 0.27x dense
+SDPA on an AMD EPYC and 0.61x on an Intel Xeon), so the modules' plans measure the candidates at their first call
+and keep the fastest. ``python -m benchmarks.pruning`` reports the choice, the timings that made it, and the
+resulting time and memory.
 
-:class:`BlockLayout` (the buckets of one mask at one block size) depends only on the mask, so callers build it
-once per length and pass it in.
+Earlier designs, measured on one CPU thread at L=1024, 4 heads, D=64, batch 2, a data-informed 90% mask, relative to
+dense SDPA: a segmented softmax over all kept triples at once (``scatter_reduce`` row maxima, ``index_add`` row
+sums, custom backward keeping the probabilities) 0.39-0.50x; buckets with autograd around SDPA 0.33-0.38x (40 MiB
+peak vs 4.9 MiB for SDPA).
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -75,8 +77,7 @@ class _Bucket:
         """(n, block, cap * block) additive mask: 0 where kept, the most negative ``dtype`` value elsewhere."""
         key = (dtype, self.mask.device)
         if key not in self._bias:
-            self._bias[key] = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill_(
-                ~self.mask, torch.finfo(dtype).min)
+            self._bias[key] = _additive(self.mask, dtype)
         return self._bias[key]
 
     def to(self, device) -> "_Bucket":
@@ -95,10 +96,11 @@ class BlockLayout:
     rows grouped by (rounded-up) count, what the block-sparse path computes; ``density``: kept triples / all
     triples (over heads); ``computed_density``: the same with the buckets' padding slots."""
 
-    def __init__(self, heads, tgt_len, src_len, block, row, col, key_block, mask):
-        self.heads, self.tgt_len, self.src_len, self.block = heads, tgt_len, src_len, block
-        self.q_blocks = -(-tgt_len // block)
-        self.k_blocks = -(-src_len // block)
+    def __init__(self, heads, tgt_len, src_len, q_block, k_block, row, col, key_block, mask):
+        self.heads, self.tgt_len, self.src_len = heads, tgt_len, src_len
+        self.q_block, self.k_block = q_block, k_block
+        self.q_blocks = -(-tgt_len // q_block)
+        self.k_blocks = -(-src_len // k_block)
         self.row, self.col, self.key_block, self.mask = row, col, key_block, mask
         total = heads * self.q_blocks * self.k_blocks
         self.density = float(row.numel()) / total if total else 0.0
@@ -106,12 +108,11 @@ class BlockLayout:
         self.buckets = self._make_buckets()
         self.bucket_rows = (torch.cat([bk.rows for bk in self.buckets]) if self.buckets
                             else row.new_zeros(0))
-        self.bucket_order = torch.argsort(self.bucket_rows)  # bucket outputs -> row order (when all rows are kept)
         computed = sum(bk.rows.numel() * bk.cap for bk in self.buckets)
         self.computed_density = computed / total if total else 0.0
 
     def _make_buckets(self) -> List[_Bucket]:
-        counts, b = self.counts, self.block
+        counts, bq, bk = self.counts, self.q_block, self.k_block
         starts = torch.cumsum(counts, 0) - counts  # first triple of every row (triples are sorted by row)
         caps = torch.tensor([_bucket_cap(c, self.k_blocks) for c in counts.tolist()], dtype=torch.long,
                             device=counts.device)
@@ -121,36 +122,40 @@ class BlockLayout:
             n, c = rows.numel(), counts[rows].unsqueeze(1)
             slot = torch.arange(cap, device=rows.device).unsqueeze(0)
             tri = starts[rows].unsqueeze(1) + torch.minimum(slot, c - 1)  # padding slots repeat the last block
-            mask = self.mask[tri] & (slot < c).view(n, cap, 1, 1)  # (n, cap, b, b), padding slots masked
-            mask = mask.permute(0, 2, 1, 3).reshape(n, b, cap * b)
+            mask = self.mask[tri] & (slot < c).view(n, cap, 1, 1)  # (n, cap, bq, bk), padding slots masked
+            mask = mask.permute(0, 2, 1, 3).reshape(n, bq, cap * bk)
             buckets.append(_Bucket(rows, self.col[tri].flatten(), self.key_block[tri].flatten(), mask, cap))
         return buckets
 
     @classmethod
-    def build(cls, keep: Tensor, block: int) -> "BlockLayout":
+    def build(cls, keep: Tensor, block: int, q_block: Optional[int] = None) -> "BlockLayout":
+        """The layout of ``keep`` with key blocks of ``block`` positions and query blocks of ``q_block``
+        (default ``block``)."""
         if keep.dim() != 3 or keep.dtype != torch.bool:
             raise ValueError(f"keep must be a bool (heads, Lq, Lk) tensor, got {keep.dtype} {tuple(keep.shape)}")
-        if block < 1:
-            raise ValueError(f"block must be >= 1, got {block}")
+        q_block = block if q_block is None else q_block
+        if block < 1 or q_block < 1:
+            raise ValueError(f"block sizes must be >= 1, got block={block}, q_block={q_block}")
         heads, tgt_len, src_len = keep.shape
-        nq, nk = -(-tgt_len // block), -(-src_len // block)
-        padded = F.pad(keep, (0, nk * block - src_len, 0, nq * block - tgt_len))  # pads with False
-        blocks = padded.view(heads, nq, block, nk, block).transpose(2, 3)  # (H, nq, nk, b, b)
+        nq, nk = -(-tgt_len // q_block), -(-src_len // block)
+        padded = F.pad(keep, (0, nk * block - src_len, 0, nq * q_block - tgt_len))  # pads with False
+        blocks = padded.view(heads, nq, q_block, nk, block).transpose(2, 3)  # (H, nq, nk, bq, bk)
         kept = blocks.any(dim=-1).any(dim=-1)  # (H, nq, nk)
         h, qb, kb = kept.nonzero(as_tuple=True)  # row-major: sorted by (head, query block)
-        return cls(heads, tgt_len, src_len, block, h * nq + qb, h * nk + kb, kb, blocks[h, qb, kb].contiguous())
+        return cls(heads, tgt_len, src_len, q_block, block, h * nq + qb, h * nk + kb, kb,
+                   blocks[h, qb, kb].contiguous())
 
     @property
     def triples(self) -> int:
         return int(self.row.numel())
 
     def to(self, device) -> "BlockLayout":
-        return BlockLayout(self.heads, self.tgt_len, self.src_len, self.block, self.row.to(device),
+        return BlockLayout(self.heads, self.tgt_len, self.src_len, self.q_block, self.k_block, self.row.to(device),
                            self.col.to(device), self.key_block.to(device), self.mask.to(device))
 
     def __repr__(self):
         return (f"BlockLayout(heads={self.heads}, tgt_len={self.tgt_len}, src_len={self.src_len}, "
-                f"block={self.block}, triples={self.triples}, density={self.density:.3f}, "
+                f"blocks={self.q_block}x{self.k_block}, triples={self.triples}, density={self.density:.3f}, "
                 f"buckets={[(bk.cap, bk.rows.numel()) for bk in self.buckets]})")
 
 
@@ -166,23 +171,67 @@ def _check(q, k, v, keep, key_padding_mask):
         raise ValueError(f"key_padding_mask must be {(bsz, src_len)}, got {tuple(key_padding_mask.shape)}")
 
 
-def _dense_path(q, k, v, keep, key_padding_mask, dropout_p, need_weights):
-    """The full (Lq, Lk) problem under the mask (the reference computation)."""
+def _allowed(keep, key_padding_mask, src_len):
     allowed = keep.unsqueeze(0)  # (1|B, H, Lq, Lk)
     if key_padding_mask is not None:
-        allowed = allowed & ~key_padding_mask.view(-1, 1, 1, k.size(2))
+        allowed = allowed & ~key_padding_mask.view(-1, 1, 1, src_len)
+    return allowed
+
+
+def _dense_weights(q, k, v, allowed, dropout_p):
+    """Explicit scores and softmax under ``allowed``: (out, probabilities)."""
+    acc = _acc(q.dtype)
+    scores = torch.matmul(q * (q.size(-1) ** -0.5), k.transpose(-1, -2)).to(acc)
+    scores = scores.masked_fill(~allowed, torch.finfo(acc).min)
+    # rows with no allowed key would be uniform: zero them (and their gradients) instead
+    probs = torch.softmax(scores, dim=-1).masked_fill(~allowed, 0.0).to(q.dtype)
+    dropped = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
+    return torch.matmul(dropped, v), probs
+
+
+class _DenseFlashCPU(torch.autograd.Function):
+    """The full problem through the CPU flash kernel with an additive mask, and ``is_causal`` when the mask lies in
+    the causal triangle (the kernel then skips the blocks above the diagonal: 1.5x faster than the mask alone at
+    L=1024). ``F.scaled_dot_product_attention`` refuses ``is_causal`` together with a mask; the kernel does not."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, causal, has_key):
+        out, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias)
+        ctx.save_for_backward(q, k, v, bias, out, lse, has_key)
+        ctx.causal = causal
+        return out if has_key is None else out.masked_fill(~has_key, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, bias, out, lse, has_key = ctx.saved_tensors
+        if has_key is not None:
+            grad_out = grad_out.masked_fill(~has_key, 0.0)
+        gq, gk, gv = _FLASH_CPU_BACKWARD(grad_out.contiguous(), q, k, v, out, lse, 0.0, ctx.causal, attn_mask=bias)
+        return gq, gk, gv, None, None, None
+
+
+def _dense_path(q, k, v, keep, key_padding_mask, dropout_p, need_weights, plan: Optional["PrunedPlan"] = None):
+    """The full (Lq, Lk) problem under the mask (the reference computation); the additive mask is cached in
+    ``plan``."""
+    src_len = k.size(2)
     if need_weights:
-        acc = _acc(q.dtype)
-        scores = torch.matmul(q * (q.size(-1) ** -0.5), k.transpose(-1, -2)).to(acc)
-        scores = scores.masked_fill(~allowed, torch.finfo(acc).min)
-        # rows with no allowed key would be uniform: zero them (and their gradients) instead
-        probs = torch.softmax(scores, dim=-1).masked_fill(~allowed, 0.0).to(q.dtype)
-        dropped = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
-        return torch.matmul(dropped, v), probs
-    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, torch.finfo(q.dtype).min)
+        return _dense_weights(q, k, v, _allowed(keep, key_padding_mask, src_len), dropout_p)
+    bias = plan.dense_bias(q.dtype, q.device) if plan is not None else _additive(keep.unsqueeze(0), q.dtype)
+    has_key = keep.any(dim=-1, keepdim=True).unsqueeze(0) if plan is None else plan.dense_has_key(q.device)
+    if key_padding_mask is not None:
+        bias = bias.masked_fill(key_padding_mask.view(-1, 1, 1, src_len), torch.finfo(q.dtype).min)
+        has_key = _allowed(keep, key_padding_mask, src_len).any(dim=-1, keepdim=True)
+    has_key = None if bool(has_key.all()) else has_key
+    causal = plan is not None and plan.causal
+    if q.device.type == "cpu" and dropout_p == 0 and _FLASH_CPU_BACKWARD is not None:
+        return _DenseFlashCPU.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias, causal, has_key), None
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
-    has_key = allowed.any(dim=-1, keepdim=True)
-    return (out if bool(has_key.all()) else out.masked_fill(~has_key, 0.0)), None
+    return (out if has_key is None else out.masked_fill(~has_key, 0.0)), None
+
+
+def _additive(allowed: Tensor, dtype) -> Tensor:
+    """0 where allowed, the most negative ``dtype`` value elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -190,8 +239,9 @@ _FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attenti
 
 
 #: gathered key (and value) elements per fused call: a bucket with more rows is split into row chunks, which bounds
-#: the transient memory (2 MiB per float32 tensor) whatever the length and density
-_CHUNK_ELEMENTS = 1 << 19
+#: the transient memory (0.5 MiB per float32 tensor) whatever the length and density; 4x this cost no measurable time
+#: at L=1024 and cut the peak from 3.3x to 1.3x dense SDPA
+_CHUNK_ELEMENTS = 1 << 17
 
 
 def _to_blocks(x: Tensor, n: int, b: int) -> Tensor:
@@ -206,7 +256,7 @@ def _chunks(layout: BlockLayout, bsz: int, head_dim: int):
     """(bucket, first row, end row) of every fused call, in the order of ``layout.bucket_rows``."""
     for bucket in layout.buckets:
         n = bucket.rows.numel()
-        step = max(1, _CHUNK_ELEMENTS // (bsz * bucket.cap * layout.block * head_dim))
+        step = max(1, _CHUNK_ELEMENTS // (bsz * bucket.cap * layout.k_block * head_dim))
         for lo in range(0, n, step):
             yield bucket, lo, min(n, lo + step)
 
@@ -229,13 +279,13 @@ def _bucket_problem(bucket: _Bucket, lo: int, hi: int, kp: Tensor, vp: Tensor, p
     return rows, cols, kb, vb, bias, has_key
 
 
-def _assemble(outs: List[Tensor], layout: BlockLayout, like: Tensor) -> Tensor:
-    """Bucket outputs (B, n_i, b, D) -> (B, H * q_blocks, b, D) in row order; rows in no bucket are 0."""
-    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-    bsz, _, b, head_dim = out.shape
+def _output(layout: BlockLayout, like: Tensor) -> Tensor:
+    """(B, H * q_blocks, q_block, D) output buffer the buckets are written into; rows in no bucket stay 0."""
+    bsz, _, _, head_dim = like.shape
+    shape = (bsz, layout.heads * layout.q_blocks, layout.q_block, head_dim)
     if layout.bucket_rows.numel() < layout.heads * layout.q_blocks:
-        return like.new_zeros(bsz, layout.heads * layout.q_blocks, b, head_dim).index_copy(1, layout.bucket_rows, out)
-    return out.index_select(1, layout.bucket_order)
+        return like.new_zeros(shape)
+    return like.new_empty(shape)
 
 
 class _BucketsFlashCPU(torch.autograd.Function):
@@ -246,32 +296,33 @@ class _BucketsFlashCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, layout, pad):
-        b, nq, nk = layout.block, layout.q_blocks, layout.k_blocks
-        qp, kp, vp = _to_blocks(q, nq, b), _to_blocks(k, nk, b), _to_blocks(v, nk, b)
-        outs, saved = [], []
+        bq, bk, nq, nk = layout.q_block, layout.k_block, layout.q_blocks, layout.k_blocks
+        qp, kp, vp = _to_blocks(q, nq, bq), _to_blocks(k, nk, bk), _to_blocks(v, nk, bk)
+        out, lses = _output(layout, q), []
         for bucket, lo, hi in _chunks(layout, q.size(0), q.size(3)):
             rows, _, kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype)
             o, lse = _FLASH_CPU(qp.index_select(1, rows), kb, vb, attn_mask=bias)
-            saved += [o, lse]
-            outs.append(o if has_key is None else o.masked_fill(~has_key, 0.0))
-        out = _assemble(outs, layout, q)
-        ctx.save_for_backward(q, k, v, pad, *saved)
+            lses.append(lse)
+            out.index_copy_(1, rows, o if has_key is None else o.masked_fill(~has_key, 0.0))
+        # backward reads the outputs back from ``out`` (the returned tensor's storage: no copy is kept); rows with
+        # no key are 0 there, which is harmless as their incoming gradient is zeroed
+        ctx.save_for_backward(q, k, v, pad, out, *lses)
         ctx.layout = layout
-        return out.view(q.size(0), q.size(1), nq * b, q.size(3))[:, :, : q.size(2)]
+        return out.view(q.size(0), q.size(1), nq * bq, q.size(3))[:, :, : q.size(2)]
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, pad, *saved = ctx.saved_tensors
+        q, k, v, pad, out, *lses = ctx.saved_tensors
         layout = ctx.layout
         bsz, heads, tgt_len, head_dim = q.shape
         src_len = k.size(2)
-        b, nq, nk = layout.block, layout.q_blocks, layout.k_blocks
-        qp, kp, vp = _to_blocks(q, nq, b), _to_blocks(k, nk, b), _to_blocks(v, nk, b)
-        go = _to_blocks(grad_out, nq, b)
+        bq, bk, nq, nk = layout.q_block, layout.k_block, layout.q_blocks, layout.k_blocks
+        qp, kp, vp = _to_blocks(q, nq, bq), _to_blocks(k, nk, bk), _to_blocks(v, nk, bk)
+        go = _to_blocks(grad_out, nq, bq)
         grad_q, grad_k, grad_v = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(vp)
-        for i, (bucket, lo, hi) in enumerate(_chunks(layout, bsz, head_dim)):
-            o, lse = saved[2 * i], saved[2 * i + 1]
+        for (bucket, lo, hi), lse in zip(_chunks(layout, bsz, head_dim), lses):
             rows, cols, kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype)
+            o = out.index_select(1, rows)
             gob = go.index_select(1, rows)
             if has_key is not None:
                 gob = gob.masked_fill(~has_key, 0.0)
@@ -279,13 +330,14 @@ class _BucketsFlashCPU(torch.autograd.Function):
                                              attn_mask=bias)
             del kb, vb
             grad_q.index_add_(1, rows, gq)
-            grad_k.index_add_(1, cols, gk.reshape(bsz, -1, b, head_dim))
-            grad_v.index_add_(1, cols, gv.reshape(bsz, -1, b, head_dim))
+            grad_k.index_add_(1, cols, gk.reshape(bsz, -1, bk, head_dim))
+            grad_v.index_add_(1, cols, gv.reshape(bsz, -1, bk, head_dim))
 
-        def unblock(x, n, length):
+        def unblock(x, n, b, length):
             return x.view(bsz, heads, n * b, head_dim)[:, :, :length]
 
-        return unblock(grad_q, nq, tgt_len), unblock(grad_k, nk, src_len), unblock(grad_v, nk, src_len), None, None
+        return (unblock(grad_q, nq, bq, tgt_len), unblock(grad_k, nk, bk, src_len), unblock(grad_v, nk, bk, src_len),
+                None, None)
 
 
 def _sparse_path(q, k, v, layout: BlockLayout, key_padding_mask, dropout_p, lean: Optional[bool] = None):
@@ -295,38 +347,169 @@ def _sparse_path(q, k, v, layout: BlockLayout, key_padding_mask, dropout_p, lean
         layout = layout.to(q.device)
     bsz, heads, tgt_len, head_dim = q.shape
     src_len = k.size(2)
-    b, nq, nk = layout.block, layout.q_blocks, layout.k_blocks
+    bq, bk, nq, nk = layout.q_block, layout.k_block, layout.q_blocks, layout.k_blocks
     if not layout.buckets:  # every entry pruned
         return q * 0.0
     pad = None
     if key_padding_mask is not None:
-        pad = F.pad(key_padding_mask, (0, nk * b - src_len), value=True).view(bsz, nk, b)
+        pad = F.pad(key_padding_mask, (0, nk * bk - src_len), value=True).view(bsz, nk, bk)
     if lean is None:
         lean = q.device.type == "cpu" and dropout_p == 0 and _FLASH_CPU_BACKWARD is not None
     if lean:
         return _BucketsFlashCPU.apply(q, k, v, layout, pad)
-    qp, kp, vp = _to_blocks(q, nq, b), _to_blocks(k, nk, b), _to_blocks(v, nk, b)
-    outs = []
+    qp, kp, vp = _to_blocks(q, nq, bq), _to_blocks(k, nk, bk), _to_blocks(v, nk, bk)
+    out = _output(layout, q)
     for bucket, lo, hi in _chunks(layout, bsz, head_dim):
         rows, _, kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype)
         o = F.scaled_dot_product_attention(qp.index_select(1, rows), kb, vb, attn_mask=bias,
                                            dropout_p=dropout_p)
         # queries with no kept key would average every masked key: 0 instead (and no gradient)
-        outs.append(o if has_key is None else o.masked_fill(~has_key, 0.0))
-    return _assemble(outs, layout, q).view(bsz, heads, nq * b, head_dim)[:, :, :tgt_len]
+        out = out.index_copy(1, rows, o if has_key is None else o.masked_fill(~has_key, 0.0))
+    return out.view(bsz, heads, nq * bq, head_dim)[:, :, :tgt_len]
 
 
-def choose_path(tgt_len: int, src_len: int, layout: Optional[BlockLayout], *, need_weights: bool = False,
-                block: int = 32, dense_above: float = 0.5) -> str:
-    """``"dense"`` or ``"block-sparse"``: the path :func:`pruned_attention` takes (``layout=None``: no layout)."""
-    if need_weights:
+#: query blocks the planner considers, as multiples of the key block: the CPU flash kernel runs short query blocks
+#: at a fraction of its dense speed (32 queries: about half; 256: within 10-15%), so coarser query blocks often win
+#: although they keep more entries
+Q_BLOCK_FACTORS = (1, 2, 4, 8)
+
+
+def _predicted_cost(layout: Optional[BlockLayout], dense_elements: float) -> float:
+    """Static estimate of a path's time as a multiple of the *unmasked* dense kernel's: per computed element, the
+    masked dense kernel costs about 1.2x and a bucket of ``bq``-query blocks about ``1.1 + 25 / bq`` (fitted on one
+    CPU thread at L=1024, D=64; errors up to about 30%, hence the measured choice, see :class:`PrunedPlan`)."""
+    if layout is None:
+        return 1.2
+    total = layout.heads * layout.q_blocks * layout.k_blocks * layout.q_block * layout.k_block
+    return layout.computed_density * total * (1.1 + 25.0 / layout.q_block) / dense_elements
+
+
+def _causal_elements(heads: int, length: int, split: int = 256) -> float:
+    """Entries the flash kernel computes with ``is_causal`` (whole key splits up to each query split's end)."""
+    return heads * sum(min(length, i + split) * min(split, length - i) for i in range(0, length, split))
+
+
+class PrunedPlan:
+    """How :func:`pruned_attention` computes one keep mask (H, Lq, Lk): candidate block layouts (key blocks of
+    ``block``, query blocks of ``block`` times :data:`Q_BLOCK_FACTORS`), the cached additive mask of the dense path,
+    and the chosen path.
+
+    The choice is by cost, never by a density threshold. ``tune=False``: the static estimate of
+    :func:`_predicted_cost`. ``tune=True`` (what the attention modules use; they keep one plan per mask and length):
+    the candidates within 1.5x of the best estimate, and always the dense path, are each run once to warm up and
+    twice timed (forward+backward when gradients are on, detached copies of the call's inputs, no random numbers
+    drawn) at the first call of each (device, dtype, head dim, grad mode); the fastest wins, the dense path unless
+    a layout is at least 3% faster. So on any machine the block-sparse path is taken only where it measured faster
+    than dense. ``choice(...)`` gives ``(path, layout, reason)``; ``decisions`` keeps every choice with its reason
+    and timings (the benchmark prints them)."""
+
+    def __init__(self, keep: Tensor, block: int = 32, *, tune: bool = False,
+                 layouts: Optional[List[BlockLayout]] = None):
+        heads, tgt_len, src_len = keep.shape
+        self.keep, self.block, self.tune = keep, block, tune
+        self.causal = tgt_len == src_len and not bool(torch.triu(keep, diagonal=1).any())
+        self.dense_elements = (_causal_elements(heads, tgt_len) if self.causal
+                               else float(heads * tgt_len * src_len))
+        if layouts is None:
+            layouts = []
+            for factor in Q_BLOCK_FACTORS:
+                q_block = block * factor
+                if factor > 1 and q_block >= 2 * tgt_len:
+                    break
+                layouts.append(BlockLayout.build(keep, block, q_block))
+        self.layouts = layouts
+        self.decisions: Dict[tuple, Tuple[str, Optional[BlockLayout], str]] = {}
+        self._bias: Dict[tuple, Tensor] = {}
+        self._has_key: Dict[object, Tensor] = {}
+
+    def dense_bias(self, dtype, device) -> Tensor:
+        """(1, H, Lq, Lk) additive mask of the dense path (built once per dtype and device)."""
+        key = (dtype, torch.device(device))
+        if key not in self._bias:
+            self._bias[key] = _additive(self.keep.to(device).unsqueeze(0), dtype)
+        return self._bias[key]
+
+    def dense_has_key(self, device) -> Tensor:
+        device = torch.device(device)
+        if device not in self._has_key:
+            self._has_key[device] = self.keep.to(device).any(dim=-1, keepdim=True).unsqueeze(0)
+        return self._has_key[device]
+
+    def estimates(self) -> List[Tuple[Optional[BlockLayout], float]]:
+        """(layout or None for dense, predicted cost) of every candidate, cheapest first."""
+        out = [(None, _predicted_cost(None, self.dense_elements))]
+        out += [(lay, _predicted_cost(lay, self.dense_elements)) for lay in self.layouts if lay.buckets]
+        return sorted(out, key=lambda c: c[1])
+
+    def choice(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float):
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        key = (q.device.type, q.dtype, q.size(-1), grad)
+        if key not in self.decisions:
+            self.decisions[key] = self._decide(q, k, v, key_padding_mask, grad)
+        return self.decisions[key]
+
+    def _decide(self, q, k, v, key_padding_mask, grad):
+        ranked = self.estimates()
+        best = ranked[0][1]
+        shown = ", ".join(f"{_label(lay)} {cost:.2f}" for lay, cost in ranked)
+        if not self.tune:
+            layout = ranked[0][0]
+            return _path(layout), layout, f"estimated cost vs unmasked dense: {shown}"
+        trials = [(lay, cost) for lay, cost in ranked if cost <= 1.5 * best or lay is None]
+        timings = {}
+        for layout, _ in trials:
+            timings[_label(layout)] = (layout, self._time(layout, q, k, v, key_padding_mask, grad))
+        dense_ms = timings["dense"][1]
+        label, (layout, ms) = min(timings.items(), key=lambda item: item[1][1])
+        if layout is not None and ms > 0.97 * dense_ms:
+            label, layout, ms = "dense", None, dense_ms
+        measured = ", ".join(f"{name} {t:.2f} ms" for name, (_, t) in timings.items())
+        return _path(layout), layout, (f"measured ({'fwd+bwd' if grad else 'fwd'}, B={q.size(0)}): {measured}; "
+                                        f"estimated: {shown}")
+
+    def _time(self, layout, q, k, v, key_padding_mask, grad) -> float:
+        import time
+
+        def run():
+            with torch.enable_grad() if grad else torch.no_grad():
+                inputs = [x.detach().requires_grad_(grad) for x in (q, k, v)]
+                if layout is None:
+                    out = _dense_path(*inputs, self.keep.to(q.device), key_padding_mask, 0.0, False, self)[0]
+                else:
+                    out = _sparse_path(*inputs, layout, key_padding_mask, 0.0)
+                if grad:
+                    out.backward(torch.ones_like(out))
+
+        def synchronize():
+            if q.device.type == "cuda":
+                torch.cuda.synchronize(q.device)
+
+        run()
+        times = []
+        for _ in range(2):
+            synchronize()
+            started = time.perf_counter()
+            run()
+            synchronize()
+            times.append((time.perf_counter() - started) * 1e3)
+        return min(times)
+
+
+def _label(layout: Optional[BlockLayout]) -> str:
+    return "dense" if layout is None else f"block-sparse {layout.q_block}x{layout.k_block}"
+
+
+def _path(layout: Optional[BlockLayout]) -> str:
+    return "dense" if layout is None else "block-sparse"
+
+
+def choose_path(tgt_len: int, src_len: int, plan: Optional[PrunedPlan], *, need_weights: bool = False,
+                block: int = 32) -> str:
+    """``"dense"`` or ``"block-sparse"``: the path :func:`pruned_attention` takes with the static estimate
+    (``plan=None``: no plan)."""
+    if need_weights or plan is None or (tgt_len <= block and src_len <= block):
         return "dense"
-    b = layout.block if layout is not None else block
-    if tgt_len <= b and src_len <= b:
-        return "dense"
-    if layout is None or layout.density > dense_above:
-        return "dense"
-    return "block-sparse"
+    return _path(plan.estimates()[0][0])
 
 
 def pruned_attention(
@@ -338,9 +521,10 @@ def pruned_attention(
     key_padding_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    plan: Optional[PrunedPlan] = None,
     layout: Optional[BlockLayout] = None,
     block: int = 32,
-    dense_above: float = 0.5,
+    path: str = "auto",
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Softmax attention restricted to a global keep mask.
 
@@ -350,22 +534,34 @@ def pruned_attention(
         key_padding_mask: bool (B, Lk), True = padding.
         dropout_p: dropout on the probabilities, as ``F.dropout`` (only applied when > 0: callers pass 0 in eval).
         need_weights: also return the (B, H, Lq, Lk) probabilities (dense path).
-        layout: the :class:`BlockLayout` of ``keep`` (callers cache it per length); built here when None.
-        block: block size when the layout is built here.
-        dense_above: layouts keeping more than this share of the blocks use the dense path.
+        plan: the :class:`PrunedPlan` of ``keep`` (callers cache it per length, with ``tune=True``); built here
+            (static estimate) when None.
+        layout: a :class:`BlockLayout` of ``keep`` to use as the only block-sparse candidate (tests, benchmarks).
+        block: key block size when the plan is built here (else the plan's).
+        path: ``"auto"`` (by cost), or force ``"dense"`` / ``"block-sparse"``.
 
     Returns (out (B, H, Lq, D), weights (B, H, Lq, Lk) or None). A row with no kept, unpadded key gives output 0,
     weights 0 and zero gradients.
     """
     _check(q, k, v, keep, key_padding_mask)
+    if path not in ("auto", "dense", "block-sparse"):
+        raise ValueError(f"path must be 'auto', 'dense' or 'block-sparse', got {path!r}")
     bsz, heads, tgt_len, _ = q.shape
     src_len = k.size(2)
-    if layout is None and not need_weights and not (tgt_len <= block and src_len <= block):
-        layout = BlockLayout.build(keep, block)
-    if layout is not None and (layout.heads, layout.tgt_len, layout.src_len) != (heads, tgt_len, src_len):
-        raise ValueError(f"layout is for (heads, Lq, Lk) = {(layout.heads, layout.tgt_len, layout.src_len)}, "
-                         f"inputs are {(heads, tgt_len, src_len)}")
-    if choose_path(tgt_len, src_len, layout, need_weights=need_weights, block=block,
-                   dense_above=dense_above) == "dense":
-        return _dense_path(q, k, v, keep, key_padding_mask, dropout_p, need_weights)
-    return _sparse_path(q, k, v, layout, key_padding_mask, dropout_p), None
+    block = plan.block if plan is not None else block
+    for lay in ([layout] if layout is not None else []) + (plan.layouts if plan is not None else []):
+        if (lay.heads, lay.tgt_len, lay.src_len) != (heads, tgt_len, src_len):
+            raise ValueError(f"layout is for (heads, Lq, Lk) = {(lay.heads, lay.tgt_len, lay.src_len)}, "
+                             f"inputs are {(heads, tgt_len, src_len)}")
+    short = tgt_len <= block and src_len <= block
+    if need_weights or path == "dense" or (short and path == "auto"):
+        return _dense_path(q, k, v, keep, key_padding_mask, dropout_p, need_weights, plan)
+    if plan is None:
+        plan = PrunedPlan(keep, block, layouts=None if layout is None else [layout])
+    if path == "block-sparse":
+        chosen = layout if layout is not None else min(plan.layouts, key=lambda lay: _predicted_cost(lay, 1.0))
+    else:
+        chosen = plan.choice(q, k, v, key_padding_mask, dropout_p)[1]
+    if chosen is None:
+        return _dense_path(q, k, v, keep, key_padding_mask, dropout_p, False, plan)
+    return _sparse_path(q, k, v, chosen, key_padding_mask, dropout_p), None

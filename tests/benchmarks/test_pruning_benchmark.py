@@ -42,17 +42,30 @@ def test_report_with_in_process_workers(monkeypatch):
         assert by[(pattern, "random 90%")]["kept_share"] == pytest.approx(informed["kept_share"], abs=1e-3)
         assert by[(pattern, "masked-dense 90%")]["path"] == "dense"
         assert informed["block_density"] < by[(pattern, "random 90%")]["block_density"]
-    assert by[("causal", "data-informed 90%")]["path"] == "block-sparse"
-    assert [t["pattern"] for t in report["targets"]] == ["noncausal", "causal"]
+    for r in rows:
+        if r["case"].startswith("data-informed"):  # the plan's measured choice, with its timings
+            assert r["path"] == "dense" or r["path"].startswith("block-sparse "), r["path"]
+            assert r["why"].startswith("measured (fwd+bwd, B=1): ") and "dense " in r["why"]
+    informed = [c[0] for c in bp.CASES if c[0].startswith("data-informed")]
+    assert [(t["pattern"], t["case"], t["measure"], t["limit"]) for t in report["targets"]] == [
+        (p, c, m, limit) for p in ("noncausal", "causal") for c in informed
+        for m, limit in [("time", 1.0), ("memory", 1.5)] + ([("time", 0.4)] if c.endswith(" 90%") else [])]
+    for t in report["targets"]:
+        assert t["met"] == (t["ratio"] <= t["limit"])
     text = bp.markdown(report)
-    assert "| causal | data-informed 90% |" in text and "target <= 0.4" in text
+    assert "| causal | data-informed 90% |" in text and "target <= 0.4" in text and "Why each path" in text
 
 
 def test_worker_subprocess_memory():
     job = {"case": {"kind": "informed", "tau": 90.0, "force": None}, "causal": True, "length": 32, "heads": 2,
            "head_dim": 8, "batch": 1, "threads": 1, "repeats": 1, "block": 8, "memory_only": True}
     result = bp.run_in_fresh_process("benchmarks.pruning", job, "smoke", bp.MEMORY_ENV)
-    assert result["path"] == "block-sparse" and math.isfinite(result["peak_mem_mb"])
+    assert math.isfinite(result["peak_mem_mb"]) and result["why"].startswith("measured")
+    # the benchmark's memory runs repeat the timing run's choice
+    for chosen in ("dense", "block-sparse 16x8"):
+        job["case"]["chosen"] = chosen
+        result = bp.run_in_fresh_process("benchmarks.pruning", job, "smoke", bp.MEMORY_ENV)
+        assert result["path"] == chosen and result["why"] == "the timing run's choice"
 
 
 def test_unknown_pattern_is_refused():

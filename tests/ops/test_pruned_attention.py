@@ -33,28 +33,33 @@ def inputs(bsz, heads, tgt_len, src_len, dim=8, dtype=torch.float32, seed=0):
             .requires_grad_() for n in (tgt_len, src_len, src_len)]
 
 
-def check_against_reference(keep, *, bsz=2, key_padding_mask=None, block=8, expect_path="block-sparse",
-                            dtype=torch.float64, tol=1e-10):
+def check_against_reference(keep, *, bsz=2, key_padding_mask=None, block=8, dtype=torch.float64, tol=1e-10,
+                            q_blocks=(1, 2, 4)):
+    """The chosen path, both paths forced, every query-block size in ``q_blocks`` (multiples of ``block``) and both
+    block-sparse variants against :func:`reference`. Returns the layout with square blocks."""
     heads, tgt_len, src_len = keep.shape
     q, k, v = inputs(bsz, heads, tgt_len, src_len, dtype=dtype)
-    layout = BlockLayout.build(keep, block)
-    assert choose_path(tgt_len, src_len, layout) == expect_path
-    out, weights = pruned_attention(q, k, v, keep, key_padding_mask=key_padding_mask, layout=layout)
-    assert weights is None
     ref, _ = reference(q, k, v, keep, key_padding_mask)
     grad = torch.randn_like(ref)
-    got = torch.autograd.grad(out, (q, k, v), grad)
     want = torch.autograd.grad(ref, (q, k, v), grad)
-    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
-    for g, w in zip(got, want):
-        assert torch.isfinite(g).all()
-        torch.testing.assert_close(g, w, atol=tol, rtol=tol)
-    # the autograd variant of the block-sparse path (used with dropout or off CPU) agrees too
-    plain = pa._sparse_path(q, k, v, layout, key_padding_mask, 0.0, lean=False)
-    torch.testing.assert_close(plain, ref, atol=tol, rtol=tol)
-    for g, w in zip(torch.autograd.grad(plain, (q, k, v), grad), want):
-        torch.testing.assert_close(g, w, atol=tol, rtol=tol)
-    return layout
+
+    def agrees(out):
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+        for g, w in zip(torch.autograd.grad(out, (q, k, v), grad), want):
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g, w, atol=tol, rtol=tol)
+
+    out, weights = pruned_attention(q, k, v, keep, key_padding_mask=key_padding_mask, block=block)
+    assert weights is None
+    agrees(out)
+    agrees(pruned_attention(q, k, v, keep, key_padding_mask=key_padding_mask, path="dense")[0])
+    layouts = [BlockLayout.build(keep, block, block * f) for f in q_blocks]
+    for layout in layouts:
+        agrees(pruned_attention(q, k, v, keep, key_padding_mask=key_padding_mask, layout=layout,
+                                path="block-sparse")[0])
+        # the autograd variant of the block-sparse path (used with dropout or off CPU) agrees too
+        agrees(pa._sparse_path(q, k, v, layout, key_padding_mask, 0.0, lean=False))
+    return layouts[0]
 
 
 @pytest.mark.parametrize("density", [0.002, 0.02, 0.1])
@@ -112,8 +117,8 @@ def test_fully_pruned_rows_and_heads_give_zero_output_and_zero_gradients():
     keep[2, 16:32] = False  # whole query blocks
     keep[0, 5, 40] = True  # lone far entry
     q, k, v = inputs(2, 3, 48, 48, dtype=torch.float64)
-    out, _ = pruned_attention(q, k, v, keep, block=8)
-    assert choose_path(48, 48, BlockLayout.build(keep, 8)) == "block-sparse"
+    out, _ = pruned_attention(q, k, v, keep, block=8, path="block-sparse")
+    assert choose_path(48, 48, pa.PrunedPlan(keep, 8)) == "block-sparse"
     assert out[:, 1].abs().max() == 0 and out[:, 0, 10:20].abs().max() == 0 and out[:, 2, 16:32].abs().max() == 0
     out.sum().backward()
     assert q.grad[:, 1].abs().max() == 0 and k.grad[:, 1].abs().max() == 0 and v.grad[:, 1].abs().max() == 0
@@ -124,8 +129,8 @@ def test_fully_pruned_rows_and_heads_give_zero_output_and_zero_gradients():
 def test_everything_pruned():
     q, k, v = inputs(1, 2, 40, 40)
     keep = torch.zeros(2, 40, 40, dtype=torch.bool)
-    for dense_above in (0.5, -1.0):
-        out, _ = pruned_attention(q, k, v, keep, block=8, dense_above=dense_above)
+    for path in ("auto", "dense", "block-sparse"):
+        out, _ = pruned_attention(q, k, v, keep, block=8, path=path)
         assert out.shape == q.shape and out.abs().max() == 0
         (gq,) = torch.autograd.grad(out.sum(), (q,))
         assert gq.abs().max() == 0
@@ -138,9 +143,11 @@ def test_gradcheck_float64(device):
     keep[1, 4:, 5:8] = True  # rows 0-3 of head 1 have no key
     pad = torch.tensor([[False] * 11 + [True], [True] * 2 + [False] * 10])
     q, k, v = inputs(2, 2, 10, 12, dim=3, dtype=torch.float64)
-    layout = BlockLayout.build(keep, 4)
-    assert choose_path(10, 12, layout) == "block-sparse"
-    torch.autograd.gradcheck(lambda q, k, v: pruned_attention(q, k, v, keep, key_padding_mask=pad, layout=layout)[0],
+    for q_block in (4, 8):
+        layout = BlockLayout.build(keep, 4, q_block)
+        torch.autograd.gradcheck(lambda q, k, v: pruned_attention(q, k, v, keep, key_padding_mask=pad, layout=layout,
+                                                                  path="block-sparse")[0], (q, k, v))
+    torch.autograd.gradcheck(lambda q, k, v: pruned_attention(q, k, v, keep, key_padding_mask=pad, path="dense")[0],
                              (q, k, v))
 
 
@@ -169,7 +176,7 @@ def test_dropout_scales_kept_probabilities(path):
     q, k, _ = inputs(2, 2, length, length)
     v = torch.ones(2, 2, length, 8)
     torch.manual_seed(0)
-    out, _ = pruned_attention(q, k, v, keep, dropout_p=p, block=8, dense_above=0.5 if path == "block-sparse" else -1)
+    out, _ = pruned_attention(q, k, v, keep, dropout_p=p, block=8, path=path)
     values = out[..., 0].flatten()
     assert bool(((values == 0) | ((values - 1 / (1 - p)).abs() < 1e-5)).all())
     dropped = (values == 0).float().mean()
@@ -185,7 +192,7 @@ def test_dropout_is_unbiased(path):
     with torch.no_grad():
         clean, _ = pruned_attention(q, k, v, keep, block=8)
         torch.manual_seed(0)
-        kwargs = dict(dropout_p=0.3, block=8, dense_above=0.5 if path == "block-sparse" else -1)
+        kwargs = dict(dropout_p=0.3, block=8, path=path)
         runs = torch.stack([pruned_attention(q, k, v, keep, **kwargs)[0] for _ in range(400)])
     assert (runs.mean(0) - clean).abs().mean() < 0.1 * clean.abs().mean()
     assert (runs[0] - clean).abs().mean() > 0.1 * clean.abs().mean()  # dropout did act
@@ -206,14 +213,96 @@ def test_path_choice(monkeypatch):
     dense = random_pruning_mask((1, 2, 64, 64), 90.0)[0]
     q, k, v = inputs(1, 2, 64, 64)
     cases = [(sparse, {}, "_sparse_path"), (dense, {}, "_dense_path"),
-             (sparse, {"need_weights": True}, "_dense_path"), (sparse, {"dense_above": 0.1}, "_dense_path"),
+             (sparse, {"need_weights": True}, "_dense_path"), (sparse, {"path": "dense"}, "_dense_path"),
+             (dense, {"path": "block-sparse"}, "_sparse_path"),
              (sparse, {"block": 64}, "_dense_path")]  # the whole sequence fits in one block
     for keep, kwargs, want in cases:
         calls.clear()
         kwargs = {"block": 8, **kwargs}
         pruned_attention(q, k, v, keep, **kwargs)
         assert calls == [want], (kwargs, calls)
-    assert BlockLayout.build(dense, 8).density > 0.5 > BlockLayout.build(sparse, 8).density
+    assert BlockLayout.build(dense, 8).density > 0.9 > 0.4 > BlockLayout.build(sparse, 8).density
+    with pytest.raises(ValueError, match="path must be"):
+        pruned_attention(q, k, v, sparse, path="sparse")
+
+
+def test_static_estimate_prefers_coarser_query_blocks_only_when_they_keep_little_more():
+    """A band keeps the same key blocks whatever the query block, so the coarsest is cheapest; a layout
+    that keeps every block at every size is never estimated cheaper than dense."""
+    rel = torch.arange(256).view(-1, 1) - torch.arange(256).view(1, -1)
+    band = (rel.abs() <= 3).expand(2, 256, 256).contiguous()
+    ranked = pa.PrunedPlan(band, 8).estimates()
+    assert ranked[0][0] is not None and ranked[0][0].q_block > 8
+    full = torch.ones(2, 256, 256, dtype=torch.bool)
+    assert pa.PrunedPlan(full, 8).estimates()[0][0] is None
+
+
+@pytest.mark.parametrize("sparse_ms, want", [(5.0, "block-sparse"), (9.8, "dense"), (20.0, "dense")])
+def test_tuned_plan_takes_the_measured_faster_path(monkeypatch, sparse_ms, want):
+    """With ``tune=True`` the path is the one that measured faster (dense unless a layout beats it by 3%), decided
+    once per (device, dtype, head dim, grad mode) and explained in ``decisions``."""
+    rel = torch.arange(64).view(-1, 1) - torch.arange(64).view(1, -1)
+    keep = (rel.abs() <= 2).expand(2, 64, 64).contiguous()
+    plan = pa.PrunedPlan(keep, 8, tune=True)
+    timed = []
+    monkeypatch.setattr(pa.PrunedPlan, "_time",
+                        lambda self, layout, *a: timed.append(layout) or (10.0 if layout is None else sparse_ms))
+    q, k, v = inputs(1, 2, 64, 64)
+    out, _ = pruned_attention(q, k, v, keep, plan=plan)
+    ref, _ = reference(q, k, v, keep)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    (path, layout, reason), = plan.decisions.values()
+    assert path == want and (layout is None) == (want == "dense")
+    assert "measured (fwd+bwd" in reason and "dense 10.00 ms" in reason
+    assert None in timed and len(timed) >= 2
+    n = len(timed)
+    pruned_attention(q, k, v, keep, plan=plan)
+    assert len(timed) == n  # decided once
+    with torch.no_grad():
+        pruned_attention(q, k, v, keep, plan=plan)
+    assert len(timed) > n and len(plan.decisions) == 2  # inference is timed on its own
+
+
+def test_tuning_leaves_inputs_gradients_and_random_state_alone():
+    rel = torch.arange(96).view(-1, 1) - torch.arange(96).view(1, -1)
+    keep = (rel.abs() <= 5).expand(2, 96, 96).contiguous()
+    q, k, v = inputs(2, 2, 96, 96)
+    plan = pa.PrunedPlan(keep, 8, tune=True)
+    state = torch.get_rng_state()
+    out, _ = pruned_attention(q, k, v, keep, plan=plan)
+    assert torch.equal(state, torch.get_rng_state())
+    assert q.grad is None and k.grad is None and v.grad is None
+    out.sum().backward()
+    ref, _ = reference(*(x.detach().requires_grad_() for x in (q, k, v)), keep)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_masks_use_the_causal_flash_kernel_and_match(monkeypatch):
+    """A mask inside the causal triangle takes the kernel's ``is_causal`` with the mask; others do not."""
+    flags = []
+    kernel = pa._FLASH_CPU
+    monkeypatch.setattr(pa, "_FLASH_CPU", lambda *a, **kw: flags.append(a[4] if len(a) > 4 else False) or kernel(*a, **kw))
+    rel = torch.arange(80).view(-1, 1) - torch.arange(80).view(1, -1)
+    causal = torch.stack([(rel >= 0) & (rel < 9), rel >= 0, (rel >= 0) & (rel % 7 == 0)])
+    assert pa.PrunedPlan(causal, 8).causal and not pa.PrunedPlan(rel.abs().le(3).expand(3, 80, 80), 8).causal
+    assert not pa.PrunedPlan(causal[:, :60], 8).causal  # not square
+    pad = torch.zeros(2, 80, dtype=torch.bool)
+    pad[1, -11:] = True
+    q, k, v = inputs(2, 3, 80, 80, dtype=torch.float64)
+    ref, _ = reference(q, k, v, causal, pad)
+    grad = torch.randn_like(ref)
+    wants = torch.autograd.grad(ref, (q, k, v), grad)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+        qq, kk, vv = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+        out, _ = pruned_attention(qq, kk, vv, causal, key_padding_mask=pad, plan=pa.PrunedPlan(causal, 8),
+                                  path="dense")
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+        for got, want in zip(torch.autograd.grad(out, (qq, kk, vv), grad.to(dtype)), wants):
+            torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    assert flags == [True, True]
+    band = rel.abs().le(3).expand(3, 80, 80).contiguous()
+    pruned_attention(q, k, v, band, plan=pa.PrunedPlan(band, 8), path="dense")
+    assert flags[-1] is False
 
 
 def test_layout_of_block_diagonal_mask():
