@@ -368,6 +368,10 @@ def _sparse_path(q, k, v, layout: BlockLayout, key_padding_mask, dropout_p, lean
     return out.view(bsz, heads, nq * bq, head_dim)[:, :, :tgt_len]
 
 
+#: a block layout must measure this much faster than the dense path to be chosen (timings on a shared machine
+#: jitter by a few percent)
+_MARGIN = 0.05
+
 #: query blocks the planner considers, as multiples of the key block: the CPU flash kernel runs short query blocks
 #: at a fraction of its dense speed (32 queries: about half; 256: within 10-15%), so coarser query blocks often win
 #: although they keep more entries
@@ -397,9 +401,9 @@ class PrunedPlan:
     The choice is by cost, never by a density threshold. ``tune=False``: the static estimate of
     :func:`_predicted_cost`. ``tune=True`` (what the attention modules use; they keep one plan per mask and length):
     the candidates within 1.5x of the best estimate, and always the dense path, are each run once to warm up and
-    twice timed (forward+backward when gradients are on, detached copies of the call's inputs, no random numbers
-    drawn) at the first call of each (device, dtype, head dim, grad mode); the fastest wins, the dense path unless
-    a layout is at least 3% faster. So on any machine the block-sparse path is taken only where it measured faster
+    then three times round-robin (forward+backward when gradients are on, detached copies of the call's inputs, no
+    random numbers drawn) at the first call of each (device, dtype, head dim, grad mode); the lowest median wins,
+    the dense path unless a layout is at least :data:`_MARGIN` faster. So on any machine the block-sparse path is taken only where it measured faster
     than dense. ``choice(...)`` gives ``(path, layout, reason)``; ``decisions`` keeps every choice with its reason
     and timings (the benchmark prints them)."""
 
@@ -446,7 +450,27 @@ class PrunedPlan:
         key = (q.device.type, q.dtype, q.size(-1), grad)
         if key not in self.decisions:
             self.decisions[key] = self._decide(q, k, v, key_padding_mask, grad)
+            self._release_unchosen()
         return self.decisions[key]
+
+    def _release_unchosen(self):
+        """Drop the cached additive masks of the paths no decision took (timing filled them; the dense one alone
+        is H * Lq * Lk values)."""
+        chosen = [layout for _, layout, _ in self.decisions.values()]
+        if all(layout is not None for layout in chosen):
+            self._bias.clear()
+        for layout in self.layouts:
+            if all(layout is not c for c in chosen):
+                for bucket in layout.buckets:
+                    bucket._bias.clear()
+
+    def cached_bytes(self) -> int:
+        """Bytes this plan keeps between calls: its layouts' masks and the cached additive masks."""
+        total = self.keep.numel() + sum(t.numel() * t.element_size() for t in self._bias.values())
+        for layout in self.layouts:
+            total += layout.mask.numel() + sum(bucket.mask.numel() for bucket in layout.buckets)
+            total += sum(t.numel() * t.element_size() for bucket in layout.buckets for t in bucket._bias.values())
+        return total
 
     def _decide(self, q, k, v, key_padding_mask, grad):
         ranked = self.estimates()
@@ -455,22 +479,24 @@ class PrunedPlan:
         if not self.tune:
             layout = ranked[0][0]
             return _path(layout), layout, f"estimated cost vs unmasked dense: {shown}"
-        trials = [(lay, cost) for lay, cost in ranked if cost <= 1.5 * best or lay is None]
-        timings = {}
-        for layout, _ in trials:
-            timings[_label(layout)] = (layout, self._time(layout, q, k, v, key_padding_mask, grad))
+        trials = [lay for lay, cost in ranked if cost <= 1.5 * best or lay is None]
+        times = self._time(trials, q, k, v, key_padding_mask, grad)
+        timings = {_label(lay): (lay, ms) for lay, ms in zip(trials, times)}
         dense_ms = timings["dense"][1]
         label, (layout, ms) = min(timings.items(), key=lambda item: item[1][1])
-        if layout is not None and ms > 0.97 * dense_ms:
+        if layout is not None and ms > (1 - _MARGIN) * dense_ms:
             label, layout, ms = "dense", None, dense_ms
         measured = ", ".join(f"{name} {t:.2f} ms" for name, (_, t) in timings.items())
         return _path(layout), layout, (f"measured ({'fwd+bwd' if grad else 'fwd'}, B={q.size(0)}): {measured}; "
                                         f"estimated: {shown}")
 
-    def _time(self, layout, q, k, v, key_padding_mask, grad) -> float:
+    def _time(self, layouts, q, k, v, key_padding_mask, grad, rounds: int = 3) -> List[float]:
+        """Median milliseconds of each candidate (None: dense), after one warm-up each, timed round-robin (round
+        r of every candidate, then round r + 1) so that a change of load hits them alike."""
+        import statistics
         import time
 
-        def run():
+        def run(layout):
             with torch.enable_grad() if grad else torch.no_grad():
                 inputs = [x.detach().requires_grad_(grad) for x in (q, k, v)]
                 if layout is None:
@@ -484,15 +510,17 @@ class PrunedPlan:
             if q.device.type == "cuda":
                 torch.cuda.synchronize(q.device)
 
-        run()
-        times = []
-        for _ in range(2):
-            synchronize()
-            started = time.perf_counter()
-            run()
-            synchronize()
-            times.append((time.perf_counter() - started) * 1e3)
-        return min(times)
+        for layout in layouts:
+            run(layout)
+        times = [[] for _ in layouts]
+        for _ in range(rounds):
+            for layout, series in zip(layouts, times):
+                synchronize()
+                started = time.perf_counter()
+                run(layout)
+                synchronize()
+                series.append((time.perf_counter() - started) * 1e3)
+        return [statistics.median(series) for series in times]
 
 
 def _label(layout: Optional[BlockLayout]) -> str:

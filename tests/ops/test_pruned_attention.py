@@ -237,16 +237,16 @@ def test_static_estimate_prefers_coarser_query_blocks_only_when_they_keep_little
     assert pa.PrunedPlan(full, 8).estimates()[0][0] is None
 
 
-@pytest.mark.parametrize("sparse_ms, want", [(5.0, "block-sparse"), (9.8, "dense"), (20.0, "dense")])
+@pytest.mark.parametrize("sparse_ms, want", [(5.0, "block-sparse"), (9.6, "dense"), (20.0, "dense")])
 def test_tuned_plan_takes_the_measured_faster_path(monkeypatch, sparse_ms, want):
-    """With ``tune=True`` the path is the one that measured faster (dense unless a layout beats it by 3%), decided
+    """With ``tune=True`` the path is the one that measured faster (dense unless a layout beats it by 5%), decided
     once per (device, dtype, head dim, grad mode) and explained in ``decisions``."""
     rel = torch.arange(64).view(-1, 1) - torch.arange(64).view(1, -1)
     keep = (rel.abs() <= 2).expand(2, 64, 64).contiguous()
     plan = pa.PrunedPlan(keep, 8, tune=True)
     timed = []
-    monkeypatch.setattr(pa.PrunedPlan, "_time",
-                        lambda self, layout, *a: timed.append(layout) or (10.0 if layout is None else sparse_ms))
+    monkeypatch.setattr(pa.PrunedPlan, "_time", lambda self, layouts, *a: timed.extend(layouts) or
+                        [10.0 if layout is None else sparse_ms for layout in layouts])
     q, k, v = inputs(1, 2, 64, 64)
     out, _ = pruned_attention(q, k, v, keep, plan=plan)
     ref, _ = reference(q, k, v, keep)
@@ -261,6 +261,12 @@ def test_tuned_plan_takes_the_measured_faster_path(monkeypatch, sparse_ms, want)
     with torch.no_grad():
         pruned_attention(q, k, v, keep, plan=plan)
     assert len(timed) > n and len(plan.decisions) == 2  # inference is timed on its own
+    # what no decision took holds no cached mask
+    assert bool(plan._bias) == (want == "dense")
+    for candidate in plan.layouts:
+        cached = any(bucket._bias for bucket in candidate.buckets)
+        assert cached == (candidate is layout), (candidate, layout)
+    assert plan.cached_bytes() > plan.keep.numel()
 
 
 def test_tuning_leaves_inputs_gradients_and_random_state_alone():
@@ -275,6 +281,12 @@ def test_tuning_leaves_inputs_gradients_and_random_state_alone():
     out.sum().backward()
     ref, _ = reference(*(x.detach().requires_grad_() for x in (q, k, v)), keep)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # every candidate was run (and filled its cached masks); only the chosen one keeps them
+    (_, chosen, _), = plan.decisions.values()
+    assert "dense" in plan.decisions[next(iter(plan.decisions))][2]
+    assert bool(plan._bias) == (chosen is None)
+    for candidate in plan.layouts:
+        assert any(bucket._bias for bucket in candidate.buckets) == (candidate is chosen)
 
 
 def test_causal_masks_use_the_causal_flash_kernel_and_match(monkeypatch):

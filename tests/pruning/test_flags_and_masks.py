@@ -339,7 +339,7 @@ def test_block_sparse_kernel_runs_in_the_module_and_matches_the_masked_path(monk
     original = pa._sparse_path
     monkeypatch.setattr(pa, "_sparse_path", lambda *a, **k: calls.append(1) or original(*a, **k))
     # the module measures both paths at the first call; make the block-sparse one the faster
-    monkeypatch.setattr(pa.PrunedPlan, "_time", lambda self, layout, *a: 10.0 if layout is None else 1.0)
+    monkeypatch.setattr(pa.PrunedPlan, "_time", lambda self, layouts, *a: [10.0 if lay is None else 1.0 for lay in layouts])
     fast, _ = module(x, src, src, key_padding_mask=kpm, need_weights=False)
     assert calls, "the block-sparse kernel did not run"
     generic = FluenceAttention.attend_pruned.__get__(module)
