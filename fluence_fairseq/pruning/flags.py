@@ -70,7 +70,9 @@ def add_pruning_args(parser) -> None:
     parser.add_argument("--attn-prune-seed", type=IntRange(0), metavar="N", default=None,
                         help="seed of the random-pruning baseline [default: 1]")
     parser.add_argument("--attn-prune-block", type=IntRange(1, meaning="tokens per block"), metavar="N", default=None,
-                        help="block size of the block-sparse kernel of pruned softmax attention [default: 32]")
+                        help="key block size of the block-sparse kernel of pruned softmax attention; query "
+                             "blocks of 1-8x this and the dense path are timed at the first call of each length and "
+                             "the fastest kept [default: 32]")
 
 
 def _settings(args) -> dict:

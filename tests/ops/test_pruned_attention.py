@@ -237,9 +237,9 @@ def test_static_estimate_prefers_coarser_query_blocks_only_when_they_keep_little
     assert pa.PrunedPlan(full, 8).estimates()[0][0] is None
 
 
-@pytest.mark.parametrize("sparse_ms, want", [(5.0, "block-sparse"), (9.6, "dense"), (20.0, "dense")])
+@pytest.mark.parametrize("sparse_ms, want", [(5.0, "block-sparse"), (9.2, "dense"), (20.0, "dense")])
 def test_tuned_plan_takes_the_measured_faster_path(monkeypatch, sparse_ms, want):
-    """With ``tune=True`` the path is the one that measured faster (dense unless a layout beats it by 5%), decided
+    """With ``tune=True`` the path is the one that measured faster (dense unless a layout beats it by 10%), decided
     once per (device, dtype, head dim, grad mode) and explained in ``decisions``."""
     rel = torch.arange(64).view(-1, 1) - torch.arange(64).view(1, -1)
     keep = (rel.abs() <= 2).expand(2, 64, 64).contiguous()
