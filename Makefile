@@ -40,7 +40,7 @@ bench-sparse: $(STAMP)
 	$(PY) -m benchmarks.models --preset sparse --threads 1 --out benchmarks/results/sparse_training
 
 bench-pruning: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m benchmarks.pruning --repeats 7 --json benchmarks/results/pruning.json
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.pruning --repeats 7 --json benchmarks/results/pruning.json | tee benchmarks/results/pruning.md
 
 bench-weights: $(STAMP)
 	$(PY) -m benchmarks.need_weights --threads 1 | tee benchmarks/results/need_weights.md
