@@ -15,6 +15,7 @@ found there to ``--out``, so one attention can be rerun alone. A failing attenti
 import argparse
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -95,9 +96,11 @@ def mean_ci(values):
     return mean, _T95.get(n - 1, 1.96) * statistics.stdev(values) / math.sqrt(n)
 
 
-def run_dir(work, name, seed):
-    """Seed 1 keeps the single-seed layout (``compare/<name>``); other seeds get ``compare/<name>-seed<N>``."""
-    return work / "compare" / (name if seed == 1 else f"{name}-seed{seed}")
+def run_dir(work, name, seed, tag=""):
+    """Seed 1 keeps the single-seed layout (``compare/<name>``); other seeds get ``compare/<name>-seed<N>``; a
+    ``--tag`` (a variant trained with ``--train-args``) is appended to the name: ``compare/<name>+<tag>``."""
+    label = f"{name}+{tag}" if tag else name
+    return work / "compare" / (label if seed == 1 else f"{label}-seed{seed}")
 
 
 def write_table(args, work):
@@ -113,9 +116,11 @@ def write_table(args, work):
              "several seeds: mean ± half-width of the 95% t interval, then each seed.", "",
              "| attention | where | seeds | params | train wall s | valid loss | BLEU | chrF |",
              "|---|---|---|---|---|---|---|---|"]
-    names = list(dict.fromkeys(r["name"] for r in results))
+    for r in results:
+        r["label"] = f"{r['name']}+{r['tag']}" if r.get("tag") else r["name"]
+    names = list(dict.fromkeys(r["label"] for r in results))
     for name in names:
-        runs = [r for r in results if r["name"] == name]
+        runs = [r for r in results if r["label"] == name]
         failed = [r for r in runs if r.get("failed")]
         done = [r for r in runs if not r.get("failed")
                 and (r["max_update"], r["dim"], r.get("warmup_updates")) == budget]  # other budgets: not comparable
@@ -125,6 +130,8 @@ def write_table(args, work):
         if not done:
             continue
         seeds = ", ".join(str(r.get("seed", 1)) for r in done)
+        if done[0].get("train_args"):
+            name = f"{name} (`{done[0]['train_args']}`)"
         train_s = sum(r["train_s"] for r in done) / len(done)
         if len(done) == 1:
             r = done[0]
@@ -160,6 +167,10 @@ def main(argv=None):
                    "seed and the table gives the mean and 95%% interval over seeds [default: 1]")
     p.add_argument("--reuse", action="store_true", help="keep models already trained in WORK/compare/<name>/")
     p.add_argument("--table-only", action="store_true", help="only rewrite the table from the results found")
+    p.add_argument("--train-args", default="", help="extra fairseq-train arguments (one string), for a variant of "
+                   "the default setup; needs --tag")
+    p.add_argument("--tag", default="", help="name of the variant: runs go to compare/<name>+<tag>, and the table "
+                   "shows <name>+<tag> with its --train-args")
     p.add_argument("--out", default=None, help="markdown table (default: WORK/compare/results.md)")
     args = p.parse_args(argv)
     try:
@@ -168,6 +179,8 @@ def main(argv=None):
         p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     if not seeds or len(set(seeds)) != len(seeds):
         p.error(f"--seeds: expected distinct integers, got {args.seeds!r}")
+    if bool(args.train_args) != bool(args.tag) or not re.fullmatch(r"[A-Za-z0-9_.-]*", args.tag):
+        p.error("--train-args and --tag go together; --tag is letters, digits, '.', '_' or '-'")
     work = Path(args.work)
     if args.table_only:
         write_table(args, work)
@@ -180,7 +193,7 @@ def main(argv=None):
 
     ref = read_lines(work / "raw" / "test.es")
     for name, seed in [(name, seed) for name in args.attentions.split(",") for seed in seeds]:
-        out = run_dir(work, name, seed)
+        out = run_dir(work, name, seed, args.tag)
         out.mkdir(parents=True, exist_ok=True)
         arch = arch_of(name)
         train = ["fairseq-train", binary, "--user-dir", "fluence_fairseq", "--arch", arch,
@@ -191,7 +204,7 @@ def main(argv=None):
                  "inverse_sqrt", "--warmup-updates", args.warmup_updates, "--dropout", "0.1", "--max-tokens", "4096",
                  "--required-batch-size-multiple", "1", "--max-update", args.max_update, "--cpu", "--num-workers",
                  "0", "--seed", seed, "--save-dir", out / "checkpoints", "--no-epoch-checkpoints",
-                 "--log-format", "simple", "--log-interval", "100"]
+                 "--log-format", "simple", "--log-interval", "100", *shlex.split(args.train_args)]
         print(f"== {name} (seed {seed}): {arch}", flush=True)
         done = out / "train.log"
         if args.reuse and done.exists() and "done training" in done.read_text():
@@ -202,7 +215,7 @@ def main(argv=None):
             except SystemExit as failure:
                 print(failure, flush=True)
                 (out / "result.json").write_text(json.dumps({"name": name, "where": roles_of(arch), "failed": True,
-                                                             "seed": seed}))
+                                                             "seed": seed, "tag": args.tag}))
                 continue
         train_s = training_seconds(done.read_text())
         log = (out / "train.log").read_text()
@@ -212,7 +225,8 @@ def main(argv=None):
                                             out / "generate-test.txt", ref)
         result = {"name": name, "where": roles_of(arch), "params": params, "train_s": train_s,
                   "valid_loss": valid[-1] if valid else "-", "bleu": bleu, "chrf": chrf,
-                  "max_update": args.max_update, "dim": args.dim, "warmup_updates": args.warmup_updates, "seed": seed}
+                  "max_update": args.max_update, "dim": args.dim, "warmup_updates": args.warmup_updates, "seed": seed,
+                  "tag": args.tag, "train_args": args.train_args}
         (out / "result.json").write_text(json.dumps(result))
         print(f"   BLEU {bleu:.2f} chrF {chrf:.2f} valid loss {result['valid_loss']} ({train_s:.0f} s)", flush=True)
         write_table(args, work)

@@ -5,11 +5,13 @@ head's α moved from its initial value.
         examples/translation/work/compare/softmax examples/translation/work/compare/alpha_entmax ...
 
 The initial α is rebuilt, not stored: the run's model is built again the way ``fairseq-train`` builds it (the same
-arguments, ``--seed`` set before the task and model are made), so its ``pre_alpha`` draws are the run's own.
+arguments, its ``--train-args`` included, ``--seed`` set before the task and model are made), so its ``pre_alpha``
+draws are the run's own.
 """
 import argparse
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -36,7 +38,7 @@ def initial_model(run: Path, result: dict):
             "--arch", compare.arch_of(result["name"]), "--encoder-embed-dim", str(dim), "--decoder-embed-dim",
             str(dim), "--encoder-ffn-embed-dim", str(4 * dim), "--decoder-ffn-embed-dim", str(4 * dim),
             "--share-all-embeddings", "--criterion", "label_smoothed_cross_entropy", "--dropout", "0.1", "--cpu",
-            "--seed", str(result.get("seed", 1))]
+            "--seed", str(result.get("seed", 1)), *shlex.split(result.get("train_args", ""))]
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
     np.random.seed(cfg.common.seed)
     utils.set_torch_seed(cfg.common.seed)  # as fairseq_cli.train does before setup_task and build_model
