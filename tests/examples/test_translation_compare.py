@@ -48,3 +48,23 @@ def test_bad_seeds_are_refused(compare):
     for bad in ("1,x", "1,1", ""):
         with pytest.raises(SystemExit):
             compare.main(["--seeds", bad, "--table-only"])
+
+
+def test_a_tagged_variant_has_its_own_directory_and_row(compare, tmp_path):
+    args = SimpleNamespace(max_update=10, dim=8, warmup_updates=1, out=str(tmp_path / "t.md"))
+    base = {"name": "alpha_entmax", "where": "w", "params": "1", "train_s": 1.0, "max_update": 10, "dim": 8,
+            "warmup_updates": 1, "chrf": 1.0, "valid_loss": "2.0"}
+    plain, variant = compare.run_dir(tmp_path, "alpha_entmax", 1), compare.run_dir(tmp_path, "alpha_entmax", 2, "a1")
+    assert plain.name == "alpha_entmax" and variant.name == "alpha_entmax+a1-seed2"
+    for out, extra in ((plain, {"bleu": 3.0, "seed": 1}),
+                       (variant, {"bleu": 5.0, "seed": 2, "tag": "a1", "train_args": "--alpha-init 1.05"})):
+        out.mkdir(parents=True)
+        (out / "result.json").write_text(json.dumps({**base, **extra}))
+    compare.write_table(args, tmp_path)
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    assert any(line.startswith("| alpha_entmax | w | 1 |") and "| 3.00 |" in line for line in lines)
+    assert any(line.startswith("| alpha_entmax+a1 (`--alpha-init 1.05`) | w | 2 |") and "| 5.00 |" in line
+               for line in lines)
+    for bad in (["--tag", "x"], ["--train-args", "--alpha-init 1.05"], ["--tag", "a b", "--train-args", "-x"]):
+        with pytest.raises(SystemExit):
+            compare.main([*bad, "--table-only"])
