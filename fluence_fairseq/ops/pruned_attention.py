@@ -38,6 +38,8 @@ dense SDPA: a segmented softmax over all kept triples at once (``scatter_reduce`
 sums, custom backward keeping the probabilities) 0.39-0.50x; buckets with autograd around SDPA 0.33-0.38x (40 MiB
 peak vs 4.9 MiB for SDPA).
 """
+import statistics
+import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -64,17 +66,17 @@ def _bucket_cap(count: int, limit: int) -> int:
 class _Bucket:
     """Rows with the same number ``cap`` of (padded) key blocks: ``rows`` (n,) their ``head * q_blocks + query
     block``, ``cols`` (n * cap,) their key blocks as ``head * k_blocks + key block`` (padding slots repeat a real
-    block and are masked), ``mask`` (n, block, cap * block) bool (True = kept), ``key_block`` (n * cap,) the key
+    block and are masked), ``mask`` (n, q_block, cap * k_block) bool (True = kept), ``key_block`` (n * cap,) the key
     block index of every slot (for key padding)."""
 
     def __init__(self, rows, cols, key_block, mask, cap):
         self.rows, self.cols, self.key_block, self.mask, self.cap = rows, cols, key_block, mask, cap
-        self.has_key = mask.any(dim=-1, keepdim=True)  # (n, block, 1): queries with a kept key
+        self.has_key = mask.any(dim=-1, keepdim=True)  # (n, q_block, 1): queries with a kept key
         self.all_have_keys = bool(self.has_key.all())
         self._bias: Dict[tuple, Tensor] = {}
 
     def bias(self, dtype) -> Tensor:
-        """(n, block, cap * block) additive mask: 0 where kept, the most negative ``dtype`` value elsewhere."""
+        """(n, q_block, cap * k_block) additive mask: 0 where kept, the most negative ``dtype`` value elsewhere."""
         key = (dtype, self.mask.device)
         if key not in self._bias:
             self._bias[key] = _additive(self.mask, dtype)
@@ -86,13 +88,13 @@ class _Bucket:
 
 
 class BlockLayout:
-    """Kept blocks of a keep mask (H, Lq, Lk) at block size ``block``.
+    """Kept blocks of a keep mask (H, Lq, Lk) with query blocks of ``q_block`` and key blocks of ``k_block``.
 
-    Attributes (tensors on ``keep.device``): ``heads``, ``tgt_len``, ``src_len``, ``block``; ``q_blocks``,
-    ``k_blocks`` (query / key blocks once the lengths are padded up to multiples of ``block``); ``row`` (T,) long:
-    ``head * q_blocks + query block`` of every kept triple, sorted; ``col`` (T,) long: its
-    ``head * k_blocks + key block``; ``key_block`` (T,) long: its key block; ``mask`` (T, block, block) bool: the keep
-    mask inside it (False on padding); ``counts`` (H * q_blocks,) long: kept key blocks per row; ``buckets``: the
+    Attributes (tensors on ``keep.device``): ``heads``, ``tgt_len``, ``src_len``, ``q_block``, ``k_block``;
+    ``q_blocks``, ``k_blocks`` (query / key blocks once the lengths are padded up to multiples of the block sizes);
+    ``row`` (T,) long: ``head * q_blocks + query block`` of every kept triple, sorted; ``col`` (T,) long: its
+    ``head * k_blocks + key block``; ``key_block`` (T,) long: its key block; ``mask`` (T, q_block, k_block) bool:
+    the keep mask inside it (False on padding); ``counts`` (H * q_blocks,) long: kept key blocks per row; ``buckets``: the
     rows grouped by (rounded-up) count, what the block-sparse path computes; ``density``: kept triples / all
     triples (over heads); ``computed_density``: the same with the buckets' padding slots."""
 
@@ -494,9 +496,6 @@ class PrunedPlan:
     def _time(self, layouts, q, k, v, key_padding_mask, grad, rounds: int = 3) -> List[float]:
         """Median milliseconds of each candidate (None: dense), after one warm-up each, timed round-robin (round
         r of every candidate, then round r + 1) so that a change of load hits them alike."""
-        import statistics
-        import time
-
         def run(layout):
             with torch.enable_grad() if grad else torch.no_grad():
                 inputs = [x.detach().requires_grad_(grad) for x in (q, k, v)]
