@@ -218,17 +218,24 @@ def _dense_path(q, k, v, keep, key_padding_mask, dropout_p, need_weights, plan: 
     src_len = k.size(2)
     if need_weights:
         return _dense_weights(q, k, v, _allowed(keep, key_padding_mask, src_len), dropout_p)
-    bias = plan.dense_bias(q.dtype, q.device) if plan is not None else _additive(keep.unsqueeze(0), q.dtype)
-    has_key = keep.any(dim=-1, keepdim=True).unsqueeze(0) if plan is None else plan.dense_has_key(q.device)
+    if plan is not None:
+        bias, has_key = plan.dense_bias(q.dtype, q.device), plan.dense_has_key(q.device)
+    else:
+        bias, has_key = _additive(keep.unsqueeze(0), q.dtype), _rows_with_a_key(keep.unsqueeze(0))
     if key_padding_mask is not None:
         bias = bias.masked_fill(key_padding_mask.view(-1, 1, 1, src_len), torch.finfo(q.dtype).min)
-        has_key = _allowed(keep, key_padding_mask, src_len).any(dim=-1, keepdim=True)
-    has_key = None if bool(has_key.all()) else has_key
+        has_key = _rows_with_a_key(_allowed(keep, key_padding_mask, src_len))
     causal = plan is not None and plan.causal
     if q.device.type == "cpu" and dropout_p == 0 and _FLASH_CPU_BACKWARD is not None:
         return _DenseFlashCPU.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias, causal, has_key), None
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
     return (out if has_key is None else out.masked_fill(~has_key, 0.0)), None
+
+
+def _rows_with_a_key(allowed: Tensor) -> Optional[Tensor]:
+    """(..., Lq, 1) bool of the query rows with an allowed key; None when every row has one."""
+    has_key = allowed.any(dim=-1, keepdim=True)
+    return None if bool(has_key.all()) else has_key
 
 
 def _additive(allowed: Tensor, dtype) -> Tensor:
@@ -427,7 +434,7 @@ class PrunedPlan:
         self.layouts = layouts
         self.decisions: Dict[tuple, Tuple[str, Optional[BlockLayout], str]] = {}
         self._bias: Dict[tuple, Tensor] = {}
-        self._has_key: Dict[object, Tensor] = {}
+        self._has_key: Dict[object, Optional[Tensor]] = {}
 
     def dense_bias(self, dtype, device) -> Tensor:
         """(1, H, Lq, Lk) additive mask of the dense path (built once per dtype and device)."""
@@ -436,10 +443,11 @@ class PrunedPlan:
             self._bias[key] = _additive(self.keep.to(device).unsqueeze(0), dtype)
         return self._bias[key]
 
-    def dense_has_key(self, device) -> Tensor:
+    def dense_has_key(self, device) -> Optional[Tensor]:
+        """(1, H, Lq, 1) rows of the mask with a kept key, None when all have one (found once per device)."""
         device = torch.device(device)
         if device not in self._has_key:
-            self._has_key[device] = self.keep.to(device).any(dim=-1, keepdim=True).unsqueeze(0)
+            self._has_key[device] = _rows_with_a_key(self.keep.to(device).unsqueeze(0))
         return self._has_key[device]
 
     def estimates(self) -> List[Tuple[Optional[BlockLayout], float]]:
