@@ -210,6 +210,59 @@ def test_density_counts_nonzero_weights_of_real_queries_only():
     assert attn.density_counts() is None
 
 
+def _run_counting(attn, x, **kwargs):
+    """Output, weights, input/parameter gradients and density counts of one forward + backward."""
+    x = x.detach().requires_grad_()
+    attn.zero_grad()
+    attn.track_density()
+    out, weights = attn(x, x, x, need_weights=True, **kwargs)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype))
+    grads = [x.grad] + [p.grad for p in attn.parameters()]
+    return out, weights, grads, attn.density_counts().clone()
+
+
+@pytest.mark.parametrize("cls", [FSSparsemax, FSEntmax15, FSAlphaEntmax])
+def test_causal_query_blocks_equal_the_full_pass(cls):
+    torch.manual_seed(0)
+    attn = cls(32, 4, causal=True).double()
+    if cls is FSAlphaEntmax:
+        attn.set_alibi()  # a relative bias must follow each block's query offset
+    length = 300  # blocks of 64, the last one partial
+    assert attn.query_blocks(length) == [(s, min(s + 64, length)) for s in range(0, length, 64)]
+    x = torch.randn(length, 2, 32, dtype=torch.float64)
+    pad = torch.zeros(2, length, dtype=torch.bool)
+    pad[1, -9:] = True
+    blocked = _run_counting(attn, x, key_padding_mask=pad)
+    attn.BLOCKED_FROM = length + 1  # one block: the whole matrix with its future half masked
+    assert attn.query_blocks(length) == [(0, length)]
+    full = _run_counting(attn, x, key_padding_mask=pad)
+    for got, want in zip(blocked[:2], full[:2]):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    for got, want in zip(blocked[2], full[2]):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    assert torch.equal(blocked[3], full[3])
+    assert blocked[1].triu(1).abs().max() == 0  # nothing on the future
+
+
+def test_query_blocks_only_for_long_causal_self_attention():
+    assert FSEntmax15(32, 4, causal=True).query_blocks(127) == [(0, 127)]
+    assert len(FSEntmax15(32, 4, causal=True).query_blocks(4096)) == 8
+    assert FSEntmax15(32, 4).query_blocks(4096) == [(0, 4096)]  # noncausal: every query sees every key
+
+
+def test_causal_query_blocks_with_memory_equal_one_pass():
+    torch.manual_seed(0)
+    attn = FSEntmax15(32, 4, causal=True).double().eval()
+    attn.set_alibi()
+    x = torch.randn(400, 2, 32, dtype=torch.float64)
+    full = attn(x, x, x, need_weights=False)[0]
+    memory = {}
+    first = attn(x[:150], memory=memory, need_weights=False)[0]
+    second = attn(x[150:], memory=memory, need_weights=False)[0]  # 250 queries at offset 150: blocked
+    assert len(attn.query_blocks(250)) > 1
+    torch.testing.assert_close(torch.cat([first, second]), full, atol=1e-12, rtol=0)
+
+
 # -------------------------------------------------------------------------------------- models and logs
 def test_fluence_criterion_logs_alpha_always_and_density_in_validation():
     import fairseq_helpers as H
