@@ -25,7 +25,7 @@ Where the ``entmax`` package is wrong for attention, these functions are not:
 Backward is analytic (the entmax Jacobian, :func:`_entmax_backward`), including the gradient with respect to α
 (Correia et al. 2019, Proposition 1), reduced to α's shape so a per-head α of shape ``(1, H, 1, 1)`` works.
 """
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -57,7 +57,8 @@ def _shifted(x: Tensor, mask: Optional[Tensor], scale: Union[float, Tensor]):
 
 def _newton_step(u: Tensor, tau: Tensor, beta: Union[float, Tensor], d: Tensor, work: Tensor) -> Tensor:
     """One Newton step on g(τ) = ||[u - τ]_+||_β - 1 for rows ``u`` (R, n) at ``tau`` (R, 1), using the buffers
-    ``d`` and ``work`` (R, n). Rows without entries (slope 0) get step 0; the caller zeroes them."""
+    ``d`` and ``work`` (R, n). Rows without entries (slope 0) get step 0; the caller zeroes them. For β other than
+    1 and 2, ``work`` is left holding ``[u - τ]_+ ^ β``: the unnormalised output if τ is the root."""
     torch.sub(u, tau, out=d).clamp_(min=0)
     if isinstance(beta, float) and beta == 1.0:  # sparsemax: g = sum(d) - 1, g' = -|support|
         total = d.sum(-1, keepdim=True)
@@ -70,14 +71,18 @@ def _newton_step(u: Tensor, tau: Tensor, beta: Union[float, Tensor], d: Tensor, 
     else:  # N = sum d^β, Q = sum d^(β-1): step = (N - N^(1 - 1/β)) / Q
         powers = torch.pow(d, beta, out=work)  # the one transcendental pass; d^(β-1) = d^β / d (0 at d = 0)
         power_sum = powers.sum(-1, keepdim=True)
-        slope = powers.div_(d.clamp_(min=torch.finfo(u.dtype).tiny)).sum(-1, keepdim=True)
+        slope = torch.div(powers, d.clamp_(min=torch.finfo(u.dtype).tiny), out=d).sum(-1, keepdim=True)
         step = (power_sum - power_sum.pow(1 - 1 / beta)) / slope
     return torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _newton_threshold(u: Tensor, beta: Union[float, Tensor]) -> Tensor:
+def _newton_threshold(u: Tensor, beta: Union[float, Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
     """τ with ``sum([u - τ]_+ ^ β) = 1`` for β >= 1, by Newton's method on the β-norm (see the module docstring).
     ``u`` has its row max at 0 (or is all -inf).
+
+    Returns τ and, for β other than 1 and 2, ``[u - τ]_+ ^ β`` (a fresh tensor shaped like ``u``; None if the
+    step cap was reached): a row stops at the τ whose step fell below the tolerance, and that step's powers are
+    the output, so no power pass follows the search.
 
     Rows converge after different numbers of steps (most within one or two of each other); once fewer than
     :data:`COMPACT_BELOW` of the rows still move, the steps run on a gathered copy of those rows only, so the last
@@ -85,32 +90,44 @@ def _newton_threshold(u: Tensor, beta: Union[float, Tensor]) -> Tensor:
     n = u.size(-1)
     rows = u.reshape(-1, n)
     tau = torch.full((rows.size(0), 1), -1.0, dtype=u.dtype, device=u.device)
+    general = not (isinstance(beta, float) and beta in (1.0, 2.0))
     if not isinstance(beta, float):
         beta = beta.expand(u.shape[:-1] + (1,)).reshape(-1, 1)
     tol = 4 * torch.finfo(u.dtype).eps
     # two work buffers reused by every step: fresh full-size tensors would be page-faulted in at every step
     d_buffer, work_buffer = torch.empty_like(rows), torch.empty_like(rows)
     active: Optional[Tensor] = None  # indices of the rows still iterated; None = all rows, in place
+    compacted_powers: Optional[Tensor] = None  # general β: work_buffer keeps every stopped row's powers
+    converged = False
     for _ in range(MAX_NEWTON_STEPS):
         if active is None:
             step = _newton_step(rows, tau, beta, d_buffer, work_buffer)
-            tau += step
-            new_tau = tau
+            current = tau
         else:
             k = active.numel()
             row_beta = beta if isinstance(beta, float) else beta.index_select(0, active)
-            new_tau = tau.index_select(0, active)
-            step = _newton_step(rows.index_select(0, active), new_tau, row_beta, d_buffer[:k], work_buffer[:k])
-            new_tau += step
-            tau.index_copy_(0, active, new_tau)
-        moving = (step.abs() > tol * (1 + new_tau.abs())).view(-1)
+            current = tau.index_select(0, active)
+            if general and compacted_powers is None:
+                compacted_powers = torch.empty_like(d_buffer[:k])
+            work = compacted_powers[:k] if general else work_buffer[:k]
+            step = _newton_step(rows.index_select(0, active), current, row_beta, d_buffer[:k], work)
+        moving = step.abs() > tol * (1 + current.abs())
+        current.add_(step.mul_(moving))  # a row that stops keeps the τ its powers were taken at
+        if active is not None:
+            tau.index_copy_(0, active, current)
+            stopped = ~moving.view(-1)
+            if general and bool(stopped.any()):
+                work_buffer.index_copy_(0, active[stopped], work[stopped])
+        moving = moving.view(-1)
         count = int(moving.sum())
         if count == 0:
+            converged = True
             break
         if count < COMPACT_BELOW * moving.numel():
             positions = moving.nonzero().view(-1)
             active = positions if active is None else active.index_select(0, positions)
-    return tau.view(u.shape[:-1] + (1,))
+    powers = work_buffer.view(u.shape) if general and converged else None
+    return tau.view(u.shape[:-1] + (1,)), powers
 
 
 def _bisection_threshold(u: Tensor, alpha_minus_one: Union[float, Tensor], beta: Union[float, Tensor]) -> Tensor:
@@ -142,14 +159,19 @@ def _entmax_forward(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tenso
     alpha_minus_one = alpha - 1
     beta = 1 / alpha_minus_one
     u, has_entries = _shifted(x, mask, alpha_minus_one)
-    tau = _bisection_threshold(u, alpha_minus_one, beta) if large else _newton_threshold(u, beta)
-    d = u.sub_(tau).clamp_(min=0)  # u is ours (a fresh tensor from _shifted): reuse its memory
+    if large:
+        tau, d = _bisection_threshold(u, alpha_minus_one, beta), None
+    else:
+        tau, d = _newton_threshold(u, beta)
+    if d is None:
+        d = u.sub_(tau).clamp_(min=0)  # u is ours (a fresh tensor from _shifted): reuse its memory
+        if isinstance(beta, float) and beta == 2.0:
+            d.square_()
+        elif not (isinstance(beta, float) and beta == 1.0):
+            d.pow_(beta)
+    del u
     tiny = torch.finfo(d.dtype).tiny
     # τ is exact up to rounding; renormalising removes the last ulps (rows without entries: 0 / tiny = 0)
-    if isinstance(beta, float) and beta == 2.0:
-        d.square_()
-    elif not (isinstance(beta, float) and beta == 1.0):
-        d.pow_(beta)
     d.div_(d.sum(-1, keepdim=True).clamp_(min=tiny))
     return d.mul_(has_entries)
 
