@@ -40,33 +40,57 @@ def orthogonal_gaussian_projection(heads: int, features: int, head_dim: int,
     return rows * norms
 
 
-class _Logits(torch.autograd.Function):
-    """``x W^T`` for x (B, H, L, Dh) and W (H, m, Dh). ``torch.matmul`` on a strided heads view saves a
-    contiguous full-length copy of ``x`` for backward; this keeps ``x`` only where W needs a gradient (the
-    projection is a buffer: it does not), and writes the gradient of ``x`` in its layout, a block at a time."""
+class _PositiveFeatures(torch.autograd.Function):
+    """FAVOR+ features of ``x`` (B, H, L, Dh) for a projection ``W`` (H, m, Dh): the logits ``l = x Wᵀ`` (minus
+    ``norm_coef |x|²`` for keys), the features ``exp(l - max l) + eps`` (B, H, L, m) and their log scale
+    ``max l`` (B, H, L), with the exact gradient of both (the max included).
+
+    Autograd on the plain expression keeps, per side, the logits (for the max), the exponential (the features
+    before the epsilon) and a contiguous copy of the strided heads view of ``x`` (for the product). This keeps only
+    the features (linear attention saves the very same tensor), the argmax (one index per row) and ``x`` where a
+    gradient needs it (keys: ``|x|²``; the projection is a buffer and gets none), and writes the gradient of ``x``
+    in its layout, a block at a time."""
 
     BLOCK = 1024
 
     @staticmethod
-    def forward(ctx, x, w):
-        ctx.save_for_backward(x if w.requires_grad else None, w)
+    def forward(ctx, x, w, norm_coef: float, eps: float):
+        logits = torch.matmul(x, w.transpose(-1, -2).unsqueeze(0))
+        if norm_coef:
+            logits.sub_(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().mul_(norm_coef))
+        scale, argmax = logits.max(-1, keepdim=True)
+        features = logits.sub_(scale).exp_().add_(eps)
+        keep_x = bool(norm_coef) or w.requires_grad
+        ctx.save_for_backward(features, argmax, w, x if keep_x else None)
         # the layout empty_like would give x (its own strides if dense), remembered without keeping x alive
         meta = torch.empty_like(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta"))
         ctx.x_layout = (meta.shape, meta.stride(), x.dtype, x.device)
-        return torch.matmul(x, w.transpose(-1, -2).unsqueeze(0))
+        ctx.norm_coef, ctx.eps = norm_coef, eps
+        return features, scale.squeeze(-1)
 
     @staticmethod
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
+    def backward(ctx, g_features, g_scale):
+        features, argmax, w, x = ctx.saved_tensors
+        g_logits = (features - ctx.eps).mul_(g_features)  # d features / d logits = exp(l - max l)
+        # the max enters every feature (minus) and the scale (plus); its gradient goes to the argmax
+        g_max = g_logits.sum(-1, keepdim=True).neg_()
+        if g_scale is not None:
+            g_max.add_(g_scale.unsqueeze(-1))
+        g_logits.scatter_add_(-1, argmax, g_max)
         gx = gw = None
         if ctx.needs_input_grad[0]:
             shape, stride, dtype, device = ctx.x_layout
             gx = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-            for lo in range(0, g.size(2), _Logits.BLOCK):
-                gx[:, :, lo : lo + _Logits.BLOCK] = torch.matmul(g[:, :, lo : lo + _Logits.BLOCK], w.unsqueeze(0))
+            row_sums = g_logits.sum(-1, keepdim=True) if ctx.norm_coef else None
+            for lo in range(0, g_logits.size(2), _PositiveFeatures.BLOCK):
+                rows = slice(lo, lo + _PositiveFeatures.BLOCK)
+                block = torch.matmul(g_logits[:, :, rows], w.unsqueeze(0))
+                if row_sums is not None:  # d(-c |x|²)/dx = -2c x, once per feature
+                    block.sub_(x[:, :, rows] * row_sums[:, :, rows].mul(2 * ctx.norm_coef))
+                gx[:, :, rows] = block
         if ctx.needs_input_grad[1]:
-            gw = torch.matmul(g.transpose(-1, -2), x).sum(0)
-        return gx, gw
+            gw = torch.matmul(g_logits.transpose(-1, -2), x).sum(0)
+        return gx, gw, None, None
 
 
 class PerformerAttention(FluenceAttention):
@@ -170,27 +194,25 @@ class PerformerAttention(FluenceAttention):
         old = self.projection
         self.projection = self._draw().to(device=old.device, dtype=old.dtype)
 
-    def _logits(self, x: Tensor) -> Tensor:
-        """(B, H, L, Dh) -> (W x' (B, H, L, m) in float32 or wider, x in that dtype), with x' = x d^-1/4.
+    def _features(self, x: Tensor, keys: bool):
+        """(B, H, L, Dh) -> (features (B, H, L, m) relative to each row's largest one, log of that largest one
+        (B, H, L)) in float32 or wider, for ``x' = x d^-1/4``: ``exp(W x' - |x'|^2 / 2)`` for keys,
+        ``exp(W x')`` for queries (``exp(-|q'|^2 / 2)`` is a per-query factor and cancels in num / den).
 
         The scale d^-1/4 goes into the (small) projection, so no scaled copy of ``x`` is made and kept."""
         work = torch.promote_types(x.dtype, torch.float32)
-        x = x.to(work)
         projection = self.projection.to(work) * self.head_dim ** -0.25
-        return _Logits.apply(x, projection), x
+        # |x'|^2 / 2 = |x|^2 / (2 sqrt(d))
+        norm_coef = 0.5 * self.head_dim ** -0.5 if keys else 0.0
+        return _PositiveFeatures.apply(x.to(work), projection, norm_coef, FEATURE_EPS)
 
     def query_features(self, q: Tensor) -> Tensor:
-        # exp(-|q'|^2/2) and the division by the maximum are per-query factors: they cancel in num / den
-        logits, _ = self._logits(q)
-        return torch.exp(logits - logits.amax(-1, keepdim=True)) + FEATURE_EPS
+        # dividing by the maximum is a per-query factor as well (it cancels up to the epsilon)
+        return self._features(q, keys=False)[0]
 
     def key_features(self, k: Tensor):
         """(features relative to each key's largest one, log of that largest one (B, H, S))."""
-        logits, x = self._logits(k)
-        # |x'|^2 / 2 = |x|^2 / (2 sqrt(d))
-        logits = logits - (0.5 * self.head_dim ** -0.5) * x.pow(2).sum(-1, keepdim=True)
-        scale = logits.amax(-1, keepdim=True)
-        return torch.exp(logits - scale) + FEATURE_EPS, scale.squeeze(-1)
+        return self._features(k, keys=True)
 
     # ----------------------------------------------------------------------------------------------- math
     def forward(self, *args, **kwargs):

@@ -201,3 +201,38 @@ def test_groups_of_positions_change_nothing(monkeypatch, causal):
 
     for a, b in zip(run(3), run(1024)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("keys", [False, True])
+def test_feature_map_gradient_is_exact_at_the_max_and_through_the_scale(keys):
+    """The fused feature function keeps neither the logits nor the exponential; its gradient must still be the
+    exact one, including the row max (which moves the argmax logit) and, for keys, |x|² and the log scale."""
+    from fluence_fairseq.modules.performer import _PositiveFeatures
+
+    gen = torch.Generator().manual_seed(0)
+    # a strided heads view, as the attention passes it
+    x = torch.randn(5, 2, 3, 4, generator=gen, dtype=torch.float64).permute(1, 2, 0, 3).requires_grad_()
+    w = torch.randn(3, 6, 4, generator=gen, dtype=torch.float64)
+    coef = 0.25 if keys else 0.0
+
+    def fused(x):
+        features, scale = _PositiveFeatures.apply(x, w, coef, FEATURE_EPS)
+        return features, scale
+
+    def plain(x):
+        logits = torch.matmul(x, w.transpose(-1, -2).unsqueeze(0)) - coef * x.pow(2).sum(-1, keepdim=True)
+        scale = logits.amax(-1, keepdim=True)
+        return torch.exp(logits - scale) + FEATURE_EPS, scale.squeeze(-1)
+
+    assert torch.autograd.gradcheck(fused, (x,))
+    weights = torch.randn(2, 3, 5, 6, generator=gen, dtype=torch.float64), torch.randn(2, 3, 5, generator=gen,
+                                                                                       dtype=torch.float64)
+    grads = []
+    for fn in (fused, plain):
+        features, scale = fn(x)
+        (features * weights[0]).sum().add((scale * weights[1]).sum()).backward()
+        grads.append(x.grad)
+        x.grad = None
+        torch.testing.assert_close(features, plain(x)[0].detach(), atol=1e-14, rtol=0)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-12, rtol=0)
+    assert grads[0].stride() == x.stride()  # written in the layout of the heads view
