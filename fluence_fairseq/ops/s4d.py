@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["discretize", "kernel_factors", "s4d_kernel", "two_sided_kernel", "fft_size", "s4d_conv", "ssm_chunk_step"]
 
@@ -242,7 +243,12 @@ def s4d_conv(u: Tensor, dta: Tensor, dc: Tensor, d: Tensor, *, activation: bool 
     n = fft_size(length) if n is None else n
     if n < 2 * length - 1:
         raise ValueError(f"FFT size {n} is too small for a linear convolution of length {length}; need >= {2 * length - 1}")
-    left, right = kernel_factors(dta, dc, length)
+    if torch.is_grad_enabled() and (dta.requires_grad or dc.requires_grad):
+        # the factors' exponentials (two (dirs, C, N2, sqrt L) complex tensors, 11 MiB at L = 8192 and C = 512) are
+        # recomputed in backward from the small dta and dc instead of being kept
+        left, right = checkpoint(kernel_factors, dta, dc, length, use_reentrant=False)
+    else:
+        left, right = kernel_factors(dta, dc, length)
     dtype = torch.promote_types(torch.promote_types(u.dtype, left.dtype), torch.float32)
     out = _S4DConv.apply(u.to(dtype), left.to(dtype), right.to(dtype), d.to(dtype), n, activation)
     return out.to(u.dtype)
