@@ -40,6 +40,15 @@ def orthogonal_gaussian_projection(heads: int, features: int, head_dim: int,
     return rows * norms
 
 
+def _positive_features(x: Tensor, w: Tensor, norm_coef: float, eps: float):
+    """(features, log scale (B, H, L, 1), argmax (B, H, L, 1)); see :class:`_PositiveFeatures`."""
+    logits = torch.matmul(x, w.transpose(-1, -2).unsqueeze(0))
+    if norm_coef:
+        logits.sub_(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().mul_(norm_coef))
+    scale, argmax = logits.max(-1, keepdim=True)
+    return logits.sub_(scale).exp_().add_(eps), scale, argmax
+
+
 class _PositiveFeatures(torch.autograd.Function):
     """FAVOR+ features of ``x`` (B, H, L, Dh) for a projection ``W`` (H, m, Dh): the logits ``l = x Wᵀ`` (minus
     ``norm_coef |x|²`` for keys), the features ``exp(l - max l) + eps`` (B, H, L, m) and their log scale
@@ -55,11 +64,7 @@ class _PositiveFeatures(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, norm_coef: float, eps: float):
-        logits = torch.matmul(x, w.transpose(-1, -2).unsqueeze(0))
-        if norm_coef:
-            logits.sub_(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().mul_(norm_coef))
-        scale, argmax = logits.max(-1, keepdim=True)
-        features = logits.sub_(scale).exp_().add_(eps)
+        features, scale, argmax = _positive_features(x, w, norm_coef, eps)
         keep_x = bool(norm_coef) or w.requires_grad
         ctx.save_for_backward(features, argmax, w, x if keep_x else None)
         # the layout empty_like would give x (its own strides if dense), remembered without keeping x alive
@@ -204,7 +209,11 @@ class PerformerAttention(FluenceAttention):
         projection = self.projection.to(work) * self.head_dim ** -0.25
         # |x'|^2 / 2 = |x|^2 / (2 sqrt(d))
         norm_coef = 0.5 * self.head_dim ** -0.5 if keys else 0.0
-        return _PositiveFeatures.apply(x.to(work), projection, norm_coef, FEATURE_EPS)
+        if torch.is_grad_enabled() and (x.requires_grad or projection.requires_grad):
+            return _PositiveFeatures.apply(x.to(work), projection, norm_coef, FEATURE_EPS)
+        with torch.no_grad():  # decoding and evaluation: the same arithmetic without the autograd function
+            features, scale, _ = _positive_features(x.to(work), projection, norm_coef, FEATURE_EPS)
+        return features, scale.squeeze(-1)
 
     def query_features(self, q: Tensor) -> Tensor:
         # dividing by the maximum is a per-query factor as well (it cancels up to the epsilon)
