@@ -7,7 +7,8 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.abc import ABCState, attend_slots, causal_abc, causal_abc_dense, noncausal_abc, slot_memory
+from ..ops.abc import (ABCState, attend_slots, attend_slots_in_layout, causal_abc, causal_abc_dense,
+                       compressed_slots, noncausal_abc, slot_memory)
 from .attention_base import FluenceAttention, fsmha
 from ..flag_types import IntRange
 from .spec import AttentionOption, AttentionSpec, check_int
@@ -128,6 +129,12 @@ class ABCAttention(FluenceAttention):
         return self.dropout_module.p if self.training else 0.0
 
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
+        if not self.causal and not need_weights:
+            k_slots = compressed_slots(k, self.compress_k, key_padding_mask)
+            v_slots = compressed_slots(v, self.compress_v, key_padding_mask)
+            if self._dropout_p() == 0.0:
+                return attend_slots_in_layout(q, k_slots, v_slots), None
+            return attend_slots(q, k_slots, v_slots, dropout_p=self._dropout_p())[0], None
         alpha_k, alpha_v = self._slot_scores(k, v, key_padding_mask)
         if not self.causal:
             return noncausal_abc(q, k, v, alpha_k, alpha_v, dropout_p=self._dropout_p(), need_weights=need_weights)

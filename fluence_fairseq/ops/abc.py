@@ -42,7 +42,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
-    "ABCState", "empty_state", "slot_memory", "attend_slots", "noncausal_abc", "causal_abc", "causal_abc_dense",
+    "ABCState", "empty_state", "slot_memory", "compressed_slots", "attend_slots_in_layout", "attend_slots", "noncausal_abc", "causal_abc", "causal_abc_dense",
 ]
 
 
@@ -91,6 +91,105 @@ def attend_slots(q: Tensor, k_slots: Tensor, v_slots: Tensor, *, dropout_p: floa
     if dropout_p > 0.0:
         probs = F.dropout(probs, dropout_p, training=True)
     return torch.matmul(probs, v_slots), probs
+
+
+class _CompressedSlots(torch.autograd.Function):
+    """Slots ``softmax_j(x_j W)^T x`` (B, H, r, d) of x (B, H, L, d) for a shared W (d, r); padded keys (``pad``
+    (B, L) True) get score ``finfo.min``. Keeps only x (a view of the projection's output, kept anyway), W and
+    the mask: the (L, r) probabilities are recomputed in backward, and the gradient of x, which x reaches through
+    both the scores and the average, is written once, in the layout of the projections (L, B, H, d), instead of
+    as two full-size pieces and their sum."""
+
+    BLOCK = 1024
+
+    @staticmethod
+    def _probs(x, weight, pad):
+        # in (L, B, H, d) order, where the projected heads are contiguous: no copy of x
+        scores = torch.matmul(x.permute(2, 0, 1, 3), weight).permute(1, 2, 0, 3)
+        if pad is not None:
+            scores = scores.masked_fill(pad.view(pad.size(0), 1, -1, 1), torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-2)
+
+    @staticmethod
+    def forward(ctx, x, weight, pad):
+        probs = _CompressedSlots._probs(x, weight, pad)
+        ctx.save_for_backward(x, weight, pad)
+        return torch.matmul(probs.transpose(-1, -2), x)
+
+    @staticmethod
+    def backward(ctx, g_slots):
+        x, weight, pad = ctx.saved_tensors
+        probs = _CompressedSlots._probs(x, weight, pad)
+        g_probs = torch.matmul(x, g_slots.transpose(-1, -2))  # (B, H, L, r)
+        g_scores = g_probs.sub_((probs * g_probs).sum(-2, keepdim=True)).mul_(probs)  # softmax over the keys
+        if pad is not None:
+            g_scores.masked_fill_(pad.view(pad.size(0), 1, -1, 1), 0.0)
+        g_scores = g_scores.permute(2, 0, 1, 3).contiguous()  # (L, B, H, r)
+        g_weight = None
+        if ctx.needs_input_grad[1]:
+            g_weight = torch.matmul(x.permute(2, 0, 1, 3).reshape(-1, x.size(-1)).t(), g_scores.view(-1, weight.size(1)))
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.matmul(g_scores, weight.t().to(g_scores.dtype)).permute(1, 2, 0, 3)  # (L, B, H, d) storage
+            for lo in range(0, x.size(2), _CompressedSlots.BLOCK):
+                rows = slice(lo, lo + _CompressedSlots.BLOCK)
+                gx[:, :, rows] += torch.matmul(probs[:, :, rows], g_slots)
+        return gx, g_weight, None
+
+
+class _AttendSlotsInLayout(torch.autograd.Function):
+    """:func:`attend_slots` without dropout, whose output and query gradient are written straight into tensors
+    laid out like the projections (L, B, H, d), so neither the output's way back to (L, B, D) nor the query
+    gradient's needs a full-size copy. Keeps only q (a view of the projection's output) and the slots; the slot
+    probabilities are recomputed in backward."""
+
+    @staticmethod
+    def _in_layout(like: Tensor) -> Tensor:
+        """An empty (B, H, L, d) tensor stored as (L, B, H, d)."""
+        bsz, heads, length, dim = like.shape
+        return like.new_empty(length, bsz, heads, dim).permute(1, 2, 0, 3)
+
+    @staticmethod
+    def _bmm_into(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        bsz, heads = out.shape[:2]
+        torch.bmm(a.reshape(bsz * heads, *a.shape[2:]), b.reshape(bsz * heads, *b.shape[2:]),
+                  out=out.reshape(bsz * heads, *out.shape[2:]))
+        return out
+
+    @staticmethod
+    def _probs(q, k_slots):
+        return torch.softmax(torch.matmul(q, k_slots.transpose(-1, -2)) * q.size(-1) ** -0.5, dim=-1)
+
+    @staticmethod
+    def forward(ctx, q, k_slots, v_slots):
+        probs = _AttendSlotsInLayout._probs(q, k_slots)
+        out = _AttendSlotsInLayout._bmm_into(_AttendSlotsInLayout._in_layout(q), probs, v_slots)
+        ctx.save_for_backward(q, k_slots, v_slots)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        q, k_slots, v_slots = ctx.saved_tensors
+        probs = _AttendSlotsInLayout._probs(q, k_slots)  # (L, r): cheaper to recompute than to keep
+        scale = q.size(-1) ** -0.5
+        g_probs = torch.matmul(g_out, v_slots.transpose(-1, -2))
+        g_v_slots = torch.matmul(probs.transpose(-1, -2), g_out)
+        g_scores = g_probs.sub_((g_probs * probs).sum(-1, keepdim=True)).mul_(probs).mul_(scale)
+        g_k_slots = torch.matmul(g_scores.transpose(-1, -2), q)
+        g_q = _AttendSlotsInLayout._bmm_into(_AttendSlotsInLayout._in_layout(q), g_scores, k_slots)
+        return g_q, g_k_slots, g_v_slots
+
+
+def attend_slots_in_layout(q: Tensor, k_slots: Tensor, v_slots: Tensor) -> Tensor:
+    """:func:`attend_slots` without dropout or probabilities returned, output stored as (L, B, H, d)."""
+    return _AttendSlotsInLayout.apply(q, k_slots, v_slots)
+
+
+def compressed_slots(x: Tensor, weight: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    """The r noncausal memory slots of x (B, H, L, d) scored by ``x W`` (W (d, r), shared by the heads):
+    ``softmax_j(x_j W)^T x`` (B, H, r, d), padded keys left out. Equal to :func:`slot_memory` with the scores
+    ``x W``, at the memory cost of x alone (see :class:`_CompressedSlots`)."""
+    return _CompressedSlots.apply(x, weight.to(x.dtype), key_padding_mask)
 
 
 def noncausal_abc(

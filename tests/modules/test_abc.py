@@ -286,3 +286,46 @@ def test_registry_and_parameters():
     bound = 2 ** -0.5 * (6 / (8 + 16)) ** 0.5  # Xavier-uniform with gain 2^-1/2 on (head_dim, r)
     default = FSABC(32, 4)
     assert default.compress_v.abs().max() <= bound and default.compress_k.std() > bound / 4
+
+
+def test_compressed_slots_and_slot_attention_in_layout_match_plain_autograd():
+    """The noncausal training path's two functions (slots scored by x W, and attention over the slots written in
+    the projections' layout) keep less for backward; their values and gradients must be those of the plain
+    expressions, with padding, a fully padded row and strided heads views as the attention passes them."""
+    from fluence_fairseq.ops.abc import attend_slots, attend_slots_in_layout, compressed_slots, slot_memory
+
+    gen = torch.Generator().manual_seed(0)
+    bsz, heads, length, dim, slots = 2, 3, 7, 4, 5
+
+    def heads_view(seed):  # (L, B, H*d) projection output -> (B, H, L, d) view
+        t = torch.randn(length, bsz, heads * dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return t.view(length, bsz, heads, dim).permute(1, 2, 0, 3).requires_grad_()
+
+    q, k, v = heads_view(1), heads_view(2), heads_view(3)
+    w_k = torch.randn(dim, slots, generator=gen, dtype=torch.float64, requires_grad=True)
+    w_v = torch.randn(dim, slots, generator=gen, dtype=torch.float64, requires_grad=True)
+    pad = torch.zeros(bsz, length, dtype=torch.bool)
+    pad[1, 4:] = True
+
+    def fused(q, k, v, w_k, w_v):
+        return attend_slots_in_layout(q, compressed_slots(k, w_k, pad), compressed_slots(v, w_v, pad))
+
+    def plain(q, k, v, w_k, w_v):
+        low = torch.finfo(torch.float64).min
+        a_k = torch.matmul(k, w_k).masked_fill(pad.view(bsz, 1, length, 1), low)
+        a_v = torch.matmul(v, w_v).masked_fill(pad.view(bsz, 1, length, 1), low)
+        return attend_slots(q, *slot_memory(k, v, a_k, a_v))[0]
+
+    inputs = (q, k, v, w_k, w_v)
+    out = fused(*inputs)
+    torch.testing.assert_close(out, plain(*inputs), atol=1e-12, rtol=0)
+    assert out.permute(2, 0, 1, 3).is_contiguous()  # stored as (L, B, H, d): the way back to (L, B, D) is a view
+    assert torch.autograd.gradcheck(fused, inputs)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    grads = [torch.autograd.grad(fn(*inputs), inputs, g) for fn in (fused, plain)]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    assert grads[0][0].permute(2, 0, 1, 3).is_contiguous() and grads[0][1].permute(2, 0, 1, 3).is_contiguous()
+    all_padded = torch.ones(bsz, length, dtype=torch.bool)  # no key at all: uniform slots, finite gradients
+    grads = torch.autograd.grad(compressed_slots(k, w_k, all_padded).sum(), (k, w_k))
+    assert all(bool(t.isfinite().all()) for t in grads)
