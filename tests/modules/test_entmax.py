@@ -244,6 +244,20 @@ def test_causal_query_blocks_equal_the_full_pass(cls):
     assert blocked[1].triu(1).abs().max() == 0  # nothing on the future
 
 
+def test_causal_query_blocks_slice_an_additive_attn_mask():
+    torch.manual_seed(0)
+    attn = FSEntmax15(32, 4, causal=True).double()
+    length = 200
+    x = torch.randn(length, 2, 32, dtype=torch.float64)
+    bias = torch.randn(length, length, dtype=torch.float64)
+    bias[torch.rand(length, length) < 0.1] = float("-inf")  # hard-masked keys too
+    blocked = attn(x, x, x, attn_mask=bias, need_weights=True)
+    attn.BLOCKED_FROM = length + 1
+    full = attn(x, x, x, attn_mask=bias, need_weights=True)
+    for got, want in zip(blocked, full):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
 def test_query_blocks_only_for_long_causal_self_attention():
     assert FSEntmax15(32, 4, causal=True).query_blocks(127) == [(0, 127)]
     assert len(FSEntmax15(32, 4, causal=True).query_blocks(4096)) == 8
