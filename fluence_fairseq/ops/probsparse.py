@@ -152,12 +152,20 @@ def probsparse_attention(
         value_mean = real_value_mean(v, key_padding_mask)
 
     q_top = q.gather(2, top.unsqueeze(-1).expand(-1, -1, -1, dim))
-    scores = torch.matmul(q_top * dim ** -0.5, k.transpose(-1, -2))  # (B, H, u, S)
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(key_padding_mask.view(bsz, 1, 1, src_len), torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=_acc(q.dtype)).to(q.dtype)
-    dropped = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
-    top_out = torch.matmul(dropped, v)
+    if need_weights or dropout_p > 0 or q.dtype != _acc(q.dtype):
+        scores = torch.matmul(q_top * dim ** -0.5, k.transpose(-1, -2))  # (B, H, u, S)
+        if key_padding_mask is not None:
+            scores = scores.masked_fill(key_padding_mask.view(bsz, 1, 1, src_len), torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=_acc(q.dtype)).to(q.dtype)
+        dropped = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
+        top_out = torch.matmul(dropped, v)
+    else:
+        # the same attention through the fused kernel, which keeps no (u, S) probabilities for backward
+        mask = None
+        if key_padding_mask is not None:
+            mask = torch.zeros(bsz, 1, 1, src_len, dtype=q.dtype, device=q.device).masked_fill(
+                key_padding_mask.view(bsz, 1, 1, src_len), torch.finfo(q.dtype).min)
+        top_out = F.scaled_dot_product_attention(q_top, k, v, attn_mask=mask)
     # queries picked only to fill the batch's u_max keep the mean, like every unselected query
     top_out = torch.where(chosen.unsqueeze(-1), top_out, value_mean)
     out = value_mean.expand(bsz, heads, tgt_len, dim).scatter(2, top.unsqueeze(-1).expand(-1, -1, -1, dim), top_out)

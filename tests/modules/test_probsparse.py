@@ -197,3 +197,25 @@ def test_single_query_decoding_step_is_exact_attention():
     got, _ = _decode(attn, x, src, [1] * 6, key_padding_mask=kpm)
     want = exact(query=x, key=src, value=src, key_padding_mask=kpm, need_weights=False)[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_fused_path_for_selected_queries_equals_the_explicit_one():
+    """Without weights or dropout the selected queries attend through the fused kernel (no (u, S) probabilities
+    kept for backward); outputs and gradients must equal the explicit softmax path's, with key padding."""
+    torch.manual_seed(0)
+    attn = FSProbSparse(E, HEADS, factor=2).double().eval()
+    x = torch.randn(40, B, E, dtype=torch.float64)
+    pad = torch.zeros(B, 40, dtype=torch.bool)
+    pad[1, 30:] = True
+    results = []
+    for need_weights in (False, True):  # True takes the explicit path
+        xx = x.clone().requires_grad_()
+        out = attn(xx, xx, xx, key_padding_mask=pad, need_weights=need_weights)[0]
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=torch.float64)).view_as(out))
+        results.append((out.detach(), xx.grad, [p.grad.clone() for p in attn.parameters()]))
+        attn.zero_grad()
+    (out_f, gx_f, gp_f), (out_e, gx_e, gp_e) = results
+    torch.testing.assert_close(out_f, out_e, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gx_f, gx_e, atol=1e-12, rtol=0)
+    for got, want in zip(gp_f, gp_e):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
