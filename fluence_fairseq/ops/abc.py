@@ -42,7 +42,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
-    "ABCState", "empty_state", "slot_memory", "compressed_slots", "attend_slots_in_layout", "attend_slots", "noncausal_abc", "causal_abc", "causal_abc_dense",
+    "ABCState", "empty_state", "slot_memory", "compressed_slots", "attend_slots", "attend_slots_in_layout",
+    "noncausal_abc", "causal_abc", "causal_abc_dense",
 ]
 
 
@@ -127,7 +128,8 @@ class _CompressedSlots(torch.autograd.Function):
         g_scores = g_scores.permute(2, 0, 1, 3).contiguous()  # (L, B, H, r)
         g_weight = None
         if ctx.needs_input_grad[1]:
-            g_weight = torch.matmul(x.permute(2, 0, 1, 3).reshape(-1, x.size(-1)).t(), g_scores.view(-1, weight.size(1)))
+            x_rows = x.permute(2, 0, 1, 3).reshape(-1, x.size(-1))  # a view for the projections' layout
+            g_weight = torch.matmul(x_rows.t(), g_scores.view(-1, weight.size(1)))
         gx = None
         if ctx.needs_input_grad[0]:
             gx = torch.matmul(g_scores, weight.t().to(g_scores.dtype)).permute(1, 2, 0, 3)  # (L, B, H, d) storage
