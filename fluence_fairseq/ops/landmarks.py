@@ -16,6 +16,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .abc import attend_slots_in_layout
 from .common import accumulation_dtype as _acc
 
 
@@ -154,6 +155,43 @@ def iterative_pinv(a: Tensor, iterations: int) -> Tensor:
     return z
 
 
+class _LandmarkSummary(torch.autograd.Function):
+    """``softmax(Q~ K^T s) V`` (B, H, m, D) for m landmark queries over the keys (padded keys left out), keeping
+    only Q~, K, V (views of the projections' outputs, kept anyway) and the mask: the (m, L) kernel is recomputed
+    in backward, and the key and value gradients are written in the projections' layout (L, B, H, D)."""
+
+    @staticmethod
+    def _kernel(q_lm, k, kpm):
+        scores = torch.matmul(q_lm * k.size(-1) ** -0.5, k.transpose(-1, -2))
+        return _masked_softmax(scores, kpm)
+
+    @staticmethod
+    def forward(ctx, q_lm, k, v, kpm):
+        ctx.save_for_backward(q_lm, k, v, kpm)
+        return torch.matmul(_LandmarkSummary._kernel(q_lm, k, kpm), v)
+
+    @staticmethod
+    def backward(ctx, g_out):
+        q_lm, k, v, kpm = ctx.saved_tensors
+        kernel = _LandmarkSummary._kernel(q_lm, k, kpm)  # (B, H, m, L)
+        bsz, heads, length, dim = k.shape
+
+        def in_layout(a, b):  # a @ b written into a (B, H, L, D) tensor stored as (L, B, H, D)
+            out = k.new_empty(length, bsz, heads, dim).permute(1, 2, 0, 3)
+            torch.bmm(a.reshape(bsz * heads, *a.shape[2:]), b.reshape(bsz * heads, *b.shape[2:]),
+                      out=out.reshape(bsz * heads, length, dim))
+            return out
+
+        g_v = in_layout(kernel.transpose(-1, -2), g_out)
+        g_kernel = torch.matmul(g_out, v.transpose(-1, -2))
+        g_scores = g_kernel.sub_((g_kernel * kernel).sum(-1, keepdim=True)).mul_(kernel).mul_(dim ** -0.5)
+        if kpm is not None:
+            g_scores.masked_fill_(kpm, 0.0)
+        g_q_lm = torch.matmul(g_scores, k)
+        g_k = in_layout(g_scores.transpose(-1, -2), q_lm)
+        return g_q_lm, g_k, g_v, None
+
+
 def nystrom_attention(
     q: Tensor,
     k: Tensor,
@@ -180,12 +218,18 @@ def nystrom_attention(
     def approx(key_padding_mask):
         q_lm = landmarks.means(q)
         k_lm_s = (k_lm * scale).transpose(-1, -2)  # scale the small factor, not the (L, D) one
-        kernel_1 = _masked_softmax(torch.matmul(q, k_lm_s), None)  # (B, H, L, m)
         kernel_2 = _masked_softmax(torch.matmul(q_lm, k_lm_s), None)  # (B, H, m, m)
         kpm = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-        kernel_3 = _masked_softmax(torch.matmul(q_lm * scale, k.transpose(-1, -2)), kpm)  # (B, H, m, L)
         pinv = iterative_pinv(kernel_2.to(_acc(q.dtype)), pinv_iterations).to(q.dtype)
-        out = torch.matmul(kernel_1, torch.matmul(pinv, torch.matmul(kernel_3, v)))
+        if not need_weights and q.dtype == _acc(q.dtype):
+            # both L-sized kernels are recomputed in backward and the gradients written in the projections' layout;
+            # softmax(Q K~^T s) rhs is softmax attention of the queries over m slots
+            rhs = torch.matmul(pinv, _LandmarkSummary.apply(q_lm, k, v, kpm))  # (B, H, m, D)
+            return attend_slots_in_layout(q, k_lm, rhs), None
+        kernel_3 = _masked_softmax(torch.matmul(q_lm * scale, k.transpose(-1, -2)), kpm)  # (B, H, m, L)
+        rhs = torch.matmul(pinv, torch.matmul(kernel_3, v))  # (B, H, m, D)
+        kernel_1 = _masked_softmax(torch.matmul(q, k_lm_s), None)  # (B, H, L, m)
+        out = torch.matmul(kernel_1, rhs)
         weights = torch.matmul(torch.matmul(kernel_1, pinv), kernel_3) if need_weights else None
         return out, weights
 
