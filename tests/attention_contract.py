@@ -409,6 +409,20 @@ class AttentionContract:
         return supported_patterns(self.case)
 
 
+def assert_weightless_path_matches_explicit(attn, x, key_padding_mask) -> None:
+    """Self attention of ``x`` (L, B, E, float64) with ``need_weights=False`` (the memory-lean training path) and
+    ``need_weights=True`` (the explicit one): equal outputs, input gradients and parameter gradients."""
+    results = []
+    for need_weights in (False, True):
+        xx = x.clone().requires_grad_()
+        out = attn(xx, xx, xx, key_padding_mask=key_padding_mask, need_weights=need_weights)[0]
+        out.backward(torch.sin(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
+        results.append([out.detach(), xx.grad] + [p.grad.clone() for p in attn.parameters()])
+        attn.zero_grad()
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
 def supported_patterns(case):
     """The (cross, causal) patterns the case's attention can be built for, in a stable order."""
     out = []

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from attention_contract import AttentionContract, Case
+from attention_contract import AttentionContract, Case, assert_weightless_path_matches_explicit
 from fluence_fairseq.modules import FSNystromAttention, FSSoftmax, NystromAttention
 from fluence_fairseq.ops.landmarks import iterative_pinv, segment_index
 
@@ -195,22 +195,9 @@ def test_training_path_equals_the_explicit_kernels():
     """Without weights (float32/64) both L-sized kernels are recomputed in backward and the gradients written in
     the projections' layout; outputs and gradients must equal the explicit path's (need_weights=True), with key
     padding."""
-    from fluence_fairseq.modules import FSNystromAttention
-
     torch.manual_seed(0)
     attn = FSNystromAttention(32, 4, num_landmarks=4).double()
     x = torch.randn(40, 2, 32, dtype=torch.float64)
     pad = torch.zeros(2, 40, dtype=torch.bool)
     pad[1, 29:] = True
-    results = []
-    for need_weights in (False, True):
-        xx = x.clone().requires_grad_()
-        out = attn(xx, xx, xx, key_padding_mask=pad, need_weights=need_weights)[0]
-        out.backward(torch.sin(torch.arange(out.numel(), dtype=torch.float64)).view_as(out))
-        results.append((out.detach(), xx.grad, [p.grad.clone() for p in attn.parameters()]))
-        attn.zero_grad()
-    (out_f, gx_f, gp_f), (out_e, gx_e, gp_e) = results
-    torch.testing.assert_close(out_f, out_e, atol=1e-12, rtol=0)
-    torch.testing.assert_close(gx_f, gx_e, atol=1e-12, rtol=0)
-    for got, want in zip(gp_f, gp_e):
-        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    assert_weightless_path_matches_explicit(attn, x, pad)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from attention_contract import B, E, _call, _decode, _randn
+from attention_contract import B, E, _call, _decode, _randn, assert_weightless_path_matches_explicit
 from fluence_fairseq.modules import FSProbSparse, FSSoftmax
 from fluence_fairseq.modules.attention_base import UnsupportedPatternError
 from fluence_fairseq.ops.probsparse import sample_keys
@@ -207,15 +207,4 @@ def test_fused_path_for_selected_queries_equals_the_explicit_one():
     x = torch.randn(40, B, E, dtype=torch.float64)
     pad = torch.zeros(B, 40, dtype=torch.bool)
     pad[1, 30:] = True
-    results = []
-    for need_weights in (False, True):  # True takes the explicit path
-        xx = x.clone().requires_grad_()
-        out = attn(xx, xx, xx, key_padding_mask=pad, need_weights=need_weights)[0]
-        out.backward(torch.cos(torch.arange(out.numel(), dtype=torch.float64)).view_as(out))
-        results.append((out.detach(), xx.grad, [p.grad.clone() for p in attn.parameters()]))
-        attn.zero_grad()
-    (out_f, gx_f, gp_f), (out_e, gx_e, gp_e) = results
-    torch.testing.assert_close(out_f, out_e, atol=1e-12, rtol=0)
-    torch.testing.assert_close(gx_f, gx_e, atol=1e-12, rtol=0)
-    for got, want in zip(gp_f, gp_e):
-        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    assert_weightless_path_matches_explicit(attn, x, pad)
