@@ -132,9 +132,10 @@ class ABCAttention(FluenceAttention):
         if not self.causal and not need_weights:
             k_slots = compressed_slots(k, self.compress_k, key_padding_mask)
             v_slots = compressed_slots(v, self.compress_v, key_padding_mask)
-            if self._dropout_p() == 0.0:
+            dropout_p = self._dropout_p()
+            if dropout_p == 0.0:
                 return attend_slots_in_layout(q, k_slots, v_slots), None
-            return attend_slots(q, k_slots, v_slots, dropout_p=self._dropout_p())[0], None
+            return attend_slots(q, k_slots, v_slots, dropout_p=dropout_p)[0], None
         alpha_k, alpha_v = self._slot_scores(k, v, key_padding_mask)
         if not self.causal:
             return noncausal_abc(q, k, v, alpha_k, alpha_v, dropout_p=self._dropout_p(), need_weights=need_weights)

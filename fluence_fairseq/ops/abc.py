@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .common import matmul_in_projection_layout
+
 __all__ = [
     "ABCState", "empty_state", "slot_memory", "compressed_slots", "attend_slots", "attend_slots_in_layout",
     "noncausal_abc", "causal_abc", "causal_abc_dense",
@@ -146,26 +148,13 @@ class _AttendSlotsInLayout(torch.autograd.Function):
     probabilities are recomputed in backward."""
 
     @staticmethod
-    def _in_layout(like: Tensor) -> Tensor:
-        """An empty (B, H, L, d) tensor stored as (L, B, H, d)."""
-        bsz, heads, length, dim = like.shape
-        return like.new_empty(length, bsz, heads, dim).permute(1, 2, 0, 3)
-
-    @staticmethod
-    def _bmm_into(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        bsz, heads = out.shape[:2]
-        torch.bmm(a.reshape(bsz * heads, *a.shape[2:]), b.reshape(bsz * heads, *b.shape[2:]),
-                  out=out.reshape(bsz * heads, *out.shape[2:]))
-        return out
-
-    @staticmethod
     def _probs(q, k_slots):
         return torch.softmax(torch.matmul(q, k_slots.transpose(-1, -2)) * q.size(-1) ** -0.5, dim=-1)
 
     @staticmethod
     def forward(ctx, q, k_slots, v_slots):
         probs = _AttendSlotsInLayout._probs(q, k_slots)
-        out = _AttendSlotsInLayout._bmm_into(_AttendSlotsInLayout._in_layout(q), probs, v_slots)
+        out = matmul_in_projection_layout(probs, v_slots)
         ctx.save_for_backward(q, k_slots, v_slots)
         return out
 
@@ -178,7 +167,7 @@ class _AttendSlotsInLayout(torch.autograd.Function):
         g_v_slots = torch.matmul(probs.transpose(-1, -2), g_out)
         g_scores = g_probs.sub_((g_probs * probs).sum(-1, keepdim=True)).mul_(probs).mul_(scale)
         g_k_slots = torch.matmul(g_scores.transpose(-1, -2), q)
-        g_q = _AttendSlotsInLayout._bmm_into(_AttendSlotsInLayout._in_layout(q), g_scores, k_slots)
+        g_q = matmul_in_projection_layout(g_scores, k_slots)
         return g_q, g_k_slots, g_v_slots
 
 

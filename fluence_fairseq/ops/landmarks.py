@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .abc import attend_slots_in_layout
-from .common import accumulation_dtype as _acc
+from .common import accumulation_dtype as _acc, matmul_in_projection_layout
 
 
 class Landmarks(NamedTuple):
@@ -174,21 +174,14 @@ class _LandmarkSummary(torch.autograd.Function):
     def backward(ctx, g_out):
         q_lm, k, v, kpm = ctx.saved_tensors
         kernel = _LandmarkSummary._kernel(q_lm, k, kpm)  # (B, H, m, L)
-        bsz, heads, length, dim = k.shape
-
-        def in_layout(a, b):  # a @ b written into a (B, H, L, D) tensor stored as (L, B, H, D)
-            out = k.new_empty(length, bsz, heads, dim).permute(1, 2, 0, 3)
-            torch.bmm(a.reshape(bsz * heads, *a.shape[2:]), b.reshape(bsz * heads, *b.shape[2:]),
-                      out=out.reshape(bsz * heads, length, dim))
-            return out
-
-        g_v = in_layout(kernel.transpose(-1, -2), g_out)
+        dim = k.size(-1)
+        g_v = matmul_in_projection_layout(kernel.transpose(-1, -2), g_out)
         g_kernel = torch.matmul(g_out, v.transpose(-1, -2))
         g_scores = g_kernel.sub_((g_kernel * kernel).sum(-1, keepdim=True)).mul_(kernel).mul_(dim ** -0.5)
         if kpm is not None:
             g_scores.masked_fill_(kpm, 0.0)
         g_q_lm = torch.matmul(g_scores, k)
-        g_k = in_layout(g_scores.transpose(-1, -2), q_lm)
+        g_k = matmul_in_projection_layout(g_scores.transpose(-1, -2), q_lm)
         return g_q_lm, g_k, g_v, None
 
 
