@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 SOURCES := setup.py $(shell find fluence_fairseq -name '*.py' 2>/dev/null)
 STAMP := $(VENV)/.installed
+# test processes (pytest-xdist), one per core of the 2-core CI machine; whole files go to one worker, so a file's
+# module fixtures are built once
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lm-demo docs bench bench-sparse bench-pruning bench-weights bench-memory gpu-wheels gpu-check install clean
 
@@ -22,7 +25,7 @@ $(STAMP): $(PY) $(SOURCES)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/translation/run.sh

@@ -20,7 +20,7 @@ setup(
         "matplotlib",
         "scikit-learn",  # k-means of the importance sampler (fairseq's sentence_prediction metrics use it too)
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "pytest-xdist"]},
     entry_points={
         "console_scripts": [
             "fluence-help=fluence_fairseq.cli.help:main",

@@ -1,5 +1,20 @@
 """Shared fixtures: tiny random character data binarised once per session for the fairseq CLI and DDP tests."""
+import os
+
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: a worker (and the fairseq commands it starts) then uses one thread,
+    # since OpenMP threads of several workers competing for the same cores stall each other
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
