@@ -1,0 +1,126 @@
+"""``python -m benchmarks.ab``: paired A/B of one attention's training step, the working tree against a git revision
+of the ``fluence_fairseq/ops`` modules it uses.
+
+On a shared machine whose speed drifts by 10-50% within minutes, two separate benchmark runs cannot tell a 10%
+change from the drift. Here one process builds the attention once and alternates training steps between the
+revision's copy of the named ops modules and the working tree's, so both sides of every pair see the same machine
+state; the report is the median of the per-pair ratios (new / old), with their range, and each side's median time::
+
+    python -m benchmarks.ab cosformer --opt cosformer_max_len=16384 --ops linear_attention --against HEAD~1
+    python -m benchmarks.ab longshort --ops longshort --pattern noncausal --length 4096 --pairs 10
+
+Only ops modules can be swapped (pure torch, imported by the attentions as module attributes): every name the
+attention modules import from them is pointed at the revision's function for the "old" steps. Threads: torch's
+default unless ``--threads``.
+"""
+import argparse
+import importlib
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import Dict, List, Tuple
+
+import torch
+
+from .attention import _key_values, _typed_options
+from .common import PATTERN_FLAGS, build_module, training_step
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_revision(ops_module: str, revision: str) -> ModuleType:
+    """``fluence_fairseq/ops/<ops_module>.py`` as it is at ``revision``, loaded as a sibling of the package's ops
+    modules (its relative imports resolve to the working tree's other ops modules)."""
+    path = f"fluence_fairseq/ops/{ops_module}.py"
+    try:
+        source = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise SystemExit(f"--against {revision}: cannot read {path} at that revision ({err}); give a revision of "
+                         "this git checkout that has the file") from err
+    tmp = Path(tempfile.mkdtemp()) / f"{ops_module}_at_revision.py"
+    tmp.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"fluence_fairseq.ops._ab_{ops_module}", tmp)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "fluence_fairseq.ops"
+    spec.loader.exec_module(module)
+    return module
+
+
+def bindings(new: ModuleType) -> List[Tuple[ModuleType, str]]:
+    """(importer, name) for every name an attention module took from ``new`` (``from ..ops.x import name``)."""
+    found = []
+    for importer in list(sys.modules.values()):
+        if importer is None or not getattr(importer, "__name__", "").startswith("fluence_fairseq.modules"):
+            continue
+        for name, value in vars(importer).items():
+            if callable(value) and getattr(new, name, None) is value and getattr(value, "__module__", "") == new.__name__:
+                found.append((importer, name))
+    return found
+
+
+def main(argv=None) -> Dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("attention", help="registered attention name")
+    parser.add_argument("--ops", required=True, help="comma-separated modules of fluence_fairseq/ops to swap")
+    parser.add_argument("--against", default="HEAD", help="git revision of the old side (default HEAD)")
+    parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="attention option")
+    parser.add_argument("--pattern", default="causal", choices=sorted(PATTERN_FLAGS))
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cross, causal = PATTERN_FLAGS[args.pattern]
+    options = _typed_options(args.attention, _key_values(args.opt, "--opt"))
+    torch.manual_seed(0)
+    module = build_module({"kind": "attention", "name": args.attention, "options": options}, args.dim, args.heads,
+                          cross, causal)
+    swaps = []
+    for name in args.ops.split(","):
+        try:
+            new = importlib.import_module(f"fluence_fairseq.ops.{name}")
+        except ModuleNotFoundError:
+            ops = sorted(p.stem for p in (REPO / "fluence_fairseq" / "ops").glob("*.py") if p.stem != "__init__")
+            raise SystemExit(f"--ops {name}: fluence_fairseq/ops has no such module; choose from {ops}") from None
+        old = load_revision(name, args.against)
+        found = bindings(new)
+        if not found:
+            raise SystemExit(f"--ops {name}: no attention module imports a function from fluence_fairseq.ops.{name}")
+        swaps += [(importer, attr, getattr(new, attr), getattr(old, attr)) for importer, attr in found]
+
+    def use(side: int) -> None:
+        for importer, attr, *fns in swaps:
+            setattr(importer, attr, fns[side])
+
+    step = training_step(module, args.dim, args.batch, args.length, args.length, cross, causal)
+    times = {0: [], 1: []}
+    for side in (1, 0):  # warm-up of both
+        use(side)
+        step()
+    for _ in range(args.pairs):
+        for side in (1, 0):
+            use(side)
+            times[side].append(step())
+    use(0)
+    ratios = [new / old for new, old in zip(times[0], times[1])]
+    result = {"ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+              "old_ms": statistics.median(times[1]) * 1e3, "new_ms": statistics.median(times[0]) * 1e3}
+    print(f"{args.attention} ({args.pattern}, L={args.length}, {torch.get_num_threads()} threads), working tree / "
+          f"{args.against} over {args.pairs} pairs: median {result['ratio_median']:.3f} (range "
+          f"{result['ratio_min']:.3f}-{result['ratio_max']:.3f}); medians {result['old_ms']:.0f} ms -> "
+          f"{result['new_ms']:.0f} ms")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""benchmarks.ab on tiny sizes: the revision's ops module is loaded and swapped in for the old side."""
+import math
+import subprocess
+
+import pytest
+
+from benchmarks import ab
+
+pytestmark = pytest.mark.skipif(
+    subprocess.run(["git", "rev-parse", "HEAD"], cwd=ab.REPO, capture_output=True).returncode != 0,
+    reason="needs a git checkout (the old side is read with git show)")
+
+
+def test_every_function_an_attention_imports_from_the_ops_module_is_swapped():
+    import fluence_fairseq.modules.cosformer as cosformer
+    import fluence_fairseq.modules.performer as performer
+    import fluence_fairseq.ops.linear_attention as new
+
+    found = {(importer.__name__, name) for importer, name in ab.bindings(new)}
+    assert ("fluence_fairseq.modules.cosformer", "causal_linear_attention") in found
+    assert ("fluence_fairseq.modules.performer", "linear_attention") in found
+    old = ab.load_revision("linear_attention", "HEAD")
+    assert old is not new and old.causal_linear_attention is not new.causal_linear_attention
+    assert cosformer.causal_linear_attention is new.causal_linear_attention  # nothing changed by looking
+    assert performer.linear_attention is new.linear_attention
+
+
+def test_paired_run_reports_ratios_and_restores_the_working_tree(capsys):
+    import fluence_fairseq.modules.cosformer as cosformer
+    import fluence_fairseq.ops.linear_attention as new
+
+    result = ab.main(["cosformer", "--ops", "linear_attention", "--length", "64", "--dim", "32", "--heads", "2",
+                      "--pairs", "2", "--threads", "1"])
+    assert result["ratio_min"] <= result["ratio_median"] <= result["ratio_max"]
+    assert all(math.isfinite(v) and v > 0 for v in result.values())
+    assert "working tree / HEAD over 2 pairs" in capsys.readouterr().out
+    assert cosformer.causal_linear_attention is new.causal_linear_attention
+
+
+def test_unknown_revision_and_module_are_refused_with_the_flag():
+    with pytest.raises(SystemExit, match="--against no-such-rev"):
+        ab.load_revision("linear_attention", "no-such-rev")
+    with pytest.raises(SystemExit, match=r"--ops linear: fluence_fairseq/ops has no such module; choose from .*'linear_attention'"):
+        ab.main(["cosformer", "--ops", "linear", "--length", "16", "--dim", "16", "--heads", "2", "--pairs", "1"])
