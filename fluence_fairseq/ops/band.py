@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import accumulation_dtype as _acc, relative_positions
+from .common import accumulation_dtype as _acc, fold_windows, relative_positions
 
 RelBias = Callable[[Tensor], Tensor]
 
@@ -260,12 +260,8 @@ class _BlockedBand(torch.autograd.Function):
             grad_s = grad_s.to(q.dtype)
             grad_q[:, :, g0:g1] = torch.matmul(grad_s, kw.transpose(-1, -2)) * scale
             grad_kw = torch.matmul(grad_s.transpose(-1, -2), qb[:, :, g0:g1])  # (B, H, G, kb, D); qb is scaled
-            count = g1 - g0
-            for grad_w, grad_buf in ((grad_kw, grad_kp), (grad_vw, grad_vp)):
-                grad_w = F.pad(grad_w, (0, 0, 0, pieces * bq - kb)).view(bsz, heads, count, pieces, bq, head_dim)
-                for t in range(pieces):
-                    rows = grad_buf[:, :, (g0 + t) * bq : (g1 + t) * bq]
-                    rows += grad_w[:, :, :, t].reshape(bsz, heads, count * bq, head_dim)
+            fold_windows(grad_kw, grad_kp, g0, bq)
+            fold_windows(grad_vw, grad_vp, g0, bq)
         src_len = k.size(2)
         grad_k = _unpad_keys(grad_kp[:, :, :length], start, src_len)
         grad_v = _unpad_keys(grad_vp[:, :, :length], start, src_len)

@@ -23,3 +23,25 @@ def matmul_in_projection_layout(a: Tensor, b: Tensor) -> Tensor:
     torch.bmm(a.reshape(bsz * heads, rows, -1), b.reshape(bsz * heads, *b.shape[2:]),
               out=out.reshape(bsz * heads, rows, b.size(-1)))
     return out
+
+
+def fold_windows(grad_windows: Tensor, grad_rows: Tensor, first_block: int, block: int) -> None:
+    """Add the gradients of overlapping key windows back onto the rows they were taken from, in place.
+
+    ``grad_windows`` (B, H, n, w, D): window ``b`` covers rows ``(first_block + b) * block ...`` of ``grad_rows``
+    (B, H, R, D), ``w`` rows each (consecutive windows overlap when ``w > block``). With fewer windows than
+    ``block``-row pieces per window, one add per window; otherwise one add per piece, each over every window at
+    once (piece ``t`` of consecutive windows covers consecutive rows). The fewer, larger adds win on CPU, where
+    each call costs tens of microseconds."""
+    bsz, heads, count, width, dim = grad_windows.shape
+    pieces = -(-width // block)
+    if count <= pieces:
+        for b in range(count):
+            start = (first_block + b) * block
+            grad_rows[:, :, start : start + width] += grad_windows[:, :, b]
+        return
+    padded = torch.nn.functional.pad(grad_windows, (0, 0, 0, pieces * block - width))
+    padded = padded.view(bsz, heads, count, pieces, block, dim)
+    for t in range(pieces):
+        start = (first_block + t) * block
+        grad_rows[:, :, start : start + count * block] += padded[:, :, :, t].reshape(bsz, heads, count * block, dim)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import accumulation_dtype as _acc
+from .common import accumulation_dtype as _acc, fold_windows
 
 __all__ = ["long_short_attention", "dense_joint_attention", "compress_chunks", "head_layer_norm"]
 
@@ -349,12 +349,9 @@ class _LongShort(torch.autograd.Function):
                     g_out.reshape(bsz, heads, rows, dim))
             hi = min(length, g1 * bq)
             grad_q[:, :, g0 * bq:hi] = (gq * scale).view(bsz, heads, rows, dim)[:, :, :hi - g0 * bq]
-            # fold each block's window gradient back onto the padded key rows one bq-row piece at a time: piece
-            # t of block b covers rows (b + t) * bq ..., and consecutive blocks' pieces are consecutive rows
-            for grad_w, grad_buf in ((grad_kw, grad_kp), (grad_vw, grad_vp)):
-                grad_w = F.pad(grad_w, (0, 0, 0, pieces * bq - kb)).view(bsz, heads, count, pieces, bq, dim)
-                for t in range(pieces):
-                    grad_buf[:, :, (g0 + t) * bq:(g1 + t) * bq] += grad_w[:, :, :, t].reshape(bsz, heads, rows, dim)
+            # each block's window gradient back onto the padded key rows it was taken from
+            fold_windows(grad_kw, grad_kp, g0, bq)
+            fold_windows(grad_vw, grad_vp, g0, bq)
         grad_kn = grad_kp[:, :, left:left + length]
         grad_vn = grad_vp[:, :, left:left + length]
         y_k, y_v = y_kp[:, :, left:left + length], y_vp[:, :, left:left + length]
