@@ -28,6 +28,9 @@ __all__ = [
 ALPHA_MIN, ALPHA_MAX = 1.01, 2.0
 #: --alpha-init: 'random' or a starting alpha (alpha = 1 + sigmoid(a) never reaches 2)
 ALPHA_INIT = NumberOrWord(FloatRange(ALPHA_MIN, ALPHA_MAX, hi_open=True), "random")
+#: --alpha-lr-scale: how much faster than the other weights α's pre-activation moves under Adam
+ALPHA_LR_SCALE = FloatRange(0.0, lo_open=True, meaning="1 = the paper; 20 moves alpha's pre-activation 20x faster "
+                            "under Adam")
 
 
 class EntmaxAttentionBase(FluenceAttention):
@@ -209,14 +212,20 @@ def parse_alpha_init(value) -> Union[float, str]:
 class AlphaEntmaxAttention(EntmaxAttentionBase):
     """α-entmax attention with one learned α per head (the *adaptively sparse transformer*, Correia et al. 2019).
 
-    Each head h has an unconstrained parameter ``pre_alpha[h]`` and uses ``α_h = clamp(1 + sigmoid(pre_alpha[h]),
-    1.01, 2)`` in every forward, so α stays in range however the optimizer moves the parameter (Fluence's
+    Each head h has an unconstrained parameter ``pre_alpha[h]`` and uses ``α_h = clamp(1 + sigmoid(s *
+    pre_alpha[h]), 1.01, 2)`` (``s = alpha_lr_scale``, 1 by default: the paper's parametrisation) in every forward, so α stays in range however the optimizer moves the parameter (Fluence's
     ``EntmaxAlpha`` applies the sigmoid once at construction and then trains α directly, which lets it leave
     (1, 2] and produce NaN). The gradient reaches α through the normaliser's analytic α-derivative.
 
     Args:
         alpha_init: ``"random"`` (the paper: ``pre_alpha ~ N(0, 1)``, so α starts between 1.01 and 2, mean 1.5)
             or one starting α in [1.01, 2) for every head.
+        alpha_lr_scale: ``s`` > 0. The same α at the start whatever ``s`` (``pre_alpha`` holds the pre-activation
+            divided by ``s``), but under Adam, whose steps do not depend on the gradient's scale, the pre-activation
+            ``s * pre_alpha`` moves ``s`` times as far per update: α's own learning rate, without optimizer
+            parameter groups. (Under plain SGD the factor is ``s**2``.) With the paper's sigmoid, α near 1.05
+            moves 20x slower than its pre-activation; at lr 2e-3 a head's α barely leaves its start in 1,000
+            updates (docs/sparse_attention.md).
 
     Example::
 
@@ -233,9 +242,11 @@ class AlphaEntmaxAttention(EntmaxAttentionBase):
     """
 
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, *, alpha_init="random", **kwargs):
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, *, alpha_init="random",
+                 alpha_lr_scale: float = 1.0, **kwargs):
         super().__init__(embed_dim, num_heads, dropout=dropout, **kwargs)
         self.alpha_init = parse_alpha_init(alpha_init)
+        self.alpha_lr_scale = ALPHA_LR_SCALE.check("alpha_lr_scale", alpha_lr_scale)
         self.pre_alpha = nn.Parameter(torch.empty(num_heads))
         self.reset_alpha()
 
@@ -244,11 +255,12 @@ class AlphaEntmaxAttention(EntmaxAttentionBase):
             if self.alpha_init == "random":
                 self.pre_alpha.normal_()
             else:
-                fraction = self.alpha_init - 1.0  # sigmoid(pre_alpha) = alpha - 1
+                fraction = self.alpha_init - 1.0  # sigmoid(pre-activation) = alpha - 1
                 self.pre_alpha.fill_(math.log(fraction / (1.0 - fraction)))
+            self.pre_alpha.div_(self.alpha_lr_scale)
 
     def alpha(self) -> Tensor:
-        return (1.0 + torch.sigmoid(self.pre_alpha)).clamp(ALPHA_MIN, ALPHA_MAX)
+        return (1.0 + torch.sigmoid(self.alpha_lr_scale * self.pre_alpha)).clamp(ALPHA_MIN, ALPHA_MAX)
 
 
 @fsmha
@@ -274,7 +286,10 @@ ATTENTION_SPECS = (
     AttentionSpec(
         "alpha_entmax", FSAlphaEntmaxAttention,
         (AttentionOption("alpha_init", ALPHA_INIT, help="initial alpha of every alpha-entmax head: 'random' (paper: 1 + sigmoid(N(0,1))) or a "
-                         f"number in [{ALPHA_MIN}, {ALPHA_MAX})"),),
+                         f"number in [{ALPHA_MIN}, {ALPHA_MAX})"),
+         AttentionOption("alpha_lr_scale", ALPHA_LR_SCALE, help="alpha = 1 + sigmoid(s * pre_alpha): the same start, "
+                         "but under Adam alpha's pre-activation moves s times as far per update (alpha's own "
+                         "learning rate; 1 = the paper)")),
         "alpha-entmax attention with a learned alpha per head in [1.01, 2] (Correia et al. 2019)",
         family="sparse",
     ),

@@ -189,6 +189,35 @@ def test_alpha_init_option():
             parse_alpha_init(bad)
 
 
+@pytest.mark.parametrize("alpha_init", ["random", 1.05])
+def test_alpha_lr_scale_keeps_the_start_and_moves_the_pre_activation_that_much_faster_under_adam(alpha_init):
+    x, target = torch.randn(9, 2, 16), torch.randn(9, 2, 16)
+    models = {}
+    for scale in (1.0, 20.0):
+        torch.manual_seed(0)
+        models[scale] = FSAlphaEntmax(16, 4, alpha_init=alpha_init, alpha_lr_scale=scale)
+    torch.testing.assert_close(models[20.0].alpha(), models[1.0].alpha())  # same start, same seed
+    moved = {}
+    for scale, attn in models.items():
+        start = (scale * attn.pre_alpha).detach().clone()
+        opt = torch.optim.Adam([attn.pre_alpha], lr=1e-3)  # Adam's first step is lr * sign(gradient)
+        opt.zero_grad()
+        (attn(x, x, x)[0] - target).pow(2).mean().backward()
+        opt.step()
+        moved[scale] = (scale * attn.pre_alpha).detach() - start
+    torch.testing.assert_close(moved[20.0], 20.0 * moved[1.0], rtol=1e-4, atol=1e-7)
+    assert (moved[1.0].abs() > 0.5e-3).all()
+
+
+def test_alpha_lr_scale_is_validated_and_reaches_the_command_line():
+    for bad in (0, -1.0, float("nan"), "fast"):
+        with pytest.raises(ValueError, match="alpha_lr_scale"):
+            FSAlphaEntmax(8, 2, alpha_lr_scale=bad)
+    from fluence_fairseq.modules.registry import get_attention
+
+    assert "alpha_lr_scale" in {o.name for o in get_attention("alpha_entmax").options}
+
+
 def test_density_counts_nonzero_weights_of_real_queries_only():
     torch.manual_seed(0)
     attn = FSSparsemax(16, 2).eval()
