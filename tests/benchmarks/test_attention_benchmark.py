@@ -133,3 +133,22 @@ def test_summary_table_marks_missed_targets(report):
     time_target, decode_target = report["targets"]
     assert span_row.split(" | ")[1].endswith("*") == (not time_target["pass"])
     assert span_row.rstrip(" |").split(" | ")[-1].count("/") == 1  # batch 1 and batch 3 decode ratios
+
+
+def test_decoding_cases_are_timed_in_interleaved_rounds(monkeypatch):
+    import benchmarks.common as common
+
+    calls = []
+    real = common._decode_call
+
+    def recording(module, tokens, state):
+        calls.append(id(state))
+        return real(module, tokens, state)
+
+    monkeypatch.setattr(common, "_decode_call", recording)
+    rows = common.measure_decoding({"kind": "attention", "name": "softmax"}, dim=16, heads=2, positions=[4, 8],
+                                   batches=[1, 2], steps=4, warmup=1)
+    assert [(r["position"], r["batch"]) for r in rows] == [(4, 1), (4, 2), (8, 1), (8, 2)]
+    timed = calls[-16:]  # 4 cases x 4 steps, after the fills and the warm-up
+    cases = timed[:4]
+    assert len(set(cases)) == 4 and timed == cases * 4  # every round visits every case once, in the same order
