@@ -49,17 +49,15 @@ def alpha_drift(run: Path, result: dict):
     """[(attention, initial alphas, final alphas)] of a learned-α run."""
     import torch
 
-    from fluence_fairseq.modules.entmax import ALPHA_MAX, ALPHA_MIN
+    from fluence_fairseq.modules.entmax import AlphaEntmaxAttention
 
-    def alpha(pre):
-        return (1 + torch.sigmoid(pre.float())).clamp(ALPHA_MIN, ALPHA_MAX)
-
+    model = initial_model(run, result)
+    heads = {name: m for name, m in model.named_modules() if isinstance(m, AlphaEntmaxAttention)}
+    initial = {name: m.alpha().detach().clone() for name, m in heads.items()}
+    # the final α from the same modules, so that every parametrisation option of the run is honoured
     final = torch.load(run / "checkpoints" / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
-    rows = []
-    for name, p in initial_model(run, result).named_parameters():
-        if name.endswith("pre_alpha"):
-            rows.append((name[: -len(".pre_alpha")], alpha(p.detach()), alpha(final[name])))
-    return rows
+    model.load_state_dict(final)
+    return [(name, initial[name], m.alpha().detach()) for name, m in heads.items()]
 
 
 def main(argv=None):

@@ -221,10 +221,11 @@ def _split_label(label: str):
     return role.label, layer
 
 
-def find_alphas(model: Dict[str, torch.Tensor]) -> "OrderedDict[str, Dict[int, List[float]]]":
-    """Learned α per attention type, layer and head, from every ``...pre_alpha`` parameter
-    (α = clamp(1 + sigmoid(pre_alpha), 1.01, 2), as the attention computes it)."""
-    from ..modules.entmax import ALPHA_MAX, ALPHA_MIN
+def find_alphas(model: Dict[str, torch.Tensor], alpha_lr_scale: float = 1.0) -> "OrderedDict[str, Dict[int, List[float]]]":
+    """Learned α per attention type, layer and head, from every ``...pre_alpha`` parameter, computed as the
+    attention computes it (:func:`~fluence_fairseq.modules.entmax.learned_alpha`, with the run's
+    ``--alpha-lr-scale``)."""
+    from ..modules.entmax import learned_alpha
 
     found: "OrderedDict[str, Dict[int, List[float]]]" = OrderedDict((k, {}) for k in _KINDS)
     for key, value in model.items():
@@ -234,7 +235,7 @@ def find_alphas(model: Dict[str, torch.Tensor]) -> "OrderedDict[str, Dict[int, L
         if label is None:
             continue
         kind, layer = _split_label(label)
-        alpha = (1 + torch.sigmoid(value.detach().float())).clamp(ALPHA_MIN, ALPHA_MAX)
+        alpha = learned_alpha(value.detach().float(), alpha_lr_scale)
         found[kind][layer] = alpha.tolist()
     return OrderedDict((k, v) for k, v in found.items() if v)
 
@@ -354,7 +355,8 @@ def _entmax_args(p: argparse.ArgumentParser):
 
 def _entmax_run(args) -> int:
     state = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
-    alphas = find_alphas(model_state(state))
+    # the parameter is the pre-activation divided by the run's --alpha-lr-scale (1 in checkpoints from before it)
+    alphas = find_alphas(model_state(state), float(model_option(state, "alpha_lr_scale") or 1.0))
     density = None
     if args.data:
         density = measure_density(args.checkpoint, args.data, args.subset, args.max_tokens, args.max_batches)

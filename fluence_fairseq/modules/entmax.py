@@ -204,6 +204,12 @@ class Entmax15Attention(EntmaxAttentionBase):
     fixed_alpha = 1.5
 
 
+def learned_alpha(pre_alpha: Tensor, alpha_lr_scale: float = 1.0) -> Tensor:
+    """α of every head from its parameter: ``clamp(1 + sigmoid(alpha_lr_scale * pre_alpha), 1.01, 2)``. The one
+    place this formula lives: the attention, ``fluence-plot entmax`` and the examples' diagnostics all call it."""
+    return (1.0 + torch.sigmoid(alpha_lr_scale * pre_alpha)).clamp(ALPHA_MIN, ALPHA_MAX)
+
+
 def parse_alpha_init(value) -> Union[float, str]:
     """``--alpha-init``: ``random`` or a number in [1.01, 2)."""
     return ALPHA_INIT.check("alpha_init", value)
@@ -260,7 +266,7 @@ class AlphaEntmaxAttention(EntmaxAttentionBase):
             self.pre_alpha.div_(self.alpha_lr_scale)
 
     def alpha(self) -> Tensor:
-        return (1.0 + torch.sigmoid(self.alpha_lr_scale * self.pre_alpha)).clamp(ALPHA_MIN, ALPHA_MAX)
+        return learned_alpha(self.pre_alpha, self.alpha_lr_scale)
 
 
 @fsmha

@@ -369,7 +369,8 @@ def test_train_generate_and_plot_alpha_entmax(translation_bin, tmp_path, capsys)
 
     log = H.run_fairseq("train", [translation_bin, "--user-dir", "fluence_fairseq", "--arch",
                                   "transformer_alpha_entmax_tiny", "--criterion", "fluence_label_smoothed_cross_entropy",
-                                  "--label-smoothing", "0.1", *H.tiny_train_flags(tmp_path, 4)])
+                                  "--label-smoothing", "0.1", "--alpha-lr-scale", "20", "--alpha-init", "1.2",
+                                  *H.tiny_train_flags(tmp_path, 4)])
     train = [ln for ln in log.splitlines() if "| train |" in ln][-1]
     valid = [ln for ln in log.splitlines() if "| valid |" in ln][-1]
     assert "alpha_enc_self_0" in train and "alpha_cross_1" in train and "density" not in train
@@ -391,6 +392,16 @@ def test_train_generate_and_plot_alpha_entmax(translation_bin, tmp_path, capsys)
     values = [float(v) for line in printed.splitlines() if line.startswith("layer ") for v in line.split()[2:]]
     assert len(values) == 2 * (2 + 2 + 2) * 5  # alpha and density: 3 types x 2 layers x (4 heads + mean)
     assert all(0 < v <= 2 for v in values)
+    # the plot's alpha is the model's own, --alpha-lr-scale included (the parameter alone would read 1 + sigmoid(p))
+    from fairseq import checkpoint_utils
+
+    [model], _, _ = checkpoint_utils.load_model_ensemble_and_task([str(tmp_path / "checkpoint_last.pt")])
+    state = plot.load_checkpoint(str(tmp_path / "checkpoint_last.pt"))
+    alphas = plot.find_alphas(plot.model_state(state), float(plot.model_option(state, "alpha_lr_scale")))
+    first = model.encoder.layers[0].self_attn
+    assert first.alpha_lr_scale == 20.0
+    assert alphas["enc_self"][0] == pytest.approx(first.alpha().tolist())
+    assert all(abs(a - 1.2) < 0.3 for a in alphas["enc_self"][0]) and alphas["enc_self"][0] != [1.2] * 4
 
 
 def test_a_new_entmax_attention_must_say_its_alpha():
