@@ -15,11 +15,9 @@ default unless ``--threads``.
 """
 import argparse
 import importlib
-import importlib.util
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Dict, List, Tuple
@@ -42,12 +40,9 @@ def load_revision(ops_module: str, revision: str) -> ModuleType:
     except (OSError, subprocess.CalledProcessError) as err:
         raise SystemExit(f"--against {revision}: cannot read {path} at that revision ({err}); give a revision of "
                          "this git checkout that has the file") from err
-    tmp = Path(tempfile.mkdtemp()) / f"{ops_module}_at_revision.py"
-    tmp.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"fluence_fairseq.ops._ab_{ops_module}", tmp)
-    module = importlib.util.module_from_spec(spec)
+    module = ModuleType(f"fluence_fairseq.ops._ab_{ops_module}")
     module.__package__ = "fluence_fairseq.ops"
-    spec.loader.exec_module(module)
+    exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
     return module
 
 
@@ -96,6 +91,10 @@ def main(argv=None) -> Dict[str, float]:
         found = bindings(new)
         if not found:
             raise SystemExit(f"--ops {name}: no attention module imports a function from fluence_fairseq.ops.{name}")
+        missing = sorted({attr for _, attr in found if not hasattr(old, attr)})
+        if missing:
+            raise SystemExit(f"--against {args.against}: its fluence_fairseq/ops/{name}.py has no {missing}, which "
+                             "the attentions import now; compare against a revision that has them")
         swaps += [(importer, attr, getattr(new, attr), getattr(old, attr)) for importer, attr in found]
 
     def use(side: int) -> None:

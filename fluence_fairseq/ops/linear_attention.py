@@ -261,8 +261,8 @@ class _Group:
         else:
             self.kweight = self.scales.key_weights().unsqueeze(-1)
             kw = self.k * self.kweight
-        self.before_kv, self.kv = _prefix_states(torch.matmul(kw.transpose(-1, -2), vc), kv0, self.decay)
-        self.before_ks, self.ks = _prefix_states(kw.sum(-2), ks0, self.decay)
+        self.before_kv, self.kv = _scan_states(torch.matmul(kw.transpose(-1, -2), vc), kv0, self.decay)
+        self.before_ks, self.ks = _scan_states(kw.sum(-2), ks0, self.decay)
         del kw
         self.qw = None if self.scales is None else self.scales.query_weights()  # (B, H, g, C)
         self.m_run = m_run if self.scales is None else self.scales.final
@@ -282,41 +282,26 @@ class _Group:
         return num.add_(carried), scores.sum(-1).add_(carried_den), scores
 
 
-def _prefix_states(per_chunk: Tensor, initial: Tensor, decay: Optional[Tensor]):
-    """States before each chunk (B, H, T, ...) and after the last, for ``S_{t+1} = decay_t S_t + per_chunk_t``.
+def _scan_states(per_chunk: Tensor, initial: Tensor, decay: Optional[Tensor], reverse: bool = False):
+    """The state entering each chunk (B, H, T, ...) and the final one, for ``S_{t+1} = decay_t S_t + per_chunk_t``
+    (``reverse``: ``P_{t-1} = decay_t P_t + per_chunk_t`` from ``P_{T-1} = initial``, the keys' reverse state).
 
-    A loop over chunks: cheap (T additions of one state) and much faster on CPU than ``cumsum`` over a
-    non-innermost dimension."""
-    before = torch.empty_like(per_chunk)
+    A loop over chunks, each state written in place into the next slot: cheap (T additions of one state) and much
+    faster on CPU than ``cumsum`` over a non-innermost dimension."""
+    states = torch.empty_like(per_chunk)
     if decay is not None:
         decay = decay.view(decay.shape + (1,) * (per_chunk.dim() - 3))
-    before[:, :, 0] = initial
-    last = per_chunk.size(2) - 1
-    for t in range(last + 1):
-        # each state is written in place into the next slot (no copy of it afterwards)
-        state = before[:, :, t] if decay is None else before[:, :, t] * decay[:, :, t]
-        if t < last:
-            torch.add(state, per_chunk[:, :, t], out=before[:, :, t + 1])
+    order = list(range(per_chunk.size(2)))
+    if reverse:
+        order.reverse()
+    states[:, :, order[0]] = initial
+    for i, t in enumerate(order):
+        state = states[:, :, t] if decay is None else states[:, :, t] * decay[:, :, t]
+        if i + 1 < len(order):
+            torch.add(state, per_chunk[:, :, t], out=states[:, :, order[i + 1]])
         else:
             state = state + per_chunk[:, :, t]
-    return before, state
-
-
-def _suffix_states(per_chunk: Tensor, tail: Tensor, decay: Optional[Tensor]):
-    """Reverse of :func:`_prefix_states`: ``P_{T-1} = tail``, ``P_{t-1} = decay_t P_t + per_chunk_t``;
-    returns P_t for every chunk t (B, H, T, ...) and P_{-1}."""
-    after = torch.empty_like(per_chunk)
-    if decay is not None:
-        decay = decay.view(decay.shape + (1,) * (per_chunk.dim() - 3))
-    last = per_chunk.size(2) - 1
-    after[:, :, last] = tail
-    for t in range(last, -1, -1):
-        state = after[:, :, t] if decay is None else after[:, :, t] * decay[:, :, t]
-        if t > 0:
-            torch.add(state, per_chunk[:, :, t], out=after[:, :, t - 1])
-        else:
-            state = state + per_chunk[:, :, t]
-    return after, state
+    return states, state
 
 
 def _normalised_grads(g: Tensor, out: Tensor, den: Tensor, eps: float):
@@ -481,9 +466,9 @@ class _CausalLinearAttention(torch.autograd.Function):
             del carried
             # keys see the queries of later chunks through a reverse state sum exp(R - M_i) q_i [g_num_i, g_den_i]
             qf = grp.q if grp.qw is None else grp.q * grp.qw.unsqueeze(-1)
-            after_kv, rev_kv = _suffix_states(torch.matmul(qf.transpose(-1, -2), g_num), rev_kv, grp.decay)
-            after_ks, rev_ks = _suffix_states(torch.matmul(qf.transpose(-1, -2), g_den.unsqueeze(-1)).squeeze(-1),
-                                              rev_ks, grp.decay)
+            after_kv, rev_kv = _scan_states(torch.matmul(qf.transpose(-1, -2), g_num), rev_kv, grp.decay, reverse=True)
+            after_ks, rev_ks = _scan_states(torch.matmul(qf.transpose(-1, -2), g_den.unsqueeze(-1)).squeeze(-1),
+                                            rev_ks, grp.decay, reverse=True)
             del qf
             dk_c = torch.matmul(grp.vc, after_kv.transpose(-1, -2)).add_(after_ks.unsqueeze(-2))
             dv_c = torch.matmul(grp.k, after_kv)
