@@ -78,11 +78,13 @@ def train_command(args, binary, save_dir, attention, memory, extra):
            "--decoder-attention-heads", 4, "--share-decoder-input-output-embed",
            "--no-token-positional-embeddings", "--attn-position-bias", "alibi",
            "--tokens-per-sample", args.segment, "--batch-size", args.batch_size,
-           "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", args.lr, "--lr-scheduler", "inverse_sqrt",
+           "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", args.lr, "--lr-scheduler", args.lr_scheduler,
            "--warmup-updates", args.warmup, "--dropout", "0.0", "--max-update", args.max_update,
            "--cpu", "--num-workers", "0", "--seed", args.seed, "--save-dir", save_dir, "--no-epoch-checkpoints",
            "--validate-interval-updates", args.validate_every, "--log-format", "simple", "--log-interval", 50,
            *extra]
+    if args.lr_scheduler == "polynomial_decay":
+        cmd += ["--end-learning-rate", 0, "--total-num-update", args.max_update]
     if not memory:
         cmd += ["--stream-without-memory"]
     if attention in ("softmax", "longshort") and "--mem-len" not in extra:
@@ -105,11 +107,39 @@ def parse_log(text):
             "span_max": float(span_max[-1]) if span_max else None}
 
 
+#: the arguments that make rows comparable: a table only shows rows trained and scored with the same ones
+SETTINGS = ("dim", "layers", "segment", "batch_size", "max_update", "lr", "lr_scheduler", "warmup", "mem_len",
+            "attn_span", "wsize", "seed", "eval_subset", "eval_batch_size")
+
+
+def settings(args) -> dict:
+    return {name: getattr(args, name) for name in SETTINGS}
+
+
+def earlier_rows(args, out_dir: Path) -> dict:
+    """The rows a previous sitting left in ``out_dir/results.json`` (a comparison too long for one sitting is run
+    a few rows at a time with the same command); rows trained again now are replaced."""
+    saved = out_dir / "results.json"
+    if not saved.exists():
+        return {}
+    rows = json.loads(saved.read_text())
+    for row, r in rows.items():
+        if row not in args.rows and r.get("settings") != settings(args):
+            print(f"{row}: kept in results.json but not in the table (trained with other settings: "
+                  f"{r.get('settings')})", flush=True)
+    return {row: r for row, r in rows.items() if row not in args.rows}
+
+
 def write_results(args, results, out_dir: Path) -> str:
-    """results.json and the Markdown table (rewritten after every row, so a long run shows what it has)."""
+    """results.json (every row) and the Markdown table of the rows with this run's settings (rewritten after every
+    row, so a long run shows what it has)."""
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    results = {row: results[row] for row in ROWS
+               if row in results and results[row].get("settings", settings(args)) == settings(args)}
+    schedule = "linear decay to 0" if args.lr_scheduler == "polynomial_decay" else "inverse square root"
     lines = [f"Character LM, {args.layers} layers x {args.dim}, segments of {args.segment} characters x "
-             f"{args.batch_size} streams, {args.max_update} updates, seed {args.seed}; the {args.eval_subset} stream "
+             f"{args.batch_size} streams, {args.max_update} updates (Adam, lr {args.lr:g} after {args.warmup} "
+             f"warm-up updates, {schedule}), seed {args.seed}; the {args.eval_subset} stream "
              f"scored with `fairseq-eval-lm --task fluence_lm_stream --batch-size {args.eval_batch_size}`.", "",
              "| row | memory | test bpc | train chars/s | train s | peak RSS MB | span avg / max |",
              "|---|---|---|---|---|---|---|"]
@@ -168,7 +198,7 @@ def merge(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--work", default=str(HERE / "work"))
@@ -181,6 +211,8 @@ def main(argv=None) -> int:
     p.add_argument("--validate-every", type=int, default=500)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--lr-scheduler", default="inverse_sqrt", choices=["inverse_sqrt", "polynomial_decay"],
+                   help="polynomial_decay: linear from --lr after the warm-up to 0 at --max-update")
     p.add_argument("--mem-len", type=int, default=2048)
     p.add_argument("--attn-span", type=int, default=4096)
     p.add_argument("--wsize", type=int, default=64)
@@ -192,14 +224,18 @@ def main(argv=None) -> int:
     p.add_argument("--merge", nargs="+", default=None, metavar="DIR_OR_JSON",
                    help="instead of training: combine the rows of earlier runs (their long_context directories, or "
                         "saved results.json files)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.merge:
         return merge(args)
     work = Path(args.work)
     out_dir = work / "long_context"
     out_dir.mkdir(parents=True, exist_ok=True)
     binary = prepare(args, work)
-    results = {}
+    results = earlier_rows(args, out_dir)
     for row in args.rows:
         attention, memory, extra = ROWS[row]
         run_dir = out_dir / row
@@ -216,11 +252,12 @@ def main(argv=None) -> int:
         eval_seconds, _ = run_measured(evaluation, run_dir / "eval.log")
         bpc = float(re.search(r"Loss \(base 2\): ([0-9.]+)", (run_dir / "eval.log").read_text()).group(1))
         results[row] = {"attention": attention, "memory": memory, "test_bpc": bpc, "train_seconds": seconds,
-                        "peak_rss_mb": rss, "eval_seconds": eval_seconds, **parse_log(log)}
+                        "peak_rss_mb": rss, "eval_seconds": eval_seconds, "settings": settings(args),
+                        "finished": datetime.now().isoformat(timespec="seconds"), **parse_log(log)}
         print(f"{row}: {bpc:.3f} bpc, {seconds:.0f} s, {results[row]['wps']} chars/s", flush=True)
         write_results(args, results, out_dir)
     print(write_results(args, results, out_dir))
-    plot(results, out_dir / "bpc_vs_time.png")
+    plot({row: r for row, r in results.items() if r.get("settings") == settings(args)}, out_dir / "bpc_vs_time.png")
     return 0
 
 
