@@ -127,7 +127,8 @@ def earlier_rows(args, out_dir: Path) -> dict:
         if row not in args.rows and r.get("settings") != settings(args):
             print(f"{row}: kept in results.json but not in the table (trained with other settings: "
                   f"{r.get('settings')})", flush=True)
-    return {row: r for row, r in rows.items() if row not in args.rows}
+    return {row: r for row, r in rows.items()
+            if row not in args.rows or (args.resume and r.get("settings") == settings(args))}
 
 
 def write_results(args, results, out_dir: Path) -> str:
@@ -221,6 +222,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-batch-size", type=int, default=8,
                    help="streams scored in parallel (1: every character but the first; B: faster, leaves out the "
                         "first character of each row and the last < B)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the rows that results.json already has with these settings (a comparison too long "
+                        "for one sitting: run the same command again)")
     p.add_argument("--merge", nargs="+", default=None, metavar="DIR_OR_JSON",
                    help="instead of training: combine the rows of earlier runs (their long_context directories, or "
                         "saved results.json files)")
@@ -236,7 +240,13 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     binary = prepare(args, work)
     results = earlier_rows(args, out_dir)
+    if args.resume:
+        done = [row for row in args.rows if row in results and results[row].get("settings") == settings(args)]
+        if done:
+            print(f"--resume: already in {out_dir / 'results.json'} with these settings: {', '.join(done)}", flush=True)
     for row in args.rows:
+        if args.resume and row in results and results[row].get("settings") == settings(args):
+            continue
         attention, memory, extra = ROWS[row]
         run_dir = out_dir / row
         run_dir.mkdir(exist_ok=True)

@@ -42,3 +42,13 @@ def test_rows_of_an_earlier_sitting_are_kept_and_rows_of_other_settings_left_out
     assert "| softmax | no | 2.050 |" in text and "| abc | no | 2.500 |" in text
     assert "9.99" not in text and "6000 updates" in text and "inverse square root" in text
     assert set(json.loads((tmp_path / "results.json").read_text())) == {"softmax", "local", "abc"}
+
+
+def test_resume_keeps_finished_rows_of_the_same_settings(lc, tmp_path):
+    args = _args(lc, ["--max-update", "6000", "--rows", "softmax", "abc", "--resume"])
+    other = _args(lc, ["--max-update", "3000"])
+    saved = {"softmax": _row(lc, args, 2.05), "abc": _row(lc, other, 7.77)}
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    kept = lc.earlier_rows(args, tmp_path)
+    assert set(kept) == {"softmax"}  # finished with these settings; abc (other settings) is trained again
+    assert set(lc.earlier_rows(_args(lc, ["--max-update", "6000", "--rows", "softmax"]), tmp_path)) == {"abc"}
