@@ -1,13 +1,13 @@
 """Long-context character LM on the bundled Shakespeare: every causal attention with and without memory.
 
-    PATH="$PWD/.venv/bin:$PATH" python examples/language_model/long_context.py            # about 3 hours on 2 cores
+    PATH="$PWD/.venv/bin:$PATH" python examples/language_model/long_context.py --resume   # about 9 hours on 2 cores
     PATH="$PWD/.venv/bin:$PATH" python examples/language_model/long_context.py --max-update 20 \\
         --rows softmax softmax_mem adaptive_span_mem --eval-subset valid                  # smoke run
 
 Every row trains the same model (``--layers`` layers of width ``--dim``, 4 heads, no absolute positions, ALiBi
 where the attention takes a relative bias) for the same ``--max-update`` updates of ``--batch-size`` streams x
-``--segment`` characters with ``--task fluence_lm_stream``, then scores the test stream with ``fairseq-eval-lm``
-(one stream, batch 1: every character but the first is scored):
+``--segment`` characters with ``--task fluence_lm_stream`` (Adam, the learning rate falling linearly to 0 at the
+last update), then scores the test stream with ``fairseq-eval-lm`` (cut into ``--eval-batch-size`` streams):
 
 * ``<attention>`` rows train and score without memory (``--mem-len``-free softmax sees only its segment; the
   memory of every segment is dropped by resetting it, i.e. ``--segment``-character contexts);
@@ -18,6 +18,8 @@ where the attention takes a relative bias) for the same ``--max-update`` updates
 Per row: test bits per character, training characters per second (fairseq's ``wps``), peak resident memory of
 training, mean and max learned span (adaptive span), and the validation bpc against training time (a plot). The
 table goes to ``WORK/long_context/results.md`` (or ``--out``); ``fluence-plot spans`` draws the spans per head.
+``--resume`` skips the rows ``results.json`` already has with the same settings, so the same command continues a
+comparison that does not fit one sitting.
 """
 import argparse
 import json
@@ -208,11 +210,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--segment", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-update", type=int, default=3000)
-    p.add_argument("--validate-every", type=int, default=500)
+    p.add_argument("--max-update", type=int, default=8000)
+    p.add_argument("--validate-every", type=int, default=1000)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--lr-scheduler", default="inverse_sqrt", choices=["inverse_sqrt", "polynomial_decay"],
+    p.add_argument("--lr-scheduler", default="polynomial_decay", choices=["inverse_sqrt", "polynomial_decay"],
                    help="polynomial_decay: linear from --lr after the warm-up to 0 at --max-update")
     p.add_argument("--mem-len", type=int, default=2048)
     p.add_argument("--attn-span", type=int, default=4096)
