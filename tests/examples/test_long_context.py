@@ -22,7 +22,10 @@ def test_linear_decay_reaches_zero_at_the_last_update(lc):
     assert cmd[cmd.index("--end-learning-rate") + 1] == "0"
     assert cmd[cmd.index("--total-num-update") + 1] == "6000"
     default = [str(c) for c in lc.train_command(_args(lc), "bin", "save", "softmax", False, [])]
-    assert default[default.index("--lr-scheduler") + 1] == "inverse_sqrt" and "--total-num-update" not in default
+    assert default[default.index("--total-num-update") + 1] == "8000"  # the default budget
+    inverse = [str(c) for c in lc.train_command(_args(lc, ["--lr-scheduler", "inverse_sqrt"]), "bin", "save",
+                                                "softmax", False, [])]
+    assert inverse[inverse.index("--lr-scheduler") + 1] == "inverse_sqrt" and "--total-num-update" not in inverse
 
 
 def _row(lc, args, bpc):
@@ -40,7 +43,7 @@ def test_rows_of_an_earlier_sitting_are_kept_and_rows_of_other_settings_left_out
     kept["abc"] = _row(lc, args, 2.5)
     text = lc.write_results(args, kept, tmp_path)
     assert "| softmax | no | 2.050 |" in text and "| abc | no | 2.500 |" in text
-    assert "9.99" not in text and "6000 updates" in text and "inverse square root" in text
+    assert "9.99" not in text and "6000 updates" in text and "linear decay to 0" in text
     assert set(json.loads((tmp_path / "results.json").read_text())) == {"softmax", "local", "abc"}
 
 
