@@ -33,8 +33,11 @@ from .common import MEMORY_ENV, PATTERN_FLAGS, run_in_fresh_process, run_job
 from fluence_fairseq.modules.attention_base import PATTERNS
 from fluence_fairseq.modules.registry import ATTENTIONS, get_attention
 
-MHA, SDPA, PROJECTIONS = "fairseq MHA", "SDPA", "projections only"
-BASELINES = {MHA: {"kind": "fairseq_mha"}, SDPA: {"kind": "sdpa"}, PROJECTIONS: {"kind": "projections"}}
+MHA, SDPA, PROJECTIONS, KEEP_QKV = "fairseq MHA", "SDPA", "projections only", "projections + q, k, v kept"
+#: KEEP_QKV: the projections around an autograd step that keeps q, k and v and returns three new gradients; its
+#: memory is the least that any attention computed as one such step over q, k and v can reach (self patterns)
+BASELINES = {MHA: {"kind": "fairseq_mha"}, SDPA: {"kind": "sdpa"}, PROJECTIONS: {"kind": "projections"},
+             KEEP_QKV: {"kind": "keep_qkv"}}
 
 
 @dataclass
@@ -228,6 +231,8 @@ def run_benchmark(cfg: BenchConfig, log=lambda msg: print(msg, file=sys.stderr, 
         for label, spec, decodes in cases:
             if label in (MHA, SDPA) and cfg.baseline_max_length and length > cfg.baseline_max_length:
                 continue
+            if label == KEEP_QKV and PATTERN_FLAGS[cfg.pattern][0]:  # cross: q and k/v differ in length
+                continue
             job = {"module": spec, "pattern": cfg.pattern, "dim": cfg.dim, "heads": cfg.heads, "batch": cfg.batch,
                    "length": length, "src_len": cfg.src_len or length, "repeats": cfg.repeats,
                    "warmup": cfg.warmup, "device": cfg.device,
@@ -283,6 +288,9 @@ def markdown(report: dict) -> str:
                      f"{r['time_ms_median']:.1f} ms at L={r['length']}"
                      + (f", {r['time_vs_mha']:.2f} x fairseq MHA." if not math.isnan(r["time_vs_mha"]) else ".")
                      for r in report["train"] if r["case"] == PROJECTIONS]
+    lines += [f"Memory floor of one autograd step over q, k and v ({KEEP_QKV}: they are kept for backward, which "
+              f"returns three new gradients): {r['peak_mem_mb']:.1f} MiB at L={r['length']}, {r['mem_vs_proj']:.2f} x "
+              "the projections alone." for r in report["train"] if r["case"] == KEEP_QKV]
     series = decode_series(report)
     if series:
         positions = sorted({p for points in series.values() for p, _ in points})

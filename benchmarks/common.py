@@ -75,19 +75,40 @@ PATTERN_FLAGS = {"noncausal": (False, False), "causal": (False, True), "cross": 
                  "causal-cross": (True, True)}
 
 
-class ProjectedSDPA(nn.Module):
-    """fairseq-shaped q/k/v/out projections around SDPA; ``attend=False`` keeps the projections alone."""
+class _KeepQKV(torch.autograd.Function):
+    """The least an attention computed as one autograd step over q, k and v can keep: those three for backward,
+    an output written in their layout, and three new gradients (no other work): ``q * k + v``."""
 
-    def __init__(self, embed_dim: int, num_heads: int, causal: bool, attend: bool = True):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        return torch.addcmul(v, q, k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, _ = ctx.saved_tensors
+        return grad * k, grad * q, grad.clone()
+
+
+class ProjectedSDPA(nn.Module):
+    """fairseq-shaped q/k/v/out projections around SDPA (``attend="sdpa"``); ``"none"`` keeps the projections
+    alone; ``"keep_qkv"`` puts :class:`_KeepQKV` between them (the memory floor of an attention whose backward
+    needs q, k and v together)."""
+
+    def __init__(self, embed_dim: int, num_heads: int, causal: bool, attend: str = "sdpa"):
         super().__init__()
+        if attend not in ("sdpa", "none", "keep_qkv"):
+            raise ValueError(f"attend must be 'sdpa', 'none' or 'keep_qkv', got {attend!r}")
         self.num_heads, self.causal, self.attend = num_heads, causal, attend
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(embed_dim, embed_dim) for _ in range(4))
 
     def forward(self, x: Tensor, src: Tensor) -> Tuple[Tensor, ...]:
         q, k, v = self.q_proj(x), self.k_proj(src), self.v_proj(src)
-        if not self.attend:
+        if self.attend == "none":
             return self.out_proj(q), k, v
         tgt_len, bsz, dim = x.shape
+        if self.attend == "keep_qkv":
+            return (self.out_proj(_KeepQKV.apply(q, k, v)),)
 
         def heads(t):  # (L, B, D) -> (B, H, L, Dh)
             return t.view(t.size(0), bsz, self.num_heads, -1).permute(1, 2, 0, 3)
@@ -114,8 +135,10 @@ def build_module(spec: dict, dim: int, heads: int, cross: bool, causal: bool) ->
     if kind == "fairseq_mha":
         from fairseq.modules.multihead_attention import MultiheadAttention
         return MultiheadAttention(dim, heads, dropout=0.0, self_attention=not cross, encoder_decoder_attention=cross)
-    if kind in ("sdpa", "projections"):
-        return ProjectedSDPA(dim, heads, causal, attend=kind == "sdpa")
+    if kind in ("sdpa", "projections", "keep_qkv"):
+        if kind == "keep_qkv" and cross:
+            raise ValueError("the keep_qkv floor is for self attention (q, k and v of the same length)")
+        return ProjectedSDPA(dim, heads, causal, attend={"sdpa": "sdpa", "projections": "none"}.get(kind, kind))
     raise ValueError(f"unknown module kind {kind!r}")
 
 

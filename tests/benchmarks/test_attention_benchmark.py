@@ -4,7 +4,7 @@ import math
 import pytest
 
 from benchmarks.attention import (
-    MHA, PROJECTIONS, SDPA, BenchConfig, DecodeGrowthTarget, TimeRatioTarget, Variant, build_parser,
+    KEEP_QKV, MHA, PROJECTIONS, SDPA, BenchConfig, DecodeGrowthTarget, TimeRatioTarget, Variant, build_parser,
     config_from_args, decode_series, markdown, run_benchmark, write_outputs,
 )
 
@@ -29,7 +29,7 @@ def report():
 
 def test_training_rows_have_positive_finite_numbers(report):
     rows = {row["case"]: row for row in report["train"]}
-    assert set(rows) == {"softmax", "adaptive_span span=16", MHA, SDPA, PROJECTIONS}
+    assert set(rows) == {"softmax", "adaptive_span span=16", MHA, SDPA, PROJECTIONS, KEEP_QKV}
     for row in rows.values():
         assert len(row["time_ms"]) == 2
         assert row["time_ms_min"] == min(row["time_ms"]) and row["time_ms_median"] >= row["time_ms_min"]
@@ -152,3 +152,12 @@ def test_decoding_cases_are_timed_in_interleaved_rounds(monkeypatch):
     timed = calls[-16:]  # 4 cases x 4 steps, after the fills and the warm-up
     cases = timed[:4]
     assert len(set(cases)) == 4 and timed == cases * 4  # every round visits every case once, in the same order
+
+
+def test_keep_qkv_floor_is_a_correct_autograd_step():
+    import torch
+    from benchmarks.common import _KeepQKV, build_module
+    q, k, v = (torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(_KeepQKV.apply, (q, k, v))
+    with pytest.raises(ValueError, match="self attention"):
+        build_module({"kind": "keep_qkv"}, 8, 2, cross=True, causal=False)
