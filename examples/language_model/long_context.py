@@ -17,7 +17,8 @@ last update), then scores the test stream with ``fairseq-eval-lm`` (cut into ``-
 
 Per row: test bits per character, training characters per second (fairseq's ``wps``), peak resident memory of
 training, mean and max learned span (adaptive span), and the validation bpc against training time (a plot). The
-table goes to ``WORK/long_context/results.md`` (or ``--out``); ``fluence-plot spans`` draws the spans per head.
+table goes to ``WORK/long_context/results.md`` (or ``--out``), the curves to ``bpc_vs_time.png`` and the learned
+span of every head of the adaptive-span rows (``fluence-plot spans``) to ``spans_<row>.png`` beside it.
 ``--resume`` skips the rows ``results.json`` already has with the same settings, so the same command continues a
 comparison that does not fit one sitting.
 """
@@ -143,7 +144,9 @@ def write_results(args, results, out_dir: Path) -> str:
     lines = [f"Character LM, {args.layers} layers x {args.dim}, segments of {args.segment} characters x "
              f"{args.batch_size} streams, {args.max_update} updates (Adam, lr {args.lr:g} after {args.warmup} "
              f"warm-up updates, {schedule}), seed {args.seed}; the {args.eval_subset} stream "
-             f"scored with `fairseq-eval-lm --task fluence_lm_stream --batch-size {args.eval_batch_size}`.", "",
+             f"scored with `fairseq-eval-lm --task fluence_lm_stream --batch-size {args.eval_batch_size}`. Train "
+             "chars/s: fairseq's wps over the last epoch; span avg / max: the spans with the ramp, as the last epoch's "
+             "training log averages them.", "",
              "| row | memory | test bpc | train chars/s | train s | peak RSS MB | span avg / max |",
              "|---|---|---|---|---|---|---|"]
     for row, r in results.items():
@@ -266,6 +269,10 @@ def main(argv=None) -> int:
         results[row] = {"attention": attention, "memory": memory, "test_bpc": bpc, "train_seconds": seconds,
                         "peak_rss_mb": rss, "eval_seconds": eval_seconds, "settings": settings(args),
                         "finished": datetime.now().isoformat(timespec="seconds"), **parse_log(log)}
+        if attention == "adaptive_span":  # the learned span of every head (the paper's figure)
+            subprocess.run(["fluence-plot", "spans", run_dir / "checkpoint_last.pt", "-o", out_dir / f"spans_{row}.png",
+                            "--include-ramp", "--title", f"{row}: learned spans (with the ramp) after "
+                            f"{args.max_update} updates"], check=True, capture_output=True)
         print(f"{row}: {bpc:.3f} bpc, {seconds:.0f} s, {results[row]['wps']} chars/s", flush=True)
         write_results(args, results, out_dir)
     print(write_results(args, results, out_dir))
