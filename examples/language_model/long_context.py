@@ -25,6 +25,7 @@ comparison that does not fit one sitting.
 import argparse
 import json
 import re
+import shutil
 import subprocess
 from datetime import datetime
 import sys
@@ -209,7 +210,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--work", default=str(HERE / "work"))
     p.add_argument("--out", default=None)
-    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--dim", type=int, default=160)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--segment", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
@@ -254,7 +255,9 @@ def main(argv=None) -> int:
             continue
         attention, memory, extra = ROWS[row]
         run_dir = out_dir / row
-        run_dir.mkdir(exist_ok=True)
+        if run_dir.exists():  # a row interrupted in an earlier sitting starts again (fairseq would resume it)
+            shutil.rmtree(run_dir)
+        run_dir.mkdir()
         seconds, rss = run_measured(train_command(args, binary, run_dir, attention, memory, extra),
                                     run_dir / "train.log")
         log = (run_dir / "train.log").read_text()
