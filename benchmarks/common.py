@@ -182,11 +182,21 @@ def _proc_status_kb(field: str) -> int:
     raise OSError(f"/proc/self/status has no {field}")
 
 
+def rss_mb() -> Tuple[float, float]:
+    """(resident set, its high-water mark) of this process in MiB (Linux /proc)."""
+    return _proc_status_kb("VmRSS") / 1024, _proc_status_kb("VmHWM") / 1024
+
+
+def reset_peak_rss() -> None:
+    """Reset the high-water mark VmHWM to the current RSS."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
 def peak_rss_increase_mb(fn: Callable[[], None]) -> float:
     """Run ``fn``; return (peak RSS during it) - (RSS before it), in MiB (Linux /proc)."""
     before = _proc_status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset the high-water mark VmHWM to the current RSS
+    reset_peak_rss()
     fn()
     return (_proc_status_kb("VmHWM") - before) / 1024
 

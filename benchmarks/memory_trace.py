@@ -18,18 +18,9 @@ from typing import Dict, List
 
 import torch
 
-from .common import MEMORY_ENV, PATTERN_FLAGS, build_module, run_in_fresh_process, training_step
+from .common import (MEMORY_ENV, PATTERN_FLAGS, build_module, reset_peak_rss, rss_mb, run_in_fresh_process,
+                     training_step)
 from fluence_fairseq.modules.registry import ATTENTIONS
-
-
-def _rss_mb() -> Dict[str, float]:
-    values = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            name, *rest = line.split()
-            if name in ("VmRSS:", "VmHWM:"):
-                values[name[2:-1]] = int(rest[0]) / 1024
-    return values
 
 
 def trace(job: dict) -> dict:
@@ -41,12 +32,12 @@ def trace(job: dict) -> dict:
     training_step(module, job["dim"], 1, 16, 16, cross, causal)()  # one-time costs out of the numbers
     step = training_step(module, job["dim"], 1, job["length"], job["length"], cross, causal)
     marks: List[dict] = []
-    base = {}
+    base: List[float] = []  # the RSS before the step, once it starts
 
     def mark(where: str) -> None:
         if base:
-            now = _rss_mb()
-            marks.append({"where": where, "rss_mb": now["RSS"] - base["RSS"], "peak_mb": now["HWM"] - base["RSS"]})
+            rss, peak = rss_mb()
+            marks.append({"where": where, "rss_mb": rss - base[0], "peak_mb": peak - base[0]})
 
     attend = module.attend
 
@@ -75,9 +66,8 @@ def trace(job: dict) -> dict:
             saved[storage.data_ptr()] = {"shape": list(tensor.shape), "mb": storage.nbytes() / 2**20}
         return tensor
 
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # the high-water mark starts at the current RSS
-    base.update(_rss_mb())
+    reset_peak_rss()
+    base.append(rss_mb()[0])
     mark("step starts")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         step()
