@@ -17,7 +17,8 @@ last update), then scores the test stream with ``fairseq-eval-lm`` (cut into ``-
 
 Per row: test bits per character, training characters per second (fairseq's ``wps``), peak resident memory of
 training, mean and max learned span (adaptive span), and the validation bpc against training time (a plot). The
-table goes to ``WORK/long_context/results.md`` (or ``--out``), the curves to ``bpc_vs_time.png`` and the learned
+table, followed by the issue's targets checked on its rows (met or missed, with the numbers), goes to
+``WORK/long_context/results.md`` (or ``--out``), the curves to ``bpc_vs_time.png`` and the learned
 span of every head of the adaptive-span rows (``fluence-plot spans``) to ``spans_<row>.png`` beside it.
 ``--resume`` skips the rows ``results.json`` already has with the same settings, so the same command continues a
 comparison that does not fit one sitting.
@@ -154,9 +155,58 @@ def write_results(args, results, out_dir: Path) -> str:
         spans = f"{r['span_avg']} / {r['span_max']}" if r["span_avg"] is not None else "-"
         lines.append(f"| {row} | {'yes' if r['memory'] else 'no'} | {r['test_bpc']:.3f} | {r['wps']} | "
                      f"{r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} | {spans} |")
+    lines += target_lines(args, results)
     target = Path(args.out) if args.out else out_dir / "results.md"
     target.write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def target_lines(args, results) -> list:
+    """The issue's bars checked on the rows of the table (a bar whose rows are not in yet says so). Step time is
+    1 / training characters per second, so a time ratio is the inverse ratio of ``wps``."""
+    from fluence_fairseq.modules.registry import get_attention
+
+    lines = ["", "Targets, checked on the rows above (step time ratios from the training characters per second):", ""]
+    missing = []
+
+    def rows(*names):
+        absent = [n for n in names if n not in results]
+        missing.extend(n for n in absent if n not in missing)
+        return None if absent else [results[n] for n in names]
+
+    if rows("softmax"):
+        bpc = results["softmax"]["test_bpc"]
+        lines.append(f"- softmax without memory at most 2.1 test bpc: {bpc:.3f}, {_verdict(bpc <= 2.1)}")
+    if rows("adaptive_span_mem", "softmax_mem"):
+        span, soft = results["adaptive_span_mem"], results["softmax_mem"]
+        gap = span["test_bpc"] - soft["test_bpc"]
+        lines.append(f"- adaptive span with memory at most softmax with memory + 0.02 bpc: {span['test_bpc']:.3f} "
+                     f"vs {soft['test_bpc']:.3f} ({gap:+.3f}), {_verdict(gap <= 0.02)}")
+        ratio = soft["wps"] / span["wps"] if soft["wps"] and span["wps"] else float("nan")
+        lines.append(f"- adaptive span with memory, training step at most 0.6x softmax with memory's: {ratio:.2f}x, "
+                     f"{_verdict(ratio <= 0.6)}")
+    if rows("adaptive_span_mem") and results["adaptive_span_mem"]["span_avg"] is not None:
+        mean = results["adaptive_span_mem"]["span_avg"]
+        lines.append(f"- adaptive span with memory, mean span at most a quarter of --attn-span ({args.attn_span / 4:g}): "
+                     f"{mean:g}, {_verdict(mean <= args.attn_span / 4)}")
+    for row, (attention, memory, _) in ROWS.items():
+        if not memory or not rows(attention, row):
+            continue
+        with_mem, without = results[row]["test_bpc"], results[attention]["test_bpc"]
+        lines.append(f"- {attention}: memory beats no memory on test bpc: {with_mem:.3f} vs {without:.3f} "
+                     f"({with_mem - without:+.3f}), {_verdict(with_mem < without)}")
+        if get_attention(attention).cls.constant_state and results[attention]["wps"] and results[row]["wps"]:
+            ratio = results[attention]["wps"] / results[row]["wps"]
+            lines.append(f"- {attention} (constant state): training step with carried state at most 1.1x without: "
+                         f"{ratio:.2f}x over the last pass, {_verdict(ratio <= 1.1)} (per step however far the "
+                         "stream has gone: `make bench-memory`)")
+    if missing:
+        lines.append(f"- not measured yet (rows not in the table): {', '.join(missing)}")
+    return lines
 
 
 def plot(results, path: Path) -> None:

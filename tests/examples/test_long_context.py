@@ -55,3 +55,30 @@ def test_resume_keeps_finished_rows_of_the_same_settings(lc, tmp_path):
     kept = lc.earlier_rows(args, tmp_path)
     assert set(kept) == {"softmax"}  # finished with these settings; abc (other settings) is trained again
     assert set(lc.earlier_rows(_args(lc, ["--max-update", "6000", "--rows", "softmax"]), tmp_path)) == {"abc"}
+
+
+def test_targets_are_checked_on_the_rows_present(lc, tmp_path):
+    args = _args(lc, ["--out", str(tmp_path / "t.md")])
+
+    def row(attention, memory, bpc, wps, span=None):
+        r = _row(lc, args, bpc)
+        r.update(attention=attention, memory=memory, wps=wps, span_avg=span, span_max=span)
+        return r
+
+    results = {"softmax": row("softmax", False, 2.072, 10000.0), "softmax_mem": row("softmax", True, 2.05, 4000.0),
+               "adaptive_span_mem": row("adaptive_span", True, 2.08, 8000.0, span=1500.0),
+               "abc": row("abc", False, 2.3, 9000.0), "abc_mem": row("abc", True, 2.2, 7500.0),
+               "s4d": row("s4d", False, 2.3, 9000.0), "s4d_mem": row("s4d", True, 2.31, 8500.0),
+               "local": row("local", False, 2.3, 9000.0), "local_mem": row("local", True, 2.2, 4000.0)}
+    text = lc.write_results(args, results, tmp_path)
+    assert "2.1 test bpc: 2.072, met" in text
+    assert "2.080 vs 2.050 (+0.030), **missed**" in text  # 0.03 above softmax with memory
+    assert "softmax with memory's: 0.50x, met" in text
+    assert "(1024): 1500, **missed**" in text  # mean span above a quarter of --attn-span 4096
+    assert "abc: memory beats no memory on test bpc: 2.200 vs 2.300 (-0.100), met" in text
+    assert "s4d: memory beats no memory on test bpc: 2.310 vs 2.300 (+0.010), **missed**" in text
+    assert "abc (constant state): training step with carried state at most 1.1x without: 1.20x" in text
+    assert "s4d (constant state): training step with carried state at most 1.1x without: 1.06x" in text
+    assert "local (constant state)" not in text  # local attention keeps a window, not a constant state
+    assert "local: memory beats no memory" in text
+    assert "not measured yet (rows not in the table): adaptive_span, performer, performer_mem, longshort" in text
