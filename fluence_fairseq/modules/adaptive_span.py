@@ -234,6 +234,42 @@ class AdaptiveSpan(nn.Module):
                 f"loss_coeff={self.loss_coeff}, cache={self.cache}, causal={self.causal}")
 
 
+#: extra keys per query a band call scores beyond its reach (its blocks' edges), and the cost of one more call, in
+#: keys per query per head: what :func:`head_groups` weighs a split against
+_BAND_EDGE = 64
+_CALL_COST = 64
+
+
+def head_groups(reaches, reachable: int) -> list:
+    """Heads grouped for band attention: each group is scored over the band of its widest head, so one head whose
+    span has grown (the heads of a layer rarely agree: 32 to 1,386 keys in one layer of the long-context LM) does
+    not make the others score its band too. Groups are runs of heads sorted by reach, chosen to minimise
+    ``sum_g heads_g * (reach_g + edge) + (groups - 1) * call cost * heads`` (a split that saves little is not worth a
+    call); ``reachable`` (the farthest key of this input) caps the reaches. Exact: a head's scores outside its own
+    band are zero in any case."""
+    heads = sorted(range(len(reaches)), key=lambda h: reaches[h])
+    capped = [min(reaches[h], reachable) for h in heads]
+    best = [0.0] + [math.inf] * len(heads)  # best[j]: cost of the first j sorted heads
+    cut = [0] * (len(heads) + 1)
+    for j in range(1, len(heads) + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * (capped[j - 1] + _BAND_EDGE) + (_CALL_COST * len(heads) if i else 0)
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(heads)
+    while j:
+        groups.append(sorted(heads[cut[j]:j]))
+        j = cut[j]
+    return groups[::-1]
+
+
+def _heads(x: Tensor, heads: list) -> Tensor:
+    """The heads ``heads`` of x (B, H, L, D): a view when they are consecutive."""
+    if heads == list(range(heads[0], heads[-1] + 1)):
+        return x[:, heads[0]: heads[-1] + 1]
+    return x.index_select(1, torch.tensor(heads, device=x.device))
+
+
 class AdaptiveSpanAttention(FluenceAttention):
     """Self attention with a learned span per head; noncausal (encoder) or causal (decoder/LM).
 
@@ -279,26 +315,50 @@ class AdaptiveSpanAttention(FluenceAttention):
         )
         self.block_size = block_size
 
-    def window(self) -> int:
-        """Keys per query the span reaches, the query itself included: distances ``0 .. floor(z S) + R`` of the
-        widest head (clipped to attn_span). The farthest of them has mask 0 when ``z S`` is a whole number, but
-        its gradient moves the span (see :meth:`AdaptiveSpan.log_mask`)."""
+    def head_windows(self) -> list:
+        """Keys per query each head's span reaches, the query itself included: distances ``0 .. floor(z S) + R``
+        (clipped to attn_span). The farthest of them has mask 0 when ``z S`` is a whole number, but its gradient
+        moves the span (see :meth:`AdaptiveSpan.log_mask`)."""
         span = self.adaptive_span
-        return min(span.attn_span, math.floor(span.ratios().max().item() * span.attn_span + span.ramp) + 1)
+        return [min(span.attn_span, math.floor(z * span.attn_span + span.ramp) + 1) for z in span.ratios().tolist()]
+
+    def window(self) -> int:
+        """Keys per query the widest head's span reaches (see :meth:`head_windows`)."""
+        return max(self.head_windows())
 
     def max_cached_keys(self) -> Optional[int]:
         return self.window() if self.adaptive_span.cache else self.adaptive_span.attn_span
 
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
+        # the keys a query can reach at all: the segment's earlier positions and the memory before it
+        reachable = max(query_offset + q.size(2) - 1, k.size(2) - 1 - query_offset)
+        reaches = [w - 1 for w in self.head_windows()]  # largest distance with a nonzero mask, per head
+        groups = [list(range(self.num_heads))] if need_weights else head_groups(reaches, reachable)
+        if len(groups) == 1:
+            return self._attend_heads(q, k, v, None, max(reaches), reachable, key_padding_mask, attn_mask,
+                                      query_offset, need_weights)
+        outs = [self._attend_heads(_heads(q, g), _heads(k, g), _heads(v, g), g, max(reaches[h] for h in g),
+                                   reachable, key_padding_mask, attn_mask, query_offset, False)[0] for g in groups]
+        order = [h for g in groups for h in g]
+        out = torch.cat(outs, dim=1)
+        if order != sorted(order):
+            out = out.index_select(1, torch.tensor(order, device=out.device).argsort())
+        return out, None
+
+    def _attend_heads(self, q, k, v, heads, reach, reachable, key_padding_mask, attn_mask, query_offset,
+                      need_weights):
+        """Band attention of the heads ``heads`` (None = all) over the band of the widest of them."""
         span = self.adaptive_span
-        reach = self.window() - 1  # largest distance with a nonzero mask
+        ratios = span.ratios() if heads is None else span.ratios()[heads]
         # every allowed key has mask 1 when the smallest span reaches the farthest key: skip the bias
-        farthest = min(reach, max(query_offset + q.size(2) - 1, k.size(2) - 1 - query_offset))
-        saturated = span.ratios().min().item() * span.attn_span > farthest  # strictly: m = 1 with no gradient
+        saturated = ratios.min().item() * span.attn_span > min(reach, reachable)  # strictly: m = 1, no gradient
+        bias = self.relative_bias(None if saturated else span.log_mask)
+        if bias is not None and heads is not None:
+            full, index = bias, torch.tensor(heads, device=q.device)
+            bias = lambda rel: full(rel).index_select(0, index)  # noqa: E731
         return band_attention(
             q, k, v, query_offset=query_offset, left=reach, right=0 if self.causal else reach,
-            rel_bias=self.relative_bias(None if saturated else span.log_mask),
-            key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+            rel_bias=bias, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
             dropout_p=self.dropout_module.p if self.training else 0.0,
             need_weights=need_weights, block_size=self.block_size,
         )

@@ -6,6 +6,7 @@ import torch
 
 from attention_reference import reference_attention
 from fluence_fairseq.modules import AdaptiveSpan, AdaptiveSpanAttention, FSAdaptiveSpan
+from fluence_fairseq.modules.adaptive_span import head_groups
 
 E, H = 32, 4
 SPANS = torch.tensor([0.03, 0.11, 0.27, 0.41])  # z * S never lands on an integer: no kinks at the ramp edges
@@ -170,6 +171,51 @@ def test_banded_attention_matches_masked_softmax_reference(causal, block_size):
     reach = attn.window()
     far = (torch.arange(T).unsqueeze(1) - torch.arange(T)).abs() >= reach
     assert torch.all(w[:, 0][:, far] == 0) and torch.all(w[:, 1, 5:][:, far[5:]] == 0)
+
+
+def test_head_groups_split_only_where_it_pays():
+    assert head_groups([40, 41, 45, 38], 1000) == [[0, 1, 2, 3]]  # similar spans: one call
+    assert head_groups([272, 21, 26, 21], 1000) == [[1, 2, 3], [0]]  # one wide head is scored alone
+    assert head_groups([2000, 20, 500, 20], 5000) == [[1, 3], [2], [0]]
+    assert head_groups([272, 21, 26, 21], 30) == [[0, 1, 2, 3]]  # a short input: every band reaches all of it
+    assert head_groups([5], 100) == [[0]]
+
+
+# spans far apart, widest heads not first: heads 1 and 3 (21 keys) and 0 and 2 (220 and 118) are scored apart
+MIXED = torch.tensor([0.8, 0.02, 0.4, 0.02])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_heads_scored_in_groups_match_the_reference(causal):
+    attn = make_attention(causal, S=256, R=16, spans=MIXED).train()
+    attn.dropout_module.p = 0.0
+    T, B = 300, 2
+    assert head_groups([w - 1 for w in attn.head_windows()], T - 1) == [[1, 3], [0, 2]]
+    x = torch.randn(T, B, E, requires_grad=True)
+    kpm = torch.zeros(B, T, dtype=torch.bool)
+    kpm[1, :7] = True
+    real = ~kpm.t()
+    span = attn.adaptive_span
+    ref = reference_attention(attn, x, x, causal=causal, key_padding_mask=kpm, span=span)
+    g_ref = torch.autograd.grad(ref[real].pow(2).sum(), [span.current_val, x, attn.q_proj.weight])
+    out, _ = attn(query=x, key_padding_mask=kpm, need_weights=False)
+    g = torch.autograd.grad(out[real].pow(2).sum(), [span.current_val, x, attn.q_proj.weight])
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=0)
+    for got, want in zip(g, g_ref):
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+    assert torch.all(g[0] != 0), "every head's span must get a gradient"
+
+
+def test_heads_scored_in_groups_decode_as_the_full_pass():
+    attn = make_attention(True, S=256, R=16, spans=MIXED)
+    T, B = 260, 2
+    x = torch.randn(T, B, E)
+    full, _ = attn(query=x, need_weights=False)
+    st, steps = {}, []
+    for t in range(0, T, 20):  # several tokens per call, as a stream's segments with memory
+        steps.append(attn(query=x[t : t + 20], incremental_state=st)[0])
+    torch.testing.assert_close(torch.cat(steps), full, atol=1e-5, rtol=0)
+    assert attn._get_input_buffer(st)["prev_key"].size(2) <= attn.window()
 
 
 def test_real_savings_only_the_band_is_scored(monkeypatch):
