@@ -291,6 +291,9 @@ class AdaptiveSpanAttention(FluenceAttention):
     decoding_state = "K/V cache of at most the current max span + ramp"
 
     supported_patterns = frozenset({(False, False), (False, True)})
+    #: score heads in groups of similar span (:func:`head_groups`); False scores every head over the widest head's
+    #: band, as the references do (``benchmarks.span_groups`` compares the two)
+    group_heads: bool = True
 
     def __init__(
         self,
@@ -333,7 +336,10 @@ class AdaptiveSpanAttention(FluenceAttention):
         # the keys a query can reach at all: the segment's earlier positions and the memory before it
         reachable = max(query_offset + q.size(2) - 1, k.size(2) - 1 - query_offset)
         reaches = [w - 1 for w in self.head_windows()]  # largest distance with a nonzero mask, per head
-        groups = [list(range(self.num_heads))] if need_weights else head_groups(reaches, reachable)
+        if need_weights or not self.group_heads:
+            groups = [list(range(self.num_heads))]
+        else:
+            groups = head_groups(reaches, reachable)
         if len(groups) == 1:
             return self._attend_heads(q, k, v, None, max(reaches), reachable, key_padding_mask, attn_mask,
                                       query_offset, need_weights)
