@@ -15,8 +15,9 @@ last update), then scores the test stream with ``fairseq-eval-lm`` (cut into ``-
   attention its window, ABC/Performer/S4D their recurrent state, LongShort its window and the compressed chunks
   of the last ``--mem-len`` characters.
 
-Per row: test bits per character, training characters per second (fairseq's ``wps``), peak resident memory of
-training, mean and max learned span (adaptive span), and the validation bpc against training time (a plot). The
+Per row: test bits per character (memory rows also with the memory dropped at test: the same weights scoring each
+segment alone, which shows what the model draws from its memory; ``--rescore`` fills that column in for rows
+trained before it existed), training characters per second (fairseq's ``wps``), peak resident memory of training, mean and max learned span (adaptive span), and the validation bpc against training time (a plot). The
 table, followed by the issue's targets checked on its rows (met or missed, with the numbers), goes to
 ``WORK/long_context/results.md`` (or ``--out``), the curves to ``bpc_vs_time.png`` and the learned
 span of every head of the adaptive-span rows (``fluence-plot spans``) to ``spans_<row>.png`` beside it.
@@ -149,11 +150,14 @@ def write_results(args, results, out_dir: Path) -> str:
              f"scored with `fairseq-eval-lm --task fluence_lm_stream --batch-size {args.eval_batch_size}`. Train "
              "chars/s: fairseq's wps over the last epoch; span avg / max: the spans with the ramp, as the last epoch's "
              "training log averages them.", "",
-             "| row | memory | test bpc | train chars/s | train s | peak RSS MB | span avg / max |",
-             "|---|---|---|---|---|---|---|"]
+             "| row | memory | test bpc | memory dropped at test | train chars/s | train s | peak RSS MB | "
+             "span avg / max |",
+             "|---|---|---|---|---|---|---|---|"]
     for row, r in results.items():
         spans = f"{r['span_avg']} / {r['span_max']}" if r["span_avg"] is not None else "-"
-        lines.append(f"| {row} | {'yes' if r['memory'] else 'no'} | {r['test_bpc']:.3f} | {r['wps']} | "
+        dropped = r.get("test_bpc_memory_dropped")
+        lines.append(f"| {row} | {'yes' if r['memory'] else 'no'} | {r['test_bpc']:.3f} | "
+                     f"{'-' if dropped is None else f'{dropped:.3f}'} | {r['wps']} | "
                      f"{r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} | {spans} |")
     lines += target_lines(args, results)
     target = Path(args.out) if args.out else out_dir / "results.md"
@@ -255,6 +259,37 @@ def merge(args) -> int:
     return 0
 
 
+DROPPED_LOG = "eval_memory_dropped.log"
+
+
+def score(args, binary, run_dir: Path, memory: bool, log_name: str = "eval.log"):
+    """(bits per character of the ``--eval-subset`` stream, seconds) of the row's last checkpoint, with or without
+    carrying memory from one segment to the next; fairseq-eval-lm's output goes to ``run_dir / log_name``."""
+    log = run_dir / log_name
+    evaluation = ["fairseq-eval-lm", binary, "--user-dir", "fluence_fairseq", "--task", "fluence_lm_stream",
+                  "--path", run_dir / "checkpoint_last.pt", "--gen-subset", args.eval_subset,
+                  "--batch-size", args.eval_batch_size,
+                  "--tokens-per-sample", args.segment, "--cpu", "--num-workers", 0]
+    if not memory:
+        evaluation += ["--stream-without-memory"]
+    seconds, _ = run_measured(evaluation, log)
+    return float(re.search(r"Loss \(base 2\): ([0-9.]+)", log.read_text()).group(1)), seconds
+
+
+def rescore(args) -> int:
+    """Score the memory rows of ``results.json`` that have no bpc with the memory dropped yet, from their kept
+    checkpoints (rows trained before that column existed)."""
+    out_dir = Path(args.work) / "long_context"
+    results = json.loads((out_dir / "results.json").read_text())
+    binary = prepare(args, Path(args.work))
+    for row, r in results.items():
+        if r["memory"] and "test_bpc_memory_dropped" not in r and (out_dir / row / "checkpoint_last.pt").exists():
+            r["test_bpc_memory_dropped"] = score(args, binary, out_dir / row, False, DROPPED_LOG)[0]
+            print(f"{row}: {r['test_bpc_memory_dropped']:.3f} bpc with the memory dropped", flush=True)
+    print(write_results(args, results, out_dir))
+    return 0
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
@@ -281,6 +316,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="skip the rows that results.json already has with these settings (a comparison too long "
                         "for one sitting: run the same command again)")
+    p.add_argument("--rescore", action="store_true",
+                   help="instead of training: score the memory rows of results.json with the memory dropped at "
+                        "test, where that column is missing (from their checkpoints)")
     p.add_argument("--merge", nargs="+", default=None, metavar="DIR_OR_JSON",
                    help="instead of training: combine the rows of earlier runs (their long_context directories, or "
                         "saved results.json files)")
@@ -291,6 +329,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.merge:
         return merge(args)
+    if args.rescore:
+        return rescore(args)
     work = Path(args.work)
     out_dir = work / "long_context"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -310,22 +350,20 @@ def main(argv=None) -> int:
         seconds, rss = run_measured(train_command(args, binary, run_dir, attention, memory, extra),
                                     run_dir / "train.log")
         log = (run_dir / "train.log").read_text()
-        evaluation = ["fairseq-eval-lm", binary, "--user-dir", "fluence_fairseq", "--task", "fluence_lm_stream",
-                      "--path", run_dir / "checkpoint_last.pt", "--gen-subset", args.eval_subset,
-                      "--batch-size", args.eval_batch_size,
-                      "--tokens-per-sample", args.segment, "--cpu", "--num-workers", 0]
-        if not memory:
-            evaluation += ["--stream-without-memory"]
-        eval_seconds, _ = run_measured(evaluation, run_dir / "eval.log")
-        bpc = float(re.search(r"Loss \(base 2\): ([0-9.]+)", (run_dir / "eval.log").read_text()).group(1))
+        bpc, eval_seconds = score(args, binary, run_dir, memory)
         results[row] = {"attention": attention, "memory": memory, "test_bpc": bpc, "train_seconds": seconds,
                         "peak_rss_mb": rss, "eval_seconds": eval_seconds, "settings": settings(args),
                         "finished": datetime.now().isoformat(timespec="seconds"), **parse_log(log)}
+        if memory:  # the same weights with the memory dropped at test: what the model draws from it
+            results[row]["test_bpc_memory_dropped"] = score(args, binary, run_dir, False, DROPPED_LOG)[0]
         if attention == "adaptive_span":  # the learned span of every head (the paper's figure)
             subprocess.run(["fluence-plot", "spans", run_dir / "checkpoint_last.pt", "-o", out_dir / f"spans_{row}.png",
                             "--include-ramp", "--title", f"{row}: learned spans (with the ramp) after "
                             f"{args.max_update} updates"], check=True, capture_output=True)
         print(f"{row}: {bpc:.3f} bpc, {seconds:.0f} s, {results[row]['wps']} chars/s", flush=True)
+        # the file as it is now, with this row: what another process (--rescore, another sitting) wrote meanwhile stays
+        saved = out_dir / "results.json"
+        results = {**(json.loads(saved.read_text()) if saved.exists() else {}), row: results[row]}
         write_results(args, results, out_dir)
     print(write_results(args, results, out_dir))
     plot({row: r for row, r in results.items() if r.get("settings") == settings(args)}, out_dir / "bpc_vs_time.png")

@@ -70,7 +70,9 @@ def test_targets_are_checked_on_the_rows_present(lc, tmp_path):
                "abc": row("abc", False, 2.3, 9000.0), "abc_mem": row("abc", True, 2.2, 7500.0),
                "s4d": row("s4d", False, 2.3, 9000.0), "s4d_mem": row("s4d", True, 2.31, 8500.0),
                "local": row("local", False, 2.3, 9000.0), "local_mem": row("local", True, 2.2, 4000.0)}
+    results["abc_mem"]["test_bpc_memory_dropped"] = 2.4
     text = lc.write_results(args, results, tmp_path)
+    assert "| abc_mem | yes | 2.200 | 2.400 |" in text and "| abc | no | 2.300 | - |" in text
     assert "2.1 test bpc: 2.072, met" in text
     assert "2.080 vs 2.050 (+0.030), **missed**" in text  # 0.03 above softmax with memory
     assert "softmax with memory's: 0.50x, met" in text
