@@ -17,8 +17,8 @@ last update), then scores the test stream with ``fairseq-eval-lm`` (cut into ``-
 
 Per row: test bits per character (memory rows also with the memory dropped at test: the same weights scoring each
 segment alone, which shows what the model draws from its memory; ``--rescore`` fills that column in for rows
-trained before it existed), training characters per second (fairseq's ``wps``), peak resident memory of training, mean and max learned span (adaptive span), and the validation bpc against training time (a plot). The
-table, followed by the issue's targets checked on its rows (met or missed, with the numbers), goes to
+trained before it existed), training characters per second (fairseq's ``wps``), peak resident memory of training,
+mean and max learned span (adaptive span), and the validation bpc against training time (a plot). The table, followed by the issue's targets checked on its rows (met or missed, with the numbers), goes to
 ``WORK/long_context/results.md`` (or ``--out``), the curves to ``bpc_vs_time.png`` and the learned
 span of every head of the adaptive-span rows (``fluence-plot spans``) to ``spans_<row>.png`` beside it.
 ``--resume`` skips the rows ``results.json`` already has with the same settings, so the same command continues a

@@ -318,12 +318,13 @@ class AdaptiveSpanAttention(FluenceAttention):
         )
         self.block_size = block_size
 
-    def head_windows(self) -> list:
+    def head_windows(self, ratios: Optional[list] = None) -> list:
         """Keys per query each head's span reaches, the query itself included: distances ``0 .. floor(z S) + R``
         (clipped to attn_span). The farthest of them has mask 0 when ``z S`` is a whole number, but its gradient
-        moves the span (see :meth:`AdaptiveSpan.log_mask`)."""
+        moves the span (see :meth:`AdaptiveSpan.log_mask`). ``ratios``: the span ratios as a list, if already read."""
         span = self.adaptive_span
-        return [min(span.attn_span, math.floor(z * span.attn_span + span.ramp) + 1) for z in span.ratios().tolist()]
+        ratios = span.ratios().tolist() if ratios is None else ratios
+        return [min(span.attn_span, math.floor(z * span.attn_span + span.ramp) + 1) for z in ratios]
 
     def window(self) -> int:
         """Keys per query the widest head's span reaches (see :meth:`head_windows`)."""
@@ -333,33 +334,34 @@ class AdaptiveSpanAttention(FluenceAttention):
         return self.window() if self.adaptive_span.cache else self.adaptive_span.attn_span
 
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
+        ratios = self.adaptive_span.ratios().tolist()  # read once per call (one host sync)
+        reaches = [w - 1 for w in self.head_windows(ratios)]  # largest distance with a nonzero mask, per head
         # the keys a query can reach at all: the segment's earlier positions and the memory before it
         reachable = max(query_offset + q.size(2) - 1, k.size(2) - 1 - query_offset)
-        reaches = [w - 1 for w in self.head_windows()]  # largest distance with a nonzero mask, per head
         if need_weights or not self.group_heads:
             groups = [list(range(self.num_heads))]
         else:
             groups = head_groups(reaches, reachable)
         if len(groups) == 1:
-            return self._attend_heads(q, k, v, None, max(reaches), reachable, key_padding_mask, attn_mask,
+            return self._attend_heads(q, k, v, groups[0], ratios, reaches, reachable, key_padding_mask, attn_mask,
                                       query_offset, need_weights)
-        outs = [self._attend_heads(_heads(q, g), _heads(k, g), _heads(v, g), g, max(reaches[h] for h in g),
-                                   reachable, key_padding_mask, attn_mask, query_offset, False)[0] for g in groups]
+        outs = [self._attend_heads(_heads(q, g), _heads(k, g), _heads(v, g), g, ratios, reaches, reachable,
+                                   key_padding_mask, attn_mask, query_offset, False)[0] for g in groups]
         order = [h for g in groups for h in g]
         out = torch.cat(outs, dim=1)
         if order != sorted(order):
             out = out.index_select(1, torch.tensor(order, device=out.device).argsort())
         return out, None
 
-    def _attend_heads(self, q, k, v, heads, reach, reachable, key_padding_mask, attn_mask, query_offset,
+    def _attend_heads(self, q, k, v, heads, ratios, reaches, reachable, key_padding_mask, attn_mask, query_offset,
                       need_weights):
-        """Band attention of the heads ``heads`` (None = all) over the band of the widest of them."""
+        """Band attention of the heads ``heads`` (q, k, v hold just those) over the band of the widest of them."""
         span = self.adaptive_span
-        ratios = span.ratios() if heads is None else span.ratios()[heads]
+        reach = max(reaches[h] for h in heads)
         # every allowed key has mask 1 when the smallest span reaches the farthest key: skip the bias
-        saturated = ratios.min().item() * span.attn_span > min(reach, reachable)  # strictly: m = 1, no gradient
+        saturated = min(ratios[h] for h in heads) * span.attn_span > min(reach, reachable)  # strictly: m = 1
         bias = self.relative_bias(None if saturated else span.log_mask)
-        if bias is not None and heads is not None:
+        if bias is not None and len(heads) < self.num_heads:
             full, index = bias, torch.tensor(heads, device=q.device)
             bias = lambda rel: full(rel).index_select(0, index)  # noqa: E731
         return band_attention(
