@@ -173,10 +173,14 @@ class _LongShort(torch.autograd.Function):
             if n_vis:
                 o += torch.matmul(p[..., :n_vis].reshape(bsz, heads, count * bq, n_vis),
                                   vg_s[:, :, :n_vis]).view(bsz, heads, count, bq, dim)
+            if gen is not None:
+                # b + P_g (vg - b) stands for b * rowsum(P_band) + P_g vg only while rows sum to one; dropped
+                # rows do not, and each kept band value carries b itself
+                o += b5 * (p.sum(-1, keepdim=True) - 1)
             hi = min(length, g1 * bq)
             out[:, :, g0 * bq:hi] = o.view(bsz, heads, -1, dim)[:, :, :hi - g0 * bq]
         ctx.save_for_backward(q, y_kp, y_vp, rstd, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad,
-                              weights, zk, zv, out, slopes)
+                              weights, zk, zv, slopes)
         ctx.cfg = cfg
         return out
 
@@ -277,7 +281,7 @@ class _LongShort(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (q, y_kp, y_vp, rstd, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad, weights, zk, zv,
-         out, slopes) = ctx.saved_tensors
+         slopes) = ctx.saved_tensors
         causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per = ctx.cfg
         bsz, heads, length, dim = q.shape
         acc = _acc(q.dtype)
@@ -319,21 +323,25 @@ class _LongShort(torch.autograd.Function):
                                              alibi)
             p = torch.softmax(s, dim=-1)
             g_out = _rows(grad_out, g0 * bq, rows).reshape(bsz, heads, count, bq, dim)
-            o = _rows(out, g0 * bq, rows).reshape(bsz, heads, count, bq, dim)
-            # band entries of dP lack the per-row constant dO . b (as the global ones, via vg_s): shift delta too
-            delta = (g_out.to(acc) * (o - b_l.unsqueeze(1)).to(acc)).sum(-1, keepdim=True)
             kw = _LongShort._window(y_kp, g0, g1, bq, kb)
             vw = _LongShort._window(y_vp, g0, g1, bq, kb)
             grad_p = torch.matmul(g_out * w5, vw.transpose(-1, -2))  # (B, H, G, bq, kb)
             if n_vis:
                 gp_g = torch.matmul(g_out.reshape(bsz, heads, rows, dim), vg_s[:, :, :n_vis].transpose(-1, -2))
                 grad_p = torch.cat([gp_g.view(bsz, heads, count, bq, n_vis), grad_p], -1)
+            # grad_p lacks the per-row constant dO . b (band values are w * y, global ones vg - b). Without
+            # dropout it cancels in the softmax backward (rows of p sum to one); with dropout the kept entries
+            # carry it scaled, so it is added back first
             grad_p = grad_p.to(acc)
             if gen is not None:
                 keep = torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen) / (1 - dropout_p)
-                p_used, grad_p = (p * keep).to(q.dtype), grad_p * keep
+                row_bias = (g_out * b_l.view(1, heads, 1, 1, dim)).sum(-1, keepdim=True).to(acc)
+                p_used, grad_p = (p * keep).to(q.dtype), grad_p.add_(row_bias).mul_(keep)
             else:
                 p_used = p.to(q.dtype)
+            # rowsum(P * dP) from the recomputed probabilities: the output need not be kept for backward
+            width = p.size(-1)
+            delta = torch.bmm(p.reshape(-1, 1, width), grad_p.reshape(-1, width, 1)).view(*p.shape[:-1], 1)
             grad_s = grad_p.sub_(delta).mul_(p).to(q.dtype)
             gs_w = grad_s[..., n_vis:]
             gq = torch.matmul(gs_w, kw).mul_(w5)  # d(q . kn) / dq with kn = y * w + b, minus the b part ...
@@ -366,16 +374,22 @@ class _LongShort(torch.autograd.Function):
         # ---- global columns backward
         grad_zk, grad_zv = torch.autograd.grad((kg_r, vg_r), leaves[:2], (grad_kg, grad_vg), retain_graph=True)
         if causal:
-            m = n_chunks
-            yk5 = y_k[:, :, :used].reshape(bsz, heads, m, chunk, dim)
-            yv5 = y_v[:, :, :used].reshape(bsz, heads, m, chunk, dim)
-            gzk5 = grad_zk.view(bsz, heads, m, rank, dim)
-            gzv5 = grad_zv.view(bsz, heads, m, rank, dim)
-            grad_weights = (torch.matmul(yk5, gzk5.transpose(-1, -2)) + torch.matmul(yv5, gzv5.transpose(-1, -2)))
-            grad_weights = grad_weights.view(bsz, heads, used, rank)
-            w5c = weights.reshape(bsz, heads, m, chunk, rank)
-            grad_kn[:, :, :used] += torch.matmul(w5c, gzk5).view(bsz, heads, used, dim)
-            grad_vn[:, :, :used] += torch.matmul(w5c, gzv5).view(bsz, heads, used, dim)
+            # in row pieces of whole chunks (rows_per is a multiple of chunk): the products and the batched
+            # matmul's copies of the strided y rows stay ~4 MiB instead of L x D each
+            gzk5 = grad_zk.view(bsz, heads, n_chunks, rank, dim)
+            gzv5 = grad_zv.view(bsz, heads, n_chunks, rank, dim)
+            grad_weights = weights.new_empty(bsz, heads, used, rank)
+            for a in range(0, used, rows_per):
+                n = min(rows_per, used - a)
+                c0, c1 = a // chunk, (a + n) // chunk
+                gzk, gzv = gzk5[:, :, c0:c1], gzv5[:, :, c0:c1]
+                yk5, yv5 = (y[:, :, a:a + n].unflatten(2, (c1 - c0, chunk)) for y in (y_k, y_v))
+                gw = torch.matmul(yk5, gzk.transpose(-1, -2))
+                gw += torch.matmul(yv5, gzv.transpose(-1, -2))
+                grad_weights[:, :, a:a + n] = gw.view(bsz, heads, n, rank)
+                w5c = weights[:, :, a:a + n].unflatten(2, (c1 - c0, chunk))
+                grad_kn[:, :, a:a + n] += torch.matmul(w5c, gzk).view(bsz, heads, n, dim)
+                grad_vn[:, :, a:a + n] += torch.matmul(w5c, gzv).view(bsz, heads, n, dim)
         else:
             grad_weights = torch.matmul(y_k, grad_zk.transpose(-1, -2)) + torch.matmul(y_v, grad_zv.transpose(-1, -2))
             for a in range(0, length, rows_per):

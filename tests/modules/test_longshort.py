@@ -37,8 +37,9 @@ def _randomize(attn, seed=3):
     return attn
 
 
-def noncausal_reference(attn, q, k, v, kpm):
-    """Dense (L, r + L) score matrix: [landmarks || band keys], one softmax."""
+def noncausal_reference(attn, q, k, v, kpm, keep=None):
+    """Dense (L, r + L) score matrix: [landmarks || band keys], one softmax; ``keep`` (B, H, L, r + L) scales the
+    probabilities (attention dropout) before they weight the values."""
     bsz, heads, length, dim = q.shape
     w, r = attn.window_size, attn.num_landmarks
     kn, vn = _ln(k, attn.ln_local_weight, attn.ln_local_bias), _ln(v, attn.ln_local_weight, attn.ln_local_bias)
@@ -53,6 +54,8 @@ def noncausal_reference(attn, q, k, v, kpm):
     allowed = allowed.view(1, 1, length, r + length) & torch.cat(
         [torch.ones(bsz, r, dtype=torch.bool), ~kpm], 1).view(bsz, 1, 1, r + length)
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
+    if keep is not None:
+        probs = probs * keep
     return probs @ torch.cat([vbar, vn], 2)
 
 
@@ -108,6 +111,40 @@ def test_noncausal_equals_dense_reference(block_size):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+def test_dropout_weights_the_values_with_the_kept_probabilities():
+    """With attention dropout the output is (P * keep) @ [landmark values || band values], as in the reference:
+    the band values' bias counts once per kept probability, not once per row. The op draws one mask per group of
+    query blocks from its seed; at this size one group holds every block, so the mask is redrawn here."""
+    bsz, heads, length, window, bq, r, p_drop = 2, 4, 19, 2, 4, 3, 0.4
+    attn = _randomize(FSLongShort(32, heads, num_landmarks=r, ls_window_size=window, block_size=bq))
+    q, k, v = _heads(bsz, length)
+    kpm = torch.zeros(bsz, length, dtype=torch.bool)
+    kpm[1, -3:] = True
+    torch.manual_seed(7)
+    with torch.no_grad():
+        got = long_short_attention(q, k, v, ln_local=(attn.ln_local_weight, attn.ln_local_bias),
+                                   ln_global=(attn.ln_global_weight, attn.ln_global_bias),
+                                   proj_weight=attn.proj_weight, proj_bias=attn.proj_bias, key_padding_mask=kpm,
+                                   causal=False, window=window, block_size=bq, dropout_p=p_drop)
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**62, ()))
+    nblocks, kb = math.ceil(length / bq), bq + 2 * window
+    drawn = torch.empty(bsz, heads, nblocks, bq, r + kb).bernoulli_(
+        1 - p_drop, generator=torch.Generator().manual_seed(seed)) / (1 - p_drop)
+    keep = torch.zeros(bsz, heads, length, r + length)
+    for i in range(length):
+        block, row = divmod(i, bq)
+        keep[:, :, i, :r] = drawn[:, :, block, row, :r]
+        for c in range(kb):
+            j = block * bq + c - window
+            if 0 <= j < length:
+                keep[:, :, i, r + j] = drawn[:, :, block, row, r + c]
+    assert 0.2 < float((drawn == 0).float().mean()) < 0.6
+    with torch.no_grad():
+        want = noncausal_reference(attn, q, k, v, kpm, keep=keep)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("alibi", [False, True])
 @pytest.mark.parametrize("block_size,window,chunk,rank", [(None, 3, 2, 2), (4, 3, 2, 2), (5, 4, 3, 1)])
 def test_causal_equals_dense_reference(block_size, window, chunk, rank, alibi):
@@ -125,10 +162,12 @@ def test_causal_equals_dense_reference(block_size, window, chunk, rank, alibi):
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("causal,window,block,row_chunk,alibi", [(False, 1, 3, None, False), (True, 2, 2, 4, False),
-                                                                 (True, 2, 2, 4, True)])
-def test_long_short_function_gradcheck_float64(causal, window, block, row_chunk, alibi):
-    """The hand-written backward (recomputation, in-place layer-norm backward) against finite differences."""
+@pytest.mark.parametrize("causal,window,block,row_chunk,alibi,dropout", [
+    (False, 1, 3, None, False, 0.0), (True, 2, 2, 4, False, 0.0), (True, 2, 2, 4, True, 0.0),
+    (False, 1, 3, None, False, 0.4), (True, 2, 2, 4, True, 0.4)])
+def test_long_short_function_gradcheck_float64(causal, window, block, row_chunk, alibi, dropout):
+    """The hand-written backward (recomputation, in-place layer-norm backward) against finite differences, with
+    attention dropout too (the same mask at every call: the global seed is reset before each)."""
     g = torch.Generator().manual_seed(4)
     heads, dim, rank, length = 2, 3, 2, 10
 
@@ -142,9 +181,10 @@ def test_long_short_function_gradcheck_float64(causal, window, block, row_chunk,
     kpm[0, 2] = kpm[1, -3:] = True
 
     def fn(q, k, v, lw, lb, gw, gb, pw, pb):
+        torch.manual_seed(0)
         return long_short_attention(q, k, v, ln_local=(lw, lb), ln_global=(gw, gb), proj_weight=pw, proj_bias=pb,
                                     key_padding_mask=kpm, causal=causal, window=window, chunk_size=2,
-                                    block_size=block, row_chunk=row_chunk,
+                                    block_size=block, row_chunk=row_chunk, dropout_p=dropout,
                                     alibi_slopes=torch.tensor([0.5, 0.125], dtype=torch.float64) if alibi else None)
 
     inputs = [t.clone().requires_grad_(True) for t in (q, k, v, *params)]
