@@ -374,9 +374,13 @@ class _ChunkedCausalABC(torch.autograd.Function):
         bsz, heads, length, dim = q.shape
         n, slots = length // chunk, alpha_k.size(-1)
         out = torch.empty_like(q)  # keeps q's layout (dense strides are preserved)
-        stats = alpha_k.new_empty(4, bsz, heads, n, chunk, slots)  # k_row_den, v_row_den, slot_scores, probs
-        k_row_den_all, v_row_den_all, scores_all, probs_all = stats.unbind(0)
-        in_num_all = q.new_empty(2, bsz, heads, n, slots, dim)
+        # backward recomputes everything else from these: the slot scores (the only (L, r) statistic that costs
+        # chunk products) and the state entering each group (numerators, denominators, references)
+        scores_all = alpha_k.new_empty(bsz, heads, n, chunk, slots)
+        n_groups = -(-n // group)
+        entry_num = k_num.new_empty(n_groups, 2, bsz, heads, slots, dim)
+        entry_den = k_den.new_empty(n_groups, 2, bsz, heads, slots)
+        entry_max = k_max.new_empty(n_groups, 2, bsz, heads, slots)
         kept_all = torch.empty(bsz, heads, n, chunk, slots, dtype=torch.bool, device=q.device) \
             if dropout_p > 0.0 else None
         for c0 in range(0, n, group):
@@ -388,6 +392,12 @@ class _ChunkedCausalABC(torch.autograd.Function):
 
             qc, kc, vc = chunks(q), chunks(k), chunks(v)
             k_e, v_e = k_ends[:, :, c0:c1], v_ends[:, :, c0:c1]
+            for i, t in enumerate((k_num, v_num)):
+                entry_num[c0 // group, i] = t
+            for i, t in enumerate((k_den, v_den)):
+                entry_den[c0 // group, i] = t
+            for i, t in enumerate((k_max, v_max)):
+                entry_max[c0 // group, i] = t
 
             k_exps = torch.sub(_view_chunks(alpha_k, s0, s1, chunk), k_e.unsqueeze(3)).exp_()
             k_in_num, k_in_den, k_sum_num, k_sum_den = _carry(_decay_matrix(k_e), k_exps, kc, k_e, k_num, k_den,
@@ -414,18 +424,14 @@ class _ChunkedCausalABC(torch.autograd.Function):
             del mix
             _add_matmul_(out_g, w, v_in_num)
             out[:, :, s0:s1] = out_g.view(bsz, heads, s1 - s0, dim)
-            k_row_den_all[:, :, c0:c1] = k_row_den
-            v_row_den_all[:, :, c0:c1] = v_row_den
             scores_all[:, :, c0:c1] = slot_scores
-            probs_all[:, :, c0:c1] = probs
-            in_num_all[0, :, :, c0:c1] = k_in_num
-            in_num_all[1, :, :, c0:c1] = v_in_num
             # the state leaving the group, at its last chunk's reference
             k_num, k_den, k_max = k_in_num[:, :, -1] + k_sum_num[:, :, -1], k_in_den[:, :, -1] + k_sum_den[:, :, -1], \
                 k_e[:, :, -1]
             v_num, v_den, v_max = v_in_num[:, :, -1] + v_sum_num[:, :, -1], v_in_den[:, :, -1] + v_sum_den[:, :, -1], \
                 v_e[:, :, -1]
-        ctx.save_for_backward(q, k, v, alpha_k, alpha_v, k_ends, v_ends, in_num_all, stats, kept_all)
+        ctx.save_for_backward(q, k, v, alpha_k, alpha_v, k_ends, v_ends, scores_all, entry_num, entry_den,
+                              entry_max, kept_all)
         ctx.chunk, ctx.group, ctx.dropout_p = chunk, group, dropout_p
         final = tuple(t.contiguous() for t in (k_num, k_den, k_max, v_num, v_den, v_max))
         ctx.mark_non_differentiable(*final)
@@ -433,7 +439,8 @@ class _ChunkedCausalABC(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, *unused):
-        q, k, v, alpha_k, alpha_v, k_ends, v_ends, in_num_all, stats, kept_all = ctx.saved_tensors
+        (q, k, v, alpha_k, alpha_v, k_ends, v_ends, scores_all, entry_num, entry_den, entry_max,
+         kept_all) = ctx.saved_tensors
         chunk, group, dropout_p = ctx.chunk, ctx.group, ctx.dropout_p
         bsz, heads, length, dim = q.shape
         n = length // chunk
@@ -451,13 +458,24 @@ class _ChunkedCausalABC(torch.autograd.Function):
             k_e, v_e = k_ends[:, :, c0:c1], v_ends[:, :, c0:c1]
             k_m0 = k_ends[:, :, c0 - 1] if c0 > 0 else None
             v_m0 = v_ends[:, :, c0 - 1] if c0 > 0 else None
-            k_row_den, v_row_den, slot_scores, probs = stats[:, :, :, c0:c1].unbind(0)
-            k_in_num, v_in_num = in_num_all[:, :, :, c0:c1].unbind(0)
+            slot_scores = scores_all[:, :, c0:c1]
+            probs = torch.softmax(slot_scores * dim ** -0.5, dim=-1)
             kept = None if kept_all is None else kept_all[:, :, c0:c1]
             dropped = probs if kept is None else probs * kept / (1.0 - dropout_p)
+            # the group's carried state and row denominators, recomputed exactly as forward made them
+            entry = c0 // group
+            k_exps = torch.sub(_view_chunks(alpha_k, s0, s1, chunk), k_e.unsqueeze(3)).exp_()
+            v_exps = torch.sub(_view_chunks(alpha_v, s0, s1, chunk), v_e.unsqueeze(3)).exp_()
+            k_decay, v_decay = _decay_matrix(k_e), _decay_matrix(v_e)
+            k_in_num, k_in_den, _, _ = _carry(k_decay, k_exps, kc, k_e, entry_num[entry, 0], entry_den[entry, 0],
+                                              entry_max[entry, 0])
+            v_in_num, v_in_den, _, _ = _carry(v_decay, v_exps, vc, v_e, entry_num[entry, 1], entry_den[entry, 1],
+                                              entry_max[entry, 1])
+            k_row_den = _nonzero_(k_exps.cumsum(dim=3).add_(k_in_den.unsqueeze(3)))
+            v_row_den = _nonzero_(v_exps.cumsum(dim=3).add_(v_in_den.unsqueeze(3)))
+            del k_in_den, v_in_den
 
             # values: out = tril(w E_v^T) V + w N_v,  w = dropped / den_v
-            v_exps = torch.sub(_view_chunks(alpha_v, s0, s1, chunk), v_e.unsqueeze(3)).exp_()
             w = dropped / v_row_den
             mix = torch.matmul(w, v_exps.transpose(-1, -2)).tril_()
             g_vc = torch.matmul(mix.transpose(-1, -2), g_out)
@@ -471,7 +489,7 @@ class _ChunkedCausalABC(torch.autograd.Function):
             g_dropped = g_w.div_(v_row_den)
             g_v_den = (g_dropped * w).neg_()
             g_v_exps += _reverse_cumsum(g_v_den, 3)
-            g_v_state = _carry_backward(_decay_matrix(v_e), v_exps, vc, v_e, v_m0, g_v_in_num, g_v_den.sum(3),
+            g_v_state = _carry_backward(v_decay, v_exps, vc, v_e, v_m0, g_v_in_num, g_v_den.sum(3),
                                         g_v_exps, g_vc, g_v_state)
             g_alpha_v[:, :, s0:s1] = g_v_exps.mul_(v_exps).view(bsz, heads, s1 - s0, -1)
             g_v[:, :, s0:s1] = g_vc.view(bsz, heads, s1 - s0, dim)
@@ -484,7 +502,6 @@ class _ChunkedCausalABC(torch.autograd.Function):
             g_k_den = (g_row_num * slot_scores).neg_()
 
             # keys: row_num = tril(Q K^T) E_k + Q N_k^T
-            k_exps = torch.sub(_view_chunks(alpha_k, s0, s1, chunk), k_e.unsqueeze(3)).exp_()
             qk = torch.matmul(qc, kc.transpose(-1, -2)).tril_()
             g_k_exps = torch.matmul(qk.transpose(-1, -2), g_row_num)
             del qk
@@ -495,7 +512,7 @@ class _ChunkedCausalABC(torch.autograd.Function):
             del g_qk
             g_k_in_num = torch.matmul(g_row_num.transpose(-1, -2), qc)
             g_k_exps += _reverse_cumsum(g_k_den, 3)
-            g_k_state = _carry_backward(_decay_matrix(k_e), k_exps, kc, k_e, k_m0, g_k_in_num, g_k_den.sum(3),
+            g_k_state = _carry_backward(k_decay, k_exps, kc, k_e, k_m0, g_k_in_num, g_k_den.sum(3),
                                         g_k_exps, g_kc, g_k_state)
             g_alpha_k[:, :, s0:s1] = g_k_exps.mul_(k_exps).view(bsz, heads, s1 - s0, -1)
             g_k[:, :, s0:s1] = g_kc.view(bsz, heads, s1 - s0, dim)

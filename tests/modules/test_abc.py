@@ -230,6 +230,20 @@ def test_fused_groups_of_chunks_backward_and_state():
     assert torch.autograd.gradcheck(lambda *a: causal_abc(*a, chunk_size=2, block_chunks=2)[0], small)
 
 
+def test_fused_backward_from_a_carried_state_equals_autograd():
+    """A segment that starts from the previous segment's state (memory over a stream): backward rebuilds each
+    group's carried numerators from the state entering it, so the state must enter the first group too."""
+    inputs = _op_inputs(length=40)
+    _, state = causal_abc(*(t[:, :, :17] for t in inputs), chunk_size=3)
+    inputs = [t[:, :, 17:].clone().requires_grad_() for t in inputs]
+    grad = torch.randn(2, 2, 23, 5, dtype=torch.double)
+    plain = torch.autograd.grad((causal_abc(*inputs, state, chunk_size=3, fused=False)[0] * grad).sum(), inputs)
+    for groups in (1, 3, 64):
+        out, _ = causal_abc(*inputs, state, chunk_size=3, block_chunks=groups)
+        for a, b in zip(torch.autograd.grad((out * grad).sum(), inputs), plain):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
 def test_fused_dropout_backward_matches_its_forward():
     """With dropout the fused backward uses the mask its forward drew: a finite-difference check of the same
     draw (the RNG reseeded before every call)."""
