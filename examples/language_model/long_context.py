@@ -18,7 +18,8 @@ last update), then scores the test stream with ``fairseq-eval-lm`` (cut into ``-
 Per row: test bits per character (memory rows also with the memory dropped at test: the same weights scoring each
 segment alone, which shows what the model draws from its memory; ``--rescore`` fills that column in for rows
 trained before it existed), training characters per second (fairseq's ``wps``), peak resident memory of training,
-mean and max learned span (adaptive span), and the validation bpc against training time (a plot). The table, followed by the issue's targets checked on its rows (met or missed, with the numbers), goes to
+mean and max learned span (adaptive span), and the validation bpc against training time (a plot). The table,
+followed by the issue's targets checked on its rows (met or missed, with the numbers), goes to
 ``WORK/long_context/results.md`` (or ``--out``), the curves to ``bpc_vs_time.png`` and the learned
 span of every head of the adaptive-span rows (``fluence-plot spans``) to ``spans_<row>.png`` beside it.
 ``--resume`` skips the rows ``results.json`` already has with the same settings, so the same command continues a
@@ -150,8 +151,8 @@ def write_results(args, results, out_dir: Path) -> str:
              f"scored with `fairseq-eval-lm --task fluence_lm_stream --batch-size {args.eval_batch_size}`. Train "
              "chars/s: fairseq's wps over the last epoch; span avg / max: the spans with the ramp, as the last epoch's "
              "training log averages them.", "",
-             "| row | memory | test bpc | memory dropped at test | train chars/s | train s | peak RSS MB | "
-             "span avg / max |",
+             f"| row | memory | {args.eval_subset} bpc | memory dropped at {args.eval_subset} | train chars/s | "
+             "train s | peak RSS MB | span avg / max |",
              "|---|---|---|---|---|---|---|---|"]
     for row, r in results.items():
         spans = f"{r['span_avg']} / {r['span_max']}" if r["span_avg"] is not None else "-"
@@ -184,7 +185,7 @@ def target_lines(args, results) -> list:
 
     if rows("softmax"):
         bpc = results["softmax"]["test_bpc"]
-        lines.append(f"- softmax without memory at most 2.1 test bpc: {bpc:.3f}, {_verdict(bpc <= 2.1)}")
+        lines.append(f"- softmax without memory at most 2.1 {args.eval_subset} bpc: {bpc:.3f}, {_verdict(bpc <= 2.1)}")
     if rows("adaptive_span_mem", "softmax_mem"):
         span, soft = results["adaptive_span_mem"], results["softmax_mem"]
         gap = span["test_bpc"] - soft["test_bpc"]
@@ -195,14 +196,14 @@ def target_lines(args, results) -> list:
                      f"{_verdict(ratio <= 0.6)}")
     if rows("adaptive_span_mem") and results["adaptive_span_mem"]["span_avg"] is not None:
         mean = results["adaptive_span_mem"]["span_avg"]
-        lines.append(f"- adaptive span with memory, mean span at most a quarter of --attn-span ({args.attn_span / 4:g}): "
-                     f"{mean:g}, {_verdict(mean <= args.attn_span / 4)}")
+        lines.append(f"- adaptive span with memory, mean span at most a quarter of --attn-span "
+                     f"({args.attn_span / 4:g}): {mean:g}, {_verdict(mean <= args.attn_span / 4)}")
     for row, (attention, memory, _) in ROWS.items():
         if not memory or not rows(attention, row):
             continue
         with_mem, without = results[row]["test_bpc"], results[attention]["test_bpc"]
-        lines.append(f"- {attention}: memory beats no memory on test bpc: {with_mem:.3f} vs {without:.3f} "
-                     f"({with_mem - without:+.3f}), {_verdict(with_mem < without)}")
+        lines.append(f"- {attention}: memory beats no memory on {args.eval_subset} bpc: {with_mem:.3f} vs "
+                     f"{without:.3f} ({with_mem - without:+.3f}), {_verdict(with_mem < without)}")
         if get_attention(attention).cls.constant_state and results[attention]["wps"] and results[row]["wps"]:
             ratio = results[attention]["wps"] / results[row]["wps"]
             lines.append(f"- {attention} (constant state): training step with carried state at most 1.1x without: "
