@@ -9,7 +9,7 @@ one softmax, as in the paper ("[LN_G(P^T K); LN_L(K)]"), so the two branches com
 :func:`long_short_attention` (training and full-sequence inference) is one autograd node, :class:`_LongShort`:
 queries go in blocks of ``bq``; block ``b`` scores the ``bq + left + right`` keys of its band, taken as one strided
 view of the padded normalised keys (``unfold``, all blocks of a group at once), plus the global columns visible to
-its group's last query. Forward keeps the normalised keys/values, q and the output; backward recomputes the
+its group's last query. Forward keeps the normalised keys/values and q; backward recomputes the
 probabilities group by group (flash-attention style), so memory is a few L x D tensors plus one bounded group of
 scores, whatever the window. :func:`dense_joint_attention` is the same math with a full score matrix (decoding).
 """
@@ -89,10 +89,11 @@ class _LongShort(torch.autograd.Function):
     """The whole long-short attention of one layer (after the q/k/v projections) as one autograd node.
 
     Keys and values are layer-normalised once (``y = (x - mean) * rstd``, before the per-head affine
-    ``kn = y * w + b``) into padded buffers; forward saves only ``y``, ``rstd``, q, the small projection weights
-    ``A`` and the output (an (L, B, H, D) buffer, so the caller's permute + reshape is a view and the tensor is
-    shared with what ``out_proj`` saves). Backward recomputes the probabilities block by block and accumulates
-    the key/value gradients in place: memory stays a few L x D tensors.
+    ``kn = y * w + b``) into padded buffers; forward saves only ``y``, ``rstd``, q and the small projection weights
+    ``A``, and writes the output into an (L, B, H, D) buffer (so the caller's permute + reshape is a view). It does
+    not keep the output: backward takes the softmax backward's row sums ``rowsum(P * dP)`` from the probabilities
+    it recomputes block by block anyway, so the output is freed with ``out_proj``'s backward. Key/value gradients
+    are accumulated in place: memory stays a few L x D tensors.
 
     The affine never touches an L x D tensor: band scores are ``(q * w) . y_j`` (the per-query constant ``q . b``
     is subtracted from the global scores instead, which leaves the softmax unchanged), band values are
