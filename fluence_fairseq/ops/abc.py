@@ -343,6 +343,17 @@ def _carry(decay, exps, x, ends, num0, den0, m0):
     return in_num, in_den, sum_num, sum_den
 
 
+def _group_carry(alpha, x, ends, start, stop, chunk, num0, den0, m0):
+    """One group of chunks (positions ``start .. stop``) entering with state (num0, den0) at reference m0: the
+    exponentials, the decay matrix, the carried numerators/denominators and chunk sums of :func:`_carry`, and
+    each row's denominator. Forward and backward both call this, so backward rebuilds exactly forward's values."""
+    exps = torch.sub(_view_chunks(alpha, start, stop, chunk), ends.unsqueeze(3)).exp_()
+    decay = _decay_matrix(ends)
+    in_num, in_den, sum_num, sum_den = _carry(decay, exps, x, ends, num0, den0, m0)
+    row_den = _nonzero_(exps.cumsum(dim=3).add_(in_den.unsqueeze(3)))
+    return exps, decay, in_num, in_den, sum_num, sum_den, row_den
+
+
 def _nonzero_(den: Tensor) -> Tensor:
     """In-place :func:`_nonzero`."""
     return den.masked_fill_(~(den > 0), 1.0)
@@ -399,10 +410,8 @@ class _ChunkedCausalABC(torch.autograd.Function):
             entry_den[e, 0], entry_den[e, 1] = k_den, v_den
             entry_max[e, 0], entry_max[e, 1] = k_max, v_max
 
-            k_exps = torch.sub(_view_chunks(alpha_k, s0, s1, chunk), k_e.unsqueeze(3)).exp_()
-            k_in_num, k_in_den, k_sum_num, k_sum_den = _carry(_decay_matrix(k_e), k_exps, kc, k_e, k_num, k_den,
-                                                              k_max)
-            k_row_den = _nonzero_(k_exps.cumsum(dim=3).add_(k_in_den.unsqueeze(3)))
+            k_exps, _, k_in_num, k_in_den, k_sum_num, k_sum_den, k_row_den = _group_carry(
+                alpha_k, kc, k_e, s0, s1, chunk, k_num, k_den, k_max)
             qk = torch.matmul(qc, kc.transpose(-1, -2)).tril_()
             row_num = torch.matmul(qk, k_exps)
             del qk
@@ -414,10 +423,8 @@ class _ChunkedCausalABC(torch.autograd.Function):
                 dropped = F.dropout(probs, dropout_p, training=True)
                 kept_all[:, :, c0:c1] = dropped != 0
 
-            v_exps = torch.sub(_view_chunks(alpha_v, s0, s1, chunk), v_e.unsqueeze(3)).exp_()
-            v_in_num, v_in_den, v_sum_num, v_sum_den = _carry(_decay_matrix(v_e), v_exps, vc, v_e, v_num, v_den,
-                                                              v_max)
-            v_row_den = _nonzero_(v_exps.cumsum(dim=3).add_(v_in_den.unsqueeze(3)))
+            v_exps, _, v_in_num, v_in_den, v_sum_num, v_sum_den, v_row_den = _group_carry(
+                alpha_v, vc, v_e, s0, s1, chunk, v_num, v_den, v_max)
             w = dropped / v_row_den
             mix = torch.matmul(w, v_exps.transpose(-1, -2)).tril_()
             out_g = torch.matmul(mix, vc)
@@ -463,17 +470,11 @@ class _ChunkedCausalABC(torch.autograd.Function):
             kept = None if kept_all is None else kept_all[:, :, c0:c1]
             dropped = probs if kept is None else probs * kept / (1.0 - dropout_p)
             # the group's carried state and row denominators, recomputed exactly as forward made them
-            entry = c0 // group
-            k_exps = torch.sub(_view_chunks(alpha_k, s0, s1, chunk), k_e.unsqueeze(3)).exp_()
-            v_exps = torch.sub(_view_chunks(alpha_v, s0, s1, chunk), v_e.unsqueeze(3)).exp_()
-            k_decay, v_decay = _decay_matrix(k_e), _decay_matrix(v_e)
-            k_in_num, k_in_den, _, _ = _carry(k_decay, k_exps, kc, k_e, entry_num[entry, 0], entry_den[entry, 0],
-                                              entry_max[entry, 0])
-            v_in_num, v_in_den, _, _ = _carry(v_decay, v_exps, vc, v_e, entry_num[entry, 1], entry_den[entry, 1],
-                                              entry_max[entry, 1])
-            k_row_den = _nonzero_(k_exps.cumsum(dim=3).add_(k_in_den.unsqueeze(3)))
-            v_row_den = _nonzero_(v_exps.cumsum(dim=3).add_(v_in_den.unsqueeze(3)))
-            del k_in_den, v_in_den
+            e = c0 // group
+            k_exps, k_decay, k_in_num, _, _, _, k_row_den = _group_carry(
+                alpha_k, kc, k_e, s0, s1, chunk, entry_num[e, 0], entry_den[e, 0], entry_max[e, 0])
+            v_exps, v_decay, v_in_num, _, _, _, v_row_den = _group_carry(
+                alpha_v, vc, v_e, s0, s1, chunk, entry_num[e, 1], entry_den[e, 1], entry_max[e, 1])
 
             # values: out = tril(w E_v^T) V + w N_v,  w = dropped / den_v
             w = dropped / v_row_den
