@@ -518,6 +518,9 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
             self._set_input_buffer(incremental_state, buffer)
         if recorder is not None:
             self._record(recorder, weights)
+        # the projected heads are not needed past this point: attentions that keep something else for backward
+        # (copies, features, states) then no longer hold q, k and v alive beside the output projection's forward
+        del q, k, v
 
         out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)
         out = self.out_proj(out)

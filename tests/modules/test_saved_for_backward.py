@@ -46,3 +46,25 @@ def _saved_units(name: str, causal: bool) -> float:
 def test_training_keeps_few_length_sized_tensors_for_backward(name, causal):
     units = _saved_units(name, causal)
     assert 3.0 <= units <= BOUNDS[(name, causal)], f"{name} keeps {units:.2f} (L, B, D) tensors for backward"
+
+
+def test_projected_heads_are_released_before_the_output_projection():
+    """The base drops its q, k, v once the attention has its output: an attention that keeps something else for
+    backward (local attention keeps padded copies) must not have them alive beside the output projection's
+    forward, where they would add three (L, B, D) tensors to the step's peak."""
+    import weakref
+
+    torch.manual_seed(0)
+    attn = get_attention("local").build(DIM, HEADS, dropout=0.0, causal=True).train()
+    refs, alive = [], []
+    attend = attn.attend
+
+    def recording_attend(q, k, v, **kwargs):
+        refs.extend(weakref.ref(t) for t in (q, k, v))
+        return attend(q, k, v, **kwargs)
+
+    attn.attend = recording_attend
+    attn.out_proj.register_forward_pre_hook(lambda module, args: alive.append([r() is not None for r in refs]))
+    x = torch.randn(LENGTH, BATCH, DIM, requires_grad=True)
+    attn(x, x, x, need_weights=False)[0].sum().backward()
+    assert len(refs) == 3 and alive == [[False, False, False]]
