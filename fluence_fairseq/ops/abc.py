@@ -365,7 +365,10 @@ def _view_chunks(t: Tensor, start: int, stop: int, chunk: int) -> Tensor:
 
 
 def _reverse_cumsum(x: Tensor, dim: int) -> Tensor:
-    return x.sum(dim, keepdim=True) - x.cumsum(dim) + x
+    """``out[j] = sum_{t >= j} x[t]``, summed from the end. Not ``total - cumsum + x``: the rows at a chunk's
+    start can have denominators ~1e-7 (a slot score rising through the chunk, as ALiBi's decay makes it), so
+    their entries of ``x`` are ~1e7 and the difference would lose every later row's sum to float32 rounding."""
+    return x.flip(dim).cumsum(dim).flip(dim)
 
 
 class _ChunkedCausalABC(torch.autograd.Function):
