@@ -74,10 +74,12 @@ def _compute_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _max_gap(dtype) -> float:
+def _max_gap(dtype, autograd: bool = False) -> float:
     """Largest drop (in nats) of a row's maximum below its chunk reference that keeps the row's largest term a
-    normal number, with margin."""
-    return 0.7 * -math.log(torch.finfo(dtype).tiny)
+    normal number, with margin. ``autograd``: for the plain-autograd path, whose division backward squares the
+    row denominators (``-g num / den^2``): half the range, or a drop of 45-60 nats in float32 turns the slot
+    gradients into inf - inf = NaN. The fused backward divides once and takes the full range."""
+    return 0.7 * -math.log(torch.finfo(dtype).tiny) / (2 if autograd else 1)
 
 
 # --------------------------------------------------------------------------------------------- noncausal
@@ -196,20 +198,21 @@ def noncausal_abc(
 
 
 # ------------------------------------------------------------------------------------------------ causal
-def _chunk_maxima(alpha: Tensor, m0: Tensor) -> Tuple[Tensor, Tensor, float]:
+def _chunk_maxima(alpha: Tensor, m0: Tensor, limit: Optional[float] = None) -> Tuple[Tensor, Tensor, float]:
     """alpha (B, H, N, C, r), m0 (B, H, r) -> (running max at each chunk's end (B, H, N, r), the same entering
     each chunk, largest drop of a row's own running max below its chunk's end max).
 
     A row's own running max is at least the max entering its chunk, so ``ends - starts`` bounds its drop: the
-    rows themselves are looked at only in the chunks where that bound exceeds :func:`_max_gap` (the first chunk
-    of a fresh state, jumps), elsewhere the bound (no larger than the limit) stands in for the exact drop. Every
-    comparison with the limit comes out as with the exact drops."""
+    rows themselves are looked at only in the chunks where that bound exceeds ``limit`` (default :func:`_max_gap`;
+    the first chunk of a fresh state, jumps), elsewhere the bound (no larger than the limit) stands in for the
+    exact drop. Every comparison with the limit comes out as with the exact drops."""
+    limit = _max_gap(alpha.dtype) if limit is None else limit
     ends = torch.cummax(torch.maximum(alpha.amax(dim=3), m0.unsqueeze(2)), dim=2).values
     starts = torch.cat([m0.unsqueeze(2), ends[:, :, :-1]], dim=2)
     if not alpha.numel():
         return ends, starts, 0.0
     bound = (ends - starts).amax(dim=(0, 1, 3))  # (N,)
-    check = (bound > _max_gap(alpha.dtype)).nonzero().squeeze(-1)
+    check = (bound > limit).nonzero().squeeze(-1)
     gap = bound.max().item()
     if check.numel():
         ends_c, starts_c = ends.index_select(2, check), starts.index_select(2, check)
@@ -264,10 +267,11 @@ def _causal_block(q, k, v, alpha_k, alpha_v, k_num, k_den, k_max, v_num, v_den, 
         return t.contiguous().view(bsz, heads, n, chunk, t.size(-1))
 
     ak, av = chunks(alpha_k), chunks(alpha_v)
+    limit = _max_gap(q.dtype, autograd=True)
     with torch.no_grad():  # the result does not depend on the references: no gradient through them
-        k_ends, _, k_gap = _chunk_maxima(ak, k_max)
-        v_ends, _, v_gap = _chunk_maxima(av, v_max)
-    if chunk > 1 and max(k_gap, v_gap) > _max_gap(q.dtype):
+        k_ends, _, k_gap = _chunk_maxima(ak, k_max, limit)
+        v_ends, _, v_gap = _chunk_maxima(av, v_max, limit)
+    if chunk > 1 and max(k_gap, v_gap) > limit:
         return _redo_in_smaller_chunks(q[:, :, :length], k[:, :, :length], v[:, :, :length],
                                        alpha_k[:, :, :length], alpha_v[:, :, :length],
                                        (k_num, k_den, k_max, v_num, v_den, v_max), chunk, dropout_p)

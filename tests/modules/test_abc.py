@@ -270,6 +270,29 @@ def test_fused_float32_gradients_with_scores_rising_through_a_chunk(carried):
         assert (a.double() - b).norm() <= 1e-5 * b.norm(), name
 
 
+@pytest.mark.parametrize("slope,fused", [(0.8, False), (7.0, True)])
+def test_fallback_float32_gradients_stay_finite_near_the_gap_limit(slope, fused):
+    """The plain-autograd path (``fused=False``, and the fallback for scores jumping > ~60 nats in a chunk, which
+    redoes blocks in chunks 8x smaller) divides by row denominators whose square its backward forms: a chunk's
+    first rows 45-60 nats below its reference (slope 0.8 over 64 rows; slope 7 over the redone 8-row chunks)
+    made them underflow and the slot gradients NaN. That path now redoes chunks past half the range."""
+    q, k, v, ak, av = _op_inputs(length=128, dim=8, slots=4, seed=5)
+    rising = slope * torch.arange(128, dtype=torch.double).view(1, 1, -1, 1)
+    ak, av = ak + rising, av + rising
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(6), dtype=torch.double)
+
+    def grads(dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v, ak, av)]
+        out, _ = causal_abc(*inputs, chunk_size=64, fused=fused)
+        return torch.autograd.grad((out * grad.to(dtype)).sum(), inputs)
+
+    got, want = grads(torch.float32), grads(torch.float64)
+    scale = max(b.norm() for b in want)  # slope 7 leaves q almost no influence: its gradient is ~1e-3 of v's
+    for name, a, b in zip("q k v alpha_k alpha_v".split(), got, want):
+        assert torch.isfinite(a).all(), name
+        assert (a.double() - b).norm() <= 1e-5 * scale, name
+
+
 def test_fused_dropout_backward_matches_its_forward():
     """With dropout the fused backward uses the mask its forward drew: a finite-difference check of the same
     draw (the RNG reseeded before every call)."""
