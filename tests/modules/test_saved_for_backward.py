@@ -5,6 +5,8 @@ projections-only step by keeping fewer L-sized tensors for backward. Timing and 
 counts, at a small size, the distinct storages autograd keeps (q, k and v views, the output projection's input,
 and whatever the attention adds), so that reintroducing a kept logits, probabilities or kernel tensor fails here.
 Each bound sits between the count after that work and the count before it (noted per case)."""
+import weakref
+
 import pytest
 import torch
 
@@ -52,8 +54,6 @@ def test_projected_heads_are_released_before_the_output_projection():
     """The base drops its q, k, v once the attention has its output: an attention that keeps something else for
     backward (local attention keeps padded copies) must not have them alive beside the output projection's
     forward, where they would add three (L, B, D) tensors to the step's peak."""
-    import weakref
-
     torch.manual_seed(0)
     attn = get_attention("local").build(DIM, HEADS, dropout=0.0, causal=True).train()
     refs, alive = [], []
