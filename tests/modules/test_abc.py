@@ -244,6 +244,23 @@ def test_fused_backward_from_a_carried_state_equals_autograd():
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+def _rising_inputs(length, slope, seed):
+    """Op inputs whose slot scores rise by ``slope`` per position (as ALiBi's decay makes them), and an output
+    gradient."""
+    q, k, v, ak, av = _op_inputs(length=length, dim=8, slots=4, seed=seed)
+    rising = slope * torch.arange(length, dtype=torch.double).view(1, 1, -1, 1)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.double)
+    return q, k, v, ak + rising, av + rising, grad
+
+
+def _grads_in(dtype, inputs, grad, state=None, fused=True):
+    """Input gradients of ``causal_abc`` (chunks of 64) computed in ``dtype``."""
+    inputs = [t.to(dtype).requires_grad_() for t in inputs]
+    state = None if state is None else type(state)(*(t.to(dtype) for t in state))
+    out, _ = causal_abc(*inputs, state, chunk_size=64, fused=fused)
+    return torch.autograd.grad((out * grad.to(dtype)).sum(), inputs)
+
+
 @pytest.mark.parametrize("carried", [False, True])
 def test_fused_float32_gradients_with_scores_rising_through_a_chunk(carried):
     """ALiBi's decay adds ``slope * j`` to every slot score: with slope 1/4 and chunks of 64 the first rows of a
@@ -251,22 +268,13 @@ def test_fused_float32_gradients_with_scores_rising_through_a_chunk(carried):
     backward's reverse cumulative sums must add those from the end: computed as ``total - cumsum`` they lost
     the later rows' sums to float32 rounding (slot-score gradients off by 0.6 against a norm of 4; a language
     model with memory diverged after ~2,000 updates). float32 must agree with float64 to float32 precision."""
-    q, k, v, ak, av = _op_inputs(length=256, dim=8, slots=4, seed=3)
-    rising = 0.25 * torch.arange(256, dtype=torch.double).view(1, 1, -1, 1)
-    ak, av = ak + rising, av + rising
-    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(4), dtype=torch.double)
+    *inputs, grad = _rising_inputs(256, 0.25, seed=3)
     state = None
     if carried:
-        _, state = causal_abc(q[:, :, :128], k[:, :, :128], v[:, :, :128], ak[:, :, :128], av[:, :, :128])
-        q, k, v, ak, av, grad = (t[:, :, 128:] for t in (q, k, v, ak, av, grad))
-
-    def grads(dtype):
-        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v, ak, av)]
-        st = None if state is None else type(state)(*(t.to(dtype) for t in state))
-        out, _ = causal_abc(*inputs, st, chunk_size=64)
-        return torch.autograd.grad((out * grad.to(dtype)).sum(), inputs)
-
-    for name, a, b in zip("q k v alpha_k alpha_v".split(), grads(torch.float32), grads(torch.float64)):
+        _, state = causal_abc(*(t[:, :, :128] for t in inputs))
+        inputs, grad = [t[:, :, 128:] for t in inputs], grad[:, :, 128:]
+    got, want = (_grads_in(dtype, inputs, grad, state) for dtype in (torch.float32, torch.float64))
+    for name, a, b in zip("q k v alpha_k alpha_v".split(), got, want):
         assert (a.double() - b).norm() <= 1e-5 * b.norm(), name
 
 
@@ -276,17 +284,8 @@ def test_fallback_float32_gradients_stay_finite_near_the_gap_limit(slope, fused)
     redoes blocks in chunks 8x smaller) divides by row denominators whose square its backward forms: a chunk's
     first rows 45-60 nats below its reference (slope 0.8 over 64 rows; slope 7 over the redone 8-row chunks)
     made them underflow and the slot gradients NaN. That path now redoes chunks past half the range."""
-    q, k, v, ak, av = _op_inputs(length=128, dim=8, slots=4, seed=5)
-    rising = slope * torch.arange(128, dtype=torch.double).view(1, 1, -1, 1)
-    ak, av = ak + rising, av + rising
-    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(6), dtype=torch.double)
-
-    def grads(dtype):
-        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v, ak, av)]
-        out, _ = causal_abc(*inputs, chunk_size=64, fused=fused)
-        return torch.autograd.grad((out * grad.to(dtype)).sum(), inputs)
-
-    got, want = grads(torch.float32), grads(torch.float64)
+    *inputs, grad = _rising_inputs(128, slope, seed=5)
+    got, want = (_grads_in(dtype, inputs, grad, fused=fused) for dtype in (torch.float32, torch.float64))
     scale = max(b.norm() for b in want)  # slope 7 leaves q almost no influence: its gradient is ~1e-3 of v's
     for name, a, b in zip("q k v alpha_k alpha_v".split(), got, want):
         assert torch.isfinite(a).all(), name
