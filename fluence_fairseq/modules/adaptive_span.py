@@ -149,6 +149,11 @@ class AdaptiveSpan(nn.Module):
         """Per-head span ratios in [0, 1], detached, shape (H,)."""
         return self.current_val.detach().view(-1).clamp(0.0, 1.0)
 
+    def mask_dtype(self) -> torch.dtype:
+        """float32 for half-precision spans (a ramp of width R needs more than fp16's 11 bits at large S), the
+        spans' own dtype otherwise: a float64 model's mask and span gradient are exact to float64."""
+        return torch.promote_types(self.current_val.dtype, torch.float32)
+
     def distance(self, rel: Tensor) -> Tensor:
         """Query-minus-key offsets -> distances the mask is defined on (future keys get ``attn_span``)."""
         if self.causal:
@@ -156,9 +161,11 @@ class AdaptiveSpan(nn.Module):
         return rel.abs()
 
     def mask(self, rel: Tensor) -> Tensor:
-        """Soft mask (H, *rel.shape) in float32 for query-minus-key offsets ``rel``; zero beyond ``attn_span``."""
-        d = self.distance(rel).float()
-        z = self.ratio().float().view(self.nb_heads, *([1] * rel.dim()))
+        """Soft mask (H, *rel.shape) for query-minus-key offsets ``rel`` (in :meth:`mask_dtype`); zero beyond
+        ``attn_span``."""
+        dtype = self.mask_dtype()
+        d = self.distance(rel).to(dtype)
+        z = self.ratio().to(dtype).view(self.nb_heads, *([1] * rel.dim()))
         m = ((self.ramp + z * self.attn_span - d) / self.ramp).clamp(0.0, 1.0)
         return m.masked_fill(d >= self.attn_span, 0.0)
 
@@ -172,8 +179,9 @@ class AdaptiveSpan(nn.Module):
         the push to grow a span by 11-40% at z = 0, where ``z S`` is a whole number); here that key gets the mask
         ``LOG_FLOOR`` instead of 0 (a weight of ``e^-46``, invisible in the output) and the gradient of ``log m``
         is divided by it, which is exactly the reference's gradient."""
-        d = self.distance(rel).float()
-        z = self.ratio().float().view(self.nb_heads, *([1] * rel.dim()))
+        dtype = self.mask_dtype()
+        d = self.distance(rel).to(dtype)
+        z = self.ratio().to(dtype).view(self.nb_heads, *([1] * rel.dim()))
         log_m = _LogRamp.apply((self.ramp + z * self.attn_span - d) / self.ramp)
         return log_m.masked_fill(d >= self.attn_span, float("-inf"))
 

@@ -274,3 +274,56 @@ def test_longshort_memory_keeps_the_chunks_of_the_last_mem_len_tokens():
     # within a segment nothing is dropped: the first segments equal the unbounded pass
     attn.set_mem_len(None)
     torch.testing.assert_close(out[:16], _segments(attn, x, sizes)[0][:16], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", STREAMING)
+def test_parameter_gradients_with_a_carried_memory_are_exact(name):
+    """Truncated BPTT treats the carried memory as a constant input. So the gradient of the second segment's loss
+    with respect to each parameter tensor, along a random direction, must equal the central difference of that
+    loss with the memory held fixed (float64, ALiBi on where the attention takes it, ``mem_len`` below the first
+    segment's length so that trimming is exercised). A memory path that detaches something computed from the
+    parameters (a decay, a discretisation, a slot score) fails here; the memory must also matter to the
+    gradient, so the check is not about a zero contribution."""
+    spec = ATTENTIONS[name]
+    torch.manual_seed(0)
+    attn = spec.build(E, H, causal=True, dropout=0.0, **spec.tiny).double().train()
+    if attn.position_scheme == "alibi":
+        attn.set_alibi(True)
+    if hasattr(attn, "set_mem_len"):
+        attn.set_mem_len(7)
+    if name == "adaptive_span":  # spans start at 0, where the clamp makes the central difference one-sided
+        with torch.no_grad():
+            attn.adaptive_span.current_val.copy_(torch.tensor([0.13, 0.31, 0.22, 0.47]).view_as(
+                attn.adaptive_span.current_val))
+    x = _randn(20, B, E, seed=12).double()
+    weight = _randn(8, B, E, seed=13).double()
+    carried = {}
+    with torch.no_grad():
+        attn(x[:12], memory=carried, need_weights=False)
+
+    def loss(memory):
+        memory = {n: t for n, t in memory.items()}  # the attention writes its update into the dict it gets
+        return (attn(x[12:], memory=memory, need_weights=False)[0] * weight).sum()
+
+    attn.zero_grad()
+    loss(carried).backward()
+    grads = {n: p.grad.clone() for n, p in attn.named_parameters() if p.grad is not None}
+    attn.zero_grad()
+    loss({}).backward()
+    without = {n: p.grad.clone() for n, p in attn.named_parameters() if p.grad is not None}
+    assert any(not torch.allclose(grads[n], without[n]) for n in grads), "the memory does not reach the gradient"
+    gen = torch.Generator().manual_seed(14)
+    for n, p in attn.named_parameters():
+        if n not in grads:
+            continue
+        direction = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        eps = 1e-6
+        with torch.no_grad():
+            p.add_(eps * direction)
+            up = loss(carried)
+            p.sub_(2 * eps * direction)
+            down = loss(carried)
+            p.add_(eps * direction)
+        numeric = float((up - down) / (2 * eps))
+        analytic = float((grads[n] * direction).sum())
+        assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric)), (n, analytic, numeric)
