@@ -29,6 +29,7 @@ setup(
             "fluence-prune-layers=fluence_fairseq.cli.prune_layers:main",
             "fluence-prune-weights=fluence_fairseq.cli.prune_weights:main",
             "fluence-sample=fluence_fairseq.cli.sample:main",
+            "fluence-stream-bpc=fluence_fairseq.cli.stream_bpc:main",
         ]
     },
 )

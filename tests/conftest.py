@@ -35,6 +35,17 @@ def lm_bin(tmp_path_factory):
     return H.preprocess_lm(H.create_lm_data(root), root / "data-bin")
 
 
+@pytest.fixture(scope="session")
+def stream_checkpoint(lm_bin, tmp_path_factory):
+    """(checkpoint path, training log) of the tiny ``fluence_lm_stream`` LM trained for 10 updates."""
+    import fairseq_helpers as H
+
+    save = tmp_path_factory.mktemp("stream_ckpt")
+    log = H.run_fairseq("train", [lm_bin, *H.stream_args(), *H.tiny_train_flags(save, 10)])
+    assert "valid on 'valid' subset" in log
+    return save / "checkpoint_last.pt", log
+
+
 def pytest_generate_tests(metafunc):
     """Attention contract tests (tests/attention_contract.py) run once per pattern the attention supports."""
     case = getattr(metafunc.cls, "case", None) if metafunc.cls is not None else None

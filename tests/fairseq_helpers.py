@@ -203,6 +203,17 @@ def tiny_train_flags(save_dir: Path, max_update: int = 8) -> List[str]:
     ]
 
 
+#: a stream LM whose local window (4) fits the 16-token segment: scoring with memory equals one pass exactly
+STREAM_ARCH = "transformer_lm_local_tiny"
+STREAM_MODEL = ["--arch", STREAM_ARCH, "--no-token-positional-embeddings", "--attn-position-bias", "alibi"]
+
+
+def stream_args(extra=()) -> List[str]:
+    """``fluence_lm_stream`` training flags of the tiny stream LM (segments of 16, 4 rows)."""
+    return ["--user-dir", "fluence_fairseq", "--task", "fluence_lm_stream", *STREAM_MODEL, "--tokens-per-sample", "16",
+            "--batch-size", "4", "--criterion", "cross_entropy", *extra]
+
+
 # ----------------------------------------------------------------------------------------- DDP worker
 def ddp_worker(out: Path, train_args: List[str]) -> None:
     """One rank of fairseq training, in-process; saves ``out/rank<R>.pt`` with the model's initial and final state

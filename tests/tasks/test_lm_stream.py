@@ -9,22 +9,6 @@ import torch
 import fairseq_helpers as H
 from test_ddp import run_two_ranks
 
-ARCH = "transformer_lm_local_tiny"  # a window of 4 <= the segment: scoring with memory equals one pass exactly
-STREAM_MODEL = ["--arch", ARCH, "--no-token-positional-embeddings", "--attn-position-bias", "alibi"]
-
-
-def _stream_args(tmp, extra=()):
-    return ["--user-dir", "fluence_fairseq", "--task", "fluence_lm_stream", *STREAM_MODEL, "--tokens-per-sample", "16",
-            "--batch-size", "4", "--criterion", "cross_entropy", *extra]
-
-
-@pytest.fixture(scope="module")
-def stream_checkpoint(lm_bin, tmp_path_factory):
-    save = tmp_path_factory.mktemp("stream_ckpt")
-    log = H.run_fairseq("train", [lm_bin, *_stream_args(save), *H.tiny_train_flags(save, 10)])
-    assert "valid on 'valid' subset" in log
-    return save / "checkpoint_last.pt", log
-
 
 def test_segments_continue_each_row_and_ranks_get_their_own_rows():
     from fluence_fairseq.tasks.lm_stream import StreamSegments
@@ -49,7 +33,7 @@ def _task_and_model(lm_bin, checkpoint=None, extra=()):
         models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)])
         return task, models[0].eval()
     parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, [str(lm_bin), *_stream_args(None, extra), "--cpu"])
+    args = options.parse_args_and_arch(parser, [str(lm_bin), *H.stream_args(extra), "--cpu"])
     task = tasks.setup_task(args)
     return task, task.build_model(args).eval()
 
@@ -162,7 +146,7 @@ def test_mem_len_flag_is_validated_at_parse_time():
 
 def test_two_ranks_train_on_their_streams_and_stay_identical(lm_bin, tmp_path):
     states, logs = run_two_ranks(lm_bin, tmp_path, ["--user-dir", "fluence_fairseq", "--task", "fluence_lm_stream",
-                                                    *STREAM_MODEL, "--tokens-per-sample", "16", "--batch-size", "2",
+                                                    *H.STREAM_MODEL, "--tokens-per-sample", "16", "--batch-size", "2",
                                                     "--criterion", "cross_entropy"])
     for key in states[0]["final"]:
         torch.testing.assert_close(states[0]["final"][key], states[1]["final"][key], atol=0, rtol=0)
