@@ -23,7 +23,8 @@ followed by the issue's targets checked on its rows (met or missed, with the num
 ``WORK/long_context/results.md`` (or ``--out``), the curves to ``bpc_vs_time.png`` and the learned
 span of every head of the adaptive-span rows (``fluence-plot spans``) to ``spans_<row>.png`` beside it.
 ``--resume`` skips the rows ``results.json`` already has with the same settings, so the same command continues a
-comparison that does not fit one sitting.
+comparison that does not fit one sitting. ``--by-position`` then scores the kept checkpoints by position in the
+segment, with and without their memory (``fluence-stream-bpc``): ``by_position.md`` and ``bpc_by_position.png``.
 """
 import argparse
 import json
@@ -291,6 +292,30 @@ def rescore(args) -> int:
     return 0
 
 
+def by_position_command(args, binary, out_dir: Path, rows) -> list:
+    """``fluence-stream-bpc`` over the kept checkpoints of ``rows``, scored as the table scores them."""
+    cmd = [sys.executable, "-m", "fluence_fairseq.cli.stream_bpc", str(binary), "--subset", args.eval_subset,
+           "--batch-size", str(args.eval_batch_size), "--cpu", "--out", str(out_dir / "by_position.md"),
+           "--plot", str(out_dir / "bpc_by_position.png"), "--json", str(out_dir / "by_position.json")]
+    for row in rows:
+        cmd += ["--path", str(out_dir / row / "checkpoint_last.pt"), "--label", row]
+    return cmd
+
+
+def by_position(args) -> int:
+    """Bits per character by position in the segment, with and without the memory, of every row of
+    ``results.json`` (in ``--rows``) whose checkpoint is kept: where in a segment each model's memory pays."""
+    out_dir = Path(args.work) / "long_context"
+    results = json.loads((out_dir / "results.json").read_text())
+    rows = [row for row in args.rows if row in results and (out_dir / row / "checkpoint_last.pt").exists()]
+    if not rows:
+        raise SystemExit(f"--by-position: no row of {out_dir / 'results.json'} in --rows has its checkpoint kept "
+                         f"under {out_dir}/ROW/checkpoint_last.pt (train the rows first)")
+    subprocess.run(by_position_command(args, prepare(args, Path(args.work)), out_dir, rows), check=True)
+    print((out_dir / "by_position.md").read_text())
+    return 0
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
@@ -320,6 +345,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rescore", action="store_true",
                    help="instead of training: score the memory rows of results.json with the memory dropped at "
                         "test, where that column is missing (from their checkpoints)")
+    p.add_argument("--by-position", action="store_true",
+                   help="instead of training: bits per character by position in the segment, with and without the "
+                        "memory, of the rows (of --rows) whose checkpoints are kept (fluence-stream-bpc): "
+                        "by_position.md, bpc_by_position.png and by_position.json beside results.md")
     p.add_argument("--merge", nargs="+", default=None, metavar="DIR_OR_JSON",
                    help="instead of training: combine the rows of earlier runs (their long_context directories, or "
                         "saved results.json files)")
@@ -332,6 +361,8 @@ def main(argv=None) -> int:
         return merge(args)
     if args.rescore:
         return rescore(args)
+    if args.by_position:
+        return by_position(args)
     work = Path(args.work)
     out_dir = work / "long_context"
     out_dir.mkdir(parents=True, exist_ok=True)

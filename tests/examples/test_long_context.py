@@ -84,3 +84,23 @@ def test_targets_are_checked_on_the_rows_present(lc, tmp_path):
     assert "local (constant state)" not in text  # local attention keeps a window, not a constant state
     assert "local: memory beats no memory" in text
     assert "not measured yet (rows not in the table): adaptive_span, performer, performer_mem, longshort" in text
+
+
+def test_by_position_scores_the_kept_checkpoints_of_the_rows_asked_for(lc, tmp_path):
+    out_dir = tmp_path / "long_context"
+    out_dir.mkdir()
+    args = _args(lc, ["--work", str(tmp_path), "--by-position", "--rows", "local", "local_mem", "abc",
+                      "--eval-batch-size", "4"])
+    (out_dir / "results.json").write_text(json.dumps({"local": _row(lc, args, 2.0), "abc": _row(lc, args, 2.1),
+                                                      "local_mem": _row(lc, args, 1.9)}))
+    for row in ("local", "local_mem"):  # abc's checkpoint was not kept
+        (out_dir / row).mkdir()
+        (out_dir / row / "checkpoint_last.pt").write_bytes(b"")
+    cmd = lc.by_position_command(args, tmp_path / "bin", out_dir, ["local", "local_mem"])
+    assert cmd[1:4] == ["-m", "fluence_fairseq.cli.stream_bpc", str(tmp_path / "bin")]
+    assert cmd[cmd.index("--batch-size") + 1] == "4" and cmd[cmd.index("--subset") + 1] == "test"
+    assert [cmd[i + 1] for i, c in enumerate(cmd) if c == "--label"] == ["local", "local_mem"]
+    assert cmd[cmd.index("--out") + 1] == str(out_dir / "by_position.md")
+    empty = _args(lc, ["--work", str(tmp_path), "--by-position", "--rows", "abc"])
+    with pytest.raises(SystemExit, match="no row of .* has its checkpoint kept"):
+        lc.by_position(empty)
