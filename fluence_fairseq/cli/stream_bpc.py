@@ -143,7 +143,7 @@ def plot(results: Dict[str, Dict[str, dict]], out: str, smooth: int = 8) -> None
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from fairseq import checkpoint_utils
 
-    from ..tasks.lm_stream import TASK_NAME
+    from ..tasks.lm_stream import TASK_NAME, StreamLanguageModelingTask
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -165,9 +165,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.tokens_per_sample is not None:
             overrides["tokens_per_sample"] = args.tokens_per_sample
         models, _, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides=overrides)
-        if type(task).__name__ != "StreamLanguageModelingTask":
-            parser.error(f"{path}: trained with --task {task.cfg._name if hasattr(task, 'cfg') else '?'}, not "
-                         f"{TASK_NAME}; this command scores stream language models")
+        if not isinstance(task, StreamLanguageModelingTask):
+            parser.error(f"{path}: trained with --task {getattr(task.args, '_name', None) or type(task).__name__}, not {TASK_NAME}; this "
+                         "command scores stream language models")
         model = models[0].to(device).eval()
         task.load_dataset(args.subset)
         segment = task.args.tokens_per_sample

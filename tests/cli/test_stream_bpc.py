@@ -47,3 +47,12 @@ def test_bad_arguments_are_refused_naming_the_flag(argv, match, capsys):
     with pytest.raises(SystemExit):
         stream_bpc.main(["data", "--path", "ckpt.pt", *argv])
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_a_checkpoint_of_another_task_is_refused_naming_the_task(lm_bin, tmp_path, capsys):
+    save = tmp_path / "plain"
+    H.run_fairseq("train", [lm_bin, "--user-dir", "fluence_fairseq", "--task", "language_modeling", "--arch",
+                            H.STREAM_ARCH, "--tokens-per-sample", "16", *H.tiny_train_flags(save, 1)])
+    with pytest.raises(SystemExit):
+        stream_bpc.main([str(lm_bin), "--path", str(save / "checkpoint_last.pt"), "--cpu"])
+    assert "trained with --task language_modeling, not fluence_lm_stream" in capsys.readouterr().err
