@@ -160,14 +160,19 @@ class AdaptiveSpan(nn.Module):
             return torch.where(rel >= 0, rel, torch.full_like(rel, self.attn_span))
         return rel.abs()
 
-    def mask(self, rel: Tensor) -> Tensor:
-        """Soft mask (H, *rel.shape) for query-minus-key offsets ``rel`` (in :meth:`mask_dtype`); zero beyond
-        ``attn_span``."""
+    def _ramp(self, rel: Tensor):
+        """``((R + z S - d) / R, d)`` in :meth:`mask_dtype` for offsets ``rel``: the unclamped ramp (H, *rel.shape),
+        1 inside the span and 0 at its far end, and the distances."""
         dtype = self.mask_dtype()
         d = self.distance(rel).to(dtype)
         z = self.ratio().to(dtype).view(self.nb_heads, *([1] * rel.dim()))
-        m = ((self.ramp + z * self.attn_span - d) / self.ramp).clamp(0.0, 1.0)
-        return m.masked_fill(d >= self.attn_span, 0.0)
+        return (self.ramp + z * self.attn_span - d) / self.ramp, d
+
+    def mask(self, rel: Tensor) -> Tensor:
+        """Soft mask (H, *rel.shape) for query-minus-key offsets ``rel`` (in :meth:`mask_dtype`); zero beyond
+        ``attn_span``."""
+        x, d = self._ramp(rel)
+        return x.clamp(0.0, 1.0).masked_fill(d >= self.attn_span, 0.0)
 
     def log_mask(self, rel: Tensor) -> Tensor:
         """log of :meth:`mask` for the attention's scores, -inf where the mask is zero, with the reference's
@@ -179,11 +184,8 @@ class AdaptiveSpan(nn.Module):
         the push to grow a span by 11-40% at z = 0, where ``z S`` is a whole number); here that key gets the mask
         ``LOG_FLOOR`` instead of 0 (a weight of ``e^-46``, invisible in the output) and the gradient of ``log m``
         is divided by it, which is exactly the reference's gradient."""
-        dtype = self.mask_dtype()
-        d = self.distance(rel).to(dtype)
-        z = self.ratio().to(dtype).view(self.nb_heads, *([1] * rel.dim()))
-        log_m = _LogRamp.apply((self.ramp + z * self.attn_span - d) / self.ramp)
-        return log_m.masked_fill(d >= self.attn_span, float("-inf"))
+        x, d = self._ramp(rel)
+        return _LogRamp.apply(x).masked_fill(d >= self.attn_span, float("-inf"))
 
     def forward(self, attn: Tensor, normalize: bool = True) -> Tensor:
         """Mask attention probabilities ``attn`` (B, H, Lq, Lk) and renormalise each row.
