@@ -52,6 +52,11 @@ def trace(job: dict) -> dict:
     module.register_forward_hook(lambda *_: mark("forward end"))
     module.out_proj.register_full_backward_pre_hook(lambda *_: mark("out_proj backward starts"))
     module.out_proj.register_full_backward_hook(lambda *_: mark("out_proj backward ends"))
+    # the attention's own backward runs between the output projection's and the first input projection's
+    for name in ("q_proj", "k_proj", "v_proj"):
+        proj = getattr(module, name, None)
+        if proj is not None:
+            proj.register_full_backward_pre_hook(lambda *_, name=name: mark(f"{name} backward starts"))
     parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
 
     def leave_out_input(_, args, kwargs):

@@ -144,6 +144,11 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     #: projections stay in low precision): for methods whose own autograd kernels keep float32 accumulators or
     #: whose selections (top-k) are too brittle in 16 bits
     float32_math: bool = False
+    #: set by the base while :meth:`attend` runs on heads that nothing reads after the call (a whole pass without
+    #: decoding cache or segment memory, q, k and v from three projections): the math may then write their
+    #: gradients over them in backward instead of allocating three more (cosFormer). An autograd function that
+    #: does so must save them for backward, so that autograd refuses a second backward through the graph
+    heads_exclusive: bool = False
 
     def __init__(
         self,
@@ -509,8 +514,12 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
                 )
                 self._shift_alibi_state(buffer, k.size(2))
             else:
-                out, weights = self._attend_whole(q, k, v, summary, buffer, static_kv, key_padding_mask,
-                                                  attn_mask, src_len, need_weights)
+                self.heads_exclusive = buffer is None and self.uses_query_key
+                try:
+                    out, weights = self._attend_whole(q, k, v, summary, buffer, static_kv, key_padding_mask,
+                                                      attn_mask, src_len, need_weights)
+                finally:
+                    self.heads_exclusive = False
         if memory is not None:
             for name, tensor in list(memory.items()):
                 memory[name] = None if tensor is None else tensor.detach()

@@ -175,11 +175,15 @@ class CosformerAttention(FluenceAttention):
             else:
                 self._check_position(length_k - 1, "key")
                 key_angle = self._angles(torch.arange(length_k, device=k.device))
-        # only the d-wide activations are kept; the op applies the sin/cos re-weighting a block at a time
-        a_q, a_k = self.activation(q), self.activation(k)
+        # the op applies the sin/cos re-weighting a block at a time, and relu too (so only q, k and v are kept,
+        # and with heads nothing else reads it writes their gradients over them); elu's features are made here
+        relu = self.act_fun == "relu"
+        a_q, a_k = (q, k) if relu else (self.activation(q), self.activation(k))
+        work = torch.promote_types(q.dtype, torch.float32)
         out = linear_attention(a_q, a_k, v, causal=self.causal, query_offset=query_offset,
                                key_padding_mask=key_padding_mask, eps=DEN_EPS, chunk_size=self.chunk_size,
-                               query_mix=self.trig(query_angle, a_q.dtype), key_mix=self.trig(key_angle, a_k.dtype))
+                               query_mix=self.trig(query_angle, work), key_mix=self.trig(key_angle, work),
+                               relu=relu, reuse_inputs=relu and self.heads_exclusive)
         return out.to(v.dtype), None
 
     def attend_incremental(self, q, k, v, *, key_padding_mask, attn_mask, buffer, need_weights):

@@ -40,6 +40,10 @@ __all__ = ["LinearState", "linear_attention", "causal_linear_attention", "linear
 DEFAULT_CHUNK = 64
 #: positions per group of the causal function: bounds its temporaries (forward and backward)
 GROUP = 256
+#: the causal function keeps the state entering every this many groups for backward, which recomputes the
+#: states in between from the keys (one more key-state product per group but the kept ones): at L=8192 with
+#: cosFormer's 2 x 64 features, 2 MiB of states instead of 8, which the output projection's backward runs beside
+STATE_EVERY = 4
 
 
 class LinearState(NamedTuple):
@@ -223,6 +227,28 @@ def _mix(x: Tensor, w: Optional[Tensor]) -> Tensor:
     return out
 
 
+def _features(x: Tensor, relu: bool) -> Tensor:
+    """The features of raw inputs when the op applies relu itself (``relu``), else the inputs (already features)."""
+    return torch.relu(x) if relu else x
+
+
+def _raw_grad(g: Tensor, x: Tensor, relu: bool) -> Tensor:
+    """``g`` = dL/d features -> dL/d raw input ``x`` (in place): 0 where relu cut (``x <= 0``, torch's convention)."""
+    return g.masked_fill_(x <= 0, 0.0) if relu else g
+
+
+def _check_reuse(q: Tensor, k: Tensor, v: Tensor, reuse_inputs: bool, c: Optional[Tensor]):
+    if not reuse_inputs:
+        return
+    if c is not None:
+        raise ValueError("reuse_inputs cannot be combined with key_log_scale (its gradient needs the keys after "
+                         "theirs is written)")
+    ptrs = {t.untyped_storage().data_ptr() for t in (q, k, v)}
+    if len(ptrs) != 3:
+        raise ValueError("reuse_inputs needs q, k and v in three separate memories (their gradients are written "
+                         "over them)")
+
+
 def _unmix(g: Tensor, w: Optional[Tensor]) -> Tensor:
     """Gradient of :func:`_mix` with respect to ``x``: (..., n, r * m) -> (..., n, m)."""
     if w is None:
@@ -242,18 +268,31 @@ class _Group:
     products then stay d wide, which the CPU kernels run 15-30% faster than d + 1 (d = 64), and the denominator
     terms are row sums and matrix-vector products."""
 
-    def __init__(self, qa, qm, kc, km, vc, c, kv0, ks0, m_run, tril):
+    def __init__(self, qa, qm, kc, km, vc, c, kv0, ks0, m_run, tril, relu=False):
         # the group's slices in their own contiguous memory: the inputs are often views of fairseq's (L, B, H, d)
         # heads, and products of such views keep that layout, so every batched matmul over their transposes
         # would copy them with a poor stride (about 40% of the op's time at L=8192)
-        qa, kc, vc = qa.contiguous(), kc.contiguous(), vc.contiguous()
-        self.qa, self.kc, self.vc, self.qm, self.km = qa, kc, vc, qm, km
+        qa = _features(qa, relu).contiguous()
+        self._key_states(kc, km, vc, c, kv0, ks0, m_run, relu)
+        self.qa, self.qm = qa, qm
         self.q = _mix(qa, qm)  # (B, H, g, C, M)
-        self.k = _mix(kc, km)
-        self.scales = None if c is None else _Scales(c, m_run)
         self.intra = tril.to(qa.dtype) if self.scales is None else self.scales.intra(tril)
         if qm is not None:  # (q (x) mq) . (k (x) mk) = (q . k)(mq . mk): intra-chunk products stay m wide
             self.intra = self.intra * torch.matmul(qm, km.transpose(-1, -2))
+        self.qw = None if self.scales is None else self.scales.query_weights()  # (B, H, g, C)
+
+    @classmethod
+    def states_after(cls, kc, km, vc, c, kv0, ks0, m_run, relu) -> Tuple[Tensor, Tensor, Tensor]:
+        """The carried state after the group (numerator, denominator, maximum), from its keys alone."""
+        grp = cls.__new__(cls)
+        grp._key_states(kc, km, vc, c, kv0, ks0, m_run, relu)
+        return grp.kv, grp.ks, grp.m_run
+
+    def _key_states(self, kc, km, vc, c, kv0, ks0, m_run, relu):
+        kc, vc = _features(kc, relu).contiguous(), vc.contiguous()
+        self.kc, self.vc, self.km = kc, vc, km
+        self.k = _mix(kc, km)
+        self.scales = None if c is None else _Scales(c, m_run)
         self.decay = None if self.scales is None else self.scales.decay()
         if self.scales is None:
             self.kweight = None
@@ -264,7 +303,6 @@ class _Group:
         self.before_kv, self.kv = _scan_states(torch.matmul(kw.transpose(-1, -2), vc), kv0, self.decay)
         self.before_ks, self.ks = _scan_states(kw.sum(-2), ks0, self.decay)
         del kw
-        self.qw = None if self.scales is None else self.scales.query_weights()  # (B, H, g, C)
         self.m_run = m_run if self.scales is None else self.scales.final
 
     def scores(self) -> Tensor:
@@ -334,12 +372,22 @@ class _CausalLinearAttention(torch.autograd.Function):
         return queries(q), queries(qmix), keys(k), keys(kmix), keys(v), cc
 
     @staticmethod
-    def _group(views, sl, start, tril):
+    def _group(views, sl, start, tril, relu):
         qa, qm, kc, km, vc, cc = views
         kv0, ks0, m_run = start
         return _Group(qa[:, :, sl], None if qm is None else qm[:, :, sl], kc[:, :, sl],
                       None if km is None else km[:, :, sl], vc[:, :, sl], None if cc is None else cc[:, :, sl],
-                      kv0, ks0, m_run, tril)
+                      kv0, ks0, m_run, tril, relu)
+
+    @staticmethod
+    def _recompute_starts(starts, last, views, group_starts, per, chunks, relu):
+        """Fill ``starts[j]`` for the groups after the last kept state up to ``last`` (forward from it)."""
+        first = last - last % STATE_EVERY
+        _, _, kc, km, vc, cc = views
+        for j in range(first, last):
+            sl = slice(group_starts[j], min(chunks, group_starts[j] + per))
+            starts[j + 1] = _Group.states_after(kc[:, :, sl], None if km is None else km[:, :, sl], vc[:, :, sl],
+                                                None if cc is None else cc[:, :, sl], *starts[j], relu)
 
     @staticmethod
     def _tril(geo: _Geometry, device) -> Tensor:
@@ -347,8 +395,10 @@ class _CausalLinearAttention(torch.autograd.Function):
         return steps.unsqueeze(1) >= steps  # (torch.tril on bool can be very slow on a busy CPU)
 
     @staticmethod
-    def forward(ctx, q, k, v, c, qmix, kmix, kv0, ks0, m0, offset: int, chunk: int, eps: float, group: int):
+    def forward(ctx, q, k, v, c, qmix, kmix, kv0, ks0, m0, offset: int, chunk: int, eps: float, group: int,
+                relu: bool, reuse: bool):
         # the work dtype is float32 or wider (sums over thousands of positions): autocast must not lower it
+        ctx.relu, ctx.reuse = relu, reuse
         with torch.autocast(q.device.type, enabled=False):
             return _CausalLinearAttention._forward(ctx, q, k, v, c, qmix, kmix, kv0, ks0, m0, offset, chunk, eps,
                                                    group)
@@ -374,8 +424,8 @@ class _CausalLinearAttention(torch.autograd.Function):
         starts = []
         for t0 in range(0, geo.chunks, per):
             sl = slice(t0, min(geo.chunks, t0 + per))
-            starts.append(start)
-            grp = _CausalLinearAttention._group(views, sl, start, tril)
+            starts.append(start if len(starts) % STATE_EVERY == 0 else None)
+            grp = _CausalLinearAttention._group(views, sl, start, tril, ctx.relu)
             num, den, _ = grp.attend()
             rows = slice(sl.start * geo.chunk, sl.stop * geo.chunk)
             den = den.flatten(2, 3)
@@ -391,7 +441,7 @@ class _CausalLinearAttention(torch.autograd.Function):
             den = geo.unalign(den_a, q.new_zeros(q.shape[:3]))
             del out_a, den_a
             if geo.q_hi < geo.length_q:  # the tail sees every key, at the final maximum
-                qt = _mix(q[:, :, geo.q_hi :], None if qmix is None else qmix[:, :, geo.q_hi :])
+                qt = _mix(_features(q[:, :, geo.q_hi :], ctx.relu), None if qmix is None else qmix[:, :, geo.q_hi :])
                 den[:, :, geo.q_hi :] = torch.matmul(qt, ks.unsqueeze(-1)).squeeze(-1)
                 out[:, :, geo.q_hi :] = torch.matmul(qt, kv).div_(den[:, :, geo.q_hi :].clamp_min(eps).unsqueeze(-1))
         ctx.offset, ctx.chunk, ctx.eps, ctx.group = offset, chunk, eps, group
@@ -405,7 +455,7 @@ class _CausalLinearAttention(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g_out):
         q, k, v, c, qmix, kmix = ctx.saved_tensors
-        eps, d = ctx.eps, v.size(-1)
+        eps, d, relu = ctx.eps, v.size(-1), ctx.relu
         geo = _Geometry(q.size(2), k.size(2), ctx.offset, ctx.chunk)
         views = _CausalLinearAttention._views(q, qmix, k, kmix, v, c, geo)
         tril = _CausalLinearAttention._tril(geo, q.device)
@@ -416,7 +466,7 @@ class _CausalLinearAttention(torch.autograd.Function):
         if geo.q_hi < geo.length_q:  # the tail sees every key: it enters the keys' reverse state at the end
             tail = slice(geo.q_hi, None)
             tm = None if qmix is None else qmix[:, :, tail]
-            qt = _mix(q[:, :, tail], tm)
+            qt = _mix(_features(q[:, :, tail], relu), tm)
             den_t = torch.matmul(qt, final_ks.unsqueeze(-1)).squeeze(-1)
             out_t = torch.matmul(qt, final_kv).div_(den_t.clamp_min(eps).unsqueeze(-1))
             g_num, g_den = _normalised_grads(g_out[:, :, tail], out_t, den_t, eps)
@@ -425,9 +475,12 @@ class _CausalLinearAttention(torch.autograd.Function):
             rev_ks = torch.matmul(qt.transpose(-1, -2), g_den.unsqueeze(-1)).squeeze(-1)
             del qt
             carried = torch.matmul(g_num, final_kv.transpose(-1, -2)).addcmul_(g_den.unsqueeze(-1), final_ks.unsqueeze(-2))
-            dq[:, :, tail] = _unmix(carried, tm)
+            dq[:, :, tail] = _raw_grad(_unmix(carried, tm), q[:, :, tail], relu)
             del g_num, g_den, carried
-        if geo.identity:  # gradients in the layout of the inputs (no copies when they go back through the heads view)
+        if geo.identity and ctx.reuse:  # each group's gradients over its rows once it has read them (in reverse)
+            ga = g_out
+            dq_a, dk_a, dv_a = q, k, v
+        elif geo.identity:  # gradients in the layout of the inputs (no copies when they go back through the heads view)
             ga = g_out
             dq_a, dk_a, dv_a = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         else:
@@ -436,13 +489,17 @@ class _CausalLinearAttention(torch.autograd.Function):
             dk_a = k.new_empty(*k.shape[:2], geo.padded, k.size(-1))
             dv_a = v.new_empty(*v.shape[:2], geo.padded, d)
         group_starts = list(range(0, geo.chunks, per))
+        starts = list(ctx.starts)
         for i in range(len(group_starts) - 1, -1, -1):
             t0 = group_starts[i]
             sl = slice(t0, min(geo.chunks, t0 + per))
+            if starts[i] is None:  # the states of this run of groups, again from the last one kept
+                _CausalLinearAttention._recompute_starts(starts, i, views, group_starts, per, geo.chunks, relu)
             rows = slice(sl.start * geo.chunk, sl.stop * geo.chunk)
             qm_g = None if views[1] is None else views[1][:, :, sl]
             km_g = None if views[3] is None else views[3][:, :, sl]
-            grp = _CausalLinearAttention._group(views, sl, ctx.starts[i], tril)
+            grp = _CausalLinearAttention._group(views, sl, starts[i], tril, relu)
+            starts[i] = None
             # the group's forward again: the output is not kept (keeping it would hold an L x D tensor through
             # this backward that the output projection has released by now)
             num, den, scores = grp.attend()
@@ -478,6 +535,9 @@ class _CausalLinearAttention(torch.autograd.Function):
             dk_i += _unmix(dk_c, km_g)
             dv_g += dv_c
             del dk_c, dv_c, after_kv, after_ks, g_num, g_den
+            if relu:
+                _raw_grad(dq_i, views[0][:, :, sl], relu)
+                _raw_grad(dk_i, views[2][:, :, sl], relu)
             dq_a[:, :, rows] = dq_i.flatten(2, 3)
             dk_a[:, :, rows] = dk_i.flatten(2, 3)
             dv_a[:, :, rows] = dv_g.flatten(2, 3)
@@ -489,21 +549,23 @@ class _CausalLinearAttention(torch.autograd.Function):
         dk, dv = dk_a[:, :, : geo.length_k], dv_a[:, :, : geo.length_k]
         # w_ij is linear in both k_j and exp(c_j): dL/dc_j = k_j . dL/dk_j
         dc = (k * dk).sum(-1) if c is not None else None
-        return dq, dk, dv, dc, None, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dc, None, None, None, None, None, None, None, None, None, None, None
 
 
 class _LinearAttention(torch.autograd.Function):
     """Noncausal linear attention ``out = phi_q KV / (phi_q . ksum)`` with per-key weights ``w`` (B, H, S)
     (``None``: all 1), computed a block of ``GROUP`` positions at a time. Keeps only the inputs, the weights and
-    the (M, d + 1) summary for backward; the output is recomputed there block by block."""
+    the (M, d + 1) summary for backward; the output is recomputed there block by block. ``relu``: q and k are
+    raw and the features are their relu, made a block at a time; ``reuse``: each block's gradients are written
+    over its rows of q, k and v once they are no longer needed (see :func:`linear_attention`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, c, w, qmix, kmix, eps: float):
+    def forward(ctx, q, k, v, c, w, qmix, kmix, eps: float, relu: bool, reuse: bool):
         d = v.size(-1)
         kv = None
         for lo in range(0, k.size(2), GROUP):
             rows = slice(lo, lo + GROUP)
-            ke = _mix(k[:, :, rows], None if kmix is None else kmix[:, :, rows])
+            ke = _mix(_features(k[:, :, rows], relu), None if kmix is None else kmix[:, :, rows])
             if w is not None:
                 ke = ke * w[:, :, rows].unsqueeze(-1)
             vb = v[:, :, rows]
@@ -512,22 +574,24 @@ class _LinearAttention(torch.autograd.Function):
         out = torch.empty_like(v) if v.shape[:3] == q.shape[:3] else q.new_empty(*q.shape[:3], d)
         for lo in range(0, q.size(2), GROUP):
             rows = slice(lo, lo + GROUP)
-            num = torch.matmul(_mix(q[:, :, rows], None if qmix is None else qmix[:, :, rows]), kv)
+            num = torch.matmul(_mix(_features(q[:, :, rows], relu), None if qmix is None else qmix[:, :, rows]), kv)
             out[:, :, rows] = num[..., :d] / num[..., d:].clamp_min(eps)
-        ctx.eps = eps
+        ctx.eps, ctx.relu, ctx.reuse = eps, relu, reuse
         ctx.save_for_backward(q, k, v, c, w, qmix, kmix, kv)
         return out
 
     @staticmethod
     def backward(ctx, g_out):
         q, k, v, c, w, qmix, kmix, kv = ctx.saved_tensors
-        eps, d = ctx.eps, v.size(-1)
-        dq = torch.empty_like(q)
+        eps, d, relu = ctx.eps, v.size(-1), ctx.relu
+        # with ``reuse`` a block's rows are read for the last time before its gradient lands on them
+        dq = q if ctx.reuse else torch.empty_like(q)
         dkv = torch.zeros_like(kv)
         for lo in range(0, q.size(2), GROUP):
             rows = slice(lo, lo + GROUP)
             qm = None if qmix is None else qmix[:, :, rows]
-            qe = _mix(q[:, :, rows], qm)
+            qr = q[:, :, rows]
+            qe = _mix(_features(qr, relu), qm)
             num = torch.matmul(qe, kv)
             den = num[..., d:]
             den_c = den.clamp_min(eps)
@@ -535,25 +599,30 @@ class _LinearAttention(torch.autograd.Function):
             g_den = (g_num * num[..., :d]).sum(-1, keepdim=True).neg_().div_(den_c).masked_fill_(den < eps, 0.0)
             gn = torch.cat([g_num, g_den], dim=-1)
             del num, g_num, g_den
-            dq[:, :, rows] = _unmix(torch.matmul(gn, kv.transpose(-1, -2)), qm)
+            gq = _raw_grad(_unmix(torch.matmul(gn, kv.transpose(-1, -2)), qm), qr, relu)
             dkv += torch.matmul(qe.transpose(-1, -2), gn)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
+            del qe
+            dq[:, :, rows] = gq
+        dk, dv = (k, v) if ctx.reuse else (torch.empty_like(k), torch.empty_like(v))
         for lo in range(0, k.size(2), GROUP):
             rows = slice(lo, lo + GROUP)
             km = None if kmix is None else kmix[:, :, rows]
-            ke = _mix(k[:, :, rows], km)
+            kr = k[:, :, rows]
+            ke = _mix(_features(kr, relu), km)
             vb = v[:, :, rows]
             dke = torch.matmul(vb, dkv[..., :d].transpose(-1, -2)).add_(dkv[..., d].unsqueeze(-2))
             dvb = torch.matmul(ke, dkv[..., :d])
+            del ke
             if w is not None:
                 wb = w[:, :, rows].unsqueeze(-1)
                 dke.mul_(wb)
                 dvb.mul_(wb)
-            dk[:, :, rows] = _unmix(dke, km)
+            dke = _raw_grad(_unmix(dke, km), kr, relu)
+            dk[:, :, rows] = dke
             dv[:, :, rows] = dvb
         # the weights exp(c_j - max) (max detached) are linear in exp(c_j): dL/dc_j = k_j . dL/dk_j
         dc = (k * dk).sum(-1) if c is not None and ctx.needs_input_grad[3] else None
-        return dq, dk, dv, dc, None, None, None, None
+        return dq, dk, dv, dc, None, None, None, None, None, None
 
 
 def causal_linear_attention(
@@ -569,6 +638,8 @@ def causal_linear_attention(
     chunk_size: int = DEFAULT_CHUNK,
     query_mix: Optional[Tensor] = None,
     key_mix: Optional[Tensor] = None,
+    relu: bool = False,
+    reuse_inputs: bool = False,
 ) -> Tuple[Tensor, LinearState]:
     """Causal linear attention: query ``i`` sees keys ``j <= i + query_offset`` (and the keys summarised in
     ``state``). Returns ``(out (B, H, L, d), state after all keys)``. The incoming ``state`` is a constant
@@ -576,7 +647,8 @@ def causal_linear_attention(
 
     ``query_mix`` (B or 1, 1, L, r) and ``key_mix`` (B or 1, 1, S, r), constants given together, make the
     features ``[phi * mix_0, ..., phi * mix_{r-1}]`` (r m wide) without materialising them over the whole
-    length (cosFormer's sin/cos re-weighting); the state is then r m wide."""
+    length (cosFormer's sin/cos re-weighting); the state is then r m wide. ``relu`` and ``reuse_inputs``: see
+    :func:`linear_attention`."""
     _check(phi_q, phi_k, v, key_log_scale, key_padding_mask)
     _check_mix(phi_q, phi_k, query_mix, key_mix)
     if phi_k.size(2) == 0:
@@ -585,8 +657,9 @@ def causal_linear_attention(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     work = _work_dtype(torch.promote_types(phi_q.dtype, v.dtype))
     q, k, vv = phi_q.to(work), phi_k.to(work), v.to(work)
+    _check_reuse(q, k, vv, reuse_inputs, key_log_scale)
     c = _masked_log_scale(None if key_log_scale is None else key_log_scale.to(work), key_padding_mask)
-    if key_padding_mask is not None:  # padded keys get zero features: no weight anywhere
+    if key_padding_mask is not None:  # padded keys get zero features (relu(0) = 0 too): no weight anywhere
         k = k * _keep(key_padding_mask, work).unsqueeze(-1)
     bsz, heads, _, m = q.shape
     if query_mix is not None:
@@ -599,7 +672,8 @@ def causal_linear_attention(
     else:
         kv0, ks0, m0 = (t.detach().to(work) for t in state)
     out, kv, ks, m_run = _CausalLinearAttention.apply(q, k, vv, c, query_mix, key_mix, kv0, ks0, m0,
-                                                      int(query_offset), int(chunk_size), float(eps), GROUP)
+                                                      int(query_offset), int(chunk_size), float(eps), GROUP,
+                                                      bool(relu), bool(reuse_inputs))
     return out.to(phi_q.dtype), LinearState(kv, ks, m_run)
 
 
@@ -616,17 +690,28 @@ def linear_attention(
     chunk_size: int = DEFAULT_CHUNK,
     query_mix: Optional[Tensor] = None,
     key_mix: Optional[Tensor] = None,
+    relu: bool = False,
+    reuse_inputs: bool = False,
 ) -> Tensor:
     """Normalised linear attention (B, H, L, d); see the module docstring (and :func:`causal_linear_attention`
-    for ``query_mix`` / ``key_mix``)."""
+    for ``query_mix`` / ``key_mix``).
+
+    ``relu``: ``phi_q`` and ``phi_k`` are raw and the features are their relu, made a block at a time, so no
+    full-length feature tensor exists besides the inputs (cosFormer). ``reuse_inputs``: the caller gives up
+    ``phi_q``, ``phi_k`` and ``v`` (three separate memories that nothing reads after this call): backward writes
+    their gradients over them, a block at a time once the block is no longer needed, instead of allocating three
+    more L x d tensors (causal: only when queries and keys are the same whole chunks, else it allocates as
+    usual). A second backward through the same graph then fails with autograd's in-place error, as it must."""
     if causal:
         return causal_linear_attention(phi_q, phi_k, v, query_offset=query_offset, key_log_scale=key_log_scale,
                                        key_padding_mask=key_padding_mask, eps=eps, chunk_size=chunk_size,
-                                       query_mix=query_mix, key_mix=key_mix)[0]
+                                       query_mix=query_mix, key_mix=key_mix, relu=relu,
+                                       reuse_inputs=reuse_inputs)[0]
     _check(phi_q, phi_k, v, key_log_scale, key_padding_mask)
     _check_mix(phi_q, phi_k, query_mix, key_mix)
     work = _work_dtype(torch.promote_types(phi_q.dtype, v.dtype))
     q, k, vv = phi_q.to(work), phi_k.to(work), v.to(work)
+    _check_reuse(q, k, vv, reuse_inputs, key_log_scale)
     if query_mix is not None:
         query_mix, key_mix = query_mix.detach().to(work), key_mix.detach().to(work)
     c = _masked_log_scale(None if key_log_scale is None else key_log_scale.to(work), key_padding_mask)
@@ -635,5 +720,5 @@ def linear_attention(
         # the maximum only stabilises: every weight is relative to it and the ratio num/den does not depend on it
         scale = torch.exp(c - c.amax(-1, keepdim=True)).detach()
         weight = scale if weight is None else scale * weight
-    out = _LinearAttention.apply(q, k, vv, c, weight, query_mix, key_mix, float(eps))
+    out = _LinearAttention.apply(q, k, vv, c, weight, query_mix, key_mix, float(eps), bool(relu), bool(reuse_inputs))
     return out.to(phi_q.dtype)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from attention_contract import AttentionContract, Case
 from fluence_fairseq.modules import CosformerAttention, FSCosformerAttention
 from fluence_fairseq.ops.linear_attention import causal_linear_attention
+from fluence_fairseq.ops.linear_attention import linear_attention as linear_attention_op
 
 E, H, DH = 32, 4, 8
 
@@ -192,3 +193,130 @@ def test_mixed_features_equal_explicit_features_across_groups(monkeypatch, group
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(mixed, (q, k, v))
+
+
+def _relu_case(causal, length, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 2, length, 4, dtype=torch.float64, generator=g) for _ in range(3))
+    q[0, 0, :3, :2] = 0.0  # relu's boundary: its gradient there is 0 (torch's convention) in both paths
+    k[1, 1, 4, :] = 0.0
+    angle = torch.rand(1, 1, length, 1, dtype=torch.float64, generator=g)
+    mix = torch.cat([angle.sin(), angle.cos()], -1)
+    kpm = torch.zeros(2, length, dtype=torch.bool)
+    kpm[1, -5:] = True
+    w = torch.randn(2, 2, length, 4, dtype=torch.float64, generator=g)
+    kw = dict(causal=causal, key_padding_mask=kpm, eps=1e-6, chunk_size=4, query_mix=mix, key_mix=mix)
+    return (q, k, v), w, kw
+
+
+@pytest.mark.parametrize("length", [24, 26])  # 26: not whole chunks (the causal op then allocates as before)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("reuse", [False, True])
+def test_op_applies_relu_itself_and_writes_gradients_over_its_inputs(monkeypatch, causal, length, reuse):
+    """relu=True (the op makes the features a block at a time) equals relu before the op, outputs and gradients,
+    across several groups; with reuse_inputs the gradients land in the inputs' own memory (whole chunks) and
+    are the same numbers."""
+    import fluence_fairseq.ops.linear_attention as la
+    monkeypatch.setattr(la, "GROUP", 8)
+    inputs, w, kw = _relu_case(causal, length)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    expected = la.linear_attention(F.relu(leaves[0]), F.relu(leaves[1]), leaves[2], **kw)
+    expected_grads = torch.autograd.grad((expected * w).sum(), leaves)
+    given = [t.clone().requires_grad_() for t in inputs]
+    owned = [t * 1.0 for t in given]  # the op's own copies: nothing else reads them
+    out = la.linear_attention(*owned, relu=True, reuse_inputs=reuse, **kw)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-13)
+    grads = torch.autograd.grad((out * w).sum(), given)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+    reused = reuse and (not causal or length % 4 == 0)
+    # the causal op zeroes padded keys in a copy of k (its own), so the caller's k then stays as it was
+    for copy, grad, original, written in zip(owned, grads, inputs, (reused, reused and not causal, reused)):
+        # each input's memory now holds its gradient (reuse) or is untouched
+        torch.testing.assert_close(copy.detach(), grad if written else original, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reused_inputs_refuse_a_second_backward_and_shared_memory(causal):
+    inputs, w, kw = _relu_case(causal, 24)
+    given = [t.clone().requires_grad_() for t in inputs]
+    out = linear_attention_op(*[t * 1.0 for t in given], relu=True, reuse_inputs=True, **kw)
+    (out * w).sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        (out * w).sum().backward()  # the saved inputs now hold gradients: autograd must not read them again
+    q = inputs[0].clone()
+    with pytest.raises(ValueError, match="separate memories"):
+        linear_attention_op(q, q, inputs[2].clone(), relu=True, reuse_inputs=True, **kw)
+    with pytest.raises(ValueError, match="key_log_scale"):
+        linear_attention_op(*[t.clone() for t in inputs], reuse_inputs=True,
+                            key_log_scale=torch.zeros(2, 2, 24, dtype=torch.float64), **kw)
+
+
+def test_relu_cosformer_writes_gradients_over_its_heads_only_in_a_whole_pass(monkeypatch):
+    """The base marks the heads exclusive only around a whole pass without cache or memory: cosFormer then
+    reuses them (and its parameter gradients equal those of the pass without reuse); decoding steps and
+    streaming segments never write over what their cache keeps."""
+    import fluence_fairseq.ops.linear_attention as la
+    seen = []
+    op = la.linear_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("reuse_inputs"))
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr("fluence_fairseq.modules.cosformer.linear_attention", spy)
+    torch.manual_seed(0)
+    attn = FSCosformerAttention(E, H, causal=True, cosformer_max_len=64, chunk_size=4).double()
+    x = torch.randn(8, 2, E, dtype=torch.float64)
+    grads = []
+    for exclusive in (True, False):
+        attn.zero_grad()
+        if not exclusive:  # the same pass through attend with the flag off
+            monkeypatch.setattr(type(attn), "heads_exclusive", property(lambda self: False, lambda self, v: None))
+        attn(x)[0].pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in attn.parameters()])
+    assert seen == [True, False]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert attn.heads_exclusive is False
+    monkeypatch.undo()
+    attn = FSCosformerAttention(E, H, causal=True, cosformer_max_len=64, chunk_size=4)
+    flags = []
+    real_attend = type(attn).attend
+    monkeypatch.setattr(type(attn), "attend", lambda self, *a, **k: flags.append(self.heads_exclusive)
+                        or real_attend(self, *a, **k))
+    attn(torch.randn(8, 2, E))
+    state = {}
+    attn(torch.randn(1, 2, E), incremental_state=state)  # a decoding step: attend_incremental, never exclusive
+    assert flags == [True] and attn.heads_exclusive is False
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_causal_backward_recomputes_the_states_it_did_not_keep(monkeypatch, scaled):
+    """The causal op keeps the state entering every STATE_EVERY-th group and recomputes the others in backward:
+    gradients are the same numbers as with every state kept (key log scales, padding, 11 groups, an offset), and
+    a second backward through a retained graph still works (gradcheck needs it)."""
+    import fluence_fairseq.ops.linear_attention as la
+    monkeypatch.setattr(la, "GROUP", 2)
+    g = torch.Generator().manual_seed(5)
+    q = torch.rand(2, 2, 20, 4, dtype=torch.float64, generator=g).requires_grad_()
+    k = torch.rand(2, 2, 22, 4, dtype=torch.float64, generator=g).requires_grad_()
+    v = torch.randn(2, 2, 22, 3, dtype=torch.float64, generator=g).requires_grad_()
+    c = (3 * torch.randn(2, 2, 22, dtype=torch.float64, generator=g)).requires_grad_() if scaled else None
+    kpm = torch.zeros(2, 22, dtype=torch.bool)
+    kpm[0, -3:] = True
+    w = torch.randn(2, 2, 20, 3, dtype=torch.float64, generator=g)
+    leaves = (q, k, v) + ((c,) if scaled else ())
+
+    def grads(every):
+        monkeypatch.setattr(la, "STATE_EVERY", every)
+        out = causal_linear_attention(q, k, v, query_offset=2, key_log_scale=c, key_padding_mask=kpm, eps=1e-6,
+                                      chunk_size=2)[0]
+        first = torch.autograd.grad((out * w).sum(), leaves, retain_graph=True)
+        second = torch.autograd.grad((out * w).sum(), leaves)
+        for a, b in zip(first, second):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        return first
+
+    for a, b in zip(grads(4), grads(1)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
