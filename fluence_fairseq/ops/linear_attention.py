@@ -41,9 +41,10 @@ DEFAULT_CHUNK = 64
 #: positions per group of the causal function: bounds its temporaries (forward and backward)
 GROUP = 256
 #: the causal function keeps the state entering every this many groups for backward, which recomputes the
-#: states in between from the keys (one more key-state product per group but the kept ones): at L=8192 with
-#: cosFormer's 2 x 64 features, 2 MiB of states instead of 8, which the output projection's backward runs beside
-STATE_EVERY = 4
+#: states in between from the keys (one more key-state product per group but the kept ones; no time measurable
+#: against keeping all): at L=8192 with cosFormer's 2 x 64 features, 1 MiB of states instead of 8, alive beside
+#: the output projection's backward
+STATE_EVERY = 8
 
 
 class LinearState(NamedTuple):
