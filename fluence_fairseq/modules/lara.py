@@ -53,7 +53,7 @@ class LaraAttention(LandmarkAttention):
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
         return lara_attention(
             q, k, v, num_landmarks=self.num_landmarks, noise=self.training,
-            key_padding_mask=key_padding_mask, need_weights=need_weights,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, reuse_inputs=self.heads_exclusive,
         )
 
 

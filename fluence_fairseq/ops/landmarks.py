@@ -229,6 +229,91 @@ def nystrom_attention(
     return _with_fallback(q, landmarks, k_lm, v, key_padding_mask, approx, need_weights)
 
 
+#: rows per block of LARA's backward writes: ~2 MiB temporaries at width 512
+_ROWS = 1024
+
+
+class _Lara(torch.autograd.Function):
+    """LARA's approximation (see :func:`lara_attention`) as one autograd node for float32/float64 inputs without
+    weights. It keeps q, k, v, the noise and the (m, D) / (m,) statistics; the (m, L) key probabilities and the
+    (L, m) proposal weights are recomputed in backward. With ``reuse`` (the caller gives up q, k and v, three
+    separate memories) their gradients are written over them, each once it is no longer read: plain autograd
+    kept the (m, L) probabilities, the query and key copies of its products and three new L x D gradients."""
+
+    @staticmethod
+    def _key_probs(omega, k, kpm, log_norm=None):
+        """log phi(k_j, w_c) normalised over the keys: (probs (B, H, m, L), log_norm (B, H, m))."""
+        scale = k.size(-1) ** -0.5
+        log_phi = torch.matmul(omega * scale, k.transpose(-1, -2))
+        log_phi -= (0.5 * scale) * k.square().sum(-1).unsqueeze(-2)
+        if kpm is not None:
+            log_phi.masked_fill_(kpm[:, None, None, :], _neg(log_phi.dtype))
+        if log_norm is None:
+            log_norm = torch.logsumexp(log_phi, dim=-1)
+        return log_phi.sub_(log_norm.unsqueeze(-1)).exp_(), log_norm
+
+    @staticmethod
+    def _proposal_weights(q, mu, omega, log_norm):
+        """r (B, H, L, m), the softmax over proposals, and the query map a = s (mu + w) (B, H, m, D)."""
+        scale = q.size(-1) ** -0.5
+        a = (mu + omega) * scale
+        bias = log_norm - scale * (omega * mu).sum(-1) + (0.5 * scale) * mu.square().sum(-1)
+        return torch.softmax(torch.matmul(q, a.transpose(-1, -2)).add_(bias.unsqueeze(-2)), dim=-1), a
+
+    @staticmethod
+    def forward(ctx, q, k, v, noise, weights, kpm, reuse: bool):
+        landmarks = Landmarks(weights, None, None)
+        mu = landmarks.means(q) + landmarks.means(k)
+        omega = mu if noise is None else mu + noise
+        probs, log_norm = _Lara._key_probs(omega, k, kpm)
+        kv = torch.matmul(probs, v)
+        del probs
+        r, _ = _Lara._proposal_weights(q, mu, omega, log_norm)
+        out = matmul_in_projection_layout(r, kv)
+        ctx.save_for_backward(q, k, v, weights, kpm, mu, omega, log_norm, kv)
+        ctx.reuse = reuse
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, weights, kpm, mu, omega, log_norm, kv = ctx.saved_tensors
+        scale = q.size(-1) ** -0.5
+        # out = r kv, r = softmax_c(q . a_c + bias_c)
+        r, a = _Lara._proposal_weights(q, mu, omega, log_norm)
+        g_kv = torch.matmul(r.transpose(-1, -2), g)
+        g_r = torch.matmul(g, kv.transpose(-1, -2))
+        g_log_r = g_r.sub_((g_r * r).sum(-1, keepdim=True)).mul_(r)  # (B, H, L, m)
+        del r
+        g_bias = g_log_r.sum(-2)  # (B, H, m)
+        g_a = torch.matmul(g_log_r.transpose(-1, -2), q)
+        # bias = log_norm - s w.mu + s |mu|^2 / 2 and a = s (mu + w)
+        g_omega = scale * (g_a - g_bias.unsqueeze(-1) * mu)
+        g_mu = scale * (g_a + g_bias.unsqueeze(-1) * (mu - omega))
+        # kv = probs v, probs = exp(log phi - log_norm), log_norm = logsumexp(log phi) (its gradient is g_bias)
+        probs, _ = _Lara._key_probs(omega, k, kpm, log_norm)
+        g_probs = torch.matmul(g_kv, v.transpose(-1, -2))
+        g_log_phi = g_probs.sub_((g_probs * probs).sum(-1, keepdim=True)).add_(g_bias.unsqueeze(-1)).mul_(probs)
+        # the L x D gradients a block of rows at a time, over the inputs themselves with ``reuse`` (v is no longer
+        # read; k only by its own block below; q not at all)
+        g_q, g_k, g_v = (q, k, v) if ctx.reuse else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+        for lo in range(0, v.size(2), _ROWS):
+            rows = slice(lo, lo + _ROWS)
+            g_v[:, :, rows] = torch.matmul(probs[..., rows].transpose(-1, -2), g_kv)
+        del probs, g_probs
+        # log phi = s w . k - s |k|^2 / 2
+        g_omega += scale * torch.matmul(g_log_phi, k)
+        g_mu += g_omega  # w = mu + noise
+        g_key_sq = g_log_phi.sum(-2).unsqueeze(-1).mul_(-scale)  # (B, H, L, 1)
+        w_t = weights.to(g_mu.dtype).transpose(-1, -2).unsqueeze(1)  # (Bw, 1, L, m): mu = means(q) + means(k)
+        for lo in range(0, k.size(2), _ROWS):
+            rows = slice(lo, lo + _ROWS)
+            spread = torch.matmul(w_t[:, :, rows], g_mu)
+            g_k[:, :, rows] = torch.matmul(g_log_phi[..., rows].transpose(-1, -2), omega).mul_(scale).addcmul_(
+                k[:, :, rows], g_key_sq[:, :, rows]).add_(spread)
+            g_q[:, :, rows] = torch.matmul(g_log_r[:, :, rows], a).add_(spread)
+        return g_q, g_k, g_v, None, None, None, None
+
+
 def lara_attention(
     q: Tensor,
     k: Tensor,
@@ -238,6 +323,7 @@ def lara_attention(
     noise: bool,
     key_padding_mask: Optional[Tensor] = None,
     need_weights: bool = False,
+    reuse_inputs: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Linear randomized attention with segment-mean proposals.
 
@@ -252,10 +338,16 @@ def lara_attention(
     The ``-s |q_n|^2 / 2`` inside ``log phi(q_n, w_c)`` is the same for every c and cancels in the softmax over c,
     so it is never computed.
 
+    ``reuse_inputs``: the caller gives up q, k and v (see :class:`_Lara`); honoured where no sequence takes the
+    exact fallback and neither weights nor half precision are involved.
+
     Returns:
         (out (B, H, L, D), implied weights ``sum_c r_{c,n} softmax_j(...)`` (B, H, L, L) or None)
     """
     landmarks = segment_landmarks(key_padding_mask, k.size(2), num_landmarks, q.dtype, q.device)
+    if not need_weights and q.dtype == _acc(q.dtype) and not bool(landmarks.short.any()):
+        noise = torch.randn(*q.shape[:2], num_landmarks, q.size(-1), dtype=q.dtype, device=q.device) if noise else None
+        return _Lara.apply(q, k, v, noise, landmarks.weights, key_padding_mask, bool(reuse_inputs)), None
     k_lm = landmarks.means(k)
     scale = q.size(-1) ** -0.5
 

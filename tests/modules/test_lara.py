@@ -154,3 +154,50 @@ def test_finite_gradients_in_a_mixed_batch_with_an_empty_row():
 def test_num_landmarks_validation(value):
     with pytest.raises(ValueError, match="num_landmarks"):
         FSLara(32, 4, num_landmarks=value)
+
+
+@pytest.mark.parametrize("noise", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_one_node_approximation_equals_autograd_and_can_reuse_its_inputs(monkeypatch, noise, padded):
+    """Without weights, float32/64 LARA is one autograd node recomputing its (m, L) and (L, m) kernels in backward
+    (several row blocks here): the same output and gradients as the plain autograd expression (the weights
+    path), with the same noise; with reuse_inputs the gradients land in q, k and v's own memory."""
+    import fluence_fairseq.ops.landmarks as lm
+    monkeypatch.setattr(lm, "_ROWS", 16)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 50, 8, dtype=torch.float64, generator=g) for _ in range(3))
+    kpm = torch.zeros(2, 50, dtype=torch.bool)
+    kpm[1, -9:] = True
+    kpm = kpm if padded else None
+    w = torch.randn(2, 3, 50, 8, dtype=torch.float64, generator=g)
+    results = []
+    for mode in ("autograd", "node", "reuse"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        given = [t * 1.0 for t in leaves]  # memories nothing else reads
+        torch.manual_seed(1)
+        out, weights = lm.lara_attention(*given, num_landmarks=6, noise=noise, key_padding_mask=kpm,
+                                         need_weights=mode == "autograd", reuse_inputs=mode == "reuse")
+        assert (weights is None) == (mode != "autograd")
+        (out * w).sum().backward()
+        results.append([out.detach()] + [t.grad for t in leaves])
+        for inside, leaf, original in zip(given, leaves, (q, k, v)):
+            torch.testing.assert_close(inside.detach(), leaf.grad if mode == "reuse" else original, rtol=0, atol=0)
+    for node in results[1:]:
+        for got, want in zip(node, results[0]):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_reuse_is_not_taken_when_a_sequence_uses_the_exact_fallback():
+    """A sequence with at most num_landmarks real tokens takes exact attention, which reads k after LARA's
+    backward: then nothing is written over the inputs."""
+    import fluence_fairseq.ops.landmarks as lm
+    q, k, v = (torch.randn(2, 2, 12, 4, dtype=torch.float64) for _ in range(3))
+    kpm = torch.zeros(2, 12, dtype=torch.bool)
+    kpm[1, 3:] = True  # 3 real tokens <= 4 landmarks
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    given = [t * 1.0 for t in leaves]
+    out, _ = lm.lara_attention(*given, num_landmarks=4, noise=True, key_padding_mask=kpm, reuse_inputs=True)
+    out.sum().backward()
+    for inside, original in zip(given, (q, k, v)):
+        torch.testing.assert_close(inside.detach(), original, rtol=0, atol=0)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
