@@ -10,9 +10,16 @@ state; the report is the median of the per-pair ratios (new / old), with their r
     python -m benchmarks.ab longshort --ops longshort --pattern noncausal --length 4096 --pairs 10
 
 Only ops modules can be swapped (pure torch, imported by the attentions as module attributes): every name the
-attention modules import from them is pointed at the revision's function for the "old" steps. Threads: torch's
-default unless ``--threads``.
+attention modules import from them is pointed at the revision's function for the "old" steps. When a change
+also changed how the attention calls its op (new arguments), ``--with-attend`` runs the revision's ``attend``
+of the attention's class on the old side too (loaded from its module file at that revision, its op names
+pointed at the revision's ops; the rest of the class is the working tree's)::
+
+    python -m benchmarks.ab lara --ops landmarks --pattern noncausal --with-attend --against HEAD~1
+
+Threads: torch's default unless ``--threads``.
 """
+import types
 import argparse
 import importlib
 import statistics
@@ -30,18 +37,18 @@ from .common import PATTERN_FLAGS, build_module, training_step
 REPO = Path(__file__).resolve().parent.parent
 
 
-def load_revision(ops_module: str, revision: str) -> ModuleType:
-    """``fluence_fairseq/ops/<ops_module>.py`` as it is at ``revision``, loaded as a sibling of the package's ops
-    modules (its relative imports resolve to the working tree's other ops modules)."""
-    path = f"fluence_fairseq/ops/{ops_module}.py"
+def load_revision(ops_module: str, revision: str, package: str = "ops") -> ModuleType:
+    """``fluence_fairseq/<package>/<ops_module>.py`` as it is at ``revision``, loaded as a sibling of the package's
+    modules (its relative imports resolve to the working tree's other modules)."""
+    path = f"fluence_fairseq/{package}/{ops_module}.py"
     try:
         source = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout
     except (OSError, subprocess.CalledProcessError) as err:
         raise SystemExit(f"--against {revision}: cannot read {path} at that revision ({err}); give a revision of "
                          "this git checkout that has the file") from err
-    module = ModuleType(f"fluence_fairseq.ops._ab_{ops_module}")
-    module.__package__ = "fluence_fairseq.ops"
+    module = ModuleType(f"fluence_fairseq.{package}._ab_{ops_module}")
+    module.__package__ = f"fluence_fairseq.{package}"
     exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
     return module
 
@@ -58,6 +65,24 @@ def bindings(new: ModuleType) -> List[Tuple[ModuleType, str]]:
     return found
 
 
+def revision_attend(module, swaps, revision: str):
+    """The ``attend`` function of the class that defines it for ``module``, from its module file at ``revision``,
+    with the names that file imported from the swapped ops modules pointed at the revision's functions."""
+    owner = next(cls for cls in type(module).__mro__ if "attend" in vars(cls))
+    package, _, stem = owner.__module__.rpartition(".")
+    if package != "fluence_fairseq.modules":
+        raise SystemExit(f"--with-attend: {owner.__name__}.attend is not defined in fluence_fairseq/modules")
+    old_module = load_revision(stem, revision, package="modules")
+    for _, attr, new_fn, old_fn in swaps:
+        if vars(old_module).get(attr) is new_fn:
+            setattr(old_module, attr, old_fn)
+    old_cls = getattr(old_module, owner.__name__, None)
+    if old_cls is None or "attend" not in vars(old_cls):
+        raise SystemExit(f"--with-attend: fluence_fairseq/modules/{stem}.py at {revision} has no "
+                         f"{owner.__name__}.attend")
+    return vars(old_cls)["attend"]
+
+
 def main(argv=None) -> Dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +97,8 @@ def main(argv=None) -> Dict[str, float]:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--with-attend", action="store_true", help="also run the revision's attend() of the "
+                        "attention's class on the old side (when the change altered how it calls its op)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,10 +123,16 @@ def main(argv=None) -> Dict[str, float]:
             raise SystemExit(f"--against {args.against}: its fluence_fairseq/ops/{name}.py has no {missing}, which "
                              "the attentions import now; compare against a revision that has them")
         swaps += [(importer, attr, getattr(new, attr), getattr(old, attr)) for importer, attr in found]
+    old_attend = revision_attend(module, swaps, args.against) if args.with_attend else None
 
     def use(side: int) -> None:
         for importer, attr, *fns in swaps:
             setattr(importer, attr, fns[side])
+        if old_attend is not None:  # an instance attribute shadows the class's attend for the old steps
+            if side:
+                module.attend = types.MethodType(old_attend, module)
+            else:
+                vars(module).pop("attend", None)
 
     step = training_step(module, args.dim, args.batch, args.length, args.length, cross, causal)
     times = {0: [], 1: []}

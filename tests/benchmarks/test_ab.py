@@ -42,3 +42,27 @@ def test_unknown_revision_and_module_are_refused_with_the_flag():
         ab.load_revision("linear_attention", "no-such-rev")
     with pytest.raises(SystemExit, match=r"--ops linear: fluence_fairseq/ops has no such module; choose from .*'linear_attention'"):
         ab.main(["cosformer", "--ops", "linear", "--length", "16", "--dim", "16", "--heads", "2", "--pairs", "1"])
+
+
+def test_with_attend_runs_the_revisions_attend_on_the_old_side(monkeypatch):
+    """--with-attend: the old steps call the revision's attend (from its module file, its op names pointed at
+    the revision's ops), the new steps the working tree's; afterwards the class's attend is back."""
+    from fluence_fairseq.modules.lara import LaraAttention
+
+    calls = []
+    real_load = ab.load_revision
+
+    def load(name, revision, package="ops"):
+        module = real_load(name, revision, package)
+        if package == "modules":
+            cls = module.LaraAttention
+            old_attend = cls.attend
+            cls.attend = lambda self, *a, **k: calls.append("old") or old_attend(self, *a, **k)
+        return module
+
+    monkeypatch.setattr(ab, "load_revision", load)
+    new_attend = LaraAttention.attend
+    monkeypatch.setattr(LaraAttention, "attend", lambda self, *a, **k: calls.append("new") or new_attend(self, *a, **k))
+    ab.main(["lara", "--ops", "landmarks", "--pattern", "noncausal", "--with-attend", "--length", "64", "--dim", "32",
+             "--heads", "2", "--pairs", "2", "--threads", "1"])
+    assert calls == ["old", "new"] * 3  # warm-up and two pairs: the revision first, then the working tree
