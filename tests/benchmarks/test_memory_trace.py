@@ -10,7 +10,8 @@ def test_trace_marks_and_saved_tensors():
     result = memory_trace.trace(job)
     assert [m["where"] for m in result["marks"]] == [
         "step starts", "attend called", "attend returned", "out_proj forward", "forward end",
-        "out_proj backward starts", "out_proj backward ends", "step ends"]
+        "out_proj backward starts", "out_proj backward ends", "q_proj backward starts", "k_proj backward starts",
+        "v_proj backward starts", "step ends"]
     assert all(m["peak_mb"] >= m["rss_mb"] - 1e-9 for m in result["marks"])
     one = 64 * 32 * 4 / 2**20  # MiB of one (L, D) float32 tensor
     # softmax (SDPA) keeps q, k, v and its output (which the output projection keeps too, as a view)
