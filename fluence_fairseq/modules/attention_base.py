@@ -146,7 +146,7 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     float32_math: bool = False
     #: set by the base while :meth:`attend` runs on heads that nothing reads after the call (a whole pass without
     #: decoding cache or segment memory, q, k and v from three projections): the math may then write their
-    #: gradients over them in backward instead of allocating three more (cosFormer). An autograd function that
+    #: gradients over them in backward instead of allocating three more (cosFormer, LARA). An autograd function that
     #: does so must save them for backward, so that autograd refuses a second backward through the graph
     heads_exclusive: bool = False
 

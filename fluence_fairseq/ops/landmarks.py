@@ -32,16 +32,21 @@ class Landmarks(NamedTuple):
 
     def means(self, x: Tensor) -> Tensor:
         """(B, H, L, D) -> (B, H, m, D) segment means."""
-        batch, heads, length, dim = x.shape
-        # one (m, L) @ (L, H*D) product per sequence on the (B, L, H*D) layout (a view of fairseq's heads): no
-        # per-head copy of the averaging matrix is made or saved for backward
-        flat = x.transpose(1, 2).reshape(batch, length, heads * dim)
-        weights = self.weights.to(x.dtype)
-        if weights.size(0) == 1:
-            out = torch.matmul(weights[0], flat) if batch == 1 else torch.einsum("ml,ble->bme", weights[0], flat)
-        else:
-            out = torch.bmm(weights, flat)
-        return out.view(batch, -1, heads, dim).transpose(1, 2)
+        return segment_means(self.weights, x)
+
+
+def segment_means(weights: Tensor, x: Tensor) -> Tensor:
+    """(B, H, L, D) -> (B, H, m, D) means under the (Bw, m, L) averaging matrix of :class:`Landmarks`."""
+    batch, heads, length, dim = x.shape
+    # one (m, L) @ (L, H*D) product per sequence on the (B, L, H*D) layout (a view of fairseq's heads): no
+    # per-head copy of the averaging matrix is made or saved for backward
+    flat = x.transpose(1, 2).reshape(batch, length, heads * dim)
+    weights = weights.to(x.dtype)
+    if weights.size(0) == 1:
+        out = torch.matmul(weights[0], flat) if batch == 1 else torch.einsum("ml,ble->bme", weights[0], flat)
+    else:
+        out = torch.bmm(weights, flat)
+    return out.view(batch, -1, heads, dim).transpose(1, 2)
 
 
 def _neg(dtype: torch.dtype) -> float:
@@ -262,8 +267,7 @@ class _Lara(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, noise, weights, kpm, reuse: bool):
-        landmarks = Landmarks(weights, None, None)
-        mu = landmarks.means(q) + landmarks.means(k)
+        mu = segment_means(weights, q) + segment_means(weights, k)
         omega = mu if noise is None else mu + noise
         probs, log_norm = _Lara._key_probs(omega, k, kpm)
         kv = torch.matmul(probs, v)
