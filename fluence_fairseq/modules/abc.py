@@ -145,8 +145,11 @@ class ABCAttention(FluenceAttention):
         return self._causal(q, k, v, alpha_k, alpha_v, query_offset), None
 
     def _run_causal(self, q, k, v, alpha_k, alpha_v, state=None):
+        # q is read by nothing else (the slot scores come from k and v): with exclusive heads its gradient may
+        # be written over it
         return causal_abc(q, k, v, alpha_k, alpha_v, state, chunk_size=self.chunk_size,
-                          block_chunks=self.block_chunks, dropout_p=self._dropout_p())
+                          block_chunks=self.block_chunks, dropout_p=self._dropout_p(),
+                          reuse_query=self.heads_exclusive)
 
     def _causal(self, q, k, v, alpha_k, alpha_v, query_offset: int) -> Tensor:
         """Query i sees keys j <= i + query_offset. Queries are placed on their key positions; those before the

@@ -390,7 +390,7 @@ class _ChunkedCausalABC(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, alpha_k, alpha_v, k_ends, v_ends, k_num, k_den, k_max, v_num, v_den, v_max,
-                chunk, group, dropout_p):
+                chunk, group, dropout_p, reuse_query):
         bsz, heads, length, dim = q.shape
         n, slots = length // chunk, alpha_k.size(-1)
         out = torch.empty_like(q)  # keeps q's layout (dense strides are preserved)
@@ -446,7 +446,7 @@ class _ChunkedCausalABC(torch.autograd.Function):
                 v_e[:, :, -1]
         ctx.save_for_backward(q, k, v, alpha_k, alpha_v, k_ends, v_ends, scores_all, entry_num, entry_den,
                               entry_max, kept_all)
-        ctx.chunk, ctx.group, ctx.dropout_p = chunk, group, dropout_p
+        ctx.chunk, ctx.group, ctx.dropout_p, ctx.reuse_query = chunk, group, dropout_p, reuse_query
         final = tuple(t.contiguous() for t in (k_num, k_den, k_max, v_num, v_den, v_max))
         ctx.mark_non_differentiable(*final)
         return (out, *final)
@@ -458,7 +458,9 @@ class _ChunkedCausalABC(torch.autograd.Function):
         chunk, group, dropout_p = ctx.chunk, ctx.group, ctx.dropout_p
         bsz, heads, length, dim = q.shape
         n = length // chunk
-        g_q, g_k, g_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # with ``reuse_query`` over q itself: a group's rows are copied out (chunks) before theirs is written
+        g_q = q if ctx.reuse_query else torch.empty_like(q)
+        g_k, g_v = torch.empty_like(k), torch.empty_like(v)
         g_alpha_k, g_alpha_v = torch.empty_like(alpha_k), torch.empty_like(alpha_v)
         g_k_state = g_v_state = None  # gradient of the state leaving the current group (from later groups)
         for c0 in reversed(range(0, n, group)):
@@ -525,7 +527,8 @@ class _ChunkedCausalABC(torch.autograd.Function):
             g_alpha_k[:, :, s0:s1] = g_k_exps.mul_(k_exps).view(bsz, heads, s1 - s0, -1)
             g_k[:, :, s0:s1] = g_kc.view(bsz, heads, s1 - s0, dim)
             g_q[:, :, s0:s1] = g_qc.view(bsz, heads, s1 - s0, dim)
-        return (g_q, g_k, g_v, g_alpha_k, g_alpha_v, None, None, None, None, None, None, None, None, None, None, None)
+        return (g_q, g_k, g_v, g_alpha_k, g_alpha_v, None, None, None, None, None, None, None, None, None, None, None,
+                None)
 
 
 def _carry_backward(decay, exps, x, ends, m0, g_in_num, g_in_den, g_exps, g_x, g_state):
@@ -561,7 +564,7 @@ def _add_matmul_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
 def causal_abc(
     q: Tensor, k: Tensor, v: Tensor, alpha_k: Tensor, alpha_v: Tensor, state: Optional[ABCState] = None, *,
     chunk_size: int = 64, block_chunks: int = 16, dropout_p: float = 0.0, checkpoint_blocks: bool = True,
-    fused: bool = True,
+    fused: bool = True, reuse_query: bool = False,
 ) -> Tuple[Tensor, ABCState]:
     """Causal ABC of the queries sitting on the key positions: q, k, v (B, H, L, d), alpha_k/alpha_v (B, H, L, r).
 
@@ -570,7 +573,8 @@ def causal_abc(
     recomputing backward (``fused``), both walking the chunks in groups of ``block_chunks``. Sequences whose
     scores jump by more than ~60 nats (float32) inside a chunk take the exact fallback instead: plain autograd
     over blocks of ``block_chunks * chunk_size`` positions, checkpointed when gradients are needed
-    (``checkpoint_blocks``), offending blocks redone in smaller chunks.
+    (``checkpoint_blocks``), offending blocks redone in smaller chunks. ``reuse_query``: the caller gives up q
+    (nothing reads it after this call): the fused backward writes its gradient over it.
     """
     if chunk_size < 1 or block_chunks < 1:
         raise ValueError(f"chunk_size ({chunk_size}) and block_chunks ({block_chunks}) must be positive")
@@ -592,7 +596,7 @@ def causal_abc(
             v_ends, _, v_gap = _chunk_maxima(alphas[1].reshape(bsz, heads, n, chunk, -1), state[5])
         if max(k_gap, v_gap) <= _max_gap(dtype):
             out, *state = _ChunkedCausalABC.apply(*padded, *alphas, k_ends, v_ends, *state, chunk, block_chunks,
-                                                  dropout_p)
+                                                  dropout_p, bool(reuse_query))
             return out[:, :, :length].to(out_dtype), ABCState(*state)
     # one position, or scores that jump too far inside a chunk: plain autograd, blocks redone in smaller chunks
     block = chunk_size * block_chunks

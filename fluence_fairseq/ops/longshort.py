@@ -111,7 +111,7 @@ class _LongShort(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad, slopes, cfg):
-        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per = cfg
+        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per, _ = cfg
         bsz, heads, length, dim = q.shape
         acc = _acc(q.dtype)
         neg = torch.finfo(acc).min
@@ -283,7 +283,7 @@ class _LongShort(torch.autograd.Function):
     def backward(ctx, grad_out):
         (q, y_kp, y_vp, rstd, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad, weights, zk, zv,
          slopes) = ctx.saved_tensors
-        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per = ctx.cfg
+        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per, reuse_query = ctx.cfg
         bsz, heads, length, dim = q.shape
         acc = _acc(q.dtype)
         rank = proj_w.size(-1)
@@ -312,8 +312,8 @@ class _LongShort(torch.autograd.Function):
         gk_buf = q.new_zeros(padded, bsz, heads, dim)
         gv_buf = torch.zeros_like(gk_buf)
         grad_kp, grad_vp = gk_buf.permute(1, 2, 0, 3), gv_buf.permute(1, 2, 0, 3)
-        gq_buf = q.new_empty(length, bsz, heads, dim)
-        grad_q = gq_buf.permute(1, 2, 0, 3)
+        # with ``reuse_query`` over q itself: each block's rows are read (scaled into a copy) before theirs is written
+        grad_q = q if reuse_query else q.new_empty(length, bsz, heads, dim).permute(1, 2, 0, 3)
         grad_kg, grad_vg = torch.zeros_like(kg), torch.zeros_like(vg)
         gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
         for g0, g1 in _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2)):
@@ -429,7 +429,7 @@ def long_short_attention(
     q: Tensor, k: Tensor, v: Tensor, *, ln_local: Tuple[Tensor, Tensor], ln_global: Tuple[Tensor, Tensor],
     proj_weight: Tensor, proj_bias: Tensor, key_padding_mask: Optional[Tensor], causal: bool, window: int,
     chunk_size: int = 1, dropout_p: float = 0.0, block_size: Optional[int] = None, row_chunk: Optional[int] = None,
-    alibi_slopes: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None, reuse_query: bool = False,
 ) -> Tensor:
     """Long-short self attention on raw projected heads q, k, v (B, H, L, D).
 
@@ -440,7 +440,9 @@ def long_short_attention(
     ``i - window + 1 .. i`` and the chunks ending at or before ``i - window``. One softmax over both.
     ``block_size``: queries per block (default by window); ``row_chunk``: rows per full-length elementwise pass.
     ``alibi_slopes`` (H,), causal only: ALiBi, ``-slope_h (i - j)`` on band scores and ``-slope_h (i - centre)``
-    on a compressed chunk's, ``centre`` the middle of its chunk.
+    on a compressed chunk's, ``centre`` the middle of its chunk. ``reuse_query``: the caller gives up q (nothing
+    reads it after this call): backward writes its gradient over it instead of allocating another L x D tensor
+    (a second backward through the graph is then refused by autograd's in-place check).
     Returns (B, H, L, D), a permuted view of an (L, B, H, D) buffer.
     """
     bsz, heads, length, dim = q.shape
@@ -457,7 +459,7 @@ def long_short_attention(
     seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
     if alibi_slopes is not None and not causal:
         raise ValueError("long_short_attention: ALiBi is for the causal pattern (noncausal landmarks have no position)")
-    cfg = (causal, left, right, chunk_size, n_chunks, bq, dropout_p, seed, rows_per)
+    cfg = (causal, left, right, chunk_size, n_chunks, bq, dropout_p, seed, rows_per, bool(reuse_query))
     return _LongShort.apply(q, k, v, ln_local[0], ln_local[1], ln_global[0], ln_global[1], proj_weight, proj_bias,
                             key_padding_mask, alibi_slopes, cfg)
 

@@ -391,3 +391,25 @@ def test_compressed_slots_and_slot_attention_in_layout_match_plain_autograd():
     all_padded = torch.ones(bsz, length, dtype=torch.bool)  # no key at all: uniform slots, finite gradients
     grads = torch.autograd.grad(compressed_slots(k, w_k, all_padded).sum(), (k, w_k))
     assert all(bool(t.isfinite().all()) for t in grads)
+
+
+def test_reuse_query_writes_the_query_gradient_over_q():
+    """reuse_query (fused causal path): the same output and gradients, the query gradient in q's own memory, a
+    second backward refused."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, 24, 4, dtype=torch.float64, generator=g) for _ in range(3))
+    ak, av = (torch.randn(2, 2, 24, 3, dtype=torch.float64, generator=g) for _ in range(2))
+    w = torch.randn(2, 2, 24, 4, dtype=torch.float64, generator=g)
+    results = []
+    for reuse in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, ak, av)]
+        given = leaves[0] * 1.0
+        out = causal_abc(given, *leaves[1:], chunk_size=4, block_chunks=2, reuse_query=reuse)[0]
+        (out * w).sum().backward(retain_graph=reuse)
+        results.append([out.detach()] + [t.grad for t in leaves])
+        torch.testing.assert_close(given.detach(), leaves[0].grad if reuse else q, rtol=0, atol=0)
+        if reuse:
+            with pytest.raises(RuntimeError, match="inplace"):
+                (out * w).sum().backward()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -253,3 +253,34 @@ def test_multi_token_decoding_matches_full_pass():
         got = torch.cat(outs)
         real = torch.ones(30, 2, dtype=torch.bool) if mask is None else ~mask.t()
         torch.testing.assert_close(got[real], full[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reuse_query_writes_the_query_gradient_over_q(causal):
+    """reuse_query: the same output and gradients, the query gradient in q's own memory (the caller gave it up),
+    and a second backward through the graph refused."""
+    g = torch.Generator().manual_seed(4)
+    bsz, heads, length, dim, rank = 2, 2, 40, 4, 2
+    q, k, v = (torch.randn(bsz, heads, length, dim, dtype=torch.float64, generator=g) for _ in range(3))
+    params = [torch.randn(heads, dim, dtype=torch.float64, generator=g) for _ in range(4)]
+    proj_w = torch.randn(heads, dim, rank, dtype=torch.float64, generator=g)
+    proj_b = torch.randn(heads, rank, dtype=torch.float64, generator=g)
+    w = torch.randn(bsz, heads, length, dim, dtype=torch.float64, generator=g)
+    kpm = torch.zeros(bsz, length, dtype=torch.bool)
+    kpm[1, -6:] = True
+    results = []
+    for reuse in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        given = leaves[0] * 1.0
+        out = long_short_attention(given, leaves[1], leaves[2], ln_local=(params[0], params[1]),
+                                   ln_global=(params[2], params[3]), proj_weight=proj_w, proj_bias=proj_b,
+                                   key_padding_mask=kpm, causal=causal, window=5, chunk_size=4, block_size=8,
+                                   reuse_query=reuse)
+        (out * w).sum().backward(retain_graph=reuse)
+        results.append([out.detach()] + [t.grad for t in leaves])
+        torch.testing.assert_close(given.detach(), leaves[0].grad if reuse else q, rtol=0, atol=0)
+        if reuse:
+            with pytest.raises(RuntimeError, match="inplace"):
+                (out * w).sum().backward()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
