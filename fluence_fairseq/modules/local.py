@@ -79,6 +79,7 @@ class LocalAttention(FluenceAttention):
             q, k, v, query_offset=query_offset, left=left, right=right, rel_bias=self.relative_bias(),
             key_padding_mask=key_padding_mask, attn_mask=attn_mask,
             dropout_p=self.dropout_module.p if self.training else 0.0, need_weights=need_weights,
+            reuse_buffers=self.heads_exclusive,  # a whole pass: backward runs once through it
         )
 
 

@@ -289,7 +289,7 @@ class _NarrowBand(torch.autograd.Function):
     so no (blocks, kb, head_dim) window gradient is materialised and nothing is accumulated piece by piece."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, extra, valid, band, layout, dropout_p, seed):
+    def forward(ctx, q, k, v, bias, extra, valid, band, layout, dropout_p, seed, reuse=False):
         bq, a, nbs, query_offset, left, tail = layout
         bsz, heads, tgt_len, head_dim = q.shape
         src_len, kb = k.size(2), band.size(1)
@@ -322,7 +322,7 @@ class _NarrowBand(torch.autograd.Function):
         out = torch.bmm(p_used.to(v.dtype), _NarrowBand._windows(vp, n, bq, kb))
         del p_used
         ctx.save_for_backward(qs_pad, kp, vp, p, bias, valid, band)
-        ctx.config = (layout, dropout_p, seed, q.shape, src_len)
+        ctx.config = (layout, dropout_p, seed, q.shape, src_len, reuse)
         return out.view(bsz, heads, nbs * bq, head_dim)[:, :, a : a + tgt_len]
 
     @staticmethod
@@ -347,7 +347,7 @@ class _NarrowBand(torch.autograd.Function):
         return buf, buf.as_strided((n, bq, kb), (stride, kb, 1), pad * stride)
 
     @staticmethod
-    def _fold(buf, rhs_pad, n, bq, kb):
+    def _fold(buf, rhs_pad, n, bq, kb, out=None):
         """Flat key gradient (rows ``(n + G) * bq``) = for every key block ``m``, the sum over the ``G + 1``
         query blocks whose windows cover it of (their piece of the window)^T @ (their rows of ``rhs``): a single
         ``bmm`` of the skewed buffer (see :meth:`_skewed`) with overlapping windows of ``rhs_pad`` (``rhs`` with
@@ -356,7 +356,10 @@ class _NarrowBand(torch.autograd.Function):
         head_dim = rhs_pad.size(1)
         lhs = buf.as_strided((n + pad, bq, kb), (bq * (kb + 1), 1, kb), pad * bq)
         rhs = rhs_pad.as_strided((n + pad, kb, head_dim), (bq * head_dim, head_dim, 1), rhs_pad.storage_offset())
-        return torch.bmm(lhs, rhs).view(-1, head_dim)
+        if out is None:
+            return torch.bmm(lhs, rhs).view(-1, head_dim)
+        torch.bmm(lhs, rhs, out=out.view(n + pad, bq, head_dim))  # (n + G) * bq rows: a flat key buffer's
+        return out
 
     @staticmethod
     def _write(view, a, b=None):
@@ -371,7 +374,7 @@ class _NarrowBand(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         qs_pad, kp, vp, p, bias, valid, band = ctx.saved_tensors
-        (bq, a, nbs, query_offset, left, _), dropout_p, seed, q_shape, src_len = ctx.config
+        (bq, a, nbs, query_offset, left, _), dropout_p, seed, q_shape, src_len, reuse = ctx.config
         bsz, heads, tgt_len, head_dim = q_shape
         n, kb = p.size(0), band.size(1)
         pad = (kb // bq - 1) * bq
@@ -390,7 +393,9 @@ class _NarrowBand(torch.autograd.Function):
             del keep
         else:
             _NarrowBand._write(skewed, p)
-        grad_vp = _NarrowBand._fold(buf, go_pad, n, bq, kb)
+        # ``reuse`` (one backward, see narrow_band_attention): the value gradient over vp (not read after grad_p),
+        # the key gradient new (kp is read by the query gradient), then the query gradient over qs_pad
+        grad_vp = _NarrowBand._fold(buf, go_pad, n, bq, kb, out=vp if reuse else None)
         del go, go_pad
         # rowsum(P * dP) (= rowsum(dO * O)) as a batched dot product: much faster than mul + sum over kb
         delta = torch.bmm(p.view(-1, 1, kb), grad_p.view(-1, kb, 1)).view(n, bq, 1)
@@ -401,16 +406,20 @@ class _NarrowBand(torch.autograd.Function):
             grad_bias = skewed.view(bsz, heads, nbs, bq, kb).to(acc).sum(dim=(0, 2)).sum_to_size(bias.shape)
             grad_bias = grad_bias.to(bias.dtype)
         kw = _NarrowBand._windows(kp, n, bq, kb)
-        grad_q = torch.baddbmm(qs_pad.new_empty(()).expand(n, bq, head_dim), skewed, kw, beta=0,
-                               alpha=head_dim**-0.5)
-        grad_kp = _NarrowBand._fold(buf, qs_pad, n, bq, kb)  # qs is scaled: d(q.k*scale)/dk
+        if reuse:
+            grad_kp = _NarrowBand._fold(buf, qs_pad, n, bq, kb)  # qs is scaled: d(q.k*scale)/dk
+            grad_q = torch.bmm(skewed, kw, out=qs_pad[pad : pad + n * bq].view(n, bq, head_dim)).mul_(head_dim**-0.5)
+        else:
+            grad_q = torch.baddbmm(qs_pad.new_empty(()).expand(n, bq, head_dim), skewed, kw, beta=0,
+                                   alpha=head_dim**-0.5)
+            grad_kp = _NarrowBand._fold(buf, qs_pad, n, bq, kb)  # qs is scaled: d(q.k*scale)/dk
         start = a - query_offset
 
         def keys(flat):
             return flat[left : left + bsz * heads * seg].view(bsz, heads, seg, head_dim)[:, :, start : start + src_len]
 
         grad_q = grad_q.view(bsz, heads, seg, head_dim)[:, :, a : a + tgt_len]
-        return grad_q, keys(grad_kp), keys(grad_vp), grad_bias, None, None, None, None, None, None
+        return grad_q, keys(grad_kp), keys(grad_vp), grad_bias, None, None, None, None, None, None, None
 
 
 def _flat(x: Tensor, lead: int, tail: int, seg: int, start: int, scale: Optional[float] = None) -> Tensor:
@@ -473,11 +482,14 @@ def narrow_band_attention(
     attn_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     block_size: int = 16,
+    reuse_buffers: bool = False,
 ) -> Tensor:
     """Band attention with all query blocks in one batched op (see :class:`_NarrowBand`); for narrow bands.
 
     Needs ``0 <= query_offset <= left`` and every key within ``[query_offset - left, query_offset + tgt_len +
-    right)`` (what :func:`band_attention` leaves after cutting unreachable keys)."""
+    right)`` (what :func:`band_attention` leaves after cutting unreachable keys). ``reuse_buffers``: backward
+    writes the query and value gradients over the flat copies forward kept (two fewer L x D tensors); the graph
+    then cannot be run backward a second time (autograd refuses it), so callers that may do so leave it off."""
     tgt_len, src_len = q.size(2), k.size(2)
     if not (query_offset <= left and src_len - query_offset <= tgt_len + right):
         raise ValueError(f"keys reach outside the band: offset {query_offset}, left {left}, right {right}, "
@@ -492,7 +504,7 @@ def narrow_band_attention(
     band, bias, extra, valid, seed = _band_blocks(q, src_len, left, right, bq, kb, nbs, a, start, rel_bias,
                                                   key_padding_mask, attn_mask, dropout_p)
     layout = (bq, a, nbs, query_offset, left, tail)
-    return _NarrowBand.apply(q, k, v, bias, extra, valid, band, layout, dropout_p, seed)
+    return _NarrowBand.apply(q, k, v, bias, extra, valid, band, layout, dropout_p, seed, bool(reuse_buffers))
 
 
 def blocked_band_attention(
@@ -540,8 +552,10 @@ def band_attention(
     dropout_p: float = 0.0,
     need_weights: bool = False,
     block_size: Optional[int] = None,
+    reuse_buffers: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Dispatch to the cheapest exact path. ``left``/``right`` None = unbounded; ``right=0`` = causal."""
+    """Dispatch to the cheapest exact path. ``left``/``right`` None = unbounded; ``right=0`` = causal.
+    ``reuse_buffers``: see :func:`narrow_band_attention` (the other paths ignore it)."""
     tgt_len, src_len = q.size(2), k.size(2)
     # keys no query can reach are cut off first (a view): decoding with a long cache stays O(band)
     lo = 0 if left is None else max(0, query_offset - left)
@@ -602,7 +616,7 @@ def band_attention(
         return narrow_band_attention(
             q, k, v, query_offset=query_offset, left=band_left, right=band_right, rel_bias=rel_bias,
             key_padding_mask=key_padding_mask, attn_mask=attn_mask, dropout_p=dropout_p,
-            block_size=_narrow_block(span, q.size(-1)),
+            block_size=_narrow_block(span, q.size(-1)), reuse_buffers=reuse_buffers,
         ), None
     if block_size is None:
         # 64-query blocks were fastest on CPU for spans of 64 and more; shorter spans waste less with smaller blocks

@@ -172,3 +172,29 @@ def test_weights_of_long_inputs_come_from_the_band_without_a_full_score_matrix(l
     real = ~kpm.view(B, 1, L, 1)
     torch.testing.assert_close(out.masked_fill(~real, 0), want_out.masked_fill(~real, 0), atol=1e-10, rtol=0)
     torch.testing.assert_close(w.masked_fill(~real, 0), want_w.masked_fill(~real, 0), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("left, right", [(6, 0), (5, 3)])
+def test_narrow_band_reusing_its_buffers_gives_the_same_gradients_once(left, right):
+    """reuse_buffers: the narrow path writes the query and value gradients over the flat copies it kept; the
+    numbers are the same bitwise (padding, dropout), and a second backward is refused instead of reading them."""
+    from fluence_fairseq.ops.band import narrow_band_attention
+
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 3, 37, 8, dtype=torch.float64, generator=g) for _ in range(3))
+    kpm = torch.zeros(2, 37, dtype=torch.bool)
+    kpm[1, -5:] = True
+    w = torch.randn(2, 3, 37, 8, dtype=torch.float64, generator=g)
+    results = []
+    for reuse in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(3)
+        out = narrow_band_attention(*leaves, query_offset=0, left=left, right=right, key_padding_mask=kpm,
+                                    dropout_p=0.2, block_size=4, reuse_buffers=reuse)
+        (out * w).sum().backward(retain_graph=reuse)
+        results.append([out.detach()] + [t.grad for t in leaves])
+        if reuse:
+            with pytest.raises(RuntimeError, match="inplace"):
+                (out * w).sum().backward()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
