@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from attention_contract import AttentionContract, Case
+from gradient_reuse import check_query_gradient_reused
 from fluence_fairseq.modules.abc import ABC, FSABC
 from fluence_fairseq.modules.registry import get_attention
 from fluence_fairseq.ops.abc import causal_abc, causal_abc_dense
@@ -400,16 +401,6 @@ def test_reuse_query_writes_the_query_gradient_over_q():
     q, k, v = (torch.randn(2, 2, 24, 4, dtype=torch.float64, generator=g) for _ in range(3))
     ak, av = (torch.randn(2, 2, 24, 3, dtype=torch.float64, generator=g) for _ in range(2))
     w = torch.randn(2, 2, 24, 4, dtype=torch.float64, generator=g)
-    results = []
-    for reuse in (False, True):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v, ak, av)]
-        given = leaves[0] * 1.0
-        out = causal_abc(given, *leaves[1:], chunk_size=4, block_chunks=2, reuse_query=reuse)[0]
-        (out * w).sum().backward(retain_graph=reuse)
-        results.append([out.detach()] + [t.grad for t in leaves])
-        torch.testing.assert_close(given.detach(), leaves[0].grad if reuse else q, rtol=0, atol=0)
-        if reuse:
-            with pytest.raises(RuntimeError, match="inplace"):
-                (out * w).sum().backward()
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    check_query_gradient_reused(
+        lambda q, k, v, ak, av, reuse: causal_abc(q, k, v, ak, av, chunk_size=4, block_chunks=2,
+                                                  reuse_query=reuse)[0], (q, k, v, ak, av), w)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from attention_contract import AttentionContract, Case
+from gradient_reuse import check_query_gradient_reused
 from fluence_fairseq.modules import FSLongShort
 from fluence_fairseq.ops.longshort import long_short_attention
 
@@ -268,19 +269,8 @@ def test_reuse_query_writes_the_query_gradient_over_q(causal):
     w = torch.randn(bsz, heads, length, dim, dtype=torch.float64, generator=g)
     kpm = torch.zeros(bsz, length, dtype=torch.bool)
     kpm[1, -6:] = True
-    results = []
-    for reuse in (False, True):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        given = leaves[0] * 1.0
-        out = long_short_attention(given, leaves[1], leaves[2], ln_local=(params[0], params[1]),
-                                   ln_global=(params[2], params[3]), proj_weight=proj_w, proj_bias=proj_b,
-                                   key_padding_mask=kpm, causal=causal, window=5, chunk_size=4, block_size=8,
-                                   reuse_query=reuse)
-        (out * w).sum().backward(retain_graph=reuse)
-        results.append([out.detach()] + [t.grad for t in leaves])
-        torch.testing.assert_close(given.detach(), leaves[0].grad if reuse else q, rtol=0, atol=0)
-        if reuse:
-            with pytest.raises(RuntimeError, match="inplace"):
-                (out * w).sum().backward()
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    check_query_gradient_reused(
+        lambda q, k, v, reuse: long_short_attention(
+            q, k, v, ln_local=(params[0], params[1]), ln_global=(params[2], params[3]), proj_weight=proj_w,
+            proj_bias=proj_b, key_padding_mask=kpm, causal=causal, window=5, chunk_size=4, block_size=8,
+            reuse_query=reuse), (q, k, v), w)
