@@ -136,6 +136,16 @@ class ABCAttention(FluenceAttention):
             if dropout_p == 0.0:
                 return attend_slots_in_layout(q, k_slots, v_slots), None
             return attend_slots(q, k_slots, v_slots, dropout_p=dropout_p)[0], None
+        if self.causal and not need_weights and self.heads_exclusive and query_offset == 0 and q.size(2) == k.size(2):
+            # a whole pass over heads nothing else reads: the op takes the slot scores' gradient through the maps
+            # itself, so no autograd node keeps k and v for the product and all three gradients can be written
+            # over the heads
+            with torch.no_grad():
+                alpha_k, alpha_v = self._slot_scores(k, v, key_padding_mask)
+            out, _ = causal_abc(q, k, v, alpha_k, alpha_v, chunk_size=self.chunk_size, block_chunks=self.block_chunks,
+                                dropout_p=self._dropout_p(), slot_maps=(self.compress_k, self.compress_v),
+                                reuse_inputs=True)
+            return out, None
         alpha_k, alpha_v = self._slot_scores(k, v, key_padding_mask)
         if not self.causal:
             return noncausal_abc(q, k, v, alpha_k, alpha_v, dropout_p=self._dropout_p(), need_weights=need_weights)

@@ -390,7 +390,7 @@ class _ChunkedCausalABC(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, alpha_k, alpha_v, k_ends, v_ends, k_num, k_den, k_max, v_num, v_den, v_max,
-                chunk, group, dropout_p, reuse_query):
+                chunk, group, dropout_p, reuse_query, w_k=None, w_v=None, reuse_kv=False):
         bsz, heads, length, dim = q.shape
         n, slots = length // chunk, alpha_k.size(-1)
         out = torch.empty_like(q)  # keeps q's layout (dense strides are preserved)
@@ -445,8 +445,9 @@ class _ChunkedCausalABC(torch.autograd.Function):
             v_num, v_den, v_max = v_in_num[:, :, -1] + v_sum_num[:, :, -1], v_in_den[:, :, -1] + v_sum_den[:, :, -1], \
                 v_e[:, :, -1]
         ctx.save_for_backward(q, k, v, alpha_k, alpha_v, k_ends, v_ends, scores_all, entry_num, entry_den,
-                              entry_max, kept_all)
+                              entry_max, kept_all, w_k, w_v)
         ctx.chunk, ctx.group, ctx.dropout_p, ctx.reuse_query = chunk, group, dropout_p, reuse_query
+        ctx.reuse_kv = reuse_kv
         final = tuple(t.contiguous() for t in (k_num, k_den, k_max, v_num, v_den, v_max))
         ctx.mark_non_differentiable(*final)
         return (out, *final)
@@ -454,14 +455,21 @@ class _ChunkedCausalABC(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, *unused):
         (q, k, v, alpha_k, alpha_v, k_ends, v_ends, scores_all, entry_num, entry_den, entry_max,
-         kept_all) = ctx.saved_tensors
+         kept_all, w_k, w_v) = ctx.saved_tensors
         chunk, group, dropout_p = ctx.chunk, ctx.group, ctx.dropout_p
         bsz, heads, length, dim = q.shape
         n = length // chunk
-        # with ``reuse_query`` over q itself: a group's rows are copied out (chunks) before theirs is written
+        # with ``reuse_query`` / ``reuse_kv`` over q / k and v themselves: a group's rows are copied out (chunks)
+        # before theirs is written
         g_q = q if ctx.reuse_query else torch.empty_like(q)
-        g_k, g_v = torch.empty_like(k), torch.empty_like(v)
-        g_alpha_k, g_alpha_v = torch.empty_like(alpha_k), torch.empty_like(alpha_v)
+        g_k, g_v = (k, v) if ctx.reuse_kv else (torch.empty_like(k), torch.empty_like(v))
+        # slot scores given as constants with their maps (alpha = x @ w + constants): their gradient goes into
+        # x's and w's group by group, and no (L, r) gradient exists
+        projected = w_k is not None
+        if projected:
+            g_w_k, g_w_v = torch.zeros_like(w_k), torch.zeros_like(w_v)
+        else:
+            g_alpha_k, g_alpha_v = torch.empty_like(alpha_k), torch.empty_like(alpha_v)
         g_k_state = g_v_state = None  # gradient of the state leaving the current group (from later groups)
         for c0 in reversed(range(0, n, group)):
             c1 = min(n, c0 + group)
@@ -501,7 +509,11 @@ class _ChunkedCausalABC(torch.autograd.Function):
             g_v_exps += _reverse_cumsum(g_v_den, 3)
             g_v_state = _carry_backward(v_decay, v_exps, vc, v_e, v_m0, g_v_in_num, g_v_den.sum(3),
                                         g_v_exps, g_vc, g_v_state)
-            g_alpha_v[:, :, s0:s1] = g_v_exps.mul_(v_exps).view(bsz, heads, s1 - s0, -1)
+            g_v_exps.mul_(v_exps)  # the slot scores' gradient
+            if projected:
+                _project_back(g_v_exps, vc, w_v, g_vc, g_w_v)
+            else:
+                g_alpha_v[:, :, s0:s1] = g_v_exps.view(bsz, heads, s1 - s0, -1)
             g_v[:, :, s0:s1] = g_vc.view(bsz, heads, s1 - s0, dim)
             del v_exps, g_v_exps, g_vc, w
 
@@ -524,11 +536,25 @@ class _ChunkedCausalABC(torch.autograd.Function):
             g_k_exps += _reverse_cumsum(g_k_den, 3)
             g_k_state = _carry_backward(k_decay, k_exps, kc, k_e, k_m0, g_k_in_num, g_k_den.sum(3),
                                         g_k_exps, g_kc, g_k_state)
-            g_alpha_k[:, :, s0:s1] = g_k_exps.mul_(k_exps).view(bsz, heads, s1 - s0, -1)
+            g_k_exps.mul_(k_exps)
+            if projected:
+                _project_back(g_k_exps, kc, w_k, g_kc, g_w_k)
+            else:
+                g_alpha_k[:, :, s0:s1] = g_k_exps.view(bsz, heads, s1 - s0, -1)
             g_k[:, :, s0:s1] = g_kc.view(bsz, heads, s1 - s0, dim)
             g_q[:, :, s0:s1] = g_qc.view(bsz, heads, s1 - s0, dim)
+        if projected:
+            return (g_q, g_k, g_v, None, None, None, None, None, None, None, None, None, None, None, None, None, None,
+                    g_w_k, g_w_v, None)
         return (g_q, g_k, g_v, g_alpha_k, g_alpha_v, None, None, None, None, None, None, None, None, None, None, None,
-                None)
+                None, None, None, None)
+
+
+def _project_back(g_alpha: Tensor, x: Tensor, w: Tensor, g_x: Tensor, g_w: Tensor) -> None:
+    """For ``alpha = x @ w`` (+ constants), one group: ``g_x += g_alpha @ w^T``, ``g_w += x^T g_alpha`` (in place).
+    ``g_alpha``, ``x``, ``g_x``: (B, H, G, C, .), ``w`` (d, r)."""
+    g_x += torch.matmul(g_alpha, w.t())
+    g_w += torch.matmul(x.reshape(-1, x.size(-1)).t(), g_alpha.reshape(-1, g_alpha.size(-1)))
 
 
 def _carry_backward(decay, exps, x, ends, m0, g_in_num, g_in_den, g_exps, g_x, g_state):
@@ -564,7 +590,8 @@ def _add_matmul_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
 def causal_abc(
     q: Tensor, k: Tensor, v: Tensor, alpha_k: Tensor, alpha_v: Tensor, state: Optional[ABCState] = None, *,
     chunk_size: int = 64, block_chunks: int = 16, dropout_p: float = 0.0, checkpoint_blocks: bool = True,
-    fused: bool = True, reuse_query: bool = False,
+    fused: bool = True, reuse_query: bool = False, slot_maps: Optional[Tuple[Tensor, Tensor]] = None,
+    reuse_inputs: bool = False,
 ) -> Tuple[Tensor, ABCState]:
     """Causal ABC of the queries sitting on the key positions: q, k, v (B, H, L, d), alpha_k/alpha_v (B, H, L, r).
 
@@ -575,12 +602,21 @@ def causal_abc(
     over blocks of ``block_chunks * chunk_size`` positions, checkpointed when gradients are needed
     (``checkpoint_blocks``), offending blocks redone in smaller chunks. ``reuse_query``: the caller gives up q
     (nothing reads it after this call): the fused backward writes its gradient over it.
+
+    ``slot_maps`` (w_k, w_v), each (d, r): the slot scores are ``k @ w_k`` and ``v @ w_v`` plus constants (ALiBi
+    offsets, padding), given as ``alpha_k``/``alpha_v`` without gradient. The fused backward then takes their
+    gradient into k, v, w_k and w_v itself, group by group, so no autograd node keeps k and v for the product;
+    with ``reuse_inputs`` as well the caller gives up q, k and v, and their gradients are written over them.
     """
     if chunk_size < 1 or block_chunks < 1:
         raise ValueError(f"chunk_size ({chunk_size}) and block_chunks ({block_chunks}) must be positive")
     out_dtype = q.dtype
     dtype = _compute_dtype(q.dtype)
     q, k, v, alpha_k, alpha_v = (t.to(dtype) for t in (q, k, v, alpha_k, alpha_v))
+    if slot_maps is not None and (alpha_k.requires_grad or alpha_v.requires_grad):
+        raise ValueError("causal_abc: with slot_maps the slot scores are constants (their gradient goes through "
+                         "the maps); pass them detached")
+    maps = None if slot_maps is None else tuple(w.to(dtype) for w in slot_maps)
     bsz, heads, length, dim = q.shape
     if state is None:
         state = empty_state(bsz, heads, alpha_k.size(-1), dim, dtype, q.device)
@@ -595,9 +631,14 @@ def causal_abc(
             k_ends, _, k_gap = _chunk_maxima(alphas[0].reshape(bsz, heads, n, chunk, -1), state[2])
             v_ends, _, v_gap = _chunk_maxima(alphas[1].reshape(bsz, heads, n, chunk, -1), state[5])
         if max(k_gap, v_gap) <= _max_gap(dtype):
+            extra = (None, None, False) if maps is None else (*maps, bool(reuse_inputs))
             out, *state = _ChunkedCausalABC.apply(*padded, *alphas, k_ends, v_ends, *state, chunk, block_chunks,
-                                                  dropout_p, bool(reuse_query))
+                                                  dropout_p, bool(reuse_query or (maps is not None and reuse_inputs)),
+                                                  *extra)
             return out[:, :, :length].to(out_dtype), ABCState(*state)
+    if maps is not None:  # the plain path needs the scores' gradient: the product again, its value unchanged
+        products = [torch.matmul(x, w) for x, w in ((k, maps[0]), (v, maps[1]))]
+        alpha_k, alpha_v = (a + (p - p.detach()) for a, p in zip((alpha_k, alpha_v), products))
     # one position, or scores that jump too far inside a chunk: plain autograd, blocks redone in smaller chunks
     block = chunk_size * block_chunks
     save_memory = checkpoint_blocks and torch.is_grad_enabled() and length > chunk_size and any(
