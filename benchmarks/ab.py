@@ -11,9 +11,10 @@ state; the report is the median of the per-pair ratios (new / old), with their r
 
 Only ops modules can be swapped (pure torch, imported by the attentions as module attributes): every name the
 attention modules import from them is pointed at the revision's function for the "old" steps. When a change
-also changed how the attention calls its op (new arguments), ``--with-attend`` runs the revision's ``attend``
-of the attention's class on the old side too (loaded from its module file at that revision, its op names
-pointed at the revision's ops; the rest of the class is the working tree's)::
+also changed how the attention calls its op (new arguments), ``--with-attend`` runs the revision's methods of
+the attention's class (the one that defines ``attend``, with its helpers) on the old side too, loaded from its
+module file at that revision with its op names pointed at the revision's ops; inherited methods stay the
+working tree's::
 
     python -m benchmarks.ab lara --ops landmarks --pattern noncausal --with-attend --against HEAD~1
 
@@ -65,9 +66,10 @@ def bindings(new: ModuleType) -> List[Tuple[ModuleType, str]]:
     return found
 
 
-def revision_attend(module, swaps, revision: str):
-    """The ``attend`` function of the class that defines it for ``module``, from its module file at ``revision``,
-    with the names that file imported from the swapped ops modules pointed at the revision's functions."""
+def revision_methods(module, swaps, revision: str) -> Dict[str, types.FunctionType]:
+    """The methods of the class that defines ``attend`` for ``module`` (``attend`` and its helpers), from its
+    module file at ``revision``, with the names that file imported from the swapped ops modules pointed at the
+    revision's functions."""
     owner = next(cls for cls in type(module).__mro__ if "attend" in vars(cls))
     package, _, stem = owner.__module__.rpartition(".")
     if package != "fluence_fairseq.modules":
@@ -80,7 +82,8 @@ def revision_attend(module, swaps, revision: str):
     if old_cls is None or "attend" not in vars(old_cls):
         raise SystemExit(f"--with-attend: fluence_fairseq/modules/{stem}.py at {revision} has no "
                          f"{owner.__name__}.attend")
-    return vars(old_cls)["attend"]
+    return {name: fn for name, fn in vars(old_cls).items()
+            if isinstance(fn, types.FunctionType) and not name.startswith("__")}
 
 
 def main(argv=None) -> Dict[str, float]:
@@ -123,16 +126,16 @@ def main(argv=None) -> Dict[str, float]:
             raise SystemExit(f"--against {args.against}: its fluence_fairseq/ops/{name}.py has no {missing}, which "
                              "the attentions import now; compare against a revision that has them")
         swaps += [(importer, attr, getattr(new, attr), getattr(old, attr)) for importer, attr in found]
-    old_attend = revision_attend(module, swaps, args.against) if args.with_attend else None
+    old_methods = revision_methods(module, swaps, args.against) if args.with_attend else {}
 
     def use(side: int) -> None:
         for importer, attr, *fns in swaps:
             setattr(importer, attr, fns[side])
-        if old_attend is not None:  # an instance attribute shadows the class's attend for the old steps
+        for name, fn in old_methods.items():  # instance attributes shadow the class's methods for the old steps
             if side:
-                module.attend = types.MethodType(old_attend, module)
+                setattr(module, name, types.MethodType(fn, module))
             else:
-                vars(module).pop("attend", None)
+                vars(module).pop(name, None)
 
     step = training_step(module, args.dim, args.batch, args.length, args.length, cross, causal)
     times = {0: [], 1: []}

@@ -140,10 +140,9 @@ class ABCAttention(FluenceAttention):
             # a whole pass over heads nothing else reads: the op takes the slot scores' gradient through the maps
             # itself, so no autograd node keeps k and v for the product and all three gradients can be written
             # over the heads
-            with torch.no_grad():
-                alpha_k, alpha_v = self._slot_scores(k, v, key_padding_mask)
-            out, _ = causal_abc(q, k, v, alpha_k, alpha_v, chunk_size=self.chunk_size, block_chunks=self.block_chunks,
+            out, _ = causal_abc(q, k, v, None, None, chunk_size=self.chunk_size, block_chunks=self.block_chunks,
                                 dropout_p=self._dropout_p(), slot_maps=(self.compress_k, self.compress_v),
+                                slot_shift=self.alibi_key_offsets(k.size(2), k), slot_pad=key_padding_mask,
                                 reuse_inputs=True)
             return out, None
         alpha_k, alpha_v = self._slot_scores(k, v, key_padding_mask)

@@ -347,11 +347,12 @@ def _carry(decay, exps, x, ends, num0, den0, m0):
     return in_num, in_den, sum_num, sum_den
 
 
-def _group_carry(alpha, x, ends, start, stop, chunk, num0, den0, m0):
-    """One group of chunks (positions ``start .. stop``) entering with state (num0, den0) at reference m0: the
-    exponentials, the decay matrix, the carried numerators/denominators and chunk sums of :func:`_carry`, and
-    each row's denominator. Forward and backward both call this, so backward rebuilds exactly forward's values."""
-    exps = torch.sub(_view_chunks(alpha, start, stop, chunk), ends.unsqueeze(3)).exp_()
+def _group_carry(alpha, x, ends, num0, den0, m0):
+    """One group of chunks, its slot scores ``alpha`` (B, H, G, C, r), entering with state (num0, den0) at
+    reference m0: the exponentials, the decay matrix, the carried numerators/denominators and chunk sums of
+    :func:`_carry`, and each row's denominator. Forward and backward both call this, so backward rebuilds exactly
+    forward's values."""
+    exps = torch.sub(alpha, ends.unsqueeze(3)).exp_()
     decay = _decay_matrix(ends)
     in_num, in_den, sum_num, sum_den = _carry(decay, exps, x, ends, num0, den0, m0)
     row_den = _nonzero_(exps.cumsum(dim=3).add_(in_den.unsqueeze(3)))
@@ -389,14 +390,31 @@ class _ChunkedCausalABC(torch.autograd.Function):
     not differentiable (decoding only)."""
 
     @staticmethod
+    def _scores(alpha_k, alpha_v, kc, vc, w_k, w_v, shift, pad, s0, s1, g, chunk):
+        """A group's slot scores (B, H, G, C, r): slices of the given ones, or made from the maps (projected)."""
+        if w_k is None:
+            return _view_chunks(alpha_k, s0, s1, chunk), _view_chunks(alpha_v, s0, s1, chunk)
+        sh = None if shift is None else shift[:, s0:s1].unflatten(1, (g, chunk))
+        pd = None if pad is None else pad[:, s0:s1].unflatten(1, (g, chunk))
+        return _mapped_scores(kc, w_k, sh, pd), _mapped_scores(vc, w_v, sh, pd)
+
+    @staticmethod
+    def _slot_scores(qk, qc, k_exps, k_in_num, k_row_den):
+        """Each query's slot scores (B, H, G, C, r): row_num / den with row_num = tril(Q K^T) E_k + Q N_k^T."""
+        row_num = torch.matmul(qk, k_exps)
+        _add_matmul_(row_num, qc, k_in_num.transpose(-1, -2))
+        return row_num.div_(k_row_den)
+
+    @staticmethod
     def forward(ctx, q, k, v, alpha_k, alpha_v, k_ends, v_ends, k_num, k_den, k_max, v_num, v_den, v_max,
-                chunk, group, dropout_p, reuse_query, w_k=None, w_v=None, reuse_kv=False):
+                chunk, group, dropout_p, reuse_query, w_k=None, w_v=None, reuse_kv=False, shift=None, pad=None):
         bsz, heads, length, dim = q.shape
-        n, slots = length // chunk, alpha_k.size(-1)
+        projected = w_k is not None  # slot scores from the maps, group by group (alpha_k/alpha_v are None)
+        n, slots = length // chunk, (w_k if projected else alpha_k).size(-1)
         out = torch.empty_like(q)  # keeps q's layout (dense strides are preserved)
         # backward recomputes everything else from these: the slot scores (the only (L, r) statistic that costs
         # chunk products) and the state entering each group (numerators, denominators, references)
-        scores_all = alpha_k.new_empty(bsz, heads, n, chunk, slots)
+        scores_all = None if projected else q.new_empty(bsz, heads, n, chunk, slots)
         n_groups = -(-n // group)
         entry_num = k_num.new_empty(n_groups, 2, bsz, heads, slots, dim)
         entry_den = k_den.new_empty(n_groups, 2, bsz, heads, slots)
@@ -411,6 +429,7 @@ class _ChunkedCausalABC(torch.autograd.Function):
                 return t[:, :, s0:s1].contiguous().view(bsz, heads, g, chunk, t.size(-1))
 
             qc, kc, vc = chunks(q), chunks(k), chunks(v)
+            a_k, a_v = _ChunkedCausalABC._scores(alpha_k, alpha_v, kc, vc, w_k, w_v, shift, pad, s0, s1, g, chunk)
             k_e, v_e = k_ends[:, :, c0:c1], v_ends[:, :, c0:c1]
             e = c0 // group  # the state entering this group, for backward
             entry_num[e, 0], entry_num[e, 1] = k_num, v_num
@@ -418,12 +437,10 @@ class _ChunkedCausalABC(torch.autograd.Function):
             entry_max[e, 0], entry_max[e, 1] = k_max, v_max
 
             k_exps, _, k_in_num, k_in_den, k_sum_num, k_sum_den, k_row_den = _group_carry(
-                alpha_k, kc, k_e, s0, s1, chunk, k_num, k_den, k_max)
+                a_k, kc, k_e, k_num, k_den, k_max)
             qk = torch.matmul(qc, kc.transpose(-1, -2)).tril_()
-            row_num = torch.matmul(qk, k_exps)
+            slot_scores = _ChunkedCausalABC._slot_scores(qk, qc, k_exps, k_in_num, k_row_den)
             del qk
-            _add_matmul_(row_num, qc, k_in_num.transpose(-1, -2))
-            slot_scores = row_num.div_(k_row_den)
             probs = torch.softmax(slot_scores * dim ** -0.5, dim=-1)
             dropped = probs
             if dropout_p > 0.0:
@@ -431,21 +448,22 @@ class _ChunkedCausalABC(torch.autograd.Function):
                 kept_all[:, :, c0:c1] = dropped != 0
 
             v_exps, _, v_in_num, v_in_den, v_sum_num, v_sum_den, v_row_den = _group_carry(
-                alpha_v, vc, v_e, s0, s1, chunk, v_num, v_den, v_max)
+                a_v, vc, v_e, v_num, v_den, v_max)
             w = dropped / v_row_den
             mix = torch.matmul(w, v_exps.transpose(-1, -2)).tril_()
             out_g = torch.matmul(mix, vc)
             del mix
             _add_matmul_(out_g, w, v_in_num)
             out[:, :, s0:s1] = out_g.view(bsz, heads, s1 - s0, dim)
-            scores_all[:, :, c0:c1] = slot_scores
+            if scores_all is not None:
+                scores_all[:, :, c0:c1] = slot_scores
             # the state leaving the group, at its last chunk's reference
             k_num, k_den, k_max = k_in_num[:, :, -1] + k_sum_num[:, :, -1], k_in_den[:, :, -1] + k_sum_den[:, :, -1], \
                 k_e[:, :, -1]
             v_num, v_den, v_max = v_in_num[:, :, -1] + v_sum_num[:, :, -1], v_in_den[:, :, -1] + v_sum_den[:, :, -1], \
                 v_e[:, :, -1]
         ctx.save_for_backward(q, k, v, alpha_k, alpha_v, k_ends, v_ends, scores_all, entry_num, entry_den,
-                              entry_max, kept_all, w_k, w_v)
+                              entry_max, kept_all, w_k, w_v, shift, pad)
         ctx.chunk, ctx.group, ctx.dropout_p, ctx.reuse_query = chunk, group, dropout_p, reuse_query
         ctx.reuse_kv = reuse_kv
         final = tuple(t.contiguous() for t in (k_num, k_den, k_max, v_num, v_den, v_max))
@@ -455,7 +473,7 @@ class _ChunkedCausalABC(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, *unused):
         (q, k, v, alpha_k, alpha_v, k_ends, v_ends, scores_all, entry_num, entry_den, entry_max,
-         kept_all, w_k, w_v) = ctx.saved_tensors
+         kept_all, w_k, w_v, shift, pad) = ctx.saved_tensors
         chunk, group, dropout_p = ctx.chunk, ctx.group, ctx.dropout_p
         bsz, heads, length, dim = q.shape
         n = length // chunk
@@ -479,19 +497,24 @@ class _ChunkedCausalABC(torch.autograd.Function):
                 return t[:, :, s0:s1].contiguous().view(bsz, heads, g, chunk, t.size(-1))
 
             qc, kc, vc, g_out = chunks(q), chunks(k), chunks(v), chunks(grad_out)
+            a_k, a_v = _ChunkedCausalABC._scores(alpha_k, alpha_v, kc, vc, w_k, w_v, shift, pad, s0, s1, g, chunk)
             k_e, v_e = k_ends[:, :, c0:c1], v_ends[:, :, c0:c1]
             k_m0 = k_ends[:, :, c0 - 1] if c0 > 0 else None
             v_m0 = v_ends[:, :, c0 - 1] if c0 > 0 else None
-            slot_scores = scores_all[:, :, c0:c1]
-            probs = torch.softmax(slot_scores * dim ** -0.5, dim=-1)
-            kept = None if kept_all is None else kept_all[:, :, c0:c1]
-            dropped = probs if kept is None else probs * kept / (1.0 - dropout_p)
             # the group's carried state and row denominators, recomputed exactly as forward made them
             e = c0 // group
             k_exps, k_decay, k_in_num, _, _, _, k_row_den = _group_carry(
-                alpha_k, kc, k_e, s0, s1, chunk, entry_num[e, 0], entry_den[e, 0], entry_max[e, 0])
+                a_k, kc, k_e, entry_num[e, 0], entry_den[e, 0], entry_max[e, 0])
             v_exps, v_decay, v_in_num, _, _, _, v_row_den = _group_carry(
-                alpha_v, vc, v_e, s0, s1, chunk, entry_num[e, 1], entry_den[e, 1], entry_max[e, 1])
+                a_v, vc, v_e, entry_num[e, 1], entry_den[e, 1], entry_max[e, 1])
+            qk = torch.matmul(qc, kc.transpose(-1, -2)).tril_()
+            if scores_all is None:  # projected: the slot scores again, by forward's very operations
+                slot_scores = _ChunkedCausalABC._slot_scores(qk, qc, k_exps, k_in_num, k_row_den)
+            else:
+                slot_scores = scores_all[:, :, c0:c1]
+            probs = torch.softmax(slot_scores * dim ** -0.5, dim=-1)
+            kept = None if kept_all is None else kept_all[:, :, c0:c1]
+            dropped = probs if kept is None else probs * kept / (1.0 - dropout_p)
 
             # values: out = tril(w E_v^T) V + w N_v,  w = dropped / den_v
             w = dropped / v_row_den
@@ -524,7 +547,6 @@ class _ChunkedCausalABC(torch.autograd.Function):
             g_k_den = (g_row_num * slot_scores).neg_()
 
             # keys: row_num = tril(Q K^T) E_k + Q N_k^T
-            qk = torch.matmul(qc, kc.transpose(-1, -2)).tril_()
             g_k_exps = torch.matmul(qk.transpose(-1, -2), g_row_num)
             del qk
             g_qk = torch.matmul(g_row_num, k_exps.transpose(-1, -2)).tril_()
@@ -545,9 +567,21 @@ class _ChunkedCausalABC(torch.autograd.Function):
             g_q[:, :, s0:s1] = g_qc.view(bsz, heads, s1 - s0, dim)
         if projected:
             return (g_q, g_k, g_v, None, None, None, None, None, None, None, None, None, None, None, None, None, None,
-                    g_w_k, g_w_v, None)
+                    g_w_k, g_w_v, None, None, None)
         return (g_q, g_k, g_v, g_alpha_k, g_alpha_v, None, None, None, None, None, None, None, None, None, None, None,
-                None, None, None, None)
+                None, None, None, None, None, None)
+
+
+def _mapped_scores(x: Tensor, w: Tensor, shift: Optional[Tensor], pad: Optional[Tensor]) -> Tensor:
+    """Slot scores ``x @ w + shift``, ``finfo.min`` where ``pad``: x (B, H, *P, d), w (d, r), shift (H, *P) or
+    None, pad (B, *P) bool or None -> (B, H, *P, r). The same expression makes them for the chunk maxima, for
+    forward and for backward, group by group."""
+    a = torch.matmul(x, w)
+    if shift is not None:
+        a += shift.unsqueeze(0).unsqueeze(-1)
+    if pad is not None:
+        a.masked_fill_(pad.unsqueeze(1).unsqueeze(-1), torch.finfo(a.dtype).min)
+    return a
 
 
 def _project_back(g_alpha: Tensor, x: Tensor, w: Tensor, g_x: Tensor, g_w: Tensor) -> None:
@@ -588,10 +622,11 @@ def _add_matmul_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 def causal_abc(
-    q: Tensor, k: Tensor, v: Tensor, alpha_k: Tensor, alpha_v: Tensor, state: Optional[ABCState] = None, *,
+    q: Tensor, k: Tensor, v: Tensor, alpha_k: Optional[Tensor], alpha_v: Optional[Tensor],
+    state: Optional[ABCState] = None, *,
     chunk_size: int = 64, block_chunks: int = 16, dropout_p: float = 0.0, checkpoint_blocks: bool = True,
     fused: bool = True, reuse_query: bool = False, slot_maps: Optional[Tuple[Tensor, Tensor]] = None,
-    reuse_inputs: bool = False,
+    slot_shift: Optional[Tensor] = None, slot_pad: Optional[Tensor] = None, reuse_inputs: bool = False,
 ) -> Tuple[Tensor, ABCState]:
     """Causal ABC of the queries sitting on the key positions: q, k, v (B, H, L, d), alpha_k/alpha_v (B, H, L, r).
 
@@ -603,20 +638,28 @@ def causal_abc(
     (``checkpoint_blocks``), offending blocks redone in smaller chunks. ``reuse_query``: the caller gives up q
     (nothing reads it after this call): the fused backward writes its gradient over it.
 
-    ``slot_maps`` (w_k, w_v), each (d, r): the slot scores are ``k @ w_k`` and ``v @ w_v`` plus constants (ALiBi
-    offsets, padding), given as ``alpha_k``/``alpha_v`` without gradient. The fused backward then takes their
-    gradient into k, v, w_k and w_v itself, group by group, so no autograd node keeps k and v for the product;
-    with ``reuse_inputs`` as well the caller gives up q, k and v, and their gradients are written over them.
+    ``slot_maps`` (w_k, w_v), each (d, r), instead of ``alpha_k``/``alpha_v`` (pass None): the slot scores are
+    ``x @ w + slot_shift`` ((H, L) constants, e.g. ALiBi offsets) and ``finfo.min`` where ``slot_pad`` (B, L).
+    The fused path makes them group by group in forward and again in backward, keeps neither them nor the slot
+    scores of the queries, and takes their gradient into k, v, w_k and w_v itself, so no autograd node keeps k
+    and v for the product; with ``reuse_inputs`` the caller gives up q, k and v, and their gradients are written
+    over them.
     """
     if chunk_size < 1 or block_chunks < 1:
         raise ValueError(f"chunk_size ({chunk_size}) and block_chunks ({block_chunks}) must be positive")
     out_dtype = q.dtype
     dtype = _compute_dtype(q.dtype)
-    q, k, v, alpha_k, alpha_v = (t.to(dtype) for t in (q, k, v, alpha_k, alpha_v))
-    if slot_maps is not None and (alpha_k.requires_grad or alpha_v.requires_grad):
-        raise ValueError("causal_abc: with slot_maps the slot scores are constants (their gradient goes through "
-                         "the maps); pass them detached")
-    maps = None if slot_maps is None else tuple(w.to(dtype) for w in slot_maps)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    maps = None
+    if slot_maps is not None:
+        if alpha_k is not None or alpha_v is not None:
+            raise ValueError("causal_abc: give either the slot scores or slot_maps (which make them), not both")
+        maps = tuple(w.to(dtype) for w in slot_maps)
+        slot_shift = None if slot_shift is None else slot_shift.to(dtype)
+        with torch.no_grad():
+            alpha_k, alpha_v = (_mapped_scores(x, w, slot_shift, slot_pad) for x, w in ((k, maps[0]), (v, maps[1])))
+    else:
+        alpha_k, alpha_v = (t.to(dtype) for t in (alpha_k, alpha_v))
     bsz, heads, length, dim = q.shape
     if state is None:
         state = empty_state(bsz, heads, alpha_k.size(-1), dim, dtype, q.device)
@@ -625,13 +668,25 @@ def causal_abc(
         chunk = min(chunk_size, length)
         pad = (-length) % chunk
         padded = [F.pad(t, (0, 0, 0, pad)) for t in (q, k, v)] if pad else [q, k, v]
-        alphas = [F.pad(t, (0, 0, 0, pad), value=float("-inf")) if pad else t for t in (alpha_k, alpha_v)]
         n = (length + pad) // chunk
+        if maps is None:
+            alphas = [F.pad(t, (0, 0, 0, pad), value=float("-inf")) if pad else t for t in (alpha_k, alpha_v)]
+            extra = (None, None, False, None, None)
+        else:  # the tail positions are padding for the maps' scores
+            shift = None if slot_shift is None else F.pad(slot_shift, (0, pad))
+            mask = slot_pad if slot_pad is not None or pad else None
+            if mask is not None:
+                mask = F.pad(torch.zeros(bsz, length, dtype=torch.bool, device=q.device) if slot_pad is None
+                             else slot_pad, (0, pad), value=True)
+            with torch.no_grad():
+                alphas = [_mapped_scores(x, w, shift, mask) for x, w in ((padded[1], maps[0]), (padded[2], maps[1]))]
+            extra = (*maps, bool(reuse_inputs), shift, mask)
         with torch.no_grad():
             k_ends, _, k_gap = _chunk_maxima(alphas[0].reshape(bsz, heads, n, chunk, -1), state[2])
             v_ends, _, v_gap = _chunk_maxima(alphas[1].reshape(bsz, heads, n, chunk, -1), state[5])
         if max(k_gap, v_gap) <= _max_gap(dtype):
-            extra = (None, None, False) if maps is None else (*maps, bool(reuse_inputs))
+            if maps is not None:
+                alphas = [None, None]  # made again group by group inside
             out, *state = _ChunkedCausalABC.apply(*padded, *alphas, k_ends, v_ends, *state, chunk, block_chunks,
                                                   dropout_p, bool(reuse_query or (maps is not None and reuse_inputs)),
                                                   *extra)

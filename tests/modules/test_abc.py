@@ -404,3 +404,46 @@ def test_reuse_query_writes_the_query_gradient_over_q():
     check_query_gradient_reused(
         lambda q, k, v, ak, av, reuse: causal_abc(q, k, v, ak, av, chunk_size=4, block_chunks=2,
                                                   reuse_query=reuse)[0], (q, k, v, ak, av), w)
+
+
+@pytest.mark.parametrize("length", [24, 26])  # 26: a tail that the fused path pads
+@pytest.mark.parametrize("mode", ["fused", "fused-reuse", "plain"])
+def test_slot_maps_make_the_scores_and_take_their_gradient(length, mode):
+    """slot_maps: the op makes the slot scores x @ w + shift (finfo.min at padding) itself and takes their
+    gradient into k, v and the maps: the same output and gradients (maps included) as scores made by autograd
+    outside, on the fused path (with and without writing over the inputs) and on the plain fallback."""
+    g = torch.Generator().manual_seed(9)
+    heads, dim, slots = 2, 4, 3
+    q, k, v = (torch.randn(2, heads, length, dim, dtype=torch.float64, generator=g) for _ in range(3))
+    maps = [torch.randn(dim, slots, dtype=torch.float64, generator=g) for _ in range(2)]
+    shift = torch.randn(heads, length, dtype=torch.float64, generator=g)
+    pad = torch.zeros(2, length, dtype=torch.bool)
+    pad[1, :3] = True
+    w = torch.randn(2, heads, length, dim, dtype=torch.float64, generator=g)
+    low = torch.finfo(torch.float64).min
+
+    def run(outside):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, *maps)]
+        if outside:
+            ak, av = ((x @ m + shift[None, :, :, None]).masked_fill(pad[:, None, :, None], low)
+                      for x, m in ((leaves[1], leaves[3]), (leaves[2], leaves[4])))
+            out = causal_abc(*leaves[:3], ak, av, chunk_size=4, block_chunks=2)[0]
+        else:
+            given = [t * 1.0 for t in leaves[:3]]
+            out = causal_abc(*given, None, None, chunk_size=4, block_chunks=2, slot_maps=tuple(leaves[3:]),
+                             slot_shift=shift, slot_pad=pad, reuse_inputs=mode == "fused-reuse",
+                             fused=mode != "plain")[0]
+            if mode == "fused-reuse":
+                (out * w).sum().backward()
+                # the gradients were written over the inputs (over its padded copies when the length needs a tail)
+                for inside, leaf, original in zip(given, leaves[:3], (q, k, v)):
+                    torch.testing.assert_close(inside.detach(), leaf.grad if length % 4 == 0 else original,
+                                               rtol=0, atol=0)
+                return [out.detach()] + [t.grad for t in leaves]
+        (out * w).sum().backward()
+        return [out.detach()] + [t.grad for t in leaves]
+
+    for got, want in zip(run(False), run(True)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="not both"):
+        causal_abc(q, k, v, q[..., :slots], v[..., :slots], slot_maps=tuple(maps))
