@@ -656,13 +656,11 @@ def causal_abc(
             raise ValueError("causal_abc: give either the slot scores or slot_maps (which make them), not both")
         maps = tuple(w.to(dtype) for w in slot_maps)
         slot_shift = None if slot_shift is None else slot_shift.to(dtype)
-        with torch.no_grad():
-            alpha_k, alpha_v = (_mapped_scores(x, w, slot_shift, slot_pad) for x, w in ((k, maps[0]), (v, maps[1])))
     else:
         alpha_k, alpha_v = (t.to(dtype) for t in (alpha_k, alpha_v))
     bsz, heads, length, dim = q.shape
     if state is None:
-        state = empty_state(bsz, heads, alpha_k.size(-1), dim, dtype, q.device)
+        state = empty_state(bsz, heads, (alpha_k if maps is None else maps[0]).size(-1), dim, dtype, q.device)
     state = tuple(t.to(dtype) for t in state)
     if length > 1 and fused:
         chunk = min(chunk_size, length)
@@ -672,12 +670,12 @@ def causal_abc(
         if maps is None:
             alphas = [F.pad(t, (0, 0, 0, pad), value=float("-inf")) if pad else t for t in (alpha_k, alpha_v)]
             extra = (None, None, False, None, None)
-        else:  # the tail positions are padding for the maps' scores
+        else:
             shift = None if slot_shift is None else F.pad(slot_shift, (0, pad))
-            mask = slot_pad if slot_pad is not None or pad else None
-            if mask is not None:
-                mask = F.pad(torch.zeros(bsz, length, dtype=torch.bool, device=q.device) if slot_pad is None
-                             else slot_pad, (0, pad), value=True)
+            mask = slot_pad
+            if pad:  # the tail positions are padding for the maps' scores
+                mask = F.pad(torch.zeros(bsz, length, dtype=torch.bool, device=q.device) if mask is None else mask,
+                             (0, pad), value=True)
             with torch.no_grad():
                 alphas = [_mapped_scores(x, w, shift, mask) for x, w in ((padded[1], maps[0]), (padded[2], maps[1]))]
             extra = (*maps, bool(reuse_inputs), shift, mask)
@@ -691,7 +689,10 @@ def causal_abc(
                                                   dropout_p, bool(reuse_query or (maps is not None and reuse_inputs)),
                                                   *extra)
             return out[:, :, :length].to(out_dtype), ABCState(*state)
-    if maps is not None:  # the plain path needs the scores' gradient: the product again, its value unchanged
+    if maps is not None:  # the plain path takes the scores' gradient through autograd: the same values, and a
+        # straight-through product for the gradient
+        with torch.no_grad():
+            alpha_k, alpha_v = (_mapped_scores(x, w, slot_shift, slot_pad) for x, w in ((k, maps[0]), (v, maps[1])))
         products = [torch.matmul(x, w) for x, w in ((k, maps[0]), (v, maps[1]))]
         alpha_k, alpha_v = (a + (p - p.detach()) for a, p in zip((alpha_k, alpha_v), products))
     # one position, or scores that jump too far inside a chunk: plain autograd, blocks redone in smaller chunks
