@@ -20,12 +20,12 @@ working tree's::
 
 Threads: torch's default unless ``--threads``.
 """
-import types
 import argparse
 import importlib
 import statistics
 import subprocess
 import sys
+import types
 from pathlib import Path
 from types import ModuleType
 from typing import Dict, List, Tuple
@@ -100,8 +100,9 @@ def main(argv=None) -> Dict[str, float]:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--with-attend", action="store_true", help="also run the revision's attend() of the "
-                        "attention's class on the old side (when the change altered how it calls its op)")
+    parser.add_argument("--with-attend", action="store_true", help="also run the revision's methods of the "
+                        "attention's class (attend and its helpers) on the old side, when the change altered how "
+                        "it calls its op")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -140,10 +140,9 @@ class ABCAttention(FluenceAttention):
             # a whole pass over heads nothing else reads: the op takes the slot scores' gradient through the maps
             # itself, so no autograd node keeps k and v for the product and all three gradients can be written
             # over the heads
-            out, _ = causal_abc(q, k, v, None, None, chunk_size=self.chunk_size, block_chunks=self.block_chunks,
-                                dropout_p=self._dropout_p(), slot_maps=(self.compress_k, self.compress_v),
-                                slot_shift=self.alibi_key_offsets(k.size(2), k), slot_pad=key_padding_mask,
-                                reuse_inputs=True)
+            out, _ = self._run_causal(q, k, v, None, None, slot_maps=(self.compress_k, self.compress_v),
+                                      slot_shift=self.alibi_key_offsets(k.size(2), k), slot_pad=key_padding_mask,
+                                      reuse_inputs=True)
             return out, None
         alpha_k, alpha_v = self._slot_scores(k, v, key_padding_mask)
         if not self.causal:
@@ -153,12 +152,12 @@ class ABCAttention(FluenceAttention):
                                     dropout_p=self._dropout_p())
         return self._causal(q, k, v, alpha_k, alpha_v, query_offset), None
 
-    def _run_causal(self, q, k, v, alpha_k, alpha_v, state=None):
+    def _run_causal(self, q, k, v, alpha_k, alpha_v, state=None, **slot_map_args):
         # q is read by nothing else (the slot scores come from k and v): with exclusive heads its gradient may
         # be written over it
         return causal_abc(q, k, v, alpha_k, alpha_v, state, chunk_size=self.chunk_size,
                           block_chunks=self.block_chunks, dropout_p=self._dropout_p(),
-                          reuse_query=self.heads_exclusive)
+                          reuse_query=self.heads_exclusive, **slot_map_args)
 
     def _causal(self, q, k, v, alpha_k, alpha_v, query_offset: int) -> Tensor:
         """Query i sees keys j <= i + query_offset. Queries are placed on their key positions; those before the

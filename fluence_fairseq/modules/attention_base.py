@@ -145,9 +145,10 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     #: whose selections (top-k) are too brittle in 16 bits
     float32_math: bool = False
     #: set by the base while :meth:`attend` runs on heads that nothing reads after the call (a whole pass without
-    #: decoding cache or segment memory, q, k and v from three projections): the math may then write their
-    #: gradients over them in backward instead of allocating three more (cosFormer, LARA). An autograd function that
-    #: does so must save them for backward, so that autograd refuses a second backward through the graph
+    #: decoding cache or segment memory, q, k and v from three projections): the math may then write gradients
+    #: over them (cosFormer, LARA, causal ABC; LongShort the query's) or over its own saved copies (local
+    #: attention) in backward instead of allocating more. An autograd function that does so must save what it
+    #: overwrites for backward, so that autograd refuses a second backward through the graph
     heads_exclusive: bool = False
 
     def __init__(
