@@ -1,0 +1,34 @@
+"""ops.common.prefixes: views of the first n rows that share one backward."""
+import pytest
+import torch
+
+from fluence_fairseq.ops.common import prefixes
+
+
+@pytest.mark.parametrize("lengths", [(3, 7, 10), (10, 4), (2, 5), (6,)])
+def test_prefixes_are_views_with_the_slices_gradient(lengths):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, 4, dtype=torch.float64, requires_grad=True)
+    views = prefixes(x, lengths)
+    assert [tuple(v.shape) for v in views] == [(2, 3, n, 4) for n in lengths]
+    for view, n in zip(views, lengths):
+        assert torch.equal(view, x[:, :, :n])
+    weights = [torch.randn(v.shape, dtype=torch.float64) for v in views]
+    (grad,) = torch.autograd.grad(sum((v * w).sum() for v, w in zip(views, weights)), x)
+    want = torch.zeros_like(x)
+    for w, n in zip(weights, lengths):
+        want[:, :, :n] += w
+    torch.testing.assert_close(grad, want, atol=1e-14, rtol=0)
+    assert not grad[:, :, max(lengths):].any()  # rows past the longest prefix: exact zeros
+
+
+def test_prefixes_with_unused_views_and_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 6, 3, dtype=torch.float64, requires_grad=True)
+    a, b, c = prefixes(x, (2, 6, 4))
+    (grad,) = torch.autograd.grad((a * 3).sum() + c.square().sum(), x)  # the longest view unused
+    want = torch.zeros_like(x)
+    want[:, :, :2] += 3
+    want[:, :, :4] += 2 * x.detach()[:, :, :4]
+    torch.testing.assert_close(grad, want, atol=1e-14, rtol=0)
+    assert torch.autograd.gradcheck(lambda t: [v.sin() for v in prefixes(t, (1, 6, 3))], (x,))
