@@ -64,15 +64,19 @@ class _Prefixes(torch.autograd.Function):
         present = [(n, g) for n, g in zip(ctx.lengths, grads) if g is not None]
         if not present:
             return None, None
-        longest = max(range(len(present)), key=lambda i: present[i][0])
-        n, g = present.pop(longest)
-        if n == ctx.full:
-            total = g.clone(memory_format=torch.contiguous_format)
+        present.sort(key=lambda item: -item[0])
+        (n, g), rest = present[0], present[1:]
+        total = g.new_empty(g.shape[:2] + (ctx.full,) + g.shape[3:])
+        total[:, :, n:].zero_()
+        if rest:  # the two longest in one pass, the others added onto their rows
+            m = rest[0][0]
+            torch.add(g[:, :, :m], rest[0][1], out=total[:, :, :m])
+            total[:, :, m:n] = g[:, :, m:]
+            rest = rest[1:]
         else:
-            total = g.new_zeros(g.shape[:2] + (ctx.full,) + g.shape[3:])
             total[:, :, :n] = g
-        for n, g in present:
-            total[:, :, :n] += g
+        for m, h in rest:
+            total[:, :, :m] += h
         return total, None
 
 
