@@ -35,10 +35,6 @@ MAX_NEWTON_STEPS = 50
 BISECTION_STEPS = 60
 #: Newton steps run on a gathered copy of the rows that still move once fewer than this share of them do
 COMPACT_BELOW = 0.75
-#: general β, rows of at least this many entries: after one step, the sparse rows continue on their candidates ...
-CANDIDATES_FROM = 128
-#: ... when at most this share of their entries lies above that step's τ (see :func:`_candidate_threshold`)
-CANDIDATES_BELOW = 0.25
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -59,32 +55,24 @@ def _shifted(x: Tensor, mask: Optional[Tensor], scale: Union[float, Tensor]):
     return x.sub_(torch.where(has_entries, top, torch.zeros_like(top))).mul_(scale), has_entries
 
 
-def _newton_step(u: Tensor, tau: Tensor, beta: Union[float, Tensor], d: Tensor, work: Tensor,
-                 row_sum=None, row_beta: Union[float, Tensor, None] = None) -> Tensor:
+def _newton_step(u: Tensor, tau: Tensor, beta: Union[float, Tensor], d: Tensor, work: Tensor) -> Tensor:
     """One Newton step on g(τ) = ||[u - τ]_+||_β - 1 for rows ``u`` (R, n) at ``tau`` (R, 1), using the buffers
     ``d`` and ``work`` (R, n). Rows without entries (slope 0) get step 0; the caller zeroes them. For β other than
-    1 and 2, ``work`` is left holding ``[u - τ]_+ ^ β``: the unnormalised output if τ is the root.
-
-    ``row_sum`` (default: sum over the last dim) and ``row_beta`` (default ``beta``) serve flat candidate lists
-    (:func:`_candidate_threshold`): ``u``, ``tau`` and ``beta`` per entry, sums and β per row."""
-    if row_sum is None:
-        def row_sum(x):
-            return x.sum(-1, keepdim=True)
-    row_beta = beta if row_beta is None else row_beta
+    1 and 2, ``work`` is left holding ``[u - τ]_+ ^ β``: the unnormalised output if τ is the root."""
     torch.sub(u, tau, out=d).clamp_(min=0)
     if isinstance(beta, float) and beta == 1.0:  # sparsemax: g = sum(d) - 1, g' = -|support|
-        total = row_sum(d)
-        slope = row_sum(d.sign_())  # d >= 0: its sign counts the support
+        total = d.sum(-1, keepdim=True)
+        slope = d.sign_().sum(-1, keepdim=True)  # d >= 0: its sign counts the support
         step = (total - 1) / slope
     elif isinstance(beta, float) and beta == 2.0:  # 1.5-entmax: g = ||d||_2 - 1, g' = -sum(d) / ||d||_2
-        slope = row_sum(d)
-        power_sum = row_sum(d.square_())
+        slope = d.sum(-1, keepdim=True)
+        power_sum = d.square_().sum(-1, keepdim=True)
         step = (power_sum - power_sum.sqrt()) / slope
     else:  # N = sum d^β, Q = sum d^(β-1): step = (N - N^(1 - 1/β)) / Q
         powers = torch.pow(d, beta, out=work)  # the one transcendental pass; d^(β-1) = d^β / d (0 at d = 0)
-        power_sum = row_sum(powers)
-        slope = row_sum(torch.div(powers, d.clamp_(min=torch.finfo(u.dtype).tiny), out=d))
-        step = (power_sum - power_sum.pow(1 - 1 / row_beta)) / slope
+        power_sum = powers.sum(-1, keepdim=True)
+        slope = torch.div(powers, d.clamp_(min=torch.finfo(u.dtype).tiny), out=d).sum(-1, keepdim=True)
+        step = (power_sum - power_sum.pow(1 - 1 / beta)) / slope
     return torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -92,71 +80,20 @@ def _newton_threshold(u: Tensor, beta: Union[float, Tensor]) -> Tuple[Tensor, Op
     """τ with ``sum([u - τ]_+ ^ β) = 1`` for β >= 1, by Newton's method on the β-norm (see the module docstring).
     ``u`` has its row max at 0 (or is all -inf).
 
-    Returns τ and, for β other than 1 and 2, ``[u - τ]_+ ^ β`` (a fresh tensor shaped like ``u``) where the search
-    ran on the full rows to the end, else None (the caller takes the powers at τ): a row stops at the τ whose step
-    fell below the tolerance, and that step's powers are the output, so no power pass follows the search. Long
-    rows of general β go through :func:`_candidate_threshold` after their first step."""
-    n = u.size(-1)
-    rows = u.reshape(-1, n)
-    tau = torch.full((rows.size(0), 1), -1.0, dtype=u.dtype, device=u.device)
-    if not isinstance(beta, float):
-        beta = beta.expand(u.shape[:-1] + (1,)).reshape(-1, 1)
-    general = not (isinstance(beta, float) and beta in (1.0, 2.0))
-    if general and n >= CANDIDATES_FROM and rows.size(0):
-        found = _candidate_threshold(rows, tau, beta)
-        if found is not None:
-            return found.view(u.shape[:-1] + (1,)), None
-    tau, powers = _newton_rows(rows, tau, beta, general)
-    return tau.view(u.shape[:-1] + (1,)), None if powers is None else powers.view(u.shape)
-
-
-def _candidate_threshold(rows: Tensor, tau: Tensor, beta: Union[float, Tensor]) -> Optional[Tensor]:
-    """One Newton step on the full rows (R, n), then, for the rows with at most :data:`CANDIDATES_BELOW` of their
-    entries above that step's τ, the rest of the search on those entries alone, as one flat list with per-row sums
-    (``index_add``); the other rows go on at full width. Newton's iterates only rise from the first step (the
-    module docstring), so an entry at or below its τ never re-enters the support and the τ found is the same up to
-    rounding. On 512-key rows of a head at α = 1.5, about one entry in twenty is a candidate: the later steps,
-    each with its power pass, cost a few percent of a full one. Returns None (with ``tau`` after the first step)
-    when no row is sparse enough."""
-    n = rows.size(-1)
-    tau.add_(_newton_step(rows, tau, beta, torch.empty_like(rows), torch.empty_like(rows)))
-    candidate = rows > tau
-    count = torch.count_nonzero(candidate, dim=-1)
-    sparse = (count <= CANDIDATES_BELOW * n) & (count > 0)  # no candidate: a row without entries (τ stays)
-    if not bool(sparse.any()):
-        return None
-    candidate &= sparse.unsqueeze(1)
-    row_of, column = candidate.nonzero().unbind(1)
-    values = rows.view(-1).index_select(0, row_of * n + column)
-    entry_beta = beta if isinstance(beta, float) else beta.view(-1).index_select(0, row_of)
-    def row_sum(x):
-        return x.new_zeros(rows.size(0), 1).index_add_(0, row_of, x.unsqueeze(1))
-
-    d, work = torch.empty_like(values), torch.empty_like(values)
-    tol = 4 * torch.finfo(rows.dtype).eps
-    for _ in range(MAX_NEWTON_STEPS):
-        step = _newton_step(values, tau.view(-1).index_select(0, row_of), entry_beta, d, work, row_sum, beta)
-        moving = (step.abs() > tol * (1 + tau.abs())) & sparse.unsqueeze(1)
-        tau.add_(step.mul_(moving))
-        if not bool(moving.any()):
-            break
-    dense = (~sparse).nonzero().view(-1)
-    if dense.numel():
-        found, _ = _newton_rows(rows.index_select(0, dense), tau.index_select(0, dense),
-                                beta if isinstance(beta, float) else beta.index_select(0, dense), True)
-        tau.index_copy_(0, dense, found)
-    return tau
-
-
-def _newton_rows(rows: Tensor, tau: Tensor, beta: Union[float, Tensor], general: bool
-                 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Newton's iterations on ``rows`` (R, n) from ``tau`` (R, 1, left of the roots; updated in place) until no
-    row moves: (τ, for general β the powers ``[rows - τ]_+ ^ β`` each row stopped at, None if the cap was reached).
+    Returns τ and, for β other than 1 and 2, ``[u - τ]_+ ^ β`` (a fresh tensor shaped like ``u``; None if the
+    step cap was reached): a row stops at the τ whose step fell below the tolerance, and that step's powers are
+    the output, so no power pass follows the search.
 
     Rows converge after different numbers of steps (most within one or two of each other); once fewer than
     :data:`COMPACT_BELOW` of the rows still move, the steps run on a gathered copy of those rows only, so the last
     steps (including the one that only confirms convergence) cost a fraction of a full pass."""
-    tol = 4 * torch.finfo(rows.dtype).eps
+    n = u.size(-1)
+    rows = u.reshape(-1, n)
+    tau = torch.full((rows.size(0), 1), -1.0, dtype=u.dtype, device=u.device)
+    general = not (isinstance(beta, float) and beta in (1.0, 2.0))
+    if not isinstance(beta, float):
+        beta = beta.expand(u.shape[:-1] + (1,)).reshape(-1, 1)
+    tol = 4 * torch.finfo(u.dtype).eps
     # two work buffers reused by every step: fresh full-size tensors would be page-faulted in at every step
     d_buffer, work_buffer = torch.empty_like(rows), torch.empty_like(rows)
     active: Optional[Tensor] = None  # indices of the rows still iterated; None = all rows, in place
@@ -189,7 +126,8 @@ def _newton_rows(rows: Tensor, tau: Tensor, beta: Union[float, Tensor], general:
         if count < COMPACT_BELOW * moving.numel():
             positions = moving.nonzero().view(-1)
             active = positions if active is None else active.index_select(0, positions)
-    return tau, (work_buffer if general and converged else None)
+    powers = work_buffer.view(u.shape) if general and converged else None
+    return tau.view(u.shape[:-1] + (1,)), powers
 
 
 def _bisection_threshold(u: Tensor, alpha_minus_one: Union[float, Tensor], beta: Union[float, Tensor]) -> Tensor:
