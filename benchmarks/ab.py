@@ -82,8 +82,13 @@ def revision_methods(module, swaps, revision: str) -> Dict[str, types.FunctionTy
     if old_cls is None or "attend" not in vars(old_cls):
         raise SystemExit(f"--with-attend: fluence_fairseq/modules/{stem}.py at {revision} has no "
                          f"{owner.__name__}.attend")
+    def taken_from_owner(name):  # a subclass's overrides (alpha() of a learned-alpha entmax) stay the module's own
+        if name in vars(owner):
+            return getattr(type(module), name) is vars(owner)[name]
+        return not hasattr(type(module), name)  # a helper the revision had and the class no longer has
+
     return {name: fn for name, fn in vars(old_cls).items()
-            if isinstance(fn, types.FunctionType) and not name.startswith("__")}
+            if isinstance(fn, types.FunctionType) and not name.startswith("__") and taken_from_owner(name)}
 
 
 def main(argv=None) -> Dict[str, float]:
@@ -123,10 +128,13 @@ def main(argv=None) -> Dict[str, float]:
         if not found:
             raise SystemExit(f"--ops {name}: no attention module imports a function from fluence_fairseq.ops.{name}")
         missing = sorted({attr for _, attr in found if not hasattr(old, attr)})
-        if missing:
+        if missing and not args.with_attend:
             raise SystemExit(f"--against {args.against}: its fluence_fairseq/ops/{name}.py has no {missing}, which "
-                             "the attentions import now; compare against a revision that has them")
-        swaps += [(importer, attr, getattr(new, attr), getattr(old, attr)) for importer, attr in found]
+                             "the attentions import now; compare against a revision that has them, or add "
+                             "--with-attend if the revision's attend did not call them")
+        # with --with-attend a function new since the revision stays on both sides: the old attend does not call it
+        swaps += [(importer, attr, getattr(new, attr), getattr(old, attr, getattr(new, attr)))
+                  for importer, attr in found]
     old_methods = revision_methods(module, swaps, args.against) if args.with_attend else {}
 
     def use(side: int) -> None:

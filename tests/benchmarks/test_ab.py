@@ -66,3 +66,24 @@ def test_with_attend_runs_the_revisions_attend_on_the_old_side(monkeypatch):
     ab.main(["lara", "--ops", "landmarks", "--pattern", "noncausal", "--with-attend", "--length", "64", "--dim", "32",
              "--heads", "2", "--pairs", "2", "--threads", "1"])
     assert calls == ["old", "new"] * 3  # warm-up and two pairs: the revision first, then the working tree
+
+
+def test_with_attend_keeps_subclass_overrides_and_names_the_revision_lacked(monkeypatch):
+    """alpha_entmax's attend lives in EntmaxAttentionBase, whose alpha() the learned-alpha class overrides: the
+    old side keeps the override. An ops function the revision did not have (here ``prefixes``, hidden from the
+    loaded revision) stays on both sides with --with-attend and is refused without it."""
+    real_load = ab.load_revision
+
+    def load(name, revision, package="ops"):
+        module = real_load(name, revision, package)
+        if package == "ops" and name == "common":
+            del module.prefixes
+        return module
+
+    monkeypatch.setattr(ab, "load_revision", load)
+    args = ["alpha_entmax", "--ops", "common", "--pattern", "causal", "--length", "160", "--dim", "32", "--heads", "2",
+            "--pairs", "1", "--threads", "1"]
+    with pytest.raises(SystemExit, match=r"has no \['prefixes'\].*or add --with-attend"):
+        ab.main(args)
+    result = ab.main(args + ["--with-attend"])
+    assert all(math.isfinite(v) and v > 0 for v in result.values())
