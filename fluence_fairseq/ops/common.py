@@ -52,7 +52,9 @@ class _Prefixes(torch.autograd.Function):
 
     Slicing a tensor once per query block makes autograd zero a full-size gradient for every slice and add them
     up (``SliceBackward``): on (4, 8, 512, 64) keys in 8 blocks, 16 full-size fills and adds a step. Here backward
-    starts from the longest prefix's gradient and adds the others onto their rows."""
+    writes the sum of the two longest prefixes' gradients in one pass (zeros only past the longest) and adds the
+    others onto their rows. The views may not be modified in place (autograd refuses it for a custom Function's
+    views)."""
 
     @staticmethod
     def forward(ctx, x, lengths):
@@ -82,4 +84,8 @@ class _Prefixes(torch.autograd.Function):
 
 def prefixes(x: Tensor, lengths) -> tuple:
     """``x[:, :, :n]`` for every ``n`` in ``lengths`` (4-d ``x``), sharing one backward (see :class:`_Prefixes`)."""
-    return _Prefixes.apply(x, tuple(int(n) for n in lengths))
+    lengths = tuple(int(n) for n in lengths)
+    if x.dim() != 4 or not all(1 <= n <= x.size(2) for n in lengths):
+        raise ValueError(f"prefixes needs a 4-d tensor and lengths in [1, {x.size(2) if x.dim() == 4 else '?'}], "
+                         f"got shape {tuple(x.shape)} and lengths {lengths}")
+    return _Prefixes.apply(x, lengths)

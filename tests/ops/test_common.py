@@ -32,3 +32,14 @@ def test_prefixes_with_unused_views_and_gradcheck():
     want[:, :, :4] += 2 * x.detach()[:, :, :4]
     torch.testing.assert_close(grad, want, atol=1e-14, rtol=0)
     assert torch.autograd.gradcheck(lambda t: [v.sin() for v in prefixes(t, (1, 6, 3))], (x,))
+
+
+def test_prefixes_refuse_bad_lengths_and_in_place_edits():
+    x = torch.randn(1, 2, 5, 3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"lengths in \[1, 5\]"):
+        prefixes(x, (2, 6))
+    with pytest.raises(ValueError, match="4-d"):
+        prefixes(x[0], (2,))
+    (view,) = prefixes(x * 1.0, (3,))
+    with pytest.raises(RuntimeError):
+        view.add_(1.0)  # a custom Function's view: autograd would lose the edit in backward
