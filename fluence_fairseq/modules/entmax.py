@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..ops.common import prefixes
+from ..ops.common import lower_blocks, prefixes
 from ..ops.entmax import entmax
 from .attention_base import FluenceAttention, Statistic, fsmha
 from .masks import HARD_MASK, relative_positions
@@ -131,9 +131,7 @@ class EntmaxAttentionBase(FluenceAttention):
         if len(blocks) == 1:
             return self._attend_rows(q, k, v, key_padding_mask, attn_mask, query_offset, need_weights)
         src_len = k.size(2)
-        outputs, weights = [], None
-        if need_weights:
-            weights = q.new_zeros(q.size(0), self.num_heads, q.size(2), src_len)
+        outputs, probabilities = [], []
         # the block's last query sees keys up to its own position; split and prefixes give q, k and v one backward
         # each (a slice per block would zero and add a full-size gradient per block: a fifth of the step's time)
         visible = [min(src_len, query_offset + end) for _, end in blocks]
@@ -147,8 +145,8 @@ class EntmaxAttentionBase(FluenceAttention):
                 query_offset + start, need_weights,
             )
             outputs.append(out)
-            if weights is not None:
-                weights[:, :, start:end, :keys] = probs
+            probabilities.append(probs)
+        weights = lower_blocks(probabilities, src_len) if need_weights else None
         return torch.cat(outputs, dim=2), weights
 
     def _attend_rows(self, q, k, v, key_padding_mask, attn_mask, query_offset, need_weights):

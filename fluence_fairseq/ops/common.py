@@ -89,3 +89,39 @@ def prefixes(x: Tensor, lengths) -> tuple:
         raise ValueError(f"prefixes needs a 4-d tensor and lengths in [1, {x.size(2) if x.dim() == 4 else '?'}], "
                          f"got shape {tuple(x.shape)} and lengths {lengths}")
     return _Prefixes.apply(x, lengths)
+
+
+class _LowerBlocks(torch.autograd.Function):
+    """A (B, H, Lq, Lk) matrix from row blocks that each fill the first columns of their rows (zeros elsewhere).
+    Writing the blocks into a zero tensor one slice at a time would make autograd clone the whole gradient once
+    per block in backward (``CopySlices``); here backward hands each block a view of its part."""
+
+    @staticmethod
+    def forward(ctx, width, *blocks):
+        bsz, heads = blocks[0].shape[:2]
+        rows = sum(b.size(2) for b in blocks)
+        out = blocks[0].new_zeros(bsz, heads, rows, width)
+        start = 0
+        for b in blocks:
+            out[:, :, start : start + b.size(2), : b.size(3)] = b
+            start += b.size(2)
+        ctx.shapes = [tuple(b.shape[2:]) for b in blocks]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts, start = [], 0
+        for rows, cols in ctx.shapes:
+            parts.append(grad[:, :, start : start + rows, :cols])
+            start += rows
+        return (None, *parts)
+
+
+def lower_blocks(blocks, width: int) -> Tensor:
+    """Stack row blocks (B, H, n_i, k_i) with k_i <= ``width`` into one (B, H, sum n_i, width) matrix, each block
+    in the first k_i columns of its rows and zeros elsewhere, with a backward that costs views only."""
+    blocks = list(blocks)
+    if not blocks or any(b.dim() != 4 or b.shape[:2] != blocks[0].shape[:2] or b.size(3) > width for b in blocks):
+        raise ValueError(f"lower_blocks needs 4-d blocks sharing (B, H) and at most {width} columns, got "
+                         f"{[tuple(b.shape) for b in blocks]}")
+    return _LowerBlocks.apply(int(width), *blocks)

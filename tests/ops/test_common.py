@@ -1,8 +1,8 @@
-"""ops.common.prefixes: views of the first n rows that share one backward."""
+"""ops.common: prefixes (views of the first n rows sharing one backward) and lower_blocks."""
 import pytest
 import torch
 
-from fluence_fairseq.ops.common import prefixes
+from fluence_fairseq.ops.common import lower_blocks, prefixes
 
 
 @pytest.mark.parametrize("lengths", [(3, 7, 10), (10, 4), (2, 5), (6,)])
@@ -43,3 +43,15 @@ def test_prefixes_refuse_bad_lengths_and_in_place_edits():
     (view,) = prefixes(x * 1.0, (3,))
     with pytest.raises(RuntimeError):
         view.add_(1.0)  # a custom Function's view: autograd would lose the edit in backward
+
+
+def test_lower_blocks_place_each_block_and_backward_gives_each_its_part():
+    torch.manual_seed(0)
+    blocks = [torch.randn(2, 3, n, k, dtype=torch.float64, requires_grad=True) for n, k in ((2, 3), (3, 5), (1, 6))]
+    out = lower_blocks(blocks, 6)
+    want = torch.zeros(2, 3, 6, 6, dtype=torch.float64)
+    want[:, :, 0:2, :3], want[:, :, 2:5, :5], want[:, :, 5:6, :6] = (b.detach() for b in blocks)
+    assert torch.equal(out, want)
+    assert torch.autograd.gradcheck(lambda *bs: lower_blocks(bs, 7), tuple(blocks))
+    with pytest.raises(ValueError, match="at most 4 columns"):
+        lower_blocks(blocks, 4)
