@@ -133,7 +133,7 @@ class EntmaxAttentionBase(FluenceAttention):
         src_len = k.size(2)
         outputs, probabilities = [], []
         # the block's last query sees keys up to its own position; split and prefixes give q, k and v one backward
-        # each (a slice per block would zero and add a full-size gradient per block: a fifth of the step's time)
+        # each (a slice per block would zero and add a full-size gradient per block: a fifth of the attention's time)
         visible = [min(src_len, query_offset + end) for _, end in blocks]
         q_blocks = q.split([end - start for start, end in blocks], dim=2)
         k_blocks, v_blocks = prefixes(k, visible), prefixes(v, visible)
