@@ -100,10 +100,11 @@ class _LowerBlocks(torch.autograd.Function):
     def forward(ctx, width, *blocks):
         bsz, heads = blocks[0].shape[:2]
         rows = sum(b.size(2) for b in blocks)
-        out = blocks[0].new_zeros(bsz, heads, rows, width)
+        out = blocks[0].new_empty(bsz, heads, rows, width)
         start = 0
-        for b in blocks:
+        for b in blocks:  # each entry written once: the block, or the zeros right of it
             out[:, :, start : start + b.size(2), : b.size(3)] = b
+            out[:, :, start : start + b.size(2), b.size(3) :].zero_()
             start += b.size(2)
         ctx.shapes = [tuple(b.shape[2:]) for b in blocks]
         return out
