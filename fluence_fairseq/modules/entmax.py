@@ -153,12 +153,12 @@ class EntmaxAttentionBase(FluenceAttention):
         tgt_len, src_len = q.size(2), k.size(2)
         scores = torch.matmul(q * (q.size(-1) ** -0.5), k.transpose(-1, -2))
         bias = self.relative_bias()
+        rel = relative_positions(tgt_len, src_len, query_offset, q.device) if bias is not None or self.causal else None
         if bias is not None:
-            scores = scores + bias(relative_positions(tgt_len, src_len, query_offset, q.device)).to(scores.dtype)
+            scores = scores + bias(rel).to(scores.dtype)
         masked = None
         if self.causal:
-            future = relative_positions(tgt_len, src_len, query_offset, q.device) < 0
-            masked = future.view(1, 1, tgt_len, src_len)
+            masked = (rel < 0).view(1, 1, tgt_len, src_len)  # the future
         if key_padding_mask is not None:
             padded = key_padding_mask.view(-1, 1, 1, src_len)
             masked = padded if masked is None else masked | padded

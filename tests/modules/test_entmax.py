@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fluence_fairseq import FSAlphaEntmax, FSEntmax15, FSSparsemax
-from fluence_fairseq.modules.entmax import ALPHA_MAX, ALPHA_MIN, parse_alpha_init
+from fluence_fairseq.modules.entmax import ALPHA_MAX, ALPHA_MIN, EntmaxAttentionBase, parse_alpha_init
 from fluence_fairseq.ops.entmax import entmax, entmax15, sparsemax
 
 
@@ -285,6 +285,16 @@ def test_causal_query_blocks_slice_an_additive_attn_mask():
     full = attn(x, x, x, attn_mask=bias, need_weights=True)
     for got, want in zip(blocked, full):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    # gradients through the returned weights too (the blocks are assembled by ops.common.lower_blocks)
+    probe = torch.randn_like(full[1])
+    grads = []
+    for threshold in (EntmaxAttentionBase.BLOCKED_FROM, length + 1):
+        attn.BLOCKED_FROM = threshold
+        xg = x.clone().requires_grad_()
+        out, weights = attn(xg, xg, xg, attn_mask=bias, need_weights=True)
+        (out.sum() + (weights * probe).sum()).backward()
+        grads.append(xg.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=0)
 
 
 def test_query_blocks_only_for_long_causal_self_attention():
