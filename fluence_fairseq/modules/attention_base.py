@@ -148,7 +148,9 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     #: decoding cache or segment memory, q, k and v from three projections): the math may then write gradients
     #: over them (cosFormer, LARA, causal ABC; LongShort the query's) or over its own saved copies (local
     #: attention) in backward instead of allocating more. An autograd function that does so must save what it
-    #: overwrites for backward, so that autograd refuses a second backward through the graph
+    #: overwrites for backward, so that autograd refuses a second backward through the graph. Local attention
+    #: also frees the heads' memory once it has copied them, and its output's gradient once copied in backward:
+    #: a subclass that overrides ``attend`` must not read q, k or v after calling the parent's
     heads_exclusive: bool = False
 
     def __init__(

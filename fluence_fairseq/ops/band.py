@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import accumulation_dtype as _acc, fold_windows, relative_positions
+from .common import accumulation_dtype as _acc, fold_windows, free_memory, relative_positions
 
 RelBias = Callable[[Tensor], Tensor]
+#: elements of dP the narrow band's backward forms at a time (a few hundred KiB in float32)
+_GRAD_CHUNK = 1 << 16
 
 
 def _neg(dtype):
@@ -286,7 +288,13 @@ class _NarrowBand(torch.autograd.Function):
     Forward saves the scaled queries, the flat keys/values and the probabilities (``kb / head_dim`` of a query
     tensor); backward reuses them instead of recomputing the scores (one softmax pass saved), and computes the
     key and value gradients with one ``bmm`` each through a skewed copy of the probabilities (:meth:`_fold`),
-    so no (blocks, kb, head_dim) window gradient is materialised and nothing is accumulated piece by piece."""
+    so no (blocks, kb, head_dim) window gradient is materialised and nothing is accumulated piece by piece.
+
+    ``reuse`` (a whole pass of the attention base: backward runs once, and nothing else reads the heads or the
+    output's gradient) puts memory first: the caller's q, k and v are freed once copied, the probabilities are
+    recomputed in backward instead of kept (1-3% more time), the output's gradient is freed once copied, and the
+    gradients are written over the copies. At L=8192 that takes local attention's training step from 1.83x to
+    1.49x the projections' memory (docs/benchmarks.md)."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, extra, valid, band, layout, dropout_p, seed, reuse=False):
@@ -300,9 +308,27 @@ class _NarrowBand(torch.autograd.Function):
         qs = qs_pad[pad : pad + n * bq].view(n, bq, head_dim)
         kp = _flat(k, left, tail, nbs * bq, a - query_offset)
         vp = _flat(v, left, tail, nbs * bq, a - query_offset)
-        s = torch.bmm(qs, _NarrowBand._windows(kp, n, bq, kb).transpose(1, 2))
+        if reuse:  # nothing reads the caller's heads again: only the copies stay alive
+            free_memory(q, k, v)
+        p = _NarrowBand._probs(qs, kp, bias, extra, valid, band, (bsz, heads, nbs, bq, kb), acc)
+        p_used = p
+        if dropout_p > 0:
+            gen = torch.Generator(q.device).manual_seed(seed)
+            p_used = p * torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen).div_(1 - dropout_p)
+        out = torch.bmm(p_used.to(v.dtype), _NarrowBand._windows(vp, n, bq, kb))
+        del p_used
+        # ``reuse`` (a whole pass, memory first): the probabilities are recomputed in backward, not kept
+        ctx.save_for_backward(qs_pad, kp, vp, None if reuse else p, bias, valid, band, extra)
+        ctx.config = (layout, dropout_p, seed, q.shape, src_len, reuse)
+        return out.view(bsz, heads, nbs * bq, head_dim)[:, :, a : a + tgt_len]
+
+    @staticmethod
+    def _probs(qs, kp, bias, extra, valid, band, shape, acc):
+        """(n, bq, kb) probabilities of the scaled query blocks ``qs`` against their key windows in ``kp``."""
+        bsz, heads, nbs, bq, kb = shape
+        s = torch.bmm(qs, _NarrowBand._windows(kp, qs.size(0), bq, kb).transpose(1, 2))
         s = s.to(acc) if s.dtype != acc else s
-        s5 = s.view(bsz, heads, nbs, bq, kb)
+        s5 = s.view(shape)
         if bias is None:
             # band and key mask folded into one (B, 1, blocks, bq, kb) table: a single pass over the scores
             allowed = valid.view(bsz, 1, nbs, 1, kb) & band.view(1, 1, 1, bq, kb)
@@ -313,17 +339,7 @@ class _NarrowBand(torch.autograd.Function):
                 s5.masked_fill_(~valid.view(bsz, 1, nbs, 1, kb), torch.finfo(acc).min)
         if extra is not None:
             s5 += extra
-        p = torch.softmax(s, dim=-1)
-        del s, s5
-        p_used = p
-        if dropout_p > 0:
-            gen = torch.Generator(q.device).manual_seed(seed)
-            p_used = p * torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen).div_(1 - dropout_p)
-        out = torch.bmm(p_used.to(v.dtype), _NarrowBand._windows(vp, n, bq, kb))
-        del p_used
-        ctx.save_for_backward(qs_pad, kp, vp, p, bias, valid, band)
-        ctx.config = (layout, dropout_p, seed, q.shape, src_len, reuse)
-        return out.view(bsz, heads, nbs * bq, head_dim)[:, :, a : a + tgt_len]
+        return torch.softmax(s, dim=-1)
 
     @staticmethod
     def _windows(xp, n, bq, kb):
@@ -373,46 +389,65 @@ class _NarrowBand(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        qs_pad, kp, vp, p, bias, valid, band = ctx.saved_tensors
+        qs_pad, kp, vp, p, bias, valid, band, extra = ctx.saved_tensors
         (bq, a, nbs, query_offset, left, _), dropout_p, seed, q_shape, src_len, reuse = ctx.config
         bsz, heads, tgt_len, head_dim = q_shape
-        n, kb = p.size(0), band.size(1)
+        kb = band.size(1)
+        n = bsz * heads * nbs
         pad = (kb // bq - 1) * bq
-        acc = p.dtype
+        acc = _acc(qs_pad.dtype)
         seg = nbs * bq
         go_pad = _flat(grad_out, pad, pad, seg, a)
+        if reuse:  # the output's gradient is read by nothing but this backward: only its padded copy stays
+            free_memory(grad_out)
+        del grad_out
         go = go_pad[pad : pad + n * bq].view(n, bq, head_dim)
-        grad_p = torch.bmm(go, _NarrowBand._windows(vp, n, bq, kb).transpose(1, 2))
-        grad_p = grad_p.to(acc) if grad_p.dtype != acc else grad_p
-        buf, skewed = _NarrowBand._skewed(n, bq, kb, vp)
+        vw = _NarrowBand._windows(vp, n, bq, kb)
+        if p is None:  # ``reuse``: recomputed, and then overwritten by the score gradient
+            qs = qs_pad[pad : pad + n * bq].view(n, bq, head_dim)
+            p = _NarrowBand._probs(qs, kp, bias, extra, valid, band, (bsz, heads, nbs, bq, kb), acc)
+        keep = None
         if dropout_p > 0:
             gen = torch.Generator(p.device).manual_seed(seed)
             keep = torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen).div_(1 - dropout_p)
-            _NarrowBand._write(skewed, p, keep)
-            grad_p *= keep
-            del keep
-        else:
-            _NarrowBand._write(skewed, p)
-        # ``reuse`` (one backward, see narrow_band_attention): the value gradient over vp (not read after grad_p),
-        # the key gradient new (kp is read by the query gradient), then the query gradient over qs_pad
+        # the probabilities (after dropout) into the skewed buffer for the value gradient's fold; the score
+        # gradient P * (dP - rowsum(P * dP)) a few blocks at a time, so that no full dP exists beside the
+        # buffer: into p itself when backward runs once (``reuse``), else into a new tensor
+        buf, skewed = _NarrowBand._skewed(n, bq, kb, vp)
+        grad_s = p if reuse else torch.empty_like(p)
+        step = max(1, _GRAD_CHUNK // (bq * kb))
+        for c in range(0, n, step):
+            pc = p[c : c + step]
+            gp = torch.bmm(go[c : c + step], vw[c : c + step].transpose(1, 2))
+            gp = gp.to(acc) if gp.dtype != acc else gp
+            if keep is None:
+                _NarrowBand._write(skewed[c : c + step], pc)
+            else:
+                _NarrowBand._write(skewed[c : c + step], pc, keep[c : c + step])
+                gp *= keep[c : c + step]
+            # rowsum(P * dP) (= rowsum(dO * O)) as a batched dot product: much faster than mul + sum over kb
+            delta = torch.bmm(pc.reshape(-1, 1, kb), gp.view(-1, kb, 1)).view(-1, bq, 1)
+            torch.mul(gp.sub_(delta), pc, out=grad_s[c : c + step])
+        del keep, gp, delta, pc
+        # ``reuse`` (one backward, see narrow_band_attention): the value gradient over vp (not read after dP)
         grad_vp = _NarrowBand._fold(buf, go_pad, n, bq, kb, out=vp if reuse else None)
-        del go, go_pad
-        # rowsum(P * dP) (= rowsum(dO * O)) as a batched dot product: much faster than mul + sum over kb
-        delta = torch.bmm(p.view(-1, 1, kb), grad_p.view(-1, kb, 1)).view(n, bq, 1)
-        _NarrowBand._write(skewed, grad_p.sub_(delta), p)  # the score gradient, into the same skewed buffer
-        del delta, grad_p
+        del go
+        _NarrowBand._write(skewed, grad_s)  # the score gradient, into the same skewed buffer
+        del grad_s, p  # (``reuse``: the recomputed probabilities, now the score gradient, go)
         grad_bias = None
         if bias is not None:
             grad_bias = skewed.view(bsz, heads, nbs, bq, kb).to(acc).sum(dim=(0, 2)).sum_to_size(bias.shape)
             grad_bias = grad_bias.to(bias.dtype)
         kw = _NarrowBand._windows(kp, n, bq, kb)
+        # the key gradient into the output gradient's padded copy (at least as many rows; read for the last
+        # time by the value gradient); ``reuse``: the query gradient over qs_pad (read for the last time here)
+        spare = go_pad[: kp.size(0)] if go_pad.dtype == kp.dtype else None
+        grad_kp = _NarrowBand._fold(buf, qs_pad, n, bq, kb, out=spare)  # qs is scaled: d(q.k*scale)/dk
         if reuse:
-            grad_kp = _NarrowBand._fold(buf, qs_pad, n, bq, kb)  # qs is scaled: d(q.k*scale)/dk
             grad_q = torch.bmm(skewed, kw, out=qs_pad[pad : pad + n * bq].view(n, bq, head_dim)).mul_(head_dim**-0.5)
         else:
             grad_q = torch.baddbmm(qs_pad.new_empty(()).expand(n, bq, head_dim), skewed, kw, beta=0,
                                    alpha=head_dim**-0.5)
-            grad_kp = _NarrowBand._fold(buf, qs_pad, n, bq, kb)  # qs is scaled: d(q.k*scale)/dk
         start = a - query_offset
 
         def keys(flat):
@@ -487,9 +522,12 @@ def narrow_band_attention(
     """Band attention with all query blocks in one batched op (see :class:`_NarrowBand`); for narrow bands.
 
     Needs ``0 <= query_offset <= left`` and every key within ``[query_offset - left, query_offset + tgt_len +
-    right)`` (what :func:`band_attention` leaves after cutting unreachable keys). ``reuse_buffers``: backward
-    writes the query and value gradients over the flat copies forward kept (two fewer L x D tensors); the graph
-    then cannot be run backward a second time (autograd refuses it), so callers that may do so leave it off."""
+    right)`` (what :func:`band_attention` leaves after cutting unreachable keys). ``reuse_buffers``: nothing
+    reads ``q``, ``k``, ``v`` after the call nor the output's gradient after backward receives it, and backward
+    runs once: their memory is freed once copied (where each covers its own storage), the probabilities are
+    recomputed in backward, and backward writes the gradients over the flat copies forward kept. A second
+    backward is refused by autograd; reading a freed tensor is undefined (see :func:`..common.free_memory`), so
+    only callers that own the heads set it (the attention base's whole passes)."""
     tgt_len, src_len = q.size(2), k.size(2)
     if not (query_offset <= left and src_len - query_offset <= tgt_len + right):
         raise ValueError(f"keys reach outside the band: offset {query_offset}, left {left}, right {right}, "

@@ -47,6 +47,23 @@ def fold_windows(grad_windows: Tensor, grad_rows: Tensor, first_block: int, bloc
         grad_rows[:, :, start : start + count * block] += padded[:, :, :, t].reshape(bsz, heads, count * block, dim)
 
 
+def free_memory(*tensors: Tensor) -> None:
+    """Give back the memory of tensors that nothing reads again, while references to them remain (a caller's
+    frame, autograd's): their storage shrinks to zero bytes. Reading such a tensor afterwards is undefined (on
+    CPU it crashes the process), so the caller must know that nothing does: the attention base's whole passes
+    (see ``FluenceAttention.heads_exclusive``). Only a tensor that covers its whole storage is freed; a view of a
+    larger buffer (a slice, one of several heads in one projection's output) is left alone, since other tensors
+    may live in the rest of it; an expanded tensor is left alone too."""
+    seen = set()
+    for t in tensors:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in seen or storage.nbytes() != t.numel() * t.element_size():
+            continue
+        seen.add(ptr)
+        storage.resize_(0)
+
+
 class _Prefixes(torch.autograd.Function):
     """Views ``x[..., :n, :]`` (along dim 2) for several ``n``, with one gradient buffer for all of them.
 

@@ -193,3 +193,33 @@ def test_registry_entry_builds_with_the_window_option():
     attn = spec.build(64, 4, causal=True, **spec.tiny)
     assert isinstance(attn, FSLocalAttention) and attn.wsize == spec.tiny["wsize"]
     assert {o.name: o.default for o in spec.options} == {"wsize": 15}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_whole_pass_frees_the_heads_and_gives_the_same_gradients(causal, monkeypatch):
+    """In a whole pass the narrow kernel frees q, k and v once copied and recomputes its probabilities in
+    backward (``heads_exclusive``): the base reads nothing freed, and outputs and gradients equal those of the
+    same pass with the flag off, bitwise (padding, dropout, ALiBi)."""
+    monkeypatch.setattr(band, "_DENSE_PAIRS", 0)
+    freed = []
+    real = band.free_memory
+    monkeypatch.setattr(band, "free_memory", lambda *ts: freed.append(len(ts)) or real(*ts))
+    torch.manual_seed(0)
+    attn = FSLocalAttention(E, H, wsize=3, causal=causal, dropout=0.1).double()
+    attn.set_alibi()
+    x = torch.randn(19, 2, E, dtype=torch.float64)
+    kpm = torch.zeros(2, 19, dtype=torch.bool)
+    kpm[1, -4:] = True
+    results = []
+    for exclusive in (True, False):
+        if not exclusive:
+            monkeypatch.setattr(type(attn), "heads_exclusive", property(lambda self: False, lambda self, v: None))
+        attn.zero_grad()
+        leaf = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        out, _ = attn(leaf, key_padding_mask=kpm, need_weights=False)
+        out.pow(2).sum().backward()
+        results.append([out.detach(), leaf.grad] + [p.grad.clone() for p in attn.parameters()])
+    assert freed == [3, 1]  # the heads in forward, the output's gradient in backward: only with the flag on
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -198,3 +198,59 @@ def test_narrow_band_reusing_its_buffers_gives_the_same_gradients_once(left, rig
                 (out * w).sum().backward()
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _saved_elements(fn):
+    """fn() under a saved-tensor hook: (its result, the number of elements autograd kept, by storage)."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(kept.values())
+
+
+@pytest.mark.parametrize("left, right", [(6, 0), (5, 3)])
+def test_narrow_band_in_a_whole_pass_frees_the_heads_and_the_output_gradient(left, right):
+    """reuse_buffers also frees the caller's q, k and v once they are copied, recomputes the probabilities in
+    backward instead of keeping them, and frees the output's gradient once copied: the same numbers bitwise, and
+    only the three flat copies kept. Heads that are views of one larger buffer are never freed."""
+    from fluence_fairseq.ops.band import narrow_band_attention
+
+    g = torch.Generator().manual_seed(9)
+    B, H, L, D = 2, 3, 37, 8
+    base = torch.randn(3, B, H, L, D, dtype=torch.float64, generator=g)
+    w = torch.randn(B, H, L, D, dtype=torch.float64, generator=g)
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    kpm[0, -4:] = True
+    kw = dict(query_offset=0, left=left, right=right, key_padding_mask=kpm, block_size=4)
+    results, kept = [], []
+    for reuse in (False, True):
+        leaves = [t.clone().requires_grad_() for t in base]
+        heads = [t * 1 for t in leaves]  # each covers its own storage, like a projection's output
+        out, n_kept = _saved_elements(lambda: narrow_band_attention(*heads, reuse_buffers=reuse, **kw))
+        freed = [h.untyped_storage().nbytes() == 0 for h in heads]
+        assert freed == [reuse] * 3
+        grad_out = w * 1
+        out.backward(grad_out)
+        assert (grad_out.untyped_storage().nbytes() == 0) == reuse
+        results.append([out.detach()] + [t.grad for t in leaves])
+        kept.append(n_kept)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    copies = kept[1]
+    assert copies < 3 * B * H * (L + 4 * 4) * D + 2 * 4 * 16 * D  # three padded copies, no probabilities
+    assert kept[0] > copies  # without reuse the probabilities are kept as well
+
+    # q, k and v as views of one (3, ...) buffer: nothing is freed (other tensors live in it), same numbers
+    leaf = base.clone().requires_grad_()
+    fused = leaf * 1
+    out = narrow_band_attention(*fused.unbind(0), reuse_buffers=True, **kw)
+    assert fused.untyped_storage().nbytes() == base.numel() * 8
+    out.backward(w)
+    torch.testing.assert_close(out.detach(), results[0][0], rtol=0, atol=0)
+    for got, want in zip(leaf.grad.unbind(0), results[0][1:]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -1,8 +1,8 @@
-"""ops.common: prefixes (views of the first n rows sharing one backward) and lower_blocks."""
+"""ops.common: prefixes (views of the first n rows sharing one backward), lower_blocks and free_memory."""
 import pytest
 import torch
 
-from fluence_fairseq.ops.common import lower_blocks, prefixes
+from fluence_fairseq.ops.common import free_memory, lower_blocks, prefixes
 
 
 @pytest.mark.parametrize("lengths", [(3, 7, 10), (10, 4), (2, 5), (6,)])
@@ -55,3 +55,19 @@ def test_lower_blocks_place_each_block_and_backward_gives_each_its_part():
     assert torch.autograd.gradcheck(lambda *bs: lower_blocks(bs, 7), tuple(blocks))
     with pytest.raises(ValueError, match="at most 4 columns"):
         lower_blocks(blocks, 4)
+
+
+def test_free_memory_frees_whole_storages_only():
+    whole = torch.randn(4, 6).t()  # a permuted view still covers its whole storage
+    buffer = torch.randn(3, 4, 6)
+    part = buffer[1]  # one of several tensors in a larger buffer: left alone
+    free_memory(whole, part, whole)  # a tensor given twice is freed once
+    assert whole.untyped_storage().nbytes() == 0
+    assert buffer.untyped_storage().nbytes() == 3 * 4 * 6 * 4
+    assert torch.isfinite(part).all()
+    expanded = torch.randn(1, 6).expand(5, 6)  # one row stored for five
+    free_memory(expanded)
+    assert expanded.untyped_storage().nbytes() == 6 * 4
+    empty = torch.empty(0)
+    free_memory(empty)  # nothing to free
+    assert empty.numel() == 0
