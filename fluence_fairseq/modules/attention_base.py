@@ -152,6 +152,11 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     #: also frees the heads' memory once it has copied them, and its output's gradient once copied in backward:
     #: a subclass that overrides ``attend`` must not read q, k or v after calling the parent's
     heads_exclusive: bool = False
+    #: set by the base while :meth:`attend` runs when the caller asked only for the head-averaged weights (plain
+    #: ``need_weights``, no weight recorder): the math may then return them already averaged, as (B, 1, Lq, Lk),
+    #: instead of the (B, H, Lq, Lk) weights of every head (the entmax family assembles the average from its
+    #: query blocks: an H times smaller matrix to write and differentiate)
+    head_average_weights: bool = False
 
     def __init__(
         self,
@@ -518,11 +523,12 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
                 self._shift_alibi_state(buffer, k.size(2))
             else:
                 self.heads_exclusive = buffer is None and self.uses_query_key
+                self.head_average_weights = return_weights and not need_head_weights and recorder is None
                 try:
                     out, weights = self._attend_whole(q, k, v, summary, buffer, static_kv, key_padding_mask,
                                                       attn_mask, src_len, need_weights)
                 finally:
-                    self.heads_exclusive = False
+                    self.heads_exclusive = self.head_average_weights = False
         if memory is not None:
             for name, tensor in list(memory.items()):
                 memory[name] = None if tensor is None else tensor.detach()
@@ -542,7 +548,7 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
             out = out.transpose(0, 1)
         if not return_weights or weights is None:
             return out, None
-        weights = weights.transpose(0, 1)  # (H, B, Lq, Lk)
+        weights = weights.transpose(0, 1)  # (H, B, Lq, Lk), or (1, B, Lq, Lk) already averaged
         return out, (weights if need_head_weights else weights.mean(dim=0))
 
     def _inputs(self, query, key, value, batch_first: bool):

@@ -128,8 +128,10 @@ class EntmaxAttentionBase(FluenceAttention):
 
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
         blocks = self.query_blocks(q.size(2))
+        average = need_weights and self.head_average_weights  # only the mean over heads is returned
         if len(blocks) == 1:
-            return self._attend_rows(q, k, v, key_padding_mask, attn_mask, query_offset, need_weights)
+            out, probs = self._attend_rows(q, k, v, key_padding_mask, attn_mask, query_offset, need_weights)
+            return out, (probs.mean(dim=1, keepdim=True) if average else probs)
         src_len = k.size(2)
         outputs, probabilities = [], []
         # the block's last query sees keys up to its own position; split and prefixes give q, k and v one backward
@@ -145,7 +147,8 @@ class EntmaxAttentionBase(FluenceAttention):
                 query_offset + start, need_weights,
             )
             outputs.append(out)
-            probabilities.append(probs)
+            # averaged block by block: the (B, 1, L, L) matrix is H times smaller to write and differentiate
+            probabilities.append(probs.mean(dim=1, keepdim=True) if average else probs)
         weights = lower_blocks(probabilities, src_len) if need_weights else None
         return torch.cat(outputs, dim=2), weights
 

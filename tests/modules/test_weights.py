@@ -62,3 +62,32 @@ def test_default_weights_cost_nothing_unless_they_come_with_the_math(name, patte
         torch.testing.assert_close(head_weights.sum(-1), torch.ones(H, B, L), atol=1e-2, rtol=0)
     else:
         assert head_weights is None
+
+
+@pytest.mark.parametrize("name", ["sparsemax", "entmax15", "alpha_entmax"])
+@pytest.mark.parametrize("length", [40, 160])  # one block, and causal query blocks
+def test_entmax_default_weights_are_averaged_without_every_heads_matrix(name, length):
+    """A plain ``need_weights`` wants only the mean over heads: the entmax family averages each query block and
+    never writes the (B, H, L, L) matrix; the numbers equal the mean of the per-head weights, and gradients
+    through them agree too."""
+    spec = ATTENTIONS[name]
+    torch.manual_seed(0)
+    attn = spec.build(E, H, causal=True, **spec.tiny)
+    x = torch.randn(length, B, E)
+    probe = torch.randn(B, length, length)
+    runs = []
+    for kw in ({}, {"need_head_weights": True}):
+        leaf = x.clone().requires_grad_()
+        mode = _Allocations()
+        with mode:
+            out, weights = attn(leaf, **kw)
+            if kw:
+                weights = weights.mean(dim=0)
+            (out.sum() + (weights * probe).sum()).backward()
+        runs.append((weights.detach(), leaf.grad, mode.sizes))
+    (averaged, grad, sizes), (want, want_grad, head_sizes) = runs
+    torch.testing.assert_close(averaged, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
+    full = B * H * length * length
+    assert full in head_sizes
+    assert (full in sizes) == (length == 40)  # one block: the block is the whole matrix, averaged after
