@@ -31,6 +31,7 @@ class SoftmaxAttention(FluenceAttention):
             q, k, v, query_offset=query_offset, right=0 if self.causal else None, rel_bias=self.relative_bias(),
             key_padding_mask=key_padding_mask, attn_mask=attn_mask,
             dropout_p=self.dropout_module.p if self.training else 0.0, need_weights=need_weights,
+            average_heads=self.head_average_weights,
         )
 
     def attend_pruned(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, query_start, key_start,

@@ -87,15 +87,17 @@ def band_weights(
     key_padding_mask: Optional[Tensor] = None,
     attn_mask: Optional[Tensor] = None,
     block: int = 256,
+    average_heads: bool = False,
 ) -> Tensor:
     """The probabilities of :func:`dense_attention` (B, H, Lq, Lk), computed a block of queries at a time over
     the keys its band reaches: O(Lq x band) work, zeros outside the band (where the dense probabilities are exactly
     zero too). No gradient flows through them: they are for inspection and alignment, the output keeps its own
-    (differentiable) path."""
+    (differentiable) path. ``average_heads``: their mean over heads, (B, 1, Lq, Lk), averaged block by block (no
+    matrix of every head's weights is written)."""
     bsz, heads, tgt_len, head_dim = q.shape
     src_len = k.size(2)
     dtype = _acc(q.dtype)
-    weights = q.new_zeros(bsz, heads, tgt_len, src_len)
+    weights = q.new_zeros(bsz, 1 if average_heads else heads, tgt_len, src_len)
     scale = head_dim ** -0.5
     for i0 in range(0, tgt_len, block):
         i1 = min(tgt_len, i0 + block)
@@ -111,7 +113,8 @@ def band_weights(
             scores += attn_mask[..., i0:i1, k0:k1].to(dtype) if attn_mask.size(-2) > 1 else attn_mask[..., k0:k1]
         padding = None if key_padding_mask is None else key_padding_mask[:, k0:k1]
         scores.masked_fill_(_outside(rel, left, right, padding), _neg(dtype))
-        weights[:, :, i0:i1, k0:k1] = torch.softmax(scores, dim=-1).to(q.dtype)
+        probs = torch.softmax(scores, dim=-1)
+        weights[:, :, i0:i1, k0:k1] = probs.mean(dim=1, keepdim=True) if average_heads else probs
     return weights
 
 
@@ -591,9 +594,11 @@ def band_attention(
     need_weights: bool = False,
     block_size: Optional[int] = None,
     reuse_buffers: bool = False,
+    average_heads: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Dispatch to the cheapest exact path. ``left``/``right`` None = unbounded; ``right=0`` = causal.
-    ``reuse_buffers``: see :func:`narrow_band_attention` (the other paths ignore it)."""
+    ``reuse_buffers``: see :func:`narrow_band_attention` (the other paths ignore it). ``average_heads``: with
+    ``need_weights``, return the weights' mean over heads (B, 1, Lq, Lk) instead of every head's."""
     tgt_len, src_len = q.size(2), k.size(2)
     # keys no query can reach are cut off first (a view): decoding with a long cache stays O(band)
     lo = 0 if left is None else max(0, query_offset - left)
@@ -626,12 +631,14 @@ def band_attention(
                 block_size=block_size,
             )
             probs = band_weights(q, k, query_offset=query_offset, left=left, right=right, rel_bias=rel_bias,
-                                 key_padding_mask=key_padding_mask, attn_mask=attn_mask)
+                                 key_padding_mask=key_padding_mask, attn_mask=attn_mask, average_heads=average_heads)
         else:
             out, probs = dense_attention(
                 q, k, v, query_offset=query_offset, left=left, right=right, rel_bias=rel_bias,
                 key_padding_mask=key_padding_mask, attn_mask=attn_mask, dropout_p=dropout_p, need_weights=True,
             )
+            if average_heads:
+                probs = probs.mean(dim=1, keepdim=True)
         if cut is not None:
             probs = F.pad(probs, (cut[0], cut[2] - cut[1]))
         return out, probs

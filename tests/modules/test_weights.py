@@ -91,3 +91,24 @@ def test_entmax_default_weights_are_averaged_without_every_heads_matrix(name, le
     full = B * H * length * length
     assert full in head_sizes
     assert (full in sizes) == (length == 40)  # one block: the block is the whole matrix, averaged after
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+def test_softmax_default_weights_are_averaged_block_by_block(alibi, monkeypatch):
+    """Softmax's banded weights (long causal inputs; the output from SDPA) are averaged over heads a block of
+    queries at a time: the same numbers as the mean of the per-head weights, without a (B, H, L, L) tensor."""
+    import fluence_fairseq.ops.band as band
+
+    monkeypatch.setattr(band, "_DENSE_PAIRS", 0)  # the banded weight path at this size
+    spec = ATTENTIONS["softmax"]
+    torch.manual_seed(0)
+    attn = spec.build(E, H, causal=True, **spec.tiny)
+    attn.set_alibi(alibi)
+    length = 300  # more than one 256-query block
+    x = torch.randn(length, B, E)
+    mode = _Allocations()
+    with mode:
+        _, averaged = attn(x)
+    _, per_head = attn(x, need_head_weights=True)
+    torch.testing.assert_close(averaged, per_head.mean(dim=0), rtol=0, atol=1e-6)
+    assert B * H * length * length not in mode.sizes
