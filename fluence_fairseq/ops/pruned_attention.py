@@ -327,7 +327,10 @@ class _BucketsFlashCPU(torch.autograd.Function):
         src_len = k.size(2)
         bq, bk, nq, nk = layout.q_block, layout.k_block, layout.q_blocks, layout.k_blocks
         qp, kp, vp = _to_blocks(q, nq, bq), _to_blocks(k, nk, bk), _to_blocks(v, nk, bk)
-        go = _to_blocks(grad_out, nq, bq)
+        # contiguous once: every bucket gathers rows of it, and index_select copies a strided input whole at each
+        # call (an expanded gradient, from a sum straight over the output, stays a strided view through the
+        # reshape: 0.47x -> 0.44x dense at 90% noncausal in that case; a permuted one is copied by the reshape)
+        go = _to_blocks(grad_out.contiguous(), nq, bq)
         grad_q, grad_k, grad_v = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(vp)
         for (bucket, lo, hi), lse in zip(_chunks(layout, bsz, head_dim), lses):
             rows, cols, kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype)
