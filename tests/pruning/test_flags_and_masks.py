@@ -350,3 +350,23 @@ def test_block_sparse_kernel_runs_in_the_module_and_matches_the_masked_path(monk
     g_fast = torch.autograd.grad((fast * real).square().sum(), x)[0]
     g_slow = torch.autograd.grad((slow * real).square().sum(), x)[0]
     torch.testing.assert_close(g_fast, g_slow, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["softmax", "entmax15"])
+def test_default_weights_of_a_pruned_attention_are_the_mean_of_every_heads(name):
+    """A head with a fully pruned row has weights 0 there while the other head does not: the default
+    (head-averaged) weights are the mean of the per-head weights, even where the math could average itself."""
+    from fluence_fairseq.modules.registry import get_attention
+
+    torch.manual_seed(0)
+    module = get_attention(name).build(16, 2, causal=False, cross=False).eval()
+    module.set_alibi()  # softmax's kernel leaves a relative bias to the generic masked path
+    keep = torch.rand(2, 12, 12) > 0.5
+    keep[0, 4] = False  # head 0 sees nothing from query 4; head 1 does
+    keep[1, 4, :3] = True
+    module.set_global_mask(GlobalAttentionMask(keep, block=4))
+    x = torch.randn(12, 2, 16)
+    _, averaged = module(x, x, x)
+    _, per_head = module(x, x, x, need_head_weights=True)
+    assert per_head[0, :, 4].abs().sum() == 0 and per_head[1, :, 4].sum() > 0.99
+    torch.testing.assert_close(averaged, per_head.mean(dim=0), rtol=0, atol=1e-6)
