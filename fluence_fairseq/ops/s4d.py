@@ -35,6 +35,13 @@ def _exp_minus_one(z: Tensor) -> Tensor:
     return torch.complex(real, imag)
 
 
+def _complex_exp(z: Tensor) -> Tensor:
+    """exp(z) for complex z from real exponentials and sines: torch's complex exp runs about 8x slower on CPU (13.7
+    against 1.7 ms for the 373k factors of a 512-channel, L = 8192 kernel)."""
+    magnitude = torch.exp(z.real)
+    return torch.complex(magnitude * torch.cos(z.imag), magnitude * torch.sin(z.imag))
+
+
 def discretize(log_dt: Tensor, log_neg_a_real: Tensor, a_imag: Tensor, c_modes: Tensor) -> Tuple[Tensor, Tensor]:
     """Zero-order-hold discretisation.
 
@@ -70,8 +77,8 @@ def kernel_factors(dta: Tensor, dc: Tensor, length: int) -> Tuple[Tensor, Tensor
     real_dtype = dta.real.dtype
     j = torch.arange(inner_len, device=dta.device, dtype=real_dtype)
     m = torch.arange(outer_len, device=dta.device, dtype=real_dtype) * inner_len
-    inner = torch.exp(dta.unsqueeze(-1) * j)  # (..., C, N2, J): dA^j
-    outer = 2.0 * dc.unsqueeze(-1) * torch.exp(dta.unsqueeze(-1) * m)  # (..., C, N2, M): 2 dC dA^{mJ}
+    inner = _complex_exp(dta.unsqueeze(-1) * j)  # (..., C, N2, J): dA^j
+    outer = 2.0 * dc.unsqueeze(-1) * _complex_exp(dta.unsqueeze(-1) * m)  # (..., C, N2, M): 2 dC dA^{mJ}
     left = torch.cat([outer.real, outer.imag], dim=-2).transpose(-1, -2)
     right = torch.cat([inner.real, -inner.imag], dim=-2)
     return left, right
@@ -157,26 +164,33 @@ def _channel_groups(channels: int, rows: int):
     return [slice(start, min(start + size, channels)) for start in range(0, channels, size)]
 
 
-def _group_spectra(u_g: Tensor, left_g: Tensor, right_g: Tensor, n: int) -> Tuple[Tensor, Tensor]:
-    """Spectra of one channel group: input (F, B, c) and two-sided kernel (F, 1, c)."""
-    length = u_g.size(0)
-    kernel = torch.matmul(left_g, right_g).flatten(-2)  # (dirs, c, M J)
-    kernel_f = torch.fft.rfft(two_sided_kernel(kernel, n, length), n=n, dim=-1)  # (c, F)
-    return torch.fft.rfft(u_g, n=n, dim=0), kernel_f.t().unsqueeze(1)
+def _group_spectra(u_g: Tensor, left_g: Tensor, right_g: Tensor, d_g: Tensor, n: int) -> Tuple[Tensor, Tensor]:
+    """Spectra of one channel group, channel-major: input (B, c, F) from ``u_g`` (B, c, L), and the two-sided
+    kernel with the skip ``d`` at offset 0 (``K * u + d u = (K + d delta) * u``), (c, F)."""
+    length = u_g.size(-1)
+    kernel = torch.matmul(left_g, right_g).flatten(-2)  # (dirs, c, M J), a fresh tensor
+    two = two_sided_kernel(kernel, n, length)  # (c, <= n): a view of ``kernel`` or a new tensor
+    two[:, 0] += d_g
+    kernel_f = torch.fft.rfft(two, n=n, dim=-1)  # (c, F)
+    return torch.fft.rfft(u_g, n=n, dim=-1), kernel_f
 
 
-def _pre_activation(u_spec: Tensor, kernel_f: Tensor, u_g: Tensor, d_g: Tensor, n: int) -> Tensor:
-    return torch.fft.irfft(u_spec * kernel_f, n=n, dim=0)[: u_g.size(0)].addcmul_(u_g, d_g)
+def _channel_major(x: Tensor, g: slice) -> Tensor:
+    """Channels ``g`` of an (L, B, C) tensor as a contiguous (B, c, L) block, so that the group's FFTs and
+    elementwise passes run over contiguous rows (on the strided (L, B, c) slice an ``addcmul`` of 262k entries
+    took 1.9 ms). Copied in two steps, the slice's rows and then a 2-d transpose, because torch transposes a
+    contiguous matrix blockwise but a strided slice element by element (0.35 against 2.1 ms)."""
+    length, bsz = x.shape[:2]
+    return x[:, :, g].contiguous().view(length, -1).t().contiguous().view(bsz, -1, length)
 
 
 def _conv(u: Tensor, left: Tensor, right: Tensor, d: Tensor, n: int, activation: bool) -> Tensor:
     length, bsz, channels = u.shape
     out = u.new_empty(length, bsz, channels)
     for g in _channel_groups(channels, (n // 2 + 1) * bsz):
-        u_g = u[:, :, g]
-        u_spec, kernel_f = _group_spectra(u_g, left[:, g], right[:, g], n)
-        y = _pre_activation(u_spec, kernel_f, u_g, d[g], n)
-        out[:, :, g] = F.gelu(y) if activation else y
+        u_spec, kernel_f = _group_spectra(_channel_major(u, g), left[:, g], right[:, g], d[g], n)
+        y = torch.fft.irfft(u_spec.mul_(kernel_f), n=n, dim=-1)[..., :length]
+        out[:, :, g] = (F.gelu(y) if activation else y).permute(2, 0, 1)
     return out
 
 
@@ -184,7 +198,8 @@ class _S4DConv(torch.autograd.Function):
     """``act(conv(u, K) + d u)`` with K generated from its factors a channel group at a time.
 
     Neither the kernel (C, L), nor the spectra, nor the pre-activation are kept: backward recomputes them per
-    channel group from ``u`` and the small factors. Memory: the output plus O(group) temporaries.
+    channel group from ``u`` and the small factors. Memory: the output plus O(group) temporaries. The skip ``d u``
+    rides in the kernel (``d`` added at offset 0), so its gradient is the kernel gradient's offset 0.
     """
 
     @staticmethod
@@ -205,22 +220,24 @@ class _S4DConv(torch.autograd.Function):
         n, activation = ctx.n, ctx.activation
         length, bsz, channels = u.shape
         dirs, kernel_len = left.size(0), left.size(-2) * right.size(-1)
-        grad = grad.contiguous()
         grad_u, grad_left, grad_right, grad_d = (torch.empty_like(t) for t in (u, left, right, d))
         for g in _channel_groups(channels, (n // 2 + 1) * bsz):
-            u_g, grad_g = u[:, :, g], grad[:, :, g]
-            u_spec, kernel_f = _group_spectra(u_g, left[:, g], right[:, g], n)
+            grad_g = _channel_major(grad, g)
+            u_spec, kernel_f = _group_spectra(_channel_major(u, g), left[:, g], right[:, g], d[g], n)
             if activation:
-                grad_g = torch.ops.aten.gelu_backward(grad_g, _pre_activation(u_spec, kernel_f, u_g, d[g], n))
-            g_spec = torch.fft.rfft(grad_g, n=n, dim=0)
+                pre = torch.fft.irfft(u_spec * kernel_f, n=n, dim=-1)[..., :length]
+                grad_g = torch.ops.aten.gelu_backward(grad_g, pre)
+                del pre
+            g_spec = torch.fft.rfft(grad_g, n=n, dim=-1)
+            del grad_g
             # dL/du[j] = sum_i g[i] k[(i - j) mod n]: a correlation, the conjugate spectrum of k
-            grad_u[:, :, g] = torch.fft.irfft(g_spec * kernel_f.conj(), n=n, dim=0)[:length].addcmul_(grad_g, d[g])
-            # dL/dk[m] = sum_b sum_j g[(j + m) mod n] u[j]
-            grad_two = torch.fft.irfft(g_spec.mul_(u_spec.conj()).sum(dim=1), n=n, dim=0).t()  # (c, n)
+            grad_u[:, :, g] = torch.fft.irfft(g_spec * kernel_f.conj(), n=n, dim=-1)[..., :length].permute(2, 0, 1)
+            # dL/dk[m] = sum_b sum_j g[(j + m) mod n] u[j]; offset 0 is also dL/dd
+            grad_two = torch.fft.irfft(g_spec.mul_(u_spec.conj()).sum(dim=0), n=n, dim=-1)  # (c, n)
+            grad_d[g] = grad_two[:, 0]
             grad_kernel = _two_sided_adjoint(grad_two, dirs, n, length, kernel_len).unflatten(-1, (left.size(-2), -1))
             grad_left[:, g] = torch.matmul(grad_kernel, right[:, g].transpose(-1, -2))
             grad_right[:, g] = torch.matmul(left[:, g].transpose(-1, -2), grad_kernel)
-            grad_d[g] = (grad_g * u_g).sum(dim=(0, 1))
         return grad_u, grad_left, grad_right, grad_d, None, None
 
 
@@ -273,7 +290,7 @@ def ssm_chunk_step(u: Tensor, state: Tensor, dta: Tensor, dc: Tensor, d: Tensor)
     dta, dc = dta.to(cdtype), dc.to(cdtype)
     d = d.to(uc.dtype)
     t = torch.arange(steps + 1, device=u.device, dtype=uc.dtype)
-    powers = torch.exp(dta * t.view(-1, 1, 1))  # (T + 1, C, N2): dA^t
+    powers = _complex_exp(dta * t.view(-1, 1, 1))  # (T + 1, C, N2): dA^t
     if steps == 1:  # the plain recurrence: one multiply-add per mode
         new_state = powers[1] * state + uc[0].unsqueeze(-1)
         y = 2.0 * (dc * new_state).sum(-1).real + d * uc[0]
