@@ -15,6 +15,7 @@ Training (:func:`s4d_conv`) goes one channel group at a time: kernel from its fa
 group. So neither the (C, L) kernel nor any spectrum or pre-activation of full size is ever kept: memory is
 the input and output of the layer plus a few MB.
 """
+import concurrent.futures
 import contextlib
 import math
 from typing import Optional, Tuple
@@ -148,15 +149,41 @@ GROUP_LOOP_THREADS: Optional[int] = 1
 
 @contextlib.contextmanager
 def _loop_threads():
+    """Runs the group loop with :data:`GROUP_LOOP_THREADS` intra-op threads; yields torch's own setting."""
     threads = torch.get_num_threads()
     if GROUP_LOOP_THREADS is None or GROUP_LOOP_THREADS == threads:
-        yield
+        yield threads
         return
     torch.set_num_threads(GROUP_LOOP_THREADS)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
+
+
+#: at most this many Python threads run the channel groups side by side on CPU (None: torch's thread setting).
+#: Each works on its own groups with one intra-op thread and writes disjoint channels of the outputs, so the
+#: numbers are the same however the groups are split; unlike intra-op threads, no call waits on a hand-off. Two
+#: threads on two cores: the S4D step at L=8192 0.71x of one thread's time (docs/benchmarks.md)
+GROUP_WORKERS: Optional[int] = None
+
+
+def _for_groups(groups, body, threads: int) -> None:
+    """``body(g)`` for every channel group, on up to ``threads`` Python threads (see :data:`GROUP_WORKERS`)."""
+    workers = min(len(groups), threads if GROUP_WORKERS is None else GROUP_WORKERS)
+    if workers <= 1:
+        for g in groups:
+            body(g)
+        return
+
+    def run(share):
+        with torch.no_grad():  # grad mode is per thread: a new thread starts with it on
+            for g in share:
+                body(g)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(run, groups[i::workers]) for i in range(workers)]:
+            future.result()
 
 
 def _channel_groups(channels: int, rows: int):
@@ -184,13 +211,16 @@ def _channel_major(x: Tensor, g: slice) -> Tensor:
     return x[:, :, g].contiguous().view(length, -1).t().contiguous().view(bsz, -1, length)
 
 
-def _conv(u: Tensor, left: Tensor, right: Tensor, d: Tensor, n: int, activation: bool) -> Tensor:
+def _conv(u: Tensor, left: Tensor, right: Tensor, d: Tensor, n: int, activation: bool, threads: int = 1) -> Tensor:
     length, bsz, channels = u.shape
     out = u.new_empty(length, bsz, channels)
-    for g in _channel_groups(channels, (n // 2 + 1) * bsz):
+
+    def group(g):
         u_spec, kernel_f = _group_spectra(_channel_major(u, g), left[:, g], right[:, g], d[g], n)
         y = torch.fft.irfft(u_spec.mul_(kernel_f), n=n, dim=-1)[..., :length]
         out[:, :, g] = (F.gelu(y) if activation else y).permute(2, 0, 1)
+
+    _for_groups(_channel_groups(channels, (n // 2 + 1) * bsz), group, threads if u.device.type == "cpu" else 1)
     return out
 
 
@@ -206,22 +236,23 @@ class _S4DConv(torch.autograd.Function):
     def forward(ctx, u, left, right, d, n, activation):
         ctx.n, ctx.activation = n, activation
         ctx.save_for_backward(u, left, right, d)
-        with _loop_threads():
-            return _conv(u, left, right, d, n, activation)
+        with _loop_threads() as threads:
+            return _conv(u, left, right, d, n, activation, threads)
 
     @staticmethod
     def backward(ctx, grad):
-        with _loop_threads():
-            return _S4DConv._backward(ctx, grad)
+        with _loop_threads() as threads:
+            return _S4DConv._backward(ctx, grad, threads)
 
     @staticmethod
-    def _backward(ctx, grad):
+    def _backward(ctx, grad, threads):
         u, left, right, d = ctx.saved_tensors
         n, activation = ctx.n, ctx.activation
         length, bsz, channels = u.shape
         dirs, kernel_len = left.size(0), left.size(-2) * right.size(-1)
         grad_u, grad_left, grad_right, grad_d = (torch.empty_like(t) for t in (u, left, right, d))
-        for g in _channel_groups(channels, (n // 2 + 1) * bsz):
+
+        def group(g):
             grad_g = _channel_major(grad, g)
             u_spec, kernel_f = _group_spectra(_channel_major(u, g), left[:, g], right[:, g], d[g], n)
             if activation:
@@ -238,6 +269,8 @@ class _S4DConv(torch.autograd.Function):
             grad_kernel = _two_sided_adjoint(grad_two, dirs, n, length, kernel_len).unflatten(-1, (left.size(-2), -1))
             grad_left[:, g] = torch.matmul(grad_kernel, right[:, g].transpose(-1, -2))
             grad_right[:, g] = torch.matmul(left[:, g].transpose(-1, -2), grad_kernel)
+
+        _for_groups(_channel_groups(channels, (n // 2 + 1) * bsz), group, threads if u.device.type == "cpu" else 1)
         return grad_u, grad_left, grad_right, grad_d, None, None
 
 

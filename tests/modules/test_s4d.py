@@ -253,3 +253,27 @@ def test_complex_exp_from_real_parts_equals_torch_exp():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     z32 = z.detach().to(torch.complex64)
     torch.testing.assert_close(s4d_ops._complex_exp(z32), torch.exp(z32), rtol=1e-5, atol=1e-6)
+
+
+def test_channel_groups_on_several_threads_give_the_same_numbers(monkeypatch):
+    """The groups split over Python threads (GROUP_WORKERS) write disjoint channels: outputs and every gradient
+    equal the one-thread loop's bitwise."""
+    gen = torch.Generator().manual_seed(4)
+    length, channels = 6, 7
+    u0 = torch.randn(length, 3, channels, dtype=torch.float64, generator=gen)
+    d0 = torch.randn(channels, dtype=torch.float64, generator=gen)
+    params0 = _random_ssm(2, channels, 2, gen)
+    monkeypatch.setattr(s4d_ops, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(s4d_ops, "MIN_GROUP", 2)
+    monkeypatch.setattr(s4d_ops, "GROUP_LOOP_THREADS", 1)
+    results = []
+    for workers in (1, 3):
+        monkeypatch.setattr(s4d_ops, "GROUP_WORKERS", workers)
+        u, d = u0.clone().requires_grad_(), d0.clone().requires_grad_()
+        params = [p.clone().requires_grad_() for p in params0]
+        out = s4d_conv(u, *discretize(*params), d)
+        out.pow(2).sum().backward()
+        results.append([out.detach(), u.grad, d.grad] + [p.grad for p in params])
+    assert len(s4d_ops._channel_groups(channels, 100)) == 4
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
