@@ -168,9 +168,10 @@ def _loop_threads():
 GROUP_WORKERS: Optional[int] = None
 
 
-def _for_groups(groups, body, threads: int) -> None:
-    """``body(g)`` for every channel group, on up to ``threads`` Python threads (see :data:`GROUP_WORKERS`)."""
-    workers = min(len(groups), threads if GROUP_WORKERS is None else GROUP_WORKERS)
+def _for_groups(groups, body, threads: int, device: torch.device) -> None:
+    """``body(g)`` for every channel group, on up to ``threads`` Python threads on CPU (see
+    :data:`GROUP_WORKERS`); in order on one thread elsewhere."""
+    workers = min(len(groups), threads if GROUP_WORKERS is None else GROUP_WORKERS) if device.type == "cpu" else 1
     if workers <= 1:
         for g in groups:
             body(g)
@@ -220,7 +221,7 @@ def _conv(u: Tensor, left: Tensor, right: Tensor, d: Tensor, n: int, activation:
         y = torch.fft.irfft(u_spec.mul_(kernel_f), n=n, dim=-1)[..., :length]
         out[:, :, g] = (F.gelu(y) if activation else y).permute(2, 0, 1)
 
-    _for_groups(_channel_groups(channels, (n // 2 + 1) * bsz), group, threads if u.device.type == "cpu" else 1)
+    _for_groups(_channel_groups(channels, (n // 2 + 1) * bsz), group, threads, u.device)
     return out
 
 
@@ -270,7 +271,7 @@ class _S4DConv(torch.autograd.Function):
             grad_left[:, g] = torch.matmul(grad_kernel, right[:, g].transpose(-1, -2))
             grad_right[:, g] = torch.matmul(left[:, g].transpose(-1, -2), grad_kernel)
 
-        _for_groups(_channel_groups(channels, (n // 2 + 1) * bsz), group, threads if u.device.type == "cpu" else 1)
+        _for_groups(_channel_groups(channels, (n // 2 + 1) * bsz), group, threads, u.device)
         return grad_u, grad_left, grad_right, grad_d, None, None
 
 
