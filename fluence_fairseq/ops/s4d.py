@@ -80,14 +80,9 @@ def kernel_factors(dta: Tensor, dc: Tensor, length: int) -> Tuple[Tensor, Tensor
     m = torch.arange(outer_len, device=dta.device, dtype=real_dtype) * inner_len
     inner = _complex_exp(dta.unsqueeze(-1) * j)  # (..., C, N2, J): dA^j
     outer = 2.0 * dc.unsqueeze(-1) * _complex_exp(dta.unsqueeze(-1) * m)  # (..., C, N2, M): 2 dC dA^{mJ}
-    # [real parts; imaginary parts] of every mode along one axis, from view_as_real: one contiguous copy each, and
-    # a backward without the zero-filled full-size gradients of ``.real`` / ``.imag``
-    n2 = dta.size(-1)
-    left = torch.view_as_real(outer).permute(*range(outer.dim() - 2), -2, -1, -3).flatten(-2)  # (..., C, M, 2 N2)
-    right = torch.view_as_real(inner).permute(*range(inner.dim() - 2), -1, -3, -2).flatten(-3, -2)  # (..., 2 N2, J)
-    sign = torch.ones(2 * n2, 1, dtype=real_dtype, device=dta.device)
-    sign[n2:] = -1.0
-    return left.contiguous(), right * sign
+    left = torch.cat([outer.real, outer.imag], dim=-2).transpose(-1, -2)
+    right = torch.cat([inner.real, -inner.imag], dim=-2)
+    return left, right
 
 
 def s4d_kernel(dta: Tensor, dc: Tensor, length: int) -> Tensor:
