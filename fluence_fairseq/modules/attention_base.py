@@ -153,9 +153,10 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     #: a subclass that overrides ``attend`` must not read q, k or v after calling the parent's
     heads_exclusive: bool = False
     #: set by the base while :meth:`attend` runs when the caller asked only for the head-averaged weights (plain
-    #: ``need_weights``, no weight recorder): the math may then return them already averaged, as (B, 1, Lq, Lk),
-    #: instead of the (B, H, Lq, Lk) weights of every head (the entmax family assembles the average from its
-    #: query blocks: an H times smaller matrix to write and differentiate)
+    #: ``need_weights``, no weight recorder, no global pruning mask): the math may then return them already
+    #: averaged, as (B, 1, Lq, Lk), instead of the (B, H, Lq, Lk) weights of every head (the entmax family
+    #: averages its query blocks, softmax its banded weights pass: an H times smaller matrix to write and
+    #: differentiate)
     head_average_weights: bool = False
 
     def __init__(
@@ -523,7 +524,9 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
                 self._shift_alibi_state(buffer, k.size(2))
             else:
                 self.heads_exclusive = buffer is None and self.uses_query_key
-                self.head_average_weights = return_weights and not need_head_weights and recorder is None
+                # not under a global pruning mask: its generic path zeroes per head the rows a head cannot see
+                self.head_average_weights = (return_weights and not need_head_weights and recorder is None
+                                             and self.global_mask is None)
                 try:
                     out, weights = self._attend_whole(q, k, v, summary, buffer, static_kv, key_padding_mask,
                                                       attn_mask, src_len, need_weights)

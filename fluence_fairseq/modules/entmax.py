@@ -128,10 +128,9 @@ class EntmaxAttentionBase(FluenceAttention):
 
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
         blocks = self.query_blocks(q.size(2))
+        if len(blocks) == 1:  # the base averages the heads' weights when that is all it needs
+            return self._attend_rows(q, k, v, key_padding_mask, attn_mask, query_offset, need_weights)
         average = need_weights and self.head_average_weights  # only the mean over heads is returned
-        if len(blocks) == 1:
-            out, probs = self._attend_rows(q, k, v, key_padding_mask, attn_mask, query_offset, need_weights)
-            return out, (probs.mean(dim=1, keepdim=True) if average else probs)
         src_len = k.size(2)
         outputs, probabilities = [], []
         # the block's last query sees keys up to its own position; split and prefixes give q, k and v one backward

@@ -172,13 +172,8 @@ class PrunableAttentionMixin:
         keep = self.global_mask.rows(query_start, key_start, tgt_len, src_len).to(q.device)
         base = attn_mask if attn_mask is not None else q.new_zeros(1, 1, 1, 1)
         attn_mask = base.expand(bsz, self.num_heads, tgt_len, src_len).masked_fill(~keep, torch.finfo(q.dtype).min)
-        # every head's weights: the rows a head cannot see are zeroed per head below, before the base averages
-        average, self.head_average_weights = self.head_average_weights, False
-        try:
-            out, weights = self.attend(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                                       query_offset=query_offset, need_weights=need_weights)
-        finally:
-            self.head_average_weights = average
+        out, weights = self.attend(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                   query_offset=query_offset, need_weights=need_weights)
         visible = keep
         if key_padding_mask is not None:
             visible = visible & ~key_padding_mask.view(bsz, 1, 1, src_len)
