@@ -297,6 +297,14 @@ def _output(layout: BlockLayout, like: Tensor) -> Tensor:
     return like.new_empty(shape)
 
 
+def _rows_first(q: Tensor, k: Tensor, v: Tensor, bias: Tensor):
+    """A bucket's problem with the kernel's batch and head dims swapped: rows as the batch, the real batch as heads
+    (views). The kernel's key and value gradients are transposed views of (batch, keys, heads, D) buffers; with the
+    rows as the batch, a row's key blocks stay adjacent in them, so the gradients reshape to (B, n * cap, b, D)
+    without a copy."""
+    return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), bias.transpose(0, 1)
+
+
 class _BucketsFlashCPU(torch.autograd.Function):
     """The buckets through the CPU flash kernel with a backward that gathers the key/value blocks again: autograd
     around ``F.scaled_dot_product_attention`` would keep every bucket's gathered keys, values and mask alive
@@ -310,7 +318,9 @@ class _BucketsFlashCPU(torch.autograd.Function):
         out, lses = _output(layout, q), []
         for bucket, lo, hi in _chunks(layout, q.size(0), q.size(3)):
             rows, _, kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype)
-            o, lse = _FLASH_CPU(qp.index_select(1, rows), kb, vb, attn_mask=bias)
+            q_r, k_r, v_r, bias_r = _rows_first(qp.index_select(1, rows), kb, vb, bias)
+            o, lse = _FLASH_CPU(q_r, k_r, v_r, attn_mask=bias_r)
+            o = o.transpose(0, 1)
             lses.append(lse)
             out.index_copy_(1, rows, o if has_key is None else o.masked_fill(~has_key, 0.0))
         # backward reads the outputs back from ``out`` (the returned tensor's storage: no copy is kept); rows with
@@ -331,19 +341,22 @@ class _BucketsFlashCPU(torch.autograd.Function):
         # call (an expanded gradient, from a sum straight over the output, stays a strided view through the
         # reshape: 0.47x -> 0.44x dense at 90% noncausal in that case; a permuted one is copied by the reshape)
         go = _to_blocks(grad_out.contiguous(), nq, bq)
-        grad_q, grad_k, grad_v = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(vp)
+        # a (head, query block) row lies in one bucket at most: its query gradient is written once, not added
+        grad_q = _output(layout, qp)
+        grad_k, grad_v = torch.zeros_like(kp), torch.zeros_like(vp)
         for (bucket, lo, hi), lse in zip(_chunks(layout, bsz, head_dim), lses):
             rows, cols, kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype)
             o = out.index_select(1, rows)
             gob = go.index_select(1, rows)
             if has_key is not None:
                 gob = gob.masked_fill(~has_key, 0.0)
-            gq, gk, gv = _FLASH_CPU_BACKWARD(gob, qp.index_select(1, rows), kb, vb, o, lse, 0.0, False,
-                                             attn_mask=bias)
-            del kb, vb
-            grad_q.index_add_(1, rows, gq)
-            grad_k.index_add_(1, cols, gk.reshape(bsz, -1, bk, head_dim))
-            grad_v.index_add_(1, cols, gv.reshape(bsz, -1, bk, head_dim))
+            q_r, k_r, v_r, bias_r = _rows_first(qp.index_select(1, rows), kb, vb, bias)
+            gq, gk, gv = _FLASH_CPU_BACKWARD(gob.transpose(0, 1), q_r, k_r, v_r, o.transpose(0, 1), lse, 0.0, False,
+                                             attn_mask=bias_r)
+            del kb, vb, q_r, k_r, v_r
+            grad_q.index_copy_(1, rows, gq.transpose(0, 1))
+            grad_k.index_add_(1, cols, gk.transpose(0, 1).reshape(bsz, -1, bk, head_dim))
+            grad_v.index_add_(1, cols, gv.transpose(0, 1).reshape(bsz, -1, bk, head_dim))
 
         def unblock(x, n, b, length):
             return x.view(bsz, heads, n * b, head_dim)[:, :, :length]

@@ -359,3 +359,22 @@ def test_buckets_split_into_row_chunks(monkeypatch):
     pad = torch.zeros(2, 72, dtype=torch.bool)
     pad[1, -9:] = True
     check_against_reference(keep, key_padding_mask=pad)
+
+
+@pytest.mark.skipif(pa._FLASH_CPU_BACKWARD is None, reason="this torch has no CPU flash kernel backward")
+def test_bucket_key_gradients_fold_back_without_a_copy():
+    """With the rows as the kernel's batch, a bucket's key/value gradients reshape onto (B, rows * cap, block, D)
+    as a view (before, a reshape copied each of them: a quarter of the block-sparse path's copies)."""
+    bsz, n, cap, b, bq, d = 2, 3, 4, 8, 16, 8
+    q = torch.randn(bsz, n, bq, d)
+    k, v = torch.randn(bsz, n, cap * b, d), torch.randn(bsz, n, cap * b, d)
+    bias = torch.zeros(1, n, bq, cap * b)
+    q_r, k_r, v_r, bias_r = pa._rows_first(q, k, v, bias)
+    out, lse = pa._FLASH_CPU(q_r, k_r, v_r, attn_mask=bias_r)
+    _, gk, gv = pa._FLASH_CPU_BACKWARD(torch.ones_like(out), q_r, k_r, v_r, out, lse, 0.0, False, attn_mask=bias_r)
+    for g in (gk, gv):
+        folded = g.transpose(0, 1).reshape(bsz, n * cap, b, d)
+        assert folded.untyped_storage().data_ptr() == g.untyped_storage().data_ptr()
+    # and the swap itself changes nothing: the same numbers as the kernel on the problem as given
+    want = pa._FLASH_CPU(q, k, v, attn_mask=bias)[0]
+    torch.testing.assert_close(out.transpose(0, 1), want, rtol=0, atol=0)
