@@ -3,6 +3,7 @@ ratios to dense softmax attention measured in the same run.
 
     python -m benchmarks.pruning [--length 1024] [--heads 4] [--head-dim 64] [--batch 2] [--threads 1]
         [--repeats 3] [--block 32] [--json OUT] [--quick]
+    python -m benchmarks.pruning --against REV [--pairs 12]   # paired A/B of the block-sparse path
 
 Cases, for a noncausal and a causal (decoder self attention) pattern:
 
@@ -204,6 +205,56 @@ def run_benchmark(length=1024, heads=4, head_dim=64, batch=2, threads=1, repeats
             "wall_s": time.perf_counter() - started}
 
 
+def paired(against: str, *, length=1024, heads=4, head_dim=64, batch=2, threads=1, block=32, pairs=12,
+           taus=(70.0, 90.0), q_factors=(2, 4), patterns=("noncausal", "causal")) -> List[str]:
+    """Paired A/B of the block-sparse path: the working tree's :mod:`~fluence_fairseq.ops.pruned_attention`
+    against its copy at git revision ``against``, on the same layouts (``q_factors`` x ``block`` query blocks) of
+    the data-informed masks, forward+backward alternating old and new (and dense SDPA) in one process, so that
+    both sides of every pair see the same machine state. Lines of: the median of the per-pair ratios new / old
+    with their range, each side's median ms, new / SDPA, and the largest difference of their gradients."""
+    from .ab import load_revision
+    import fluence_fairseq.ops.pruned_attention as new
+
+    old = load_revision("pruned_attention", against)
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    shape = (batch, heads, length, head_dim)
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape)
+    lines = []
+    for pattern in patterns:
+        causal = pattern == "causal"
+        for tau in taus:
+            keep = make_mask("informed", tau, heads, length, causal)
+            for factor in q_factors:
+                def step(module, layout):
+                    q.grad = k.grad = v.grad = None
+                    module._sparse_path(q, k, v, layout, None, 0.0).backward(grad)
+                    return q.grad, k.grad, v.grad
+
+                def sdpa():
+                    q.grad = k.grad = v.grad = None
+                    F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(grad)
+
+                layouts = {m: m.BlockLayout.build(keep, block, block * factor) for m in (old, new)}
+                got = [g.clone() for g in step(old, layouts[old])]
+                diff = max(float((a - b).abs().max()) for a, b in zip(got, step(new, layouts[new])))
+                series = {"old": [], "new": [], "sdpa": []}
+                for _ in range(pairs):
+                    for name, run in (("old", lambda: step(old, layouts[old])), ("new", lambda: step(new, layouts[new])),
+                                      ("sdpa", sdpa)):
+                        started = time.perf_counter()
+                        run()
+                        series[name].append(time.perf_counter() - started)
+                ratios = [n / o for n, o in zip(series["new"], series["old"])]
+                med = {name: statistics.median(t) * 1e3 for name, t in series.items()}
+                lines.append(f"{pattern} data-informed {tau:g}% {block * factor}x{block}: new / old "
+                             f"{statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f}), old "
+                             f"{med['old']:.1f} ms, new {med['new']:.1f} ms, new / SDPA "
+                             f"{med['new'] / med['sdpa']:.2f}; gradients differ by at most {diff:.1e}")
+    return lines
+
+
 def markdown(report: dict) -> str:
     c, m = report["config"], report["machine"]
     lines = [f"Pruned attention, forward+backward, B={c['batch']}, H={c['heads']}, L={c['length']}, D={c['head_dim']}, "
@@ -237,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patterns", default="noncausal,causal", help="comma-separated: noncausal, causal")
     parser.add_argument("--json", metavar="OUT", help="write the report as JSON")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test): L=64, H=2, D=8, B=1, block 8")
+    parser.add_argument("--against", metavar="REV", help="instead: paired A/B of the block-sparse path against the "
+                        "ops module at git revision REV (70%% and 90%%, query blocks of 2 and 4 key blocks)")
+    parser.add_argument("--pairs", type=int, default=12, help="with --against: alternations of old and new")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -252,6 +306,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     patterns = tuple(p for p in args.patterns.split(",") if p)
     if not set(patterns) <= {"noncausal", "causal"}:
         raise SystemExit(f"unknown patterns {patterns}; choose from noncausal, causal")
+    if args.against:
+        for line in paired(args.against, threads=args.threads, pairs=args.pairs, patterns=patterns, **sizes):
+            print(line, flush=True)
+        return
     report = run_benchmark(threads=args.threads, repeats=1 if args.quick else args.repeats, patterns=patterns, **sizes)
     print(markdown(report))
     if args.json:

@@ -1,11 +1,12 @@
 """Smoke test of the pruned-attention benchmark at tiny sizes: report structure, paths and arithmetic, no timing
 thresholds (timings are for the benchmark command, not the test suite)."""
 import math
+import subprocess
 
 import pytest
 import torch
 
-from benchmarks import pruning as bp
+from benchmarks import ab, pruning as bp
 
 
 def test_synthetic_patterns_are_row_stochastic_and_causal():
@@ -71,3 +72,20 @@ def test_worker_subprocess_memory():
 def test_unknown_pattern_is_refused():
     with pytest.raises(SystemExit, match="unknown patterns"):
         bp.main(["--quick", "--patterns", "cross"])
+
+
+@pytest.mark.skipif(subprocess.run(["git", "rev-parse", "HEAD"], cwd=ab.REPO, capture_output=True).returncode != 0,
+                    reason="needs a git checkout (the old side is read with git show)")
+def test_paired_against_a_revision_reports_every_layout(capsys):
+    threads = torch.get_num_threads()
+    try:
+        bp.main(["--against", "HEAD", "--quick", "--pairs", "2", "--patterns", "causal"])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.strip().splitlines()
+    # quick sizes: blocks of 8, query blocks of 16 and 32, at 70% and 90%
+    assert [line.split(":")[0] for line in lines] == [
+        f"causal data-informed {tau}% {q}x8" for tau in (70, 90) for q in (16, 32)]
+    for line in lines:
+        ratio = float(line.split("new / old ")[1].split()[0])
+        assert ratio > 0 and line.endswith("gradients differ by at most 0.0e+00")  # HEAD against itself
