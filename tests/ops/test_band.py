@@ -254,3 +254,28 @@ def test_narrow_band_in_a_whole_pass_frees_the_heads_and_the_output_gradient(lef
     torch.testing.assert_close(out.detach(), results[0][0], rtol=0, atol=0)
     for got, want in zip(leaf.grad.unbind(0), results[0][1:]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("left,right", [(None, 0), (5, None), (4, 2), (30, 30), (None, None)])
+@pytest.mark.parametrize("average", [False, True])
+def test_band_weights_in_small_tiles_equal_the_dense_probabilities(left, right, average, monkeypatch):
+    """Tiles of 16 queries (the tile bound forced down), queries offset into the keys, a relative bias, an additive
+    mask and padding: every tile's band edges, and the heads' mean accumulated tile by tile, agree with the full
+    matrix of :func:`dense_attention`."""
+    import fluence_fairseq.ops.band as band
+
+    monkeypatch.setattr(band, "_WEIGHT_TILE_ELEMENTS", 1)
+    g = torch.Generator().manual_seed(5)
+    B, H, Lq, Lk, D = 2, 3, 40, 47, 8
+    q = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, Lk, D, generator=g, dtype=torch.float64)
+    kpm = torch.zeros(B, Lk, dtype=torch.bool)
+    kpm[1, 20:23] = True
+    table = torch.randn(H, 2 * Lk, generator=g, dtype=torch.float64)
+    kw = dict(query_offset=Lk - Lq, left=left, right=right, rel_bias=lambda rel: table[:, rel + Lk],
+              key_padding_mask=kpm, attn_mask=torch.randn(Lq, Lk, generator=g, dtype=torch.float64))
+    _, want = band.dense_attention(q, k, torch.zeros_like(k), need_weights=True, **kw)
+    if average:
+        want = want.mean(dim=1, keepdim=True)
+    got = band.band_weights(q, k, average_heads=average, **kw)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
