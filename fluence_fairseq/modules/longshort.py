@@ -159,7 +159,7 @@ class LongShortAttention(FluenceAttention):
             q, k, v, ln_local=(self.ln_local_weight, self.ln_local_bias),
             ln_global=(self.ln_global_weight, self.ln_global_bias), proj_weight=self.proj_weight,
             proj_bias=self.proj_bias, key_padding_mask=key_padding_mask, causal=False, window=self.window_size,
-            dropout_p=self._dropout_p(), block_size=self.block_size, reuse_query=self.heads_exclusive,
+            dropout_p=self._dropout_p(), block_size=self.block_size, reuse_buffers=self.heads_exclusive,
         )
 
     def _chunk_of(self, n_cols: int, device, first_chunk: int = 0) -> Tensor:
@@ -194,7 +194,7 @@ class LongShortAttention(FluenceAttention):
             ln_global=(self.ln_global_weight, self.ln_global_bias), proj_weight=self.proj_weight,
             proj_bias=self.proj_bias, key_padding_mask=key_padding_mask, causal=True, window=self.window_size,
             chunk_size=self.chunk_size, dropout_p=self._dropout_p(), block_size=self.block_size,
-            alibi_slopes=getattr(self, "alibi_slopes", None), reuse_query=self.heads_exclusive,
+            alibi_slopes=getattr(self, "alibi_slopes", None), reuse_buffers=self.heads_exclusive,
         )
         if lead is not None:
             # back to the original positions; leading padded queries get zeros

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import accumulation_dtype as _acc, fold_windows
+from .common import accumulation_dtype as _acc, fold_windows, free_memory
 
 __all__ = ["long_short_attention", "dense_joint_attention", "compress_chunks", "head_layer_norm"]
 
@@ -85,6 +85,83 @@ def _softmax_backward(p: Tensor, grad_p: Tensor, dim: int) -> Tensor:
     return p * (grad_p - (p * grad_p).sum(dim, keepdim=True))
 
 
+def _whole(x: Tensor) -> bool:
+    """Whether ``x`` covers its whole storage with distinct elements (no expanded or overlapping strides)."""
+    if x.untyped_storage().nbytes() != x.numel() * x.element_size():
+        return False
+    sizes = sorted((st, sz) for st, sz in zip(x.stride(), x.size()) if sz > 1)
+    extent = 1
+    for stride, size in sizes:
+        if stride < extent:
+            return False
+        extent = stride * size
+    return True
+
+
+class _RollingRows:
+    """Window gradients folded onto key rows through a short buffer of padded rows (row ``r`` is key
+    ``r - left``), each key's row written to ``out`` (B, H, L, D) once complete.
+
+    Padded row ``r`` gets contributions from the blocks ``t <= r // bq`` only, so once the groups before block
+    ``g0`` are done every row below ``g0 * bq`` is complete. The buffer covers rows ``[base, base + cap)`` with
+    ``cap`` the widest group's window rows plus :data:`_ROLL_SLACK` blocks; when a group would run past it, the
+    complete rows are written out, the incomplete ones moved to the front and the rest zeroed. A key row ``j`` is
+    written only after the groups up to the query block of ``j + left`` (>= ``j``) have run, so ``out`` may be
+    the output's gradient, whose rows the groups read in order."""
+
+    def __init__(self, out: Tensor, left: int, bq: int, kb: int, groups):
+        bsz, heads, self.length, dim = out.shape
+        widest = max(g1 - g0 for g0, g1 in groups)
+        self.out, self.left, self.bq, self.kb = out, left, bq, kb
+        self.cap = (widest + _ROLL_SLACK) * bq + kb - bq
+        self.buf = out.new_zeros(bsz, heads, self.cap, dim)
+        self.base = 0  # padded row of buf[:, :, 0]; a multiple of bq
+
+    def fold(self, grad_windows: Tensor, g0: int, g1: int) -> None:
+        end = (g1 - 1) * self.bq + self.kb  # one past the group's last padded row
+        if end - self.base > self.cap:
+            self._write(self.base, g0 * self.bq)
+            keep = self.cap - (g0 * self.bq - self.base)
+            self.buf[:, :, :keep] = self.buf[:, :, self.cap - keep:].clone()
+            self.buf[:, :, keep:].zero_()
+            self.base = g0 * self.bq
+        fold_windows(grad_windows, self.buf, (g0 * self.bq - self.base) // self.bq, self.bq)
+
+    def finish(self) -> None:
+        self._write(self.base, self.base + self.cap)
+
+    def _write(self, lo: int, hi: int) -> None:
+        """Padded rows ``[lo, hi)`` (complete) to their keys' rows of ``out``; rows outside the keys are dropped."""
+        j0, j1 = max(0, lo - self.left), min(self.length, hi - self.left)
+        if j1 > j0:
+            start = j0 + self.left - self.base
+            self.out[:, :, j0:j1] = self.buf[:, :, start:start + j1 - j0]
+
+
+#: extra blocks of rows in a :class:`_RollingRows` buffer beyond the widest group's window: rows are written out
+#: and moved once per this many blocks instead of after every group
+_ROLL_SLACK = 4
+
+
+class _GroupMasks:
+    """The disallowed scores of a group of query blocks, made when the group is scored: the band's (B|1, G, bq,
+    kb) and the global columns' (1|B, G * bq, n_vis). Built for every block at once they were 5 MiB at L=8192
+    (window 256), alive through forward and backward."""
+
+    def __init__(self, band: Tensor, valid_windows: Tensor, glob_start: Tensor, glob_valid: Optional[Tensor],
+                 bq: int):
+        self.band_shape, self.valid_windows = band, valid_windows  # (1, 1, bq, kb), (B, nblocks, kb)
+        self.glob_start, self.glob_valid, self.bq = glob_start, glob_valid, bq
+
+    def band(self, g0: int, g1: int) -> Tensor:
+        return self.band_shape | ~self.valid_windows[:, g0:g1].unsqueeze(2)
+
+    def glob(self, g0: int, g1: int, n_vis: int) -> Tensor:
+        pos = torch.arange(g0 * self.bq, g1 * self.bq, device=self.glob_start.device)
+        bad = (pos.unsqueeze(1) < self.glob_start[:n_vis].unsqueeze(0)).unsqueeze(0)
+        return bad if self.glob_valid is None else bad | ~self.glob_valid[:, :n_vis].unsqueeze(1)
+
+
 class _LongShort(torch.autograd.Function):
     """The whole long-short attention of one layer (after the q/k/v projections) as one autograd node.
 
@@ -111,10 +188,9 @@ class _LongShort(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad, slopes, cfg):
-        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per, _ = cfg
+        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per, reuse_buffers = cfg
         bsz, heads, length, dim = q.shape
         acc = _acc(q.dtype)
-        neg = torch.finfo(acc).min
         rank = proj_w.size(-1)
         nblocks = math.ceil(length / bq)
         kb = bq + left + right
@@ -129,30 +205,23 @@ class _LongShort(torch.autograd.Function):
                 y, _, r = torch.native_layer_norm(x[:, :, a:a + n], (dim,), None, None, 1e-5)
                 yp[:, :, left + a:left + a + n] = y
                 rstd[i, :, :, a:a + n] = r.squeeze(-1)
+        if reuse_buffers:  # the caller gave up k and v: only their normalised copies are read from here on
+            free_memory(k, v)
         y_k, y_v = y_kp[:, :, left:left + length], y_vp[:, :, left:left + length]
         # ---- global columns: landmarks (noncausal) / compressed chunks (causal)
         used = n_chunks * chunk if causal else length
-        w_eff = ln_l_w.unsqueeze(-1) * proj_w
-        b_eff = torch.einsum("hd,hdr->hr", ln_l_b, proj_w) + proj_b
-        logits = (torch.matmul(y_k[:, :, :used], w_eff) + b_eff.unsqueeze(1)).to(acc)
         glob_valid = None
-        if key_pad is not None:
-            logits.masked_fill_(key_pad[:, :used].view(bsz, 1, used, 1), neg)
-        if causal:
-            weights = torch.softmax(logits.view(bsz, heads, n_chunks, chunk, rank), dim=3).view(bsz, heads, used, rank)
-            if key_pad is not None:
-                glob_valid = (~key_pad[:, :used]).view(bsz, n_chunks, chunk).any(-1).repeat_interleave(rank, dim=1)
-        else:
-            weights = torch.softmax(logits, dim=2)
-        del logits
-        weights = weights.to(q.dtype)
+        if causal and key_pad is not None:
+            glob_valid = (~key_pad[:, :used]).view(bsz, n_chunks, chunk).any(-1).repeat_interleave(rank, dim=1)
+        weights = _LongShort._global_weights(y_k, ln_l_w, ln_l_b, proj_w, proj_b, key_pad, causal, used, chunk)
         zk = _LongShort._project(y_k, weights, causal, chunk)
         zv = _LongShort._project(y_v, weights, causal, chunk)
+        del weights  # recomputed in backward (noncausal: (B, H, L, landmarks), 4 MiB at L=8192 with 16)
         kg, vg, _, _ = _LongShort._small_graph(zk, zv, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b)
         kg_s, vg_s = kg - ln_l_b.unsqueeze(1), vg - ln_l_b.unsqueeze(1)  # shifted by the local bias (see above)
         glob_start = _LongShort._glob_start(causal, kg.size(2), rank, chunk, left, q.device)
         # ---- joint attention, query blocks
-        band_bad, glob_bad = _LongShort._masks(key_pad, glob_valid, glob_start, bsz, length, nblocks, bq, kb, left,
+        masks = _LongShort._masks(key_pad, glob_valid, glob_start, bsz, length, nblocks, bq, kb, left,
                                                right, q.device)
         alibi = _LongShort._alibi(slopes, rank, chunk, kg.size(2), bq, kb, left, acc)
         buf = q.new_empty(length, bsz, heads, dim)
@@ -163,7 +232,7 @@ class _LongShort(torch.autograd.Function):
         for g0, g1 in _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2)):
             count = g1 - g0
             n_vis = _LongShort._visible(glob_start, g1, bq)
-            qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, band_bad, glob_bad, n_vis, acc,
+            qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc,
                                              alibi)
             p = torch.softmax(s, dim=-1)
             if gen is not None:
@@ -181,11 +250,29 @@ class _LongShort(torch.autograd.Function):
             hi = min(length, g1 * bq)
             out[:, :, g0 * bq:hi] = o.view(bsz, heads, -1, dim)[:, :, :hi - g0 * bq]
         ctx.save_for_backward(q, y_kp, y_vp, rstd, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad,
-                              weights, zk, zv, slopes)
+                              zk, zv, slopes)
         ctx.cfg = cfg
         return out
 
     # ------------------------------------------------------------------------------------------ helpers
+    @staticmethod
+    def _global_weights(y_k, ln_l_w, ln_l_b, proj_w, proj_b, key_pad, causal, used, chunk):
+        """The mixing weights ``A`` (B, H, used, rank) of the global columns: the logits ``kn @ proj_w + proj_b``
+        of the normalised keys (through ``y``: ``kn = y * w + b``), padded keys out, a softmax over all positions
+        (noncausal landmarks) or within each chunk (causal)."""
+        bsz, heads = y_k.shape[:2]
+        rank = proj_w.size(-1)
+        acc = _acc(y_k.dtype)
+        w_eff = ln_l_w.unsqueeze(-1) * proj_w
+        b_eff = torch.einsum("hd,hdr->hr", ln_l_b, proj_w) + proj_b
+        logits = (torch.matmul(y_k[:, :, :used], w_eff) + b_eff.unsqueeze(1)).to(acc)
+        if key_pad is not None:
+            logits.masked_fill_(key_pad[:, :used].view(bsz, 1, used, 1), torch.finfo(acc).min)
+        if causal:
+            weights = torch.softmax(logits.view(bsz, heads, used // chunk, chunk, rank), dim=3)
+            return weights.view(bsz, heads, used, rank).to(y_k.dtype)
+        return torch.softmax(logits, dim=2).to(y_k.dtype)
+
     @staticmethod
     def _project(y, weights, causal, chunk):
         """``A^T y`` per global column (B, H, G, D)."""
@@ -247,18 +334,14 @@ class _LongShort(torch.autograd.Function):
         return xp.narrow(2, g0 * bq, (g1 - g0 - 1) * bq + kb).unfold(2, kb, bq).transpose(-1, -2)
 
     @staticmethod
-    def _masks(key_pad, glob_valid, glob_start, bsz, length, nblocks, bq, kb, left, right, device):
-        """Disallowed band scores (B, nblocks, bq, kb) and global scores (B|1, nblocks * bq, G), built once."""
-        band = _LongShort._band_bad(bq, kb, left, right, device).view(1, 1, bq, kb)
-        band_bad = band | ~_LongShort._valid_windows(key_pad, bsz, length, nblocks, bq, kb, left, device).unsqueeze(2)
-        pos = torch.arange(nblocks * bq, device=device)
-        glob_bad = (pos.unsqueeze(1) < glob_start.unsqueeze(0)).unsqueeze(0)
-        if glob_valid is not None:
-            glob_bad = glob_bad | ~glob_valid.unsqueeze(1)
-        return band_bad, glob_bad
+    def _masks(key_pad, glob_valid, glob_start, bsz, length, nblocks, bq, kb, left, right, device) -> "_GroupMasks":
+        # the windows' validity (B, nblocks, kb) is small; it also marks the zero rows padded around the keys
+        return _GroupMasks(_LongShort._band_bad(bq, kb, left, right, device).view(1, 1, bq, kb),
+                           _LongShort._valid_windows(key_pad, bsz, length, nblocks, bq, kb, left, device),
+                           glob_start, glob_valid, bq)
 
     @staticmethod
-    def _block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, band_bad, glob_bad, n_vis, acc, alibi=None):
+    def _block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi=None):
         """Scaled queries (B, H, G, bq, D) and the masked joint scores (B, H, G, bq, n_vis + kb) of query
         blocks g0..g1-1 (band scores against y with the local weight folded into the queries), ALiBi added."""
         bsz, heads, _, dim = q.shape
@@ -268,7 +351,7 @@ class _LongShort(torch.autograd.Function):
         sw = torch.matmul(qs * w5, yw.transpose(-1, -2)).to(acc)
         if alibi is not None:
             sw += alibi[0]
-        sw.masked_fill_(band_bad[:, g0:g1].unsqueeze(1), torch.finfo(acc).min)
+        sw.masked_fill_(masks.band(g0, g1).unsqueeze(1), torch.finfo(acc).min)
         if n_vis == 0:
             return qs, sw
         sg = torch.matmul(qs.view(bsz, heads, count * bq, dim), kg_s[:, :, :n_vis].transpose(-1, -2)).to(acc)
@@ -276,14 +359,14 @@ class _LongShort(torch.autograd.Function):
             _, slopes, centre = alibi
             pos = torch.arange(g0 * bq, g1 * bq, device=q.device).to(acc)
             sg -= slopes.view(1, -1, 1, 1) * (pos.unsqueeze(1) - centre[:n_vis])
-        sg.masked_fill_(glob_bad[:, g0 * bq:g1 * bq, :n_vis].unsqueeze(1), torch.finfo(acc).min)
+        sg.masked_fill_(masks.glob(g0, g1, n_vis).unsqueeze(1), torch.finfo(acc).min)
         return qs, torch.cat([sg.view(bsz, heads, count, bq, n_vis), sw], dim=-1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (q, y_kp, y_vp, rstd, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad, weights, zk, zv,
+        (q, y_kp, y_vp, rstd, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad, zk, zv,
          slopes) = ctx.saved_tensors
-        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per, reuse_query = ctx.cfg
+        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per, reuse_buffers = ctx.cfg
         bsz, heads, length, dim = q.shape
         acc = _acc(q.dtype)
         rank = proj_w.size(-1)
@@ -302,7 +385,7 @@ class _LongShort(torch.autograd.Function):
         nblocks = math.ceil(length / bq)
         kb = bq + left + right
         pieces = math.ceil(kb / bq)
-        band_bad, glob_bad = _LongShort._masks(key_pad, glob_valid, glob_start, bsz, length, nblocks, bq, kb, left,
+        masks = _LongShort._masks(key_pad, glob_valid, glob_start, bsz, length, nblocks, bq, kb, left,
                                                right, q.device)
         alibi = _LongShort._alibi(slopes, rank, chunk, kg.size(2), bq, kb, left, acc)
         w5 = ln_l_w.view(1, heads, 1, 1, dim)
@@ -310,17 +393,26 @@ class _LongShort(torch.autograd.Function):
         # the projections' backward gets contiguous (L, B, D) gradients; row r is key r - left
         padded = (nblocks + pieces) * bq
         gk_buf = q.new_zeros(padded, bsz, heads, dim)
-        gv_buf = torch.zeros_like(gk_buf)
-        grad_kp, grad_vp = gk_buf.permute(1, 2, 0, 3), gv_buf.permute(1, 2, 0, 3)
-        # with ``reuse_query`` over q itself: each block's rows are read (scaled into a copy) before theirs is written
-        grad_q = q if reuse_query else q.new_empty(length, bsz, heads, dim).permute(1, 2, 0, 3)
+        grad_kp = gk_buf.permute(1, 2, 0, 3)
+        # the value gradient is folded into a short window of rows and each key's row written out once complete,
+        # with ``reuse_buffers`` over the output's gradient itself (read up to the rows written by then: see
+        # _RollingRows)
+        grad_vn = grad_out if reuse_buffers and _whole(grad_out) else q.new_empty(length, bsz, heads, dim).permute(
+            1, 2, 0, 3)
+        value_rows = _RollingRows(grad_vn, left, bq, kb, _LongShort._groups(bsz, heads, nblocks, bq,
+                                                                            kb + kg.size(2)))
+        # with ``reuse_buffers`` over q itself: each block's rows are read (scaled into a copy) before theirs is written
+        grad_q = q if reuse_buffers else q.new_empty(length, bsz, heads, dim).permute(1, 2, 0, 3)
         grad_kg, grad_vg = torch.zeros_like(kg), torch.zeros_like(vg)
         gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
-        for g0, g1 in _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2)):
+
+        def group_backward(g0, g1):
+            """One group of query blocks (a function: its temporaries are gone before the next group's and
+            before what follows the loop)."""
             count = g1 - g0
             rows = count * bq
             n_vis = _LongShort._visible(glob_start, g1, bq)
-            qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, band_bad, glob_bad, n_vis, acc,
+            qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc,
                                              alibi)
             p = torch.softmax(s, dim=-1)
             g_out = _rows(grad_out, g0 * bq, rows).reshape(bsz, heads, count, bq, dim)
@@ -360,9 +452,12 @@ class _LongShort(torch.autograd.Function):
             grad_q[:, :, g0 * bq:hi] = (gq * scale).view(bsz, heads, rows, dim)[:, :, :hi - g0 * bq]
             # each block's window gradient back onto the padded key rows it was taken from
             fold_windows(grad_kw, grad_kp, g0, bq)
-            fold_windows(grad_vw, grad_vp, g0, bq)
+            value_rows.fold(grad_vw, g0, g1)
+        for g0, g1 in _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2)):
+            group_backward(g0, g1)
+        value_rows.finish()
+        del value_rows
         grad_kn = grad_kp[:, :, left:left + length]
-        grad_vn = grad_vp[:, :, left:left + length]
         y_k, y_v = y_kp[:, :, left:left + length], y_vp[:, :, left:left + length]
         # ---- local affine: d kn -> d y (in place), gradients of the local weight and bias
         grad_l_w, grad_l_b = torch.zeros_like(ln_l_w), torch.zeros_like(ln_l_b)
@@ -373,6 +468,7 @@ class _LongShort(torch.autograd.Function):
                 grad_l_b += gr.sum(dim=(0, 2))
                 gr.mul_(ln_l_w.unsqueeze(1))
         # ---- global columns backward
+        weights = _LongShort._global_weights(y_k, ln_l_w, ln_l_b, proj_w, proj_b, key_pad, causal, used, chunk)
         grad_zk, grad_zv = torch.autograd.grad((kg_r, vg_r), leaves[:2], (grad_kg, grad_vg), retain_graph=True)
         if causal:
             # in row pieces of whole chunks (rows_per is a multiple of chunk): the products and the batched
@@ -429,7 +525,7 @@ def long_short_attention(
     q: Tensor, k: Tensor, v: Tensor, *, ln_local: Tuple[Tensor, Tensor], ln_global: Tuple[Tensor, Tensor],
     proj_weight: Tensor, proj_bias: Tensor, key_padding_mask: Optional[Tensor], causal: bool, window: int,
     chunk_size: int = 1, dropout_p: float = 0.0, block_size: Optional[int] = None, row_chunk: Optional[int] = None,
-    alibi_slopes: Optional[Tensor] = None, reuse_query: bool = False,
+    alibi_slopes: Optional[Tensor] = None, reuse_buffers: bool = False,
 ) -> Tensor:
     """Long-short self attention on raw projected heads q, k, v (B, H, L, D).
 
@@ -440,9 +536,12 @@ def long_short_attention(
     ``i - window + 1 .. i`` and the chunks ending at or before ``i - window``. One softmax over both.
     ``block_size``: queries per block (default by window); ``row_chunk``: rows per full-length elementwise pass.
     ``alibi_slopes`` (H,), causal only: ALiBi, ``-slope_h (i - j)`` on band scores and ``-slope_h (i - centre)``
-    on a compressed chunk's, ``centre`` the middle of its chunk. ``reuse_query``: the caller gives up q (nothing
-    reads it after this call): backward writes its gradient over it instead of allocating another L x D tensor
-    (a second backward through the graph is then refused by autograd's in-place check).
+    on a compressed chunk's, ``centre`` the middle of its chunk. ``reuse_buffers``: nothing reads q, k, v after the
+    call nor the output's gradient after backward receives it (the attention base's whole passes): forward frees
+    k and v once normalised, backward writes q's gradient over q and v's over the output's gradient (each where
+    it covers its own storage) instead of allocating more L x D tensors; a second backward through the graph is
+    refused by autograd's in-place check, and reading a freed tensor is undefined (see
+    :func:`..common.free_memory`).
     Returns (B, H, L, D), a permuted view of an (L, B, H, D) buffer.
     """
     bsz, heads, length, dim = q.shape
@@ -459,7 +558,7 @@ def long_short_attention(
     seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
     if alibi_slopes is not None and not causal:
         raise ValueError("long_short_attention: ALiBi is for the causal pattern (noncausal landmarks have no position)")
-    cfg = (causal, left, right, chunk_size, n_chunks, bq, dropout_p, seed, rows_per, bool(reuse_query))
+    cfg = (causal, left, right, chunk_size, n_chunks, bq, dropout_p, seed, rows_per, bool(reuse_buffers))
     return _LongShort.apply(q, k, v, ln_local[0], ln_local[1], ln_global[0], ln_global[1], proj_weight, proj_bias,
                             key_padding_mask, alibi_slopes, cfg)
 

@@ -257,8 +257,8 @@ def test_multi_token_decoding_matches_full_pass():
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_reuse_query_writes_the_query_gradient_over_q(causal):
-    """reuse_query: the same output and gradients, the query gradient in q's own memory (the caller gave it up),
+def test_reuse_buffers_writes_the_query_gradient_over_q(causal):
+    """reuse_buffers: the same output and gradients, the query gradient in q's own memory (the caller gave it up),
     and a second backward through the graph refused."""
     g = torch.Generator().manual_seed(4)
     bsz, heads, length, dim, rank = 2, 2, 40, 4, 2
@@ -273,4 +273,87 @@ def test_reuse_query_writes_the_query_gradient_over_q(causal):
         lambda q, k, v, reuse: long_short_attention(
             q, k, v, ln_local=(params[0], params[1]), ln_global=(params[2], params[3]), proj_weight=proj_w,
             proj_bias=proj_b, key_padding_mask=kpm, causal=causal, window=5, chunk_size=4, block_size=8,
-            reuse_query=reuse), (q, k, v), w)
+            reuse_buffers=reuse), (q, k, v), w)
+
+
+def _op_inputs(bsz=2, heads=2, length=40, dim=4, rank=2, seed=6):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(bsz, heads, length, dim, dtype=torch.float64, generator=g) for _ in range(3))
+    params = [1 + 0.3 * torch.randn(heads, dim, dtype=torch.float64, generator=g) if i % 2 == 0 else
+              0.3 * torch.randn(heads, dim, dtype=torch.float64, generator=g) for i in range(4)]
+    params += [torch.randn(heads, dim, rank, dtype=torch.float64, generator=g),
+               torch.randn(heads, rank, dtype=torch.float64, generator=g)]
+    kpm = torch.zeros(bsz, length, dtype=torch.bool)
+    kpm[0, 3] = kpm[1, -5:] = True
+    return q, k, v, params, kpm
+
+
+def _op(q, k, v, params, kpm, causal, reuse=False, block=4):
+    return long_short_attention(q, k, v, ln_local=(params[0], params[1]), ln_global=(params[2], params[3]),
+                                proj_weight=params[4], proj_bias=params[5], key_padding_mask=kpm, causal=causal,
+                                window=5, chunk_size=4, block_size=block, reuse_buffers=reuse)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_value_gradient_rows_written_out_group_by_group(causal, monkeypatch):
+    """One query block per group and no slack: the value gradient's rolling rows are written out and moved at
+    every group. Finite differences agree, and so do the gradients at the default grouping (to rounding: the
+    groups also batch the scores differently)."""
+    import fluence_fairseq.ops.longshort as ops
+
+    q, k, v, params, kpm = _op_inputs()
+    w = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def grads():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, *params)]
+        (_op(*leaves[:3], leaves[3:], kpm, causal) * w).sum().backward()
+        return [t.grad for t in leaves]
+
+    want = grads()
+    monkeypatch.setattr(ops, "_GROUP_ELEMENTS", 1)
+    monkeypatch.setattr(ops, "_ROLL_SLACK", 0)
+    for g, h in zip(grads(), want):
+        torch.testing.assert_close(g, h, rtol=1e-12, atol=1e-12)
+    small = [t[:, :, :14].clone().requires_grad_() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda q, k, v: _op(q, k, v, params, kpm[:, :14], causal, block=2), small,
+                                    fast_mode=True)
+
+
+@pytest.mark.parametrize("shifts", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+def test_reuse_buffers_frees_k_and_v_and_writes_the_value_gradient_over_the_output_gradient(causal, shifts,
+                                                                                            monkeypatch):
+    """With ``shifts``, rows of the value gradient are written over the output's gradient at every group, while
+    later groups still read it: bitwise the same gradients as into a buffer of their own."""
+    import fluence_fairseq.ops.longshort as ops
+
+    if shifts:
+        monkeypatch.setattr(ops, "_GROUP_ELEMENTS", 1)
+        monkeypatch.setattr(ops, "_ROLL_SLACK", 0)
+    q, k, v, params, kpm = _op_inputs()
+    grads = {}
+    for reuse in (False, True):
+        heads = [t.clone().requires_grad_() for t in (q, k, v)]
+        given = [t * 1.0 for t in heads]  # memories nothing else reads, as the attention base's heads
+        out = _op(*given, params, kpm, causal, reuse=reuse)
+        # freed only when the caller gave them up; q becomes the query gradient's memory instead
+        assert [t.untyped_storage().nbytes() == 0 for t in given[1:]] == [reuse, reuse]
+        incoming = []
+        out.register_hook(incoming.append)
+        weight = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(2))
+        gq, gk, gv = torch.autograd.grad((out * weight).sum(), given)
+        shares = gv.untyped_storage().data_ptr() == incoming[0].untyped_storage().data_ptr()
+        assert shares == reuse
+        grads[reuse] = (gq, gk, gv)
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_whole_storage_check():
+    from fluence_fairseq.ops.longshort import _whole
+
+    x = torch.randn(6, 2, 3, 4)
+    assert _whole(x) and _whole(x.permute(1, 2, 0, 3))
+    assert not _whole(x[:3])  # a slice: the rest of the storage belongs to others
+    assert not _whole(torch.randn(2, 1, 4).expand(2, 5, 4))  # expanded: one element seen many times
+    assert not _whole(torch.randn(8).as_strided((3, 4), (2, 1)))  # overlapping rows over a short storage
