@@ -146,11 +146,12 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     float32_math: bool = False
     #: set by the base while :meth:`attend` runs on heads that nothing reads after the call (a whole pass without
     #: decoding cache or segment memory, q, k and v from three projections): the math may then write gradients
-    #: over them (cosFormer, LARA, causal ABC; LongShort the query's) or over its own saved copies (local
-    #: attention) in backward instead of allocating more. An autograd function that does so must save what it
-    #: overwrites for backward, so that autograd refuses a second backward through the graph. Local attention
-    #: also frees the heads' memory once it has copied them, and its output's gradient once copied in backward:
-    #: a subclass that overrides ``attend`` must not read q, k or v after calling the parent's
+    #: over them (cosFormer, LARA, causal ABC; LongShort the query's, and the value's over the output's
+    #: gradient) or over its own saved copies (local attention) in backward instead of allocating more. An
+    #: autograd function that does so must save what it overwrites for backward, so that autograd refuses a second
+    #: backward through the graph. Local attention also frees the heads' memory once it has copied them, and its
+    #: output's gradient once copied in backward; LongShort frees k and v once normalised: a subclass that
+    #: overrides ``attend`` must not read q, k or v after calling the parent's
     heads_exclusive: bool = False
     #: set by the base while :meth:`attend` runs when the caller asked only for the head-averaged weights (plain
     #: ``need_weights``, no weight recorder, no global pruning mask): the math may then return them already
