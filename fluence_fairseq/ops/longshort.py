@@ -166,11 +166,13 @@ class _LongShort(torch.autograd.Function):
     """The whole long-short attention of one layer (after the q/k/v projections) as one autograd node.
 
     Keys and values are layer-normalised once (``y = (x - mean) * rstd``, before the per-head affine
-    ``kn = y * w + b``) into padded buffers; forward saves only ``y``, ``rstd``, q and the small projection weights
-    ``A``, and writes the output into an (L, B, H, D) buffer (so the caller's permute + reshape is a view). It does
-    not keep the output: backward takes the softmax backward's row sums ``rowsum(P * dP)`` from the probabilities
-    it recomputes block by block anyway, so the output is freed with ``out_proj``'s backward. Key/value gradients
-    are accumulated in place: memory stays a few L x D tensors.
+    ``kn = y * w + b``) into padded buffers; forward saves only ``y``, ``rstd``, q and the small compressed keys and
+    values (the mixing weights ``A`` are recomputed in backward), and writes the output into an (L, B, H, D)
+    buffer (so the caller's permute + reshape is a view). It does not keep the output: backward takes the softmax
+    backward's row sums ``rowsum(P * dP)`` from the probabilities it recomputes block by block anyway, so the
+    output is freed with ``out_proj``'s backward. The key gradient is accumulated in place, the value gradient
+    through :class:`_RollingRows`; with ``reuse_buffers`` the query gradient goes over q, the value gradient over
+    the output's gradient, and k and v are freed once normalised: memory stays a few L x D tensors.
 
     The affine never touches an L x D tensor: band scores are ``(q * w) . y_j`` (the per-query constant ``q . b``
     is subtracted from the global scores instead, which leaves the softmax unchanged), band values are
@@ -221,8 +223,8 @@ class _LongShort(torch.autograd.Function):
         kg_s, vg_s = kg - ln_l_b.unsqueeze(1), vg - ln_l_b.unsqueeze(1)  # shifted by the local bias (see above)
         glob_start = _LongShort._glob_start(causal, kg.size(2), rank, chunk, left, q.device)
         # ---- joint attention, query blocks
-        masks = _LongShort._masks(key_pad, glob_valid, glob_start, bsz, length, nblocks, bq, kb, left,
-                                               right, q.device)
+        masks = _LongShort._masks(key_pad, glob_valid, glob_start, bsz, length, nblocks, bq, kb, left, right,
+                                  q.device)
         alibi = _LongShort._alibi(slopes, rank, chunk, kg.size(2), bq, kb, left, acc)
         buf = q.new_empty(length, bsz, heads, dim)
         out = buf.permute(1, 2, 0, 3)
@@ -232,8 +234,7 @@ class _LongShort(torch.autograd.Function):
         for g0, g1 in _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2)):
             count = g1 - g0
             n_vis = _LongShort._visible(glob_start, g1, bq)
-            qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc,
-                                             alibi)
+            qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi)
             p = torch.softmax(s, dim=-1)
             if gen is not None:
                 p = p * torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen) / (1 - dropout_p)
@@ -385,8 +386,8 @@ class _LongShort(torch.autograd.Function):
         nblocks = math.ceil(length / bq)
         kb = bq + left + right
         pieces = math.ceil(kb / bq)
-        masks = _LongShort._masks(key_pad, glob_valid, glob_start, bsz, length, nblocks, bq, kb, left,
-                                               right, q.device)
+        masks = _LongShort._masks(key_pad, glob_valid, glob_start, bsz, length, nblocks, bq, kb, left, right,
+                                  q.device)
         alibi = _LongShort._alibi(slopes, rank, chunk, kg.size(2), bq, kb, left, acc)
         w5 = ln_l_w.view(1, heads, 1, 1, dim)
         # gradients w.r.t. the normalised keys/values kn, vn over padded rows, in (L, B, H, D) layouts so that
@@ -412,8 +413,7 @@ class _LongShort(torch.autograd.Function):
             count = g1 - g0
             rows = count * bq
             n_vis = _LongShort._visible(glob_start, g1, bq)
-            qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc,
-                                             alibi)
+            qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi)
             p = torch.softmax(s, dim=-1)
             g_out = _rows(grad_out, g0 * bq, rows).reshape(bsz, heads, count, bq, dim)
             kw = _LongShort._window(y_kp, g0, g1, bq, kb)
