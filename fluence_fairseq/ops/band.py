@@ -135,7 +135,7 @@ def band_weights(
             if not average_heads:
                 weights[:, h, i0:i1, k0:k1] = probs
             elif h == 0:
-                torch.mul(probs, 1.0 / heads, out=tile) if tile.is_contiguous() else tile.copy_(probs.mul_(1.0 / heads))
+                torch.mul(probs, 1.0 / heads, out=tile)  # writes through the strided view of ``weights``
             else:
                 tile.add_(probs, alpha=1.0 / heads)
     return weights
