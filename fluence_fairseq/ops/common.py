@@ -58,10 +58,23 @@ def free_memory(*tensors: Tensor) -> None:
     for t in tensors:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr in seen or storage.nbytes() != t.numel() * t.element_size():
+        if ptr in seen or not covers_storage(t):
             continue
         seen.add(ptr)
         storage.resize_(0)
+
+
+def covers_storage(x: Tensor) -> bool:
+    """Whether ``x`` covers its whole storage with distinct elements (not a view into a larger buffer, no expanded
+    or overlapping strides): then nothing but ``x`` and its views can live in that memory."""
+    if x.untyped_storage().nbytes() != x.numel() * x.element_size():
+        return False
+    extent = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.size()) if sz > 1):
+        if stride < extent:
+            return False
+        extent = stride * size
+    return True
 
 
 class _Prefixes(torch.autograd.Function):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import accumulation_dtype as _acc, fold_windows, free_memory
+from .common import accumulation_dtype as _acc, covers_storage, fold_windows, free_memory
 
 __all__ = ["long_short_attention", "dense_joint_attention", "compress_chunks", "head_layer_norm"]
 
@@ -83,19 +83,6 @@ def _rows(x: Tensor, start: int, length: int) -> Tensor:
 
 def _softmax_backward(p: Tensor, grad_p: Tensor, dim: int) -> Tensor:
     return p * (grad_p - (p * grad_p).sum(dim, keepdim=True))
-
-
-def _whole(x: Tensor) -> bool:
-    """Whether ``x`` covers its whole storage with distinct elements (no expanded or overlapping strides)."""
-    if x.untyped_storage().nbytes() != x.numel() * x.element_size():
-        return False
-    sizes = sorted((st, sz) for st, sz in zip(x.stride(), x.size()) if sz > 1)
-    extent = 1
-    for stride, size in sizes:
-        if stride < extent:
-            return False
-        extent = stride * size
-    return True
 
 
 class _RollingRows:
@@ -398,7 +385,7 @@ class _LongShort(torch.autograd.Function):
         # the value gradient is folded into a short window of rows and each key's row written out once complete,
         # with ``reuse_buffers`` over the output's gradient itself (read up to the rows written by then: see
         # _RollingRows)
-        grad_vn = grad_out if reuse_buffers and _whole(grad_out) else q.new_empty(length, bsz, heads, dim).permute(
+        grad_vn = grad_out if reuse_buffers and covers_storage(grad_out) else q.new_empty(length, bsz, heads, dim).permute(
             1, 2, 0, 3)
         value_rows = _RollingRows(grad_vn, left, bq, kb, _LongShort._groups(bsz, heads, nblocks, bq,
                                                                             kb + kg.size(2)))

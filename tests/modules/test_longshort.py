@@ -347,13 +347,3 @@ def test_reuse_buffers_frees_k_and_v_and_writes_the_value_gradient_over_the_outp
         grads[reuse] = (gq, gk, gv)
     for a, b in zip(grads[False], grads[True]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def test_whole_storage_check():
-    from fluence_fairseq.ops.longshort import _whole
-
-    x = torch.randn(6, 2, 3, 4)
-    assert _whole(x) and _whole(x.permute(1, 2, 0, 3))
-    assert not _whole(x[:3])  # a slice: the rest of the storage belongs to others
-    assert not _whole(torch.randn(2, 1, 4).expand(2, 5, 4))  # expanded: one element seen many times
-    assert not _whole(torch.randn(8).as_strided((3, 4), (2, 1)))  # overlapping rows over a short storage

@@ -71,3 +71,15 @@ def test_free_memory_frees_whole_storages_only():
     empty = torch.empty(0)
     free_memory(empty)  # nothing to free
     assert empty.numel() == 0
+
+
+def test_covers_storage():
+    from fluence_fairseq.ops.common import covers_storage
+
+    x = torch.randn(6, 2, 3, 4)
+    assert covers_storage(x) and covers_storage(x.permute(1, 2, 0, 3))
+    assert not covers_storage(x[:3])  # a slice: the rest of the storage belongs to others
+    assert not covers_storage(torch.randn(2, 1, 4).expand(2, 5, 4))  # expanded: one element seen many times
+    # as many elements as the storage holds, but rows overlapping (and the storage's tail never seen)
+    assert not covers_storage(torch.randn(12).as_strided((3, 4), (2, 1)))
+    assert covers_storage(torch.randn(5).as_strided((5, 1), (1, 7)))  # a size-1 dim's stride does not matter
