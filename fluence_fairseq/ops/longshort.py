@@ -387,8 +387,8 @@ class _LongShort(torch.autograd.Function):
         # _RollingRows)
         grad_vn = grad_out if reuse_buffers and covers_storage(grad_out) else q.new_empty(length, bsz, heads, dim).permute(
             1, 2, 0, 3)
-        value_rows = _RollingRows(grad_vn, left, bq, kb, _LongShort._groups(bsz, heads, nblocks, bq,
-                                                                            kb + kg.size(2)))
+        groups = _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2))
+        value_rows = _RollingRows(grad_vn, left, bq, kb, groups)
         # with ``reuse_buffers`` over q itself: each block's rows are read (scaled into a copy) before theirs is written
         grad_q = q if reuse_buffers else q.new_empty(length, bsz, heads, dim).permute(1, 2, 0, 3)
         grad_kg, grad_vg = torch.zeros_like(kg), torch.zeros_like(vg)
@@ -440,7 +440,7 @@ class _LongShort(torch.autograd.Function):
             # each block's window gradient back onto the padded key rows it was taken from
             fold_windows(grad_kw, grad_kp, g0, bq)
             value_rows.fold(grad_vw, g0, g1)
-        for g0, g1 in _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2)):
+        for g0, g1 in groups:
             group_backward(g0, g1)
         value_rows.finish()
         del value_rows
