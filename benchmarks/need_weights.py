@@ -1,7 +1,7 @@
 """``python -m benchmarks.need_weights``: what fairseq's default ``need_weights=True`` costs each attention.
 
 One training step (forward + backward, batch 1) of every registered attention, as causal self attention where it
-has that pattern (else noncausal self), called three ways: ``need_weights=False``, fairseq's default
+has that pattern (else noncausal self; ``--patterns both``: each self pattern it has), called three ways: ``need_weights=False``, fairseq's default
 ``need_weights=True``, and the explicit ``need_head_weights=True``; and fairseq's ``MultiheadAttention`` with
 ``need_weights=True`` (its default) on the same input. Reported: seconds and the ratios the issue sets bounds on,
 default / ``need_weights=False`` (at most 1.2) and default / fairseq MHA (at most 1). Memory is not measured here:
@@ -9,7 +9,8 @@ default / ``need_weights=False`` (at most 1.2) and default / fairseq MHA (at mos
 the entmax family); the others return None and run their ``need_weights=False`` computation (see
 ``weights_by_default``), so their default equals their weight-free step.
 
-    python -m benchmarks.need_weights [--length 4096] [--threads 1] [--repeats 2] [--only NAME ...] [--head-weights]
+    python -m benchmarks.need_weights [--length 4096] [--threads 1] [--repeats 2] [--only NAME ...]
+                                      [--patterns causal|both] [--head-weights]
 """
 import argparse
 import platform
@@ -40,6 +41,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", nargs="+", default=None, help="attentions to measure (default: every one)")
+    parser.add_argument("--patterns", choices=("causal", "both"), default="causal",
+                        help="self-attention patterns of an attention that has both: the causal one (default) or "
+                             "both (fairseq MHA stays causal)")
     parser.add_argument("--head-weights", action="store_true",
                         help="also time need_head_weights=True (the dense weights some attentions form on request "
                              "take minutes at L=4096)")
@@ -62,16 +66,19 @@ def main(argv=None) -> int:
     for name, spec in sorted(ATTENTIONS.items()):
         if args.only and name not in args.only:
             continue
-        causal = (False, True) in spec.cls.supported_patterns
-        extra = {"cosformer_max_len": L + 1} if name == "cosformer" else {}
-        module = spec.build(D, H, causal=causal, **extra)
-        plain_s = _measure(module, x, args.repeats, need_weights=False)
-        default_s = _measure(module, x, args.repeats)
-        head_s = _measure(module, x, args.repeats, need_head_weights=True) if args.head_weights else float("nan")
-        returned = module(x[:8], x[:8], x[:8])[1]
-        print(f"| {name} | {'causal' if causal else 'noncausal'} self | {plain_s:.2f} | {default_s:.2f} | "
-              f"{head_s:.2f} | {default_s / plain_s:.2f} | {default_s / mha_s:.2f} | "
-              f"{'None' if returned is None else 'weights'} |", flush=True)
+        for causal in (True, False):
+            if (False, causal) not in spec.cls.supported_patterns or (
+                    args.patterns == "causal" and not causal and (False, True) in spec.cls.supported_patterns):
+                continue  # by default the causal pattern where an attention has both
+            extra = {"cosformer_max_len": L + 1} if name == "cosformer" else {}
+            module = spec.build(D, H, causal=causal, **extra)
+            plain_s = _measure(module, x, args.repeats, need_weights=False)
+            default_s = _measure(module, x, args.repeats)
+            head_s = _measure(module, x, args.repeats, need_head_weights=True) if args.head_weights else float("nan")
+            returned = module(x[:8], x[:8], x[:8])[1]
+            print(f"| {name} | {'causal' if causal else 'noncausal'} self | {plain_s:.2f} | {default_s:.2f} | "
+                  f"{head_s:.2f} | {default_s / plain_s:.2f} | {default_s / mha_s:.2f} | "
+                  f"{'None' if returned is None else 'weights'} |", flush=True)
     return 0
 
 

@@ -107,15 +107,18 @@ def band_weights(
     bsz, heads, tgt_len, head_dim = q.shape
     src_len = k.size(2)
     dtype = _acc(q.dtype)
-    weights = q.new_zeros(bsz, 1 if average_heads else heads, tgt_len, src_len)
+    # every element is written below (inside the band by a tile, outside it by a fill): no zeroing pass first
+    weights = q.new_empty(bsz, 1 if average_heads else heads, tgt_len, src_len)
     scale = head_dim ** -0.5
     widest = src_len if left is None or right is None else min(src_len, block + left + right)
     rows = max(16, min(block, _WEIGHT_TILE_ELEMENTS // max(1, bsz * widest)))
     for i0 in range(0, tgt_len, rows):
         i1 = min(tgt_len, i0 + rows)
         k0 = 0 if left is None else max(0, i0 + query_offset - left)
-        k1 = src_len if right is None else min(src_len, i1 - 1 + query_offset + right + 1)
-        if k1 <= k0:
+        k1 = max(k0, src_len if right is None else min(src_len, i1 - 1 + query_offset + right + 1))
+        weights[:, :, i0:i1, :k0].zero_()
+        weights[:, :, i0:i1, k1:].zero_()
+        if k1 == k0:
             continue
         q_t = q[:, :, i0:i1].to(dtype) * scale
         k_t = k[:, :, k0:k1].to(dtype)
@@ -683,10 +686,9 @@ def band_attention(
     left_active = left is not None and left < max_rel
     right_active = right is not None and -right > min_rel
     if need_weights:
-        banded = (left_active or right_active or rel_bias is not None) and tgt_len * src_len > _DENSE_PAIRS
-        if banded:
-            # the output from the banded path (differentiable), the weights inside the band only: no full score
-            # matrix is formed; the weights are detached from the graph (see band_weights)
+        if tgt_len * src_len > _DENSE_PAIRS:
+            # the output from its own path (differentiable: SDPA or a banded one), the weights in tiles inside the
+            # band, detached from the graph (see band_weights): no (B, H, Lq, Lk) probabilities kept for backward
             out, _ = band_attention(
                 q, k, v, query_offset=query_offset, left=left, right=right, rel_bias=rel_bias,
                 key_padding_mask=key_padding_mask, attn_mask=attn_mask, dropout_p=dropout_p,

@@ -156,3 +156,40 @@ def lower_blocks(blocks, width: int) -> Tensor:
         raise ValueError(f"lower_blocks needs 4-d blocks sharing (B, H) and at most {width} columns, got "
                          f"{[tuple(b.shape) for b in blocks]}")
     return _LowerBlocks.apply(int(width), *blocks)
+
+
+#: PyTorch's CPU flash-attention kernels (None on builds without them): the fused kernel that
+#: ``F.scaled_dot_product_attention`` runs on CPU, called directly for what that function does not give: the rows'
+#: log-sum-exp, and ``is_causal`` together with an additive mask
+FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def cpu_flash_applies(q: Tensor, dropout_p: float) -> bool:
+    """Whether :func:`cpu_flash_attention` can run this call (a CPU tensor, no dropout, kernels present)."""
+    return q.device.type == "cpu" and dropout_p == 0 and FLASH_CPU_BACKWARD is not None
+
+
+class _CpuFlash(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, bias):
+        out, lse = FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.causal = causal
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        gq, gk, gv = FLASH_CPU_BACKWARD(grad_out.contiguous(), q, k, v, out, lse, 0.0, ctx.causal, attn_mask=bias)
+        return gq, gk, gv, None, None
+
+
+def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, bias=None):
+    """Softmax attention of (B, H, L, D) tensors through the CPU flash kernel (scale ``D ** -0.5``): the output
+    (differentiable, the same numbers as ``F.scaled_dot_product_attention``) and each query row's log-sum-exp of
+    its scaled, masked scores (B, H, Lq), float32 or wider, not differentiable. ``causal`` masks keys after the
+    query's own index (aligned at 0) and may be combined with an additive ``bias`` (B|1, H|1, Lq, Lk) of q's dtype.
+    Only where :func:`cpu_flash_applies`."""
+    return _CpuFlash.apply(q, k, v, causal, bias)

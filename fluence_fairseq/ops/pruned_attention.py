@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import accumulation_dtype as _acc
+from .common import FLASH_CPU, FLASH_CPU_BACKWARD, accumulation_dtype as _acc, cpu_flash_applies, cpu_flash_attention
 
 #: rows keeping at most this many key blocks are bucketed by their exact count, longer ones on a geometric grid
 _EXACT_COUNTS = 8
@@ -191,27 +191,6 @@ def _dense_weights(q, k, v, allowed, dropout_p):
     return torch.matmul(dropped, v), probs
 
 
-class _DenseFlashCPU(torch.autograd.Function):
-    """The full problem through the CPU flash kernel with an additive mask, and ``is_causal`` when the mask lies in
-    the causal triangle (the kernel then skips the blocks above the diagonal: 1.5x faster than the mask alone at
-    L=1024). ``F.scaled_dot_product_attention`` refuses ``is_causal`` together with a mask; the kernel does not."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, bias, causal, has_key):
-        out, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias)
-        ctx.save_for_backward(q, k, v, bias, out, lse, has_key)
-        ctx.causal = causal
-        return out if has_key is None else out.masked_fill(~has_key, 0.0)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, bias, out, lse, has_key = ctx.saved_tensors
-        if has_key is not None:
-            grad_out = grad_out.masked_fill(~has_key, 0.0)
-        gq, gk, gv = _FLASH_CPU_BACKWARD(grad_out.contiguous(), q, k, v, out, lse, 0.0, ctx.causal, attn_mask=bias)
-        return gq, gk, gv, None, None, None
-
-
 def _dense_path(q, k, v, keep, key_padding_mask, dropout_p, need_weights, plan: Optional["PrunedPlan"] = None):
     """The full (Lq, Lk) problem under the mask (the reference computation); the additive mask is cached in
     ``plan``."""
@@ -225,9 +204,12 @@ def _dense_path(q, k, v, keep, key_padding_mask, dropout_p, need_weights, plan: 
     if key_padding_mask is not None:
         bias = bias.masked_fill(key_padding_mask.view(-1, 1, 1, src_len), torch.finfo(q.dtype).min)
         has_key = _rows_with_a_key(_allowed(keep, key_padding_mask, src_len))
-    causal = plan is not None and plan.causal
-    if q.device.type == "cpu" and dropout_p == 0 and _FLASH_CPU_BACKWARD is not None:
-        return _DenseFlashCPU.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias, causal, has_key), None
+    if cpu_flash_applies(q, dropout_p):
+        # with ``is_causal`` when the mask lies in the causal triangle: the kernel then skips the blocks above the
+        # diagonal (1.5x faster than the mask alone at L=1024); F.scaled_dot_product_attention refuses the pair
+        out, _ = cpu_flash_attention(q.contiguous(), k.contiguous(), v.contiguous(),
+                                     causal=plan is not None and plan.causal, bias=bias)
+        return (out if has_key is None else out.masked_fill(~has_key, 0.0)), None
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
     return (out if has_key is None else out.masked_fill(~has_key, 0.0)), None
 
@@ -241,10 +223,6 @@ def _rows_with_a_key(allowed: Tensor) -> Optional[Tensor]:
 def _additive(allowed: Tensor, dtype) -> Tensor:
     """0 where allowed, the most negative ``dtype`` value elsewhere."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
-
-
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
 #: gathered key (and value) elements per fused call: a bucket with more rows is split into row chunks, which bounds
@@ -319,7 +297,7 @@ class _BucketsFlashCPU(torch.autograd.Function):
         for bucket, lo, hi in _chunks(layout, q.size(0), q.size(3)):
             rows, _, kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype)
             q_r, k_r, v_r, bias_r = _rows_first(qp.index_select(1, rows), kb, vb, bias)
-            o, lse = _FLASH_CPU(q_r, k_r, v_r, attn_mask=bias_r)
+            o, lse = FLASH_CPU(q_r, k_r, v_r, attn_mask=bias_r)
             o = o.transpose(0, 1)
             lses.append(lse)
             out.index_copy_(1, rows, o if has_key is None else o.masked_fill(~has_key, 0.0))
@@ -351,7 +329,7 @@ class _BucketsFlashCPU(torch.autograd.Function):
             if has_key is not None:
                 gob = gob.masked_fill(~has_key, 0.0)
             q_r, k_r, v_r, bias_r = _rows_first(qp.index_select(1, rows), kb, vb, bias)
-            gq, gk, gv = _FLASH_CPU_BACKWARD(gob.transpose(0, 1), q_r, k_r, v_r, o.transpose(0, 1), lse, 0.0, False,
+            gq, gk, gv = FLASH_CPU_BACKWARD(gob.transpose(0, 1), q_r, k_r, v_r, o.transpose(0, 1), lse, 0.0, False,
                                              attn_mask=bias_r)
             del kb, vb, q_r, k_r, v_r
             grad_q.index_copy_(1, rows, gq.transpose(0, 1))
@@ -379,7 +357,7 @@ def _sparse_path(q, k, v, layout: BlockLayout, key_padding_mask, dropout_p, lean
     if key_padding_mask is not None:
         pad = F.pad(key_padding_mask, (0, nk * bk - src_len), value=True).view(bsz, nk, bk)
     if lean is None:
-        lean = q.device.type == "cpu" and dropout_p == 0 and _FLASH_CPU_BACKWARD is not None
+        lean = cpu_flash_applies(q, dropout_p)
     if lean:
         return _BucketsFlashCPU.apply(q, k, v, layout, pad)
     qp, kp, vp = _to_blocks(q, nq, bq), _to_blocks(k, nk, bk), _to_blocks(v, nk, bk)

@@ -148,10 +148,12 @@ def test_narrow_path_dropout_is_reproducible_from_the_global_seed():
     assert not torch.allclose(a, band.narrow_band_attention(q, k, v, **{**kwargs, "dropout_p": 0.0}))
 
 
-@pytest.mark.parametrize("left,right,biased", [(7, 7, False), (9, 0, True), (20, 3, True)])
+@pytest.mark.parametrize("left,right,biased", [(7, 7, False), (9, 0, True), (20, 3, True), (None, 0, False),
+                                               (None, None, False)])
 def test_weights_of_long_inputs_come_from_the_band_without_a_full_score_matrix(left, right, biased, monkeypatch):
-    """need_weights on a long input: the output from the banded path, the weights block by block inside the
-    band; both equal the dense computation, and no (Lq, Lk) score matrix is ever multiplied out."""
+    """need_weights on a long input: the output from the banded path (SDPA without a band or bias), the weights
+    block by block inside the band; both equal the dense computation, and no (Lq, Lk) score matrix is ever
+    multiplied out (without a band the dense path used to keep every head's probabilities for backward)."""
     import fluence_fairseq.ops.band as band
 
     g = torch.Generator().manual_seed(3)
@@ -261,10 +263,13 @@ def test_narrow_band_in_a_whole_pass_frees_the_heads_and_the_output_gradient(lef
 def test_band_weights_in_small_tiles_equal_the_dense_probabilities(left, right, average, monkeypatch):
     """Tiles of 16 queries (the tile bound forced down), queries offset into the keys, a relative bias, an additive
     mask and padding: every tile's band edges, and the heads' mean accumulated tile by tile, agree with the full
-    matrix of :func:`dense_attention`."""
+    matrix of :func:`dense_attention`; the weights start as NaN, so every element outside the band is written
+    too."""
     import fluence_fairseq.ops.band as band
 
     monkeypatch.setattr(band, "_WEIGHT_TILE_ELEMENTS", 1)
+    new_empty = torch.Tensor.new_empty  # the weights start as NaN: every element must be written
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: new_empty(self, *a, **kw).fill_(float("nan")))
     g = torch.Generator().manual_seed(5)
     B, H, Lq, Lk, D = 2, 3, 40, 47, 8
     q = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64)

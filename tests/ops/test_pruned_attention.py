@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fluence_fairseq.ops import pruned_attention as pa
+from fluence_fairseq.ops import common, pruned_attention as pa
 from fluence_fairseq.pruning.policy import pruning_mask, random_pruning_mask
 from fluence_fairseq.ops.pruned_attention import BlockLayout, choose_path, pruned_attention
 
@@ -292,8 +292,8 @@ def test_tuning_leaves_inputs_gradients_and_random_state_alone():
 def test_causal_masks_use_the_causal_flash_kernel_and_match(monkeypatch):
     """A mask inside the causal triangle takes the kernel's ``is_causal`` with the mask; others do not."""
     flags = []
-    kernel = pa._FLASH_CPU
-    monkeypatch.setattr(pa, "_FLASH_CPU", lambda *a, **kw: flags.append(a[4] if len(a) > 4 else False) or kernel(*a, **kw))
+    kernel = common.FLASH_CPU  # the dense path's kernel (through ops.common.cpu_flash_attention)
+    monkeypatch.setattr(common, "FLASH_CPU", lambda *a, **kw: flags.append(a[4] if len(a) > 4 else False) or kernel(*a, **kw))
     rel = torch.arange(80).view(-1, 1) - torch.arange(80).view(1, -1)
     causal = torch.stack([(rel >= 0) & (rel < 9), rel >= 0, (rel >= 0) & (rel % 7 == 0)])
     assert pa.PrunedPlan(causal, 8).causal and not pa.PrunedPlan(rel.abs().le(3).expand(3, 80, 80), 8).causal
@@ -361,7 +361,7 @@ def test_buckets_split_into_row_chunks(monkeypatch):
     check_against_reference(keep, key_padding_mask=pad)
 
 
-@pytest.mark.skipif(pa._FLASH_CPU_BACKWARD is None, reason="this torch has no CPU flash kernel backward")
+@pytest.mark.skipif(pa.FLASH_CPU_BACKWARD is None, reason="this torch has no CPU flash kernel backward")
 def test_bucket_key_gradients_fold_back_without_a_copy():
     """With the rows as the kernel's batch, a bucket's key/value gradients reshape onto (B, rows * cap, block, D)
     as a view (before, a reshape copied each of them: a quarter of the block-sparse path's copies)."""
@@ -370,11 +370,11 @@ def test_bucket_key_gradients_fold_back_without_a_copy():
     k, v = torch.randn(bsz, n, cap * b, d), torch.randn(bsz, n, cap * b, d)
     bias = torch.zeros(1, n, bq, cap * b)
     q_r, k_r, v_r, bias_r = pa._rows_first(q, k, v, bias)
-    out, lse = pa._FLASH_CPU(q_r, k_r, v_r, attn_mask=bias_r)
-    _, gk, gv = pa._FLASH_CPU_BACKWARD(torch.ones_like(out), q_r, k_r, v_r, out, lse, 0.0, False, attn_mask=bias_r)
+    out, lse = pa.FLASH_CPU(q_r, k_r, v_r, attn_mask=bias_r)
+    _, gk, gv = pa.FLASH_CPU_BACKWARD(torch.ones_like(out), q_r, k_r, v_r, out, lse, 0.0, False, attn_mask=bias_r)
     for g in (gk, gv):
         folded = g.transpose(0, 1).reshape(bsz, n * cap, b, d)
         assert folded.untyped_storage().data_ptr() == g.untyped_storage().data_ptr()
     # and the swap itself changes nothing: the same numbers as the kernel on the problem as given
-    want = pa._FLASH_CPU(q, k, v, attn_mask=bias)[0]
+    want = pa.FLASH_CPU(q, k, v, attn_mask=bias)[0]
     torch.testing.assert_close(out.transpose(0, 1), want, rtol=0, atol=0)

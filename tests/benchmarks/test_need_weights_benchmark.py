@@ -1,0 +1,18 @@
+"""``benchmarks.need_weights`` runs end to end at a tiny size and reports the patterns it was asked for."""
+from benchmarks import need_weights
+
+
+def _rows(capsys, *extra):
+    assert need_weights.main(["--length", "48", "--dim", "32", "--heads", "2", "--repeats", "1",
+                              "--only", "softmax", "nystrom", *extra]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| softmax")
+             or line.startswith("| nystrom")]
+    return {tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|")[-2].strip() for line in lines}
+
+
+def test_causal_pattern_by_default_and_both_on_request(capsys):
+    # softmax has both self patterns, Nystrom only the noncausal one (so it is reported in it either way)
+    assert _rows(capsys) == {("softmax", "causal self"): "weights", ("nystrom", "noncausal self"): "None"}
+    assert _rows(capsys, "--patterns", "both") == {
+        ("softmax", "causal self"): "weights", ("softmax", "noncausal self"): "weights",
+        ("nystrom", "noncausal self"): "None"}
