@@ -117,8 +117,17 @@ def test_growth_and_memory_targets_and_skipped_baselines():
     add_ratios(rows)
     assert math.isnan(rows[0]["time_vs_proj"]) and rows[1]["time_vs_proj"] == pytest.approx(1.6)
     report = {"train": rows}
+    # the projections measured at one length only: the raw exponent is judged
     growth = LengthGrowthTarget("x", 1.15).check(report)
     assert growth["value"] == pytest.approx(math.log(16) / math.log(8)) and not growth["pass"]
+    # with the projections at both lengths, their own growth (L^1.1 here) is taken out: 1 + 4/3 - 1.1
+    rows.append({"case": PROJECTIONS, "length": 1000, "time_ms_median": 100.0 / 8 ** 1.1, "peak_mem_mb": 6.0})
+    growth = LengthGrowthTarget("x", 1.15).check(report)
+    assert growth["value"] == pytest.approx(1 + math.log(16) / math.log(8) - 1.1) and not growth["pass"]
+    assert "x = 1.33" in growth["target"] and "as L^1.10" in growth["target"]
+    rows[-1]["time_ms_median"] = 100.0 / 8 ** 1.25  # the projections grew as L^1.25: x's own growth is 1.08
+    assert LengthGrowthTarget("x", 1.15).check(report)["pass"]
+    assert not LengthGrowthTarget("x", 1.15, reference=None).check(report)["pass"]
     mem = TimeRatioTarget("x", PROJECTIONS, 1.5, length=8000, metric="peak_mem_mb").check(report)
     assert mem["value"] == pytest.approx(0.8) and mem["pass"] and "peak memory" in mem["target"]
 
