@@ -35,6 +35,11 @@ MAX_NEWTON_STEPS = 50
 BISECTION_STEPS = 60
 #: Newton steps run on a gathered copy of the rows that still move once fewer than this share of them do
 COMPACT_BELOW = 0.75
+#: rows are normalised (and differentiated) in chunks of about this many elements: 512 KiB per float32 buffer, so a
+#: chunk and the search's buffers stay in a 2 MiB L2 cache. Noncausal 1.5-entmax attention at L=2048 (8 heads, one
+#: thread, Intel Xeon): training step 1.82 s in one pass, 1.07-1.11 s with chunks of 2^16-2^18 (1.25 s at 2^15,
+#: where a chunk of 16 rows costs more calls than it saves); 512-token causal blocks are no faster or slower
+ROW_CHUNK_ELEMENTS = 1 << 17
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,6 +54,7 @@ def _shifted(x: Tensor, mask: Optional[Tensor], scale: Union[float, Tensor]):
         x = x.to(compute).masked_fill(mask, float("-inf"))
     else:
         x = x.to(compute, copy=True)
+    x = x.contiguous()  # (a no-op for scores from a product) rows are normalised as views of it
     top = x.amax(dim=-1, keepdim=True)
     has_entries = top > float("-inf")
     # rows with nothing to attend to: shift by 0 so no NaN appears (-inf - -inf); they are zeroed at the end
@@ -160,20 +166,35 @@ def _entmax_forward(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tenso
     beta = 1 / alpha_minus_one
     u, has_entries = _shifted(x, mask, alpha_minus_one)
     if large:
-        tau, d = _bisection_threshold(u, alpha_minus_one, beta), None
+        _normalise(u, _bisection_threshold(u, alpha_minus_one, beta), None, beta)
+        return u.mul_(has_entries)
+    # the rows a chunk at a time, every Newton step and the output of one chunk before the next: a chunk's rows
+    # stay in cache through the search's passes (the whole matrix streamed through memory at every pass)
+    n = u.size(-1)
+    rows = u.view(-1, n)
+    row_beta = beta if isinstance(beta, float) else beta.expand(u.shape[:-1] + (1,)).reshape(-1, 1)
+    chunk = max(1, ROW_CHUNK_ELEMENTS // max(1, n))
+    for start in range(0, rows.size(0), chunk):
+        part = rows[start:start + chunk]
+        part_beta = row_beta if isinstance(row_beta, float) else row_beta[start:start + chunk]
+        tau, powers = _newton_threshold(part, part_beta)
+        _normalise(part, tau, powers, part_beta)
+    return u.mul_(has_entries)
+
+
+def _normalise(u: Tensor, tau: Tensor, powers: Optional[Tensor], beta: Union[float, Tensor]) -> None:
+    """Overwrite ``u`` (ours: a fresh tensor from :func:`_shifted`) with ``[u - τ]_+ ^ β`` (``powers`` if the search
+    has them) normalised to sum to one along the last dim."""
+    if powers is not None:
+        u.copy_(powers)
     else:
-        tau, d = _newton_threshold(u, beta)
-    if d is None:
-        d = u.sub_(tau).clamp_(min=0)  # u is ours (a fresh tensor from _shifted): reuse its memory
+        u.sub_(tau).clamp_(min=0)
         if isinstance(beta, float) and beta == 2.0:
-            d.square_()
+            u.square_()
         elif not (isinstance(beta, float) and beta == 1.0):
-            d.pow_(beta)
-    del u
-    tiny = torch.finfo(d.dtype).tiny
+            u.pow_(beta)
     # τ is exact up to rounding; renormalising removes the last ulps (rows without entries: 0 / tiny = 0)
-    d.div_(d.sum(-1, keepdim=True).clamp_(min=tiny))
-    return d.mul_(has_entries)
+    u.div_(u.sum(-1, keepdim=True).clamp_(min=torch.finfo(u.dtype).tiny))
 
 
 def _support_weights(p: Tensor, alpha: Union[float, Tensor]) -> Tensor:
@@ -206,29 +227,47 @@ class _Entmax(torch.autograd.Function):
     def backward(ctx, grad_p):
         p, alpha_t = ctx.saved_tensors
         alpha = alpha_t.to(p.dtype) if ctx.alpha_is_tensor else float(ctx.alpha_value)
-        grad = grad_p.to(p.dtype)
-        s = _support_weights(p, alpha)
-        s_sum = s.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny)
-        # row dots are a product and a sum: torch.linalg.vecdot takes 2-4x as long on CPU for these shapes
-        grad_x = torch.mul(s, grad)  # s * grad, then minus s * <grad, s> / sum(s) below
-        gs_sum = grad_x.sum(-1, keepdim=True)
+        n = p.size(-1)
+        p_rows, grad_rows = p.reshape(-1, n), grad_p.to(p.dtype).reshape(-1, n)
+        row_alpha = alpha if isinstance(alpha, float) else alpha.expand(p.shape[:-1] + (1,)).reshape(-1, 1)
+        grad_x = torch.empty_like(p_rows)
+        # per row: each row's share of α's gradient, summed over α's broadcast dims at the end
+        grad_alpha_rows = p.new_empty(p_rows.size(0), 1) if ctx.alpha_is_tensor and ctx.needs_input_grad[1] else None
+        chunk = max(1, ROW_CHUNK_ELEMENTS // max(1, n))  # as in forward: a chunk's rows stay in cache
+        for start in range(0, p_rows.size(0), chunk):
+            rows = slice(start, start + chunk)
+            alpha_part = row_alpha if isinstance(row_alpha, float) else row_alpha[rows]
+            _backward_rows(p_rows[rows], grad_rows[rows], alpha_part, grad_x[rows],
+                           None if grad_alpha_rows is None else grad_alpha_rows[rows])
         grad_alpha = None
-        if ctx.alpha_is_tensor and ctx.needs_input_grad[1]:
-            # Proposition 1 of Correia et al. (2019): dp/dα = (p - p̃)/(α-1)² - (p log p - p̃ Σ p log p)/(α-1)
-            # with the skewed distribution p̃ = s / Σ s, reduced against grad row by row
-            # p log p, 0 where p = 0: log of p clamped to the smallest *normal* float (xlogy, or a denormal
-            # clamp, runs a slow path on the zeros and costs 3x more)
-            p_log_p = p.clamp(min=torch.finfo(p.dtype).tiny).log_().mul_(p)
-            p_log_p_sum = p_log_p.sum(-1, keepdim=True)
-            scratch = p_log_p  # its last use is the first product below
-            g_p_log_p = torch.mul(grad, p_log_p, out=scratch).sum(-1, keepdim=True)
-            g_p = torch.mul(grad, p, out=scratch).sum(-1, keepdim=True)
-            g_skewed = gs_sum / s_sum
-            am1 = alpha - 1
-            grad_alpha = (g_p - g_skewed) / am1**2 - (g_p_log_p - g_skewed * p_log_p_sum) / am1
-            grad_alpha = grad_alpha.sum_to_size(alpha_t.shape).to(alpha_t.dtype)
-        grad_x.sub_(s.mul_(gs_sum / s_sum))  # s is our own tensor
-        return grad_x.to(ctx.input_dtype), grad_alpha, None
+        if grad_alpha_rows is not None:
+            grad_alpha = grad_alpha_rows.view(p.shape[:-1] + (1,)).sum_to_size(alpha_t.shape).to(alpha_t.dtype)
+        return grad_x.view(p.shape).to(ctx.input_dtype), grad_alpha, None
+
+
+def _backward_rows(p: Tensor, grad: Tensor, alpha: Union[float, Tensor], grad_x: Tensor,
+                   grad_alpha: Optional[Tensor]) -> None:
+    """The entmax Jacobian-vector product for rows ``p`` (R, n) and ``grad`` (R, n), written into ``grad_x``, and
+    each row's part of α's gradient into ``grad_alpha`` (R, 1) when given (α a float or (R, 1))."""
+    s = _support_weights(p, alpha)
+    s_sum = s.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny)
+    # row dots are a product and a sum: torch.linalg.vecdot takes 2-4x as long on CPU for these shapes
+    torch.mul(s, grad, out=grad_x)  # s * grad, then minus s * <grad, s> / sum(s) below
+    gs_sum = grad_x.sum(-1, keepdim=True)
+    if grad_alpha is not None:
+        # Proposition 1 of Correia et al. (2019): dp/dα = (p - p̃)/(α-1)² - (p log p - p̃ Σ p log p)/(α-1)
+        # with the skewed distribution p̃ = s / Σ s, reduced against grad row by row
+        # p log p, 0 where p = 0: log of p clamped to the smallest *normal* float (xlogy, or a denormal
+        # clamp, runs a slow path on the zeros and costs 3x more)
+        p_log_p = p.clamp(min=torch.finfo(p.dtype).tiny).log_().mul_(p)
+        p_log_p_sum = p_log_p.sum(-1, keepdim=True)
+        scratch = p_log_p  # its last use is the first product below
+        g_p_log_p = torch.mul(grad, p_log_p, out=scratch).sum(-1, keepdim=True)
+        g_p = torch.mul(grad, p, out=scratch).sum(-1, keepdim=True)
+        g_skewed = gs_sum / s_sum
+        am1 = alpha - 1
+        grad_alpha.copy_((g_p - g_skewed) / am1**2 - (g_p_log_p - g_skewed * p_log_p_sum) / am1)
+    grad_x.sub_(s.mul_(gs_sum / s_sum))  # s is our own tensor
 
 
 def _check_alpha_shape(x: Tensor, alpha: Tensor) -> None:

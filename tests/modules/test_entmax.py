@@ -44,6 +44,38 @@ def test_per_head_alpha_broadcasts_like_separate_calls():
         torch.testing.assert_close(p[:, h], entmax(x[:, h], a), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("alpha", [2.0, 1.5, 1.3, "per-head"])
+def test_rows_normalised_in_chunks_equal_one_pass(alpha, monkeypatch):
+    """The threshold search and the output run a chunk of rows at a time (forced to 3 rows of 9: chunks cut across
+    heads, through a fully masked row and the masked half of a batch); probabilities and the gradients in x and
+    alpha are those of one pass over all rows (to the last ulp: a row's sums may be vectorised from another
+    alignment)."""
+    import fluence_fairseq.ops.entmax as ops
+
+    x = _scores(2, 3, 5, 9, scale=2.0, dtype=torch.float64)
+    mask = torch.zeros(2, 3, 5, 9, dtype=torch.bool)
+    mask[0, 1, 2] = True
+    mask[1, :, :, 4:] = True
+    weight = _scores(2, 3, 5, 9, seed=1, dtype=torch.float64)
+    a = torch.tensor([1.2, 1.5, 1.9], dtype=torch.float64).view(1, 3, 1, 1) if alpha == "per-head" else alpha
+
+    def run():
+        leaves = [x.clone().requires_grad_()] + ([a.clone().requires_grad_()] if alpha == "per-head" else [])
+        p = entmax(leaves[0], leaves[1] if alpha == "per-head" else a, mask=mask)
+        return [p.detach()] + list(torch.autograd.grad((p * weight).sum(), leaves))
+
+    whole = run()
+    searches = []
+    search = ops._newton_threshold
+    monkeypatch.setattr(ops, "_newton_threshold", lambda u, beta: searches.append(u.size(0)) or search(u, beta))
+    monkeypatch.setattr(ops, "ROW_CHUNK_ELEMENTS", 3 * 9)
+    chunked = run()
+    assert searches == [3] * 10
+    for got, want in zip(chunked, whole):
+        torch.testing.assert_close(got, want, atol=1e-15, rtol=0)
+    assert bool((whole[0][0, 1, 2] == 0).all())
+
+
 def test_gradients_in_x_and_alpha_pass_gradcheck():
     x = _scores(3, 4, 7, dtype=torch.float64).requires_grad_()
     alpha = (1.05 + 0.9 * torch.rand(1, 4, 1, dtype=torch.float64)).requires_grad_()
@@ -297,10 +329,49 @@ def test_causal_query_blocks_slice_an_additive_attn_mask():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=0)
 
 
-def test_query_blocks_only_for_long_causal_self_attention():
-    assert FSEntmax15(32, 4, causal=True).query_blocks(127) == [(0, 127)]
-    assert len(FSEntmax15(32, 4, causal=True).query_blocks(4096)) == 8
-    assert FSEntmax15(32, 4).query_blocks(4096) == [(0, 4096)]  # noncausal: every query sees every key
+def test_query_blocks_only_for_long_inputs():
+    for attn in (FSEntmax15(32, 4, causal=True), FSEntmax15(32, 4)):
+        assert attn.query_blocks(127) == [(0, 127)]
+        assert len(attn.query_blocks(4096)) == 8
+
+
+@pytest.mark.parametrize("cls", [FSEntmax15, FSAlphaEntmax])
+@pytest.mark.parametrize("cross", [False, True])
+def test_full_attention_in_query_blocks_equals_one_pass(cls, cross, monkeypatch):
+    """Noncausal self and cross attention run in query blocks against every key, with plain (head-averaged)
+    weights averaged block by block; output, weights, density counts and the gradients through both (of x, the
+    keys' input and α) equal one pass's."""
+    torch.manual_seed(0)
+    attn = (cls(32, 4, self_attention=False, encoder_decoder_attention=True) if cross else cls(32, 4)).double()
+    tgt, src = 300, 260 if cross else 300
+    x = torch.randn(tgt, 2, 32, dtype=torch.float64)
+    memory = torch.randn(src, 2, 32, dtype=torch.float64) if cross else x
+    pad = torch.zeros(2, src, dtype=torch.bool)
+    pad[1, -9:] = True
+    probe = torch.randn(2, tgt, src, dtype=torch.float64)
+
+    def run():
+        xs = x.clone().requires_grad_()
+        kv = memory.clone().requires_grad_() if cross else xs
+        attn.zero_grad()
+        attn.track_density()
+        out, weights = attn(xs, kv, kv, key_padding_mask=pad)
+        (out.pow(2).sum() + (weights * probe).sum()).backward()
+        grads = [xs.grad] + ([kv.grad] if cross else []) + [p.grad for p in attn.parameters()]
+        return [out.detach(), weights.detach()] + grads + [attn.density_counts().clone()]
+
+    calls = []
+    rows = EntmaxAttentionBase._attend_rows
+    monkeypatch.setattr(EntmaxAttentionBase, "_attend_rows", lambda self, q, *a: calls.append(q.size(2))
+                        or rows(self, q, *a))
+    blocked = run()
+    assert calls == [64] * 4 + [44]
+    calls.clear()
+    attn.BLOCKED_FROM = tgt + 1
+    full = run()
+    assert calls == [tgt]
+    for got, want in zip(blocked, full):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
 
 def test_causal_query_blocks_with_memory_equal_one_pass():
