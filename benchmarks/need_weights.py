@@ -1,16 +1,19 @@
 """``python -m benchmarks.need_weights``: what fairseq's default ``need_weights=True`` costs each attention.
 
 One training step (forward + backward, batch 1) of every registered attention, as causal self attention where it
-has that pattern (else noncausal self; ``--patterns both``: each self pattern it has), called three ways: ``need_weights=False``, fairseq's default
-``need_weights=True``, and the explicit ``need_head_weights=True``; and fairseq's ``MultiheadAttention`` with
-``need_weights=True`` (its default) on the same input. Reported: seconds and the ratios the issue sets bounds on,
-default / ``need_weights=False`` (at most 1.2) and default / fairseq MHA (at most 1). Memory is not measured here:
-``tests/modules/test_weights.py`` checks that the default allocates exactly what ``need_weights=False`` does. A plain ``need_weights=True`` returns weights only where they come with the math (softmax,
-the entmax family); the others return None and run their ``need_weights=False`` computation (see
-``weights_by_default``), so their default equals their weight-free step.
+has that pattern (else noncausal self; ``--patterns both``: each self pattern it has), called three ways:
+``need_weights=False``, fairseq's default ``need_weights=True``, and the explicit ``need_head_weights=True``; and
+fairseq's ``MultiheadAttention`` with ``need_weights=True`` (its default) on the same input. The returned weights
+are ignored (what the default costs a caller that does not use them) unless ``--weights-in-loss`` adds them to the
+loss, as an alignment loss would. Reported: seconds and the ratios the issue sets bounds on, default /
+``need_weights=False`` (at most 1.2) and default / fairseq MHA (at most 1). Memory is not measured here:
+``tests/modules/test_weights.py`` checks that the default allocates exactly what ``need_weights=False`` does. A
+plain ``need_weights=True`` returns weights only where they come with the math (softmax, the entmax family); the
+others return None and run their ``need_weights=False`` computation (see ``weights_by_default``), so their
+default equals their weight-free step.
 
     python -m benchmarks.need_weights [--length 4096] [--threads 1] [--repeats 2] [--only NAME ...]
-                                      [--patterns causal|both] [--head-weights]
+                                      [--patterns causal|both] [--weights-in-loss] [--head-weights]
 """
 import argparse
 import platform
@@ -18,19 +21,19 @@ import time
 
 import torch
 
-def _step(module, x, **kwargs):
+def _step(module, x, weights_in_loss, **kwargs):
     start = time.perf_counter()
     out, weights = module(x, x, x, **kwargs)
     loss = out.sum()
-    if weights is not None and weights.requires_grad:
+    if weights_in_loss and weights is not None and weights.requires_grad:
         loss = loss + weights.sum()
     loss.backward()
     return time.perf_counter() - start
 
 
-def _measure(module, x, repeats, **kwargs):
-    _step(module, x, **kwargs)  # warm-up
-    return min(_step(module, x, **kwargs) for _ in range(repeats))
+def _measure(module, x, repeats, weights_in_loss=False, **kwargs):
+    _step(module, x, weights_in_loss, **kwargs)  # warm-up
+    return min(_step(module, x, weights_in_loss, **kwargs) for _ in range(repeats))
 
 
 def main(argv=None) -> int:
@@ -44,6 +47,10 @@ def main(argv=None) -> int:
     parser.add_argument("--patterns", choices=("causal", "both"), default="causal",
                         help="self-attention patterns of an attention that has both: the causal one (default) or "
                              "both (fairseq MHA stays causal)")
+    parser.add_argument("--weights-in-loss", action="store_true",
+                        help="add the returned weights (where differentiable) to the loss, as an alignment loss "
+                             "would; by default they are returned and ignored, what fairseq's default costs a caller "
+                             "that does not use them")
     parser.add_argument("--head-weights", action="store_true",
                         help="also time need_head_weights=True (the dense weights some attentions form on request "
                              "take minutes at L=4096)")
@@ -57,10 +64,12 @@ def main(argv=None) -> int:
     L, D, H = args.length, args.dim, args.heads
     x = torch.randn(L, 1, D, requires_grad=True)
     mha = MultiheadAttention(D, H, self_attention=True)
-    mha_s = _measure(mha, x, args.repeats, attn_mask=torch.triu(torch.full((L, L), float("-inf")), 1))
+    in_loss = args.weights_in_loss
+    mha_s = _measure(mha, x, args.repeats, in_loss, attn_mask=torch.triu(torch.full((L, L), float("-inf")), 1))
     print(f"# training step, L={L}, D={D}, H={H}, batch 1, {args.threads} thread(s), torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}; fairseq MHA with need_weights=True (causal): "
-          f"{mha_s:.2f} s\n")
+          f"{platform.processor() or platform.machine()}; "
+          f"weights {'in the loss' if in_loss else 'returned, not used'}; "
+          f"fairseq MHA with need_weights=True (causal): {mha_s:.2f} s\n")
     print("| attention | pattern | weights=False s | default s | head weights s | default / False | default / MHA "
           "| default returns |\n|---|---|---|---|---|---|---|---|")
     for name, spec in sorted(ATTENTIONS.items()):
@@ -73,8 +82,9 @@ def main(argv=None) -> int:
             extra = {"cosformer_max_len": L + 1} if name == "cosformer" else {}
             module = spec.build(D, H, causal=causal, **extra)
             plain_s = _measure(module, x, args.repeats, need_weights=False)
-            default_s = _measure(module, x, args.repeats)
-            head_s = _measure(module, x, args.repeats, need_head_weights=True) if args.head_weights else float("nan")
+            default_s = _measure(module, x, args.repeats, in_loss)
+            head_s = (_measure(module, x, args.repeats, in_loss, need_head_weights=True) if args.head_weights
+                      else float("nan"))
             returned = module(x[:8], x[:8], x[:8])[1]
             print(f"| {name} | {'causal' if causal else 'noncausal'} self | {plain_s:.2f} | {default_s:.2f} | "
                   f"{head_s:.2f} | {default_s / plain_s:.2f} | {default_s / mha_s:.2f} | "

@@ -80,7 +80,6 @@ def dense_attention(
 _WEIGHT_TILE_ELEMENTS = 1 << 19
 
 
-@torch.no_grad()
 def band_weights(
     q: Tensor,
     k: Tensor,
@@ -96,45 +95,99 @@ def band_weights(
 ) -> Tensor:
     """The probabilities of :func:`dense_attention` (B, H, Lq, Lk), computed a tile of queries at a time over
     the keys its band reaches: O(Lq x band) work, zeros outside the band (where the dense probabilities are exactly
-    zero too). No gradient flows through them: they are for inspection and alignment, the output keeps its own
-    (differentiable) path. ``average_heads``: their mean over heads, (B, 1, Lq, Lk), accumulated tile by tile (no
-    matrix of every head's weights is written).
+    zero too). ``average_heads``: their mean over heads, (B, 1, Lq, Lk), accumulated tile by tile (no matrix of
+    every head's weights is written).
 
     Each tile (at most ``block`` queries, fewer when the keys are many: :data:`_WEIGHT_TILE_ELEMENTS`) is scored,
     masked and normalised one head at a time, so its scores stay in cache through every pass (all heads at once
     streamed them through memory four times: 2x the time at L=4096). The band is masked only in the tile's
-    columns where it can bind (the diagonal tile of a causal band, the edges of a window)."""
-    bsz, heads, tgt_len, head_dim = q.shape
+    columns where it can bind (the diagonal tile of a causal band, the edges of a window).
+
+    Differentiable in q and k (alignment losses train through attention weights): nothing is kept for backward
+    but q and k, and a backward recomputes the tiles, so the weights cost nothing beyond their forward unless a
+    loss uses them. Where the relative bias or the additive mask needs a gradient itself (adaptive span's soft
+    mask), the weights are detached from the graph instead (the output keeps its own gradient)."""
+    spec = dict(query_offset=query_offset, left=left, right=right, rel_bias=rel_bias,
+                key_padding_mask=key_padding_mask, attn_mask=attn_mask, block=block, average_heads=average_heads)
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if wants_grad and not _bias_needs_grad(rel_bias, attn_mask, q.device):
+        return _BandWeights.apply(q, k, spec)
+    with torch.no_grad():
+        return _band_weights_forward(q, k, **spec)
+
+
+def _bias_needs_grad(rel_bias: Optional[RelBias], attn_mask: Optional[Tensor], device) -> bool:
+    if attn_mask is not None and attn_mask.requires_grad:
+        return True
+    return rel_bias is not None and rel_bias(torch.zeros(1, 1, dtype=torch.long, device=device)).requires_grad
+
+
+class _BandWeights(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, spec):
+        ctx.save_for_backward(q, k)
+        ctx.spec = spec
+        return _band_weights_forward(q, k, **spec)
+
+    @staticmethod
+    def backward(ctx, grad_weights):
+        q, k = ctx.saved_tensors
+        grad_q, grad_k = _band_weights_backward(q, k, grad_weights, **ctx.spec)
+        return grad_q, grad_k, None
+
+
+def _weight_tiles(q, k, query_offset, left, right, block):
+    """``(i0, i1, k0, k1)`` of every tile: queries ``i0..i1-1`` against the keys ``k0..k1-1`` their band reaches
+    (``k1 == k0`` when none)."""
+    bsz, _, tgt_len, _ = q.shape
     src_len = k.size(2)
-    dtype = _acc(q.dtype)
-    # every element is written below (inside the band by a tile, outside it by a fill): no zeroing pass first
-    weights = q.new_empty(bsz, 1 if average_heads else heads, tgt_len, src_len)
-    scale = head_dim ** -0.5
     widest = src_len if left is None or right is None else min(src_len, block + left + right)
     rows = max(16, min(block, _WEIGHT_TILE_ELEMENTS // max(1, bsz * widest)))
     for i0 in range(0, tgt_len, rows):
         i1 = min(tgt_len, i0 + rows)
         k0 = 0 if left is None else max(0, i0 + query_offset - left)
-        k1 = max(k0, src_len if right is None else min(src_len, i1 - 1 + query_offset + right + 1))
+        yield i0, i1, k0, max(k0, src_len if right is None else min(src_len, i1 - 1 + query_offset + right + 1))
+
+
+def _tile_probabilities(q, k, i0, i1, k0, k1, query_offset, left, right, rel_bias, key_padding_mask, attn_mask):
+    """The scaled query tile (B, H, rows, D), the key tile (B, H, keys, D) and a function giving head ``h``'s
+    probabilities (B, rows, keys) of the tile, in the accumulation dtype."""
+    bsz = q.size(0)
+    dtype = _acc(q.dtype)
+    q_t = q[:, :, i0:i1].to(dtype) * q.size(-1) ** -0.5
+    k_t = k[:, :, k0:k1].to(dtype)
+    extra = _tile_bias(rel_bias, attn_mask, i0, i1, k0, k1, query_offset, q.device, dtype)
+    edges = _band_edges(i0, i1, k0, k1, query_offset, left, right, q.device)
+    padding = None if key_padding_mask is None else key_padding_mask[:, k0:k1].view(bsz, 1, k1 - k0)
+
+    def head(h: int) -> Tensor:
+        scores = torch.matmul(q_t[:, h], k_t[:, h].transpose(-1, -2))  # (B, rows, keys)
+        if extra is not None:
+            scores += extra[:, h if extra.size(1) > 1 else 0]
+        for lo, hi, outside in edges:
+            scores[:, :, lo:hi].masked_fill_(outside, _neg(dtype))
+        if padding is not None:
+            scores.masked_fill_(padding, _neg(dtype))
+        return torch.softmax(scores, dim=-1)
+
+    return q_t, k_t, head
+
+
+def _band_weights_forward(q, k, *, query_offset, left, right, rel_bias, key_padding_mask, attn_mask, block,
+                          average_heads) -> Tensor:
+    bsz, heads, tgt_len, _ = q.shape
+    # every element is written below (inside the band by a tile, outside it by a fill): no zeroing pass first
+    weights = q.new_empty(bsz, 1 if average_heads else heads, tgt_len, k.size(2))
+    for i0, i1, k0, k1 in _weight_tiles(q, k, query_offset, left, right, block):
         weights[:, :, i0:i1, :k0].zero_()
         weights[:, :, i0:i1, k1:].zero_()
         if k1 == k0:
             continue
-        q_t = q[:, :, i0:i1].to(dtype) * scale
-        k_t = k[:, :, k0:k1].to(dtype)
-        extra = _tile_bias(rel_bias, attn_mask, i0, i1, k0, k1, query_offset, q.device, dtype)
-        edges = _band_edges(i0, i1, k0, k1, query_offset, left, right, q.device)
-        padding = None if key_padding_mask is None else key_padding_mask[:, k0:k1].view(bsz, 1, k1 - k0)
+        _, _, head = _tile_probabilities(q, k, i0, i1, k0, k1, query_offset, left, right, rel_bias,
+                                         key_padding_mask, attn_mask)
         tile = weights[:, 0, i0:i1, k0:k1] if average_heads else None
         for h in range(heads):
-            scores = torch.matmul(q_t[:, h], k_t[:, h].transpose(-1, -2))  # (B, rows, keys)
-            if extra is not None:
-                scores += extra[:, h if extra.size(1) > 1 else 0]
-            for lo, hi, outside in edges:
-                scores[:, :, lo:hi].masked_fill_(outside, _neg(dtype))
-            if padding is not None:
-                scores.masked_fill_(padding, _neg(dtype))
-            probs = torch.softmax(scores, dim=-1)
+            probs = head(h)
             if not average_heads:
                 weights[:, h, i0:i1, k0:k1] = probs
             elif h == 0:
@@ -142,6 +195,31 @@ def band_weights(
             else:
                 tile.add_(probs, alpha=1.0 / heads)
     return weights
+
+
+def _band_weights_backward(q, k, grad_weights, *, query_offset, left, right, rel_bias, key_padding_mask,
+                           attn_mask, block, average_heads):
+    """Gradients of q and k from the weights' gradient, each tile's probabilities recomputed: with P = softmax(S),
+    dS = P * (dP - rowsum(dP * P)), then dq = dS k / sqrt(D) and dk = dS^T q / sqrt(D)."""
+    heads = q.size(1)
+    dtype = _acc(q.dtype)
+    grad_q = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    grad_k = torch.zeros(k.shape, dtype=dtype, device=k.device)
+    scale = q.size(-1) ** -0.5
+    for i0, i1, k0, k1 in _weight_tiles(q, k, query_offset, left, right, block):
+        if k1 == k0:
+            continue
+        q_t, k_t, head = _tile_probabilities(q, k, i0, i1, k0, k1, query_offset, left, right, rel_bias,
+                                             key_padding_mask, attn_mask)
+        for h in range(heads):
+            probs = head(h)
+            grad_p = grad_weights[:, 0 if average_heads else h, i0:i1, k0:k1].to(dtype)
+            if average_heads:
+                grad_p = grad_p / heads
+            grad_s = probs.mul_(grad_p - (grad_p * probs).sum(-1, keepdim=True))  # probs is ours: dS in place
+            grad_q[:, h, i0:i1] += torch.matmul(grad_s, k_t[:, h]).mul_(scale)
+            grad_k[:, h, k0:k1] += torch.matmul(grad_s.transpose(-1, -2), q_t[:, h])  # q_t carries the scale
+    return grad_q.to(q.dtype), grad_k.to(k.dtype)
 
 
 def _tile_bias(rel_bias: Optional[RelBias], attn_mask: Optional[Tensor], i0: int, i1: int, k0: int, k1: int,
@@ -687,8 +765,8 @@ def band_attention(
     right_active = right is not None and -right > min_rel
     if need_weights:
         if tgt_len * src_len > _DENSE_PAIRS:
-            # the output from its own path (differentiable: SDPA or a banded one), the weights in tiles inside the
-            # band, detached from the graph (see band_weights): no (B, H, Lq, Lk) probabilities kept for backward
+            # the output from its own path (SDPA or a banded one), the weights in tiles inside the band, recomputed
+            # in backward if a loss uses them (see band_weights): no (B, H, Lq, Lk) probabilities kept for backward
             out, _ = band_attention(
                 q, k, v, query_offset=query_offset, left=left, right=right, rel_bias=rel_bias,
                 key_padding_mask=key_padding_mask, attn_mask=attn_mask, dropout_p=dropout_p,

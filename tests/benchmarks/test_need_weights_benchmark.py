@@ -16,3 +16,15 @@ def test_causal_pattern_by_default_and_both_on_request(capsys):
     assert _rows(capsys, "--patterns", "both") == {
         ("softmax", "causal self"): "weights", ("softmax", "noncausal self"): "weights",
         ("nystrom", "noncausal self"): "None"}
+
+
+def test_weights_enter_the_loss_only_on_request(monkeypatch, capsys):
+    losses = []
+    real = need_weights._step
+    monkeypatch.setattr(need_weights, "_step", lambda module, x, in_loss, **kw: losses.append(in_loss)
+                        or real(module, x, in_loss, **kw))
+    _rows(capsys)
+    assert losses and not any(losses)
+    losses.clear()
+    _rows(capsys, "--weights-in-loss")
+    assert losses.count(True) == 3 * 2  # warm-up and one repeat: fairseq MHA, both defaults (Nystrom: None)

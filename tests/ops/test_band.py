@@ -284,3 +284,38 @@ def test_band_weights_in_small_tiles_equal_the_dense_probabilities(left, right, 
         want = want.mean(dim=1, keepdim=True)
     got = band.band_weights(q, k, average_heads=average, **kw)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("left,right", [(None, 0), (5, None), (4, 2), (None, None)])
+@pytest.mark.parametrize("average", [False, True])
+def test_band_weights_are_differentiable_by_recomputation(left, right, average, monkeypatch):
+    """The tiled weights' gradients in q and k (tiles of 16 queries, offsets, a fixed relative bias, an additive
+    mask, padding) equal those of the dense probabilities; nothing but q and k is kept for backward. A bias that
+    needs a gradient of its own leaves the weights detached instead."""
+    import fluence_fairseq.ops.band as band
+
+    monkeypatch.setattr(band, "_WEIGHT_TILE_ELEMENTS", 1)
+    g = torch.Generator().manual_seed(6)
+    B, H, Lq, Lk, D = 2, 3, 40, 47, 8
+    q = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, H, Lk, D, generator=g, dtype=torch.float64, requires_grad=True)
+    kpm = torch.zeros(B, Lk, dtype=torch.bool)
+    kpm[1, 20:23] = True
+    table = torch.randn(H, 2 * Lk, generator=g, dtype=torch.float64)
+    kw = dict(query_offset=Lk - Lq, left=left, right=right, rel_bias=lambda rel: table[:, rel + Lk],
+              key_padding_mask=kpm, attn_mask=torch.randn(Lq, Lk, generator=g, dtype=torch.float64))
+    _, want = band.dense_attention(q, k, torch.zeros_like(k), need_weights=True, **kw)
+    if average:
+        want = want.mean(dim=1, keepdim=True)
+    got = band.band_weights(q, k, average_heads=average, **kw)
+    assert got.requires_grad
+    probe = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((got * probe).sum(), (q, k))
+    for a, b in zip(grads, torch.autograd.grad((want * probe).sum(), (q, k))):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    learned = table.clone().requires_grad_()
+    detached = band.band_weights(q, k, average_heads=average, **{**kw, "rel_bias": lambda rel: learned[:, rel + Lk]})
+    assert not detached.requires_grad
+    torch.testing.assert_close(detached, got.detach(), atol=1e-12, rtol=0)
+    with torch.no_grad():
+        assert not band.band_weights(q, k, average_heads=average, **kw).requires_grad
