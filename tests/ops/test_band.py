@@ -258,6 +258,26 @@ def test_narrow_band_in_a_whole_pass_frees_the_heads_and_the_output_gradient(lef
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def _weights_problem(left, right, seed=5):
+    """q (2, 3, 40, 8) and k (2, 3, 47, 8) in float64, and band_weights' keywords: queries offset into the keys,
+    the band, a fixed relative bias from ``table``, an additive mask and padding."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, Lq, Lk, D = 2, 3, 40, 47, 8
+    q = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, Lk, D, generator=g, dtype=torch.float64)
+    kpm = torch.zeros(B, Lk, dtype=torch.bool)
+    kpm[1, 20:23] = True
+    table = torch.randn(H, 2 * Lk, generator=g, dtype=torch.float64)
+    kw = dict(query_offset=Lk - Lq, left=left, right=right, rel_bias=lambda rel: table[:, rel + Lk],
+              key_padding_mask=kpm, attn_mask=torch.randn(Lq, Lk, generator=g, dtype=torch.float64))
+    return q, k, kw, table
+
+
+def _dense_weights(q, k, kw, average):
+    _, want = band.dense_attention(q, k, torch.zeros_like(k), need_weights=True, **kw)
+    return want.mean(dim=1, keepdim=True) if average else want
+
+
 @pytest.mark.parametrize("left,right", [(None, 0), (5, None), (4, 2), (30, 30), (None, None)])
 @pytest.mark.parametrize("average", [False, True])
 def test_band_weights_in_small_tiles_equal_the_dense_probabilities(left, right, average, monkeypatch):
@@ -270,18 +290,8 @@ def test_band_weights_in_small_tiles_equal_the_dense_probabilities(left, right, 
     monkeypatch.setattr(band, "_WEIGHT_TILE_ELEMENTS", 1)
     new_empty = torch.Tensor.new_empty  # the weights start as NaN: every element must be written
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: new_empty(self, *a, **kw).fill_(float("nan")))
-    g = torch.Generator().manual_seed(5)
-    B, H, Lq, Lk, D = 2, 3, 40, 47, 8
-    q = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64)
-    k = torch.randn(B, H, Lk, D, generator=g, dtype=torch.float64)
-    kpm = torch.zeros(B, Lk, dtype=torch.bool)
-    kpm[1, 20:23] = True
-    table = torch.randn(H, 2 * Lk, generator=g, dtype=torch.float64)
-    kw = dict(query_offset=Lk - Lq, left=left, right=right, rel_bias=lambda rel: table[:, rel + Lk],
-              key_padding_mask=kpm, attn_mask=torch.randn(Lq, Lk, generator=g, dtype=torch.float64))
-    _, want = band.dense_attention(q, k, torch.zeros_like(k), need_weights=True, **kw)
-    if average:
-        want = want.mean(dim=1, keepdim=True)
+    q, k, kw, _ = _weights_problem(left, right)
+    want = _dense_weights(q, k, kw, average)
     got = band.band_weights(q, k, average_heads=average, **kw)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
@@ -295,26 +305,18 @@ def test_band_weights_are_differentiable_by_recomputation(left, right, average, 
     import fluence_fairseq.ops.band as band
 
     monkeypatch.setattr(band, "_WEIGHT_TILE_ELEMENTS", 1)
-    g = torch.Generator().manual_seed(6)
-    B, H, Lq, Lk, D = 2, 3, 40, 47, 8
-    q = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(B, H, Lk, D, generator=g, dtype=torch.float64, requires_grad=True)
-    kpm = torch.zeros(B, Lk, dtype=torch.bool)
-    kpm[1, 20:23] = True
-    table = torch.randn(H, 2 * Lk, generator=g, dtype=torch.float64)
-    kw = dict(query_offset=Lk - Lq, left=left, right=right, rel_bias=lambda rel: table[:, rel + Lk],
-              key_padding_mask=kpm, attn_mask=torch.randn(Lq, Lk, generator=g, dtype=torch.float64))
-    _, want = band.dense_attention(q, k, torch.zeros_like(k), need_weights=True, **kw)
-    if average:
-        want = want.mean(dim=1, keepdim=True)
+    q, k, kw, table = _weights_problem(left, right)
+    q.requires_grad_(), k.requires_grad_()
+    want = _dense_weights(q, k, kw, average)
     got = band.band_weights(q, k, average_heads=average, **kw)
     assert got.requires_grad
-    probe = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    probe = torch.randn(want.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     grads = torch.autograd.grad((got * probe).sum(), (q, k))
     for a, b in zip(grads, torch.autograd.grad((want * probe).sum(), (q, k))):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     learned = table.clone().requires_grad_()
-    detached = band.band_weights(q, k, average_heads=average, **{**kw, "rel_bias": lambda rel: learned[:, rel + Lk]})
+    detached = band.band_weights(q, k, average_heads=average,
+                                 **{**kw, "rel_bias": lambda rel: learned[:, rel + table.size(1) // 2]})
     assert not detached.requires_grad
     torch.testing.assert_close(detached, got.detach(), atol=1e-12, rtol=0)
     with torch.no_grad():
