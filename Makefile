@@ -46,7 +46,7 @@ bench-pruning: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.pruning --repeats 7 --json benchmarks/results/pruning.json | tee benchmarks/results/pruning.md
 
 bench-weights: $(STAMP)
-	$(PY) -m benchmarks.need_weights --threads 1 | tee benchmarks/results/need_weights.md
+	$(PY) -m benchmarks.need_weights --threads 1 --patterns both | tee benchmarks/results/need_weights.md
 
 bench-memory: $(STAMP)
 	$(PY) -m benchmarks.memory --threads 1 | tee benchmarks/results/memory.md
