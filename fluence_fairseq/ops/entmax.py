@@ -97,8 +97,7 @@ def _newton_threshold(u: Tensor, beta: Union[float, Tensor]) -> Tuple[Tensor, Op
     rows = u.reshape(-1, n)
     tau = torch.full((rows.size(0), 1), -1.0, dtype=u.dtype, device=u.device)
     general = not (isinstance(beta, float) and beta in (1.0, 2.0))
-    if not isinstance(beta, float):
-        beta = beta.expand(u.shape[:-1] + (1,)).reshape(-1, 1)
+    beta = _per_row(beta, u.shape)
     tol = 4 * torch.finfo(u.dtype).eps
     # two work buffers reused by every step: fresh full-size tensors would be page-faulted in at every step
     d_buffer, work_buffer = torch.empty_like(rows), torch.empty_like(rows)
@@ -170,16 +169,23 @@ def _entmax_forward(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tenso
         return u.mul_(has_entries)
     # the rows a chunk at a time, every Newton step and the output of one chunk before the next: a chunk's rows
     # stay in cache through the search's passes (the whole matrix streamed through memory at every pass)
-    n = u.size(-1)
-    rows = u.view(-1, n)
-    row_beta = beta if isinstance(beta, float) else beta.expand(u.shape[:-1] + (1,)).reshape(-1, 1)
-    chunk = max(1, ROW_CHUNK_ELEMENTS // max(1, n))
-    for start in range(0, rows.size(0), chunk):
-        part = rows[start:start + chunk]
-        part_beta = row_beta if isinstance(row_beta, float) else row_beta[start:start + chunk]
-        tau, powers = _newton_threshold(part, part_beta)
-        _normalise(part, tau, powers, part_beta)
+    rows, row_beta = u.view(-1, u.size(-1)), _per_row(beta, u.shape)
+    for part in _row_chunks(rows):
+        part_beta = row_beta if isinstance(row_beta, float) else row_beta[part]
+        tau, powers = _newton_threshold(rows[part], part_beta)
+        _normalise(rows[part], tau, powers, part_beta)
     return u.mul_(has_entries)
+
+
+def _row_chunks(rows: Tensor):
+    """Slices of the rows of ``rows`` (R, n), :data:`ROW_CHUNK_ELEMENTS` elements or one row at a time."""
+    step = max(1, ROW_CHUNK_ELEMENTS // max(1, rows.size(-1)))
+    return [slice(start, start + step) for start in range(0, rows.size(0), step)]
+
+
+def _per_row(value: Union[float, Tensor], shape) -> Union[float, Tensor]:
+    """A float as it is; a tensor broadcast against the rows of ``shape`` as one value per row, (R, 1)."""
+    return value if isinstance(value, float) else value.expand(tuple(shape[:-1]) + (1,)).reshape(-1, 1)
 
 
 def _normalise(u: Tensor, tau: Tensor, powers: Optional[Tensor], beta: Union[float, Tensor]) -> None:
@@ -229,13 +235,11 @@ class _Entmax(torch.autograd.Function):
         alpha = alpha_t.to(p.dtype) if ctx.alpha_is_tensor else float(ctx.alpha_value)
         n = p.size(-1)
         p_rows, grad_rows = p.reshape(-1, n), grad_p.to(p.dtype).reshape(-1, n)
-        row_alpha = alpha if isinstance(alpha, float) else alpha.expand(p.shape[:-1] + (1,)).reshape(-1, 1)
+        row_alpha = _per_row(alpha, p.shape)
         grad_x = torch.empty_like(p_rows)
         # per row: each row's share of α's gradient, summed over α's broadcast dims at the end
         grad_alpha_rows = p.new_empty(p_rows.size(0), 1) if ctx.alpha_is_tensor and ctx.needs_input_grad[1] else None
-        chunk = max(1, ROW_CHUNK_ELEMENTS // max(1, n))  # as in forward: a chunk's rows stay in cache
-        for start in range(0, p_rows.size(0), chunk):
-            rows = slice(start, start + chunk)
+        for rows in _row_chunks(p_rows):  # as in forward: a chunk's rows stay in cache
             alpha_part = row_alpha if isinstance(row_alpha, float) else row_alpha[rows]
             _backward_rows(p_rows[rows], grad_rows[rows], alpha_part, grad_x[rows],
                            None if grad_alpha_rows is None else grad_alpha_rows[rows])
