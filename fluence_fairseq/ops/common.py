@@ -159,8 +159,8 @@ def lower_blocks(blocks, width: int) -> Tensor:
 
 
 #: PyTorch's CPU flash-attention kernels (None on builds without them): the fused kernel that
-#: ``F.scaled_dot_product_attention`` runs on CPU, called directly for what that function does not give: the rows'
-#: log-sum-exp, and ``is_causal`` together with an additive mask
+#: ``F.scaled_dot_product_attention`` runs on CPU, called directly for what that function does not give:
+#: ``is_causal`` together with an additive mask, and (pruned attention's buckets) the rows' log-sum-exp
 FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
@@ -176,20 +176,18 @@ class _CpuFlash(torch.autograd.Function):
         out, lse = FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias)
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.causal = causal
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_lse):
+    def backward(ctx, grad_out):
         q, k, v, bias, out, lse = ctx.saved_tensors
         gq, gk, gv = FLASH_CPU_BACKWARD(grad_out.contiguous(), q, k, v, out, lse, 0.0, ctx.causal, attn_mask=bias)
         return gq, gk, gv, None, None
 
 
-def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, bias=None):
-    """Softmax attention of (B, H, L, D) tensors through the CPU flash kernel (scale ``D ** -0.5``): the output
-    (differentiable, the same numbers as ``F.scaled_dot_product_attention``) and each query row's log-sum-exp of
-    its scaled, masked scores (B, H, Lq), float32 or wider, not differentiable. ``causal`` masks keys after the
-    query's own index (aligned at 0) and may be combined with an additive ``bias`` (B|1, H|1, Lq, Lk) of q's dtype.
-    Only where :func:`cpu_flash_applies`."""
+def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, bias=None) -> Tensor:
+    """Softmax attention of (B, H, L, D) tensors through the CPU flash kernel (scale ``D ** -0.5``; the same numbers
+    as ``F.scaled_dot_product_attention``). ``causal`` masks keys after the query's own index (aligned at 0) and,
+    unlike ``F.scaled_dot_product_attention``, may be combined with an additive ``bias`` (B|1, H|1, Lq, Lk) of q's
+    dtype: the kernel then skips the blocks above the diagonal. Only where :func:`cpu_flash_applies`."""
     return _CpuFlash.apply(q, k, v, causal, bias)
