@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import accumulation_dtype as _acc, fold_windows, free_memory, relative_positions
+from .common import (FLASH_CPU_BACKWARD, accumulation_dtype as _acc, cpu_flash_applies, fold_windows, free_memory,
+                     relative_positions)
 
 RelBias = Callable[[Tensor], Tensor]
 #: elements of dP the narrow band's backward forms at a time (a few hundred KiB in float32)
@@ -136,6 +137,71 @@ class _BandWeights(torch.autograd.Function):
         return grad_q, grad_k, None
 
 
+class _SoftmaxWithWeights(torch.autograd.Function):
+    """Softmax attention and its weights from one pass of tiles; the fused kernel's backward (see
+    :func:`softmax_with_weights`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, spec, flash_mask):
+        weights, out, lse = _band_weights_forward(q, k, v=v, **spec)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec, ctx.flash_mask = spec, flash_mask
+        ctx.set_materialize_grads(False)
+        return out, weights
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_weights):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_q = grad_k = grad_v = None
+        if grad_out is not None:
+            mask, is_causal = ctx.flash_mask()
+            grad_q, grad_k, grad_v = FLASH_CPU_BACKWARD(grad_out.contiguous(), q, k, v, out, lse, 0.0, is_causal,
+                                                        attn_mask=mask)
+        if grad_weights is not None:  # a loss on the weights: their own gradient, each tile recomputed
+            weights_q, weights_k = _band_weights_backward(q, k, grad_weights, **ctx.spec)
+            grad_q = weights_q if grad_q is None else grad_q.add_(weights_q)
+            grad_k = weights_k if grad_k is None else grad_k.add_(weights_k)
+        return grad_q, grad_k, grad_v, None, None
+
+
+def softmax_with_weights(q: Tensor, k: Tensor, v: Tensor, *, query_offset: int, causal: bool,
+                         rel_bias: Optional[RelBias] = None, key_padding_mask: Optional[Tensor] = None,
+                         attn_mask: Optional[Tensor] = None, average_heads: bool = False) -> Tuple[Tensor, Tensor]:
+    """Softmax attention (no band but causality) and its weights, for long inputs on CPU without dropout (where
+    :func:`softmax_with_weights_applies`): the weights' tiles (:func:`band_weights`) give the output as well (one
+    product with the values per tile) and the rows' log-sum-exp, so the fused kernel's forward is not run at all;
+    backward is the fused kernel's, from that output and log-sum-exp (the same numbers as after its own forward,
+    to float rounding), plus the weights' own gradient when a loss uses them. Nothing of size (Lq, Lk) per head
+    is kept: the additive mask the kernel needs (padding, an offset, a fixed bias) is built in backward."""
+    tgt_len, src_len = q.size(2), k.size(2)
+    spec = dict(query_offset=query_offset, left=None, right=0 if causal else None, rel_bias=rel_bias,
+                key_padding_mask=key_padding_mask, attn_mask=attn_mask, block=256, average_heads=average_heads)
+
+    def flash_mask():
+        extra = attn_mask
+        if rel_bias is not None:
+            bias = rel_bias(relative_positions(tgt_len, src_len, query_offset, q.device)).to(q.dtype).unsqueeze(0)
+            extra = bias if extra is None else extra + bias
+        return _sdpa_mask(q, src_len, query_offset=query_offset, causal=causal, key_padding_mask=key_padding_mask,
+                          attn_mask=extra)
+
+    return _SoftmaxWithWeights.apply(q, k, v, spec, flash_mask)
+
+
+def softmax_with_weights_applies(q: Tensor, *, query_offset: int, causal: bool, rel_bias: Optional[RelBias],
+                                 key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
+                                 dropout_p: float) -> bool:
+    """Whether :func:`softmax_with_weights` can run: the CPU kernels, no dropout, float32 or float64, no bias that
+    needs a gradient of its own (the kernel's backward gives none), and every causal query sees a key that is not
+    padding (a row with none is uniform over every key in the kernel but over its tile's keys in the tiles)."""
+    if not (cpu_flash_applies(q, dropout_p) and q.dtype in (torch.float32, torch.float64)):
+        return False
+    if causal and (query_offset < 0 or (key_padding_mask is not None
+                                        and bool(key_padding_mask[:, : query_offset + 1].all(-1).any()))):
+        return False
+    return not _bias_needs_grad(rel_bias, attn_mask, q.device)
+
+
 def _weight_tiles(q, k, query_offset, left, right, block):
     """``(i0, i1, k0, k1)`` of every tile: queries ``i0..i1-1`` against the keys ``k0..k1-1`` their band reaches
     (``k1 == k0`` when none)."""
@@ -160,7 +226,7 @@ def _tile_probabilities(q, k, i0, i1, k0, k1, query_offset, left, right, rel_bia
     edges = _band_edges(i0, i1, k0, k1, query_offset, left, right, q.device)
     padding = None if key_padding_mask is None else key_padding_mask[:, k0:k1].view(bsz, 1, k1 - k0)
 
-    def head(h: int) -> Tensor:
+    def head(h: int, with_lse: bool = False):
         scores = torch.matmul(q_t[:, h], k_t[:, h].transpose(-1, -2))  # (B, rows, keys)
         if extra is not None:
             scores += extra[:, h if extra.size(1) > 1 else 0]
@@ -168,16 +234,30 @@ def _tile_probabilities(q, k, i0, i1, k0, k1, query_offset, left, right, rel_bia
             scores[:, :, lo:hi].masked_fill_(outside, _neg(dtype))
         if padding is not None:
             scores.masked_fill_(padding, _neg(dtype))
-        return torch.softmax(scores, dim=-1)
+        probs = torch.softmax(scores, dim=-1)
+        if not with_lse:
+            return probs
+        # the rows' log-sum-exp from the softmax's largest entry, max(s) - log(max(p)): two cheap reductions
+        # instead of another exp pass over the tile (a max with its index and a gather took longer)
+        return probs, scores.amax(-1).sub_(probs.amax(-1).log_())
 
     return q_t, k_t, head
 
 
 def _band_weights_forward(q, k, *, query_offset, left, right, rel_bias, key_padding_mask, attn_mask, block,
-                          average_heads) -> Tensor:
+                          average_heads, v=None):
+    """The weights; with values ``v``, also the attention output (B, H, Lq, D) (in the fused kernel's layout,
+    (B, Lq, H, D) memory) and the rows' log-sum-exp (B, H, Lq) (every row must see a key)."""
     bsz, heads, tgt_len, _ = q.shape
     # every element is written below (inside the band by a tile, outside it by a fill): no zeroing pass first
     weights = q.new_empty(bsz, 1 if average_heads else heads, tgt_len, k.size(2))
+    # each head's keys and values in rows of their own: the tiles' products with fairseq's strided heads views
+    # took 1.2-1.8x as long (one copy here costs a few ms at L=4096)
+    k = k.contiguous()
+    if v is not None:
+        v = v.contiguous()
+        out = q.new_empty(bsz, tgt_len, heads, v.size(-1)).transpose(1, 2)
+        lse = torch.empty(bsz, heads, tgt_len, dtype=_acc(q.dtype), device=q.device)
     for i0, i1, k0, k1 in _weight_tiles(q, k, query_offset, left, right, block):
         weights[:, :, i0:i1, :k0].zero_()
         weights[:, :, i0:i1, k1:].zero_()
@@ -187,14 +267,18 @@ def _band_weights_forward(q, k, *, query_offset, left, right, rel_bias, key_padd
                                          key_padding_mask, attn_mask)
         tile = weights[:, 0, i0:i1, k0:k1] if average_heads else None
         for h in range(heads):
-            probs = head(h)
+            if v is None:
+                probs = head(h)
+            else:
+                probs, lse[:, h, i0:i1] = head(h, with_lse=True)
+                out[:, h, i0:i1] = torch.matmul(probs, v[:, h, k0:k1].to(probs.dtype))
             if not average_heads:
                 weights[:, h, i0:i1, k0:k1] = probs
             elif h == 0:
                 torch.mul(probs, 1.0 / heads, out=tile)  # writes through the strided view of ``weights``
             else:
                 tile.add_(probs, alpha=1.0 / heads)
-    return weights
+    return weights if v is None else (weights, out, lse)
 
 
 def _band_weights_backward(q, k, grad_weights, *, query_offset, left, right, rel_bias, key_padding_mask,
@@ -261,10 +345,12 @@ def _band_edges(i0: int, i1: int, k0: int, k1: int, query_offset: int, left: Opt
     return edges
 
 
-def _sdpa(q, k, v, *, query_offset, causal, key_padding_mask, attn_mask, dropout_p):
-    tgt_len, src_len = q.size(2), k.size(2)
+def _sdpa_mask(q: Tensor, src_len: int, *, query_offset, causal, key_padding_mask, attn_mask):
+    """The fused kernel's form of a problem with no band but causality: ``(mask, is_causal)``, the additive mask
+    (1|B, 1|H, Lq, Lk) of q's dtype or None, and whether the kernel's own (top-left aligned) causal mask applies."""
+    tgt_len = q.size(2)
     if key_padding_mask is None and attn_mask is None and (not causal or (tgt_len == src_len and query_offset == 0)):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal and tgt_len > 1)
+        return None, causal and tgt_len > 1
     mask = torch.zeros(1, 1, tgt_len, src_len, dtype=q.dtype, device=q.device)
     if attn_mask is not None:
         mask = mask + attn_mask
@@ -276,7 +362,13 @@ def _sdpa(q, k, v, *, query_offset, causal, key_padding_mask, attn_mask, dropout
         disallowed = kpm if disallowed is None else disallowed | kpm
     if disallowed is not None:
         mask = mask.masked_fill(disallowed, _neg(q.dtype))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return mask, False
+
+
+def _sdpa(q, k, v, *, query_offset, causal, key_padding_mask, attn_mask, dropout_p):
+    mask, is_causal = _sdpa_mask(q, k.size(2), query_offset=query_offset, causal=causal,
+                                 key_padding_mask=key_padding_mask, attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
 
 
 def _windows(x: Tensor, dim: int, start: int, size: int, step: int, count: int, fill) -> Tensor:
@@ -764,7 +856,14 @@ def band_attention(
     left_active = left is not None and left < max_rel
     right_active = right is not None and -right > min_rel
     if need_weights:
-        if tgt_len * src_len > _DENSE_PAIRS:
+        plain = not left_active and (not right_active or right == 0)
+        if plain and tgt_len * src_len > _DENSE_PAIRS and softmax_with_weights_applies(
+                q, query_offset=query_offset, causal=right_active, rel_bias=rel_bias,
+                key_padding_mask=key_padding_mask, attn_mask=attn_mask, dropout_p=dropout_p):
+            out, probs = softmax_with_weights(q, k, v, query_offset=query_offset, causal=right_active,
+                                              rel_bias=rel_bias, key_padding_mask=key_padding_mask,
+                                              attn_mask=attn_mask, average_heads=average_heads)
+        elif tgt_len * src_len > _DENSE_PAIRS:
             # the output from its own path (SDPA or a banded one), the weights in tiles inside the band, recomputed
             # in backward if a loss uses them (see band_weights): no (B, H, Lq, Lk) probabilities kept for backward
             out, _ = band_attention(

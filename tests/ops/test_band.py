@@ -321,3 +321,74 @@ def test_band_weights_are_differentiable_by_recomputation(left, right, average, 
     torch.testing.assert_close(detached, got.detach(), atol=1e-12, rtol=0)
     with torch.no_grad():
         assert not band.band_weights(q, k, average_heads=average, **kw).requires_grad
+
+
+def _fused_problem(causal, padded, biased, offset, seed=7):
+    """q (2, 3, 40, 8), k and v (2, 3, 40 + offset, 8) in float64 and band_attention's keywords (no band but
+    causality): padding that leaves every query a key, a fixed relative bias and an additive mask."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, Lq, D = 2, 3, 40, 8
+    Lk = Lq + offset
+    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=torch.float64).requires_grad_() for n in (Lq, Lk, Lk))
+    kpm = None
+    if padded:
+        kpm = torch.zeros(B, Lk, dtype=torch.bool)
+        kpm[1, 4:7] = True
+        kpm[0, -2:] = True
+    table = torch.randn(H, 2 * Lk + 2, generator=g, dtype=torch.float64)
+    kw = dict(query_offset=offset, right=0 if causal else None, key_padding_mask=kpm,
+              rel_bias=(lambda rel: table[:, rel + Lk]) if biased else None,
+              attn_mask=torch.randn(Lq, Lk, generator=g, dtype=torch.float64) if biased else None)
+    return q, k, v, kw
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("padded,biased,offset", [(False, False, 0), (True, False, 0), (False, True, 7),
+                                                  (True, True, 5)])
+@pytest.mark.parametrize("average", [True, False])
+def test_long_softmax_weights_and_output_from_one_pass_of_tiles(causal, padded, biased, offset, average,
+                                                                monkeypatch):
+    """need_weights without a band (tiles of 16 queries, the dense threshold forced down): the output comes from
+    the weights' tiles and backward from the fused kernel with their log-sum-exp; output, weights and the
+    gradients of q, k and v (output only, and with the weights in the loss) equal the dense computation's."""
+    monkeypatch.setattr(band, "_DENSE_PAIRS", 0)
+    monkeypatch.setattr(band, "_WEIGHT_TILE_ELEMENTS", 1)
+    q, k, v, kw = _fused_problem(causal, padded, biased, offset)
+    out, w = band.band_attention(q, k, v, need_weights=True, average_heads=average, **kw)
+    assert type(out.grad_fn).__name__ == "_SoftmaxWithWeightsBackward"
+    want_out, want_w = band.dense_attention(q, k, v, need_weights=True, **kw)
+    if average:
+        want_w = want_w.mean(dim=1, keepdim=True)
+    torch.testing.assert_close(out, want_out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(w, want_w, atol=1e-12, rtol=0)
+    g = torch.Generator().manual_seed(8)
+    probe_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    probe_w = torch.randn(w.shape, generator=g, dtype=torch.float64)
+    for with_weights in (False, True):
+        got = torch.autograd.grad((out * probe_out).sum() + ((w * probe_w).sum() if with_weights else 0),
+                                  (q, k, v), retain_graph=True)
+        want = torch.autograd.grad((want_out * probe_out).sum() + ((want_w * probe_w).sum() if with_weights else 0),
+                                   (q, k, v), retain_graph=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
+
+
+def test_long_softmax_weights_take_the_kernel_and_tiles_where_one_pass_does_not_apply(monkeypatch):
+    """Where the one-pass tiles would differ from the kernel (a causal query whose every visible key is padding:
+    the kernel's row is uniform over all keys, a tile's over its own), or cannot run (dropout, a bias that needs a
+    gradient of its own), need_weights keeps the kernel's output and the tiles' weights."""
+    monkeypatch.setattr(band, "_DENSE_PAIRS", 0)
+    q, k, v, kw = _fused_problem(True, True, False, 0)
+    kw["key_padding_mask"][1, 0] = True  # query 0 of sequence 1 sees only padding
+    out, _ = band.band_attention(q, k, v, need_weights=True, average_heads=True, **kw)
+    assert type(out.grad_fn).__name__ != "_SoftmaxWithWeightsBackward"
+    want = band.band_attention(q, k, v, **kw)[0]
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    q, k, v, kw = _fused_problem(False, False, False, 0)
+    out, _ = band.band_attention(q, k, v, need_weights=True, dropout_p=0.1, **kw)
+    assert type(out.grad_fn).__name__ != "_SoftmaxWithWeightsBackward"
+    learned = torch.zeros(3, 100, dtype=torch.float64, requires_grad=True)
+    kw["rel_bias"] = lambda rel: learned[:, rel + 50]
+    out, w = band.band_attention(q, k, v, need_weights=True, **kw)
+    assert type(out.grad_fn).__name__ != "_SoftmaxWithWeightsBackward"
+    assert not w.requires_grad  # detached: the bias needs a gradient of its own
