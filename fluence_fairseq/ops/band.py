@@ -153,14 +153,15 @@ class _SoftmaxWithWeights(torch.autograd.Function):
     def backward(ctx, grad_out, grad_weights):
         q, k, v, out, lse = ctx.saved_tensors
         grad_q = grad_k = grad_v = None
-        if grad_out is not None:
+        if grad_out is not None and grad_weights is not None:  # a loss on both: one pass of tiles for the two
+            grad_q, grad_k, grad_v = _band_weights_backward(q, k, grad_weights, v=v, out=out, grad_out=grad_out,
+                                                            **ctx.spec)
+        elif grad_out is not None:
             mask, is_causal = ctx.flash_mask()
             grad_q, grad_k, grad_v = FLASH_CPU_BACKWARD(grad_out.contiguous(), q, k, v, out, lse, 0.0, is_causal,
                                                         attn_mask=mask)
-        if grad_weights is not None:  # a loss on the weights: their own gradient, each tile recomputed
-            weights_q, weights_k = _band_weights_backward(q, k, grad_weights, **ctx.spec)
-            grad_q = weights_q if grad_q is None else grad_q.add_(weights_q)
-            grad_k = weights_k if grad_k is None else grad_k.add_(weights_k)
+        elif grad_weights is not None:
+            grad_q, grad_k = _band_weights_backward(q, k, grad_weights, **ctx.spec)
         return grad_q, grad_k, grad_v, None, None
 
 
@@ -282,14 +283,25 @@ def _band_weights_forward(q, k, *, query_offset, left, right, rel_bias, key_padd
 
 
 def _band_weights_backward(q, k, grad_weights, *, query_offset, left, right, rel_bias, key_padding_mask,
-                           attn_mask, block, average_heads):
+                           attn_mask, block, average_heads, v=None, out=None, grad_out=None):
     """Gradients of q and k from the weights' gradient, each tile's probabilities recomputed: with P = softmax(S),
-    dS = P * (dP - rowsum(dP * P)), then dq = dS k / sqrt(D) and dk = dS^T q / sqrt(D)."""
+    dS = P * (dP - rowsum(dP * P)), then dq = dS k / sqrt(D) and dk = dS^T q / sqrt(D).
+
+    With the values ``v``, the output ``out = P v`` and its gradient ``grad_out`` as well, the gradients of q, k
+    and v from both in the same pass: dP gains ``grad_out v^T`` (and its row sum against P is
+    ``rowsum(grad_out * out)``), and dv = P^T grad_out."""
     heads = q.size(1)
     dtype = _acc(q.dtype)
     grad_q = torch.zeros(q.shape, dtype=dtype, device=q.device)
     grad_k = torch.zeros(k.shape, dtype=dtype, device=k.device)
     scale = q.size(-1) ** -0.5
+    share = 1.0 / heads if average_heads else 1.0
+    with_output = grad_out is not None
+    k = k.contiguous()  # as in forward
+    if with_output:
+        v, grad_out = v.contiguous(), grad_out.to(dtype).contiguous()
+        grad_v = torch.zeros(v.shape, dtype=dtype, device=v.device)
+        output_dot = (grad_out * out.to(dtype)).sum(-1, keepdim=True)  # rowsum(dP_out * P) = rowsum(dO * O)
     for i0, i1, k0, k1 in _weight_tiles(q, k, query_offset, left, right, block):
         if k1 == k0:
             continue
@@ -297,12 +309,20 @@ def _band_weights_backward(q, k, grad_weights, *, query_offset, left, right, rel
                                              key_padding_mask, attn_mask)
         for h in range(heads):
             probs = head(h)
-            grad_p = grad_weights[:, 0 if average_heads else h, i0:i1, k0:k1].to(dtype)
-            if average_heads:
-                grad_p = grad_p / heads
-            grad_s = probs.mul_(grad_p - (grad_p * probs).sum(-1, keepdim=True))  # probs is ours: dS in place
+            weights_grad = grad_weights[:, 0 if average_heads else h, i0:i1, k0:k1].to(dtype)
+            row_dot = (weights_grad * probs).sum(-1, keepdim=True).mul_(share)
+            if with_output:
+                g_o = grad_out[:, h, i0:i1]
+                grad_p = torch.matmul(g_o, v[:, h, k0:k1].transpose(-1, -2)).add_(weights_grad, alpha=share)
+                row_dot += output_dot[:, h, i0:i1]
+                grad_v[:, h, k0:k1] += torch.matmul(probs.transpose(-1, -2), g_o)
+            else:
+                grad_p = weights_grad * share
+            grad_s = probs.mul_(grad_p.sub_(row_dot))  # probs is ours: dS in place
             grad_q[:, h, i0:i1] += torch.matmul(grad_s, k_t[:, h]).mul_(scale)
             grad_k[:, h, k0:k1] += torch.matmul(grad_s.transpose(-1, -2), q_t[:, h])  # q_t carries the scale
+    if with_output:
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
     return grad_q.to(q.dtype), grad_k.to(k.dtype)
 
 

@@ -349,8 +349,9 @@ def _fused_problem(causal, padded, biased, offset, seed=7):
 def test_long_softmax_weights_and_output_from_one_pass_of_tiles(causal, padded, biased, offset, average,
                                                                 monkeypatch):
     """need_weights without a band (tiles of 16 queries, the dense threshold forced down): the output comes from
-    the weights' tiles and backward from the fused kernel with their log-sum-exp; output, weights and the
-    gradients of q, k and v (output only, and with the weights in the loss) equal the dense computation's."""
+    the weights' tiles and backward from the fused kernel with their log-sum-exp (or, with the weights in the loss
+    too, from one pass of tiles for both); output, weights and the gradients of q, k and v (a loss on the output,
+    on both, on the weights alone) equal the dense computation's."""
     monkeypatch.setattr(band, "_DENSE_PAIRS", 0)
     monkeypatch.setattr(band, "_WEIGHT_TILE_ELEMENTS", 1)
     q, k, v, kw = _fused_problem(causal, padded, biased, offset)
@@ -364,11 +365,15 @@ def test_long_softmax_weights_and_output_from_one_pass_of_tiles(causal, padded, 
     g = torch.Generator().manual_seed(8)
     probe_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
     probe_w = torch.randn(w.shape, generator=g, dtype=torch.float64)
-    for with_weights in (False, True):
-        got = torch.autograd.grad((out * probe_out).sum() + ((w * probe_w).sum() if with_weights else 0),
-                                  (q, k, v), retain_graph=True)
-        want = torch.autograd.grad((want_out * probe_out).sum() + ((want_w * probe_w).sum() if with_weights else 0),
-                                   (q, k, v), retain_graph=True)
+    for uses in ("output", "both", "weights"):  # the kernel's backward; one pass of tiles; the weights' tiles
+        def loss(o, weights):
+            return ((o * probe_out).sum() if uses != "weights" else 0) + ((weights * probe_w).sum()
+                                                                          if uses != "output" else 0)
+        got = torch.autograd.grad(loss(out, w), (q, k, v), retain_graph=True, allow_unused=True)
+        want = torch.autograd.grad(loss(want_out, want_w), (q, k, v), retain_graph=True, allow_unused=True)
+        if uses == "weights":
+            assert got[2] is None
+            want = want[:2] + (None,)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
 
