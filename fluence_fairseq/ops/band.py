@@ -236,13 +236,30 @@ def _tile_probabilities(q, k, i0, i1, k0, k1, query_offset, left, right, rel_bia
         if padding is not None:
             scores.masked_fill_(padding, _neg(dtype))
         probs = torch.softmax(scores, dim=-1)
-        if not with_lse:
-            return probs
-        # the rows' log-sum-exp from the softmax's largest entry, max(s) - log(max(p)): two cheap reductions
-        # instead of another exp pass over the tile (a max with its index and a gather took longer)
-        return probs, scores.amax(-1).sub_(probs.amax(-1).log_())
+        return (probs, _log_sum_exp(scores, probs)) if with_lse else probs
 
     return q_t, k_t, head
+
+
+#: columns of a tile :func:`_log_sum_exp` reads first
+_LSE_SAMPLE_STEP = 64
+#: a probability from which a row's log-sum-exp is exact to rounding: far above the smallest normal float
+_LSE_SAFE_PROBABILITY = 1e-20
+
+
+def _log_sum_exp(scores: Tensor, probs: Tensor) -> Tensor:
+    """The rows' log-sum-exp of ``scores`` (..., n) given ``probs = softmax(scores)``: ``s_j - log p_j`` for any
+    column j whose probability is a normal float (its log then carries the full relative precision), taken at
+    the most probable of every 64th column; rows where even that one is below :data:`_LSE_SAFE_PROBABILITY` take
+    their largest entry, ``max(s) - log(max(p))``. Reading a 64th of the tile instead of all of it twice (the
+    exp pass of a ``logsumexp`` costs as much again as the softmax)."""
+    sample = probs[..., ::_LSE_SAMPLE_STEP]
+    top, at = sample.max(dim=-1, keepdim=True)
+    lse = scores[..., ::_LSE_SAMPLE_STEP].gather(-1, at).sub_(top.log()).squeeze(-1)
+    weak = top.squeeze(-1) < _LSE_SAFE_PROBABILITY
+    if bool(weak.any()):
+        lse[weak] = scores[weak].amax(-1).sub_(probs[weak].amax(-1).log_())
+    return lse
 
 
 def _band_weights_forward(q, k, *, query_offset, left, right, rel_bias, key_padding_mask, attn_mask, block,

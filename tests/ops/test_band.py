@@ -397,3 +397,20 @@ def test_long_softmax_weights_take_the_kernel_and_tiles_where_one_pass_does_not_
     out, w = band.band_attention(q, k, v, need_weights=True, **kw)
     assert type(out.grad_fn).__name__ != "_SoftmaxWithWeightsBackward"
     assert not w.requires_grad  # detached: the bias needs a gradient of its own
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_sum_exp_from_the_softmax_is_exact_where_the_sampled_columns_underflow(dtype):
+    """The tiles' log-sum-exp (read off the softmax at a sample of columns) equals ``torch.logsumexp``: on plain
+    rows, on rows whose every sampled column is far below the maximum (probabilities that underflow: the rows
+    fall back to their largest entry), and with masked columns at the dtype's most negative value."""
+    g = torch.Generator().manual_seed(11)
+    scores = torch.randn(2, 6, 300, generator=g, dtype=dtype)
+    scores[0, 1] *= 200.0  # peaked: most columns underflow
+    scores[0, 2, ::band._LSE_SAMPLE_STEP] = -500.0  # every sampled column far below the rest
+    scores[1, 3, :150] = torch.finfo(dtype).min  # masked columns, sampled ones among them
+    probs = torch.softmax(scores, dim=-1)
+    assert bool((probs[0, 2, ::band._LSE_SAMPLE_STEP] < band._LSE_SAFE_PROBABILITY).all())
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(band._log_sum_exp(scores, probs), torch.logsumexp(scores, dim=-1), atol=tol,
+                               rtol=tol)
