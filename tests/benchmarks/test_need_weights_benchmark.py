@@ -28,3 +28,17 @@ def test_weights_enter_the_loss_only_on_request(monkeypatch, capsys):
     losses.clear()
     _rows(capsys, "--weights-in-loss")
     assert losses.count(True) == 3 * 2  # warm-up and one repeat: fairseq MHA, both defaults (Nystrom: None)
+
+
+def test_an_attentions_calls_are_timed_in_turn(monkeypatch, capsys):
+    """need_weights=False and the default alternate repeat by repeat (after one warm-up each), so the machine's
+    drift does not land on one side of the ratio."""
+    calls = []
+    real = need_weights._step
+    monkeypatch.setattr(need_weights, "_step", lambda module, x, in_loss, **kw: calls.append(
+        (type(module).__name__, "plain" if kw.get("need_weights") is False else "default"))
+        or real(module, x, in_loss, **kw))
+    assert need_weights.main(["--length", "48", "--dim", "32", "--heads", "2", "--repeats", "3",
+                              "--only", "softmax"]) == 0
+    softmax = [side for name, side in calls if name != "MultiheadAttention"]
+    assert softmax == ["plain", "default"] * 4
