@@ -18,6 +18,7 @@ working tree's::
 
     python -m benchmarks.ab lara --ops landmarks --pattern noncausal --with-attend --against HEAD~1
 
+``--need-weights`` times fairseq's default call (``need_weights=True``, the weights returned and not used).
 Threads: torch's default unless ``--threads``.
 """
 import argparse
@@ -108,6 +109,8 @@ def main(argv=None) -> Dict[str, float]:
     parser.add_argument("--with-attend", action="store_true", help="also run the revision's methods of the "
                         "attention's class (attend and its helpers) on the old side, when the change altered how "
                         "it calls its op")
+    parser.add_argument("--need-weights", action="store_true", help="call the attention with fairseq's default "
+                        "need_weights=True (the weights returned, not used) instead of need_weights=False")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,7 +149,8 @@ def main(argv=None) -> Dict[str, float]:
             else:
                 vars(module).pop(name, None)
 
-    step = training_step(module, args.dim, args.batch, args.length, args.length, cross, causal)
+    step = training_step(module, args.dim, args.batch, args.length, args.length, cross, causal,
+                         need_weights=args.need_weights)
     times = {0: [], 1: []}
     for side in (1, 0):  # warm-up of both
         use(side)

@@ -149,8 +149,9 @@ def synchronize(device) -> None:
 
 
 def training_step(module: nn.Module, dim: int, batch: int, length: int, src_len: int, cross: bool,
-                  causal: bool, device="cpu") -> Callable[[], float]:
-    """A function running one forward+backward of ``module`` on a fixed random input; returns its seconds."""
+                  causal: bool, device="cpu", need_weights: bool = False) -> Callable[[], float]:
+    """A function running one forward+backward of ``module`` on a fixed random input; returns its seconds.
+    ``need_weights``: called with fairseq's default ``need_weights=True`` (the weights returned and not used)."""
     x = torch.randn(length, batch, dim, device=device, requires_grad=True)
     src = torch.randn(src_len, batch, dim, device=device, requires_grad=True) if cross else x
     # fluence attentions are causal by construction; fairseq's MHA needs the decoder's mask
@@ -160,7 +161,7 @@ def training_step(module: nn.Module, dim: int, batch: int, length: int, src_len:
     def forward() -> Tuple[Tensor, ...]:
         if isinstance(module, ProjectedSDPA):
             return module(x, src)
-        return (module(query=x, key=src, value=src, attn_mask=mask, need_weights=False)[0],)
+        return (module(query=x, key=src, value=src, attn_mask=mask, need_weights=need_weights)[0],)
 
     def step() -> float:
         module.zero_grad(set_to_none=True)

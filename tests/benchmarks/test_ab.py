@@ -87,3 +87,20 @@ def test_with_attend_keeps_subclass_overrides_and_names_the_revision_lacked(monk
         ab.main(args)
     result = ab.main(args + ["--with-attend"])
     assert all(math.isfinite(v) and v > 0 for v in result.values())
+
+
+def test_need_weights_steps_call_the_attention_with_the_default(monkeypatch):
+    """``--need-weights`` times fairseq's default call: every step of both sides asks for the weights."""
+    from fluence_fairseq.modules.attention_base import FluenceAttention
+
+    asked = []
+    real = FluenceAttention.forward
+    monkeypatch.setattr(FluenceAttention, "forward", lambda self, *a, **kw: asked.append(kw.get("need_weights"))
+                        or real(self, *a, **kw))
+    ab.main(["softmax", "--ops", "band", "--length", "32", "--dim", "16", "--heads", "2", "--pairs", "1",
+             "--threads", "1", "--need-weights"])
+    assert asked == [True] * 4  # a warm-up and one pair, both sides
+    asked.clear()
+    ab.main(["softmax", "--ops", "band", "--length", "32", "--dim", "16", "--heads", "2", "--pairs", "1",
+             "--threads", "1"])
+    assert asked == [False] * 4
