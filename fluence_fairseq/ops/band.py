@@ -6,8 +6,10 @@ query with the last key, as in cached decoding). It may attend key ``j`` iff ``-
 span passes the log of its soft mask, which turns "softmax, multiply by the mask, renormalise" into one softmax.
 
 Four paths give the same numbers:
-* SDPA when there is no bias and no band restriction beyond causality (fast fused kernel);
-* dense: the full (tgt, src) score matrix, needed for ``need_weights``;
+* SDPA when there is no bias and no band restriction beyond causality (fast fused kernel); with
+  ``need_weights`` on long inputs (CPU, no dropout), tiles of queries give the output, the weights and the rows'
+  log-sum-exp in one pass and the fused kernel's backward runs from them (:func:`softmax_with_weights`);
+* dense: the full (tgt, src) score matrix, for ``need_weights`` on short inputs;
 * narrow (band no wider than the head dimension, e.g. local attention's windows): every query block of every
   head in one batched matmul over overlapping views of flat key/value buffers, probabilities kept for backward
   (at most 2x a query tensor), window gradients folded back by one matmul (see :class:`_NarrowBand`);
