@@ -80,7 +80,7 @@ def dense_attention(
 
 #: score elements (batch x query rows x keys) of one head's tile in :func:`band_weights`: 2 MiB in float32, so that
 #: a tile's scores stay in cache from the product through the softmax to the write-out
-_WEIGHT_TILE_ELEMENTS = 1 << 19
+_WEIGHT_TILE_ELEMENTS = 1 << 20
 
 
 def band_weights(
