@@ -81,6 +81,8 @@ def dense_attention(
 #: score elements (batch x query rows x keys) of one head's tile in :func:`band_weights`: 2 MiB in float32, so that
 #: a tile's scores stay in cache from the product through the softmax to the write-out
 _WEIGHT_TILE_ELEMENTS = 1 << 20
+#: queries per weight tile at most (fewer when the keys are many)
+_WEIGHT_BLOCK = 256
 
 
 def band_weights(
@@ -93,7 +95,7 @@ def band_weights(
     rel_bias: Optional[RelBias] = None,
     key_padding_mask: Optional[Tensor] = None,
     attn_mask: Optional[Tensor] = None,
-    block: int = 256,
+    block: int = _WEIGHT_BLOCK,
     average_heads: bool = False,
 ) -> Tensor:
     """The probabilities of :func:`dense_attention` (B, H, Lq, Lk), computed a tile of queries at a time over
@@ -178,7 +180,8 @@ def softmax_with_weights(q: Tensor, k: Tensor, v: Tensor, *, query_offset: int, 
     is kept: the additive mask the kernel needs (padding, an offset, a fixed bias) is built in backward."""
     tgt_len, src_len = q.size(2), k.size(2)
     spec = dict(query_offset=query_offset, left=None, right=0 if causal else None, rel_bias=rel_bias,
-                key_padding_mask=key_padding_mask, attn_mask=attn_mask, block=256, average_heads=average_heads)
+                key_padding_mask=key_padding_mask, attn_mask=attn_mask, block=_WEIGHT_BLOCK,
+                average_heads=average_heads)
 
     def flash_mask():
         extra = attn_mask
@@ -894,15 +897,16 @@ def band_attention(
     min_rel = query_offset - (src_len - 1)
     left_active = left is not None and left < max_rel
     right_active = right is not None and -right > min_rel
+    long_input = tgt_len * src_len > _DENSE_PAIRS
     if need_weights:
-        plain = not left_active and (not right_active or right == 0)
-        if plain and tgt_len * src_len > _DENSE_PAIRS and softmax_with_weights_applies(
+        plain = not left_active and (not right_active or right == 0)  # no band but causality
+        if long_input and plain and softmax_with_weights_applies(
                 q, query_offset=query_offset, causal=right_active, rel_bias=rel_bias,
                 key_padding_mask=key_padding_mask, attn_mask=attn_mask, dropout_p=dropout_p):
             out, probs = softmax_with_weights(q, k, v, query_offset=query_offset, causal=right_active,
                                               rel_bias=rel_bias, key_padding_mask=key_padding_mask,
                                               attn_mask=attn_mask, average_heads=average_heads)
-        elif tgt_len * src_len > _DENSE_PAIRS:
+        elif long_input:
             # the output from its own path (SDPA or a banded one), the weights in tiles inside the band, recomputed
             # in backward if a loss uses them (see band_weights): no (B, H, Lq, Lk) probabilities kept for backward
             out, _ = band_attention(
@@ -935,7 +939,7 @@ def band_attention(
     band_left = left if left_active else max(0, max_rel)
     band_right = right if right_active else max(0, -min_rel)
     span = band_left + band_right
-    if block_size is None and span <= q.size(-1) and tgt_len * src_len > _DENSE_PAIRS:
+    if block_size is None and span <= q.size(-1) and long_input:
         # narrow band: one batched op over all blocks, probabilities kept for backward (kb / head_dim of a
         # query tensor, at most 2x)
         return narrow_band_attention(
@@ -946,7 +950,7 @@ def band_attention(
     if block_size is None:
         # 64-query blocks were fastest on CPU for spans of 64 and more; shorter spans waste less with smaller blocks
         block_size = max(16, min(64, 1 << max(0, int(span + 1).bit_length() - 1)))
-    if tgt_len <= block_size or tgt_len * src_len <= _DENSE_PAIRS:
+    if tgt_len <= block_size or not long_input:
         out, _ = dense_attention(
             q, k, v, query_offset=query_offset, left=left, right=right, rel_bias=rel_bias,
             key_padding_mask=key_padding_mask, attn_mask=attn_mask, dropout_p=dropout_p,
