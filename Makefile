@@ -51,10 +51,13 @@ bench-weights: $(STAMP)
 bench-memory: $(STAMP)
 	$(PY) -m benchmarks.memory --threads 1 | tee benchmarks/results/memory.md
 
-# where the registries are reachable: the wheels a GPU machine lacks (not torch), for its Python version
+# where the registries are reachable: the wheels a GPU machine lacks (not torch), for its Python version;
+# GPU_MACHINE=nvidia-h200 leaves out what that machine's image has (scripts/gpu_machines/NAME.txt): 22 MB, not 130
 GPU_PYTHON_VERSION ?= 3.12
+GPU_MACHINE ?=
 gpu-wheels: $(STAMP)
-	$(PY) scripts/gpu_wheels.py --python-version $(GPU_PYTHON_VERSION) --dest gpu-wheels
+	$(PY) scripts/gpu_wheels.py --python-version $(GPU_PYTHON_VERSION) --dest gpu-wheels \
+		$(if $(GPU_MACHINE),--machine-has scripts/gpu_machines/$(GPU_MACHINE).txt)
 
 # on the GPU machine (offline, its own CUDA torch): install those wheels, run the CUDA tests and the device benchmark
 gpu-check:

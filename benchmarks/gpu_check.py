@@ -93,7 +93,9 @@ def decode_ms(spec: dict, args, device: torch.device, length: int) -> Optional[f
     return statistics.median(timed(step, device) for _ in range(args.repeats))
 
 
-def run(args) -> List[dict]:
+def run(args, on_row: Callable[[List[dict]], None] = lambda rows: None) -> List[dict]:
+    """Every row of the report; ``on_row`` sees the rows so far after each one (the report is rewritten then, so
+    that a check stopped at its time limit still leaves what it measured)."""
     device = torch.device(args.device)
     rows = []
     subjects = {name: {"kind": "attention", "name": name, "options": dict(ATTENTIONS[name].bench_options)}
@@ -116,6 +118,7 @@ def run(args) -> List[dict]:
                 torch.cuda.empty_cache()
             rows.append(row)
             print(row, flush=True)
+            on_row(rows)
     return rows
 
 
@@ -165,11 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    rows = run(args)
-    text = report(rows, args, args.tests_log)
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(text)
+
+    def write(rows: List[dict]) -> str:
+        text = report(rows, args, args.tests_log)
+        with open(args.out, "w") as f:
+            f.write(text)
+        return text
+
+    print(write(run(args, on_row=write)))
     return 0
 
 
