@@ -138,13 +138,19 @@ class AttentionContract:
             error = (out.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-6)
             assert error < attn.autocast_tolerance, f"{dtype}: relative error {error:.3g} against float32"
             attn.train()
-            attn.zero_grad()
-            with torch.autocast(self.device.type, dtype=dtype):
-                loss = _call(attn, x, src).float().pow(2).sum()
-            loss.backward()
-            for name, p in attn.named_parameters():
-                if p.grad is not None:
-                    assert torch.isfinite(p.grad).all(), f"{dtype}: {name} has a non-finite gradient"
+            # backward after the autocast region (as fairseq's trainer calls it) and inside it, where backward
+            # runs under autocast too and a hand-written backward must keep its float32 work
+            for backward_inside in (False, True):
+                attn.zero_grad()
+                with torch.autocast(self.device.type, dtype=dtype):
+                    loss = _call(attn, x, src).float().pow(2).sum()
+                    if backward_inside:
+                        loss.backward()
+                if not backward_inside:
+                    loss.backward()
+                for name, p in attn.named_parameters():
+                    if p.grad is not None:
+                        assert torch.isfinite(p.grad).all(), f"{dtype}: {name} has a non-finite gradient"
 
     def test_causality(self, pattern):
         cross, causal = pattern

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .common import matmul_in_projection_layout
+from .common import matmul_in_projection_layout, without_autocast
 
 __all__ = [
     "ABCState", "empty_state", "slot_memory", "compressed_slots", "attend_slots", "attend_slots_in_layout",
@@ -122,6 +122,7 @@ class _CompressedSlots(torch.autograd.Function):
         return torch.matmul(probs.transpose(-1, -2), x)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, g_slots):
         x, weight, pad = ctx.saved_tensors
         probs = _CompressedSlots._probs(x, weight, pad)
@@ -161,6 +162,7 @@ class _AttendSlotsInLayout(torch.autograd.Function):
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, g_out):
         q, k_slots, v_slots = ctx.saved_tensors
         probs = _AttendSlotsInLayout._probs(q, k_slots)  # (L, r): cheaper to recompute than to keep
@@ -471,6 +473,7 @@ class _ChunkedCausalABC(torch.autograd.Function):
         return (out, *final)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out, *unused):
         (q, k, v, alpha_k, alpha_v, k_ends, v_ends, scores_all, entry_num, entry_den, entry_max,
          kept_all, w_k, w_v, shift, pad) = ctx.saved_tensors

@@ -1,6 +1,28 @@
 """Small helpers every op shares."""
+import contextlib
+import functools
+
 import torch
 from torch import Tensor
+
+
+def without_autocast(method):
+    """Run an autograd Function's ``forward`` or ``backward`` with autocast off on the devices of its tensors.
+
+    Backward runs under the autocast state of the thread that called ``.backward()``: inside an autocast region,
+    the products of a hand-written backward would drop to 16 bits and meet the float32 accumulators it writes
+    into in place (``baddbmm_``, ``out=``), which torch refuses. The Functions that keep float32 work say so
+    with this."""
+
+    @functools.wraps(method)
+    def wrapped(ctx, *args):
+        devices = {a.device.type for a in args if isinstance(a, Tensor)}
+        with contextlib.ExitStack() as stack:
+            for device in devices:
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return method(ctx, *args)
+
+    return wrapped
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -237,12 +237,14 @@ class _S4DConv(torch.autograd.Function):
     def forward(ctx, u, left, right, d, n, activation):
         ctx.n, ctx.activation = n, activation
         ctx.save_for_backward(u, left, right, d)
-        with _loop_threads() as threads:
+        # the work dtype is float32 or wider: autocast must not lower the kernel's product (cuFFT takes half
+        # precision only at power-of-two sizes, bfloat16 not at all)
+        with _loop_threads() as threads, torch.autocast(u.device.type, enabled=False):
             return _conv(u, left, right, d, n, activation, threads)
 
     @staticmethod
     def backward(ctx, grad):
-        with _loop_threads() as threads:
+        with _loop_threads() as threads, torch.autocast(grad.device.type, enabled=False):
             return _S4DConv._backward(ctx, grad, threads)
 
     @staticmethod
@@ -318,6 +320,11 @@ def ssm_chunk_step(u: Tensor, state: Tensor, dta: Tensor, dc: Tensor, d: Tensor)
     Returns:
         (y (T, B, C) in the dtype of ``u``, new state (B, C, N2) complex).
     """
+    with torch.autocast(u.device.type, enabled=False):  # float32 or wider work, as in s4d_conv
+        return _ssm_chunk_step(u, state, dta, dc, d)
+
+
+def _ssm_chunk_step(u: Tensor, state: Tensor, dta: Tensor, dc: Tensor, d: Tensor) -> Tuple[Tensor, Tensor]:
     steps = u.size(0)
     cdtype = state.dtype
     uc = u.to(state.real.dtype)

@@ -277,3 +277,26 @@ def test_channel_groups_on_several_threads_give_the_same_numbers(monkeypatch):
     assert len(s4d_ops._channel_groups(channels, 100)) == 4
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_convolution_and_recurrence_keep_float32_work_under_autocast(dtype):
+    """Under autocast the kernel's factor product must not drop to 16 bits: the FFTs then refuse it (cuFFT takes
+    half precision only at power-of-two sizes and bfloat16 not at all; the CPU FFT takes neither). On the first
+    GPU run the convolution failed so for every signal size but a power of two. Here, on the CPU: the same
+    numbers as without autocast, through the convolution, its gradient and the recurrence."""
+    attn = _attn(True, d_state=8)
+    u = torch.randn(24, 2, 16, requires_grad=True)
+    dta, dc = attn.discretized()
+    want = s4d_conv(u, dta, dc, attn.d_skip, activation=True)
+    grad_want, = torch.autograd.grad(want.sum(), u)
+    state = torch.zeros(2, 16, 4, dtype=torch.complex64)
+    step_want, _ = ssm_chunk_step(u[:5].detach(), state, dta[0], dc[0], attn.d_skip)
+    with torch.autocast("cpu", dtype=dtype):
+        got = s4d_conv(u, dta, dc, attn.d_skip, activation=True)
+        grad_got, = torch.autograd.grad(got.sum(), u)
+        step_got, _ = ssm_chunk_step(u[:5].detach(), state, dta[0], dc[0], attn.d_skip)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grad_got, grad_want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(step_got, step_want, atol=1e-5, rtol=0)
