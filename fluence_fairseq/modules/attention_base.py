@@ -19,6 +19,7 @@ import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor
 
+from ..ops.common import sdpa_for_decoding
 from ..pruning.masks import PrunableAttentionMixin, leading_padding
 from .masks import HARD_MASK, append_padding_masks, attn_mask_to_additive, padding_mask_to_bool
 
@@ -511,11 +512,13 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         if attn_mask is not None and not self.supports_attn_mask:
             attn_mask = self._drop_future_mask(attn_mask, tgt_len)
 
-        math_precision = contextlib.nullcontext()
+        math_context = contextlib.ExitStack()
         if self.float32_math and torch.is_autocast_enabled(q.device.type):
             q, k, v = (None if t is None else t.float() for t in (q, k, v))
-            math_precision = torch.autocast(q.device.type, enabled=False)
-        with math_precision:
+            math_context.enter_context(torch.autocast(q.device.type, enabled=False))
+        if incremental_state is not None:
+            math_context.enter_context(sdpa_for_decoding())
+        with math_context:
             if buffer is not None and not self.cross:
                 key_padding_mask = padding_mask_to_bool(key_padding_mask, bsz, tgt_len, "key_padding_mask")
                 out, weights = self.attend_incremental(

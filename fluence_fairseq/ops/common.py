@@ -4,6 +4,7 @@ import functools
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def without_autocast(method):
@@ -23,6 +24,15 @@ def without_autocast(method):
             return method(ctx, *args)
 
     return wrapped
+
+
+def sdpa_for_decoding():
+    """A context in which ``scaled_dot_product_attention`` leaves out cuDNN's kernel, for decoding steps.
+
+    cuDNN builds an execution graph for every new shape and the key length grows by one at every step: on an H200
+    (torch 2.11, bf16) a softmax decoding step took 60 ms against 0.3 ms in float32, where cuDNN does not run.
+    The flash, memory-efficient and plain kernels need no such build. Training keeps cuDNN (its shapes repeat)."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -113,6 +113,29 @@ def test_incremental_equals_full_forward():
 
 
 @pytest.mark.parametrize("cross", [False, True])
+def test_decoding_steps_leave_cudnn_out_of_sdpa(cross, monkeypatch):
+    """cuDNN's SDPA kernel builds a graph for every new shape, and a decoding step's key length is new at every
+    step (60 ms a step on an H200 in bf16): decoding steps run without it, full passes keep it."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    _, ours = pair(cross, True)
+    x, src, _ = inputs(cross, True)
+    ours(query=x, key=src, value=src, need_weights=False)
+    assert seen == [True]
+    state = {}
+    for t in range(3):
+        ours(query=x[t:t + 1], key=src, value=src, incremental_state=state, static_kv=cross, need_weights=False)
+    assert seen == [True, False, False, False]
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after each step
+
+
+@pytest.mark.parametrize("cross", [False, True])
 def test_beam_reorder_selects_every_cached_tensor(cross):
     _, ours = pair(cross, True)
     x, src, _ = inputs(cross, True)
