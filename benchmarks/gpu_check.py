@@ -52,6 +52,15 @@ def pattern_of(spec_name: str) -> tuple:
 
 
 def training_row(spec: dict, pattern: tuple, args, device: torch.device, length: int) -> dict:
+    step = training_step_fn(spec, pattern, args, device, length)
+    step()  # warm-up: kernels chosen, workspaces allocated
+    memory = peak_mib(step, device)
+    times = [timed(step, device) for _ in range(args.repeats)]
+    return {"train_ms": statistics.median(times), "train_mib": memory}
+
+
+def training_step_fn(spec: dict, pattern: tuple, args, device: torch.device, length: int) -> Callable[[], None]:
+    """One training step (forward, backward) of the module ``spec`` at ``length``, as a closure."""
     cross, causal = pattern
     module = build_module(spec, args.dim, args.heads, cross, causal).to(device).train()
     x = torch.randn(length, args.batch, args.dim, device=device, requires_grad=True)
@@ -68,10 +77,33 @@ def training_row(spec: dict, pattern: tuple, args, device: torch.device, length:
             out = module(query=x, key=x, value=x, attn_mask=mask, need_weights=False)[0]
         out.float().sum().backward()
 
-    step()  # warm-up: kernels chosen, workspaces allocated
-    memory = peak_mib(step, device)
-    times = [timed(step, device) for _ in range(args.repeats)]
-    return {"train_ms": statistics.median(times), "train_mib": memory}
+    return step
+
+
+def profile_row(spec: dict, pattern: tuple, args, device: torch.device, length: int, top: int = 5) -> dict:
+    """Where one training step's time goes: on CUDA the kernels launched and the ops with the most device time
+    (a step of many small launches is bound by them, not by the arithmetic); on the CPU the op calls and the ops
+    with the most CPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step = training_step_fn(spec, pattern, args, device, length)
+    step()
+    on_cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])) as prof:
+        step()
+        synchronize(device)
+    wanted = DeviceType.CUDA if on_cuda else DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == wanted]
+
+    def own_us(e) -> float:
+        if on_cuda:
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        return e.self_cpu_time_total
+
+    events.sort(key=own_us, reverse=True)
+    return {"calls": sum(e.count for e in events), "ms": sum(map(own_us, events)) / 1e3,
+            "top": [(e.key[:60], own_us(e) / 1e3, e.count) for e in events[:top]]}
 
 
 @torch.no_grad()
@@ -126,7 +158,7 @@ def _fmt(value, digits=2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def report(rows: List[dict], args, tests_log: Optional[str]) -> str:
+def report(rows: List[dict], args, tests_log: Optional[str], profiles: Optional[Dict[str, dict]] = None) -> str:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     lines = [f"# GPU check: {name}", "",
@@ -149,7 +181,26 @@ def report(rows: List[dict], args, tests_log: Optional[str]) -> str:
         m_ratio = (r["train_mib"] / ref["train_mib"]) if ref.get("train_mib") and r["train_mib"] is not None else None
         lines.append(f"| {r['length']} | {r['module']} | {r['pattern']} | {_fmt(r['train_ms'])} | {_fmt(t_ratio)} | "
                      f"{_fmt(r['train_mib'], 1)} | {_fmt(m_ratio)} | {_fmt(r.get('decode_ms'), 3)} |")
+    if profiles:
+        device_kind = "kernels" if device.type == "cuda" else "op calls"
+        lines += ["", f"## Where the slow training steps go (one step profiled at length {max(args.lengths)})", "",
+                  f"| module | {device_kind} | their ms | largest (ms, calls) |", "|---|---|---|---|"]
+        for name, prof in profiles.items():
+            if "error" in prof:
+                lines.append(f"| {name} | {prof['error']} | | |")
+                continue
+            largest = "; ".join(f"`{key}` {ms:.2f}, {count}" for key, ms, count in prof["top"])
+            lines.append(f"| {name} | {prof['calls']} | {prof['ms']:.2f} | {largest} |")
     return "\n".join(lines) + "\n"
+
+
+def slow_modules(rows: List[dict], threshold: float) -> List[str]:
+    """Attentions whose training step at the longest length took at least ``threshold`` times fairseq's."""
+    length = max(r["length"] for r in rows)
+    at = {r["module"]: r for r in rows if r["length"] == length and "error" not in r}
+    base = at.get("fairseq_mha", {}).get("train_ms")
+    return [name for name, r in at.items()
+            if base and name not in BASELINES and r["train_ms"] >= threshold * base]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,19 +214,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--bf16", action="store_true", help="run every step under bf16 autocast")
+    p.add_argument("--profile-above", type=float, default=2.0, metavar="RATIO",
+                   help="profile one training step, at the longest length, of every attention at least RATIO times "
+                        "slower than fairseq's (0: every attention; a negative value: none)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
+    profiles: Dict[str, dict] = {}
+
     def write(rows: List[dict]) -> str:
-        text = report(rows, args, args.tests_log)
+        text = report(rows, args, args.tests_log, profiles)
         with open(args.out, "w") as f:
             f.write(text)
         return text
 
-    print(write(run(args, on_row=write)))
+    rows = run(args, on_row=write)
+    device = torch.device(args.device)
+    for name in (slow_modules(rows, args.profile_above) if args.profile_above >= 0 else []):
+        spec = {"kind": "attention", "name": name, "options": dict(ATTENTIONS[name].bench_options)}
+        context = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+        try:
+            with context:
+                profiles[name] = profile_row(spec, pattern_of(name), args, device, max(args.lengths))
+        except Exception as error:  # a finding for the report, as in run()
+            profiles[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+        print(name, profiles[name], flush=True)
+        write(rows)
+    print(write(rows))
     return 0
 
 

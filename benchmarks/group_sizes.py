@@ -1,0 +1,101 @@
+"""How the chunked attentions' group sizes trade time for memory on a device: their training step with each
+group constant scaled.
+
+    python -m benchmarks.group_sizes --device cuda --length 4096 --scales 1 4 16 [--modules longshort abc]
+
+The constants were tuned on a 2-core CPU, where a group's temporaries should stay in cache and Python's work per
+group is a few percent; on a GPU every group is a round of kernel launches. Rows: each module at each scale, the
+median step time (CUDA events on CUDA), the peak memory on CUDA, and both as ratios to scale 1 in the same run.
+"""
+import argparse
+import contextlib
+import statistics
+from typing import Callable, Dict, Iterator, List
+
+import torch
+
+import fluence_fairseq.ops.linear_attention as linear_ops
+import fluence_fairseq.ops.longshort as longshort_ops
+from benchmarks.gpu_check import pattern_of, peak_mib, timed, training_step_fn
+from fluence_fairseq.modules.registry import ATTENTIONS
+
+
+@contextlib.contextmanager
+def _scaled_module_constant(module, name: str, scale: int) -> Iterator[None]:
+    old = getattr(module, name)
+    setattr(module, name, old * scale)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def _scaled_class_constant(attention: str, name: str) -> Callable[[int], contextlib.AbstractContextManager]:
+    return lambda scale: _scaled_module_constant(ATTENTIONS[attention].cls, name, scale)
+
+
+#: module -> what scaling its group means: a context that scales the constant by an integer
+GROUPS: Dict[str, Callable[[int], contextlib.AbstractContextManager]] = {
+    "longshort": lambda scale: _scaled_module_constant(longshort_ops, "_GROUP_ELEMENTS", scale),
+    "cosformer": lambda scale: _scaled_module_constant(linear_ops, "GROUP", scale),
+    "performer": lambda scale: _scaled_module_constant(linear_ops, "GROUP", scale),
+    "abc": _scaled_class_constant("abc", "block_chunks"),
+}
+
+
+def run(args) -> List[dict]:
+    device = torch.device(args.device)
+    rows = []
+    for name in args.modules:
+        spec = {"kind": "attention", "name": name, "options": dict(ATTENTIONS[name].bench_options)}
+        for scale in args.scales:
+            with GROUPS[name](scale):
+                step = training_step_fn(spec, pattern_of(name), args, device, args.length)
+                step()
+                memory = peak_mib(step, device)
+                ms = statistics.median(timed(step, device) for _ in range(args.repeats))
+            rows.append({"module": name, "scale": scale, "ms": ms, "mib": memory})
+            print(rows[-1], flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def report(rows: List[dict], args) -> str:
+    lines = [f"Group sizes on {args.device}: length {args.length}, batch {args.batch}, width {args.dim}, "
+             f"{args.heads} heads, median of {args.repeats} training steps.", "",
+             "| module | group scale | ms | × scale 1 | peak MiB | × scale 1 |", "|---|---|---|---|---|---|"]
+    first = {r["module"]: r for r in reversed(rows)}
+    for r in rows:
+        base = first[r["module"]]
+        mem = "-" if r["mib"] is None else f"{r['mib']:.1f}"
+        mem_ratio = "-" if r["mib"] is None or not base["mib"] else f"{r['mib'] / base['mib']:.2f}"
+        lines.append(f"| {r['module']} | {r['scale']} | {r['ms']:.2f} | {r['ms'] / base['ms']:.2f} | {mem} | "
+                     f"{mem_ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--modules", nargs="+", choices=sorted(GROUPS), default=list(GROUPS))
+    p.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=None, help="also write the table here")
+    args = p.parse_args(argv)
+    if any(scale < 1 for scale in args.scales):
+        p.error(f"--scales: each scale multiplies a group size, so it must be a positive integer, got {args.scales}")
+    text = report(run(args), args)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
