@@ -3,8 +3,9 @@ group constant scaled.
 
     python -m benchmarks.group_sizes --device cuda --length 4096 --scales 1 4 16 [--modules longshort abc]
 
-The constants were tuned on a 2-core CPU, where a group's temporaries should stay in cache and Python's work per
-group is a few percent; on a GPU every group is a round of kernel launches. Rows: each module at each scale, the
+Each has one constant for the CPU, tuned on a 2-core one where a group's temporaries should stay in cache and
+Python's work per group is a few percent, and one for other devices, where every group is a round of kernel
+launches (set from this benchmark on an H200); both are scaled. Rows: each module at each scale, the
 median step time (CUDA events on CUDA), the peak memory on CUDA, and both as ratios to scale 1 in the same run.
 """
 import argparse
@@ -21,25 +22,27 @@ from fluence_fairseq.modules.registry import ATTENTIONS
 
 
 @contextlib.contextmanager
-def _scaled_module_constant(module, name: str, scale: int) -> Iterator[None]:
-    old = getattr(module, name)
-    setattr(module, name, old * scale)
+def _scaled_constants(owner, names, scale: int) -> Iterator[None]:
+    old = {name: getattr(owner, name) for name in names}
+    for name, value in old.items():
+        setattr(owner, name, value * scale)
     try:
         yield
     finally:
-        setattr(module, name, old)
+        for name, value in old.items():
+            setattr(owner, name, value)
 
 
-def _scaled_class_constant(attention: str, name: str) -> Callable[[int], contextlib.AbstractContextManager]:
-    return lambda scale: _scaled_module_constant(ATTENTIONS[attention].cls, name, scale)
+def _scaling(owner, *names: str) -> Callable[[int], contextlib.AbstractContextManager]:
+    return lambda scale: _scaled_constants(owner, names, scale)
 
 
-#: module -> what scaling its group means: a context that scales the constant by an integer
+#: module -> a context that scales its group constants (the CPU's and other devices') by an integer
 GROUPS: Dict[str, Callable[[int], contextlib.AbstractContextManager]] = {
-    "longshort": lambda scale: _scaled_module_constant(longshort_ops, "_GROUP_ELEMENTS", scale),
-    "cosformer": lambda scale: _scaled_module_constant(linear_ops, "GROUP", scale),
-    "performer": lambda scale: _scaled_module_constant(linear_ops, "GROUP", scale),
-    "abc": _scaled_class_constant("abc", "block_chunks"),
+    "longshort": _scaling(longshort_ops, "_GROUP_ELEMENTS", "_DEVICE_GROUP_ELEMENTS"),
+    "cosformer": _scaling(linear_ops, "GROUP", "DEVICE_GROUP"),
+    "performer": _scaling(linear_ops, "GROUP", "DEVICE_GROUP"),
+    "abc": _scaling(ATTENTIONS["abc"].cls, "block_chunks", "device_block_chunks"),
 }
 
 

@@ -43,6 +43,15 @@ DEFAULT_CHUNK = 64
 #: threads): paired at L=8192, 0.967x cosFormer and 0.946x Performer causal, 0.972x Performer noncausal, the same
 #: peak memory; 1024 was faster still but took cosFormer's causal peak from 1.45x to 1.57x the projections'
 GROUP = 512
+#: the same off the CPU (GPUs), where a group is a round of small kernel launches: on an H200 (L=4096, batch 4,
+#: width 512, ``python -m benchmarks.group_sizes``) groups of 2,048 took causal cosFormer's step to 0.58x and
+#: Performer's to 0.66x those of 512, at 2.05x and 1.49x their peak memory (1.37x and 0.90x fairseq's attention's)
+DEVICE_GROUP = 2048
+
+
+def group_size(device: torch.device) -> int:
+    """Positions per group on ``device``: :data:`GROUP` on the CPU, :data:`DEVICE_GROUP` elsewhere."""
+    return GROUP if device.type == "cpu" else DEVICE_GROUP
 #: the causal function keeps the state entering every this many groups for backward, which recomputes the
 #: states in between from the keys (one more key-state product per group but the kept ones; about 3% of a
 #: training step in paired timings): at L=8192 with cosFormer's 2 x 64 features, a few MiB of states fewer,
@@ -366,7 +375,7 @@ def _normalised_grads(g: Tensor, out: Tensor, den: Tensor, eps: float):
 
 
 class _CausalLinearAttention(torch.autograd.Function):
-    """Chunked causal linear attention, vectorised over the chunks of a group of ~``GROUP`` positions.
+    """Chunked causal linear attention, vectorised over the chunks of a group of ~:func:`group_size` positions.
 
     The intra-chunk products of a group's chunks are batched (B, H, g, C, C); the carried states exist once per
     chunk of the group (B, H, g, M, d) and (B, H, g, M), never per position, and temporaries never span the whole
@@ -568,7 +577,7 @@ class _CausalLinearAttention(torch.autograd.Function):
 
 class _LinearAttention(torch.autograd.Function):
     """Noncausal linear attention ``out = phi_q KV / (phi_q . ksum)`` with per-key weights ``w`` (B, H, S)
-    (``None``: all 1), computed a block of ``GROUP`` positions at a time. Keeps only the inputs, the weights and
+    (``None``: all 1), computed a block of :func:`group_size` positions at a time. Keeps only the inputs, the weights and
     the (M, d + 1) summary for backward; the output is recomputed there block by block. ``relu``: q and k are
     raw and the features are their relu, made a block at a time; ``reuse``: each block's gradients are written
     over its rows of q, k and v once they are no longer needed (see :func:`linear_attention`)."""
@@ -577,8 +586,9 @@ class _LinearAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, c, w, qmix, kmix, eps: float, relu: bool, reuse: bool):
         d = v.size(-1)
         kv = None
-        for lo in range(0, k.size(2), GROUP):
-            rows = slice(lo, lo + GROUP)
+        group = group_size(q.device)
+        for lo in range(0, k.size(2), group):
+            rows = slice(lo, lo + group)
             ke = _mix(_features(k[:, :, rows], relu), None if kmix is None else kmix[:, :, rows])
             if w is not None:
                 ke = ke * w[:, :, rows].unsqueeze(-1)
@@ -586,8 +596,8 @@ class _LinearAttention(torch.autograd.Function):
             part = torch.cat([torch.matmul(ke.transpose(-1, -2), vb), ke.sum(-2).unsqueeze(-1)], dim=-1)
             kv = part if kv is None else kv.add_(part)
         out = torch.empty_like(v) if v.shape[:3] == q.shape[:3] else q.new_empty(*q.shape[:3], d)
-        for lo in range(0, q.size(2), GROUP):
-            rows = slice(lo, lo + GROUP)
+        for lo in range(0, q.size(2), group):
+            rows = slice(lo, lo + group)
             num = torch.matmul(_mix(_features(q[:, :, rows], relu), None if qmix is None else qmix[:, :, rows]), kv)
             out[:, :, rows] = num[..., :d] / num[..., d:].clamp_min(eps)
         ctx.eps, ctx.relu, ctx.reuse = eps, relu, reuse
@@ -598,11 +608,12 @@ class _LinearAttention(torch.autograd.Function):
     def backward(ctx, g_out):
         q, k, v, c, w, qmix, kmix, kv = ctx.saved_tensors
         eps, d, relu = ctx.eps, v.size(-1), ctx.relu
+        group = group_size(q.device)
         # with ``reuse`` a block's rows are read for the last time before its gradient lands on them
         dq = q if ctx.reuse else torch.empty_like(q)
         dkv = torch.zeros_like(kv)
-        for lo in range(0, q.size(2), GROUP):
-            rows = slice(lo, lo + GROUP)
+        for lo in range(0, q.size(2), group):
+            rows = slice(lo, lo + group)
             qm = None if qmix is None else qmix[:, :, rows]
             qr = q[:, :, rows]
             qe = _mix(_features(qr, relu), qm)
@@ -618,8 +629,8 @@ class _LinearAttention(torch.autograd.Function):
             del qe
             dq[:, :, rows] = gq
         dk, dv = (k, v) if ctx.reuse else (torch.empty_like(k), torch.empty_like(v))
-        for lo in range(0, k.size(2), GROUP):
-            rows = slice(lo, lo + GROUP)
+        for lo in range(0, k.size(2), group):
+            rows = slice(lo, lo + group)
             km = None if kmix is None else kmix[:, :, rows]
             kr = k[:, :, rows]
             ke = _mix(_features(kr, relu), km)
@@ -686,7 +697,8 @@ def causal_linear_attention(
     else:
         kv0, ks0, m0 = (t.detach().to(work) for t in state)
     out, kv, ks, m_run = _CausalLinearAttention.apply(q, k, vv, c, query_mix, key_mix, kv0, ks0, m0,
-                                                      int(query_offset), int(chunk_size), float(eps), GROUP,
+                                                      int(query_offset), int(chunk_size), float(eps),
+                                                      group_size(q.device),
                                                       bool(relu), bool(reuse_inputs))
     return out.to(phi_q.dtype), LinearState(kv, ks, m_run)
 

@@ -26,6 +26,10 @@ __all__ = ["long_short_attention", "dense_joint_attention", "compress_chunks", "
 
 # elements of one (B, H, blocks, bq, keys) score tensor per group: bounds the transient memory
 _GROUP_ELEMENTS = 1 << 18
+# the same off the CPU (GPUs), where a group is a round of small kernel launches: on an H200 (causal, L=4096,
+# batch 4, width 512, ``python -m benchmarks.group_sizes``) 2^22 took the training step to 0.34x that of 2^18 at
+# 1.27x its peak memory (0.80x fairseq's attention's); 2^20 was slower (1.23x)
+_DEVICE_GROUP_ELEMENTS = 1 << 22
 
 
 def head_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
@@ -218,7 +222,7 @@ class _LongShort(torch.autograd.Function):
         gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
         w5 = ln_l_w.view(1, heads, 1, 1, dim)
         b5 = ln_l_b.view(1, heads, 1, 1, dim)
-        for g0, g1 in _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2)):
+        for g0, g1 in _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2), q.device):
             count = g1 - g0
             n_vis = _LongShort._visible(glob_start, g1, bq)
             qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi)
@@ -305,8 +309,9 @@ class _LongShort(torch.autograd.Function):
         return (rel > left) | (rel < -right)
 
     @staticmethod
-    def _groups(bsz, heads, nblocks, bq, width):
-        step = max(1, _GROUP_ELEMENTS // (bsz * heads * bq * width))
+    def _groups(bsz, heads, nblocks, bq, width, device):
+        elements = _GROUP_ELEMENTS if device.type == "cpu" else _DEVICE_GROUP_ELEMENTS
+        step = max(1, elements // (bsz * heads * bq * width))
         return [(g, min(nblocks, g + step)) for g in range(0, nblocks, step)]
 
     @staticmethod
@@ -387,7 +392,7 @@ class _LongShort(torch.autograd.Function):
         # _RollingRows)
         grad_vn = grad_out if reuse_buffers and covers_storage(grad_out) else q.new_empty(length, bsz, heads, dim).permute(
             1, 2, 0, 3)
-        groups = _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2))
+        groups = _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2), q.device)
         value_rows = _RollingRows(grad_vn, left, bq, kb, groups)
         # with ``reuse_buffers`` over q itself: each block's rows are read (scaled into a copy) before theirs is written
         grad_q = q if reuse_buffers else q.new_empty(length, bsz, heads, dim).permute(1, 2, 0, 3)
