@@ -1,0 +1,35 @@
+"""The chunked attentions group their work by one constant on the CPU (cache-sized groups) and another elsewhere
+(GPUs, where every group is a round of kernel launches; docs/gpu.md). Checked with tensors on the meta device,
+which is not the CPU and holds no memory."""
+import torch
+
+import fluence_fairseq.modules.abc as abc_module
+import fluence_fairseq.ops.linear_attention as linear_ops
+from fluence_fairseq.modules import FSABCAttention
+from fluence_fairseq.ops.longshort import _LongShort
+
+META, CPU = torch.device("meta"), torch.device("cpu")
+
+
+def test_linear_attention_groups_by_device():
+    assert linear_ops.group_size(CPU) == linear_ops.GROUP == 512
+    assert linear_ops.group_size(META) == linear_ops.DEVICE_GROUP == 2048
+
+
+def test_longshort_groups_by_device():
+    # (B, H, blocks, bq, keys) = (4, 8, 64, 64, 192): 393,216 score elements a block
+    on_cpu = _LongShort._groups(4, 8, 64, 64, 192, CPU)
+    off_cpu = _LongShort._groups(4, 8, 64, 64, 192, META)
+    assert len(on_cpu) == 64 and len(off_cpu) == 64 // 10 + 1  # 2^18: one block a group; 2^22: ten
+    assert off_cpu[0] == (0, 10) and off_cpu[-1] == (60, 64)
+
+
+def test_abc_walks_more_chunks_per_group_off_the_cpu(monkeypatch):
+    seen = []
+    monkeypatch.setattr(abc_module, "causal_abc", lambda *args, **kwargs: seen.append(kwargs["block_chunks"]))
+    attn = FSABCAttention(32, 4, causal=True)
+    for device in (CPU, META):
+        q = k = v = torch.empty(2, 4, 16, 8, device=device)
+        alpha = torch.empty(2, 4, 16, attn.num_landmarks, device=device)
+        attn._run_causal(q, k, v, alpha, alpha)
+    assert seen == [attn.block_chunks, attn.device_block_chunks] == [8, 32]
