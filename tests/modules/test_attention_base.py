@@ -112,10 +112,21 @@ def test_incremental_equals_full_forward():
     torch.testing.assert_close(torch.cat([a, b]), full, atol=ATOL, rtol=0)
 
 
+def test_sdpa_for_decoding_leaves_cudnn_out():
+    from fluence_fairseq.ops.common import sdpa_for_decoding
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with sdpa_for_decoding():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 @pytest.mark.parametrize("cross", [False, True])
-def test_decoding_steps_leave_cudnn_out_of_sdpa(cross, monkeypatch):
+def test_decoding_steps_leave_cudnn_out_of_sdpa_on_cuda(cross, monkeypatch, device):
     """cuDNN's SDPA kernel builds a graph for every new shape, and a decoding step's key length is new at every
-    step (60 ms a step on an H200 in bf16): decoding steps run without it, full passes keep it."""
+    step (60 ms a step on an H200 in bf16): on CUDA decoding steps run without it, full passes keep it. On the
+    CPU, which has no cuDNN kernel, nothing changes."""
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -131,7 +142,8 @@ def test_decoding_steps_leave_cudnn_out_of_sdpa(cross, monkeypatch):
     state = {}
     for t in range(3):
         ours(query=x[t:t + 1], key=src, value=src, incremental_state=state, static_kv=cross, need_weights=False)
-    assert seen == [True, False, False, False]
+    on_cuda = device.type == "cuda"
+    assert seen == [True, not on_cuda, not on_cuda, not on_cuda]
     assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after each step
 
 
