@@ -47,16 +47,16 @@ GROUP = 512
 #: width 512, ``python -m benchmarks.group_sizes``) groups of 2,048 took causal cosFormer's step to 0.58x and
 #: Performer's to 0.66x those of 512, at 2.05x and 1.49x their peak memory (1.37x and 0.90x fairseq's attention's)
 DEVICE_GROUP = 2048
-
-
-def group_size(device: torch.device) -> int:
-    """Positions per group on ``device``: :data:`GROUP` on the CPU, :data:`DEVICE_GROUP` elsewhere."""
-    return GROUP if device.type == "cpu" else DEVICE_GROUP
 #: the causal function keeps the state entering every this many groups for backward, which recomputes the
 #: states in between from the keys (one more key-state product per group but the kept ones; about 3% of a
 #: training step in paired timings): at L=8192 with cosFormer's 2 x 64 features, a few MiB of states fewer,
 #: alive beside the output projection's backward
 STATE_EVERY = 8
+
+
+def group_size(device: torch.device) -> int:
+    """Positions per group on ``device``: :data:`GROUP` on the CPU, :data:`DEVICE_GROUP` elsewhere."""
+    return GROUP if device.type == "cpu" else DEVICE_GROUP
 
 
 class LinearState(NamedTuple):
@@ -577,10 +577,10 @@ class _CausalLinearAttention(torch.autograd.Function):
 
 class _LinearAttention(torch.autograd.Function):
     """Noncausal linear attention ``out = phi_q KV / (phi_q . ksum)`` with per-key weights ``w`` (B, H, S)
-    (``None``: all 1), computed a block of :func:`group_size` positions at a time. Keeps only the inputs, the weights and
-    the (M, d + 1) summary for backward; the output is recomputed there block by block. ``relu``: q and k are
-    raw and the features are their relu, made a block at a time; ``reuse``: each block's gradients are written
-    over its rows of q, k and v once they are no longer needed (see :func:`linear_attention`)."""
+    (``None``: all 1), computed a block of :func:`group_size` positions at a time. Keeps only the inputs, the
+    weights and the (M, d + 1) summary for backward; the output is recomputed there block by block. ``relu``: q
+    and k are raw and the features are their relu, made a block at a time; ``reuse``: each block's gradients are
+    written over its rows of q, k and v once they are no longer needed (see :func:`linear_attention`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, c, w, qmix, kmix, eps: float, relu: bool, reuse: bool):

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .common import without_autocast
+
 __all__ = ["discretize", "kernel_factors", "s4d_kernel", "two_sided_kernel", "fft_size", "s4d_conv", "ssm_chunk_step"]
 
 
@@ -233,18 +235,20 @@ class _S4DConv(torch.autograd.Function):
     rides in the kernel (``d`` added at offset 0), so its gradient is the kernel gradient's offset 0.
     """
 
+    # the work dtype is float32 or wider: autocast must not lower the kernel's product (cuFFT takes half precision
+    # only at power-of-two sizes, bfloat16 not at all)
     @staticmethod
+    @without_autocast
     def forward(ctx, u, left, right, d, n, activation):
         ctx.n, ctx.activation = n, activation
         ctx.save_for_backward(u, left, right, d)
-        # the work dtype is float32 or wider: autocast must not lower the kernel's product (cuFFT takes half
-        # precision only at power-of-two sizes, bfloat16 not at all)
-        with _loop_threads() as threads, torch.autocast(u.device.type, enabled=False):
+        with _loop_threads() as threads:
             return _conv(u, left, right, d, n, activation, threads)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad):
-        with _loop_threads() as threads, torch.autocast(grad.device.type, enabled=False):
+        with _loop_threads() as threads:
             return _S4DConv._backward(ctx, grad, threads)
 
     @staticmethod

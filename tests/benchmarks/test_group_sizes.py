@@ -26,7 +26,8 @@ def test_every_module_at_every_scale_with_the_constants_restored(tmp_path, monke
                     ("cosformer", ls, lin, abc), ("cosformer", ls, 3 * lin, abc),
                     ("performer", ls, lin, abc), ("performer", ls, 3 * lin, abc),
                     ("abc", ls, lin, abc), ("abc", ls, lin, 3 * abc)]
-    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    lines = out.read_text().splitlines()
+    rows = [line.split(" | ") for line in lines if line.startswith("| ") and "---" not in line][1:]
     assert [(r[0].strip("| "), int(r[1])) for r in rows] == [(m, s) for m in group_sizes.GROUPS for s in (1, 3)]
     assert all(float(r[3]) == 1.0 for r in rows if r[1] == "1")
 
