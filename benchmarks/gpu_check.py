@@ -81,9 +81,9 @@ def training_step_fn(spec: dict, pattern: tuple, args, device: torch.device, len
 
 
 def profile_row(spec: dict, pattern: tuple, args, device: torch.device, length: int, top: int = 5) -> dict:
-    """Where one training step's time goes: on CUDA the kernels launched and the ops with the most device time
-    (a step of many small launches is bound by them, not by the arithmetic); on the CPU the op calls and the ops
-    with the most CPU time."""
+    """Where one training step's time goes: on CUDA the kernels launched, their device time and the ops whose
+    kernels took the most of it (a step of many small launches is bound by them, not by the arithmetic); on the
+    CPU the op calls, their time and the ops with the most of it."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -93,17 +93,22 @@ def profile_row(spec: dict, pattern: tuple, args, device: torch.device, length: 
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])) as prof:
         step()
         synchronize(device)
-    wanted = DeviceType.CUDA if on_cuda else DeviceType.CPU
-    events = [e for e in prof.key_averages() if e.device_type == wanted]
-
-    def own_us(e) -> float:
-        if on_cuda:
+    averages = list(prof.key_averages())
+    if on_cuda:
+        def own_us(e) -> float:  # the device time of the kernels the event (an op or a kernel) launched itself
             return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-        return e.self_cpu_time_total
 
-    events.sort(key=own_us, reverse=True)
-    return {"calls": sum(e.count for e in events), "ms": sum(map(own_us, events)) / 1e3,
-            "top": [(e.key[:60], own_us(e) / 1e3, e.count) for e in events[:top]]}
+        counted = [e for e in averages if e.device_type == DeviceType.CUDA]
+        # the ops (aten::mul) name the work better than their kernels' template names; kernels where they carry none
+        ranked = [e for e in averages if e.device_type == DeviceType.CPU and own_us(e) > 0] or counted
+    else:
+        def own_us(e) -> float:
+            return e.self_cpu_time_total
+
+        counted = ranked = [e for e in averages if e.device_type == DeviceType.CPU]
+    ranked = sorted(ranked, key=own_us, reverse=True)
+    return {"calls": sum(e.count for e in counted), "ms": sum(map(own_us, counted)) / 1e3,
+            "top": [(e.key[:60], own_us(e) / 1e3, e.count) for e in ranked[:top]]}
 
 
 @torch.no_grad()
