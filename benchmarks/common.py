@@ -117,6 +117,11 @@ class ProjectedSDPA(nn.Module):
         return (self.out_proj(out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, dim)),)
 
 
+def bench_spec(name: str) -> dict:
+    """The module spec of registered attention ``name`` with its benchmark options (``bench_options``)."""
+    return {"kind": "attention", "name": name, "options": dict(get_attention(name).bench_options)}
+
+
 def causal_float_mask(tgt_len: int, src_len: int) -> Tensor:
     """fairseq's future mask: 0 on and below the diagonal, -inf above."""
     return torch.triu(torch.full((tgt_len, src_len), float("-inf")), 1)

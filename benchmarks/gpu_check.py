@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from benchmarks.common import build_module, causal_float_mask, cuda_peak_increase_mb, synchronize
+from benchmarks.common import bench_spec, build_module, causal_float_mask, cuda_peak_increase_mb, synchronize
 from fluence_fairseq.modules.attention_base import FluenceAttention
 from fluence_fairseq.modules.registry import ATTENTIONS
 
@@ -135,8 +135,7 @@ def run(args, on_row: Callable[[List[dict]], None] = lambda rows: None) -> List[
     that a check stopped at its time limit still leaves what it measured)."""
     device = torch.device(args.device)
     rows = []
-    subjects = {name: {"kind": "attention", "name": name, "options": dict(ATTENTIONS[name].bench_options)}
-                for name in ATTENTIONS}
+    subjects = {name: bench_spec(name) for name in ATTENTIONS}
     for length in args.lengths:
         for name, spec in {**BASELINES, **subjects}.items():
             pattern = pattern_of(name) if spec["kind"] == "attention" else (False, True)
@@ -239,7 +238,7 @@ def main(argv=None) -> int:
     rows = run(args, on_row=write)
     device = torch.device(args.device)
     for name in (slow_modules(rows, args.profile_above) if args.profile_above >= 0 else []):
-        spec = {"kind": "attention", "name": name, "options": dict(ATTENTIONS[name].bench_options)}
+        spec = bench_spec(name)
         context = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
         try:
             with context:

@@ -17,6 +17,7 @@ import torch
 
 import fluence_fairseq.ops.linear_attention as linear_ops
 import fluence_fairseq.ops.longshort as longshort_ops
+from benchmarks.common import bench_spec
 from benchmarks.gpu_check import pattern_of, peak_mib, timed, training_step_fn
 from fluence_fairseq.modules.registry import ATTENTIONS
 
@@ -50,7 +51,7 @@ def run(args) -> List[dict]:
     device = torch.device(args.device)
     rows = []
     for name in args.modules:
-        spec = {"kind": "attention", "name": name, "options": dict(ATTENTIONS[name].bench_options)}
+        spec = bench_spec(name)
         for scale in args.scales:
             with GROUPS[name](scale):
                 step = training_step_fn(spec, pattern_of(name), args, device, args.length)

@@ -18,8 +18,8 @@ from typing import Dict, List
 
 import torch
 
-from .common import (MEMORY_ENV, PATTERN_FLAGS, build_module, reset_peak_rss, rss_mb, run_in_fresh_process,
-                     training_step)
+from .common import (MEMORY_ENV, PATTERN_FLAGS, bench_spec, build_module, reset_peak_rss, rss_mb,
+                     run_in_fresh_process, training_step)
 from fluence_fairseq.modules.registry import ATTENTIONS
 
 
@@ -27,7 +27,7 @@ def trace(job: dict) -> dict:
     """One step of ``job["attention"]``; returns the marks and the saved tensors."""
     torch.manual_seed(0)
     cross, causal = PATTERN_FLAGS[job["pattern"]]
-    spec = {"kind": "attention", "name": job["attention"], "options": dict(ATTENTIONS[job["attention"]].bench_options)}
+    spec = bench_spec(job["attention"])
     module = build_module(spec, job["dim"], job["heads"], cross, causal)
     training_step(module, job["dim"], 1, 16, 16, cross, causal)()  # one-time costs out of the numbers
     step = training_step(module, job["dim"], 1, job["length"], job["length"], cross, causal)
