@@ -34,7 +34,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from .attention import _key_values, _typed_options
-from .common import PATTERN_FLAGS, build_module, training_step
+from .common import PATTERN_FLAGS, add_allocator_argument, build_module, training_step, use_allocator
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -111,7 +111,9 @@ def main(argv=None) -> Dict[str, float]:
                         "it calls its op")
     parser.add_argument("--need-weights", action="store_true", help="call the attention with fairseq's default "
                         "need_weights=True (the weights returned, not used) instead of need_weights=False")
+    add_allocator_argument(parser)
     args = parser.parse_args(argv)
+    allocator = use_allocator(args.allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
     cross, causal = PATTERN_FLAGS[args.pattern]
@@ -166,7 +168,7 @@ def main(argv=None) -> Dict[str, float]:
     print(f"{args.attention} ({args.pattern}, L={args.length}, {torch.get_num_threads()} threads), working tree / "
           f"{args.against} over {args.pairs} pairs: median {result['ratio_median']:.3f} (range "
           f"{result['ratio_min']:.3f}-{result['ratio_max']:.3f}); medians {result['old_ms']:.0f} ms -> "
-          f"{result['new_ms']:.0f} ms")
+          f"{result['new_ms']:.0f} ms; allocator {allocator}")
     return result
 
 

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .common import MEMORY_ENV, PATTERN_FLAGS, run_in_fresh_process, run_job
+from .common import MEMORY_ENV, PATTERN_FLAGS, add_allocator_argument, run_in_fresh_process, run_job
 from fluence_fairseq.modules.attention_base import PATTERNS
 from fluence_fairseq.modules.registry import ATTENTIONS, get_attention
 
@@ -146,6 +146,7 @@ class BenchConfig:
     #: fairseq MHA and SDPA are quadratic: run them only up to this length (None = every length)
     baseline_max_length: Optional[int] = None
     device: str = "cpu"  # "cuda": synchronised timing and peak CUDA memory (decoding is measured on the CPU only)
+    allocator: str = "steady"  # of the timing workers, see benchmarks.common.use_allocator
 
 
 def adaptive_span_preset() -> BenchConfig:
@@ -255,9 +256,10 @@ def run_benchmark(cfg: BenchConfig, log=lambda msg: print(msg, file=sys.stderr, 
                 continue
             job = {"module": spec, "pattern": cfg.pattern, "dim": cfg.dim, "heads": cfg.heads, "batch": cfg.batch,
                    "length": length, "src_len": cfg.src_len or length, "repeats": cfg.repeats,
-                   "warmup": cfg.warmup, "device": cfg.device,
+                   "warmup": cfg.warmup, "device": cfg.device, "allocator": cfg.allocator,
                    "decode": decode_job if decoding and decodes and i == 0 and cfg.device == "cpu" else None}
             result = _run_in_fresh_process(job)
+            machine["allocator"] = result.get("allocator", machine.get("allocator"))
             # memory from a second worker with a fixed mmap threshold (see benchmarks/common.py): reproducible RSS peaks
             result["peak_mem_mb"] = _run_in_fresh_process({**job, "memory_only": True, "decode": None},
                                                           MEMORY_ENV)["peak_mem_mb"]
@@ -291,7 +293,8 @@ def markdown(report: dict) -> str:
         + (f", source length {cfg['src_len']}" if cfg["src_len"] else "")
         + "; options: " + "; ".join(dict.fromkeys(f"{v['attention']} {v['options']}" for v in cfg["variants"])) + ". "
         f"Each case runs in a fresh process. Time: one training step (forward + backward), median and min of "
-        f"{cfg['repeats']} steps after {cfg['warmup']} warm-up. Memory: peak RSS increase during the first "
+        f"{cfg['repeats']} steps after {cfg['warmup']} warm-up, allocator "
+        f"{machine.get('allocator', 'default (not recorded)')}. Memory: peak RSS increase during the first "
         "full-size step over the RSS before it (activations, gradients, temporaries; not parameters or inputs), "
         "in a separate worker with glibc's mmap threshold fixed so that RSS follows the live tensors.",
         "",
@@ -451,7 +454,7 @@ def _typed_options(attention: str, raw: Dict[str, str]) -> Dict[str, Any]:
 def config_from_args(args) -> BenchConfig:
     overrides = {name: getattr(args, name) for name in (
         "pattern", "dim", "heads", "batch", "lengths", "src_len", "repeats", "warmup", "decode_positions",
-        "decode_batches", "decode_steps", "device") if getattr(args, name) is not None}
+        "decode_batches", "decode_steps", "device", "allocator") if getattr(args, name) is not None}
     raw_options = _key_values(args.opt, "--opt")
     if args.preset:
         if args.setup or args.attention:
@@ -492,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-steps", type=int, help="timed decoding steps per position")
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--device", help="cpu (default) or cuda: synchronised times and peak CUDA memory")
+    add_allocator_argument(parser)
     parser.add_argument("--out", metavar="PREFIX", help="write PREFIX.md, PREFIX.json and PREFIX.png")
     parser.add_argument("--summarize", nargs="+", metavar="REPORT.json",
                         help="print one table of the given reports (e.g. the efficient presets) and exit")

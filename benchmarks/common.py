@@ -19,9 +19,17 @@ through ``/proc/self/clear_refs`` just before that step, so it is Linux-only; ru
 process, or memory freed earlier and kept by the allocator hides part of the increase. ``benchmarks.attention`` measures
 memory in a separate worker whose glibc ``MALLOC_MMAP_THRESHOLD_`` is fixed (:data:`MEMORY_ENV`): large buffers
 are then always mapped and unmapped, so the RSS follows the live tensors instead of depending on glibc's
-adaptive threshold (which otherwise made the same run read 94 or 160 MiB). Times come from a worker with the
-default allocator settings.
+adaptive threshold (which otherwise made the same run read 94 or 160 MiB).
+
+Times come from workers with a *steady* allocator unless ``--allocator default`` (:func:`use_allocator`): glibc
+keeps freed memory for reuse instead of returning it to the kernel, as a caching allocator (jemalloc, tcmalloc,
+PyTorch's CUDA allocator) does. With glibc's defaults a buffer of a few MiB freed in one step is often unmapped and
+its pages faulted in again the next: on the 2-core Intel Xeon at L=8192 that was 0-28,000 page faults and 0-212 ms
+of kernel time per projections-only step, whose median then moved between 288 and 385 ms from step to step (steady:
+265-277 ms, no faults), so ratios to it measured the kernel's page handling as much as the attention.
 """
+import ctypes
+import ctypes.util
 import json
 import os
 import statistics
@@ -39,6 +47,38 @@ from fluence_fairseq.modules.registry import get_attention
 
 #: environment of the memory-measuring worker (see the module docstring)
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+#: ``--allocator`` choices of the timing benchmarks (see :func:`use_allocator`)
+ALLOCATORS = ("steady", "default")
+# glibc's mallopt parameters (malloc.h) and the steady settings: the largest mmap threshold glibc accepts (32 MiB
+# on 64-bit; larger buffers are still mapped per allocation), a trim threshold of 2 GiB, and a heap grown 64 MiB
+# beyond each request (without it, buffers freed in a changing order grew the heap, and faulted, for several steps)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_STEADY = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, (1 << 31) - 1), (_M_TOP_PAD, 64 << 20))
+
+
+def use_allocator(name: str) -> str:
+    """Set this process's allocator for timing; returns a description of what is in effect, for the report.
+
+    ``steady``: glibc's ``mallopt`` keeps freed buffers of up to 32 MiB in the heap, never trims it below 2 GiB and
+    grows it 64 MiB at a time, so after the warm-up a step reuses memory whose pages are already mapped (see the module docstring);
+    ``default``: glibc's adaptive settings, page faults included. Without glibc (another libc) nothing is set and
+    the description says so."""
+    if name not in ALLOCATORS:
+        raise ValueError(f"--allocator must be one of {ALLOCATORS}, got {name!r}")
+    if name == "default":
+        return "default (glibc's adaptive settings)"
+    path = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(path), "mallopt", None) if path else None
+    if mallopt is None or not all(mallopt(param, value) == 1 for param, value in _STEADY):
+        return "default (steady asked for, but this C library has no glibc mallopt)"
+    return "steady (glibc keeps freed memory: mmap threshold 32 MiB, trim threshold 2 GiB, top pad 64 MiB)"
+
+
+def add_allocator_argument(parser) -> None:
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="steady",
+                        help="allocator of the timed process: steady (default; glibc keeps freed memory, no page "
+                             "faults after the warm-up) or default (glibc's adaptive settings)")
 
 def run_in_fresh_process(module: str, job: dict, what: str, extra_env: Optional[Dict[str, str]] = None) -> dict:
     """``python -m <module> --worker`` with ``job`` as JSON on stdin; returns the JSON of its last stdout line.
@@ -309,6 +349,7 @@ def measure_decoding(spec: dict, dim: int, heads: int, positions: List[int], bat
 
 def run_job(job: dict) -> dict:
     """One worker's work: training measurement of ``job["module"]``, and decoding if ``job["decode"]``."""
+    allocator = None if job.get("memory_only") else use_allocator(job.get("allocator", "steady"))
     torch.manual_seed(0)
     cross, causal = PATTERN_FLAGS[job["pattern"]]
     shape = {k: job[k] for k in ("dim", "heads")}
@@ -318,4 +359,6 @@ def run_job(job: dict) -> dict:
                               **shape)
     if job.get("decode"):
         result["decode"] = measure_decoding(job["module"], warmup=job["warmup"], **job["decode"], **shape)
+    if allocator is not None:
+        result["allocator"] = allocator
     return result

@@ -17,7 +17,7 @@ import torch
 
 import fluence_fairseq.ops.linear_attention as linear_ops
 import fluence_fairseq.ops.longshort as longshort_ops
-from benchmarks.common import bench_spec
+from benchmarks.common import add_allocator_argument, bench_spec, use_allocator
 from benchmarks.gpu_check import pattern_of, peak_mib, timed, training_step_fn
 from fluence_fairseq.modules.registry import ATTENTIONS
 
@@ -67,7 +67,8 @@ def run(args) -> List[dict]:
 
 def report(rows: List[dict], args) -> str:
     lines = [f"Group sizes on {args.device}: length {args.length}, batch {args.batch}, width {args.dim}, "
-             f"{args.heads} heads, median of {args.repeats} training steps.", "",
+             f"{args.heads} heads, median of {args.repeats} training steps; CPU allocator "
+             f"{getattr(args, 'allocator_used', 'default (not recorded)')}.", "",
              "| module | group scale | ms | × scale 1 | peak MiB | × scale 1 |", "|---|---|---|---|---|---|"]
     first = {r["module"]: r for r in reversed(rows)}
     for r in rows:
@@ -90,7 +91,9 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None, help="also write the table here")
+    add_allocator_argument(p)
     args = p.parse_args(argv)
+    args.allocator_used = use_allocator(args.allocator)
     if any(scale < 1 for scale in args.scales):
         p.error(f"--scales: each scale multiplies a group size, so it must be a positive integer, got {args.scales}")
     text = report(run(args), args)

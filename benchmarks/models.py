@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .common import MEMORY_ENV, peak_rss_increase_mb, run_in_fresh_process
+from .common import MEMORY_ENV, add_allocator_argument, peak_rss_increase_mb, run_in_fresh_process, use_allocator
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class BenchModelsConfig:
     warmup: int = 2
     repeats: int = 5
     threads: Optional[int] = None
+    allocator: str = "steady"  # of the timing workers, see benchmarks.common.use_allocator
     targets: Dict[str, float] = field(default_factory=lambda: dict(SPARSE_TARGETS))
 
 
@@ -122,6 +123,7 @@ def _worker(job: dict) -> dict:
 
     if job.get("memory_only"):
         return {"peak_mem_mb": peak_rss_increase_mb(step)}
+    allocator = use_allocator(job.get("allocator", "steady"))
     for _ in range(job["warmup"]):
         step()
     times = []
@@ -131,7 +133,7 @@ def _worker(job: dict) -> dict:
         times.append(time.perf_counter() - started)
     seconds = statistics.median(times)
     return {"step_s_median": seconds, "step_s_min": min(times), "tokens_per_s": bsz * tgt_len / seconds,
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in model.parameters()), "allocator": allocator}
 
 
 def _run(job: dict, extra_env: Optional[Dict[str, str]] = None) -> dict:
@@ -162,7 +164,7 @@ def run_benchmark(cfg: BenchModelsConfig, log=lambda msg: print(msg, file=sys.st
         for arch in [setting.baseline, *setting.archs]:
             job = {"arch": arch, "extra": list(setting.extra), "vocab": cfg.vocab, "batch": setting.batch,
                    "src_len": setting.src_len, "tgt_len": setting.tgt_len, "warmup": cfg.warmup,
-                   "repeats": cfg.repeats, "threads": cfg.threads}
+                   "repeats": cfg.repeats, "threads": cfg.threads, "allocator": cfg.allocator}
             result = _run(job)
             result["peak_mem_mb"] = _run({**job, "memory_only": True}, MEMORY_ENV)["peak_mem_mb"]
             row = {"setting": setting.name, "arch": arch, "attention": attention_of(arch),
@@ -180,6 +182,7 @@ def run_benchmark(cfg: BenchModelsConfig, log=lambda msg: print(msg, file=sys.st
     machine = machine_info()
     if cfg.threads:  # the workers' setting, not the driver's
         machine.update(threads=cfg.threads, threads_from="--threads")
+    machine["allocator"] = rows[0].get("allocator", "default (not recorded)") if rows else None
     return {"machine": machine, "config": asdict(cfg), "rows": rows, "wall_s": time.perf_counter() - started}
 
 
@@ -187,7 +190,7 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"Training throughput (target tokens/s; forward, loss, backward, Adam step) on {m['cpu']}, "
              f"{m['threads']} threads ({m['threads_from']}), torch {m['torch']}; 1-min load "
-             f"{m['load_avg_1min']:.2f} at the end. Ratios are to the setting's baseline model (first row) in the same run.", ""]
+             f"{m['load_avg_1min']:.2f} at the end; allocator {m.get('allocator', 'default (not recorded)')}. Ratios are to the setting's baseline model (first row) in the same run.", ""]
     for setting in report["config"]["settings"]:
         lines += [f"**{setting['name']}**: {setting['doc']}", "",
                   "| attention | --arch | params | tokens/s | vs baseline | peak MiB | vs baseline | target |",
@@ -210,6 +213,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads in the workers (default: torch's)")
+    add_allocator_argument(p)
     p.add_argument("--out", default=None, help="write OUT.md and OUT.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -225,7 +229,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         settings = [s for s in settings if s.name in wanted]
     if args.warmup < 1 or args.repeats < 1:
         raise SystemExit("--warmup and --repeats must be >= 1")
-    cfg = BenchModelsConfig(settings, vocab=args.vocab, warmup=args.warmup, repeats=args.repeats, threads=args.threads)
+    cfg = BenchModelsConfig(settings, vocab=args.vocab, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                            allocator=args.allocator)
     report = run_benchmark(cfg)
     text = markdown(report)
     print(text)

@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from .common import add_allocator_argument, use_allocator
+
 def _step(module, x, weights_in_loss, **kwargs):
     start = time.perf_counter()
     out, weights = module(x, x, x, **kwargs)
@@ -67,11 +69,13 @@ def main(argv=None) -> int:
     parser.add_argument("--head-weights", action="store_true",
                         help="also time need_head_weights=True (the dense weights some attentions form on request "
                              "take minutes at L=4096)")
+    add_allocator_argument(parser)
     args = parser.parse_args(argv)
     from fairseq.modules.multihead_attention import MultiheadAttention
 
     from fluence_fairseq.modules.registry import ATTENTIONS
 
+    allocator = use_allocator(args.allocator)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     L, D, H = args.length, args.dim, args.heads
@@ -81,7 +85,7 @@ def main(argv=None) -> int:
     mha_s = _measure(mha, x, args.repeats, in_loss, attn_mask=torch.triu(torch.full((L, L), float("-inf")), 1))
     print(f"# training step, L={L}, D={D}, H={H}, batch 1, {args.threads} thread(s), torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}; "
-          f"weights {'in the loss' if in_loss else 'returned, not used'}; "
+          f"weights {'in the loss' if in_loss else 'returned, not used'}; allocator {allocator}; "
           f"fairseq MHA with need_weights=True (causal): {mha_s:.2f} s\n")
     print("| attention | pattern | weights=False s | default s | head weights s | default / False | default / MHA "
           "| default returns |\n|---|---|---|---|---|---|---|---|")

@@ -40,7 +40,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .common import MEMORY_ENV, peak_rss_increase_mb, run_in_fresh_process
+from .common import MEMORY_ENV, add_allocator_argument, peak_rss_increase_mb, run_in_fresh_process, use_allocator
 from fluence_fairseq.pruning.policy import pruning_mask, random_pruning_mask
 from fluence_fairseq.ops.pruned_attention import BlockLayout, PrunedPlan, pruned_attention
 
@@ -152,6 +152,7 @@ def _worker(job: dict) -> dict:
         step, info = _case(job["case"], job, q, k, v, grad)
         step()  # warm-up: pages in library code, makes the plan's choice, fills the cached masks
         return {"peak_mem_mb": peak_rss_increase_mb(step), **info()}
+    allocator = use_allocator(job.get("allocator", "steady"))
     cases = [_case(case, job, q, k, v, grad) for case in job["cases"]]
     for step, _ in cases:
         step()  # warm-up (and the plan's measured choice)
@@ -162,20 +163,21 @@ def _worker(job: dict) -> dict:
             step()
             series.append((time.perf_counter() - started) * 1e3)
     return {"cases": [{"time_ms": series, "time_ms_median": statistics.median(series), **info()}
-                      for (_, info), series in zip(cases, times)]}
+                      for (_, info), series in zip(cases, times)], "allocator": allocator}
 
 
 def run_benchmark(length=1024, heads=4, head_dim=64, batch=2, threads=1, repeats=3, block=32,
-                  patterns=("noncausal", "causal"), log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
+                  patterns=("noncausal", "causal"), allocator="steady", log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     from .attention import machine_info
 
     started = time.perf_counter()
     rows = []
     for pattern in patterns:
         job = {"causal": pattern == "causal", "length": length, "heads": heads, "head_dim": head_dim,
-               "batch": batch, "threads": threads, "repeats": repeats, "block": block}
+               "batch": batch, "threads": threads, "repeats": repeats, "block": block, "allocator": allocator}
         cases = [{"kind": kind, "tau": tau, "force": force} for _, kind, tau, force in CASES]
         timed = run_in_fresh_process("benchmarks.pruning", {**job, "cases": cases}, f"{pattern} timing")
+        allocator_used = timed["allocator"]
         for (label, *_), case, result in zip(CASES, cases, timed["cases"]):
             result["peak_mem_mb"] = run_in_fresh_process(
                 "benchmarks.pruning", {**job, "case": {**case, "chosen": result["path"]}, "memory_only": True},
@@ -188,7 +190,7 @@ def run_benchmark(length=1024, heads=4, head_dim=64, batch=2, threads=1, repeats
         row["time_ratio"] = row["time_ms_median"] / base["time_ms_median"]
         row["mem_ratio"] = row["peak_mem_mb"] / base["peak_mem_mb"] if base["peak_mem_mb"] > 0 else math.nan
     machine = machine_info()
-    machine.update(threads=threads, threads_from="--threads")
+    machine.update(threads=threads, threads_from="--threads", allocator=allocator_used)
     config = dict(length=length, heads=heads, head_dim=head_dim, batch=batch, threads=threads, repeats=repeats,
                   block=block)
     targets = []
@@ -206,7 +208,7 @@ def run_benchmark(length=1024, heads=4, head_dim=64, batch=2, threads=1, repeats
 
 
 def paired(against: str, *, length=1024, heads=4, head_dim=64, batch=2, threads=1, block=32, pairs=12,
-           taus=(70.0, 90.0), q_factors=(2, 4), patterns=("noncausal", "causal")) -> List[str]:
+           taus=(70.0, 90.0), q_factors=(2, 4), patterns=("noncausal", "causal"), allocator="steady") -> List[str]:
     """Paired A/B of the block-sparse path: the working tree's :mod:`~fluence_fairseq.ops.pruned_attention`
     against its copy at git revision ``against``, on the same layouts (``q_factors`` x ``block`` query blocks) of
     the data-informed masks, forward+backward alternating old and new (and dense SDPA) in one process, so that
@@ -216,6 +218,7 @@ def paired(against: str, *, length=1024, heads=4, head_dim=64, batch=2, threads=
     import fluence_fairseq.ops.pruned_attention as new
 
     old = load_revision("pruned_attention", against)
+    use_allocator(allocator)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     shape = (batch, heads, length, head_dim)
@@ -259,7 +262,8 @@ def markdown(report: dict) -> str:
     c, m = report["config"], report["machine"]
     lines = [f"Pruned attention, forward+backward, B={c['batch']}, H={c['heads']}, L={c['length']}, D={c['head_dim']}, "
              f"block {c['block']}, on {m['cpu']}, {c['threads']} thread(s), torch {m['torch']}; 1-min load "
-             f"{m['load_avg_1min']:.2f} at the end. Ratios are to dense SDPA of the same pattern in the same run.", ""]
+             f"{m['load_avg_1min']:.2f} at the end; allocator {m.get('allocator', 'default (not recorded)')}. "
+             "Ratios are to dense SDPA of the same pattern in the same run.", ""]
     lines += ["| pattern | case | kept share | block density | path | fwd+bwd ms | vs dense | peak MiB | vs dense |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
@@ -291,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--against", metavar="REV", help="instead: paired A/B of the block-sparse path against the "
                         "ops module at git revision REV (70%% and 90%%, query blocks of 2 and 4 key blocks)")
     parser.add_argument("--pairs", type=int, default=12, help="with --against: alternations of old and new")
+    add_allocator_argument(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -307,10 +312,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not set(patterns) <= {"noncausal", "causal"}:
         raise SystemExit(f"unknown patterns {patterns}; choose from noncausal, causal")
     if args.against:
-        for line in paired(args.against, threads=args.threads, pairs=args.pairs, patterns=patterns, **sizes):
+        for line in paired(args.against, threads=args.threads, pairs=args.pairs, patterns=patterns,
+                           allocator=args.allocator, **sizes):
             print(line, flush=True)
         return
-    report = run_benchmark(threads=args.threads, repeats=1 if args.quick else args.repeats, patterns=patterns, **sizes)
+    report = run_benchmark(threads=args.threads, repeats=1 if args.quick else args.repeats, patterns=patterns,
+                           allocator=args.allocator, **sizes)
     print(markdown(report))
     if args.json:
         with open(args.json, "w") as out:

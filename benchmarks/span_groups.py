@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from .common import add_allocator_argument, use_allocator
+
 
 def _step(attn, memory, segment) -> float:
     state = {}
@@ -62,12 +64,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dim", type=int, default=160)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    add_allocator_argument(parser)
     args = parser.parse_args(argv)
+    allocator = use_allocator(args.allocator)
     torch.set_num_threads(args.threads)
     one, grouped, groups = measure(args)
     print(f"# adaptive span, spans {args.spans} (+ ramp {args.ramp}), attn_span {args.attn_span}, {args.memory} "
           f"cached keys, segment {args.segment} x batch {args.batch}, width {args.dim}, {args.threads} thread(s), "
-          f"torch {torch.__version__}, {platform.processor() or platform.machine()}\n")
+          f"torch {torch.__version__}, {platform.processor() or platform.machine()}, allocator {allocator}\n")
     print("| heads scored | groups | training step ms | ratio |\n|---|---|---|---|")
     print(f"| over the widest head's band | 1 | {one * 1e3:.1f} | 1.00 |")
     print(f"| in groups of similar span | {groups} | {grouped * 1e3:.1f} | {grouped / one:.2f} |")
