@@ -471,6 +471,9 @@ def config_from_args(args) -> BenchConfig:
     cfg = replace(cfg, **overrides)
     if args.no_decode:
         cfg.variants = [replace(v, decode=False) for v in cfg.variants]
+    # a preset's targets on what this run does not measure (decoding, growth over one length) are left out
+    cfg.targets = [t for t in cfg.targets if not (isinstance(t, DecodeGrowthTarget) and args.no_decode)
+                   and not (isinstance(t, LengthGrowthTarget) and len(set(cfg.lengths)) < 2)]
     return cfg
 
 
