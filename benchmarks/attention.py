@@ -215,6 +215,8 @@ def add_ratios(train_rows: List[dict]) -> None:
             ref = next((r for r in train_rows if r["case"] == reference and r["length"] == row["length"]), None)
             row[f"time_vs_{suffix}"] = _ratio(row["time_ms_median"], ref["time_ms_median"]) if ref else math.nan
             row[f"mem_vs_{suffix}"] = _ratio(row["peak_mem_mb"], ref["peak_mem_mb"]) if ref else math.nan
+            if suffix == "proj":
+                row["work_vs_proj"] = _ratio(row.get("gflop", math.nan), ref.get("gflop", math.nan)) if ref else math.nan
 
 
 def decode_series(report: dict) -> Dict[tuple, List[tuple]]:
@@ -264,7 +266,8 @@ def run_benchmark(cfg: BenchConfig, log=lambda msg: print(msg, file=sys.stderr, 
             result["peak_mem_mb"] = _run_in_fresh_process({**job, "memory_only": True, "decode": None},
                                                           MEMORY_ENV)["peak_mem_mb"]
             train_rows.append({"case": label, "length": length,
-                               **{k: result[k] for k in ("time_ms_median", "time_ms_min", "time_ms", "peak_mem_mb")}})
+                               **{k: result[k] for k in ("time_ms_median", "time_ms_min", "time_ms", "peak_mem_mb")},
+                               "gflop": result.get("gflop", math.nan)})
             decode_rows += [{"case": label, **row} for row in result.get("decode", [])]
             log(f"L={length} {label}: {result['time_ms_median']:.1f} ms, {result['peak_mem_mb']:.1f} MiB"
                 + (" (+ decoding)" if "decode" in result else ""))
@@ -301,12 +304,16 @@ def markdown(report: dict) -> str:
         "## Training step", "",
     ]
     lines += _table(
-        ["L", "case", "median ms", "min ms", "peak MiB", "time / proj", "mem / proj", "time / MHA", "mem / MHA",
-         "time / SDPA", "mem / SDPA"],
+        ["L", "case", "median ms", "min ms", "peak MiB", "time / proj", "mem / proj", "work / proj", "time / MHA",
+         "mem / MHA", "time / SDPA", "mem / SDPA"],
         [[r["length"], r["case"], f"{r['time_ms_median']:.1f}", f"{r['time_ms_min']:.1f}", f"{r['peak_mem_mb']:.1f}"]
-         + [f"{r[k]:.3f}" for k in ("time_vs_proj", "mem_vs_proj", "time_vs_mha", "mem_vs_mha", "time_vs_sdpa",
-                                   "mem_vs_sdpa")]
+         + [f"{r.get(k, math.nan):.3f}" for k in ("time_vs_proj", "mem_vs_proj", "work_vs_proj", "time_vs_mha",
+                                                 "mem_vs_mha", "time_vs_sdpa", "mem_vs_sdpa")]
          for r in report["train"]])
+    lines += ["", "work / proj: the step's floating-point work (matrix products, as PyTorch's profiler counts them; "
+                  "not FFTs or transcendental functions) over the projections-only step's. An attention whose "
+                  "extra matrix products ran as fast per FLOP as the projections' large ones would take about that "
+                  "ratio of their time, plus its elementwise passes."]
     lines += [""] + [f"Floor: the four projections alone (q, k, v, out linear layers, forward + backward) take "
                      f"{r['time_ms_median']:.1f} ms at L={r['length']}"
                      + (f", {r['time_vs_mha']:.2f} x fairseq MHA." if not math.isnan(r["time_vs_mha"]) else ".")

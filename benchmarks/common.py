@@ -276,7 +276,40 @@ def measure_training(spec: dict, dim: int, heads: int, batch: int, length: int, 
         step()
     times_ms = [step() * 1e3 for _ in range(repeats)]
     return {"time_ms": times_ms, "time_ms_median": statistics.median(times_ms), "time_ms_min": min(times_ms),
-            "peak_mem_mb": peak_mb}
+            "peak_mem_mb": peak_mb, "gflop": step_gflop(step)}
+
+
+def step_gflop(step: Callable[[], object]) -> float:
+    """The floating-point work of one call of ``step`` in GFLOP, as :class:`torch.utils.flop_counter.FlopCounterMode`
+    counts it: matrix products, convolutions and fused attention kernels (here also the CPU flash kernel, whose
+    causal calls count half); not FFTs, elementwise passes, reductions or transcendental functions."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=_CPU_FLASH_FLOPS) as counter:
+        step()
+    return counter.get_total_flops() / 1e9
+
+
+def _cpu_flash_flops(backward: bool):
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    def count(*args, out_shape=None, **kwargs) -> int:
+        if backward:  # grad_out, query, key, value, out, logsumexp, dropout_p, is_causal
+            grad_out, query, key, value = args[:4]
+            flops = sdpa_backward_flop_count(grad_out, query, key, value)
+            causal = args[7] if len(args) > 7 else kwargs.get("is_causal", False)
+        else:  # query, key, value, dropout_p, is_causal
+            query, key, value = args[:3]
+            flops = sdpa_flop_count(query, key, value)
+            causal = args[4] if len(args) > 4 else kwargs.get("is_causal", False)
+        return flops // 2 if causal else flops
+
+    return count
+
+
+_CPU_FLASH_FLOPS = {op: _cpu_flash_flops(backward) for op, backward in (
+    (getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None), False),
+    (getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None), True)) if op is not None}
 
 
 def _copy_state(state: dict) -> dict:

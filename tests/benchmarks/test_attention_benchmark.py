@@ -46,6 +46,20 @@ def test_ratios_follow_from_raw_numbers(report):
     assert rows[MHA]["time_vs_mha"] == pytest.approx(1.0)
 
 
+def test_work_is_the_profiled_floating_point_work_of_a_step(report):
+    """The projections' work is exactly their four (L x D) x (D x D) products, forward and backward (a weight and
+    an input gradient each); an attention's is more; the column is in the report."""
+    rows = {row["case"]: row for row in report["train"]}
+    length, dim, batch = report["config"]["lengths"][0], report["config"]["dim"], report["config"]["batch"]
+    projections = 4 * 3 * 2 * batch * length * dim * dim
+    assert rows[PROJECTIONS]["gflop"] == pytest.approx(projections / 1e9, rel=0.02)
+    assert rows[PROJECTIONS]["work_vs_proj"] == pytest.approx(1.0)
+    for case in ("softmax", MHA):
+        assert rows[case]["work_vs_proj"] > 1.0, case
+        assert rows[case]["work_vs_proj"] == pytest.approx(rows[case]["gflop"] / rows[PROJECTIONS]["gflop"])
+    assert "| work / proj |" in markdown(report)
+
+
 def test_decode_rows_for_every_position_and_batch(report):
     series = decode_series(report)
     assert set(series) == {(case, b) for case in ("softmax", "adaptive_span span=16", MHA) for b in BATCHES}
