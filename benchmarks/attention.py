@@ -357,7 +357,7 @@ def summary(reports: List[dict], length: int = 8192) -> str:
     cases = list(dict.fromkeys(row["case"] for r in reports for row in r["train"] if row["case"] != PROJECTIONS))
     header = ["case"]
     for pattern in patterns:
-        header += [f"{pattern}: time / proj", "mem / proj", "growth L^x (vs proj)"]
+        header += [f"{pattern}: time / proj", "work / proj", "mem / proj", "growth L^x (vs proj)"]
     header += ["decode last / first (batch 1, beam 5)"]
     rows = []
     for case in cases:
@@ -368,11 +368,13 @@ def summary(reports: List[dict], length: int = 8192) -> str:
             at = next((x for n, x in points if n == length), None)
             pattern = r["config"]["pattern"]
             if at is None:
-                row += ["–", "–", "–"]
+                row += ["–", "–", "–", "–"]
                 continue
             growth = growth_exponent(r, case)
             own = 1 + growth - growth_exponent(r, PROJECTIONS, (points[0][0], points[-1][0]))
+            work = at.get("work_vs_proj", math.nan)
             row += [f"{at['time_vs_proj']:.2f}" + star(pattern, case, "time"),
+                    "–" if math.isnan(work) else f"{work:.2f}",
                     f"{at['mem_vs_proj']:.2f}" + star(pattern, case, "mem"),
                     f"{growth:.2f} ({own:.2f})" + star(pattern, case, "growth")]
             series = decode_series(r)
@@ -383,6 +385,7 @@ def summary(reports: List[dict], length: int = 8192) -> str:
     lengths = sorted({x["length"] for r in reports for x in r["train"]})
     note = (f"Ratios at L={length}; growth from L={lengths[0]} to the largest length measured for that pattern, in "
             "brackets 1 + x - x_proj: against the projections' own growth in the same run (the growth target); "
+            "work: the step's floating-point work over the projections' (reports from before the column: –); "
             "* = the issue's target for that number missed (see the report's Targets).")
     return "\n".join(_table(header, rows) + ["", note]) + "\n"
 

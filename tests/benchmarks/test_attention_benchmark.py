@@ -164,6 +164,8 @@ def test_summary_table_marks_missed_targets(report):
     time_target, decode_target = report["targets"]
     assert span_row.split(" | ")[1].endswith("*") == (not time_target["pass"])
     assert span_row.rstrip(" |").split(" | ")[-1].count("/") == 1  # batch 1 and batch 3 decode ratios
+    span = next(row for row in report["train"] if row["case"] == SPAN.label)
+    assert lines[0].split(" | ")[2] == "work / proj" and span_row.split(" | ")[2] == f"{span['work_vs_proj']:.2f}"
 
 
 def test_decoding_cases_are_timed_in_interleaved_rounds(monkeypatch):
