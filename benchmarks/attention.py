@@ -216,7 +216,8 @@ def add_ratios(train_rows: List[dict]) -> None:
             row[f"time_vs_{suffix}"] = _ratio(row["time_ms_median"], ref["time_ms_median"]) if ref else math.nan
             row[f"mem_vs_{suffix}"] = _ratio(row["peak_mem_mb"], ref["peak_mem_mb"]) if ref else math.nan
             if suffix == "proj":
-                row["work_vs_proj"] = _ratio(row.get("gflop", math.nan), ref.get("gflop", math.nan)) if ref else math.nan
+                work = (row.get("gflop", math.nan), ref.get("gflop", math.nan)) if ref else (math.nan, 1.0)
+                row["work_vs_proj"] = _ratio(*work)
 
 
 def decode_series(report: dict) -> Dict[tuple, List[tuple]]:
@@ -310,8 +311,9 @@ def markdown(report: dict) -> str:
          + [f"{r.get(k, math.nan):.3f}" for k in ("time_vs_proj", "mem_vs_proj", "work_vs_proj", "time_vs_mha",
                                                  "mem_vs_mha", "time_vs_sdpa", "mem_vs_sdpa")]
          for r in report["train"]])
-    lines += ["", "work / proj: the step's floating-point work (matrix products, as PyTorch's profiler counts them; "
-                  "not FFTs or transcendental functions) over the projections-only step's. An attention whose "
+    lines += ["", "work / proj: the step's floating-point work (matrix products and fused attention kernels, as "
+                  "torch.utils.flop_counter counts them; not FFTs, elementwise passes or transcendental functions) "
+                  "over the projections-only step's. An attention whose "
                   "extra matrix products ran as fast per FLOP as the projections' large ones would take about that "
                   "ratio of their time, plus its elementwise passes."]
     lines += [""] + [f"Floor: the four projections alone (q, k, v, out linear layers, forward + backward) take "

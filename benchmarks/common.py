@@ -24,7 +24,7 @@ adaptive threshold (which otherwise made the same run read 94 or 160 MiB).
 Times come from workers with a *steady* allocator unless ``--allocator default`` (:func:`use_allocator`): glibc
 keeps freed memory for reuse instead of returning it to the kernel, as a caching allocator (jemalloc, tcmalloc,
 PyTorch's CUDA allocator) does. With glibc's defaults a buffer of a few MiB freed in one step is often unmapped and
-its pages faulted in again the next: on the 2-core Intel Xeon at L=8192 that was 0-28,000 page faults and 0-212 ms
+its pages faulted in again the next: on a 2-core AMD EPYC at L=8192 that was 0-28,000 page faults and 0-212 ms
 of kernel time per projections-only step, whose median then moved between 288 and 385 ms from step to step (steady:
 265-277 ms, no faults), so ratios to it measured the kernel's page handling as much as the attention.
 """
@@ -61,9 +61,9 @@ def use_allocator(name: str) -> str:
     """Set this process's allocator for timing; returns a description of what is in effect, for the report.
 
     ``steady``: glibc's ``mallopt`` keeps freed buffers of up to 32 MiB in the heap, never trims it below 2 GiB and
-    grows it 64 MiB at a time, so after the warm-up a step reuses memory whose pages are already mapped (see the module docstring);
-    ``default``: glibc's adaptive settings, page faults included. Without glibc (another libc) nothing is set and
-    the description says so."""
+    grows it 64 MiB at a time, so after the warm-up a step reuses memory whose pages are already mapped (see the
+    module docstring); ``default``: glibc's adaptive settings, page faults included. Without glibc (another libc)
+    nothing is set and the description says so."""
     if name not in ALLOCATORS:
         raise ValueError(f"--allocator must be one of {ALLOCATORS}, got {name!r}")
     if name == "default":
@@ -79,6 +79,7 @@ def add_allocator_argument(parser) -> None:
     parser.add_argument("--allocator", choices=ALLOCATORS, default="steady",
                         help="allocator of the timed process: steady (default; glibc keeps freed memory, no page "
                              "faults after the warm-up) or default (glibc's adaptive settings)")
+
 
 def run_in_fresh_process(module: str, job: dict, what: str, extra_env: Optional[Dict[str, str]] = None) -> dict:
     """``python -m <module> --worker`` with ``job`` as JSON on stdin; returns the JSON of its last stdout line.

@@ -190,7 +190,8 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"Training throughput (target tokens/s; forward, loss, backward, Adam step) on {m['cpu']}, "
              f"{m['threads']} threads ({m['threads_from']}), torch {m['torch']}; 1-min load "
-             f"{m['load_avg_1min']:.2f} at the end; allocator {m.get('allocator', 'default (not recorded)')}. Ratios are to the setting's baseline model (first row) in the same run.", ""]
+             f"{m['load_avg_1min']:.2f} at the end; allocator {m.get('allocator', 'default (not recorded)')}. "
+             "Ratios are to the setting's baseline model (first row) in the same run.", ""]
     for setting in report["config"]["settings"]:
         lines += [f"**{setting['name']}**: {setting['doc']}", "",
                   "| attention | --arch | params | tokens/s | vs baseline | peak MiB | vs baseline | target |",

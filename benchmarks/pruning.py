@@ -167,7 +167,8 @@ def _worker(job: dict) -> dict:
 
 
 def run_benchmark(length=1024, heads=4, head_dim=64, batch=2, threads=1, repeats=3, block=32,
-                  patterns=("noncausal", "causal"), allocator="steady", log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
+                  patterns=("noncausal", "causal"), allocator="steady",
+                  log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     from .attention import machine_info
 
     started = time.perf_counter()
