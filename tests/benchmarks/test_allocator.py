@@ -62,3 +62,12 @@ def test_unknown_allocator_is_refused_and_the_flag_offers_the_choices():
     with pytest.raises(SystemExit):
         parser.parse_args(["--allocator", "tcmalloc"])
     assert ALLOCATORS == ("steady", "default")
+
+
+@pytest.mark.parametrize("module", ["attention", "models", "need_weights", "pruning", "ab", "span_groups",
+                                    "group_sizes"])
+def test_every_timing_benchmark_takes_the_allocator_flag(module):
+    """Each timing benchmark offers --allocator, defaulting to the steady one (its help says so)."""
+    out = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "--allocator {steady,default}" in out, module
