@@ -50,18 +50,20 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 #: ``--allocator`` choices of the timing benchmarks (see :func:`use_allocator`)
 ALLOCATORS = ("steady", "default")
-# glibc's mallopt parameters (malloc.h) and the steady settings: the largest mmap threshold glibc accepts (32 MiB
-# on 64-bit; larger buffers are still mapped per allocation), a trim threshold of 2 GiB, and a heap grown 64 MiB
-# beyond each request (without it, buffers freed in a changing order grew the heap, and faulted, for several steps)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_STEADY = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, (1 << 31) - 1), (_M_TOP_PAD, 64 << 20))
+# glibc's mallopt parameters (malloc.h) and the steady settings: no buffer mapped on its own (with glibc's largest
+# mmap threshold, 32 MiB, a step's score matrices and logits were still mapped and faulted in at every step: 42,000
+# faults a step for buffers of 16-100 MiB in a test, none without mmap), a trim threshold of 2 GiB, and a heap
+# grown 64 MiB beyond each request (without it, buffers freed in a changing order grew the heap, and faulted, for
+# several steps)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_STEADY = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, (1 << 31) - 1), (_M_TOP_PAD, 64 << 20))
 
 
 def use_allocator(name: str) -> str:
     """Set this process's allocator for timing; returns a description of what is in effect, for the report.
 
-    ``steady``: glibc's ``mallopt`` keeps freed buffers of up to 32 MiB in the heap, never trims it below 2 GiB and
-    grows it 64 MiB at a time, so after the warm-up a step reuses memory whose pages are already mapped (see the
+    ``steady``: glibc's ``mallopt`` keeps every freed buffer in the heap (none is mapped on its own), never trims
+    it below 2 GiB and grows it 64 MiB at a time, so after the warm-up a step reuses memory whose pages are already mapped (see the
     module docstring); ``default``: glibc's adaptive settings, page faults included. Without glibc (another libc)
     nothing is set and the description says so."""
     if name not in ALLOCATORS:
@@ -72,7 +74,7 @@ def use_allocator(name: str) -> str:
     mallopt = getattr(ctypes.CDLL(path), "mallopt", None) if path else None
     if mallopt is None or not all(mallopt(param, value) == 1 for param, value in _STEADY):
         return "default (steady asked for, but this C library has no glibc mallopt)"
-    return "steady (glibc keeps freed memory: mmap threshold 32 MiB, trim threshold 2 GiB, top pad 64 MiB)"
+    return "steady (glibc keeps freed memory: no mmap, trim threshold 2 GiB, top pad 64 MiB)"
 
 
 def add_allocator_argument(parser) -> None:
