@@ -24,7 +24,10 @@ def test_memory_changes_only_the_positions_its_window_reaches_and_the_mean_is_ev
     reach = LAYERS * (WINDOW - 1)
     assert with_memory[0] != pytest.approx(dropped[0], abs=1e-3)
     assert with_memory[reach - 1] != pytest.approx(dropped[reach - 1], abs=1e-6)
-    assert with_memory[reach:] == pytest.approx(dropped[reach:], abs=1e-9)
+    # beyond the reach only float32 rounding may differ: the first position there reads its window over a key set
+    # whose masked part differs, which on an AMD EPYC's BLAS moved its bpc by 2.6e-8 (bitwise equal on an Intel
+    # Xeon); the positions the memory does reach moved by 4.5e-4 or more
+    assert with_memory[reach:] == pytest.approx(dropped[reach:], abs=1e-6)
     # with one row every target of the stream is scored once, as fairseq-eval-lm --batch-size 1 scores them
     log = H.run_fairseq("eval_lm", [lm_bin, "--user-dir", "fluence_fairseq", "--task", "fluence_lm_stream",
                                     "--path", stream_checkpoint[0], "--batch-size", "1", "--cpu",
