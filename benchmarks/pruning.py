@@ -172,7 +172,7 @@ def run_benchmark(length=1024, heads=4, head_dim=64, batch=2, threads=1, repeats
     from .attention import machine_info
 
     started = time.perf_counter()
-    rows = []
+    rows, allocator_used = [], None
     for pattern in patterns:
         job = {"causal": pattern == "causal", "length": length, "heads": heads, "head_dim": head_dim,
                "batch": batch, "threads": threads, "repeats": repeats, "block": block, "allocator": allocator}
