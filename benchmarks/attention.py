@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .common import MEMORY_ENV, PATTERN_FLAGS, add_allocator_argument, run_in_fresh_process, run_job
+from .common import MEMORY_ENV, PATTERN_FLAGS, add_allocator_argument, allocator_of, run_in_fresh_process, run_job
 from fluence_fairseq.modules.attention_base import PATTERNS
 from fluence_fairseq.modules.registry import ATTENTIONS, get_attention
 
@@ -298,7 +298,7 @@ def markdown(report: dict) -> str:
         + "; options: " + "; ".join(dict.fromkeys(f"{v['attention']} {v['options']}" for v in cfg["variants"])) + ". "
         f"Each case runs in a fresh process. Time: one training step (forward + backward), median and min of "
         f"{cfg['repeats']} steps after {cfg['warmup']} warm-up, allocator "
-        f"{machine.get('allocator', 'default (not recorded)')}. Memory: peak RSS increase during the first "
+        f"{allocator_of(machine)}. Memory: peak RSS increase during the first "
         "full-size step over the RSS before it (activations, gradients, temporaries; not parameters or inputs), "
         "in a separate worker with glibc's mmap threshold fixed so that RSS follows the live tensors.",
         "",

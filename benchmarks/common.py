@@ -77,6 +77,11 @@ def use_allocator(name: str) -> str:
     return "steady (glibc keeps freed memory: no mmap, trim threshold 2 GiB, top pad 64 MiB)"
 
 
+def allocator_of(machine: dict) -> str:
+    """The allocator a report's ``machine`` entry records (reports from before the flag: glibc's defaults)."""
+    return machine.get("allocator") or "default (not recorded)"
+
+
 def add_allocator_argument(parser) -> None:
     parser.add_argument("--allocator", choices=ALLOCATORS, default="steady",
                         help="allocator of the timed process: steady (default; glibc keeps freed memory, no page "

@@ -65,10 +65,10 @@ def run(args) -> List[dict]:
     return rows
 
 
-def report(rows: List[dict], args) -> str:
+def report(rows: List[dict], args, allocator: str = "default (not recorded)") -> str:
     lines = [f"Group sizes on {args.device}: length {args.length}, batch {args.batch}, width {args.dim}, "
              f"{args.heads} heads, median of {args.repeats} training steps; CPU allocator "
-             f"{getattr(args, 'allocator_used', 'default (not recorded)')}.", "",
+             f"{allocator}.", "",
              "| module | group scale | ms | × scale 1 | peak MiB | × scale 1 |", "|---|---|---|---|---|---|"]
     first = {r["module"]: r for r in reversed(rows)}
     for r in rows:
@@ -93,10 +93,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also write the table here")
     add_allocator_argument(p)
     args = p.parse_args(argv)
-    args.allocator_used = use_allocator(args.allocator)
+    allocator = use_allocator(args.allocator)
     if any(scale < 1 for scale in args.scales):
         p.error(f"--scales: each scale multiplies a group size, so it must be a positive integer, got {args.scales}")
-    text = report(run(args), args)
+    text = report(run(args), args, allocator)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)

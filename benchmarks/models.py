@@ -23,7 +23,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .common import MEMORY_ENV, add_allocator_argument, peak_rss_increase_mb, run_in_fresh_process, use_allocator
+from .common import (MEMORY_ENV, add_allocator_argument, allocator_of, peak_rss_increase_mb, run_in_fresh_process,
+                     use_allocator)
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def run_benchmark(cfg: BenchModelsConfig, log=lambda msg: print(msg, file=sys.st
     machine = machine_info()
     if cfg.threads:  # the workers' setting, not the driver's
         machine.update(threads=cfg.threads, threads_from="--threads")
-    machine["allocator"] = rows[0].get("allocator", "default (not recorded)") if rows else None
+    machine["allocator"] = rows[0].get("allocator") if rows else None
     return {"machine": machine, "config": asdict(cfg), "rows": rows, "wall_s": time.perf_counter() - started}
 
 
@@ -190,7 +191,7 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"Training throughput (target tokens/s; forward, loss, backward, Adam step) on {m['cpu']}, "
              f"{m['threads']} threads ({m['threads_from']}), torch {m['torch']}; 1-min load "
-             f"{m['load_avg_1min']:.2f} at the end; allocator {m.get('allocator', 'default (not recorded)')}. "
+             f"{m['load_avg_1min']:.2f} at the end; allocator {allocator_of(m)}. "
              "Ratios are to the setting's baseline model (first row) in the same run.", ""]
     for setting in report["config"]["settings"]:
         lines += [f"**{setting['name']}**: {setting['doc']}", "",

@@ -40,7 +40,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .common import MEMORY_ENV, add_allocator_argument, peak_rss_increase_mb, run_in_fresh_process, use_allocator
+from .common import (MEMORY_ENV, add_allocator_argument, allocator_of, peak_rss_increase_mb, run_in_fresh_process,
+                     use_allocator)
 from fluence_fairseq.pruning.policy import pruning_mask, random_pruning_mask
 from fluence_fairseq.ops.pruned_attention import BlockLayout, PrunedPlan, pruned_attention
 
@@ -263,7 +264,7 @@ def markdown(report: dict) -> str:
     c, m = report["config"], report["machine"]
     lines = [f"Pruned attention, forward+backward, B={c['batch']}, H={c['heads']}, L={c['length']}, D={c['head_dim']}, "
              f"block {c['block']}, on {m['cpu']}, {c['threads']} thread(s), torch {m['torch']}; 1-min load "
-             f"{m['load_avg_1min']:.2f} at the end; allocator {m.get('allocator', 'default (not recorded)')}. "
+             f"{m['load_avg_1min']:.2f} at the end; allocator {allocator_of(m)}. "
              "Ratios are to dense SDPA of the same pattern in the same run.", ""]
     lines += ["| pattern | case | kept share | block density | path | fwd+bwd ms | vs dense | peak MiB | vs dense |",
               "|---|---|---|---|---|---|---|---|---|"]
