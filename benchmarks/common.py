@@ -32,6 +32,7 @@ import ctypes
 import ctypes.util
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -52,20 +53,28 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 ALLOCATORS = ("steady", "default")
 # glibc's mallopt parameters (malloc.h) and the steady settings: no buffer mapped on its own (with glibc's largest
 # mmap threshold, 32 MiB, a step's score matrices and logits were still mapped and faulted in at every step: 42,000
-# faults a step for buffers of 16-100 MiB in a test, none without mmap), a trim threshold of 2 GiB, and a heap
-# grown 64 MiB beyond each request (without it, buffers freed in a changing order grew the heap, and faulted, for
-# several steps)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
-_STEADY = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, (1 << 31) - 1), (_M_TOP_PAD, 64 << 20))
+# faults a step for buffers of 16-100 MiB in a test, none without mmap); no fast bins, so that small freed chunks
+# (PyTorch's 64-byte aligned allocations leave slivers beside each buffer) merge with their neighbours at once and
+# fewer holes are too small for the next buffer; no trimming (-1 is glibc's largest threshold: without fast bins a
+# 2 GiB threshold trimmed fairseq MHA's heap at L=4096, RSS 2.8 GiB -> 1.3 GiB, and faulted it in again); and a
+# heap grown 64 MiB beyond each request (without it, buffers freed in a changing order grew the heap, and faulted,
+# for several steps). fairseq MHA at L=4096, 20 steps, three runs each: of steps 6-20, 7, 4 and 3 still faulted
+# with fast bins and a 2 GiB threshold, 3, 1 and 1 with these settings. Whether one freed buffer takes the next
+# request of its size still depends on where the heap lies (address randomisation): a warm-up is needed.
+_M_MXFAST, _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = 1, -1, -2, -4
+_STEADY = ((_M_MMAP_MAX, 0), (_M_MXFAST, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 64 << 20))
+#: at most this many warm-up steps are run until one takes no page fault (see :func:`settle`)
+SETTLE_LIMIT = 8
 
 
 def use_allocator(name: str) -> str:
     """Set this process's allocator for timing; returns a description of what is in effect, for the report.
 
-    ``steady``: glibc's ``mallopt`` keeps every freed buffer in the heap (none is mapped on its own), never trims
-    it below 2 GiB and grows it 64 MiB at a time, so after the warm-up a step reuses memory whose pages are already mapped (see the
-    module docstring); ``default``: glibc's adaptive settings, page faults included. Without glibc (another libc)
-    nothing is set and the description says so."""
+    ``steady``: glibc's ``mallopt`` keeps every freed buffer in the heap (none is mapped on its own), merges freed
+    chunks at once (no fast bins), never trims the heap and grows it 64 MiB at a time, so once warm
+    (:func:`settle`) a step reuses memory whose pages are already mapped (see the module docstring);
+    ``default``: glibc's adaptive settings, page faults included. Without glibc (another libc) nothing is set and
+    the description says so."""
     if name not in ALLOCATORS:
         raise ValueError(f"--allocator must be one of {ALLOCATORS}, got {name!r}")
     if name == "default":
@@ -74,7 +83,33 @@ def use_allocator(name: str) -> str:
     mallopt = getattr(ctypes.CDLL(path), "mallopt", None) if path else None
     if mallopt is None or not all(mallopt(param, value) == 1 for param, value in _STEADY):
         return "default (steady asked for, but this C library has no glibc mallopt)"
-    return "steady (glibc keeps freed memory: no mmap, trim threshold 2 GiB, top pad 64 MiB)"
+    return STEADY_DESCRIPTION
+
+
+#: what :func:`use_allocator` reports for the steady allocator
+STEADY_DESCRIPTION = ("steady (glibc keeps freed memory: no mmap, no fast bins, no trim, top pad 64 MiB; warm-up "
+                      "until no page fault)")
+
+
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far (pages the kernel mapped in on first touch)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def settle(step: Callable[[], object], limit: int = SETTLE_LIMIT) -> int:
+    """Call ``step`` until one call takes no page fault, at most ``limit`` times; returns the calls made.
+
+    With the steady allocator the heap grows until it has a hole for every buffer of a step in the order the step
+    asks for them, and each growth is faulted in: fairseq MHA at L=4096 (2 GiB of (L, L) matrices) took 2-5 steps
+    to stop faulting (3.5, 5.6, 4.7, 3.2 s, then 1.5 s). Rarely the heap grows again later (a step in 15 or fewer
+    at that size), which the fastest or the median of the timed steps leaves out. Under glibc's defaults faults
+    never stop, so use this only with the steady allocator."""
+    for calls in range(1, limit + 1):
+        before = minor_page_faults()
+        step()
+        if minor_page_faults() == before:
+            return calls
+    return limit
 
 
 def allocator_of(machine: dict) -> str:
@@ -266,9 +301,11 @@ def cuda_peak_increase_mb(fn: Callable[[], None], device) -> float:
 
 
 def measure_training(spec: dict, dim: int, heads: int, batch: int, length: int, src_len: int, cross: bool,
-                     causal: bool, repeats: int, warmup: int, memory_only: bool = False, device="cpu") -> dict:
+                     causal: bool, repeats: int, warmup: int, memory_only: bool = False, device="cpu",
+                     steady: bool = False) -> dict:
     """Forward+backward of one module: peak memory of the first full-size step, then ``repeats`` timed steps
-    (none with ``memory_only``).
+    (none with ``memory_only``) after ``warmup`` steps in all and, with the ``steady`` allocator on the CPU, after
+    one that took no page fault (:func:`settle`).
 
     One step on a 16-token input comes first so that one-time costs (thread pools, library code paged in)
     stay out of the memory number.
@@ -282,6 +319,8 @@ def measure_training(spec: dict, dim: int, heads: int, batch: int, length: int, 
         return {"peak_mem_mb": peak_mb}
     for _ in range(warmup - 1):
         step()
+    if steady and not on_cuda:
+        settle(step)
     times_ms = [step() * 1e3 for _ in range(repeats)]
     return {"time_ms": times_ms, "time_ms_median": statistics.median(times_ms), "time_ms_min": min(times_ms),
             "peak_mem_mb": peak_mb, "gflop": step_gflop(step)}
@@ -397,7 +436,7 @@ def run_job(job: dict) -> dict:
     result = measure_training(job["module"], batch=job["batch"], length=job["length"], src_len=job["src_len"],
                               cross=cross, causal=causal, repeats=job["repeats"], warmup=job["warmup"],
                               memory_only=job.get("memory_only", False), device=job.get("device", "cpu"),
-                              **shape)
+                              steady=allocator == STEADY_DESCRIPTION, **shape)
     if job.get("decode"):
         result["decode"] = measure_decoding(job["module"], warmup=job["warmup"], **job["decode"], **shape)
     if allocator is not None:

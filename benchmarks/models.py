@@ -23,8 +23,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .common import (MEMORY_ENV, add_allocator_argument, allocator_of, peak_rss_increase_mb, run_in_fresh_process,
-                     use_allocator)
+from .common import (MEMORY_ENV, STEADY_DESCRIPTION, add_allocator_argument, allocator_of, peak_rss_increase_mb,
+                     run_in_fresh_process, settle, use_allocator)
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,8 @@ def _worker(job: dict) -> dict:
     allocator = use_allocator(job.get("allocator", "steady"))
     for _ in range(job["warmup"]):
         step()
+    if allocator == STEADY_DESCRIPTION:
+        settle(step)
     times = []
     for _ in range(job["repeats"]):
         started = time.perf_counter()

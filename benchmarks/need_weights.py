@@ -3,10 +3,12 @@
 One training step (forward + backward, batch 1) of every registered attention, as causal self attention where it
 has that pattern (else noncausal self; ``--patterns both``: each self pattern it has), called three ways:
 ``need_weights=False``, fairseq's default ``need_weights=True``, and the explicit ``need_head_weights=True``; and
-fairseq's ``MultiheadAttention`` with ``need_weights=True`` (its default) on the same input. The returned weights
-are ignored (what the default costs a caller that does not use them) unless ``--weights-in-loss`` adds them to the
-loss, as an alignment loss would. Each attention's calls are timed in turn (repeat r of every call, then r + 1), the fastest
-of ``--repeats`` kept. Reported: seconds and the ratios the issue sets bounds on, default /
+fairseq's ``MultiheadAttention`` with ``need_weights=True`` (its default) on the same input in the same pattern
+(the causal one with fairseq's future mask). The returned weights are ignored (what the default costs a caller that
+does not use them) unless ``--weights-in-loss`` adds them to the loss, as an alignment loss would. Each attention's
+calls and fairseq MHA's are timed in turn (repeat r of every call, then r + 1), the fastest of ``--repeats`` kept:
+MHA forms (L, L) matrices that stream through memory, and its step moved by half between runs minutes apart
+(1.60 s and 2.42 s on the AMD EPYC), so a ratio to an MHA timed once per run measured the machine. Reported: seconds and the ratios the issue sets bounds on, default /
 ``need_weights=False`` (at most 1.2) and default / fairseq MHA (at most 1). Memory is not measured here:
 ``tests/modules/test_weights.py`` checks that the default allocates exactly what ``need_weights=False`` does. A
 plain ``need_weights=True`` returns weights only where they come with the math (softmax, the entmax family); the
@@ -22,9 +24,10 @@ import time
 
 import torch
 
-from .common import add_allocator_argument, use_allocator
+from .common import STEADY_DESCRIPTION, add_allocator_argument, settle, use_allocator
 
 def _step(module, x, weights_in_loss, **kwargs):
+    """Seconds of one forward and backward of ``module`` on ``x`` (self attention)."""
     start = time.perf_counter()
     out, weights = module(x, x, x, **kwargs)
     loss = out.sum()
@@ -34,19 +37,22 @@ def _step(module, x, weights_in_loss, **kwargs):
     return time.perf_counter() - start
 
 
-def _measure(module, x, repeats, weights_in_loss=False, **kwargs):
-    return _measure_interleaved(module, x, repeats, [(weights_in_loss, kwargs)])[0]
+def _measure_interleaved(x, repeats, calls, steady=False):
+    """The fastest of ``repeats`` steps of each ``(module, weights_in_loss, kwargs)`` call after one warm-up each
+    (with the ``steady`` allocator, until a round of all calls takes no page fault), the calls taken in turn
+    (repeat r of every call, then repeat r + 1): the machine's drift, which moves single steps by 10-25% on this
+    CPU, hits the calls whose ratio is reported alike."""
+    def warm_up():
+        for module, in_loss, kwargs in calls:
+            _step(module, x, in_loss, **kwargs)
 
-
-def _measure_interleaved(module, x, repeats, calls):
-    """The fastest of ``repeats`` steps of each ``(weights_in_loss, kwargs)`` call after one warm-up each, the calls
-    taken in turn (repeat r of every call, then repeat r + 1): the machine's drift, which moves single steps by
-    10-25% on this CPU, hits the calls whose ratio is reported alike."""
-    for in_loss, kwargs in calls:
-        _step(module, x, in_loss, **kwargs)
+    if steady:
+        settle(warm_up)
+    else:
+        warm_up()
     times = [[] for _ in calls]
     for _ in range(repeats):
-        for spent, (in_loss, kwargs) in zip(times, calls):
+        for spent, (module, in_loss, kwargs) in zip(times, calls):
             spent.append(_step(module, x, in_loss, **kwargs))
     return [min(spent) for spent in times]
 
@@ -81,14 +87,15 @@ def main(argv=None) -> int:
     L, D, H = args.length, args.dim, args.heads
     x = torch.randn(L, 1, D, requires_grad=True)
     mha = MultiheadAttention(D, H, self_attention=True)
+    # fairseq's decoder passes its future mask; the default need_weights=True forms the weights either way
+    mha_kwargs = {True: {"attn_mask": torch.triu(torch.full((L, L), float("-inf")), 1)}, False: {}}
     in_loss = args.weights_in_loss
-    mha_s = _measure(mha, x, args.repeats, in_loss, attn_mask=torch.triu(torch.full((L, L), float("-inf")), 1))
     print(f"# training step, L={L}, D={D}, H={H}, batch 1, {args.threads} thread(s), torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}; "
           f"weights {'in the loss' if in_loss else 'returned, not used'}; allocator {allocator}; "
-          f"fairseq MHA with need_weights=True (causal): {mha_s:.2f} s\n")
-    print("| attention | pattern | weights=False s | default s | head weights s | default / False | default / MHA "
-          "| default returns |\n|---|---|---|---|---|---|---|---|")
+          "fairseq MHA with need_weights=True in the attention's pattern, timed in turn with it\n")
+    print("| attention | pattern | weights=False s | default s | head weights s | MHA s | default / False "
+          "| default / MHA | default returns |\n|---|---|---|---|---|---|---|---|---|")
     for name, spec in sorted(ATTENTIONS.items()):
         if args.only and name not in args.only:
             continue
@@ -98,14 +105,16 @@ def main(argv=None) -> int:
                 continue  # by default the causal pattern where an attention has both
             extra = {"cosformer_max_len": L + 1} if name == "cosformer" else {}
             module = spec.build(D, H, causal=causal, **extra)
-            calls = [(False, {"need_weights": False}), (in_loss, {})]
+            calls = [(module, False, {"need_weights": False}), (module, in_loss, {}),
+                     (mha, in_loss, mha_kwargs[causal])]
             if args.head_weights:
-                calls.append((in_loss, {"need_head_weights": True}))
-            plain_s, default_s, *head = _measure_interleaved(module, x, args.repeats, calls)
+                calls.append((module, in_loss, {"need_head_weights": True}))
+            plain_s, default_s, mha_s, *head = _measure_interleaved(x, args.repeats, calls,
+                                                                    allocator == STEADY_DESCRIPTION)
             head_s = head[0] if head else float("nan")
             returned = module(x[:8], x[:8], x[:8])[1]
             print(f"| {name} | {'causal' if causal else 'noncausal'} self | {plain_s:.2f} | {default_s:.2f} | "
-                  f"{head_s:.2f} | {default_s / plain_s:.2f} | {default_s / mha_s:.2f} | "
+                  f"{head_s:.2f} | {mha_s:.2f} | {default_s / plain_s:.2f} | {default_s / mha_s:.2f} | "
                   f"{'None' if returned is None else 'weights'} |", flush=True)
     return 0
 

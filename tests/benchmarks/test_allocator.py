@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from benchmarks.common import ALLOCATORS, add_allocator_argument, use_allocator
+from benchmarks.common import ALLOCATORS, add_allocator_argument, settle, use_allocator
 
 # a fresh process: allocate and free buffers of 4, 12, 24 and 48 MiB (the last above glibc's largest mmap
 # threshold) in a varying order, as a training step's temporaries come and go, and count the page faults of the
@@ -51,6 +51,27 @@ def test_steady_allocator_reuses_freed_buffers_without_page_faults():
     # freed: the 48 MiB one alone faults 12,288 pages in each of the 15 steps
     default_faults, described = _faults("default")
     assert described.startswith("default") and default_faults > 15 * 12288 * 0.9, default_faults
+
+
+def test_settle_runs_until_a_step_takes_no_page_fault():
+    import mmap
+    maps = []
+
+    def faults_twice():  # touches fresh anonymous pages on its first two calls only
+        if len(maps) < 2:
+            maps.append(mmap.mmap(-1, 1 << 22))
+            maps[-1].write(b"x" * (1 << 22))
+        else:
+            maps.append(None)
+
+    assert settle(faults_twice) == 3 and len(maps) == 3
+    calls = []
+
+    def always_faults():
+        calls.append(mmap.mmap(-1, 1 << 20))
+        calls[-1].write(b"x" * (1 << 20))
+
+    assert settle(always_faults, limit=4) == 4 and len(calls) == 4
 
 
 def test_unknown_allocator_is_refused_and_the_flag_offers_the_choices():

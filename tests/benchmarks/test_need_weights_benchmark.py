@@ -27,12 +27,13 @@ def test_weights_enter_the_loss_only_on_request(monkeypatch, capsys):
     assert losses and not any(losses)
     losses.clear()
     _rows(capsys, "--weights-in-loss")
-    assert losses.count(True) == 3 * 2  # warm-up and one repeat: fairseq MHA, both defaults (Nystrom: None)
+    # warm-up and one repeat: both defaults (Nystrom's returns None) and fairseq MHA beside each
+    assert losses.count(True) == 4 * 2
 
 
 def test_an_attentions_calls_are_timed_in_turn(monkeypatch, capsys):
-    """need_weights=False and the default alternate repeat by repeat (after one warm-up each), so the machine's
-    drift does not land on one side of the ratio."""
+    """need_weights=False, the default and fairseq MHA alternate repeat by repeat (after one warm-up each), so the
+    machine's drift does not land on one side of a ratio."""
     calls = []
     real = need_weights._step
     monkeypatch.setattr(need_weights, "_step", lambda module, x, in_loss, **kw: calls.append(
@@ -40,5 +41,19 @@ def test_an_attentions_calls_are_timed_in_turn(monkeypatch, capsys):
         or real(module, x, in_loss, **kw))
     assert need_weights.main(["--length", "48", "--dim", "32", "--heads", "2", "--repeats", "3",
                               "--only", "softmax"]) == 0
-    softmax = [side for name, side in calls if name != "MultiheadAttention"]
-    assert softmax == ["plain", "default"] * 4
+    assert calls == [("FSSoftmaxAttention", "plain"), ("FSSoftmaxAttention", "default"),
+                     ("MultiheadAttention", "default")] * 4
+
+
+def test_fairseq_mha_runs_in_the_attentions_pattern(monkeypatch, capsys):
+    """Each attention is compared with fairseq MHA in its own pattern: the causal one with the future mask."""
+    masks = []
+    real = need_weights._step
+    monkeypatch.setattr(need_weights, "_step", lambda module, x, in_loss, **kw: (
+        type(module).__name__ == "MultiheadAttention" and masks.append(kw.get("attn_mask")))
+        or real(module, x, in_loss, **kw))
+    _rows(capsys, "--patterns", "both")
+    # Nystrom noncausal, softmax causal, softmax noncausal; a warm-up and one repeat each
+    assert [mask is None for mask in masks] == [True] * 2 + [False] * 2 + [True] * 2
+    future = masks[2].isinf()
+    assert bool(future.triu(1)[future.new_ones(future.shape).triu(1)].all()) and not bool(future.tril().any())
