@@ -69,6 +69,7 @@ class ABCAttention(FluenceAttention):
     """
 
     decoding_state = "r x d numerators, r denominators and a running max"
+    keeps_output = False  # its backward does not read its output (see FluenceAttention.keeps_output)
     float32_math = True  # its own autograd kernels keep float32 accumulators
     position_scheme = "alibi"  # as a decay of the causal slot sums (slope_h * j on every key's slot scores)
     alibi_causal_self_only = "it enters as a decay of the causal slot sums"

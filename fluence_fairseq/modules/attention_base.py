@@ -19,7 +19,7 @@ import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor
 
-from ..ops.common import sdpa_for_decoding
+from ..ops.common import linear_grad_over_input, sdpa_for_decoding
 from ..pruning.masks import PrunableAttentionMixin, leading_padding
 from .masks import HARD_MASK, append_padding_masks, attn_mask_to_additive, padding_mask_to_bool
 
@@ -154,6 +154,13 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     #: output's gradient once copied in backward; LongShort frees k and v once normalised: a subclass that
     #: overrides ``attend`` must not read q, k or v after calling the parent's
     heads_exclusive: bool = False
+    #: whether the backward of :meth:`attend` may read its output (or a view of it): softmax's fused kernel keeps
+    #: it, and an attention says False only when none of its paths does. With False, a whole pass hands the output
+    #: projection the attention's output as its input, and that projection's backward writes its input gradient
+    #: over it (the output projection's backward is where several attentions' training peak lies: their saved
+    #: heads, this input and its gradient side by side). An output that the heads' merge copies is written over
+    #: whatever this says (the copy is the projection's alone).
+    keeps_output: bool = True
     #: set by the base while :meth:`attend` runs when the caller asked only for the head-averaged weights (plain
     #: ``need_weights``, no weight recorder, no global pruning mask): the math may then return them already
     #: averaged, as (B, 1, Lq, Lk), instead of the (B, H, Lq, Lk) weights of every head (the entmax family
@@ -547,8 +554,15 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         # (copies, features, states) then no longer hold q, k and v alive beside the output projection's forward
         del q, k, v
 
-        out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)
-        out = self.out_proj(out)
+        merged = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)
+        # the projection's own input: a copy the merge made, or the output of an attention that does not keep it
+        # (a whole pass through attend itself, not decoding, segment memory or a global pruning mask)
+        exclusive = merged.untyped_storage().data_ptr() != out.untyped_storage().data_ptr() or (
+            not self.keeps_output and buffer is None and self.global_mask is None)
+        # after a copying merge the attention's output is not needed here: freed before the projection's forward
+        # unless its backward keeps it (else it stayed alive beside the copy and the projection's output)
+        del out
+        out = self._project_output(merged, exclusive)
         if query_padding_mask is not None:
             out = out.masked_fill(query_padding_mask.t().unsqueeze(-1), 0.0)
         if batch_first:
@@ -560,6 +574,18 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
             return out, weights
         # a mean over a dim of size 1 would still read and write the whole (B, Lq, Lk) matrix (77 ms at L=4096)
         return out, (weights[0] if weights.size(0) == 1 else weights.mean(dim=0))
+
+    def _project_output(self, merged: Tensor, exclusive: bool) -> Tensor:
+        """``out_proj(merged)``. When nothing but this product reads ``merged`` (``exclusive``: see
+        :attr:`keeps_output`), its gradient is written over it in backward. Only for a plain ``nn.Linear`` without
+        hooks (quant noise and pruning hooks run in ``out_proj``'s call) and outside autocast (whose casts the
+        plain call makes)."""
+        proj = self.out_proj
+        if (exclusive and type(proj) is torch.nn.Linear and torch.is_grad_enabled() and merged.requires_grad
+                and not (proj._forward_pre_hooks or proj._forward_hooks)
+                and not torch.is_autocast_enabled(merged.device.type) and merged.dtype == proj.weight.dtype):
+            return linear_grad_over_input(merged, proj.weight, proj.bias)
+        return proj(merged)
 
     def _inputs(self, query, key, value, batch_first: bool):
         """(L, B, D) query, key and value; key and value default to the query (self) and the key."""

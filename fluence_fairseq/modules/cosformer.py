@@ -70,6 +70,7 @@ class CosformerAttention(FluenceAttention):
     """
 
     decoding_state = "sum phi(k) v^T (2d x d), sum phi(k) (2d) and the position"
+    keeps_output = False  # its backward does not read its output (see FluenceAttention.keeps_output)
     position_scheme = "cos re-weighting"  # its own position re-weighting
 
     supported_patterns = ALL_PATTERNS

@@ -59,6 +59,7 @@ class EntmaxAttentionBase(FluenceAttention):
         return alpha.view(1, -1, 1, 1) if isinstance(alpha, Tensor) else alpha
 
     sparse_weights = True
+    keeps_output = False  # p @ v keeps p and v, not its output (see FluenceAttention.keeps_output)
     weights_by_default = True  # the normaliser forms the full probabilities anyway
 
     # ------------------------------------------------------------------------------ what the criterion logs

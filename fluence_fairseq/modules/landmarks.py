@@ -11,6 +11,7 @@ class LandmarkAttention(FluenceAttention):
     decoding."""
 
     decoding_state = "none (noncausal self only)"
+    keeps_output = False  # its backward does not read its output (see FluenceAttention.keeps_output)
     position_scheme = "none"  # noncausal only
     supported_patterns = frozenset({(False, False)})
     supports_attn_mask = False

@@ -76,6 +76,7 @@ class LongShortAttention(FluenceAttention):
     """
 
     decoding_state = "the last w keys/values, the compressed chunks and the current chunk"
+    keeps_output = False  # its backward does not read its output (see FluenceAttention.keeps_output)
     grows_without_mem_len = True  # chunk_rank compressed vectors per chunk_size tokens, kept for ever without it
     float32_math = True  # its own autograd kernels keep float32 accumulators
     position_scheme = "alibi"  # on the window and on the compressed chunks (at their centres): causal only

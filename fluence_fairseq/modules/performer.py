@@ -151,6 +151,7 @@ class PerformerAttention(FluenceAttention):
     """
 
     decoding_state = "sum phi(k) v^T (m x d), sum phi(k) (m) and a running max"
+    keeps_output = False  # its backward does not read its output (see FluenceAttention.keeps_output)
     float32_math = True  # its own autograd kernels keep float32 accumulators
     position_scheme = "alibi"  # as a decay of the causal prefix sums: exactly ALiBi on the estimated exp(q . k)
     alibi_causal_self_only = "it enters as a decay of the causal prefix sums"

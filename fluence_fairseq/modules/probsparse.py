@@ -69,6 +69,7 @@ class ProbSparseAttention(FluenceAttention):
     """
 
     decoding_state = "cross: keys, values, the key sample and the value mean"
+    keeps_output = False  # its backward does not read its output (see FluenceAttention.keeps_output)
     float32_math = True  # its top-k selection of queries flips on 16-bit rounding
     autocast_tolerance = 0.25  # bf16 projections can still change which queries are selected
     position_scheme = "none"  # noncausal only

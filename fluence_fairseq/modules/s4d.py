@@ -69,6 +69,7 @@ class S4DAttention(FluenceAttention):
     """
 
     decoding_state = "the complex mode state (channels x N/2)"
+    keeps_output = False  # its backward does not read its output (see FluenceAttention.keeps_output)
     position_scheme = "state"  # the convolution/recurrence carries the order
 
     constant_state = True  # causal decoding keeps N/2 complex modes per channel

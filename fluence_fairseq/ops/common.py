@@ -223,3 +223,40 @@ def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False
     unlike ``F.scaled_dot_product_attention``, may be combined with an additive ``bias`` (B|1, H|1, Lq, Lk) of q's
     dtype: the kernel then skips the blocks above the diagonal. Only where :func:`cpu_flash_applies`."""
     return _CpuFlash.apply(q, k, v, causal, bias)
+
+
+class _LinearGradOverInput(torch.autograd.Function):
+    """``x @ weight.T + bias`` whose backward writes x's gradient over x itself (x's own last use is the weight's
+    gradient, computed first). x is saved, so autograd refuses a second backward through a graph whose x is
+    overwritten; with ``create_graph`` (grad mode on in backward) nothing is overwritten."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.size(-1))
+        x_rows = x.view(-1, x.size(-1))
+        grad_weight = rows.t().mm(x_rows) if ctx.needs_input_grad[1] else None
+        grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled():  # double backward differentiates through x: leave it alone
+                grad_x = grad.matmul(weight)
+            else:
+                grad_x = torch.mm(rows, weight, out=x_rows).view_as(x)
+        return grad_x, grad_weight, grad_bias
+
+
+def linear_grad_over_input(x: Tensor, weight: Tensor, bias) -> Tensor:
+    """``torch.nn.functional.linear`` for an input that nothing but this product holds (a fresh, contiguous
+    tensor): its gradient is written over it in backward, so the input, kept for the weight's gradient, and its
+    gradient never take memory side by side (an output projection's backward, where several attentions' training
+    peak lies). The caller guarantees that nothing else reads x, saves it for backward or returns it."""
+    if not x.is_contiguous():
+        raise ValueError("linear_grad_over_input needs a contiguous input (it writes the gradient over it)")
+    return _LinearGradOverInput.apply(x, weight, bias)

@@ -68,3 +68,145 @@ def test_projected_heads_are_released_before_the_output_projection():
     x = torch.randn(LENGTH, BATCH, DIM, requires_grad=True)
     attn(x, x, x, need_weights=False)[0].sum().backward()
     assert len(refs) == 3 and alive == [[False, False, False]]
+
+
+def _self_cases():
+    from fluence_fairseq.modules.registry import ATTENTIONS
+    return [(name, causal) for name, spec in sorted(ATTENTIONS.items())
+            for cross, causal in sorted(spec.cls.supported_patterns) if not cross]
+
+
+def _build(name, causal, dtype=torch.float32):
+    spec = get_attention(name)
+    options = dict(spec.tiny)
+    if name == "cosformer":
+        options["cosformer_max_len"] = 2048
+    return spec.build(64, 4, dropout=0.0, causal=causal, **options).to(dtype).train()
+
+
+@pytest.mark.parametrize("name,causal", _self_cases())
+def test_an_attention_that_declares_it_does_not_keep_its_output_keeps_none_of_it(name, causal):
+    """``keeps_output = False`` lets the output projection write its input gradient over the attention's output;
+    none of the attention's paths (short inputs, blocked and narrow kernels) may then save that output."""
+    torch.manual_seed(0)
+    attn = _build(name, causal)
+    if attn.keeps_output:
+        pytest.skip(f"{name} keeps its output (the base writes only over a copy)")
+    attend, kept = attn.attend, []
+
+    def probing_attend(q, k, v, **kwargs):
+        storages = []
+
+        def pack(t):
+            storages.append(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out, weights = attend(q, k, v, **kwargs)
+        kept.append(out.untyped_storage().data_ptr() in storages)
+        return out, weights
+
+    attn.attend = probing_attend
+    for length in (16, 300, 1100):
+        x = torch.randn(length, 2, 64, requires_grad=True)
+        attn(x, x, x, need_weights=False)[0].sum().backward()
+    assert kept == [False] * 3
+
+
+@pytest.mark.parametrize("name,causal", _self_cases())
+def test_the_output_projection_writing_over_its_input_gives_the_plain_gradients(name, causal, monkeypatch):
+    """Every attention and self pattern, with padding: the same output and gradients (float64) as a plain
+    ``out_proj`` call, and the reuse did happen (where the attention does not keep its output)."""
+    from fluence_fairseq.modules import attention_base
+    torch.manual_seed(0)
+    attn = _build(name, causal, torch.float64)
+    x = torch.randn(40, 2, 64, dtype=torch.float64, requires_grad=True)
+    padding = torch.zeros(2, 40, dtype=torch.bool)
+    padding[1, -5:] = True
+
+    def grads():
+        attn.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(1)  # LARA's noise and ProbSparse's key sample: the same in both calls
+        out = attn(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        return [out.detach(), x.grad] + [p.grad for p in attn.parameters() if p.grad is not None]
+
+    used = []
+    real = attention_base.linear_grad_over_input
+    monkeypatch.setattr(attention_base, "linear_grad_over_input", lambda *a: used.append(1) or real(*a))
+    reused = grads()
+    monkeypatch.setattr(attention_base.FluenceAttention, "_project_output",
+                        lambda self, merged, exclusive: self.out_proj(merged))
+    plain = grads()
+    # an attention that keeps its output is written over only where the heads' merge copied it
+    assert used == [1] or (attn.keeps_output and used == [])
+    assert len(reused) == len(plain)
+    for a, b in zip(reused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_the_output_projection_stays_a_plain_call_under_hooks_autocast_or_a_kept_output(monkeypatch):
+    """Quant noise and weight pruning run as ``out_proj`` hooks, autocast casts in its call: those take the plain
+    call; so does an attention that keeps its output in the projections' layout (nothing copied it)."""
+    from fluence_fairseq.modules import attention_base
+    used = []
+    real = attention_base.linear_grad_over_input
+    monkeypatch.setattr(attention_base, "linear_grad_over_input", lambda *a: used.append(1) or real(*a))
+    x = torch.randn(40, 2, 64, requires_grad=True)
+    attn = _build("entmax15", False)
+    hooked = []
+    handle = attn.out_proj.register_forward_pre_hook(lambda module, args: hooked.append(1))
+    attn(x, x, x, need_weights=False)[0].sum().backward()
+    assert hooked == [1] and used == []
+    handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attn(x, x, x, need_weights=False)[0].float().sum().backward()
+    assert used == []
+    attn(x, x, x, need_weights=False)[0].sum().backward()
+    assert used == [1]
+    # an output that its own backward keeps and that is already in the projections' layout: left alone
+    keeper = _build("entmax15", False)
+    keeper.keeps_output = True
+
+    def attend_in_projection_layout(q, k, v, **kwargs):
+        out, weights = type(keeper).attend(keeper, q, k, v, **kwargs)
+        return out.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3), weights
+
+    keeper.attend = attend_in_projection_layout
+    used.clear()
+    keeper(x, x, x, need_weights=False)[0].sum().backward()
+    assert used == []
+
+
+def test_a_second_backward_through_a_whole_pass_is_refused():
+    """The output projection's input holds its gradient after the first backward: autograd refuses a second one
+    instead of reading the gradient as the input (double backward, where nothing is overwritten, is checked on
+    the op in tests/ops/test_common.py)."""
+    torch.manual_seed(0)
+    attn = _build("entmax15", True)
+    x = torch.randn(40, 2, 64, requires_grad=True)
+    out = attn(x, x, x, need_weights=False)[0].sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
+def test_the_attentions_output_is_freed_before_the_output_projection_when_the_merge_copies_it():
+    """A copying merge leaves the attention's output to autograd: entmax's ``p @ v`` does not keep it, so it is
+    gone when the output projection runs (it was alive beside the copy and the projection's output)."""
+    torch.manual_seed(0)
+    attn = _build("entmax15", False)
+    refs, alive = [], []
+    attend = attn.attend
+
+    def recording_attend(q, k, v, **kwargs):
+        out, weights = attend(q, k, v, **kwargs)
+        refs.append(weakref.ref(out))
+        return out, weights
+
+    attn.attend = recording_attend
+    attn.out_proj.register_forward_pre_hook(lambda module, args: alive.append(refs[0]() is not None))
+    x = torch.randn(40, 2, 64, requires_grad=True)
+    attn(x, x, x, need_weights=False)[0].sum().backward()
+    assert alive == [False]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fluence_fairseq.ops.common import free_memory, lower_blocks, prefixes
+from fluence_fairseq.ops.common import free_memory, linear_grad_over_input, lower_blocks, prefixes
 
 
 @pytest.mark.parametrize("lengths", [(3, 7, 10), (10, 4), (2, 5), (6,)])
@@ -83,3 +83,41 @@ def test_covers_storage():
     # as many elements as the storage holds, but rows overlapping (and the storage's tail never seen)
     assert not covers_storage(torch.randn(12).as_strided((3, 4), (2, 1)))
     assert covers_storage(torch.randn(5).as_strided((5, 1), (1, 7)))  # a size-1 dim's stride does not matter
+
+
+def test_linear_grad_over_input_equals_linear_and_writes_the_gradient_over_its_input():
+    torch.manual_seed(0)
+    x = torch.randn(7, 3, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(7, 3, 5, dtype=torch.float64)
+    expected = torch.autograd.grad(torch.nn.functional.linear(x, weight, bias), (x, weight, bias), grad)
+    inner = x * 1  # the op's own input: nothing else reads it
+    out = linear_grad_over_input(inner, weight, bias)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), rtol=0, atol=0)
+    seen = []
+    inner.register_hook(lambda g: seen.append(g.data_ptr() == inner.data_ptr()))
+    got = torch.autograd.grad(out, (x, weight, bias), grad, retain_graph=True)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    assert seen == [True]  # the input's gradient lives in the input's memory
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, (x, weight, bias), grad)  # its input is gone: a second backward is refused
+
+
+def test_linear_grad_over_input_with_create_graph_and_without_bias():
+    """Double backward differentiates through the input, so nothing is overwritten (gradgradcheck: its first
+    derivatives come with create_graph). Plain gradcheck would backward twice through one graph, which the op
+    refuses by design (above)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    for bias in (None, torch.randn(3, dtype=torch.float64, requires_grad=True)):
+        inputs = (x, weight) if bias is None else (x, weight, bias)
+
+        def fn(*args):
+            return linear_grad_over_input(args[0] * 1, args[1], args[2] if len(args) > 2 else None)
+
+        assert torch.autograd.gradgradcheck(fn, inputs)
+    with pytest.raises(ValueError, match="contiguous"):
+        linear_grad_over_input(torch.randn(6, 4).t(), weight, None)
