@@ -577,13 +577,14 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
 
     def _project_output(self, merged: Tensor, exclusive: bool) -> Tensor:
         """``out_proj(merged)``. When nothing but this product reads ``merged`` (``exclusive``: see
-        :attr:`keeps_output`), its gradient is written over it in backward. Only for a plain ``nn.Linear`` without
-        hooks (quant noise and pruning hooks run in ``out_proj``'s call) and outside autocast (whose casts the
-        plain call makes)."""
+        :attr:`keeps_output`), its gradient is written over it in backward. Only for a plain ``nn.Linear`` with no
+        hook of its own or global (quant noise and weight pruning are forward hooks of ``out_proj``, tracing and
+        profiling tools add global ones: all run only in the module's call) and outside autocast (whose casts
+        the module's call makes)."""
         proj = self.out_proj
         if (exclusive and type(proj) is torch.nn.Linear and torch.is_grad_enabled() and merged.requires_grad
-                and not (proj._forward_pre_hooks or proj._forward_hooks)
-                and not torch.is_autocast_enabled(merged.device.type) and merged.dtype == proj.weight.dtype):
+                and not _has_hooks(proj) and not torch.is_autocast_enabled(merged.device.type)
+                and merged.dtype == proj.weight.dtype):
             return linear_grad_over_input(merged, proj.weight, proj.bias)
         return proj(merged)
 
@@ -694,6 +695,15 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
 
 
 _FAIRSEQ_ONLY = ("dictionary",)
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` would run a hook: its own forward or backward hooks, or global module hooks."""
+    own = (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks)
+    registry = torch.nn.modules.module
+    global_hooks = (getattr(registry, name, None) for name in (
+        "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks", "_global_backward_hooks"))
+    return any(own) or any(bool(hooks) for hooks in global_hooks)
 
 
 def fsmha(cls):

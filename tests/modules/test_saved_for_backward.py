@@ -147,8 +147,9 @@ def test_the_output_projection_writing_over_its_input_gives_the_plain_gradients(
 
 
 def test_the_output_projection_stays_a_plain_call_under_hooks_autocast_or_a_kept_output(monkeypatch):
-    """Quant noise and weight pruning run as ``out_proj`` hooks, autocast casts in its call: those take the plain
-    call; so does an attention that keeps its output in the projections' layout (nothing copied it)."""
+    """Quant noise and weight pruning run as ``out_proj`` hooks, tools add backward or global hooks, autocast casts
+    in its call: those take the plain call; so does an attention that keeps its output in the projections' layout
+    (nothing copied it)."""
     from fluence_fairseq.modules import attention_base
     used = []
     real = attention_base.linear_grad_over_input
@@ -159,6 +160,14 @@ def test_the_output_projection_stays_a_plain_call_under_hooks_autocast_or_a_kept
     handle = attn.out_proj.register_forward_pre_hook(lambda module, args: hooked.append(1))
     attn(x, x, x, need_weights=False)[0].sum().backward()
     assert hooked == [1] and used == []
+    handle.remove()
+    handle = attn.out_proj.register_full_backward_hook(lambda module, grad_in, grad_out: hooked.append(2))
+    attn(x, x, x, need_weights=False)[0].sum().backward()
+    assert hooked == [1, 2] and used == []
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    attn(x, x, x, need_weights=False)[0].sum().backward()
+    assert used == []
     handle.remove()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         attn(x, x, x, need_weights=False)[0].float().sum().backward()
