@@ -219,3 +219,27 @@ def test_the_attentions_output_is_freed_before_the_output_projection_when_the_me
     x = torch.randn(40, 2, 64, requires_grad=True)
     attn(x, x, x, need_weights=False)[0].sum().backward()
     assert alive == [False]
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing_gives_the_plain_gradients(use_reentrant):
+    """fairseq's --checkpoint-activations recomputes a layer's forward in backward (torch's checkpoint, reentrant or
+    not): the output projection then writes over the recomputed input, once, and the gradients are unchanged."""
+    import torch.utils.checkpoint as checkpoint
+    torch.manual_seed(0)
+    for name in ("entmax15", "lara"):
+        attn = _build(name, False, torch.float64)
+        x = torch.randn(40, 2, 64, dtype=torch.float64, requires_grad=True)
+
+        def grads(run):
+            attn.zero_grad(set_to_none=True)
+            x.grad = None
+            torch.manual_seed(1)  # LARA's noise, the same in the recomputed forward
+            run().sum().backward()
+            return [x.grad] + [p.grad for p in attn.parameters()]
+
+        plain = grads(lambda: attn(x, x, x, need_weights=False)[0])
+        checkpointed = grads(lambda: checkpoint.checkpoint(lambda t: attn(t, t, t, need_weights=False)[0], x,
+                                                           use_reentrant=use_reentrant))
+        for a, b in zip(checkpointed, plain):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
