@@ -8,8 +8,9 @@ fairseq's ``MultiheadAttention`` with ``need_weights=True`` (its default) on the
 does not use them) unless ``--weights-in-loss`` adds them to the loss, as an alignment loss would. Each attention's
 calls and fairseq MHA's are timed in turn (repeat r of every call, then r + 1), the fastest of ``--repeats`` kept:
 MHA forms (L, L) matrices that stream through memory, and its step moved by half between runs minutes apart
-(1.60 s and 2.42 s on the AMD EPYC), so a ratio to an MHA timed once per run measured the machine. Reported: seconds and the ratios the issue sets bounds on, default /
-``need_weights=False`` (at most 1.2) and default / fairseq MHA (at most 1). Memory is not measured here:
+(1.60 s and 2.42 s on the AMD EPYC), so a ratio to an MHA timed once per run measured the machine. Reported:
+seconds and the ratios the issue sets bounds on, default / ``need_weights=False`` (at most 1.2) and default /
+fairseq MHA (at most 1). Memory is not measured here:
 ``tests/modules/test_weights.py`` checks that the default allocates exactly what ``need_weights=False`` does. A
 plain ``need_weights=True`` returns weights only where they come with the math (softmax, the entmax family); the
 others return None and run their ``need_weights=False`` computation (see ``weights_by_default``), so their
