@@ -34,7 +34,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from .attention import _key_values, _typed_options
-from .common import PATTERN_FLAGS, add_allocator_argument, build_module, training_step, use_allocator
+from .common import PATTERN_FLAGS, add_allocator_argument, build_module, training_step, use_allocator, warm_up
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -154,9 +154,12 @@ def main(argv=None) -> Dict[str, float]:
     step = training_step(module, args.dim, args.batch, args.length, args.length, cross, causal,
                          need_weights=args.need_weights)
     times = {0: [], 1: []}
-    for side in (1, 0):  # warm-up of both
-        use(side)
-        step()
+    def one_round():  # warm-up of both
+        for side in (1, 0):
+            use(side)
+            step()
+
+    warm_up(one_round, allocator)
     for _ in range(args.pairs):
         for side in (1, 0):
             use(side)

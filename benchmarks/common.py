@@ -112,6 +112,15 @@ def settle(step: Callable[[], object], limit: int = SETTLE_LIMIT) -> int:
     return limit
 
 
+def warm_up(step: Callable[[], object], allocator: str) -> None:
+    """The last warm-up before timed steps: one call of ``step`` or, under the steady allocator (``allocator`` is
+    :func:`use_allocator`'s description), calls until one takes no page fault (:func:`settle`)."""
+    if allocator == STEADY_DESCRIPTION:
+        settle(step)
+    else:
+        step()
+
+
 def allocator_of(machine: dict) -> str:
     """The allocator a report's ``machine`` entry records (reports from before the flag: glibc's defaults)."""
     return machine.get("allocator") or "default (not recorded)"
@@ -302,10 +311,10 @@ def cuda_peak_increase_mb(fn: Callable[[], None], device) -> float:
 
 def measure_training(spec: dict, dim: int, heads: int, batch: int, length: int, src_len: int, cross: bool,
                      causal: bool, repeats: int, warmup: int, memory_only: bool = False, device="cpu",
-                     steady: bool = False) -> dict:
+                     allocator: str = "") -> dict:
     """Forward+backward of one module: peak memory of the first full-size step, then ``repeats`` timed steps
-    (none with ``memory_only``) after ``warmup`` steps in all and, with the ``steady`` allocator on the CPU, after
-    one that took no page fault (:func:`settle`).
+    (none with ``memory_only``) after ``warmup`` steps in all and, under the steady ``allocator`` (its
+    description) on the CPU, after one that took no page fault (:func:`settle`).
 
     One step on a 16-token input comes first so that one-time costs (thread pools, library code paged in)
     stay out of the memory number.
@@ -317,9 +326,9 @@ def measure_training(spec: dict, dim: int, heads: int, batch: int, length: int, 
     peak_mb = cuda_peak_increase_mb(step, device) if on_cuda else peak_rss_increase_mb(step)
     if memory_only:
         return {"peak_mem_mb": peak_mb}
-    for _ in range(warmup - 1):
+    for _ in range(warmup - 1):  # the memory step was the first
         step()
-    if steady and not on_cuda:
+    if allocator == STEADY_DESCRIPTION and not on_cuda:
         settle(step)
     times_ms = [step() * 1e3 for _ in range(repeats)]
     return {"time_ms": times_ms, "time_ms_median": statistics.median(times_ms), "time_ms_min": min(times_ms),
@@ -436,7 +445,7 @@ def run_job(job: dict) -> dict:
     result = measure_training(job["module"], batch=job["batch"], length=job["length"], src_len=job["src_len"],
                               cross=cross, causal=causal, repeats=job["repeats"], warmup=job["warmup"],
                               memory_only=job.get("memory_only", False), device=job.get("device", "cpu"),
-                              steady=allocator == STEADY_DESCRIPTION, **shape)
+                              allocator=allocator or "", **shape)
     if job.get("decode"):
         result["decode"] = measure_decoding(job["module"], warmup=job["warmup"], **job["decode"], **shape)
     if allocator is not None:

@@ -23,8 +23,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .common import (MEMORY_ENV, STEADY_DESCRIPTION, add_allocator_argument, allocator_of, peak_rss_increase_mb,
-                     run_in_fresh_process, settle, use_allocator)
+from .common import (MEMORY_ENV, add_allocator_argument, allocator_of, peak_rss_increase_mb, run_in_fresh_process,
+                     use_allocator, warm_up)
 
 
 @dataclass(frozen=True)
@@ -125,10 +125,9 @@ def _worker(job: dict) -> dict:
     if job.get("memory_only"):
         return {"peak_mem_mb": peak_rss_increase_mb(step)}
     allocator = use_allocator(job.get("allocator", "steady"))
-    for _ in range(job["warmup"]):
+    for _ in range(job["warmup"] - 1):
         step()
-    if allocator == STEADY_DESCRIPTION:
-        settle(step)
+    warm_up(step, allocator)
     times = []
     for _ in range(job["repeats"]):
         started = time.perf_counter()

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from .common import STEADY_DESCRIPTION, add_allocator_argument, settle, use_allocator
+from .common import add_allocator_argument, use_allocator, warm_up
 
 def _step(module, x, weights_in_loss, **kwargs):
     """Seconds of one forward and backward of ``module`` on ``x`` (self attention)."""
@@ -38,19 +38,16 @@ def _step(module, x, weights_in_loss, **kwargs):
     return time.perf_counter() - start
 
 
-def _measure_interleaved(x, repeats, calls, steady=False):
+def _measure_interleaved(x, repeats, calls, allocator=""):
     """The fastest of ``repeats`` steps of each ``(module, weights_in_loss, kwargs)`` call after one warm-up each
-    (with the ``steady`` allocator, until a round of all calls takes no page fault), the calls taken in turn
+    (under the steady ``allocator``, until a round of all calls takes no page fault), the calls taken in turn
     (repeat r of every call, then repeat r + 1): the machine's drift, which moves single steps by 10-25% on this
     CPU, hits the calls whose ratio is reported alike."""
-    def warm_up():
+    def one_round():
         for module, in_loss, kwargs in calls:
             _step(module, x, in_loss, **kwargs)
 
-    if steady:
-        settle(warm_up)
-    else:
-        warm_up()
+    warm_up(one_round, allocator)
     times = [[] for _ in calls]
     for _ in range(repeats):
         for spent, (module, in_loss, kwargs) in zip(times, calls):
@@ -110,8 +107,7 @@ def main(argv=None) -> int:
                      (mha, in_loss, mha_kwargs[causal])]
             if args.head_weights:
                 calls.append((module, in_loss, {"need_head_weights": True}))
-            plain_s, default_s, mha_s, *head = _measure_interleaved(x, args.repeats, calls,
-                                                                    allocator == STEADY_DESCRIPTION)
+            plain_s, default_s, mha_s, *head = _measure_interleaved(x, args.repeats, calls, allocator)
             head_s = head[0] if head else float("nan")
             returned = module(x[:8], x[:8], x[:8])[1]
             print(f"| {name} | {'causal' if causal else 'noncausal'} self | {plain_s:.2f} | {default_s:.2f} | "

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import (MEMORY_ENV, add_allocator_argument, allocator_of, peak_rss_increase_mb, run_in_fresh_process,
-                     use_allocator)
+                     use_allocator, warm_up)
 from fluence_fairseq.pruning.policy import pruning_mask, random_pruning_mask
 from fluence_fairseq.ops.pruned_attention import BlockLayout, PrunedPlan, pruned_attention
 
@@ -155,8 +155,12 @@ def _worker(job: dict) -> dict:
         return {"peak_mem_mb": peak_rss_increase_mb(step), **info()}
     allocator = use_allocator(job.get("allocator", "steady"))
     cases = [_case(case, job, q, k, v, grad) for case in job["cases"]]
-    for step, _ in cases:
-        step()  # warm-up (and the plan's measured choice)
+
+    def one_round():  # warm-up (and the plan's measured choice)
+        for step, _ in cases:
+            step()
+
+    warm_up(one_round, allocator)
     times = [[] for _ in cases]
     for _ in range(job["repeats"]):
         for (step, _), series in zip(cases, times):

@@ -65,7 +65,9 @@ def test_with_attend_runs_the_revisions_attend_on_the_old_side(monkeypatch):
     monkeypatch.setattr(LaraAttention, "attend", lambda self, *a, **k: calls.append("new") or new_attend(self, *a, **k))
     ab.main(["lara", "--ops", "landmarks", "--pattern", "noncausal", "--with-attend", "--length", "64", "--dim", "32",
              "--heads", "2", "--pairs", "2", "--threads", "1"])
-    assert calls == ["old", "new"] * 3  # warm-up and two pairs: the revision first, then the working tree
+    # warm-up rounds (one, or until a round takes no page fault: benchmarks.common.settle) and two pairs: the
+    # revision first, then the working tree
+    assert len(calls) >= 6 and calls == ["old", "new"] * (len(calls) // 2)
 
 
 def test_with_attend_keeps_subclass_overrides_and_names_the_revision_lacked(monkeypatch):
@@ -99,8 +101,9 @@ def test_need_weights_steps_call_the_attention_with_the_default(monkeypatch):
                         or real(self, *a, **kw))
     ab.main(["softmax", "--ops", "band", "--length", "32", "--dim", "16", "--heads", "2", "--pairs", "1",
              "--threads", "1", "--need-weights"])
-    assert asked == [True] * 4  # a warm-up and one pair, both sides
+    # warm-up rounds (one, or until a round takes no page fault) and one pair, both sides
+    assert len(asked) >= 4 and len(asked) % 2 == 0 and asked == [True] * len(asked)
     asked.clear()
     ab.main(["softmax", "--ops", "band", "--length", "32", "--dim", "16", "--heads", "2", "--pairs", "1",
-             "--threads", "1"])
-    assert asked == [False] * 4
+             "--threads", "1", "--allocator", "default"])
+    assert asked == [False] * 4  # glibc's defaults: exactly one warm-up round

@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from benchmarks.common import ALLOCATORS, add_allocator_argument, settle, use_allocator
+from benchmarks.common import ALLOCATORS, STEADY_DESCRIPTION, add_allocator_argument, settle, use_allocator, warm_up
 
 # a fresh process: allocate and free buffers of 4, 12, 24 and 48 MiB (the last above glibc's largest mmap
 # threshold) in a varying order, as a training step's temporaries come and go, and count the page faults of the
@@ -72,6 +72,20 @@ def test_settle_runs_until_a_step_takes_no_page_fault():
         calls[-1].write(b"x" * (1 << 20))
 
     assert settle(always_faults, limit=4) == 4 and len(calls) == 4
+
+
+def test_warm_up_settles_only_under_the_steady_allocator():
+    import mmap
+    calls = []
+
+    def always_faults():
+        calls.append(mmap.mmap(-1, 1 << 20))
+        calls[-1].write(b"x" * (1 << 20))
+
+    warm_up(always_faults, "default (glibc's adaptive settings)")
+    assert len(calls) == 1  # glibc's defaults fault at every step: one warm-up call, as before
+    warm_up(always_faults, STEADY_DESCRIPTION)
+    assert len(calls) == 1 + 8  # settle's limit
 
 
 def test_unknown_allocator_is_refused_and_the_flag_offers_the_choices():

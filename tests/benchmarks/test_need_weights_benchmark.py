@@ -3,8 +3,9 @@ from benchmarks import need_weights
 
 
 def _rows(capsys, *extra):
+    # glibc's default allocator: exactly one warm-up round (the steady one repeats it until no page fault)
     assert need_weights.main(["--length", "48", "--dim", "32", "--heads", "2", "--repeats", "1",
-                              "--only", "softmax", "nystrom", *extra]) == 0
+                              "--only", "softmax", "nystrom", "--allocator", "default", *extra]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| softmax")
              or line.startswith("| nystrom")]
     return {tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|")[-2].strip() for line in lines}
@@ -40,9 +41,18 @@ def test_an_attentions_calls_are_timed_in_turn(monkeypatch, capsys):
         (type(module).__name__, "plain" if kw.get("need_weights") is False else "default"))
         or real(module, x, in_loss, **kw))
     assert need_weights.main(["--length", "48", "--dim", "32", "--heads", "2", "--repeats", "3",
-                              "--only", "softmax"]) == 0
+                              "--only", "softmax", "--allocator", "default"]) == 0
     assert calls == [("FSSoftmaxAttention", "plain"), ("FSSoftmaxAttention", "default"),
                      ("MultiheadAttention", "default")] * 4
+
+
+def test_the_steady_allocator_repeats_the_warm_up_round_until_no_page_fault(monkeypatch):
+    """Under the steady allocator the warm-up is a whole round of the three calls, repeated by settle."""
+    rounds = []
+    monkeypatch.setattr(need_weights, "warm_up", lambda one_round, allocator: rounds.append(allocator) or one_round())
+    assert need_weights.main(["--length", "48", "--dim", "32", "--heads", "2", "--repeats", "1",
+                              "--only", "softmax"]) == 0
+    assert len(rounds) == 1 and rounds[0].startswith("steady")
 
 
 def test_fairseq_mha_runs_in_the_attentions_pattern(monkeypatch, capsys):
