@@ -70,26 +70,31 @@ def test_projected_heads_are_released_before_the_output_projection():
     assert len(refs) == 3 and alive == [[False, False, False]]
 
 
-def _self_cases():
+def _pattern_cases():
     from fluence_fairseq.modules.registry import ATTENTIONS
-    return [(name, causal) for name, spec in sorted(ATTENTIONS.items())
-            for cross, causal in sorted(spec.cls.supported_patterns) if not cross]
+    return [(name, cross, causal) for name, spec in sorted(ATTENTIONS.items())
+            for cross, causal in sorted(spec.cls.supported_patterns)]
 
 
-def _build(name, causal, dtype=torch.float32):
+def _build(name, causal, dtype=torch.float32, cross=False):
     spec = get_attention(name)
     options = dict(spec.tiny)
     if name == "cosformer":
         options["cosformer_max_len"] = 2048
-    return spec.build(64, 4, dropout=0.0, causal=causal, **options).to(dtype).train()
+    return spec.build(64, 4, dropout=0.0, causal=causal, cross=cross, **options).to(dtype).train()
 
 
-@pytest.mark.parametrize("name,causal", _self_cases())
-def test_an_attention_that_declares_it_does_not_keep_its_output_keeps_none_of_it(name, causal):
+def _source(x: torch.Tensor, cross: bool) -> torch.Tensor:
+    """The keys' input: the query's own for self attention, a longer sequence for cross attention."""
+    return torch.randn(x.size(0) + 7, *x.shape[1:], dtype=x.dtype, requires_grad=True) if cross else x
+
+
+@pytest.mark.parametrize("name,cross,causal", _pattern_cases())
+def test_an_attention_that_declares_it_does_not_keep_its_output_keeps_none_of_it(name, cross, causal):
     """``keeps_output = False`` lets the output projection write its input gradient over the attention's output;
     none of the attention's paths (short inputs, blocked and narrow kernels) may then save that output."""
     torch.manual_seed(0)
-    attn = _build(name, causal)
+    attn = _build(name, causal, cross=cross)
     if attn.keeps_output:
         pytest.skip(f"{name} keeps its output (the base writes only over a copy)")
     attend, kept = attn.attend, []
@@ -109,28 +114,30 @@ def test_an_attention_that_declares_it_does_not_keep_its_output_keeps_none_of_it
     attn.attend = probing_attend
     for length in (16, 300, 1100):
         x = torch.randn(length, 2, 64, requires_grad=True)
-        attn(x, x, x, need_weights=False)[0].sum().backward()
+        src = _source(x, cross)
+        attn(x, src, src, need_weights=False)[0].sum().backward()
     assert kept == [False] * 3
 
 
-@pytest.mark.parametrize("name,causal", _self_cases())
-def test_the_output_projection_writing_over_its_input_gives_the_plain_gradients(name, causal, monkeypatch):
-    """Every attention and self pattern, with padding: the same output and gradients (float64) as a plain
-    ``out_proj`` call, and the reuse did happen (where the attention does not keep its output)."""
+@pytest.mark.parametrize("name,cross,causal", _pattern_cases())
+def test_the_output_projection_writing_over_its_input_gives_the_plain_gradients(name, cross, causal, monkeypatch):
+    """Every attention and pattern, with padding: the same output and gradients (float64) as a plain ``out_proj``
+    call, and the reuse did happen (where the attention does not keep its output)."""
     from fluence_fairseq.modules import attention_base
     torch.manual_seed(0)
-    attn = _build(name, causal, torch.float64)
+    attn = _build(name, causal, torch.float64, cross=cross)
     x = torch.randn(40, 2, 64, dtype=torch.float64, requires_grad=True)
-    padding = torch.zeros(2, 40, dtype=torch.bool)
+    src = _source(x, cross)
+    padding = torch.zeros(2, src.size(0), dtype=torch.bool)
     padding[1, -5:] = True
 
     def grads():
         attn.zero_grad(set_to_none=True)
-        x.grad = None
+        x.grad = src.grad = None
         torch.manual_seed(1)  # LARA's noise and ProbSparse's key sample: the same in both calls
-        out = attn(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+        out = attn(x, src, src, key_padding_mask=padding, need_weights=False)[0]
         (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-        return [out.detach(), x.grad] + [p.grad for p in attn.parameters() if p.grad is not None]
+        return [out.detach(), x.grad, src.grad] + [p.grad for p in attn.parameters() if p.grad is not None]
 
     used = []
     real = attention_base.linear_grad_over_input
