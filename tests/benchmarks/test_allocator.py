@@ -64,7 +64,9 @@ def test_settle_runs_until_a_step_takes_no_page_fault():
         else:
             maps.append(None)
 
-    assert settle(faults_twice) == 3 and len(maps) == 3
+    # the third call touches nothing new (a fourth only if the interpreter itself faulted in that call)
+    calls_made = settle(faults_twice)
+    assert calls_made in (3, 4) and len(maps) == calls_made
     calls = []
 
     def always_faults():
