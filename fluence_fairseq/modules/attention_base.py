@@ -154,8 +154,9 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     #: output's gradient once copied in backward; LongShort frees k and v once normalised: a subclass that
     #: overrides ``attend`` must not read q, k or v after calling the parent's
     heads_exclusive: bool = False
-    #: whether the backward of :meth:`attend` may read its output (or a view of it): softmax's fused kernel keeps
-    #: it, and an attention says False only when none of its paths does. With False, a whole pass hands the output
+    #: whether the backward of :meth:`attend` may read its output (or a view of it): the fused SDPA kernel keeps
+    #: it (softmax; local attention and adaptive span on some paths), and an attention says False only when none
+    #: of its paths does (tests/modules/test_saved_for_backward.py checks every pattern at three lengths). With False, a whole pass hands the output
     #: projection the attention's output as its input, and that projection's backward writes its input gradient
     #: over it (the output projection's backward is where several attentions' training peak lies: their saved
     #: heads, this input and its gradient side by side). An output that the heads' merge copies is written over
