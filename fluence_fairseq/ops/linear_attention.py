@@ -47,11 +47,6 @@ GROUP = 512
 #: width 512, ``python -m benchmarks.group_sizes``) groups of 2,048 took causal cosFormer's step to 0.58x and
 #: Performer's to 0.66x those of 512, at 2.05x and 1.49x their peak memory (1.37x and 0.90x fairseq's attention's)
 DEVICE_GROUP = 2048
-#: the causal function keeps the state entering every this many groups for backward, which recomputes the
-#: states in between from the keys (one more key-state product per group but the kept ones; about 3% of a
-#: training step in paired timings): at L=8192 with cosFormer's 2 x 64 features, a few MiB of states fewer,
-#: alive beside the output projection's backward
-STATE_EVERY = 8
 
 
 def group_size(device: torch.device) -> int:
@@ -304,13 +299,6 @@ class _Group:
             self.intra = self.intra * torch.matmul(qm, km.transpose(-1, -2))
         self.qw = None if self.scales is None else self.scales.query_weights()  # (B, H, g, C)
 
-    @classmethod
-    def states_after(cls, kc, km, vc, c, kv0, ks0, m_run, relu) -> Tuple[Tensor, Tensor, Tensor]:
-        """The carried state after the group (numerator, denominator, maximum), from its keys alone."""
-        grp = cls.__new__(cls)
-        grp._key_states(kc, km, vc, c, kv0, ks0, m_run, relu)
-        return grp.kv, grp.ks, grp.m_run
-
     def _key_states(self, kc, km, vc, c, kv0, ks0, m_run, relu):
         kc, vc = _contiguous_features(kc, relu), vc.contiguous()
         self.kc, self.vc, self.km = kc, vc, km
@@ -410,7 +398,8 @@ class _CausalLinearAttention(torch.autograd.Function):
     The intra-chunk products of a group's chunks are batched (B, H, g, C, C); the carried states exist once per
     chunk of the group (B, H, g, M, d) and (B, H, g, M), never per position, and temporaries never span the whole
     length. Only the inputs and the (small) states entering each group are kept for backward, which recomputes
-    the rest, the output included, group by group (in reverse, carrying the keys' reverse state).
+    the rest group by group (in reverse, carrying the keys' reverse state); neither the output nor the numerator is
+    needed there (:meth:`_Group.output_grads`).
     """
 
     @staticmethod
@@ -431,16 +420,6 @@ class _CausalLinearAttention(torch.autograd.Function):
         return _Group(qa[:, :, sl], None if qm is None else qm[:, :, sl], kc[:, :, sl],
                       None if km is None else km[:, :, sl], vc[:, :, sl], None if cc is None else cc[:, :, sl],
                       kv0, ks0, m_run, tril, relu)
-
-    @staticmethod
-    def _recompute_starts(starts, last, views, group_starts, per, chunks, relu):
-        """Fill ``starts[j]`` for the groups after the last kept state up to ``last`` (forward from it)."""
-        first = last - last % STATE_EVERY
-        _, _, kc, km, vc, cc = views
-        for j in range(first, last):
-            sl = slice(group_starts[j], min(chunks, group_starts[j] + per))
-            starts[j + 1] = _Group.states_after(kc[:, :, sl], None if km is None else km[:, :, sl], vc[:, :, sl],
-                                                None if cc is None else cc[:, :, sl], *starts[j], relu)
 
     @staticmethod
     def _tril(geo: _Geometry, device) -> Tensor:
@@ -477,7 +456,10 @@ class _CausalLinearAttention(torch.autograd.Function):
         starts = []
         for t0 in range(0, geo.chunks, per):
             sl = slice(t0, min(geo.chunks, t0 + per))
-            starts.append(start if len(starts) % STATE_EVERY == 0 else None)
+            # every group's entering state is kept (M x d per head, an eighth of the group's rows at cosFormer's
+            # 2 x 64 features): recomputing most of them in backward from the keys cost 3.4% of cosFormer's causal
+            # step at L=8192 (paired) to save 2 MiB of its 85 MiB peak
+            starts.append(start)
             grp = _CausalLinearAttention._group(views, sl, start, tril, ctx.relu)
             num, den = grp.attend()
             rows = slice(sl.start * geo.chunk, sl.stop * geo.chunk)
@@ -546,8 +528,6 @@ class _CausalLinearAttention(torch.autograd.Function):
         for i in range(len(group_starts) - 1, -1, -1):
             t0 = group_starts[i]
             sl = slice(t0, min(geo.chunks, t0 + per))
-            if starts[i] is None:  # the states of this run of groups, again from the last one kept
-                _CausalLinearAttention._recompute_starts(starts, i, views, group_starts, per, geo.chunks, relu)
             rows = slice(sl.start * geo.chunk, sl.stop * geo.chunk)
             qm_g = None if views[1] is None else views[1][:, :, sl]
             km_g = None if views[3] is None else views[3][:, :, sl]
