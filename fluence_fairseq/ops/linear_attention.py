@@ -335,17 +335,17 @@ class _Group:
             carried_den.mul_(self.qw)
         return scores.sum(-1).add_(carried_den)
 
-    def output_grads(self, g: Tensor, eps: float):
+    def output_grads(self, g: Tensor, den: Tensor, eps: float):
         """The gradients of the numerator and the denominator for ``out = num / max(den, eps)`` given ``g`` =
-        dL/d out (B, H, g, C, d), without the numerator: ``g_den = -(g_num . num) / den`` and ``g_num . num`` is
-        read off the two products backward needs anyway, ``g_num v^T`` (intra-chunk) and ``g_num kv^T`` (carried
-        state), so the forward's two value products are not run again (an eighth of the op's matrix work).
+        dL/d out (B, H, g, C, d) and the denominators ``den`` (B, H, g, C) forward made, without the numerator:
+        ``g_den = -(g_num . num) / den`` and ``g_num . num`` is read off the two products backward needs anyway,
+        ``g_num v^T`` (intra-chunk) and ``g_num kv^T`` (carried state), so the forward's two value products are
+        not run again (an eighth of the op's matrix work).
 
         Returns ``(g_num, g_den, scores, g_values, g_state)``: ``g_values`` = ``g_num v^T + g_den`` (C x C per
         chunk, the gradient of the intra-chunk scores before their mask and mixing), ``g_state`` = ``g_num kv^T +
         g_den ks^T`` (C x M, the gradient of the mixed queries through the carried state, before their scale)."""
         scores = self.scores()
-        den = self.denominator(scores)
         den_c = den.clamp_min(eps)
         # a contiguous quotient of its own (``g`` may be a strided view of the caller's gradient)
         g_num = torch.div(g, den_c.unsqueeze(-1), out=torch.empty(g.shape, dtype=g.dtype, device=g.device))
@@ -469,12 +469,15 @@ class _CausalLinearAttention(torch.autograd.Function):
             start = (grp.kv, grp.ks, grp.m_run)
             del grp, num, den
         kv, ks, m_run = start
+        # the aligned denominators (B, H, padded: a 64th of the output at d = 64) for backward, which would
+        # otherwise recompute them from the carried key sums
+        ctx.den = den_a
         if geo.identity:
             out, den = out_a, den_a
         else:
             out = geo.unalign(out_a, q.new_zeros(*q.shape[:3], d))
             den = geo.unalign(den_a, q.new_zeros(q.shape[:3]))
-            del out_a, den_a
+            del out_a
             if geo.q_hi < geo.length_q:  # the tail sees every key, at the final maximum
                 qt = _mix(_features(q[:, :, geo.q_hi :], ctx.relu), None if qmix is None else qmix[:, :, geo.q_hi :])
                 den[:, :, geo.q_hi :] = torch.matmul(qt, ks.unsqueeze(-1)).squeeze(-1)
@@ -536,6 +539,7 @@ class _CausalLinearAttention(torch.autograd.Function):
             # neither the output nor the numerator is kept or recomputed (keeping the output would hold an L x D
             # tensor through this backward that the output projection has released by now)
             g_num, g_den, scores, weights, carried = grp.output_grads(ga[:, :, rows].unflatten(2, (-1, geo.chunk)),
+                                                                      ctx.den[:, :, rows].unflatten(2, (-1, geo.chunk)),
                                                                       eps)
             # intra-chunk pairs: w_ij = (q_i . k_j) intra_ij, entering num_i through v_j and den_i through 1
             weights.mul_(grp.intra)
