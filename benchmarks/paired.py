@@ -1,0 +1,99 @@
+"""``python -m benchmarks.paired``: training steps of several attentions and of the projections alone, alternated in
+one process, so each attention's time bound (``bench_time_bound`` of its registry entry: its step at most that
+many times the projections-only step) is judged on ratios of steps taken moments apart::
+
+    python -m benchmarks.paired abc cosformer performer --pattern causal --length 8192 --rounds 12
+
+The efficient presets of :mod:`benchmarks.attention` run every case in a fresh process, one after another. On a
+machine whose speed drifts by a few percent within minutes, a ratio of two such cases moves by about 0.05 between
+runs of the same code (causal cosFormer 1.41 and 1.48, causal ABC 1.35 and 1.45 times the projections, two runs on
+an AMD EPYC), which decides a bound of 1.4 either way. Here every round times each case once, in the opposite
+order to the round before, and the report gives the median of the rounds' ratios with their range. Each attention
+is built with its benchmark options (``bench_options``); memory is not measured (the presets measure it, each
+case in a fresh process).
+"""
+import argparse
+import statistics
+import sys
+from typing import Dict, List, Optional
+
+import torch
+
+from .attention import machine_info
+from .common import (PATTERN_FLAGS, add_allocator_argument, bench_spec, build_module, training_step, use_allocator,
+                     warm_up)
+from fluence_fairseq.modules.registry import ATTENTIONS, get_attention
+
+PROJECTIONS = "projections only"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("attentions", nargs="+", help="registered attention names")
+    parser.add_argument("--pattern", default="causal", choices=sorted(PATTERN_FLAGS))
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=10, help="timed rounds (each times every case once)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    add_allocator_argument(parser)
+    return parser
+
+
+def _check(args) -> None:
+    flags = PATTERN_FLAGS[args.pattern]
+    for name in args.attentions:
+        if name not in ATTENTIONS:
+            raise SystemExit(f"unknown attention {name!r}; choose from {sorted(ATTENTIONS)}")
+        if flags not in get_attention(name).cls.supported_patterns:
+            raise SystemExit(f"--pattern {args.pattern}: {name} does not support it")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
+    args = build_parser().parse_args(argv)
+    _check(args)
+    allocator = use_allocator(args.allocator)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cross, causal = PATTERN_FLAGS[args.pattern]
+    specs = {PROJECTIONS: {"kind": "projections"}, **{name: bench_spec(name) for name in args.attentions}}
+    steps = {}
+    for label, spec in specs.items():
+        torch.manual_seed(0)
+        module = build_module(spec, args.dim, args.heads, cross, causal)
+        steps[label] = training_step(module, args.dim, args.batch, args.length, args.length, cross, causal)
+    order = list(steps)
+
+    def one_round(labels=order):
+        return {label: steps[label]() for label in labels}
+
+    one_round()
+    warm_up(one_round, allocator)
+    rounds = [one_round(order if r % 2 == 0 else order[::-1]) for r in range(args.rounds)]
+    result = {}
+    for label in order:
+        ratios = [r[label] / r[PROJECTIONS] for r in rounds]
+        bound = None if label == PROJECTIONS else get_attention(label).bench_time_bound
+        result[label] = {"ms": statistics.median(r[label] for r in rounds) * 1e3,
+                         "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                         "bound": bound}
+    machine = machine_info()
+    print(f"Training step (forward + backward), {args.pattern} pattern, L={args.length}, D={args.dim}, H={args.heads}, "
+          f"batch {args.batch}; {args.rounds} rounds; {machine['cpu']}, {machine['threads']} threads, torch "
+          f"{machine['torch']}; load average {machine['load_avg_1min']:.2f} at the end; allocator {allocator}\n")
+    print("| case | median ms | median ratio to projections | range | bound | |\n|---|---|---|---|---|---|")
+    for label, row in result.items():
+        verdict = "" if row["bound"] is None else ("met" if row["ratio"] <= row["bound"] else "**missed**")
+        bound = "" if row["bound"] is None else f"{row['bound']:g}"
+        print(f"| {label} | {row['ms']:.1f} | {row['ratio']:.3f} | {row['ratio_min']:.3f}-{row['ratio_max']:.3f} | "
+              f"{bound} | {verdict} |")
+    sys.stdout.flush()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""benchmarks.paired on tiny sizes: every case timed in every round, ratios to the projections, bounds judged."""
+import math
+
+import pytest
+
+from benchmarks import paired
+
+
+def test_ratios_to_the_projections_and_the_registry_bounds(capsys):
+    result = paired.main(["abc", "performer", "--length", "64", "--dim", "32", "--heads", "2", "--rounds", "3",
+                          "--threads", "1", "--allocator", "default"])
+    assert list(result) == [paired.PROJECTIONS, "abc", "performer"]
+    proj = result[paired.PROJECTIONS]
+    assert proj["ratio"] == proj["ratio_min"] == proj["ratio_max"] == 1.0 and proj["bound"] is None
+    for name in ("abc", "performer"):
+        row = result[name]
+        assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+        assert math.isfinite(row["ms"]) and row["ms"] > 0
+        assert row["bound"] == paired.get_attention(name).bench_time_bound
+    out = capsys.readouterr().out
+    assert "causal pattern, L=64" in out and "3 rounds" in out
+    assert out.count("| abc |") == 1 and ("| met |" in out or "**missed**" in out)
+
+
+def test_unknown_attention_unsupported_pattern_and_no_rounds_are_refused():
+    with pytest.raises(SystemExit, match="unknown attention 'nope'"):
+        paired.main(["nope", "--length", "16"])
+    with pytest.raises(SystemExit, match="--pattern causal: lara does not support it"):
+        paired.main(["lara", "--length", "16"])
+    with pytest.raises(SystemExit, match="--rounds must be >= 1"):
+        paired.main(["abc", "--rounds", "0"])
