@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # module fixtures are built once
 TEST_WORKERS ?= 2
 
-.PHONY: demo test lm-demo docs bench bench-sparse bench-pruning bench-weights bench-memory gpu-wheels gpu-check install clean
+.PHONY: demo test lm-demo docs bench bench-sparse bench-pruning bench-weights bench-memory bench-paired gpu-wheels gpu-check install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ bench-weights: $(STAMP)
 
 bench-memory: $(STAMP)
 	$(PY) -m benchmarks.memory --threads 1 | tee benchmarks/results/memory.md
+
+# the causal efficient attentions' time bounds, each timed in turn with the projections-only step (~1 min)
+bench-paired: $(STAMP)
+	$(PY) -m benchmarks.paired abc cosformer local longshort performer s4d --pattern causal --length 8192 \
+		--rounds 12 | tee benchmarks/results/paired_causal_8192.md
 
 # where the registries are reachable: the wheels a GPU machine lacks (not torch), for its Python version;
 # GPU_MACHINE=nvidia-h200 leaves out what that machine's image has (scripts/gpu_machines/NAME.txt): 22 MB, not 130

@@ -103,7 +103,7 @@ def test_unknown_allocator_is_refused_and_the_flag_offers_the_choices():
     assert ALLOCATORS == ("steady", "default")
 
 
-@pytest.mark.parametrize("module", ["attention", "models", "need_weights", "pruning", "ab", "span_groups",
+@pytest.mark.parametrize("module", ["attention", "models", "need_weights", "pruning", "ab", "paired", "span_groups",
                                     "group_sizes"])
 def test_every_timing_benchmark_takes_the_allocator_flag(module):
     """Each timing benchmark offers --allocator, defaulting to the steady one (its help says so)."""
