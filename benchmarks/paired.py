@@ -3,19 +3,22 @@ one process, so each attention's time bound (``bench_time_bound`` of its registr
 many times the projections-only step) is judged on ratios of steps taken moments apart::
 
     python -m benchmarks.paired abc cosformer performer --pattern causal --length 8192 --rounds 12
+    python -m benchmarks.paired longshort longshort:block_size=32 longshort:block_size=128 --rounds 6
 
 The efficient presets of :mod:`benchmarks.attention` run every case in a fresh process, one after another. On a
 machine whose speed drifts by a few percent within minutes, a ratio of two such cases moves by about 0.05 between
 runs of the same code (causal cosFormer 1.41 and 1.48, causal ABC 1.35 and 1.45 times the projections, two runs on
 an AMD EPYC), which decides a bound of 1.4 either way. Here every round times each case once, in the opposite
 order to the round before, and the report gives the median of the rounds' ratios with their range. Each attention
-is built with its benchmark options (``bench_options``); memory is not measured (the presets measure it, each
-case in a fresh process).
+is built with its benchmark options (``bench_options``) and, written ``NAME:KEY=VALUE[,KEY=VALUE]``, with
+constructor keywords of its own (flag options or not: ``block_size``, ``chunk_size``); memory is not measured
+(the presets measure it, each case in a fresh process).
 """
 import argparse
+import ast
 import statistics
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -30,7 +33,8 @@ PROJECTIONS = "projections only"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("attentions", nargs="+", help="registered attention names")
+    parser.add_argument("attentions", nargs="+", metavar="NAME[:KEY=VALUE,...]",
+                        help="registered attention names, each optionally with constructor keywords")
     parser.add_argument("--pattern", default="causal", choices=sorted(PATTERN_FLAGS))
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--dim", type=int, default=512)
@@ -42,29 +46,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check(args) -> None:
-    flags = PATTERN_FLAGS[args.pattern]
-    for name in args.attentions:
-        if name not in ATTENTIONS:
-            raise SystemExit(f"unknown attention {name!r}; choose from {sorted(ATTENTIONS)}")
-        if flags not in get_attention(name).cls.supported_patterns:
-            raise SystemExit(f"--pattern {args.pattern}: {name} does not support it")
-    if args.rounds < 1:
-        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+def _value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a string option (act_fun=elu)
+
+
+def parse_variant(text: str, pattern: str) -> Tuple[str, dict]:
+    """``NAME`` or ``NAME:KEY=VALUE[,KEY=VALUE]`` -> (name, module spec with the benchmark options and these
+    constructor keywords over them)."""
+    name, _, extra = text.partition(":")
+    if name not in ATTENTIONS:
+        raise SystemExit(f"unknown attention {name!r}; choose from {sorted(ATTENTIONS)}")
+    if PATTERN_FLAGS[pattern] not in get_attention(name).cls.supported_patterns:
+        raise SystemExit(f"--pattern {pattern}: {name} does not support it")
+    spec = bench_spec(name)
+    for pair in filter(None, extra.split(",")):
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"{text!r}: keywords are written NAME:KEY=VALUE[,KEY=VALUE], got {pair!r}")
+        spec["options"][key] = _value(value)
+    return name, spec
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
     args = build_parser().parse_args(argv)
-    _check(args)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    variants = {text: parse_variant(text, args.pattern) for text in args.attentions}
     allocator = use_allocator(args.allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
     cross, causal = PATTERN_FLAGS[args.pattern]
-    specs = {PROJECTIONS: {"kind": "projections"}, **{name: bench_spec(name) for name in args.attentions}}
+    specs = {PROJECTIONS: {"kind": "projections"}, **{text: spec for text, (_, spec) in variants.items()}}
     steps = {}
     for label, spec in specs.items():
         torch.manual_seed(0)
-        module = build_module(spec, args.dim, args.heads, cross, causal)
+        try:
+            module = build_module(spec, args.dim, args.heads, cross, causal)
+        except (TypeError, ValueError) as error:  # a keyword the constructor does not take, or a bad value
+            raise SystemExit(f"{label}: {error}") from None
         steps[label] = training_step(module, args.dim, args.batch, args.length, args.length, cross, causal)
     order = list(steps)
 
@@ -77,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
     result = {}
     for label in order:
         ratios = [r[label] / r[PROJECTIONS] for r in rounds]
-        bound = None if label == PROJECTIONS else get_attention(label).bench_time_bound
+        bound = None if label == PROJECTIONS else get_attention(variants[label][0]).bench_time_bound
         result[label] = {"ms": statistics.median(r[label] for r in rounds) * 1e3,
                          "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
                          "bound": bound}

@@ -29,3 +29,19 @@ def test_unknown_attention_unsupported_pattern_and_no_rounds_are_refused():
         paired.main(["lara", "--length", "16"])
     with pytest.raises(SystemExit, match="--rounds must be >= 1"):
         paired.main(["abc", "--rounds", "0"])
+
+
+def test_variants_take_constructor_keywords_over_the_benchmark_options():
+    name, spec = paired.parse_variant("longshort:block_size=32,ls_window_size=8", "causal")
+    assert name == "longshort" and spec["options"]["block_size"] == 32 and spec["options"]["ls_window_size"] == 8
+    _, spec = paired.parse_variant("cosformer:act_fun=elu", "causal")
+    assert spec["options"] == {"cosformer_max_len": 16384, "act_fun": "elu"}  # bench_options kept
+    result = paired.main(["longshort", "longshort:block_size=4", "--length", "48", "--dim", "16", "--heads", "2",
+                          "--rounds", "1", "--threads", "1", "--allocator", "default"])
+    assert result["longshort:block_size=4"]["bound"] == result["longshort"]["bound"] == 1.6
+    with pytest.raises(SystemExit, match="longshort:nope=3: .*unexpected keyword argument 'nope'"):
+        paired.main(["longshort:nope=3", "--length", "16", "--dim", "16", "--heads", "2"])
+    with pytest.raises(SystemExit, match="block_size must be an integer >= 1, got 0"):
+        paired.main(["longshort:block_size=0", "--length", "16", "--dim", "16", "--heads", "2"])
+    with pytest.raises(SystemExit, match="keywords are written NAME:KEY=VALUE"):
+        paired.parse_variant("longshort:block_size", "causal")
