@@ -263,7 +263,7 @@ def _causal_block(q, k, v, alpha_k, alpha_v, k_num, k_den, k_max, v_num, v_den, 
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         alpha_k, alpha_v = (F.pad(t, (0, 0, 0, pad), value=float("-inf")) for t in (alpha_k, alpha_v))
     bsz, heads, padded, dim = q.shape
-    slots, n = alpha_k.size(-1), padded // chunk
+    n = padded // chunk
 
     def chunks(t):
         return t.contiguous().view(bsz, heads, n, chunk, t.size(-1))

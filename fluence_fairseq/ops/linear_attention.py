@@ -456,9 +456,9 @@ class _CausalLinearAttention(torch.autograd.Function):
         starts = []
         for t0 in range(0, geo.chunks, per):
             sl = slice(t0, min(geo.chunks, t0 + per))
-            # every group's entering state is kept (M x d per head, an eighth of the group's rows at cosFormer's
-            # 2 x 64 features): recomputing most of them in backward from the keys cost 3.4% of cosFormer's causal
-            # step at L=8192 (paired) to save 2 MiB of its 85 MiB peak
+            # every group's entering state is kept (M x d per head: a quarter of one input's rows in the group at
+            # cosFormer's 2 x 64 features): recomputing most of them in backward from the keys cost 3.4% of
+            # cosFormer's causal step at L=8192 (paired) to save 2 MiB of its 87 MiB peak
             starts.append(start)
             grp = _CausalLinearAttention._group(views, sl, start, tril, ctx.relu)
             num, den = grp.attend()
