@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..ops.common import lower_blocks, prefixes
 from ..ops.entmax import entmax
+from ..ops.entmax_attention import blocked_entmax_attention
 from .attention_base import FluenceAttention, Statistic, fsmha
 from .masks import HARD_MASK, relative_positions
 from ..flag_types import FloatRange, NumberOrWord
@@ -134,7 +135,46 @@ class EntmaxAttentionBase(FluenceAttention):
         size = max(self.BLOCKED_FROM // 2, -(-tgt_len // self.MAX_QUERY_BLOCKS))
         return [(start, min(start + size, tgt_len)) for start in range(0, tgt_len, size)]
 
+    #: from this many probabilities per pass (B x H x Lq x Lk; 2^25 float32 = 128 MiB kept for backward by the
+    #: plain computation) a pass that needs nothing but its output (no weights, dropout, additive mask, relative
+    #: bias or density count) keeps only three numbers per query row and recomputes each block in backward
+    #: (:func:`~fluence_fairseq.ops.entmax_attention.blocked_entmax_attention`); below it the plain computation,
+    #: which skips the recomputed product, is kept for speed
+    RECOMPUTE_FROM_ELEMENTS = 1 << 25
+    #: that pass's query blocks hold at most this many scores (B x H x rows x keys; 2^22 float32 = 16 MiB), so
+    #: its transient memory (a block's scores, probabilities and their gradients) stays a few such blocks
+    RECOMPUTE_BLOCK_ELEMENTS = 1 << 22
+
+    def recompute_blocks(self, q, k, query_offset: int):
+        """Query ranges of the recomputing pass: rows of at most :data:`RECOMPUTE_BLOCK_ELEMENTS` scores (causal:
+        counted over the keys the block's last query sees), at least one row each."""
+        per_row = q.size(0) * q.size(1)
+        blocks, start, tgt_len = [], 0, q.size(2)
+        while start < tgt_len:
+            keys = max(1, min(k.size(2), query_offset + start + 1) if self.causal else k.size(2))
+            rows = max(1, self.RECOMPUTE_BLOCK_ELEMENTS // (per_row * keys))
+            if self.causal:  # the block's later rows see more keys: size it for its last row
+                while rows > 1 and per_row * rows * min(k.size(2), query_offset + start + rows) > \
+                        self.RECOMPUTE_BLOCK_ELEMENTS:
+                    rows //= 2
+            blocks.append((start, min(tgt_len, start + rows)))
+            start += rows
+        return blocks
+
+    def _recomputes(self, q, k, key_padding_mask, attn_mask, query_offset, need_weights) -> bool:
+        if need_weights or attn_mask is not None or query_offset < 0 or self.relative_bias() is not None:
+            return False
+        dropout = self.dropout_module
+        if (dropout.p > 0 and (self.training or getattr(dropout, "apply_during_inference", False))
+                or self.density_counts() is not None):
+            return False
+        return q.size(0) * q.size(1) * q.size(2) * k.size(2) >= self.RECOMPUTE_FROM_ELEMENTS
+
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
+        if self._recomputes(q, k, key_padding_mask, attn_mask, query_offset, need_weights):
+            return blocked_entmax_attention(q, k, v, self._alpha_for_scores(),
+                                            blocks=self.recompute_blocks(q, k, query_offset), causal=self.causal,
+                                            query_offset=query_offset, key_padding_mask=key_padding_mask), None
         blocks = self.query_blocks(q.size(2))
         if len(blocks) == 1:  # the base averages the heads' weights when that is all it needs
             return self._attend_rows(q, k, v, key_padding_mask, attn_mask, query_offset, need_weights)

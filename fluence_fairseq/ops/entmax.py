@@ -52,9 +52,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _shifted(x: Tensor, mask: Optional[Tensor], scale: Union[float, Tensor]):
-    """``(x - max(x)) * scale`` in the compute dtype with masked entries at -inf (a new tensor), and which rows
-    have any entry at all."""
+def _shifted(x: Tensor, mask: Optional[Tensor], scale: Union[float, Tensor], with_shift: bool = False):
+    """``(x - max(x)) * scale`` in the compute dtype with masked entries at -inf (a new tensor), which rows have
+    any entry at all, and (``with_shift``) the shift taken from each row (0 for rows without entries)."""
     compute = _compute_dtype(x.dtype)
     if mask is not None:
         x = x.to(compute).masked_fill(mask, float("-inf"))
@@ -64,7 +64,9 @@ def _shifted(x: Tensor, mask: Optional[Tensor], scale: Union[float, Tensor]):
     top = x.amax(dim=-1, keepdim=True)
     has_entries = top > float("-inf")
     # rows with nothing to attend to: shift by 0 so no NaN appears (-inf - -inf); they are zeroed at the end
-    return x.sub_(torch.where(has_entries, top, torch.zeros_like(top))).mul_(scale), has_entries
+    shift = torch.where(has_entries, top, torch.zeros_like(top))
+    u = x.sub_(shift).mul_(scale)
+    return (u, has_entries, shift) if with_shift else (u, has_entries)
 
 
 def _newton_step(u: Tensor, tau: Tensor, beta: Union[float, Tensor], d: Tensor, work: Tensor) -> Tensor:
@@ -191,14 +193,65 @@ def _row_chunks(rows: Tensor):
     return [slice(start, start + step) for start in range(0, rows.size(0), step)]
 
 
+def _checked_alpha(x: Tensor, alpha: Union[float, Tensor]) -> Union[float, Tensor]:
+    if isinstance(alpha, Tensor):
+        return alpha.to(_compute_dtype(x.dtype))
+    return float(alpha)
+
+
+def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """α-entmax of the rows of ``x`` for 1 < α <= 2 (float32/float64 probabilities, no autograd) and, per row,
+    ``(shift, τ, scale)`` (..., 3): what :func:`entmax_from_stats` rebuilds the probabilities from,
+    ``[(α-1)(x - shift) - τ]_+ ^ (1/(α-1)) * scale`` (``scale`` 0 for rows with nothing to attend to). So a
+    caller may keep 3 numbers per row for backward instead of the probabilities."""
+    alpha = _checked_alpha(x, alpha)
+    alpha_minus_one = alpha - 1
+    beta = 1 / alpha_minus_one
+    u, has_entries, shift = _shifted(x, mask, alpha_minus_one, with_shift=True)
+    rows, row_beta = u.view(-1, u.size(-1)), _per_row(beta, u.shape)
+    stats = u.new_empty(rows.size(0), 3)
+    stats[:, 0] = shift.reshape(-1)
+    for part in _row_chunks(rows):
+        part_beta = row_beta if isinstance(row_beta, float) else row_beta[part]
+        tau, powers = _newton_threshold(rows[part], part_beta)
+        stats[part, 1:2] = tau
+        stats[part, 2:3] = _normalise(rows[part], tau, powers, part_beta).reciprocal_()
+    stats[:, 2:3].mul_(has_entries.reshape(-1, 1))
+    return u.mul_(has_entries), stats.view(u.shape[:-1] + (3,))
+
+
+def entmax_from_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor], stats: Tensor) -> Tensor:
+    """The probabilities :func:`entmax_with_stats` gave for the same ``x``, rebuilt from its row statistics
+    without a threshold search; equal to them up to rounding.
+
+    ``[(α-1)(x - shift) - τ]_+ ^ β * scale`` is taken as ``[m x - b]_+ ^ β`` with ``r = scale^(α-1)``,
+    ``m = (α-1) r`` and ``b = ((α-1) shift + τ) r`` per row (``r >= 0``): one fused multiply-add, a clamp and the
+    power (a fill for masked entries), where the plain formula took seven passes."""
+    alpha = _checked_alpha(x, alpha)
+    alpha_minus_one = alpha - 1
+    compute = _compute_dtype(x.dtype)
+    shift, tau, scale = (stats[..., i:i + 1] for i in range(3))
+    r = scale if isinstance(alpha, float) and alpha == 2.0 else scale.pow(alpha_minus_one)
+    slope = r * alpha_minus_one
+    offset = torch.addcmul(tau, shift, torch.as_tensor(alpha_minus_one, dtype=compute)).mul_(r)
+    u = torch.addcmul(offset.neg_(), x.to(compute), slope).clamp_(min=0)
+    if mask is not None:
+        u.masked_fill_(mask, 0.0)
+    if isinstance(alpha, float) and alpha == 1.5:
+        u.square_()
+    elif not (isinstance(alpha, float) and alpha == 2.0):
+        u.pow_(1 / alpha_minus_one)
+    return u
+
+
 def _per_row(value: Union[float, Tensor], shape) -> Union[float, Tensor]:
     """A float as it is; a tensor broadcast against the rows of ``shape`` as one value per row, (R, 1)."""
     return value if isinstance(value, float) else value.expand(tuple(shape[:-1]) + (1,)).reshape(-1, 1)
 
 
-def _normalise(u: Tensor, tau: Tensor, powers: Optional[Tensor], beta: Union[float, Tensor]) -> None:
+def _normalise(u: Tensor, tau: Tensor, powers: Optional[Tensor], beta: Union[float, Tensor]) -> Tensor:
     """Overwrite ``u`` (ours: a fresh tensor from :func:`_shifted`) with ``[u - τ]_+ ^ β`` (``powers`` if the search
-    has them) normalised to sum to one along the last dim."""
+    has them) normalised to sum to one along the last dim; returns the sums it divided by."""
     if powers is not None:
         u.copy_(powers)
     else:
@@ -208,7 +261,9 @@ def _normalise(u: Tensor, tau: Tensor, powers: Optional[Tensor], beta: Union[flo
         elif not (isinstance(beta, float) and beta == 1.0):
             u.pow_(beta)
     # τ is exact up to rounding; renormalising removes the last ulps (rows without entries: 0 / tiny = 0)
-    u.div_(u.sum(-1, keepdim=True).clamp_(min=torch.finfo(u.dtype).tiny))
+    total = u.sum(-1, keepdim=True).clamp_(min=torch.finfo(u.dtype).tiny)
+    u.div_(total)
+    return total
 
 
 def _support_weights(p: Tensor, alpha: Union[float, Tensor]) -> Tensor:
@@ -240,21 +295,31 @@ class _Entmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_p):
         p, alpha_t = ctx.saved_tensors
-        alpha = alpha_t.to(p.dtype) if ctx.alpha_is_tensor else float(ctx.alpha_value)
-        n = p.size(-1)
-        p_rows, grad_rows = p.reshape(-1, n), grad_p.to(p.dtype).reshape(-1, n)
-        row_alpha = _per_row(alpha, p.shape)
-        grad_x = torch.empty_like(p_rows)
-        # per row: each row's share of α's gradient, summed over α's broadcast dims at the end
-        grad_alpha_rows = p.new_empty(p_rows.size(0), 1) if ctx.alpha_is_tensor and ctx.needs_input_grad[1] else None
-        for rows in _row_chunks(p_rows):  # as in forward: a chunk's rows stay in cache
-            alpha_part = row_alpha if isinstance(row_alpha, float) else row_alpha[rows]
-            _backward_rows(p_rows[rows], grad_rows[rows], alpha_part, grad_x[rows],
-                           None if grad_alpha_rows is None else grad_alpha_rows[rows])
+        alpha = alpha_t if ctx.alpha_is_tensor else float(ctx.alpha_value)
+        grad_x, grad_alpha_rows = entmax_backward(p, grad_p, alpha,
+                                                  with_alpha=ctx.alpha_is_tensor and ctx.needs_input_grad[1])
         grad_alpha = None
         if grad_alpha_rows is not None:
-            grad_alpha = grad_alpha_rows.view(p.shape[:-1] + (1,)).sum_to_size(alpha_t.shape).to(alpha_t.dtype)
-        return grad_x.view(p.shape).to(ctx.input_dtype), grad_alpha, None
+            grad_alpha = grad_alpha_rows.sum_to_size(alpha_t.shape).to(alpha_t.dtype)
+        return grad_x.to(ctx.input_dtype), grad_alpha, None
+
+
+def entmax_backward(p: Tensor, grad_p: Tensor, alpha: Union[float, Tensor], with_alpha: bool = False):
+    """The α-entmax Jacobian-vector product for probabilities ``p`` (..., n) (float32/float64) and their gradient
+    ``grad_p``: the scores' gradient (shaped like ``p``, in its dtype) and, ``with_alpha``, each row's part of α's
+    gradient (..., 1) (summing it over α's broadcast dims is the caller's); otherwise None."""
+    if isinstance(alpha, Tensor):
+        alpha = alpha.to(p.dtype)
+    n = p.size(-1)
+    p_rows, grad_rows = p.reshape(-1, n), grad_p.to(p.dtype).reshape(-1, n)
+    row_alpha = _per_row(alpha, p.shape)
+    grad_x = torch.empty_like(p_rows)
+    grad_alpha_rows = p.new_empty(p_rows.size(0), 1) if with_alpha else None
+    for rows in _row_chunks(p_rows):  # as in forward: a chunk's rows stay in cache
+        alpha_part = row_alpha if isinstance(row_alpha, float) else row_alpha[rows]
+        _backward_rows(p_rows[rows], grad_rows[rows], alpha_part, grad_x[rows],
+                       None if grad_alpha_rows is None else grad_alpha_rows[rows])
+    return grad_x.view(p.shape), None if grad_alpha_rows is None else grad_alpha_rows.view(p.shape[:-1] + (1,))
 
 
 def _backward_rows(p: Tensor, grad: Tensor, alpha: Union[float, Tensor], grad_x: Tensor,

@@ -513,3 +513,82 @@ def test_rows_go_in_large_chunks_off_the_cpu():
     assert len(on_cpu) == rows * 4096 // ops.ROW_CHUNK_ELEMENTS == 2048
     assert len(off_cpu) == rows * 4096 // ops.DEVICE_ROW_CHUNK_ELEMENTS == 8
     assert off_cpu[0] == slice(0, 16384) and off_cpu[-1].stop >= rows
+
+
+# ------------------------------------------------------------------------- long passes: recomputing backward
+def _grads_of_a_pass(attn, x, src, kpm, w):
+    for t in list(attn.parameters()) + [x, src]:
+        t.grad = None
+    out, _ = attn(x, src, src, key_padding_mask=kpm, need_weights=False)
+    (out * w).sum().backward()
+    grads = {"out": out.detach(), "x": x.grad, "src": src.grad}
+    # k_proj.bias has an exactly zero gradient (a per-row constant added to the scores): rounding noise, left out
+    grads.update({n: p.grad for n, p in attn.named_parameters() if p.grad is not None and n != "k_proj.bias"})
+    return grads
+
+
+@pytest.mark.parametrize("name", ["sparsemax", "entmax15", "alpha_entmax"])
+@pytest.mark.parametrize("causal,cross", [(False, False), (True, False), (False, True)])
+def test_recomputing_pass_equals_the_plain_one(monkeypatch, name, causal, cross):
+    """Above RECOMPUTE_FROM_ELEMENTS a pass keeps three numbers per query row instead of the probabilities and
+    recomputes each block in backward: the same output and gradients (float64, key padding, a learned α, blocks
+    of a few rows so that there are many)."""
+    from fluence_fairseq.modules.registry import get_attention
+    import fluence_fairseq.modules.entmax as module
+
+    calls = []
+    real = module.blocked_entmax_attention
+    monkeypatch.setattr(module, "blocked_entmax_attention", lambda *a, **kw: calls.append(kw["blocks"]) or real(*a, **kw))
+    torch.manual_seed(0)
+    attn = get_attention(name).build(32, 4, dropout=0.0, causal=causal, cross=cross).double()
+    L, S, B = 70, 53 if cross else 70, 2
+    x = torch.randn(L, B, 32, dtype=torch.float64, requires_grad=True)
+    src = torch.randn(S, B, 32, dtype=torch.float64, requires_grad=True) if cross else x
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[1, -9:] = True
+    w = torch.randn(L, B, 32, dtype=torch.float64)
+    monkeypatch.setattr(attn, "RECOMPUTE_FROM_ELEMENTS", 1 << 60)
+    plain = _grads_of_a_pass(attn, x, src, kpm, w)
+    assert not calls
+    monkeypatch.setattr(attn, "RECOMPUTE_FROM_ELEMENTS", 0)
+    monkeypatch.setattr(attn, "RECOMPUTE_BLOCK_ELEMENTS", 8 * 8 * S)  # 8 rows of B x H
+    recomputed = _grads_of_a_pass(attn, x, src, kpm, w)
+    assert len(calls) == 1 and len(calls[0]) >= 5
+    assert plain.keys() == recomputed.keys()
+    for key in plain:
+        torch.testing.assert_close(recomputed[key], plain[key], rtol=1e-9, atol=1e-11, msg=key)
+
+
+def test_recomputing_pass_is_left_for_weights_dropout_masks_and_density(monkeypatch):
+    import fluence_fairseq.modules.entmax as module
+
+    calls = []
+    monkeypatch.setattr(module, "blocked_entmax_attention", lambda *a, **kw: calls.append(1) or torch.zeros(0))
+    attn = FSEntmax15(16, 2, dropout=0.1)
+    monkeypatch.setattr(attn, "RECOMPUTE_FROM_ELEMENTS", 0)
+    x = torch.randn(12, 2, 16)
+    attn.eval()
+    attn(x, x, x, need_weights=True)  # weights asked for
+    attn(x, x, x, need_weights=False, attn_mask=torch.zeros(12, 12))  # an additive mask
+    attn.train()
+    attn(x, x, x, need_weights=False)  # dropout in training
+    attn.eval()
+    attn.track_density(True)
+    attn(x, x, x, need_weights=False)  # counting non-zero weights
+    assert calls == []
+    attn.track_density(False)
+    with pytest.raises(RuntimeError):  # the stub's empty output: the recomputing pass was taken
+        attn(x, x, x, need_weights=False)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_recompute_blocks_cover_the_queries_within_the_budget(causal):
+    attn = FSEntmax15(16, 2, causal=causal)
+    attn.RECOMPUTE_BLOCK_ELEMENTS = 4 * 2 * 100  # B=2, H=2: 100 scores a row of (B, H)
+    q, k = torch.zeros(2, 2, 37, 8), torch.zeros(2, 2, 37 if causal else 50, 8)
+    blocks = attn.recompute_blocks(q, k, 0)
+    assert blocks[0][0] == 0 and blocks[-1][1] == 37 and all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    for start, end in blocks:
+        keys = min(37, end) if causal else 50
+        assert end - start == 1 or 2 * 2 * (end - start) * keys <= attn.RECOMPUTE_BLOCK_ELEMENTS

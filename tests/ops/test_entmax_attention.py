@@ -1,0 +1,91 @@
+"""ops.entmax_attention: α-entmax attention in query blocks that keeps three numbers per row instead of the
+probabilities, against the plain computation (autograd through ops.entmax.entmax)."""
+import pytest
+import torch
+
+from fluence_fairseq.ops.entmax import entmax, entmax_from_stats, entmax_with_stats
+from fluence_fairseq.ops.entmax_attention import blocked_entmax_attention
+
+
+def _plain(q, k, v, alpha, causal, query_offset, key_padding_mask):
+    scores = torch.matmul(q * q.size(-1) ** -0.5, k.transpose(-1, -2))
+    mask = None
+    if causal:
+        rows = torch.arange(q.size(2)).view(-1, 1) + query_offset
+        mask = (torch.arange(k.size(2)).view(1, -1) > rows).view(1, 1, q.size(2), k.size(2))
+    if key_padding_mask is not None:
+        padded = key_padding_mask.view(-1, 1, 1, k.size(2))
+        mask = padded if mask is None else mask | padded
+    return torch.matmul(entmax(scores, alpha, mask=mask), v)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3, "per head"])
+@pytest.mark.parametrize("causal,query_offset,src_len", [(False, 0, 45), (True, 0, 37), (True, 8, 45)])
+def test_outputs_and_gradients_equal_the_plain_computation(alpha, causal, query_offset, src_len):
+    g = torch.Generator().manual_seed(3)
+    B, H, L, D = 2, 3, 37, 8
+    q, k, v = (torch.randn(B, H, n, D, dtype=torch.float64, generator=g).requires_grad_() for n in (L, src_len, src_len))
+    if alpha == "per head":
+        alpha = (1.1 + 0.8 * torch.rand(1, H, 1, 1, dtype=torch.float64, generator=g)).requires_grad_()
+    kpm = torch.zeros(B, src_len, dtype=torch.bool)
+    kpm[1, :3] = True  # leading padding: with the causal offset 0 the first queries of row 1 see no key
+    kpm[0, -5:] = True
+    w = torch.randn(B, H, L, D, dtype=torch.float64, generator=g)
+    blocks = [(0, 5), (5, 6), (6, 20), (20, 37)]  # uneven, one of a single row
+    leaves = [t for t in (q, k, v, alpha) if isinstance(t, torch.Tensor) and t.requires_grad]
+    out = blocked_entmax_attention(q, k, v, alpha, blocks=blocks, causal=causal, query_offset=query_offset,
+                                   key_padding_mask=kpm)
+    ref = _plain(q, k, v, alpha, causal, query_offset, kpm)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(out).all()
+    for a, b in zip(torch.autograd.grad((out * w).sum(), leaves), torch.autograd.grad((ref * w).sum(), leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_queries_with_no_key_give_zero_output_and_zero_gradients():
+    q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    kpm = torch.tensor([[True, True, False, False, False, False]])
+    out = blocked_entmax_attention(q, k, v, 1.5, blocks=[(0, 3), (3, 6)], causal=True, key_padding_mask=kpm)
+    assert out[:, :, :2].abs().max() == 0 and torch.isfinite(out).all()
+    out.sum().backward()
+    assert q.grad[:, :, :2].abs().max() == 0 and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_gradcheck_with_a_learned_alpha():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 7, 3, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3))
+    alpha = torch.tensor([1.4, 1.8], dtype=torch.float64).view(1, 2, 1, 1).requires_grad_()
+    torch.autograd.gradcheck(
+        lambda q, k, v, a: blocked_entmax_attention(q, k, v, a, blocks=[(0, 4), (4, 7)], causal=True),
+        (q, k, v, alpha))
+
+
+def test_nothing_of_size_queries_times_keys_is_kept_for_backward():
+    B, H, L, D = 1, 2, 96, 4
+    q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        blocked_entmax_attention(q, k, v, 1.5, blocks=[(0, 32), (32, 64), (64, 96)], causal=False)
+    assert saved and max(saved) <= B * H * L * D  # q, k, v and B * H * L * 3 row numbers, not B * H * L * L
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.25])
+def test_probabilities_rebuilt_from_the_row_numbers(alpha):
+    x = torch.randn(3, 5, 40) * 3
+    mask = torch.zeros(3, 5, 40, dtype=torch.bool)
+    mask[0, 1] = True  # a row with nothing to attend to
+    mask[2, :, ::3] = True
+    p, stats = entmax_with_stats(x, alpha, mask)
+    assert stats.shape == (3, 5, 3)
+    torch.testing.assert_close(p, entmax(x, alpha, mask=mask), rtol=0, atol=0)
+    rebuilt = entmax_from_stats(x, alpha, mask, stats)
+    torch.testing.assert_close(rebuilt, p, rtol=1e-5, atol=1e-7)
+    assert rebuilt[0, 1].abs().max() == 0 and rebuilt[mask].abs().max() == 0
+
+
+def test_alpha_outside_one_to_two_is_refused():
+    q = torch.randn(1, 1, 4, 2)
+    with pytest.raises(ValueError, match="1 < alpha <= 2"):
+        blocked_entmax_attention(q, q, q, 2.5, blocks=[(0, 4)], causal=False)
+    with pytest.raises(ValueError, match="1 < alpha <= 2"):
+        blocked_entmax_attention(q, q, q, torch.tensor(1.0), blocks=[(0, 4)], causal=False)
