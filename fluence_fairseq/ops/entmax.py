@@ -220,9 +220,12 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
     return u.mul_(has_entries), stats.view(u.shape[:-1] + (3,))
 
 
-def entmax_from_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor], stats: Tensor) -> Tensor:
+def entmax_from_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor], stats: Tensor,
+                      with_support: bool = False):
     """The probabilities :func:`entmax_with_stats` gave for the same ``x``, rebuilt from its row statistics
-    without a threshold search; equal to them up to rounding.
+    without a threshold search; equal to them up to rounding. ``with_support``: returns ``(p, support)``, where
+    ``support`` is ``p ^ (2 - α)`` on the support when it falls out of the rebuild for free (1.5-entmax: the
+    clamped values before their square, which spares backward a square root) and None otherwise.
 
     ``[(α-1)(x - shift) - τ]_+ ^ β * scale`` is taken as ``[m x - b]_+ ^ β`` with ``r = scale^(α-1)``,
     ``m = (α-1) r`` and ``b = ((α-1) shift + τ) r`` per row (``r >= 0``): one fused multiply-add, a clamp and the
@@ -237,11 +240,15 @@ def entmax_from_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
     u = torch.addcmul(offset.neg_(), x.to(compute), slope).clamp_(min=0)
     if mask is not None:
         u.masked_fill_(mask, 0.0)
+    support = None
     if isinstance(alpha, float) and alpha == 1.5:
-        u.square_()
+        if with_support:
+            support, u = u, u.square()
+        else:
+            u.square_()
     elif not (isinstance(alpha, float) and alpha == 2.0):
         u.pow_(1 / alpha_minus_one)
-    return u
+    return (u, support) if with_support else u
 
 
 def _per_row(value: Union[float, Tensor], shape) -> Union[float, Tensor]:
@@ -304,10 +311,12 @@ class _Entmax(torch.autograd.Function):
         return grad_x.to(ctx.input_dtype), grad_alpha, None
 
 
-def entmax_backward(p: Tensor, grad_p: Tensor, alpha: Union[float, Tensor], with_alpha: bool = False):
+def entmax_backward(p: Tensor, grad_p: Tensor, alpha: Union[float, Tensor], with_alpha: bool = False,
+                    support: Optional[Tensor] = None):
     """The α-entmax Jacobian-vector product for probabilities ``p`` (..., n) (float32/float64) and their gradient
     ``grad_p``: the scores' gradient (shaped like ``p``, in its dtype) and, ``with_alpha``, each row's part of α's
-    gradient (..., 1) (summing it over α's broadcast dims is the caller's); otherwise None."""
+    gradient (..., 1) (summing it over α's broadcast dims is the caller's); otherwise None. ``support``: ``p ^
+    (2 - α)`` on the support and 0 elsewhere if the caller has it (:func:`entmax_from_stats`; it is overwritten)."""
     if isinstance(alpha, Tensor):
         alpha = alpha.to(p.dtype)
     n = p.size(-1)
@@ -315,18 +324,21 @@ def entmax_backward(p: Tensor, grad_p: Tensor, alpha: Union[float, Tensor], with
     row_alpha = _per_row(alpha, p.shape)
     grad_x = torch.empty_like(p_rows)
     grad_alpha_rows = p.new_empty(p_rows.size(0), 1) if with_alpha else None
+    support_rows = None if support is None else support.reshape(-1, n)
     for rows in _row_chunks(p_rows):  # as in forward: a chunk's rows stay in cache
         alpha_part = row_alpha if isinstance(row_alpha, float) else row_alpha[rows]
         _backward_rows(p_rows[rows], grad_rows[rows], alpha_part, grad_x[rows],
-                       None if grad_alpha_rows is None else grad_alpha_rows[rows])
+                       None if grad_alpha_rows is None else grad_alpha_rows[rows],
+                       None if support_rows is None else support_rows[rows])
     return grad_x.view(p.shape), None if grad_alpha_rows is None else grad_alpha_rows.view(p.shape[:-1] + (1,))
 
 
 def _backward_rows(p: Tensor, grad: Tensor, alpha: Union[float, Tensor], grad_x: Tensor,
-                   grad_alpha: Optional[Tensor]) -> None:
+                   grad_alpha: Optional[Tensor], support: Optional[Tensor] = None) -> None:
     """The entmax Jacobian-vector product for rows ``p`` (R, n) and ``grad`` (R, n), written into ``grad_x``, and
-    each row's part of α's gradient into ``grad_alpha`` (R, 1) when given (α a float or (R, 1))."""
-    s = _support_weights(p, alpha)
+    each row's part of α's gradient into ``grad_alpha`` (R, 1) when given (α a float or (R, 1)). ``support``:
+    the rows' :func:`_support_weights` if the caller has them (overwritten here)."""
+    s = _support_weights(p, alpha) if support is None else support
     s_sum = s.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny)
     # row dots are a product and a sum: torch.linalg.vecdot takes 2-4x as long on CPU for these shapes
     torch.mul(s, grad, out=grad_x)  # s * grad, then minus s * <grad, s> / sum(s) below

@@ -68,12 +68,12 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
             g = grad_out[:, :, start:end]
             scores = torch.matmul(q_b, k_b.transpose(-1, -2))
             mask = _block_mask(start, end, keys, ctx.query_offset, ctx.causal, key_padding_mask, q.device)
-            p = entmax_from_stats(scores, alpha, mask, stats[:, :, start:end])
+            p, support = entmax_from_stats(scores, alpha, mask, stats[:, :, start:end], with_support=True)
             del scores
             dv[:, :, :keys] += torch.matmul(p.to(v.dtype).transpose(-1, -2), g)
             grad_p = torch.matmul(g, v_b.transpose(-1, -2)).to(p.dtype)
-            grad_s, alpha_rows = entmax_backward(p, grad_p, alpha, with_alpha=want_alpha)
-            del p, grad_p
+            grad_s, alpha_rows = entmax_backward(p, grad_p, alpha, with_alpha=want_alpha, support=support)
+            del p, grad_p, support
             if alpha_rows is not None:  # this block's rows' parts, summed over them
                 block_alpha = alpha_rows.sum(dim=2, keepdim=True)
                 grad_alpha = block_alpha if grad_alpha is None else grad_alpha + block_alpha
