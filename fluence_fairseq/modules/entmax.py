@@ -141,9 +141,11 @@ class EntmaxAttentionBase(FluenceAttention):
     #: (:func:`~fluence_fairseq.ops.entmax_attention.blocked_entmax_attention`); below it the plain computation,
     #: which skips the recomputed product, is kept for speed
     RECOMPUTE_FROM_ELEMENTS = 1 << 25
-    #: that pass's query blocks hold at most this many scores (B x H x rows x keys; 2^22 float32 = 16 MiB), so
-    #: its transient memory (a block's scores, probabilities and their gradients) stays a few such blocks
-    RECOMPUTE_BLOCK_ELEMENTS = 1 << 22
+    #: that pass's query blocks hold at most this many scores (B x H x rows x keys; 2^23 float32 = 32 MiB), so
+    #: its transient memory (a block's scores, probabilities and their gradients) is a few such blocks whatever
+    #: the length. Paired against the plain pass (noncausal 1.5-entmax, L=4096, 8 heads, two threads): 2^22 took
+    #: 1.145x its time at 153 MiB peak, 2^23 1.104x at 233 MiB, 2^24 1.081x at 393 MiB (the plain pass: 697 MiB)
+    RECOMPUTE_BLOCK_ELEMENTS = 1 << 23
 
     def recompute_blocks(self, q, k, query_offset: int):
         """Query ranges of the recomputing pass: rows of at most :data:`RECOMPUTE_BLOCK_ELEMENTS` scores (causal:
