@@ -228,6 +228,10 @@ def build_module(spec: dict, dim: int, heads: int, cross: bool, causal: bool) ->
             if name not in SETUPS:
                 raise ValueError(f"unknown setup {name!r}; choose from {sorted(SETUPS)}")
             SETUPS[name](module, value)
+        for name, value in spec.get("attributes", {}).items():  # class constants (group sizes, thresholds)
+            if not hasattr(type(module), name):
+                raise ValueError(f"{type(module).__name__} has no class attribute {name!r} to set")
+            setattr(module, name, value)
         return module
     if kind == "fairseq_mha":
         from fairseq.modules.multihead_attention import MultiheadAttention

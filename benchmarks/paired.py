@@ -11,8 +11,10 @@ runs of the same code (causal cosFormer 1.41 and 1.48, causal ABC 1.35 and 1.45 
 an AMD EPYC), which decides a bound of 1.4 either way. Here every round times each case once, in the opposite
 order to the round before, and the report gives the median of the rounds' ratios with their range. Each attention
 is built with its benchmark options (``bench_options``) and, written ``NAME:KEY=VALUE[,KEY=VALUE]``, with
-constructor keywords of its own (flag options or not: ``block_size``, ``chunk_size``); memory is not measured
-(the presets measure it, each case in a fresh process).
+constructor keywords of its own (flag options or not: ``block_size``, ``chunk_size``) or values for its class
+attributes (``KEY`` a class attribute: ``abc:block_chunks=16``, ``entmax15:RECOMPUTE_BLOCK_ELEMENTS=4194304``).
+``--memory`` also measures each case's peak memory as the presets do (the first step's RSS increase, in a fresh
+process per case with glibc's mmap threshold fixed).
 """
 import argparse
 import ast
@@ -23,8 +25,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .attention import machine_info
-from .common import (PATTERN_FLAGS, add_allocator_argument, bench_spec, build_module, training_step, use_allocator,
-                     warm_up)
+from .common import (MEMORY_ENV, PATTERN_FLAGS, add_allocator_argument, bench_spec, build_module, run_in_fresh_process,
+                     training_step, use_allocator, warm_up)
 from fluence_fairseq.modules.registry import ATTENTIONS, get_attention
 
 PROJECTIONS = "projections only"
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds (each times every case once)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--memory", action="store_true", help="also the peak memory of each case's first step, "
+                        "each in a fresh process")
     add_allocator_argument(parser)
     return parser
 
@@ -62,12 +66,21 @@ def parse_variant(text: str, pattern: str) -> Tuple[str, dict]:
     if PATTERN_FLAGS[pattern] not in get_attention(name).cls.supported_patterns:
         raise SystemExit(f"--pattern {pattern}: {name} does not support it")
     spec = bench_spec(name)
+    cls = get_attention(name).cls
     for pair in filter(None, extra.split(",")):
         key, eq, value = pair.partition("=")
         if not eq or not key:
             raise SystemExit(f"{text!r}: keywords are written NAME:KEY=VALUE[,KEY=VALUE], got {pair!r}")
-        spec["options"][key] = _value(value)
+        target = spec.setdefault("attributes", {}) if hasattr(cls, key) else spec["options"]
+        target[key] = _value(value)
     return name, spec
+
+
+def peak_memory_mb(spec: dict, args) -> float:
+    """The peak RSS increase of the first full-size training step, in a fresh worker of benchmarks.attention."""
+    job = {"module": spec, "pattern": args.pattern, "dim": args.dim, "heads": args.heads, "batch": args.batch,
+           "length": args.length, "src_len": args.length, "repeats": 1, "warmup": 1, "memory_only": True}
+    return run_in_fresh_process("benchmarks.attention", job, f"memory of {spec}", MEMORY_ENV)["peak_mem_mb"]
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
@@ -103,16 +116,24 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
         result[label] = {"ms": statistics.median(r[label] for r in rounds) * 1e3,
                          "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
                          "bound": bound}
+        if args.memory:
+            result[label]["peak_mb"] = peak_memory_mb(specs[label], args)
     machine = machine_info()
     print(f"Training step (forward + backward), {args.pattern} pattern, L={args.length}, D={args.dim}, H={args.heads}, "
           f"batch {args.batch}; {args.rounds} rounds; {machine['cpu']}, {machine['threads']} threads, torch "
           f"{machine['torch']}; load average {machine['load_avg_1min']:.2f} at the end; allocator {allocator}\n")
-    print("| case | median ms | median ratio to projections | range | bound | |\n|---|---|---|---|---|---|")
+    memory = " peak MiB | memory / projections |" if args.memory else ""
+    print(f"| case | median ms | median ratio to projections | range | bound | |{memory}\n"
+          f"|---|---|---|---|---|---|{'---|---|' if args.memory else ''}")
     for label, row in result.items():
         verdict = "" if row["bound"] is None else ("met" if row["ratio"] <= row["bound"] else "**missed**")
         bound = "" if row["bound"] is None else f"{row['bound']:g}"
-        print(f"| {label} | {row['ms']:.1f} | {row['ratio']:.3f} | {row['ratio_min']:.3f}-{row['ratio_max']:.3f} | "
-              f"{bound} | {verdict} |")
+        line = (f"| {label} | {row['ms']:.1f} | {row['ratio']:.3f} | {row['ratio_min']:.3f}-{row['ratio_max']:.3f} | "
+                f"{bound} | {verdict} |")
+        if args.memory:
+            floor = result[PROJECTIONS]["peak_mb"]
+            line += f" {row['peak_mb']:.1f} | {row['peak_mb'] / floor:.3f} |" if floor > 0 else f" {row['peak_mb']:.1f} | - |"
+        print(line)
     sys.stdout.flush()
     return result
 

@@ -45,3 +45,18 @@ def test_variants_take_constructor_keywords_over_the_benchmark_options():
         paired.main(["longshort:block_size=0", "--length", "16", "--dim", "16", "--heads", "2"])
     with pytest.raises(SystemExit, match="keywords are written NAME:KEY=VALUE"):
         paired.parse_variant("longshort:block_size", "causal")
+
+
+def test_class_attributes_and_memory(capsys):
+    name, spec = paired.parse_variant("entmax15:RECOMPUTE_BLOCK_ELEMENTS=4096,RECOMPUTE_FROM_ELEMENTS=0", "causal")
+    assert spec["attributes"] == {"RECOMPUTE_BLOCK_ELEMENTS": 4096, "RECOMPUTE_FROM_ELEMENTS": 0}
+    assert "RECOMPUTE_BLOCK_ELEMENTS" not in spec["options"]
+    module = paired.build_module(spec, 16, 2, False, True)
+    assert module.RECOMPUTE_BLOCK_ELEMENTS == 4096 and type(module).RECOMPUTE_BLOCK_ELEMENTS != 4096
+    with pytest.raises(ValueError, match="has no class attribute 'NOPE'"):
+        paired.build_module({**spec, "attributes": {"NOPE": 1}}, 16, 2, False, True)
+    result = paired.main(["entmax15:RECOMPUTE_FROM_ELEMENTS=0", "--length", "32", "--dim", "16", "--heads", "2",
+                          "--rounds", "1", "--threads", "1", "--allocator", "default", "--memory"])
+    row = result["entmax15:RECOMPUTE_FROM_ELEMENTS=0"]
+    assert row["peak_mb"] >= 0 and result[paired.PROJECTIONS]["peak_mb"] >= 0
+    assert "memory / projections" in capsys.readouterr().out
