@@ -143,8 +143,9 @@ class EntmaxAttentionBase(FluenceAttention):
     RECOMPUTE_FROM_ELEMENTS = 1 << 25
     #: that pass's query blocks hold at most this many scores (B x H x rows x keys; 2^23 float32 = 32 MiB), so
     #: its transient memory (a block's scores, probabilities and their gradients) is a few such blocks whatever
-    #: the length. Paired against the plain pass (noncausal 1.5-entmax, L=4096, 8 heads, two threads): 2^22 took
-    #: 1.145x its time at 153 MiB peak, 2^23 1.104x at 233 MiB, 2^24 1.081x at 393 MiB (the plain pass: 697 MiB)
+    #: the length. Paired against the plain pass (noncausal 1.5-entmax, L=4096, 8 heads, two threads,
+    #: benchmarks/results/paired_entmax_recompute_noncausal_4096.md): 2^22 took 1.16x its time at 138 MiB peak,
+    #: 2^23 1.11x at 218 MiB, 2^24 1.11x at 378 MiB (the plain pass: 682 MiB)
     RECOMPUTE_BLOCK_ELEMENTS = 1 << 23
 
     def recompute_blocks(self, q, k, query_offset: int):

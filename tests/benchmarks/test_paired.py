@@ -59,4 +59,5 @@ def test_class_attributes_and_memory(capsys):
                           "--rounds", "1", "--threads", "1", "--allocator", "default", "--memory"])
     row = result["entmax15:RECOMPUTE_FROM_ELEMENTS=0"]
     assert row["peak_mb"] >= 0 and result[paired.PROJECTIONS]["peak_mb"] >= 0
+    assert row["bound"] is None  # no time bound against the projections for a dense attention
     assert "memory / projections" in capsys.readouterr().out
