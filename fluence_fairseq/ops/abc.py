@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .common import matmul_in_projection_layout, without_autocast
+from .common import add_matmul_, matmul_in_projection_layout, without_autocast
 
 __all__ = [
     "ABCState", "empty_state", "slot_memory", "compressed_slots", "attend_slots", "attend_slots_in_layout",
@@ -404,7 +404,7 @@ class _ChunkedCausalABC(torch.autograd.Function):
     def _slot_scores(qk, qc, k_exps, k_in_num, k_row_den):
         """Each query's slot scores (B, H, G, C, r): row_num / den with row_num = tril(Q K^T) E_k + Q N_k^T."""
         row_num = torch.matmul(qk, k_exps)
-        _add_matmul_(row_num, qc, k_in_num.transpose(-1, -2))
+        add_matmul_(row_num, qc, k_in_num.transpose(-1, -2))
         return row_num.div_(k_row_den)
 
     @staticmethod
@@ -455,7 +455,7 @@ class _ChunkedCausalABC(torch.autograd.Function):
             mix = torch.matmul(w, v_exps.transpose(-1, -2)).tril_()
             out_g = torch.matmul(mix, vc)
             del mix
-            _add_matmul_(out_g, w, v_in_num)
+            add_matmul_(out_g, w, v_in_num)
             out[:, :, s0:s1] = out_g.view(bsz, heads, s1 - s0, dim)
             if scores_all is not None:
                 scores_all[:, :, c0:c1] = slot_scores
@@ -526,7 +526,7 @@ class _ChunkedCausalABC(torch.autograd.Function):
             del mix
             g_mix = torch.matmul(g_out, vc.transpose(-1, -2)).tril_()
             g_w = torch.matmul(g_mix, v_exps)
-            _add_matmul_(g_w, g_out, v_in_num.transpose(-1, -2))
+            add_matmul_(g_w, g_out, v_in_num.transpose(-1, -2))
             g_v_exps = torch.matmul(g_mix.transpose(-1, -2), w)
             del g_mix
             g_v_in_num = torch.matmul(w.transpose(-1, -2), g_out)  # (B, H, G, r, d)
@@ -554,7 +554,7 @@ class _ChunkedCausalABC(torch.autograd.Function):
             del qk
             g_qk = torch.matmul(g_row_num, k_exps.transpose(-1, -2)).tril_()
             g_qc = torch.matmul(g_qk, kc)
-            _add_matmul_(g_qc, g_row_num, k_in_num)
+            add_matmul_(g_qc, g_row_num, k_in_num)
             g_kc = torch.matmul(g_qk.transpose(-1, -2), qc)
             del g_qk
             g_k_in_num = torch.matmul(g_row_num.transpose(-1, -2), qc)
@@ -613,20 +613,14 @@ def _carry_backward(decay, exps, x, ends, m0, g_in_num, g_in_den, g_exps, g_x, g
     if g_state is not None:
         g_sum_num[:, :, -1] += g_state[0]
         g_sum_den[:, :, -1] += g_state[1]
-    _add_matmul_(g_exps, x, g_sum_num.transpose(-1, -2))
+    add_matmul_(g_exps, x, g_sum_num.transpose(-1, -2))
     g_exps += g_sum_den.unsqueeze(3)
-    _add_matmul_(g_x, exps, g_sum_num)
+    add_matmul_(g_x, exps, g_sum_num)
     if m0 is None:
         return None
     from_state = torch.exp(m0.unsqueeze(2) - ends)  # (B, H, G, r)
     return (torch.matmul(from_state.transpose(-1, -2).unsqueeze(-2), g_in_num.transpose(2, 3)).squeeze(-2),
             (from_state * g_in_den).sum(2))
-
-
-def _add_matmul_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """acc += a @ b over the leading batch dimensions, without a temporary for the product (acc contiguous)."""
-    acc.view(-1, *acc.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
-    return acc
 
 
 def causal_abc(

@@ -260,3 +260,12 @@ def linear_grad_over_input(x: Tensor, weight: Tensor, bias) -> Tensor:
     if not x.is_contiguous():
         raise ValueError("linear_grad_over_input needs a contiguous input (it writes the gradient over it)")
     return _LinearGradOverInput.apply(x, weight, bias)
+
+
+def add_matmul_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``acc += a @ b`` over the leading batch dimensions (broadcast ones included), without a temporary for the
+    product or a pass to add it (``acc`` contiguous)."""
+    shape = acc.shape
+    a, b = a.expand(shape[:-2] + a.shape[-2:]), b.expand(shape[:-2] + b.shape[-2:])
+    acc.view(-1, *shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return acc

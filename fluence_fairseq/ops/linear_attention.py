@@ -34,6 +34,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .common import add_matmul_
+
 __all__ = ["LinearState", "linear_attention", "causal_linear_attention", "linear_summary",
            "attend_linear_summary"]
 
@@ -323,10 +325,11 @@ class _Group:
         """(numerator (B, H, g, C, d), denominator (B, H, g, C))."""
         scores = self.scores()
         num = torch.matmul(scores, self.vc)
-        carried = torch.matmul(self.q, self.before_kv)
-        if self.qw is not None:
-            carried.mul_(self.qw.unsqueeze(-1))
-        return num.add_(carried), self.denominator(scores)
+        if self.qw is None:
+            add_matmul_(num, self.q, self.before_kv)
+        else:
+            num.add_(torch.matmul(self.q, self.before_kv).mul_(self.qw.unsqueeze(-1)))
+        return num, self.denominator(scores)
 
     def denominator(self, scores: Tensor) -> Tensor:
         """(B, H, g, C): the intra-chunk scores' row sums plus what the queries see of the carried key sum."""
@@ -543,15 +546,11 @@ class _CausalLinearAttention(torch.autograd.Function):
                                                                       eps)
             # intra-chunk pairs: w_ij = (q_i . k_j) intra_ij, entering num_i through v_j and den_i through 1
             weights.mul_(grp.intra)
-            dq_i = torch.matmul(weights, grp.kc)  # m wide (the mixing is inside intra)
-            dk_i = torch.matmul(weights.transpose(-1, -2), grp.qa)
-            del weights
-            dv_g = torch.matmul(scores.transpose(-1, -2), g_num)
-            del scores
-            # the state before each chunk, seen by its queries
+            # the state before each chunk, seen by its queries; then the intra-chunk pairs (m wide: the mixing is
+            # inside intra), added by the product itself
             if grp.qw is not None:
                 carried.mul_(grp.qw.unsqueeze(-1))
-            dq_i += _unmix(carried, qm_g)
+            dq_i = add_matmul_(_unmix(carried, qm_g), weights, grp.kc)
             del carried
             # keys see the queries of later chunks through a reverse state sum exp(R - M_i) q_i [g_num_i, g_den_i]
             qf = grp.q if grp.qw is None else grp.q * grp.qw.unsqueeze(-1)
@@ -560,13 +559,15 @@ class _CausalLinearAttention(torch.autograd.Function):
                                             rev_ks, grp.decay, reverse=True)
             del qf
             dk_c = torch.matmul(grp.vc, after_kv.transpose(-1, -2)).add_(after_ks.unsqueeze(-2))
-            dv_c = torch.matmul(grp.k, after_kv)
             if grp.kweight is not None:
                 dk_c.mul_(grp.kweight)
-                dv_c.mul_(grp.kweight)
-            dk_i += _unmix(dk_c, km_g)
-            dv_g += dv_c
-            del dk_c, dv_c, after_kv, after_ks, g_num, g_den
+            dk_i = add_matmul_(_unmix(dk_c, km_g), weights.transpose(-1, -2), grp.qa)
+            del weights, dk_c
+            dv_g = torch.matmul(grp.k, after_kv)
+            if grp.kweight is not None:
+                dv_g.mul_(grp.kweight)
+            add_matmul_(dv_g, scores.transpose(-1, -2), g_num)
+            del scores, after_kv, after_ks, g_num, g_den
             if relu:  # from the group's own contiguous features, not the strided inputs
                 _raw_grad(dq_i, grp.qa, relu)
                 _raw_grad(dk_i, grp.kc, relu)

@@ -488,9 +488,9 @@ class PrunedPlan:
         times = self._time(trials, q, k, v, key_padding_mask, grad)
         timings = {_label(lay): (lay, ms) for lay, ms in zip(trials, times)}
         dense_ms = timings["dense"][1]
-        label, (layout, ms) = min(timings.items(), key=lambda item: item[1][1])
+        layout, ms = min(timings.values(), key=lambda item: item[1])
         if layout is not None and ms > (1 - _MARGIN) * dense_ms:
-            label, layout, ms = "dense", None, dense_ms
+            layout = None
         measured = ", ".join(f"{name} {t:.2f} ms" for name, (_, t) in timings.items())
         return _path(layout), layout, (f"measured ({'fwd+bwd' if grad else 'fwd'}, B={q.size(0)}): {measured}; "
                                         f"estimated: {shown}")
