@@ -136,8 +136,8 @@ class EntmaxAttentionBase(FluenceAttention):
         return [(start, min(start + size, tgt_len)) for start in range(0, tgt_len, size)]
 
     #: from this many probabilities per pass (B x H x Lq x Lk; 2^25 float32 = 128 MiB kept for backward by the
-    #: plain computation) a pass that needs nothing but its output (no weights, dropout, additive mask, relative
-    #: bias or density count) keeps only three numbers per query row and recomputes each block in backward
+    #: plain computation) a pass that needs nothing but its output (no weights, additive mask, relative bias or
+    #: density count) keeps only three numbers per query row and recomputes each block in backward
     #: (:func:`~fluence_fairseq.ops.entmax_attention.blocked_entmax_attention`); below it the plain computation,
     #: which skips the recomputed product, is kept for speed
     RECOMPUTE_FROM_ELEMENTS = 1 << 25
@@ -167,17 +167,23 @@ class EntmaxAttentionBase(FluenceAttention):
     def _recomputes(self, q, k, key_padding_mask, attn_mask, query_offset, need_weights) -> bool:
         if need_weights or attn_mask is not None or query_offset < 0 or self.relative_bias() is not None:
             return False
-        dropout = self.dropout_module
-        if (dropout.p > 0 and (self.training or getattr(dropout, "apply_during_inference", False))
-                or self.density_counts() is not None):
+        if self.density_counts() is not None:
             return False
         return q.size(0) * q.size(1) * q.size(2) * k.size(2) >= self.RECOMPUTE_FROM_ELEMENTS
+
+    def _active_dropout(self) -> float:
+        """The attention dropout this call applies (fairseq's dropout module: in training, or always when it is
+        set to apply during inference)."""
+        dropout = self.dropout_module
+        applies = self.training or getattr(dropout, "apply_during_inference", False)
+        return float(dropout.p) if applies else 0.0
 
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
         if self._recomputes(q, k, key_padding_mask, attn_mask, query_offset, need_weights):
             return blocked_entmax_attention(q, k, v, self._alpha_for_scores(),
                                             blocks=self.recompute_blocks(q, k, query_offset), causal=self.causal,
-                                            query_offset=query_offset, key_padding_mask=key_padding_mask), None
+                                            query_offset=query_offset, key_padding_mask=key_padding_mask,
+                                            dropout_p=self._active_dropout()), None
         blocks = self.query_blocks(q.size(2))
         if len(blocks) == 1:  # the base averages the heads' weights when that is all it needs
             return self._attend_rows(q, k, v, key_padding_mask, attn_mask, query_offset, need_weights)

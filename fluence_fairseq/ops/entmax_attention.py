@@ -9,7 +9,9 @@ elementwise passes, without the threshold search. Transient memory is one block'
 gradients. Gradients flow to q, k, v and a per-head α (Correia et al. 2019, Proposition 1, as in
 :mod:`fluence_fairseq.ops.entmax`).
 
-No dropout, additive mask or relative bias: callers take the plain computation for those.
+Attention dropout zeroes probabilities with a mask drawn block by block from a generator seeded with ``seed`` plus
+the block's index, and backward draws the same masks again, so they are never kept either. No additive mask or
+relative bias: callers take the plain computation for those.
 """
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -34,20 +36,30 @@ def _block_mask(start: int, end: int, keys: int, query_offset: int, causal: bool
     return mask
 
 
+def _kept(p: Tensor, dropout_p: float, seed: int, block: int) -> Tensor:
+    """The dropout of block ``block``: 1 / (1 - dropout_p) where a probability is kept, 0 where dropped (the same
+    numbers whenever it is drawn again with the same seed)."""
+    generator = torch.Generator(p.device).manual_seed(seed + block)
+    return torch.empty_like(p).bernoulli_(1.0 - dropout_p, generator=generator).div_(1.0 - dropout_p)
+
+
 class _BlockedEntmaxAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, alpha, blocks, visible, causal, query_offset, key_padding_mask):
+    def forward(ctx, q, k, v, alpha, blocks, visible, causal, query_offset, key_padding_mask, dropout_p, seed):
         scale = q.size(-1) ** -0.5
         out = q.new_empty(q.shape[:-1] + (v.size(-1),))
         stats = []
-        for (start, end), keys in zip(blocks, visible):
+        for block, ((start, end), keys) in enumerate(zip(blocks, visible)):
             scores = torch.matmul(q[:, :, start:end] * scale, k[:, :, :keys].transpose(-1, -2))
             mask = _block_mask(start, end, keys, query_offset, causal, key_padding_mask, q.device)
             p, row_stats = entmax_with_stats(scores, alpha, mask)
             del scores
+            if dropout_p > 0:
+                p.mul_(_kept(p, dropout_p, seed, block))
             out[:, :, start:end] = torch.matmul(p.to(v.dtype), v[:, :, :keys])
             stats.append(row_stats)
         ctx.blocks, ctx.visible, ctx.causal, ctx.query_offset = blocks, visible, causal, query_offset
+        ctx.dropout_p, ctx.seed = dropout_p, seed
         ctx.alpha_is_tensor = isinstance(alpha, Tensor)
         ctx.alpha_value = None if ctx.alpha_is_tensor else alpha
         ctx.save_for_backward(q, k, v, alpha if ctx.alpha_is_tensor else None, key_padding_mask,
@@ -62,7 +74,7 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
         want_alpha = ctx.alpha_is_tensor and ctx.needs_input_grad[3]
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         grad_alpha = None
-        for (start, end), keys in zip(ctx.blocks, ctx.visible):
+        for block, ((start, end), keys) in enumerate(zip(ctx.blocks, ctx.visible)):
             q_b = q[:, :, start:end] * scale
             k_b, v_b = k[:, :, :keys], v[:, :, :keys]
             g = grad_out[:, :, start:end]
@@ -70,8 +82,14 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
             mask = _block_mask(start, end, keys, ctx.query_offset, ctx.causal, key_padding_mask, q.device)
             p, support = entmax_from_stats(scores, alpha, mask, stats[:, :, start:end], with_support=True)
             del scores
-            dv[:, :, :keys] += torch.matmul(p.to(v.dtype).transpose(-1, -2), g)
             grad_p = torch.matmul(g, v_b.transpose(-1, -2)).to(p.dtype)
+            if ctx.dropout_p > 0:  # out = (p * kept) @ v
+                kept = _kept(p, ctx.dropout_p, ctx.seed, block)
+                dv[:, :, :keys] += torch.matmul((p * kept).to(v.dtype).transpose(-1, -2), g)
+                grad_p.mul_(kept)
+                del kept
+            else:
+                dv[:, :, :keys] += torch.matmul(p.to(v.dtype).transpose(-1, -2), g)
             grad_s, alpha_rows = entmax_backward(p, grad_p, alpha, with_alpha=want_alpha, support=support)
             del p, grad_p, support
             if alpha_rows is not None:  # this block's rows' parts, summed over them
@@ -82,23 +100,30 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
             dk[:, :, :keys] += torch.matmul(grad_s.transpose(-1, -2), q_b)
         if grad_alpha is not None:
             grad_alpha = grad_alpha.sum_to_size(alpha_t.shape).to(alpha_t.dtype)
-        return dq, dk, dv, grad_alpha, None, None, None, None, None
+        return dq, dk, dv, grad_alpha, None, None, None, None, None, None, None
 
 
 def blocked_entmax_attention(q: Tensor, k: Tensor, v: Tensor, alpha: Union[float, Tensor], *,
                              blocks: Sequence[Tuple[int, int]], causal: bool, query_offset: int = 0,
-                             key_padding_mask: Optional[Tensor] = None) -> Tensor:
+                             key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                             seed: Optional[int] = None) -> Tensor:
     """α-entmax attention of q (B, H, Lq, D) over k, v (B, H, Lk, D) in the query ``blocks`` ([start, end) ranges
     covering 0..Lq in order), keeping no (Lq, Lk) tensor for backward.
 
     ``alpha``: a float in (1, 2] or a tensor in that range broadcastable to (B, H, 1, 1) (one α per head; it gets a
     gradient). ``causal``: query ``i`` sees keys ``j <= i + query_offset`` (each block's scores stop at its last
-    query's keys). ``key_padding_mask`` (B, Lk) bool, True = padding. A query with no key gives 0."""
+    query's keys). ``key_padding_mask`` (B, Lk) bool, True = padding. A query with no key gives 0.
+    ``dropout_p``: attention dropout on the probabilities, its masks drawn from ``seed`` (default: a number drawn
+    from torch's default generator, so runs seeded with ``torch.manual_seed`` repeat)."""
     visible: List[int] = [min(k.size(2), query_offset + end) if causal else k.size(2) for _, end in blocks]
     if isinstance(alpha, Tensor):
         if bool((alpha <= 1).any()) or bool((alpha > 2).any()):
             raise ValueError("blocked_entmax_attention needs 1 < alpha <= 2")
     elif not 1 < float(alpha) <= 2:
         raise ValueError(f"blocked_entmax_attention needs 1 < alpha <= 2, got {alpha}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
     return _BlockedEntmaxAttention.apply(q, k, v, alpha, list(blocks), visible, causal, query_offset,
-                                         key_padding_mask)
+                                         key_padding_mask, float(dropout_p), seed or 0)

@@ -559,27 +559,47 @@ def test_recomputing_pass_equals_the_plain_one(monkeypatch, name, causal, cross)
         torch.testing.assert_close(recomputed[key], plain[key], rtol=1e-9, atol=1e-11, msg=key)
 
 
-def test_recomputing_pass_is_left_for_weights_dropout_masks_and_density(monkeypatch):
+def test_recomputing_pass_is_left_for_weights_masks_and_density_and_takes_the_dropout(monkeypatch):
     import fluence_fairseq.modules.entmax as module
 
     calls = []
-    monkeypatch.setattr(module, "blocked_entmax_attention", lambda *a, **kw: calls.append(1) or torch.zeros(0))
+    monkeypatch.setattr(module, "blocked_entmax_attention",
+                        lambda *a, **kw: calls.append(kw["dropout_p"]) or torch.zeros(0))
     attn = FSEntmax15(16, 2, dropout=0.1)
     monkeypatch.setattr(attn, "RECOMPUTE_FROM_ELEMENTS", 0)
     x = torch.randn(12, 2, 16)
     attn.eval()
     attn(x, x, x, need_weights=True)  # weights asked for
     attn(x, x, x, need_weights=False, attn_mask=torch.zeros(12, 12))  # an additive mask
-    attn.train()
-    attn(x, x, x, need_weights=False)  # dropout in training
-    attn.eval()
     attn.track_density(True)
     attn(x, x, x, need_weights=False)  # counting non-zero weights
     assert calls == []
     attn.track_density(False)
-    with pytest.raises(RuntimeError):  # the stub's empty output: the recomputing pass was taken
-        attn(x, x, x, need_weights=False)
-    assert calls == [1]
+    for training, dropout in ((False, 0.0), (True, 0.1)):
+        attn.train(training)
+        with pytest.raises(RuntimeError):  # the stub's empty output: the recomputing pass was taken
+            attn(x, x, x, need_weights=False)
+        assert calls[-1] == dropout  # the attention dropout in training only
+
+
+def test_recomputing_pass_with_dropout_is_reproducible(monkeypatch):
+    """With attention dropout the recomputing pass draws its masks from a seed taken from torch's generator: the
+    same global seed gives the same output and gradients, another seed another output."""
+    attn = FSEntmax15(16, 2, dropout=0.3)
+    monkeypatch.setattr(attn, "RECOMPUTE_FROM_ELEMENTS", 0)
+    monkeypatch.setattr(attn, "RECOMPUTE_BLOCK_ELEMENTS", 2 * 2 * 12 * 3)
+    attn.train()
+    x = torch.randn(12, 2, 16, requires_grad=True)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        x.grad = None
+        out, _ = attn(x, x, x, need_weights=False)
+        out.pow(2).sum().backward()
+        return out.detach(), x.grad.clone()
+
+    (a, ga), (b, gb), (c, _) = run(1), run(1), run(2)
+    assert torch.equal(a, b) and torch.equal(ga, gb) and not torch.equal(a, c)
 
 
 @pytest.mark.parametrize("causal", [False, True])

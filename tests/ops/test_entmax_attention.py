@@ -89,3 +89,33 @@ def test_alpha_outside_one_to_two_is_refused():
         blocked_entmax_attention(q, q, q, 2.5, blocks=[(0, 4)], causal=False)
     with pytest.raises(ValueError, match="1 < alpha <= 2"):
         blocked_entmax_attention(q, q, q, torch.tensor(1.0), blocks=[(0, 4)], causal=False)
+
+
+def test_dropout_zeroes_and_rescales_probabilities_and_backward_draws_the_same_masks():
+    """With values the identity, the output rows are the attention weights: under dropout each is 0 or the
+    undropped weight / (1 - p), about p of the non-zero ones dropped; gradcheck holds with the masks redrawn in
+    backward from the seed."""
+    B, H, L = 2, 2, 64
+    q = torch.randn(B, H, L, 8, dtype=torch.float64)
+    k = torch.randn(B, H, L, 8, dtype=torch.float64)
+    v = torch.eye(L, dtype=torch.float64).expand(B, H, L, L)
+    blocks = [(0, 20), (20, 64)]
+    plain = blocked_entmax_attention(q, k, v, 1.5, blocks=blocks, causal=True)
+    dropped = blocked_entmax_attention(q, k, v, 1.5, blocks=blocks, causal=True, dropout_p=0.25, seed=7)
+    again = blocked_entmax_attention(q, k, v, 1.5, blocks=blocks, causal=True, dropout_p=0.25, seed=7)
+    assert torch.equal(dropped, again)
+    support = plain > 0
+    zeroed = (dropped == 0) & support
+    torch.testing.assert_close(dropped[support & ~zeroed], plain[support & ~zeroed] / 0.75, rtol=1e-12, atol=0)
+    assert (dropped[~support] == 0).all() and 0.15 < zeroed.sum() / support.sum() < 0.35
+    g = torch.Generator().manual_seed(1)
+    q2, k2, v2 = (torch.randn(1, 2, 9, 3, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3))
+    torch.autograd.gradcheck(
+        lambda q, k, v: blocked_entmax_attention(q, k, v, 1.5, blocks=[(0, 5), (5, 9)], causal=False,
+                                                 dropout_p=0.4, seed=3), (q2, k2, v2))
+
+
+def test_dropout_rate_out_of_range_is_refused():
+    q = torch.randn(1, 1, 4, 2)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        blocked_entmax_attention(q, q, q, 1.5, blocks=[(0, 4)], causal=False, dropout_p=1.0)
