@@ -136,8 +136,8 @@ class EntmaxAttentionBase(FluenceAttention):
         return [(start, min(start + size, tgt_len)) for start in range(0, tgt_len, size)]
 
     #: from this many probabilities per pass (B x H x Lq x Lk; 2^25 float32 = 128 MiB kept for backward by the
-    #: plain computation) a pass that needs nothing but its output (no weights, additive mask, relative bias or
-    #: density count) keeps only three numbers per query row and recomputes each block in backward
+    #: plain computation) a pass that needs nothing but its output (no weights, additive mask or density count)
+    #: keeps only three numbers per query row and recomputes each block in backward
     #: (:func:`~fluence_fairseq.ops.entmax_attention.blocked_entmax_attention`); below it the plain computation,
     #: which skips the recomputed product, is kept for speed
     RECOMPUTE_FROM_ELEMENTS = 1 << 25
@@ -165,7 +165,8 @@ class EntmaxAttentionBase(FluenceAttention):
         return blocks
 
     def _recomputes(self, q, k, key_padding_mask, attn_mask, query_offset, need_weights) -> bool:
-        if need_weights or attn_mask is not None or query_offset < 0 or self.relative_bias() is not None:
+        # the base's relative bias is ALiBi here (fixed slopes: nothing of it needs a gradient)
+        if need_weights or attn_mask is not None or query_offset < 0:
             return False
         if self.density_counts() is not None:
             return False
@@ -183,7 +184,7 @@ class EntmaxAttentionBase(FluenceAttention):
             return blocked_entmax_attention(q, k, v, self._alpha_for_scores(),
                                             blocks=self.recompute_blocks(q, k, query_offset), causal=self.causal,
                                             query_offset=query_offset, key_padding_mask=key_padding_mask,
-                                            dropout_p=self._active_dropout()), None
+                                            dropout_p=self._active_dropout(), rel_bias=self.relative_bias()), None
         blocks = self.query_blocks(q.size(2))
         if len(blocks) == 1:  # the base averages the heads' weights when that is all it needs
             return self._attend_rows(q, k, v, key_padding_mask, attn_mask, query_offset, need_weights)

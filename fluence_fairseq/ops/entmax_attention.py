@@ -10,14 +10,16 @@ gradients. Gradients flow to q, k, v and a per-head α (Correia et al. 2019, Pro
 :mod:`fluence_fairseq.ops.entmax`).
 
 Attention dropout zeroes probabilities with a mask drawn block by block from a generator seeded with ``seed`` plus
-the block's index, and backward draws the same masks again, so they are never kept either. No additive mask or
-relative bias: callers take the plain computation for those.
+the block's index, and backward draws the same masks again, so they are never kept either. A fixed relative bias
+(ALiBi: ``rel_bias(query - key offsets) -> (H, rows, keys)``, no gradient of its own) is added to each block's
+scores in both directions. No additive mask: callers take the plain computation for that.
 """
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .common import relative_positions
 from .entmax import entmax_backward, entmax_from_stats, entmax_with_stats
 
 __all__ = ["blocked_entmax_attention"]
@@ -43,14 +45,23 @@ def _kept(p: Tensor, dropout_p: float, seed: int, block: int) -> Tensor:
     return torch.empty_like(p).bernoulli_(1.0 - dropout_p, generator=generator).div_(1.0 - dropout_p)
 
 
+def _biased_(scores: Tensor, rel_bias, start: int, end: int, keys: int, query_offset: int) -> Tensor:
+    if rel_bias is not None:
+        rel = relative_positions(end - start, keys, query_offset + start, scores.device)
+        scores += rel_bias(rel).to(scores.dtype)
+    return scores
+
+
 class _BlockedEntmaxAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, alpha, blocks, visible, causal, query_offset, key_padding_mask, dropout_p, seed):
+    def forward(ctx, q, k, v, alpha, blocks, visible, causal, query_offset, key_padding_mask, dropout_p, seed,
+                rel_bias):
         scale = q.size(-1) ** -0.5
         out = q.new_empty(q.shape[:-1] + (v.size(-1),))
         stats = []
         for block, ((start, end), keys) in enumerate(zip(blocks, visible)):
             scores = torch.matmul(q[:, :, start:end] * scale, k[:, :, :keys].transpose(-1, -2))
+            _biased_(scores, rel_bias, start, end, keys, query_offset)
             mask = _block_mask(start, end, keys, query_offset, causal, key_padding_mask, q.device)
             p, row_stats = entmax_with_stats(scores, alpha, mask)
             del scores
@@ -59,7 +70,7 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
             out[:, :, start:end] = torch.matmul(p.to(v.dtype), v[:, :, :keys])
             stats.append(row_stats)
         ctx.blocks, ctx.visible, ctx.causal, ctx.query_offset = blocks, visible, causal, query_offset
-        ctx.dropout_p, ctx.seed = dropout_p, seed
+        ctx.dropout_p, ctx.seed, ctx.rel_bias = dropout_p, seed, rel_bias
         ctx.alpha_is_tensor = isinstance(alpha, Tensor)
         ctx.alpha_value = None if ctx.alpha_is_tensor else alpha
         ctx.save_for_backward(q, k, v, alpha if ctx.alpha_is_tensor else None, key_padding_mask,
@@ -78,7 +89,8 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
             q_b = q[:, :, start:end] * scale
             k_b, v_b = k[:, :, :keys], v[:, :, :keys]
             g = grad_out[:, :, start:end]
-            scores = torch.matmul(q_b, k_b.transpose(-1, -2))
+            scores = _biased_(torch.matmul(q_b, k_b.transpose(-1, -2)), ctx.rel_bias, start, end, keys,
+                              ctx.query_offset)
             mask = _block_mask(start, end, keys, ctx.query_offset, ctx.causal, key_padding_mask, q.device)
             p, support = entmax_from_stats(scores, alpha, mask, stats[:, :, start:end], with_support=True)
             del scores
@@ -100,13 +112,14 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
             dk[:, :, :keys] += torch.matmul(grad_s.transpose(-1, -2), q_b)
         if grad_alpha is not None:
             grad_alpha = grad_alpha.sum_to_size(alpha_t.shape).to(alpha_t.dtype)
-        return dq, dk, dv, grad_alpha, None, None, None, None, None, None, None
+        return dq, dk, dv, grad_alpha, None, None, None, None, None, None, None, None
 
 
 def blocked_entmax_attention(q: Tensor, k: Tensor, v: Tensor, alpha: Union[float, Tensor], *,
                              blocks: Sequence[Tuple[int, int]], causal: bool, query_offset: int = 0,
                              key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-                             seed: Optional[int] = None) -> Tensor:
+                             seed: Optional[int] = None,
+                             rel_bias: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """α-entmax attention of q (B, H, Lq, D) over k, v (B, H, Lk, D) in the query ``blocks`` ([start, end) ranges
     covering 0..Lq in order), keeping no (Lq, Lk) tensor for backward.
 
@@ -114,7 +127,9 @@ def blocked_entmax_attention(q: Tensor, k: Tensor, v: Tensor, alpha: Union[float
     gradient). ``causal``: query ``i`` sees keys ``j <= i + query_offset`` (each block's scores stop at its last
     query's keys). ``key_padding_mask`` (B, Lk) bool, True = padding. A query with no key gives 0.
     ``dropout_p``: attention dropout on the probabilities, its masks drawn from ``seed`` (default: a number drawn
-    from torch's default generator, so runs seeded with ``torch.manual_seed`` repeat)."""
+    from torch's default generator, so runs seeded with ``torch.manual_seed`` repeat). ``rel_bias``: a fixed bias
+    of the query-minus-key offsets (``rel (rows, keys) -> (H, rows, keys)``, e.g. ALiBi) added to the scores; it
+    gets no gradient."""
     visible: List[int] = [min(k.size(2), query_offset + end) if causal else k.size(2) for _, end in blocks]
     if isinstance(alpha, Tensor):
         if bool((alpha <= 1).any()) or bool((alpha > 2).any()):
@@ -126,4 +141,4 @@ def blocked_entmax_attention(q: Tensor, k: Tensor, v: Tensor, alpha: Union[float
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
     return _BlockedEntmaxAttention.apply(q, k, v, alpha, list(blocks), visible, causal, query_offset,
-                                         key_padding_mask, float(dropout_p), seed or 0)
+                                         key_padding_mask, float(dropout_p), seed or 0, rel_bias)

@@ -528,8 +528,9 @@ def _grads_of_a_pass(attn, x, src, kpm, w):
 
 
 @pytest.mark.parametrize("name", ["sparsemax", "entmax15", "alpha_entmax"])
-@pytest.mark.parametrize("causal,cross", [(False, False), (True, False), (False, True)])
-def test_recomputing_pass_equals_the_plain_one(monkeypatch, name, causal, cross):
+@pytest.mark.parametrize("causal,cross,alibi", [(False, False, False), (True, False, False), (False, True, False),
+                                                (True, False, True)])
+def test_recomputing_pass_equals_the_plain_one(monkeypatch, name, causal, cross, alibi):
     """Above RECOMPUTE_FROM_ELEMENTS a pass keeps three numbers per query row instead of the probabilities and
     recomputes each block in backward: the same output and gradients (float64, key padding, a learned α, blocks
     of a few rows so that there are many)."""
@@ -541,6 +542,8 @@ def test_recomputing_pass_equals_the_plain_one(monkeypatch, name, causal, cross)
     monkeypatch.setattr(module, "blocked_entmax_attention", lambda *a, **kw: calls.append(kw["blocks"]) or real(*a, **kw))
     torch.manual_seed(0)
     attn = get_attention(name).build(32, 4, dropout=0.0, causal=causal, cross=cross).double()
+    if alibi:  # a relative bias follows each block's query positions
+        attn.set_alibi()
     L, S, B = 70, 53 if cross else 70, 2
     x = torch.randn(L, B, 32, dtype=torch.float64, requires_grad=True)
     src = torch.randn(S, B, 32, dtype=torch.float64, requires_grad=True) if cross else x

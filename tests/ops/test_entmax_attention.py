@@ -70,8 +70,10 @@ def test_nothing_of_size_queries_times_keys_is_kept_for_backward():
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.25])
-def test_probabilities_rebuilt_from_the_row_numbers(alpha):
-    x = torch.randn(3, 5, 40) * 3
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-6), (torch.float64, 1e-14)])
+def test_probabilities_rebuilt_from_the_row_numbers(alpha, dtype, atol):
+    """To rounding: in float32 the rebuild's (alpha - 1) x - b cancels scores of up to ~10 down to the threshold."""
+    x = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(4), dtype=dtype) * 3
     mask = torch.zeros(3, 5, 40, dtype=torch.bool)
     mask[0, 1] = True  # a row with nothing to attend to
     mask[2, :, ::3] = True
@@ -79,7 +81,7 @@ def test_probabilities_rebuilt_from_the_row_numbers(alpha):
     assert stats.shape == (3, 5, 3)
     torch.testing.assert_close(p, entmax(x, alpha, mask=mask), rtol=0, atol=0)
     rebuilt = entmax_from_stats(x, alpha, mask, stats)
-    torch.testing.assert_close(rebuilt, p, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(rebuilt, p, rtol=0, atol=atol)
     assert rebuilt[0, 1].abs().max() == 0 and rebuilt[mask].abs().max() == 0
 
 
@@ -96,8 +98,9 @@ def test_dropout_zeroes_and_rescales_probabilities_and_backward_draws_the_same_m
     undropped weight / (1 - p), about p of the non-zero ones dropped; gradcheck holds with the masks redrawn in
     backward from the seed."""
     B, H, L = 2, 2, 64
-    q = torch.randn(B, H, L, 8, dtype=torch.float64)
-    k = torch.randn(B, H, L, 8, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(B, H, L, 8, dtype=torch.float64, generator=gen)
+    k = torch.randn(B, H, L, 8, dtype=torch.float64, generator=gen)
     v = torch.eye(L, dtype=torch.float64).expand(B, H, L, L)
     blocks = [(0, 20), (20, 64)]
     plain = blocked_entmax_attention(q, k, v, 1.5, blocks=blocks, causal=True)
