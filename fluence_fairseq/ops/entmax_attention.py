@@ -46,6 +46,7 @@ def _kept(p: Tensor, dropout_p: float, seed: int, block: int) -> Tensor:
 
 
 def _biased_(scores: Tensor, rel_bias, start: int, end: int, keys: int, query_offset: int) -> Tensor:
+    """``scores`` of queries ``start..end-1`` against keys ``0..keys-1`` plus the relative bias, in place."""
     if rel_bias is not None:
         rel = relative_positions(end - start, keys, query_offset + start, scores.device)
         scores += rel_bias(rel).to(scores.dtype)
@@ -136,6 +137,9 @@ def blocked_entmax_attention(q: Tensor, k: Tensor, v: Tensor, alpha: Union[float
             raise ValueError("blocked_entmax_attention needs 1 < alpha <= 2")
     elif not 1 < float(alpha) <= 2:
         raise ValueError(f"blocked_entmax_attention needs 1 < alpha <= 2, got {alpha}")
+    if query_offset < 0:
+        raise ValueError(f"query_offset must be >= 0 (query i sits at key position i + query_offset), got "
+                         f"{query_offset}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0 and seed is None:

@@ -118,7 +118,9 @@ def test_dropout_zeroes_and_rescales_probabilities_and_backward_draws_the_same_m
                                                  dropout_p=0.4, seed=3), (q2, k2, v2))
 
 
-def test_dropout_rate_out_of_range_is_refused():
+def test_dropout_rate_and_negative_offsets_are_refused():
     q = torch.randn(1, 1, 4, 2)
+    with pytest.raises(ValueError, match="query_offset must be >= 0"):
+        blocked_entmax_attention(q, q, q, 1.5, blocks=[(0, 4)], causal=True, query_offset=-1)
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
         blocked_entmax_attention(q, q, q, 1.5, blocks=[(0, 4)], causal=False, dropout_p=1.0)
