@@ -25,19 +25,6 @@ from .entmax import entmax_backward, entmax_from_stats, entmax_with_stats
 __all__ = ["blocked_entmax_attention"]
 
 
-def _block_mask(start: int, end: int, keys: int, query_offset: int, causal: bool,
-                key_padding_mask: Optional[Tensor], device) -> Optional[Tensor]:
-    """True where query ``start..end-1`` (at key position ``i + query_offset``) may not see key ``j < keys``."""
-    mask = None
-    if causal:
-        rows = torch.arange(start, end, device=device).view(-1, 1) + query_offset
-        mask = (torch.arange(keys, device=device).view(1, -1) > rows).view(1, 1, end - start, keys)
-    if key_padding_mask is not None:
-        padded = key_padding_mask[:, :keys].view(-1, 1, 1, keys)
-        mask = padded if mask is None else mask | padded
-    return mask
-
-
 def _kept(p: Tensor, dropout_p: float, seed: int, block: int) -> Tensor:
     """The dropout of block ``block``: 1 / (1 - dropout_p) where a probability is kept, 0 where dropped (the same
     numbers whenever it is drawn again with the same seed)."""
@@ -45,12 +32,21 @@ def _kept(p: Tensor, dropout_p: float, seed: int, block: int) -> Tensor:
     return torch.empty_like(p).bernoulli_(1.0 - dropout_p, generator=generator).div_(1.0 - dropout_p)
 
 
-def _biased_(scores: Tensor, rel_bias, start: int, end: int, keys: int, query_offset: int) -> Tensor:
-    """``scores`` of queries ``start..end-1`` against keys ``0..keys-1`` plus the relative bias, in place."""
-    if rel_bias is not None:
+def _block_scores(q_block: Tensor, k: Tensor, start: int, end: int, keys: int, query_offset: int, causal: bool,
+                  key_padding_mask: Optional[Tensor], rel_bias) -> Tuple[Tensor, Optional[Tensor]]:
+    """Scores of queries ``start..end-1`` (``q_block``, scaled) against keys ``0..keys-1`` with the relative bias,
+    and the mask of what they may not see (the causal future, padding); forward and backward make them alike."""
+    scores = torch.matmul(q_block, k[:, :, :keys].transpose(-1, -2))
+    rel = None
+    if causal or rel_bias is not None:
         rel = relative_positions(end - start, keys, query_offset + start, scores.device)
+    if rel_bias is not None:
         scores += rel_bias(rel).to(scores.dtype)
-    return scores
+    mask = (rel < 0).view(1, 1, end - start, keys) if causal else None
+    if key_padding_mask is not None:
+        padded = key_padding_mask[:, :keys].view(-1, 1, 1, keys)
+        mask = padded if mask is None else mask | padded
+    return scores, mask
 
 
 class _BlockedEntmaxAttention(torch.autograd.Function):
@@ -61,9 +57,8 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
         out = q.new_empty(q.shape[:-1] + (v.size(-1),))
         stats = []
         for block, ((start, end), keys) in enumerate(zip(blocks, visible)):
-            scores = torch.matmul(q[:, :, start:end] * scale, k[:, :, :keys].transpose(-1, -2))
-            _biased_(scores, rel_bias, start, end, keys, query_offset)
-            mask = _block_mask(start, end, keys, query_offset, causal, key_padding_mask, q.device)
+            scores, mask = _block_scores(q[:, :, start:end] * scale, k, start, end, keys, query_offset, causal,
+                                         key_padding_mask, rel_bias)
             p, row_stats = entmax_with_stats(scores, alpha, mask)
             del scores
             if dropout_p > 0:
@@ -90,9 +85,8 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
             q_b = q[:, :, start:end] * scale
             k_b, v_b = k[:, :, :keys], v[:, :, :keys]
             g = grad_out[:, :, start:end]
-            scores = _biased_(torch.matmul(q_b, k_b.transpose(-1, -2)), ctx.rel_bias, start, end, keys,
-                              ctx.query_offset)
-            mask = _block_mask(start, end, keys, ctx.query_offset, ctx.causal, key_padding_mask, q.device)
+            scores, mask = _block_scores(q_b, k, start, end, keys, ctx.query_offset, ctx.causal, key_padding_mask,
+                                         ctx.rel_bias)
             p, support = entmax_from_stats(scores, alpha, mask, stats[:, :, start:end], with_support=True)
             del scores
             grad_p = torch.matmul(g, v_b.transpose(-1, -2)).to(p.dtype)
