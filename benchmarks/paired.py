@@ -58,8 +58,8 @@ def _value(text: str):
 
 
 def parse_variant(text: str, pattern: str) -> Tuple[str, dict]:
-    """``NAME`` or ``NAME:KEY=VALUE[,KEY=VALUE]`` -> (name, module spec with the benchmark options and these
-    constructor keywords over them)."""
+    """``NAME`` or ``NAME:KEY=VALUE[,KEY=VALUE]`` -> (name, module spec with the benchmark options): a ``KEY`` that
+    is a class attribute of the attention is set on the built module, any other is a constructor keyword."""
     name, _, extra = text.partition(":")
     if name not in ATTENTIONS:
         raise SystemExit(f"unknown attention {name!r}; choose from {sorted(ATTENTIONS)}")
@@ -112,9 +112,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
     result = {}
     for label in order:
         ratios = [r[label] / r[PROJECTIONS] for r in rounds]
-        spec = None if label == PROJECTIONS else get_attention(variants[label][0])
+        entry = None if label == PROJECTIONS else get_attention(variants[label][0])
         # the time bounds are the efficient attentions'; dense ones (softmax, entmax) have none against projections
-        bound = spec.bench_time_bound if spec is not None and spec.family == "efficient" else None
+        bound = entry.bench_time_bound if entry is not None and entry.family == "efficient" else None
         result[label] = {"ms": statistics.median(r[label] for r in rounds) * 1e3,
                          "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
                          "bound": bound}
@@ -134,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
                 f"{bound} | {verdict} |")
         if args.memory:
             floor = result[PROJECTIONS]["peak_mb"]
-            line += f" {row['peak_mb']:.1f} | {row['peak_mb'] / floor:.3f} |" if floor > 0 else f" {row['peak_mb']:.1f} | - |"
+            line += f" {row['peak_mb']:.1f} | " + (f"{row['peak_mb'] / floor:.3f} |" if floor > 0 else "- |")
         print(line)
     sys.stdout.flush()
     return result

@@ -539,7 +539,8 @@ def test_recomputing_pass_equals_the_plain_one(monkeypatch, name, causal, cross,
 
     calls = []
     real = module.blocked_entmax_attention
-    monkeypatch.setattr(module, "blocked_entmax_attention", lambda *a, **kw: calls.append(kw["blocks"]) or real(*a, **kw))
+    monkeypatch.setattr(module, "blocked_entmax_attention",
+                        lambda *a, **kw: calls.append(kw["blocks"]) or real(*a, **kw))
     torch.manual_seed(0)
     attn = get_attention(name).build(32, 4, dropout=0.0, causal=causal, cross=cross).double()
     if alibi:  # a relative bias follows each block's query positions

@@ -24,7 +24,8 @@ def _plain(q, k, v, alpha, causal, query_offset, key_padding_mask):
 def test_outputs_and_gradients_equal_the_plain_computation(alpha, causal, query_offset, src_len):
     g = torch.Generator().manual_seed(3)
     B, H, L, D = 2, 3, 37, 8
-    q, k, v = (torch.randn(B, H, n, D, dtype=torch.float64, generator=g).requires_grad_() for n in (L, src_len, src_len))
+    q, k, v = (torch.randn(B, H, n, D, dtype=torch.float64, generator=g).requires_grad_()
+               for n in (L, src_len, src_len))
     if alpha == "per head":
         alpha = (1.1 + 0.8 * torch.rand(1, H, 1, 1, dtype=torch.float64, generator=g)).requires_grad_()
     kpm = torch.zeros(B, src_len, dtype=torch.bool)
