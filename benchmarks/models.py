@@ -57,7 +57,14 @@ PRESETS: Dict[str, List[Setting]] = {
         _sparse_setting("lm_base", "transformer_lm_", "", "fluence_transformer_lm", 4, 0, 512,
                         "language model, base sizes (6 layers, 512, 8 heads), 4 blocks of 512 tokens"),
     ],
+    # long blocks: the entmax family's passes keep no L x L tensor there (ops.entmax_attention); no targets
+    "sparse_long": [
+        _sparse_setting("lm_long", "transformer_lm_", "", "fluence_transformer_lm", 1, 0, 4096,
+                        "language model, base sizes (6 layers, 512, 8 heads), 1 block of 4096 tokens"),
+    ],
 }
+#: the throughput targets of each preset (attention -> minimum ratio to the baseline)
+PRESET_TARGETS: Dict[str, Dict[str, float]] = {"sparse": SPARSE_TARGETS, "sparse_long": {}}
 
 
 @dataclass
@@ -233,7 +240,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.warmup < 1 or args.repeats < 1:
         raise SystemExit("--warmup and --repeats must be >= 1")
     cfg = BenchModelsConfig(settings, vocab=args.vocab, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
-                            allocator=args.allocator)
+                            allocator=args.allocator, targets=dict(PRESET_TARGETS[args.preset]))
     report = run_benchmark(cfg)
     text = markdown(report)
     print(text)

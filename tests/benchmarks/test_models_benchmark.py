@@ -43,3 +43,14 @@ def test_language_model_step_and_arch_names():
 def test_unknown_setting_is_refused():
     with pytest.raises(SystemExit, match="unknown settings"):
         main(["--settings", "nope"])
+
+
+def test_every_preset_has_its_targets_and_the_long_one_none():
+    from benchmarks.models import PRESET_TARGETS, PRESETS, SPARSE_TARGETS
+
+    assert set(PRESET_TARGETS) == set(PRESETS)
+    assert PRESET_TARGETS["sparse"] == SPARSE_TARGETS and PRESET_TARGETS["sparse_long"] == {}
+    (long_setting,) = PRESETS["sparse_long"]
+    # its blocks are long enough for the entmax passes that keep no L x L tensor (8 heads of the base LM)
+    from fluence_fairseq.modules.entmax import EntmaxAttentionBase
+    assert long_setting.batch * 8 * long_setting.tgt_len ** 2 >= EntmaxAttentionBase.RECOMPUTE_FROM_ELEMENTS
