@@ -164,11 +164,10 @@ class EntmaxAttentionBase(FluenceAttention):
             start += rows
         return blocks
 
-    def _recomputes(self, q, k, key_padding_mask, attn_mask, query_offset, need_weights) -> bool:
-        # the base's relative bias is ALiBi here (fixed slopes: nothing of it needs a gradient)
-        if need_weights or attn_mask is not None or query_offset < 0:
-            return False
-        if self.density_counts() is not None:
+    def _recomputes(self, q, k, attn_mask, query_offset, need_weights) -> bool:
+        """Whether this pass takes the recomputing path (its relative bias, ALiBi here, has fixed slopes: nothing
+        of it needs a gradient, so it goes along)."""
+        if need_weights or attn_mask is not None or query_offset < 0 or self.density_counts() is not None:
             return False
         return q.size(0) * q.size(1) * q.size(2) * k.size(2) >= self.RECOMPUTE_FROM_ELEMENTS
 
@@ -180,7 +179,7 @@ class EntmaxAttentionBase(FluenceAttention):
         return float(dropout.p) if applies else 0.0
 
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
-        if self._recomputes(q, k, key_padding_mask, attn_mask, query_offset, need_weights):
+        if self._recomputes(q, k, attn_mask, query_offset, need_weights):
             return blocked_entmax_attention(q, k, v, self._alpha_for_scores(),
                                             blocks=self.recompute_blocks(q, k, query_offset), causal=self.causal,
                                             query_offset=query_offset, key_padding_mask=key_padding_mask,
