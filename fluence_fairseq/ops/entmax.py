@@ -169,19 +169,12 @@ def _entmax_forward(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tenso
             raise ValueError(f"entmax needs alpha > 1, got {alpha} (alpha = 1 is softmax: use torch.softmax)")
         alpha = float(alpha)
         large = alpha > 2
+    if not large:
+        return entmax_with_stats(x, alpha, mask)[0]
     alpha_minus_one = alpha - 1
     beta = 1 / alpha_minus_one
     u, has_entries = _shifted(x, mask, alpha_minus_one)
-    if large:
-        _normalise(u, _bisection_threshold(u, alpha_minus_one, beta), None, beta)
-        return u.mul_(has_entries)
-    # the rows a chunk at a time, every Newton step and the output of one chunk before the next: a chunk's rows
-    # stay in cache through the search's passes (the whole matrix streamed through memory at every pass)
-    rows, row_beta = u.view(-1, u.size(-1)), _per_row(beta, u.shape)
-    for part in _row_chunks(rows):
-        part_beta = row_beta if isinstance(row_beta, float) else row_beta[part]
-        tau, powers = _newton_threshold(rows[part], part_beta)
-        _normalise(rows[part], tau, powers, part_beta)
+    _normalise(u, _bisection_threshold(u, alpha_minus_one, beta), None, beta)
     return u.mul_(has_entries)
 
 
@@ -193,7 +186,8 @@ def _row_chunks(rows: Tensor):
     return [slice(start, start + step) for start in range(0, rows.size(0), step)]
 
 
-def _checked_alpha(x: Tensor, alpha: Union[float, Tensor]) -> Union[float, Tensor]:
+def _in_compute_dtype(x: Tensor, alpha: Union[float, Tensor]) -> Union[float, Tensor]:
+    """α as a float, or as a tensor in the compute dtype of scores ``x``."""
     if isinstance(alpha, Tensor):
         return alpha.to(_compute_dtype(x.dtype))
     return float(alpha)
@@ -204,13 +198,15 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
     ``(shift, τ, scale)`` (..., 3): what :func:`entmax_from_stats` rebuilds the probabilities from,
     ``[(α-1)(x - shift) - τ]_+ ^ (1/(α-1)) * scale`` (``scale`` 0 for rows with nothing to attend to). So a
     caller may keep 3 numbers per row for backward instead of the probabilities."""
-    alpha = _checked_alpha(x, alpha)
+    alpha = _in_compute_dtype(x, alpha)
     alpha_minus_one = alpha - 1
     beta = 1 / alpha_minus_one
     u, has_entries, shift = _shifted(x, mask, alpha_minus_one, with_shift=True)
     rows, row_beta = u.view(-1, u.size(-1)), _per_row(beta, u.shape)
     stats = u.new_empty(rows.size(0), 3)
     stats[:, 0] = shift.reshape(-1)
+    # the rows a chunk at a time, every Newton step and the output of one chunk before the next: a chunk's rows
+    # stay in cache through the search's passes (the whole matrix streamed through memory at every pass)
     for part in _row_chunks(rows):
         part_beta = row_beta if isinstance(row_beta, float) else row_beta[part]
         tau, powers = _newton_threshold(rows[part], part_beta)
@@ -230,7 +226,7 @@ def entmax_from_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
     ``[(α-1)(x - shift) - τ]_+ ^ β * scale`` is taken as ``[m x - b]_+ ^ β`` with ``r = scale^(α-1)``,
     ``m = (α-1) r`` and ``b = ((α-1) shift + τ) r`` per row (``r >= 0``): one fused multiply-add, a clamp and the
     power (a fill for masked entries), where the plain formula took seven passes."""
-    alpha = _checked_alpha(x, alpha)
+    alpha = _in_compute_dtype(x, alpha)
     alpha_minus_one = alpha - 1
     compute = _compute_dtype(x.dtype)
     shift, tau, scale = (stats[..., i:i + 1] for i in range(3))
