@@ -590,12 +590,10 @@ def _mapped_scores(x: Tensor, w: Tensor, shift: Optional[Tensor], pad: Optional[
 def _project_back(g_alpha: Tensor, x: Tensor, w: Tensor, g_x: Tensor, g_w: Tensor) -> None:
     """For ``alpha = x @ w`` (+ constants), one group: ``g_x += g_alpha @ w^T``, ``g_w += x^T g_alpha`` (in place).
     ``g_alpha``, ``x``, ``g_x``: (B, H, G, C, .), ``w`` (d, r)."""
-    # accumulated by the products themselves: no (G, C, d) temporary and no pass to add it
+    # accumulated by the products themselves: no (G, C, d) temporary and no pass to add it (g_x is a product's
+    # fresh output, so contiguous)
     rows = g_alpha.reshape(-1, g_alpha.size(-1))
-    if g_x.is_contiguous():
-        g_x.view(-1, g_x.size(-1)).addmm_(rows, w.t())
-    else:
-        g_x += torch.matmul(g_alpha, w.t())
+    g_x.view(-1, g_x.size(-1)).addmm_(rows, w.t())
     g_w.addmm_(x.reshape(-1, x.size(-1)).t(), rows)
 
 
