@@ -67,13 +67,70 @@ def test_rows_normalised_in_chunks_equal_one_pass(alpha, monkeypatch):
     whole = run()
     searches = []
     search = ops._newton_threshold
-    monkeypatch.setattr(ops, "_newton_threshold", lambda u, beta: searches.append(u.size(0)) or search(u, beta))
+    monkeypatch.setattr(ops, "_newton_threshold",
+                        lambda u, beta, start=None: searches.append(u.size(0)) or search(u, beta, start))
     monkeypatch.setattr(ops, "ROW_CHUNK_ELEMENTS", 3 * 9)
     chunked = run()
     assert searches == [3] * 10
     for got, want in zip(chunked, whole):
         torch.testing.assert_close(got, want, atol=1e-15, rtol=0)
     assert bool((whole[0][0, 1, 2] == 0).all())
+
+
+@pytest.mark.parametrize("length", [300, 1024])  # 300: a last group of 12 entries
+@pytest.mark.parametrize("scale", [0.2, 2.0, 20.0])  # supports of most of the row, tens of entries, one or two
+def test_long_rows_searched_from_their_group_maxima_match_the_package(length, scale):
+    """Rows of at least GROUP_START_FROM entries start their Newton search at the threshold of their group maxima;
+    the result is the same normaliser: the package's sort-based sparsemax / 1.5-entmax and its bisection for
+    other α, per-head α included, with masked entries, a row masked but for its last entry and a fully masked
+    row."""
+    import fluence_fairseq.ops.entmax as ops
+
+    assert length >= ops.GROUP_START_FROM
+    x = _scores(2, 3, 4, length, scale=scale, dtype=torch.float64)
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(5)) < 0.2
+    mask[0, 0, 0] = True
+    mask[0, 0, 1] = True
+    mask[0, 0, 1, -1] = False
+    masked = x.masked_fill(mask, -1e6)  # the package fails on rows of -inf only: -1e6 gets probability 0 too
+    live = ~mask.all(-1, keepdim=True)
+    torch.testing.assert_close(sparsemax(x, mask=mask), entmax_pkg.sparsemax(masked) * live, atol=1e-12, rtol=0)
+    torch.testing.assert_close(entmax15(x, mask=mask), entmax_pkg.entmax15(masked) * live, atol=1e-12, rtol=0)
+    alpha = torch.tensor([1.1, 1.3, 1.8], dtype=torch.float64).view(1, 3, 1, 1)
+    p = entmax(x, alpha, mask=mask)
+    for h, a in enumerate([1.1, 1.3, 1.8]):
+        reference = entmax_pkg.entmax_bisect(masked[:, h], a, n_iter=100) * live[:, h]
+        torch.testing.assert_close(p[:, h], reference, atol=1e-10, rtol=0)
+    assert torch.equal(p[0, 0, 0], torch.zeros(length)) and p[0, 0, 1, -1] == 1
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.5, 1.3])
+def test_group_maxima_start_below_the_root_and_on_it_when_the_support_lies_in_separate_groups(alpha, monkeypatch):
+    """The start is the threshold of the group maxima: at or below the row's (dropping entries only lowers the
+    sum); when every entry of the support is its group's maximum it is the row's threshold, and the search over
+    the full row takes one step (the one that confirms it)."""
+    import fluence_fairseq.ops.entmax as ops
+
+    size, groups = ops.START_GROUP, 16
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, size * groups, generator=gen, dtype=torch.float64) * 0.1
+    x[:, [3, size + 5, 4 * size, 9 * size + 31]] += torch.tensor([4.0, 3.8, 3.7, 3.5], dtype=torch.float64)
+    steps = []
+    step = ops._newton_step
+    monkeypatch.setattr(ops, "_newton_step", lambda u, *a: steps.append(u.size(-1)) or step(u, *a))
+    p, stats = ops.entmax_with_stats(x, alpha, None)
+    assert steps.count(size * groups) == 1  # one full-row step; the others ran on the 16 group maxima
+    assert ((p > 0).sum(-1) <= 4).all() and (p[:, 3] > 0).all()
+    torch.testing.assert_close(p, entmax(x, alpha), atol=1e-12, rtol=0)
+    # two entries of the support in one group: the start is below the threshold, the result the same
+    x[:, 4] = x[:, 3] - 0.05
+    u, _, _, maxima = ops._shifted(x, None, alpha - 1, size)
+    start = ops._newton_threshold(maxima, 1 / (alpha - 1))[0]
+    p, stats = ops.entmax_with_stats(x, alpha, None)
+    assert (start < stats[:, 1:2] - 1e-6).all() and (p[:, 4] > 0).all()
+    reference = {2.0: entmax_pkg.sparsemax, 1.5: entmax_pkg.entmax15}.get(alpha)
+    expected = reference(x) if reference else entmax_pkg.entmax_bisect(x, alpha, n_iter=100)
+    torch.testing.assert_close(p, expected, atol=1e-10, rtol=0)
 
 
 def test_gradients_in_x_and_alpha_pass_gradcheck():
