@@ -323,9 +323,11 @@ def _support_weights(p: Tensor, alpha: Union[float, Tensor]) -> Tensor:
     if isinstance(alpha, float) and alpha == 2.0:
         return torch.sign(p)  # p >= 0: the support indicator
     if isinstance(alpha, float) and alpha == 1.5:
-        # sqrt(p) with exact zeros off the support; sqrt on the zeros themselves takes a slow path (1.5x longer
-        # than clamping, taking the root and masking, on attention matrices of 70% zeros)
-        return p.clamp(min=torch.finfo(p.dtype).tiny).sqrt_().mul_(torch.sign(p))
+        # sqrt(p) as p / sqrt(p) with exact zeros off the support (0 * 1/sqrt(tiny) = 0): sqrt on zeros takes a slow
+        # path (4.6x its time on positive numbers, AVX-512), and the reciprocal root of p clamped to the smallest
+        # normal float, times p, took 0.62x the clamp, root, sign and product this replaced (a (64, 4096) chunk
+        # of 1.5-entmax probabilities, 98% zeros)
+        return p.clamp(min=torch.finfo(p.dtype).tiny).rsqrt_().mul_(p)
     s = p.pow(2 - alpha)
     if bool(torch.as_tensor(alpha >= 2).any()):  # 0^0 = 1 and 0^negative = inf off the support
         s.masked_fill_(p <= 0, 0.0)
@@ -360,7 +362,7 @@ def entmax_backward(p: Tensor, grad_p: Tensor, alpha: Union[float, Tensor], with
     """The α-entmax Jacobian-vector product for probabilities ``p`` (..., n) (float32/float64) and their gradient
     ``grad_p``: the scores' gradient (shaped like ``p``, in its dtype) and, ``with_alpha``, each row's part of α's
     gradient (..., 1) (summing it over α's broadcast dims is the caller's); otherwise None. ``support``: ``p ^
-    (2 - α)`` on the support and 0 elsewhere if the caller has it (:func:`entmax_from_stats`; it is overwritten)."""
+    (2 - α)`` on the support and 0 elsewhere if the caller has it (:func:`entmax_from_stats`)."""
     if isinstance(alpha, Tensor):
         alpha = alpha.to(p.dtype)
     n = p.size(-1)
@@ -381,7 +383,7 @@ def _backward_rows(p: Tensor, grad: Tensor, alpha: Union[float, Tensor], grad_x:
                    grad_alpha: Optional[Tensor], support: Optional[Tensor] = None) -> None:
     """The entmax Jacobian-vector product for rows ``p`` (R, n) and ``grad`` (R, n), written into ``grad_x``, and
     each row's part of α's gradient into ``grad_alpha`` (R, 1) when given (α a float or (R, 1)). ``support``:
-    the rows' :func:`_support_weights` if the caller has them (overwritten here)."""
+    the rows' :func:`_support_weights` if the caller has them."""
     s = _support_weights(p, alpha) if support is None else support
     s_sum = s.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny)
     # row dots are a product and a sum: torch.linalg.vecdot takes 2-4x as long on CPU for these shapes
@@ -400,7 +402,7 @@ def _backward_rows(p: Tensor, grad: Tensor, alpha: Union[float, Tensor], grad_x:
         g_skewed = gs_sum / s_sum
         am1 = alpha - 1
         grad_alpha.copy_((g_p - g_skewed) / am1**2 - (g_p_log_p - g_skewed * p_log_p_sum) / am1)
-    grad_x.sub_(s.mul_(gs_sum / s_sum))  # s is our own tensor
+    grad_x.addcmul_(s, gs_sum.div_(s_sum).neg_())
 
 
 def _check_alpha_shape(x: Tensor, alpha: Tensor) -> None:
