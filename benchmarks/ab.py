@@ -18,6 +18,9 @@ working tree's::
 
     python -m benchmarks.ab lara --ops landmarks --pattern noncausal --with-attend --against HEAD~1
 
+Several ops modules swap together, each revision calling the others' revisions
+(``--ops entmax,entmax_attention``).
+
 ``--need-weights`` times fairseq's default call (``need_weights=True``, the weights returned and not used).
 Threads: torch's default unless ``--threads``.
 """
@@ -65,6 +68,17 @@ def bindings(new: ModuleType) -> List[Tuple[ModuleType, str]]:
             if callable(value) and getattr(new, name, None) is value and getattr(value, "__module__", "") == new.__name__:
                 found.append((importer, name))
     return found
+
+
+def link_revisions(loaded: List[Tuple[ModuleType, ModuleType]]) -> None:
+    """Point the names each revision's module imported from another swapped ops module (the working tree's, as
+    :func:`load_revision` resolves them) at that module's revision, so the old side runs the revision's functions
+    through and through (``--ops entmax,entmax_attention``: the old blocked pass calls the old normaliser)."""
+    for _, old in loaded:
+        for new_other, old_other in loaded:
+            for attr, value in list(vars(old).items()):
+                if callable(value) and getattr(new_other, attr, None) is value and hasattr(old_other, attr):
+                    setattr(old, attr, getattr(old_other, attr))
 
 
 def revision_methods(module, swaps, revision: str) -> Dict[str, types.FunctionType]:
@@ -121,7 +135,7 @@ def main(argv=None) -> Dict[str, float]:
     torch.manual_seed(0)
     module = build_module({"kind": "attention", "name": args.attention, "options": options}, args.dim, args.heads,
                           cross, causal)
-    swaps = []
+    swaps, loaded = [], []
     for name in args.ops.split(","):
         try:
             new = importlib.import_module(f"fluence_fairseq.ops.{name}")
@@ -129,6 +143,7 @@ def main(argv=None) -> Dict[str, float]:
             ops = sorted(p.stem for p in (REPO / "fluence_fairseq" / "ops").glob("*.py") if p.stem != "__init__")
             raise SystemExit(f"--ops {name}: fluence_fairseq/ops has no such module; choose from {ops}") from None
         old = load_revision(name, args.against)
+        loaded.append((new, old))
         found = bindings(new)
         if not found:
             raise SystemExit(f"--ops {name}: no attention module imports a function from fluence_fairseq.ops.{name}")
@@ -140,6 +155,7 @@ def main(argv=None) -> Dict[str, float]:
         # with --with-attend a function new since the revision stays on both sides: the old attend does not call it
         swaps += [(importer, attr, getattr(new, attr), getattr(old, attr, getattr(new, attr)))
                   for importer, attr in found]
+    link_revisions(loaded)
     old_methods = revision_methods(module, swaps, args.against) if args.with_attend else {}
 
     def use(side: int) -> None:

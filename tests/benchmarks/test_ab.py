@@ -25,6 +25,20 @@ def test_every_function_an_attention_imports_from_the_ops_module_is_swapped():
     assert performer.linear_attention is new.linear_attention
 
 
+def test_ops_modules_swapped_together_call_each_others_revisions():
+    """The revision of entmax_attention imports entmax_with_stats from the working tree's entmax (relative imports
+    resolve there); swapped together, it calls the revision of entmax instead."""
+    import fluence_fairseq.ops.entmax as new_entmax
+    import fluence_fairseq.ops.entmax_attention as new_blocked
+
+    old_entmax, old_blocked = ab.load_revision("entmax", "HEAD"), ab.load_revision("entmax_attention", "HEAD")
+    assert old_blocked.entmax_with_stats is new_entmax.entmax_with_stats
+    ab.link_revisions([(new_entmax, old_entmax), (new_blocked, old_blocked)])
+    assert old_blocked.entmax_with_stats is old_entmax.entmax_with_stats
+    assert old_blocked.entmax_backward is old_entmax.entmax_backward
+    assert new_blocked.entmax_with_stats is new_entmax.entmax_with_stats  # the working tree's are untouched
+
+
 def test_paired_run_reports_ratios_and_restores_the_working_tree(capsys):
     import fluence_fairseq.modules.cosformer as cosformer
     import fluence_fairseq.ops.linear_attention as new

@@ -1,0 +1,118 @@
+"""``python -m benchmarks.entmax_search``: the entmax normalisers alone on one query block of attention scores.
+
+The scores are those of the need_weights benchmark's first query block (``(1, H, L / 8, L)``: queries and keys
+projected by a freshly built attention from ``N(0, 1)`` inputs, width 512), optionally scaled (``--scales``: larger
+scales give sparser rows, smaller ones denser). For sparsemax, 1.5-entmax and one α per head (1.1 ... 1.9), each
+row reports the share of non-zero probabilities, the Newton steps over whole rows per row (steps on a gathered
+subset of rows count by their share), the forward (``ops.entmax.entmax_with_stats``) and backward
+(``entmax_backward``) milliseconds, the fastest of ``--repeats``, and softmax's forward and backward on the same
+scores. ``--against REV`` times ``fluence_fairseq/ops/entmax.py`` as it is at that git revision in the same
+process, alternating with the working tree's::
+
+    python -m benchmarks.entmax_search [--length 4096] [--scales 1 0.1 3] [--against HEAD~1] [--threads 1]
+"""
+import argparse
+import platform
+import time
+from typing import Callable, List, Optional
+
+import torch
+
+from .common import add_allocator_argument, use_allocator
+
+ALPHAS = (2.0, 1.5, "per-head")
+
+
+def _fastest(calls: List[Callable[[], object]], repeats: int) -> List[float]:
+    """Milliseconds of each call, the fastest of ``repeats``, the calls taken in turn."""
+    for call in calls:
+        call()
+    times = [[] for _ in calls]
+    for _ in range(repeats):
+        for spent, call in zip(times, calls):
+            start = time.perf_counter()
+            call()
+            spent.append(time.perf_counter() - start)
+    return [1e3 * min(spent) for spent in times]
+
+
+def _row_steps(ops, scores, alpha) -> float:
+    """Newton steps over whole rows per row (a step on a gathered subset of k rows counts k / rows)."""
+    width, rows = scores.size(-1), scores.numel() // scores.size(-1)
+    counted = []
+    step = ops._newton_step
+
+    def counting(u, *args):
+        if u.size(-1) == width:
+            counted.append(u.size(0))
+        return step(u, *args)
+
+    ops._newton_step = counting
+    try:
+        ops.entmax_with_stats(scores, alpha, None)
+    finally:
+        ops._newton_step = step
+    return sum(counted) / rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.1, 3.0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--against", default=None, help="a git revision whose ops/entmax.py is timed alongside")
+    add_allocator_argument(parser)
+    args = parser.parse_args(argv)
+    allocator = use_allocator(args.allocator)
+    torch.set_num_threads(args.threads)
+    from fluence_fairseq.modules.registry import ATTENTIONS
+    from fluence_fairseq.ops import entmax as new
+
+    sides = [("new", new)]
+    if args.against:
+        from .ab import load_revision
+        sides.append((f"at {args.against}", load_revision("entmax", args.against)))
+    torch.manual_seed(0)
+    L, H, D = args.length, args.heads, 512
+    with torch.no_grad():
+        module = ATTENTIONS["sparsemax"].build(D, H, causal=False)
+        x = torch.randn(L, 1, D)
+        rows = max(1, L // 8)
+        q = module.q_proj(x[:rows]).view(rows, H, D // H).transpose(0, 1) * (D // H) ** -0.5
+        k = module.k_proj(x).view(L, H, D // H).transpose(0, 1)
+        base = torch.bmm(q, k.transpose(1, 2)).unsqueeze(0)
+    per_head = torch.linspace(1.1, 1.9, H).view(1, H, 1, 1)
+    print(f"# entmax normalisers on one (1, {H}, {rows}, {L}) query block, {args.threads} thread(s), torch "
+          f"{torch.__version__}, {platform.processor() or platform.machine()}; allocator {allocator}; ms are the "
+          f"fastest of {args.repeats}\n")
+    print("| scale | alpha | non-zero | " + " | ".join(f"steps {n} | fwd ms {n} | bwd ms {n}" for n, _ in sides)
+          + " |\n|---|---|---|" + "---|---|---|" * len(sides))
+    torch.set_grad_enabled(False)
+    for scale in args.scales:
+        scores = base * scale
+        grad = torch.randn_like(scores)
+        for alpha in ALPHAS:
+            a = per_head if alpha == "per-head" else alpha
+            p = new.entmax_with_stats(scores, a, None)[0]
+            calls = []
+            for _, ops in sides:
+                calls += [lambda ops=ops: ops.entmax_with_stats(scores, a, None),
+                          lambda ops=ops: ops.entmax_backward(p, grad, a, with_alpha=alpha == "per-head")]
+            times = _fastest(calls, args.repeats)
+            cells = []
+            for i, (_, ops) in enumerate(sides):
+                cells += [f"{_row_steps(ops, scores, a):.2f}", f"{times[2 * i]:.1f}", f"{times[2 * i + 1]:.1f}"]
+            print(f"| {scale:g} | {alpha} | {float((p > 0).float().mean()):.4f} | " + " | ".join(cells) + " |",
+                  flush=True)
+        probs = torch.softmax(scores, -1)
+        fwd, bwd = _fastest([lambda: torch.softmax(scores, -1),
+                             lambda: torch._softmax_backward_data(grad, probs, -1, scores.dtype)], args.repeats)
+        print(f"| {scale:g} | softmax | 1.0000 | " + " | ".join(f"- | {fwd:.1f} | {bwd:.1f}" for _ in sides) + " |",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
