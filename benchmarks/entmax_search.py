@@ -89,28 +89,28 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"fastest of {args.repeats}\n")
     print("| scale | alpha | non-zero | " + " | ".join(f"steps {n} | fwd ms {n} | bwd ms {n}" for n, _ in sides)
           + " |\n|---|---|---|" + "---|---|---|" * len(sides))
-    torch.set_grad_enabled(False)
-    for scale in args.scales:
-        scores = base * scale
-        grad = torch.randn_like(scores)
-        for alpha in ALPHAS:
-            a = per_head if alpha == "per-head" else alpha
-            p = new.entmax_with_stats(scores, a, None)[0]
-            calls = []
-            for _, ops in sides:
-                calls += [lambda ops=ops: ops.entmax_with_stats(scores, a, None),
-                          lambda ops=ops: ops.entmax_backward(p, grad, a, with_alpha=alpha == "per-head")]
-            times = _fastest(calls, args.repeats)
-            cells = []
-            for i, (_, ops) in enumerate(sides):
-                cells += [f"{_row_steps(ops, scores, a):.2f}", f"{times[2 * i]:.1f}", f"{times[2 * i + 1]:.1f}"]
-            print(f"| {scale:g} | {alpha} | {float((p > 0).float().mean()):.4f} | " + " | ".join(cells) + " |",
+    with torch.no_grad():  # (the process's grad mode is left as it was)
+        for scale in args.scales:
+            scores = base * scale
+            grad = torch.randn_like(scores)
+            for alpha in ALPHAS:
+                a = per_head if alpha == "per-head" else alpha
+                p = new.entmax_with_stats(scores, a, None)[0]
+                calls = []
+                for _, ops in sides:
+                    calls += [lambda ops=ops: ops.entmax_with_stats(scores, a, None),
+                              lambda ops=ops: ops.entmax_backward(p, grad, a, with_alpha=alpha == "per-head")]
+                times = _fastest(calls, args.repeats)
+                cells = []
+                for i, (_, ops) in enumerate(sides):
+                    cells += [f"{_row_steps(ops, scores, a):.2f}", f"{times[2 * i]:.1f}", f"{times[2 * i + 1]:.1f}"]
+                print(f"| {scale:g} | {alpha} | {float((p > 0).float().mean()):.4f} | " + " | ".join(cells) + " |",
+                      flush=True)
+            probs = torch.softmax(scores, -1)
+            fwd, bwd = _fastest([lambda: torch.softmax(scores, -1),
+                                 lambda: torch._softmax_backward_data(grad, probs, -1, scores.dtype)], args.repeats)
+            print(f"| {scale:g} | softmax | 1.0000 | " + " | ".join(f"- | {fwd:.1f} | {bwd:.1f}" for _ in sides) + " |",
                   flush=True)
-        probs = torch.softmax(scores, -1)
-        fwd, bwd = _fastest([lambda: torch.softmax(scores, -1),
-                             lambda: torch._softmax_backward_data(grad, probs, -1, scores.dtype)], args.repeats)
-        print(f"| {scale:g} | softmax | 1.0000 | " + " | ".join(f"- | {fwd:.1f} | {bwd:.1f}" for _ in sides) + " |",
-              flush=True)
     return 0
 
 

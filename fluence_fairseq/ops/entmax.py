@@ -96,7 +96,8 @@ def _shifted(x: Tensor, mask: Optional[Tensor], scale: Union[float, Tensor], gro
     return u, has_entries, shift, groups
 
 
-def _newton_step(u: Tensor, tau: Tensor, beta: Union[float, Tensor], d: Tensor, powers: Tensor) -> Tuple[Tensor, Tensor]:
+def _newton_step(u: Tensor, tau: Tensor, beta: Union[float, Tensor], d: Tensor,
+                 powers: Tensor) -> Tuple[Tensor, Tensor]:
     """One Newton step on g(τ) = ||[u - τ]_+||_β - 1 for rows ``u`` (R, n) at ``tau`` (R, 1), using the buffers
     ``d`` and ``powers`` (R, n). Returns the step and the sums of the powers (R, 1), and leaves ``powers`` holding
     ``[u - τ]_+ ^ β``: the unnormalised output if τ is the root. Rows without entries (slope 0) get step 0; the

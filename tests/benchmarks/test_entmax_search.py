@@ -1,0 +1,27 @@
+"""benchmarks.entmax_search on a tiny block: one table row per scale and normaliser, steps and times for both sides."""
+import subprocess
+
+import pytest
+
+from benchmarks import ab, entmax_search
+
+
+def test_reports_steps_and_times_for_every_normaliser_and_softmax(capsys):
+    entmax_search.main(["--length", "256", "--heads", "2", "--scales", "1", "3", "--repeats", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| 1") or
+            line.startswith("| 3")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        (scale, alpha) for scale in ("1", "3") for alpha in ("2.0", "1.5", "per-head", "softmax")]
+    for row in rows:
+        share, steps, fwd, bwd = row[2:6]
+        assert 0 < float(share) <= 1 and float(fwd) >= 0 and float(bwd) >= 0
+        assert steps.strip() == "-" if row[1].strip() == "softmax" else 1 <= float(steps) <= 50
+
+
+@pytest.mark.skipif(subprocess.run(["git", "rev-parse", "HEAD"], cwd=ab.REPO, capture_output=True).returncode != 0,
+                    reason="needs a git checkout (the old side is read with git show)")
+def test_against_a_revision_adds_its_columns(capsys):
+    entmax_search.main(["--length", "256", "--heads", "2", "--scales", "1", "--repeats", "1", "--against", "HEAD"])
+    out = capsys.readouterr().out
+    assert "steps at HEAD | fwd ms at HEAD | bwd ms at HEAD" in out
+    assert all(len(line.split("|")) == 11 for line in out.splitlines() if line.startswith("| 1"))
