@@ -385,17 +385,32 @@ def _backward_rows(p: Tensor, grad: Tensor, alpha: Union[float, Tensor], grad_x:
     """The entmax Jacobian-vector product for rows ``p`` (R, n) and ``grad`` (R, n), written into ``grad_x``, and
     each row's part of α's gradient into ``grad_alpha`` (R, 1) when given (α a float or (R, 1)). ``support``:
     the rows' :func:`_support_weights` if the caller has them."""
-    s = _support_weights(p, alpha) if support is None else support
+    log_p = None
+    if support is not None:
+        s = support
+    elif grad_alpha is not None and not (isinstance(alpha, float) and alpha in (1.5, 2.0)):
+        # α's gradient needs log p anyway: p^(2-α) as exp((2-α) log p), zeroed off the support, where a power
+        # would take its own logarithm and exponential (0.80-0.82x the backward of one α per head from 1.1 to
+        # 1.9, ``python -m benchmarks.entmax_search``). log of p clamped to the smallest *normal* float: xlogy,
+        # or a denormal clamp, runs a slow path on the zeros and costs 3x more
+        log_p = p.clamp(min=torch.finfo(p.dtype).tiny).log_()
+        s = torch.mul(log_p, 2 - alpha).exp_()
+        if bool(torch.as_tensor(alpha > 2).any()):  # off the support exp(+large) may be inf: set, not multiplied
+            s.masked_fill_(p <= 0, 0.0)
+        else:
+            s.mul_(torch.sign(p))
+    else:
+        s = _support_weights(p, alpha)
     s_sum = s.sum(-1, keepdim=True).clamp_(min=torch.finfo(p.dtype).tiny)
     # row dots are a product and a sum: torch.linalg.vecdot takes 2-4x as long on CPU for these shapes
     torch.mul(s, grad, out=grad_x)  # s * grad, then minus s * <grad, s> / sum(s) below
     gs_sum = grad_x.sum(-1, keepdim=True)
     if grad_alpha is not None:
         # Proposition 1 of Correia et al. (2019): dp/dα = (p - p̃)/(α-1)² - (p log p - p̃ Σ p log p)/(α-1)
-        # with the skewed distribution p̃ = s / Σ s, reduced against grad row by row
-        # p log p, 0 where p = 0: log of p clamped to the smallest *normal* float (xlogy, or a denormal
-        # clamp, runs a slow path on the zeros and costs 3x more)
-        p_log_p = p.clamp(min=torch.finfo(p.dtype).tiny).log_().mul_(p)
+        # with the skewed distribution p̃ = s / Σ s, reduced against grad row by row; p log p is 0 where p = 0
+        if log_p is None:
+            log_p = p.clamp(min=torch.finfo(p.dtype).tiny).log_()
+        p_log_p = log_p.mul_(p)
         p_log_p_sum = p_log_p.sum(-1, keepdim=True)
         scratch = p_log_p  # its last use is the first product below
         g_p_log_p = torch.mul(grad, p_log_p, out=scratch).sum(-1, keepdim=True)

@@ -141,6 +141,19 @@ def test_gradients_in_x_and_alpha_pass_gradcheck():
     assert torch.autograd.gradcheck(lambda x: entmax15(x), (x,))
 
 
+@pytest.mark.parametrize("alpha", [2.0, 2.5, 4.0])
+def test_alpha_gradient_at_two_and_above_is_finite_and_passes_gradcheck(alpha):
+    """α's gradient takes p^(2-α) as exp((2-α) log p): from α = 2 on, the zeros' clamped logarithm gives
+    exp(+large) (inf in float64 at α = 4), which must be set to 0 off the support, not multiplied by it."""
+    x = _scores(3, 4, 9, scale=3.0, dtype=torch.float64).requires_grad_()
+    a = torch.tensor(alpha, dtype=torch.float64, requires_grad=True)
+    p = entmax(x, a)
+    assert (p == 0).any()
+    grad_x, grad_a = torch.autograd.grad((p * _scores(3, 4, 9, seed=1, dtype=torch.float64)).sum(), (x, a))
+    assert torch.isfinite(grad_x).all() and torch.isfinite(grad_a)
+    assert torch.autograd.gradcheck(lambda x, a: entmax(x, a), (x, a))
+
+
 def test_alpha_gradient_matches_the_paper_worked_example():
     # the example of the notes (verified there by finite differences against entmax_bisect)
     z = torch.tensor([0.3, -0.2, 1.1, 0.0, -1.0], dtype=torch.float64)
