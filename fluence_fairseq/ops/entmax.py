@@ -74,26 +74,30 @@ def _group_maxima(x: Tensor, size: int) -> Tensor:
     return maxima
 
 
-def _shifted(x: Tensor, mask: Optional[Tensor], scale: Union[float, Tensor], group_size: int = 0):
-    """``u = (x - max(x)) * scale`` in the compute dtype with masked entries at -inf (a new tensor), which rows have
-    any entry at all, the shift taken from each row (0 for rows without entries) and, for ``group_size`` > 0, the
-    group maxima of ``u`` (see :func:`_group_maxima`; else None)."""
+def _row_shifts(x: Tensor, mask: Optional[Tensor], group_size: int = 0):
+    """What shifting the rows of ``x`` takes: ``(base, has_entries, shift, groups)``, where ``base`` is ``x`` or,
+    with a ``mask``, a copy in the compute dtype with masked entries at -inf (ours to overwrite), ``has_entries``
+    which rows have any entry at all, ``shift`` each row's maximum (0 for rows without entries) and, for
+    ``group_size`` > 0, the group maxima of ``base`` (:func:`_group_maxima`; else None)."""
     compute = _compute_dtype(x.dtype)
     if mask is not None:
-        x = x.to(compute).masked_fill(mask, float("-inf"))  # our copy, shifted in place below
+        x = x.to(compute).masked_fill(mask, float("-inf"))
     groups = _group_maxima(x, group_size) if group_size else None
     top = (x if groups is None else groups).amax(dim=-1, keepdim=True).to(compute)
     has_entries = top > float("-inf")
     # rows with nothing to attend to: shift by 0 so no NaN appears (-inf - -inf); they give zeros
     shift = torch.where(has_entries, top, torch.zeros_like(top))
-    # without a mask the subtraction makes the copy (in the compute dtype): one pass where a copy, then the
-    # subtraction, took two; rows are normalised as views of a contiguous u
-    u = (x.sub_(shift) if mask is not None else torch.sub(x, shift)).contiguous()
+    return x, has_entries, shift, groups
+
+
+def _shifted(x: Tensor, mask: Optional[Tensor], scale: Union[float, Tensor]):
+    """``u = (x - max(x)) * scale`` in the compute dtype with masked entries at -inf (a new contiguous tensor) and
+    which rows have any entry at all."""
+    base, has_entries, shift, _ = _row_shifts(x, mask)
+    u = (base.sub_(shift) if mask is not None else torch.sub(base, shift)).contiguous()
     if not (isinstance(scale, float) and scale == 1.0):
         u.mul_(scale)
-    if groups is not None:
-        groups = groups.to(compute).sub_(shift).mul_(scale)
-    return u, has_entries, shift, groups
+    return u, has_entries
 
 
 def _newton_step(u: Tensor, tau: Tensor, beta: Union[float, Tensor], d: Tensor,
@@ -213,7 +217,7 @@ def _entmax_forward(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tenso
         return entmax_with_stats(x, alpha, mask)[0]
     alpha_minus_one = alpha - 1
     beta = 1 / alpha_minus_one
-    u, has_entries, _, _ = _shifted(x, mask, alpha_minus_one)
+    u, has_entries = _shifted(x, mask, alpha_minus_one)
     _normalise(u, _bisection_threshold(u, alpha_minus_one, beta), None, None, beta)
     return u.mul_(has_entries)
 
@@ -241,23 +245,36 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
     alpha = _in_compute_dtype(x, alpha)
     alpha_minus_one = alpha - 1
     beta = 1 / alpha_minus_one
-    group_size = START_GROUP if x.size(-1) >= GROUP_START_FROM else 0
-    u, has_entries, shift, groups = _shifted(x, mask, alpha_minus_one, group_size)
-    rows, row_beta = u.view(-1, u.size(-1)), _per_row(beta, u.shape)
-    starts = None if groups is None else _newton_threshold(groups.view(rows.size(0), -1), row_beta)[0].view(-1, 1)
-    stats = u.new_empty(rows.size(0), 3)
-    stats[:, 0] = shift.reshape(-1)
+    n = x.size(-1)
+    base, has_entries, shift, groups = _row_shifts(x, mask, START_GROUP if n >= GROUP_START_FROM else 0)
+    base_rows = base.reshape(-1, n)
+    # u = (x - shift) * (α-1), made a chunk at a time inside the loop below (in place over our masked copy): a
+    # separate pass over the whole matrix wrote it out to memory only for the loop to read it back
+    in_place = mask is not None and base_rows.is_contiguous()
+    rows = base_rows if in_place else torch.empty(base_rows.shape, dtype=shift.dtype, device=x.device)
+    shift_rows = shift.reshape(-1, 1)
+    row_scale, row_beta = _per_row(alpha_minus_one, x.shape), _per_row(beta, x.shape)
+    starts = None
+    if groups is not None:
+        groups = groups.to(shift.dtype).sub_(shift).mul_(alpha_minus_one).view(rows.size(0), -1)
+        starts = _newton_threshold(groups, row_beta)[0].view(-1, 1)
+    stats = rows.new_empty(rows.size(0), 3)
+    stats[:, 0] = shift_rows.view(-1)
     # the rows a chunk at a time, every Newton step and the output of one chunk before the next: a chunk's rows
     # stay in cache through the search's passes (the whole matrix streamed through memory at every pass)
     for part in _row_chunks(rows):
+        chunk = torch.sub(base_rows[part], shift_rows[part], out=rows[part])
+        if not (isinstance(row_scale, float) and row_scale == 1.0):
+            chunk.mul_(row_scale if isinstance(row_scale, float) else row_scale[part])
         part_beta = row_beta if isinstance(row_beta, float) else row_beta[part]
-        tau, powers, totals = _newton_threshold(rows[part], part_beta, None if starts is None else starts[part])
+        tau, powers, totals = _newton_threshold(chunk, part_beta, None if starts is None else starts[part])
         stats[part, 1:2] = tau
-        stats[part, 2:3] = _normalise(rows[part], tau, powers, totals, part_beta).reciprocal_()
+        stats[part, 2:3] = _normalise(chunk, tau, powers, totals, part_beta).reciprocal_()
     stats[:, 2:3].mul_(has_entries.reshape(-1, 1))
+    u = rows.view(x.shape)
     if not bool(has_entries.all()):  # (such rows are zeros already: [-inf - τ]_+ = 0; this keeps them so)
         u.mul_(has_entries)
-    return u, stats.view(u.shape[:-1] + (3,))
+    return u, stats.view(x.shape[:-1] + (3,))
 
 
 def entmax_from_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor], stats: Tensor,

@@ -124,8 +124,8 @@ def test_group_maxima_start_below_the_root_and_on_it_when_the_support_lies_in_se
     torch.testing.assert_close(p, entmax(x, alpha), atol=1e-12, rtol=0)
     # two entries of the support in one group: the start is below the threshold, the result the same
     x[:, 4] = x[:, 3] - 0.05
-    u, _, _, maxima = ops._shifted(x, None, alpha - 1, size)
-    start = ops._newton_threshold(maxima, 1 / (alpha - 1))[0]
+    _, _, shift, maxima = ops._row_shifts(x, None, size)
+    start = ops._newton_threshold((maxima - shift) * (alpha - 1), 1 / (alpha - 1))[0]
     p, stats = ops.entmax_with_stats(x, alpha, None)
     assert (start < stats[:, 1:2] - 1e-6).all() and (p[:, 4] > 0).all()
     reference = {2.0: entmax_pkg.sparsemax, 1.5: entmax_pkg.entmax15}.get(alpha)
