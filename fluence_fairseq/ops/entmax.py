@@ -40,13 +40,16 @@ MAX_NEWTON_STEPS = 50
 BISECTION_STEPS = 60
 #: Newton steps run on a gathered copy of the rows that still move once fewer than this share of them do
 COMPACT_BELOW = 0.75
-#: rows are normalised (and differentiated) in chunks of about this many elements: 1 MiB per float32 buffer, so a
+#: rows are normalised (and differentiated) in chunks of about this many elements: 2 MiB per float32 buffer, so a
 #: chunk and the search's buffers stay in cache (a whole (1, 8, 2048, 2048) matrix streamed through memory at
 #: every pass). On an Intel Xeon chunks of 2^16-2^18 elements measured alike and 2^15 (16 rows of 2048) was slower,
 #: its calls costing more than the cache saves; on an AMD EPYC, one thread, L=4096, noncausal, four steps each
 #: alternated in one process, 2^18 against 2^17 took 0.980x (1.5-entmax) and 0.965x (alpha-entmax) the step, 2^19
-#: 0.965x and 0.963x
-ROW_CHUNK_ELEMENTS = 1 << 18
+#: 0.965x and 0.963x. Since the search starts at the group maxima (fewer steps, so each chunk's fixed cost weighs
+#: more), 2^19 against 2^18 (``python -m benchmarks.ab NAME --ops entmax,entmax_attention``, AMD EPYC, L=4096):
+#: 0.976x / 0.981x sparsemax / 1.5-entmax noncausal with the default weights (one thread), 0.976x / 0.989x causal
+#: weight-free (two threads); the Xeon not measured at 2^19
+ROW_CHUNK_ELEMENTS = 1 << 19
 #: the same on other devices (GPUs), where every pass is a kernel launch and every Newton step waits for its row
 #: count: chunks of 2^26 elements (256 MiB float32 buffers). With the CPU's chunks the first GPU run spent 4.1 s
 #: on causal 1.5-entmax at L=4096, batch 4, 8 heads (4,096 chunks; fairseq's attention: 19 ms)
