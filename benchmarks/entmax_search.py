@@ -10,6 +10,7 @@ scores. ``--against REV`` times ``fluence_fairseq/ops/entmax.py`` as it is at th
 process, alternating with the working tree's::
 
     python -m benchmarks.entmax_search [--length 4096] [--scales 1 0.1 3] [--against HEAD~1] [--threads 1]
+                                       [--start-group 32]
 """
 import argparse
 import platform
@@ -63,6 +64,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--against", default=None, help="a git revision whose ops/entmax.py is timed alongside")
+    parser.add_argument("--start-group", type=int, default=None,
+                        help="entries per group of the working tree's group-maxima start (ops.entmax.START_GROUP)")
     add_allocator_argument(parser)
     args = parser.parse_args(argv)
     allocator = use_allocator(args.allocator)
@@ -70,6 +73,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from fluence_fairseq.modules.registry import ATTENTIONS
     from fluence_fairseq.ops import entmax as new
 
+    if args.start_group is not None:
+        new.START_GROUP = args.start_group
     sides = [("new", new)]
     if args.against:
         from .ab import load_revision

@@ -318,7 +318,7 @@ def _per_row(value: Union[float, Tensor], shape) -> Union[float, Tensor]:
 
 def _normalise(u: Tensor, tau: Tensor, powers: Optional[Tensor], totals: Optional[Tensor],
                beta: Union[float, Tensor]) -> Tensor:
-    """Overwrite ``u`` (ours: a fresh tensor from :func:`_shifted`) with ``[u - τ]_+ ^ β`` normalised to sum to one
+    """Overwrite ``u`` (ours to overwrite) with ``[u - τ]_+ ^ β`` normalised to sum to one
     along the last dim (from ``powers`` and their row sums ``totals`` if the search has them); returns the sums
     it divided by."""
     tiny = torch.finfo(u.dtype).tiny
