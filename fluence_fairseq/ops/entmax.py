@@ -57,9 +57,10 @@ DEVICE_ROW_CHUNK_ELEMENTS = 1 << 26
 #: rows of at least this many entries start their search at the threshold of their group maxima (shorter rows
 #: start at -1: a handful of groups would bound τ barely better)
 GROUP_START_FROM = 256
-#: entries per group for that start. AMD EPYC, one thread, the scores of a (1, 8, 512, 4096) query block of the
-#: need_weights benchmark: groups of 16 / 32 / 64 took 0.71 / 0.53 / 0.58x the search from -1 (sparsemax) and
-#: 0.93 / 0.73 / 0.83x (1.5-entmax): smaller groups bound τ better but make the maxima's own search longer
+#: entries per group for that start: smaller groups bound τ better but make the maxima's own search longer. The
+#: forward on the scores of a (1, 8, 512, 4096) query block of the need_weights benchmark with groups of 16 / 32 /
+#: 64 (``python -m benchmarks.entmax_search --start-group N``, AMD EPYC, one thread): sparsemax 36 / 26 / 27 ms,
+#: 1.5-entmax 42 / 30 / 35 ms, one α per head 123 / 116 / 123 ms
 START_GROUP = 32
 
 
