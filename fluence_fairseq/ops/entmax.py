@@ -59,7 +59,8 @@ DEVICE_ROW_CHUNK_ELEMENTS = 1 << 26
 GROUP_START_FROM = 256
 #: entries per group for that start: smaller groups bound τ better but make the maxima's own search longer. The
 #: forward on the scores of a (1, 8, 512, 4096) query block of the need_weights benchmark with groups of 16 / 32 /
-#: 64 (``python -m benchmarks.entmax_search --start-group N``, AMD EPYC, one thread): sparsemax 36 / 26 / 27 ms,
+#: 64 (``python -m benchmarks.entmax_search --start-group N --scales 1 0.1``, AMD EPYC, one thread,
+#: benchmarks/results/entmax_search_groups_s20.md): sparsemax 36 / 26 / 27 ms,
 #: 1.5-entmax 42 / 30 / 35 ms, one α per head 123 / 116 / 123 ms
 START_GROUP = 32
 
