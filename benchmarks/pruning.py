@@ -4,6 +4,7 @@ ratios to dense softmax attention measured in the same run.
     python -m benchmarks.pruning [--length 1024] [--heads 4] [--head-dim 64] [--batch 2] [--threads 1]
         [--repeats 3] [--block 32] [--json OUT] [--quick]
     python -m benchmarks.pruning --against REV [--pairs 12]   # paired A/B of the block-sparse path
+    python -m benchmarks.pruning --per-head [--patterns noncausal]   # each head alone on every path
 
 Cases, for a noncausal and a causal (decoder self attention) pattern:
 
@@ -264,6 +265,70 @@ def paired(against: str, *, length=1024, heads=4, head_dim=64, batch=2, threads=
     return lines
 
 
+def per_head(*, length=1024, heads=4, head_dim=64, batch=2, threads=1, block=32, repeats=7,
+             taus=(10.0, 30.0), patterns=("noncausal",), allocator="steady") -> List[str]:
+    """Would a plan per head beat the plan per layer? Each head of the data-informed masks alone (B, 1, L, D):
+    forward+backward of dense SDPA (a path only for a head that keeps every allowed entry), the masked dense path
+    and every block layout, medians of ``repeats`` round-robin rounds in one process; lines of each head's times
+    and its fastest path, and per mask the sum of the heads' fastest against dense SDPA over all heads."""
+    from fluence_fairseq.ops.pruned_attention import _dense_path, _sparse_path
+
+    use_allocator(allocator)
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, length, head_dim) for _ in range(3))
+
+    def timed(runs):
+        series = {name: [] for name in runs}
+        for name, run in runs.items():
+            run()
+        for _ in range(repeats):
+            for name, run in runs.items():
+                started = time.perf_counter()
+                run()
+                series[name].append(time.perf_counter() - started)
+        return {name: statistics.median(t) * 1e3 for name, t in series.items()}
+
+    def step(inputs, attend):
+        def run():
+            leaves = [x.detach().requires_grad_() for x in inputs]
+            out = attend(*leaves)
+            out.backward(torch.ones_like(out))
+        return run
+
+    lines = []
+    for pattern in patterns:
+        causal = pattern == "causal"
+        whole = timed({"sdpa": step((q, k, v), lambda a, b, c: F.scaled_dot_product_attention(
+            a, b, c, is_causal=causal))})["sdpa"]
+        for tau in taus:
+            keep = make_mask("informed", tau, heads, length, causal)
+            allowed = torch.tril(torch.ones(length, length, dtype=torch.bool)) if causal else None
+            total = 0.0
+            for h in range(heads):
+                keep_h = keep[h:h + 1]
+                inputs = tuple(x[:, h:h + 1].contiguous() for x in (q, k, v))
+                plan = PrunedPlan(keep_h, block)
+                runs = {"masked dense": step(inputs, lambda a, b, c: _dense_path(a, b, c, keep_h, None, 0.0, False,
+                                                                                  plan)[0])}
+                full = bool(keep_h.all()) if allowed is None else bool((keep_h[0] == allowed).all())
+                if full:
+                    runs["sdpa"] = step(inputs, lambda a, b, c: F.scaled_dot_product_attention(a, b, c,
+                                                                                              is_causal=causal))
+                for lay in plan.layouts:
+                    if lay.buckets:
+                        runs[f"block-sparse {lay.q_block}x{lay.k_block}"] = step(
+                            inputs, lambda a, b, c, lay=lay: _sparse_path(a, b, c, lay, None, 0.0))
+                ms = timed(runs)
+                best = min(ms, key=ms.get)
+                total += ms[best]
+                lines.append(f"{pattern} data-informed {tau:g}% head {h} (kept {float(keep_h.float().mean()):.3f}): "
+                             + ", ".join(f"{name} {t:.1f} ms" for name, t in ms.items()) + f"; fastest: {best}")
+            lines.append(f"{pattern} data-informed {tau:g}%: the heads' fastest paths sum to {total:.1f} ms, "
+                         f"{total / whole:.3f}x dense SDPA over all {heads} heads ({whole:.1f} ms)")
+    return lines
+
+
 def markdown(report: dict) -> str:
     c, m = report["config"], report["machine"]
     lines = [f"Pruned attention, forward+backward, B={c['batch']}, H={c['heads']}, L={c['length']}, D={c['head_dim']}, "
@@ -301,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--against", metavar="REV", help="instead: paired A/B of the block-sparse path against the "
                         "ops module at git revision REV (70%% and 90%%, query blocks of 2 and 4 key blocks)")
     parser.add_argument("--pairs", type=int, default=12, help="with --against: alternations of old and new")
+    parser.add_argument("--per-head", action="store_true", help="instead: each head of the 10%% and 30%% masks "
+                        "alone on every path, and the sum of the heads' fastest against dense SDPA (would a plan "
+                        "per head beat one per layer?)")
     add_allocator_argument(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -320,6 +388,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.against:
         for line in paired(args.against, threads=args.threads, pairs=args.pairs, patterns=patterns,
                            allocator=args.allocator, **sizes):
+            print(line, flush=True)
+        return
+    if args.per_head:
+        for line in per_head(threads=args.threads, patterns=patterns, allocator=args.allocator, **sizes):
             print(line, flush=True)
         return
     report = run_benchmark(threads=args.threads, repeats=1 if args.quick else args.repeats, patterns=patterns,

@@ -89,3 +89,24 @@ def test_paired_against_a_revision_reports_every_layout(capsys):
     for line in lines:
         ratio = float(line.split("new / old ")[1].split()[0])
         assert ratio > 0 and line.endswith("gradients differ by at most 0.0e+00")  # HEAD against itself
+
+
+@pytest.mark.parametrize("pattern", ["noncausal", "causal"])
+def test_per_head_reports_every_head_and_the_sum_of_their_fastest_paths(capsys, pattern):
+    threads = torch.get_num_threads()
+    try:
+        bp.main(["--per-head", "--quick", "--patterns", pattern])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.strip().splitlines()
+    # quick sizes: 2 heads; per mask (10%, 30%) a line for each head, then the sum of their fastest paths
+    assert [line.split(" (kept")[0].split(":")[0] for line in lines] == [
+        f"{pattern} data-informed {tau}%{suffix}" for tau in (10, 30) for suffix in (" head 0", " head 1", "")]
+    for head_lines, total in ((lines[0:2], lines[2]), (lines[3:5], lines[5])):
+        fastest = 0.0
+        for line in head_lines:
+            timings, best = line.split(": ", 1)[1].split("; fastest: ")
+            times = {name: float(ms) for name, ms in (part.rsplit(" ", 2)[:2] for part in timings.split(", "))}
+            assert "masked dense" in times and times[best] == min(times.values())
+            fastest += times[best]
+        assert abs(float(total.split("sum to ")[1].split()[0]) - fastest) <= 0.2  # the printed times are rounded
