@@ -12,8 +12,9 @@ rounding). τ = -1 is below the root of every row (g(-1) >= 0: the row max is 0)
 root of the same equation over their group maxima (the largest entry of every :data:`START_GROUP` consecutive
 ones): dropping entries can only lower the sum, so that root is below the row's, and it *is* the row's when no
 group holds two entries of the support, as with the few keys a trained attention row keeps. It costs a pass over
-the rows' maxima (a 32nd of the rows) and cuts the full-row steps of attention scores at L=4096 from about 7 to
-1-3. Taking the β-norm rather than the sum of powers keeps g nearly linear far from the root, so a row
+the rows' maxima (a 32nd of the rows) and cut the full-row steps on the need_weights benchmark's scores at
+L=4096 from about 7 to 1-3 (``python -m benchmarks.entmax_search``; rows whose support is much of the row gain
+less). Taking the β-norm rather than the sum of powers keeps g nearly linear far from the root, so a row
 dominated by one logit converges in one step whatever α is (the plain sum behaves like t^β and would need about β
 steps). For sparsemax (β=1) g is piecewise linear and Newton is Michelot's exact algorithm: it stops when the
 support is found. Rows of 64 N(0,1) logits need 3-6 steps; the loop stops when no row moved. For α > 2 (β < 1) g
