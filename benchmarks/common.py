@@ -121,6 +121,25 @@ def warm_up(step: Callable[[], object], allocator: str) -> None:
         step()
 
 
+def round_robin(calls: Dict[str, Callable[[], object]], repeats: int, allocator: str = "",
+                reduce: Callable[[List[float]], float] = min) -> Dict[str, float]:
+    """Seconds of each call, ``reduce`` (the fastest, or ``statistics.median``) of ``repeats`` rounds that time
+    every call in turn (round r of each, then r + 1), so that a change of the machine's speed hits them alike;
+    after a warm-up round (:func:`warm_up`: under the steady ``allocator``, rounds until one takes no page fault)."""
+    def one_round():
+        for call in calls.values():
+            call()
+
+    warm_up(one_round, allocator)
+    spent: Dict[str, List[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            spent[name].append(time.perf_counter() - started)
+    return {name: reduce(times) for name, times in spent.items()}
+
+
 def allocator_of(machine: dict) -> str:
     """The allocator a report's ``machine`` entry records (reports from before the flag: glibc's defaults)."""
     return machine.get("allocator") or "default (not recorded)"

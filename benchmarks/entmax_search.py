@@ -5,36 +5,22 @@ projected by a freshly built attention from ``N(0, 1)`` inputs, width 512), opti
 scales give sparser rows, smaller ones denser). For sparsemax, 1.5-entmax and one α per head (1.1 ... 1.9), each
 row reports the share of non-zero probabilities, the Newton steps over whole rows per row (steps on a gathered
 subset of rows count by their share), the forward (``ops.entmax.entmax_with_stats``) and backward
-(``entmax_backward``) milliseconds, the fastest of ``--repeats``, and softmax's forward and backward on the same
-scores. ``--against REV`` times ``fluence_fairseq/ops/entmax.py`` as it is at that git revision in the same
-process, alternating with the working tree's::
+(``entmax_backward``) milliseconds, the fastest of ``--repeats`` rounds (:func:`benchmarks.common.round_robin`),
+and softmax's forward and backward on the same scores. ``--against REV`` times ``fluence_fairseq/ops/entmax.py``
+as it is at that git revision in the same process, alternating with the working tree's::
 
     python -m benchmarks.entmax_search [--length 4096] [--scales 1 0.1 3] [--against HEAD~1] [--threads 1]
                                        [--start-group 32]
 """
 import argparse
 import platform
-import time
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 
-from .common import add_allocator_argument, use_allocator
+from .common import add_allocator_argument, round_robin, use_allocator
 
 ALPHAS = (2.0, 1.5, "per-head")
-
-
-def _fastest(calls: List[Callable[[], object]], repeats: int) -> List[float]:
-    """Milliseconds of each call, the fastest of ``repeats``, the calls taken in turn."""
-    for call in calls:
-        call()
-    times = [[] for _ in calls]
-    for _ in range(repeats):
-        for spent, call in zip(times, calls):
-            start = time.perf_counter()
-            call()
-            spent.append(time.perf_counter() - start)
-    return [1e3 * min(spent) for spent in times]
 
 
 def _row_steps(ops, scores, alpha) -> float:
@@ -101,19 +87,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             for alpha in ALPHAS:
                 a = per_head if alpha == "per-head" else alpha
                 p = new.entmax_with_stats(scores, a, None)[0]
-                calls = []
-                for _, ops in sides:
-                    calls += [lambda ops=ops: ops.entmax_with_stats(scores, a, None),
-                              lambda ops=ops: ops.entmax_backward(p, grad, a, with_alpha=alpha == "per-head")]
-                times = _fastest(calls, args.repeats)
+                calls = {}
+                for name, ops in sides:
+                    calls[name, "fwd"] = lambda ops=ops: ops.entmax_with_stats(scores, a, None)
+                    calls[name, "bwd"] = lambda ops=ops: ops.entmax_backward(p, grad, a, with_alpha=alpha == "per-head")
+                ms = {key: 1e3 * t for key, t in round_robin(calls, args.repeats, allocator).items()}
                 cells = []
-                for i, (_, ops) in enumerate(sides):
-                    cells += [f"{_row_steps(ops, scores, a):.2f}", f"{times[2 * i]:.1f}", f"{times[2 * i + 1]:.1f}"]
+                for name, ops in sides:
+                    cells += [f"{_row_steps(ops, scores, a):.2f}", f"{ms[name, 'fwd']:.1f}", f"{ms[name, 'bwd']:.1f}"]
                 print(f"| {scale:g} | {alpha} | {float((p > 0).float().mean()):.4f} | " + " | ".join(cells) + " |",
                       flush=True)
             probs = torch.softmax(scores, -1)
-            fwd, bwd = _fastest([lambda: torch.softmax(scores, -1),
-                                 lambda: torch._softmax_backward_data(grad, probs, -1, scores.dtype)], args.repeats)
+            softmax_calls = {"fwd": lambda: torch.softmax(scores, -1),
+                             "bwd": lambda: torch._softmax_backward_data(grad, probs, -1, scores.dtype)}
+            fwd, bwd = (1e3 * t for t in round_robin(softmax_calls, args.repeats, allocator).values())
             print(f"| {scale:g} | softmax | 1.0000 | " + " | ".join(f"- | {fwd:.1f} | {bwd:.1f}" for _ in sides) + " |",
                   flush=True)
     return 0

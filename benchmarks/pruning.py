@@ -41,8 +41,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .common import (MEMORY_ENV, add_allocator_argument, allocator_of, peak_rss_increase_mb, run_in_fresh_process,
-                     use_allocator, warm_up)
+from .common import (MEMORY_ENV, add_allocator_argument, allocator_of, peak_rss_increase_mb, round_robin,
+                     run_in_fresh_process, use_allocator, warm_up)
 from fluence_fairseq.pruning.policy import pruning_mask, random_pruning_mask
 from fluence_fairseq.ops.pruned_attention import BlockLayout, PrunedPlan, pruned_attention
 
@@ -273,21 +273,13 @@ def per_head(*, length=1024, heads=4, head_dim=64, batch=2, threads=1, block=32,
     and its fastest path, and per mask the sum of the heads' fastest against dense SDPA over all heads."""
     from fluence_fairseq.ops.pruned_attention import _dense_path, _sparse_path
 
-    use_allocator(allocator)
+    allocator_name = use_allocator(allocator)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     q, k, v = (torch.randn(batch, heads, length, head_dim) for _ in range(3))
 
-    def timed(runs):
-        series = {name: [] for name in runs}
-        for name, run in runs.items():
-            run()
-        for _ in range(repeats):
-            for name, run in runs.items():
-                started = time.perf_counter()
-                run()
-                series[name].append(time.perf_counter() - started)
-        return {name: statistics.median(t) * 1e3 for name, t in series.items()}
+    def timed(runs):  # milliseconds
+        return {name: 1e3 * t for name, t in round_robin(runs, repeats, allocator_name, statistics.median).items()}
 
     def step(inputs, attend):
         def run():
