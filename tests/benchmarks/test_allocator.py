@@ -110,3 +110,20 @@ def test_every_timing_benchmark_takes_the_allocator_flag(module):
     out = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "--allocator {steady,default}" in out, module
+
+
+def test_round_robin_times_every_call_in_turn_and_reduces_each():
+    """Round r of every call, then round r + 1 (after one warm-up round without the steady allocator); each call's
+    seconds reduced by ``reduce``."""
+    import statistics
+    import time as clock
+
+    from benchmarks.common import round_robin
+
+    order = []
+    calls = {"a": lambda: order.append("a"), "b": lambda: (order.append("b"), clock.sleep(0.01))}
+    fastest = round_robin(calls, 3, allocator="default")
+    assert order == ["a", "b"] * 4
+    assert set(fastest) == {"a", "b"} and fastest["b"] >= 0.01 > fastest["a"] >= 0
+    medians = round_robin(calls, 2, allocator="default", reduce=statistics.median)
+    assert medians["b"] >= 0.01
