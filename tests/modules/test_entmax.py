@@ -194,6 +194,22 @@ def test_low_precision_is_normalised_in_float32(dtype):
         torch.testing.assert_close(p.float(), reference, atol=1e-2, rtol=0)  # only the output rounding differs
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_long_low_precision_rows_start_from_their_group_maxima_in_float32(dtype):
+    """Rows long enough for the group-maxima start (their maxima taken in the input's dtype, the search in
+    float32), very negative and with masked entries: finite, and the float32 normaliser of the same scores."""
+    import fluence_fairseq.ops.entmax as ops
+
+    x = (_scores(3, 2 * ops.GROUP_START_FROM + 7, scale=3.0) - 1000.0).to(dtype)
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    mask[1, ::3] = True
+    alpha = torch.full((3, 1), 1.3)
+    for normaliser in (sparsemax, entmax15, lambda x, mask: entmax(x, alpha, mask=mask)):
+        p = normaliser(x, mask=mask)
+        assert p.dtype == dtype and torch.isfinite(p).all() and not p[1, ::3].any()
+        torch.testing.assert_close(p.float(), normaliser(x.float(), mask=mask), atol=1e-2, rtol=0)
+
+
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 5.0, 10.0])
 def test_peaked_rows_give_one_hot_without_nan(alpha):
     x = torch.zeros(3, 100)
