@@ -276,11 +276,9 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
         tau, powers, totals = _newton_threshold(chunk, part_beta, None if starts is None else starts[part])
         stats[part, 1:2] = tau
         stats[part, 2:3] = _normalise(chunk, tau, powers, totals, part_beta).reciprocal_()
+    # rows without entries are zeros already ([-inf - τ]_+ = 0, divided by the smallest float); their scale is 0
     stats[:, 2:3].mul_(has_entries.reshape(-1, 1))
-    u = rows.view(x.shape)
-    if not bool(has_entries.all()):  # (such rows are zeros already: [-inf - τ]_+ = 0; this keeps them so)
-        u.mul_(has_entries)
-    return u, stats.view(x.shape[:-1] + (3,))
+    return rows.view(x.shape), stats.view(x.shape[:-1] + (3,))
 
 
 def entmax_from_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor], stats: Tensor,
