@@ -64,6 +64,9 @@ GROUP_START_FROM = 256
 #: benchmarks/results/entmax_search_groups_s20.md): sparsemax 36 / 26 / 27 ms,
 #: 1.5-entmax 42 / 30 / 35 ms, one α per head 123 / 116 / 123 ms
 START_GROUP = 32
+#: a chunk whose search takes powers (α other than 1.5 and 2) runs it on a gathered copy of the entries above
+#: each row's start when no row has more than this share of its entries there (:func:`_gathered_threshold`)
+GATHER_BELOW = 1 / 2
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -228,6 +231,31 @@ def _entmax_forward(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tenso
     return u.mul_(has_entries)
 
 
+def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor,
+                        groups: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """The search of :func:`_newton_threshold` on rows ``u`` (R, n) from ``start`` (R, 1), run on a gathered copy
+    of the entries above the start only, and the output written over ``u``; returns (τ, the sums divided by), or
+    None (``u`` untouched) when some row has more than :data:`GATHER_BELOW` of its entries there. τ only rises
+    from the start, so an entry at or below it is 0 in the output and adds nothing to any sum the search takes.
+    ``groups``: the rows' group maxima (each one above the start is an entry above it: a cheap first refusal)."""
+    rows, n = u.shape
+    limit = GATHER_BELOW * n
+    if int((groups > start).sum(-1).max()) > limit:
+        return None
+    above = u > start
+    counts = above.sum(-1)  # a refusal here is cheap; after ``nonzero`` on a dense chunk it was not
+    widest = int(counts.max())
+    if widest > limit:
+        return None
+    row_of, col_of = above.nonzero().unbind(1)  # row-major: each row's entries in a run
+    slot = torch.arange(row_of.numel(), device=u.device) - (counts.cumsum(0) - counts).index_select(0, row_of)
+    gathered = u.new_full((rows, max(1, widest)), float("-inf")).index_put_((row_of, slot), u[row_of, col_of])
+    tau, powers, totals = _newton_threshold(gathered, beta, start)
+    total = _normalise(gathered, tau, powers, totals, beta)
+    u.zero_().index_put_((row_of, col_of), gathered[row_of, slot])
+    return tau, total
+
+
 def _row_chunks(rows: Tensor):
     """Slices of the rows of ``rows`` (R, n), :data:`ROW_CHUNK_ELEMENTS` elements (on the CPU, else
     :data:`DEVICE_ROW_CHUNK_ELEMENTS`) or one row at a time."""
@@ -273,9 +301,15 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
         if not (isinstance(row_scale, float) and row_scale == 1.0):
             chunk.mul_(row_scale if isinstance(row_scale, float) else row_scale[part])
         part_beta = row_beta if isinstance(row_beta, float) else row_beta[part]
-        tau, powers, totals = _newton_threshold(chunk, part_beta, None if starts is None else starts[part])
-        stats[part, 1:2] = tau
-        stats[part, 2:3] = _normalise(chunk, tau, powers, totals, part_beta).reciprocal_()
+        found = None
+        if starts is not None and not (isinstance(part_beta, float) and part_beta in (1.0, 2.0)):
+            # a power of every entry in every step: a search on the few above the start pays for gathering them
+            found = _gathered_threshold(chunk, part_beta, starts[part], groups[part])
+        if found is None:
+            tau, powers, totals = _newton_threshold(chunk, part_beta, None if starts is None else starts[part])
+            found = tau, _normalise(chunk, tau, powers, totals, part_beta)
+        stats[part, 1:2] = found[0]
+        stats[part, 2:3] = found[1].reciprocal_()
     # rows without entries are zeros already ([-inf - τ]_+ = 0, divided by the smallest float); their scale is 0
     stats[:, 2:3].mul_(has_entries.reshape(-1, 1))
     return rows.view(x.shape), stats.view(x.shape[:-1] + (3,))

@@ -108,7 +108,7 @@ def test_long_rows_searched_from_their_group_maxima_match_the_package(length, sc
 def test_group_maxima_start_below_the_root_and_on_it_when_the_support_lies_in_separate_groups(alpha, monkeypatch):
     """The start is the threshold of the group maxima: at or below the row's (dropping entries only lowers the
     sum); when every entry of the support is its group's maximum it is the row's threshold, and the search over
-    the full row takes one step (the one that confirms it)."""
+    the full row takes one step (the one that confirms it); a general α takes it on the gathered support."""
     import fluence_fairseq.ops.entmax as ops
 
     size, groups = ops.START_GROUP, 16
@@ -119,7 +119,10 @@ def test_group_maxima_start_below_the_root_and_on_it_when_the_support_lies_in_se
     step = ops._newton_step
     monkeypatch.setattr(ops, "_newton_step", lambda u, *a: steps.append(u.size(-1)) or step(u, *a))
     p, stats = ops.entmax_with_stats(x, alpha, None)
-    assert steps.count(size * groups) == 1  # one full-row step; the others ran on the 16 group maxima
+    if alpha in (2.0, 1.5):
+        assert steps.count(size * groups) == 1  # one full-row step; the others ran on the 16 group maxima
+    else:  # the entries above the start are the support: the confirming step runs on those 4 alone
+        assert steps.count(size * groups) == 0 and steps.count(4) == 1
     assert ((p > 0).sum(-1) <= 4).all() and (p[:, 3] > 0).all()
     torch.testing.assert_close(p, entmax(x, alpha), atol=1e-12, rtol=0)
     # two entries of the support in one group: the start is below the threshold, the result the same
@@ -131,6 +134,48 @@ def test_group_maxima_start_below_the_root_and_on_it_when_the_support_lies_in_se
     reference = {2.0: entmax_pkg.sparsemax, 1.5: entmax_pkg.entmax15}.get(alpha)
     expected = reference(x) if reference else entmax_pkg.entmax_bisect(x, alpha, n_iter=100)
     torch.testing.assert_close(p, expected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [2.0, 20.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_general_alpha_searches_the_entries_above_its_start_only(scale, dtype, monkeypatch):
+    """For α other than 1.5 and 2 (a power of every entry in every Newton step) a chunk whose rows have few entries
+    above their group-maxima start runs the search on those entries alone and scatters the output: probabilities
+    and row statistics equal the full-row search's (forced by GATHER_BELOW = 0), with masked entries, a fully
+    masked row and a row masked but for its last entry; dense chunks (α = 1.1 at scale 2) are refused."""
+    import fluence_fairseq.ops.entmax as ops
+
+    x = _scores(2, 3, 4, 1024, scale=scale, dtype=dtype)
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(5)) < 0.2
+    mask[0, 0, 0] = True
+    mask[0, 0, 1] = True
+    mask[0, 0, 1, -1] = False
+    alpha = torch.tensor([1.1, 1.3, 1.8], dtype=dtype).view(1, 3, 1, 1)
+    monkeypatch.setattr(ops, "ROW_CHUNK_ELEMENTS", 4 * 1024)  # one chunk per (batch, head)
+    outcomes = []
+    gathered = ops._gathered_threshold
+
+    def spy(*args):
+        found = gathered(*args)
+        outcomes.append(found is not None)
+        return found
+
+    monkeypatch.setattr(ops, "_gathered_threshold", spy)
+    p, stats = ops.entmax_with_stats(x, alpha, mask)
+    chunks = outcomes[:]
+    monkeypatch.setattr(ops, "GATHER_BELOW", 0.0)
+    outcomes.clear()
+    p_full, stats_full = ops.entmax_with_stats(x, alpha, mask)
+    assert len(chunks) == 6 and not any(outcomes)
+    if scale == 20.0:
+        assert all(chunks)
+    else:
+        assert chunks[0] is False and chunks[3] is False and chunks[2] and chunks[5]  # α = 1.1 dense, 1.8 sparse
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(p, p_full, atol=tol, rtol=0)
+    torch.testing.assert_close(stats, stats_full, atol=tol, rtol=tol)
+    assert torch.equal(p[0, 0, 0], torch.zeros(1024, dtype=dtype)) and p[0, 0, 1, -1] == 1
+    assert (p[mask] == 0).all()
 
 
 def test_gradients_in_x_and_alpha_pass_gradcheck():
