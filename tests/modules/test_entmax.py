@@ -199,6 +199,39 @@ def test_alpha_gradient_at_two_and_above_is_finite_and_passes_gradcheck(alpha):
     assert torch.autograd.gradcheck(lambda x, a: entmax(x, a), (x, a))
 
 
+@pytest.mark.parametrize("alpha", [1.3, 1.9, 2.5, "per-head"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-5)])
+def test_backward_on_the_gathered_support_equals_the_full_rows(alpha, dtype, tol, monkeypatch):
+    """A general α's backward on a sparse chunk runs on the gathered support only (off it s, p and p log p are 0):
+    the scores' and α's gradients equal the full-row backward's (SUPPORT_BELOW forced either way), a row without
+    support included, and the sparse path passes gradcheck through entmax."""
+    import fluence_fairseq.ops.entmax as ops
+
+    x = _scores(2, 3, 5, 40, scale=4.0, dtype=dtype)
+    a = (torch.tensor([1.2, 1.6, 1.9], dtype=dtype).view(1, 3, 1, 1) if alpha == "per-head"
+         else torch.tensor(alpha, dtype=dtype))
+    p = ops.entmax(x, a)
+    p[0, 0, 0] = 0  # a row with nothing in its support
+    grad = _scores(2, 3, 5, 40, seed=1, dtype=dtype)
+    calls = []
+    sparse = ops._sparse_backward_rows
+    monkeypatch.setattr(ops, "_sparse_backward_rows", lambda *args: calls.append(1) or sparse(*args))
+    monkeypatch.setattr(ops, "SUPPORT_BELOW", 1.0)
+    got = ops.entmax_backward(p, grad, a, with_alpha=True)
+    assert calls
+    monkeypatch.setattr(ops, "SUPPORT_BELOW", -1.0)
+    calls.clear()
+    want = ops.entmax_backward(p, grad, a, with_alpha=True)
+    assert not calls
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol)
+    assert torch.equal(got[0][0, 0, 0], torch.zeros(40, dtype=dtype)) and (got[0][p == 0] == 0).all()
+    if dtype == torch.float64:
+        monkeypatch.setattr(ops, "SUPPORT_BELOW", 1.0)
+        leaf_x, leaf_a = x[:1, :, :2, :9].clone().requires_grad_(), a.clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda x, a: ops.entmax(x, a), (leaf_x, leaf_a))
+
+
 def test_alpha_gradient_matches_the_paper_worked_example():
     # the example of the notes (verified there by finite differences against entmax_bisect)
     z = torch.tensor([0.3, -0.2, 1.1, 0.0, -1.0], dtype=torch.float64)
