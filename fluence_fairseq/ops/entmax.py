@@ -324,8 +324,10 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
                 chunk.mul_(row_scale if isinstance(row_scale, float) else row_scale[part])
         part_beta = row_beta if isinstance(row_beta, float) else row_beta[part]
         found = None
-        if starts is not None and not (isinstance(part_beta, float) and part_beta in (1.0, 2.0)):
+        if (starts is not None and chunk.device.type == "cpu"
+                and not (isinstance(part_beta, float) and part_beta in (1.0, 2.0))):
             # a power of every entry in every step: a search on the few above the start pays for gathering them
+            # (measured on CPUs; on a GPU the full-row passes are cheap and gathering was not measured)
             found = _gathered_threshold(chunk, part_beta, starts[part], groups[part])
         if found is None:
             tau, powers, totals = _newton_threshold(chunk, part_beta, None if starts is None else starts[part])
@@ -465,8 +467,8 @@ def _backward_rows(p: Tensor, grad: Tensor, alpha: Union[float, Tensor], grad_x:
     """The entmax Jacobian-vector product for rows ``p`` (R, n) and ``grad`` (R, n), written into ``grad_x``, and
     each row's part of α's gradient into ``grad_alpha`` (R, 1) when given (α a float or (R, 1)). ``support``:
     the rows' :func:`_support_weights` if the caller has them."""
-    if support is None and not (isinstance(alpha, float) and alpha in (1.5, 2.0)):
-        found = _sparse_support(p)
+    if support is None and p.device.type == "cpu" and not (isinstance(alpha, float) and alpha in (1.5, 2.0)):
+        found = _sparse_support(p)  # (measured on CPUs only, as the gathered search)
         if found is not None:
             _sparse_backward_rows(p, grad, alpha, grad_x, grad_alpha, found)
             return
