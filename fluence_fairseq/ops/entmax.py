@@ -502,10 +502,17 @@ def _backward_rows(p: Tensor, grad: Tensor, alpha: Union[float, Tensor], grad_x:
         scratch = p_log_p  # its last use is the first product below
         g_p_log_p = torch.mul(grad, p_log_p, out=scratch).sum(-1, keepdim=True)
         g_p = torch.mul(grad, p, out=scratch).sum(-1, keepdim=True)
-        g_skewed = gs_sum / s_sum
-        am1 = alpha - 1
-        grad_alpha.copy_((g_p - g_skewed) / am1**2 - (g_p_log_p - g_skewed * p_log_p_sum) / am1)
+        grad_alpha.copy_(_alpha_gradient(alpha, g_p, g_p_log_p, p_log_p_sum, gs_sum / s_sum))
     grad_x.addcmul_(s, gs_sum.div_(s_sum).neg_())
+
+
+def _alpha_gradient(alpha: Union[float, Tensor], g_p: Tensor, g_p_log_p: Tensor, p_log_p_sum: Tensor,
+                    g_skewed: Tensor) -> Tensor:
+    """Each row's part of α's gradient from its sums ``<grad, p>``, ``<grad, p log p>``, ``Σ p log p`` and
+    ``<grad, p̃>`` (p̃ = s / Σ s): Proposition 1 of Correia et al. (2019), dp/dα = (p - p̃)/(α-1)² -
+    (p log p - p̃ Σ p log p)/(α-1), reduced against grad."""
+    am1 = alpha - 1
+    return (g_p - g_skewed) / am1**2 - (g_p_log_p - g_skewed * p_log_p_sum) / am1
 
 
 def _sparse_support(rows: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
@@ -534,12 +541,10 @@ def _sparse_backward_rows(p: Tensor, grad: Tensor, alpha: Union[float, Tensor], 
     s = torch.mul(log_p, 2 - a_s).exp_()
     s_sum = row_sums(s).clamp_(min=torch.finfo(p.dtype).tiny)
     gs_sum = row_sums(s * g_s)
-    if grad_alpha is not None:  # as in _backward_rows (Proposition 1 of Correia et al., 2019)
+    if grad_alpha is not None:
         p_log_p = log_p.mul_(p_s)
-        g_skewed = gs_sum / s_sum
-        am1 = alpha - 1
-        grad_alpha.copy_((row_sums(g_s * p_s) - g_skewed) / am1**2
-                         - (row_sums(g_s * p_log_p) - g_skewed * row_sums(p_log_p)) / am1)
+        grad_alpha.copy_(_alpha_gradient(alpha, row_sums(g_s * p_s), row_sums(g_s * p_log_p), row_sums(p_log_p),
+                                         gs_sum / s_sum))
     shifted = g_s.sub_(gs_sum.div_(s_sum).view(-1).index_select(0, row_of)).mul_(s)
     grad_x.zero_().index_put_(support, shifted)
 
