@@ -79,6 +79,9 @@ GATHER_BELOW = 1 / 2
 #: density: 2.7 against 1.5). Rebuilding the probabilities on the support was no faster than the full-row power
 #: (powers of zeros are cheap): it is not done
 SUPPORT_BELOW = 1 / 32
+#: the devices where both gather: measured on CPUs only; on a GPU the full-row passes are cheap and every gather
+#: synchronises, and it was not measured there
+GATHER_DEVICES = ("cpu",)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -314,9 +317,9 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
     # stay in cache through the search's passes (the whole matrix streamed through memory at every pass)
     for part in _row_chunks(rows):
         if isinstance(row_scale, float) and math.frexp(row_scale)[0] == 0.5 and row_scale != 1.0:
-            # (x - shift) (α-1) as x (α-1) - shift (α-1) in one pass: the same numbers for a power of two (1.5-entmax's
-            # 1/2), whose products are exact; otherwise the two may differ in the last bit, and the row maximum
-            # must stay exactly 0
+            # (x - shift) (α-1) as x (α-1) - shift (α-1) in one pass: the same numbers for a power of two
+            # (1.5-entmax's 1/2), whose products are exact; otherwise the two may differ in the last bit, and the
+            # row maximum must stay exactly 0
             chunk = torch.add(shift_rows[part] * -row_scale, base_rows[part], alpha=row_scale, out=rows[part])
         else:
             chunk = torch.sub(base_rows[part], shift_rows[part], out=rows[part])
@@ -324,10 +327,9 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
                 chunk.mul_(row_scale if isinstance(row_scale, float) else row_scale[part])
         part_beta = row_beta if isinstance(row_beta, float) else row_beta[part]
         found = None
-        if (starts is not None and chunk.device.type == "cpu"
+        if (starts is not None and chunk.device.type in GATHER_DEVICES
                 and not (isinstance(part_beta, float) and part_beta in (1.0, 2.0))):
             # a power of every entry in every step: a search on the few above the start pays for gathering them
-            # (measured on CPUs; on a GPU the full-row passes are cheap and gathering was not measured)
             found = _gathered_threshold(chunk, part_beta, starts[part], groups[part])
         if found is None:
             tau, powers, totals = _newton_threshold(chunk, part_beta, None if starts is None else starts[part])
@@ -467,8 +469,8 @@ def _backward_rows(p: Tensor, grad: Tensor, alpha: Union[float, Tensor], grad_x:
     """The entmax Jacobian-vector product for rows ``p`` (R, n) and ``grad`` (R, n), written into ``grad_x``, and
     each row's part of α's gradient into ``grad_alpha`` (R, 1) when given (α a float or (R, 1)). ``support``:
     the rows' :func:`_support_weights` if the caller has them."""
-    if support is None and p.device.type == "cpu" and not (isinstance(alpha, float) and alpha in (1.5, 2.0)):
-        found = _sparse_support(p)  # (measured on CPUs only, as the gathered search)
+    if support is None and p.device.type in GATHER_DEVICES and not (isinstance(alpha, float) and alpha in (1.5, 2.0)):
+        found = _sparse_support(p)
         if found is not None:
             _sparse_backward_rows(p, grad, alpha, grad_x, grad_alpha, found)
             return
