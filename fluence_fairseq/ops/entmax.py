@@ -313,24 +313,24 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
         starts = _newton_threshold(groups, row_beta)[0].view(-1, 1)
     stats = rows.new_empty(rows.size(0), 3)
     stats[:, 0] = shift_rows.view(-1)
+    # (x - shift) (α-1) as x (α-1) - shift (α-1) in one pass: the same numbers for a power of two (1.5-entmax's
+    # 1/2), whose products are exact; otherwise the two may differ in the last bit, and the row maximum must stay
+    # exactly 0
+    fused_shift = isinstance(row_scale, float) and math.frexp(row_scale)[0] == 0.5 and row_scale != 1.0
+    # a power of every entry in every step: a search on the few above the start pays for gathering them
+    gathers = (starts is not None and rows.device.type in GATHER_DEVICES
+               and not (isinstance(row_beta, float) and row_beta in (1.0, 2.0)))
     # the rows a chunk at a time, every Newton step and the output of one chunk before the next: a chunk's rows
     # stay in cache through the search's passes (the whole matrix streamed through memory at every pass)
     for part in _row_chunks(rows):
-        if isinstance(row_scale, float) and math.frexp(row_scale)[0] == 0.5 and row_scale != 1.0:
-            # (x - shift) (α-1) as x (α-1) - shift (α-1) in one pass: the same numbers for a power of two
-            # (1.5-entmax's 1/2), whose products are exact; otherwise the two may differ in the last bit, and the
-            # row maximum must stay exactly 0
+        if fused_shift:
             chunk = torch.add(shift_rows[part] * -row_scale, base_rows[part], alpha=row_scale, out=rows[part])
         else:
             chunk = torch.sub(base_rows[part], shift_rows[part], out=rows[part])
             if not (isinstance(row_scale, float) and row_scale == 1.0):
                 chunk.mul_(row_scale if isinstance(row_scale, float) else row_scale[part])
         part_beta = row_beta if isinstance(row_beta, float) else row_beta[part]
-        found = None
-        if (starts is not None and chunk.device.type in GATHER_DEVICES
-                and not (isinstance(part_beta, float) and part_beta in (1.0, 2.0))):
-            # a power of every entry in every step: a search on the few above the start pays for gathering them
-            found = _gathered_threshold(chunk, part_beta, starts[part], groups[part])
+        found = _gathered_threshold(chunk, part_beta, starts[part], groups[part]) if gathers else None
         if found is None:
             tau, powers, totals = _newton_threshold(chunk, part_beta, None if starts is None else starts[part])
             found = tau, _normalise(chunk, tau, powers, totals, part_beta)
