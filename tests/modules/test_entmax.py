@@ -186,6 +186,24 @@ def test_gradients_in_x_and_alpha_pass_gradcheck():
     assert torch.autograd.gradcheck(lambda x: entmax15(x), (x,))
 
 
+@pytest.mark.parametrize("alpha", [1.3, 2.5])
+def test_fixed_general_alpha_backward_on_full_rows_passes_gradcheck(alpha, monkeypatch):
+    """A fixed α other than 1.5 and 2 takes s = p^(2-α) as exp2((2-α) log2 p) on full rows (the sparse path
+    refused): exactly 0 off the support (below 2 a clamped zero's power is tiny, above it infinite), and the
+    scores' gradient passes gradcheck on rows with zeros."""
+    import fluence_fairseq.ops.entmax as ops
+
+    monkeypatch.setattr(ops, "SUPPORT_BELOW", -1.0)
+    x = _scores(3, 4, 9, scale=3.0, dtype=torch.float64).requires_grad_()
+    p = entmax(x, alpha)
+    assert (p == 0).any() and (p > 0).any()
+    s, log2_p = ops._support_weights(p.detach(), alpha)
+    assert (s[p == 0] == 0).all() and torch.isfinite(s).all()
+    torch.testing.assert_close(s[p > 0], p.detach()[p > 0] ** (2 - alpha), atol=0, rtol=1e-13)
+    torch.testing.assert_close(log2_p[p > 0], torch.log2(p.detach()[p > 0]), atol=0, rtol=1e-15)
+    assert torch.autograd.gradcheck(lambda x: entmax(x, alpha), (x,))
+
+
 @pytest.mark.parametrize("alpha", [2.0, 2.5, 4.0])
 def test_alpha_gradient_at_two_and_above_is_finite_and_passes_gradcheck(alpha):
     """α's gradient takes p^(2-α) as exp((2-α) log p): from α = 2 on, the zeros' clamped logarithm gives
