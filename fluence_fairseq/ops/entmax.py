@@ -72,6 +72,12 @@ START_GROUP = 32
 #: 61.0 ms, 1/4: 84.7 / 125.1 / 57.1, 1/2: 78.8 / 120.7 / 56.0, 3/4: alike, 1 (always): 151.3 / 284.5 / 96.3,
 #: never: 113.2 / 135.5 / 83.7. Gathering for 1.5-entmax, whose steps take no power, took 28.9 -> 40.4 ms
 GATHER_BELOW = 1 / 2
+#: the entries above the start are found among those of the groups whose maxima are above it when these groups
+#: hold less than this share of a chunk's entries (:func:`_entries_above`), else by comparing every entry
+SCAN_GROUPS_BELOW = 1 / 4
+#: a search whose steps take powers settles a row without its confirming step when the next step is predicted far
+#: below the tolerance (:func:`_newton_threshold`)
+SETTLE = True
 #: the backward of a general α takes its logarithms, exponentials and sums on the gathered support of a chunk of
 #: rows when it is at most this share of the chunk's entries (:func:`_sparse_support`). Per (128, 4096) chunk of
 #: the need_weights benchmark's scores (AMD EPYC, one thread): finding the support costs 0.54 ms, the backward
@@ -161,7 +167,8 @@ def _newton_threshold(u: Tensor, beta: Union[float, Tensor],
     Returns τ and, if every row converged (else None, None), ``[u - τ]_+ ^ β`` (a fresh tensor shaped like ``u``;
     ``[u - τ]_+`` for a float β = 2, see :func:`_newton_step`) and the powers' row sums: a row stops at the τ whose
     step fell below the tolerance, and that step's powers are the output, so the output is one division away
-    (:func:`_normalise`).
+    (:func:`_normalise`); with :data:`SETTLE`, a row whose steps take powers may instead stop one step earlier,
+    at the τ its last step reached, with its powers moved there to first order (see the loop).
 
     Rows converge after different numbers of steps (most within one or two of each other); once fewer than
     :data:`COMPACT_BELOW` of the rows still move, the steps run on a gathered copy of those rows only, so the last
@@ -177,13 +184,19 @@ def _newton_threshold(u: Tensor, beta: Union[float, Tensor],
     # two work buffers reused by every step: fresh full-size tensors would be page-faulted in at every step
     d_buffer, powers_buffer = torch.empty_like(rows), torch.empty_like(rows)
     totals = rows.new_zeros(rows.size(0), 1)
+    # a step that takes powers (not sparsemax or 1.5-entmax) keeps each row's last step size, to settle rows whose
+    # next step would be far below the tolerance without taking it (see below). 1.5-entmax settling its rows
+    # exactly (d - δ, no power) took 2.35 against 3.02 full steps per row but 32.4 against 26.1 ms (``python -m
+    # benchmarks.entmax_search``): its steps cost little more than the settling's own pass and checks
+    settles = SETTLE and not (isinstance(beta, float) and beta in (1.0, 2.0))
+    last_steps = rows.new_zeros(rows.size(0), 1)
     active: Optional[Tensor] = None  # indices of the rows still iterated; None = all rows, in place
     compacted_powers: Optional[Tensor] = None  # powers_buffer keeps every stopped row's powers
     converged = False
     for _ in range(MAX_NEWTON_STEPS):
         if active is None:
             step, total = _newton_step(rows, tau, beta, d_buffer, powers_buffer)
-            current = tau
+            current, row_beta = tau, beta
         else:
             k = active.numel()
             row_beta = beta if isinstance(beta, float) else beta.index_select(0, active)
@@ -192,8 +205,30 @@ def _newton_threshold(u: Tensor, beta: Union[float, Tensor],
                 compacted_powers = torch.empty_like(d_buffer[:k])
             powers = compacted_powers[:k]
             step, total = _newton_step(rows.index_select(0, active), current, row_beta, d_buffer[:k], powers)
-        moving = step.abs() > tol * (1 + current.abs())
+        size, bound = step.abs(), tol * (1 + current.abs())
+        moving = size > bound
+        if settles:
+            # Newton's steps shrink quadratically (δ' ≈ K δ², K estimated as δ / δ_prev²): a row whose next step
+            # would be below a 16th of the tolerance takes this step without a confirming one, its powers moved to
+            # first order, (d - δ)^β ≈ d^β - β δ d^(β-1) (``d_buffer`` holds d^(β-1)), when the second-order error
+            # of its largest entry (d = -τ, as the row max of u is 0), (β δ / d)² / 2, is at most half the
+            # tolerance's first-order one, β tol / d: δ² <= tol d / β. Smaller entries' errors are no larger in
+            # absolute terms for β >= 2; for β < 2 an entry with d < β δ is set to 0 where (d - δ)_+^β is below
+            # ((β - 1) δ)^β. It spares a power of every entry: one of 3-4 full-row steps per row for α near 1
+            previous = last_steps if active is None else last_steps.index_select(0, active)
+            settled = (moving & (size.pow(3).mul_(16) <= previous.square().mul_(bound))
+                       & (size.square() <= bound * current.neg().clamp_(min=0) / row_beta))
+            if active is None:
+                last_steps = size
+            else:
+                last_steps.index_copy_(0, active, size)
+            if bool(settled.any()):
+                step_powers = powers_buffer if active is None else powers
+                step_powers.addcmul_(d_buffer[:step_powers.size(0)], step * settled * -row_beta).clamp_(min=0)
+                total = torch.where(settled, step_powers.sum(-1, keepdim=True), total)
         current.add_(step.mul_(moving))  # a row that stops keeps the τ its powers were taken at
+        if settles:
+            moving &= ~settled
         if active is None:
             totals = total
         else:
@@ -251,26 +286,55 @@ def _entmax_forward(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tenso
     return u.mul_(has_entries)
 
 
-def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor,
-                        groups: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+def _entries_above(u: Tensor, start: Tensor, groups: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(row, column) indices of the entries of ``u`` (R, n) above each row's ``start`` (R, 1), row-major: through
+    their groups (:func:`_entries_above_in_groups`) when ``groups`` are given and those above the start hold less
+    than :data:`SCAN_GROUPS_BELOW` of the entries, else by comparing every entry."""
+    if groups is not None:
+        chosen = groups > start
+        if int(chosen.sum()) * START_GROUP < SCAN_GROUPS_BELOW * u.numel():
+            return _entries_above_in_groups(u, start, chosen)
+    return (u > start).nonzero().unbind(1)
+
+
+def _entries_above_in_groups(u: Tensor, start: Tensor, chosen: Tensor) -> Tuple[Tensor, Tensor]:
+    """:func:`_entries_above` compared only in the groups of :data:`START_GROUP` consecutive entries marked in
+    ``chosen`` (R, groups): those whose maxima are above the start, the only ones that hold such entries."""
+    n = u.size(-1)
+    group_rows, group_index = chosen.nonzero().unbind(1)
+    columns = (group_index * START_GROUP).unsqueeze(1) + torch.arange(START_GROUP, device=u.device)
+    inside = columns < n  # the last group may be shorter
+    columns = columns.clamp_(max=n - 1)
+    candidates = u[group_rows.unsqueeze(1), columns]
+    above = (candidates > start.index_select(0, group_rows)).logical_and_(inside)
+    group_of, position = above.nonzero().unbind(1)
+    return group_rows.index_select(0, group_of), columns[group_of, position]
+
+
+def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor, groups: Optional[Tensor],
+                        output: bool = True) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
     """The search of :func:`_newton_threshold` on rows ``u`` (R, n) from ``start`` (R, 1), run on a gathered copy
-    of the entries above the start only, and the output written over ``u``; returns (τ, the sums divided by), or
-    None (``u`` untouched) when some row has more than :data:`GATHER_BELOW` of its entries there. τ only rises
-    from the start, so an entry at or below it is 0 in the output and adds nothing to any sum the search takes.
-    ``groups``: the rows' group maxima (each one above the start is an entry above it: a cheap first refusal)."""
+    of the entries above the start only, and (``output``) the output written over ``u``; returns (τ, the sums
+    divided by, or None without ``output``), or None (``u`` untouched) when some row has more than
+    :data:`GATHER_BELOW` of its entries there. τ only rises from the start, so an entry at or below it is 0 in the
+    output and adds nothing to any sum the search takes. ``groups``: the rows' group maxima, if known. A chunk is
+    refused first when more than that share of every 16th column is above the start (counting every entry of a
+    dense chunk cost as much as a search step), then by the widest row of the entries found."""
     rows, n = u.shape
     limit = GATHER_BELOW * n
-    if int((groups > start).sum(-1).max()) > limit:
+    sample = u[:, ::16]
+    if int((sample > start).sum()) > GATHER_BELOW * sample.numel():  # most rows are too dense
         return None
-    above = u > start
-    counts = above.sum(-1)  # a refusal here is cheap; after ``nonzero`` on a dense chunk it was not
+    row_of, col_of = _entries_above(u, start, groups)
+    counts = torch.bincount(row_of, minlength=rows)
     widest = int(counts.max())
     if widest > limit:
         return None
-    row_of, col_of = above.nonzero().unbind(1)  # row-major: each row's entries in a run
     slot = torch.arange(row_of.numel(), device=u.device) - (counts.cumsum(0) - counts).index_select(0, row_of)
     gathered = u.new_full((rows, max(1, widest)), float("-inf")).index_put_((row_of, slot), u[row_of, col_of])
     tau, powers, totals = _newton_threshold(gathered, beta, start)
+    if not output:
+        return tau, None
     total = _normalise(gathered, tau, powers, totals, beta)
     u.zero_().index_put_((row_of, col_of), gathered[row_of, slot])
     return tau, total
@@ -308,19 +372,22 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
     rows = base_rows if in_place else torch.empty(base_rows.shape, dtype=shift.dtype, device=x.device)
     shift_rows = shift.reshape(-1, 1)
     row_scale, row_beta = _per_row(alpha_minus_one, x.shape), _per_row(beta, x.shape)
+    # a power of every entry in every step: a search on the few above the start pays for gathering them
+    gathers = rows.device.type in GATHER_DEVICES and not (isinstance(row_beta, float) and row_beta in (1.0, 2.0))
     starts = None
     if groups is not None:
         groups = groups.to(shift.dtype).sub_(shift).mul_(alpha_minus_one).view(rows.size(0), -1)
-        starts = _newton_threshold(groups, row_beta)[0].view(-1, 1)
+        # the start's own search begins at -1: with a power per step, on the maxima above -1 alone if few are
+        minus_one = groups.new_full((groups.size(0), 1), -1.0)
+        found = _gathered_threshold(groups, row_beta, minus_one, None, output=False) if gathers else None
+        starts = (found[0] if found is not None else _newton_threshold(groups, row_beta)[0]).view(-1, 1)
     stats = rows.new_empty(rows.size(0), 3)
     stats[:, 0] = shift_rows.view(-1)
     # (x - shift) (α-1) as x (α-1) - shift (α-1) in one pass: the same numbers for a power of two (1.5-entmax's
     # 1/2), whose products are exact; otherwise the two may differ in the last bit, and the row maximum must stay
     # exactly 0
     fused_shift = isinstance(row_scale, float) and math.frexp(row_scale)[0] == 0.5 and row_scale != 1.0
-    # a power of every entry in every step: a search on the few above the start pays for gathering them
-    gathers = (starts is not None and rows.device.type in GATHER_DEVICES
-               and not (isinstance(row_beta, float) and row_beta in (1.0, 2.0)))
+    gathers = gathers and starts is not None
     # the rows a chunk at a time, every Newton step and the output of one chunk before the next: a chunk's rows
     # stay in cache through the search's passes (the whole matrix streamed through memory at every pass)
     for part in _row_chunks(rows):
