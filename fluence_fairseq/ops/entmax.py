@@ -287,10 +287,11 @@ def _entmax_forward(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tenso
 
 
 def _entries_above(u: Tensor, start: Tensor, groups: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """(row, column) indices of the entries of ``u`` (R, n) above each row's ``start`` (R, 1), row-major: through
-    their groups (:func:`_entries_above_in_groups`) when ``groups`` are given and those above the start hold less
-    than :data:`SCAN_GROUPS_BELOW` of the entries, else by comparing every entry."""
-    if groups is not None:
+    """(row, column) indices of the entries of ``u`` (R, n) above each row's ``start`` (R, 1), each row's in a
+    run: through their groups (:func:`_entries_above_in_groups`) when ``groups`` are given, the rows split into
+    whole groups, and the groups above the start hold less than :data:`SCAN_GROUPS_BELOW` of the entries; else by
+    comparing every entry."""
+    if groups is not None and u.size(-1) % START_GROUP == 0 and u.is_contiguous():
         chosen = groups > start
         if int(chosen.sum()) * START_GROUP < SCAN_GROUPS_BELOW * u.numel():
             return _entries_above_in_groups(u, start, chosen)
@@ -299,16 +300,17 @@ def _entries_above(u: Tensor, start: Tensor, groups: Optional[Tensor]) -> Tuple[
 
 def _entries_above_in_groups(u: Tensor, start: Tensor, chosen: Tensor) -> Tuple[Tensor, Tensor]:
     """:func:`_entries_above` compared only in the groups of :data:`START_GROUP` consecutive entries marked in
-    ``chosen`` (R, groups): those whose maxima are above the start, the only ones that hold such entries."""
-    n = u.size(-1)
-    group_rows, group_index = chosen.nonzero().unbind(1)
-    columns = (group_index * START_GROUP).unsqueeze(1) + torch.arange(START_GROUP, device=u.device)
-    inside = columns < n  # the last group may be shorter
-    columns = columns.clamp_(max=n - 1)
-    candidates = u[group_rows.unsqueeze(1), columns]
-    above = (candidates > start.index_select(0, group_rows)).logical_and_(inside)
+    ``chosen`` (R, n / START_GROUP): those whose maxima are above the start, the only ones that hold such entries.
+    ``u`` is contiguous, so the chosen groups are rows of its (R n / START_GROUP, START_GROUP) view (copied by one
+    ``index_select``: a two-dimensional index took 2-4x as long)."""
+    per_row = chosen.size(-1)
+    flat = chosen.view(-1).nonzero().view(-1)  # group ids, row-major
+    group_rows = torch.div(flat, per_row, rounding_mode="floor")
+    candidates = u.view(-1, START_GROUP).index_select(0, flat)
+    above = candidates > start.view(-1).index_select(0, group_rows).unsqueeze(1)
     group_of, position = above.nonzero().unbind(1)
-    return group_rows.index_select(0, group_of), columns[group_of, position]
+    columns = (flat - group_rows * per_row).index_select(0, group_of).mul_(START_GROUP).add_(position)
+    return group_rows.index_select(0, group_of), columns
 
 
 def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor, groups: Optional[Tensor],
