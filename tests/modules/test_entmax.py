@@ -340,6 +340,31 @@ def test_backward_on_the_gathered_support_equals_the_full_rows(alpha, dtype, tol
         assert torch.autograd.gradcheck(lambda x, a: ops.entmax(x, a), (leaf_x, leaf_a))
 
 
+def test_sparse_support_found_through_groups_equals_every_positive_entry(monkeypatch):
+    """Backward finds a sparse chunk's support through the groups holding any of it (rows of whole groups): the
+    positive entries of every row, in order, rows without support included; the gradients equal the full rows'."""
+    import fluence_fairseq.ops.entmax as ops
+
+    x = _scores(4, 2, 8, 1024, scale=8.0, dtype=torch.float64)
+    a = torch.tensor([1.5, 1.8], dtype=torch.float64).view(1, 2, 1, 1)
+    p = ops.entmax(x, a)
+    p[0, 0, 0] = 0
+    rows = p.reshape(-1, 1024)
+    calls = []
+    in_groups = ops._entries_above_in_groups
+    monkeypatch.setattr(ops, "_entries_above_in_groups", lambda *args: calls.append(1) or in_groups(*args))
+    found = ops._sparse_support(rows)
+    assert calls == [1] and found is not None
+    want = (rows > 0).nonzero().unbind(1)
+    assert all(torch.equal(f, w) for f, w in zip(found, want))
+    grad = _scores(4, 2, 8, 1024, seed=1, dtype=torch.float64)
+    got = ops.entmax_backward(p, grad, a, with_alpha=True)
+    monkeypatch.setattr(ops, "SUPPORT_BELOW", -1.0)
+    full = ops.entmax_backward(p, grad, a, with_alpha=True)
+    for g, w in zip(got, full):
+        torch.testing.assert_close(g, w, atol=1e-13, rtol=1e-13)
+
+
 def test_alpha_gradient_matches_the_paper_worked_example():
     # the example of the notes (verified there by finite differences against entmax_bisect)
     z = torch.tensor([0.3, -0.2, 1.1, 0.0, -1.0], dtype=torch.float64)
