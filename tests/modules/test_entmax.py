@@ -145,7 +145,8 @@ def test_general_alpha_searches_the_entries_above_its_start_only(scale, dtype, m
     """For α other than 1.5 and 2 (a power of every entry in every Newton step) a chunk whose rows have few entries
     above their group-maxima start runs the search on those entries alone and scatters the output: probabilities
     and row statistics equal the full-row search's (forced by GATHER_BELOW = 0), with masked entries, a fully
-    masked row and a row masked but for its last entry; dense chunks (α = 1.1 at scale 2) are refused."""
+    masked row and a row masked but for its last entry; dense chunks (α = 1.1 at scale 2) are refused or, most of
+    their entries above the start, searched in full from their mean's bound without trying."""
     import fluence_fairseq.ops.entmax as ops
 
     x = _scores(2, 3, 4, 1024, scale=scale, dtype=dtype)
@@ -155,26 +156,36 @@ def test_general_alpha_searches_the_entries_above_its_start_only(scale, dtype, m
     mask[0, 0, 1, -1] = False
     alpha = torch.tensor([1.1, 1.3, 1.8], dtype=dtype).view(1, 3, 1, 1)
     monkeypatch.setattr(ops, "ROW_CHUNK_ELEMENTS", 4 * 1024)  # one chunk per (batch, head)
-    outcomes = []
-    gathered = ops._gathered_threshold
+    outcomes = []  # (α of the chunk, how it was searched)
+    gathered, mean_start = ops._gathered_threshold, ops._mean_start
+
+    def alpha_of(beta):
+        return round(1 + 1 / float(beta.reshape(-1)[0]), 6)
 
     def spy(*args, **kwargs):
         found = gathered(*args, **kwargs)
         if kwargs.get("output", True):  # the chunks' searches, not their starts'
-            outcomes.append(found is not None)
+            outcomes.append((alpha_of(args[1]), "gathered" if found is not None else "refused"))
         return found
 
+    def dense_spy(u, beta, start):
+        outcomes.append((alpha_of(beta), "dense"))
+        return mean_start(u, beta, start)
+
     monkeypatch.setattr(ops, "_gathered_threshold", spy)
+    monkeypatch.setattr(ops, "_mean_start", dense_spy)
     p, stats = ops.entmax_with_stats(x, alpha, mask)
     chunks = outcomes[:]
     monkeypatch.setattr(ops, "GATHER_BELOW", 0.0)
     outcomes.clear()
     p_full, stats_full = ops.entmax_with_stats(x, alpha, mask)
-    assert len(chunks) == 6 and not any(outcomes)
+    assert sorted(a for a, _ in chunks) == [1.1, 1.1, 1.3, 1.3, 1.8, 1.8]
+    assert all(how != "gathered" for _, how in outcomes)
     if scale == 20.0:
-        assert all(chunks)
-    else:
-        assert chunks[0] is False and chunks[3] is False and chunks[2] and chunks[5]  # α = 1.1 dense, 1.8 sparse
+        assert all(how == "gathered" for _, how in chunks)
+    else:  # α = 1.1 dense (refused after trying, or searched from its mean), 1.8 sparse
+        assert {how for a, how in chunks if a == 1.1} <= {"refused", "dense"} and ("dense" in {h for _, h in chunks})
+        assert all(how == "gathered" for a, how in chunks if a == 1.8)
     tol = 1e-13 if dtype == torch.float64 else 1e-6
     torch.testing.assert_close(p, p_full, atol=tol, rtol=0)
     torch.testing.assert_close(stats, stats_full, atol=tol, rtol=tol)
@@ -238,6 +249,65 @@ def test_a_general_alphas_start_is_searched_on_the_group_maxima_above_minus_one(
     p_full, stats_full = ops.entmax_with_stats(x, alpha, None)
     torch.testing.assert_close(p, p_full, atol=1e-14, rtol=0)
     torch.testing.assert_close(stats, stats_full, atol=1e-13, rtol=1e-13)
+
+
+@pytest.mark.parametrize("alpha", [1.05, 1.3, 1.5, 2.0])
+def test_mean_start_is_at_or_below_every_rows_threshold_and_on_it_for_equal_entries(alpha):
+    """Dense rows start from the bound that the mean of their entries above -1 gives (Jensen's inequality): at or
+    below each row's τ for rows of every spread, with masked entries, entries below -1, a fully masked row and a
+    row of one entry; equal to τ (to a few ulps) for a row of equal entries; never below the start it is given."""
+    import fluence_fairseq.ops.entmax as ops
+
+    beta = 1 / (alpha - 1)
+    rows = []
+    for scale in (0.01, 0.3, 1.0, 5.0):
+        x = _scores(8, 300, scale=scale, dtype=torch.float64, seed=int(scale * 100))
+        rows.append((x - x.amax(-1, keepdim=True)) * (alpha - 1))
+    u = torch.cat(rows)
+    u[0, ::2] = float("-inf")
+    u[1, 5:] = -3.0
+    u[2] = float("-inf")
+    u[3, 1:] = float("-inf")
+    equal = torch.zeros(1, 300, dtype=torch.float64)
+    u = torch.cat([u, equal, equal - 0.01 * torch.arange(300, dtype=torch.float64) / 300])
+    top = u.amax(-1, keepdim=True)
+    u = u - torch.where(top > float("-inf"), top, torch.zeros_like(top))  # every row's max at 0, as the callers'
+    tau = ops._newton_threshold(u, beta)[0]
+    bound = ops._mean_start(u, beta, None)
+    live = torch.arange(u.size(0)) != 2
+    assert (bound[live] <= tau[live]).all() and (bound >= -1).all()
+    assert (tau[-2] - bound[-2]).abs() < 1e-13  # equal entries: the bound is the root
+    group_start = ops._newton_threshold(ops._group_maxima(u, ops.START_GROUP), beta)[0]
+    # nearly equal entries (a spread of 0.01): close to it, far closer than the group maxima's root
+    assert tau[-1] - bound[-1] < 1e-3 and tau[-1] - group_start[-1] > 10 * (tau[-1] - bound[-1])
+    start = torch.full_like(tau, -0.5)
+    assert (ops._mean_start(u, beta, start) >= start).all()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
+def test_dense_chunks_searched_from_their_mean_take_fewer_steps_and_equal_the_group_start(dtype, tol, monkeypatch):
+    """A general α's chunk most of whose entries lie above its start (dense rows: α near 1, small scores) starts
+    from the larger of the group-maxima root and the mean's bound: fewer full-row steps in float32 (no more in
+    float64), the same probabilities."""
+    import fluence_fairseq.ops.entmax as ops
+
+    x = _scores(2, 3, 64, 1024, scale=0.3, dtype=dtype)
+    alpha = torch.tensor([1.1, 1.2, 1.4], dtype=dtype).view(1, 3, 1, 1)
+    monkeypatch.setattr(ops, "ROW_CHUNK_ELEMENTS", 64 * 1024)  # one chunk per (batch, head)
+    steps = []
+    step = ops._newton_step
+    monkeypatch.setattr(ops, "_newton_step", lambda u, *a: steps.append(u.size(0) * (u.size(-1) == 1024)) or step(u, *a))
+    p, stats = ops.entmax_with_stats(x, alpha, None)
+    from_mean = sum(steps)
+    steps.clear()
+    monkeypatch.setattr(ops, "_mean_start", lambda u, beta, start: start)
+    p_group, stats_group = ops.entmax_with_stats(x, alpha, None)
+    # float64's tolerance takes 3-5 steps from either start; float32's 2-3 save one
+    assert from_mean < 0.8 * sum(steps) if dtype == torch.float32 else from_mean <= sum(steps)
+    torch.testing.assert_close(p, p_group, atol=tol, rtol=0)
+    torch.testing.assert_close(stats[..., :2], stats_group[..., :2], atol=16 * tol, rtol=0)  # shift, τ
+    # the normaliser: two searches stop within the tolerance of the root, which moves the sum by β tol / d
+    torch.testing.assert_close(stats[..., 2], stats_group[..., 2], atol=0, rtol=20 * tol)
 
 
 @pytest.mark.parametrize("scale", [0.3, 3.0])
