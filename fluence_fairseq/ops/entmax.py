@@ -14,11 +14,15 @@ ones): dropping entries can only lower the sum, so that root is below the row's,
 group holds two entries of the support, as with the few keys a trained attention row keeps. It costs a pass over
 the rows' maxima (a 32nd of the rows) and cut the full-row steps on the need_weights benchmark's scores at
 L=4096 from about 7 to 1-3 (``python -m benchmarks.entmax_search``; rows whose support is much of the row gain
-less). Taking the β-norm rather than the sum of powers keeps g nearly linear far from the root, so a row
-dominated by one logit converges in one step whatever α is (the plain sum behaves like t^β and would need about β
-steps). For sparsemax (β=1) g is piecewise linear and Newton is Michelot's exact algorithm: it stops when the
-support is found. Rows of 64 N(0,1) logits need 3-6 steps; the loop stops when no row moved. For α > 2 (β < 1) g
-is not convex, and τ is found by bisection with the corrected bracket update of entmax >= 1.2.
+less; for a general α, chunks whose support is most of the row start at the bound the mean of their entries
+gives instead, :func:`_mean_start`, and the search runs on the entries above the start only when they are few,
+:func:`_gathered_threshold`). Taking the β-norm rather than the sum of powers keeps g nearly linear far from the
+root, so a row dominated by one logit converges in one step whatever α is (the plain sum behaves like t^β and
+would need about β steps). For sparsemax (β=1) g is piecewise linear and Newton is Michelot's exact algorithm: it
+stops when the support is found. Rows of 64 N(0,1) logits need 3-6 steps; the loop stops when no row moved (a
+general α's row may stop a step before, when its next step is predicted far below the tolerance:
+:data:`SETTLE`). For α > 2 (β < 1) g is not convex, and τ is found by bisection with the corrected bracket
+update of entmax >= 1.2.
 
 Where the ``entmax`` package is wrong for attention, these functions are not:
 

@@ -14,6 +14,16 @@ def _scores(*shape, seed=0, scale=1.0, dtype=torch.float32):
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale).to(dtype)
 
 
+def _full_row_steps(ops, monkeypatch, width):
+    """A list to which every Newton step of ``ops`` adds its number of rows if they are full rows of ``width``
+    entries (0 for steps on gathered or compacted copies)."""
+    steps = []
+    step = ops._newton_step
+    monkeypatch.setattr(ops, "_newton_step",
+                        lambda u, *a: steps.append(u.size(0) * (u.size(-1) == width)) or step(u, *a))
+    return steps
+
+
 # ------------------------------------------------------------------------------------------ normalisers
 @pytest.mark.parametrize("ours,reference", [(sparsemax, entmax_pkg.sparsemax), (entmax15, entmax_pkg.entmax15)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
@@ -294,9 +304,7 @@ def test_dense_chunks_searched_from_their_mean_take_fewer_steps_and_equal_the_gr
     x = _scores(2, 3, 64, 1024, scale=0.3, dtype=dtype)
     alpha = torch.tensor([1.1, 1.2, 1.4], dtype=dtype).view(1, 3, 1, 1)
     monkeypatch.setattr(ops, "ROW_CHUNK_ELEMENTS", 64 * 1024)  # one chunk per (batch, head)
-    steps = []
-    step = ops._newton_step
-    monkeypatch.setattr(ops, "_newton_step", lambda u, *a: steps.append(u.size(0) * (u.size(-1) == 1024)) or step(u, *a))
+    steps = _full_row_steps(ops, monkeypatch, 1024)
     p, stats = ops.entmax_with_stats(x, alpha, None)
     from_mean = sum(steps)
     steps.clear()
@@ -322,9 +330,7 @@ def test_rows_settled_without_a_confirming_step_equal_confirmed_ones(dtype, tol,
     x = _scores(2, 4, 64, 512, scale=scale, dtype=dtype)
     alphas = [1.05, 1.1, 1.25, 1.6]
     alpha = torch.tensor(alphas, dtype=dtype).view(1, 4, 1, 1)
-    steps = []
-    step = ops._newton_step
-    monkeypatch.setattr(ops, "_newton_step", lambda u, *a: steps.append(u.size(0) * (u.size(-1) == 512)) or step(u, *a))
+    steps = _full_row_steps(ops, monkeypatch, 512)
     p, stats = ops.entmax_with_stats(x, alpha, None)
     settled_steps = sum(steps)
     steps.clear()
@@ -333,7 +339,8 @@ def test_rows_settled_without_a_confirming_step_equal_confirmed_ones(dtype, tol,
     assert settled_steps < 0.9 * sum(steps)
     torch.testing.assert_close(p, p_confirmed, atol=tol, rtol=0)
     torch.testing.assert_close(stats[..., 1], stats_confirmed[..., 1], atol=16 * tol, rtol=0)
-    reference = torch.stack([entmax_pkg.entmax_bisect(x[:, h].double(), a, n_iter=200) for h, a in enumerate(alphas)], 1)
+    reference = torch.stack([entmax_pkg.entmax_bisect(x[:, h].double(), a, n_iter=200)
+                             for h, a in enumerate(alphas)], 1)
     error, confirmed_error = (p.double() - reference).abs().max(), (p_confirmed.double() - reference).abs().max()
     assert error <= confirmed_error + tol
 
