@@ -2,7 +2,8 @@
 
 The scores are those of the need_weights benchmark's first query block (``(1, H, L / 8, L)``: queries and keys
 projected by a freshly built attention from ``N(0, 1)`` inputs, width 512), optionally scaled (``--scales``: larger
-scales give sparser rows, smaller ones denser). For sparsemax, 1.5-entmax and one α per head (1.1 ... 1.9), each
+scales give sparser rows, smaller ones denser). For sparsemax, 1.5-entmax, one α per head (1.1 ... 1.9) and the
+attention's own random initial α per head (``random``: 1 + sigmoid(N(0, 1)), seed 0), each
 row reports the share of non-zero probabilities, the Newton steps over whole rows per row (steps on a gathered
 subset of rows count by their share), the forward (``ops.entmax.entmax_with_stats``) and backward
 (``entmax_backward``) milliseconds, the fastest of ``--repeats`` rounds (:func:`benchmarks.common.round_robin`),
@@ -20,7 +21,7 @@ import torch
 
 from .common import add_allocator_argument, round_robin, use_allocator
 
-ALPHAS = (2.0, 1.5, "per-head")
+ALPHAS = (2.0, 1.5, "per-head", "random")
 
 
 def _row_steps(ops, scores, alpha) -> float:
@@ -75,6 +76,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         k = module.k_proj(x).view(L, H, D // H).transpose(0, 1)
         base = torch.bmm(q, k.transpose(1, 2)).unsqueeze(0)
     per_head = torch.linspace(1.1, 1.9, H).view(1, H, 1, 1)
+    # the attention's own initial α (the paper's: 1 + sigmoid(N(0, 1)) per head), as the need_weights benchmark's
+    # α-entmax module has it: heads from sparse to dense in one block
+    from fluence_fairseq.modules.entmax import learned_alpha
+    random_alpha = learned_alpha(torch.randn(H, generator=torch.Generator().manual_seed(0))).view(1, H, 1, 1)
     print(f"# entmax normalisers on one (1, {H}, {rows}, {L}) query block, {args.threads} thread(s), torch "
           f"{torch.__version__}, {platform.processor() or platform.machine()}; allocator {allocator}; ms are the "
           f"fastest of {args.repeats}\n")
@@ -85,12 +90,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             scores = base * scale
             grad = torch.randn_like(scores)
             for alpha in ALPHAS:
-                a = per_head if alpha == "per-head" else alpha
+                a = {"per-head": per_head, "random": random_alpha}.get(alpha, alpha)
                 p = new.entmax_with_stats(scores, a, None)[0]
                 calls = {}
                 for name, ops in sides:
                     calls[name, "fwd"] = lambda ops=ops: ops.entmax_with_stats(scores, a, None)
-                    calls[name, "bwd"] = lambda ops=ops: ops.entmax_backward(p, grad, a, with_alpha=alpha == "per-head")
+                    calls[name, "bwd"] = lambda ops=ops: ops.entmax_backward(p, grad, a,
+                                                                             with_alpha=isinstance(a, torch.Tensor))
                 ms = {key: 1e3 * t for key, t in round_robin(calls, args.repeats, allocator).items()}
                 cells = []
                 for name, ops in sides:

@@ -76,6 +76,9 @@ START_GROUP = 32
 #: 61.0 ms, 1/4: 84.7 / 125.1 / 57.1, 1/2: 78.8 / 120.7 / 56.0, 3/4: alike, 1 (always): 151.3 / 284.5 / 96.3,
 #: never: 113.2 / 135.5 / 83.7. Gathering for 1.5-entmax, whose steps take no power, took 28.9 -> 40.4 ms
 GATHER_BELOW = 1 / 2
+#: a general α's chunk with more than this share of its entries above its start starts from their mean's bound
+#: (:func:`_mean_start`)
+DENSE_ABOVE = 1 / 2
 #: the entries above the start are found among those of the groups whose maxima are above it when these groups
 #: hold less than this share of a chunk's entries (:func:`_entries_above`), else by comparing every entry
 SCAN_GROUPS_BELOW = 1 / 4
@@ -329,7 +332,7 @@ def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor, gr
     by the widest row of the entries found."""
     rows, n = u.shape
     limit = GATHER_BELOW * n
-    if not sampled and _mostly_above(u, start):
+    if not sampled and _too_wide(*_sampled_shares(u, start), n):
         return None
     row_of, col_of = _entries_above(u, start, groups)
     counts = torch.bincount(row_of, minlength=rows)
@@ -346,11 +349,18 @@ def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor, gr
     return tau, total
 
 
-def _mostly_above(u: Tensor, start: Union[float, Tensor]) -> bool:
-    """Whether more than :data:`GATHER_BELOW` of the entries of ``u`` (R, n) are above ``start`` (a float or
-    (R, 1)), judged on every 16th column."""
-    sample = u[:, ::16]
-    return int((sample > start).sum()) > GATHER_BELOW * sample.numel()
+def _sampled_shares(u: Tensor, start: Union[float, Tensor]) -> Tuple[float, float]:
+    """The share of the entries of ``u`` (R, n) above ``start`` (a float or (R, 1)) and the largest share of one
+    row, judged on every 16th column."""
+    above = (u[:, ::16] > start).sum(-1)
+    columns = -(-u.size(-1) // 16)  # len(range(0, n, 16))
+    return float(above.sum()) / (columns * u.size(0)), float(above.max()) / columns
+
+
+def _too_wide(share: float, row_share: float, n: int) -> bool:
+    """Whether a chunk's gathered copy would have a row wider than :data:`GATHER_BELOW` of its ``n`` entries,
+    from :func:`_sampled_shares`: the widest sampled row where rows give 64 samples or more, else the mean."""
+    return (row_share if n >= 1024 else share) > GATHER_BELOW
 
 
 def _mean_start(u: Tensor, beta: Union[float, Tensor], start: Optional[Tensor]) -> Tensor:
@@ -432,9 +442,10 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
         part_start = None if starts is None else starts[part]
         # a search with powers on a chunk most of whose entries are above the start (or -1): the group maxima bound
         # τ poorly there, the mean well; on the others, one on the entries above the start pays for gathering them
-        dense = powered and _mostly_above(chunk, -1.0 if part_start is None else part_start)
+        shares = _sampled_shares(chunk, -1.0 if part_start is None else part_start) if powered else (0.0, 0.0)
+        dense = shares[0] > DENSE_ABOVE
         found = None
-        if gathers and powered and not dense:
+        if gathers and not dense and not _too_wide(*shares, n):
             found = _gathered_threshold(chunk, part_beta, part_start, groups[part], sampled=True)
         if found is None:
             if dense:

@@ -155,8 +155,8 @@ def test_general_alpha_searches_the_entries_above_its_start_only(scale, dtype, m
     """For α other than 1.5 and 2 (a power of every entry in every Newton step) a chunk whose rows have few entries
     above their group-maxima start runs the search on those entries alone and scatters the output: probabilities
     and row statistics equal the full-row search's (forced by GATHER_BELOW = 0), with masked entries, a fully
-    masked row and a row masked but for its last entry; dense chunks (α = 1.1 at scale 2) are refused or, most of
-    their entries above the start, searched in full from their mean's bound without trying."""
+    masked row and a row masked but for its last entry; dense chunks (α = 1.1 at scale 2) are not gathered: their
+    sampled rows too wide to try, or most of their entries above the start (searched from their mean's bound)."""
     import fluence_fairseq.ops.entmax as ops
 
     x = _scores(2, 3, 4, 1024, scale=scale, dtype=dtype)
@@ -189,18 +189,39 @@ def test_general_alpha_searches_the_entries_above_its_start_only(scale, dtype, m
     monkeypatch.setattr(ops, "GATHER_BELOW", 0.0)
     outcomes.clear()
     p_full, stats_full = ops.entmax_with_stats(x, alpha, mask)
-    assert sorted(a for a, _ in chunks) == [1.1, 1.1, 1.3, 1.3, 1.8, 1.8]
     assert all(how != "gathered" for _, how in outcomes)
     if scale == 20.0:
+        assert sorted(a for a, _ in chunks) == [1.1, 1.1, 1.3, 1.3, 1.8, 1.8]
         assert all(how == "gathered" for _, how in chunks)
-    else:  # α = 1.1 dense (refused after trying, or searched from its mean), 1.8 sparse
+    else:  # α = 1.1 dense (searched from its mean, or in full, too wide to try), 1.8 sparse
         assert {how for a, how in chunks if a == 1.1} <= {"refused", "dense"} and ("dense" in {h for _, h in chunks})
-        assert all(how == "gathered" for a, how in chunks if a == 1.8)
+        assert [how for a, how in chunks if a == 1.8] == ["gathered", "gathered"]
     tol = 1e-13 if dtype == torch.float64 else 1e-6
     torch.testing.assert_close(p, p_full, atol=tol, rtol=0)
     torch.testing.assert_close(stats, stats_full, atol=tol, rtol=tol)
     assert torch.equal(p[0, 0, 0], torch.zeros(1024, dtype=dtype)) and p[0, 0, 1, -1] == 1
     assert (p[mask] == 0).all()
+
+
+def test_a_chunk_with_a_row_too_wide_to_gather_is_refused_before_listing_its_entries(monkeypatch):
+    """The sampled columns predict the gathered copy's widest row (rows of 1,024 or more entries: 64 samples a row
+    or more): one row with most of its entries above the start refuses the chunk before anything is listed, though
+    the chunk's mean share is small; shorter rows judge by the mean share."""
+    import fluence_fairseq.ops.entmax as ops
+
+    u = torch.full((64, 1024), -2.0)
+    u[:, 0] = 0.0
+    u[7, :900] = -0.1  # one wide row
+    start = torch.full((64, 1), -0.5)
+    share, row_share = ops._sampled_shares(u, start)
+    assert share < 0.05 and row_share > 0.8
+    assert ops._too_wide(share, row_share, 1024) and not ops._too_wide(share, row_share, 512)
+    listed = []
+    entries = ops._entries_above
+    monkeypatch.setattr(ops, "_entries_above", lambda *a: listed.append(1) or entries(*a))
+    assert ops._gathered_threshold(u.clone(), 4.0, start, None) is None and not listed
+    u[7, :900] = -2.0
+    assert ops._gathered_threshold(u.clone(), 4.0, start, None) is not None and listed
 
 
 @pytest.mark.parametrize("n", [1024, 1000])  # 1000: not whole groups of 32, compared in full
