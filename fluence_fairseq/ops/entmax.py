@@ -327,9 +327,9 @@ def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor, gr
     divided by, or None without ``output``), or None (``u`` untouched) when some row has more than
     :data:`GATHER_BELOW` of its entries there. τ only rises from the start, so an entry at or below it is 0 in the
     output and adds nothing to any sum the search takes. ``groups``: the rows' group maxima, if known. A chunk is
-    refused first when more than that share of every 16th column is above the start (:func:`_mostly_above`;
-    counting every entry of a dense chunk cost as much as a search step; ``sampled``: the caller has checked), then
-    by the widest row of the entries found."""
+    refused first when every 16th column says a row would be too wide (:func:`_too_wide`; listing the entries of
+    a dense chunk cost as much as a search step; ``sampled``: the caller has checked), then by the widest row of
+    the entries found."""
     rows, n = u.shape
     limit = GATHER_BELOW * n
     if not sampled and _too_wide(*_sampled_shares(u, start), n):
@@ -427,8 +427,6 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
     # exactly 0
     fused_shift = isinstance(row_scale, float) and math.frexp(row_scale)[0] == 0.5 and row_scale != 1.0
     gathers = gathers and starts is not None
-    # a start from the mean of dense rows took 1.5-entmax's forward from 33.3 to 36.2 ms at scale 0.1 (5 -> 4 steps
-    # per row; its steps cost about what the start's passes do) and sparsemax's up by 4% (the sampled check)
     # the rows a chunk at a time, every Newton step and the output of one chunk before the next: a chunk's rows
     # stay in cache through the search's passes (the whole matrix streamed through memory at every pass)
     for part in _row_chunks(rows):
@@ -441,7 +439,9 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
         part_beta = row_beta if isinstance(row_beta, float) else row_beta[part]
         part_start = None if starts is None else starts[part]
         # a search with powers on a chunk most of whose entries are above the start (or -1): the group maxima bound
-        # τ poorly there, the mean well; on the others, one on the entries above the start pays for gathering them
+        # τ poorly there, the mean well; on the others, one on the entries above the start pays for gathering them.
+        # Not for 1.5-entmax: the mean's start took its forward from 33.3 to 36.2 ms at scale 0.1 (5 -> 4 steps per
+        # row, each costing about what the start's passes do), and the sampled check sparsemax's up by 4%
         shares = _sampled_shares(chunk, -1.0 if part_start is None else part_start) if powered else (0.0, 0.0)
         dense = shares[0] > DENSE_ABOVE
         found = None
