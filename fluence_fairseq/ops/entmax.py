@@ -426,7 +426,6 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
     # 1/2), whose products are exact; otherwise the two may differ in the last bit, and the row maximum must stay
     # exactly 0
     fused_shift = isinstance(row_scale, float) and math.frexp(row_scale)[0] == 0.5 and row_scale != 1.0
-    gathers = gathers and starts is not None
     # the rows a chunk at a time, every Newton step and the output of one chunk before the next: a chunk's rows
     # stay in cache through the search's passes (the whole matrix streamed through memory at every pass)
     for part in _row_chunks(rows):
@@ -445,7 +444,7 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
         shares = _sampled_shares(chunk, -1.0 if part_start is None else part_start) if powered else (0.0, 0.0)
         dense = shares[0] > DENSE_ABOVE
         found = None
-        if gathers and not dense and not _too_wide(*shares, n):
+        if gathers and part_start is not None and not dense and not _too_wide(*shares, n):
             found = _gathered_threshold(chunk, part_beta, part_start, groups[part], sampled=True)
         if found is None:
             if dense:
