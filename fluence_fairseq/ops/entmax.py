@@ -36,7 +36,7 @@ Backward is analytic (the entmax Jacobian, :func:`_entmax_backward`), including 
 (Correia et al. 2019, Proposition 1), reduced to α's shape so a per-head α of shape ``(1, H, 1, 1)`` works.
 """
 import math
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -305,19 +305,27 @@ def _entries_above(u: Tensor, start: Tensor, groups: Optional[Tensor]) -> Tuple[
     return (u > start).nonzero().unbind(1)
 
 
-def _entries_above_in_groups(u: Tensor, start: Tensor, chosen: Tensor) -> Tuple[Tensor, Tensor]:
+def _entries_above_in_groups(u: Tensor, start: Tensor, chosen: Tensor,
+                             shifted: Optional[Callable[[Tensor, Tensor], Tensor]] = None):
     """:func:`_entries_above` compared only in the groups of :data:`START_GROUP` consecutive entries marked in
     ``chosen`` (R, n / START_GROUP): those whose maxima are above the start, the only ones that hold such entries.
     ``u`` is contiguous, so the chosen groups are rows of its (R n / START_GROUP, START_GROUP) view (copied by one
-    ``index_select``: a two-dimensional index took 2-4x as long)."""
+    ``index_select``: a two-dimensional index took 2-4x as long).
+
+    ``shifted``: ``u`` holds the scores, not yet shifted, and ``shifted(entries, rows)`` shifts the chosen groups'
+    entries of the given rows the way the whole chunk would have been; then the entries' shifted values are
+    returned too, ``(rows, columns, values)``."""
     per_row = chosen.size(-1)
     flat = chosen.view(-1).nonzero().view(-1)  # group ids, row-major
     group_rows = torch.div(flat, per_row, rounding_mode="floor")
     candidates = u.view(-1, START_GROUP).index_select(0, flat)
+    if shifted is not None:
+        candidates = shifted(candidates, group_rows)
     above = candidates > start.view(-1).index_select(0, group_rows).unsqueeze(1)
     group_of, position = above.nonzero().unbind(1)
     columns = (flat - group_rows * per_row).index_select(0, group_of).mul_(START_GROUP).add_(position)
-    return group_rows.index_select(0, group_of), columns
+    rows = group_rows.index_select(0, group_of)
+    return (rows, columns) if shifted is None else (rows, columns, candidates[group_of, position])
 
 
 def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor, groups: Optional[Tensor],
@@ -330,23 +338,62 @@ def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor, gr
     refused first when every 16th column says a row would be too wide (:func:`_too_wide`; listing the entries of
     a dense chunk cost as much as a search step; ``sampled``: the caller has checked), then by the widest row of
     the entries found."""
-    rows, n = u.shape
-    limit = GATHER_BELOW * n
+    n = u.size(-1)
     if not sampled and _too_wide(*_sampled_shares(u, start), n):
         return None
     row_of, col_of = _entries_above(u, start, groups)
+    return _search_listed(u[row_of, col_of], row_of, col_of, u, beta, start, output)
+
+
+def _search_listed(values: Tensor, row_of: Tensor, col_of: Tensor, out: Tensor, beta: Union[float, Tensor],
+                   start: Tensor, output: bool = True) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+    """The search of :func:`_gathered_threshold` on the listed entries above the start of the rows of ``out`` (R,
+    n), ``values`` at ``(row_of, col_of)`` (each row's in a run), and (``output``) the output written over
+    ``out``; None (``out`` untouched) when a row has more than :data:`GATHER_BELOW` of its entries listed."""
+    rows, n = out.shape
     counts = torch.bincount(row_of, minlength=rows)
-    widest = int(counts.max())
-    if widest > limit:
+    widest = int(counts.max()) if rows else 0
+    if widest > GATHER_BELOW * n:
         return None
-    slot = torch.arange(row_of.numel(), device=u.device) - (counts.cumsum(0) - counts).index_select(0, row_of)
-    gathered = u.new_full((rows, max(1, widest)), float("-inf")).index_put_((row_of, slot), u[row_of, col_of])
+    slot = torch.arange(row_of.numel(), device=out.device) - (counts.cumsum(0) - counts).index_select(0, row_of)
+    gathered = values.new_full((rows, max(1, widest)), float("-inf")).index_put_((row_of, slot), values)
     tau, powers, totals = _newton_threshold(gathered, beta, start)
     if not output:
         return tau, None
     total = _normalise(gathered, tau, powers, totals, beta)
-    u.zero_().index_put_((row_of, col_of), gathered[row_of, slot])
+    out.zero_().index_put_((row_of, col_of), gathered[row_of, slot])
     return tau, total
+
+
+def _shift_scores(x: Tensor, shift: Tensor, scale: Union[float, Tensor], fused: bool,
+                  out: Optional[Tensor] = None) -> Tensor:
+    """``u = (x - shift) * scale`` for rows ``x`` and their ``shift`` and ``scale`` (floats or (R, 1)), as
+    ``x * scale - shift * scale`` in one pass when ``fused`` (the same numbers for a power of two, 1.5-entmax's
+    1/2, whose products are exact; otherwise the two may differ in the last bit, and the row maximum must stay
+    exactly 0). Whole rows and any of their entries alone get the same numbers from it."""
+    if fused:
+        return torch.add(shift * -scale, x, alpha=scale, out=out)
+    u = torch.sub(x, shift, out=out)
+    if not (isinstance(scale, float) and scale == 1.0):
+        u.mul_(scale)
+    return u
+
+
+def _gathered_unshifted(x: Tensor, shift: Tensor, scale: Union[float, Tensor], fused: bool, start: Tensor,
+                        chosen: Tensor, beta: Union[float, Tensor], out: Tensor):
+    """:func:`_gathered_threshold` on the rows ``x`` (R, n) *before* their shift (:func:`_shift_scores`), output
+    written into ``out``, through the groups ``chosen`` (R, n / START_GROUP) whose shifted maxima are above the
+    ``start``: only their entries are shifted, and the rows are never shifted as a whole (a read and a write of
+    every entry, the largest pass of a sparse chunk's forward). The maxima decide exactly: the shift's rounding is
+    monotone, so a group's largest shifted entry is its largest entry shifted. Returns (τ, the sums divided by),
+    or None (``out`` untouched) when a row is too wide (:func:`_search_listed`)."""
+
+    def shifted(entries: Tensor, rows: Tensor) -> Tensor:
+        row_scale = scale if isinstance(scale, float) else scale.index_select(0, rows)
+        return _shift_scores(entries, shift.index_select(0, rows), row_scale, fused)
+
+    row_of, col_of, values = _entries_above_in_groups(x, start, chosen, shifted)
+    return _search_listed(values, row_of, col_of, out, beta, start)
 
 
 def _sampled_shares(u: Tensor, start: Union[float, Tensor]) -> Tuple[float, float]:
@@ -422,40 +469,78 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
         starts = (found[0] if found is not None else _newton_threshold(groups, row_beta)[0]).view(-1, 1)
     stats = rows.new_empty(rows.size(0), 3)
     stats[:, 0] = shift_rows.view(-1)
-    # (x - shift) (α-1) as x (α-1) - shift (α-1) in one pass: the same numbers for a power of two (1.5-entmax's
-    # 1/2), whose products are exact; otherwise the two may differ in the last bit, and the row maximum must stay
-    # exactly 0
+    # (x - shift) (α-1) as x (α-1) - shift (α-1) in one pass where that gives the same numbers (:func:`_shift_scores`)
     fused_shift = isinstance(row_scale, float) and math.frexp(row_scale)[0] == 0.5 and row_scale != 1.0
     # the rows a chunk at a time, every Newton step and the output of one chunk before the next: a chunk's rows
     # stay in cache through the search's passes (the whole matrix streamed through memory at every pass)
-    for part in _row_chunks(rows):
-        if fused_shift:
-            chunk = torch.add(shift_rows[part] * -row_scale, base_rows[part], alpha=row_scale, out=rows[part])
-        else:
-            chunk = torch.sub(base_rows[part], shift_rows[part], out=rows[part])
-            if not (isinstance(row_scale, float) and row_scale == 1.0):
-                chunk.mul_(row_scale if isinstance(row_scale, float) else row_scale[part])
-        part_beta = row_beta if isinstance(row_beta, float) else row_beta[part]
-        part_start = None if starts is None else starts[part]
-        # a search with powers on a chunk most of whose entries are above the start (or -1): the group maxima bound
-        # τ poorly there, the mean well; on the others, one on the entries above the start pays for gathering them.
-        # Not for 1.5-entmax: the mean's start took its forward from 33.3 to 36.2 ms at scale 0.1 (5 -> 4 steps per
-        # row, each costing about what the start's passes do), and the sampled check sparsemax's up by 4%
-        shares = _sampled_shares(chunk, -1.0 if part_start is None else part_start) if powered else (0.0, 0.0)
-        dense = shares[0] > DENSE_ABOVE
+    chunks = _row_chunks(rows)
+    # except where few groups are above the start: runs of such chunks are searched, and their output written,
+    # together and without being shifted as a whole (:func:`_gathered_unshifted`)
+    runs = [(part, False, [part]) for part in chunks]
+    if (rows.device.type in GATHER_DEVICES and groups is not None and n % START_GROUP == 0
+            and base_rows.is_contiguous()):
+        chosen = groups > starts
+        runs = _sparse_runs(chunks, chosen.sum(-1), n)
+    for part, sparse, members in runs:
         found = None
-        if gathers and part_start is not None and not dense and not _too_wide(*shares, n):
-            found = _gathered_threshold(chunk, part_beta, part_start, groups[part], sampled=True)
-        if found is None:
-            if dense:
-                part_start = _mean_start(chunk, part_beta, part_start)
-            tau, powers, totals = _newton_threshold(chunk, part_beta, part_start)
-            found = tau, _normalise(chunk, tau, powers, totals, part_beta)
-        stats[part, 1:2] = found[0]
-        stats[part, 2:3] = found[1].reciprocal_()
+        if sparse:
+            found = _gathered_unshifted(base_rows[part], shift_rows[part], _rows_of(row_scale, part), fused_shift,
+                                        starts[part], chosen[part], _rows_of(row_beta, part), rows[part])
+        searched = [(part, found)] if found is not None else [
+            (sub, _shifted_search(base_rows[sub], shift_rows[sub], _rows_of(row_scale, sub), fused_shift,
+                                  _rows_of(starts, sub), _rows_of(groups, sub), _rows_of(row_beta, sub), rows[sub]))
+            for sub in members]
+        for sub, (tau, total) in searched:
+            stats[sub, 1:2] = tau
+            stats[sub, 2:3] = total.reciprocal_()
     # rows without entries are zeros already ([-inf - τ]_+ = 0, divided by the smallest float); their scale is 0
     stats[:, 2:3].mul_(has_entries.reshape(-1, 1))
     return rows.view(x.shape), stats.view(x.shape[:-1] + (3,))
+
+
+def _rows_of(value, part: slice):
+    """The rows ``part`` of a per-row tensor (R, ...); a float or None as it is."""
+    return value if value is None or isinstance(value, float) else value[part]
+
+
+def _sparse_runs(chunks, chosen_per_row: Tensor, n: int):
+    """``(rows, sparse, chunks)``: the row ``chunks`` merged into runs of consecutive ones whose groups above the
+    start (``chosen_per_row`` of each row) hold less than :data:`SCAN_GROUPS_BELOW` of their entries (``sparse``)
+    or not, each with the chunks it covers."""
+    ends = chosen_per_row.cumsum(0).tolist()
+    runs = []
+    for part in chunks:
+        stop = min(part.stop, len(ends))
+        chosen = ends[stop - 1] - (ends[part.start - 1] if part.start else 0)
+        sparse = chosen * START_GROUP < SCAN_GROUPS_BELOW * (stop - part.start) * n
+        if runs and runs[-1][1] == sparse:
+            runs[-1] = (slice(runs[-1][0].start, part.stop), sparse, runs[-1][2] + [part])
+        else:
+            runs.append((part, sparse, [part]))
+    return runs
+
+
+def _shifted_search(x: Tensor, shift: Tensor, scale: Union[float, Tensor], fused: bool, start: Optional[Tensor],
+                    groups: Optional[Tensor], beta: Union[float, Tensor], out: Tensor) -> Tuple[Tensor, Tensor]:
+    """The search on a chunk of rows ``x`` shifted as a whole into ``out`` (:func:`_shift_scores`), the output
+    written there; returns (τ, the sums divided by)."""
+    n = x.size(-1)
+    chunk = _shift_scores(x, shift, scale, fused, out=out)
+    powered = not (isinstance(beta, float) and beta in (1.0, 2.0))
+    # a search with powers on a chunk most of whose entries are above the start (or -1): the group maxima bound
+    # τ poorly there, the mean well; on the others, one on the entries above the start pays for gathering them.
+    # Not for 1.5-entmax: the mean's start took its forward from 33.3 to 36.2 ms at scale 0.1 (5 -> 4 steps per
+    # row, each costing about what the start's passes do), and the sampled check sparsemax's up by 4%
+    shares = _sampled_shares(chunk, -1.0 if start is None else start) if powered else (0.0, 0.0)
+    dense = shares[0] > DENSE_ABOVE
+    if powered and out.device.type in GATHER_DEVICES and start is not None and not dense and not _too_wide(*shares, n):
+        found = _gathered_threshold(chunk, beta, start, groups, sampled=True)
+        if found is not None:
+            return found
+    if dense:
+        start = _mean_start(chunk, beta, start)
+    tau, powers, totals = _newton_threshold(chunk, beta, start)
+    return tau, _normalise(chunk, tau, powers, totals, beta)
 
 
 def entmax_from_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor], stats: Tensor,

@@ -120,11 +120,11 @@ def test_long_rows_searched_from_their_group_maxima_match_the_package(length, sc
 @pytest.mark.parametrize("alpha", [2.0, 1.5, 1.3])
 def test_group_maxima_start_below_the_root_and_on_it_when_the_support_lies_in_separate_groups(alpha, monkeypatch):
     """The start is the threshold of the group maxima: at or below the row's (dropping entries only lowers the
-    sum); when every entry of the support is its group's maximum it is the row's threshold, and the search over
-    the full row takes one step (the one that confirms it); a general α takes it on the gathered support."""
+    sum); when every entry of the support is its group's maximum it is the row's threshold, and the search
+    takes one step (the one that confirms it) on the gathered support, never on the full row."""
     import fluence_fairseq.ops.entmax as ops
 
-    size, groups = ops.START_GROUP, 16
+    size, groups = ops.START_GROUP, 32  # 4 of 32 groups hold the support: few enough to gather
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(6, size * groups, generator=gen, dtype=torch.float64) * 0.1
     x[:, [3, size + 5, 4 * size, 9 * size + 31]] += torch.tensor([4.0, 3.8, 3.7, 3.5], dtype=torch.float64)
@@ -132,10 +132,9 @@ def test_group_maxima_start_below_the_root_and_on_it_when_the_support_lies_in_se
     step = ops._newton_step
     monkeypatch.setattr(ops, "_newton_step", lambda u, *a: steps.append(u.size(-1)) or step(u, *a))
     p, stats = ops.entmax_with_stats(x, alpha, None)
-    if alpha in (2.0, 1.5):
-        assert steps.count(size * groups) == 1  # one full-row step; the others ran on the 16 group maxima
-    else:  # the entries above the start are the support: the confirming step runs on those 4 alone
-        assert steps.count(size * groups) == 0 and steps.count(4) == 1
+    # the entries above the start are the support: the confirming step runs on those 4 alone (the start's on the
+    # 32 group maxima, or on the 4 of them above -1)
+    assert steps.count(size * groups) == 0 and steps[-1] == 4
     assert ((p > 0).sum(-1) <= 4).all() and (p[:, 3] > 0).all()
     torch.testing.assert_close(p, entmax(x, alpha), atol=1e-12, rtol=0)
     # two entries of the support in one group: the start is below the threshold, the result the same
@@ -166,36 +165,42 @@ def test_general_alpha_searches_the_entries_above_its_start_only(scale, dtype, m
     mask[0, 0, 1, -1] = False
     alpha = torch.tensor([1.1, 1.3, 1.8], dtype=dtype).view(1, 3, 1, 1)
     monkeypatch.setattr(ops, "ROW_CHUNK_ELEMENTS", 4 * 1024)  # one chunk per (batch, head)
-    outcomes = []  # (α of the chunk, how it was searched)
-    gathered, mean_start = ops._gathered_threshold, ops._mean_start
+    outcomes = []  # (α of each row of a search, how it was searched)
+    gathered, unshifted, mean_start = ops._gathered_threshold, ops._gathered_unshifted, ops._mean_start
 
-    def alpha_of(beta):
-        return round(1 + 1 / float(beta.reshape(-1)[0]), 6)
+    def alphas_of(beta):
+        return [round(1 + 1 / b, 6) for b in beta.reshape(-1).tolist()]
 
     def spy(*args, **kwargs):
         found = gathered(*args, **kwargs)
         if kwargs.get("output", True):  # the chunks' searches, not their starts'
-            outcomes.append((alpha_of(args[1]), "gathered" if found is not None else "refused"))
+            outcomes.append((alphas_of(args[1]), "gathered" if found is not None else "refused"))
+        return found
+
+    def unshifted_spy(*args):  # runs of chunks with few groups above their start, searched before their shift
+        found = unshifted(*args)
+        outcomes.append((alphas_of(args[6]), "gathered" if found is not None else "refused"))
         return found
 
     def dense_spy(u, beta, start):
-        outcomes.append((alpha_of(beta), "dense"))
+        outcomes.append((alphas_of(beta), "dense"))
         return mean_start(u, beta, start)
 
     monkeypatch.setattr(ops, "_gathered_threshold", spy)
+    monkeypatch.setattr(ops, "_gathered_unshifted", unshifted_spy)
     monkeypatch.setattr(ops, "_mean_start", dense_spy)
     p, stats = ops.entmax_with_stats(x, alpha, mask)
-    chunks = outcomes[:]
+    rows = [(a, how) for alphas, how in outcomes for a in alphas]
     monkeypatch.setattr(ops, "GATHER_BELOW", 0.0)
     outcomes.clear()
     p_full, stats_full = ops.entmax_with_stats(x, alpha, mask)
     assert all(how != "gathered" for _, how in outcomes)
     if scale == 20.0:
-        assert sorted(a for a, _ in chunks) == [1.1, 1.1, 1.3, 1.3, 1.8, 1.8]
-        assert all(how == "gathered" for _, how in chunks)
+        assert sorted(a for a, _ in rows) == [1.1] * 8 + [1.3] * 8 + [1.8] * 8
+        assert all(how == "gathered" for _, how in rows)
     else:  # α = 1.1 dense (searched from its mean, or in full, too wide to try), 1.8 sparse
-        assert {how for a, how in chunks if a == 1.1} <= {"refused", "dense"} and ("dense" in {h for _, h in chunks})
-        assert [how for a, how in chunks if a == 1.8] == ["gathered", "gathered"]
+        assert {how for a, how in rows if a == 1.1} <= {"refused", "dense"} and ("dense" in {h for _, h in rows})
+        assert [how for a, how in rows if a == 1.8] == ["gathered"] * 8
     tol = 1e-13 if dtype == torch.float64 else 1e-6
     torch.testing.assert_close(p, p_full, atol=tol, rtol=0)
     torch.testing.assert_close(stats, stats_full, atol=tol, rtol=tol)
@@ -222,6 +227,77 @@ def test_a_chunk_with_a_row_too_wide_to_gather_is_refused_before_listing_its_ent
     assert ops._gathered_threshold(u.clone(), 4.0, start, None) is None and not listed
     u[7, :900] = -2.0
     assert ops._gathered_threshold(u.clone(), 4.0, start, None) is not None and listed
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.5, 1.3, "per-head"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sparse_chunks_searched_before_their_shift_equal_the_shifted_search(alpha, dtype, masked, monkeypatch):
+    """Chunks of rows whose groups above the start are few are searched on those groups' entries, shifted alone,
+    and the output scattered into zeros, the chunk never shifted as a whole: the probabilities and row statistics
+    equal the search over shifted chunks (forced by gathering nowhere), with a dense head beside sparse ones (runs
+    of sparse chunks and a dense chunk between them), masked entries, a fully masked row, a row masked but for its
+    last entry, ties at a group maximum, and a refused run (a row too wide to gather) that falls back to its
+    chunks' shifted search."""
+    import fluence_fairseq.ops.entmax as ops
+
+    n = 1024
+    x = _scores(2, 4, 6, n, seed=3, dtype=torch.float64)
+    x[:, :3] *= torch.tensor([20.0, 8.0, 12.0], dtype=torch.float64).view(1, 3, 1, 1)  # sparse heads
+    x[:, 3] *= 0.01  # a dense head: most of its groups above the start
+    x[0, 0, 2, 64:67] = x[0, 0, 2].max() + 1.0  # a tie at a group's maximum, in the support
+    x = x.to(dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(5)) < 0.2
+        mask[0, 0, 0] = True
+        mask[0, 1, 1] = True
+        mask[0, 1, 1, -1] = False
+        mask[0, 0, 2, 64:67] = False
+    a = torch.tensor([1.2, 1.5, 1.9, 1.3], dtype=torch.float64).view(1, 4, 1, 1) if alpha == "per-head" else alpha
+    monkeypatch.setattr(ops, "ROW_CHUNK_ELEMENTS", 6 * n)  # one chunk per (batch, head)
+    runs, shifted = [], []
+    unshifted, shifted_search = ops._gathered_unshifted, ops._shifted_search
+    monkeypatch.setattr(ops, "_gathered_unshifted",
+                        lambda *args: runs.append((args[0].size(0), unshifted(*args))) or runs[-1][1])
+    monkeypatch.setattr(ops, "_shifted_search",
+                        lambda x_rows, *args: shifted.append(x_rows.size(0)) or shifted_search(x_rows, *args))
+    p, stats = ops.entmax_with_stats(x, a, mask)
+    # heads 0-2 of both batches are sparse: two runs of 18 rows, searched unshifted; the dense heads shifted
+    assert [rows for rows, found in runs] == [18, 18] and all(found is not None for _, found in runs)
+    assert shifted == [6, 6]
+    monkeypatch.setattr(ops, "GATHER_DEVICES", ())
+    p_full, stats_full = ops.entmax_with_stats(x, a, mask)
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(p, p_full, atol=tol, rtol=0)
+    torch.testing.assert_close(stats, stats_full, atol=tol, rtol=tol)
+    torch.testing.assert_close(p.sum(-1)[p.sum(-1) > 0], torch.ones_like(p.sum(-1)[p.sum(-1) > 0]), atol=tol, rtol=0)
+    assert (p[0, 0, 2, 64:67] > 0).all()
+    if masked:
+        assert (p[mask] == 0).all() and torch.equal(p[0, 0, 0], torch.zeros(n, dtype=p.dtype))
+        assert p[0, 1, 1, -1] == 1
+    # a run with a row too wide to gather is refused untouched and its chunks take the shifted search
+    monkeypatch.setattr(ops, "GATHER_DEVICES", ("cpu",))
+    monkeypatch.setattr(ops, "GATHER_BELOW", 1 / n)
+    runs.clear(), shifted.clear()
+    p_refused, stats_refused = ops.entmax_with_stats(x, a, mask)
+    assert runs and all(found is None for _, found in runs) and sum(shifted) == 48
+    torch.testing.assert_close(p_refused, p_full, atol=tol, rtol=0)
+    torch.testing.assert_close(stats_refused, stats_full, atol=tol, rtol=tol)
+
+
+def test_sparse_runs_merge_consecutive_chunks_alike():
+    """Runs of the row chunks whose chosen groups hold less than SCAN_GROUPS_BELOW of their entries, or not; the
+    last chunk's slice may reach past the rows."""
+    import fluence_fairseq.ops.entmax as ops
+
+    n = 64 * ops.START_GROUP  # 64 groups a row: a chunk of 2 rows is sparse below 32 chosen groups
+    chunks = [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8), slice(8, 10)]
+    per_row = torch.tensor([3, 4, 60, 1, 20, 20, 0, 0, 10])  # 9 rows: the last chunk has 1
+    runs = ops._sparse_runs(chunks, per_row, n)
+    assert [(r.start, r.stop, sparse, len(members)) for r, sparse, members in runs] == [
+        (0, 2, True, 1), (2, 6, False, 2), (6, 10, True, 2)]
+    assert [m for _, _, members in runs for m in members] == chunks
 
 
 @pytest.mark.parametrize("n", [1024, 1000])  # 1000: not whole groups of 32, compared in full
