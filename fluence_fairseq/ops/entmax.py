@@ -15,8 +15,10 @@ group holds two entries of the support, as with the few keys a trained attention
 the rows' maxima (a 32nd of the rows) and cut the full-row steps on the need_weights benchmark's scores at
 L=4096 from about 7 to 1-3 (``python -m benchmarks.entmax_search``; rows whose support is much of the row gain
 less; for a general α, chunks whose support is most of the row start at the bound the mean of their entries
-gives instead, :func:`_mean_start`, and the search runs on the entries above the start only when they are few,
-:func:`_gathered_threshold`). Taking the β-norm rather than the sum of powers keeps g nearly linear far from the
+gives instead, :func:`_mean_start`). Where few groups have their maximum above the start (any α), the search
+runs on those groups' entries alone, before the rows are shifted at all (:func:`_gathered_unshifted`); a general
+α's other chunks still run it on the entries above the start when they are few (:func:`_gathered_threshold`).
+Taking the β-norm rather than the sum of powers keeps g nearly linear far from the
 root, so a row dominated by one logit converges in one step whatever α is (the plain sum behaves like t^β and
 would need about β steps). For sparsemax (β=1) g is piecewise linear and Newton is Michelot's exact algorithm: it
 stops when the support is found. Rows of 64 N(0,1) logits need 3-6 steps; the loop stops when no row moved (a
@@ -74,13 +76,20 @@ START_GROUP = 32
 #: One α per head from 1.1 to 1.9 on the need_weights benchmark's (1, 8, 512, 4096) block (``python -m
 #: benchmarks.entmax_search``, AMD EPYC, one thread), forward at scales 1 / 0.1 / 3 with 1/16: 85.7 / 132.8 /
 #: 61.0 ms, 1/4: 84.7 / 125.1 / 57.1, 1/2: 78.8 / 120.7 / 56.0, 3/4: alike, 1 (always): 151.3 / 284.5 / 96.3,
-#: never: 113.2 / 135.5 / 83.7. Gathering for 1.5-entmax, whose steps take no power, took 28.9 -> 40.4 ms
+#: never: 113.2 / 135.5 / 83.7. Gathering after the shift for 1.5-entmax, whose steps take no power, took 28.9 ->
+#: 40.4 ms (listing the entries of a chunk by comparing all of them costs more than its steps); the unshifted
+#: search of sparse chunks (:func:`_sparse_runs`) gathers for every α, and never a row wider than this share
 GATHER_BELOW = 1 / 2
 #: a general α's chunk with more than this share of its entries above its start starts from their mean's bound
 #: (:func:`_mean_start`)
 DENSE_ABOVE = 1 / 2
 #: the entries above the start are found among those of the groups whose maxima are above it when these groups
-#: hold less than this share of a chunk's entries (:func:`_entries_above`), else by comparing every entry
+#: hold less than this share of a chunk's entries (:func:`_entries_above`), else by comparing every entry; and a
+#: chunk whose groups above the start hold less than this share is searched before its shift
+#: (:func:`_sparse_runs`). On the need_weights benchmark's block (the first version of that search), 1/2 instead
+#: took 1.5-entmax's forward at scale 1 from 28.1 to 36.1 ms (57 of 128 groups a row above the start: listing 45%
+#: of the entries cost more than the three full-row steps it spared), sparsemax's at scale 0.1 from 34.5 to 32.7;
+#: 3/4 alike
 SCAN_GROUPS_BELOW = 1 / 4
 #: a search whose steps take powers settles a row without its confirming step when the next step is predicted far
 #: below the tolerance (:func:`_newton_threshold`)
