@@ -293,7 +293,7 @@ def _entmax_forward(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tenso
             raise ValueError(f"entmax needs alpha > 1, got {alpha} (alpha = 1 is softmax: use torch.softmax)")
         alpha = float(alpha)
         large = alpha > 2
-    if not large:
+    if not large or x.numel() == 0:
         return entmax_with_stats(x, alpha, mask)[0]
     alpha_minus_one = alpha - 1
     beta = 1 / alpha_minus_one
@@ -459,6 +459,9 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
     ``[(α-1)(x - shift) - τ]_+ ^ (1/(α-1)) * scale`` (``scale`` 0 for rows with nothing to attend to). So a
     caller may keep 3 numbers per row for backward instead of the probabilities."""
     alpha = _in_compute_dtype(x, alpha)
+    if x.numel() == 0:  # no rows, or rows without entries (zero probabilities, scale 0)
+        compute = _compute_dtype(x.dtype)
+        return x.new_zeros(x.shape, dtype=compute), x.new_zeros(x.shape[:-1] + (3,), dtype=compute)
     alpha_minus_one = alpha - 1
     beta = 1 / alpha_minus_one
     n = x.size(-1)
@@ -681,6 +684,8 @@ def entmax_backward(p: Tensor, grad_p: Tensor, alpha: Union[float, Tensor], with
     (2 - α)`` on the support and 0 elsewhere if the caller has it (:func:`entmax_from_stats`)."""
     if isinstance(alpha, Tensor):
         alpha = alpha.to(p.dtype)
+    if p.numel() == 0:  # no rows, or rows without entries
+        return torch.zeros_like(p), p.new_zeros(p.shape[:-1] + (1,)) if with_alpha else None
     n = p.size(-1)
     p_rows, grad_rows = p.reshape(-1, n), grad_p.to(p.dtype).reshape(-1, n)
     row_alpha = _per_row(alpha, p.shape)

@@ -286,6 +286,21 @@ def test_sparse_chunks_searched_before_their_shift_equal_the_shifted_search(alph
     torch.testing.assert_close(stats_refused, stats_full, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("alpha", [2.0, 1.5, 1.3, 2.5, "per-head"])
+@pytest.mark.parametrize("shape", [(0, 3, 512), (2, 3, 0)])
+def test_no_rows_or_rows_without_entries_give_empty_results_and_gradients(alpha, shape):
+    """An empty batch and rows of no entries (attention over no keys) give empty probabilities, empty score
+    gradients and a zero α gradient, as softmax does, instead of a reshape error."""
+    x = torch.randn(*shape, requires_grad=True)
+    a = torch.tensor([1.2, 1.6, 1.9], requires_grad=True) if alpha == "per-head" else alpha
+    p = entmax(x, a.view(3, 1) if alpha == "per-head" else a)
+    assert p.shape == x.shape
+    p.sum().backward()
+    assert x.grad.shape == x.shape
+    if alpha == "per-head":
+        assert torch.equal(a.grad, torch.zeros(3))
+
+
 def test_sparse_runs_merge_consecutive_chunks_alike():
     """Runs of the row chunks whose chosen groups hold less than SCAN_GROUPS_BELOW of their entries, or not; the
     last chunk's slice may reach past the rows."""
