@@ -91,6 +91,10 @@ DENSE_ABOVE = 1 / 2
 #: of the entries cost more than the three full-row steps it spared), sparsemax's at scale 0.1 from 34.5 to 32.7;
 #: 3/4 alike
 SCAN_GROUPS_BELOW = 1 / 4
+#: a run of sparse chunks searched together (:func:`_sparse_runs`) holds at most this many entries of chosen groups
+#: counted at its widest row (rows x widest x START_GROUP), which bounds the copies and buffers of its search (16 MiB
+#: each in float32) whatever the length; the need_weights benchmark's sparse (1, 8, 512, 4096) blocks are one run
+RUN_ELEMENTS = 1 << 22
 #: a search whose steps take powers settles a row without its confirming step when the next step is predicted far
 #: below the tolerance (:func:`_newton_threshold`)
 SETTLE = True
@@ -526,20 +530,24 @@ def _sparse_runs(chunks, chosen_per_row: Tensor, n: int):
     when its groups above the start (``chosen_per_row`` of each row) hold less than :data:`SCAN_GROUPS_BELOW` of its
     entries and none of its rows has more than :data:`GATHER_BELOW` of its entries in them (so no row can be too
     wide to gather: a chunk with a dense row, a head of α near 1 beside sparse ones, is shifted and judged as a
-    whole, where a row too wide refuses it before anything is listed)."""
+    whole, where a row too wide refuses it before anything is listed). A run of sparse chunks stops before its
+    rows times its widest row's chosen entries would pass :data:`RUN_ELEMENTS`."""
     size = chunks[0].stop - chunks[0].start
     counts = torch.zeros(len(chunks) * size, dtype=chosen_per_row.dtype, device=chosen_per_row.device)
     counts[: chosen_per_row.numel()] = chosen_per_row
     counts = counts.view(len(chunks), size)
     totals, widest = counts.sum(1).tolist(), counts.amax(1).tolist()
-    runs = []
+    runs, run_wide = [], 0
     for part, total, wide in zip(chunks, totals, widest):
         rows = min(part.stop, chosen_per_row.numel()) - part.start
         sparse = total * START_GROUP < SCAN_GROUPS_BELOW * rows * n and wide * START_GROUP <= GATHER_BELOW * n
-        if runs and runs[-1][1] == sparse:
+        if runs and runs[-1][1] == sparse and (not sparse or (
+                runs[-1][0].stop - runs[-1][0].start + rows) * max(run_wide, wide) * START_GROUP <= RUN_ELEMENTS):
             runs[-1] = (slice(runs[-1][0].start, part.stop), sparse, runs[-1][2] + [part])
+            run_wide = max(run_wide, wide)
         else:
             runs.append((part, sparse, [part]))
+            run_wide = wide
     return runs
 
 

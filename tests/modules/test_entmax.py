@@ -301,9 +301,10 @@ def test_no_rows_or_rows_without_entries_give_empty_results_and_gradients(alpha,
         assert torch.equal(a.grad, torch.zeros(3))
 
 
-def test_sparse_runs_merge_consecutive_chunks_alike():
+def test_sparse_runs_merge_consecutive_chunks_alike(monkeypatch):
     """Runs of the row chunks whose chosen groups hold less than SCAN_GROUPS_BELOW of their entries, or not; the
-    last chunk's slice may reach past the rows."""
+    last chunk's slice may reach past the rows; a sparse run stops at RUN_ELEMENTS (rows x widest chosen
+    entries)."""
     import fluence_fairseq.ops.entmax as ops
 
     n = 64 * ops.START_GROUP  # 64 groups a row: a chunk of 2 rows is sparse below 32 chosen groups
@@ -313,6 +314,11 @@ def test_sparse_runs_merge_consecutive_chunks_alike():
     assert [(r.start, r.stop, sparse, len(members)) for r, sparse, members in runs] == [
         (0, 2, True, 1), (2, 6, False, 2), (6, 10, True, 2)]
     assert [m for _, _, members in runs for m in members] == chunks
+    monkeypatch.setattr(ops, "RUN_ELEMENTS", 3 * 10 * ops.START_GROUP)  # the last run: 3 rows, 10 groups at most
+    assert [(r.start, r.stop) for r, _, _ in ops._sparse_runs(chunks, per_row, n)] == [(0, 2), (2, 6), (6, 10)]
+    monkeypatch.setattr(ops, "RUN_ELEMENTS", 3 * 10 * ops.START_GROUP - 1)
+    assert [(r.start, r.stop, sparse) for r, sparse, _ in ops._sparse_runs(chunks, per_row, n)] == [
+        (0, 2, True), (2, 6, False), (6, 8, True), (8, 10, True)]
 
 
 @pytest.mark.parametrize("n", [1024, 1000])  # 1000: not whole groups of 32, compared in full
