@@ -362,11 +362,12 @@ def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor, gr
 
 
 def _search_listed(values: Tensor, row_of: Tensor, col_of: Tensor, counts: Tensor, out: Tensor,
-                   beta: Union[float, Tensor], start: Tensor,
-                   output: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+                   beta: Union[float, Tensor], start: Tensor, output: bool = True,
+                   support: Optional[list] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """The search of :func:`_gathered_threshold` on the listed entries above the start of the rows of ``out`` (R,
     n), ``values`` at ``(row_of, col_of)`` (each row's in a run; ``counts`` of each row), and
-    (``output``) the output written over ``out``."""
+    (``output``) the output written over ``out``; ``support``: a list to which the (rows, columns) of the
+    output's positive entries are added, in row order."""
     rows = out.size(0)
     widest = int(counts.max()) if rows else 0
     slot = torch.arange(row_of.numel(), device=out.device) - (counts.cumsum(0) - counts).index_select(0, row_of)
@@ -375,7 +376,11 @@ def _search_listed(values: Tensor, row_of: Tensor, col_of: Tensor, counts: Tenso
     if not output:
         return tau, None
     total = _normalise(gathered, tau, powers, totals, beta)
-    out.zero_().index_put_((row_of, col_of), gathered[row_of, slot])
+    probabilities = gathered[row_of, slot]
+    out.zero_().index_put_((row_of, col_of), probabilities)
+    if support is not None:
+        positive = probabilities > 0
+        support.append((row_of[positive], col_of[positive]))
     return tau, total
 
 
@@ -394,14 +399,14 @@ def _shift_scores(x: Tensor, shift: Tensor, scale: Union[float, Tensor], fused: 
 
 
 def _gathered_unshifted(x: Tensor, shift: Tensor, scale: Union[float, Tensor], fused: bool, start: Tensor,
-                        groups: Tensor, beta: Union[float, Tensor], out: Tensor):
+                        groups: Tensor, beta: Union[float, Tensor], out: Tensor, support: Optional[list] = None):
     """:func:`_gathered_threshold` on the rows ``x`` (R, n) *before* their shift (:func:`_shift_scores`), output
     written into ``out``, through the groups whose shifted maxima ``groups`` (R, n / START_GROUP) are above the
     ``start``: only their entries are shifted, and the rows are never shifted as a whole (a read and a write of
     every entry, the largest pass of a sparse chunk's forward). The maxima decide exactly: the shift's rounding is
     monotone, so a group's largest shifted entry is its largest entry shifted. Returns (τ, the sums divided by).
     The caller has checked that no row is too wide (:func:`_sparse_runs`: its chosen groups hold at most
-    :data:`GATHER_BELOW` of its entries)."""
+    :data:`GATHER_BELOW` of its entries). ``support``: see :func:`_search_listed`."""
 
     def shifted(entries: Tensor, rows: Tensor) -> Tensor:
         row_scale = scale if isinstance(scale, float) else scale.index_select(0, rows)
@@ -409,7 +414,7 @@ def _gathered_unshifted(x: Tensor, shift: Tensor, scale: Union[float, Tensor], f
 
     row_of, col_of, values = _entries_above_in_groups(x, start, groups > start, shifted)
     counts = torch.bincount(row_of, minlength=out.size(0))
-    return _search_listed(values, row_of, col_of, counts, out, beta, start)
+    return _search_listed(values, row_of, col_of, counts, out, beta, start, support=support)
 
 
 def _sampled_shares(u: Tensor, start: Union[float, Tensor]) -> Tuple[float, float]:
@@ -457,15 +462,20 @@ def _in_compute_dtype(x: Tensor, alpha: Union[float, Tensor]) -> Union[float, Te
     return float(alpha)
 
 
-def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor], with_support: bool = False):
     """α-entmax of the rows of ``x`` for 1 < α <= 2 (float32/float64 probabilities, no autograd) and, per row,
     ``(shift, τ, scale)`` (..., 3): what :func:`entmax_from_stats` rebuilds the probabilities from,
     ``[(α-1)(x - shift) - τ]_+ ^ (1/(α-1)) * scale`` (``scale`` 0 for rows with nothing to attend to). So a
-    caller may keep 3 numbers per row for backward instead of the probabilities."""
+    caller may keep 3 numbers per row for backward instead of the probabilities.
+
+    ``with_support``: also returns the support, ``(rows, columns)`` of the positive probabilities (rows counted
+    over ``x.reshape(-1, n)``, in row order), when every row was searched through its sparse groups (which list
+    it anyway, :func:`_gathered_unshifted`), else None."""
     alpha = _in_compute_dtype(x, alpha)
     if x.numel() == 0:  # no rows, or rows without entries (zero probabilities, scale 0)
         compute = _compute_dtype(x.dtype)
-        return x.new_zeros(x.shape, dtype=compute), x.new_zeros(x.shape[:-1] + (3,), dtype=compute)
+        empty = x.new_zeros(x.shape, dtype=compute), x.new_zeros(x.shape[:-1] + (3,), dtype=compute)
+        return empty + (None,) if with_support else empty
     alpha_minus_one = alpha - 1
     beta = 1 / alpha_minus_one
     n = x.size(-1)
@@ -501,11 +511,15 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
         # each row's groups above its start, counted as the signs of their differences (a comparison and a sum of
         # booleans took 1.8x as long)
         runs = _sparse_runs(chunks, torch.sub(groups, starts).sign_().clamp_(min=0).sum(-1), n)
+    support = [] if with_support and all(sparse for _, sparse, _ in runs) else None
     for part, sparse, members in runs:
         if sparse:
+            listed = None if support is None else []
             searched = [(part, _gathered_unshifted(base_rows[part], shift_rows[part], _rows_of(row_scale, part),
                                                    fused_shift, starts[part], groups[part], _rows_of(row_beta, part),
-                                                   rows[part]))]
+                                                   rows[part], listed))]
+            if listed:
+                support.append((listed[0][0] + part.start, listed[0][1]))
         else:
             searched = [(sub, _shifted_search(base_rows[sub], shift_rows[sub], _rows_of(row_scale, sub), fused_shift,
                                               _rows_of(starts, sub), _rows_of(groups, sub), _rows_of(row_beta, sub),
@@ -516,7 +530,13 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
             stats[sub, 2:3] = total.reciprocal_()
     # rows without entries are zeros already ([-inf - τ]_+ = 0, divided by the smallest float); their scale is 0
     stats[:, 2:3].mul_(has_entries.reshape(-1, 1))
-    return rows.view(x.shape), stats.view(x.shape[:-1] + (3,))
+    out = rows.view(x.shape), stats.view(x.shape[:-1] + (3,))
+    if not with_support:
+        return out
+    if support is not None:
+        support = tuple(torch.cat(parts) for parts in zip(*support)) if support else (
+            torch.zeros(0, dtype=torch.long, device=x.device),) * 2
+    return out + (support,)
 
 
 def _rows_of(value, part: slice):
@@ -767,23 +787,30 @@ def _sparse_backward_rows(p: Tensor, grad: Tensor, alpha: Union[float, Tensor], 
     """:func:`_backward_rows` on the gathered support ``(rows, columns)`` of ``p`` only: off it ``s``, ``p`` and
     ``p log p`` are 0, so are the gradient and every term of the row sums."""
     row_of, col_of = support
-    count = p.size(0)
+    grad_s = support_backward(p[row_of, col_of], grad[row_of, col_of], alpha, row_of, p.size(0), grad_alpha)
+    grad_x.zero_().index_put_(support, grad_s)
+
+
+def support_backward(p_s: Tensor, g_s: Tensor, alpha: Union[float, Tensor], row_of: Tensor, rows: int,
+                     grad_alpha: Optional[Tensor] = None) -> Tensor:
+    """The entmax Jacobian-vector product on the support alone: the positive probabilities ``p_s`` (k,) of ``rows``
+    rows, each entry's row in ``row_of`` (k,), and their gradient ``g_s`` (k,) (which it overwrites) -> the scores'
+    gradient at those entries (k,); off the support it is 0. With ``grad_alpha`` (rows, 1), each row's part of α's
+    gradient is written there (α a float or one value per row, (rows, 1))."""
 
     def row_sums(values: Tensor) -> Tensor:
-        return values.new_zeros(count).index_add_(0, row_of, values).unsqueeze(-1)
+        return values.new_zeros(rows).index_add_(0, row_of, values).unsqueeze(-1)
 
-    p_s, g_s = p[row_of, col_of], grad[row_of, col_of]
     log2_p = p_s.log2()
-    a_s = alpha if isinstance(alpha, float) else alpha.view(-1).index_select(0, row_of)
+    a_s = alpha if isinstance(alpha, float) else alpha.reshape(-1).index_select(0, row_of)
     s = torch.mul(log2_p, 2 - a_s).exp2_()
-    s_sum = row_sums(s).clamp_(min=torch.finfo(p.dtype).tiny)
+    s_sum = row_sums(s).clamp_(min=torch.finfo(p_s.dtype).tiny)
     gs_sum = row_sums(s * g_s)
     if grad_alpha is not None:
         p_log_p = log2_p.mul_(p_s)  # p log p / ln 2
         grad_alpha.copy_(_alpha_gradient(alpha, row_sums(g_s * p_s), row_sums(g_s * p_log_p).mul_(_LN2),
                                          row_sums(p_log_p).mul_(_LN2), gs_sum / s_sum))
-    shifted = g_s.sub_(gs_sum.div_(s_sum).view(-1).index_select(0, row_of)).mul_(s)
-    grad_x.zero_().index_put_(support, shifted)
+    return g_s.sub_(gs_sum.div_(s_sum).view(-1).index_select(0, row_of)).mul_(s)
 
 
 def _check_alpha_shape(x: Tensor, alpha: Tensor) -> None:

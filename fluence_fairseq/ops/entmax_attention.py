@@ -20,9 +20,14 @@ import torch
 from torch import Tensor
 
 from .common import relative_positions
-from .entmax import entmax_backward, entmax_from_stats, entmax_with_stats
+from .entmax import GATHER_DEVICES, entmax_backward, entmax_from_stats, entmax_with_stats, support_backward
 
 __all__ = ["blocked_entmax_attention"]
+
+#: a block whose forward listed its support (every row searched through its sparse groups) keeps it for backward
+#: when it is at most this share of the block's entries (two int32 per entry: an eighth of a byte per entry of the
+#: block at most); backward then works on the support alone (:func:`_support_block_backward`)
+SPARSE_BACKWARD_BELOW = 1 / 64
 
 
 def _kept(p: Tensor, dropout_p: float, seed: int, block: int) -> Tensor:
@@ -55,17 +60,28 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
                 rel_bias):
         scale = q.size(-1) ** -0.5
         out = q.new_empty(q.shape[:-1] + (v.size(-1),))
-        stats = []
+        stats, supports = [], []
+        # the support can stand in for the block in backward where the forward lists it anyway (CPU), without
+        # dropout (whose masks are drawn over the whole block)
+        listed = dropout_p == 0 and q.device.type in GATHER_DEVICES and q.dtype in (torch.float32, torch.float64)
         for block, ((start, end), keys) in enumerate(zip(blocks, visible)):
             scores, mask = _block_scores(q[:, :, start:end] * scale, k, start, end, keys, query_offset, causal,
                                          key_padding_mask, rel_bias)
-            p, row_stats = entmax_with_stats(scores, alpha, mask)
+            p, row_stats, support = entmax_with_stats(scores, alpha, mask, with_support=listed) if listed else (
+                entmax_with_stats(scores, alpha, mask) + (None,))
+            if support is not None and support[0].numel() > SPARSE_BACKWARD_BELOW * p.numel():
+                support = None
+            supports.append(None if support is None else tuple(t.to(torch.int32) for t in support))
             del scores
             if dropout_p > 0:
                 p.mul_(_kept(p, dropout_p, seed, block))
-            out[:, :, start:end] = torch.matmul(p.to(v.dtype), v[:, :, :keys])
+            if support is not None:  # p @ v on the support alone
+                out[:, :, start:end] = _support_values(p, support, v, start, end)
+            else:
+                out[:, :, start:end] = torch.matmul(p.to(v.dtype), v[:, :, :keys])
             stats.append(row_stats)
         ctx.blocks, ctx.visible, ctx.causal, ctx.query_offset = blocks, visible, causal, query_offset
+        ctx.supports = supports
         ctx.dropout_p, ctx.seed, ctx.rel_bias = dropout_p, seed, rel_bias
         ctx.alpha_is_tensor = isinstance(alpha, Tensor)
         ctx.alpha_value = None if ctx.alpha_is_tensor else alpha
@@ -81,7 +97,18 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
         want_alpha = ctx.alpha_is_tensor and ctx.needs_input_grad[3]
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         grad_alpha = None
+        flat = None  # the inputs and gradient buffers of the blocks backward on their support
+        if any(support is not None for support in ctx.supports):
+            flat = _Flat(q * scale, k, v, grad_out)
         for block, ((start, end), keys) in enumerate(zip(ctx.blocks, ctx.visible)):
+            if ctx.supports[block] is not None:
+                dq[:, :, start:end] = 0
+                alpha_rows = _support_block_backward(flat, ctx.supports[block], start, end, stats[:, :, start:end],
+                                                     alpha, want_alpha, ctx.query_offset, ctx.rel_bias)
+                if alpha_rows is not None:
+                    block_alpha = alpha_rows.sum(dim=2, keepdim=True)
+                    grad_alpha = block_alpha if grad_alpha is None else grad_alpha + block_alpha
+                continue
             q_b = q[:, :, start:end] * scale
             k_b, v_b = k[:, :, :keys], v[:, :, :keys]
             g = grad_out[:, :, start:end]
@@ -105,9 +132,79 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
             grad_s = grad_s.to(q.dtype)
             dq[:, :, start:end] = torch.matmul(grad_s, k_b).mul_(scale)
             dk[:, :, :keys] += torch.matmul(grad_s.transpose(-1, -2), q_b)
+        if flat is not None:
+            dq.add_(flat.dq.view(q.shape), alpha=scale)
+            dk.add_(flat.dk.view(k.shape))
+            dv.add_(flat.dv.view(v.shape))
         if grad_alpha is not None:
             grad_alpha = grad_alpha.sum_to_size(alpha_t.shape).to(alpha_t.dtype)
         return dq, dk, dv, grad_alpha, None, None, None, None, None, None, None, None
+
+
+def _support_values(p: Tensor, support: Tuple[Tensor, Tensor], v: Tensor, start: int, end: int) -> Tensor:
+    """``p @ v`` (B, H, rows, D) for a block's probabilities ``p`` (B, H, rows, keys) that are 0 off their
+    ``support`` (rows over (B, H, rows), columns): each entry's value row weighted and added into its query's row."""
+    bsz, heads, rows, keys = p.shape
+    row, col = support
+    pair = torch.div(row, rows, rounding_mode="floor")
+    weights = p.reshape(-1, keys)[row, col].to(v.dtype).unsqueeze(-1)
+    values = v[:, :, :keys].reshape(-1, v.size(-1)).index_select(0, pair * keys + col)
+    out = v.new_zeros(bsz * heads * rows, v.size(-1)).index_add_(0, row, values.mul_(weights))
+    return out.view(bsz, heads, rows, -1)
+
+
+class _Flat:
+    """The scaled queries, keys, values and the output's gradient as rows of (B H L, D) (copied once per backward
+    where they are strided), and the query, key and value gradients of the blocks that backward on their support
+    (the queries' unscaled)."""
+
+    def __init__(self, q_scaled: Tensor, k: Tensor, v: Tensor, grad_out: Tensor):
+        self.shape = q_scaled.shape[:3] + (k.size(2),)  # B, H, Lq, Lk
+        width = q_scaled.size(-1)
+        self.q, self.k = q_scaled.reshape(-1, width), k.reshape(-1, width)
+        self.v, self.g = v.reshape(-1, v.size(-1)), grad_out.reshape(-1, grad_out.size(-1))
+        self.dq, self.dk, self.dv = torch.zeros_like(self.q), torch.zeros_like(self.k), torch.zeros_like(self.v)
+
+
+def _support_block_backward(flat: _Flat, support: Tuple[Tensor, Tensor], start: int, end: int, stats: Tensor,
+                            alpha: Union[float, Tensor], want_alpha: bool, query_offset: int,
+                            rel_bias) -> Optional[Tensor]:
+    """Backward of one query block on its support alone: the support ``(rows, columns)`` of its probabilities
+    (rows over (B, H, end - start)), each entry's score recomputed as a dot product, its probability rebuilt from
+    the row statistics as :func:`entmax_from_stats` does, and every gradient taken entry by entry into the buffers of
+    ``flat``: O(support x D) work where the dense backward takes four (rows x keys x D) products and the rebuild.
+    Returns α's gradient per row (B, H, rows, 1) when ``want_alpha``."""
+    bsz, heads, tgt_len, src_len = flat.shape
+    rows = end - start
+    row, col = (t.long() for t in support)
+    pair = torch.div(row, rows, rounding_mode="floor")  # batch * heads + head
+    position = row - pair * rows
+    q_index, k_index = pair * tgt_len + start + position, pair * src_len + col
+    q_e, k_e = flat.q.index_select(0, q_index), flat.k.index_select(0, k_index)
+    scores = (q_e * k_e).sum(-1)
+    if rel_bias is not None:
+        rel = position + (query_offset + start) - col
+        scores += rel_bias(rel).to(scores.dtype).gather(0, (pair % heads).view(1, -1)).view(-1)
+    row_alpha = alpha if not isinstance(alpha, Tensor) else alpha.to(scores.dtype).expand(
+        bsz, heads, rows, 1).reshape(-1, 1)
+    entry_alpha = row_alpha if not isinstance(row_alpha, Tensor) else row_alpha.view(-1).index_select(0, row)
+    shift, tau, scale = (stats.reshape(-1, 3)[:, i].index_select(0, row) for i in range(3))
+    # [(α-1) r x - ((α-1) shift + τ) r]_+ ^ (1/(α-1)) with r = scale^(α-1), as the dense rebuild takes it
+    r = scale if isinstance(alpha, float) and alpha == 2.0 else scale.pow(entry_alpha - 1)
+    u = (scores * (entry_alpha - 1) - shift * (entry_alpha - 1) - tau).mul_(r).clamp_(min=0)
+    p = u if isinstance(alpha, float) and alpha == 2.0 else (
+        u.square() if isinstance(alpha, float) and alpha == 1.5 else u.pow(1 / (entry_alpha - 1)))
+    kept = p > 0  # an entry rounded onto the threshold adds nothing, and its log would not be finite
+    if not bool(kept.all()):
+        row, p, q_index, k_index, q_e, k_e = (t[kept] for t in (row, p, q_index, k_index, q_e, k_e))
+    g_e = flat.g.index_select(0, q_index)
+    grad_p = (g_e * flat.v.index_select(0, k_index)).sum(-1)
+    flat.dv.index_add_(0, k_index, g_e.mul_(p.unsqueeze(-1)))
+    grad_alpha = q_e.new_empty(bsz * heads * rows, 1) if want_alpha else None
+    grad_s = support_backward(p, grad_p, row_alpha, row, bsz * heads * rows, grad_alpha).unsqueeze(-1)
+    flat.dq.index_add_(0, q_index, k_e.mul_(grad_s))
+    flat.dk.index_add_(0, k_index, q_e.mul_(grad_s))
+    return None if grad_alpha is None else grad_alpha.view(bsz, heads, rows, 1)
 
 
 def blocked_entmax_attention(q: Tensor, k: Tensor, v: Tensor, alpha: Union[float, Tensor], *,

@@ -125,3 +125,80 @@ def test_dropout_rate_and_negative_offsets_are_refused():
         blocked_entmax_attention(q, q, q, 1.5, blocks=[(0, 4)], causal=True, query_offset=-1)
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
         blocked_entmax_attention(q, q, q, 1.5, blocks=[(0, 4)], causal=False, dropout_p=1.0)
+
+
+def _sparse_case(alpha, causal, dtype, seed=1):
+    """Queries and keys scaled so most rows keep a few keys (every row of 256+ keys searched through its sparse
+    groups), 3 heads, 320 queries over 320 keys (causal) or 352 (noncausal), uneven blocks (the first block's 100
+    causal keys: no groups, the dense path)."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, L, D = 2, 3, 320, 16
+    S = L if causal else L + 32
+    q = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64) * 1.5).to(dtype).requires_grad_()
+    k = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64) * 1.5).to(dtype).requires_grad_()
+    v = torch.randn(B, H, S, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    if alpha == "per head":
+        alpha = torch.tensor([1.3, 1.7, 2.0], dtype=dtype).view(1, H, 1, 1).requires_grad_()
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[1, -37:] = True
+    slopes = torch.tensor([0.5, 0.25, 0.125], dtype=dtype)
+
+    def alibi(rel):
+        return -slopes.view(-1, *([1] * rel.dim())) * rel.abs().to(dtype)
+
+    w = torch.randn(B, H, L, D, generator=g, dtype=torch.float64).to(dtype)
+    kwargs = dict(blocks=[(0, 100), (100, 256), (256, 320)], causal=causal, key_padding_mask=kpm, rel_bias=alibi)
+    return (q, k, v, alpha), w, kwargs
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.5, "per head"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-4)])
+def test_sparse_blocks_work_on_their_support_alone_with_the_dense_results(alpha, causal, dtype, tol, monkeypatch):
+    """A block whose every row was searched through its sparse groups keeps its support (at most
+    SPARSE_BACKWARD_BELOW of its entries): forward takes p @ v and backward every gradient (q, k, v, α) entry by
+    entry on it, with the same numbers as the dense path (forced by SPARSE_BACKWARD_BELOW = 0), with padding,
+    ALiBi, and (causal) a first block of 100 keys on the dense path in the same call."""
+    import fluence_fairseq.ops.entmax_attention as ops
+
+    inputs, w, kwargs = _sparse_case(alpha, causal, dtype)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor)]
+    calls = []
+    support_backward = ops._support_block_backward
+    monkeypatch.setattr(ops, "_support_block_backward", lambda *a: calls.append(a[2]) or support_backward(*a))
+    out = blocked_entmax_attention(*inputs, **kwargs)
+    grads = torch.autograd.grad((out * w).sum(), leaves)
+    # the blocks of 256+ keys on their support; the first causal block (100 keys, no groups) dense
+    assert sorted(calls) == ([100, 256] if causal else [0, 100, 256])
+    monkeypatch.setattr(ops, "SPARSE_BACKWARD_BELOW", 0.0)
+    calls.clear()
+    ref = blocked_entmax_attention(*inputs, **kwargs)
+    ref_grads = torch.autograd.grad((ref * w).sum(), leaves)
+    assert not calls
+    scale = max(1.0, float(out.abs().max()))
+    torch.testing.assert_close(out, ref, rtol=0, atol=tol * scale)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=tol * max(1.0, float(b.abs().max())))
+
+
+def test_sparse_blocks_gradcheck_and_dropout_keeps_the_dense_path(monkeypatch):
+    """The support path passes gradcheck (fast mode: random projections; float64, a learned per-head α, causal,
+    padding, ALiBi); with dropout no
+    block keeps its support (the masks are drawn over whole blocks)."""
+    import fluence_fairseq.ops.entmax_attention as ops
+
+    (q, k, v, alpha), _, kwargs = _sparse_case("per head", True, torch.float64, seed=2)
+    calls = []
+    support_backward = ops._support_block_backward
+    monkeypatch.setattr(ops, "_support_block_backward", lambda *a: calls.append(1) or support_backward(*a))
+    q, k = q.detach()[:1, :, :288].requires_grad_(), k.detach()[:1, :, :288].requires_grad_()
+    v = v.detach()[:1, :, :288].requires_grad_()
+    alpha = torch.tensor([1.3, 1.7, 1.9], dtype=torch.float64).view(1, 3, 1, 1).requires_grad_()  # inside (1, 2)
+    kwargs.update(blocks=[(0, 100), (100, 288)], key_padding_mask=kwargs["key_padding_mask"][1:, :288])
+    torch.autograd.gradcheck(lambda *t: blocked_entmax_attention(*t, **kwargs), (q, k, v, alpha), atol=1e-6,
+                             fast_mode=True)
+    assert calls
+    calls.clear()
+    out = blocked_entmax_attention(q, k, v, alpha, dropout_p=0.1, seed=0, **kwargs)
+    out.sum().backward()
+    assert not calls and torch.isfinite(q.grad).all()
