@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .common import relative_positions
-from .entmax import GATHER_DEVICES, entmax_backward, entmax_from_stats, entmax_with_stats, support_backward
+from .entmax import GATHER_DEVICES, START_GROUP, entmax_backward, entmax_from_stats, entmax_with_stats, support_backward
 
 __all__ = ["blocked_entmax_attention"]
 
@@ -61,9 +61,7 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
         scale = q.size(-1) ** -0.5
         out = q.new_empty(q.shape[:-1] + (v.size(-1),))
         stats, supports = [], []
-        # the support can stand in for the block in backward where the forward lists it anyway (CPU), without
-        # dropout (whose masks are drawn over the whole block)
-        listed = dropout_p == 0 and q.device.type in GATHER_DEVICES and q.dtype in (torch.float32, torch.float64)
+        listed = _lists_support(q, dropout_p)
         for block, ((start, end), keys) in enumerate(zip(blocks, visible)):
             scores, mask = _block_scores(q[:, :, start:end] * scale, k, start, end, keys, query_offset, causal,
                                          key_padding_mask, rel_bias)
@@ -139,6 +137,12 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
         if grad_alpha is not None:
             grad_alpha = grad_alpha.sum_to_size(alpha_t.shape).to(alpha_t.dtype)
         return dq, dk, dv, grad_alpha, None, None, None, None, None, None, None, None
+
+
+def _lists_support(q: Tensor, dropout_p: float) -> bool:
+    """Whether the blocks may keep their support: where the forward lists it anyway (the CPU), without dropout
+    (whose masks are drawn over whole blocks)."""
+    return dropout_p == 0 and q.device.type in GATHER_DEVICES and q.dtype in (torch.float32, torch.float64)
 
 
 def _support_values(p: Tensor, support: Tuple[Tensor, Tensor], v: Tensor, start: int, end: int) -> Tensor:
@@ -223,6 +227,11 @@ def blocked_entmax_attention(q: Tensor, k: Tensor, v: Tensor, alpha: Union[float
     of the query-minus-key offsets (``rel (rows, keys) -> (H, rows, keys)``, e.g. ALiBi) added to the scores; it
     gets no gradient."""
     visible: List[int] = [min(k.size(2), query_offset + end) if causal else k.size(2) for _, end in blocks]
+    if causal and _lists_support(q, dropout_p):
+        # whole groups of keys: the keys up to the next multiple of START_GROUP are in every row's future, masked
+        # (0 in the output, nothing in any gradient), and a block of whole groups can be searched through them
+        # and keep its support (at most 31 more columns)
+        visible = [min(k.size(2), -(-keys // START_GROUP) * START_GROUP) for keys in visible]
     if isinstance(alpha, Tensor):
         if bool((alpha <= 1).any()) or bool((alpha > 2).any()):
             raise ValueError("blocked_entmax_attention needs 1 < alpha <= 2")
