@@ -6,8 +6,10 @@ at L=4096 with 8 heads, 2 GiB at 8192. Here forward keeps only q, k, v and three
 shift, its threshold τ and its normaliser; :func:`~fluence_fairseq.ops.entmax.entmax_with_stats`), and backward
 recomputes each block's scores (one more product) and rebuilds its probabilities from those numbers in a few
 elementwise passes, without the threshold search. Transient memory is one block's scores, probabilities and their
-gradients. Gradients flow to q, k, v and a per-head α (Correia et al. 2019, Proposition 1, as in
-:mod:`fluence_fairseq.ops.entmax`).
+gradients. A block whose forward listed its support (every row searched through its sparse groups, on the CPU) and
+found it at most :data:`SPARSE_BACKWARD_BELOW` of its entries keeps it instead (two int32 per entry) and takes
+``p @ v`` and its whole backward on it, entry by entry (:func:`_support_block_backward`). Gradients flow to q, k,
+v and a per-head α (Correia et al. 2019, Proposition 1, as in :mod:`fluence_fairseq.ops.entmax`).
 
 Attention dropout zeroes probabilities with a mask drawn block by block from a generator seeded with ``seed`` plus
 the block's index, and backward draws the same masks again, so they are never kept either. A fixed relative bias
