@@ -462,20 +462,22 @@ def _in_compute_dtype(x: Tensor, alpha: Union[float, Tensor]) -> Union[float, Te
     return float(alpha)
 
 
-def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor], with_support: bool = False):
+def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor],
+                      with_support: Optional[float] = None):
     """α-entmax of the rows of ``x`` for 1 < α <= 2 (float32/float64 probabilities, no autograd) and, per row,
     ``(shift, τ, scale)`` (..., 3): what :func:`entmax_from_stats` rebuilds the probabilities from,
     ``[(α-1)(x - shift) - τ]_+ ^ (1/(α-1)) * scale`` (``scale`` 0 for rows with nothing to attend to). So a
     caller may keep 3 numbers per row for backward instead of the probabilities.
 
-    ``with_support``: also returns the support, ``(rows, columns)`` of the positive probabilities (rows counted
-    over ``x.reshape(-1, n)``, in row order), when every row was searched through its sparse groups (which list
-    it anyway, :func:`_gathered_unshifted`), else None."""
+    ``with_support`` (a share of the entries): also returns the support, ``(rows, columns)`` of the positive
+    probabilities (rows counted over ``x.reshape(-1, n)``, in row order), or None when it is more than that share
+    of the entries. The searches through sparse groups list it anyway (:func:`_gathered_unshifted`); the other
+    chunks list their output's (:func:`_listed_support`)."""
     alpha = _in_compute_dtype(x, alpha)
     if x.numel() == 0:  # no rows, or rows without entries (zero probabilities, scale 0)
         compute = _compute_dtype(x.dtype)
         empty = x.new_zeros(x.shape, dtype=compute), x.new_zeros(x.shape[:-1] + (3,), dtype=compute)
-        return empty + (None,) if with_support else empty
+        return empty + (None,) if with_support is not None else empty
     alpha_minus_one = alpha - 1
     beta = 1 / alpha_minus_one
     n = x.size(-1)
@@ -511,7 +513,7 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
         # each row's groups above its start, counted as the signs of their differences (a comparison and a sum of
         # booleans took 1.8x as long)
         runs = _sparse_runs(chunks, torch.sub(groups, starts).sign_().clamp_(min=0).sum(-1), n)
-    support = [] if with_support and all(sparse for _, sparse, _ in runs) else None
+    support = [] if with_support else None
     for part, sparse, members in runs:
         if sparse:
             listed = None if support is None else []
@@ -525,18 +527,37 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
                                               _rows_of(starts, sub), _rows_of(groups, sub), _rows_of(row_beta, sub),
                                               rows[sub]))
                         for sub in members]
+            for sub in members if support is not None else ():
+                listed = _listed_support(rows[sub], with_support)
+                if listed is None:
+                    support = None
+                    break
+                support.append((listed[0] + sub.start, listed[1]))
         for sub, (tau, total) in searched:
             stats[sub, 1:2] = tau
             stats[sub, 2:3] = total.reciprocal_()
     # rows without entries are zeros already ([-inf - τ]_+ = 0, divided by the smallest float); their scale is 0
     stats[:, 2:3].mul_(has_entries.reshape(-1, 1))
     out = rows.view(x.shape), stats.view(x.shape[:-1] + (3,))
-    if not with_support:
+    if with_support is None:
         return out
     if support is not None:
         support = tuple(torch.cat(parts) for parts in zip(*support)) if support else (
             torch.zeros(0, dtype=torch.long, device=x.device),) * 2
+        if support[0].numel() > with_support * x.numel():
+            support = None
     return out + (support,)
+
+
+def _listed_support(p: Tensor, limit: float) -> Optional[Tuple[Tensor, Tensor]]:
+    """(rows, columns) of the positive entries of probabilities ``p`` (R, n), or None when every 16th column says
+    they are more than ``limit`` of the entries (not worth listing). Listed through the groups holding any
+    where those are few (:func:`_entries_above`)."""
+    sample = p[:, ::16]
+    if int((sample > 0).sum()) > limit * sample.numel():
+        return None
+    groups = _group_maxima(p, START_GROUP) if p.size(-1) % START_GROUP == 0 else None
+    return _entries_above(p, p.new_zeros(p.size(0), 1), groups)
 
 
 def _rows_of(value, part: slice):

@@ -67,10 +67,8 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
         for block, ((start, end), keys) in enumerate(zip(blocks, visible)):
             scores, mask = _block_scores(q[:, :, start:end] * scale, k, start, end, keys, query_offset, causal,
                                          key_padding_mask, rel_bias)
-            p, row_stats, support = entmax_with_stats(scores, alpha, mask, with_support=listed) if listed else (
-                entmax_with_stats(scores, alpha, mask) + (None,))
-            if support is not None and support[0].numel() > SPARSE_BACKWARD_BELOW * p.numel():
-                support = None
+            p, row_stats, support = entmax_with_stats(scores, alpha, mask, with_support=SPARSE_BACKWARD_BELOW) if (
+                listed) else entmax_with_stats(scores, alpha, mask) + (None,)
             supports.append(None if support is None else tuple(t.to(torch.int32) for t in support))
             del scores
             if dropout_p > 0:

@@ -301,6 +301,27 @@ def test_no_rows_or_rows_without_entries_give_empty_results_and_gradients(alpha,
         assert torch.equal(a.grad, torch.zeros(3))
 
 
+@pytest.mark.parametrize("alpha", [2.0, 1.5, "per-head"])
+@pytest.mark.parametrize("n", [512, 500])  # 500: not whole groups, listed by comparing every entry
+def test_the_support_is_listed_in_row_order_or_refused_when_too_wide(alpha, n, monkeypatch):
+    """``with_support``: the (row, column) of every positive probability, in row order, whether its chunks were
+    searched through their sparse groups or shifted (forced by SCAN_GROUPS_BELOW = 0) and listed after; None when
+    the support is more than the share asked for, or every 16th column says so before listing."""
+    import fluence_fairseq.ops.entmax as ops
+
+    x = _scores(2, 3, 40, n, seed=4, scale=12.0)
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(6)) < 0.1
+    a = torch.tensor([1.3, 1.6, 2.0]).view(1, 3, 1, 1) if alpha == "per-head" else alpha
+    for scan in (ops.SCAN_GROUPS_BELOW, 0.0):
+        monkeypatch.setattr(ops, "SCAN_GROUPS_BELOW", scan)
+        p, stats, support = ops.entmax_with_stats(x, a, mask, with_support=0.5)
+        want = (p.reshape(-1, n) > 0).nonzero().unbind(1)
+        assert support is not None and all(torch.equal(s, w) for s, w in zip(support, want))
+        share = want[0].numel() / p.numel()
+        assert ops.entmax_with_stats(x, a, mask, with_support=share * 0.99)[2] is None
+        assert ops.entmax_with_stats(x, a, mask, with_support=share)[2] is not None
+
+
 def test_sparse_runs_merge_consecutive_chunks_alike(monkeypatch):
     """Runs of the row chunks whose chosen groups hold less than SCAN_GROUPS_BELOW of their entries, or not; the
     last chunk's slice may reach past the rows; a sparse run stops at RUN_ELEMENTS (rows x widest chosen
