@@ -513,7 +513,7 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
         # each row's groups above its start, counted as the signs of their differences (a comparison and a sum of
         # booleans took 1.8x as long)
         runs = _sparse_runs(chunks, torch.sub(groups, starts).sign_().clamp_(min=0).sum(-1), n)
-    support = [] if with_support else None
+    support = [] if with_support is not None else None
     for part, sparse, members in runs:
         if sparse:
             listed = None if support is None else []
