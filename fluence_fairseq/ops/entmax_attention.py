@@ -64,6 +64,7 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
         out = q.new_empty(q.shape[:-1] + (v.size(-1),))
         stats, supports = [], []
         listed = _lists_support(q, dropout_p)
+        v_rows = None
         for block, ((start, end), keys) in enumerate(zip(blocks, visible)):
             scores, mask = _block_scores(q[:, :, start:end] * scale, k, start, end, keys, query_offset, causal,
                                          key_padding_mask, rel_bias)
@@ -74,7 +75,9 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
             if dropout_p > 0:
                 p.mul_(_kept(p, dropout_p, seed, block))
             if support is not None:  # p @ v on the support alone
-                out[:, :, start:end] = _support_values(p, support, v, start, end)
+                if v_rows is None:  # the values as rows of (B H Lk, D), copied once if strided
+                    v_rows = v.reshape(-1, v.size(-1))
+                out[:, :, start:end] = _support_values(p, support, v_rows, v.size(2))
             else:
                 out[:, :, start:end] = torch.matmul(p.to(v.dtype), v[:, :, :keys])
             stats.append(row_stats)
@@ -145,15 +148,16 @@ def _lists_support(q: Tensor, dropout_p: float) -> bool:
     return dropout_p == 0 and q.device.type in GATHER_DEVICES and q.dtype in (torch.float32, torch.float64)
 
 
-def _support_values(p: Tensor, support: Tuple[Tensor, Tensor], v: Tensor, start: int, end: int) -> Tensor:
+def _support_values(p: Tensor, support: Tuple[Tensor, Tensor], v_rows: Tensor, src_len: int) -> Tensor:
     """``p @ v`` (B, H, rows, D) for a block's probabilities ``p`` (B, H, rows, keys) that are 0 off their
-    ``support`` (rows over (B, H, rows), columns): each entry's value row weighted and added into its query's row."""
+    ``support`` (rows over (B, H, rows), columns), with the values as rows ``v_rows`` (B H src_len, D): each
+    entry's value row weighted and added into its query's row."""
     bsz, heads, rows, keys = p.shape
     row, col = support
     pair = torch.div(row, rows, rounding_mode="floor")
-    weights = p.reshape(-1, keys)[row, col].to(v.dtype).unsqueeze(-1)
-    values = v[:, :, :keys].reshape(-1, v.size(-1)).index_select(0, pair * keys + col)
-    out = v.new_zeros(bsz * heads * rows, v.size(-1)).index_add_(0, row, values.mul_(weights))
+    weights = p.reshape(-1, keys)[row, col].to(v_rows.dtype).unsqueeze(-1)
+    values = v_rows.index_select(0, pair * src_len + col)
+    out = v_rows.new_zeros(bsz * heads * rows, v_rows.size(-1)).index_add_(0, row, values.mul_(weights))
     return out.view(bsz, heads, rows, -1)
 
 
