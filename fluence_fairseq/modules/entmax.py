@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..ops.common import lower_blocks, prefixes
 from ..ops.entmax import entmax
-from ..ops.entmax_attention import blocked_entmax_attention
+from ..ops.entmax_attention import blocked_entmax_attention, lists_support
 from .attention_base import FluenceAttention, Statistic, fsmha
 from .masks import HARD_MASK, relative_positions
 from ..flag_types import FloatRange, NumberOrWord
@@ -148,14 +148,16 @@ class EntmaxAttentionBase(FluenceAttention):
     #: 2^23 1.11x at 218 MiB, 2^24 1.11x at 378 MiB (the plain pass: 682 MiB)
     RECOMPUTE_BLOCK_ELEMENTS = 1 << 23
 
-    def recompute_blocks(self, q, k, query_offset: int):
+    def recompute_blocks(self, q, k, query_offset: int, most_rows: Optional[int] = None):
         """Query ranges of the recomputing pass: rows of at most :data:`RECOMPUTE_BLOCK_ELEMENTS` scores (causal:
-        counted over the keys the block's last query sees), at least one row each."""
+        counted over the keys the block's last query sees) and at most ``most_rows``, at least one row each."""
         per_row = q.size(0) * q.size(1)
         blocks, start, tgt_len = [], 0, q.size(2)
         while start < tgt_len:
             keys = max(1, min(k.size(2), query_offset + start + 1) if self.causal else k.size(2))
             rows = max(1, self.RECOMPUTE_BLOCK_ELEMENTS // (per_row * keys))
+            if most_rows is not None:
+                rows = min(rows, most_rows)
             if self.causal:  # the block's later rows see more keys: size it for its last row
                 while rows > 1 and per_row * rows * min(k.size(2), query_offset + start + rows) > \
                         self.RECOMPUTE_BLOCK_ELEMENTS:
@@ -171,6 +173,24 @@ class EntmaxAttentionBase(FluenceAttention):
             return False
         return q.size(0) * q.size(1) * q.size(2) * k.size(2) >= self.RECOMPUTE_FROM_ELEMENTS
 
+    #: from this many probabilities per pass (B x H x Lq x Lk) a pass of at least :data:`BLOCKED_FROM` queries that
+    #: the recomputing pass does not take runs its blocks through the same function, keeping the probabilities of
+    #: each block for backward as the plain computation does, except where a block's rows keep so few keys that
+    #: it keeps their support instead and takes ``p @ v`` and its backward on it alone (the CPU without dropout,
+    #: an average of the heads' weights or none, no additive mask or density count)
+    SUPPORT_FROM_ELEMENTS = 1 << 20
+
+    def _by_support(self, q, k, attn_mask, query_offset, need_weights) -> bool:
+        """Whether this pass runs its blocks where sparse ones may work on their support (see
+        :data:`SUPPORT_FROM_ELEMENTS`)."""
+        if attn_mask is not None or query_offset < 0 or self.density_counts() is not None:
+            return False
+        if need_weights and not self.head_average_weights or q.size(2) < self.BLOCKED_FROM:
+            return False
+        if not lists_support(q, self._active_dropout()):
+            return False
+        return q.size(0) * q.size(1) * q.size(2) * k.size(2) >= self.SUPPORT_FROM_ELEMENTS
+
     def _active_dropout(self) -> float:
         """The attention dropout this call applies (fairseq's dropout module: in training, or always when it is
         set to apply during inference)."""
@@ -185,6 +205,13 @@ class EntmaxAttentionBase(FluenceAttention):
                                             query_offset=query_offset, key_padding_mask=key_padding_mask,
                                             dropout_p=self._active_dropout(), rel_bias=self.relative_bias()), None
         blocks = self.query_blocks(q.size(2))
+        if self._by_support(q, k, attn_mask, query_offset, need_weights):
+            result = blocked_entmax_attention(
+                q, k, v, self._alpha_for_scores(), causal=self.causal, query_offset=query_offset,
+                blocks=self.recompute_blocks(q, k, query_offset, most_rows=blocks[0][1] - blocks[0][0]),
+                key_padding_mask=key_padding_mask, rel_bias=self.relative_bias(), keep_probabilities=True,
+                need_weights=need_weights)
+            return result if need_weights else (result, None)
         if len(blocks) == 1:  # the base averages the heads' weights when that is all it needs
             return self._attend_rows(q, k, v, key_padding_mask, attn_mask, query_offset, need_weights)
         average = need_weights and self.head_average_weights  # only the mean over heads is returned

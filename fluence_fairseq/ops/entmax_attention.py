@@ -24,7 +24,7 @@ from torch import Tensor
 from .common import relative_positions
 from .entmax import GATHER_DEVICES, START_GROUP, entmax_backward, entmax_from_stats, entmax_with_stats, support_backward
 
-__all__ = ["blocked_entmax_attention"]
+__all__ = ["blocked_entmax_attention", "lists_support"]
 
 #: a block whose forward listed its support (every row searched through its sparse groups) keeps it for backward
 #: when it is at most this share of the block's entries (two int32 per entry: an eighth of a byte per entry of the
@@ -59,11 +59,14 @@ def _block_scores(q_block: Tensor, k: Tensor, start: int, end: int, keys: int, q
 class _BlockedEntmaxAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alpha, blocks, visible, causal, query_offset, key_padding_mask, dropout_p, seed,
-                rel_bias):
+                rel_bias, keep_probabilities, with_weights):
         scale = q.size(-1) ** -0.5
+        heads = q.size(1)
         out = q.new_empty(q.shape[:-1] + (v.size(-1),))
-        stats, supports = [], []
-        listed = _lists_support(q, dropout_p)
+        # the probabilities' mean over the heads, zeros right of each block's keys (the causal future)
+        weights = q.new_zeros(q.size(0), 1, q.size(2), k.size(2)) if with_weights else q.new_empty(0)
+        stats, supports, kept_probabilities = [], [], []
+        listed = lists_support(q, dropout_p)
         v_rows = None
         for block, ((start, end), keys) in enumerate(zip(blocks, visible)):
             scores, mask = _block_scores(q[:, :, start:end] * scale, k, start, end, keys, query_offset, causal,
@@ -72,35 +75,51 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
                 listed) else entmax_with_stats(scores, alpha, mask) + (None,)
             supports.append(None if support is None else tuple(t.to(torch.int32) for t in support))
             del scores
+            if with_weights:  # before dropout, as the plain computation returns them
+                weights[:, :, start:end, :keys] = p.mean(dim=1, keepdim=True)
             if dropout_p > 0:
+                p_kept = p.clone() if keep_probabilities and support is None else None
                 p.mul_(_kept(p, dropout_p, seed, block))
+            else:
+                p_kept = p
             if support is not None:  # p @ v on the support alone
                 if v_rows is None:  # the values as rows of (B H Lk, D), copied once if strided
                     v_rows = v.reshape(-1, v.size(-1))
                 out[:, :, start:end] = _support_values(p, support, v_rows, v.size(2))
             else:
                 out[:, :, start:end] = torch.matmul(p.to(v.dtype), v[:, :, :keys])
+            kept_probabilities.append(p_kept if keep_probabilities and support is None else None)
             stats.append(row_stats)
         ctx.blocks, ctx.visible, ctx.causal, ctx.query_offset = blocks, visible, causal, query_offset
-        ctx.supports = supports
+        ctx.supports, ctx.kept_probabilities = supports, kept_probabilities
         ctx.dropout_p, ctx.seed, ctx.rel_bias = dropout_p, seed, rel_bias
         ctx.alpha_is_tensor = isinstance(alpha, Tensor)
         ctx.alpha_value = None if ctx.alpha_is_tensor else alpha
         ctx.save_for_backward(q, k, v, alpha if ctx.alpha_is_tensor else None, key_padding_mask,
                               torch.cat(stats, dim=2))
-        return out
+        if not with_weights:
+            ctx.mark_non_differentiable(weights)
+        # an output no loss used gets None in backward, not a zero tensor: returned weights are mostly unused,
+        # and a zero gradient of (B, Lq, Lk) would be added to every block's
+        ctx.set_materialize_grads(False)
+        return out, weights
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_weights):
         q, k, v, alpha_t, key_padding_mask, stats = ctx.saved_tensors
         alpha = alpha_t if ctx.alpha_is_tensor else ctx.alpha_value
         scale = q.size(-1) ** -0.5
+        heads = q.size(1)
+        if grad_out is None:  # a loss on the weights alone
+            grad_out = torch.zeros_like(q[..., :1]).expand(q.shape[:-1] + (v.size(-1),))
+        if grad_weights is not None and grad_weights.numel() == 0:
+            grad_weights = None
         want_alpha = ctx.alpha_is_tensor and ctx.needs_input_grad[3]
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         grad_alpha = None
         flat = None  # the inputs and gradient buffers of the blocks backward on their support
         if any(support is not None for support in ctx.supports):
-            flat = _Flat(q * scale, k, v, grad_out)
+            flat = _Flat(q * scale, k, v, grad_out, grad_weights)
         for block, ((start, end), keys) in enumerate(zip(ctx.blocks, ctx.visible)):
             if ctx.supports[block] is not None:
                 dq[:, :, start:end] = 0
@@ -113,10 +132,14 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
             q_b = q[:, :, start:end] * scale
             k_b, v_b = k[:, :, :keys], v[:, :, :keys]
             g = grad_out[:, :, start:end]
-            scores, mask = _block_scores(q_b, k, start, end, keys, ctx.query_offset, ctx.causal, key_padding_mask,
-                                         ctx.rel_bias)
-            p, support = entmax_from_stats(scores, alpha, mask, stats[:, :, start:end], with_support=True)
-            del scores
+            p, support = ctx.kept_probabilities[block], None
+            if p is None:
+                scores, mask = _block_scores(q_b, k, start, end, keys, ctx.query_offset, ctx.causal,
+                                             key_padding_mask, ctx.rel_bias)
+                p, support = entmax_from_stats(scores, alpha, mask, stats[:, :, start:end], with_support=True)
+                del scores
+            else:
+                ctx.kept_probabilities[block] = None  # freed once used
             grad_p = torch.matmul(g, v_b.transpose(-1, -2)).to(p.dtype)
             if ctx.dropout_p > 0:  # out = (p * kept) @ v
                 kept = _kept(p, ctx.dropout_p, ctx.seed, block)
@@ -125,6 +148,8 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
                 del kept
             else:
                 dv[:, :, :keys] += torch.matmul(p.to(v.dtype).transpose(-1, -2), g)
+            if grad_weights is not None:  # the weights are the probabilities' mean over the heads
+                grad_p.add_(grad_weights[:, :, start:end, :keys].to(p.dtype), alpha=1.0 / heads)
             grad_s, alpha_rows = entmax_backward(p, grad_p, alpha, with_alpha=want_alpha, support=support)
             del p, grad_p, support
             if alpha_rows is not None:  # this block's rows' parts, summed over them
@@ -139,10 +164,10 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
             dv.add_(flat.dv.view(v.shape))
         if grad_alpha is not None:
             grad_alpha = grad_alpha.sum_to_size(alpha_t.shape).to(alpha_t.dtype)
-        return dq, dk, dv, grad_alpha, None, None, None, None, None, None, None, None
+        return dq, dk, dv, grad_alpha, None, None, None, None, None, None, None, None, None, None
 
 
-def _lists_support(q: Tensor, dropout_p: float) -> bool:
+def lists_support(q: Tensor, dropout_p: float) -> bool:
     """Whether the blocks may keep their support: where the forward lists it anyway (the CPU), without dropout
     (whose masks are drawn over whole blocks)."""
     return dropout_p == 0 and q.device.type in GATHER_DEVICES and q.dtype in (torch.float32, torch.float64)
@@ -163,14 +188,15 @@ def _support_values(p: Tensor, support: Tuple[Tensor, Tensor], v_rows: Tensor, s
 
 class _Flat:
     """The scaled queries, keys, values and the output's gradient as rows of (B H L, D) (copied once per backward
-    where they are strided), and the query, key and value gradients of the blocks that backward on their support
-    (the queries' unscaled)."""
+    where they are strided), the weights' gradient flat (B Lq Lk,) if a loss used them, and the query, key and
+    value gradients of the blocks that backward on their support (the queries' unscaled)."""
 
-    def __init__(self, q_scaled: Tensor, k: Tensor, v: Tensor, grad_out: Tensor):
+    def __init__(self, q_scaled: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, grad_weights: Optional[Tensor]):
         self.shape = q_scaled.shape[:3] + (k.size(2),)  # B, H, Lq, Lk
         width = q_scaled.size(-1)
         self.q, self.k = q_scaled.reshape(-1, width), k.reshape(-1, width)
         self.v, self.g = v.reshape(-1, v.size(-1)), grad_out.reshape(-1, grad_out.size(-1))
+        self.grad_weights = None if grad_weights is None else grad_weights.reshape(-1)
         self.dq, self.dk, self.dv = torch.zeros_like(self.q), torch.zeros_like(self.k), torch.zeros_like(self.v)
 
 
@@ -202,11 +228,17 @@ def _support_block_backward(flat: _Flat, support: Tuple[Tensor, Tensor], start: 
     u = (scores * (entry_alpha - 1) - shift * (entry_alpha - 1) - tau).mul_(r).clamp_(min=0)
     p = u if isinstance(alpha, float) and alpha == 2.0 else (
         u.square() if isinstance(alpha, float) and alpha == 1.5 else u.pow(1 / (entry_alpha - 1)))
+    # each entry's place in the weights (B, 1, Lq, Lk), whose gradient reaches it divided by the heads
+    w_index = None if flat.grad_weights is None else (
+        torch.div(pair, heads, rounding_mode="floor") * tgt_len + start + position) * src_len + col
     kept = p > 0  # an entry rounded onto the threshold adds nothing, and its log would not be finite
     if not bool(kept.all()):
         row, p, q_index, k_index, q_e, k_e = (t[kept] for t in (row, p, q_index, k_index, q_e, k_e))
+        w_index = None if w_index is None else w_index[kept]
     g_e = flat.g.index_select(0, q_index)
     grad_p = (g_e * flat.v.index_select(0, k_index)).sum(-1)
+    if w_index is not None:
+        grad_p.add_(flat.grad_weights.index_select(0, w_index).to(grad_p.dtype), alpha=1.0 / heads)
     flat.dv.index_add_(0, k_index, g_e.mul_(p.unsqueeze(-1)))
     grad_alpha = q_e.new_empty(bsz * heads * rows, 1) if want_alpha else None
     grad_s = support_backward(p, grad_p, row_alpha, row, bsz * heads * rows, grad_alpha).unsqueeze(-1)
@@ -219,9 +251,10 @@ def blocked_entmax_attention(q: Tensor, k: Tensor, v: Tensor, alpha: Union[float
                              blocks: Sequence[Tuple[int, int]], causal: bool, query_offset: int = 0,
                              key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
                              seed: Optional[int] = None,
-                             rel_bias: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+                             rel_bias: Optional[Callable[[Tensor], Tensor]] = None,
+                             keep_probabilities: bool = False, need_weights: bool = False):
     """α-entmax attention of q (B, H, Lq, D) over k, v (B, H, Lk, D) in the query ``blocks`` ([start, end) ranges
-    covering 0..Lq in order), keeping no (Lq, Lk) tensor for backward.
+    covering 0..Lq in order), keeping no (Lq, Lk) tensor for backward unless ``keep_probabilities``.
 
     ``alpha``: a float in (1, 2] or a tensor in that range broadcastable to (B, H, 1, 1) (one α per head; it gets a
     gradient). ``causal``: query ``i`` sees keys ``j <= i + query_offset`` (each block's scores stop at its last
@@ -229,9 +262,15 @@ def blocked_entmax_attention(q: Tensor, k: Tensor, v: Tensor, alpha: Union[float
     ``dropout_p``: attention dropout on the probabilities, its masks drawn from ``seed`` (default: a number drawn
     from torch's default generator, so runs seeded with ``torch.manual_seed`` repeat). ``rel_bias``: a fixed bias
     of the query-minus-key offsets (``rel (rows, keys) -> (H, rows, keys)``, e.g. ALiBi) added to the scores; it
-    gets no gradient."""
+    gets no gradient.
+
+    ``keep_probabilities``: a block that does not keep its support keeps its probabilities for backward instead of
+    recomputing them (the plain computation's memory and work, for passes short enough to afford it), so only the
+    blocks sparse enough to work on their support differ from it. ``need_weights``: returns ``(out, weights)``,
+    the probabilities' mean over the heads (B, 1, Lq, Lk) before dropout, differentiable (an alignment loss
+    trains through them); otherwise ``out`` alone."""
     visible: List[int] = [min(k.size(2), query_offset + end) if causal else k.size(2) for _, end in blocks]
-    if causal and _lists_support(q, dropout_p):
+    if causal and lists_support(q, dropout_p):
         # whole groups of keys: the keys up to the next multiple of START_GROUP are in every row's future, masked
         # (0 in the output, nothing in any gradient), and a block of whole groups can be searched through them
         # and keep its support (at most 31 more columns)
@@ -248,5 +287,7 @@ def blocked_entmax_attention(q: Tensor, k: Tensor, v: Tensor, alpha: Union[float
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    return _BlockedEntmaxAttention.apply(q, k, v, alpha, list(blocks), visible, causal, query_offset,
-                                         key_padding_mask, float(dropout_p), seed or 0, rel_bias)
+    out, weights = _BlockedEntmaxAttention.apply(q, k, v, alpha, list(blocks), visible, causal, query_offset,
+                                                 key_padding_mask, float(dropout_p), seed or 0, rel_bias,
+                                                 bool(keep_probabilities), bool(need_weights))
+    return (out, weights) if need_weights else out

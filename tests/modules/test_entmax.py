@@ -1129,3 +1129,83 @@ def test_recompute_blocks_cover_the_queries_within_the_budget(causal):
     for start, end in blocks:
         keys = min(37, end) if causal else 50
         assert end - start == 1 or 2 * 2 * (end - start) * keys <= attn.RECOMPUTE_BLOCK_ELEMENTS
+
+
+@pytest.mark.parametrize("name", ["sparsemax", "entmax15", "alpha_entmax"])
+@pytest.mark.parametrize("causal,cross,alibi", [(False, False, False), (True, False, False), (False, True, False),
+                                                (True, False, True)])
+def test_pass_by_support_equals_the_plain_one(monkeypatch, name, causal, cross, alibi):
+    """From SUPPORT_FROM_ELEMENTS a pass runs its blocks through blocked_entmax_attention, keeping each block's
+    probabilities or (sparse blocks) their support: the same output, head-averaged weights and gradients as the
+    plain pass, with a loss on the weights too (float64, key padding, a learned α, scores scaled so many rows
+    keep one key, blocks of a few rows)."""
+    from fluence_fairseq.modules.registry import get_attention
+    import fluence_fairseq.modules.entmax as module
+    import fluence_fairseq.ops.entmax_attention as ops
+
+    calls, supports = [], []
+    real = module.blocked_entmax_attention
+    monkeypatch.setattr(module, "blocked_entmax_attention",
+                        lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    support_backward = ops._support_block_backward
+    monkeypatch.setattr(ops, "_support_block_backward", lambda *a: supports.append(1) or support_backward(*a))
+    torch.manual_seed(0)
+    attn = get_attention(name).build(32, 4, dropout=0.0, causal=causal, cross=cross).double()
+    with torch.no_grad():  # peaked scores: sparse rows
+        attn.q_proj.weight.mul_(6.0 if name == "sparsemax" else 30.0)
+    if alibi:
+        attn.set_alibi()
+    L, S, B = 160, 192 if cross else 160, 2
+    x = torch.randn(L, B, 32, dtype=torch.float64, requires_grad=True)
+    src = torch.randn(S, B, 32, dtype=torch.float64, requires_grad=True) if cross else x
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[1, -9:] = True
+    w = torch.randn(L, B, 32, dtype=torch.float64)
+    w_weights = torch.randn(B, L, S, dtype=torch.float64)
+
+    def run():
+        for t in list(attn.parameters()) + [x, src]:
+            t.grad = None
+        out, weights = attn(x, src, src, key_padding_mask=kpm)  # fairseq's default: need_weights=True
+        ((out * w).sum() + (weights * w_weights).sum()).backward()
+        grads = {"out": out.detach(), "weights": weights.detach(), "x": x.grad, "src": src.grad}
+        grads.update({n: p.grad for n, p in attn.named_parameters() if p.grad is not None and n != "k_proj.bias"})
+        no_weights, _ = attn(x, src, src, key_padding_mask=kpm, need_weights=False)
+        return grads, no_weights.detach()
+
+    monkeypatch.setattr(attn, "SUPPORT_FROM_ELEMENTS", 1 << 60)
+    plain, plain_no_weights = run()
+    assert not calls
+    monkeypatch.setattr(attn, "SUPPORT_FROM_ELEMENTS", 0)
+    monkeypatch.setattr(attn, "RECOMPUTE_BLOCK_ELEMENTS", 16 * 8 * S)  # 16 rows of B x H
+    by_support, no_weights = run()
+    assert len(calls) == 2 and all(kw["keep_probabilities"] for kw in calls) and len(calls[0]["blocks"]) >= 8
+    assert [kw["need_weights"] for kw in calls] == [True, False] and supports
+    torch.testing.assert_close(no_weights, plain_no_weights, rtol=1e-9, atol=1e-11)
+    assert plain.keys() == by_support.keys()
+    for key in plain:
+        torch.testing.assert_close(by_support[key], plain[key], rtol=1e-9, atol=1e-11, msg=key)
+
+
+def test_pass_by_support_is_left_for_head_weights_masks_density_dropout_and_short_queries(monkeypatch):
+    import fluence_fairseq.modules.entmax as module
+
+    calls = []
+    monkeypatch.setattr(module, "blocked_entmax_attention", lambda *a, **kw: calls.append(kw) or torch.zeros(0))
+    attn = FSEntmax15(16, 2, dropout=0.1)
+    monkeypatch.setattr(attn, "SUPPORT_FROM_ELEMENTS", 0)
+    x = torch.randn(attn.BLOCKED_FROM, 2, 16)
+    attn.eval()
+    attn(x, x, x, need_weights=True, need_head_weights=True)  # every head's weights
+    attn(x, x, x, need_weights=False, attn_mask=torch.zeros(len(x), len(x)))  # an additive mask
+    attn(x[:-1], x[:-1], x[:-1], need_weights=False)  # fewer queries than BLOCKED_FROM
+    attn.track_density(True)
+    attn(x, x, x, need_weights=False)  # counting non-zero weights
+    attn.track_density(False)
+    attn.train()
+    attn(x, x, x, need_weights=False)  # attention dropout
+    assert calls == []
+    attn.eval()
+    with pytest.raises(RuntimeError):  # the stub's empty output: the pass by support was taken
+        attn(x, x, x, need_weights=False)
+    assert calls and calls[-1]["keep_probabilities"]

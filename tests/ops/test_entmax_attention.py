@@ -202,3 +202,97 @@ def test_sparse_blocks_gradcheck_and_dropout_keeps_the_dense_path(monkeypatch):
     out = blocked_entmax_attention(q, k, v, alpha, dropout_p=0.1, seed=0, **kwargs)
     out.sum().backward()
     assert not calls and torch.isfinite(q.grad).all()
+
+
+def _plain_with_weights(q, k, v, alpha, causal, key_padding_mask, rel_bias):
+    """The plain computation with ALiBi, and the probabilities' mean over the heads."""
+    scores = torch.matmul(q * q.size(-1) ** -0.5, k.transpose(-1, -2))
+    rel = torch.arange(q.size(2)).view(-1, 1) - torch.arange(k.size(2)).view(1, -1)
+    scores = scores + rel_bias(rel)
+    mask = key_padding_mask.view(-1, 1, 1, k.size(2))
+    if causal:
+        mask = mask | (rel < 0).view(1, 1, q.size(2), k.size(2))
+    p = entmax(scores, alpha, mask=mask)
+    return torch.matmul(p, v), p.mean(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.5, "per head"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("keep", [True, False])
+def test_weights_and_kept_probabilities_equal_the_plain_computation(alpha, causal, keep, monkeypatch):
+    """``need_weights`` returns the probabilities' mean over the heads (zeros in the causal future), and a loss on
+    them and on the output trains q, k, v and α as the plain computation does, whether blocks work on their
+    support (most here), keep their probabilities (``keep_probabilities``) or recompute them; with every block
+    forced dense (SPARSE_BACKWARD_BELOW = 0) too."""
+    import fluence_fairseq.ops.entmax_attention as ops
+
+    inputs, w, kwargs = _sparse_case(alpha, causal, torch.float64)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor)]
+    ref, ref_weights = _plain_with_weights(*inputs, causal, kwargs["key_padding_mask"], kwargs["rel_bias"])
+    g = torch.Generator().manual_seed(5)
+    w_weights = torch.randn(ref_weights.shape, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad((ref * w).sum() + (ref_weights * w_weights).sum(), leaves, retain_graph=True)
+    calls = []
+    support_backward = ops._support_block_backward
+    monkeypatch.setattr(ops, "_support_block_backward", lambda *a: calls.append(a[2]) or support_backward(*a))
+    for share in (ops.SPARSE_BACKWARD_BELOW, 0.0):
+        monkeypatch.setattr(ops, "SPARSE_BACKWARD_BELOW", share)
+        calls.clear()
+        out, weights = blocked_entmax_attention(*inputs, keep_probabilities=keep, need_weights=True, **kwargs)
+        assert weights.shape == (2, 1, 320, inputs[1].size(2))
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-11)
+        torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-13)
+        grads = torch.autograd.grad((out * w).sum() + (weights * w_weights).sum(), leaves)
+        assert bool(calls) == (share > 0)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-11 * max(1.0, float(b.abs().max())))
+    # a loss on the weights alone, and the output alone with the weights returned
+    out, weights = blocked_entmax_attention(*inputs, keep_probabilities=keep, need_weights=True, **kwargs)
+    not_v = [t for t in leaves if t is not inputs[2]]  # the weights do not depend on the values
+    for a, b in zip(torch.autograd.grad((weights * w_weights).sum(), not_v, retain_graph=True),
+                    torch.autograd.grad((ref_weights * w_weights).sum(), not_v, retain_graph=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11 * max(1.0, float(b.abs().max())))
+    for a, b in zip(torch.autograd.grad((out * w).sum(), leaves), torch.autograd.grad((ref * w).sum(), leaves)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11 * max(1.0, float(b.abs().max())))
+
+
+def test_kept_probabilities_are_not_recomputed_and_take_the_dropout(monkeypatch):
+    """``keep_probabilities``: a dense block's backward uses the probabilities its forward kept (no threshold
+    rebuild), and with dropout the kept probabilities are the undropped ones, the masks drawn again in backward:
+    the same gradients as the recomputing pass with the same seed, weights unaffected by the dropout."""
+    import fluence_fairseq.ops.entmax_attention as ops
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 40, 8, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3))
+    kwargs = dict(blocks=[(0, 13), (13, 40)], causal=True, dropout_p=0.25, seed=7)
+    rebuilt = []
+    from_stats = ops.entmax_from_stats
+    monkeypatch.setattr(ops, "entmax_from_stats", lambda *a, **kw: rebuilt.append(1) or from_stats(*a, **kw))
+    out, weights = blocked_entmax_attention(q, k, v, 1.5, keep_probabilities=True, need_weights=True, **kwargs)
+    grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v))
+    assert not rebuilt
+    ref = blocked_entmax_attention(q, k, v, 1.5, **kwargs)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), (q, k, v))
+    assert rebuilt
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    _, plain_weights = _plain_with_weights(q, k, v, 1.5, True, torch.zeros(2, 40, dtype=torch.bool),
+                                           lambda rel: torch.zeros(()))
+    torch.testing.assert_close(weights, plain_weights, rtol=0, atol=1e-14)
+
+
+def test_unused_weights_reach_backward_as_none(monkeypatch):
+    """Weights returned but used by no loss (fairseq's default) cost backward nothing: their gradient arrives as
+    None, not as a (B, 1, Lq, Lk) zero tensor added to every block's."""
+    import fluence_fairseq.ops.entmax_attention as ops
+
+    seen = []
+    backward = ops._BlockedEntmaxAttention.backward
+    monkeypatch.setattr(ops._BlockedEntmaxAttention, "backward",
+                        staticmethod(lambda ctx, g, gw: seen.append(gw) or backward(ctx, g, gw)))
+    q, k, v = (torch.randn(1, 2, 20, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out, weights = blocked_entmax_attention(q, k, v, 2.0, blocks=[(0, 20)], causal=False, need_weights=True,
+                                            keep_probabilities=True)
+    out.sum().backward()
+    assert seen == [None] and weights.requires_grad
