@@ -148,16 +148,14 @@ class EntmaxAttentionBase(FluenceAttention):
     #: 2^23 1.11x at 218 MiB, 2^24 1.11x at 378 MiB (the plain pass: 682 MiB)
     RECOMPUTE_BLOCK_ELEMENTS = 1 << 23
 
-    def recompute_blocks(self, q, k, query_offset: int, most_rows: Optional[int] = None):
+    def recompute_blocks(self, q, k, query_offset: int):
         """Query ranges of the recomputing pass: rows of at most :data:`RECOMPUTE_BLOCK_ELEMENTS` scores (causal:
-        counted over the keys the block's last query sees) and at most ``most_rows``, at least one row each."""
+        counted over the keys the block's last query sees), at least one row each."""
         per_row = q.size(0) * q.size(1)
         blocks, start, tgt_len = [], 0, q.size(2)
         while start < tgt_len:
             keys = max(1, min(k.size(2), query_offset + start + 1) if self.causal else k.size(2))
             rows = max(1, self.RECOMPUTE_BLOCK_ELEMENTS // (per_row * keys))
-            if most_rows is not None:
-                rows = min(rows, most_rows)
             if self.causal:  # the block's later rows see more keys: size it for its last row
                 while rows > 1 and per_row * rows * min(k.size(2), query_offset + start + rows) > \
                         self.RECOMPUTE_BLOCK_ELEMENTS:
@@ -207,8 +205,7 @@ class EntmaxAttentionBase(FluenceAttention):
         blocks = self.query_blocks(q.size(2))
         if self._by_support(q, k, attn_mask, query_offset, need_weights):
             result = blocked_entmax_attention(
-                q, k, v, self._alpha_for_scores(), causal=self.causal, query_offset=query_offset,
-                blocks=self.recompute_blocks(q, k, query_offset, most_rows=blocks[0][1] - blocks[0][0]),
+                q, k, v, self._alpha_for_scores(), blocks=blocks, causal=self.causal, query_offset=query_offset,
                 key_padding_mask=key_padding_mask, rel_bias=self.relative_bias(), keep_probabilities=True,
                 need_weights=need_weights)
             return result if need_weights else (result, None)

@@ -1177,7 +1177,7 @@ def test_pass_by_support_equals_the_plain_one(monkeypatch, name, causal, cross, 
     plain, plain_no_weights = run()
     assert not calls
     monkeypatch.setattr(attn, "SUPPORT_FROM_ELEMENTS", 0)
-    monkeypatch.setattr(attn, "RECOMPUTE_BLOCK_ELEMENTS", 16 * 8 * S)  # 16 rows of B x H
+    monkeypatch.setattr(attn, "BLOCKED_FROM", 32)  # query blocks of at least 16 rows
     by_support, no_weights = run()
     assert len(calls) == 2 and all(kw["keep_probabilities"] for kw in calls) and len(calls[0]["blocks"]) >= 8
     assert [kw["need_weights"] for kw in calls] == [True, False] and supports
