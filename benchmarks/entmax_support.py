@@ -8,7 +8,8 @@ off (``SPARSE_BACKWARD_BELOW = 0``: every block dense), timed in turn (:func:`be
 fastest of ``--repeats``). Reported: the share of non-zero probabilities, how many blocks kept their support, both
 times and their ratio, which says where the support path pays and where it is refused::
 
-    python -m benchmarks.entmax_support [--length 2048] [--heads 8] [--scales 0.1 0.25 0.5 1] [--repeats 3]
+    python -m benchmarks.entmax_support [--length 2048] [--heads 8] [--scales 0.1 0.25 0.5 1] [--repeats 3] \\
+        [--below SHARE]
 """
 import argparse
 import platform
@@ -29,6 +30,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--scales", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--below", type=float, default=None,
+                        help="the support path's share (SPARSE_BACKWARD_BELOW) for this run; default the module's")
     add_allocator_argument(parser)
     args = parser.parse_args(argv)
     allocator = use_allocator(args.allocator)
@@ -39,7 +42,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     gen = torch.Generator().manual_seed(0)
     q0, k0, v0 = (torch.randn(1, heads, length, dim, generator=gen) for _ in range(3))
     blocks = [(start, min(length, start + 256)) for start in range(0, length, 256)]
-    below = ops.SPARSE_BACKWARD_BELOW
+    below = ops.SPARSE_BACKWARD_BELOW if args.below is None else args.below
+    default_below = ops.SPARSE_BACKWARD_BELOW
     print(f"# weight-free step of blocked_entmax_attention, (1, {heads}, {length}, {dim}), noncausal, query blocks "
           f"of 256, {args.threads} thread(s), torch {torch.__version__}, {platform.processor() or platform.machine()};"
           f" allocator {allocator}; support path for blocks of at most {below:.4g} of their entries\n")
@@ -66,7 +70,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 times = round_robin({"support": lambda: step(below), "dense": lambda: step(0.0)}, args.repeats,
                                     allocator)
             finally:
-                ops._support_block_backward, ops.SPARSE_BACKWARD_BELOW = support_backward, below
+                ops._support_block_backward, ops.SPARSE_BACKWARD_BELOW = support_backward, default_below
             with torch.no_grad():
                 scores = (q0 * scale * dim ** -0.5) @ k0.transpose(-1, -2)
                 share = float((ops.entmax_with_stats(scores, alpha, None)[0] > 0).float().mean())
