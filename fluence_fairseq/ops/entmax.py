@@ -463,21 +463,27 @@ def _in_compute_dtype(x: Tensor, alpha: Union[float, Tensor]) -> Union[float, Te
 
 
 def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor],
-                      with_support: Optional[float] = None):
+                      with_support: Optional[float] = None, support_rows: Optional[int] = None):
     """α-entmax of the rows of ``x`` for 1 < α <= 2 (float32/float64 probabilities, no autograd) and, per row,
     ``(shift, τ, scale)`` (..., 3): what :func:`entmax_from_stats` rebuilds the probabilities from,
     ``[(α-1)(x - shift) - τ]_+ ^ (1/(α-1)) * scale`` (``scale`` 0 for rows with nothing to attend to). So a
     caller may keep 3 numbers per row for backward instead of the probabilities.
 
     ``with_support`` (a share of the entries): also returns the support, ``(rows, columns)`` of the positive
-    probabilities (rows counted over ``x.reshape(-1, n)``, in row order), or None when it is more than that share
-    of the entries. The searches through sparse groups list it anyway (:func:`_gathered_unshifted`); the other
-    chunks list their output's (:func:`_listed_support`)."""
+    probabilities (rows counted over ``x.reshape(-1, n)``, in row order, each row's columns in order), or None
+    when it is more than that share of the entries. The searches through sparse groups list it anyway
+    (:func:`_gathered_unshifted`); the other chunks list their output's (:func:`_listed_support`).
+
+    ``support_rows``: the rows form groups of this many consecutive ones (an attention's (batch, head) pairs),
+    each judged on its own: the support is then ``(rows, columns, listed)`` with ``listed`` (groups,) bool, the
+    groups whose entries are listed, those at most ``with_support`` of their entries (the others' are not listed
+    at all); None when no group is."""
     alpha = _in_compute_dtype(x, alpha)
     if x.numel() == 0:  # no rows, or rows without entries (zero probabilities, scale 0)
         compute = _compute_dtype(x.dtype)
         empty = x.new_zeros(x.shape, dtype=compute), x.new_zeros(x.shape[:-1] + (3,), dtype=compute)
         return empty + (None,) if with_support is not None else empty
+    grouped = with_support is not None and support_rows is not None
     alpha_minus_one = alpha - 1
     beta = 1 / alpha_minus_one
     n = x.size(-1)
@@ -514,6 +520,8 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
         # booleans took 1.8x as long)
         runs = _sparse_runs(chunks, torch.sub(groups, starts).sign_().clamp_(min=0).sum(-1), n)
     support = [] if with_support is not None else None
+    # grouped: which rows had their entries listed (a group is listed when all its rows are)
+    listed_rows = torch.zeros(rows.size(0), dtype=torch.bool, device=x.device) if grouped else None
     for part, sparse, members in runs:
         if sparse:
             listed = None if support is None else []
@@ -522,17 +530,23 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
                                                    rows[part], listed))]
             if listed:
                 support.append((listed[0][0] + part.start, listed[0][1]))
+                if grouped:
+                    listed_rows[part] = True
         else:
             searched = [(sub, _shifted_search(base_rows[sub], shift_rows[sub], _rows_of(row_scale, sub), fused_shift,
                                               _rows_of(starts, sub), _rows_of(groups, sub), _rows_of(row_beta, sub),
                                               rows[sub]))
                         for sub in members]
             for sub in members if support is not None else ():
-                listed = _listed_support(rows[sub], with_support)
+                listed = _listed_support(rows[sub], with_support, rows_apart=grouped)
                 if listed is None:
+                    if grouped:
+                        continue
                     support = None
                     break
                 support.append((listed[0] + sub.start, listed[1]))
+                if grouped:
+                    listed_rows[sub] |= listed[2]
         for sub, (tau, total) in searched:
             stats[sub, 1:2] = tau
             stats[sub, 2:3] = total.reciprocal_()
@@ -544,20 +558,57 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
     if support is not None:
         support = tuple(torch.cat(parts) for parts in zip(*support)) if support else (
             torch.zeros(0, dtype=torch.long, device=x.device),) * 2
+        if grouped:
+            return out + (_listed_groups(support, listed_rows, support_rows, with_support * support_rows * n),)
         if support[0].numel() > with_support * x.numel():
             support = None
     return out + (support,)
 
 
-def _listed_support(p: Tensor, limit: float) -> Optional[Tuple[Tensor, Tensor]]:
+def _listed_groups(support: Tuple[Tensor, Tensor], listed_rows: Tensor, group_rows: int,
+                   most: float) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+    """The entries of the groups of ``group_rows`` consecutive rows whose rows were all listed and that hold at
+    most ``most`` entries, and which groups those are; None when none is."""
+    row_of, col_of = support
+    group_of = torch.div(row_of, group_rows, rounding_mode="floor")
+    counts = torch.bincount(group_of, minlength=listed_rows.numel() // group_rows)
+    listed = listed_rows.view(-1, group_rows).all(dim=1) & (counts <= most)
+    if not bool(listed.any()):
+        return None
+    if not bool(listed.all()):
+        keep = listed.index_select(0, group_of)
+        row_of, col_of = row_of[keep], col_of[keep]
+    return row_of, col_of, listed
+
+
+#: rows judged apart (:func:`_listed_support`) are listed when every 16th column says they hold at most this many
+#: times the share their group may hold: their group's own count decides, a loose bound spares listing rows of
+#: groups that cannot pass
+ROW_LIST_FACTOR = 4
+
+
+def _listed_support(p: Tensor, limit: float, rows_apart: bool = False):
     """(rows, columns) of the positive entries of probabilities ``p`` (R, n), or None when every 16th column says
     they are more than ``limit`` of the entries (not worth listing). Listed through the groups holding any
-    where those are few (:func:`_entries_above`)."""
-    sample = p[:, ::16]
-    if int((sample > 0).sum()) > limit * sample.numel():
+    where those are few (:func:`_entries_above`). ``rows_apart``: each row judged on its own, against
+    :data:`ROW_LIST_FACTOR` times ``limit``: ``(rows, columns, listed)`` with ``listed`` (R,) the rows whose
+    entries are listed; None when no row's are."""
+    sample = p[:, ::16] > 0
+    if not rows_apart:
+        if int(sample.sum()) > limit * sample.numel():
+            return None
+        groups = _group_maxima(p, START_GROUP) if p.size(-1) % START_GROUP == 0 else None
+        return _entries_above(p, p.new_zeros(p.size(0), 1), groups)
+    listed = sample.sum(dim=1) <= ROW_LIST_FACTOR * limit * sample.size(1)
+    if not bool(listed.any()):
         return None
-    groups = _group_maxima(p, START_GROUP) if p.size(-1) % START_GROUP == 0 else None
-    return _entries_above(p, p.new_zeros(p.size(0), 1), groups)
+    chosen = None if bool(listed.all()) else listed.nonzero().view(-1)
+    part = p if chosen is None else p.index_select(0, chosen)
+    groups = _group_maxima(part, START_GROUP) if part.size(-1) % START_GROUP == 0 else None
+    row_of, col_of = _entries_above(part, part.new_zeros(part.size(0), 1), groups)
+    if chosen is not None:
+        row_of = chosen.index_select(0, row_of)
+    return row_of, col_of, listed
 
 
 def _rows_of(value, part: slice):

@@ -72,24 +72,33 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
         for block, ((start, end), keys) in enumerate(zip(blocks, visible)):
             scores, mask = _block_scores(q[:, :, start:end] * scale, k, start, end, keys, query_offset, causal,
                                          key_padding_mask, rel_bias)
-            p, row_stats, support = entmax_with_stats(scores, alpha, mask, with_support=SPARSE_BACKWARD_BELOW) if (
+            # each (batch, head) pair of the block judged on its own: a head of α near 1 beside sparse ones
+            p, row_stats, found = entmax_with_stats(scores, alpha, mask, with_support=SPARSE_BACKWARD_BELOW,
+                                                    support_rows=end - start) if (
                 listed) else entmax_with_stats(scores, alpha, mask) + (None,)
-            supports.append(None if support is None else tuple(t.to(torch.int32) for t in support))
+            support = None if found is None else _BlockSupport(*found, heads=heads)
+            supports.append(support)
             del scores
             if with_weights:  # before dropout, as the plain computation returns them
                 weights[:, :, start:end, :keys] = p.mean(dim=1, keepdim=True)
             if dropout_p > 0:
-                p_kept = p.clone() if keep_probabilities and support is None else None
+                p_kept = p.clone() if keep_probabilities else None
                 p.mul_(_kept(p, dropout_p, seed, block))
             else:
                 p_kept = p
-            if support is not None:  # p @ v on the support alone
+            if support is not None:  # p @ v on the support alone, and on the dense pairs apart
                 if v_rows is None:  # the values as rows of (B H Lk, D), copied once if strided
                     v_rows = v.reshape(-1, v.size(-1))
-                out[:, :, start:end] = _support_values(p, support, v_rows, v.size(2))
+                out_block = _support_values(p, support.entries, v_rows, v.size(2))
+                if support.dense is not None:
+                    b, h = support.dense
+                    p_kept = p[b, h]  # (dense pairs, rows, keys)
+                    out_block[b, h] = torch.matmul(p_kept.to(v.dtype), v[b, h, :keys])
+                out[:, :, start:end] = out_block
             else:
                 out[:, :, start:end] = torch.matmul(p.to(v.dtype), v[:, :, :keys])
-            kept_probabilities.append(p_kept if keep_probabilities and support is None else None)
+            kept_probabilities.append(p_kept if keep_probabilities and (support is None or support.dense is not None)
+                                      else None)
             stats.append(row_stats)
         ctx.blocks, ctx.visible, ctx.causal, ctx.query_offset = blocks, visible, causal, query_offset
         ctx.supports, ctx.kept_probabilities = supports, kept_probabilities
@@ -122,13 +131,22 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
         if any(support is not None for support in ctx.supports):
             flat = _Flat(q * scale, k, v, grad_out, grad_weights)
         for block, ((start, end), keys) in enumerate(zip(ctx.blocks, ctx.visible)):
-            if ctx.supports[block] is not None:
-                grad_q, alpha_rows = _support_block_backward(flat, ctx.supports[block], start, end,
+            support = ctx.supports[block]
+            if support is not None:
+                grad_q, alpha_rows = _support_block_backward(flat, support.entries, start, end,
                                                              stats[:, :, start:end], alpha, want_alpha,
                                                              ctx.query_offset, ctx.rel_bias)
                 dq[:, :, start:end] = grad_q.mul_(scale)
-                if alpha_rows is not None:
-                    block_alpha = alpha_rows.sum(dim=2, keepdim=True)
+                block_alpha = None if alpha_rows is None else alpha_rows.sum(dim=2, keepdim=True)
+                if support.dense is not None:
+                    p = ctx.kept_probabilities[block]
+                    ctx.kept_probabilities[block] = None
+                    dense_alpha = _dense_pairs_backward(ctx, support.dense, p, q, k, v, grad_out, grad_weights,
+                                                        alpha, want_alpha, stats, key_padding_mask, start, end,
+                                                        keys, dq, dk, dv)
+                    if dense_alpha is not None:
+                        block_alpha[support.dense] += dense_alpha
+                if block_alpha is not None:
                     grad_alpha = block_alpha if grad_alpha is None else grad_alpha + block_alpha
                 continue
             q_b = q[:, :, start:end] * scale
@@ -166,6 +184,54 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
         if grad_alpha is not None:
             grad_alpha = grad_alpha.sum_to_size(alpha_t.shape).to(alpha_t.dtype)
         return dq, dk, dv, grad_alpha, None, None, None, None, None, None, None, None, None, None
+
+
+class _BlockSupport:
+    """What a block keeps of its probabilities when some of its (batch, head) pairs are sparse: their support,
+    ``entries`` (rows over (B H rows), columns; int32), and the other pairs, ``dense`` (their batch and head
+    indices, or None when every pair is sparse), whose probabilities are kept or recomputed as a dense block's."""
+
+    def __init__(self, rows: Tensor, columns: Tensor, listed: Tensor, heads: int):
+        self.entries = (rows.to(torch.int32), columns.to(torch.int32))
+        pairs = (~listed).nonzero().view(-1)
+        self.dense = (torch.div(pairs, heads, rounding_mode="floor"), pairs % heads) if pairs.numel() else None
+
+
+def _dense_pairs_backward(ctx, dense: Tuple[Tensor, Tensor], p: Optional[Tensor], q, k, v, grad_out, grad_weights,
+                          alpha, want_alpha: bool, stats: Tensor, key_padding_mask, start: int, end: int, keys: int,
+                          dq: Tensor, dk: Tensor, dv: Tensor) -> Optional[Tensor]:
+    """Backward of a block's dense (batch, head) pairs ``dense`` (their kept probabilities ``p`` (pairs, rows,
+    keys), or None: rebuilt from the row statistics), as a dense block's, written into their rows of ``dq`` and
+    added to ``dk`` and ``dv``; returns their part of α's gradient (pairs, 1, 1) when ``want_alpha``."""
+    b, h = dense
+    heads, scale = q.size(1), q.size(-1) ** -0.5
+    q_d, k_d, v_d = q[b, h, start:end] * scale, k[b, h, :keys], v[b, h, :keys]
+    g = grad_out[b, h, start:end]
+    pair_alpha = alpha if not isinstance(alpha, Tensor) else alpha.expand(q.size(0), heads, 1, 1)[b, h]
+    support = None
+    if p is None:
+        scores = torch.matmul(q_d, k_d.transpose(-1, -2))
+        rel = None
+        if ctx.causal or ctx.rel_bias is not None:
+            rel = relative_positions(end - start, keys, ctx.query_offset + start, scores.device)
+        if ctx.rel_bias is not None:
+            scores += ctx.rel_bias(rel).to(scores.dtype).index_select(0, h)
+        mask = (rel < 0).view(1, end - start, keys) if ctx.causal else None
+        if key_padding_mask is not None:
+            padded = key_padding_mask[:, :keys].index_select(0, b).view(-1, 1, keys)
+            mask = padded if mask is None else mask | padded
+        p, support = entmax_from_stats(scores, pair_alpha, mask, stats[b, h, start:end], with_support=True)
+        del scores
+    grad_p = torch.matmul(g, v_d.transpose(-1, -2)).to(p.dtype)
+    dv[:, :, :keys].index_put_((b, h), torch.matmul(p.to(v.dtype).transpose(-1, -2), g), accumulate=True)
+    if grad_weights is not None:
+        grad_p.add_(grad_weights[:, 0, start:end, :keys].index_select(0, b).to(p.dtype), alpha=1.0 / heads)
+    grad_s, alpha_rows = entmax_backward(p, grad_p, pair_alpha, with_alpha=want_alpha, support=support)
+    del p, grad_p, support
+    grad_s = grad_s.to(q.dtype)
+    dq[:, :, start:end].index_put_((b, h), torch.matmul(grad_s, k_d).mul_(scale))
+    dk[:, :, :keys].index_put_((b, h), torch.matmul(grad_s.transpose(-1, -2), q_d), accumulate=True)
+    return None if alpha_rows is None else alpha_rows.sum(dim=1, keepdim=True)
 
 
 def lists_support(q: Tensor, dropout_p: float) -> bool:

@@ -296,3 +296,36 @@ def test_unused_weights_reach_backward_as_none(monkeypatch):
                                             keep_probabilities=True)
     out.sum().backward()
     assert seen == [None] and weights.requires_grad
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("keep", [True, False])
+def test_blocks_with_dense_and_sparse_pairs(causal, keep, monkeypatch):
+    """Each (batch, head) pair of a block is judged on its own: a head of α near 1 (dense rows) beside sparse
+    ones keeps its probabilities (or recomputes them) while the others work on their support, in the same block;
+    outputs, head-averaged weights and every gradient (q, k, v, per-head α, through the weights too) equal the
+    dense path's (float64, padding, ALiBi)."""
+    import fluence_fairseq.ops.entmax_attention as ops
+
+    inputs, w, kwargs = _sparse_case("per head", causal, torch.float64, seed=3)
+    q, k, v, _ = inputs
+    alpha = torch.tensor([1.7, 1.05, 2.0], dtype=torch.float64).view(1, 3, 1, 1).requires_grad_()
+    inputs = (q, k, v, alpha)
+    g = torch.Generator().manual_seed(6)
+    w_weights = torch.randn(2, 1, 320, k.size(2), generator=g, dtype=torch.float64)
+    mixed = []
+    dense_backward = ops._dense_pairs_backward
+    monkeypatch.setattr(ops, "_dense_pairs_backward", lambda *a: mixed.append(a[1]) or dense_backward(*a))
+
+    def run():
+        out, weights = blocked_entmax_attention(*inputs, keep_probabilities=keep, need_weights=True, **kwargs)
+        return (out, weights) + torch.autograd.grad((out * w).sum() + (weights * w_weights).sum(), inputs)
+
+    results = run()
+    assert mixed and all(1 in h.tolist() for _, h in mixed)  # the α = 1.05 head always among the dense
+    monkeypatch.setattr(ops, "SPARSE_BACKWARD_BELOW", 0.0)
+    mixed.clear()
+    reference = run()
+    assert not mixed
+    for a, b in zip(results, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11 * max(1.0, float(b.abs().max())))
