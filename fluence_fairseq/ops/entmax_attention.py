@@ -183,8 +183,9 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
             dq[:, :, start:end] = torch.matmul(grad_s, k_b).mul_(scale)
             dk[:, :, :keys] += torch.matmul(grad_s.transpose(-1, -2), q_b)
         if flat is not None:
-            dk.add_(flat.dk.view(k.shape))
-            dv.add_(flat.dv.view(v.shape))
+            flat_dk, flat_dv = flat.key_value_gradients()
+            dk.add_(flat_dk.view(k.shape))
+            dv.add_(flat_dv.view(v.shape))
         if grad_alpha is not None:
             grad_alpha = grad_alpha.sum_to_size(alpha_t.shape).to(alpha_t.dtype)
         return dq, dk, dv, grad_alpha, None, None, None, None, None, None, None, None, None, None
@@ -245,42 +246,33 @@ def lists_support(q: Tensor, dropout_p: float) -> bool:
 
 
 def _csr(rows: Tensor, columns: Tensor, values: Tensor, shape: Tuple[int, int]) -> Tensor:
-    """A (shape) CSR matrix of ``values`` at ``(rows, columns)`` (int64, sorted by row, each row's columns in
-    order). Its products run the CPU's sparse kernels (MKL): ``p @ v`` on a support of 287k entries of a (8 x 512,
-    8 x 4096) block took 1.5 ms where gathering the value rows and ``index_add_`` took 40 (AMD EPYC, one thread)."""
+    """A (shape) CSR matrix of ``values`` at ``(rows, columns)`` (sorted by row, each row's columns in order), with
+    int32 indices. Its products run the CPU's sparse kernels (MKL): ``p @ v`` on a support of 287k entries of a
+    (8 x 512, 8 x 4096) block took 1.5 ms where gathering the value rows and ``index_add_`` took 40 (AMD EPYC, one
+    thread); with int64 indices the transposed product of a (32 x 64, 32 x 512) block's 32k entries took 1.5 ms
+    against 0.33 with int32 (the int64 path is not always MKL's)."""
     counts = torch.bincount(rows, minlength=shape[0])
-    crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int32, device=rows.device)
     torch.cumsum(counts, 0, out=crow[1:])
     with warnings.catch_warnings():  # torch calls its CSR tensors beta, once per process
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, columns, values, size=shape, check_invariants=False)
+        return torch.sparse_csr_tensor(crow, columns.to(torch.int32), values, size=shape, check_invariants=False)
 
 
 class _Pattern:
     """The support of a block's probabilities as a block-diagonal sparse matrix: rows over (B H rows), columns over
-    (B H Lk) (each query's keys among its own (batch, head)'s), entries in row order; ``transposed`` sorts them by
-    column for the products with the transpose (``p^T @ g``, ``dS^T @ q``)."""
+    (B H Lk) (each query's keys among its own (batch, head)'s), entries in row order."""
 
     def __init__(self, support: Tuple[Tensor, Tensor], rows: int, pairs: int, src_len: int):
         self.row, col = (t.long() for t in support)
         self.pair = torch.div(self.row, rows, rounding_mode="floor")  # batch * heads + head
         self.position = self.row - self.pair * rows
-        self.col, self.column = col, self.pair * src_len + col
+        self.col, self.column = col, (self.pair * src_len + col).to(torch.int32)
         self.shape = (pairs * rows, pairs * src_len)
-        self.order: Optional[Tensor] = None
 
     def times(self, values: Tensor, dense: Tensor) -> Tensor:
         """(the entries ``values`` as a matrix) @ ``dense`` (B H Lk, D) -> (B H rows, D)."""
         return _csr(self.row, self.column, values, self.shape) @ dense
-
-    def transposed_times(self, values: Tensor, dense: Tensor) -> Tensor:
-        """(the entries ``values`` as a matrix)^T @ ``dense`` (B H rows, D) -> (B H Lk, D)."""
-        if self.order is None:  # stable: each column's entries stay in row order
-            self.order = torch.sort(self.column, stable=True)[1]
-            self.row_by_column, self.column_sorted = self.row.index_select(0, self.order), \
-                self.column.index_select(0, self.order)
-        return _csr(self.column_sorted, self.row_by_column, values.index_select(0, self.order),
-                    self.shape[::-1]) @ dense
 
     def sampled(self, a: Tensor, b: Tensor) -> Tensor:
         """``(a @ b^T)`` at the entries, for ``a`` (B H rows, D) and ``b`` (B H Lk, D): one dot product each."""
@@ -299,15 +291,37 @@ def _support_values(p: Tensor, support: Tuple[Tensor, Tensor], v_rows: Tensor, s
 
 class _Flat:
     """The keys and values as rows of (B H Lk, D) (copied once per backward where they are strided), the scaled
-    queries and the output's gradient (B, H, Lq, D), the weights' gradient flat (B Lq Lk,) if a loss used them,
-    and the key and value gradients of the blocks that backward on their support."""
+    queries and the output's gradient (B, H, Lq, D), the weights' gradient flat (B Lq Lk,) if a loss used them, and
+    the entries of every block that backwards on its support, whose key and value gradients are taken at the end
+    by one transposed product each (:meth:`key_value_gradients`)."""
 
     def __init__(self, q_scaled: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, grad_weights: Optional[Tensor]):
         self.shape = q_scaled.shape[:3] + (k.size(2),)  # B, H, Lq, Lk
         self.q, self.g = q_scaled, grad_out
         self.k, self.v = k.reshape(-1, k.size(-1)), v.reshape(-1, v.size(-1))
         self.grad_weights = None if grad_weights is None else grad_weights.reshape(-1)
-        self.dk, self.dv = torch.zeros_like(self.k), torch.zeros_like(self.v)
+        self.entries: List[Tuple[Tensor, Tensor, Tensor, Tensor]] = []
+
+    def add(self, query_rows: Tensor, key_rows: Tensor, p: Tensor, grad_s: Tensor) -> None:
+        """A block's entries: their query rows over (B H Lq), key rows over (B H Lk), probabilities and the
+        scores' gradients."""
+        self.entries.append((query_rows, key_rows, p, grad_s))
+
+    def key_value_gradients(self) -> Tuple[Tensor, Tensor]:
+        """The gradients of the keys and the values (B H Lk, D) from every block's entries: ``dS^T @ q`` and
+        ``p^T @ g`` with the entries sorted by key row (one sort and one sparse matrix for the whole backward; per
+        block, each transposed product wrote and added a (B H Lk, D) result)."""
+        bsz, heads, tgt_len, src_len = self.shape
+        query_rows, key_rows, p, grad_s = (torch.cat(parts) for parts in zip(*self.entries))
+        self.entries = []
+        n_queries = bsz * heads * tgt_len
+        order = torch.argsort(key_rows * n_queries + query_rows)  # by key row, then query row
+        key_rows, query_rows = key_rows.index_select(0, order), query_rows.index_select(0, order).to(torch.int32)
+        shape = (bsz * heads * src_len, n_queries)
+        q_rows, g_rows = self.q.reshape(n_queries, -1), self.g.reshape(n_queries, -1)
+        dk = _csr(key_rows, query_rows, grad_s.index_select(0, order), shape) @ q_rows
+        dv = _csr(key_rows, query_rows, p.index_select(0, order).to(g_rows.dtype), shape) @ g_rows
+        return dk, dv
 
 
 def _support_block_backward(flat: _Flat, support: Tuple[Tensor, Tensor], start: int, end: int, stats: Tensor,
@@ -317,8 +331,8 @@ def _support_block_backward(flat: _Flat, support: Tuple[Tensor, Tensor], start: 
     (rows over (B, H, end - start)) as a sparse matrix, each entry's score recomputed as a dot product, its
     probability rebuilt from the row statistics as :func:`entmax_from_stats` does, the entmax Jacobian taken on
     the entries, and the products with q, k, v and the output's gradient done by sparse kernels: O(support x D)
-    work where the dense backward takes four (rows x keys x D) products and the rebuild. Adds the key and value
-    gradients to ``flat``'s; returns the block's query gradient (B, H, rows, D), of the scaled queries, and α's
+    work where the dense backward takes four (rows x keys x D) products and the rebuild. Hands its entries to
+    ``flat`` for the key and value gradients; returns the block's query gradient (B, H, rows, D), of the scaled queries, and α's
     gradient per row (B, H, rows, 1) when ``want_alpha``."""
     bsz, heads, tgt_len, src_len = flat.shape
     rows = end - start
@@ -343,7 +357,6 @@ def _support_block_backward(flat: _Flat, support: Tuple[Tensor, Tensor], start: 
     if flat.grad_weights is not None:  # each entry's place in the weights (B, 1, Lq, Lk), its mean over heads
         w_index = (torch.div(pair, heads, rounding_mode="floor") * tgt_len + start + position) * src_len + col
         grad_p.add_(flat.grad_weights.index_select(0, w_index).to(grad_p.dtype), alpha=1.0 / heads)
-    flat.dv += pattern.transposed_times(p.to(g_block.dtype), g_block)
     grad_alpha = p.new_empty(bsz * heads * rows, 1) if want_alpha else None
     # an entry rounded onto the threshold adds nothing, and its log would not be finite: the Jacobian on the others
     kept = p > 0
@@ -354,7 +367,7 @@ def _support_block_backward(flat: _Flat, support: Tuple[Tensor, Tensor], start: 
         grad_s[kept] = support_backward(p[kept], grad_p[kept], row_alpha, row[kept], bsz * heads * rows,
                                         grad_alpha)
     grad_s = grad_s.to(q_block.dtype)
-    flat.dk += pattern.transposed_times(grad_s, q_block)
+    flat.add(pair * tgt_len + start + position, pattern.pair * src_len + col, p, grad_s)
     grad_q = pattern.times(grad_s, flat.k).view(bsz, heads, rows, -1)
     return grad_q, None if grad_alpha is None else grad_alpha.view(bsz, heads, rows, 1)
 
