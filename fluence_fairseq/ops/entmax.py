@@ -538,7 +538,7 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
                                               rows[sub]))
                         for sub in members]
             for sub in members if support is not None else ():
-                listed = _listed_support(rows[sub], with_support, rows_apart=grouped)
+                listed = _listed_support(rows[sub], with_support, support_rows if grouped else None, sub.start)
                 if listed is None:
                     if grouped:
                         continue
@@ -581,26 +581,23 @@ def _listed_groups(support: Tuple[Tensor, Tensor], listed_rows: Tensor, group_ro
     return row_of, col_of, listed
 
 
-#: rows judged apart (:func:`_listed_support`) are listed when every 16th column says they hold at most this many
-#: times the share their group may hold: their group's own count decides, and the bound spares listing the rows
-#: of groups that cannot pass. With the default weights at L=4096 (α-entmax, heads keeping 0.3-24% and 99.7% of
-#: their keys; ``benchmarks.need_weights``' block), 2 took 0.968x the step with 4, 1.25 0.959x
-ROW_LIST_FACTOR = 2
-
-
-def _listed_support(p: Tensor, limit: float, rows_apart: bool = False):
+def _listed_support(p: Tensor, limit: float, group_rows: Optional[int] = None, first_row: int = 0):
     """(rows, columns) of the positive entries of probabilities ``p`` (R, n), or None when every 16th column says
     they are more than ``limit`` of the entries (not worth listing). Listed through the groups holding any
-    where those are few (:func:`_entries_above`). ``rows_apart``: each row judged on its own, against
-    :data:`ROW_LIST_FACTOR` times ``limit``: ``(rows, columns, listed)`` with ``listed`` (R,) the rows whose
-    entries are listed; None when no row's are."""
+    where those are few (:func:`_entries_above`). ``group_rows``: the rows form groups of this many (counted from
+    row ``-first_row``, so a chunk may hold parts of groups), each judged on its own part's sample: ``(rows,
+    columns, listed)`` with ``listed`` (R,) the rows of the groups whose entries are listed; None when none is."""
     sample = p[:, ::16] > 0
-    if not rows_apart:
+    if group_rows is None:
         if int(sample.sum()) > limit * sample.numel():
             return None
         groups = _group_maxima(p, START_GROUP) if p.size(-1) % START_GROUP == 0 else None
         return _entries_above(p, p.new_zeros(p.size(0), 1), groups)
-    listed = sample.sum(dim=1) <= ROW_LIST_FACTOR * limit * sample.size(1)
+    group_of = torch.div(torch.arange(p.size(0), device=p.device) + first_row % group_rows, group_rows,
+                         rounding_mode="floor")
+    counts = torch.zeros(int(group_of[-1]) + 1, dtype=torch.long, device=p.device).index_add_(
+        0, group_of, sample.sum(dim=1))
+    listed = (counts <= limit * sample.size(1) * torch.bincount(group_of)).index_select(0, group_of)
     if not bool(listed.any()):
         return None
     chosen = None if bool(listed.all()) else listed.nonzero().view(-1)
