@@ -46,8 +46,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     default_below = ops.SPARSE_BACKWARD_BELOW
     print(f"# weight-free step of blocked_entmax_attention, (1, {heads}, {length}, {dim}), noncausal, query blocks "
           f"of 256, {args.threads} thread(s), torch {torch.__version__}, {platform.processor() or platform.machine()};"
-          f" allocator {allocator}; support path for blocks of at most {below:.4g} of their entries\n")
-    print("| alpha | scale | non-zero | blocks on their support | support path ms | dense ms | ratio |\n"
+          f" allocator {allocator}; support path for (batch, head) pairs keeping at most {below:.4g} of their "
+          "entries\n")
+    print("| alpha | scale | non-zero | blocks with pairs on their support | support path ms | dense ms | ratio |\n"
           "|---|---|---|---|---|---|---|")
     for alpha in ALPHAS:
         for scale in args.scales:

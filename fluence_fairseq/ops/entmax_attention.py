@@ -1,15 +1,24 @@
-"""α-entmax attention in query blocks that keeps no (Lq, Lk) tensor for backward.
+"""α-entmax attention in query blocks that keeps no (Lq, Lk) tensor for backward, or only what sparse rows need.
 
 ``out = entmax_α(q k^T / sqrt(D)) v`` with a causal and a key-padding mask, computed a block of queries at a time.
 The autograd graph of the plain computation keeps every block's probabilities (B, H, Lq, Lk) for backward: 512 MiB
 at L=4096 with 8 heads, 2 GiB at 8192. Here forward keeps only q, k, v and three numbers per query row (the row's
 shift, its threshold τ and its normaliser; :func:`~fluence_fairseq.ops.entmax.entmax_with_stats`), and backward
 recomputes each block's scores (one more product) and rebuilds its probabilities from those numbers in a few
-elementwise passes, without the threshold search. Transient memory is one block's scores, probabilities and their
-gradients. A block whose forward listed its support (every row searched through its sparse groups, on the CPU) and
-found it at most :data:`SPARSE_BACKWARD_BELOW` of its entries keeps it instead (two int32 per entry) and takes
-``p @ v`` and its whole backward on it, entry by entry (:func:`_support_block_backward`). Gradients flow to q, k,
-v and a per-head α (Correia et al. 2019, Proposition 1, as in :mod:`fluence_fairseq.ops.entmax`).
+elementwise passes, without the threshold search; or, with ``keep_probabilities`` (passes short enough to afford
+the memory), keeps each block's probabilities as the plain computation does. Transient memory is one block's
+scores, probabilities and their gradients.
+
+On the CPU without dropout, each (batch, head) pair of a block whose support is at most
+:data:`SPARSE_BACKWARD_BELOW` of its entries keeps the support instead (two int32 per entry), found while the
+forward searched its thresholds (:func:`~fluence_fairseq.ops.entmax.entmax_with_stats` with ``support_rows``),
+and takes ``p @ v`` and its whole backward on it with sparse (CSR) kernels: the entries' scores and the output's
+gradient at them as sampled products, the Jacobian on the entries, the query gradient as one sparse product per
+block and the key and value gradients as one transposed product for the whole pass
+(:func:`_support_block_backward`, :class:`_Flat`). Pairs of the same block that keep more (a head of α near 1
+beside sparse ones) run the dense computation apart (:func:`_dense_pairs_backward`). Gradients flow to q, k, v,
+a per-head α (Correia et al. 2019, Proposition 1, as in :mod:`fluence_fairseq.ops.entmax`) and, with
+``need_weights``, through the returned head-averaged weights.
 
 Attention dropout zeroes probabilities with a mask drawn block by block from a generator seeded with ``seed`` plus
 the block's index, and backward draws the same masks again, so they are never kept either. A fixed relative bias
@@ -339,8 +348,8 @@ def _support_block_backward(flat: _Flat, support: Tuple[Tensor, Tensor], start: 
     probability rebuilt from the row statistics as :func:`entmax_from_stats` does, the entmax Jacobian taken on
     the entries, and the products with q, k, v and the output's gradient done by sparse kernels: O(support x D)
     work where the dense backward takes four (rows x keys x D) products and the rebuild. Hands its entries to
-    ``flat`` for the key and value gradients; returns the block's query gradient (B, H, rows, D), of the scaled queries, and α's
-    gradient per row (B, H, rows, 1) when ``want_alpha``."""
+    ``flat`` for the key and value gradients; returns the block's query gradient (B, H, rows, D), of the scaled
+    queries, and α's gradient per row (B, H, rows, 1) when ``want_alpha``."""
     bsz, heads, tgt_len, src_len = flat.shape
     rows = end - start
     pattern = _Pattern(support, rows, bsz * heads, src_len)

@@ -17,3 +17,15 @@ def test_reports_both_paths_for_every_normaliser_and_scale(capsys):
         assert total == "2"
         # nearly uniform rows (scale 0.02) keep no support; very peaked ones (scale 4) keep it in every block
         assert kept == ("0" if scale == "0.02" else "2")
+
+
+def test_below_sets_the_share_of_one_run(capsys):
+    import fluence_fairseq.ops.entmax_attention as ops
+
+    below = ops.SPARSE_BACKWARD_BELOW
+    entmax_support.main(["--length", "512", "--heads", "2", "--dim", "8", "--scales", "4", "--repeats", "1",
+                         "--below", "0"])
+    out = capsys.readouterr().out
+    assert ops.SPARSE_BACKWARD_BELOW == below and "keeping at most 0 of their entries" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 2.0") or line.startswith("| 1.5")]
+    assert rows and all("| 0 of 2 |" in line for line in rows)  # nothing on its support at a share of 0

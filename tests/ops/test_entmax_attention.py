@@ -155,8 +155,8 @@ def _sparse_case(alpha, causal, dtype, seed=1):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-4)])
 def test_sparse_blocks_work_on_their_support_alone_with_the_dense_results(alpha, causal, dtype, tol, monkeypatch):
     """A block whose (batch, head) pairs keep at most SPARSE_BACKWARD_BELOW of their entries keeps their support:
-    forward takes p @ v and backward every gradient (q, k, v, α) on it alone (sparse kernels), with the same numbers as the dense path (forced by SPARSE_BACKWARD_BELOW = 0), with padding and
-    ALiBi."""
+    forward takes p @ v and backward every gradient (q, k, v, α) on it alone (sparse kernels), with the same
+    numbers as the dense path (forced by SPARSE_BACKWARD_BELOW = 0), with padding and ALiBi."""
     import fluence_fairseq.ops.entmax_attention as ops
 
     inputs, w, kwargs = _sparse_case(alpha, causal, dtype)
