@@ -1029,6 +1029,16 @@ def test_rows_go_in_large_chunks_off_the_cpu():
 
 
 # ------------------------------------------------------------------------- long passes: recomputing backward
+def _pass_inputs(tgt_len: int, src_len: int, cross: bool, bsz: int = 2):
+    """Queries (and keys of a cross attention) of width 32 in float64 needing grad, a key padding mask with the
+    last 9 keys of row 1 padded, and weights for the output's loss."""
+    x = torch.randn(tgt_len, bsz, 32, dtype=torch.float64, requires_grad=True)
+    src = torch.randn(src_len, bsz, 32, dtype=torch.float64, requires_grad=True) if cross else x
+    kpm = torch.zeros(bsz, src_len, dtype=torch.bool)
+    kpm[1, -9:] = True
+    return x, src, kpm, torch.randn(tgt_len, bsz, 32, dtype=torch.float64)
+
+
 def _grads_of_a_pass(attn, x, src, kpm, w):
     for t in list(attn.parameters()) + [x, src]:
         t.grad = None
@@ -1058,12 +1068,8 @@ def test_recomputing_pass_equals_the_plain_one(monkeypatch, name, causal, cross,
     attn = get_attention(name).build(32, 4, dropout=0.0, causal=causal, cross=cross).double()
     if alibi:  # a relative bias follows each block's query positions
         attn.set_alibi()
-    L, S, B = 70, 53 if cross else 70, 2
-    x = torch.randn(L, B, 32, dtype=torch.float64, requires_grad=True)
-    src = torch.randn(S, B, 32, dtype=torch.float64, requires_grad=True) if cross else x
-    kpm = torch.zeros(B, S, dtype=torch.bool)
-    kpm[1, -9:] = True
-    w = torch.randn(L, B, 32, dtype=torch.float64)
+    x, src, kpm, w = _pass_inputs(70, 53 if cross else 70, cross)
+    S = src.size(0)
     monkeypatch.setattr(attn, "RECOMPUTE_FROM_ELEMENTS", 1 << 60)
     plain = _grads_of_a_pass(attn, x, src, kpm, w)
     assert not calls
@@ -1155,13 +1161,8 @@ def test_pass_by_support_equals_the_plain_one(monkeypatch, name, causal, cross, 
         attn.q_proj.weight.mul_(6.0 if name == "sparsemax" else 30.0)
     if alibi:
         attn.set_alibi()
-    L, S, B = 160, 192 if cross else 160, 2
-    x = torch.randn(L, B, 32, dtype=torch.float64, requires_grad=True)
-    src = torch.randn(S, B, 32, dtype=torch.float64, requires_grad=True) if cross else x
-    kpm = torch.zeros(B, S, dtype=torch.bool)
-    kpm[1, -9:] = True
-    w = torch.randn(L, B, 32, dtype=torch.float64)
-    w_weights = torch.randn(B, L, S, dtype=torch.float64)
+    x, src, kpm, w = _pass_inputs(160, 192 if cross else 160, cross)
+    w_weights = torch.randn(2, 160, src.size(0), dtype=torch.float64)
 
     def run():
         for t in list(attn.parameters()) + [x, src]:
