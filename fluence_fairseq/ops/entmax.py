@@ -584,9 +584,10 @@ def _listed_groups(support: Tuple[Tensor, Tensor], listed_rows: Tensor, group_ro
 def _listed_support(p: Tensor, limit: float, group_rows: Optional[int] = None, first_row: int = 0):
     """(rows, columns) of the positive entries of probabilities ``p`` (R, n), or None when every 16th column says
     they are more than ``limit`` of the entries (not worth listing). Listed through the groups holding any
-    where those are few (:func:`_entries_above`). ``group_rows``: the rows form groups of this many (counted from
-    row ``-first_row``, so a chunk may hold parts of groups), each judged on its own part's sample: ``(rows,
-    columns, listed)`` with ``listed`` (R,) the rows of the groups whose entries are listed; None when none is."""
+    where those are few (:func:`_entries_above`). ``group_rows``: the rows form groups of this many, counted from
+    row 0 of the whole of which ``p`` starts at row ``first_row`` (a chunk may hold parts of groups), each part
+    judged on its own sample: ``(rows, columns, listed)`` with ``listed`` (R,) the rows of the parts whose entries
+    are listed; None when none is."""
     sample = p[:, ::16] > 0
     if group_rows is None:
         if int(sample.sum()) > limit * sample.numel():

@@ -322,6 +322,47 @@ def test_the_support_is_listed_in_row_order_or_refused_when_too_wide(alpha, n, m
         assert ops.entmax_with_stats(x, a, mask, with_support=share)[2] is not None
 
 
+@pytest.mark.parametrize("n", [512, 500])
+@pytest.mark.parametrize("chunk_rows", [None, 24])  # 24: chunks cut through the groups of 40 rows
+def test_groups_of_rows_are_listed_each_on_its_own(n, chunk_rows, monkeypatch):
+    """``support_rows``: each group of consecutive rows (an attention's (batch, head) pair) is listed on its own:
+    the groups within the share, and only they, come back with every positive entry of their rows in row order;
+    a group beyond it (a head of α near 1 beside sparse ones) is left out; None when no group is within it."""
+    import fluence_fairseq.ops.entmax as ops
+
+    if chunk_rows is not None:
+        monkeypatch.setattr(ops, "ROW_CHUNK_ELEMENTS", chunk_rows * n)
+    x = _scores(2, 3, 40, n, seed=5, scale=12.0)
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(7)) < 0.1
+    a = torch.tensor([1.6, 1.02, 2.0]).view(1, 3, 1, 1)  # the middle head dense
+    share = 1 / 16
+    p, _, found = ops.entmax_with_stats(x, a, mask, with_support=share, support_rows=40)
+    positive = p.reshape(-1, n) > 0
+    per_group = positive.view(6, 40 * n).sum(1)
+    assert torch.equal(found[2], per_group <= share * 40 * n)
+    assert found[2].tolist() == [True, False, True, True, False, True]
+    keep = found[2].repeat_interleave(40).view(-1, 1)
+    want = (positive & keep).nonzero().unbind(1)
+    assert all(torch.equal(f, w) for f, w in zip(found[:2], want))
+    assert ops.entmax_with_stats(x, 1.02, mask, with_support=share, support_rows=40)[2] is None
+
+
+def test_a_group_listed_in_one_chunk_and_refused_in_the_next_is_left_out(monkeypatch):
+    """A group whose rows lie in two chunks, sparse in the first (listed) and dense in the second (refused by its
+    sample), is not listed, even if the entries of its listed part are few."""
+    import fluence_fairseq.ops.entmax as ops
+
+    n = 512
+    monkeypatch.setattr(ops, "ROW_CHUNK_ELEMENTS", 20 * n)  # chunks of 20 rows: group 0 = rows 0-39
+    x = _scores(1, 2, 40, n, seed=5, scale=12.0)
+    x[0, 0, 20:] *= 0.001  # group 0's second half: nearly flat rows, dense
+    p, _, found = ops.entmax_with_stats(x, 2.0, None, with_support=1 / 16, support_rows=40)
+    first_half = int((p[0, 0, :20] > 0).sum())
+    assert first_half <= n * 40 / 16 < int((p[0, 0] > 0).sum())  # the listed half alone would pass
+    assert found[2].tolist() == [False, True]
+    assert bool((found[0] >= 40).all())
+
+
 def test_sparse_runs_merge_consecutive_chunks_alike(monkeypatch):
     """Runs of the row chunks whose chosen groups hold less than SCAN_GROUPS_BELOW of their entries, or not; the
     last chunk's slice may reach past the rows; a sparse run stops at RUN_ELEMENTS (rows x widest chosen
