@@ -13,8 +13,9 @@ order to the round before, and the report gives the median of the rounds' ratios
 is built with its benchmark options (``bench_options``) and, written ``NAME:KEY=VALUE[,KEY=VALUE]``, with
 constructor keywords of its own (flag options or not: ``block_size``, ``chunk_size``) or values for its class
 attributes (``KEY`` a class attribute: ``abc:block_chunks=16``, ``entmax15:RECOMPUTE_BLOCK_ELEMENTS=4194304``).
-``--memory`` also measures each case's peak memory as the presets do (the first step's RSS increase, in a fresh
-process per case with glibc's mmap threshold fixed).
+``--need-weights`` calls the attentions as fairseq does by default (the weights returned, not used). ``--memory``
+also measures each case's peak memory as the presets do (the first step's RSS increase, in a fresh process per case
+with glibc's mmap threshold fixed).
 """
 import argparse
 import ast
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds (each times every case once)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--need-weights", action="store_true",
+                        help="call the attentions with fairseq's default need_weights=True (the weights returned, "
+                             "not used) instead of need_weights=False")
     parser.add_argument("--memory", action="store_true", help="also the peak memory of each case's first step, "
                         "each in a fresh process")
     add_allocator_argument(parser)
@@ -100,7 +104,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
             module = build_module(spec, args.dim, args.heads, cross, causal)
         except (TypeError, ValueError) as error:  # a keyword the constructor does not take, or a bad value
             raise SystemExit(f"{label}: {error}") from None
-        steps[label] = training_step(module, args.dim, args.batch, args.length, args.length, cross, causal)
+        steps[label] = training_step(module, args.dim, args.batch, args.length, args.length, cross, causal,
+                                     need_weights=args.need_weights)
     order = list(steps)
 
     def one_round(labels=order):
@@ -121,8 +126,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
         if args.memory:
             result[label]["peak_mb"] = peak_memory_mb(specs[label], args)
     machine = machine_info()
+    weights = "need_weights=True (weights returned, not used)" if args.need_weights else "need_weights=False"
     print(f"Training step (forward + backward), {args.pattern} pattern, L={args.length}, D={args.dim}, H={args.heads}, "
-          f"batch {args.batch}; {args.rounds} rounds; {machine['cpu']}, {machine['threads']} threads, torch "
+          f"batch {args.batch}, {weights}; {args.rounds} rounds; {machine['cpu']}, {machine['threads']} threads, torch "
           f"{machine['torch']}; load average {machine['load_avg_1min']:.2f} at the end; allocator {allocator}\n")
     memory = " peak MiB | memory / projections |" if args.memory else ""
     print(f"| case | median ms | median ratio to projections | range | bound | |{memory}\n"

@@ -61,3 +61,15 @@ def test_class_attributes_and_memory(capsys):
     assert row["peak_mb"] >= 0 and result[paired.PROJECTIONS]["peak_mb"] >= 0
     assert row["bound"] is None  # no time bound against the projections for a dense attention
     assert "memory / projections" in capsys.readouterr().out
+
+
+def test_need_weights_calls_the_attentions_with_the_default_weights(capsys, monkeypatch):
+    import benchmarks.common as common
+
+    seen = []
+    real = common.training_step
+    monkeypatch.setattr(paired, "training_step", lambda *a, **kw: seen.append(kw.get("need_weights")) or real(*a, **kw))
+    paired.main(["entmax15", "--length", "32", "--dim", "16", "--heads", "2", "--rounds", "1", "--threads", "1",
+                 "--allocator", "default", "--need-weights"])
+    assert seen == [True, True]  # the projections' case and the attention's
+    assert "need_weights=True (weights returned, not used)" in capsys.readouterr().out
