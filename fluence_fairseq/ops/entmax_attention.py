@@ -112,8 +112,11 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
                 out_block = _support_values(p, support.entries, v_rows, v.size(2))
                 if support.dense is not None:
                     b, h = support.dense
-                    p_kept = p[b, h]  # (dense pairs, rows, keys)
-                    out_block[b, h] = torch.matmul(p_kept.to(v.dtype), v[b, h, :keys])
+                    # (dense pairs, rows, keys), from the contiguous p as rows of its (B H) view: indexing by
+                    # (b, h) took 8.9 ms on (1, 8, 512, 4096) where this takes 1.0
+                    p_kept = p.flatten(0, 1).index_select(0, support.pairs)
+                    out_block.flatten(0, 1).index_copy_(0, support.pairs,
+                                                        torch.matmul(p_kept.to(v.dtype), v[b, h, :keys]))
                 out[:, :, start:end] = out_block
             else:
                 out[:, :, start:end] = torch.matmul(p.to(v.dtype), v[:, :, :keys])
@@ -214,8 +217,9 @@ class _BlockSupport:
 
     def __init__(self, rows: Tensor, columns: Tensor, listed: Tensor, heads: int):
         self.entries = (rows.to(torch.int32), columns.to(torch.int32))
-        pairs = (~listed).nonzero().view(-1)
-        self.dense = (torch.div(pairs, heads, rounding_mode="floor"), pairs % heads) if pairs.numel() else None
+        self.pairs = (~listed).nonzero().view(-1)  # over B H
+        self.dense = (torch.div(self.pairs, heads, rounding_mode="floor"), self.pairs % heads) if (
+            self.pairs.numel()) else None
 
 
 def _dense_pairs_backward(ctx, dense: Tuple[Tensor, Tensor], p: Optional[Tensor], q, k, v, grad_out, grad_weights,
