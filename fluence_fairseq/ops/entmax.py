@@ -342,7 +342,8 @@ def _entries_above_in_groups(u: Tensor, start: Tensor, chosen: Tensor,
 
 
 def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor, groups: Optional[Tensor],
-                        output: bool = True, sampled: bool = False) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+                        output: bool = True, sampled: bool = False,
+                        support: Optional[list] = None) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
     """The search of :func:`_newton_threshold` on rows ``u`` (R, n) from ``start`` (R, 1), run on a gathered copy
     of the entries above the start only, and (``output``) the output written over ``u``; returns (τ, the sums
     divided by, or None without ``output``), or None (``u`` untouched) when some row has more than
@@ -350,7 +351,7 @@ def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor, gr
     output and adds nothing to any sum the search takes. ``groups``: the rows' group maxima, if known. A chunk is
     refused first when every 16th column says a row would be too wide (:func:`_too_wide`; listing the entries of
     a dense chunk cost as much as a search step; ``sampled``: the caller has checked), then by the widest row of
-    the entries found."""
+    the entries found. ``support``: a list to which the output's support is added (:func:`_search_listed`)."""
     n = u.size(-1)
     if not sampled and _too_wide(*_sampled_shares(u, start), n):
         return None
@@ -358,7 +359,7 @@ def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor, gr
     counts = torch.bincount(row_of, minlength=u.size(0))
     if u.size(0) and int(counts.max()) > GATHER_BELOW * n:
         return None
-    return _search_listed(u[row_of, col_of], row_of, col_of, counts, u, beta, start, output)
+    return _search_listed(u[row_of, col_of], row_of, col_of, counts, u, beta, start, output, support)
 
 
 def _search_listed(values: Tensor, row_of: Tensor, col_of: Tensor, counts: Tensor, out: Tensor,
@@ -533,11 +534,18 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
                 if grouped:
                     listed_rows[part] = True
         else:
+            # a general α's search on the entries above the start lists the chunk's support for free
+            found = {sub.start: [] if support is not None else None for sub in members}
             searched = [(sub, _shifted_search(base_rows[sub], shift_rows[sub], _rows_of(row_scale, sub), fused_shift,
                                               _rows_of(starts, sub), _rows_of(groups, sub), _rows_of(row_beta, sub),
-                                              rows[sub]))
+                                              rows[sub], found[sub.start]))
                         for sub in members]
             for sub in members if support is not None else ():
+                if found[sub.start]:
+                    support.append((found[sub.start][0][0] + sub.start, found[sub.start][0][1]))
+                    if grouped:
+                        listed_rows[sub] = True
+                    continue
                 listed = _listed_support(rows[sub], with_support, support_rows if grouped else None, sub.start)
                 if listed is None:
                     if grouped:
@@ -643,9 +651,11 @@ def _sparse_runs(chunks, chosen_per_row: Tensor, n: int):
 
 
 def _shifted_search(x: Tensor, shift: Tensor, scale: Union[float, Tensor], fused: bool, start: Optional[Tensor],
-                    groups: Optional[Tensor], beta: Union[float, Tensor], out: Tensor) -> Tuple[Tensor, Tensor]:
+                    groups: Optional[Tensor], beta: Union[float, Tensor], out: Tensor,
+                    support: Optional[list] = None) -> Tuple[Tensor, Tensor]:
     """The search on a chunk of rows ``x`` shifted as a whole into ``out`` (:func:`_shift_scores`), the output
-    written there; returns (τ, the sums divided by)."""
+    written there; returns (τ, the sums divided by). ``support``: a list to which the output's support is added
+    when the search ran on the listed entries above the start (which hold it), left empty otherwise."""
     n = x.size(-1)
     chunk = _shift_scores(x, shift, scale, fused, out=out)
     powered = not (isinstance(beta, float) and beta in (1.0, 2.0))
@@ -656,7 +666,7 @@ def _shifted_search(x: Tensor, shift: Tensor, scale: Union[float, Tensor], fused
     shares = _sampled_shares(chunk, -1.0 if start is None else start) if powered else (0.0, 0.0)
     dense = shares[0] > DENSE_ABOVE
     if powered and out.device.type in GATHER_DEVICES and start is not None and not dense and not _too_wide(*shares, n):
-        found = _gathered_threshold(chunk, beta, start, groups, sampled=True)
+        found = _gathered_threshold(chunk, beta, start, groups, sampled=True, support=support)
         if found is not None:
             return found
     if dense:

@@ -347,6 +347,26 @@ def test_groups_of_rows_are_listed_each_on_its_own(n, chunk_rows, monkeypatch):
     assert ops.entmax_with_stats(x, 1.02, mask, with_support=share, support_rows=40)[2] is None
 
 
+@pytest.mark.parametrize("support_rows", [None, 40])
+def test_a_general_alpha_searched_above_its_start_lists_its_support_without_another_pass(support_rows, monkeypatch):
+    """A shifted chunk of a general α whose search ran on its entries above the start has listed its support on
+    the way (the positive outputs among those entries): no listing pass over the chunk (_listed_support) follows,
+    and the support is every positive probability in row order."""
+    import fluence_fairseq.ops.entmax as ops
+
+    monkeypatch.setattr(ops, "SCAN_GROUPS_BELOW", 0.0)  # every chunk shifted, none searched before its shift
+    calls = []
+    listed_support = ops._listed_support
+    monkeypatch.setattr(ops, "_listed_support", lambda *a, **kw: calls.append(1) or listed_support(*a, **kw))
+    x = _scores(2, 3, 40, 512, seed=4, scale=12.0)
+    p, _, found = ops.entmax_with_stats(x, 1.6, None, with_support=1 / 4, support_rows=support_rows)
+    assert not calls
+    want = (p.reshape(-1, 512) > 0).nonzero().unbind(1)
+    assert all(torch.equal(f, w) for f, w in zip(found[:2], want))
+    if support_rows is not None:
+        assert bool(found[2].all())
+
+
 def test_a_group_listed_in_one_chunk_and_refused_in_the_next_is_left_out(monkeypatch):
     """A group whose rows lie in two chunks, sparse in the first (listed) and dense in the second (refused by its
     sample), is not listed, even if the entries of its listed part are few."""
