@@ -164,10 +164,15 @@ class EntmaxAttentionBase(FluenceAttention):
             start += rows
         return blocks
 
+    def _blocked_pass_applies(self, attn_mask, query_offset) -> bool:
+        """What both passes through ``blocked_entmax_attention`` need: no additive mask, a query offset of at
+        least 0 and no density count (its relative bias, ALiBi here, has fixed slopes: nothing of it needs a
+        gradient, so it goes along)."""
+        return attn_mask is None and query_offset >= 0 and self.density_counts() is None
+
     def _recomputes(self, q, k, attn_mask, query_offset, need_weights) -> bool:
-        """Whether this pass takes the recomputing path (its relative bias, ALiBi here, has fixed slopes: nothing
-        of it needs a gradient, so it goes along)."""
-        if need_weights or attn_mask is not None or query_offset < 0 or self.density_counts() is not None:
+        """Whether this pass takes the recomputing path."""
+        if need_weights or not self._blocked_pass_applies(attn_mask, query_offset):
             return False
         return q.size(0) * q.size(1) * q.size(2) * k.size(2) >= self.RECOMPUTE_FROM_ELEMENTS
 
@@ -181,7 +186,7 @@ class EntmaxAttentionBase(FluenceAttention):
     def _by_support(self, q, k, attn_mask, query_offset, need_weights) -> bool:
         """Whether this pass runs its blocks where sparse ones may work on their support (see
         :data:`SUPPORT_FROM_ELEMENTS`)."""
-        if attn_mask is not None or query_offset < 0 or self.density_counts() is not None:
+        if not self._blocked_pass_applies(attn_mask, query_offset):
             return False
         if need_weights and not self.head_average_weights or q.size(2) < self.BLOCKED_FROM:
             return False

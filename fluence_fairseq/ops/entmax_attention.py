@@ -59,18 +59,24 @@ def _kept(p: Tensor, dropout_p: float, seed: int, block: int) -> Tensor:
 
 
 def _block_scores(q_block: Tensor, k: Tensor, start: int, end: int, keys: int, query_offset: int, causal: bool,
-                  key_padding_mask: Optional[Tensor], rel_bias) -> Tuple[Tensor, Optional[Tensor]]:
+                  key_padding_mask: Optional[Tensor], rel_bias,
+                  pairs: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """Scores of queries ``start..end-1`` (``q_block``, scaled) against keys ``0..keys-1`` with the relative bias,
-    and the mask of what they may not see (the causal future, padding); forward and backward make them alike."""
-    scores = torch.matmul(q_block, k[:, :, :keys].transpose(-1, -2))
+    and the mask of what they may not see (the causal future, padding); forward and backward make them alike.
+    ``q_block`` (B, H, rows, D) and ``k`` (B, H, Lk, D), or with ``pairs`` (the batch and head indices of some
+    (batch, head) pairs) those pairs' rows, (pairs, rows, D) and (pairs, Lk, D)."""
+    scores = torch.matmul(q_block, k[..., :keys, :].transpose(-1, -2))
     rel = None
     if causal or rel_bias is not None:
         rel = relative_positions(end - start, keys, query_offset + start, scores.device)
     if rel_bias is not None:
-        scores += rel_bias(rel).to(scores.dtype)
-    mask = (rel < 0).view(1, 1, end - start, keys) if causal else None
+        bias = rel_bias(rel).to(scores.dtype)  # (H, rows, keys)
+        scores += bias if pairs is None else bias.index_select(0, pairs[1])
+    lead = (1,) * (scores.dim() - 2)
+    mask = (rel < 0).view(*lead, end - start, keys) if causal else None
     if key_padding_mask is not None:
-        padded = key_padding_mask[:, :keys].view(-1, 1, 1, keys)
+        padded = key_padding_mask[:, :keys]
+        padded = padded.view(-1, 1, 1, keys) if pairs is None else padded.index_select(0, pairs[0]).view(-1, 1, keys)
         mask = padded if mask is None else mask | padded
     return scores, mask
 
@@ -235,16 +241,8 @@ def _dense_pairs_backward(ctx, dense: Tuple[Tensor, Tensor], p: Optional[Tensor]
     pair_alpha = alpha if not isinstance(alpha, Tensor) else alpha.expand(q.size(0), heads, 1, 1)[b, h]
     support = None
     if p is None:
-        scores = torch.matmul(q_d, k_d.transpose(-1, -2))
-        rel = None
-        if ctx.causal or ctx.rel_bias is not None:
-            rel = relative_positions(end - start, keys, ctx.query_offset + start, scores.device)
-        if ctx.rel_bias is not None:
-            scores += ctx.rel_bias(rel).to(scores.dtype).index_select(0, h)
-        mask = (rel < 0).view(1, end - start, keys) if ctx.causal else None
-        if key_padding_mask is not None:
-            padded = key_padding_mask[:, :keys].index_select(0, b).view(-1, 1, keys)
-            mask = padded if mask is None else mask | padded
+        scores, mask = _block_scores(q_d, k_d, start, end, keys, ctx.query_offset, ctx.causal, key_padding_mask,
+                                     ctx.rel_bias, pairs=dense)
         p, support = entmax_from_stats(scores, pair_alpha, mask, stats[b, h, start:end], with_support=True)
         del scores
     grad_p = torch.matmul(g, v_d.transpose(-1, -2)).to(p.dtype)
