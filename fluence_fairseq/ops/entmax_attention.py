@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from .common import relative_positions
-from .entmax import GATHER_DEVICES, START_GROUP, entmax_backward, entmax_from_stats, entmax_with_stats, support_backward
+from .entmax import (GATHER_DEVICES, START_GROUP, entmax_backward, entmax_from_stats, entmax_with_stats,
+                     support_backward, take_entries)
 
 __all__ = ["blocked_entmax_attention", "lists_support"]
 
@@ -117,12 +118,12 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
                     v_rows = v.reshape(-1, v.size(-1))
                 out_block = _support_values(p, support.entries, v_rows, v.size(2))
                 if support.dense is not None:
-                    b, h = support.dense
-                    # (dense pairs, rows, keys), from the contiguous p as rows of its (B H) view: indexing by
-                    # (b, h) took 8.9 ms on (1, 8, 512, 4096) where this takes 1.0
-                    p_kept = p.flatten(0, 1).index_select(0, support.pairs)
-                    out_block.flatten(0, 1).index_copy_(0, support.pairs,
-                                                        torch.matmul(p_kept.to(v.dtype), v[b, h, :keys]))
+                    # (dense pairs, rows, keys), as rows of p's (B H) view: indexing by (b, h) took 8.9 ms on
+                    # (1, 8, 512, 4096) where this takes 1.0
+                    p_kept = _of_pairs(p, support)
+                    _into_pairs(out_block, support,
+                                torch.matmul(p_kept.to(v.dtype), _of_pairs(v[:, :, :keys], support)),
+                                accumulate=False)
                 out[:, :, start:end] = out_block
             else:
                 out[:, :, start:end] = torch.matmul(p.to(v.dtype), v[:, :, :keys])
@@ -170,7 +171,7 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
                 if support.dense is not None:
                     p = ctx.kept_probabilities[block]
                     ctx.kept_probabilities[block] = None
-                    dense_alpha = _dense_pairs_backward(ctx, support.dense, p, q, k, v, grad_out, grad_weights,
+                    dense_alpha = _dense_pairs_backward(ctx, support, p, q, k, v, grad_out, grad_weights,
                                                         alpha, want_alpha, stats, key_padding_mask, start, end,
                                                         keys, dq, dk, dv)
                     if dense_alpha is not None:
@@ -228,32 +229,61 @@ class _BlockSupport:
             self.pairs.numel()) else None
 
 
-def _dense_pairs_backward(ctx, dense: Tuple[Tensor, Tensor], p: Optional[Tensor], q, k, v, grad_out, grad_weights,
+def _pair_view(x: Tensor) -> Optional[Tensor]:
+    """``x`` (B, H, ...) as (B H, ...) without a copy (writes through it reach ``x``), or None where its batch and
+    head dimensions do not merge."""
+    bsz, heads = x.shape[:2]
+    if bsz == 1 or heads == 1 or x.stride(0) == heads * x.stride(1):
+        return x.view((-1,) + tuple(x.shape[2:]))
+    return None
+
+
+def _of_pairs(x: Tensor, support: "_BlockSupport") -> Tensor:
+    """The dense pairs of ``support`` of ``x`` (B, H, ...) as (pairs, ...): one ``index_select`` of its (B H) view
+    (indexing by the batch and head tensors took 2-4x as long)."""
+    view = _pair_view(x)
+    return x[support.dense] if view is None else view.index_select(0, support.pairs)
+
+
+def _into_pairs(x: Tensor, support: "_BlockSupport", values: Tensor, accumulate: bool) -> None:
+    """Writes (or adds, ``accumulate``) ``values`` (pairs, ...) into the dense pairs of ``support`` of ``x``."""
+    view = _pair_view(x)
+    if view is None:
+        x.index_put_(support.dense, values, accumulate=accumulate)
+    elif accumulate:
+        view.index_add_(0, support.pairs, values)
+    else:
+        view.index_copy_(0, support.pairs, values)
+
+
+def _dense_pairs_backward(ctx, support: "_BlockSupport", p: Optional[Tensor], q, k, v, grad_out, grad_weights,
                           alpha, want_alpha: bool, stats: Tensor, key_padding_mask, start: int, end: int, keys: int,
                           dq: Tensor, dk: Tensor, dv: Tensor) -> Optional[Tensor]:
-    """Backward of a block's dense (batch, head) pairs ``dense`` (their kept probabilities ``p`` (pairs, rows,
-    keys), or None: rebuilt from the row statistics), as a dense block's, written into their rows of ``dq`` and
-    added to ``dk`` and ``dv``; returns their part of α's gradient (pairs, 1, 1) when ``want_alpha``."""
-    b, h = dense
+    """Backward of a block's dense (batch, head) pairs (``support.dense``; their kept probabilities ``p`` (pairs,
+    rows, keys), or None: rebuilt from the row statistics), as a dense block's, written into their rows of ``dq``
+    and added to ``dk`` and ``dv``; returns their part of α's gradient (pairs, 1, 1) when ``want_alpha``."""
+    b, h = support.dense
     heads, scale = q.size(1), q.size(-1) ** -0.5
-    q_d, k_d, v_d = q[b, h, start:end] * scale, k[b, h, :keys], v[b, h, :keys]
-    g = grad_out[b, h, start:end]
+    q_d = _of_pairs(q[:, :, start:end], support) * scale
+    k_d, v_d = _of_pairs(k[:, :, :keys], support), _of_pairs(v[:, :, :keys], support)
+    g = _of_pairs(grad_out[:, :, start:end], support)
     pair_alpha = alpha if not isinstance(alpha, Tensor) else alpha.expand(q.size(0), heads, 1, 1)[b, h]
-    support = None
+    entmax_support = None
     if p is None:
         scores, mask = _block_scores(q_d, k_d, start, end, keys, ctx.query_offset, ctx.causal, key_padding_mask,
-                                     ctx.rel_bias, pairs=dense)
-        p, support = entmax_from_stats(scores, pair_alpha, mask, stats[b, h, start:end], with_support=True)
+                                     ctx.rel_bias, pairs=support.dense)
+        p, entmax_support = entmax_from_stats(scores, pair_alpha, mask, _of_pairs(stats[:, :, start:end], support),
+                                              with_support=True)
         del scores
     grad_p = torch.matmul(g, v_d.transpose(-1, -2)).to(p.dtype)
-    dv[:, :, :keys].index_put_((b, h), torch.matmul(p.to(v.dtype).transpose(-1, -2), g), accumulate=True)
+    _into_pairs(dv[:, :, :keys], support, torch.matmul(p.to(v.dtype).transpose(-1, -2), g), accumulate=True)
     if grad_weights is not None:
         grad_p.add_(grad_weights[:, 0, start:end, :keys].index_select(0, b).to(p.dtype), alpha=1.0 / heads)
-    grad_s, alpha_rows = entmax_backward(p, grad_p, pair_alpha, with_alpha=want_alpha, support=support)
-    del p, grad_p, support
+    grad_s, alpha_rows = entmax_backward(p, grad_p, pair_alpha, with_alpha=want_alpha, support=entmax_support)
+    del p, grad_p, entmax_support
     grad_s = grad_s.to(q.dtype)
-    dq[:, :, start:end].index_put_((b, h), torch.matmul(grad_s, k_d).mul_(scale))
-    dk[:, :, :keys].index_put_((b, h), torch.matmul(grad_s.transpose(-1, -2), q_d), accumulate=True)
+    _into_pairs(dq[:, :, start:end], support, torch.matmul(grad_s, k_d).mul_(scale), accumulate=False)
+    _into_pairs(dk[:, :, :keys], support, torch.matmul(grad_s.transpose(-1, -2), q_d), accumulate=True)
     return None if alpha_rows is None else alpha_rows.sum(dim=1, keepdim=True)
 
 
@@ -303,7 +333,7 @@ def _support_values(p: Tensor, support: Tuple[Tensor, Tensor], v_rows: Tensor, s
     ``support`` (rows over (B, H, rows), columns), with the values as rows ``v_rows`` (B H src_len, D)."""
     bsz, heads, rows, keys = p.shape
     pattern = _Pattern(support, rows, bsz * heads, src_len)
-    weights = p.reshape(-1, keys)[pattern.row, pattern.col].to(v_rows.dtype)
+    weights = take_entries(p.reshape(-1, keys), pattern.row, pattern.col).to(v_rows.dtype)
     return pattern.times(weights, v_rows).view(bsz, heads, rows, -1)
 
 

@@ -1271,3 +1271,21 @@ def test_pass_by_support_is_left_for_head_weights_masks_density_dropout_and_shor
     with pytest.raises(RuntimeError):  # the stub's empty output: the pass by support was taken
         attn(x, x, x, need_weights=False)
     assert calls and calls[-1]["keep_probabilities"]
+
+
+def test_entries_taken_and_put_through_the_flat_view_or_by_index():
+    """``take_entries`` / ``put_entries`` equal indexing by (rows, columns), on contiguous tensors (through their
+    flat view) and on strided ones (by index); int32 indices as the support keeps them."""
+    from fluence_fairseq.ops.entmax import put_entries, take_entries
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(7, 9, generator=g)
+    rows, cols = torch.tensor([0, 0, 3, 6, 6]), torch.tensor([1, 8, 4, 0, 8])
+    values = torch.randn(5, generator=g)
+    for x in (base, base.t().contiguous().t()):
+        for r, c in ((rows, cols), (rows.int(), cols.int())):
+            torch.testing.assert_close(take_entries(x, r, c), base[rows, cols], rtol=0, atol=0)
+            written = put_entries(x.clone(), r, c, values)
+            expected = base.clone()
+            expected[rows, cols] = values
+            torch.testing.assert_close(written, expected, rtol=0, atol=0)

@@ -313,7 +313,7 @@ def test_blocks_with_dense_and_sparse_pairs(causal, keep, monkeypatch):
     w_weights = torch.randn(2, 1, 320, k.size(2), generator=g, dtype=torch.float64)
     mixed = []
     dense_backward = ops._dense_pairs_backward
-    monkeypatch.setattr(ops, "_dense_pairs_backward", lambda *a: mixed.append(a[1]) or dense_backward(*a))
+    monkeypatch.setattr(ops, "_dense_pairs_backward", lambda *a: mixed.append(a[1].dense) or dense_backward(*a))
 
     def run():
         out, weights = blocked_entmax_attention(*inputs, keep_probabilities=keep, need_weights=True, **kwargs)
@@ -327,3 +327,27 @@ def test_blocks_with_dense_and_sparse_pairs(causal, keep, monkeypatch):
     assert not mixed
     for a, b in zip(results, reference):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11 * max(1.0, float(b.abs().max())))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "heads first"])
+def test_pairs_read_and_written_through_the_batch_head_view_or_by_index(layout):
+    """The dense pairs' rows are read with one index_select of the (B H) view and written (or added) through it;
+    where batch and head do not merge (heads-first storage) by indexing, with the same result."""
+    import fluence_fairseq.ops.entmax_attention as ops
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 5, 4, generator=g)  # (H, B, L, D) storage
+    x = x.transpose(0, 1).contiguous() if layout == "contiguous" else x.transpose(0, 1)
+    assert (ops._pair_view(x) is None) == (layout == "heads first")
+    support = ops._BlockSupport(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                                torch.tensor([True, False, True, False, False, True]), heads=3)
+    b, h = support.dense
+    assert b.tolist() == [0, 1, 1] and h.tolist() == [1, 0, 1]
+    torch.testing.assert_close(ops._of_pairs(x, support), x[b, h], rtol=0, atol=0)
+    values = torch.randn(3, 5, 4, generator=g)
+    for accumulate in (False, True):
+        expected = x.clone()
+        expected[b, h] = values + (expected[b, h] if accumulate else 0)
+        written = x.clone() if layout == "contiguous" else x.transpose(0, 1).clone().transpose(0, 1)
+        ops._into_pairs(written, support, values, accumulate)
+        torch.testing.assert_close(written, expected, rtol=0, atol=0)
