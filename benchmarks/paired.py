@@ -13,7 +13,8 @@ order to the round before, and the report gives the median of the rounds' ratios
 is built with its benchmark options (``bench_options``) and, written ``NAME:KEY=VALUE[,KEY=VALUE]``, with
 constructor keywords of its own (flag options or not: ``block_size``, ``chunk_size``) or values for its class
 attributes (``KEY`` a class attribute: ``abc:block_chunks=16``, ``entmax15:RECOMPUTE_BLOCK_ELEMENTS=4194304``).
-``--need-weights`` calls the attentions as fairseq does by default (the weights returned, not used). ``--memory``
+``--need-weights`` calls the attentions as fairseq does by default (the weights returned, not used);
+``--attention-dropout P`` gives every attention that dropout (the modules train). ``--memory``
 also measures each case's peak memory as the presets do (the first step's RSS increase, in a fresh process per case
 with glibc's mmap threshold fixed).
 """
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--need-weights", action="store_true",
                         help="call the attentions with fairseq's default need_weights=True (the weights returned, "
                              "not used) instead of need_weights=False")
+    parser.add_argument("--attention-dropout", type=float, default=0.0, metavar="P",
+                        help="attention dropout of every attention (training mode; default 0)")
     parser.add_argument("--memory", action="store_true", help="also the peak memory of each case's first step, "
                         "each in a fresh process")
     add_allocator_argument(parser)
@@ -91,6 +94,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
     args = build_parser().parse_args(argv)
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    if not 0.0 <= args.attention_dropout < 1.0:
+        raise SystemExit(f"--attention-dropout must be in [0, 1), got {args.attention_dropout}")
+    if args.attention_dropout and args.memory:
+        raise SystemExit("--memory measures the cases without attention dropout; leave out --attention-dropout")
     variants = {text: parse_variant(text, args.pattern) for text in args.attentions}
     allocator = use_allocator(args.allocator)
     if args.threads:
@@ -104,6 +111,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
             module = build_module(spec, args.dim, args.heads, cross, causal)
         except (TypeError, ValueError) as error:  # a keyword the constructor does not take, or a bad value
             raise SystemExit(f"{label}: {error}") from None
+        if args.attention_dropout and label != PROJECTIONS:
+            module.dropout_module.p = args.attention_dropout  # fairseq's dropout module: applied in training
         steps[label] = training_step(module, args.dim, args.batch, args.length, args.length, cross, causal,
                                      need_weights=args.need_weights)
     order = list(steps)
@@ -127,6 +136,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
             result[label]["peak_mb"] = peak_memory_mb(specs[label], args)
     machine = machine_info()
     weights = "need_weights=True (weights returned, not used)" if args.need_weights else "need_weights=False"
+    if args.attention_dropout:
+        weights += f", attention dropout {args.attention_dropout:g}"
     print(f"Training step (forward + backward), {args.pattern} pattern, L={args.length}, D={args.dim}, H={args.heads}, "
           f"batch {args.batch}, {weights}; {args.rounds} rounds; {machine['cpu']}, {machine['threads']} threads, torch "
           f"{machine['torch']}; load average {machine['load_avg_1min']:.2f} at the end; allocator {allocator}\n")

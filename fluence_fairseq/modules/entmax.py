@@ -179,8 +179,9 @@ class EntmaxAttentionBase(FluenceAttention):
     #: from this many probabilities per pass (B x H x Lq x Lk) a pass of at least :data:`BLOCKED_FROM` queries that
     #: the recomputing pass does not take runs its blocks through the same function, keeping the probabilities of
     #: each block for backward as the plain computation does, except where a block's rows keep so few keys that
-    #: it keeps their support instead and takes ``p @ v`` and its backward on it alone (the CPU without dropout,
-    #: an average of the heads' weights or none, no additive mask or density count)
+    #: it keeps their support instead and takes ``p @ v`` and its backward on it alone (the CPU, attention dropout
+    #: drawn for the support's entries alone, an average of the heads' weights or none, no additive mask or density
+    #: count)
     SUPPORT_FROM_ELEMENTS = 1 << 20
 
     def _by_support(self, q, k, attn_mask, query_offset, need_weights) -> bool:
@@ -190,7 +191,7 @@ class EntmaxAttentionBase(FluenceAttention):
             return False
         if need_weights and not self.head_average_weights or q.size(2) < self.BLOCKED_FROM:
             return False
-        if not lists_support(q, self._active_dropout()):
+        if not lists_support(q):
             return False
         return q.size(0) * q.size(1) * q.size(2) * k.size(2) >= self.SUPPORT_FROM_ELEMENTS
 
@@ -211,8 +212,8 @@ class EntmaxAttentionBase(FluenceAttention):
         if self._by_support(q, k, attn_mask, query_offset, need_weights):
             result = blocked_entmax_attention(
                 q, k, v, self._alpha_for_scores(), blocks=blocks, causal=self.causal, query_offset=query_offset,
-                key_padding_mask=key_padding_mask, rel_bias=self.relative_bias(), keep_probabilities=True,
-                need_weights=need_weights)
+                key_padding_mask=key_padding_mask, dropout_p=self._active_dropout(), rel_bias=self.relative_bias(),
+                keep_probabilities=True, need_weights=need_weights)
             return result if need_weights else (result, None)
         if len(blocks) == 1:  # the base averages the heads' weights when that is all it needs
             return self._attend_rows(q, k, v, key_padding_mask, attn_mask, query_offset, need_weights)

@@ -9,7 +9,7 @@ elementwise passes, without the threshold search; or, with ``keep_probabilities`
 the memory), keeps each block's probabilities as the plain computation does. Transient memory is one block's
 scores, probabilities and their gradients.
 
-On the CPU without dropout, each (batch, head) pair of a block whose support is at most
+On the CPU, each (batch, head) pair of a block whose support is at most
 :data:`SPARSE_BACKWARD_BELOW` of its entries keeps the support instead (two int32 per entry), found while the
 forward searched its thresholds (:func:`~fluence_fairseq.ops.entmax.entmax_with_stats` with ``support_rows``),
 and takes ``p @ v`` and its whole backward on it with sparse (CSR) kernels: the entries' scores and the output's
@@ -21,7 +21,9 @@ a per-head α (Correia et al. 2019, Proposition 1, as in :mod:`fluence_fairseq.o
 ``need_weights``, through the returned head-averaged weights.
 
 Attention dropout zeroes probabilities with a mask drawn block by block from a generator seeded with ``seed`` plus
-the block's index, and backward draws the same masks again, so they are never kept either. A fixed relative bias
+the block's index, and backward draws the same masks again, so they are never kept either; a block on its support
+draws one number for each entry of its sparse pairs and, after them, the masks of its dense pairs' rows
+(:func:`_support_dropout`), not one for each of its probabilities. A fixed relative bias
 (ALiBi: ``rel_bias(query - key offsets) -> (H, rows, keys)``, no gradient of its own) is added to each block's
 scores in both directions. No additive mask: callers take the plain computation for that.
 """
@@ -52,11 +54,18 @@ SPARSE_BACKWARD_BELOW = 1 / 16
 MIXED_DENSE_AT_MOST = 1 / 2
 
 
+def _draw_kept(shape, dropout_p: float, generator: torch.Generator, like: Tensor) -> Tensor:
+    """1 / (1 - dropout_p) for each element of ``shape`` kept (probability 1 - dropout_p), 0 for each dropped, in
+    ``like``'s dtype: a uniform draw compared in place (``bernoulli_`` took 2.5x as long on the CPU)."""
+    keep = 1.0 - dropout_p
+    drawn = torch.empty(shape, dtype=like.dtype, device=like.device).uniform_(generator=generator)
+    return drawn.lt_(keep).div_(keep)
+
+
 def _kept(p: Tensor, dropout_p: float, seed: int, block: int) -> Tensor:
     """The dropout of block ``block``: 1 / (1 - dropout_p) where a probability is kept, 0 where dropped (the same
     numbers whenever it is drawn again with the same seed)."""
-    generator = torch.Generator(p.device).manual_seed(seed + block)
-    return torch.empty_like(p).bernoulli_(1.0 - dropout_p, generator=generator).div_(1.0 - dropout_p)
+    return _draw_kept(p.shape, dropout_p, torch.Generator(p.device).manual_seed(seed + block), p)
 
 
 def _block_scores(q_block: Tensor, k: Tensor, start: int, end: int, keys: int, query_offset: int, causal: bool,
@@ -92,7 +101,7 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
         # the probabilities' mean over the heads, zeros right of each block's keys (the causal future)
         weights = q.new_zeros(q.size(0), 1, q.size(2), k.size(2)) if with_weights else q.new_empty(0)
         stats, supports, kept_probabilities = [], [], []
-        listed = lists_support(q, dropout_p)
+        listed = lists_support(q)
         v_rows = None
         for block, ((start, end), keys) in enumerate(zip(blocks, visible)):
             scores, mask = _block_scores(q[:, :, start:end] * scale, k, start, end, keys, query_offset, causal,
@@ -108,27 +117,31 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
             del scores
             if with_weights:  # before dropout, as the plain computation returns them
                 weights[:, :, start:end, :keys] = p.mean(dim=1, keepdim=True)
-            if dropout_p > 0:
-                p_kept = p.clone() if keep_probabilities else None
-                p.mul_(_kept(p, dropout_p, seed, block))
-            else:
-                p_kept = p
             if support is not None:  # p @ v on the support alone, and on the dense pairs apart
+                entry_kept, dense_kept = _support_dropout(support, end - start, keys, dropout_p, seed, block,
+                                                          p) if dropout_p > 0 else (None, None)
                 if v_rows is None:  # the values as rows of (B H Lk, D), copied once if strided
                     v_rows = v.reshape(-1, v.size(-1))
-                out_block = _support_values(p, support.entries, v_rows, v.size(2))
+                out_block = _support_values(p, support.entries, v_rows, v.size(2), entry_kept)
+                p_kept = None
                 if support.dense is not None:
                     # (dense pairs, rows, keys), as rows of p's (B H) view: indexing by (b, h) took 8.9 ms on
                     # (1, 8, 512, 4096) where this takes 1.0
                     p_kept = _of_pairs(p, support)
+                    p_used = p_kept if dense_kept is None else p_kept * dense_kept
                     _into_pairs(out_block, support,
-                                torch.matmul(p_kept.to(v.dtype), _of_pairs(v[:, :, :keys], support)),
+                                torch.matmul(p_used.to(v.dtype), _of_pairs(v[:, :, :keys], support)),
                                 accumulate=False)
+                    del p_used, dense_kept
                 out[:, :, start:end] = out_block
             else:
+                if dropout_p > 0:
+                    p_kept = p.clone() if keep_probabilities else None
+                    p.mul_(_kept(p, dropout_p, seed, block))
+                else:
+                    p_kept = p
                 out[:, :, start:end] = torch.matmul(p.to(v.dtype), v[:, :, :keys])
-            kept_probabilities.append(p_kept if keep_probabilities and (support is None or support.dense is not None)
-                                      else None)
+            kept_probabilities.append(p_kept if keep_probabilities else None)
             stats.append(row_stats)
         ctx.blocks, ctx.visible, ctx.causal, ctx.query_offset = blocks, visible, causal, query_offset
         ctx.supports, ctx.kept_probabilities = supports, kept_probabilities
@@ -163,9 +176,12 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
         for block, ((start, end), keys) in enumerate(zip(ctx.blocks, ctx.visible)):
             support = ctx.supports[block]
             if support is not None:
+                # the forward's dropout, drawn again from the block's seed
+                entry_kept, dense_kept = _support_dropout(support, end - start, keys, ctx.dropout_p, ctx.seed, block,
+                                                          stats) if ctx.dropout_p > 0 else (None, None)
                 grad_q, alpha_rows = _support_block_backward(flat, support.entries, start, end,
                                                              stats[:, :, start:end], alpha, want_alpha,
-                                                             ctx.query_offset, ctx.rel_bias)
+                                                             ctx.query_offset, ctx.rel_bias, entry_kept)
                 dq[:, :, start:end] = grad_q.mul_(scale)
                 block_alpha = None if alpha_rows is None else alpha_rows.sum(dim=2, keepdim=True)
                 if support.dense is not None:
@@ -173,7 +189,7 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
                     ctx.kept_probabilities[block] = None
                     dense_alpha = _dense_pairs_backward(ctx, support, p, q, k, v, grad_out, grad_weights,
                                                         alpha, want_alpha, stats, key_padding_mask, start, end,
-                                                        keys, dq, dk, dv)
+                                                        keys, dq, dk, dv, dense_kept)
                     if dense_alpha is not None:
                         block_alpha[support.dense] += dense_alpha
                 if block_alpha is not None:
@@ -258,10 +274,11 @@ def _into_pairs(x: Tensor, support: "_BlockSupport", values: Tensor, accumulate:
 
 def _dense_pairs_backward(ctx, support: "_BlockSupport", p: Optional[Tensor], q, k, v, grad_out, grad_weights,
                           alpha, want_alpha: bool, stats: Tensor, key_padding_mask, start: int, end: int, keys: int,
-                          dq: Tensor, dk: Tensor, dv: Tensor) -> Optional[Tensor]:
+                          dq: Tensor, dk: Tensor, dv: Tensor, kept: Optional[Tensor] = None) -> Optional[Tensor]:
     """Backward of a block's dense (batch, head) pairs (``support.dense``; their kept probabilities ``p`` (pairs,
     rows, keys), or None: rebuilt from the row statistics), as a dense block's, written into their rows of ``dq``
-    and added to ``dk`` and ``dv``; returns their part of α's gradient (pairs, 1, 1) when ``want_alpha``."""
+    and added to ``dk`` and ``dv``; returns their part of α's gradient (pairs, 1, 1) when ``want_alpha``.
+    ``kept``: their dropout (pairs, rows, keys), 0 or 1 / (1 - dropout_p) for each probability."""
     b, h = support.dense
     heads, scale = q.size(1), q.size(-1) ** -0.5
     q_d = _of_pairs(q[:, :, start:end], support) * scale
@@ -276,7 +293,11 @@ def _dense_pairs_backward(ctx, support: "_BlockSupport", p: Optional[Tensor], q,
                                               with_support=True)
         del scores
     grad_p = torch.matmul(g, v_d.transpose(-1, -2)).to(p.dtype)
-    _into_pairs(dv[:, :, :keys], support, torch.matmul(p.to(v.dtype).transpose(-1, -2), g), accumulate=True)
+    p_used = p if kept is None else p * kept  # out = (p * kept) @ v
+    _into_pairs(dv[:, :, :keys], support, torch.matmul(p_used.to(v.dtype).transpose(-1, -2), g), accumulate=True)
+    del p_used
+    if kept is not None:
+        grad_p.mul_(kept)
     if grad_weights is not None:
         grad_p.add_(grad_weights[:, 0, start:end, :keys].index_select(0, b).to(p.dtype), alpha=1.0 / heads)
     grad_s, alpha_rows = entmax_backward(p, grad_p, pair_alpha, with_alpha=want_alpha, support=entmax_support)
@@ -287,10 +308,24 @@ def _dense_pairs_backward(ctx, support: "_BlockSupport", p: Optional[Tensor], q,
     return None if alpha_rows is None else alpha_rows.sum(dim=1, keepdim=True)
 
 
-def lists_support(q: Tensor, dropout_p: float) -> bool:
-    """Whether the blocks may keep their support: where the forward lists it anyway (the CPU), without dropout
-    (whose masks are drawn over whole blocks)."""
-    return dropout_p == 0 and q.device.type in GATHER_DEVICES and q.dtype in (torch.float32, torch.float64)
+def lists_support(q: Tensor) -> bool:
+    """Whether the blocks may keep their support: where the forward lists it anyway (the CPU, float32 or
+    float64)."""
+    return q.device.type in GATHER_DEVICES and q.dtype in (torch.float32, torch.float64)
+
+
+def _support_dropout(support: "_BlockSupport", rows: int, keys: int, dropout_p: float, seed: int, block: int,
+                     like: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    """The dropout of a block that keeps its support, 0 or 1 / (1 - ``dropout_p``) for each entry of its sparse
+    pairs (in their order) and, when it has dense pairs, for each probability of their rows (pairs, rows, keys):
+    drawn from the block's seed in that order, so backward draws the same. Only the entries are drawn where a
+    dense block draws all its probabilities (a fraction of its random numbers)."""
+    generator = torch.Generator(like.device).manual_seed(seed + block)
+    entries = _draw_kept(support.entries[0].numel(), dropout_p, generator, like)
+    dense = None
+    if support.dense is not None:
+        dense = _draw_kept((support.pairs.numel(), rows, keys), dropout_p, generator, like)
+    return entries, dense
 
 
 def _csr(rows: Tensor, columns: Tensor, values: Tensor, shape: Tuple[int, int]) -> Tensor:
@@ -328,12 +363,17 @@ class _Pattern:
         return torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0).values()
 
 
-def _support_values(p: Tensor, support: Tuple[Tensor, Tensor], v_rows: Tensor, src_len: int) -> Tensor:
+def _support_values(p: Tensor, support: Tuple[Tensor, Tensor], v_rows: Tensor, src_len: int,
+                    kept: Optional[Tensor] = None) -> Tensor:
     """``p @ v`` (B, H, rows, D) for a block's probabilities ``p`` (B, H, rows, keys) that are 0 off their
-    ``support`` (rows over (B, H, rows), columns), with the values as rows ``v_rows`` (B H src_len, D)."""
+    ``support`` (rows over (B, H, rows), columns), with the values as rows ``v_rows`` (B H src_len, D); ``kept``:
+    the entries' dropout (0 or 1 / (1 - dropout_p) each)."""
     bsz, heads, rows, keys = p.shape
     pattern = _Pattern(support, rows, bsz * heads, src_len)
-    weights = take_entries(p.reshape(-1, keys), pattern.row, pattern.col).to(v_rows.dtype)
+    weights = take_entries(p.reshape(-1, keys), pattern.row, pattern.col)
+    if kept is not None:
+        weights = weights * kept
+    weights = weights.to(v_rows.dtype)
     return pattern.times(weights, v_rows).view(bsz, heads, rows, -1)
 
 
@@ -374,7 +414,7 @@ class _Flat:
 
 def _support_block_backward(flat: _Flat, support: Tuple[Tensor, Tensor], start: int, end: int, stats: Tensor,
                             alpha: Union[float, Tensor], want_alpha: bool, query_offset: int,
-                            rel_bias) -> Tuple[Tensor, Optional[Tensor]]:
+                            rel_bias, kept: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """Backward of one query block on its support alone: the support ``(rows, columns)`` of its probabilities
     (rows over (B, H, end - start)) as a sparse matrix, each entry's score recomputed as a dot product, its
     probability rebuilt from the row statistics as :func:`entmax_from_stats` does, the entmax Jacobian taken on
@@ -402,20 +442,24 @@ def _support_block_backward(flat: _Flat, support: Tuple[Tensor, Tensor], start: 
     p = u if isinstance(alpha, float) and alpha == 2.0 else (
         u.square() if isinstance(alpha, float) and alpha == 1.5 else u.pow(1 / (entry_alpha - 1)))
     grad_p = pattern.sampled(g_block, flat.v)
+    p_used = p  # what multiplied the values: out = (p * kept) @ v
+    if kept is not None:
+        grad_p.mul_(kept)
+        p_used = p * kept
     if flat.grad_weights is not None:  # each entry's place in the weights (B, 1, Lq, Lk), its mean over heads
         w_index = (torch.div(pair, heads, rounding_mode="floor") * tgt_len + start + position) * src_len + col
         grad_p.add_(flat.grad_weights.index_select(0, w_index).to(grad_p.dtype), alpha=1.0 / heads)
     grad_alpha = p.new_empty(bsz * heads * rows, 1) if want_alpha else None
     # an entry rounded onto the threshold adds nothing, and its log would not be finite: the Jacobian on the others
-    kept = p > 0
-    if bool(kept.all()):
+    positive = p > 0
+    if bool(positive.all()):
         grad_s = support_backward(p, grad_p, row_alpha, row, bsz * heads * rows, grad_alpha)
     else:
         grad_s = torch.zeros_like(p)
-        grad_s[kept] = support_backward(p[kept], grad_p[kept], row_alpha, row[kept], bsz * heads * rows,
-                                        grad_alpha)
+        grad_s[positive] = support_backward(p[positive], grad_p[positive], row_alpha, row[positive],
+                                            bsz * heads * rows, grad_alpha)
     grad_s = grad_s.to(q_block.dtype)
-    flat.add(pair * tgt_len + start + position, pattern.pair * src_len + col, p, grad_s)
+    flat.add(pair * tgt_len + start + position, pattern.pair * src_len + col, p_used, grad_s)
     grad_q = pattern.times(grad_s, flat.k).view(bsz, heads, rows, -1)
     return grad_q, None if grad_alpha is None else grad_alpha.view(bsz, heads, rows, 1)
 
@@ -443,7 +487,7 @@ def blocked_entmax_attention(q: Tensor, k: Tensor, v: Tensor, alpha: Union[float
     the probabilities' mean over the heads (B, 1, Lq, Lk) before dropout, differentiable (an alignment loss
     trains through them); otherwise ``out`` alone."""
     visible: List[int] = [min(k.size(2), query_offset + end) if causal else k.size(2) for _, end in blocks]
-    if causal and lists_support(q, dropout_p):
+    if causal and lists_support(q):
         # whole groups of keys: the keys up to the next multiple of START_GROUP are in every row's future, masked
         # (0 in the output, nothing in any gradient), and a block of whole groups can be searched through them
         # and keep its support (at most 31 more columns)

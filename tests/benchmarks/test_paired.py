@@ -73,3 +73,18 @@ def test_need_weights_calls_the_attentions_with_the_default_weights(capsys, monk
                  "--allocator", "default", "--need-weights"])
     assert seen == [True, True]  # the projections' case and the attention's
     assert "need_weights=True (weights returned, not used)" in capsys.readouterr().out
+
+
+def test_attention_dropout_is_set_on_every_attention_and_bad_rates_are_refused(capsys, monkeypatch):
+    built = []
+    real = paired.build_module
+    monkeypatch.setattr(paired, "build_module", lambda *a, **kw: built.append(real(*a, **kw)) or built[-1])
+    paired.main(["entmax15", "softmax", "--length", "32", "--dim", "16", "--heads", "2", "--rounds", "1",
+                 "--threads", "1", "--allocator", "default", "--attention-dropout", "0.25"])
+    assert [m.dropout_module.p for m in built[1:]] == [0.25, 0.25] and all(m.training for m in built[1:])
+    assert "attention dropout 0.25" in capsys.readouterr().out
+    for rate in ("1", "-0.1"):
+        with pytest.raises(SystemExit, match=r"--attention-dropout must be in \[0, 1\)"):
+            paired.main(["entmax15", "--length", "16", "--attention-dropout", rate])
+    with pytest.raises(SystemExit, match="--memory measures the cases without attention dropout"):
+        paired.main(["entmax15", "--length", "16", "--attention-dropout", "0.1", "--memory"])

@@ -1249,7 +1249,8 @@ def test_pass_by_support_equals_the_plain_one(monkeypatch, name, causal, cross, 
         torch.testing.assert_close(by_support[key], plain[key], rtol=1e-9, atol=1e-11, msg=key)
 
 
-def test_pass_by_support_is_left_for_head_weights_masks_density_dropout_and_short_queries(monkeypatch):
+def test_pass_by_support_is_left_for_head_weights_masks_density_and_short_queries_and_takes_the_dropout(
+        monkeypatch):
     import fluence_fairseq.modules.entmax as module
 
     calls = []
@@ -1264,13 +1265,12 @@ def test_pass_by_support_is_left_for_head_weights_masks_density_dropout_and_shor
     attn.track_density(True)
     attn(x, x, x, need_weights=False)  # counting non-zero weights
     attn.track_density(False)
-    attn.train()
-    attn(x, x, x, need_weights=False)  # attention dropout
     assert calls == []
-    attn.eval()
-    with pytest.raises(RuntimeError):  # the stub's empty output: the pass by support was taken
-        attn(x, x, x, need_weights=False)
-    assert calls and calls[-1]["keep_probabilities"]
+    for training, dropout in ((False, 0.0), (True, 0.1)):
+        attn.train(training)
+        with pytest.raises(RuntimeError):  # the stub's empty output: the pass by support was taken
+            attn(x, x, x, need_weights=False)
+        assert calls[-1]["keep_probabilities"] and calls[-1]["dropout_p"] == dropout  # in training only
 
 
 def test_entries_taken_and_put_through_the_flat_view_or_by_index():

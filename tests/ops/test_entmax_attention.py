@@ -179,10 +179,9 @@ def test_sparse_blocks_work_on_their_support_alone_with_the_dense_results(alpha,
         torch.testing.assert_close(a, b, rtol=0, atol=tol * max(1.0, float(b.abs().max())))
 
 
-def test_sparse_blocks_gradcheck_and_dropout_keeps_the_dense_path(monkeypatch):
+def test_sparse_blocks_gradcheck_with_and_without_dropout(monkeypatch):
     """The support path passes gradcheck (fast mode: random projections; float64, a learned per-head α, causal,
-    padding, ALiBi); with dropout no
-    block keeps its support (the masks are drawn over whole blocks)."""
+    padding, ALiBi), and so does it under attention dropout (the masks drawn again from the seed in backward)."""
     import fluence_fairseq.ops.entmax_attention as ops
 
     (q, k, v, alpha), _, kwargs = _sparse_case("per head", True, torch.float64, seed=2)
@@ -193,24 +192,82 @@ def test_sparse_blocks_gradcheck_and_dropout_keeps_the_dense_path(monkeypatch):
     v = v.detach()[:1, :, :288].requires_grad_()
     alpha = torch.tensor([1.3, 1.7, 1.9], dtype=torch.float64).view(1, 3, 1, 1).requires_grad_()  # inside (1, 2)
     kwargs.update(blocks=[(0, 100), (100, 288)], key_padding_mask=kwargs["key_padding_mask"][1:, :288])
-    torch.autograd.gradcheck(lambda *t: blocked_entmax_attention(*t, **kwargs), (q, k, v, alpha), atol=1e-6,
-                             fast_mode=True)
-    assert calls
-    calls.clear()
-    out = blocked_entmax_attention(q, k, v, alpha, dropout_p=0.1, seed=0, **kwargs)
-    out.sum().backward()
-    assert not calls and torch.isfinite(q.grad).all()
+    for dropout in ({}, {"dropout_p": 0.3, "seed": 5}):
+        calls.clear()
+        torch.autograd.gradcheck(lambda *t: blocked_entmax_attention(*t, **kwargs, **dropout), (q, k, v, alpha),
+                                 atol=1e-6, fast_mode=True)
+        assert calls
 
 
-def _plain_with_weights(q, k, v, alpha, causal, key_padding_mask, rel_bias):
-    """The plain computation with ALiBi, and the probabilities' mean over the heads."""
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("keep", [True, False])
+def test_dropout_on_the_support_equals_the_plain_computation_under_the_same_masks(causal, keep, monkeypatch):
+    """Under attention dropout, blocks on their support draw a mask for their sparse pairs' entries and for their
+    dense pairs' rows (a head of α = 1.05 beside sparse ones), dense blocks for all their probabilities; backward
+    draws the same masks again, and the output, the head-averaged weights (before dropout) and every gradient
+    (q, k, v, per-head α, through the weights too) equal the plain computation's ``(p * mask) @ v`` under those
+    masks (float64, padding, ALiBi)."""
+    import fluence_fairseq.ops.entmax_attention as ops
+
+    inputs, w, kwargs = _sparse_case("per head", causal, torch.float64, seed=3)
+    q, k, v, _ = inputs
+    alpha = torch.tensor([1.7, 1.05, 2.0], dtype=torch.float64).view(1, 3, 1, 1).requires_grad_()
+    inputs = (q, k, v, alpha)
+    g = torch.Generator().manual_seed(6)
+    w_weights = torch.randn(2, 1, 320, k.size(2), generator=g, dtype=torch.float64)
+    drawn = []  # (block, start, end, keys, support or None, masks) in the order drawn
+    support_dropout, dense_dropout = ops._support_dropout, ops._kept
+    monkeypatch.setattr(ops, "_support_dropout", lambda support, rows, keys, p, seed, block, like: drawn.append(
+        (block, support, keys, support_dropout(support, rows, keys, p, seed, block, like))) or drawn[-1][-1])
+    monkeypatch.setattr(ops, "_kept", lambda p, rate, seed, block: drawn.append(
+        (block, None, p.size(-1), dense_dropout(p, rate, seed, block))) or drawn[-1][-1])
+    out, weights = blocked_entmax_attention(*inputs, keep_probabilities=keep, need_weights=True, dropout_p=0.3,
+                                            seed=11, **kwargs)
+    forward = list(drawn)
+    grads = torch.autograd.grad((out * w).sum() + (weights * w_weights).sum(), inputs)
+    on_support = [d for d in forward if d[1] is not None]
+    assert on_support and any(d[3][1] is not None for d in on_support)  # a block with dense pairs among them
+    # backward drew each support block's masks again (dense blocks keep or redraw theirs), the same numbers
+    again = {d[0]: d[3] for d in drawn[len(forward):] if d[1] is not None}
+    for block, _, _, masks in on_support:
+        for a, b in zip(masks, again[block]):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+    bsz, heads, tgt_len, src_len = q.size(0), q.size(1), q.size(2), k.size(2)
+    mask = torch.zeros(bsz, heads, tgt_len, src_len, dtype=torch.float64)
+    for block, support, keys, masks in forward:
+        start, end = kwargs["blocks"][block]
+        if support is None:
+            mask[:, :, start:end, :keys] = masks
+            continue
+        rows_over_pairs, columns = (t.long() for t in support.entries)
+        pair, position = rows_over_pairs // (end - start), rows_over_pairs % (end - start)
+        mask[pair // heads, pair % heads, start + position, columns] = masks[0]
+        if support.dense is not None:
+            b, h = support.dense
+            mask[b, h, start:end, :keys] = masks[1]
+    assert 0.2 < float((mask == 0).double().mean()) < 0.99  # entries dropped, and off-support ones never drawn
+    p = _plain_probabilities(q, k, alpha, causal, kwargs["key_padding_mask"], kwargs["rel_bias"])
+    ref, ref_weights = torch.matmul(p * mask, v), p.mean(dim=1, keepdim=True)
+    reference = (ref, ref_weights) + torch.autograd.grad((ref * w).sum() + (ref_weights * w_weights).sum(), inputs)
+    for a, b in zip((out, weights) + grads, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11 * max(1.0, float(b.abs().max())))
+
+
+def _plain_probabilities(q, k, alpha, causal, key_padding_mask, rel_bias):
+    """The plain computation's probabilities (B, H, Lq, Lk) with ALiBi, differentiable."""
     scores = torch.matmul(q * q.size(-1) ** -0.5, k.transpose(-1, -2))
     rel = torch.arange(q.size(2)).view(-1, 1) - torch.arange(k.size(2)).view(1, -1)
     scores = scores + rel_bias(rel)
     mask = key_padding_mask.view(-1, 1, 1, k.size(2))
     if causal:
         mask = mask | (rel < 0).view(1, 1, q.size(2), k.size(2))
-    p = entmax(scores, alpha, mask=mask)
+    return entmax(scores, alpha, mask=mask)
+
+
+def _plain_with_weights(q, k, v, alpha, causal, key_padding_mask, rel_bias):
+    """The plain computation with ALiBi, and the probabilities' mean over the heads."""
+    p = _plain_probabilities(q, k, alpha, causal, key_padding_mask, rel_bias)
     return torch.matmul(p, v), p.mean(dim=1, keepdim=True)
 
 
