@@ -9,15 +9,17 @@ runs in a fresh process, and its peak memory (the RSS increase of one step, see 
 in another. The ``sparse`` preset compares ``transformer_{sparsemax,entmax15,alpha_entmax}`` with the softmax model
 of the same sizes in three settings: the ``_small`` translation sizes and the base sizes on sentence-length
 batches (as in the paper's machine translation), and a base-size language model on 512-token blocks, where the
-attention matrices are largest relative to the rest of the model.
+attention matrices are largest relative to the rest of the model. ``--model-args`` adds model flags to every
+setting's (``--model-args "--attention-dropout 0.1"``: every model trains with that attention dropout).
 """
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -102,6 +104,22 @@ def _build(arch: str, extra: Sequence[str], vocab: int):
     args.max_source_positions = args.max_target_positions = 4096
     task = _Task(args)
     return build_model(args, task), dictionary  # runs the --arch function, as fairseq-train does
+
+
+def _check_model_args(settings: Sequence[Setting]) -> None:
+    """Refuses model flags that an ``--arch`` of the settings does not take, before any model is built (a worker
+    would fail with the parser's message only)."""
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    import fluence_fairseq  # noqa: F401  (registers the archs)
+
+    for setting in settings:
+        for arch in [setting.baseline, *setting.archs]:
+            parser = argparse.ArgumentParser(prog=arch, argument_default=argparse.SUPPRESS, add_help=False)
+            ARCH_MODEL_REGISTRY[arch].add_args(parser)
+            _, unknown = parser.parse_known_args(list(setting.extra))
+            if unknown:
+                raise SystemExit(f"--model-args: {arch} does not take {unknown}")
 
 
 def _worker(job: dict) -> dict:
@@ -202,7 +220,9 @@ def markdown(report: dict) -> str:
              f"{m['load_avg_1min']:.2f} at the end; allocator {allocator_of(m)}. "
              "Ratios are to the setting's baseline model (first row) in the same run.", ""]
     for setting in report["config"]["settings"]:
-        lines += [f"**{setting['name']}**: {setting['doc']}", "",
+        flags = f" Model flags: `{' '.join(setting['extra'])}`." if setting["extra"] else ""
+        lines += [f"**{setting['name']}**: {setting['doc']}.{flags}" if flags else
+                  f"**{setting['name']}**: {setting['doc']}", "",
                   "| attention | --arch | params | tokens/s | vs baseline | peak MiB | vs baseline | target |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in (r for r in report["rows"] if r["setting"] == setting["name"]):
@@ -224,6 +244,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads in the workers (default: torch's)")
     add_allocator_argument(p)
+    p.add_argument("--model-args", default="", metavar="FLAGS",
+                   help="model flags added to every setting's, one string (e.g. '--attention-dropout 0.1')")
     p.add_argument("--out", default=None, help="write OUT.md and OUT.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -239,6 +261,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         settings = [s for s in settings if s.name in wanted]
     if args.warmup < 1 or args.repeats < 1:
         raise SystemExit("--warmup and --repeats must be >= 1")
+    if args.model_args:
+        settings = [replace(s, extra=tuple(s.extra) + tuple(shlex.split(args.model_args))) for s in settings]
+        _check_model_args(settings)
     cfg = BenchModelsConfig(settings, vocab=args.vocab, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
                             allocator=args.allocator, targets=dict(PRESET_TARGETS[args.preset]))
     report = run_benchmark(cfg)

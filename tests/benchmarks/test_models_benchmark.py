@@ -54,3 +54,27 @@ def test_every_preset_has_its_targets_and_the_long_one_none():
     # its blocks are long enough for the entmax passes that keep no L x L tensor (8 heads of the base LM)
     from fluence_fairseq.modules.entmax import EntmaxAttentionBase
     assert long_setting.batch * 8 * long_setting.tgt_len ** 2 >= EntmaxAttentionBase.RECOMPUTE_FROM_ELEMENTS
+
+
+def test_model_args_reach_every_model_and_flags_no_arch_takes_are_refused(monkeypatch):
+    from benchmarks import models
+
+    with pytest.raises(SystemExit, match=r"--model-args: fluence_transformer_lm does not take \['--nope', '1'\]"):
+        main(["--settings", "lm_base", "--model-args", "--nope 1"])
+    seen = []
+
+    def stop(cfg):
+        seen.append(cfg)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "run_benchmark", stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--model-args", "--attention-dropout 0.1"])
+    assert seen and all(s.extra[-2:] == ("--attention-dropout", "0.1") for s in seen[0].settings)
+    model, _ = models._build("transformer_lm_entmax15_tiny", ["--attention-dropout", "0.25"], 40)
+    assert {layer.self_attn.dropout_module.p for layer in model.decoder.layers} == {0.25}
+    report = {"machine": {"cpu": "x", "threads": 1, "threads_from": "torch", "torch": "t", "load_avg_1min": 0.0,
+                          "allocator": "default"},
+              "config": {"settings": [{"name": "lm", "doc": "a model", "extra": ["--attention-dropout", "0.1"]}]},
+              "rows": [], "wall_s": 1.0}
+    assert "**lm**: a model. Model flags: `--attention-dropout 0.1`." in markdown(report)
