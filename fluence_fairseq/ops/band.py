@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .common import (FLASH_CPU_BACKWARD, accumulation_dtype as _acc, cpu_flash_applies, fold_windows, free_memory,
                      relative_positions)
+from .softmax_dropout import blocked_softmax_dropout, blocked_softmax_dropout_applies
 
 RelBias = Callable[[Tensor], Tensor]
 #: elements of dP the narrow band's backward forms at a time (a few hundred KiB in float32)
@@ -928,6 +929,13 @@ def band_attention(
         return out, probs
     if not left_active and (not right_active or right == 0):
         causal = right_active  # right == 0 here
+        if blocked_softmax_dropout_applies(q, k, dropout_p=dropout_p, causal=causal, query_offset=query_offset,
+                                           key_padding_mask=key_padding_mask) and not _bias_needs_grad(
+                                               rel_bias, attn_mask, q.device):
+            # attention dropout on the CPU: the fused kernels have none, the math path keeps (Lq, Lk) thrice
+            return blocked_softmax_dropout(q, k, v, dropout_p=dropout_p, causal=causal, query_offset=query_offset,
+                                           key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                           bias=rel_bias), None
         if rel_bias is None:
             return _sdpa(q, k, v, query_offset=query_offset, causal=causal, key_padding_mask=key_padding_mask,
                          attn_mask=attn_mask, dropout_p=dropout_p), None

@@ -199,6 +199,16 @@ def test_sparse_blocks_gradcheck_with_and_without_dropout(monkeypatch):
         assert calls
 
 
+def _mixed_case(causal):
+    """:func:`_sparse_case` with one α per head where the middle head (α = 1.05) keeps most of its keys beside two
+    sparse ones, and a random weight for a loss on the head-averaged weights."""
+    (q, k, v, _), w, kwargs = _sparse_case("per head", causal, torch.float64, seed=3)
+    alpha = torch.tensor([1.7, 1.05, 2.0], dtype=torch.float64).view(1, 3, 1, 1).requires_grad_()
+    g = torch.Generator().manual_seed(6)
+    w_weights = torch.randn(2, 1, 320, k.size(2), generator=g, dtype=torch.float64)
+    return (q, k, v, alpha), w, w_weights, kwargs
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("keep", [True, False])
 def test_dropout_on_the_support_equals_the_plain_computation_under_the_same_masks(causal, keep, monkeypatch):
@@ -209,12 +219,8 @@ def test_dropout_on_the_support_equals_the_plain_computation_under_the_same_mask
     masks (float64, padding, ALiBi)."""
     import fluence_fairseq.ops.entmax_attention as ops
 
-    inputs, w, kwargs = _sparse_case("per head", causal, torch.float64, seed=3)
-    q, k, v, _ = inputs
-    alpha = torch.tensor([1.7, 1.05, 2.0], dtype=torch.float64).view(1, 3, 1, 1).requires_grad_()
-    inputs = (q, k, v, alpha)
-    g = torch.Generator().manual_seed(6)
-    w_weights = torch.randn(2, 1, 320, k.size(2), generator=g, dtype=torch.float64)
+    inputs, w, w_weights, kwargs = _mixed_case(causal)
+    q, k, v, alpha = inputs
     drawn = []  # (block, start, end, keys, support or None, masks) in the order drawn
     support_dropout, dense_dropout = ops._support_dropout, ops._kept
     monkeypatch.setattr(ops, "_support_dropout", lambda support, rows, keys, p, seed, block, like: drawn.append(
@@ -362,12 +368,8 @@ def test_blocks_with_dense_and_sparse_pairs(causal, keep, monkeypatch):
     dense path's (float64, padding, ALiBi)."""
     import fluence_fairseq.ops.entmax_attention as ops
 
-    inputs, w, kwargs = _sparse_case("per head", causal, torch.float64, seed=3)
-    q, k, v, _ = inputs
-    alpha = torch.tensor([1.7, 1.05, 2.0], dtype=torch.float64).view(1, 3, 1, 1).requires_grad_()
-    inputs = (q, k, v, alpha)
-    g = torch.Generator().manual_seed(6)
-    w_weights = torch.randn(2, 1, 320, k.size(2), generator=g, dtype=torch.float64)
+    inputs, w, w_weights, kwargs = _mixed_case(causal)
+    q, k, v, alpha = inputs
     mixed = []
     dense_backward = ops._dense_pairs_backward
     monkeypatch.setattr(ops, "_dense_pairs_backward", lambda *a: mixed.append(a[1].dense) or dense_backward(*a))
