@@ -181,6 +181,20 @@ def _set_span_tokens(module: nn.Module, tokens: float) -> None:
 
 SETUPS["span"] = _set_span_tokens
 
+
+def _set_attention_dropout(module: nn.Module, rate: float) -> None:
+    """The attention's dropout (fairseq's dropout module, applied in training) = ``rate``."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"attention_dropout={rate} must be in [0, 1)")
+    dropout = getattr(module, "dropout_module", None)
+    if dropout is None:
+        raise ValueError(f"setup 'attention_dropout' needs an attention with a dropout module; "
+                         f"{type(module).__name__} has none")
+    dropout.p = rate
+
+
+SETUPS["attention_dropout"] = _set_attention_dropout
+
 # name on the command line -> (cross, causal)
 PATTERN_FLAGS = {"noncausal": (False, False), "causal": (False, True), "cross": (True, False),
                  "causal-cross": (True, True)}

@@ -96,14 +96,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
         raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
     if not 0.0 <= args.attention_dropout < 1.0:
         raise SystemExit(f"--attention-dropout must be in [0, 1), got {args.attention_dropout}")
-    if args.attention_dropout and args.memory:
-        raise SystemExit("--memory measures the cases without attention dropout; leave out --attention-dropout")
     variants = {text: parse_variant(text, args.pattern) for text in args.attentions}
     allocator = use_allocator(args.allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
     cross, causal = PATTERN_FLAGS[args.pattern]
     specs = {PROJECTIONS: {"kind": "projections"}, **{text: spec for text, (_, spec) in variants.items()}}
+    if args.attention_dropout:  # in the spec, so the memory workers build the attentions with it too
+        for label, spec in specs.items():
+            if label != PROJECTIONS:
+                spec.setdefault("setup", {})["attention_dropout"] = args.attention_dropout
     steps = {}
     for label, spec in specs.items():
         torch.manual_seed(0)
@@ -111,8 +113,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
             module = build_module(spec, args.dim, args.heads, cross, causal)
         except (TypeError, ValueError) as error:  # a keyword the constructor does not take, or a bad value
             raise SystemExit(f"{label}: {error}") from None
-        if args.attention_dropout and label != PROJECTIONS:
-            module.dropout_module.p = args.attention_dropout  # fairseq's dropout module: applied in training
         steps[label] = training_step(module, args.dim, args.batch, args.length, args.length, cross, causal,
                                      need_weights=args.need_weights)
     order = list(steps)

@@ -86,5 +86,10 @@ def test_attention_dropout_is_set_on_every_attention_and_bad_rates_are_refused(c
     for rate in ("1", "-0.1"):
         with pytest.raises(SystemExit, match=r"--attention-dropout must be in \[0, 1\)"):
             paired.main(["entmax15", "--length", "16", "--attention-dropout", rate])
-    with pytest.raises(SystemExit, match="--memory measures the cases without attention dropout"):
-        paired.main(["entmax15", "--length", "16", "--attention-dropout", "0.1", "--memory"])
+    result = paired.main(["entmax15", "--length", "16", "--dim", "16", "--heads", "2", "--rounds", "1", "--threads",
+                          "1", "--allocator", "default", "--attention-dropout", "0.1", "--memory"])
+    assert result["entmax15"]["peak_mb"] >= 0  # the memory worker builds the attention with the dropout too
+    spec = {"kind": "attention", "name": "entmax15", "options": {}, "setup": {"attention_dropout": 0.2}}
+    assert paired.build_module(spec, 16, 2, False, True).dropout_module.p == 0.2
+    with pytest.raises(ValueError, match=r"attention_dropout=1.5 must be in \[0, 1\)"):
+        paired.build_module({**spec, "setup": {"attention_dropout": 1.5}}, 16, 2, False, True)

@@ -127,10 +127,14 @@ def test_band_attention_takes_the_blocks_for_long_dropout_on_the_cpu_only(monkey
     calls = []
     monkeypatch.setattr(band, "blocked_softmax_dropout", lambda *a, **kw: calls.append(kw) or a[0])
     monkeypatch.setattr(ops, "FROM_ELEMENTS", 2 * 2 * 64 * 64)
+    monkeypatch.setattr(ops, "NONCAUSAL_FROM_ELEMENTS", 2 * 2 * 64 * 64 + 1)
     q = torch.randn(2, 2, 64, 8)
     kpm = torch.zeros(2, 64, dtype=torch.bool)
     band_attention(q, q, q, query_offset=0, right=0, dropout_p=0.1, key_padding_mask=kpm)
     assert len(calls) == 1 and calls[0]["causal"] and calls[0]["dropout_p"] == 0.1
+    band_attention(q, q, q, query_offset=0, dropout_p=0.1)  # noncausal: from its own, larger number
+    assert len(calls) == 1
+    monkeypatch.setattr(ops, "NONCAUSAL_FROM_ELEMENTS", 2 * 2 * 64 * 64)
     band_attention(q, q, q, query_offset=0, dropout_p=0.1)
     assert len(calls) == 2 and not calls[1]["causal"]
     band_attention(q, q, q, query_offset=0, dropout_p=0.0)  # no dropout
