@@ -13,7 +13,9 @@ __all__ = ["SoftmaxAttention", "FSSoftmaxAttention", "FSSoftmax"]
 class SoftmaxAttention(FluenceAttention):
     """Standard scaled dot-product attention in all four patterns.
 
-    Uses ``torch.nn.functional.scaled_dot_product_attention`` unless weights are requested.
+    Uses ``torch.nn.functional.scaled_dot_product_attention`` unless weights are requested, or attention
+    dropout on the CPU for a long input (query blocks that keep no (L, L) tensor,
+    :mod:`~fluence_fairseq.ops.softmax_dropout`).
 
     Example::
 

@@ -15,6 +15,10 @@ Four paths give the same numbers:
   (at most 2x a query tensor), window gradients folded back by one matmul (see :class:`_NarrowBand`);
 * blocked (wider bands): queries in blocks of ``block_size``; each block scores only the ``block_size + left +
   right`` keys of its band, groups of blocks at a time, probabilities recomputed in backward.
+
+With attention dropout on the CPU, where the fused kernels have none, a long problem with no band but causality
+runs in query blocks that keep no (Lq, Lk) tensor (:mod:`~fluence_fairseq.ops.softmax_dropout`) instead of the
+math path that ``F.scaled_dot_product_attention`` takes there.
 The banded paths do O(tgt * (left + right)) work and keep O(tgt * (left + right + head_dim)) memory.
 """
 import math
