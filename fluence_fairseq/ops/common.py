@@ -40,6 +40,15 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def dropout_keep_mask(shape, dropout_p: float, generator: torch.Generator, like: Tensor) -> Tensor:
+    """Attention dropout's multiplier for each element of ``shape``: 1 / (1 - dropout_p) where kept (probability
+    1 - dropout_p), 0 where dropped, in ``like``'s dtype and device, drawn from ``generator`` (the same numbers
+    whenever it is seeded alike). A uniform draw compared in place: ``bernoulli_`` took 2.5x as long on the CPU."""
+    keep = 1.0 - dropout_p
+    drawn = torch.empty(shape, dtype=like.dtype, device=like.device).uniform_(generator=generator)
+    return drawn.lt_(keep).div_(keep)
+
+
 def relative_positions(tgt_len: int, src_len: int, query_offset: int, device) -> Tensor:
     """(tgt, src) long tensor of query position minus key position; query ``i`` sits at ``i + query_offset``."""
     q = torch.arange(tgt_len, device=device).unsqueeze(1) + query_offset

@@ -33,7 +33,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .common import relative_positions
+from .common import dropout_keep_mask, relative_positions
 from .entmax import (GATHER_DEVICES, START_GROUP, entmax_backward, entmax_from_stats, entmax_with_stats,
                      support_backward, take_entries)
 
@@ -54,18 +54,10 @@ SPARSE_BACKWARD_BELOW = 1 / 16
 MIXED_DENSE_AT_MOST = 1 / 2
 
 
-def _draw_kept(shape, dropout_p: float, generator: torch.Generator, like: Tensor) -> Tensor:
-    """1 / (1 - dropout_p) for each element of ``shape`` kept (probability 1 - dropout_p), 0 for each dropped, in
-    ``like``'s dtype: a uniform draw compared in place (``bernoulli_`` took 2.5x as long on the CPU)."""
-    keep = 1.0 - dropout_p
-    drawn = torch.empty(shape, dtype=like.dtype, device=like.device).uniform_(generator=generator)
-    return drawn.lt_(keep).div_(keep)
-
-
 def _kept(p: Tensor, dropout_p: float, seed: int, block: int) -> Tensor:
     """The dropout of block ``block``: 1 / (1 - dropout_p) where a probability is kept, 0 where dropped (the same
     numbers whenever it is drawn again with the same seed)."""
-    return _draw_kept(p.shape, dropout_p, torch.Generator(p.device).manual_seed(seed + block), p)
+    return dropout_keep_mask(p.shape, dropout_p, torch.Generator(p.device).manual_seed(seed + block), p)
 
 
 def _block_scores(q_block: Tensor, k: Tensor, start: int, end: int, keys: int, query_offset: int, causal: bool,
@@ -321,10 +313,10 @@ def _support_dropout(support: "_BlockSupport", rows: int, keys: int, dropout_p: 
     drawn from the block's seed in that order, so backward draws the same. Only the entries are drawn where a
     dense block draws all its probabilities (a fraction of its random numbers)."""
     generator = torch.Generator(like.device).manual_seed(seed + block)
-    entries = _draw_kept(support.entries[0].numel(), dropout_p, generator, like)
+    entries = dropout_keep_mask(support.entries[0].numel(), dropout_p, generator, like)
     dense = None
     if support.dense is not None:
-        dense = _draw_kept((support.pairs.numel(), rows, keys), dropout_p, generator, like)
+        dense = dropout_keep_mask((support.pairs.numel(), rows, keys), dropout_p, generator, like)
     return entries, dense
 
 

@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .common import relative_positions
+from .common import dropout_keep_mask, relative_positions
 
 __all__ = ["blocked_softmax_dropout", "blocked_softmax_dropout_applies"]
 
@@ -37,12 +37,8 @@ BLOCK_ELEMENTS = 1 << 23
 
 
 def _draw_kept(shape, dropout_p: float, seed: int, like: Tensor) -> Tensor:
-    """0 or 1 / (1 - dropout_p) for each element of ``shape`` (kept with probability 1 - dropout_p), from a
-    generator seeded with ``seed``: a uniform draw compared in place (``bernoulli_`` took 2.5x as long)."""
-    generator = torch.Generator(like.device).manual_seed(seed)
-    keep = 1.0 - dropout_p
-    drawn = torch.empty(shape, dtype=like.dtype, device=like.device).uniform_(generator=generator)
-    return drawn.lt_(keep).div_(keep)
+    """A block's dropout multipliers (:func:`~fluence_fairseq.ops.common.dropout_keep_mask`) from ``seed``."""
+    return dropout_keep_mask(shape, dropout_p, torch.Generator(like.device).manual_seed(seed), like)
 
 
 class _Problem:

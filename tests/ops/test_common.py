@@ -121,3 +121,15 @@ def test_linear_grad_over_input_with_create_graph_and_without_bias():
         assert torch.autograd.gradgradcheck(fn, inputs)
     with pytest.raises(ValueError, match="contiguous"):
         linear_grad_over_input(torch.randn(6, 4).t(), weight, None)
+
+
+def test_dropout_keep_mask_is_zero_or_the_rescale_at_the_rate_and_repeats_with_the_seed():
+    from fluence_fairseq.ops.common import dropout_keep_mask
+
+    like = torch.zeros(1, dtype=torch.float64)
+    masks = [dropout_keep_mask((200, 500), 0.3, torch.Generator().manual_seed(4), like) for _ in range(2)]
+    assert torch.equal(masks[0], masks[1]) and masks[0].dtype == torch.float64
+    values = set(masks[0].unique().tolist())
+    assert values == {0.0, 1 / 0.7}
+    assert abs(float((masks[0] == 0).double().mean()) - 0.3) < 0.01  # 100,000 draws: 5 standard deviations
+    assert abs(float(masks[0].mean()) - 1.0) < 0.02  # unbiased
