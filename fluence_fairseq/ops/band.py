@@ -936,7 +936,7 @@ def band_attention(
         if blocked_softmax_dropout_applies(q, k, dropout_p=dropout_p, causal=causal, query_offset=query_offset,
                                            key_padding_mask=key_padding_mask) and not _bias_needs_grad(
                                                rel_bias, attn_mask, q.device):
-            # attention dropout on the CPU: the fused kernels have none, the math path keeps (Lq, Lk) thrice
+            # attention dropout on the CPU: the fused kernels have none, the math path keeps several (Lq, Lk) tensors
             return blocked_softmax_dropout(q, k, v, dropout_p=dropout_p, causal=causal, query_offset=query_offset,
                                            key_padding_mask=key_padding_mask, attn_mask=attn_mask,
                                            bias=rel_bias), None
