@@ -57,7 +57,7 @@ MIXED_DENSE_AT_MOST = 1 / 2
 def _kept(p: Tensor, dropout_p: float, seed: int, block: int) -> Tensor:
     """The dropout of block ``block``: 1 / (1 - dropout_p) where a probability is kept, 0 where dropped (the same
     numbers whenever it is drawn again with the same seed)."""
-    return dropout_keep_mask(p.shape, dropout_p, torch.Generator(p.device).manual_seed(seed + block), p)
+    return dropout_keep_mask(p.shape, dropout_p, seed + block, p)
 
 
 def _block_scores(q_block: Tensor, k: Tensor, start: int, end: int, keys: int, query_offset: int, causal: bool,
@@ -310,13 +310,12 @@ def _support_dropout(support: "_BlockSupport", rows: int, keys: int, dropout_p: 
                      like: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
     """The dropout of a block that keeps its support, 0 or 1 / (1 - ``dropout_p``) for each entry of its sparse
     pairs (in their order) and, when it has dense pairs, for each probability of their rows (pairs, rows, keys):
-    drawn from the block's seed in that order, so backward draws the same. Only the entries are drawn where a
+    drawn from the block's seed (two streams), so backward draws the same. Only the entries are drawn where a
     dense block draws all its probabilities (a fraction of its random numbers)."""
-    generator = torch.Generator(like.device).manual_seed(seed + block)
-    entries = dropout_keep_mask(support.entries[0].numel(), dropout_p, generator, like)
+    entries = dropout_keep_mask(support.entries[0].numel(), dropout_p, seed + block, like)
     dense = None
     if support.dense is not None:
-        dense = dropout_keep_mask((support.pairs.numel(), rows, keys), dropout_p, generator, like)
+        dense = dropout_keep_mask((support.pairs.numel(), rows, keys), dropout_p, seed + block, like, stream=1)
     return entries, dense
 
 

@@ -39,7 +39,7 @@ BLOCK_ELEMENTS = 1 << 23
 
 def _draw_kept(shape, dropout_p: float, seed: int, like: Tensor) -> Tensor:
     """A block's dropout multipliers (:func:`~fluence_fairseq.ops.common.dropout_keep_mask`) from ``seed``."""
-    return dropout_keep_mask(shape, dropout_p, torch.Generator(like.device).manual_seed(seed), like)
+    return dropout_keep_mask(shape, dropout_p, seed, like)
 
 
 class _Problem:

@@ -123,13 +123,27 @@ def test_linear_grad_over_input_with_create_graph_and_without_bias():
         linear_grad_over_input(torch.randn(6, 4).t(), weight, None)
 
 
-def test_dropout_keep_mask_is_zero_or_the_rescale_at_the_rate_and_repeats_with_the_seed():
-    from fluence_fairseq.ops.common import dropout_keep_mask
+def test_dropout_keep_mask_is_zero_or_the_rescale_at_the_rate_and_repeats_with_the_seed(monkeypatch):
+    """0 or 1 / (1 - p) at the rate, unbiased; the same numbers for the same seed and stream whatever the number of
+    threads drawing the chunks; another stream or seed, other numbers."""
+    import fluence_fairseq.ops.common as common
 
+    monkeypatch.setattr(common, "MASK_CHUNK", 1 << 14)  # several chunks
     like = torch.zeros(1, dtype=torch.float64)
-    masks = [dropout_keep_mask((200, 500), 0.3, torch.Generator().manual_seed(4), like) for _ in range(2)]
-    assert torch.equal(masks[0], masks[1]) and masks[0].dtype == torch.float64
-    values = set(masks[0].unique().tolist())
-    assert values == {0.0, 1 / 0.7}
+    threads = torch.get_num_threads()
+    try:
+        masks = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            masks.append(common.dropout_keep_mask((200, 500), 0.3, 4, like))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(masks[0], m) for m in masks[1:]) and masks[0].dtype == torch.float64
+    assert set(masks[0].unique().tolist()) == {0.0, 1 / 0.7}
     assert abs(float((masks[0] == 0).double().mean()) - 0.3) < 0.01  # 100,000 draws: 5 standard deviations
     assert abs(float(masks[0].mean()) - 1.0) < 0.02  # unbiased
+    for other in (common.dropout_keep_mask((200, 500), 0.3, 4, like, stream=1),
+                  common.dropout_keep_mask((200, 500), 0.3, 5, like)):
+        assert float((other != masks[0]).double().mean()) > 0.3  # independent draws differ in ~42% of places
+    flat = masks[0].view(-1)
+    assert not torch.equal(flat[: 1 << 14], flat[1 << 14: 2 << 14])  # each chunk from a generator of its own
