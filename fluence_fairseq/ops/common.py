@@ -44,7 +44,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 #: masks do not depend on how many threads draw them
 MASK_CHUNK = 1 << 20
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads the chunks' seeds over the generator's 64-bit seed space
-_mask_pool = None  # (threads, ThreadPoolExecutor) drawing chunks side by side on the CPU
+_mask_pool = None  # (threads, process id, ThreadPoolExecutor) drawing chunks side by side on the CPU
 
 
 def _chunk_seed(seed: int, stream: int, chunk: int) -> int:
@@ -52,12 +52,16 @@ def _chunk_seed(seed: int, stream: int, chunk: int) -> int:
 
 
 def _draw_pool(threads: int):
+    """The pool drawing mask chunks, made again when the thread count changes or in a forked process (whose copy
+    of the pool has no threads)."""
     global _mask_pool
-    if _mask_pool is None or _mask_pool[0] != threads:
+    import os
+
+    if _mask_pool is None or _mask_pool[:2] != (threads, os.getpid()):
         from concurrent.futures import ThreadPoolExecutor
 
-        _mask_pool = (threads, ThreadPoolExecutor(threads, thread_name_prefix="fluence-dropout"))
-    return _mask_pool[1]
+        _mask_pool = (threads, os.getpid(), ThreadPoolExecutor(threads, thread_name_prefix="fluence-dropout"))
+    return _mask_pool[2]
 
 
 def dropout_keep_mask(shape, dropout_p: float, seed: int, like: Tensor, stream: int = 0) -> Tensor:

@@ -147,3 +147,31 @@ def test_dropout_keep_mask_is_zero_or_the_rescale_at_the_rate_and_repeats_with_t
         assert float((other != masks[0]).double().mean()) > 0.3  # independent draws differ in ~42% of places
     flat = masks[0].view(-1)
     assert not torch.equal(flat[: 1 << 14], flat[1 << 14: 2 << 14])  # each chunk from a generator of its own
+
+
+def test_dropout_masks_are_drawn_in_a_forked_process(monkeypatch):
+    """A process forked after the pool that draws mask chunks was made gets a pool of its own (the inherited one has
+    no threads, and waiting on it would hang)."""
+    import multiprocessing
+
+    import fluence_fairseq.ops.common as common
+
+    monkeypatch.setattr(common, "MASK_CHUNK", 1 << 10)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = common.dropout_keep_mask(4096, 0.5, 3, torch.zeros(1))  # makes the pool here
+        context = multiprocessing.get_context("fork")
+        with context.Pool(1) as pool:
+            drawn = pool.apply_async(_draw_in_child, (common.MASK_CHUNK,)).get(timeout=60)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(drawn, expected)
+
+
+def _draw_in_child(chunk):
+    import fluence_fairseq.ops.common as common
+
+    common.MASK_CHUNK = chunk
+    torch.set_num_threads(2)
+    return common.dropout_keep_mask(4096, 0.5, 3, torch.zeros(1))
