@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..ops.common import lower_blocks, prefixes
+from ..ops.common import element_blocks, lower_blocks, prefixes
 from ..ops.entmax import entmax
 from ..ops.entmax_attention import blocked_entmax_attention, lists_support
 from .attention_base import FluenceAttention, Statistic, fsmha
@@ -151,18 +151,8 @@ class EntmaxAttentionBase(FluenceAttention):
     def recompute_blocks(self, q, k, query_offset: int):
         """Query ranges of the recomputing pass: rows of at most :data:`RECOMPUTE_BLOCK_ELEMENTS` scores (causal:
         counted over the keys the block's last query sees), at least one row each."""
-        per_row = q.size(0) * q.size(1)
-        blocks, start, tgt_len = [], 0, q.size(2)
-        while start < tgt_len:
-            keys = max(1, min(k.size(2), query_offset + start + 1) if self.causal else k.size(2))
-            rows = max(1, self.RECOMPUTE_BLOCK_ELEMENTS // (per_row * keys))
-            if self.causal:  # the block's later rows see more keys: size it for its last row
-                while rows > 1 and per_row * rows * min(k.size(2), query_offset + start + rows) > \
-                        self.RECOMPUTE_BLOCK_ELEMENTS:
-                    rows //= 2
-            blocks.append((start, min(tgt_len, start + rows)))
-            start += rows
-        return blocks
+        return element_blocks(q.size(0) * q.size(1), q.size(2), k.size(2), causal=self.causal,
+                              query_offset=query_offset, elements=self.RECOMPUTE_BLOCK_ELEMENTS)
 
     def _blocked_pass_applies(self, attn_mask, query_offset) -> bool:
         """What both passes through ``blocked_entmax_attention`` need: no additive mask, a query offset of at

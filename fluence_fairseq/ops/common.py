@@ -1,6 +1,7 @@
 """Small helpers every op shares."""
 import contextlib
 import functools
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -95,6 +96,47 @@ def relative_positions(tgt_len: int, src_len: int, query_offset: int, device) ->
     """(tgt, src) long tensor of query position minus key position; query ``i`` sits at ``i + query_offset``."""
     q = torch.arange(tgt_len, device=device).unsqueeze(1) + query_offset
     return q - torch.arange(src_len, device=device).unsqueeze(0)
+
+
+def element_blocks(per_row: int, tgt_len: int, src_len: int, *, causal: bool, query_offset: int,
+                   elements: int) -> List[Tuple[int, int]]:
+    """Query ranges ``[start, end)`` covering ``0..tgt_len`` whose scores (``per_row`` = B x H of them for each
+    query and key) hold at most ``elements``, at least one row each; causal ranges counted over the keys their last
+    query sees (query ``i`` sees keys ``j <= i + query_offset``), so later ranges are shorter."""
+    blocks, start = [], 0
+    while start < tgt_len:
+        keys = max(1, min(src_len, query_offset + start + 1) if causal else src_len)
+        rows = max(1, elements // (per_row * keys))
+        if causal:  # the range's later rows see more keys: size it for its last row
+            while rows > 1 and per_row * rows * min(src_len, query_offset + start + rows) > elements:
+                rows //= 2
+        blocks.append((start, min(tgt_len, start + rows)))
+        start += rows
+    return blocks
+
+
+def query_block_scores(q_block: Tensor, k: Tensor, start: int, end: int, keys: int, query_offset: int,
+                       causal: bool, key_padding_mask: Optional[Tensor], rel_bias,
+                       pairs: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """Scores of queries ``start..end-1`` (``q_block``, scaled) against keys ``0..keys-1`` with a fixed relative
+    bias (``rel_bias(query - key offsets) -> (H, rows, keys)``, or None), and the mask of what they may not see
+    (the causal future, padding) or None; forward and backward of the blocked passes make them alike. ``q_block``
+    (B, H, rows, D) and ``k`` (B, H, Lk, D), or with ``pairs`` (the batch and head indices of some (batch, head)
+    pairs) those pairs' rows, (pairs, rows, D) and (pairs, Lk, D)."""
+    scores = torch.matmul(q_block, k[..., :keys, :].transpose(-1, -2))
+    rel = None
+    if causal or rel_bias is not None:
+        rel = relative_positions(end - start, keys, query_offset + start, scores.device)
+    if rel_bias is not None:
+        bias = rel_bias(rel).to(scores.dtype)  # (H, rows, keys)
+        scores += bias if pairs is None else bias.index_select(0, pairs[1])
+    lead = (1,) * (scores.dim() - 2)
+    mask = (rel < 0).view(*lead, end - start, keys) if causal else None
+    if key_padding_mask is not None:
+        padded = key_padding_mask[:, :keys]
+        padded = padded.view(-1, 1, 1, keys) if pairs is None else padded.index_select(0, pairs[0]).view(-1, 1, keys)
+        mask = padded if mask is None else mask | padded
+    return scores, mask
 
 
 def matmul_in_projection_layout(a: Tensor, b: Tensor) -> Tensor:

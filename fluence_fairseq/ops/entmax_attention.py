@@ -33,7 +33,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .common import dropout_keep_mask, relative_positions
+from .common import dropout_keep_mask, query_block_scores
 from .entmax import (GATHER_DEVICES, START_GROUP, entmax_backward, entmax_from_stats, entmax_with_stats,
                      support_backward, take_entries)
 
@@ -60,29 +60,6 @@ def _kept(p: Tensor, dropout_p: float, seed: int, block: int) -> Tensor:
     return dropout_keep_mask(p.shape, dropout_p, seed + block, p)
 
 
-def _block_scores(q_block: Tensor, k: Tensor, start: int, end: int, keys: int, query_offset: int, causal: bool,
-                  key_padding_mask: Optional[Tensor], rel_bias,
-                  pairs: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Optional[Tensor]]:
-    """Scores of queries ``start..end-1`` (``q_block``, scaled) against keys ``0..keys-1`` with the relative bias,
-    and the mask of what they may not see (the causal future, padding); forward and backward make them alike.
-    ``q_block`` (B, H, rows, D) and ``k`` (B, H, Lk, D), or with ``pairs`` (the batch and head indices of some
-    (batch, head) pairs) those pairs' rows, (pairs, rows, D) and (pairs, Lk, D)."""
-    scores = torch.matmul(q_block, k[..., :keys, :].transpose(-1, -2))
-    rel = None
-    if causal or rel_bias is not None:
-        rel = relative_positions(end - start, keys, query_offset + start, scores.device)
-    if rel_bias is not None:
-        bias = rel_bias(rel).to(scores.dtype)  # (H, rows, keys)
-        scores += bias if pairs is None else bias.index_select(0, pairs[1])
-    lead = (1,) * (scores.dim() - 2)
-    mask = (rel < 0).view(*lead, end - start, keys) if causal else None
-    if key_padding_mask is not None:
-        padded = key_padding_mask[:, :keys]
-        padded = padded.view(-1, 1, 1, keys) if pairs is None else padded.index_select(0, pairs[0]).view(-1, 1, keys)
-        mask = padded if mask is None else mask | padded
-    return scores, mask
-
-
 class _BlockedEntmaxAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alpha, blocks, visible, causal, query_offset, key_padding_mask, dropout_p, seed,
@@ -96,7 +73,7 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
         listed = lists_support(q)
         v_rows = None
         for block, ((start, end), keys) in enumerate(zip(blocks, visible)):
-            scores, mask = _block_scores(q[:, :, start:end] * scale, k, start, end, keys, query_offset, causal,
+            scores, mask = query_block_scores(q[:, :, start:end] * scale, k, start, end, keys, query_offset, causal,
                                          key_padding_mask, rel_bias)
             # each (batch, head) pair of the block judged on its own: a head of α near 1 beside sparse ones
             p, row_stats, found = entmax_with_stats(scores, alpha, mask, with_support=SPARSE_BACKWARD_BELOW,
@@ -192,7 +169,7 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
             g = grad_out[:, :, start:end]
             p, support = ctx.kept_probabilities[block], None
             if p is None:
-                scores, mask = _block_scores(q_b, k, start, end, keys, ctx.query_offset, ctx.causal,
+                scores, mask = query_block_scores(q_b, k, start, end, keys, ctx.query_offset, ctx.causal,
                                              key_padding_mask, ctx.rel_bias)
                 p, support = entmax_from_stats(scores, alpha, mask, stats[:, :, start:end], with_support=True)
                 del scores
@@ -279,7 +256,7 @@ def _dense_pairs_backward(ctx, support: "_BlockSupport", p: Optional[Tensor], q,
     pair_alpha = alpha if not isinstance(alpha, Tensor) else alpha.expand(q.size(0), heads, 1, 1)[b, h]
     entmax_support = None
     if p is None:
-        scores, mask = _block_scores(q_d, k_d, start, end, keys, ctx.query_offset, ctx.causal, key_padding_mask,
+        scores, mask = query_block_scores(q_d, k_d, start, end, keys, ctx.query_offset, ctx.causal, key_padding_mask,
                                      ctx.rel_bias, pairs=support.dense)
         p, entmax_support = entmax_from_stats(scores, pair_alpha, mask, _of_pairs(stats[:, :, start:end], support),
                                               with_support=True)

@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .common import dropout_keep_mask, relative_positions
+from .common import dropout_keep_mask, element_blocks, query_block_scores
 
 __all__ = ["blocked_softmax_dropout", "blocked_softmax_dropout_applies"]
 
@@ -52,33 +52,18 @@ class _Problem:
         self.causal, self.query_offset = causal, query_offset
         self.key_padding_mask, self.attn_mask, self.bias = key_padding_mask, attn_mask, bias
         self.scale = q.size(-1) ** -0.5
-        self.blocks: List[Tuple[int, int, int]] = []  # (start, end, keys)
-        start = 0
-        while start < tgt_len:
-            keys = min(src_len, query_offset + start + 1) if causal else src_len
-            rows = max(1, BLOCK_ELEMENTS // (bsz * heads * max(1, keys)))
-            if causal:  # the block's later rows see more keys: size it for its last row
-                while rows > 1 and bsz * heads * rows * min(src_len, query_offset + start + rows) > BLOCK_ELEMENTS:
-                    rows //= 2
-            end = min(tgt_len, start + rows)
-            self.blocks.append((start, end, min(src_len, query_offset + end) if causal else src_len))
-            start = end
+        self.blocks: List[Tuple[int, int, int]] = [  # (start, end, keys)
+            (start, end, min(src_len, query_offset + end) if causal else src_len)
+            for start, end in element_blocks(bsz * heads, tgt_len, src_len, causal=causal, query_offset=query_offset,
+                                             elements=BLOCK_ELEMENTS)]
 
     def scores(self, q_scaled: Tensor, k: Tensor, start: int, end: int, keys: int) -> Tensor:
         """(B, H, rows, keys) scores of queries ``start..end-1`` (``q_scaled``: those rows, already scaled), the
         bias and additive mask added, disallowed entries (the causal future, padding) at the most negative float."""
-        scores = torch.matmul(q_scaled, k[:, :, :keys].transpose(-1, -2))
-        rel = None
-        if self.causal or self.bias is not None:
-            rel = relative_positions(end - start, keys, self.query_offset + start, q_scaled.device)
-        if self.bias is not None:
-            scores += self.bias(rel).to(scores.dtype)
+        scores, disallowed = query_block_scores(q_scaled, k, start, end, keys, self.query_offset, self.causal,
+                                                self.key_padding_mask, self.bias)
         if self.attn_mask is not None:
             scores += self.attn_mask[..., start:end, :keys].to(scores.dtype)
-        disallowed = (rel < 0).view(1, 1, end - start, keys) if self.causal else None
-        if self.key_padding_mask is not None:
-            padded = self.key_padding_mask[:, :keys].view(-1, 1, 1, keys)
-            disallowed = padded if disallowed is None else disallowed | padded
         if disallowed is not None:
             scores.masked_fill_(disallowed, torch.finfo(scores.dtype).min)
         return scores
