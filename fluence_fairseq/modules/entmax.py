@@ -232,11 +232,13 @@ class EntmaxAttentionBase(FluenceAttention):
         tgt_len, src_len = q.size(2), k.size(2)
         scores = torch.matmul(q * (q.size(-1) ** -0.5), k.transpose(-1, -2))
         bias = self.relative_bias()
-        rel = relative_positions(tgt_len, src_len, query_offset, q.device) if bias is not None or self.causal else None
+        # the future exists where the first query sees fewer than all keys (not at a decoding step's single query)
+        has_future = self.causal and query_offset < src_len - 1
+        rel = relative_positions(tgt_len, src_len, query_offset, q.device) if bias is not None or has_future else None
         if bias is not None:
             scores = scores + bias(rel).to(scores.dtype)
         masked = None
-        if self.causal:
+        if has_future:
             masked = (rel < 0).view(1, 1, tgt_len, src_len)  # the future
         if key_padding_mask is not None:
             padded = key_padding_mask.view(-1, 1, 1, src_len)

@@ -24,7 +24,24 @@ def _full_row_steps(ops, monkeypatch, width):
     return steps
 
 
+@pytest.fixture
+def search_machinery(monkeypatch):
+    """Small inputs through the search built for large ones (its chunks, starts, gathers, settling), not through
+    the path for small problems (:func:`~fluence_fairseq.ops.entmax._small_entmax_with_stats`)."""
+    import fluence_fairseq.ops.entmax as ops
+    monkeypatch.setattr(ops, "SMALL_ELEMENTS", 0)
+
+
+@pytest.fixture(params=["small-problem path", "search"])
+def either_path(request, monkeypatch):
+    """Each normaliser test on both paths a small input may take."""
+    if request.param == "search":
+        import fluence_fairseq.ops.entmax as ops
+        monkeypatch.setattr(ops, "SMALL_ELEMENTS", 0)
+
+
 # ------------------------------------------------------------------------------------------ normalisers
+@pytest.mark.usefixtures("either_path")
 @pytest.mark.parametrize("ours,reference", [(sparsemax, entmax_pkg.sparsemax), (entmax15, entmax_pkg.entmax15)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_exact_normalisers_match_the_entmax_package(ours, reference, dtype, tol):
@@ -36,6 +53,7 @@ def test_exact_normalisers_match_the_entmax_package(ours, reference, dtype, tol)
     assert (p == 0).any() and (p >= 0).all()
 
 
+@pytest.mark.usefixtures("either_path")
 @pytest.mark.parametrize("alpha", [1.01, 1.1, 1.3, 1.7, 2.0, 3.0])
 def test_alpha_entmax_matches_bisection_in_float64(alpha):
     x = _scores(32, 50, scale=2.0, dtype=torch.float64)
@@ -46,6 +64,7 @@ def test_alpha_entmax_matches_bisection_in_float64(alpha):
     torch.testing.assert_close(entmax(x.float(), alpha).double(), reference, atol=1e-5, rtol=0)
 
 
+@pytest.mark.usefixtures("either_path")
 def test_per_head_alpha_broadcasts_like_separate_calls():
     x = _scores(2, 3, 5, 9)
     alpha = torch.tensor([1.2, 1.5, 1.9]).view(1, 3, 1, 1)
@@ -54,6 +73,7 @@ def test_per_head_alpha_broadcasts_like_separate_calls():
         torch.testing.assert_close(p[:, h], entmax(x[:, h], a), atol=1e-6, rtol=0)
 
 
+@pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("alpha", [2.0, 1.5, 1.3, "per-head"])
 def test_rows_normalised_in_chunks_equal_one_pass(alpha, monkeypatch):
     """The threshold search and the output run a chunk of rows at a time (forced to 3 rows of 9: chunks cut across
@@ -90,6 +110,7 @@ def test_rows_normalised_in_chunks_equal_one_pass(alpha, monkeypatch):
     assert bool((whole[0][0, 1, 2] == 0).all())
 
 
+@pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("length", [300, 1024])  # 300: a last group of 12 entries
 @pytest.mark.parametrize("scale", [0.2, 2.0, 20.0])  # supports of most of the row, tens of entries, one or two
 def test_long_rows_searched_from_their_group_maxima_match_the_package(length, scale):
@@ -117,6 +138,7 @@ def test_long_rows_searched_from_their_group_maxima_match_the_package(length, sc
     assert torch.equal(p[0, 0, 0], torch.zeros(length)) and p[0, 0, 1, -1] == 1
 
 
+@pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("alpha", [2.0, 1.5, 1.3])
 def test_group_maxima_start_below_the_root_and_on_it_when_the_support_lies_in_separate_groups(alpha, monkeypatch):
     """The start is the threshold of the group maxima: at or below the row's (dropping entries only lowers the
@@ -148,6 +170,7 @@ def test_group_maxima_start_below_the_root_and_on_it_when_the_support_lies_in_se
     torch.testing.assert_close(p, expected, atol=1e-10, rtol=0)
 
 
+@pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("scale", [2.0, 20.0])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_general_alpha_searches_the_entries_above_its_start_only(scale, dtype, monkeypatch):
@@ -208,6 +231,7 @@ def test_general_alpha_searches_the_entries_above_its_start_only(scale, dtype, m
     assert (p[mask] == 0).all()
 
 
+@pytest.mark.usefixtures("search_machinery")
 def test_a_chunk_with_a_row_too_wide_to_gather_is_refused_before_listing_its_entries(monkeypatch):
     """The sampled columns predict the gathered copy's widest row (rows of 1,024 or more entries: 64 samples a row
     or more): one row with most of its entries above the start refuses the chunk before anything is listed, though
@@ -229,6 +253,7 @@ def test_a_chunk_with_a_row_too_wide_to_gather_is_refused_before_listing_its_ent
     assert ops._gathered_threshold(u.clone(), 4.0, start, None) is not None and listed
 
 
+@pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("alpha", [2.0, 1.5, 1.3, "per-head"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("masked", [False, True])
@@ -286,6 +311,7 @@ def test_sparse_chunks_searched_before_their_shift_equal_the_shifted_search(alph
     torch.testing.assert_close(stats_refused, stats_full, atol=tol, rtol=tol)
 
 
+@pytest.mark.usefixtures("either_path")
 @pytest.mark.parametrize("alpha", [2.0, 1.5, 1.3, 2.5, "per-head"])
 @pytest.mark.parametrize("shape", [(0, 3, 512), (2, 3, 0)])
 def test_no_rows_or_rows_without_entries_give_empty_results_and_gradients(alpha, shape):
@@ -301,6 +327,80 @@ def test_no_rows_or_rows_without_entries_give_empty_results_and_gradients(alpha,
         assert torch.equal(a.grad, torch.zeros(3))
 
 
+@pytest.mark.parametrize("alpha", [2.0, 1.5, 1.25, 1.9, "per-head"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 3e-6)])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 9), (5, 3, 1, 40), (4, 3, 1, 350)])  # sorted, sorted, Newton steps
+def test_small_problems_take_their_own_path_and_equal_the_search(alpha, dtype, tol, shape, monkeypatch):
+    """A small problem (a decoding step) is normalised apart, without the search's chunks, starts and gathers:
+    sparsemax and 1.5-entmax from the sorted rows up to SORTED_ELEMENTS scores and by plain Newton steps
+    beyond, any other α by plain Newton steps. Probabilities, their support and the row statistics equal the
+    search's, with masked entries, -inf scores, a row without entries, ties and a one-hot row."""
+    import fluence_fairseq.ops.entmax as ops
+    x = _scores(*shape, seed=3, scale=2.0, dtype=dtype)
+    x[0, 0, 0, : shape[-1] // 2] = 1.0  # ties at the top
+    x[1, 1, 0, 1:] = float("-inf")  # one entry left: one-hot
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask[0, 1, 0] = True  # a row without entries
+    mask[:, 2, :, ::3] = True
+    a = torch.tensor([1.2, 1.6, 2.0], dtype=dtype).view(1, 3, 1, 1) if alpha == "per-head" else alpha
+    calls = []
+    for name in ("_small_entmax_with_stats", "_sorted_threshold", "_plain_newton", "_newton_threshold"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, _f=original, _n=name: calls.append(_n) or _f(*args))
+    p, stats = ops.entmax_with_stats(x, a, mask)
+    sorted_rows = alpha in (2.0, 1.5) and x.numel() <= ops.SORTED_ELEMENTS
+    assert calls[0] == "_small_entmax_with_stats" and "_newton_threshold" not in calls
+    assert ("_sorted_threshold" in calls) == sorted_rows and ("_plain_newton" in calls) != sorted_rows
+    monkeypatch.setattr(ops, "SMALL_ELEMENTS", 0)
+    calls.clear()
+    p_search, stats_search = ops.entmax_with_stats(x, a, mask)
+    assert "_newton_threshold" in calls and "_small_entmax_with_stats" not in calls
+    torch.testing.assert_close(p, p_search, atol=tol, rtol=0)
+    assert torch.equal(p > 0, p_search > 0) or tol > 1e-10  # float32 may round an entry at the threshold
+    live = stats_search[..., 2] != 0
+    assert torch.equal(stats[..., 2] != 0, live) and not live[0, 1, 0]
+    torch.testing.assert_close(stats[live], stats_search[live], atol=tol, rtol=tol)
+    assert torch.equal(p[0, 1, 0], torch.zeros(shape[-1], dtype=dtype)) and p[1, 1, 0, 0] == 1
+    torch.testing.assert_close(p.sum(-1)[live], torch.ones_like(p.sum(-1)[live]), atol=tol, rtol=0)
+
+
+def test_a_call_without_gradients_records_no_graph_and_one_with_them_does():
+    x = _scores(5, 8, 1, 40)
+    alpha = torch.full((1, 8, 1, 1), 1.3, requires_grad=True)
+    with torch.no_grad():
+        p_free = entmax(x, alpha)
+    assert p_free.grad_fn is None
+    p = entmax(x, alpha)
+    assert p.grad_fn is not None
+    torch.testing.assert_close(p.detach(), p_free, atol=0, rtol=0)
+    (p * _scores(5, 8, 1, 40, seed=1)).sum().backward()
+    assert alpha.grad is not None and bool(alpha.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("cls", [FSSparsemax, FSEntmax15, FSAlphaEntmax])
+@pytest.mark.parametrize("cross", [False, True])
+def test_decoding_steps_normalise_without_the_search(cls, cross, monkeypatch):
+    """A decoding step (one query per beam) takes the small-problem path; its outputs equal the full pass."""
+    import fluence_fairseq.ops.entmax as ops
+    torch.manual_seed(0)
+    attn = cls(32, 4, causal=not cross, cross=cross).eval()
+    tgt = torch.randn(7, 3, 32)
+    src = torch.randn(11, 3, 32) if cross else tgt
+    with torch.no_grad():
+        full = attn(tgt, src, src, need_weights=False)[0]
+        searched = []
+        search = ops._newton_threshold
+        monkeypatch.setattr(ops, "_newton_threshold", lambda *a: searched.append(a[0].shape) or search(*a))
+        state, steps = {}, []
+        for t in range(tgt.size(0)):
+            step = tgt[t : t + 1]
+            kv = src if cross else step
+            steps.append(attn(step, kv, kv, incremental_state=state, static_kv=cross, need_weights=False)[0])
+    assert searched == []
+    torch.testing.assert_close(torch.cat(steps), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("alpha", [2.0, 1.5, "per-head"])
 @pytest.mark.parametrize("n", [512, 500])  # 500: not whole groups, listed by comparing every entry
 def test_the_support_is_listed_in_row_order_or_refused_when_too_wide(alpha, n, monkeypatch):
@@ -322,6 +422,7 @@ def test_the_support_is_listed_in_row_order_or_refused_when_too_wide(alpha, n, m
         assert ops.entmax_with_stats(x, a, mask, with_support=share)[2] is not None
 
 
+@pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("n", [512, 500])
 @pytest.mark.parametrize("chunk_rows", [None, 24])  # 24: chunks cut through the groups of 40 rows
 def test_groups_of_rows_are_listed_each_on_its_own(n, chunk_rows, monkeypatch):
@@ -347,6 +448,7 @@ def test_groups_of_rows_are_listed_each_on_its_own(n, chunk_rows, monkeypatch):
     assert ops.entmax_with_stats(x, 1.02, mask, with_support=share, support_rows=40)[2] is None
 
 
+@pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("support_rows", [None, 40])
 def test_a_general_alpha_searched_above_its_start_lists_its_support_without_another_pass(support_rows, monkeypatch):
     """A shifted chunk of a general α whose search ran on its entries above the start has listed its support on
@@ -367,6 +469,7 @@ def test_a_general_alpha_searched_above_its_start_lists_its_support_without_anot
         assert bool(found[2].all())
 
 
+@pytest.mark.usefixtures("search_machinery")
 def test_a_group_listed_in_one_chunk_and_refused_in_the_next_is_left_out(monkeypatch):
     """A group whose rows lie in two chunks, sparse in the first (listed) and dense in the second (refused by its
     sample), is not listed, even if the entries of its listed part are few."""
@@ -383,6 +486,7 @@ def test_a_group_listed_in_one_chunk_and_refused_in_the_next_is_left_out(monkeyp
     assert bool((found[0] >= 40).all())
 
 
+@pytest.mark.usefixtures("search_machinery")
 def test_sparse_runs_merge_consecutive_chunks_alike(monkeypatch):
     """Runs of the row chunks whose chosen groups hold less than SCAN_GROUPS_BELOW of their entries, or not; the
     last chunk's slice may reach past the rows; a sparse run stops at RUN_ELEMENTS (rows x widest chosen
@@ -403,6 +507,7 @@ def test_sparse_runs_merge_consecutive_chunks_alike(monkeypatch):
         (0, 2, True), (2, 6, False), (6, 8, True), (8, 10, True)]
 
 
+@pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("n", [1024, 1000])  # 1000: not whole groups of 32, compared in full
 def test_entries_above_the_start_found_through_their_groups_equal_a_full_comparison(n, monkeypatch):
     """The entries above each row's start are found among the groups whose maxima are above it: the same (row,
@@ -432,6 +537,7 @@ def test_entries_above_the_start_found_through_their_groups_equal_a_full_compari
     assert len(calls) <= 1
 
 
+@pytest.mark.usefixtures("search_machinery")
 def test_a_general_alphas_start_is_searched_on_the_group_maxima_above_minus_one(monkeypatch):
     """The search for the start begins at τ = -1, so only group maxima above -1 count: a general α runs it on those
     alone when few are (sparse rows): the start equals the full search's and lies at or below the row's τ, and the
@@ -461,6 +567,7 @@ def test_a_general_alphas_start_is_searched_on_the_group_maxima_above_minus_one(
     torch.testing.assert_close(stats, stats_full, atol=1e-13, rtol=1e-13)
 
 
+@pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("alpha", [1.05, 1.3, 1.5, 2.0])
 def test_mean_start_is_at_or_below_every_rows_threshold_and_on_it_for_equal_entries(alpha):
     """Dense rows start from the bound that the mean of their entries above -1 gives (Jensen's inequality): at or
@@ -494,6 +601,7 @@ def test_mean_start_is_at_or_below_every_rows_threshold_and_on_it_for_equal_entr
     assert (ops._mean_start(u, beta, start) >= start).all()
 
 
+@pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
 def test_dense_chunks_searched_from_their_mean_take_fewer_steps_and_equal_the_group_start(dtype, tol, monkeypatch):
     """A general α's chunk most of whose entries lie above its start (dense rows: α near 1, small scores) starts
@@ -518,6 +626,7 @@ def test_dense_chunks_searched_from_their_mean_take_fewer_steps_and_equal_the_gr
     torch.testing.assert_close(stats[..., 2], stats_group[..., 2], atol=0, rtol=20 * tol)
 
 
+@pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("scale", [0.3, 3.0])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 2e-15), (torch.float32, 1e-6)])
 def test_rows_settled_without_a_confirming_step_equal_confirmed_ones(dtype, tol, scale, monkeypatch):
@@ -545,6 +654,7 @@ def test_rows_settled_without_a_confirming_step_equal_confirmed_ones(dtype, tol,
     assert error <= confirmed_error + tol
 
 
+@pytest.mark.usefixtures("either_path")
 def test_gradients_in_x_and_alpha_pass_gradcheck():
     x = _scores(3, 4, 7, dtype=torch.float64).requires_grad_()
     alpha = (1.05 + 0.9 * torch.rand(1, 4, 1, dtype=torch.float64)).requires_grad_()
@@ -553,6 +663,7 @@ def test_gradients_in_x_and_alpha_pass_gradcheck():
     assert torch.autograd.gradcheck(lambda x: entmax15(x), (x,))
 
 
+@pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("alpha", [1.3, 2.5])
 def test_fixed_general_alpha_backward_on_full_rows_passes_gradcheck(alpha, monkeypatch):
     """A fixed α other than 1.5 and 2 takes s = p^(2-α) as exp2((2-α) log2 p) on full rows (the sparse path
@@ -571,6 +682,7 @@ def test_fixed_general_alpha_backward_on_full_rows_passes_gradcheck(alpha, monke
     assert torch.autograd.gradcheck(lambda x: entmax(x, alpha), (x,))
 
 
+@pytest.mark.usefixtures("either_path")
 @pytest.mark.parametrize("alpha", [2.0, 2.5, 4.0])
 def test_alpha_gradient_at_two_and_above_is_finite_and_passes_gradcheck(alpha):
     """α's gradient takes p^(2-α) as exp((2-α) log p): from α = 2 on, the zeros' clamped logarithm gives
@@ -584,6 +696,7 @@ def test_alpha_gradient_at_two_and_above_is_finite_and_passes_gradcheck(alpha):
     assert torch.autograd.gradcheck(lambda x, a: entmax(x, a), (x, a))
 
 
+@pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("alpha", [1.3, 1.9, 2.5, "per-head"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-5)])
 def test_backward_on_the_gathered_support_equals_the_full_rows(alpha, dtype, tol, monkeypatch):
@@ -617,6 +730,7 @@ def test_backward_on_the_gathered_support_equals_the_full_rows(alpha, dtype, tol
         assert torch.autograd.gradcheck(lambda x, a: ops.entmax(x, a), (leaf_x, leaf_a))
 
 
+@pytest.mark.usefixtures("search_machinery")
 def test_sparse_support_found_through_groups_equals_every_positive_entry(monkeypatch):
     """Backward finds a sparse chunk's support through the groups holding any of it (rows of whole groups): the
     positive entries of every row, in order, rows without support included; the gradients equal the full rows'."""
@@ -642,6 +756,7 @@ def test_sparse_support_found_through_groups_equals_every_positive_entry(monkeyp
         torch.testing.assert_close(g, w, atol=1e-13, rtol=1e-13)
 
 
+@pytest.mark.usefixtures("either_path")
 def test_alpha_gradient_matches_the_paper_worked_example():
     # the example of the notes (verified there by finite differences against entmax_bisect)
     z = torch.tensor([0.3, -0.2, 1.1, 0.0, -1.0], dtype=torch.float64)
@@ -653,6 +768,7 @@ def test_alpha_gradient_matches_the_paper_worked_example():
     assert jac == pytest.approx([-0.062289, -0.22845, 0.480604, -0.189865, 0.0], abs=1e-5)
 
 
+@pytest.mark.usefixtures("either_path")
 def test_fully_masked_rows_give_zeros_and_finite_gradients():
     x = _scores(4, 6).requires_grad_()
     mask = torch.zeros(4, 6, dtype=torch.bool)
@@ -672,6 +788,7 @@ def test_fully_masked_rows_give_zeros_and_finite_gradients():
     assert torch.equal(entmax15(inf_row), torch.zeros(2, 5))
 
 
+@pytest.mark.usefixtures("either_path")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_is_normalised_in_float32(dtype):
     x = _scores(8, 40, scale=3.0) - 1000.0  # very negative logits: the package gives NaN in bf16
@@ -682,6 +799,7 @@ def test_low_precision_is_normalised_in_float32(dtype):
         torch.testing.assert_close(p.float(), reference, atol=1e-2, rtol=0)  # only the output rounding differs
 
 
+@pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_long_low_precision_rows_start_from_their_group_maxima_in_float32(dtype):
     """Rows long enough for the group-maxima start (their maxima taken in the input's dtype, the search in
@@ -698,6 +816,7 @@ def test_long_low_precision_rows_start_from_their_group_maxima_in_float32(dtype)
         torch.testing.assert_close(p.float(), normaliser(x.float(), mask=mask), atol=1e-2, rtol=0)
 
 
+@pytest.mark.usefixtures("either_path")
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 5.0, 10.0])
 def test_peaked_rows_give_one_hot_without_nan(alpha):
     x = torch.zeros(3, 100)
@@ -707,6 +826,7 @@ def test_peaked_rows_give_one_hot_without_nan(alpha):
     assert torch.equal(p, torch.nn.functional.one_hot(torch.full((3,), 7), 100).float())
 
 
+@pytest.mark.usefixtures("either_path")
 def test_mask_argument_equals_minus_infinity_and_dim_is_respected():
     x = _scores(5, 7, 3)
     mask = torch.rand(5, 7, 3, generator=torch.Generator().manual_seed(3)) < 0.3
