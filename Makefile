@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # module fixtures are built once
 TEST_WORKERS ?= 2
 
-.PHONY: demo test lm-demo docs bench bench-sparse bench-pruning bench-weights bench-memory bench-paired gpu-wheels gpu-check install clean
+.PHONY: demo test lm-demo docs bench bench-sparse bench-pruning bench-weights bench-memory bench-paired bench-decoding gpu-wheels gpu-check install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ bench-weights: $(STAMP)
 
 bench-memory: $(STAMP)
 	$(PY) -m benchmarks.memory --threads 1 | tee benchmarks/results/memory.md
+
+# one decoding step of the sparse family and softmax against fairseq's attention (self and cross, beam 5; ~10 s)
+bench-decoding: $(STAMP)
+	$(PY) -m benchmarks.decoding softmax sparsemax entmax15 alpha_entmax --positions 16,64,256 --rounds 10 \
+		--steps 30 | tee benchmarks/results/decoding.md
 
 # the causal efficient attentions' time bounds, each timed in turn with the projections-only step (~1 min)
 bench-paired: $(STAMP)

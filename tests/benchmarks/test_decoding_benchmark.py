@@ -1,0 +1,47 @@
+"""benchmarks.decoding on tiny sizes: every case timed at its own position, ratios to fairseq's attention."""
+import math
+
+import pytest
+import torch
+
+from benchmarks import decoding
+from benchmarks.common import bench_spec, build_module
+
+
+def test_steps_of_every_case_with_ratios_to_fairseq_attention(capsys):
+    result = decoding.main(["softmax", "entmax15", "--positions", "3,5", "--beam", "2", "--dim", "32", "--heads", "2",
+                            "--steps", "2", "--rounds", "2", "--allocator", "default"])
+    labels = [decoding.MHA, "softmax", "entmax15"]
+    assert set(result) == {(p, n, label) for p in ("self", "cross") for n in (3, 5) for label in labels}
+    for (pattern, position, label), row in result.items():
+        assert math.isfinite(row["us"]) and row["us"] > 0
+        if label == decoding.MHA:
+            assert row["ratio"] == 1.0
+    out = capsys.readouterr().out
+    assert "beam 2" in out and "2 rounds of 2 steps" in out and out.count("| cross | 5 | entmax15 |") == 1
+
+
+@pytest.mark.parametrize("spec", [bench_spec("entmax15"), {"kind": "fairseq_mha"}])
+def test_every_timed_step_starts_from_the_filled_cache(spec):
+    module = build_module(spec, 16, 2, cross=False, causal=True).eval()
+    with torch.no_grad():
+        case = decoding.Case(module, False, 4, 3, 16)
+        for _ in range(3):
+            case.step(16)
+            (buffer,) = case.state.values()
+            assert buffer["prev_key"].shape[:3] == (3, 2, 5)  # the 4 filled tokens and this step's
+    (filled,) = case.filled.values()
+    assert filled["prev_key"].shape[:3] == (3, 2, 4) and len(case.us) == 3
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(SystemExit, match="unknown attention 'nope'"):
+        decoding.main(["nope"])
+    with pytest.raises(SystemExit, match="--patterns takes self, cross"):
+        decoding.main(["softmax", "--patterns", "self,both"])
+    with pytest.raises(SystemExit, match="--positions needs positive integers"):
+        decoding.main(["softmax", "--positions", "0"])
+    with pytest.raises(SystemExit, match="--beam must be >= 1"):
+        decoding.main(["softmax", "--beam", "0"])
+    with pytest.raises(SystemExit, match="s4d does not decode as cross attention"):
+        decoding.main(["s4d", "--patterns", "cross", "--positions", "2"])
