@@ -162,11 +162,12 @@ def _shifted(x: Tensor, mask: Optional[Tensor], scale: Union[float, Tensor]):
 
 
 def _newton_step(u: Tensor, tau: Tensor, beta: Union[float, Tensor], d: Tensor,
-                 powers: Tensor) -> Tuple[Tensor, Tensor]:
+                 powers: Tensor, exponent: Union[None, float, Tensor] = None) -> Tuple[Tensor, Tensor]:
     """One Newton step on g(τ) = ||[u - τ]_+||_β - 1 for rows ``u`` (R, n) at ``tau`` (R, 1), using the buffers
     ``d`` and ``powers`` (R, n). Returns the step and the sums of the powers (R, 1), and leaves ``powers`` holding
     ``[u - τ]_+ ^ β``, the unnormalised output if τ is the root (for a float β = 2, ``[u - τ]_+`` itself: see
-    :func:`_normalise`). Rows without entries (slope 0) get step 0; the caller zeroes them."""
+    :func:`_normalise`). Rows without entries (slope 0) get step 0; the caller zeroes them. ``exponent``: ``1 -
+    1/β`` if the caller has it (a general β's step takes it)."""
     if isinstance(beta, float) and beta == 1.0:  # sparsemax: g = sum(d) - 1, g' = -|support|
         torch.sub(u, tau, out=powers).clamp_(min=0)
         total = powers.sum(-1, keepdim=True)
@@ -185,7 +186,7 @@ def _newton_step(u: Tensor, tau: Tensor, beta: Union[float, Tensor], d: Tensor,
         torch.pow(d, beta, out=powers)  # the one transcendental pass; d^(β-1) = d^β / d (0 at d = 0)
         total = powers.sum(-1, keepdim=True)
         slope = torch.div(powers, d.clamp_(min=torch.finfo(u.dtype).tiny), out=d).sum(-1, keepdim=True)
-        step = (total - total.pow(1 - 1 / beta)) / slope
+        step = (total - total.pow(1 - 1 / beta if exponent is None else exponent)) / slope
     return torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0), total
 
 
@@ -520,16 +521,18 @@ def _sorted_threshold(u: Tensor, beta: float) -> Tensor:
 
 def _plain_newton(u: Tensor, beta: Union[float, Tensor]) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """:func:`_newton_threshold` from -1 without its bookkeeping for large inputs (no gathered rows, no settling):
-    every row takes every step until none moves. Returns τ and, if it converged, the powers and their sums."""
+    every row takes every step until none moves, those already within the tolerance too (their steps are below
+    it, and from below the root Newton's iterates only rise to it). Returns τ and, if it converged, the powers
+    taken at that τ and their sums."""
     tau = u.new_full((u.size(0), 1), -1.0)
     tol = 4 * torch.finfo(u.dtype).eps
     d, powers = torch.empty_like(u), torch.empty_like(u)
+    exponent = None if isinstance(beta, float) else 1 - 1 / beta  # a calls' worth of every step, taken once
     for _ in range(MAX_NEWTON_STEPS):
-        step, total = _newton_step(u, tau, beta, d, powers)
-        moving = step.abs() > tol * (1 + tau.abs())
-        if not bool(moving.any()):
+        step, total = _newton_step(u, tau, beta, d, powers, exponent)
+        if not bool((step.abs() > tol * (1 + tau.abs())).any()):
             return tau, powers, total
-        tau.add_(step.mul_(moving))
+        tau.add_(step)
     return tau, None, None
 
 
