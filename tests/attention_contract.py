@@ -271,6 +271,54 @@ class AttentionContract:
             want = _call(attn, history, src_o)[split:]
             torch.testing.assert_close(got, want, atol=self.case.atol, rtol=0)
 
+    def test_cross_source_of_a_beam_is_kept_through_reorders_within_it(self, pattern):
+        """Beam search repeats each sentence's source for its beams: the cached source's runs of equal rows are
+        numbered, a reorder within them leaves the cache as it is (no copy), one across them (sentences swapped,
+        a sentence finished) selects it; the outputs equal those of a cache that is copied at every reorder."""
+        cross, causal = pattern
+        if not cross:
+            pytest.skip("source groups are a cross attention's cached source")
+        from fluence_fairseq.modules.attention_base import SOURCE_GROUP
+        beam, sentences = 2, 2
+        attn = _build(self.case, cross, causal)
+        x = _randn(self.case.tgt_len, sentences * beam, E, seed=3)
+        src = _randn(self.case.src_len, sentences, E, seed=4).repeat_interleave(beam, dim=1)
+        kpm = torch.zeros(sentences * beam, src.size(0), dtype=torch.bool)
+        kpm[beam:, -3:] = True  # the second sentence is shorter
+        # within the beams twice, the sentences swapped, then the first sentence finished
+        orders = [torch.tensor([1, 0, 3, 2]), torch.tensor([0, 0, 2, 3]), torch.tensor([2, 3, 0, 1]),
+                  torch.tensor([2, 3])]
+        kept, copied = {}, {}
+        for t in range(len(orders) + 1):
+            outs = [attn(query=x[t : t + 1, : src.size(1)], key=src, value=src, key_padding_mask=kpm,
+                         incremental_state=state, static_kv=True, need_weights=False)[0] for state in (kept, copied)]
+            torch.testing.assert_close(outs[0], outs[1], atol=self.case.atol, rtol=0)
+            (buffer,) = kept.values()
+            group = buffer[SOURCE_GROUP]  # consecutive rows share a number where their sources are equal
+            assert torch.equal(group[1:] == group[:-1], (src[:, 1:] == src[:, :-1]).all(-1).all(0))
+            (other,) = copied.values()
+            other.pop(SOURCE_GROUP, None)  # this cache is copied by every reorder
+            if t == len(orders):
+                break
+            order, before = orders[t], dict(buffer)
+            for state in (kept, copied):
+                attn.reorder_incremental_state(state, order)
+            (buffer,) = kept.values()
+            within = len(order) == src.size(1) and torch.equal(order // beam, torch.arange(len(order)) // beam)
+            for name, tensor in buffer.items():
+                if within:
+                    assert tensor is before[name], f"cached {name} was copied by a reorder within the beams"
+                else:
+                    assert tensor is None or (tensor.size(0) == len(order) and tensor is not before[name]), (
+                        f"cached {name} was not reordered")
+            src, kpm = src[:, order], kpm[order]
+        # sources that differ in every row are not grouped
+        state = {}
+        attn(query=x[:1], key=_randn(self.case.src_len, sentences * beam, E, seed=5), incremental_state=state,
+             static_kv=True, need_weights=False)
+        (buffer,) = state.values()
+        assert SOURCE_GROUP not in buffer
+
     def test_state_dict_round_trip_and_eval_determinism(self, pattern):
         cross, causal = pattern
         a = _build(self.case, cross, causal, seed=0)

@@ -24,6 +24,10 @@ from ..pruning.masks import PrunableAttentionMixin, leading_padding
 from .masks import HARD_MASK, append_padding_masks, attn_mask_to_additive, padding_mask_to_bool
 
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
+#: the cache entry of a cross attention's decoding that counts the queries already attended
+STEPS = "steps"
+#: the cache entry numbering runs of consecutive rows whose cached source is the same (a sentence's beams)
+SOURCE_GROUP = "source_group"
 
 #: (cross, causal) -> name used in messages and docs
 PATTERNS = {
@@ -605,9 +609,9 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
 
     def _cached_source(self, buffer, bsz: int) -> Optional[Dict[str, Optional[Tensor]]]:
         """Cross attention with ``static_kv``: the source summary cached by an earlier call, if any."""
-        if buffer is None or not any(name != "steps" for name in buffer):
+        if buffer is None or not any(name not in (STEPS, SOURCE_GROUP) for name in buffer):
             return None
-        summary = {name: t for name, t in buffer.items() if name != "steps"}
+        summary = {name: t for name, t in buffer.items() if name not in (STEPS, SOURCE_GROUP)}
         cached_bsz = next(t.size(0) for t in summary.values() if t is not None)
         if cached_bsz != bsz:
             raise ValueError(f"the cached source has batch {cached_bsz} but the query has batch {bsz}; "
@@ -645,15 +649,16 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         # self attention: the last query is the last key; cross: both sequences start together
         query_offset = src_len - tgt_len if not self.cross else 0
         if buffer is not None:  # cross attention while decoding: queries continue where the last call ended
-            steps = buffer.get("steps")
+            steps = buffer.get(STEPS)
             if steps is not None:
                 query_offset = int(steps[0])
-            buffer["steps"] = torch.full((bsz,), query_offset + tgt_len, dtype=torch.long, device=q.device)
+            buffer[STEPS] = torch.full((bsz,), query_offset + tgt_len, dtype=torch.long, device=q.device)
         if summary is None:
             key_padding_mask = padding_mask_to_bool(key_padding_mask, bsz, src_len, "key_padding_mask")
             if buffer is not None and static_kv:
                 summary = self.summarize_keys(k, v, key_padding_mask)
                 buffer.update({name: t for name, t in summary.items() if t is not None})
+                _mark_source_groups(buffer, summary, bsz)
         if summary is not None:
             return self.attend_summary(q, summary, attn_mask=attn_mask, query_offset=query_offset,
                                        need_weights=need_weights)
@@ -671,9 +676,17 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
 
     @torch.jit.unused
     def reorder_incremental_state(self, incremental_state: IncrementalState, new_order: Tensor):
-        """Beam search: select the new batch order in every cached tensor (batch is dim 0 of all of them)."""
+        """Beam search: select the new batch order in every cached tensor (batch is dim 0 of all of them). A cross
+        attention's cached source is left as it is when every row moves within its group of rows holding the same
+        source (:func:`_mark_source_groups`: a sentence's beams, in fairseq's beam search every step until a
+        sentence finishes): the selection would copy the whole source cache of every layer for nothing. The
+        query count of cross decoding is the same in every row."""
         buffer = self._get_input_buffer(incremental_state)
         if buffer:
+            group = buffer.get(SOURCE_GROUP)
+            if (group is not None and group.numel() == new_order.numel()
+                    and torch.equal(group.index_select(0, new_order), group)):
+                return incremental_state
             for name, tensor in buffer.items():
                 if tensor is not None:
                     buffer[name] = tensor.index_select(0, new_order)
@@ -693,6 +706,25 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
 
     def extra_repr(self) -> str:
         return self._pattern_repr() + "".join(f", {name}={getattr(self, name)!r}" for name in self.hyper_parameters())
+
+
+def _mark_source_groups(buffer: Dict[str, Optional[Tensor]], summary: Dict[str, Optional[Tensor]], bsz: int) -> None:
+    """Numbers the runs of consecutive rows whose just cached source summary is the same, bit for bit (beam search
+    repeats each sentence's encoder output for its beams), in the cache entry :data:`SOURCE_GROUP`, where some
+    rows share one; a reorder that keeps every row within its run then changes nothing. Found, not assumed:
+    fairseq's own attention skips the reorder whenever the batch keeps its size."""
+    if bsz < 2:
+        return
+    same = None
+    for tensor in summary.values():
+        if tensor is None:
+            continue
+        rows = tensor.reshape(bsz, -1)
+        equal = (rows[1:] == rows[:-1]).all(dim=1)
+        same = equal if same is None else same & equal
+    if same is None or not bool(same.any()):
+        return
+    buffer[SOURCE_GROUP] = torch.cat([same.new_zeros(1, dtype=torch.long), (~same).long().cumsum(0)])
 
 
 _FAIRSEQ_ONLY = ("dictionary",)

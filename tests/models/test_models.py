@@ -259,6 +259,36 @@ def test_beam_search_reorders_the_cache_and_scores_match_a_full_forward(monkeypa
         torch.testing.assert_close(beams[0]["positional_scores"], expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["fluence_transformer_tiny", "transformer_entmax15_tiny"])
+def test_beam_search_leaves_the_shared_source_cache_and_finds_the_same_hypotheses(arch, monkeypatch):
+    """In fairseq's beam search a sentence's beams share its source: the cross attentions keep their cached source
+    through each step's reorder instead of copying it, and the hypotheses and their scores are those of caches
+    copied at every reorder."""
+    from fluence_fairseq.modules import attention_base
+    model, task, _ = H.build(arch)
+    model.eval()
+    sample = H.translation_sample(task)
+    copies = []
+    original = torch.Tensor.index_select
+
+    def generate():
+        copies.clear()
+        generator = SequenceGenerator([model], task.target_dictionary, beam_size=3, max_len_b=12, min_len=5)
+        with torch.no_grad():
+            return generator.generate([model], sample)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda t, *a: copies.append(t.shape) or original(t, *a))
+    kept = generate()
+    kept_copies = len(copies)
+    monkeypatch.setattr(attention_base, "_mark_source_groups", lambda buffer, summary, bsz: None)
+    copied = generate()
+    assert kept_copies < len(copies)
+    for beams_kept, beams_copied in zip(kept, copied):
+        for a, b in zip(beams_kept, beams_copied):
+            assert torch.equal(a["tokens"], b["tokens"])
+            torch.testing.assert_close(a["positional_scores"], b["positional_scores"], atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("arch", ["transformer_adaptive_span_tiny", "transformer_lm_adaptive_span_tiny"])
 def test_checkpoint_roundtrip_through_fairseq_loading(tmp_path, arch):
