@@ -7,7 +7,8 @@ A step is one query per beam against a cache of ``position`` tokens: causal self
 token by token once, every timed step taken from a copy of it, reordered by a random beam order first, as
 fairseq's beam search does) and cross
 attention over a source of ``position`` tokens (its keys cached by the first call with ``static_kv``, passed
-again at every step as fairseq's decoder does). Every round takes ``--steps`` steps of each case in turn, in the
+again at every step as fairseq's decoder does, which also asks for the cross attention's weights in evaluation:
+``need_weights=True``; the self attention's are not asked for). Every round takes ``--steps`` steps of each case in turn, in the
 opposite order to the round before; the report gives each case's median over all its steps and its ratio to
 fairseq's attention at the same pattern and position. Decoding runs without gradients (``torch.no_grad``), in
 evaluation mode.
@@ -76,8 +77,10 @@ class Case:
 
     def _call(self, token: torch.Tensor) -> None:
         kv = self.source if self.cross else token
+        # fairseq's decoder layers ask their cross attention for its weights in evaluation (``need_attn``), not
+        # their self attention
         self.module(query=token, key=kv, value=kv, incremental_state=self.state, static_kv=self.cross,
-                    need_weights=False)
+                    need_weights=self.cross)
 
     def step(self, dim: int) -> None:
         """One step from the filled cache (a copy of it, made before the clock starts): every step of a case is

@@ -260,8 +260,10 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     ) -> Dict[str, Optional[Tensor]]:
         """Cross attention: what the decoding cache keeps of the source sentence, computed once per sentence
         (``static_kv``). Every tensor must have the batch on dim 0. The default keeps the keys and values;
-        kernel/landmark attentions override this (with :meth:`attend_summary`) to keep a fixed-size summary."""
-        return {"prev_key": k, "prev_value": v, "prev_key_padding_mask": key_padding_mask}
+        kernel/landmark attentions override this (with :meth:`attend_summary`) to keep a fixed-size summary.
+        The keys and values are kept in memory of their own: as views of the projections' (L, B, H, Dh) output
+        every decoding step's products copied them again (a sixth of a cross step's time)."""
+        return {"prev_key": k.contiguous(), "prev_value": v.contiguous(), "prev_key_padding_mask": key_padding_mask}
 
     def attend_summary(
         self,

@@ -72,12 +72,18 @@ def dense_attention(
     """Full score matrix. Returns (out (B,H,Lq,D), probs (B,H,Lq,Lk) or None)."""
     tgt_len, src_len = q.size(2), k.size(2)
     scores = torch.matmul(q * (q.size(-1) ** -0.5), k.transpose(-1, -2))
-    rel = relative_positions(tgt_len, src_len, query_offset, q.device)
+    banded = left is not None or right is not None
+    # the positions and a mask only where something needs them (a decoding step's cross attention: neither; its
+    # few calls were a tenth of the step)
+    rel = relative_positions(tgt_len, src_len, query_offset, q.device) if banded or rel_bias is not None else None
     if rel_bias is not None:
         scores = scores + rel_bias(rel).to(scores.dtype)
     if attn_mask is not None:
         scores = scores + attn_mask
-    scores = scores.masked_fill(_outside(rel, left, right, key_padding_mask), _neg(scores.dtype))
+    if banded:
+        scores = scores.masked_fill(_outside(rel, left, right, key_padding_mask), _neg(scores.dtype))
+    elif key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask.view(-1, 1, 1, src_len), _neg(scores.dtype))
     probs = torch.softmax(scores, dim=-1, dtype=_acc(q.dtype)).to(q.dtype)
     dropped = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
     return torch.matmul(dropped, v), (probs if need_weights else None)
