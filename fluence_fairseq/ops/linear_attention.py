@@ -678,6 +678,38 @@ class _LinearAttention(torch.autograd.Function):
         return dq, dk, dv, dc, None, None, None, None, None, None
 
 
+def _single_step_applies(q: Tensor, k: Tensor, query_offset: int) -> bool:
+    """A decoding step, one query with its own key and no offset: :func:`_single_step`."""
+    return q.size(2) == 1 and k.size(2) == 1 and query_offset == 0
+
+
+def _single_step(q, k, v, c, query_mix, key_mix, kv0, ks0, m0, eps):
+    """One query attending the state and its own key, and the state updated by that key: the chunked function's
+    arithmetic for a chunk of one position in a few products (its group machinery, built for whole passes, was
+    the whole cost of a decoding step: 150 tensor calls). With log scales ``c`` the state is rescaled to the new
+    running maximum, as there; the maximum cancels in the quotient, so gradients (to q, k, v and ``c``) are those
+    of the unscaled weights. Returns ``(out, kv, ks, max)``, the state not differentiable (a constant of the
+    next step, as the chunked function's)."""
+    def mix(x, w):  # :func:`_mix`, differentiable ((..., r, m) flattened: [x w_0, ..., x w_{r-1}])
+        return x if w is None else (w.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
+
+    qf, kf = mix(q, query_mix), mix(k, key_mix)  # (B, H, 1, M)
+    kf_t, v_rows = kf.transpose(-1, -2).flatten(0, 1), v.flatten(0, 1)  # (B H, M, 1), (B H, 1, d)
+    if c is None:
+        kv = torch.baddbmm(kv0.flatten(0, 1), kf_t, v_rows).view_as(kv0)
+        ks = ks0 + kf.squeeze(2)
+        m_run = m0.clone()
+    else:
+        m_run = torch.maximum(m0, c[:, :, 0])
+        decay, weight = torch.exp(m0 - m_run), torch.exp(c[:, :, 0] - m_run)  # (B, H)
+        kv = torch.baddbmm((kv0 * decay[..., None, None]).flatten(0, 1), kf_t * weight.reshape(-1, 1, 1),
+                           v_rows).view_as(kv0)
+        ks = ks0 * decay[..., None] + kf.squeeze(2) * weight[..., None]
+    num = torch.matmul(qf, kv)  # (B, H, 1, d)
+    den = torch.matmul(qf, ks.unsqueeze(-1))  # (B, H, 1, 1)
+    return num / den.clamp_min(eps), kv.detach(), ks.detach(), m_run.detach()
+
+
 def causal_linear_attention(
     phi_q: Tensor,
     phi_k: Tensor,
@@ -724,6 +756,10 @@ def causal_linear_attention(
         m0 = q.new_full((bsz, heads), torch.finfo(work).min if c is not None else 0.0)
     else:
         kv0, ks0, m0 = (t.detach().to(work) for t in state)
+    if _single_step_applies(q, k, query_offset):
+        out, kv, ks, m_run = _single_step(_features(q, relu), _features(k, relu), vv, c, query_mix, key_mix, kv0,
+                                          ks0, m0, eps)
+        return out.to(phi_q.dtype), LinearState(kv, ks, m_run)
     out, kv, ks, m_run = _CausalLinearAttention.apply(q, k, vv, c, query_mix, key_mix, kv0, ks0, m0,
                                                       int(query_offset), int(chunk_size), float(eps),
                                                       group_size(q.device),

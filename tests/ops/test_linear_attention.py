@@ -50,3 +50,49 @@ def test_denominator_states_take_the_cumsum(monkeypatch):
     ops._scan_states(torch.randn(1, 8, 8, 128, 64), torch.zeros(1, 8, 128, 64), None)
     ops._scan_states(torch.randn(1, 8, 8, 128), torch.zeros(1, 8, 128), torch.rand(1, 8, 8))
     assert calls == [torch.Size([1, 8, 8, 128])]
+
+
+@pytest.mark.parametrize("scaled", [False, True])  # Performer's key log scales, or none (cosFormer)
+@pytest.mark.parametrize("mixed", [False, True])  # cosFormer's sin/cos multipliers
+def test_a_decoding_step_equals_the_chunked_function_with_its_gradients(scaled, mixed, monkeypatch):
+    """One query with its own key after a state (a decoding step) takes a few products instead of the chunked
+    function's groups: the output, the next state and every gradient (q, k, v, the log scales) are the chunked
+    function's, with a key scale above the running maximum (the state rescaled), one far below it, and a padded
+    key."""
+    g = torch.Generator().manual_seed(0)
+    bsz, heads, m, d = 3, 2, 4, 5
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, dtype=torch.float64)
+
+    mix_prefix = rand(1, 1, 6, 2) if mixed else None
+    prefix = ops.causal_linear_attention(rand(bsz, heads, 6, m), rand(bsz, heads, 6, m), rand(bsz, heads, 6, d),
+                                         key_log_scale=rand(bsz, heads, 6) if scaled else None, eps=1e-12,
+                                         query_mix=mix_prefix, key_mix=mix_prefix)[1]
+    leaves = [rand(bsz, heads, 1, m).requires_grad_(), rand(bsz, heads, 1, m).requires_grad_(),
+              rand(bsz, heads, 1, d).requires_grad_()]
+    if scaled:  # above the running maximum in row 0, far below it in row 1
+        leaves.append(torch.tensor([[3.0, 0.5], [-40.0, 0.2], [0.1, 0.3]], dtype=torch.float64).view(bsz, heads, 1)
+                      .requires_grad_())
+    mix = rand(1, 1, 1, 2) if mixed else None
+    padding = torch.tensor([[False], [False], [True]])
+
+    def run():
+        q, k, v = leaves[:3]
+        out, state = ops.causal_linear_attention(q, k, v, key_log_scale=leaves[3] if scaled else None,
+                                                 key_padding_mask=padding, state=prefix, eps=1e-12, query_mix=mix,
+                                                 key_mix=mix)
+        weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        return [out.detach(), *state, *torch.autograd.grad((out * weight).sum(), leaves)]
+
+    steps = []
+    original = ops._single_step
+    monkeypatch.setattr(ops, "_single_step", lambda *a: steps.append(1) or original(*a))
+    fast = run()
+    assert steps == [1]
+    monkeypatch.setattr(ops, "_single_step_applies", lambda *a: False)
+    chunked = run()
+    assert steps == [1]
+    for got, want in zip(fast, chunked):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    assert not any(t.requires_grad for t in fast[1:4])
