@@ -300,15 +300,18 @@ def _entmax_forward(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tenso
     """Probabilities along the last dim in the compute dtype (float32/float64)."""
     if isinstance(alpha, Tensor):
         alpha = alpha.to(_compute_dtype(x.dtype))
-        if bool((alpha <= 1).any()):
+        lowest, highest = torch.stack(torch.aminmax(alpha)).tolist()  # one read of the device for both checks
+        if not lowest > 1:
             raise ValueError("entmax needs alpha > 1 (alpha = 1 is softmax: use torch.softmax)")
-        large = bool((alpha > 2).any())
+        large = highest > 2
     else:
         if not alpha > 1:
             raise ValueError(f"entmax needs alpha > 1, got {alpha} (alpha = 1 is softmax: use torch.softmax)")
         alpha = float(alpha)
         large = alpha > 2
     if not large or x.numel() == 0:
+        if 0 < x.numel() <= SMALL_ELEMENTS:  # no row statistics needed here
+            return _small_entmax_with_stats(x, _in_compute_dtype(x, alpha), mask, stats=False)[0]
         return entmax_with_stats(x, alpha, mask)[0]
     alpha_minus_one = alpha - 1
     beta = 1 / alpha_minus_one
@@ -512,9 +515,11 @@ def _sorted_threshold(u: Tensor, beta: float) -> Tensor:
     if beta == 1.0:
         size = (ordered * count - sums > -1).sum(-1, keepdim=True).clamp_(min=1)
         return (sums.gather(-1, size - 1) - 1) / size
-    means = sums / count
-    spread = (ordered * ordered).cumsum_(-1).sub_(sums * means)  # k times the variance of the k largest
-    taus = means.sub_(spread.neg_().add_(1).div_(count).clamp_(min=0).sqrt_())
+    inverse = count.reciprocal_()  # 1 / k
+    means = sums * inverse
+    spread = (ordered * ordered).cumsum_(-1).addcmul_(sums, means, value=-1)  # k times the variance of the k largest
+    # (1 - spread) / k in one call: every call is a few microseconds of a decoding step's
+    taus = means.sub_(torch.addcmul(inverse, spread, inverse, value=-1).clamp_(min=0).sqrt_())
     size = (taus <= ordered).sum(-1, keepdim=True).clamp_(min=1)
     return taus.gather(-1, size - 1)
 
@@ -536,11 +541,12 @@ def _plain_newton(u: Tensor, beta: Union[float, Tensor]) -> Tuple[Tensor, Option
     return tau, None, None
 
 
-def _small_entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def _small_entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor],
+                             stats: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """:func:`entmax_with_stats` (without the support) for a small problem (:data:`SMALL_ELEMENTS`): the rows
     shifted as the search shifts them, τ exactly from the sorted rows for sparsemax and 1.5-entmax
     (:func:`_sorted_threshold`: no loop, no synchronisation; up to :data:`SORTED_ELEMENTS`) and by plain Newton
-    steps otherwise."""
+    steps otherwise. Without ``stats`` the row statistics are not assembled (None)."""
     n = x.size(-1)
     alpha_minus_one = alpha - 1
     base, has_entries, shift, _ = _row_shifts(x, mask)
@@ -549,15 +555,18 @@ def _small_entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optio
     fused = isinstance(row_scale, float) and math.frexp(row_scale)[0] == 0.5 and row_scale != 1.0
     u = _shift_scores(base.reshape(-1, n).to(shift.dtype), shift_rows, row_scale, fused).contiguous()
     if isinstance(row_beta, float) and row_beta in (1.0, 2.0) and u.numel() <= SORTED_ELEMENTS:
-        # in float64: 1.5-entmax's root subtracts squares (float32 left its outputs 1e-6 from the search's)
-        tau = _sorted_threshold(u.double(), row_beta).to(u.dtype)
-        tau = torch.where(has_rows, tau, torch.zeros_like(tau))
+        # 1.5-entmax in float64: its root subtracts squares (float32 left its outputs 1e-6 from the search's)
+        tau = _sorted_threshold(u if row_beta == 1.0 else u.double(), row_beta).to(u.dtype)
+        # a row without entries got -inf or NaN: 0, as the search gives it (its output is 0 either way)
+        tau.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         total = _normalise(u, tau, None, None, row_beta)
     else:
         tau, powers, totals = _plain_newton(u, row_beta)
         total = _normalise(u, tau, powers, totals, row_beta)
-    stats = torch.cat([shift_rows, tau, total.reciprocal().mul_(has_rows)], dim=1)
-    return u.view(x.shape), stats.view(x.shape[:-1] + (3,))
+    if not stats:
+        return u.view(x.shape), None
+    row_stats = torch.cat([shift_rows, tau, total.reciprocal().mul_(has_rows)], dim=1)
+    return u.view(x.shape), row_stats.view(x.shape[:-1] + (3,))
 
 
 def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor],
