@@ -532,7 +532,7 @@ def _plain_newton(u: Tensor, beta: Union[float, Tensor]) -> Tuple[Tensor, Option
     tau = u.new_full((u.size(0), 1), -1.0)
     tol = 4 * torch.finfo(u.dtype).eps
     d, powers = torch.empty_like(u), torch.empty_like(u)
-    exponent = None if isinstance(beta, float) else 1 - 1 / beta  # a calls' worth of every step, taken once
+    exponent = None if isinstance(beta, float) else 1 - 1 / beta  # two calls of every step, taken once
     for _ in range(MAX_NEWTON_STEPS):
         step, total = _newton_step(u, tau, beta, d, powers, exponent)
         if not bool((step.abs() > tol * (1 + tau.abs())).any()):
