@@ -231,9 +231,12 @@ class _Scales:
 
 def _mix(x: Tensor, w: Optional[Tensor]) -> Tensor:
     """Features ``x`` (..., n, m) and per-position multipliers ``w`` (..., n, r) -> (..., n, r * m) =
-    ``[x * w_0, ..., x * w_{r-1}]`` (``x`` itself without multipliers)."""
+    ``[x * w_0, ..., x * w_{r-1}]`` (``x`` itself without multipliers). Differentiable where autograd records
+    (a decoding step's :func:`_single_step`); inside the autograd functions, slices written in place."""
     if w is None:
         return x
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return (w.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
     m = x.size(-1)
     shape = torch.broadcast_shapes(x.shape[:-1], w.shape[:-1])
     out = x.new_empty(*shape, w.size(-1) * m)
@@ -690,10 +693,7 @@ def _single_step(q, k, v, c, query_mix, key_mix, kv0, ks0, m0, eps):
     running maximum, as there; the maximum cancels in the quotient, so gradients (to q, k, v and ``c``) are those
     of the unscaled weights. Returns ``(out, kv, ks, max)``, the state not differentiable (a constant of the
     next step, as the chunked function's)."""
-    def mix(x, w):  # :func:`_mix`, differentiable ((..., r, m) flattened: [x w_0, ..., x w_{r-1}])
-        return x if w is None else (w.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
-
-    qf, kf = mix(q, query_mix), mix(k, key_mix)  # (B, H, 1, M)
+    qf, kf = _mix(q, query_mix), _mix(k, key_mix)  # (B, H, 1, M)
     kf_t, v_rows = kf.transpose(-1, -2).flatten(0, 1), v.flatten(0, 1)  # (B H, M, 1), (B H, 1, d)
     if c is None:
         kv = torch.baddbmm(kv0.flatten(0, 1), kf_t, v_rows).view_as(kv0)
