@@ -187,6 +187,19 @@ class AdaptiveSpan(nn.Module):
         x, d = self._ramp(rel)
         return _LogRamp.apply(x).masked_fill(d >= self.attn_span, float("-inf"))
 
+    def log_mask_lookup(self, rel: Tensor) -> Tensor:
+        """:meth:`log_mask` where no gradient is wanted (evaluation, decoding), read from its values at every
+        distance 0..``attn_span`` (``attn_span``: -inf), which are made again whenever the spans' values change
+        (compared by value: fairseq's fp16 optimizer writes them through ``.data``, which no version counter sees):
+        the same numbers, in a few calls where the mask took about 30 (a decoding step's)."""
+        key = (tuple(self.current_val.detach().view(-1).tolist()), rel.device, self.mask_dtype())
+        if getattr(self, "_table_key", None) != key:
+            with torch.no_grad():
+                self._table = self.log_mask(torch.arange(self.attn_span + 1, device=rel.device))
+            self._table_key = key
+        at = self.distance(rel).clamp_(max=self.attn_span)
+        return self._table.index_select(1, at.reshape(-1)).view((self.nb_heads,) + tuple(rel.shape))
+
     def forward(self, attn: Tensor, normalize: bool = True) -> Tensor:
         """Mask attention probabilities ``attn`` (B, H, Lq, Lk) and renormalise each row.
 
@@ -370,7 +383,9 @@ class AdaptiveSpanAttention(FluenceAttention):
         reach = max(reaches[h] for h in heads)
         # every allowed key has mask 1 when the smallest span reaches the farthest key: skip the bias
         saturated = min(ratios[h] for h in heads) * span.attn_span > min(reach, reachable)  # strictly: m = 1
-        bias = self.relative_bias(None if saturated else span.log_mask)
+        # without a gradient to pass (evaluation, decoding), the mask's values are read from a table
+        graded = torch.is_grad_enabled() and span.current_val.requires_grad
+        bias = self.relative_bias(None if saturated else (span.log_mask if graded else span.log_mask_lookup))
         if bias is not None and len(heads) < self.num_heads:
             full, index = bias, torch.tensor(heads, device=q.device)
             bias = lambda rel: full(rel).index_select(0, index)  # noqa: E731

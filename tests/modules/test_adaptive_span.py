@@ -139,6 +139,37 @@ def test_bad_span_arguments(kwargs, message):
             FSAdaptiveSpan(E, H, **options)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_log_mask_read_from_its_table_is_the_log_mask_and_follows_the_spans(causal):
+    """Without a gradient (evaluation, decoding) the log mask comes from a table of its values at every distance:
+    bit for bit :meth:`log_mask`, for future keys, the ramp, its end and keys beyond the maximum span; made again
+    when the spans change, also through ``.data`` (fairseq's fp16 optimizer), which no version counter sees."""
+    span = make_span(S=100, R=10, init=0.3, causal=causal)
+    with torch.no_grad():
+        span.current_val.copy_(SPANS.view(H, 1, 1))
+    rel = torch.arange(-5, 130).view(5, 27)
+    assert torch.equal(span.log_mask_lookup(rel), span.log_mask(rel).detach())
+    span.current_val.data.mul_(2)  # no version bump
+    assert torch.equal(span.log_mask_lookup(rel), span.log_mask(rel).detach())
+    span.current_val.data[-1] = 1.0  # a full span: its ramp reaches past the maximum span, which still ends it
+    assert torch.equal(span.log_mask_lookup(rel), span.log_mask(rel).detach())
+    assert torch.equal(span.log_mask_lookup(rel[:1, :3]), span.log_mask(rel[:1, :3]).detach())
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_evaluation_without_gradients_gives_the_outputs_with_them(causal):
+    attn = make_attention(causal)
+    x = torch.randn(150, 2, E)
+    graded, _ = attn(query=x, need_weights=False)
+    lookups = []
+    lookup = attn.adaptive_span.log_mask_lookup
+    attn.adaptive_span.log_mask_lookup = lambda rel: lookups.append(rel.shape) or lookup(rel)
+    with torch.no_grad():
+        free, _ = attn(query=x, need_weights=False)
+    assert lookups and graded.grad_fn is not None
+    torch.testing.assert_close(free, graded.detach(), atol=1e-6, rtol=0)
+
+
 # ------------------------------------------------------------------------------------- the attention
 def make_attention(causal, S=128, R=16, block_size=None, spans=SPANS):
     torch.manual_seed(0)
