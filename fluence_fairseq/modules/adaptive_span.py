@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..ops.band import band_attention
 from .attention_base import FluenceAttention, Statistic, fsmha
 from ..flag_types import Boolean, FloatRange, IntRange
-from .spec import AttentionOption, AttentionSpec, parse_bool
+from .spec import AttentionOption, AttentionSpec
 
 __all__ = ["AdaptiveSpan", "AdaptiveSpanAttention", "FSAdaptiveSpanAttention", "FSAdaptiveSpan"]
 
