@@ -147,11 +147,16 @@ def probsparse_attention(
         query_counts = [tgt_len] * bsz
     else:
         query_counts = (~query_padding_mask).sum(1).tolist()
-    top, chosen = _top_queries(q, k, sample, sample_size, query_counts, query_padding_mask, factor)
     if value_mean is None:
         value_mean = real_value_mean(v, key_padding_mask)
-
-    q_top = q.gather(2, top.unsqueeze(-1).expand(-1, -1, -1, dim))
+    if query_padding_mask is None and sample_count(tgt_len, factor) == tgt_len:
+        # every query is selected (a decoding step's one, or a handful): nothing to rank them by, and nothing to
+        # gather or scatter back; a row with no real key still outputs the mean
+        top, chosen = None, (sample_size > 0).view(-1, 1, 1).expand(bsz, 1, tgt_len)
+        q_top = q
+    else:
+        top, chosen = _top_queries(q, k, sample, sample_size, query_counts, query_padding_mask, factor)
+        q_top = q.gather(2, top.unsqueeze(-1).expand(-1, -1, -1, dim))
     if need_weights or dropout_p > 0 or q.dtype != _acc(q.dtype):
         scores = torch.matmul(q_top * dim ** -0.5, k.transpose(-1, -2))  # (B, H, u, S)
         if key_padding_mask is not None:
@@ -168,7 +173,8 @@ def probsparse_attention(
         top_out = F.scaled_dot_product_attention(q_top, k, v, attn_mask=mask)
     # queries picked only to fill the batch's u_max keep the mean, like every unselected query
     top_out = torch.where(chosen.unsqueeze(-1), top_out, value_mean)
-    out = value_mean.expand(bsz, heads, tgt_len, dim).scatter(2, top.unsqueeze(-1).expand(-1, -1, -1, dim), top_out)
+    out = top_out if top is None else value_mean.expand(bsz, heads, tgt_len, dim).scatter(
+        2, top.unsqueeze(-1).expand(-1, -1, -1, dim), top_out)
 
     weights = None
     if need_weights:
@@ -177,7 +183,7 @@ def probsparse_attention(
             real = real.masked_fill(key_padding_mask, 0.0)
         uniform = (real / real.sum(1, keepdim=True).clamp(min=1)).view(bsz, 1, 1, src_len)
         top_probs = torch.where(chosen.unsqueeze(-1), probs, uniform)
-        weights = uniform.expand(bsz, heads, tgt_len, src_len).scatter(
+        weights = top_probs if top is None else uniform.expand(bsz, heads, tgt_len, src_len).scatter(
             2, top.unsqueeze(-1).expand(-1, -1, -1, src_len), top_probs)
     return out, weights
 

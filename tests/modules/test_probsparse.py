@@ -208,3 +208,41 @@ def test_fused_path_for_selected_queries_equals_the_explicit_one():
     pad = torch.zeros(B, 40, dtype=torch.bool)
     pad[1, 30:] = True
     assert_weightless_path_matches_explicit(attn, x, pad)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_calls_whose_every_query_is_selected_skip_the_ranking_and_equal_it(need_weights, monkeypatch):
+    """With no more queries than u = factor * ceil(ln L) (a decoding step's one, a short target) every query is
+    selected: nothing is ranked, gathered or scattered, and the output, the weights and the gradients equal the
+    ranked computation's (the same selection through the general path), a row without real keys the mean."""
+    from fluence_fairseq.ops import probsparse as ops
+    g = torch.Generator().manual_seed(0)
+    bsz, heads, tgt_len, src_len, dim = 3, 2, 4, 20, 8
+    leaves = [torch.randn(bsz, heads, n, dim, generator=g, dtype=torch.float64).requires_grad_()
+              for n in (tgt_len, src_len, src_len)]
+    kpm = torch.zeros(bsz, src_len, dtype=torch.bool)
+    kpm[1, 12:] = True
+    kpm[2] = True  # no real key
+    sample, size = sample_keys(kpm, bsz, heads, src_len, 5, random=False, device="cpu")
+    assert ops.sample_count(tgt_len, 5) == tgt_len
+
+    def run(query_padding_mask):
+        out, weights = ops.probsparse_attention(*leaves, sample=sample, sample_size=size, key_padding_mask=kpm,
+                                                query_padding_mask=query_padding_mask, factor=5,
+                                                need_weights=need_weights)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+        return [out.detach(), None if weights is None else weights.detach(), *torch.autograd.grad(loss, leaves)]
+
+    ranked = []
+    rank = ops._top_queries
+    monkeypatch.setattr(ops, "_top_queries", lambda *a: ranked.append(1) or rank(*a))
+    fast = run(None)
+    assert ranked == []
+    general = run(torch.zeros(bsz, tgt_len, dtype=torch.bool))
+    assert ranked == [1]
+    for got, want in zip(fast, general):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    assert torch.equal(fast[0][2], torch.zeros(heads, tgt_len, dim, dtype=torch.float64))
