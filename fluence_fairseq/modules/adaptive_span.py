@@ -15,7 +15,7 @@ current maximum span plus ramp are never scored.
 """
 import math
 import weakref
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -187,12 +187,14 @@ class AdaptiveSpan(nn.Module):
         x, d = self._ramp(rel)
         return _LogRamp.apply(x).masked_fill(d >= self.attn_span, float("-inf"))
 
-    def log_mask_lookup(self, rel: Tensor) -> Tensor:
+    def log_mask_lookup(self, rel: Tensor, ratios: Optional[List[float]] = None) -> Tensor:
         """:meth:`log_mask` where no gradient is wanted (evaluation, decoding), read from its values at every
         distance 0..``attn_span`` (``attn_span``: -inf), which are made again whenever the spans' values change
         (compared by value: fairseq's fp16 optimizer writes them through ``.data``, which no version counter sees):
-        the same numbers, in a few calls where the mask took about 30 (a decoding step's)."""
-        key = (tuple(self.current_val.detach().view(-1).tolist()), rel.device, self.mask_dtype())
+        the same numbers, in a few calls where the mask took about 30 (a decoding step's). ``ratios``: the values
+        of :meth:`ratios` if the caller has read them (the mask depends on nothing else), else read here."""
+        ratios = self.ratios().tolist() if ratios is None else ratios
+        key = (tuple(ratios), rel.device, self.mask_dtype())
         if getattr(self, "_table_key", None) != key:
             with torch.no_grad():
                 self._table = self.log_mask(torch.arange(self.attn_span + 1, device=rel.device))
@@ -385,7 +387,8 @@ class AdaptiveSpanAttention(FluenceAttention):
         saturated = min(ratios[h] for h in heads) * span.attn_span > min(reach, reachable)  # strictly: m = 1
         # without a gradient to pass (evaluation, decoding), the mask's values are read from a table
         graded = torch.is_grad_enabled() and span.current_val.requires_grad
-        bias = self.relative_bias(None if saturated else (span.log_mask if graded else span.log_mask_lookup))
+        lookup = lambda rel: span.log_mask_lookup(rel, ratios)  # noqa: E731  (the values this call read once)
+        bias = self.relative_bias(None if saturated else (span.log_mask if graded else lookup))
         if bias is not None and len(heads) < self.num_heads:
             full, index = bias, torch.tensor(heads, device=q.device)
             bias = lambda rel: full(rel).index_select(0, index)  # noqa: E731
