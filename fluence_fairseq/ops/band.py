@@ -716,8 +716,9 @@ class _NarrowBand(torch.autograd.Function):
             else:
                 _NarrowBand._write(skewed[c : c + step], pc, keep[c : c + step])
                 gp *= keep[c : c + step]
-            # rowsum(P * dP) (= rowsum(dO * O)) as a batched dot product: much faster than mul + sum over kb
-            delta = torch.bmm(pc.reshape(-1, 1, kb), gp.view(-1, kb, 1)).view(-1, bq, 1)
+            # rowsum(P * dP) (= rowsum(dO * O)): ``vecdot`` took 0.2-0.9x the time of a batched (1 x kb) by (kb x 1)
+            # product and 0.7-1.3x that of a product and a sum (AMD EPYC, two threads, torch 2.13)
+            delta = torch.linalg.vecdot(pc, gp).unsqueeze(-1)
             torch.mul(gp.sub_(delta), pc, out=grad_s[c : c + step])
         del keep, gp, delta, pc
         # ``reuse`` (one backward, see narrow_band_attention): the value gradient over vp (not read after dP)

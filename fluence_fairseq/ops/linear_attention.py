@@ -35,7 +35,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .common import add_matmul_
+from .common import add_matmul_, matvec
 
 __all__ = ["LinearState", "linear_attention", "causal_linear_attention", "linear_summary",
            "attend_linear_summary"]
@@ -145,7 +145,7 @@ def attend_linear_summary(phi_q: Tensor, kv: Tensor, ksum: Tensor, *, eps: float
     """``phi_q kv / max(phi_q . ksum, eps)`` for queries (B, H, L, m) and a :func:`linear_summary`."""
     phi_q = phi_q.to(kv.dtype)
     num = torch.matmul(phi_q, kv)
-    den = torch.matmul(phi_q, ksum.unsqueeze(-1))
+    den = matvec(phi_q, ksum).unsqueeze(-1)
     return num / den.clamp_min(eps)
 
 
@@ -341,7 +341,7 @@ class _Group:
 
     def denominator(self, scores: Tensor) -> Tensor:
         """(B, H, g, C): the intra-chunk scores' row sums plus what the queries see of the carried key sum."""
-        carried_den = torch.matmul(self.q, self.before_ks.unsqueeze(-1)).squeeze(-1)
+        carried_den = matvec(self.q, self.before_ks)
         if self.qw is not None:
             carried_den.mul_(self.qw)
         return scores.sum(-1).add_(carried_den)
@@ -504,7 +504,7 @@ class _CausalLinearAttention(torch.autograd.Function):
             del out_a
             if geo.q_hi < geo.length_q:  # the tail sees every key, at the final maximum
                 qt = _mix(_features(q[:, :, geo.q_hi :], ctx.relu), None if qmix is None else qmix[:, :, geo.q_hi :])
-                den[:, :, geo.q_hi :] = torch.matmul(qt, ks.unsqueeze(-1)).squeeze(-1)
+                den[:, :, geo.q_hi :] = matvec(qt, ks)
                 out[:, :, geo.q_hi :] = torch.matmul(qt, kv).div_(den[:, :, geo.q_hi :].clamp_min(eps).unsqueeze(-1))
         ctx.offset, ctx.chunk, ctx.eps, ctx.group = offset, chunk, eps, group
         ctx.starts, ctx.final = starts, (kv, ks)
@@ -529,12 +529,12 @@ class _CausalLinearAttention(torch.autograd.Function):
             tail = slice(geo.q_hi, None)
             tm = None if qmix is None else qmix[:, :, tail]
             qt = _mix(_features(q[:, :, tail], relu), tm)
-            den_t = torch.matmul(qt, final_ks.unsqueeze(-1)).squeeze(-1)
+            den_t = matvec(qt, final_ks)
             out_t = torch.matmul(qt, final_kv).div_(den_t.clamp_min(eps).unsqueeze(-1))
             g_num, g_den = _normalised_grads(g_out[:, :, tail], out_t, den_t, eps)
             del out_t, den_t
             rev_kv = torch.matmul(qt.transpose(-1, -2), g_num)
-            rev_ks = torch.matmul(qt.transpose(-1, -2), g_den.unsqueeze(-1)).squeeze(-1)
+            rev_ks = matvec(qt.transpose(-1, -2), g_den)
             del qt
             carried = torch.matmul(g_num, final_kv.transpose(-1, -2)).addcmul_(g_den.unsqueeze(-1), final_ks.unsqueeze(-2))
             dq[:, :, tail] = _raw_grad(_unmix(carried, tm), q[:, :, tail], relu)
@@ -576,7 +576,7 @@ class _CausalLinearAttention(torch.autograd.Function):
             # keys see the queries of later chunks through a reverse state sum exp(R - M_i) q_i [g_num_i, g_den_i]
             qf = grp.q if grp.qw is None else grp.q * grp.qw.unsqueeze(-1)
             after_kv, rev_kv = _scan_states(torch.matmul(qf.transpose(-1, -2), g_num), rev_kv, grp.decay, reverse=True)
-            after_ks, rev_ks = _scan_states(torch.matmul(qf.transpose(-1, -2), g_den.unsqueeze(-1)).squeeze(-1),
+            after_ks, rev_ks = _scan_states(matvec(qf.transpose(-1, -2), g_den),
                                             rev_ks, grp.decay, reverse=True)
             del qf
             dk_c = torch.matmul(grp.vc, after_kv.transpose(-1, -2)).add_(after_ks.unsqueeze(-2))

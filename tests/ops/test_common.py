@@ -1,8 +1,8 @@
-"""ops.common: prefixes (views of the first n rows sharing one backward), lower_blocks and free_memory."""
+"""ops.common: prefixes (views of the first n rows sharing one backward), lower_blocks, free_memory, matvec."""
 import pytest
 import torch
 
-from fluence_fairseq.ops.common import free_memory, linear_grad_over_input, lower_blocks, prefixes
+from fluence_fairseq.ops.common import free_memory, linear_grad_over_input, lower_blocks, matvec, prefixes
 
 
 @pytest.mark.parametrize("lengths", [(3, 7, 10), (10, 4), (2, 5), (6,)])
@@ -175,3 +175,20 @@ def _draw_in_child(chunk):
     common.MASK_CHUNK = chunk
     torch.set_num_threads(2)
     return common.dropout_keep_mask(4096, 0.5, 3, torch.zeros(1))
+
+
+@pytest.mark.parametrize("a_shape, x_shape", [((2, 3, 5, 4), (2, 3, 4)), ((2, 3, 5, 4), (1, 3, 4)),
+                                              ((3, 1, 4), (2, 3, 4)), ((5, 4), (4,)), ((1, 4), (2, 4))])
+def test_matvec_is_the_matrix_vector_product_with_broadcast_batches_and_its_gradients(a_shape, x_shape):
+    torch.manual_seed(0)
+    a = torch.randn(a_shape, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+    got = matvec(a, x)
+    want = torch.matmul(a, x.unsqueeze(-1)).squeeze(-1)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-13, rtol=0)
+    assert torch.autograd.gradcheck(matvec, (a, x))
+    # a transposed (strided) matrix, as the causal linear attention's backward passes its queries
+    torch.testing.assert_close(matvec(a.detach().transpose(-1, -2), got.detach()),
+                               torch.matmul(a.detach().transpose(-1, -2), got.detach().unsqueeze(-1)).squeeze(-1),
+                               atol=1e-12, rtol=0)
