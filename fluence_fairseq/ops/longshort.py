@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import accumulation_dtype as _acc, covers_storage, fold_windows, free_memory
+from .common import accumulation_dtype as _acc, covers_storage, fold_windows, free_memory, thin_matmul
 
 __all__ = ["long_short_attention", "dense_joint_attention", "compress_chunks", "head_layer_norm"]
 
@@ -257,7 +257,7 @@ class _LongShort(torch.autograd.Function):
         acc = _acc(y_k.dtype)
         w_eff = ln_l_w.unsqueeze(-1) * proj_w
         b_eff = torch.einsum("hd,hdr->hr", ln_l_b, proj_w) + proj_b
-        logits = (torch.matmul(y_k[:, :, :used], w_eff) + b_eff.unsqueeze(1)).to(acc)
+        logits = (thin_matmul(y_k[:, :, :used], w_eff) + b_eff.unsqueeze(1)).to(acc)
         if key_pad is not None:
             logits.masked_fill_(key_pad[:, :used].view(bsz, 1, used, 1), torch.finfo(acc).min)
         if causal:
@@ -473,12 +473,12 @@ class _LongShort(torch.autograd.Function):
                 c0, c1 = a // chunk, (a + n) // chunk
                 gzk, gzv = gzk5[:, :, c0:c1], gzv5[:, :, c0:c1]
                 yk5, yv5 = (y[:, :, a:a + n].unflatten(2, (c1 - c0, chunk)) for y in (y_k, y_v))
-                gw = torch.matmul(yk5, gzk.transpose(-1, -2))
-                gw += torch.matmul(yv5, gzv.transpose(-1, -2))
+                gw = thin_matmul(yk5, gzk.transpose(-1, -2))
+                gw += thin_matmul(yv5, gzv.transpose(-1, -2))
                 grad_weights[:, :, a:a + n] = gw.view(bsz, heads, n, rank)
                 w5c = weights[:, :, a:a + n].unflatten(2, (c1 - c0, chunk))
-                grad_kn[:, :, a:a + n] += torch.matmul(w5c, gzk).view(bsz, heads, n, dim)
-                grad_vn[:, :, a:a + n] += torch.matmul(w5c, gzv).view(bsz, heads, n, dim)
+                grad_kn[:, :, a:a + n] += thin_matmul(w5c, gzk).view(bsz, heads, n, dim)
+                grad_vn[:, :, a:a + n] += thin_matmul(w5c, gzv).view(bsz, heads, n, dim)
         else:
             grad_weights = torch.matmul(y_k, grad_zk.transpose(-1, -2)) + torch.matmul(y_v, grad_zv.transpose(-1, -2))
             for a in range(0, length, rows_per):
@@ -492,11 +492,11 @@ class _LongShort(torch.autograd.Function):
         else:
             grad_logits = _softmax_backward(weights, grad_weights, 2)
         grad_logits = grad_logits.to(q.dtype)
-        grad_w_eff = torch.matmul(y_k[:, :, :used].transpose(-1, -2), grad_logits).sum(0)
+        grad_w_eff = thin_matmul(y_k[:, :, :used].transpose(-1, -2), grad_logits).sum(0)
         grad_b_eff = grad_logits.sum(dim=(0, 2))
         for a in range(0, used, rows_per):
             n = min(rows_per, used - a)
-            grad_kn[:, :, a:a + n] += torch.matmul(grad_logits[:, :, a:a + n], w_eff.transpose(-1, -2).unsqueeze(0))
+            grad_kn[:, :, a:a + n] += thin_matmul(grad_logits[:, :, a:a + n], w_eff.transpose(-1, -2).unsqueeze(0))
         small = torch.autograd.grad((kg_r, vg_r, w_eff_r, b_eff_r), leaves[2:],
                                     (grad_kg, grad_vg, grad_w_eff, grad_b_eff), allow_unused=True)
         small = [torch.zeros_like(t) if g is None else g for g, t in zip(small, leaves[2:])]

@@ -163,14 +163,17 @@ def test_causal_equals_dense_reference(block_size, window, chunk, rank, alibi):
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("rank", [2, 1])
 @pytest.mark.parametrize("causal,window,block,row_chunk,alibi,dropout", [
     (False, 1, 3, None, False, 0.0), (True, 2, 2, 4, False, 0.0), (True, 2, 2, 4, True, 0.0),
     (False, 1, 3, None, False, 0.4), (True, 2, 2, 4, True, 0.4)])
-def test_long_short_function_gradcheck_float64(causal, window, block, row_chunk, alibi, dropout):
+def test_long_short_function_gradcheck_float64(causal, window, block, row_chunk, alibi, dropout, rank):
     """The hand-written backward (recomputation, in-place layer-norm backward) against finite differences, with
-    attention dropout too (the same mask at every call: the global seed is reset before each)."""
+    attention dropout too (the same mask at every call: the global seed is reset before each); one compressed
+    vector per chunk (the default ``chunk_rank``, whose chunk maps are single columns: ``ops.common.thin_matmul``)
+    and two."""
     g = torch.Generator().manual_seed(4)
-    heads, dim, rank, length = 2, 3, 2, 10
+    heads, dim, length = 2, 3, 10
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)

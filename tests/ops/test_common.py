@@ -1,8 +1,10 @@
-"""ops.common: prefixes (views of the first n rows sharing one backward), lower_blocks, free_memory, matvec."""
+"""ops.common: prefixes (views of the first n rows sharing one backward), lower_blocks, free_memory, matvec,
+thin_matmul."""
 import pytest
 import torch
 
-from fluence_fairseq.ops.common import free_memory, linear_grad_over_input, lower_blocks, matvec, prefixes
+from fluence_fairseq.ops.common import (free_memory, linear_grad_over_input, lower_blocks, matvec, prefixes,
+                                        thin_matmul)
 
 
 @pytest.mark.parametrize("lengths", [(3, 7, 10), (10, 4), (2, 5), (6,)])
@@ -192,3 +194,20 @@ def test_matvec_is_the_matrix_vector_product_with_broadcast_batches_and_its_grad
     torch.testing.assert_close(matvec(a.detach().transpose(-1, -2), got.detach()),
                                torch.matmul(a.detach().transpose(-1, -2), got.detach().unsqueeze(-1)).squeeze(-1),
                                atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("a_shape, b_shape", [
+    ((2, 3, 7, 5), (3, 5, 1)),        # one output column: the row form
+    ((2, 3, 7, 1), (1, 3, 1, 4)),     # one inner dimension: the outer product
+    ((2, 3, 1, 1), (2, 3, 1, 1)),     # both
+    ((2, 3, 7, 5), (2, 3, 5, 4)),     # neither: torch.matmul
+    ((7, 1), (1, 4)), ((7, 5), (5, 1)),
+])
+def test_thin_matmul_equals_matmul_with_broadcast_batches_and_its_gradients(a_shape, b_shape):
+    torch.manual_seed(0)
+    a = torch.randn(a_shape, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(b_shape, dtype=torch.float64, requires_grad=True)
+    got, want = thin_matmul(a, b), torch.matmul(a, b)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-13, rtol=0)
+    assert torch.autograd.gradcheck(thin_matmul, (a, b))
