@@ -13,6 +13,7 @@ its group's last query. Forward keeps the normalised keys/values and q; backward
 probabilities group by group (flash-attention style), so memory is a few L x D tensors plus one bounded group of
 scores, whatever the window. :func:`dense_joint_attention` is the same math with a full score matrix (decoding).
 """
+import bisect
 import math
 from typing import Optional, Tuple
 
@@ -135,22 +136,56 @@ _ROLL_SLACK = 4
 
 
 class _GroupMasks:
-    """The disallowed scores of a group of query blocks, made when the group is scored: the band's (B|1, G, bq,
-    kb) and the global columns' (1|B, G * bq, n_vis). Built for every block at once they were 5 MiB at L=8192
-    (window 256), alive through forward and backward."""
+    """The disallowed scores of a group of query blocks, masked when the group is scored (built for every block
+    at once they were 5 MiB at L=8192, window 256, alive through forward and backward).
+
+    Band: a block's disallowed pairs lie in its first and last ``bq`` columns (keys before the first query's
+    window, after the last query's position), unless a key of its window is padding or outside the sequence; a
+    group of blocks whose windows hold real keys only has those two corners masked, 2 bq of its ``kb`` columns
+    (at L=8192, window 256: 43% of the block's entries; the whole block's boolean mask and its fill took 2-3% of
+    the causal step). Global columns: a group's queries all see the columns visible to its first query; only the
+    few after those (a chunk that completes inside the group's queries' windows) are masked, unless some columns
+    are padding (``glob_valid``), where every one is."""
 
     def __init__(self, band: Tensor, valid_windows: Tensor, glob_start: Tensor, glob_valid: Optional[Tensor],
                  bq: int):
         self.band_shape, self.valid_windows = band, valid_windows  # (1, 1, bq, kb), (B, nblocks, kb)
         self.glob_start, self.glob_valid, self.bq = glob_start, glob_valid, bq
+        self.real_windows = valid_windows.all(-1).all(0).tolist()  # per block: every window key real
+        kb = band.size(-1)
+        self.corners = [slice(0, kb)] if kb <= 2 * bq else [slice(0, bq), slice(kb - bq, kb)]
+        self.corner_biases = {}  # per (dtype, fill value): the corners' additive masks
+        self.starts = glob_start.tolist()  # non-decreasing
 
-    def band(self, g0: int, g1: int) -> Tensor:
-        return self.band_shape | ~self.valid_windows[:, g0:g1].unsqueeze(2)
+    def visible(self, g1: int) -> int:
+        """Global columns visible to some query of blocks < g1."""
+        return bisect.bisect_right(self.starts, g1 * self.bq - 1)
 
-    def glob(self, g0: int, g1: int, n_vis: int) -> Tensor:
+    def fill_band(self, sw: Tensor, g0: int, g1: int, value: float) -> None:
+        """Mask the disallowed band scores ``sw`` (B, H, G, bq, kb) of blocks g0..g1-1 with ``value``."""
+        if all(self.real_windows[g0:g1]):
+            # added rather than filled: a boolean mask broadcast over the heads and blocks took 4x as long, and
+            # ``value`` (the dtype's lowest) absorbs any score (|s| below its ulp, ~1e31 in float32)
+            key = (sw.dtype, value)
+            if key not in self.corner_biases:
+                self.corner_biases[key] = [torch.zeros(self.band_shape[..., cols].shape, dtype=sw.dtype,
+                                                       device=sw.device).masked_fill_(self.band_shape[..., cols], value)
+                                           for cols in self.corners]
+            for cols, bias in zip(self.corners, self.corner_biases[key]):
+                sw[..., cols] += bias
+        else:
+            sw.masked_fill_((self.band_shape | ~self.valid_windows[:, g0:g1].unsqueeze(2)).unsqueeze(1), value)
+
+    def fill_glob(self, sg: Tensor, g0: int, g1: int, n_vis: int, value: float) -> None:
+        """Mask the global columns ``sg`` (B, H, G * bq, n_vis) that queries of blocks g0..g1-1 may not see."""
+        first = 0 if self.glob_valid is not None else bisect.bisect_right(self.starts, g0 * self.bq)
+        if first >= n_vis:
+            return
         pos = torch.arange(g0 * self.bq, g1 * self.bq, device=self.glob_start.device)
-        bad = (pos.unsqueeze(1) < self.glob_start[:n_vis].unsqueeze(0)).unsqueeze(0)
-        return bad if self.glob_valid is None else bad | ~self.glob_valid[:, :n_vis].unsqueeze(1)
+        bad = (pos.unsqueeze(1) < self.glob_start[first:n_vis].unsqueeze(0)).unsqueeze(0)
+        if self.glob_valid is not None:
+            bad = bad | ~self.glob_valid[:, :n_vis].unsqueeze(1)
+        sg[..., first:n_vis].masked_fill_(bad.unsqueeze(1), value)
 
 
 class _LongShort(torch.autograd.Function):
@@ -224,7 +259,7 @@ class _LongShort(torch.autograd.Function):
         b5 = ln_l_b.view(1, heads, 1, 1, dim)
         for g0, g1 in _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2), q.device):
             count = g1 - g0
-            n_vis = _LongShort._visible(glob_start, g1, bq)
+            n_vis = masks.visible(g1)
             qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi)
             p = torch.softmax(s, dim=-1)
             if gen is not None:
@@ -315,13 +350,6 @@ class _LongShort(torch.autograd.Function):
         return [(g, min(nblocks, g + step)) for g in range(0, nblocks, step)]
 
     @staticmethod
-    def _visible(glob_start, g1, bq):
-        """Global columns visible to some query of blocks < g1 (glob_start is non-decreasing)."""
-        if glob_start.numel() == 0:
-            return 0
-        return int((glob_start <= g1 * bq - 1).sum())
-
-    @staticmethod
     def _window(xp, g0, g1, bq, kb):
         """(B, H, G, kb, D) windows of a padded buffer for blocks g0..g1-1 (a view)."""
         return xp.narrow(2, g0 * bq, (g1 - g0 - 1) * bq + kb).unfold(2, kb, bq).transpose(-1, -2)
@@ -344,7 +372,7 @@ class _LongShort(torch.autograd.Function):
         sw = torch.matmul(qs * w5, yw.transpose(-1, -2)).to(acc)
         if alibi is not None:
             sw += alibi[0]
-        sw.masked_fill_(masks.band(g0, g1).unsqueeze(1), torch.finfo(acc).min)
+        masks.fill_band(sw, g0, g1, torch.finfo(acc).min)
         if n_vis == 0:
             return qs, sw
         sg = torch.matmul(qs.view(bsz, heads, count * bq, dim), kg_s[:, :, :n_vis].transpose(-1, -2)).to(acc)
@@ -352,7 +380,7 @@ class _LongShort(torch.autograd.Function):
             _, slopes, centre = alibi
             pos = torch.arange(g0 * bq, g1 * bq, device=q.device).to(acc)
             sg -= slopes.view(1, -1, 1, 1) * (pos.unsqueeze(1) - centre[:n_vis])
-        sg.masked_fill_(masks.glob(g0, g1, n_vis).unsqueeze(1), torch.finfo(acc).min)
+        masks.fill_glob(sg, g0, g1, n_vis, torch.finfo(acc).min)
         return qs, torch.cat([sg.view(bsz, heads, count, bq, n_vis), sw], dim=-1)
 
     @staticmethod
@@ -404,37 +432,41 @@ class _LongShort(torch.autograd.Function):
             before what follows the loop)."""
             count = g1 - g0
             rows = count * bq
-            n_vis = _LongShort._visible(glob_start, g1, bq)
+            n_vis = masks.visible(g1)
             qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi)
             p = torch.softmax(s, dim=-1)
             g_out = _rows(grad_out, g0 * bq, rows).reshape(bsz, heads, count, bq, dim)
             kw = _LongShort._window(y_kp, g0, g1, bq, kb)
             vw = _LongShort._window(y_vp, g0, g1, bq, kb)
-            grad_p = torch.matmul(g_out * w5, vw.transpose(-1, -2))  # (B, H, G, bq, kb)
+            # the probabilities' gradient in its two parts, band (B, H, G, bq, kb) and global columns (B, H, G, bq,
+            # n_vis), each a product of its own: joined, as the scores are, they cost a copy of both (1.5% of the
+            # causal step at L=8192), and the score gradient's parts below are then contiguous
+            parts = [(slice(n_vis, None), torch.matmul(g_out * w5, vw.transpose(-1, -2)).to(acc))]
             if n_vis:
                 gp_g = torch.matmul(g_out.reshape(bsz, heads, rows, dim), vg_s[:, :, :n_vis].transpose(-1, -2))
-                grad_p = torch.cat([gp_g.view(bsz, heads, count, bq, n_vis), grad_p], -1)
-            # grad_p lacks the per-row constant dO . b (band values are w * y, global ones vg - b). Without
+                parts.append((slice(None, n_vis), gp_g.view(bsz, heads, count, bq, n_vis).to(acc)))
+            # the parts lack the per-row constant dO . b (band values are w * y, global ones vg - b). Without
             # dropout it cancels in the softmax backward (rows of p sum to one); with dropout the kept entries
             # carry it scaled, so it is added back first
-            grad_p = grad_p.to(acc)
             if gen is not None:
                 keep = torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen) / (1 - dropout_p)
                 row_bias = (g_out * b_l.view(1, heads, 1, 1, dim)).sum(-1, keepdim=True).to(acc)
-                p_used, grad_p = (p * keep).to(q.dtype), grad_p.add_(row_bias).mul_(keep)
+                p_used = (p * keep).to(q.dtype)
+                for cols, grad_p in parts:
+                    grad_p.add_(row_bias).mul_(keep[..., cols])
             else:
                 p_used = p.to(q.dtype)
             # rowsum(P * dP) from the recomputed probabilities: the output need not be kept for backward (``vecdot``:
             # a fifth of the time of the batched (1 x width) by (width x 1) products; AMD EPYC, torch 2.13)
-            delta = torch.linalg.vecdot(p, grad_p).unsqueeze(-1)
-            grad_s = grad_p.sub_(delta).mul_(p).to(q.dtype)
-            gs_w = grad_s[..., n_vis:]
+            delta = sum(torch.linalg.vecdot(p[..., cols], grad_p) for cols, grad_p in parts).unsqueeze(-1)
+            grad_s = [grad_p.sub_(delta).mul_(p[..., cols]).to(q.dtype) for cols, grad_p in parts]
+            gs_w = grad_s[0]
             gq = torch.matmul(gs_w, kw).mul_(w5)  # d(q . kn) / dq with kn = y * w + b, minus the b part ...
             gq += gs_w.sum(-1, keepdim=True) * ln_l_b.view(1, heads, 1, 1, dim)  # ... added back here
             grad_kw = torch.matmul(gs_w.transpose(-1, -2), qs)  # d kn, (B, H, G, kb, D); qs is pre-scaled
             grad_vw = torch.matmul(p_used[..., n_vis:].transpose(-1, -2), g_out)  # d vn
             if n_vis:
-                gs_g = grad_s[..., :n_vis].reshape(bsz, heads, rows, n_vis)
+                gs_g = grad_s[1].view(bsz, heads, rows, n_vis)
                 gq += torch.matmul(gs_g, kg[:, :, :n_vis]).view(bsz, heads, count, bq, dim)
                 grad_kg[:, :, :n_vis] += torch.matmul(gs_g.transpose(-1, -2), qs.reshape(bsz, heads, rows, dim))
                 grad_vg[:, :, :n_vis] += torch.matmul(

@@ -99,7 +99,7 @@ def causal_reference(attn, q, k, v, kpm, slopes=None):
     return out
 
 
-@pytest.mark.parametrize("block_size", [None, 4])
+@pytest.mark.parametrize("block_size", [None, 4, 2])
 def test_noncausal_equals_dense_reference(block_size):
     attn = _randomize(FSLongShort(32, 4, num_landmarks=3, ls_window_size=2, block_size=block_size)).eval()
     q, k, v = _heads(2, 19)
@@ -146,18 +146,30 @@ def test_dropout_weights_the_values_with_the_kept_probabilities():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("alibi", [False, True])
-@pytest.mark.parametrize("block_size,window,chunk,rank", [(None, 3, 2, 2), (4, 3, 2, 2), (5, 4, 3, 1)])
-def test_causal_equals_dense_reference(block_size, window, chunk, rank, alibi):
+# (2, 5, 3, 1): blocks much narrower than the window, whose unpadded blocks mask two corners of their keys
+@pytest.mark.parametrize("block_size,window,chunk,rank", [(None, 3, 2, 2), (4, 3, 2, 2), (5, 4, 3, 1), (2, 5, 3, 1)])
+def test_causal_equals_dense_reference(block_size, window, chunk, rank, alibi, grouped, padded, monkeypatch):
+    """``grouped``: one query block per group, so that groups start past the first query and see compressed chunks
+    completed inside their blocks' windows (masked for their earlier queries only; without padding the only
+    global columns masked)."""
+    import fluence_fairseq.ops.longshort as ops
+
+    if grouped:
+        monkeypatch.setattr(ops, "_GROUP_ELEMENTS", 1)
     attn = _randomize(FSLongShort(32, 4, causal=True, ls_window_size=window, chunk_size=chunk, chunk_rank=rank,
                                   block_size=block_size)).eval()
     attn.set_alibi(alibi)
     q, k, v = _heads(2, 21)
     kpm = torch.zeros(2, 21, dtype=torch.bool)
-    kpm[1, 5:9] = True  # a fully padded chunk and a partly padded one
-    kpm[1, -3:] = True
+    if padded:
+        kpm[1, 5:9] = True  # a fully padded chunk and a partly padded one
+        kpm[1, -3:] = True
     with torch.no_grad():
-        got, _ = attn.attend(q, k, v, key_padding_mask=kpm, attn_mask=None, query_offset=0, need_weights=False)
+        got, _ = attn.attend(q, k, v, key_padding_mask=kpm if padded else None, attn_mask=None, query_offset=0,
+                             need_weights=False)
         want = causal_reference(attn, q, k, v, kpm, attn.alibi_slopes)
     real = ~kpm.view(2, 1, 21, 1).expand_as(got)
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
@@ -166,7 +178,8 @@ def test_causal_equals_dense_reference(block_size, window, chunk, rank, alibi):
 @pytest.mark.parametrize("rank", [2, 1])
 @pytest.mark.parametrize("causal,window,block,row_chunk,alibi,dropout", [
     (False, 1, 3, None, False, 0.0), (True, 2, 2, 4, False, 0.0), (True, 2, 2, 4, True, 0.0),
-    (False, 1, 3, None, False, 0.4), (True, 2, 2, 4, True, 0.4)])
+    (False, 1, 3, None, False, 0.4), (True, 2, 2, 4, True, 0.4), (True, 4, 1, 4, False, 0.0),
+    (False, 2, 1, None, False, 0.0)])
 def test_long_short_function_gradcheck_float64(causal, window, block, row_chunk, alibi, dropout, rank):
     """The hand-written backward (recomputation, in-place layer-norm backward) against finite differences, with
     attention dropout too (the same mask at every call: the global seed is reset before each); one compressed
