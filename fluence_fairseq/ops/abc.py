@@ -307,13 +307,20 @@ def _causal_step(q, k, v, alpha_k, alpha_v, k_num, k_den, k_max, v_num, v_den, v
     def update(alpha, x, num, den, old_max):
         new_max = torch.maximum(old_max, alpha.squeeze(2)).detach()
         keep, add = torch.exp(old_max - new_max), torch.exp(alpha.squeeze(2) - new_max)
-        num = num * keep.unsqueeze(-1) + add.unsqueeze(-1) * x  # x (B, H, 1, d) broadcasts over the slots
+        # one pass over the (r x d) state after the rescaling one (x (B, H, 1, d) broadcasts over the slots)
+        num = torch.mul(num, keep.unsqueeze(-1)).addcmul_(add.unsqueeze(-1), x)
         return num, den * keep + add, new_max
 
     k_num, k_den, k_max = update(alpha_k, k, k_num, k_den, k_max)
     v_num, v_den, v_max = update(alpha_v, v, v_num, v_den, v_max)
-    # den >= 1: the term at the running maximum contributes exp(0)
-    out, _ = attend_slots(q, k_num / k_den.unsqueeze(-1), v_num / v_den.unsqueeze(-1), dropout_p=dropout_p)
+    # the slots are num / den (den >= 1: the term at the running maximum contributes exp(0)), divided where they
+    # meet the query and the probabilities, r numbers each, instead of in two (r x d) passes: scores q . num_r /
+    # den_r, output sum_r (p_r / den_r) num_r (:func:`attend_slots` on the quotients, to rounding)
+    scores = torch.matmul(q, k_num.transpose(-1, -2)).div_(k_den.unsqueeze(-2))
+    probs = torch.softmax(scores * q.size(-1) ** -0.5, dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p, training=True)
+    out = torch.matmul(probs / v_den.unsqueeze(-2), v_num)
     return out, k_num, k_den, k_max, v_num, v_den, v_max
 
 
