@@ -695,8 +695,8 @@ def _single_step(q, k, v, c, query_mix, key_mix, kv0, ks0, m0, eps):
     next step, as the chunked function's)."""
     qf, kf = _mix(q, query_mix), _mix(k, key_mix)  # (B, H, 1, M)
     # the state plus the key's outer product with its value, in one pass over the state (a batched product with
-    # one inner dimension first copied the state into its output and then added to it: with beam search's 40 rows
-    # of cosFormer's 128 x 64 states per head, 10 MiB a layer, the update took 0.77 ms; see benchmarks.md)
+    # one inner dimension first copied the state into its output and then added to it: for beam search's 40 rows
+    # of cosFormer's 128 x 64 states per head, 10 MiB a layer, 0.67 against 0.28 ms, one thread; see benchmarks.md)
     kf_t, v_rows = kf.transpose(-1, -2), v  # (B, H, M, 1), (B, H, 1, d)
     if c is None:
         kv = torch.addcmul(kv0, kf_t, v_rows)
