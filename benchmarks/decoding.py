@@ -3,12 +3,13 @@
 
     python -m benchmarks.decoding softmax sparsemax entmax15 alpha_entmax --positions 16,64,256 --beam 5
 
-A step is one query per beam against a cache of ``position`` tokens: causal self attention (the cache filled
-token by token once, every timed step taken from a copy of it, reordered by a random beam order first, as
-fairseq's beam search does) and cross
-attention over a source of ``position`` tokens (its keys cached by the first call with ``static_kv``, passed
-again at every step as fairseq's decoder does, which also asks for the cross attention's weights in evaluation:
-``need_weights=True``; the self attention's are not asked for). Every round takes ``--steps`` steps of each case in turn, in the
+A step is one query per beam of each of ``--sentences`` sentences against a cache of ``position`` tokens: causal
+self attention (the cache filled token by token once, every timed step taken from a copy of it, reordered first
+by a random order of each sentence's beams, as fairseq's beam search does) and cross attention over a source of
+``position`` tokens per sentence, repeated for its beams as fairseq's beam search repeats the encoder's output (its
+keys cached by the first call with ``static_kv``, passed again at every step as fairseq's decoder does, which also
+asks for the cross attention's weights in evaluation: ``need_weights=True``; the self attention's are not asked
+for). Every round takes ``--steps`` steps of each case in turn, in the
 opposite order to the round before; the report gives each case's median over all its steps and its ratio to
 fairseq's attention at the same pattern and position. Decoding runs without gradients (``torch.no_grad``), in
 evaluation mode.
@@ -34,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("attentions", nargs="+", metavar="NAME", help="registered attention names")
     parser.add_argument("--patterns", default="self,cross", help="self (causal), cross, or both (default)")
     parser.add_argument("--positions", default="16,64,256", help="tokens in the cache (self) or the source (cross)")
-    parser.add_argument("--beam", type=int, default=5, help="beams: the batch of every step")
+    parser.add_argument("--beam", type=int, default=5, help="beams per sentence")
+    parser.add_argument("--sentences", type=int, default=1,
+                        help="sentences: the batch of every step is sentences x beam")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each case per round")
@@ -58,16 +61,17 @@ def _positions(text: str) -> List[int]:
 class Case:
     """One module decoding at one pattern and position: its cache, and the time of each step taken."""
 
-    def __init__(self, module, cross: bool, position: int, beam: int, dim: int):
-        self.module, self.cross, self.beam = module, cross, beam
+    def __init__(self, module, cross: bool, position: int, beam: int, dim: int, sentences: int = 1):
+        self.module, self.cross, self.beam, self.sentences = module, cross, beam, sentences
+        self.rows = beam * sentences
         self.state: Dict[str, Dict[str, Optional[torch.Tensor]]] = {}
         self.us: List[float] = []
-        self.source = torch.randn(position, beam, dim) if cross else None
+        self.source = torch.randn(position, sentences, dim).repeat_interleave(beam, dim=1) if cross else None
         if cross:  # the source's keys cached by the first call
-            self._call(torch.randn(1, beam, dim))
+            self._call(torch.randn(1, self.rows, dim))
         else:
             for _ in range(position):
-                self._call(torch.randn(1, beam, dim))
+                self._call(torch.randn(1, self.rows, dim))
         self.filled = self._copy(self.state)
 
     @staticmethod
@@ -86,8 +90,10 @@ class Case:
         """One step from the filled cache (a copy of it, made before the clock starts): every step of a case is
         at its position."""
         self.state = self._copy(self.filled)
-        token = torch.randn(1, self.beam, dim)
-        order = torch.randint(self.beam, (self.beam,))
+        token = torch.randn(1, self.rows, dim)
+        # each row continues a beam of its own sentence
+        first_beam = torch.arange(self.sentences).repeat_interleave(self.beam) * self.beam
+        order = torch.randint(self.beam, (self.rows,)) + first_beam
         start = time.perf_counter()
         if not self.cross:  # beam search reorders the self attention's cache before every step
             self.module.reorder_incremental_state(self.state, order)
@@ -104,8 +110,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[tuple, dict]:
     for name in args.attentions:
         if name not in ATTENTIONS:
             raise SystemExit(f"unknown attention {name!r}; choose from {sorted(ATTENTIONS)}")
-    for value, flag in ((args.beam, "--beam"), (args.steps, "--steps"), (args.rounds, "--rounds"),
-                        (args.threads, "--threads")):
+    for value, flag in ((args.beam, "--beam"), (args.sentences, "--sentences"), (args.steps, "--steps"),
+                        (args.rounds, "--rounds"), (args.threads, "--threads")):
         if value < 1:
             raise SystemExit(f"{flag} must be >= 1, got {value}")
     positions = _positions(args.positions)
@@ -123,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[tuple, dict]:
             torch.manual_seed(0)
             module = build_module(spec, args.dim, args.heads, cross=cross, causal=not cross).eval()
             for position in positions:
-                cases[(pattern, position, label)] = Case(module, cross, position, args.beam, args.dim)
+                cases[(pattern, position, label)] = Case(module, cross, position, args.beam, args.dim, args.sentences)
     order = list(cases)
     for case in cases.values():  # warm-up
         for _ in range(3):
@@ -139,7 +145,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[tuple, dict]:
         baseline = statistics.median(cases[(pattern, position, MHA)].us)
         result[(pattern, position, label)] = {"us": median, "ratio": median / baseline}
     machine = machine_info()
-    print(f"Decoding steps without gradients: beam {args.beam}, D={args.dim}, H={args.heads}; {args.rounds} rounds of "
+    print(f"Decoding steps without gradients: {args.sentences} sentence(s) x beam {args.beam}, D={args.dim}, "
+          f"H={args.heads}; {args.rounds} rounds of "
           f"{args.steps} steps per case; {machine['cpu']}, {args.threads} thread(s), torch {machine['torch']}; load "
           f"average {machine['load_avg_1min']:.2f} at the end; allocator {allocator}\n")
     print("| pattern | position | case | median us per step | / fairseq MHA |\n|---|---|---|---|---|")

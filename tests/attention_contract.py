@@ -319,6 +319,99 @@ class AttentionContract:
         (buffer,) = state.values()
         assert SOURCE_GROUP not in buffer
 
+    def test_repeated_sources_are_summarised_once_and_decode_as_the_full_pass(self, pattern):
+        """A source repeated for a sentence's beams (as fairseq's beam search repeats the encoder output) is
+        projected and summarised once per sentence, and step-by-step decoding equals the full pass (call by call
+        for attentions that attend each call's queries on their own), with a shorter second sentence."""
+        cross, causal = pattern
+        if not cross:
+            pytest.skip("a cross attention's source")
+        attn = _build(self.case, cross, causal)
+        beam, sentences = 3, 2
+        x = _randn(self.case.tgt_len, sentences * beam, E, seed=3)
+        src = _randn(self.case.src_len, sentences, E, seed=4).repeat_interleave(beam, dim=1)
+        kpm = torch.zeros(sentences * beam, src.size(0), dtype=torch.bool)
+        kpm[beam:, -3:] = True
+        rows = []
+        summarize = attn.summarize_keys
+        attn.summarize_keys = lambda k, *a: rows.append(k.size(0)) or summarize(k, *a)
+        got, _ = _decode(attn, x, src, [1] * x.size(0), key_padding_mask=kpm)
+        assert rows == [sentences], f"the source was summarised for {rows} rows, not once per sentence"
+        del attn.summarize_keys
+        if self._per_call(pattern):
+            want = torch.cat([_call(attn, x[t : t + 1], src, key_padding_mask=kpm) for t in range(x.size(0))])
+        else:
+            want = _call(attn, x, src, key_padding_mask=kpm)
+        torch.testing.assert_close(got, want, atol=self.case.atol, rtol=0)
+
+    def test_beams_read_a_shared_source_together(self, pattern):
+        """Where the attention shares a sentence's cached source among its beams (``shares_source``, noncausal
+        cross decoding), the beams' outputs and weights equal those of every beam reading its own copy, through
+        reorders within the beams, sentences swapped and a sentence finished; runs of unequal length read their
+        own copies."""
+        cross, causal = pattern
+        attn = _build(self.case, cross, causal)
+        if not (cross and not causal and attn.shares_source):
+            pytest.skip("the beams share a source in noncausal cross decoding of attentions with shares_source")
+        from fluence_fairseq.modules.attention_base import SHARED_SOURCE
+        beam, sentences = 3, 2
+        x = _randn(self.case.tgt_len, sentences * beam, E, seed=3)
+        src = _randn(self.case.src_len, sentences, E, seed=4).repeat_interleave(beam, dim=1)
+        kpm = torch.zeros(sentences * beam, src.size(0), dtype=torch.bool)
+        kpm[beam:, -3:] = True  # the second sentence is shorter
+        orders = [torch.tensor([2, 0, 0, 4, 5, 3]), torch.tensor([3, 4, 5, 0, 1, 2]), torch.tensor([3, 5, 4])]
+        shared, own = {}, {}
+
+        def step(t, state):
+            attn.shares_source = state is shared
+            try:
+                return attn(query=x[t : t + 1, : src.size(1)], key=src, value=src, key_padding_mask=kpm,
+                            incremental_state=state, static_kv=True, need_weights=True)
+            finally:
+                del attn.shares_source  # back to the class's
+        for t in range(len(orders) + 1):
+            (out_s, w_s), (out_o, w_o) = step(t, shared), step(t, own)
+            torch.testing.assert_close(out_s, out_o, atol=self.case.atol, rtol=0)
+            assert (w_s is None) == (w_o is None)
+            if w_s is not None:
+                torch.testing.assert_close(w_s, w_o, atol=self.case.atol, rtol=0)
+            (buffer,) = shared.values()
+            copies = [t for name, t in buffer.items() if name.startswith(SHARED_SOURCE)]
+            assert copies and all(c.size(0) == src.size(1) // beam for c in copies), "the beams read no shared copy"
+            (other,) = own.values()
+            assert not any(name.startswith(SHARED_SOURCE) for name in other)
+            if t < len(orders):
+                for state in (shared, own):
+                    attn.reorder_incremental_state(state, orders[t])
+                src, kpm = src[:, orders[t]], kpm[orders[t]]
+        # sentences with unequal numbers of beams (2 and 1; 2, 3 and 1, whose first run divides the batch): each
+        # row reads its own copy
+        first, second, third = (_randn(self.case.src_len, 1, E, seed=seed) for seed in (6, 7, 8))
+        for uneven in (torch.cat([first, first, second], dim=1),
+                       torch.cat([first, first, second, second, second, third], dim=1)):
+            state, rows = {}, uneven.size(1)
+            out = attn(query=x[:1, :rows], key=uneven, value=uneven, incremental_state=state, static_kv=True,
+                       need_weights=False)[0]
+            (buffer,) = state.values()
+            assert not any(name.startswith(SHARED_SOURCE) for name in buffer)
+            want = attn(query=x[:1, :rows], key=uneven, value=uneven, need_weights=False)[0]
+            torch.testing.assert_close(out, want, atol=self.case.atol, rtol=0)
+        # the same keys with different values, the same source tensor with different padding: different sources
+        values = _randn(self.case.src_len, 4, E, seed=9)
+        state = {}
+        out = attn(query=x[:1, :4], key=first.expand(-1, 4, -1), value=values, incremental_state=state,
+                   static_kv=True, need_weights=False)[0]
+        want = attn(query=x[:1, :4], key=first.expand(-1, 4, -1), value=values, need_weights=False)[0]
+        torch.testing.assert_close(out, want, atol=self.case.atol, rtol=0)
+        same = first.expand(-1, 4, -1)
+        padding = torch.zeros(4, same.size(0), dtype=torch.bool)
+        padding[2:, -2:] = True
+        state = {}
+        out = attn(query=x[:1, :4], key=same, value=same, key_padding_mask=padding, incremental_state=state,
+                   static_kv=True, need_weights=False)[0]
+        want = attn(query=x[:1, :4], key=same, value=same, key_padding_mask=padding, need_weights=False)[0]
+        torch.testing.assert_close(out, want, atol=self.case.atol, rtol=0)
+
     def test_state_dict_round_trip_and_eval_determinism(self, pattern):
         cross, causal = pattern
         a = _build(self.case, cross, causal, seed=0)

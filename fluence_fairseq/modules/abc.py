@@ -77,6 +77,7 @@ class ABCAttention(FluenceAttention):
 
     supports_attn_mask = False
     constant_state = True  # causal decoding keeps r memory slots
+    shares_source = True  # noncausal cross: each query attends the slots on its own (see FluenceAttention)
     #: positions per chunk of the causal computation (the masked chunk matrices are chunk x chunk)
     chunk_size: int = 64
     #: chunks per group of the fused training pass (its temporaries are one group's), and per checkpointed block

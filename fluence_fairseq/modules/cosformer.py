@@ -14,7 +14,7 @@ from ..ops.linear_attention import (
     linear_attention,
     linear_summary,
 )
-from .attention_base import ALL_PATTERNS, FluenceAttention, fsmha
+from .attention_base import ALL_PATTERNS, FluenceAttention, fold_rows, fsmha, unfold_rows
 from ..flag_types import Choice, IntRange
 from .spec import AttentionOption, AttentionSpec, check_int
 
@@ -80,6 +80,9 @@ class CosformerAttention(FluenceAttention):
                       "the stream, so a stream longer than M cannot be scored (silently wrapping the positions would "
                       "change the method).")
     forms_weights = False
+    # noncausal cross: a sentence's beams read its source summary together, each query's features made at its
+    # own position first (attend_shared_summary)
+    shares_source = True
     supports_attn_mask = False
 
     def __init__(
@@ -219,6 +222,13 @@ class CosformerAttention(FluenceAttention):
         phi_q = self.features(q, self._query_angles(q.size(2), query_offset, q.device))
         out = attend_linear_summary(phi_q, summary["cos_kv"], summary["cos_k"], eps=DEN_EPS)
         return out.to(q.dtype), None
+
+    def attend_shared_summary(self, q, summary, rows, *, query_offset, need_weights):
+        """The beams' features at their positions, then one product per sentence with its source summary (the
+        summary is 2d x d per head: read once per sentence instead of once per beam)."""
+        phi_q = self.features(q, self._query_angles(q.size(2), query_offset, q.device))
+        out = attend_linear_summary(fold_rows(phi_q, rows), summary["cos_kv"], summary["cos_k"], eps=DEN_EPS)
+        return unfold_rows(out, rows).to(q.dtype), None
 
 
 

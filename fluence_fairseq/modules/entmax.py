@@ -62,6 +62,7 @@ class EntmaxAttentionBase(FluenceAttention):
     sparse_weights = True
     keeps_output = False  # p @ v keeps p and v, not its output (see FluenceAttention.keeps_output)
     weights_by_default = True  # the normaliser forms the full probabilities anyway
+    shares_source = True  # each query row on its own, no query position without ALiBi (see FluenceAttention)
 
     # ------------------------------------------------------------------------------ what the criterion logs
     def track_statistics(self, enabled: bool) -> None:

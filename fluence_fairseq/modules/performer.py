@@ -159,6 +159,7 @@ class PerformerAttention(FluenceAttention):
 
     constant_state = True  # causal decoding keeps sum phi(k) v^T and sum phi(k)
     forms_weights = False
+    shares_source = True  # the source summary is read by each query's features alone (see FluenceAttention)
     supported_patterns = ALL_PATTERNS
     supports_attn_mask = False
 

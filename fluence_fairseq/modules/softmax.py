@@ -27,6 +27,7 @@ class SoftmaxAttention(FluenceAttention):
     """
 
     weights_by_default = True  # fairseq's MultiheadAttention contract: need_weights returns the weights
+    shares_source = True  # each query row on its own, no query position without ALiBi (see FluenceAttention)
 
     def attend(self, q, k, v, *, key_padding_mask, attn_mask, query_offset, need_weights):
         return band_attention(

@@ -261,9 +261,13 @@ def test_beam_search_reorders_the_cache_and_scores_match_a_full_forward(monkeypa
 
 @pytest.mark.parametrize("arch", ["fluence_transformer_tiny", "transformer_entmax15_tiny"])
 def test_beam_search_leaves_the_shared_source_cache_and_finds_the_same_hypotheses(arch, monkeypatch):
-    """In fairseq's beam search a sentence's beams share its source: the cross attentions keep their cached source
-    through each step's reorder instead of copying it, and the hypotheses and their scores are those of caches
-    copied at every reorder."""
+    """In fairseq's beam search a sentence's beams share its source: the cross attentions project and cache it once
+    per sentence, attend it with the sentence's beams together and keep it through each step's reorder instead of
+    copying it, and the encoder's output is not copied by reorders within the beams; the hypotheses and their
+    scores are those of every beam projecting, caching and reading its own copy, copied at every reorder."""
+    from fairseq.models.transformer import TransformerEncoder
+
+    from fluence_fairseq.models.layers import FluenceTransformerEncoder
     from fluence_fairseq.modules import attention_base
     model, task, _ = H.build(arch)
     model.eval()
@@ -277,12 +281,20 @@ def test_beam_search_leaves_the_shared_source_cache_and_finds_the_same_hypothese
         with torch.no_grad():
             return generator.generate([model], sample)
 
+    projected = []
+    cross = [m for m in model.modules() if isinstance(m, FluenceAttention) and m.cross]
+    for m in cross:
+        m.k_proj.register_forward_hook(lambda mod, args, out: projected.append(args[0].size(1)))
     monkeypatch.setattr(torch.Tensor, "index_select", lambda t, *a: copies.append(t.shape) or original(t, *a))
     kept = generate()
-    kept_copies = len(copies)
+    kept_copies, kept_rows = len(copies), sum(projected)
+    assert set(projected) == {len(sample["net_input"]["src_tokens"])}  # one row per sentence, not per beam
+    projected.clear()
     monkeypatch.setattr(attention_base, "_mark_source_groups", lambda buffer, summary, bsz: None)
+    monkeypatch.setattr(FluenceAttention, "_cache_shared_source", lambda self, *args: None)
+    monkeypatch.setattr(FluenceTransformerEncoder, "reorder_encoder_out", TransformerEncoder.reorder_encoder_out)
     copied = generate()
-    assert kept_copies < len(copies)
+    assert kept_copies < len(copies) and kept_rows * 3 == sum(projected)
     for beams_kept, beams_copied in zip(kept, copied):
         for a, b in zip(beams_kept, beams_copied):
             assert torch.equal(a["tokens"], b["tokens"])
