@@ -440,3 +440,32 @@ def test_help_command_documents_every_plugin_flag(capsys):
     assert "transformer_adaptive_span_small" in text and "adaptive_span_cross_entropy" in text
     assert "hex_sentence_prediction" in text and "--hex-orth-penalty" in text
     assert "_tiny" not in text  # the test architectures stay registered but are not offered to users
+
+
+def test_encoder_reorder_skips_reorders_within_the_copies_of_a_row_and_equals_fairseqs():
+    """The encoder output records which of its own rows each row copies: a reorder that gives every row a copy of
+    the row it already holds returns the output itself; any other reorder equals fairseq's (every entry, the
+    intermediate states too), through an expansion to beams, moves within them, sentences swapped and one
+    finished."""
+    from fairseq.models.transformer import TransformerEncoder
+
+    from fluence_fairseq.models.layers import SOURCE_ROWS
+    model, task, _ = H.build("fluence_transformer_tiny")
+    model.eval()
+    net = H.translation_sample(task, bsz=2, left_pad_lengths=(9, 6))["net_input"]
+    with torch.no_grad():
+        ours = model.encoder(net["src_tokens"], net["src_lengths"], return_all_hiddens=True)
+        theirs = model.encoder(net["src_tokens"], net["src_lengths"], return_all_hiddens=True)
+    steps = [(torch.tensor([0, 0, 0, 1, 1, 1]), False), (torch.tensor([2, 0, 0, 4, 5, 3]), True),
+             (torch.tensor([3, 4, 5, 0, 1, 2]), False), (torch.tensor([3, 4, 4]), False),
+             (torch.tensor([0, 2, 1]), True)]
+    for order, kept in steps:
+        before = ours
+        ours = model.encoder.reorder_encoder_out(ours, order)
+        theirs = TransformerEncoder.reorder_encoder_out(model.encoder, theirs, order)
+        assert (ours is before) == kept
+        for name, tensors in theirs.items():
+            assert len(ours[name]) == len(tensors)
+            for a, b in zip(ours[name], tensors):
+                assert torch.equal(a, b), name
+        assert ours[SOURCE_ROWS][0].numel() == order.numel()
