@@ -8,8 +8,14 @@ translates the same batch of random source sentences; the output length is fixed
 ``--tgt-len``, ``max_len_a`` = 0), so every model takes the same number of decoding steps whatever its weights
 say. Every round times one search of each model, in the opposite order to the round before; the report gives
 each model's median and its ratio to the first model named.
+
+``--per-beam-source`` adds, for every fluence architecture, the same model searching with the source handled
+per beam as fairseq does (each beam's copy projected, cached and read by its own queries, the encoder's output
+copied by every reorder), timed in turn with it: the report gives each model's ratio to that variant of itself,
+measured moments apart in one process (the machine's speed moves single runs by up to 10%).
 """
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -20,6 +26,7 @@ import torch
 from .attention import machine_info
 from .common import add_allocator_argument, use_allocator
 from .models import _build
+from fluence_fairseq.modules.attention_base import FluenceAttention
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +41,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model-args", default="", help="model flags for every arch (one quoted string)")
+    parser.add_argument("--per-beam-source", action="store_true",
+                        help="also time every fluence arch with the source handled per beam, as fairseq does")
     add_allocator_argument(parser)
     return parser
+
+
+PER_BEAM = ", per-beam source"
+
+
+def _fluence_model(model) -> bool:
+    return any(isinstance(m, FluenceAttention) for m in model.modules())
+
+
+@contextlib.contextmanager
+def _per_beam_source(model, enabled: bool):
+    """Within the block (``enabled``), ``model`` handles the source per beam as fairseq does: every beam's copy is
+    projected and cached (no :meth:`FluenceAttention._cache_shared_source`) and read by its own queries (no
+    ``shares_source``), and the encoder's output is copied by every reorder (fairseq's ``reorder_encoder_out``)."""
+    if not enabled:
+        yield
+        return
+    from fairseq.models.transformer import TransformerEncoder
+
+    from fluence_fairseq.models.layers import FluenceTransformerEncoder
+    cross = [m for m in model.modules() if isinstance(m, FluenceAttention) and m.cross]
+    own_cache, own_reorder = FluenceAttention._cache_shared_source, FluenceTransformerEncoder.reorder_encoder_out
+    FluenceAttention._cache_shared_source = lambda self, *args: None
+    FluenceTransformerEncoder.reorder_encoder_out = TransformerEncoder.reorder_encoder_out
+    for m in cross:
+        m.shares_source = False
+    try:
+        yield
+    finally:
+        FluenceAttention._cache_shared_source, FluenceTransformerEncoder.reorder_encoder_out = own_cache, own_reorder
+        for m in cross:
+            del m.shares_source
 
 
 @torch.no_grad()
@@ -68,33 +109,50 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
     sample = {"net_input": {"src_tokens": tokens,
                             "src_lengths": torch.full((args.sentences,), args.src_len, dtype=torch.long)}}
 
-    def search(arch: str) -> float:
+    labels = list(args.archs)
+    if args.per_beam_source:
+        labels += [arch + PER_BEAM for arch in args.archs if _fluence_model(searches[arch][0])]
+
+    def search(label: str) -> float:
+        arch = label[: -len(PER_BEAM)] if label.endswith(PER_BEAM) else label
         model, generator = searches[arch]
-        start = time.perf_counter()
-        hypotheses = generator.generate([model], sample)
-        seconds = time.perf_counter() - start
+        with _per_beam_source(model, label != arch):
+            start = time.perf_counter()
+            hypotheses = generator.generate([model], sample)
+            seconds = time.perf_counter() - start
         lengths = {len(h[0]["tokens"]) for h in hypotheses}
         if lengths != {args.tgt_len + 1}:  # the fixed length and its end of sentence
             raise RuntimeError(f"{arch}: outputs of lengths {sorted(lengths)}, expected {args.tgt_len + 1}")
         return seconds
 
-    for arch in args.archs:  # warm-up
-        search(arch)
-    times: Dict[str, List[float]] = {arch: [] for arch in args.archs}
+    for label in labels:  # warm-up
+        search(label)
+    times: Dict[str, List[float]] = {label: [] for label in labels}
     for r in range(args.rounds):
-        for arch in (args.archs if r % 2 == 0 else args.archs[::-1]):
-            times[arch].append(search(arch))
+        for label in (labels if r % 2 == 0 else labels[::-1]):
+            times[label].append(search(label))
     baseline = statistics.median(times[args.archs[0]])
-    result = {arch: {"s": statistics.median(t), "ratio": statistics.median(t) / baseline,
-                     "sentences_per_s": args.sentences / statistics.median(t)} for arch, t in times.items()}
+    result = {label: {"s": statistics.median(t), "ratio": statistics.median(t) / baseline,
+                      "sentences_per_s": args.sentences / statistics.median(t)} for label, t in times.items()}
+    for label in labels:
+        if label + PER_BEAM in times:  # each round's pair, moments apart
+            ratios = [a / b for a, b in zip(times[label], times[label + PER_BEAM])]
+            result[label]["per_beam_ratio"] = statistics.median(ratios)
+            result[label]["per_beam_range"] = (min(ratios), max(ratios))
     machine = machine_info()
     print(f"Beam search (fairseq SequenceGenerator, no gradients): {args.sentences} sentences of {args.src_len} source "
           f"tokens, {args.tgt_len} decoding steps, beam {args.beam}, vocabulary {args.vocab}; {args.rounds} rounds; "
           f"{machine['cpu']}, {args.threads} thread(s), torch {machine['torch']}; load average "
           f"{machine['load_avg_1min']:.2f} at the end; allocator {allocator}\n")
-    print(f"| arch | median s per search | sentences / s | / {args.archs[0]} |\n|---|---|---|---|")
-    for arch, row in result.items():
-        print(f"| {arch} | {row['s']:.3f} | {row['sentences_per_s']:.1f} | {row['ratio']:.2f} |")
+    paired = " / per beam (rounds' median, range) |" if args.per_beam_source else ""
+    print(f"| arch | median s per search | sentences / s | / {args.archs[0]} |{paired}\n"
+          f"|---|---|---|---|{'---|' if paired else ''}")
+    for label, row in result.items():
+        line = f"| {label} | {row['s']:.3f} | {row['sentences_per_s']:.1f} | {row['ratio']:.2f} |"
+        if paired:
+            line += (f" {row['per_beam_ratio']:.3f} ({row['per_beam_range'][0]:.3f}-{row['per_beam_range'][1]:.3f}) |"
+                     if "per_beam_ratio" in row else " |")
+        print(line)
     sys.stdout.flush()
     return result
 

@@ -40,3 +40,29 @@ def test_bad_arguments_are_refused():
         generation.main(["nope"])
     with pytest.raises(SystemExit, match="--beam must be >= 1"):
         generation.main(["transformer", "--beam", "0"])
+
+
+def test_per_beam_source_times_each_fluence_arch_against_its_per_beam_variant(capsys, monkeypatch):
+    """``--per-beam-source``: a variant of every fluence arch (not of stock fairseq's) whose searches project and
+    cache every beam's copy of the source and copy the encoder's output at every reorder; the switches are back
+    after each of its searches."""
+    from fluence_fairseq.models.layers import FluenceTransformerEncoder
+    from fluence_fairseq.modules.attention_base import FluenceAttention
+    calls = []
+    cache, reorder = FluenceAttention._cache_shared_source, FluenceTransformerEncoder.reorder_encoder_out
+
+    def counting(self, *args):
+        calls.append(self.shares_source)
+        return cache(self, *args)
+
+    monkeypatch.setattr(FluenceAttention, "_cache_shared_source", counting)
+    result = generation.main(["transformer", "fluence_transformer", *TINY, "--per-beam-source"])
+    assert list(result) == ["transformer", "fluence_transformer", "fluence_transformer" + generation.PER_BEAM]
+    assert 0 < result["fluence_transformer"]["per_beam_ratio"] < 10
+    assert "per_beam_ratio" not in result["transformer"]
+    # warm-up and 2 rounds of the arch's own searches, one cross layer each: the per-beam ones never call it
+    assert calls == [True] * 3
+    assert FluenceAttention._cache_shared_source is counting
+    assert FluenceTransformerEncoder.reorder_encoder_out is reorder
+    out = capsys.readouterr().out
+    assert "| fluence_transformer, per-beam source |" in out
