@@ -34,6 +34,29 @@ def test_every_timed_step_starts_from_the_filled_cache(spec):
     assert filled["prev_key"].shape[:3] == (3, 2, 4) and len(case.us) == 3
 
 
+def test_sentences_repeat_their_source_for_their_beams_and_reorder_within_them(monkeypatch):
+    """``--sentences``: the batch is sentences x beam; a sentence's source is the same for its beams (as fairseq's
+    beam search repeats it), and the self attention's reorders move each row to a beam of its own sentence."""
+    orders = []
+    module = build_module(bench_spec("softmax"), 16, 2, cross=False, causal=True).eval()
+    reorder = module.reorder_incremental_state
+    monkeypatch.setattr(module, "reorder_incremental_state", lambda state, order: orders.append(order) or reorder(
+        state, order))
+    with torch.no_grad():
+        case = decoding.Case(module, False, 2, 3, 16, sentences=2)
+        for _ in range(20):
+            case.step(16)
+        cross = decoding.Case(build_module(bench_spec("softmax"), 16, 2, cross=True, causal=False).eval(), True, 4,
+                              3, 16, sentences=2)
+    assert all(torch.equal(order // 3, torch.arange(6) // 3) for order in orders) and len(orders) == 20
+    assert torch.equal(cross.source[:, 0], cross.source[:, 2])
+    assert not torch.equal(cross.source[:, 2], cross.source[:, 3])
+    (buffer,) = case.state.values()
+    assert buffer["prev_key"].size(0) == 6
+    with pytest.raises(SystemExit, match="--sentences must be >= 1"):
+        decoding.main(["softmax", "--sentences", "0"])
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit, match="unknown attention 'nope'"):
         decoding.main(["nope"])
