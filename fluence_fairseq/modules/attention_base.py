@@ -672,11 +672,11 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     def _cache_shared_source(self, key, value, key_padding_mask, buffer, bsz: int):
         """The first cross decoding call with ``static_kv`` where consecutive rows bring the same source, bit for
         bit (beam search repeats each sentence's encoder output for its beams): each run of them is projected and
-        summarised once and the summary copied to its rows, the runs numbered (:data:`SOURCE_GROUP`) and, where
-        the attention shares its source (:meth:`_shared_source`), the summaries of the runs kept as their shared
-        copy. fairseq's attention projects every beam's copy: projecting each sentence's once took a base-size
-        model's beam search (8 sentences of 256 tokens, beam 5) to 0.81x its time. None, and nothing cached, when
-        no two consecutive rows are equal."""
+        summarised once and the summary copied to its rows, and the runs numbered (:data:`SOURCE_GROUP`; their
+        shared copy, where the attention keeps one, is made from the rows by :meth:`_shared_source`). fairseq's
+        attention projects every beam's copy: projecting each sentence's once took a base-size model's beam search
+        (8 sentences of 256 tokens, beam 5) to 0.81x its time. None, and nothing cached, when no two consecutive
+        rows are equal."""
         self._check_source(key, value, bsz)
         if bsz < 2:
             return None
@@ -698,9 +698,6 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         summary = {name: t.index_select(0, runs) for name, t in per_run.items() if t is not None}
         buffer.update(summary)
         buffer[SOURCE_GROUP] = runs
-        if self._may_share_source() and bsz % count == 0 and torch.equal(
-                runs, torch.arange(count, device=runs.device).repeat_interleave(bsz // count)):
-            buffer.update({SHARED_SOURCE + name: t.contiguous() for name, t in per_run.items() if t is not None})
         return summary
 
     def _attend_whole(self, q, k, v, summary, buffer, static_kv, key_padding_mask, attn_mask, src_len,
