@@ -753,7 +753,8 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
             return None
         starts = (group[1:] != group[:-1]).nonzero()
         rows = int(starts[0]) + 1 if starts.numel() else bsz
-        if rows < 2 or bsz % rows or not torch.equal(group.view(-1, rows), group[::rows].unsqueeze(1).expand(-1, rows)):
+        if rows < 2 or bsz % rows or not torch.equal(group.view(-1, rows),
+                                                     group[::rows].unsqueeze(1).expand(-1, rows)):
             return None
         shared = {name: t[::rows].contiguous() for name, t in summary.items() if t is not None}
         buffer.update({SHARED_SOURCE + name: t for name, t in shared.items()})
@@ -814,14 +815,14 @@ def fold_rows(x: Tensor, rows: int) -> Tensor:
     """(B, H, L, ...) -> (B / rows, H, rows * L, ...): each run of ``rows`` consecutive rows as one longer
     sequence (row-major: the first row's L entries, then the second's)."""
     bsz, heads, length = x.shape[:3]
-    return x.view(bsz // rows, rows, heads, length, *x.shape[3:]).transpose(1, 2).reshape(
+    return x.reshape(bsz // rows, rows, heads, length, *x.shape[3:]).transpose(1, 2).reshape(
         bsz // rows, heads, rows * length, *x.shape[3:])
 
 
 def unfold_rows(x: Tensor, rows: int) -> Tensor:
     """The inverse of :func:`fold_rows`: (B / rows, H, rows * L, ...) -> (B, H, L, ...)."""
     groups, heads, folded = x.shape[:3]
-    return x.view(groups, heads, rows, folded // rows, *x.shape[3:]).transpose(1, 2).reshape(
+    return x.reshape(groups, heads, rows, folded // rows, *x.shape[3:]).transpose(1, 2).reshape(
         groups * rows, heads, folded // rows, *x.shape[3:])
 
 
