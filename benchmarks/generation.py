@@ -13,6 +13,9 @@ each model's median and its ratio to the first model named.
 per beam as fairseq does (each beam's copy projected, cached and read by its own queries, the encoder's output
 copied by every reorder), timed in turn with it: the report gives each model's ratio to that variant of itself,
 measured moments apart in one process (the machine's speed moves single runs by up to 10%).
+``--per-beam-source PART`` switches off one part alone: ``projection`` (each beam's copy projected and cached),
+``reads`` (each beam's queries read their own copy) or ``encoder`` (the encoder's output copied by every
+reorder).
 """
 import argparse
 import contextlib
@@ -41,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model-args", default="", help="model flags for every arch (one quoted string)")
-    parser.add_argument("--per-beam-source", action="store_true",
-                        help="also time every fluence arch with the source handled per beam, as fairseq does")
+    parser.add_argument("--per-beam-source", nargs="?", const="all", choices=PARTS, default=None,
+                        help="also time every fluence arch with the source handled per beam, as fairseq does (all "
+                             "three parts, or only the one named)")
     add_allocator_argument(parser)
     return parser
 
@@ -54,21 +58,29 @@ def _fluence_model(model) -> bool:
     return any(isinstance(m, FluenceAttention) for m in model.modules())
 
 
+#: what ``--per-beam-source`` switches off
+PARTS = ("all", "projection", "reads", "encoder")
+
+
 @contextlib.contextmanager
-def _per_beam_source(model, enabled: bool):
-    """Within the block (``enabled``), ``model`` handles the source per beam as fairseq does: every beam's copy is
-    projected and cached (no :meth:`FluenceAttention._cache_shared_source`) and read by its own queries (no
-    ``shares_source``), and the encoder's output is copied by every reorder (fairseq's ``reorder_encoder_out``)."""
-    if not enabled:
+def _per_beam_source(model, part: Optional[str]):
+    """Within the block, ``model`` handles the source per beam as fairseq does (``part`` "all", or the one part
+    named; None: nothing changes): every beam's copy is projected and cached (no
+    :meth:`FluenceAttention._cache_shared_source`), read by its own queries (no ``shares_source``), and the
+    encoder's output copied by every reorder (fairseq's ``reorder_encoder_out``)."""
+    if part is None:
         yield
         return
     from fairseq.models.transformer import TransformerEncoder
 
     from fluence_fairseq.models.layers import FluenceTransformerEncoder
-    cross = [m for m in model.modules() if isinstance(m, FluenceAttention) and m.cross]
+    cross = [m for m in model.modules() if isinstance(m, FluenceAttention) and m.cross] if part in (
+        "all", "reads") else []
     own_cache, own_reorder = FluenceAttention._cache_shared_source, FluenceTransformerEncoder.reorder_encoder_out
-    FluenceAttention._cache_shared_source = lambda self, *args: None
-    FluenceTransformerEncoder.reorder_encoder_out = TransformerEncoder.reorder_encoder_out
+    if part in ("all", "projection"):
+        FluenceAttention._cache_shared_source = lambda self, *args: None
+    if part in ("all", "encoder"):
+        FluenceTransformerEncoder.reorder_encoder_out = TransformerEncoder.reorder_encoder_out
     for m in cross:
         m.shares_source = False
     try:
@@ -116,7 +128,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
     def search(label: str) -> float:
         arch = label[: -len(PER_BEAM)] if label.endswith(PER_BEAM) else label
         model, generator = searches[arch]
-        with _per_beam_source(model, label != arch):
+        with _per_beam_source(model, args.per_beam_source if label != arch else None):
             start = time.perf_counter()
             hypotheses = generator.generate([model], sample)
             seconds = time.perf_counter() - start
@@ -143,7 +155,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
     print(f"Beam search (fairseq SequenceGenerator, no gradients): {args.sentences} sentences of {args.src_len} source "
           f"tokens, {args.tgt_len} decoding steps, beam {args.beam}, vocabulary {args.vocab}; {args.rounds} rounds; "
           f"{machine['cpu']}, {args.threads} thread(s), torch {machine['torch']}; load average "
-          f"{machine['load_avg_1min']:.2f} at the end; allocator {allocator}\n")
+          f"{machine['load_avg_1min']:.2f} at the end; allocator {allocator}"
+          + (f"; per-beam variants: {args.per_beam_source} switched off" if args.per_beam_source else "") + "\n")
     paired = " / per beam (rounds' median, range) |" if args.per_beam_source else ""
     print(f"| arch | median s per search | sentences / s | / {args.archs[0]} |{paired}\n"
           f"|---|---|---|---|{'---|' if paired else ''}")

@@ -66,3 +66,22 @@ def test_per_beam_source_times_each_fluence_arch_against_its_per_beam_variant(ca
     assert FluenceTransformerEncoder.reorder_encoder_out is reorder
     out = capsys.readouterr().out
     assert "| fluence_transformer, per-beam source |" in out
+
+
+def test_per_beam_source_switches_off_one_part_alone(monkeypatch):
+    """``--per-beam-source reads``: the variant's beams read their own copies (``shares_source`` off in its
+    searches) while the source is still projected once per sentence."""
+    from fluence_fairseq.modules.attention_base import FluenceAttention
+    calls = []
+    cache = FluenceAttention._cache_shared_source
+
+    def counting(self, *args):
+        calls.append(self.shares_source)
+        return cache(self, *args)
+
+    monkeypatch.setattr(FluenceAttention, "_cache_shared_source", counting)
+    result = generation.main(["fluence_transformer", *TINY, "--per-beam-source", "reads"])
+    assert "per_beam_ratio" in result["fluence_transformer"]
+    assert calls.count(True) == 3 and calls.count(False) == 3  # the variant's searches: projected once, not shared
+    with pytest.raises(SystemExit):
+        generation.main(["fluence_transformer", *TINY, "--per-beam-source", "nope"])
