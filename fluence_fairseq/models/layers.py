@@ -97,7 +97,7 @@ class FluenceTransformerEncoder(TransformerEncoder):
         the encoder's own output it is a copy of (:data:`SOURCE_ROWS`), and a reorder that gives every row a copy of
         the row it already holds (fairseq's beam search, at every step, moves each beam among its own sentence's)
         returns the output as it is. fairseq's reorder copies the whole output (and its embedding) at every step:
-        skipping those copies took a base-size model's beam search (8 sentences of 256 tokens, beam 5) to 0.97x its
+        skipping those copies took a base-size model's beam search (8 sentences of 256 tokens, beam 5) to 0.96x its
         time."""
         rows = encoder_out.get(SOURCE_ROWS)
         if rows:
