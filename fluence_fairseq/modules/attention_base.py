@@ -31,6 +31,12 @@ SOURCE_GROUP = "source_group"
 #: prefix of the cache entries holding one row of the cached source per run of ``SOURCE_GROUP`` (see
 #: :attr:`FluenceAttention.shares_source`): the batch on their dim 0 is the sentences', not the beams'
 SHARED_SOURCE = "shared_source."
+#: the beams of a sentence share its cached source only where the whole cache holds this many elements: folding
+#: the beams' queries and unfolding their outputs costs about 10-15 us a call, more than the reads it saves from a
+#: small source (one sentence of 5 beams, a softmax cross step over 16 source tokens, 82k cached elements: 176
+#: against 160 us; 64 tokens, 328k: 186 against 179; 256 tokens, 1.3M: 226 against 237; 8 sentences of 30 tokens,
+#: 1.2M: within 1%, and a whole beam search 0.976x its time)
+SHARE_FROM_ELEMENTS = 1 << 19
 
 #: (cross, causal) -> name used in messages and docs
 PATTERNS = {
@@ -741,13 +747,16 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         """Noncausal cross decoding where :attr:`shares_source`: one row of the cached source per run of rows that
         share it and the run length, when the runs (:data:`SOURCE_GROUP`) all have the same length and start at its
         multiples (a beam search's sentences and their beams); made once, kept in the cache until a reorder moves
-        rows across the runs. None otherwise, and under a global pruning mask or with ALiBi (their entries depend
-        on the query positions, which a folded run does not keep)."""
+        rows across the runs. None otherwise, for a cache of fewer than :data:`SHARE_FROM_ELEMENTS` elements, and
+        under a global pruning mask or with ALiBi (their entries depend on the query positions, which a folded run
+        does not keep)."""
         if buffer is None or not self._may_share_source():
             return None
         shared = {name[len(SHARED_SOURCE):]: t for name, t in buffer.items() if name.startswith(SHARED_SOURCE)}
         if shared:
             return shared, bsz // next(t.size(0) for t in shared.values())
+        if sum(t.numel() for t in summary.values() if t is not None) < SHARE_FROM_ELEMENTS:
+            return None
         group = buffer.get(SOURCE_GROUP)
         if group is None or group.numel() != bsz:
             return None

@@ -290,3 +290,25 @@ def test_an_attention_without_math_is_refused_at_construction():
 
     with pytest.raises(TypeError, match="must implement attend"):
         NoMath(E, H)
+
+
+def test_beams_share_a_source_only_from_the_cache_size_where_it_pays(monkeypatch):
+    """A sentence's beams read one shared copy of its source only where the cross cache holds at least
+    ``SHARE_FROM_ELEMENTS`` elements (below, the folding costs more than the reads it saves): the same outputs
+    either way."""
+    from fluence_fairseq.modules import attention_base
+    from fluence_fairseq.modules.attention_base import SHARED_SOURCE
+    torch.manual_seed(0)
+    attn = FSSoftmax(E, H, cross=True).eval()
+    src = torch.randn(S, 2, E).repeat_interleave(3, dim=1)
+    x = torch.randn(3, 6, E)
+    cached = 2 * 6 * S * E  # prev_key and prev_value
+    outs = {}
+    for bound in (cached + 1, cached):
+        monkeypatch.setattr(attention_base, "SHARE_FROM_ELEMENTS", bound)
+        state = {}
+        outs[bound] = torch.cat([attn(query=x[t : t + 1], key=src, value=src, incremental_state=state, static_kv=True,
+                                      need_weights=False)[0] for t in range(3)])
+        (buffer,) = state.values()
+        assert any(name.startswith(SHARED_SOURCE) for name in buffer) == (bound == cached)
+    torch.testing.assert_close(outs[cached], outs[cached + 1], atol=ATOL, rtol=0)
