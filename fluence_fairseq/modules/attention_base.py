@@ -727,7 +727,6 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
             if buffer is not None and static_kv:
                 summary = self.summarize_keys(k, v, key_padding_mask)
                 buffer.update({name: t for name, t in summary.items() if t is not None})
-                _mark_source_groups(buffer, summary, bsz)
         if summary is not None:
             shared = self._shared_source(buffer, summary, bsz) if attn_mask is None else None
             if shared is not None:
@@ -782,7 +781,7 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
     def reorder_incremental_state(self, incremental_state: IncrementalState, new_order: Tensor):
         """Beam search: select the new batch order in every cached tensor (batch is dim 0 of all of them). A cross
         attention's cached source is left as it is when every row moves within its group of rows holding the same
-        source (:func:`_mark_source_groups`: a sentence's beams, in fairseq's beam search every step until a
+        source (:meth:`_cache_shared_source`: a sentence's beams, in fairseq's beam search every step until a
         sentence finishes): the selection would copy the whole source cache of every layer for nothing. The
         query count of cross decoding is the same in every row."""
         buffer = self._get_input_buffer(incremental_state)
@@ -833,25 +832,6 @@ def unfold_rows(x: Tensor, rows: int) -> Tensor:
     groups, heads, folded = x.shape[:3]
     return x.reshape(groups, heads, rows, folded // rows, *x.shape[3:]).transpose(1, 2).reshape(
         groups * rows, heads, folded // rows, *x.shape[3:])
-
-
-def _mark_source_groups(buffer: Dict[str, Optional[Tensor]], summary: Dict[str, Optional[Tensor]], bsz: int) -> None:
-    """Numbers the runs of consecutive rows whose just cached source summary is the same, bit for bit (beam search
-    repeats each sentence's encoder output for its beams), in the cache entry :data:`SOURCE_GROUP`, where some
-    rows share one; a reorder that keeps every row within its run then changes nothing. Found, not assumed:
-    fairseq's own attention skips the reorder whenever the batch keeps its size."""
-    if bsz < 2:
-        return
-    same = None
-    for tensor in summary.values():
-        if tensor is None:
-            continue
-        rows = tensor.reshape(bsz, -1)
-        equal = (rows[1:] == rows[:-1]).all(dim=1)
-        same = equal if same is None else same & equal
-    if same is None or not bool(same.any()):
-        return
-    buffer[SOURCE_GROUP] = torch.cat([same.new_zeros(1, dtype=torch.long), (~same).long().cumsum(0)])
 
 
 _FAIRSEQ_ONLY = ("dictionary",)

@@ -268,7 +268,6 @@ def test_beam_search_leaves_the_shared_source_cache_and_finds_the_same_hypothese
     from fairseq.models.transformer import TransformerEncoder
 
     from fluence_fairseq.models.layers import FluenceTransformerEncoder
-    from fluence_fairseq.modules import attention_base
     model, task, _ = H.build(arch)
     model.eval()
     sample = H.translation_sample(task)
@@ -290,7 +289,6 @@ def test_beam_search_leaves_the_shared_source_cache_and_finds_the_same_hypothese
     kept_copies, kept_rows = len(copies), sum(projected)
     assert set(projected) == {len(sample["net_input"]["src_tokens"])}  # one row per sentence, not per beam
     projected.clear()
-    monkeypatch.setattr(attention_base, "_mark_source_groups", lambda buffer, summary, bsz: None)
     monkeypatch.setattr(FluenceAttention, "_cache_shared_source", lambda self, *args: None)
     monkeypatch.setattr(FluenceTransformerEncoder, "reorder_encoder_out", TransformerEncoder.reorder_encoder_out)
     copied = generate()
