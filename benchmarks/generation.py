@@ -16,6 +16,12 @@ measured moments apart in one process (the machine's speed moves single runs by 
 ``--per-beam-source PART`` switches off one part alone: ``projection`` (each beam's copy projected and cached),
 ``reads`` (each beam's queries read their own copy) or ``encoder`` (the encoder's output copied by every
 reorder).
+
+``--eager-reorder`` adds instead, for every fluence architecture, the same model searching with its causal self
+attentions' cached keys and values selected by every reorder and concatenated by the next step (a copy each, as
+fairseq does) rather than selected by the next step as it appends (see ``PENDING_ORDER`` in
+:mod:`fluence_fairseq.modules.attention_base`), timed in turn with it; the report gives each model's ratio to
+that variant.
 """
 import argparse
 import contextlib
@@ -47,11 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per-beam-source", nargs="?", const="all", choices=PARTS, default=None,
                         help="also time every fluence arch with the source handled per beam, as fairseq does (all "
                              "three parts, or only the one named)")
+    parser.add_argument("--eager-reorder", action="store_true",
+                        help="also time every fluence arch with its cached self-attention keys copied by every "
+                             "reorder and again by the next step, as fairseq does")
     add_allocator_argument(parser)
     return parser
 
 
 PER_BEAM = ", per-beam source"
+EAGER = ", eager reorder"
 
 
 def _fluence_model(model) -> bool:
@@ -91,6 +101,21 @@ def _per_beam_source(model, part: Optional[str]):
             del m.shares_source
 
 
+@contextlib.contextmanager
+def _eager_reorder(model, on: bool):
+    """Within the block (``on``), every reorder selects the causal self attentions' cached keys and values at
+    once (fairseq's way: a copy by the reorder, another by the next step's concatenation)."""
+    if not on:
+        yield
+        return
+    own = FluenceAttention._defers_reorder
+    FluenceAttention._defers_reorder = lambda self, buffer: False
+    try:
+        yield
+    finally:
+        FluenceAttention._defers_reorder = own
+
+
 @torch.no_grad()
 def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
     args = build_parser().parse_args(argv)
@@ -98,6 +123,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
                         (args.beam, "--beam"), (args.rounds, "--rounds"), (args.threads, "--threads")):
         if value < 1:
             raise SystemExit(f"{flag} must be >= 1, got {value}")
+    if args.per_beam_source and args.eager_reorder:
+        raise SystemExit("--per-beam-source and --eager-reorder: one variant at a time")
     from fairseq.models import ARCH_MODEL_REGISTRY
     from fairseq.sequence_generator import SequenceGenerator
 
@@ -122,13 +149,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
                             "src_lengths": torch.full((args.sentences,), args.src_len, dtype=torch.long)}}
 
     labels = list(args.archs)
-    if args.per_beam_source:
-        labels += [arch + PER_BEAM for arch in args.archs if _fluence_model(searches[arch][0])]
+    suffix, ratio_key = (PER_BEAM, "per_beam_ratio") if args.per_beam_source else (EAGER, "eager_ratio")
+    variants = bool(args.per_beam_source or args.eager_reorder)
+    if variants:
+        labels += [arch + suffix for arch in args.archs if _fluence_model(searches[arch][0])]
 
     def search(label: str) -> float:
-        arch = label[: -len(PER_BEAM)] if label.endswith(PER_BEAM) else label
+        arch = label[: -len(suffix)] if label.endswith(suffix) else label
         model, generator = searches[arch]
-        with _per_beam_source(model, args.per_beam_source if label != arch else None):
+        variant = label != arch
+        with _per_beam_source(model, args.per_beam_source if variant else None), _eager_reorder(
+                model, variant and args.eager_reorder):
             start = time.perf_counter()
             hypotheses = generator.generate([model], sample)
             seconds = time.perf_counter() - start
@@ -147,24 +178,26 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
     result = {label: {"s": statistics.median(t), "ratio": statistics.median(t) / baseline,
                       "sentences_per_s": args.sentences / statistics.median(t)} for label, t in times.items()}
     for label in labels:
-        if label + PER_BEAM in times:  # each round's pair, moments apart
-            ratios = [a / b for a, b in zip(times[label], times[label + PER_BEAM])]
-            result[label]["per_beam_ratio"] = statistics.median(ratios)
-            result[label]["per_beam_range"] = (min(ratios), max(ratios))
+        if label + suffix in times:  # each round's pair, moments apart
+            ratios = [a / b for a, b in zip(times[label], times[label + suffix])]
+            result[label][ratio_key] = statistics.median(ratios)
+            result[label]["variant_range"] = (min(ratios), max(ratios))
     machine = machine_info()
     print(f"Beam search (fairseq SequenceGenerator, no gradients): {args.sentences} sentences of {args.src_len} source "
           f"tokens, {args.tgt_len} decoding steps, beam {args.beam}, vocabulary {args.vocab}; {args.rounds} rounds; "
           f"{machine['cpu']}, {args.threads} thread(s), torch {machine['torch']}; load average "
           f"{machine['load_avg_1min']:.2f} at the end; allocator {allocator}"
-          + (f"; per-beam variants: {args.per_beam_source} switched off" if args.per_beam_source else "") + "\n")
-    paired = " / per beam (rounds' median, range) |" if args.per_beam_source else ""
+          + (f"; per-beam variants: {args.per_beam_source} switched off" if args.per_beam_source else "")
+          + ("; eager-reorder variants: cached self-attention keys copied by every reorder" if args.eager_reorder
+             else "") + "\n")
+    paired = f" / {suffix[2:]} variant (rounds' median, range) |" if variants else ""
     print(f"| arch | median s per search | sentences / s | / {args.archs[0]} |{paired}\n"
           f"|---|---|---|---|{'---|' if paired else ''}")
     for label, row in result.items():
         line = f"| {label} | {row['s']:.3f} | {row['sentences_per_s']:.1f} | {row['ratio']:.2f} |"
         if paired:
-            line += (f" {row['per_beam_ratio']:.3f} ({row['per_beam_range'][0]:.3f}-{row['per_beam_range'][1]:.3f}) |"
-                     if "per_beam_ratio" in row else " |")
+            line += (f" {row[ratio_key]:.3f} ({row['variant_range'][0]:.3f}-{row['variant_range'][1]:.3f}) |"
+                     if ratio_key in row else " |")
         print(line)
     sys.stdout.flush()
     return result

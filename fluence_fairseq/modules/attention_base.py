@@ -37,6 +37,13 @@ SHARED_SOURCE = "shared_source."
 #: against 160 us; 64 tokens, 328k: 186 against 179; 256 tokens, 1.3M: 226 against 237; 8 sentences of 30 tokens,
 #: 1.2M: within 1%, and a whole beam search 0.976x its time)
 SHARE_FROM_ELEMENTS = 1 << 19
+#: the cache entry holding a beam reorder not yet applied to a causal self attention's cached keys and values
+#: (``prev_key``/``prev_value``): the next step copies them once, selected and with the new keys appended, where
+#: the reorder's selection and the append's concatenation copied them twice (see
+#: :meth:`FluenceAttention.reorder_incremental_state`). (B,), indices into the cached rows.
+PENDING_ORDER = "pending_order"
+#: the cached tensors whose reorder a causal self attention's default decoding step takes over
+DEFERRED_REORDER = ("prev_key", "prev_value")
 
 #: (cross, causal) -> name used in messages and docs
 PATTERNS = {
@@ -425,9 +432,10 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
         """
         prev_k = buffer.get("prev_key")
         prev_len = 0 if prev_k is None else prev_k.size(2)
+        order = buffer.pop(PENDING_ORDER, None)
         if prev_k is not None:
-            k = torch.cat([prev_k, k], dim=2)
-            v = torch.cat([buffer["prev_value"], v], dim=2)
+            k = _append_keys(prev_k, k, order)
+            v = _append_keys(buffer["prev_value"], v, order)
         key_padding_mask = append_padding_masks(
             buffer.get("prev_key_padding_mask"), prev_len, key_padding_mask, q.size(2), q.size(0)
         )
@@ -792,11 +800,25 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
                 return incremental_state
             for name in [name for name in buffer if name.startswith(SHARED_SOURCE)]:
                 del buffer[name]  # one row per run of the old order: made again from the reordered source
+            deferred = ()
+            if self._defers_reorder(buffer):
+                # the keys and values are selected by the next step as it appends to them (one copy, not two);
+                # a pending order is itself reordered below, which composes the two
+                deferred = DEFERRED_REORDER
             for name, tensor in buffer.items():
-                if tensor is not None:
+                if tensor is not None and name not in deferred:
                     buffer[name] = tensor.index_select(0, new_order)
+            if deferred and PENDING_ORDER not in buffer:
+                buffer[PENDING_ORDER] = new_order.clone()  # (the caller may change its tensor later)
             incremental_state = self._set_input_buffer(incremental_state, buffer)
         return incremental_state
+
+    def _defers_reorder(self, buffer: Dict[str, Optional[Tensor]]) -> bool:
+        """Whether a reorder of ``buffer`` leaves :data:`DEFERRED_REORDER` to the next step: a causal self
+        attention's key/value cache that the base's own :meth:`attend_incremental` keeps (it applies the
+        :data:`PENDING_ORDER`; an attention with a decoding step of its own keeps other state)."""
+        return (not self.cross and buffer.get("prev_key") is not None
+                and type(self).attend_incremental is FluenceAttention.attend_incremental)
 
     def hyper_parameters(self) -> Tuple[str, ...]:
         """The constructor keywords beyond the base's that the instance keeps as attributes of the same name
@@ -811,6 +833,19 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
 
     def extra_repr(self) -> str:
         return self._pattern_repr() + "".join(f", {name}={getattr(self, name)!r}" for name in self.hyper_parameters())
+
+
+def _append_keys(cached: Tensor, new: Tensor, order: Optional[Tensor]) -> Tensor:
+    """``cat([cached[order], new], dim=2)`` for (B, H, t, Dh) caches, the selection written straight into its
+    place in the result (``order`` None: no selection)."""
+    if order is None:
+        return torch.cat([cached, new], dim=2)
+    if torch.is_grad_enabled() and (cached.requires_grad or new.requires_grad):  # (``out=`` records no graph)
+        return torch.cat([cached.index_select(0, order), new], dim=2)
+    out = new.new_empty(order.numel(), new.size(1), cached.size(2) + new.size(2), new.size(3))
+    torch.index_select(cached, 0, order, out=out[:, :, : cached.size(2)])
+    out[:, :, cached.size(2):] = new
+    return out
 
 
 def _is_source(name: str) -> bool:

@@ -85,3 +85,31 @@ def test_per_beam_source_switches_off_one_part_alone(monkeypatch):
     assert calls.count(True) == 3 and calls.count(False) == 3  # the variant's searches: projected once, not shared
     with pytest.raises(SystemExit):
         generation.main(["fluence_transformer", *TINY, "--per-beam-source", "nope"])
+
+
+def test_eager_reorder_times_each_fluence_arch_against_its_copying_variant(capsys, monkeypatch):
+    """``--eager-reorder``: a variant of every fluence arch whose reorders select the cached self-attention keys
+    at once (no pending order in its searches), timed in turn with the arch itself (whose reorders defer); the
+    switch is back after each of the variant's searches; the two variants are not combined."""
+    from fluence_fairseq.modules.attention_base import FluenceAttention
+    deferred = []
+    own = FluenceAttention.reorder_incremental_state
+
+    def recording(self, state, order):
+        result = own(self, state, order)
+        buffer = self._get_input_buffer(state)
+        if not self.cross and buffer.get("prev_key") is not None:
+            deferred.append("pending_order" in buffer)
+        return result
+
+    monkeypatch.setattr(FluenceAttention, "reorder_incremental_state", recording)
+    defers = FluenceAttention._defers_reorder
+    result = generation.main(["transformer", "fluence_transformer", *TINY, "--eager-reorder"])
+    assert list(result) == ["transformer", "fluence_transformer", "fluence_transformer" + generation.EAGER]
+    assert 0 < result["fluence_transformer"]["eager_ratio"] < 10 and "eager_ratio" not in result["transformer"]
+    # warm-up and 2 rounds of each: the arch's own searches defer every reorder, the variant's none
+    assert deferred.count(True) == deferred.count(False) > 0
+    assert FluenceAttention._defers_reorder is defers
+    assert "| fluence_transformer, eager reorder |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="one variant at a time"):
+        generation.main(["fluence_transformer", *TINY, "--eager-reorder", "--per-beam-source"])

@@ -172,6 +172,67 @@ def test_beam_reorder_selects_every_cached_tensor(cross):
     torch.testing.assert_close(torch.cat(got), torch.cat(want), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_beam_reorder_of_cached_keys_is_taken_by_the_next_step(grad):
+    """A causal self attention's cached keys and values are not copied by a reorder: the order waits in the cache
+    (reordered by a second reorder, which composes the two, and cut with a finished hypothesis) and the next step
+    selects the rows as it appends its keys; the decoding equals that of the reordered history from the start,
+    under autograd too (where the step selects and concatenates as before)."""
+    from fluence_fairseq.modules.attention_base import PENDING_ORDER
+
+    _, ours = pair(False, True)
+    x, _, _ = inputs(False, True)
+    first, second = torch.tensor([2, 0, 2]), torch.tensor([1, 2])  # a reorder, then a hypothesis finished
+    with torch.set_grad_enabled(grad):
+        st = {}
+        for t in range(3):
+            ours(query=x[t : t + 1], incremental_state=st)
+        cached = dict(ours._get_input_buffer(st))
+        ours.reorder_incremental_state(st, first)
+        ours.reorder_incremental_state(st, second)
+        buffer = ours._get_input_buffer(st)
+        assert buffer["prev_key"] is cached["prev_key"] and buffer["prev_value"] is cached["prev_value"]
+        order = first[second]  # the rows the two reorders leave, in the cache before them
+        assert torch.equal(buffer[PENDING_ORDER], order)
+        got = [ours(query=x[t : t + 1, order], incremental_state=st)[0] for t in range(3, T)]
+        buffer = ours._get_input_buffer(st)
+        assert PENDING_ORDER not in buffer
+        assert torch.equal(buffer["prev_key"][:, :, :3], cached["prev_key"][order])
+        assert torch.equal(buffer["prev_value"][:, :, :3], cached["prev_value"][order])
+        st2 = {}
+        for t in range(3):
+            ours(query=x[t : t + 1, order], incremental_state=st2)
+        want = [ours(query=x[t : t + 1, order], incremental_state=st2)[0] for t in range(3, T)]
+    torch.testing.assert_close(torch.cat(got), torch.cat(want), atol=ATOL, rtol=0)
+    assert all(out.requires_grad == grad for out in got)
+
+
+def test_a_decoding_step_of_its_own_gets_its_cache_reordered():
+    """An attention whose decoding step is its own (it may read the cached keys itself) gets every cached
+    tensor selected by the reorder: only the base's own step takes the order over."""
+    from fluence_fairseq.modules.attention_base import PENDING_ORDER
+
+    class ReadsItsCache(FSSoftmax):
+        def attend_incremental(self, q, k, v, *, buffer, **kwargs):
+            assert buffer.get("prev_key") is None or buffer["prev_key"].size(0) == q.size(0)
+            return super().attend_incremental(q, k, v, buffer=buffer, **kwargs)
+
+    _, ours = pair(False, True)
+    attn = ReadsItsCache(E, H, causal=True).eval()
+    attn.load_state_dict(ours.state_dict())
+    x, _, _ = inputs(False, True)
+    order = torch.tensor([1, 2])
+    st, st2 = {}, {}
+    for t in range(3):
+        attn(query=x[t : t + 1], incremental_state=st)
+        ours(query=x[t : t + 1], incremental_state=st2)
+    attn.reorder_incremental_state(st, order)
+    ours.reorder_incremental_state(st2, order)
+    assert PENDING_ORDER not in attn._get_input_buffer(st) and PENDING_ORDER in ours._get_input_buffer(st2)
+    torch.testing.assert_close(attn(query=x[3:4, order], incremental_state=st)[0],
+                               ours(query=x[3:4, order], incremental_state=st2)[0], atol=ATOL, rtol=0)
+
+
 def test_two_modules_keep_separate_caches():
     _, a = pair(False, True, seed=0)
     _, b = pair(False, True, seed=1)
