@@ -28,6 +28,7 @@ its pages faulted in again the next: on a 2-core AMD EPYC at L=8192 that was 0-2
 of kernel time per projections-only step, whose median then moved between 288 and 385 ms from step to step (steady:
 265-277 ms, no faults), so ratios to it measured the kernel's page handling as much as the attention.
 """
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -240,6 +241,22 @@ class ProjectedSDPA(nn.Module):
 
         out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=self.causal)
         return (self.out_proj(out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, dim)),)
+
+
+@contextlib.contextmanager
+def eager_reorder(on: bool = True):
+    """Within the block (``on``), every beam reorder selects the causal self attentions' cached keys and values
+    at once, as fairseq's attention does (a copy by the reorder, another by the next step's concatenation),
+    instead of leaving them to the next step (``PENDING_ORDER`` in :mod:`fluence_fairseq.modules.attention_base`)."""
+    if not on:
+        yield
+        return
+    own = FluenceAttention._defers_reorder
+    FluenceAttention._defers_reorder = lambda self, buffer: False
+    try:
+        yield
+    finally:
+        FluenceAttention._defers_reorder = own
 
 
 def bench_spec(name: str) -> dict:

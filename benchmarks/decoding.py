@@ -11,7 +11,9 @@ keys cached by the first call with ``static_kv``, passed again at every step as 
 asks for the cross attention's weights in evaluation: ``need_weights=True``; the self attention's are not asked
 for). Every round takes ``--steps`` steps of each case in turn, in the
 opposite order to the round before; the report gives each case's median over all its steps and its ratio to
-fairseq's attention at the same pattern and position. Decoding runs without gradients (``torch.no_grad``), in
+fairseq's attention at the same pattern and position. ``--eager-reorder`` adds, for every attention's self
+pattern, the same attention with the cached keys and values selected by every reorder and concatenated by the
+step, as fairseq's attention does (:func:`~benchmarks.common.eager_reorder`), and each attention's ratio to it. Decoding runs without gradients (``torch.no_grad``), in
 evaluation mode.
 """
 import argparse
@@ -23,10 +25,11 @@ from typing import Dict, List, Optional
 import torch
 
 from .attention import machine_info
-from .common import add_allocator_argument, bench_spec, build_module, use_allocator
+from .common import add_allocator_argument, bench_spec, build_module, eager_reorder, use_allocator
 from fluence_fairseq.modules.registry import ATTENTIONS, get_attention
 
 MHA = "fairseq MHA"
+EAGER = ", eager reorder"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as fairseq-generate "
                                                                 "runs one process per core)")
+    parser.add_argument("--eager-reorder", action="store_true",
+                        help="also time every attention's self steps with its cached keys copied by every reorder "
+                             "and again by the step, as fairseq does")
     add_allocator_argument(parser)
     return parser
 
@@ -61,8 +67,9 @@ def _positions(text: str) -> List[int]:
 class Case:
     """One module decoding at one pattern and position: its cache, and the time of each step taken."""
 
-    def __init__(self, module, cross: bool, position: int, beam: int, dim: int, sentences: int = 1):
-        self.module, self.cross, self.beam, self.sentences = module, cross, beam, sentences
+    def __init__(self, module, cross: bool, position: int, beam: int, dim: int, sentences: int = 1,
+                 eager: bool = False):
+        self.module, self.cross, self.beam, self.sentences, self.eager = module, cross, beam, sentences, eager
         self.rows = beam * sentences
         self.state: Dict[str, Dict[str, Optional[torch.Tensor]]] = {}
         self.us: List[float] = []
@@ -96,7 +103,8 @@ class Case:
         order = torch.randint(self.beam, (self.rows,)) + first_beam
         start = time.perf_counter()
         if not self.cross:  # beam search reorders the self attention's cache before every step
-            self.module.reorder_incremental_state(self.state, order)
+            with eager_reorder(self.eager):
+                self.module.reorder_incremental_state(self.state, order)
         self._call(token)
         self.us.append((time.perf_counter() - start) * 1e6)
 
@@ -130,6 +138,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[tuple, dict]:
             module = build_module(spec, args.dim, args.heads, cross=cross, causal=not cross).eval()
             for position in positions:
                 cases[(pattern, position, label)] = Case(module, cross, position, args.beam, args.dim, args.sentences)
+                if args.eager_reorder and not cross and label != MHA:
+                    cases[(pattern, position, label + EAGER)] = Case(module, cross, position, args.beam, args.dim,
+                                                                     args.sentences, eager=True)
     order = list(cases)
     for case in cases.values():  # warm-up
         for _ in range(3):
@@ -144,14 +155,23 @@ def main(argv: Optional[List[str]] = None) -> Dict[tuple, dict]:
         median = statistics.median(case.us)
         baseline = statistics.median(cases[(pattern, position, MHA)].us)
         result[(pattern, position, label)] = {"us": median, "ratio": median / baseline}
+    for (pattern, position, label), row in result.items():
+        variant = result.get((pattern, position, label + EAGER))
+        if variant is not None:
+            row["eager_ratio"] = row["us"] / variant["us"]
     machine = machine_info()
     print(f"Decoding steps without gradients: {args.sentences} sentence(s) x beam {args.beam}, D={args.dim}, "
           f"H={args.heads}; {args.rounds} rounds of "
           f"{args.steps} steps per case; {machine['cpu']}, {args.threads} thread(s), torch {machine['torch']}; load "
           f"average {machine['load_avg_1min']:.2f} at the end; allocator {allocator}\n")
-    print("| pattern | position | case | median us per step | / fairseq MHA |\n|---|---|---|---|---|")
+    eager = " / eager reorder |" if args.eager_reorder else ""
+    print(f"| pattern | position | case | median us per step | / fairseq MHA |{eager}\n"
+          f"|---|---|---|---|---|{'---|' if eager else ''}")
     for (pattern, position, label), row in result.items():
-        print(f"| {pattern} | {position} | {label} | {row['us']:.1f} | {row['ratio']:.2f} |")
+        line = f"| {pattern} | {position} | {label} | {row['us']:.1f} | {row['ratio']:.2f} |"
+        if eager:
+            line += f" {row['eager_ratio']:.3f} |" if "eager_ratio" in row else " |"
+        print(line)
     sys.stdout.flush()
     return result
 

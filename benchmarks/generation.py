@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .attention import machine_info
-from .common import add_allocator_argument, use_allocator
+from .common import add_allocator_argument, eager_reorder, use_allocator
 from .models import _build
 from fluence_fairseq.modules.attention_base import FluenceAttention
 
@@ -101,21 +101,6 @@ def _per_beam_source(model, part: Optional[str]):
             del m.shares_source
 
 
-@contextlib.contextmanager
-def _eager_reorder(model, on: bool):
-    """Within the block (``on``), every reorder selects the causal self attentions' cached keys and values at
-    once (fairseq's way: a copy by the reorder, another by the next step's concatenation)."""
-    if not on:
-        yield
-        return
-    own = FluenceAttention._defers_reorder
-    FluenceAttention._defers_reorder = lambda self, buffer: False
-    try:
-        yield
-    finally:
-        FluenceAttention._defers_reorder = own
-
-
 @torch.no_grad()
 def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
     args = build_parser().parse_args(argv)
@@ -158,8 +143,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
         arch = label[: -len(suffix)] if label.endswith(suffix) else label
         model, generator = searches[arch]
         variant = label != arch
-        with _per_beam_source(model, args.per_beam_source if variant else None), _eager_reorder(
-                model, variant and args.eager_reorder):
+        with _per_beam_source(model, args.per_beam_source if variant else None), eager_reorder(
+                variant and args.eager_reorder):
             start = time.perf_counter()
             hypotheses = generator.generate([model], sample)
             seconds = time.perf_counter() - start

@@ -68,3 +68,27 @@ def test_bad_arguments_are_refused():
         decoding.main(["softmax", "--beam", "0"])
     with pytest.raises(SystemExit, match="s4d does not decode as cross attention"):
         decoding.main(["s4d", "--patterns", "cross", "--positions", "2"])
+
+
+def test_eager_reorder_adds_each_attention_copying_at_every_reorder(capsys, monkeypatch):
+    """``--eager-reorder``: every attention's self steps also timed with its reorders selecting the cached keys at
+    once (no pending order left for the step), each attention's ratio to that variant reported; not for fairseq's
+    attention or cross steps."""
+    from fluence_fairseq.modules.attention_base import PENDING_ORDER, FluenceAttention
+    left = []
+    own = FluenceAttention.reorder_incremental_state
+
+    def recording(self, state, order):
+        result = own(self, state, order)
+        left.append(PENDING_ORDER in self._get_input_buffer(state))
+        return result
+
+    monkeypatch.setattr(FluenceAttention, "reorder_incremental_state", recording)
+    result = decoding.main(["softmax", "--positions", "3", "--rounds", "1", "--steps", "2", "--dim", "16",
+                            "--heads", "2", "--allocator", "default", "--eager-reorder"])
+    assert set(result) == {("self", 3, "fairseq MHA"), ("self", 3, "softmax"), ("self", 3, "softmax, eager reorder"),
+                           ("cross", 3, "fairseq MHA"), ("cross", 3, "softmax")}
+    assert 0 < result[("self", 3, "softmax")]["eager_ratio"] < 10
+    assert "eager_ratio" not in result[("cross", 3, "softmax")]
+    assert left.count(True) == left.count(False) == 5  # warm-up and timed steps of each self case
+    assert "| self | 3 | softmax, eager reorder |" in capsys.readouterr().out
