@@ -840,7 +840,8 @@ def _append_keys(cached: Tensor, new: Tensor, order: Optional[Tensor]) -> Tensor
     place in the result (``order`` None: no selection)."""
     if order is None:
         return torch.cat([cached, new], dim=2)
-    if torch.is_grad_enabled() and (cached.requires_grad or new.requires_grad):  # (``out=`` records no graph)
+    if (torch.is_grad_enabled() and (cached.requires_grad or new.requires_grad)) or cached.dtype != new.dtype:
+        # ``out=`` records no graph (and takes one dtype); ``cat`` promotes mixed ones
         return torch.cat([cached.index_select(0, order), new], dim=2)
     out = new.new_empty(order.numel(), new.size(1), cached.size(2) + new.size(2), new.size(3))
     torch.index_select(cached, 0, order, out=out[:, :, : cached.size(2)])

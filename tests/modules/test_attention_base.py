@@ -208,6 +208,19 @@ def test_beam_reorder_of_cached_keys_is_taken_by_the_next_step(grad, device):
     assert all(out.requires_grad == grad for out in got)
 
 
+def test_appending_to_reordered_keys_equals_selecting_and_concatenating():
+    """The step's one copy of the cached keys: the rows the order selects, then the new keys; mixed dtypes (a cache
+    from another precision) are promoted as ``torch.cat`` promotes them."""
+    from fluence_fairseq.modules.attention_base import _append_keys
+
+    cached, new, order = torch.randn(3, 2, 5, 4), torch.randn(2, 2, 1, 4), torch.tensor([2, 0])
+    with torch.no_grad():
+        assert torch.equal(_append_keys(cached, new, order), torch.cat([cached[order], new], dim=2))
+        assert torch.equal(_append_keys(cached, new[:, :, :0], order), cached[order])
+        mixed = _append_keys(cached.double(), new, order)
+    assert mixed.dtype == torch.float64 and torch.equal(mixed, torch.cat([cached.double()[order], new], dim=2))
+
+
 def test_a_decoding_step_of_its_own_gets_its_cache_reordered():
     """An attention whose decoding step is its own (it may read the cached keys itself) gets every cached
     tensor selected by the reorder: only the base's own step takes the order over."""
