@@ -364,6 +364,34 @@ def test_small_problems_take_their_own_path_and_equal_the_search(alpha, dtype, t
     torch.testing.assert_close(p.sum(-1)[live], torch.ones_like(p.sum(-1)[live]), atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("alpha", [2.0, 1.5])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 3e-6), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 9), (5, 3, 1, 40)])
+def test_small_unmasked_problems_take_the_fewest_calls_and_equal_the_search(alpha, dtype, tol, shape, monkeypatch):
+    """Without a mask (a decoding step's scores) sparsemax and 1.5-entmax of a small problem skip the row
+    bookkeeping (:func:`_small_sorted_entmax`) and equal the search's probabilities, with -inf scores, a row of
+    -inf only (zeros), ties and a one-hot row; the thresholds' 1/k come from the longest rows seen before."""
+    import fluence_fairseq.ops.entmax as ops
+    x = _scores(*shape, seed=5, scale=2.0, dtype=torch.float64).to(dtype)
+    x[0, 0, 0, : shape[-1] // 2] = 1.0  # ties at the top
+    x[1, 1, 0, 1:] = float("-inf")  # one entry left: one-hot
+    x[0, 1, 0] = float("-inf")  # a row without entries
+    x[:, 2, :, ::3] = float("-inf")
+    ops.entmax(_scores(2, 700, dtype=torch.float64).to(dtype), alpha)  # longer rows first: their 1/k are cached
+    calls = []
+    original = ops._small_sorted_entmax
+    monkeypatch.setattr(ops, "_small_sorted_entmax", lambda *args: calls.append(args[1]) or original(*args))
+    p = ops.entmax(x, alpha)
+    assert calls == [1 / (alpha - 1)] and p.dtype == dtype
+    monkeypatch.setattr(ops, "SMALL_ELEMENTS", 0)
+    p_search = ops.entmax(x, alpha)
+    assert calls == [1 / (alpha - 1)]
+    torch.testing.assert_close(p, p_search, atol=tol, rtol=0)
+    assert torch.equal(p[0, 1, 0], torch.zeros(shape[-1], dtype=dtype)) and p[1, 1, 0, 0] == 1
+    live = p.sum(-1) > 0
+    torch.testing.assert_close(p.sum(-1)[live].double(), torch.ones_like(p.sum(-1)[live]).double(), atol=tol, rtol=0)
+
+
 def test_a_call_without_gradients_records_no_graph_and_one_with_them_does():
     x = _scores(5, 8, 1, 40)
     alpha = torch.full((1, 8, 1, 1), 1.3, requires_grad=True)
