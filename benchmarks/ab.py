@@ -22,6 +22,13 @@ Several ops modules swap together, each revision calling the others' revisions
 (``--ops entmax,entmax_attention``).
 
 ``--need-weights`` times fairseq's default call (``need_weights=True``, the weights returned and not used).
+``--decoding POSITION`` times decoding steps instead (no gradients, evaluation mode, ``--beam`` rows, each from a
+copy of one filled cache of ``POSITION`` tokens, causal self steps reordered as beam search reorders them, cross
+steps against a source of ``POSITION`` tokens asking for the weights; :class:`benchmarks.decoding.Case`): each
+side of a pair is the median of ``--steps`` steps::
+
+    python -m benchmarks.ab sparsemax --ops entmax --pattern cross --decoding 16 --threads 1 --pairs 12
+
 Threads: torch's default unless ``--threads``.
 """
 import argparse
@@ -106,6 +113,24 @@ def revision_methods(module, swaps, revision: str) -> Dict[str, types.FunctionTy
             if isinstance(fn, types.FunctionType) and not name.startswith("__") and taken_from_owner(name)}
 
 
+def _decoding_step(module, cross: bool, position: int, beam: int, dim: int, steps: int):
+    """A function taking ``steps`` decoding steps of ``module`` from one filled cache; returns their median
+    seconds."""
+    from .decoding import Case
+
+    with torch.no_grad():
+        case = Case(module, cross, position, beam, dim)
+
+    def step() -> float:
+        case.us.clear()
+        with torch.no_grad():
+            for _ in range(steps):
+                case.step(dim)
+        return statistics.median(case.us) / 1e6
+
+    return step
+
+
 def main(argv=None) -> Dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,12 +150,20 @@ def main(argv=None) -> Dict[str, float]:
                         "it calls its op")
     parser.add_argument("--need-weights", action="store_true", help="call the attention with fairseq's default "
                         "need_weights=True (the weights returned, not used) instead of need_weights=False")
+    parser.add_argument("--decoding", type=int, default=None, metavar="POSITION",
+                        help="time decoding steps against a cache (causal self) or source (cross) of POSITION tokens "
+                             "instead of training steps")
+    parser.add_argument("--beam", type=int, default=5, help="--decoding: rows of every step")
+    parser.add_argument("--steps", type=int, default=20, help="--decoding: steps per side of a pair (their median)")
     add_allocator_argument(parser)
     args = parser.parse_args(argv)
     allocator = use_allocator(args.allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
     cross, causal = PATTERN_FLAGS[args.pattern]
+    if args.decoding is not None and (args.decoding < 1 or not (cross or causal)):
+        raise SystemExit(f"--decoding needs a positive number of tokens and a causal or cross --pattern, got "
+                         f"{args.decoding} and {args.pattern}")
     options = _typed_options(args.attention, _key_values(args.opt, "--opt"))
     torch.manual_seed(0)
     module = build_module({"kind": "attention", "name": args.attention, "options": options}, args.dim, args.heads,
@@ -167,8 +200,11 @@ def main(argv=None) -> Dict[str, float]:
             else:
                 vars(module).pop(name, None)
 
-    step = training_step(module, args.dim, args.batch, args.length, args.length, cross, causal,
-                         need_weights=args.need_weights)
+    if args.decoding is None:
+        step = training_step(module, args.dim, args.batch, args.length, args.length, cross, causal,
+                             need_weights=args.need_weights)
+    else:
+        step = _decoding_step(module.eval(), cross, args.decoding, args.beam, args.dim, args.steps)
     times = {0: [], 1: []}
     def one_round():  # warm-up of both
         for side in (1, 0):
@@ -184,10 +220,12 @@ def main(argv=None) -> Dict[str, float]:
     ratios = [new / old for new, old in zip(times[0], times[1])]
     result = {"ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
               "old_ms": statistics.median(times[1]) * 1e3, "new_ms": statistics.median(times[0]) * 1e3}
-    print(f"{args.attention} ({args.pattern}, L={args.length}, {torch.get_num_threads()} threads), working tree / "
+    what = f"L={args.length}" if args.decoding is None else f"decoding at {args.decoding} tokens, beam {args.beam}"
+    digits = 0 if args.decoding is None else 3  # a decoding step takes a fraction of a millisecond
+    print(f"{args.attention} ({args.pattern}, {what}, {torch.get_num_threads()} threads), working tree / "
           f"{args.against} over {args.pairs} pairs: median {result['ratio_median']:.3f} (range "
-          f"{result['ratio_min']:.3f}-{result['ratio_max']:.3f}); medians {result['old_ms']:.0f} ms -> "
-          f"{result['new_ms']:.0f} ms; allocator {allocator}")
+          f"{result['ratio_min']:.3f}-{result['ratio_max']:.3f}); medians {result['old_ms']:.{digits}f} ms -> "
+          f"{result['new_ms']:.{digits}f} ms; allocator {allocator}")
     return result
 
 

@@ -3,6 +3,7 @@ import math
 import subprocess
 
 import pytest
+import torch
 
 from benchmarks import ab
 
@@ -121,3 +122,24 @@ def test_need_weights_steps_call_the_attention_with_the_default(monkeypatch):
     ab.main(["softmax", "--ops", "band", "--length", "32", "--dim", "16", "--heads", "2", "--pairs", "1",
              "--threads", "1", "--allocator", "default"])
     assert asked == [False] * 4  # glibc's defaults: exactly one warm-up round
+
+
+def test_decoding_pairs_time_steps_without_gradients_from_a_filled_cache(capsys, monkeypatch):
+    """``--decoding N``: each side of a pair is the median of ``--steps`` decoding steps (no gradients, evaluation
+    mode) against a cache or source of N tokens; the normaliser of both sides is called; a pattern without
+    decoding is refused."""
+    from fluence_fairseq.modules.attention_base import FluenceAttention
+
+    calls = []
+    real = FluenceAttention.forward
+    monkeypatch.setattr(FluenceAttention, "forward", lambda self, query, *a, **kw: calls.append(
+        (tuple(query.shape), torch.is_grad_enabled(), self.training)) or real(self, query, *a, **kw))
+    result = ab.main(["sparsemax", "--ops", "entmax", "--pattern", "cross", "--decoding", "3", "--beam", "2",
+                      "--steps", "2", "--dim", "16", "--heads", "2", "--pairs", "1", "--threads", "1",
+                      "--allocator", "default"])
+    assert all(math.isfinite(v) and v > 0 for v in result.values())
+    assert "decoding at 3 tokens, beam 2" in capsys.readouterr().out
+    # the call filling the source cache, then the warm-up and one pair, both sides, two steps each: one query per row
+    assert len(calls) >= 9 and set(calls) == {((1, 2, 16), False, False)}
+    with pytest.raises(SystemExit, match="--decoding needs"):
+        ab.main(["sparsemax", "--ops", "entmax", "--pattern", "noncausal", "--decoding", "3"])
