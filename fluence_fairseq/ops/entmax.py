@@ -551,8 +551,9 @@ def _inverse_counts(n: int, like: Tensor) -> Tuple[Tensor, Tensor]:
     key = (like.dtype, like.device)
     cached = _INVERSE_COUNTS.get(key)
     if cached is None or cached[0].numel() < n:
-        inverse = torch.arange(1, max(n, 64) + 1, dtype=like.dtype, device=like.device).reciprocal_()
-        cached = _INVERSE_COUNTS[key] = (inverse, -inverse)
+        with torch.inference_mode(False):  # kept for later calls: never an inference tensor
+            inverse = torch.arange(1, max(n, 64) + 1, dtype=like.dtype, device=like.device).reciprocal_()
+            cached = _INVERSE_COUNTS[key] = (inverse, -inverse)
     return cached[0][:n], cached[1][:n]
 
 

@@ -392,6 +392,21 @@ def test_small_unmasked_problems_take_the_fewest_calls_and_equal_the_search(alph
     torch.testing.assert_close(p.sum(-1)[live].double(), torch.ones_like(p.sum(-1)[live]).double(), atol=tol, rtol=0)
 
 
+def test_factors_cached_under_inference_mode_serve_calls_with_gradients():
+    """The sorted thresholds' cached 1/k made by a first call under ``torch.inference_mode`` (fairseq-generate may
+    run there) are ordinary tensors: a later call with gradients, and its backward, take them."""
+    import fluence_fairseq.ops.entmax as ops
+    ops._INVERSE_COUNTS.clear()
+    with torch.inference_mode():
+        p_inference = ops.entmax(_scores(3, 4, 33, dtype=torch.float64), 1.5)
+    x = _scores(3, 4, 33, dtype=torch.float64).requires_grad_()
+    p = ops.entmax(x, 1.5)
+    p.pow(2).sum().backward()
+    assert not any(t.is_inference() for pair in ops._INVERSE_COUNTS.values() for t in pair)
+    torch.testing.assert_close(p.detach(), p_inference, atol=0, rtol=0)
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
 def test_a_call_without_gradients_records_no_graph_and_one_with_them_does():
     x = _scores(5, 8, 1, 40)
     alpha = torch.full((1, 8, 1, 1), 1.3, requires_grad=True)
