@@ -299,6 +299,42 @@ def test_beam_search_leaves_the_shared_source_cache_and_finds_the_same_hypothese
             torch.testing.assert_close(a["positional_scores"], b["positional_scores"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["fluence_transformer_tiny", "transformer_sparsemax_tiny"])
+def test_beam_search_with_the_reorder_left_to_the_step_finds_the_same_hypotheses(arch, monkeypatch):
+    """fairseq's beam search reorders the decoder's self attentions' cached keys before every step; the steps take
+    the reorder over (a pending order in the cache, selected as the keys are appended) and find the hypotheses and
+    scores of a search whose every reorder copies the keys at once, through finished sentences."""
+    model, task, _ = H.build(arch)
+    model.eval()
+    sample = H.translation_sample(task)
+    pending = []
+    original = FluenceAttention.reorder_incremental_state
+
+    def recording(self, incremental_state, new_order):
+        result = original(self, incremental_state, new_order)
+        if not self.cross:
+            pending.append("pending_order" in self._get_input_buffer(incremental_state))
+        return result
+
+    monkeypatch.setattr(FluenceAttention, "reorder_incremental_state", recording)
+
+    def generate():
+        generator = SequenceGenerator([model], task.target_dictionary, beam_size=3, max_len_b=12, min_len=2)
+        with torch.no_grad():
+            return generator.generate([model], sample)
+
+    deferred = generate()
+    assert pending and all(pending)
+    pending.clear()
+    monkeypatch.setattr(FluenceAttention, "_defers_reorder", lambda self, buffer: False)
+    eager = generate()
+    assert pending and not any(pending)
+    for beams_deferred, beams_eager in zip(deferred, eager):
+        for a, b in zip(beams_deferred, beams_eager):
+            assert torch.equal(a["tokens"], b["tokens"])
+            torch.testing.assert_close(a["positional_scores"], b["positional_scores"], atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("arch", ["transformer_adaptive_span_tiny", "transformer_lm_adaptive_span_tiny"])
 def test_checkpoint_roundtrip_through_fairseq_loading(tmp_path, arch):
