@@ -800,11 +800,9 @@ class FluenceAttention(PrunableAttentionMixin, MultiheadAttention):
                 return incremental_state
             for name in [name for name in buffer if name.startswith(SHARED_SOURCE)]:
                 del buffer[name]  # one row per run of the old order: made again from the reordered source
-            deferred = ()
-            if self._defers_reorder(buffer):
-                # the keys and values are selected by the next step as it appends to them (one copy, not two);
-                # a pending order is itself reordered below, which composes the two
-                deferred = DEFERRED_REORDER
+            # the keys and values are selected by the next step as it appends to them (one copy, not two); a
+            # pending order is itself reordered below, which composes the two
+            deferred = DEFERRED_REORDER if self._defers_reorder(buffer) else ()
             for name, tensor in buffer.items():
                 if tensor is not None and name not in deferred:
                     buffer[name] = tensor.index_select(0, new_order)

@@ -564,14 +564,12 @@ def _small_sorted_entmax(x: Tensor, beta: float) -> Tensor:
     sorted rows (:func:`_sorted_threshold`), and the output divided by its sums. A row without entries (all -inf)
     becomes NaN on the way and 0 at the end."""
     top = x.amax(dim=-1, keepdim=True)
+    # (x - top) (α-1), in one pass for 1.5-entmax's exact halving (as the search shifts its rows)
+    u = _shift_scores(x, top, 1.0 / beta, fused=beta == 2.0)
     if beta == 1.0:
-        u = x - top
-        tau = _sorted_threshold(u, beta)
-        p = u.sub_(tau).clamp_(min=0)
-    else:  # (x - top) / 2 in one pass (exact: a halving), the root in float64 (see _small_entmax_with_stats)
-        u = torch.add(top * -0.5, x, alpha=0.5)
-        tau = _sorted_threshold(u.double(), beta).to(u.dtype)
-        p = u.sub_(tau).clamp_(min=0).square_()
+        p = u.sub_(_sorted_threshold(u, beta)).clamp_(min=0)
+    else:  # the root in float64 (see _small_entmax_with_stats)
+        p = u.sub_(_sorted_threshold(u.double(), beta).to(u.dtype)).clamp_(min=0).square_()
     return p.div_(p.sum(-1, keepdim=True)).nan_to_num_(nan=0.0)
 
 
