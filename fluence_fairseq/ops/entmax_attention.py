@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .common import dropout_keep_mask, query_block_scores
 from .entmax import (GATHER_DEVICES, START_GROUP, entmax_backward, entmax_from_stats, entmax_with_stats,
-                     support_backward, take_entries)
+                     nonnegative_power, support_backward, take_entries)
 
 __all__ = ["blocked_entmax_attention", "lists_support"]
 
@@ -412,7 +412,8 @@ def _support_block_backward(flat: _Flat, support: Tuple[Tensor, Tensor], start: 
     r = scale if isinstance(alpha, float) and alpha == 2.0 else scale.pow(entry_alpha - 1)
     u = (scores * (entry_alpha - 1) - shift * (entry_alpha - 1) - tau).mul_(r).clamp_(min=0)
     p = u if isinstance(alpha, float) and alpha == 2.0 else (
-        u.square() if isinstance(alpha, float) and alpha == 1.5 else u.pow(1 / (entry_alpha - 1)))
+        u.square() if isinstance(alpha, float) and alpha == 1.5 else nonnegative_power(u, 1 / (entry_alpha - 1),
+                                                                                       out=u))
     grad_p = pattern.sampled(g_block, flat.v)
     p_used = p  # what multiplied the values: out = (p * kept) @ v
     if kept is not None:

@@ -24,20 +24,24 @@ def _full_row_steps(ops, monkeypatch, width):
     return steps
 
 
-@pytest.fixture
-def search_machinery(monkeypatch):
+@pytest.fixture(params=["torch.pow", "powers by logarithms"])
+def search_machinery(request, monkeypatch):
     """Small inputs through the search built for large ones (its chunks, starts, gathers, settling), not through
-    the path for small problems (:func:`~fluence_fairseq.ops.entmax._small_entmax_with_stats`)."""
+    the path for small problems (:func:`~fluence_fairseq.ops.entmax._small_entmax_with_stats`); a general α's
+    powers each way :func:`~fluence_fairseq.ops.entmax.nonnegative_power` may take them, whichever this machine
+    would choose."""
     import fluence_fairseq.ops.entmax as ops
     monkeypatch.setattr(ops, "SMALL_ELEMENTS", 0)
+    monkeypatch.setattr(ops, "POWERS_BY_LOGARITHMS", request.param == "powers by logarithms")
 
 
-@pytest.fixture(params=["small-problem path", "search"])
+@pytest.fixture(params=["small-problem path", "search", "search, powers by logarithms"])
 def either_path(request, monkeypatch):
-    """Each normaliser test on both paths a small input may take."""
-    if request.param == "search":
-        import fluence_fairseq.ops.entmax as ops
+    """Each normaliser test on both paths a small input may take (the search's powers each way)."""
+    import fluence_fairseq.ops.entmax as ops
+    if request.param != "small-problem path":
         monkeypatch.setattr(ops, "SMALL_ELEMENTS", 0)
+    monkeypatch.setattr(ops, "POWERS_BY_LOGARITHMS", request.param == "search, powers by logarithms")
 
 
 # ------------------------------------------------------------------------------------------ normalisers
@@ -247,7 +251,7 @@ def test_a_chunk_with_a_row_too_wide_to_gather_is_refused_before_listing_its_ent
     assert ops._too_wide(share, row_share, 1024) and not ops._too_wide(share, row_share, 512)
     listed = []
     entries = ops._entries_above
-    monkeypatch.setattr(ops, "_entries_above", lambda *a: listed.append(1) or entries(*a))
+    monkeypatch.setattr(ops, "_entries_above", lambda *a, **k: listed.append(1) or entries(*a, **k))
     assert ops._gathered_threshold(u.clone(), 4.0, start, None) is None and not listed
     u[7, :900] = -2.0
     assert ops._gathered_threshold(u.clone(), 4.0, start, None) is not None and listed
@@ -578,6 +582,102 @@ def test_entries_above_the_start_found_through_their_groups_equal_a_full_compari
     monkeypatch.setattr(ops, "SCAN_GROUPS_BELOW", 0.0)
     assert all(torch.equal(g, w) for g, w in zip(ops._entries_above(u, start, groups), want))
     assert len(calls) <= 1
+
+
+def test_a_compared_chunk_with_a_row_too_wide_is_refused_by_its_counts_before_listing(monkeypatch):
+    """With ``widest``, a chunk whose entries are all compared counts each row's entries above the start first:
+    a row over the bound refuses the chunk (None) without listing anything; at the bound the listing equals the
+    full comparison's."""
+    import fluence_fairseq.ops.entmax as ops
+
+    u = _scores(16, 64, scale=3.0)
+    start = u.amax(-1, keepdim=True) - 2.0
+    widest = int((u > start).sum(-1).max())
+    want = (u > start).nonzero().unbind(1)
+    got = ops._entries_above(u, start, None, widest=widest)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    listings = []
+    nonzero = torch.Tensor.nonzero
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda self, *a, **k: listings.append(1) or nonzero(self, *a, **k))
+    assert ops._entries_above(u, start, None, widest=widest - 1) is None and not listings
+    # the gathered search refuses on the counts: one row with every entry above its start (past GATHER_BELOW)
+    start[5] = -100.0
+    assert ops._gathered_threshold(u.clone(), 4.0, start, None, sampled=True) is None and not listings
+    start[5] = u[5].amax() - 2.0
+    assert ops._gathered_threshold(u.clone(), 4.0, start, None, sampled=True) is not None and listings
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_powers_by_logarithms_equal_torch_pow_and_keep_zeros_exact(dtype):
+    """``exp2(β log2 d)`` (:func:`~fluence_fairseq.ops.entmax._log_powers`) against ``torch.pow`` on entries of
+    [0, 1] with one β per row from 1 up: within an ulp of 1 in absolute terms, zeros exactly 0 for every β >= 1
+    (at β = 1 the clamped zero's logarithm is the smallest normal float's, which the threshold sends to -inf),
+    powers at or below the smallest normal float 0, written in place too."""
+    import fluence_fairseq.ops.entmax as ops
+
+    gen = torch.Generator().manual_seed(0)
+    d = torch.rand(6, 400, generator=gen, dtype=torch.float64).pow_(3).to(dtype)
+    d[:, ::3] = 0.0
+    d[:, 1] = torch.finfo(dtype).tiny  # a normal number whose power is denormal for β > 1
+    d[:, 2] = 1.0
+    beta = torch.tensor([1.0, 1.0 + 1e-6, 1.1, 1.19, 2.0, 9.0], dtype=dtype).view(-1, 1)
+    want = d.double().pow(beta.double())
+    got = ops._log_powers(d, beta, torch.empty_like(d))
+    eps = torch.finfo(dtype).eps
+    assert float((got.double() - want).abs().max()) <= eps
+    assert (got[d == 0] == 0).all() and (got[:, 2] == 1).all()
+    assert (got[:, 1] == 0).all()  # powers at or below the smallest normal float (at β = 1: tiny itself)
+    assert (got >= 0).all()
+    in_place = d.clone()
+    assert torch.equal(ops._log_powers(in_place, beta, in_place), got)
+    assert torch.equal(ops._log_powers(d, 1.7, torch.empty_like(d)),
+                       ops._log_powers(d, torch.full_like(beta, 1.7), torch.empty_like(d)))
+
+
+def test_the_power_path_is_measured_once_per_device_and_dtype_unless_set(monkeypatch):
+    """``POWERS_BY_LOGARITHMS`` None measures the two ways once per (device type, dtype) and keeps the answer;
+    True and False decide without measuring."""
+    import fluence_fairseq.ops.entmax as ops
+
+    monkeypatch.setattr(ops, "_POWER_PATHS", {})
+    measured = []
+    pay = ops._logarithms_pay
+    monkeypatch.setattr(ops, "_logarithms_pay", lambda device, dtype: measured.append(dtype) or pay(device, dtype))
+    calls = {"log": 0, "pow": 0}
+    log_powers, power = ops._log_powers, torch.pow
+    monkeypatch.setattr(ops, "_log_powers", lambda *a: calls.__setitem__("log", calls["log"] + 1) or log_powers(*a))
+    d = torch.rand(4, 8)
+    monkeypatch.setattr(ops, "POWERS_BY_LOGARITHMS", None)
+    first = ops.nonnegative_power(d, 2.5, torch.empty_like(d))
+    ops.nonnegative_power(d, 2.5, torch.empty_like(d))
+    assert measured == [torch.float32, torch.float32] and list(ops._POWER_PATHS) == [("cpu", torch.float32)]
+    assert isinstance(ops._POWER_PATHS["cpu", torch.float32], bool)
+    torch.testing.assert_close(first, power(d, 2.5), atol=1e-7, rtol=0)
+    for forced in (True, False):
+        monkeypatch.setattr(ops, "POWERS_BY_LOGARITHMS", forced)
+        before = calls["log"]
+        torch.testing.assert_close(ops.nonnegative_power(d, 2.5, torch.empty_like(d)), power(d, 2.5), atol=1e-7,
+                                   rtol=0)
+        assert (calls["log"] - before) == int(forced)
+    assert len(measured) == 2 and ops._POWER_PATHS == {("cpu", torch.float32): ops._POWER_PATHS["cpu", torch.float32]}
+
+
+@pytest.mark.parametrize("alpha", [1.05, 1.3, 1.9, "per-head"])
+def test_general_alpha_with_powers_by_logarithms_equals_torch_pow(alpha, monkeypatch):
+    """The whole normaliser with its powers by logarithms against ``torch.pow`` (float32, long rows, the search
+    machinery): probabilities within 1e-6, the same support, rows summing to one."""
+    import fluence_fairseq.ops.entmax as ops
+
+    monkeypatch.setattr(ops, "SMALL_ELEMENTS", 0)
+    x = _scores(2, 4, 64, 700, scale=2.0)
+    a = torch.tensor([1.05, 1.3, 1.6, 1.95]).view(1, 4, 1, 1) if alpha == "per-head" else alpha
+    monkeypatch.setattr(ops, "POWERS_BY_LOGARITHMS", False)
+    want = entmax(x, a)
+    monkeypatch.setattr(ops, "POWERS_BY_LOGARITHMS", True)
+    got = entmax(x, a)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert torch.equal(got > 0, want > 0) and ((got == 0).any() or alpha == 1.05)  # α = 1.05: dense rows here
+    torch.testing.assert_close(got.sum(-1), torch.ones(2, 4, 64), atol=1e-6, rtol=0)
 
 
 @pytest.mark.usefixtures("search_machinery")
