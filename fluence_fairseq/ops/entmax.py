@@ -193,10 +193,15 @@ def _newton_step(u: Tensor, tau: Tensor, beta: Union[float, Tensor], d: Tensor,
         total = norm.square()
         step = (total - norm) / slope
     else:  # N = sum d^β, Q = sum d^(β-1): step = (N - N^(1 - 1/β)) / Q
-        torch.sub(u, tau, out=d).clamp_(min=0)
-        nonnegative_power(d, beta, out=powers)  # the one transcendental pass; d^(β-1) = d^β / d (0 at d = 0)
+        # the one transcendental pass; d^(β-1) = d^β / d, with d clamped to tiny (0 where d was 0)
+        tiny = torch.finfo(u.dtype).tiny
+        if _powers_by_logarithms(u):  # d clamped at once, as the logarithms need it (the zeros' powers stay 0)
+            _log_powers(torch.sub(u, tau, out=d).clamp_(min=tiny), beta, powers, clamped=True)
+        else:
+            torch.pow(torch.sub(u, tau, out=d).clamp_(min=0), beta, out=powers)
+            d.clamp_(min=tiny)
         total = powers.sum(-1, keepdim=True)
-        slope = torch.div(powers, d.clamp_(min=torch.finfo(u.dtype).tiny), out=d).sum(-1, keepdim=True)
+        slope = torch.div(powers, d, out=d).sum(-1, keepdim=True)
         step = (total - total.pow(1 - 1 / beta if exponent is None else exponent)) / slope
     return torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0), total
 
@@ -577,16 +582,16 @@ def _inverse_counts(n: int, like: Tensor) -> Tuple[Tensor, Tensor]:
     return cached[0][:n], cached[1][:n]
 
 
-def _log_powers(d: Tensor, beta: Union[float, Tensor], out: Tensor) -> Tensor:
+def _log_powers(d: Tensor, beta: Union[float, Tensor], out: Tensor, clamped: bool = False) -> Tensor:
     """``d ^ β`` as ``exp2(β log2 d)`` for ``d >= 0`` and β >= 1, into ``out`` (may be ``d``). ``d`` is clamped
     to the smallest normal float first (``log2`` of zeros and of denormals takes a slow path), and products at or
     below its logarithm, -126 in float32, are sent to -inf: every power at or below the smallest normal float is
     0 (not a denormal), so zeros stay exactly 0 for every β >= 1 (``exp2(β log2(tiny))`` would not underflow to 0
     for β < 150/126).
     The absolute error is at most about 0.6 ulp of 1 (``torch.pow``: 0.3), where the entries of a row summing to
-    one are measured."""
+    one are measured. ``clamped``: ``d`` is at least tiny already."""
     tiny = torch.finfo(d.dtype).tiny
-    logs = torch.clamp(d, min=tiny, out=out).log2_().mul_(beta)
+    logs = (torch.log2(d, out=out) if clamped else torch.clamp(d, min=tiny, out=out).log2_()).mul_(beta)
     return torch.threshold_(logs, math.log2(tiny), float("-inf")).exp2_()
 
 
@@ -616,13 +621,16 @@ def _logarithms_pay(device: torch.device, dtype: torch.dtype) -> bool:
     return _POWER_PATHS[key]
 
 
+def _powers_by_logarithms(d: Tensor) -> bool:
+    """Whether powers of ``d`` are taken by :func:`_log_powers`: :data:`POWERS_BY_LOGARITHMS`, or measured."""
+    by_logs = POWERS_BY_LOGARITHMS
+    return _logarithms_pay(d.device, d.dtype) if by_logs is None else by_logs
+
+
 def nonnegative_power(d: Tensor, beta: Union[float, Tensor], out: Tensor) -> Tensor:
     """``d ^ β`` for ``d >= 0`` and β >= 1 (a float or broadcast against ``d``), into ``out`` (may be ``d``):
     by :func:`_log_powers` or ``torch.pow``, as :data:`POWERS_BY_LOGARITHMS` says (or measures)."""
-    by_logs = POWERS_BY_LOGARITHMS
-    if by_logs is None:
-        by_logs = _logarithms_pay(d.device, d.dtype)
-    return _log_powers(d, beta, out) if by_logs else torch.pow(d, beta, out=out)
+    return _log_powers(d, beta, out) if _powers_by_logarithms(d) else torch.pow(d, beta, out=out)
 
 
 def _small_sorted_entmax(x: Tensor, beta: float) -> Tensor:
