@@ -81,6 +81,11 @@ START_GROUP = 32
 #: 40.4 ms (listing the entries of a chunk by comparing all of them costs more than its steps); the unshifted
 #: search of sparse chunks (:func:`_sparse_runs`) gathers for every α, and never a row wider than this share
 GATHER_BELOW = 1 / 2
+#: rows of fewer than 1,024 entries (fewer than 64 sampled columns) refuse their chunk's gathered search when a row
+#: has more than this share of its samples above its start. On the language-model benchmark's 512-token causal
+#: blocks (α-entmax at its initial α) every chunk's gathered search was refused after listing its entries: the
+#: mean share of the samples was a third, the widest row's all of them
+WIDE_ROW_SAMPLES = 3 / 4
 #: a general α's chunk with more than this share of its entries above its start starts from their mean's bound
 #: (:func:`_mean_start`)
 DENSE_ABOVE = 1 / 2
@@ -491,8 +496,12 @@ def _sampled_shares(u: Tensor, start: Union[float, Tensor]) -> Tuple[float, floa
 
 def _too_wide(share: float, row_share: float, n: int) -> bool:
     """Whether a chunk's gathered copy would have a row wider than :data:`GATHER_BELOW` of its ``n`` entries,
-    from :func:`_sampled_shares`: the widest sampled row where rows give 64 samples or more, else the mean."""
-    return (row_share if n >= 1024 else share) > GATHER_BELOW
+    from :func:`_sampled_shares`: the widest sampled row where rows give 64 samples or more, else the mean, or a
+    sampled row more than :data:`WIDE_ROW_SAMPLES` above the start (a few samples of a row judge it poorly, but
+    not a row nearly all of whose samples are above)."""
+    if n >= 1024:
+        return row_share > GATHER_BELOW
+    return share > GATHER_BELOW or row_share > WIDE_ROW_SAMPLES
 
 
 def _mean_start(u: Tensor, beta: Union[float, Tensor], start: Optional[Tensor]) -> Tensor:

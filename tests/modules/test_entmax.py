@@ -239,7 +239,8 @@ def test_general_alpha_searches_the_entries_above_its_start_only(scale, dtype, m
 def test_a_chunk_with_a_row_too_wide_to_gather_is_refused_before_listing_its_entries(monkeypatch):
     """The sampled columns predict the gathered copy's widest row (rows of 1,024 or more entries: 64 samples a row
     or more): one row with most of its entries above the start refuses the chunk before anything is listed, though
-    the chunk's mean share is small; shorter rows judge by the mean share."""
+    the chunk's mean share is small; shorter rows judge by the mean share, and by a row most of whose samples
+    (more than WIDE_ROW_SAMPLES) are above."""
     import fluence_fairseq.ops.entmax as ops
 
     u = torch.full((64, 1024), -2.0)
@@ -248,7 +249,12 @@ def test_a_chunk_with_a_row_too_wide_to_gather_is_refused_before_listing_its_ent
     start = torch.full((64, 1), -0.5)
     share, row_share = ops._sampled_shares(u, start)
     assert share < 0.05 and row_share > 0.8
+    assert ops._too_wide(share, row_share, 1024) and ops._too_wide(share, row_share, 512)
+    u[7, 600:] = -2.0  # 38 of its 64 samples above: wide for rows of 1,024, not judged wide on fewer samples
+    share, row_share = ops._sampled_shares(u, start)
+    assert 0.5 < row_share <= ops.WIDE_ROW_SAMPLES
     assert ops._too_wide(share, row_share, 1024) and not ops._too_wide(share, row_share, 512)
+    u[7, :900] = -0.1
     listed = []
     entries = ops._entries_above
     monkeypatch.setattr(ops, "_entries_above", lambda *a, **k: listed.append(1) or entries(*a, **k))
