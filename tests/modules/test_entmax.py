@@ -641,31 +641,36 @@ def test_powers_by_logarithms_equal_torch_pow_and_keep_zeros_exact(dtype):
 
 
 def test_the_power_path_is_measured_once_per_device_and_dtype_unless_set(monkeypatch):
-    """``POWERS_BY_LOGARITHMS`` None measures the two ways once per (device type, dtype) and keeps the answer;
-    True and False decide without measuring."""
+    """``POWERS_BY_LOGARITHMS`` None: tensors of ``LOGARITHMS_FROM`` elements or more take the way measured once
+    per (device type, dtype) and kept (a later call follows the kept answer without measuring again); smaller
+    ones take ``torch.pow`` without a measurement. True and False decide for every size."""
     import fluence_fairseq.ops.entmax as ops
 
     monkeypatch.setattr(ops, "_POWER_PATHS", {})
-    measured = []
-    pay = ops._logarithms_pay
-    monkeypatch.setattr(ops, "_logarithms_pay", lambda device, dtype: measured.append(dtype) or pay(device, dtype))
-    calls = {"log": 0, "pow": 0}
-    log_powers, power = ops._log_powers, torch.pow
-    monkeypatch.setattr(ops, "_log_powers", lambda *a: calls.__setitem__("log", calls["log"] + 1) or log_powers(*a))
-    d = torch.rand(4, 8)
+    calls = []
+    log_powers = ops._log_powers
+    monkeypatch.setattr(ops, "_log_powers", lambda *a, **k: calls.append(a[0].numel()) or log_powers(*a, **k))
     monkeypatch.setattr(ops, "POWERS_BY_LOGARITHMS", None)
-    first = ops.nonnegative_power(d, 2.5, torch.empty_like(d))
-    ops.nonnegative_power(d, 2.5, torch.empty_like(d))
-    assert measured == [torch.float32, torch.float32] and list(ops._POWER_PATHS) == [("cpu", torch.float32)]
-    assert isinstance(ops._POWER_PATHS["cpu", torch.float32], bool)
-    torch.testing.assert_close(first, power(d, 2.5), atol=1e-7, rtol=0)
+    small, large = torch.rand(4, 8), torch.rand(64, ops.LOGARITHMS_FROM // 64)
+    torch.testing.assert_close(ops.nonnegative_power(small, 2.5, torch.empty_like(small)), small.pow(2.5), atol=1e-7,
+                               rtol=0)
+    assert ops._POWER_PATHS == {} and calls == []
+    got = ops.nonnegative_power(large, 2.5, torch.empty_like(large))
+    assert list(ops._POWER_PATHS) == [("cpu", torch.float32)] and len(calls) >= 5  # the measurement's timings
+    chosen = ops._POWER_PATHS["cpu", torch.float32]
+    assert isinstance(chosen, bool) and calls.count(large.numel()) == int(chosen)
+    torch.testing.assert_close(got, large.pow(2.5), atol=1e-7, rtol=0)
+    calls.clear()
+    ops._POWER_PATHS["cpu", torch.float32] = not chosen
+    ops.nonnegative_power(large, 2.5, torch.empty_like(large))
+    assert calls == ([large.numel()] if not chosen else [])
     for forced in (True, False):
         monkeypatch.setattr(ops, "POWERS_BY_LOGARITHMS", forced)
-        before = calls["log"]
-        torch.testing.assert_close(ops.nonnegative_power(d, 2.5, torch.empty_like(d)), power(d, 2.5), atol=1e-7,
-                                   rtol=0)
-        assert (calls["log"] - before) == int(forced)
-    assert len(measured) == 2 and ops._POWER_PATHS == {("cpu", torch.float32): ops._POWER_PATHS["cpu", torch.float32]}
+        for d in (small, large):
+            calls.clear()
+            torch.testing.assert_close(ops.nonnegative_power(d, 2.5, torch.empty_like(d)), d.pow(2.5), atol=1e-7,
+                                       rtol=0)
+            assert calls == ([d.numel()] if forced else [])
 
 
 @pytest.mark.parametrize("alpha", [1.05, 1.3, 1.9, "per-head"])
