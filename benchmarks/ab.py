@@ -21,7 +21,8 @@ working tree's::
 Several ops modules swap together, each revision calling the others' revisions
 (``--ops entmax,entmax_attention``).
 
-``--need-weights`` times fairseq's default call (``need_weights=True``, the weights returned and not used).
+``--need-weights`` times fairseq's default call (``need_weights=True``, the weights returned and not used);
+``--attention-dropout P`` gives the attention that dropout (its paths with dropout: ``ops.softmax_dropout``).
 ``--decoding POSITION`` times decoding steps instead (no gradients, evaluation mode, ``--beam`` rows, each from a
 copy of one filled cache of ``POSITION`` tokens, causal self steps reordered as beam search reorders them, cross
 steps against a source of ``POSITION`` tokens asking for the weights; :class:`benchmarks.decoding.Case`): each
@@ -75,6 +76,16 @@ def bindings(new: ModuleType) -> List[Tuple[ModuleType, str]]:
             if callable(value) and getattr(new, name, None) is value and getattr(value, "__module__", "") == new.__name__:
                 found.append((importer, name))
     return found
+
+
+def _imported_by_ops(new: ModuleType, others: List[str]) -> bool:
+    """Whether one of the ops modules named ``others`` took a function from ``new``."""
+    for other in others:
+        module = sys.modules.get(f"fluence_fairseq.ops.{other}")
+        if module is not None and any(callable(value) and getattr(new, attr, None) is value
+                                      for attr, value in vars(module).items()):
+            return True
+    return False
 
 
 def link_revisions(loaded: List[Tuple[ModuleType, ModuleType]]) -> None:
@@ -153,6 +164,8 @@ def main(argv=None) -> Dict[str, float]:
     parser.add_argument("--decoding", type=int, default=None, metavar="POSITION",
                         help="time decoding steps against a cache (causal self) or source (cross) of POSITION tokens "
                              "instead of training steps")
+    parser.add_argument("--attention-dropout", type=float, default=0.0, metavar="P",
+                        help="attention dropout of the attention (training mode; default 0)")
     parser.add_argument("--beam", type=int, default=5, help="--decoding: rows of every step")
     parser.add_argument("--steps", type=int, default=20, help="--decoding: steps per side of a pair (their median)")
     add_allocator_argument(parser)
@@ -164,12 +177,17 @@ def main(argv=None) -> Dict[str, float]:
     if args.decoding is not None and (args.decoding < 1 or not (cross or causal)):
         raise SystemExit(f"--decoding needs a positive number of tokens and a causal or cross --pattern, got "
                          f"{args.decoding} and {args.pattern}")
+    if not 0.0 <= args.attention_dropout < 1.0:
+        raise SystemExit(f"--attention-dropout must be in [0, 1), got {args.attention_dropout}")
     options = _typed_options(args.attention, _key_values(args.opt, "--opt"))
     torch.manual_seed(0)
-    module = build_module({"kind": "attention", "name": args.attention, "options": options}, args.dim, args.heads,
-                          cross, causal)
+    spec = {"kind": "attention", "name": args.attention, "options": options}
+    if args.attention_dropout:
+        spec["setup"] = {"attention_dropout": args.attention_dropout}
+    module = build_module(spec, args.dim, args.heads, cross, causal)
     swaps, loaded = [], []
-    for name in args.ops.split(","):
+    names = args.ops.split(",")
+    for name in names:
         try:
             new = importlib.import_module(f"fluence_fairseq.ops.{name}")
         except ModuleNotFoundError:
@@ -178,8 +196,10 @@ def main(argv=None) -> Dict[str, float]:
         old = load_revision(name, args.against)
         loaded.append((new, old))
         found = bindings(new)
-        if not found:
-            raise SystemExit(f"--ops {name}: no attention module imports a function from fluence_fairseq.ops.{name}")
+        # an ops module the attentions reach only through another swapped one (``--ops band,softmax_dropout``)
+        if not found and not _imported_by_ops(new, [n for n in names if n != name]):
+            raise SystemExit(f"--ops {name}: no attention module imports a function from fluence_fairseq.ops.{name}"
+                             + " (nor another module of --ops)" * (len(names) > 1))
         missing = sorted({attr for _, attr in found if not hasattr(old, attr)})
         if missing and not args.with_attend:
             raise SystemExit(f"--against {args.against}: its fluence_fairseq/ops/{name}.py has no {missing}, which "

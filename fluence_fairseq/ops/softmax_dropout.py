@@ -13,6 +13,7 @@ half of the full products' work on long inputs.
 same additive form of causality and padding as the fused kernel's callers give it (disallowed entries at the most
 negative float), so a row's probabilities are those of ``F.scaled_dot_product_attention``.
 """
+import math
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -35,6 +36,7 @@ NONCAUSAL_FROM_ELEMENTS = 1 << 27
 #: took 0.91x (causal) and 1.01x (noncausal) the time of 512-row blocks (one thread, a scratch script); the
 #: transient memory is a few such blocks whatever the length
 BLOCK_ELEMENTS = 1 << 23
+_LOG2_E = 1.0 / math.log(2.0)
 
 
 def _draw_kept(shape, dropout_p: float, seed: int, like: Tensor) -> Tensor:
@@ -69,6 +71,17 @@ class _Problem:
         return scores
 
 
+def _exp_shifted(scores: Tensor, shift: Tensor) -> Tensor:
+    """``exp(scores - shift)`` in place, as ``exp2((scores - shift) log2 e)``: the disallowed entries sit at the
+    most negative float, and ``torch.exp`` of numbers that underflow takes a slow path on the CPU (a (1024, 512)
+    float32 tensor with 70% of its entries at -300: 7.7 ms against 0.17 ms all finite, one thread, Intel Xeon,
+    AVX-512) where ``exp2`` of them takes 0.17; ``exp2`` of a chunk of probabilities was also 4.5x faster than
+    ``exp`` on an AMD EPYC. The product rounds the exponent: relative errors up to 16 ulps for exponents down to
+    -40 (``exp``: 0.5), at most 0.45 ulp of 1 in absolute terms (``exp``: 0.27), where normalised rows are
+    measured."""
+    return torch.sub(scores, shift, out=scores).mul_(_LOG2_E).exp2_()
+
+
 class _BlockedSoftmaxDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, problem: _Problem, dropout_p: float, seed: int):
@@ -77,7 +90,7 @@ class _BlockedSoftmaxDropout(torch.autograd.Function):
         for block, (start, end, keys) in enumerate(problem.blocks):
             p = problem.scores(q[:, :, start:end] * problem.scale, k, start, end, keys)
             top = p.amax(dim=-1, keepdim=True)
-            total = p.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            total = _exp_shifted(p, top).sum(dim=-1, keepdim=True)
             lse[:, :, start:end] = top + total.log()
             p.div_(total).mul_(_draw_kept(p.shape, dropout_p, seed + block, p))
             out[:, :, start:end] = torch.matmul(p, v[:, :, :keys])
@@ -92,7 +105,7 @@ class _BlockedSoftmaxDropout(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for block, (start, end, keys) in enumerate(problem.blocks):
             q_block = q[:, :, start:end] * problem.scale
-            p = problem.scores(q_block, k, start, end, keys).sub_(lse[:, :, start:end]).exp_()
+            p = _exp_shifted(problem.scores(q_block, k, start, end, keys), lse[:, :, start:end])
             kept = _draw_kept(p.shape, ctx.dropout_p, ctx.seed + block, p)
             g = grad_out[:, :, start:end]
             dv[:, :, :keys] += torch.matmul((p * kept).transpose(-1, -2), g)

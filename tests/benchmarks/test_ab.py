@@ -143,3 +143,31 @@ def test_decoding_pairs_time_steps_without_gradients_from_a_filled_cache(capsys,
     assert len(calls) >= 9 and set(calls) == {((1, 2, 16), False, False)}
     with pytest.raises(SystemExit, match="--decoding needs"):
         ab.main(["sparsemax", "--ops", "entmax", "--pattern", "noncausal", "--decoding", "3"])
+
+
+def test_attention_dropout_and_an_ops_module_reached_through_another(monkeypatch):
+    """``--attention-dropout P`` builds the attention with that dropout (training mode); an ops module no attention
+    imports from is accepted when another module of ``--ops`` does (``band,softmax_dropout``: the old band then
+    calls the old softmax_dropout), refused alone; a dropout outside [0, 1) is refused with the flag."""
+    import benchmarks.common as common
+    import fluence_fairseq.ops.band as band
+    import fluence_fairseq.ops.softmax_dropout as new
+
+    rates = []
+    real = common.SETUPS["attention_dropout"]
+    monkeypatch.setitem(common.SETUPS, "attention_dropout", lambda module, rate: rates.append(rate)
+                        or real(module, rate))
+    linked = []
+    link = ab.link_revisions
+    monkeypatch.setattr(ab, "link_revisions", lambda loaded: linked.extend(loaded) or link(loaded))
+    small = ["--length", "32", "--dim", "16", "--heads", "2", "--pairs", "1", "--threads", "1"]
+    ab.main(["softmax", "--ops", "band,softmax_dropout", "--attention-dropout", "0.1", *small])
+    assert rates == [0.1]
+    (new_band, old_band), (new_dropout, old_dropout) = linked
+    assert new_band is band and new_dropout is new
+    assert old_band.blocked_softmax_dropout is old_dropout.blocked_softmax_dropout is not new.blocked_softmax_dropout
+    assert band.blocked_softmax_dropout is new.blocked_softmax_dropout  # the working tree's untouched
+    with pytest.raises(SystemExit, match="--ops softmax_dropout: no attention module imports"):
+        ab.main(["softmax", "--ops", "softmax_dropout", *small])
+    with pytest.raises(SystemExit, match=r"--attention-dropout must be in \[0, 1\), got 1.0"):
+        ab.main(["softmax", "--ops", "band", "--attention-dropout", "1.0", *small])

@@ -171,3 +171,20 @@ def test_softmax_attention_trains_with_the_blocks_unbiased(monkeypatch):
     standard_error = outs.std(dim=0) / 10
     assert float(standard_error.max()) > 0.01
     assert bool(((outs.mean(dim=0) - reference).abs() <= 6 * standard_error + 1e-9).all())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-7), (torch.float64, 1e-15)])
+def test_shifted_exponentials_in_base_two_equal_exp_and_zero_the_disallowed(dtype, tol):
+    """``_exp_shifted`` (``exp2`` of the shifted scores times log2 e, in place) against ``torch.exp``: within
+    ``tol`` absolutely on exponents from -40 to 0, exactly 1 at the row maximum, exactly 0 where a score sits at the
+    most negative float (the causal future, padding), and written over its input."""
+    gen = torch.Generator().manual_seed(0)
+    shift = torch.linspace(-2, 2, 6, dtype=dtype).view(6, 1)
+    scores = (torch.rand(6, 300, generator=gen, dtype=torch.float64) * 40 - 40).to(dtype) + shift
+    scores[:, :1] = shift  # each row's maximum
+    scores[:, 5::7] = torch.finfo(dtype).min
+    want = torch.exp(scores.double() - shift.double())
+    out = ops._exp_shifted(scores, shift)
+    assert out.data_ptr() == scores.data_ptr() and out.dtype == dtype
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=0)
+    assert (out[:, 0] == 1).all() and (out[:, 5::7] == 0).all() and (out >= 0).all()
