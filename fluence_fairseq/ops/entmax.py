@@ -600,9 +600,8 @@ def _log_powers(d: Tensor, beta: Union[float, Tensor], out: Tensor, clamped: boo
     to the smallest normal float first (``log2`` of zeros and of denormals takes a slow path), and products at or
     below its logarithm, -126 in float32, are sent to -inf: every power at or below the smallest normal float is
     0 (not a denormal), so zeros stay exactly 0 for every β >= 1 (``exp2(β log2(tiny))`` would not underflow to 0
-    for β < 150/126).
-    The absolute error is at most about 0.6 ulp of 1 (``torch.pow``: 0.3), where the entries of a row summing to
-    one are measured. ``clamped``: ``d`` is at least tiny already."""
+    for β < 150/126). The absolute error is at most about 0.6 ulp of 1 (``torch.pow``: 0.3), where the entries of
+    a row summing to one are measured. ``clamped``: ``d`` is at least tiny already."""
     tiny = torch.finfo(d.dtype).tiny
     logs = (torch.log2(d, out=out) if clamped else torch.clamp(d, min=tiny, out=out).log2_()).mul_(beta)
     return torch.threshold_(logs, math.log2(tiny), float("-inf")).exp2_()
