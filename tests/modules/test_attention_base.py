@@ -387,3 +387,28 @@ def test_beams_share_a_source_only_from_the_cache_size_where_it_pays(monkeypatch
         (buffer,) = state.values()
         assert any(name.startswith(SHARED_SOURCE) for name in buffer) == (bound == cached)
     torch.testing.assert_close(outs[cached], outs[cached + 1], atol=ATOL, rtol=0)
+
+
+def test_call_flags_hold_during_attend_and_are_reset_after_it_even_when_it_raises(monkeypatch):
+    """``heads_exclusive`` and ``head_average_weights`` are set for the whole pass's ``attend`` (a training pass
+    asking for the averaged weights: both True), read False outside it, and are reset when ``attend`` raises;
+    they are instance attributes, not parameters, buffers or submodules."""
+    attn = FSSoftmax(E, H, causal=True)
+    seen = []
+    real = FSSoftmax.attend
+
+    def attend(self, *args, **kwargs):
+        seen.append((self.heads_exclusive, self.head_average_weights))
+        if kwargs.get("need_weights") and len(seen) == 2:
+            raise RuntimeError("attend failed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FSSoftmax, "attend", attend)
+    attn(torch.randn(5, 2, E), need_weights=True)
+    assert seen == [(True, True)] and (attn.heads_exclusive, attn.head_average_weights) == (False, False)
+    with pytest.raises(RuntimeError, match="attend failed"):
+        attn(torch.randn(5, 2, E), need_weights=True)
+    assert (attn.heads_exclusive, attn.head_average_weights) == (False, False)
+    names = {n for n, _ in attn.named_parameters()} | {n for n, _ in attn.named_buffers()} | set(attn._modules)
+    assert not names & {"heads_exclusive", "head_average_weights"}
+    assert vars(attn)["heads_exclusive"] is False
