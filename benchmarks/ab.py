@@ -66,26 +66,27 @@ def load_revision(ops_module: str, revision: str, package: str = "ops") -> Modul
     return module
 
 
+def _taken_from(importer: ModuleType, source: ModuleType) -> List[str]:
+    """The names under which ``importer`` holds a function of ``source`` (``from .source import name``)."""
+    return [name for name, value in list(vars(importer).items())
+            if callable(value) and getattr(source, name, None) is value]
+
+
 def bindings(new: ModuleType) -> List[Tuple[ModuleType, str]]:
     """(importer, name) for every name an attention module took from ``new`` (``from ..ops.x import name``)."""
     found = []
     for importer in list(sys.modules.values()):
         if importer is None or not getattr(importer, "__name__", "").startswith("fluence_fairseq.modules"):
             continue
-        for name, value in vars(importer).items():
-            if callable(value) and getattr(new, name, None) is value and getattr(value, "__module__", "") == new.__name__:
-                found.append((importer, name))
+        found += [(importer, name) for name in _taken_from(importer, new)
+                  if getattr(getattr(new, name), "__module__", "") == new.__name__]
     return found
 
 
 def _imported_by_ops(new: ModuleType, others: List[str]) -> bool:
     """Whether one of the ops modules named ``others`` took a function from ``new``."""
-    for other in others:
-        module = sys.modules.get(f"fluence_fairseq.ops.{other}")
-        if module is not None and any(callable(value) and getattr(new, attr, None) is value
-                                      for attr, value in vars(module).items()):
-            return True
-    return False
+    modules = (sys.modules.get(f"fluence_fairseq.ops.{other}") for other in others)
+    return any(module is not None and _taken_from(module, new) for module in modules)
 
 
 def link_revisions(loaded: List[Tuple[ModuleType, ModuleType]]) -> None:
@@ -94,8 +95,8 @@ def link_revisions(loaded: List[Tuple[ModuleType, ModuleType]]) -> None:
     through and through (``--ops entmax,entmax_attention``: the old blocked pass calls the old normaliser)."""
     for _, old in loaded:
         for new_other, old_other in loaded:
-            for attr, value in list(vars(old).items()):
-                if callable(value) and getattr(new_other, attr, None) is value and hasattr(old_other, attr):
+            for attr in _taken_from(old, new_other):
+                if hasattr(old_other, attr):
                     setattr(old, attr, getattr(old_other, attr))
 
 
