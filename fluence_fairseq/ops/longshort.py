@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import accumulation_dtype as _acc, covers_storage, fold_windows, free_memory, thin_matmul
+from .common import (FLASH_CPU, accumulation_dtype as _acc, covers_storage, cpu_flash_applies, fold_windows,
+                     free_memory, thin_matmul)
 
 __all__ = ["long_short_attention", "dense_joint_attention", "compress_chunks", "head_layer_norm"]
 
@@ -31,6 +32,17 @@ _GROUP_ELEMENTS = 1 << 18
 # batch 4, width 512, ``python -m benchmarks.group_sizes``) 2^22 took the training step to 0.34x that of 2^18 at
 # 1.27x its peak memory (0.80x fairseq's attention's); 2^20 was slower (1.23x)
 _DEVICE_GROUP_ELEMENTS = 1 << 22
+#: whether groups of query blocks go through the CPU flash kernel (:meth:`_LongShort._flash_group`): None where it
+#: applies (a CPU tensor, no dropout, no ALiBi, kernels present); False never (the explicit scores, the reference
+#: for tests); True where it applies, as None
+FLASH_GROUPS: Optional[bool] = None
+#: elements of one group's key windows (blocks x B x H x window keys x D) on the flash path, which forms no scores:
+#: bounds its transient windows and their gradients
+_FLASH_GROUP_ELEMENTS = 1 << 21
+#: the widest default query block of the flash path (causal, L=8192, window 256, Intel Xeon: a forward of 98 ms
+#: in blocks of 64 against 101 in 32 and 111 in 128; the explicit scores take blocks of 128, see
+#: :func:`long_short_attention`)
+FLASH_BLOCK = 64
 
 
 def head_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
@@ -103,9 +115,11 @@ class _RollingRows:
 
     def __init__(self, out: Tensor, left: int, bq: int, kb: int, groups):
         bsz, heads, self.length, dim = out.shape
-        widest = max(g1 - g0 for g0, g1 in groups)
-        self.out, self.left, self.bq, self.kb = out, left, bq, kb
-        self.cap = (widest + _ROLL_SLACK) * bq + kb - bq
+        widest = max(g[1] - g[0] for g in groups)
+        # a window's rows rounded up to whole blocks: fold_windows adds a group of windows in padded pieces
+        self.kb = -(-kb // bq) * bq
+        self.out, self.left, self.bq = out, left, bq
+        self.cap = (widest + _ROLL_SLACK) * bq + self.kb - bq
         self.buf = out.new_zeros(bsz, heads, self.cap, dim)
         self.base = 0  # padded row of buf[:, :, 0]; a multiple of bq
 
@@ -176,6 +190,28 @@ class _GroupMasks:
         else:
             sw.masked_fill_((self.band_shape | ~self.valid_windows[:, g0:g1].unsqueeze(2)).unsqueeze(1), value)
 
+    def flash_applies(self, block: int) -> bool:
+        """Whether block ``block`` can go through the flash kernel: its window holds real keys only (for every
+        sequence) and no global column is padding, so one additive mask serves every block and sequence."""
+        return self.real_windows[block] and self.glob_valid is None
+
+    def band_bias(self, dtype, device) -> Tensor:
+        """(1, 1, bq, kb) additive mask of a block's disallowed band pairs (the dtype's lowest value there)."""
+        key = ("band", dtype)
+        if key not in self.corner_biases:
+            self.corner_biases[key] = torch.zeros(self.band_shape.shape, dtype=dtype, device=device).masked_fill_(
+                self.band_shape, torch.finfo(dtype).min)
+        return self.corner_biases[key]
+
+    def glob_bias(self, g0: int, g1: int, n_vis: int, dtype) -> Optional[Tensor]:
+        """(1, 1, G * bq, n_vis) additive mask of the global columns the queries of blocks g0..g1-1 may not see
+        (padding aside: the flash path has none), None when every query sees all ``n_vis``."""
+        if bisect.bisect_right(self.starts, g0 * self.bq) >= n_vis:
+            return None
+        bias = torch.zeros(1, 1, (g1 - g0) * self.bq, n_vis, dtype=dtype, device=self.glob_start.device)
+        self.fill_glob(bias, g0, g1, n_vis, torch.finfo(dtype).min)
+        return bias
+
     def fill_glob(self, sg: Tensor, g0: int, g1: int, n_vis: int, value: float) -> None:
         """Mask the global columns ``sg`` (B, H, G * bq, n_vis) that queries of blocks g0..g1-1 may not see."""
         first = 0 if self.glob_valid is not None else bisect.bisect_right(self.starts, g0 * self.bq)
@@ -216,13 +252,17 @@ class _LongShort(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad, slopes, cfg):
-        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per, reuse_buffers = cfg
+        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per, reuse_buffers, flash_bq = cfg
         bsz, heads, length, dim = q.shape
         acc = _acc(q.dtype)
         rank = proj_w.size(-1)
+        # padded rows for the blocks of backward (``bq``) as well as of this pass
+        span = max(math.ceil(length / b) * b for b in (bq, flash_bq)) + left + right
+        flash = _LongShort._flash(q, dropout_p, slopes)
+        if flash:
+            bq = flash_bq
         nblocks = math.ceil(length / bq)
         kb = bq + left + right
-        span = (nblocks - 1) * bq + kb
         # normalised keys/values in zero-padded buffers: row r holds key r - left
         y_kp = q.new_zeros(bsz, heads, span, dim)
         y_vp = q.new_zeros(bsz, heads, span, dim)
@@ -257,9 +297,15 @@ class _LongShort(torch.autograd.Function):
         gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
         w5 = ln_l_w.view(1, heads, 1, 1, dim)
         b5 = ln_l_b.view(1, heads, 1, 1, dim)
-        for g0, g1 in _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2), q.device):
+        groups = _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2), q.device, flash, masks, kb, dim)
+        for g0, g1, fast in groups:
             count = g1 - g0
             n_vis = masks.visible(g1)
+            if fast:
+                o = _LongShort._flash_group(q, y_kp, y_vp, kg_s, vg_s, ln_l_w, g0, g1, bq, kb, masks, n_vis)
+                torch.add(o, ln_l_b.repeat(bsz, 1).view(1, bsz * heads, 1, dim),
+                          out=_LongShort._as_blocks(out, g0, g1, bq))
+                continue
             qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi)
             p = torch.softmax(s, dim=-1)
             if gen is not None:
@@ -282,6 +328,54 @@ class _LongShort(torch.autograd.Function):
         return out
 
     # ------------------------------------------------------------------------------------------ helpers
+    @staticmethod
+    def _flash(q: Tensor, dropout_p: float, slopes: Optional[Tensor]) -> bool:
+        """Whether the call's groups may go through the CPU flash kernel (:data:`FLASH_GROUPS`)."""
+        return FLASH_GROUPS is not False and slopes is None and cpu_flash_applies(q, dropout_p)
+
+    @staticmethod
+    def _as_blocks(x: Tensor, g0: int, g1: int, bq: int) -> Tensor:
+        """Rows of blocks g0..g1-1 of ``x`` (B, H, L, D) as the flash kernel's (blocks, B * H, bq, D): a view for
+        fairseq's (L, B, H, D) layout and for contiguous heads."""
+        bsz, heads, _, dim = x.shape
+        return x[:, :, g0 * bq:g1 * bq].reshape(bsz * heads, g1 - g0, bq, dim).transpose(0, 1)
+
+    @staticmethod
+    def _flash_windows(yp: Tensor, w: Tensor, g0: int, g1: int, bq: int, kb: int) -> Tensor:
+        """The local-weighted windows ``w * y`` of blocks g0..g1-1, (blocks, B * H, kb, D): overlapping strided views
+        of one product over the rows they cover (consecutive windows share ``kb - bq`` rows)."""
+        bsz, heads, _, dim = yp.shape
+        rows = (g1 - g0 - 1) * bq + kb
+        slab = yp[:, :, g0 * bq:g0 * bq + rows] * w.view(1, heads, 1, dim)
+        return slab.as_strided((g1 - g0, bsz * heads, kb, dim), (bq * dim, rows * dim, dim, 1))
+
+    @staticmethod
+    def _flash_group(q, y_kp, y_vp, kg_s, vg_s, ln_l_w, g0, g1, bq, kb, masks, n_vis) -> Tensor:
+        """The output minus ``b`` of blocks g0..g1-1 through the CPU flash kernel, as (blocks, B * H, bq, D): one
+        call for the band (the blocks as the kernel's batch, each with its own window of keys) and one for the
+        global columns (the group's queries as one sequence), joined by their log-sum-exps. Keys ``w * y`` and
+        ``kg - b`` differ from the true ``w * y + b`` and ``kg`` by the same ``q . b`` per query, which leaves the
+        joint softmax unchanged; values ``w * y`` and ``vg - b`` give the output minus ``b`` (the probabilities sum
+        to one)."""
+        bsz, heads, _, dim = q.shape
+        bh, count, rows = bsz * heads, g1 - g0, (g1 - g0) * bq
+        kw = _LongShort._flash_windows(y_kp, ln_l_w, g0, g1, bq, kb)
+        vw = _LongShort._flash_windows(y_vp, ln_l_w, g0, g1, bq, kb)
+        o_band, lse_band = FLASH_CPU(_LongShort._as_blocks(q, g0, g1, bq), kw, vw,
+                                     attn_mask=masks.band_bias(q.dtype, q.device))
+        if not n_vis:
+            return o_band
+        o_glob, lse_glob = FLASH_CPU(q[:, :, g0 * bq:g1 * bq].reshape(1, bh, rows, dim),
+                                     kg_s[:, :, :n_vis].reshape(1, bh, n_vis, dim),
+                                     vg_s[:, :, :n_vis].reshape(1, bh, n_vis, dim),
+                                     attn_mask=masks.glob_bias(g0, g1, n_vis, q.dtype))
+        lse_glob = lse_glob.view(bh, count, bq).transpose(0, 1)
+        lse = torch.logaddexp(lse_band, lse_glob)
+        # each part's share of the joint softmax (a query with no visible column: its global share underflows to 0)
+        share_glob = (lse_glob - lse).exp_().unsqueeze(-1)
+        out = o_band.mul_((lse_band - lse).exp_().unsqueeze(-1))
+        return out.addcmul_(o_glob.view(bh, count, bq, dim).transpose(0, 1), share_glob)
+
     @staticmethod
     def _global_weights(y_k, ln_l_w, ln_l_b, proj_w, proj_b, key_pad, causal, used, chunk):
         """The mixing weights ``A`` (B, H, used, rank) of the global columns: the logits ``kn @ proj_w + proj_b``
@@ -344,10 +438,22 @@ class _LongShort(torch.autograd.Function):
         return (rel > left) | (rel < -right)
 
     @staticmethod
-    def _groups(bsz, heads, nblocks, bq, width, device):
+    def _groups(bsz, heads, nblocks, bq, width, device, flash=False, masks=None, kb=0, dim=0):
+        """(first block, end block, through the flash kernel) of every group of query blocks, in order. ``flash``:
+        runs of blocks where :meth:`_GroupMasks.flash_applies` are cut by the flash path's own bound (it forms no
+        scores), the other blocks by the scores' bound."""
         elements = _GROUP_ELEMENTS if device.type == "cpu" else _DEVICE_GROUP_ELEMENTS
         step = max(1, elements // (bsz * heads * bq * width))
-        return [(g, min(nblocks, g + step)) for g in range(0, nblocks, step)]
+        flash_step = max(1, _FLASH_GROUP_ELEMENTS // (bsz * heads * kb * dim)) if flash else 0
+        groups, g = [], 0
+        while g < nblocks:
+            fast = flash and masks.flash_applies(g)
+            end = min(nblocks, g + (flash_step if fast else step))
+            if flash:  # a group is all one kind
+                end = next((t for t in range(g + 1, end) if masks.flash_applies(t) != fast), end)
+            groups.append((g, end, fast))
+            g = end
+        return groups
 
     @staticmethod
     def _window(xp, g0, g1, bq, kb):
@@ -387,7 +493,7 @@ class _LongShort(torch.autograd.Function):
     def backward(ctx, grad_out):
         (q, y_kp, y_vp, rstd, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad, zk, zv,
          slopes) = ctx.saved_tensors
-        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per, reuse_buffers = ctx.cfg
+        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per, reuse_buffers, _ = ctx.cfg
         bsz, heads, length, dim = q.shape
         acc = _acc(q.dtype)
         rank = proj_w.size(-1)
@@ -420,6 +526,8 @@ class _LongShort(torch.autograd.Function):
         # _RollingRows)
         grad_vn = grad_out if reuse_buffers and covers_storage(grad_out) else q.new_empty(length, bsz, heads, dim).permute(
             1, 2, 0, 3)
+        # the explicit scores: the flash kernel's backward (with the forward's output recomputed for its row
+        # sums) took 1.15x their time here (causal, L=8192, window 256, Intel Xeon)
         groups = _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2), q.device)
         value_rows = _RollingRows(grad_vn, left, bq, kb, groups)
         # with ``reuse_buffers`` over q itself: each block's rows are read (scaled into a copy) before theirs is written
@@ -435,9 +543,24 @@ class _LongShort(torch.autograd.Function):
             n_vis = masks.visible(g1)
             qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi)
             p = torch.softmax(s, dim=-1)
+            del s  # before the probabilities' gradient: two score-sized tensors at a time, not three
             g_out = _rows(grad_out, g0 * bq, rows).reshape(bsz, heads, count, bq, dim)
             kw = _LongShort._window(y_kp, g0, g1, bq, kb)
             vw = _LongShort._window(y_vp, g0, g1, bq, kb)
+            keep = None
+            if gen is not None:
+                keep = torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen) / (1 - dropout_p)
+                p_used = (p * keep).to(q.dtype)
+            else:
+                p_used = p.to(q.dtype)
+            # the values' gradients first, from the probabilities alone: the band's is folded away before the
+            # probabilities' gradient exists (one window gradient fewer at backward's peak)
+            value_rows.fold(torch.matmul(p_used[..., n_vis:].transpose(-1, -2), g_out), g0, g1)  # d vn
+            if n_vis:
+                grad_vg[:, :, :n_vis] += torch.matmul(
+                    p_used[..., :n_vis].reshape(bsz, heads, rows, n_vis).transpose(-1, -2),
+                    g_out.reshape(bsz, heads, rows, dim))
+            del p_used
             # the probabilities' gradient in its two parts, band (B, H, G, bq, kb) and global columns (B, H, G, bq,
             # n_vis), each a product of its own: joined, as the scores are, they cost a copy of both (1.5% of the
             # causal step at L=8192), and the score gradient's parts below are then contiguous
@@ -448,36 +571,28 @@ class _LongShort(torch.autograd.Function):
             # the parts lack the per-row constant dO . b (band values are w * y, global ones vg - b). Without
             # dropout it cancels in the softmax backward (rows of p sum to one); with dropout the kept entries
             # carry it scaled, so it is added back first
-            if gen is not None:
-                keep = torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen) / (1 - dropout_p)
+            if keep is not None:
                 row_bias = (g_out * b_l.view(1, heads, 1, 1, dim)).sum(-1, keepdim=True).to(acc)
-                p_used = (p * keep).to(q.dtype)
                 for cols, grad_p in parts:
                     grad_p.add_(row_bias).mul_(keep[..., cols])
-            else:
-                p_used = p.to(q.dtype)
+                del keep
             # rowsum(P * dP) from the recomputed probabilities: the output need not be kept for backward (``vecdot``:
             # a fifth of the time of the batched (1 x width) by (width x 1) products; AMD EPYC, torch 2.13)
             delta = sum(torch.linalg.vecdot(p[..., cols], grad_p) for cols, grad_p in parts).unsqueeze(-1)
             grad_s = [grad_p.sub_(delta).mul_(p[..., cols]).to(q.dtype) for cols, grad_p in parts]
+            del p, parts
             gs_w = grad_s[0]
             gq = torch.matmul(gs_w, kw).mul_(w5)  # d(q . kn) / dq with kn = y * w + b, minus the b part ...
             gq += gs_w.sum(-1, keepdim=True) * ln_l_b.view(1, heads, 1, 1, dim)  # ... added back here
-            grad_kw = torch.matmul(gs_w.transpose(-1, -2), qs)  # d kn, (B, H, G, kb, D); qs is pre-scaled
-            grad_vw = torch.matmul(p_used[..., n_vis:].transpose(-1, -2), g_out)  # d vn
             if n_vis:
                 gs_g = grad_s[1].view(bsz, heads, rows, n_vis)
                 gq += torch.matmul(gs_g, kg[:, :, :n_vis]).view(bsz, heads, count, bq, dim)
                 grad_kg[:, :, :n_vis] += torch.matmul(gs_g.transpose(-1, -2), qs.reshape(bsz, heads, rows, dim))
-                grad_vg[:, :, :n_vis] += torch.matmul(
-                    p_used[..., :n_vis].reshape(bsz, heads, rows, n_vis).transpose(-1, -2),
-                    g_out.reshape(bsz, heads, rows, dim))
+            # each block's window gradient back onto the padded key rows it was taken from
+            fold_windows(torch.matmul(gs_w.transpose(-1, -2), qs), grad_kp, g0, bq)  # d kn; qs is pre-scaled
             hi = min(length, g1 * bq)
             grad_q[:, :, g0 * bq:hi] = (gq * scale).view(bsz, heads, rows, dim)[:, :, :hi - g0 * bq]
-            # each block's window gradient back onto the padded key rows it was taken from
-            fold_windows(grad_kw, grad_kp, g0, bq)
-            value_rows.fold(grad_vw, g0, g1)
-        for g0, g1 in groups:
+        for g0, g1, _ in groups:
             group_backward(g0, g1)
         value_rows.finish()
         del value_rows
@@ -571,10 +686,13 @@ def long_short_attention(
     bsz, heads, length, dim = q.shape
     left, right = (window - 1, 0) if causal else (window, window)
     n_chunks = max(0, (length - window) // chunk_size) if causal else 0
+    flash_bq = block_size
     if block_size is None:
         span = left + right + 1
-        block_size = 16 if span <= 24 else (32 if span <= 96 else 64)
+        block_size = 16 if span <= 24 else (32 if span <= 96 else 128)
+        flash_bq = min(block_size, FLASH_BLOCK)
     bq = max(1, min(block_size, length))
+    flash_bq = max(1, min(flash_bq, length))
     # row chunks of the full-length elementwise passes: ~4 MiB transients (few operations, small transients)
     rows_per = row_chunk or max(1, (1 << 20) // (bsz * heads * dim))
     if causal:
@@ -582,7 +700,7 @@ def long_short_attention(
     seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
     if alibi_slopes is not None and not causal:
         raise ValueError("long_short_attention: ALiBi is for the causal pattern (noncausal landmarks have no position)")
-    cfg = (causal, left, right, chunk_size, n_chunks, bq, dropout_p, seed, rows_per, bool(reuse_buffers))
+    cfg = (causal, left, right, chunk_size, n_chunks, bq, dropout_p, seed, rows_per, bool(reuse_buffers), flash_bq)
     return _LongShort.apply(q, k, v, ln_local[0], ln_local[1], ln_global[0], ln_global[1], proj_weight, proj_bias,
                             key_padding_mask, alibi_slopes, cfg)
 

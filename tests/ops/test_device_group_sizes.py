@@ -21,7 +21,7 @@ def test_longshort_groups_by_device():
     on_cpu = _LongShort._groups(4, 8, 64, 64, 192, CPU)
     off_cpu = _LongShort._groups(4, 8, 64, 64, 192, META)
     assert len(on_cpu) == 64 and len(off_cpu) == 64 // 10 + 1  # 2^18: one block a group; 2^22: ten
-    assert off_cpu[0] == (0, 10) and off_cpu[-1] == (60, 64)
+    assert off_cpu[0] == (0, 10, False) and off_cpu[-1] == (60, 64, False)
 
 
 def test_abc_walks_more_chunks_per_group_off_the_cpu(monkeypatch):
