@@ -33,8 +33,9 @@ class LongShortAttention(FluenceAttention):
       both branches (no double counting). The compressed part costs O(L * L / c * chunk_rank), as in the reference.
 
     Scores are ``q.k / sqrt(head_dim)``; the window keys and the global columns share one softmax, computed in
-    query blocks of ``block_size`` queries (default: 16/32/64 by window; a constructor keyword, not a flag) by one
-    custom autograd node whose backward recomputes the probabilities (memory: a few L x D tensors).
+    query blocks of ``block_size`` queries (default: 16/32/128 by window, the CPU flash forward at most 64; a
+    constructor keyword, not a flag) by one custom autograd node whose backward recomputes the probabilities
+    (memory: a few L x D tensors).
     ``need_weights`` returns None: with ``LN_G`` after the projection the output is no mixture of the input keys'
     values, so there is no (L, L) weight matrix to report.
 

@@ -11,7 +11,10 @@ queries go in blocks of ``bq``; block ``b`` scores the ``bq + left + right`` key
 view of the padded normalised keys (``unfold``, all blocks of a group at once), plus the global columns visible to
 its group's last query. Forward keeps the normalised keys/values and q; backward recomputes the
 probabilities group by group (flash-attention style), so memory is a few L x D tensors plus one bounded group of
-scores, whatever the window. :func:`dense_joint_attention` is the same math with a full score matrix (decoding).
+scores, whatever the window. On the CPU without dropout or ALiBi, forward runs the blocks whose windows hold real
+keys only through the CPU flash kernel instead (:meth:`_LongShort._flash_group`: 0.90x the causal training step at
+L=8192, window 256, Intel Xeon); backward keeps the explicit scores. :func:`dense_joint_attention` is the same math
+with a full score matrix (decoding).
 """
 import bisect
 import math
@@ -32,10 +35,9 @@ _GROUP_ELEMENTS = 1 << 18
 # batch 4, width 512, ``python -m benchmarks.group_sizes``) 2^22 took the training step to 0.34x that of 2^18 at
 # 1.27x its peak memory (0.80x fairseq's attention's); 2^20 was slower (1.23x)
 _DEVICE_GROUP_ELEMENTS = 1 << 22
-#: whether groups of query blocks go through the CPU flash kernel (:meth:`_LongShort._flash_group`): None where it
-#: applies (a CPU tensor, no dropout, no ALiBi, kernels present); False never (the explicit scores, the reference
-#: for tests); True where it applies, as None
-FLASH_GROUPS: Optional[bool] = None
+#: whether the forward's groups of query blocks go through the CPU flash kernel (:meth:`_LongShort._flash_group`)
+#: where it applies (a CPU tensor, no dropout, no ALiBi, kernels present); False: the explicit scores everywhere
+FLASH_GROUPS = True
 #: elements of one group's key windows (blocks x B x H x window keys x D) on the flash path, which forms no scores:
 #: bounds its transient windows and their gradients
 _FLASH_GROUP_ELEMENTS = 1 << 21
@@ -331,7 +333,7 @@ class _LongShort(torch.autograd.Function):
     @staticmethod
     def _flash(q: Tensor, dropout_p: float, slopes: Optional[Tensor]) -> bool:
         """Whether the call's groups may go through the CPU flash kernel (:data:`FLASH_GROUPS`)."""
-        return FLASH_GROUPS is not False and slopes is None and cpu_flash_applies(q, dropout_p)
+        return FLASH_GROUPS and slopes is None and cpu_flash_applies(q, dropout_p)
 
     @staticmethod
     def _as_blocks(x: Tensor, g0: int, g1: int, bq: int) -> Tensor:
@@ -673,7 +675,8 @@ def long_short_attention(
     all positions (noncausal: ``rank`` landmarks) or within each chunk of ``chunk_size`` positions (causal:
     ``rank`` vectors per chunk), then ``ln_global``. Noncausal: band ``|i - j| <= window``; causal: keys
     ``i - window + 1 .. i`` and the chunks ending at or before ``i - window``. One softmax over both.
-    ``block_size``: queries per block (default by window); ``row_chunk``: rows per full-length elementwise pass.
+    ``block_size``: queries per block (default by window: 16, 32, or 128 beyond 96 window keys, where the CPU
+    flash forward takes :data:`FLASH_BLOCK`); ``row_chunk``: rows per full-length elementwise pass.
     ``alibi_slopes`` (H,), causal only: ALiBi, ``-slope_h (i - j)`` on band scores and ``-slope_h (i - centre)``
     on a compressed chunk's, ``centre`` the middle of its chunk. ``reuse_buffers``: nothing reads q, k, v after the
     call nor the output's gradient after backward receives it (the attention base's whole passes): forward frees

@@ -24,10 +24,10 @@ def _inputs(length, bsz=2, heads=3, dim=8, rank=2, seed=1, dtype=torch.float64):
 
 
 def _run(flash, monkeypatch, *, causal, length, window, block=None, padding=None, reuse=False, alibi=False,
-         dropout=0.0):
+         dropout=0.0, dtype=torch.float64):
     """Output and every gradient of one call with ``FLASH_GROUPS = flash``."""
     monkeypatch.setattr(ops, "FLASH_GROUPS", flash)
-    (q, k, v), params, grad = _inputs(length)
+    (q, k, v), params, grad = _inputs(length, dtype=dtype)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, *params)]
     q, k, v = leaves[:3]
     if reuse:  # the op may free k and v and write over q: give it copies of its own
@@ -36,7 +36,7 @@ def _run(flash, monkeypatch, *, causal, length, window, block=None, padding=None
     out = long_short_attention(
         q, k, v, ln_local=leaves[3:5], ln_global=leaves[5:7], proj_weight=leaves[7], proj_bias=leaves[8],
         key_padding_mask=padding, causal=causal, window=window, chunk_size=3, block_size=block, reuse_buffers=reuse,
-        dropout_p=dropout, alibi_slopes=torch.tensor([0.5, 0.25, 0.125], dtype=torch.float64) if alibi else None)
+        dropout_p=dropout, alibi_slopes=torch.tensor([0.5, 0.25, 0.125], dtype=dtype) if alibi else None)
     result = out.detach().clone()
     out.backward(grad.clone())
     # proj_bias's gradient is zero up to rounding (a softmax over positions ignores a constant per column)
@@ -59,7 +59,7 @@ def test_flash_forward_equals_the_explicit_scores(causal, length, window, group_
     kw = dict(causal=causal, length=length, window=window, block=block, reuse=reuse)
     want = _run(False, monkeypatch, **kw)
     assert not calls
-    got = _run(None, monkeypatch, **kw)
+    got = _run(True, monkeypatch, **kw)
     assert calls, "the flash path was not taken"
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-11)
@@ -78,11 +78,22 @@ def test_default_blocks_differ_between_the_flash_forward_and_the_explicit_backwa
 
     monkeypatch.setattr(ops._LongShort, "_groups", staticmethod(groups))
     want = _run(False, monkeypatch, causal=True, length=300, window=100)
-    got = _run(None, monkeypatch, causal=True, length=300, window=100)
+    got = _run(True, monkeypatch, causal=True, length=300, window=100)
     assert ops.FLASH_BLOCK == 64 and set(blocks[::2]) == {64}  # the band calls' query blocks
     assert backward_blocks[-1] == 128  # the explicit backward's (span 100 > 96)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flash_forward_in_lower_precision(dtype, monkeypatch):
+    """The kernel's log-sum-exps are float32 for bfloat16 inputs: the shares are taken in float32 and the output
+    keeps the inputs' dtype, within that dtype's rounding of the explicit scores."""
+    want = _run(False, monkeypatch, causal=True, length=200, window=40, dtype=dtype)
+    got = _run(True, monkeypatch, causal=True, length=200, window=40, dtype=dtype)
+    assert got[0].dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol * float(want[0].abs().max()))
 
 
 @pytest.mark.parametrize("case", ["padding", "alibi", "dropout"])
@@ -100,7 +111,7 @@ def test_the_explicit_scores_where_the_flash_path_does_not_apply(case, monkeypat
     kw = dict(causal=True, length=40, window=5, padding=padding, alibi=case == "alibi",
               dropout=0.3 if case == "dropout" else 0.0)
     want = _run(False, monkeypatch, **kw)
-    got = _run(None, monkeypatch, **kw)
+    got = _run(True, monkeypatch, **kw)
     assert not calls
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
