@@ -597,7 +597,7 @@ class _LongShort(torch.autograd.Function):
         for g0, g1, _ in groups:
             group_backward(g0, g1)
         value_rows.finish()
-        del value_rows
+        value_rows = None  # its buffer freed before the passes below
         grad_kn = grad_kp[:, :, left:left + length]
         y_k, y_v = y_kp[:, :, left:left + length], y_vp[:, :, left:left + length]
         # ---- local affine: d kn -> d y (in place), gradients of the local weight and bias
