@@ -170,7 +170,7 @@ class _GroupMasks:
         self.real_windows = valid_windows.all(-1).all(0).tolist()  # per block: every window key real
         kb = band.size(-1)
         self.corners = [slice(0, kb)] if kb <= 2 * bq else [slice(0, bq), slice(kb - bq, kb)]
-        self.corner_biases = {}  # per (dtype, fill value): the corners' additive masks
+        self.biases = {}  # the corners' additive masks per (dtype, fill value), the whole band's per ("band", dtype)
         self.starts = glob_start.tolist()  # non-decreasing
 
     def visible(self, g1: int) -> int:
@@ -183,11 +183,11 @@ class _GroupMasks:
             # added rather than filled: a boolean mask broadcast over the heads and blocks took 4x as long, and
             # ``value`` (the dtype's lowest) absorbs any score (|s| below its ulp, ~1e31 in float32)
             key = (sw.dtype, value)
-            if key not in self.corner_biases:
-                self.corner_biases[key] = [torch.zeros(self.band_shape[..., cols].shape, dtype=sw.dtype,
+            if key not in self.biases:
+                self.biases[key] = [torch.zeros(self.band_shape[..., cols].shape, dtype=sw.dtype,
                                                        device=sw.device).masked_fill_(self.band_shape[..., cols], value)
                                            for cols in self.corners]
-            for cols, bias in zip(self.corners, self.corner_biases[key]):
+            for cols, bias in zip(self.corners, self.biases[key]):
                 sw[..., cols] += bias
         else:
             sw.masked_fill_((self.band_shape | ~self.valid_windows[:, g0:g1].unsqueeze(2)).unsqueeze(1), value)
@@ -200,10 +200,10 @@ class _GroupMasks:
     def band_bias(self, dtype, device) -> Tensor:
         """(1, 1, bq, kb) additive mask of a block's disallowed band pairs (the dtype's lowest value there)."""
         key = ("band", dtype)
-        if key not in self.corner_biases:
-            self.corner_biases[key] = torch.zeros(self.band_shape.shape, dtype=dtype, device=device).masked_fill_(
+        if key not in self.biases:
+            self.biases[key] = torch.zeros(self.band_shape.shape, dtype=dtype, device=device).masked_fill_(
                 self.band_shape, torch.finfo(dtype).min)
-        return self.corner_biases[key]
+        return self.biases[key]
 
     def glob_bias(self, g0: int, g1: int, n_vis: int, dtype) -> Optional[Tensor]:
         """(1, 1, G * bq, n_vis) additive mask of the global columns the queries of blocks g0..g1-1 may not see
