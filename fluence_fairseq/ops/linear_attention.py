@@ -263,10 +263,10 @@ def _contiguous_features(x: Tensor, relu: bool) -> Tensor:
 
 def _raw_grad(g: Tensor, x: Tensor, relu: bool) -> Tensor:
     """``g`` = dL/d features -> dL/d raw input (in place): 0 where relu cut, i.e. where the raw input ``x`` (or its
-    features: relu(x) = 0 exactly where x <= 0) is <= 0 (torch's convention at 0). As a product with
-    ``sign(relu(x))`` (0 or 1): a tenth of the time of a boolean ``masked_fill_`` on this CPU; the same numbers
-    (a cut entry may read -0)."""
-    return g.mul_(torch.relu(x).sign_()) if relu else g
+    features: relu(x) = 0 exactly where x <= 0) is <= 0 (torch's convention at 0). relu's own backward kernel
+    written over ``g``: one pass (a product with ``sign(relu(x))`` took three, 180 against 56-67 us for
+    (1, 8, 512, 64) on an Intel Xeon; a boolean ``masked_fill_`` ten times as long)."""
+    return torch.ops.aten.threshold_backward(g, x, 0.0, grad_input=g) if relu else g
 
 
 def _check_reuse(q: Tensor, k: Tensor, v: Tensor, reuse_inputs: bool, c: Optional[Tensor]):

@@ -96,3 +96,24 @@ def test_a_decoding_step_equals_the_chunked_function_with_its_gradients(scaled, 
     for got, want in zip(fast, chunked):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     assert not any(t.requires_grad for t in fast[1:4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_raw_grad_is_relus_backward_in_place(dtype):
+    """dL/d raw input from dL/d features: the gradient where x > 0, exactly 0 where x <= 0 (0 itself included, as
+    torch's relu), written over the gradient (a strided view of fairseq's heads too)."""
+    from fluence_fairseq.ops.linear_attention import _raw_grad
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 2, 3, 8, generator=g).to(dtype).permute(1, 2, 0, 3)
+    x[0, 0, :4] = 0.0
+    grad = torch.randn(2, 3, 37, 8, generator=g).to(dtype)
+    leaf = x.detach().clone().requires_grad_()
+    torch.relu(leaf).backward(grad)
+    want = leaf.grad
+    got = _raw_grad(grad.clone(), x, relu=True)
+    assert torch.equal(got, want)
+    assert bool((got[0, 0, :4] == 0).all()) and bool((got[x <= 0] == 0).all())
+    same = grad.clone()
+    assert _raw_grad(same, x, relu=True).data_ptr() == same.data_ptr()
+    assert _raw_grad(same, x, relu=False) is same
