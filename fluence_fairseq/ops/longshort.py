@@ -38,6 +38,9 @@ _DEVICE_GROUP_ELEMENTS = 1 << 22
 #: whether the forward's groups of query blocks go through the CPU flash kernel (:meth:`_LongShort._flash_group`)
 #: where it applies (a CPU tensor, no dropout, no ALiBi, kernels present); False: the explicit scores everywhere
 FLASH_GROUPS = True
+#: whether backward takes the probabilities of the groups whose windows hold real keys only from the forward's
+#: log-sum-exps (False: a softmax of the joined scores everywhere, the reference for tests)
+BACKWARD_FROM_LSE = True
 #: elements of one group's key windows (blocks x B x H x window keys x D) on the flash path, which forms no scores:
 #: bounds its transient windows and their gradients
 _FLASH_GROUP_ELEMENTS = 1 << 21
@@ -98,6 +101,14 @@ def _rows(x: Tensor, start: int, length: int) -> Tensor:
     if lo - start or start + length - hi:
         piece = F.pad(piece, (0, 0, lo - start, start + length - hi))
     return piece
+
+
+_LOG2E = 1.0 / math.log(2.0)
+
+
+def _lse_rows(length: int, *blocks: int) -> int:
+    """Rows of the saved log-sum-exps: the length rounded up to whole blocks of every block size used."""
+    return max(math.ceil(length / b) * b for b in blocks)
 
 
 def _softmax_backward(p: Tensor, grad_p: Tensor, dim: int) -> Tensor:
@@ -192,9 +203,14 @@ class _GroupMasks:
         else:
             sw.masked_fill_((self.band_shape | ~self.valid_windows[:, g0:g1].unsqueeze(2)).unsqueeze(1), value)
 
+    def has_keys(self, block: int) -> bool:
+        """Whether block ``block``'s windows hold real keys only (for every sequence): every query of it then has
+        a key, and its band mask is the same for every block."""
+        return self.real_windows[block]
+
     def flash_applies(self, block: int) -> bool:
-        """Whether block ``block`` can go through the flash kernel: its window holds real keys only (for every
-        sequence) and no global column is padding, so one additive mask serves every block and sequence."""
+        """Whether block ``block`` can go through the flash kernel: :meth:`has_keys`, and no global column is
+        padding, so one additive mask serves every block and sequence."""
         return self.real_windows[block] and self.glob_valid is None
 
     def band_bias(self, dtype, device) -> Tensor:
@@ -299,16 +315,24 @@ class _LongShort(torch.autograd.Function):
         gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
         w5 = ln_l_w.view(1, heads, 1, 1, dim)
         b5 = ln_l_b.view(1, heads, 1, 1, dim)
-        groups = _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2), q.device, flash, masks, kb, dim)
+        # every row's log-sum-exp of its scores, in base 2 (a few bytes a row): backward takes the probabilities
+        # of its groups without padding from them, without a softmax; rows past the last block stay +inf (their
+        # probabilities 0)
+        lse2 = q.new_full((bsz, heads, _lse_rows(length, bq, cfg[5])), math.inf, dtype=acc)
+        flash_step = max(1, _FLASH_GROUP_ELEMENTS // (bsz * heads * kb * dim)) if flash else 0
+        groups = _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2), q.device,
+                                    masks.flash_applies if flash else None, flash_step)
         for g0, g1, fast in groups:
             count = g1 - g0
             n_vis = masks.visible(g1)
             if fast:
-                o = _LongShort._flash_group(q, y_kp, y_vp, kg_s, vg_s, ln_l_w, g0, g1, bq, kb, masks, n_vis)
+                o, lse = _LongShort._flash_group(q, y_kp, y_vp, kg_s, vg_s, ln_l_w, g0, g1, bq, kb, masks, n_vis)
                 torch.add(o, ln_l_b.repeat(bsz, 1).view(1, bsz * heads, 1, dim),
                           out=_LongShort._as_blocks(out, g0, g1, bq))
+                torch.mul(lse, _LOG2E, out=_LongShort._as_blocks(lse2.unsqueeze(-1), g0, g1, bq).squeeze(-1))
                 continue
             qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi)
+            torch.mul(torch.logsumexp(s, dim=-1), _LOG2E, out=lse2[:, :, g0 * bq:g1 * bq].view(bsz, heads, count, bq))
             p = torch.softmax(s, dim=-1)
             if gen is not None:
                 p = p * torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen) / (1 - dropout_p)
@@ -325,7 +349,7 @@ class _LongShort(torch.autograd.Function):
             hi = min(length, g1 * bq)
             out[:, :, g0 * bq:hi] = o.view(bsz, heads, -1, dim)[:, :, :hi - g0 * bq]
         ctx.save_for_backward(q, y_kp, y_vp, rstd, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad,
-                              zk, zv, slopes)
+                              zk, zv, slopes, lse2)
         ctx.cfg = cfg
         return out
 
@@ -352,8 +376,9 @@ class _LongShort(torch.autograd.Function):
         return slab.as_strided((g1 - g0, bsz * heads, kb, dim), (bq * dim, rows * dim, dim, 1))
 
     @staticmethod
-    def _flash_group(q, y_kp, y_vp, kg_s, vg_s, ln_l_w, g0, g1, bq, kb, masks, n_vis) -> Tensor:
-        """The output minus ``b`` of blocks g0..g1-1 through the CPU flash kernel, as (blocks, B * H, bq, D): one
+    def _flash_group(q, y_kp, y_vp, kg_s, vg_s, ln_l_w, g0, g1, bq, kb, masks, n_vis) -> Tuple[Tensor, Tensor]:
+        """The output minus ``b`` of blocks g0..g1-1 through the CPU flash kernel, as (blocks, B * H, bq, D), and
+        the joint log-sum-exp of the rows' scores, (blocks, B * H, bq): one
         call for the band (the blocks as the kernel's batch, each with its own window of keys) and one for the
         global columns (the group's queries as one sequence), joined by their log-sum-exps. Keys ``w * y`` and
         ``kg - b`` differ from the true ``w * y + b`` and ``kg`` by the same ``q . b`` per query, which leaves the
@@ -366,7 +391,7 @@ class _LongShort(torch.autograd.Function):
         o_band, lse_band = FLASH_CPU(_LongShort._as_blocks(q, g0, g1, bq), kw, vw,
                                      attn_mask=masks.band_bias(q.dtype, q.device))
         if not n_vis:
-            return o_band
+            return o_band, lse_band
         o_glob, lse_glob = FLASH_CPU(q[:, :, g0 * bq:g1 * bq].reshape(1, bh, rows, dim),
                                      kg_s[:, :, :n_vis].reshape(1, bh, n_vis, dim),
                                      vg_s[:, :, :n_vis].reshape(1, bh, n_vis, dim),
@@ -376,7 +401,7 @@ class _LongShort(torch.autograd.Function):
         # each part's share of the joint softmax (a query with no visible column: its global share underflows to 0)
         share_glob = (lse_glob - lse).exp_().unsqueeze(-1)
         out = o_band.mul_((lse_band - lse).exp_().unsqueeze(-1))
-        return out.addcmul_(o_glob.view(bh, count, bq, dim).transpose(0, 1), share_glob)
+        return out.addcmul_(o_glob.view(bh, count, bq, dim).transpose(0, 1), share_glob), lse
 
     @staticmethod
     def _global_weights(y_k, ln_l_w, ln_l_b, proj_w, proj_b, key_pad, causal, used, chunk):
@@ -440,20 +465,19 @@ class _LongShort(torch.autograd.Function):
         return (rel > left) | (rel < -right)
 
     @staticmethod
-    def _groups(bsz, heads, nblocks, bq, width, device, flash=False, masks=None, kb=0, dim=0):
-        """(first block, end block, through the flash kernel) of every group of query blocks, in order. ``flash``:
-        runs of blocks where :meth:`_GroupMasks.flash_applies` are cut by the flash path's own bound (it forms no
-        scores), the other blocks by the scores' bound."""
+    def _groups(bsz, heads, nblocks, bq, width, device, kind=None, kind_step=0):
+        """(first block, end block, ``kind`` of its blocks) of every group of query blocks, in order. With ``kind``
+        (block -> bool) no group mixes blocks of both kinds, and runs of the first are cut by ``kind_step`` blocks
+        when given (the flash path's bound: it forms no scores), every other run by the scores' bound."""
         elements = _GROUP_ELEMENTS if device.type == "cpu" else _DEVICE_GROUP_ELEMENTS
         step = max(1, elements // (bsz * heads * bq * width))
-        flash_step = max(1, _FLASH_GROUP_ELEMENTS // (bsz * heads * kb * dim)) if flash else 0
         groups, g = [], 0
         while g < nblocks:
-            fast = flash and masks.flash_applies(g)
-            end = min(nblocks, g + (flash_step if fast else step))
-            if flash:  # a group is all one kind
-                end = next((t for t in range(g + 1, end) if masks.flash_applies(t) != fast), end)
-            groups.append((g, end, fast))
+            first = kind is not None and kind(g)
+            end = min(nblocks, g + (kind_step if first and kind_step else step))
+            if kind is not None:  # a group is all one kind
+                end = next((t for t in range(g + 1, end) if kind(t) != first), end)
+            groups.append((g, end, first))
             g = end
         return groups
 
@@ -470,31 +494,37 @@ class _LongShort(torch.autograd.Function):
                            glob_start, glob_valid, bq)
 
     @staticmethod
-    def _block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi=None):
+    def _block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi=None, base2=False):
         """Scaled queries (B, H, G, bq, D) and the masked joint scores (B, H, G, bq, n_vis + kb) of query
-        blocks g0..g1-1 (band scores against y with the local weight folded into the queries), ALiBi added."""
+        blocks g0..g1-1 (band scores against y with the local weight folded into the queries), ALiBi added.
+        ``base2``: the scores times log2(e), as their two parts, global (B, H, G * bq, n_vis) (None without
+        columns) and band (B, H, G, bq, kb), for probabilities ``exp2(s - lse2)`` (backward)."""
         bsz, heads, _, dim = q.shape
         count = g1 - g0
+        unit = _LOG2E if base2 else 1.0
         qs = _rows(q, g0 * bq, count * bq).mul(dim**-0.5).reshape(bsz, heads, count, bq, dim)
         yw = _LongShort._window(y_kp, g0, g1, bq, kb)
-        sw = torch.matmul(qs * w5, yw.transpose(-1, -2)).to(acc)
+        sw = torch.matmul(qs * (w5 * unit), yw.transpose(-1, -2)).to(acc)
         if alibi is not None:
-            sw += alibi[0]
+            sw.add_(alibi[0], alpha=unit)
         masks.fill_band(sw, g0, g1, torch.finfo(acc).min)
         if n_vis == 0:
-            return qs, sw
-        sg = torch.matmul(qs.view(bsz, heads, count * bq, dim), kg_s[:, :, :n_vis].transpose(-1, -2)).to(acc)
+            return (qs, None, sw) if base2 else (qs, sw)
+        qg = qs.view(bsz, heads, count * bq, dim)
+        sg = torch.matmul(qg * unit if base2 else qg, kg_s[:, :, :n_vis].transpose(-1, -2)).to(acc)
         if alibi is not None:
             _, slopes, centre = alibi
             pos = torch.arange(g0 * bq, g1 * bq, device=q.device).to(acc)
-            sg -= slopes.view(1, -1, 1, 1) * (pos.unsqueeze(1) - centre[:n_vis])
+            sg.sub_(slopes.view(1, -1, 1, 1) * (pos.unsqueeze(1) - centre[:n_vis]), alpha=unit)
         masks.fill_glob(sg, g0, g1, n_vis, torch.finfo(acc).min)
+        if base2:
+            return qs, sg, sw
         return qs, torch.cat([sg.view(bsz, heads, count, bq, n_vis), sw], dim=-1)
 
     @staticmethod
     def backward(ctx, grad_out):
         (q, y_kp, y_vp, rstd, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad, zk, zv,
-         slopes) = ctx.saved_tensors
+         slopes, lse2) = ctx.saved_tensors
         causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per, reuse_buffers, _ = ctx.cfg
         bsz, heads, length, dim = q.shape
         acc = _acc(q.dtype)
@@ -530,7 +560,9 @@ class _LongShort(torch.autograd.Function):
             1, 2, 0, 3)
         # the explicit scores: the flash kernel's backward (with the forward's output recomputed for its row
         # sums) took 1.15x their time here (causal, L=8192, window 256, Intel Xeon)
-        groups = _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2), q.device)
+        # with dropout the forward's groups, each drawing its mask again; else apart where a window holds padding
+        groups = _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2), q.device,
+                                    None if dropout_p > 0 else masks.has_keys)
         value_rows = _RollingRows(grad_vn, left, bq, kb, groups)
         # with ``reuse_buffers`` over q itself: each block's rows are read (scaled into a copy) before theirs is written
         grad_q = q if reuse_buffers else q.new_empty(length, bsz, heads, dim).permute(1, 2, 0, 3)
@@ -543,46 +575,62 @@ class _LongShort(torch.autograd.Function):
             count = g1 - g0
             rows = count * bq
             n_vis = masks.visible(g1)
-            qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi)
-            p = torch.softmax(s, dim=-1)
-            del s  # before the probabilities' gradient: two score-sized tensors at a time, not three
+            if BACKWARD_FROM_LSE and all(masks.has_keys(t) for t in range(g0, g1)):
+                # every row has a key: its probabilities from the forward's log-sum-exp, each part over its own
+                # scores (no softmax, no joined copy; base 2, whose exponential of the masked entries' lowest
+                # float is fast on CPUs where exp's is not)
+                qs, sg, sw = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi,
+                                                      base2=True)
+                lse = lse2[:, :, g0 * bq:g1 * bq].view(bsz, heads, count, bq, 1)
+                probs = [sw.sub_(lse).exp2_()]
+                if n_vis:
+                    probs.append(sg.view(bsz, heads, count, bq, n_vis).sub_(lse).exp2_())
+                del sg, sw
+            else:
+                qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi)
+                p = torch.softmax(s, dim=-1)
+                del s  # before the probabilities' gradient: two score-sized tensors at a time, not three
+                probs = [p[..., n_vis:]] + ([p[..., :n_vis]] if n_vis else [])
+                del p
+            # probs: the band's (B, H, G, bq, kb) and the global columns' (B, H, G, bq, n_vis)
             g_out = _rows(grad_out, g0 * bq, rows).reshape(bsz, heads, count, bq, dim)
             kw = _LongShort._window(y_kp, g0, g1, bq, kb)
             vw = _LongShort._window(y_vp, g0, g1, bq, kb)
-            keep = None
-            if gen is not None:
-                keep = torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen) / (1 - dropout_p)
-                p_used = (p * keep).to(q.dtype)
+            keeps = None
+            if gen is not None:  # the forward's mask, drawn over the joined columns as there
+                keep = torch.empty(bsz, heads, count, bq, n_vis + kb, dtype=acc, device=q.device)
+                keep = keep.bernoulli_(1 - dropout_p, generator=gen).div_(1 - dropout_p)
+                keeps = [keep[..., n_vis:], keep[..., :n_vis]]
+                used = [(pr * kp).to(q.dtype) for pr, kp in zip(probs, keeps)]
             else:
-                p_used = p.to(q.dtype)
+                used = [pr.to(q.dtype) for pr in probs]
             # the values' gradients first, from the probabilities alone: the band's is folded away before the
             # probabilities' gradient exists (one window gradient fewer at backward's peak)
-            value_rows.fold(torch.matmul(p_used[..., n_vis:].transpose(-1, -2), g_out), g0, g1)  # d vn
+            value_rows.fold(torch.matmul(used[0].transpose(-1, -2), g_out), g0, g1)  # d vn
             if n_vis:
-                grad_vg[:, :, :n_vis] += torch.matmul(
-                    p_used[..., :n_vis].reshape(bsz, heads, rows, n_vis).transpose(-1, -2),
-                    g_out.reshape(bsz, heads, rows, dim))
-            del p_used
+                grad_vg[:, :, :n_vis] += torch.matmul(used[1].reshape(bsz, heads, rows, n_vis).transpose(-1, -2),
+                                                      g_out.reshape(bsz, heads, rows, dim))
+            del used
             # the probabilities' gradient in its two parts, band (B, H, G, bq, kb) and global columns (B, H, G, bq,
             # n_vis), each a product of its own: joined, as the scores are, they cost a copy of both (1.5% of the
             # causal step at L=8192), and the score gradient's parts below are then contiguous
-            parts = [(slice(n_vis, None), torch.matmul(g_out * w5, vw.transpose(-1, -2)).to(acc))]
+            parts = [torch.matmul(g_out * w5, vw.transpose(-1, -2)).to(acc)]
             if n_vis:
                 gp_g = torch.matmul(g_out.reshape(bsz, heads, rows, dim), vg_s[:, :, :n_vis].transpose(-1, -2))
-                parts.append((slice(None, n_vis), gp_g.view(bsz, heads, count, bq, n_vis).to(acc)))
+                parts.append(gp_g.view(bsz, heads, count, bq, n_vis).to(acc))
             # the parts lack the per-row constant dO . b (band values are w * y, global ones vg - b). Without
             # dropout it cancels in the softmax backward (rows of p sum to one); with dropout the kept entries
             # carry it scaled, so it is added back first
-            if keep is not None:
+            if keeps is not None:
                 row_bias = (g_out * b_l.view(1, heads, 1, 1, dim)).sum(-1, keepdim=True).to(acc)
-                for cols, grad_p in parts:
-                    grad_p.add_(row_bias).mul_(keep[..., cols])
-                del keep
+                for grad_p, kp in zip(parts, keeps):
+                    grad_p.add_(row_bias).mul_(kp)
+                del keep, keeps
             # rowsum(P * dP) from the recomputed probabilities: the output need not be kept for backward (``vecdot``:
             # a fifth of the time of the batched (1 x width) by (width x 1) products; AMD EPYC, torch 2.13)
-            delta = sum(torch.linalg.vecdot(p[..., cols], grad_p) for cols, grad_p in parts).unsqueeze(-1)
-            grad_s = [grad_p.sub_(delta).mul_(p[..., cols]).to(q.dtype) for cols, grad_p in parts]
-            del p, parts
+            delta = sum(torch.linalg.vecdot(pr, grad_p) for pr, grad_p in zip(probs, parts)).unsqueeze(-1)
+            grad_s = [grad_p.sub_(delta).mul_(pr).to(q.dtype) for pr, grad_p in zip(probs, parts)]
+            del probs, parts
             gs_w = grad_s[0]
             gq = torch.matmul(gs_w, kw).mul_(w5)  # d(q . kn) / dq with kn = y * w + b, minus the b part ...
             gq += gs_w.sum(-1, keepdim=True) * ln_l_b.view(1, heads, 1, 1, dim)  # ... added back here

@@ -126,7 +126,7 @@ def test_groups_keep_flash_and_explicit_blocks_apart():
     nblocks = 16
     masks = ops._LongShort._masks(padded, None, torch.zeros(0, dtype=torch.long), 1, 64, nblocks, bq, kb, left, 0,
                                   torch.device("cpu"))
-    groups = ops._LongShort._groups(1, 2, nblocks, bq, kb, torch.device("cpu"), True, masks, kb, 8)
+    groups = ops._LongShort._groups(1, 2, nblocks, bq, kb, torch.device("cpu"), masks.flash_applies, 3)
     assert [g[0] for g in groups] == sorted(g[0] for g in groups) and groups[-1][1] == nblocks
     assert all(g0 < g1 for g0, g1, _ in groups)
     for g0, g1, fast in groups:
@@ -160,3 +160,41 @@ def test_rolling_rows_equal_folding_into_a_full_buffer():
             rolling.fold(w, g0, g1)
         rolling.finish()
         torch.testing.assert_close(out, full[:, :, left:left + length], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal,length,window", [(True, 61, 9), (False, 61, 7)])
+@pytest.mark.parametrize("case", ["plain", "padding", "alibi", "dropout", "grouped"])
+def test_backward_from_the_saved_log_sum_exps_equals_the_softmax(causal, length, window, case, monkeypatch):
+    """Backward's probabilities from the forward's log-sum-exps (base 2, each part of the scores on its own)
+    against a softmax of the joined scores, float64: the groups with padding in a window keep the softmax, the
+    others take the saved rows whichever path the forward took (the flash kernel's, or the explicit scores' with
+    ALiBi or dropout, whose mask backward draws over the joined columns again, group by group as forward did:
+    ``test_long_short_function_gradcheck_float64`` checks those gradients against finite differences)."""
+    if case == "alibi" and not causal:
+        pytest.skip("ALiBi is causal only")
+    if case in ("grouped", "dropout"):  # one block a group: with dropout groups are not cut where padding is
+        monkeypatch.setattr(ops, "_GROUP_ELEMENTS", 1)
+    padding = None
+    if case == "padding":
+        padding = torch.zeros(2, length, dtype=torch.bool)
+        padding[1, -5:] = True
+    taken = []
+    scores = ops._LongShort._block_scores
+
+    def block_scores(*args, base2=False, **kw):
+        taken.append(base2)
+        return scores(*args, base2=base2, **kw)
+
+    monkeypatch.setattr(ops._LongShort, "_block_scores", staticmethod(block_scores))
+    kw = dict(causal=causal, length=length, window=window, padding=padding, alibi=case == "alibi",
+              dropout=0.3 if case == "dropout" else 0.0, block=4)
+    monkeypatch.setattr(ops, "BACKWARD_FROM_LSE", False)
+    want = _run(True, monkeypatch, **kw)
+    assert not any(taken)
+    monkeypatch.setattr(ops, "BACKWARD_FROM_LSE", True)
+    got = _run(True, monkeypatch, **kw)
+    assert any(taken)
+    if case == "padding":
+        assert not all(taken[len(taken) // 2:])  # some groups kept the softmax
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-11)
