@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import (FLASH_CPU, accumulation_dtype as _acc, covers_storage, cpu_flash_applies, fold_windows,
-                     free_memory, thin_matmul)
+from .common import (FLASH_CPU, accumulation_dtype as _acc, covers_storage, cpu_flash_applies, dropout_keep_mask,
+                     fold_windows, free_memory, thin_matmul)
 
 __all__ = ["long_short_attention", "dense_joint_attention", "compress_chunks", "head_layer_norm"]
 
@@ -312,7 +312,6 @@ class _LongShort(torch.autograd.Function):
         alibi = _LongShort._alibi(slopes, rank, chunk, kg.size(2), bq, kb, left, acc)
         buf = q.new_empty(length, bsz, heads, dim)
         out = buf.permute(1, 2, 0, 3)
-        gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
         w5 = ln_l_w.view(1, heads, 1, 1, dim)
         b5 = ln_l_b.view(1, heads, 1, 1, dim)
         # every row's log-sum-exp of its scores, in base 2 (a few bytes a row): backward takes the probabilities
@@ -332,17 +331,21 @@ class _LongShort(torch.autograd.Function):
                 torch.mul(lse, _LOG2E, out=_LongShort._as_blocks(lse2.unsqueeze(-1), g0, g1, bq).squeeze(-1))
                 continue
             qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi)
-            torch.mul(torch.logsumexp(s, dim=-1), _LOG2E, out=lse2[:, :, g0 * bq:g1 * bq].view(bsz, heads, count, bq))
             p = torch.softmax(s, dim=-1)
-            if gen is not None:
-                p = p * torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen) / (1 - dropout_p)
+            # the log-sum-exp from the softmax itself: its largest probability is exp(max s - lse) (two reading
+            # passes; ``logsumexp`` takes the slow exponential of the masked entries on some CPUs, 0.9 ms a block
+            # of 128 queries at window 256 on an Intel Xeon)
+            lse = torch.amax(s, dim=-1).sub_(torch.amax(p, dim=-1).log_())
+            torch.mul(lse, _LOG2E, out=lse2[:, :, g0 * bq:g1 * bq].view(bsz, heads, count, bq))
+            if dropout_p > 0:  # one mask per group, its stream the group's first block: backward draws it again
+                p = p * dropout_keep_mask(p.shape, dropout_p, seed, p, stream=g0)
             p = p.to(q.dtype)
             vw = _LongShort._window(y_vp, g0, g1, bq, kb)
             o = torch.matmul(p[..., n_vis:], vw).mul_(w5).add_(b5)
             if n_vis:
                 o += torch.matmul(p[..., :n_vis].reshape(bsz, heads, count * bq, n_vis),
                                   vg_s[:, :, :n_vis]).view(bsz, heads, count, bq, dim)
-            if gen is not None:
+            if dropout_p > 0:
                 # b + P_g (vg - b) stands for b * rowsum(P_band) + P_g vg only while rows sum to one; dropped
                 # rows do not, and each kept band value carries b itself
                 o += b5 * (p.sum(-1, keepdim=True) - 1)
@@ -567,7 +570,6 @@ class _LongShort(torch.autograd.Function):
         # with ``reuse_buffers`` over q itself: each block's rows are read (scaled into a copy) before theirs is written
         grad_q = q if reuse_buffers else q.new_empty(length, bsz, heads, dim).permute(1, 2, 0, 3)
         grad_kg, grad_vg = torch.zeros_like(kg), torch.zeros_like(vg)
-        gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
 
         def group_backward(g0, g1):
             """One group of query blocks (a function: its temporaries are gone before the next group's and
@@ -597,9 +599,8 @@ class _LongShort(torch.autograd.Function):
             kw = _LongShort._window(y_kp, g0, g1, bq, kb)
             vw = _LongShort._window(y_vp, g0, g1, bq, kb)
             keeps = None
-            if gen is not None:  # the forward's mask, drawn over the joined columns as there
-                keep = torch.empty(bsz, heads, count, bq, n_vis + kb, dtype=acc, device=q.device)
-                keep = keep.bernoulli_(1 - dropout_p, generator=gen).div_(1 - dropout_p)
+            if dropout_p > 0:  # the forward's mask, drawn over the joined columns as there
+                keep = dropout_keep_mask((bsz, heads, count, bq, n_vis + kb), dropout_p, seed, probs[0], stream=g0)
                 keeps = [keep[..., n_vis:], keep[..., :n_vis]]
                 used = [(pr * kp).to(q.dtype) for pr, kp in zip(probs, keeps)]
             else:

@@ -6,6 +6,7 @@ import torch
 from attention_contract import AttentionContract, Case
 from gradient_reuse import check_query_gradient_reused
 from fluence_fairseq.modules import FSLongShort
+from fluence_fairseq.ops.common import dropout_keep_mask
 from fluence_fairseq.ops.longshort import long_short_attention
 
 
@@ -115,7 +116,8 @@ def test_noncausal_equals_dense_reference(block_size):
 def test_dropout_weights_the_values_with_the_kept_probabilities():
     """With attention dropout the output is (P * keep) @ [landmark values || band values], as in the reference:
     the band values' bias counts once per kept probability, not once per row. The op draws one mask per group of
-    query blocks from its seed; at this size one group holds every block, so the mask is redrawn here."""
+    query blocks from its seed (``ops.common.dropout_keep_mask``, the group's first block as its stream); at this
+    size one group holds every block, so the mask is redrawn here."""
     bsz, heads, length, window, bq, r, p_drop = 2, 4, 19, 2, 4, 3, 0.4
     attn = _randomize(FSLongShort(32, heads, num_landmarks=r, ls_window_size=window, block_size=bq))
     q, k, v = _heads(bsz, length)
@@ -130,8 +132,8 @@ def test_dropout_weights_the_values_with_the_kept_probabilities():
     torch.manual_seed(7)
     seed = int(torch.randint(0, 2**62, ()))
     nblocks, kb = math.ceil(length / bq), bq + 2 * window
-    drawn = torch.empty(bsz, heads, nblocks, bq, r + kb).bernoulli_(
-        1 - p_drop, generator=torch.Generator().manual_seed(seed)) / (1 - p_drop)
+    # the group's mask: its stream is the group's first block
+    drawn = dropout_keep_mask((bsz, heads, nblocks, bq, r + kb), p_drop, seed, torch.empty(0), stream=0)
     keep = torch.zeros(bsz, heads, length, r + length)
     for i in range(length):
         block, row = divmod(i, bq)
