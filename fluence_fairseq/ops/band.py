@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import (FLASH_CPU_BACKWARD, accumulation_dtype as _acc, cpu_flash_applies, fold_windows, free_memory,
-                     relative_positions)
+from .common import (FLASH_CPU_BACKWARD, accumulation_dtype as _acc, cpu_flash_applies, dropout_keep_mask,
+                     fold_windows, free_memory, relative_positions)
 from .softmax_dropout import blocked_softmax_dropout, blocked_softmax_dropout_applies
 
 RelBias = Callable[[Tensor], Tensor]
@@ -499,14 +499,13 @@ class _BlockedBand(torch.autograd.Function):
         qb = F.pad(q * scale, (0, 0, 0, nblocks * bq - tgt_len)).view(bsz, heads, nblocks, bq, head_dim)
         kp, vp = _pad_keys(k, start, length), _pad_keys(v, start, length)
         out = q.new_empty(bsz, heads, nblocks, bq, head_dim)
-        gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
         band_bias = _BlockedBand._band_bias(bias, band, _acc(q.dtype))
         for g0, g1 in _BlockedBand._groups(q.shape, nblocks, bq, kb):
             s = _BlockedBand._scores(qb[:, :, g0:g1], _BlockedBand._window(kp, g0, g1, bq, kb), band_bias,
                                      None if extra is None else extra[:, :, g0:g1], valid[:, g0:g1])
             p = torch.softmax(s, dim=-1)
-            if gen is not None:
-                p = p * torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen) / (1 - dropout_p)
+            if dropout_p > 0:  # one mask per group, its stream the group's first block: backward draws it again
+                p = p * dropout_keep_mask(p.shape, dropout_p, seed, p, stream=g0)
             out[:, :, g0:g1] = torch.matmul(p.to(v.dtype), _BlockedBand._window(vp, g0, g1, bq, kb).transpose(-1, -2))
         ctx.save_for_backward(q, k, v, bias, extra, valid, band, out)
         ctx.config = (start, bq, dropout_p, seed)
@@ -531,7 +530,6 @@ class _BlockedBand(torch.autograd.Function):
         grad_kp = q.new_zeros(bsz, heads, (nblocks + pieces) * bq, head_dim)
         grad_vp = torch.zeros_like(grad_kp)
         grad_bias = None if bias is None else torch.zeros_like(bias, dtype=acc)
-        gen = torch.Generator(q.device).manual_seed(seed) if dropout_p > 0 else None
         band_bias = _BlockedBand._band_bias(bias, band, acc)
         for g0, g1 in _BlockedBand._groups(q.shape, nblocks, bq, kb):
             kw = _BlockedBand._window(kp, g0, g1, bq, kb)  # (B, H, G, D, kb)
@@ -541,8 +539,8 @@ class _BlockedBand(torch.autograd.Function):
             p = torch.softmax(s, dim=-1)
             g_out = go[:, :, g0:g1]
             grad_p = torch.matmul(g_out, vw).to(acc)  # (B, H, G, bq, kb)
-            if gen is not None:
-                keep = torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen) / (1 - dropout_p)
+            if dropout_p > 0:
+                keep = dropout_keep_mask(p.shape, dropout_p, seed, p, stream=g0)
                 p_used, grad_p = p * keep, grad_p * keep
             else:
                 p_used = p
@@ -604,8 +602,7 @@ class _NarrowBand(torch.autograd.Function):
         p = _NarrowBand._probs(qs, kp, bias, extra, valid, band, (bsz, heads, nbs, bq, kb), acc)
         p_used = p
         if dropout_p > 0:
-            gen = torch.Generator(q.device).manual_seed(seed)
-            p_used = p * torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen).div_(1 - dropout_p)
+            p_used = p * dropout_keep_mask(p.shape, dropout_p, seed, p)
         out = torch.bmm(p_used.to(v.dtype), _NarrowBand._windows(vp, n, bq, kb))
         del p_used
         # ``reuse`` (a whole pass, memory first): the probabilities are recomputed in backward, not kept
@@ -699,8 +696,7 @@ class _NarrowBand(torch.autograd.Function):
             p = _NarrowBand._probs(qs, kp, bias, extra, valid, band, (bsz, heads, nbs, bq, kb), acc)
         keep = None
         if dropout_p > 0:
-            gen = torch.Generator(p.device).manual_seed(seed)
-            keep = torch.empty_like(p).bernoulli_(1 - dropout_p, generator=gen).div_(1 - dropout_p)
+            keep = dropout_keep_mask(p.shape, dropout_p, seed, p)
         # the probabilities (after dropout) into the skewed buffer for the value gradient's fold; the score
         # gradient P * (dP - rowsum(P * dP)) a few blocks at a time, so that no full dP exists beside the
         # buffer: into p itself when backward runs once (``reuse``), else into a new tensor
