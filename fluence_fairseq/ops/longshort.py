@@ -106,8 +106,8 @@ def _rows(x: Tensor, start: int, length: int) -> Tensor:
 _LOG2E = 1.0 / math.log(2.0)
 
 
-def _lse_rows(length: int, *blocks: int) -> int:
-    """Rows of the saved log-sum-exps: the length rounded up to whole blocks of every block size used."""
+def _whole_blocks(length: int, *blocks: int) -> int:
+    """``length`` rounded up to whole blocks of every block size given (forward's and backward's)."""
     return max(math.ceil(length / b) * b for b in blocks)
 
 
@@ -274,8 +274,9 @@ class _LongShort(torch.autograd.Function):
         bsz, heads, length, dim = q.shape
         acc = _acc(q.dtype)
         rank = proj_w.size(-1)
-        # padded rows for the blocks of backward (``bq``) as well as of this pass
-        span = max(math.ceil(length / b) * b for b in (bq, flash_bq)) + left + right
+        # rows for the blocks of backward (``bq``) as well as of this pass
+        rows_all = _whole_blocks(length, bq, flash_bq)
+        span = rows_all + left + right
         flash = _LongShort._flash(q, dropout_p, slopes)
         if flash:
             bq = flash_bq
@@ -317,7 +318,7 @@ class _LongShort(torch.autograd.Function):
         # every row's log-sum-exp of its scores, in base 2 (a few bytes a row): backward takes the probabilities
         # of its groups without padding from them, without a softmax; rows past the last block stay +inf (their
         # probabilities 0)
-        lse2 = q.new_full((bsz, heads, _lse_rows(length, bq, cfg[5])), math.inf, dtype=acc)
+        lse2 = q.new_full((bsz, heads, rows_all), math.inf, dtype=acc)
         flash_step = max(1, _FLASH_GROUP_ELEMENTS // (bsz * heads * kb * dim)) if flash else 0
         groups = _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2), q.device,
                                     masks.flash_applies if flash else None, flash_step)
@@ -328,7 +329,7 @@ class _LongShort(torch.autograd.Function):
                 o, lse = _LongShort._flash_group(q, y_kp, y_vp, kg_s, vg_s, ln_l_w, g0, g1, bq, kb, masks, n_vis)
                 torch.add(o, ln_l_b.repeat(bsz, 1).view(1, bsz * heads, 1, dim),
                           out=_LongShort._as_blocks(out, g0, g1, bq))
-                torch.mul(lse, _LOG2E, out=_LongShort._as_blocks(lse2.unsqueeze(-1), g0, g1, bq).squeeze(-1))
+                torch.mul(lse, _LOG2E, out=lse2[:, :, g0 * bq:g1 * bq].view(bsz * heads, count, bq).transpose(0, 1))
                 continue
             qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi)
             p = torch.softmax(s, dim=-1)
@@ -381,9 +382,9 @@ class _LongShort(torch.autograd.Function):
     @staticmethod
     def _flash_group(q, y_kp, y_vp, kg_s, vg_s, ln_l_w, g0, g1, bq, kb, masks, n_vis) -> Tuple[Tensor, Tensor]:
         """The output minus ``b`` of blocks g0..g1-1 through the CPU flash kernel, as (blocks, B * H, bq, D), and
-        the joint log-sum-exp of the rows' scores, (blocks, B * H, bq): one
-        call for the band (the blocks as the kernel's batch, each with its own window of keys) and one for the
-        global columns (the group's queries as one sequence), joined by their log-sum-exps. Keys ``w * y`` and
+        the joint log-sum-exp of the rows' scores, (blocks, B * H, bq): one call for the band (the blocks as the
+        kernel's batch, each with its own window of keys) and one for the global columns (the group's queries as
+        one sequence), joined by their log-sum-exps. Keys ``w * y`` and
         ``kg - b`` differ from the true ``w * y + b`` and ``kg`` by the same ``q . b`` per query, which leaves the
         joint softmax unchanged; values ``w * y`` and ``vg - b`` give the output minus ``b`` (the probabilities sum
         to one)."""
@@ -561,9 +562,10 @@ class _LongShort(torch.autograd.Function):
         # _RollingRows)
         grad_vn = grad_out if reuse_buffers and covers_storage(grad_out) else q.new_empty(length, bsz, heads, dim).permute(
             1, 2, 0, 3)
-        # the explicit scores: the flash kernel's backward (with the forward's output recomputed for its row
-        # sums) took 1.15x their time here (causal, L=8192, window 256, Intel Xeon)
-        # with dropout the forward's groups, each drawing its mask again; else apart where a window holds padding
+        # the explicit scores (the flash kernel's backward needs the output: recomputed, it took 1.15x their time
+        # here, causal, L=8192, window 256, Intel Xeon; kept, the output projection's backward held it beside its
+        # gradient, over the memory bound). Groups: with dropout the forward's, each drawing its mask again; else
+        # cut where a window starts or stops holding padding
         groups = _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2), q.device,
                                     None if dropout_p > 0 else masks.has_keys)
         value_rows = _RollingRows(grad_vn, left, bq, kb, groups)
