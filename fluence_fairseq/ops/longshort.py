@@ -333,11 +333,12 @@ class _LongShort(torch.autograd.Function):
                 continue
             qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi)
             p = torch.softmax(s, dim=-1)
-            # the log-sum-exp from the softmax itself: its largest probability is exp(max s - lse) (two reading
-            # passes; ``logsumexp`` takes the slow exponential of the masked entries on some CPUs, 0.9 ms a block
-            # of 128 queries at window 256 on an Intel Xeon)
-            lse = torch.amax(s, dim=-1).sub_(torch.amax(p, dim=-1).log_())
-            torch.mul(lse, _LOG2E, out=lse2[:, :, g0 * bq:g1 * bq].view(bsz, heads, count, bq))
+            if any(ctx.needs_input_grad):
+                # the log-sum-exp from the softmax itself: its largest probability is exp(max s - lse) (two reading
+                # passes; ``logsumexp`` takes the slow exponential of the masked entries on some CPUs, 0.9 ms a
+                # block of 128 queries at window 256 on an Intel Xeon)
+                lse = torch.amax(s, dim=-1).sub_(torch.amax(p, dim=-1).log_())
+                torch.mul(lse, _LOG2E, out=lse2[:, :, g0 * bq:g1 * bq].view(bsz, heads, count, bq))
             if dropout_p > 0:  # one mask per group, its stream the group's first block: backward draws it again
                 p = p * dropout_keep_mask(p.shape, dropout_p, seed, p, stream=g0)
             p = p.to(q.dtype)
