@@ -270,7 +270,7 @@ class _LongShort(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad, slopes, cfg):
-        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per, reuse_buffers, flash_bq = cfg
+        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per, reuse_buffers, flash_bq, keeps_lse = cfg
         bsz, heads, length, dim = q.shape
         acc = _acc(q.dtype)
         rank = proj_w.size(-1)
@@ -333,7 +333,7 @@ class _LongShort(torch.autograd.Function):
                 continue
             qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi)
             p = torch.softmax(s, dim=-1)
-            if any(ctx.needs_input_grad):
+            if keeps_lse:
                 # the log-sum-exp from the softmax itself: its largest probability is exp(max s - lse) (two reading
                 # passes; ``logsumexp`` takes the slow exponential of the masked entries on some CPUs, 0.9 ms a
                 # block of 128 queries at window 256 on an Intel Xeon)
@@ -530,7 +530,7 @@ class _LongShort(torch.autograd.Function):
     def backward(ctx, grad_out):
         (q, y_kp, y_vp, rstd, ln_l_w, ln_l_b, ln_g_w, ln_g_b, proj_w, proj_b, key_pad, zk, zv,
          slopes, lse2) = ctx.saved_tensors
-        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per, reuse_buffers, _ = ctx.cfg
+        causal, left, right, chunk, n_chunks, bq, dropout_p, seed, rows_per, reuse_buffers, _, _ = ctx.cfg
         bsz, heads, length, dim = q.shape
         acc = _acc(q.dtype)
         rank = proj_w.size(-1)
@@ -755,7 +755,11 @@ def long_short_attention(
     seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
     if alibi_slopes is not None and not causal:
         raise ValueError("long_short_attention: ALiBi is for the causal pattern (noncausal landmarks have no position)")
-    cfg = (causal, left, right, chunk_size, n_chunks, bq, dropout_p, seed, rows_per, bool(reuse_buffers), flash_bq)
+    # backward takes its probabilities from the forward's log-sum-exps: kept only when there will be a backward
+    keeps_lse = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, *ln_local, *ln_global, proj_weight, proj_bias))
+    cfg = (causal, left, right, chunk_size, n_chunks, bq, dropout_p, seed, rows_per, bool(reuse_buffers), flash_bq,
+           keeps_lse)
     return _LongShort.apply(q, k, v, ln_local[0], ln_local[1], ln_global[0], ln_global[1], proj_weight, proj_bias,
                             key_padding_mask, alibi_slopes, cfg)
 

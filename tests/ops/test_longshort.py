@@ -198,3 +198,28 @@ def test_backward_from_the_saved_log_sum_exps_equals_the_softmax(causal, length,
         assert not all(taken[len(taken) // 2:])  # some groups kept the softmax
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-11)
+
+
+def test_log_sum_exps_only_kept_when_a_backward_will_follow(monkeypatch):
+    """The explicit forward reads its scores twice more for the rows' log-sum-exps, which only backward uses: not
+    under ``torch.no_grad`` (inference), nor without an input that requires a gradient."""
+    monkeypatch.setattr(ops, "FLASH_GROUPS", False)
+    calls = []
+    amax = torch.amax
+    monkeypatch.setattr(torch, "amax", lambda *a, **kw: (calls.append(1), amax(*a, **kw))[1])
+    (q, k, v), params, _ = _inputs(40)
+
+    def call():
+        return long_short_attention(q, k, v, ln_local=params[:2], ln_global=params[2:4], proj_weight=params[4],
+                                    proj_bias=params[5], key_padding_mask=None, causal=True, window=5, block_size=4)
+
+    frozen = call()  # nothing requires a gradient
+    assert not calls
+    params = [p.requires_grad_() for p in params]
+    with torch.no_grad():
+        quiet = call()
+    assert not calls
+    trained = call()  # the parameters require gradients: a backward may follow
+    assert calls
+    torch.testing.assert_close(quiet, trained.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(frozen, quiet, rtol=0, atol=0)
