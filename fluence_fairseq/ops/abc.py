@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .common import add_matmul_, matmul_in_projection_layout, without_autocast
+from .common import add_matmul_, dropout_keep_mask, matmul_in_projection_layout, without_autocast
 
 __all__ = [
     "ABCState", "empty_state", "slot_memory", "compressed_slots", "attend_slots", "attend_slots_in_layout",
@@ -416,7 +416,7 @@ class _ChunkedCausalABC(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, alpha_k, alpha_v, k_ends, v_ends, k_num, k_den, k_max, v_num, v_den, v_max,
-                chunk, group, dropout_p, reuse_query, w_k=None, w_v=None, reuse_kv=False, shift=None, pad=None):
+                chunk, group, dropout_p, seed, reuse_query, w_k=None, w_v=None, reuse_kv=False, shift=None, pad=None):
         bsz, heads, length, dim = q.shape
         projected = w_k is not None  # slot scores from the maps, group by group (alpha_k/alpha_v are None)
         n, slots = length // chunk, (w_k if projected else alpha_k).size(-1)
@@ -428,8 +428,6 @@ class _ChunkedCausalABC(torch.autograd.Function):
         entry_num = k_num.new_empty(n_groups, 2, bsz, heads, slots, dim)
         entry_den = k_den.new_empty(n_groups, 2, bsz, heads, slots)
         entry_max = k_max.new_empty(n_groups, 2, bsz, heads, slots)
-        kept_all = torch.empty(bsz, heads, n, chunk, slots, dtype=torch.bool, device=q.device) \
-            if dropout_p > 0.0 else None
         for c0 in range(0, n, group):
             c1 = min(n, c0 + group)
             g, s0, s1 = c1 - c0, c0 * chunk, c1 * chunk
@@ -452,9 +450,8 @@ class _ChunkedCausalABC(torch.autograd.Function):
             del qk
             probs = torch.softmax(slot_scores * dim ** -0.5, dim=-1)
             dropped = probs
-            if dropout_p > 0.0:
-                dropped = F.dropout(probs, dropout_p, training=True)
-                kept_all[:, :, c0:c1] = dropped != 0
+            if dropout_p > 0.0:  # one mask per group, its stream the group's first chunk: backward draws it again
+                dropped = probs * dropout_keep_mask(probs.shape, dropout_p, seed, probs, stream=c0)
 
             v_exps, _, v_in_num, v_in_den, v_sum_num, v_sum_den, v_row_den = _group_carry(
                 a_v, vc, v_e, v_num, v_den, v_max)
@@ -472,8 +469,8 @@ class _ChunkedCausalABC(torch.autograd.Function):
             v_num, v_den, v_max = v_in_num[:, :, -1] + v_sum_num[:, :, -1], v_in_den[:, :, -1] + v_sum_den[:, :, -1], \
                 v_e[:, :, -1]
         ctx.save_for_backward(q, k, v, alpha_k, alpha_v, k_ends, v_ends, scores_all, entry_num, entry_den,
-                              entry_max, kept_all, w_k, w_v, shift, pad)
-        ctx.chunk, ctx.group, ctx.dropout_p, ctx.reuse_query = chunk, group, dropout_p, reuse_query
+                              entry_max, w_k, w_v, shift, pad)
+        ctx.chunk, ctx.group, ctx.dropout_p, ctx.seed, ctx.reuse_query = chunk, group, dropout_p, seed, reuse_query
         ctx.reuse_kv = reuse_kv
         final = tuple(t.contiguous() for t in (k_num, k_den, k_max, v_num, v_den, v_max))
         ctx.mark_non_differentiable(*final)
@@ -483,7 +480,7 @@ class _ChunkedCausalABC(torch.autograd.Function):
     @without_autocast
     def backward(ctx, grad_out, *unused):
         (q, k, v, alpha_k, alpha_v, k_ends, v_ends, scores_all, entry_num, entry_den, entry_max,
-         kept_all, w_k, w_v, shift, pad) = ctx.saved_tensors
+         w_k, w_v, shift, pad) = ctx.saved_tensors
         chunk, group, dropout_p = ctx.chunk, ctx.group, ctx.dropout_p
         bsz, heads, length, dim = q.shape
         n = length // chunk
@@ -523,8 +520,8 @@ class _ChunkedCausalABC(torch.autograd.Function):
             else:
                 slot_scores = scores_all[:, :, c0:c1]
             probs = torch.softmax(slot_scores * dim ** -0.5, dim=-1)
-            kept = None if kept_all is None else kept_all[:, :, c0:c1]
-            dropped = probs if kept is None else probs * kept / (1.0 - dropout_p)
+            keep = None if dropout_p == 0.0 else dropout_keep_mask(probs.shape, dropout_p, ctx.seed, probs, stream=c0)
+            dropped = probs if keep is None else probs * keep
 
             # values: out = tril(w E_v^T) V + w N_v,  w = dropped / den_v
             w = dropped / v_row_den
@@ -551,7 +548,7 @@ class _ChunkedCausalABC(torch.autograd.Function):
             del v_exps, g_v_exps, g_vc, w
 
             # slot softmax (and dropout)
-            g_probs = g_dropped if kept is None else g_dropped * kept / (1.0 - dropout_p)
+            g_probs = g_dropped if keep is None else g_dropped * keep
             g_scores = probs * (g_probs - (g_probs * probs).sum(-1, keepdim=True)) * dim ** -0.5
             g_row_num = g_scores.div_(k_row_den)
             g_k_den = (g_row_num * slot_scores).neg_()
@@ -577,9 +574,9 @@ class _ChunkedCausalABC(torch.autograd.Function):
             g_q[:, :, s0:s1] = g_qc.view(bsz, heads, s1 - s0, dim)
         if projected:
             return (g_q, g_k, g_v, None, None, None, None, None, None, None, None, None, None, None, None, None, None,
-                    g_w_k, g_w_v, None, None, None)
+                    None, g_w_k, g_w_v, None, None, None)
         return (g_q, g_k, g_v, g_alpha_k, g_alpha_v, None, None, None, None, None, None, None, None, None, None, None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _mapped_scores(x: Tensor, w: Tensor, shift: Optional[Tensor], pad: Optional[Tensor]) -> Tensor:
@@ -692,9 +689,10 @@ def causal_abc(
         if max(k_gap, v_gap) <= _max_gap(dtype):
             if maps is not None:
                 alphas = [None, None]  # made again group by group inside
+            seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0.0 else 0
+            reuse = bool(reuse_query or (maps is not None and reuse_inputs))
             out, *state = _ChunkedCausalABC.apply(*padded, *alphas, k_ends, v_ends, *state, chunk, block_chunks,
-                                                  dropout_p, bool(reuse_query or (maps is not None and reuse_inputs)),
-                                                  *extra)
+                                                  dropout_p, seed, reuse, *extra)
             return out[:, :, :length].to(out_dtype), ABCState(*state)
     if maps is not None:  # the plain path takes the scores' gradient through autograd: the same values, and a
         # straight-through product for the gradient
