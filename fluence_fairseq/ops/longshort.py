@@ -320,6 +320,7 @@ class _LongShort(torch.autograd.Function):
         # probabilities 0)
         lse2 = q.new_full((bsz, heads, rows_all), math.inf, dtype=acc)
         flash_step = max(1, _FLASH_GROUP_ELEMENTS // (bsz * heads * kb * dim)) if flash else 0
+        flash_bias = ln_l_b.repeat(bsz, 1).view(1, bsz * heads, 1, dim) if flash else None  # b, as the kernel's heads
         groups = _LongShort._groups(bsz, heads, nblocks, bq, kb + kg.size(2), q.device,
                                     masks.flash_applies if flash else None, flash_step)
         for g0, g1, fast in groups:
@@ -327,8 +328,7 @@ class _LongShort(torch.autograd.Function):
             n_vis = masks.visible(g1)
             if fast:
                 o, lse = _LongShort._flash_group(q, y_kp, y_vp, kg_s, vg_s, ln_l_w, g0, g1, bq, kb, masks, n_vis)
-                torch.add(o, ln_l_b.repeat(bsz, 1).view(1, bsz * heads, 1, dim),
-                          out=_LongShort._as_blocks(out, g0, g1, bq))
+                torch.add(o, flash_bias, out=_LongShort._as_blocks(out, g0, g1, bq))
                 torch.mul(lse, _LOG2E, out=lse2[:, :, g0 * bq:g1 * bq].view(bsz * heads, count, bq).transpose(0, 1))
                 continue
             qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi)
