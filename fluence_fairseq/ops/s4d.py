@@ -23,7 +23,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from .common import without_autocast
 
@@ -64,27 +63,107 @@ def discretize(log_dt: Tensor, log_neg_a_real: Tensor, a_imag: Tensor, c_modes: 
     return dta, dc
 
 
+def _factor_lengths(length: int) -> Tuple[int, int]:
+    """(M, J): ``J = ceil(sqrt(L))`` inner and ``M = ceil(L / J)`` outer positions, ``M J >= L``."""
+    length = max(1, length)
+    inner_len = math.isqrt(length - 1) + 1
+    return -(-length // inner_len), inner_len
+
+
+def _exp_parts(dta: Tensor, steps: Tensor, coefficient: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """``coefficient * exp(dta t)`` for every ``t`` in ``steps`` as magnitude, cosine and sine of the phase,
+    real (..., C, N2, T); ``coefficient`` (..., C, N2) complex, 1 if None.
+
+    The magnitude goes through ``exp2``: most of ``exp(Re(dta) t)`` underflows at long lengths (Re(dta) ~ -0.05, t in
+    the thousands), and torch's ``exp`` takes a slow path for such arguments on some CPUs. The coefficient enters
+    as a log-magnitude and a phase, in the same passes."""
+    log2_mag = dta.real.unsqueeze(-1) * (steps * math.log2(math.e))
+    phase = dta.imag.unsqueeze(-1) * steps
+    if coefficient is not None:
+        log2_mag += torch.log2(coefficient.abs()).unsqueeze(-1)
+        phase += coefficient.angle().unsqueeze(-1)
+    return torch.exp2(log2_mag), torch.cos(phase), torch.sin(phase)
+
+
+class _KernelFactors(torch.autograd.Function):
+    """The kernel factors of :func:`kernel_factors` with a backward written out: only ``dta`` and ``dc`` (a few
+    thousand numbers) are kept, and backward recomputes the exponentials once. Through autograd (complex
+    exponentials, their products, the joins and transposes; the forward twice, under a checkpoint) the factors
+    cost the noncausal step at L = 8192 with 512 channels about 30 ms: 336 against 304 ms with this function
+    (``benchmarks/results/ab_s4d_kernel_factors_s31.md``)."""
+
+    @staticmethod
+    @without_autocast
+    def forward(ctx, dta, dc, length):
+        outer_len, inner_len = _factor_lengths(length)
+        ctx.lengths = outer_len, inner_len
+        ctx.save_for_backward(dta, dc)
+        real_dtype, modes = dta.real.dtype, dta.size(-1)
+        j = torch.arange(inner_len, device=dta.device, dtype=real_dtype)
+        m = torch.arange(outer_len, device=dta.device, dtype=real_dtype) * inner_len
+        # right[..., :, j] = (Re, -Im) of dA^j
+        magnitude, cos, sin = _exp_parts(dta, j)
+        right = dta.real.new_empty(*dta.shape[:-1], 2 * modes, inner_len)
+        torch.mul(magnitude, cos, out=right[..., :modes, :])
+        torch.mul(magnitude, sin, out=right[..., modes:, :]).neg_()
+        # left[..., m, :] = (Re, Im) of 2 dC dA^{mJ} = 2 |dC| exp(Re(dta) m) e^{i (Im(dta) m + arg dC)}
+        magnitude, cos, sin = _exp_parts(dta, m, 2.0 * dc)
+        left = dta.real.new_empty(*dta.shape[:-1], 2 * modes, outer_len)
+        torch.mul(magnitude, cos, out=left[..., :modes, :])
+        torch.mul(magnitude, sin, out=left[..., modes:, :])
+        return left.transpose(-1, -2), right
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, grad_left, grad_right):
+        dta, dc = ctx.saved_tensors
+        outer_len, inner_len = ctx.lengths
+        modes = dta.size(-1)
+        real_dtype = dta.real.dtype
+        grad_dta = grad_dc = None
+        # For a holomorphic f, a complex input's gradient is conj(f'(z)) times the output's (d/dRe + i d/dIm).
+        # left = 2 dc dA^m: d/ddc = 2 dA^m, d/ddta = m left; right = conj(dA^j): its (Re, Im) gradient is
+        # (g_re, -g_im) on dA^j, and d/ddta dA^j = j dA^j.
+        if grad_right is not None and ctx.needs_input_grad[0]:
+            j = torch.arange(inner_len, device=dta.device, dtype=real_dtype)
+            magnitude, cos, sin = _exp_parts(dta, j)
+            g_re, g_im = grad_right[..., :modes, :], grad_right[..., modes:, :]
+            # conj(dA^j) (g_re - i g_im) = |dA^j| ((cos g_re - sin g_im) - i (cos g_im + sin g_re)), weight j
+            weighted_re = (cos * g_re - sin * g_im).mul_(magnitude)
+            weighted_im = (cos * g_im + sin * g_re).mul_(magnitude)
+            grad_dta = torch.complex(weighted_re @ j, (weighted_im @ j).neg_())
+        if grad_left is not None:
+            m = torch.arange(outer_len, device=dta.device, dtype=real_dtype) * inner_len
+            magnitude, cos, sin = _exp_parts(dta, m)
+            g = grad_left.transpose(-1, -2)
+            g_re, g_im = g[..., :modes, :], g[..., modes:, :]
+            # conj(dA^m) (g_re + i g_im), summed plain (for dc) and with weight m (for dta)
+            weighted_re = (cos * g_re + sin * g_im).mul_(magnitude)
+            weighted_im = (cos * g_im - sin * g_re).mul_(magnitude)
+            sums = torch.stack([torch.ones_like(m), m], dim=-1)  # (M, 2)
+            re, im = weighted_re @ sums, weighted_im @ sums  # (..., C, N2, 2)
+            grad_dc = 2.0 * torch.complex(re[..., 0], im[..., 0])
+            from_left = 2.0 * dc.conj() * torch.complex(re[..., 1], im[..., 1])
+            grad_dta = from_left if grad_dta is None else grad_dta + from_left
+        if grad_dta is not None and not ctx.needs_input_grad[0]:
+            grad_dta = None
+        if grad_dc is not None and not ctx.needs_input_grad[1]:
+            grad_dc = None
+        return grad_dta, grad_dc, None
+
+
 def kernel_factors(dta: Tensor, dc: Tensor, length: int) -> Tuple[Tensor, Tensor]:
     """Real factors of the kernel: ``(left @ right).flatten(-2)[..., :length]`` is :func:`s4d_kernel`.
 
     Positions are split as ``l = m J + j`` (``J = ceil(sqrt(L))``): ``left[..., c, m, :]`` holds
     ``2 dC dA^{mJ}`` (real and imaginary parts), ``right[..., c, :, j]`` holds ``dA^j`` (real, -imaginary), so
-    that ``Re(2 dC dA^{mJ} dA^j)`` summed over modes is one real matmul over ``2 N2``.
+    that ``Re(2 dC dA^{mJ} dA^j)`` summed over modes is one real matmul over ``2 N2``. Differentiable in ``dta``
+    and ``dc``, keeping only those for backward.
 
     Returns:
         left (..., C, M, 2 N2) and right (..., C, 2 N2, J), real, with ``M J >= length``.
     """
-    length = max(1, length)
-    inner_len = math.isqrt(length - 1) + 1  # J = ceil(sqrt(L))
-    outer_len = -(-length // inner_len)  # M = ceil(L / J)
-    real_dtype = dta.real.dtype
-    j = torch.arange(inner_len, device=dta.device, dtype=real_dtype)
-    m = torch.arange(outer_len, device=dta.device, dtype=real_dtype) * inner_len
-    inner = _complex_exp(dta.unsqueeze(-1) * j)  # (..., C, N2, J): dA^j
-    outer = 2.0 * dc.unsqueeze(-1) * _complex_exp(dta.unsqueeze(-1) * m)  # (..., C, N2, M): 2 dC dA^{mJ}
-    left = torch.cat([outer.real, outer.imag], dim=-2).transpose(-1, -2)
-    right = torch.cat([inner.real, -inner.imag], dim=-2)
-    return left, right
+    return _KernelFactors.apply(dta, dc, length)
 
 
 def s4d_kernel(dta: Tensor, dc: Tensor, length: int) -> Tensor:
@@ -300,12 +379,7 @@ def s4d_conv(u: Tensor, dta: Tensor, dc: Tensor, d: Tensor, *, activation: bool 
     n = fft_size(length) if n is None else n
     if n < 2 * length - 1:
         raise ValueError(f"FFT size {n} is too small for a linear convolution of length {length}; need >= {2 * length - 1}")
-    if torch.is_grad_enabled() and (dta.requires_grad or dc.requires_grad):
-        # the factors' exponentials (two (dirs, C, N2, sqrt L) complex tensors, 11 MiB at L = 8192 and C = 512) are
-        # recomputed in backward from the small dta and dc instead of being kept
-        left, right = checkpoint(kernel_factors, dta, dc, length, use_reentrant=False)
-    else:
-        left, right = kernel_factors(dta, dc, length)
+    left, right = kernel_factors(dta, dc, length)  # keeps only dta and dc for backward
     dtype = torch.promote_types(torch.promote_types(u.dtype, left.dtype), torch.float32)
     out = _S4DConv.apply(u.to(dtype), left.to(dtype), right.to(dtype), d.to(dtype), n, activation)
     return out.to(u.dtype)
