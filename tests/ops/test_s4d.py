@@ -105,3 +105,39 @@ def test_float32_at_long_length_close_to_float64():
     torch.testing.assert_close(out["32"][0].double(), out["64"][0], atol=2e-5 * scale, rtol=0)
     for g32, g64 in zip(out["32"][1], out["64"][1]):
         torch.testing.assert_close(g32.double(), g64, atol=1e-3 * g64.abs().max(), rtol=0)
+
+
+def _subnormal(t):
+    return ((t.abs() < torch.finfo(t.dtype).tiny) & (t != 0)).sum().item()
+
+
+def test_no_subnormal_factors_or_kernel_at_long_length():
+    """Modes decayed over thousands of positions are flushed to zero rather than left subnormal (x86 multiplies
+    subnormal numbers through a slow path: the kernel's matmul took 2.3x as long); what is dropped is far below
+    float32's resolution of the kernel."""
+    from fluence_fairseq.modules.s4d import S4DAttention
+    torch.manual_seed(0)
+    attn = S4DAttention(64, 4, causal=False)  # the layer's initialisation: dt in [1e-3, 1e-1]
+    with torch.no_grad():
+        dta, dc = attn.discretized()
+        left, right = kernel_factors(dta, dc, 8192)
+        want_left, want_right = reference_factors(dta.to(torch.complex128), dc.to(torch.complex128), 8192)
+    assert (left == 0).sum() > (want_left == 0).sum()  # the long decays are flushed here
+    assert _subnormal(left) == _subnormal(right) == _subnormal(left @ right) == 0
+    # float32's phases of thousands of radians bound the agreement, not the flush (below 1e-15 of the largest)
+    torch.testing.assert_close(left.double(), want_left, atol=1e-4 * want_left.abs().max(), rtol=0)
+    torch.testing.assert_close(right.double(), want_right, atol=1e-4, rtol=0)
+
+
+def test_gradients_where_factors_are_flushed():
+    """float64 flushes below 2^-409: with dt = 1 the outer factors pass it within 1,000 positions. The values equal
+    the unflushed formula (to far below float64's resolution) and the gradients are the flushed function's
+    (gradcheck), the same entries flushed in forward and backward."""
+    params = _ssm(dirs=1, channels=2, modes=2, seed=6)
+    with torch.no_grad():
+        params[0].fill_(0.0)  # log dt = 0: Re(dt A) about -0.5
+    dta, dc = discretize(*params)
+    left, _ = kernel_factors(dta, dc, 1000)
+    assert (left == 0).any()
+    torch.testing.assert_close(left, reference_factors(dta, dc, 1000)[0], rtol=1e-11, atol=1e-100)
+    assert torch.autograd.gradcheck(lambda *p: kernel_factors(*discretize(*p), 1000), tuple(params))
