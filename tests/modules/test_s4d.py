@@ -160,14 +160,14 @@ def _random_ssm(dirs, channels, modes, gen):
             rand(dirs, channels, modes, scale=3.0), rand(dirs, channels, modes, 2))
 
 
-@pytest.mark.parametrize("dirs,activation", [(1, False), (2, True)])
-def test_s4d_conv_gradcheck(dirs, activation):
+@pytest.mark.parametrize("dirs,activation,bsz", [(1, False, 2), (2, True, 2), (2, True, 1)])
+def test_s4d_conv_gradcheck(dirs, activation, bsz):
     """The custom autograd function (kernel, spectra and pre-activation recomputed in backward) against finite
     differences, through the discretisation to every parameter; 5 channels in groups of 2, 2 and 1, a batch of 2
-    (the groups run channel-major, (B, c, L); the skip rides in the kernel)."""
+    (the groups run channel-major, (B, c, L); the skip rides in the kernel) or of 1 (no sum over the batch)."""
     gen = torch.Generator().manual_seed(0)
     length, channels = 4, 5
-    u = torch.randn(length, 2, channels, dtype=torch.float64, generator=gen).requires_grad_(True)
+    u = torch.randn(length, bsz, channels, dtype=torch.float64, generator=gen).requires_grad_(True)
     d = torch.randn(channels, dtype=torch.float64, generator=gen).requires_grad_(True)
     params = tuple(p.requires_grad_(True) for p in _random_ssm(dirs, channels, 2, gen))
 
