@@ -613,65 +613,76 @@ class _CausalLinearAttention(torch.autograd.Function):
 class _LinearAttention(torch.autograd.Function):
     """Noncausal linear attention ``out = phi_q KV / (phi_q . ksum)`` with per-key weights ``w`` (B, H, S)
     (``None``: all 1), computed a block of :func:`group_size` positions at a time. Keeps only the inputs, the
-    weights and the (M, d + 1) summary for backward; the output is recomputed there block by block. ``relu``: q
-    and k are raw and the features are their relu, made a block at a time; ``reuse``: each block's gradients are
-    written over its rows of q, k and v once they are no longer needed (see :func:`linear_attention`)."""
+    weights and the summary (KV (M, d) and ksum (M)) for backward; neither the output nor the numerator is
+    recomputed there (see ``backward``). ``relu``: q and k are raw and the features are their relu, made a block at
+    a time; ``reuse``: each block's gradients are written over its rows of q, k and v once they are no longer
+    needed (see :func:`linear_attention`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, c, w, qmix, kmix, eps: float, relu: bool, reuse: bool):
-        d = v.size(-1)
-        kv = None
         group = group_size(q.device)
+        kv = ksum = None
         for lo in range(0, k.size(2), group):
             rows = slice(lo, lo + group)
             ke = _mix(_features(k[:, :, rows], relu), None if kmix is None else kmix[:, :, rows])
             if w is not None:
                 ke = ke * w[:, :, rows].unsqueeze(-1)
-            vb = v[:, :, rows]
-            part = torch.cat([torch.matmul(ke.transpose(-1, -2), vb), ke.sum(-2).unsqueeze(-1)], dim=-1)
-            kv = part if kv is None else kv.add_(part)
+            ke_t = ke.transpose(-1, -2)
+            # summed with ``+=`` rather than accumulated in place by the product (``add_matmul_``): under autocast
+            # the products are 16-bit and the sums stay float32
+            if kv is None:
+                kv, ksum = torch.matmul(ke_t, v[:, :, rows]).to(v.dtype), ke.sum(-2)
+            else:
+                kv += torch.matmul(ke_t, v[:, :, rows])
+                ksum += ke.sum(-2)
+        d = v.size(-1)
         out = torch.empty_like(v) if v.shape[:3] == q.shape[:3] else q.new_empty(*q.shape[:3], d)
         for lo in range(0, q.size(2), group):
             rows = slice(lo, lo + group)
-            num = torch.matmul(_mix(_features(q[:, :, rows], relu), None if qmix is None else qmix[:, :, rows]), kv)
-            out[:, :, rows] = num[..., :d] / num[..., d:].clamp_min(eps)
+            qe = _mix(_features(q[:, :, rows], relu), None if qmix is None else qmix[:, :, rows])
+            den = matvec(qe, ksum).clamp_min_(eps).unsqueeze(-1)
+            torch.div(torch.matmul(qe, kv), den, out=out[:, :, rows])
         ctx.eps, ctx.relu, ctx.reuse = eps, relu, reuse
-        ctx.save_for_backward(q, k, v, c, w, qmix, kmix, kv)
+        ctx.save_for_backward(q, k, v, c, w, qmix, kmix, kv, ksum)
         return out
 
     @staticmethod
     def backward(ctx, g_out):
-        q, k, v, c, w, qmix, kmix, kv = ctx.saved_tensors
-        eps, d, relu = ctx.eps, v.size(-1), ctx.relu
+        q, k, v, c, w, qmix, kmix, kv, ksum = ctx.saved_tensors
+        eps, relu = ctx.eps, ctx.relu
         group = group_size(q.device)
         # with ``reuse`` a block's rows are read for the last time before its gradient lands on them
         dq = q if ctx.reuse else torch.empty_like(q)
-        dkv = torch.zeros_like(kv)
+        dkv, dksum = torch.zeros_like(kv), torch.zeros_like(ksum)
+        kv_t = kv.transpose(-1, -2)
         for lo in range(0, q.size(2), group):
             rows = slice(lo, lo + group)
             qm = None if qmix is None else qmix[:, :, rows]
             qr = q[:, :, rows]
             qe = _mix(_features(qr, relu), qm)
-            num = torch.matmul(qe, kv)
-            den = num[..., d:]
+            den = matvec(qe, ksum).unsqueeze(-1)
             den_c = den.clamp_min(eps)
+            # the output's gradient g reaches the numerator as g_num = g / den and the denominator as
+            # -(g . out) / den (0 under the floor); with a = g_num KVᵀ, g . out = qe . a, so the numerator qe KV
+            # is never formed again
             g_num = g_out[:, :, rows] / den_c
-            g_den = (g_num * num[..., :d]).sum(-1, keepdim=True).neg_().div_(den_c).masked_fill_(den < eps, 0.0)
-            gn = torch.cat([g_num, g_den], dim=-1)
-            del num, g_num, g_den
-            gq = _raw_grad(_unmix(torch.matmul(gn, kv.transpose(-1, -2)), qm), qr, relu)
-            dkv += torch.matmul(qe.transpose(-1, -2), gn)
-            del qe
-            dq[:, :, rows] = gq
+            a = torch.matmul(g_num, kv_t)
+            g_den = (qe * a).sum(-1, keepdim=True).div_(den_c).neg_().masked_fill_(den < eps, 0.0)
+            dkv += torch.matmul(qe.transpose(-1, -2), g_num)
+            dksum += matvec(qe.transpose(-1, -2), g_den.squeeze(-1))
+            del qe, g_num
+            dq[:, :, rows] = _raw_grad(_unmix(a.addcmul_(g_den, ksum.unsqueeze(-2)), qm), qr, relu)
+            del a
         dk, dv = (k, v) if ctx.reuse else (torch.empty_like(k), torch.empty_like(v))
+        dkv_t = dkv.transpose(-1, -2)
         for lo in range(0, k.size(2), group):
             rows = slice(lo, lo + group)
             km = None if kmix is None else kmix[:, :, rows]
             kr = k[:, :, rows]
             ke = _mix(_features(kr, relu), km)
             vb = v[:, :, rows]
-            dke = torch.matmul(vb, dkv[..., :d].transpose(-1, -2)).add_(dkv[..., d].unsqueeze(-2))
-            dvb = torch.matmul(ke, dkv[..., :d])
+            dke = torch.matmul(vb, dkv_t).add_(dksum.unsqueeze(-2))
+            dvb = torch.matmul(ke, dkv)
             del ke
             if w is not None:
                 wb = w[:, :, rows].unsqueeze(-1)

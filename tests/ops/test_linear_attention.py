@@ -117,3 +117,36 @@ def test_raw_grad_is_relus_backward_in_place(dtype):
     same = grad.clone()
     assert _raw_grad(same, x, relu=True).data_ptr() == same.data_ptr()
     assert _raw_grad(same, x, relu=False) is same
+
+
+@pytest.mark.parametrize("causal,keys", [(False, 12), (True, 12), (True, 8)])
+def test_denominator_floor_in_forward_and_backward(causal, keys, monkeypatch):
+    """Queries whose denominator falls under ``eps`` (all features zero after relu, or tiny) take ``num / eps``,
+    and the floor passes no gradient to the denominator: outputs and gradients equal autograd through the explicit
+    formula (relu features, float64), in blocks of 4 positions (several blocks, the floored rows inside them);
+    with 8 keys for 12 causal queries the floored rows lie in the tail that sees every key."""
+    monkeypatch.setattr(ops, "GROUP", 4)
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 2, 12, 4, dtype=torch.float64, generator=gen)
+    k, v = (torch.randn(1, 2, keys, 4, dtype=torch.float64, generator=gen) for _ in range(2))
+    floored = (3, 6) if keys == 12 else (9, 10)
+    q[:, :, floored[0]] = -q[:, :, floored[0]].abs()  # features exactly 0: den = 0
+    q[:, :, floored[1]] = 1e-9 * q[:, :, floored[1]].abs()  # den about 1e-8 < eps
+    k[:, :, 0] = k[:, :, 0].abs()  # the first key has features, so causal rows have keys
+    eps = 1e-6
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    fq, fk = torch.relu(leaves[0]), torch.relu(leaves[1])
+    scores = fq @ fk.transpose(-1, -2)
+    if causal:
+        scores = scores.tril()
+    want = (scores @ leaves[2]) / scores.sum(-1, keepdim=True).clamp_min(eps)
+    den = scores.sum(-1).detach()
+    assert (den[:, :, floored[0]] == 0).all()
+    assert (den[:, :, floored[1]] > 0).all() and (den[:, :, floored[1]] < eps).all()
+    grad = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    want_grads = torch.autograd.grad(want, leaves, grad)
+    owned = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    got = ops.linear_attention(*owned, causal=causal, eps=eps, relu=True, chunk_size=2)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
+    for g, w in zip(torch.autograd.grad(got, owned, grad), want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
