@@ -150,3 +150,34 @@ def test_denominator_floor_in_forward_and_backward(causal, keys, monkeypatch):
     torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
     for g, w in zip(torch.autograd.grad(got, owned, grad), want_grads):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+def _naive_decayed_scan(per_chunk, initial, decay, reverse):
+    chunks = per_chunk.size(2)
+    order = list(range(chunks))[::-1] if reverse else list(range(chunks))
+    states = torch.empty_like(per_chunk)
+    state = initial.clone()
+    shape = decay.shape + (1,) * (per_chunk.dim() - 3)
+    for t in order:
+        states[:, :, t] = state
+        state = state * decay.view(shape)[:, :, t] + per_chunk[:, :, t]
+    return states, state
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("chunks", [1, 2, 8])
+@pytest.mark.parametrize("tail", [(5,), (5, 3)])
+def test_decayed_scans_match_naive_sums(reverse, chunks, tail):
+    """The decayed scan (Performer's key scales) against a plain loop: decays of 1, of 0 (a state wiped by a far
+    larger scale: exp underflowed) and between."""
+    gen = torch.Generator().manual_seed(chunks + 10 * len(tail))
+    per_chunk = torch.randn(2, 3, chunks, *tail, dtype=torch.float64, generator=gen)
+    initial = torch.randn(2, 3, *tail, dtype=torch.float64, generator=gen)
+    decay = torch.rand(2, 3, chunks, dtype=torch.float64, generator=gen)
+    decay[0, 0] = 1.0
+    decay[1, 2, chunks // 2] = 0.0
+    want_states, want_final = _naive_decayed_scan(per_chunk, initial, decay, reverse)
+    states, final = ops._scan_states(per_chunk, initial, decay, reverse=reverse)
+    assert states.shape == per_chunk.shape and final.shape == initial.shape
+    torch.testing.assert_close(states, want_states, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(final, want_final, rtol=1e-13, atol=1e-13)
