@@ -155,13 +155,11 @@ class _KernelFactors(torch.autograd.Function):
             weighted_im = (cos * g_im - sin * g_re).mul_(magnitude)
             sums = torch.stack([torch.ones_like(m), m], dim=-1)  # (M, 2)
             re, im = weighted_re @ sums, weighted_im @ sums  # (..., C, N2, 2)
-            grad_dc = 2.0 * torch.complex(re[..., 0], im[..., 0])
-            from_left = 2.0 * dc.conj() * torch.complex(re[..., 1], im[..., 1])
-            grad_dta = from_left if grad_dta is None else grad_dta + from_left
-        if grad_dta is not None and not ctx.needs_input_grad[0]:
-            grad_dta = None
-        if grad_dc is not None and not ctx.needs_input_grad[1]:
-            grad_dc = None
+            if ctx.needs_input_grad[1]:
+                grad_dc = 2.0 * torch.complex(re[..., 0], im[..., 0])
+            if ctx.needs_input_grad[0]:
+                from_left = 2.0 * dc.conj() * torch.complex(re[..., 1], im[..., 1])
+                grad_dta = from_left if grad_dta is None else grad_dta + from_left
         return grad_dta, grad_dc, None
 
 
