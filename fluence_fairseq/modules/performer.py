@@ -90,9 +90,11 @@ class _PositiveFeatures(torch.autograd.Function):
             for lo in range(0, g_logits.size(2), _PositiveFeatures.BLOCK):
                 rows = slice(lo, lo + _PositiveFeatures.BLOCK)
                 block = torch.matmul(g_logits[:, :, rows], w.unsqueeze(0))
-                if row_sums is not None:  # d(-c |x|²)/dx = -2c x, once per feature
-                    block.sub_(x[:, :, rows] * row_sums[:, :, rows].mul(2 * ctx.norm_coef))
-                gx[:, :, rows] = block
+                if row_sums is None:
+                    gx[:, :, rows] = block
+                else:  # d(-c |x|²)/dx = -2c x, once per feature: added as the block is written out (one pass)
+                    torch.addcmul(block, x[:, :, rows], row_sums[:, :, rows], value=-2 * ctx.norm_coef,
+                                  out=gx[:, :, rows])
         if ctx.needs_input_grad[1]:
             gw = torch.matmul(g_logits.transpose(-1, -2), x).sum(0)
         return gx, gw, None, None
