@@ -1,6 +1,7 @@
 """Small helpers every op shares."""
 import contextlib
 import functools
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -34,6 +35,11 @@ def sdpa_for_decoding():
     (torch 2.11, bf16) a softmax decoding step took 60 ms against 0.3 ms in float32, where cuDNN does not run.
     The flash, memory-efficient and plain kernels need no such build. Training keeps cuDNN (its shapes repeat)."""
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+#: log2(e): ``exp(x) = exp2(x * LOG2_E)``; the ops take ``exp2`` where arguments may underflow, since torch's ``exp``
+#: takes a slow path for them on some CPUs
+LOG2_E = 1.0 / math.log(2.0)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

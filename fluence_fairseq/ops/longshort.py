@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import (FLASH_CPU, accumulation_dtype as _acc, covers_storage, cpu_flash_applies, dropout_keep_mask,
+from .common import (FLASH_CPU, LOG2_E, accumulation_dtype as _acc, covers_storage, cpu_flash_applies, dropout_keep_mask,
                      fold_windows, free_memory, thin_matmul)
 
 __all__ = ["long_short_attention", "dense_joint_attention", "compress_chunks", "head_layer_norm"]
@@ -101,9 +101,6 @@ def _rows(x: Tensor, start: int, length: int) -> Tensor:
     if lo - start or start + length - hi:
         piece = F.pad(piece, (0, 0, lo - start, start + length - hi))
     return piece
-
-
-_LOG2E = 1.0 / math.log(2.0)
 
 
 def _whole_blocks(length: int, *blocks: int) -> int:
@@ -329,7 +326,7 @@ class _LongShort(torch.autograd.Function):
             if fast:
                 o, lse = _LongShort._flash_group(q, y_kp, y_vp, kg_s, vg_s, ln_l_w, g0, g1, bq, kb, masks, n_vis)
                 torch.add(o, flash_bias, out=_LongShort._as_blocks(out, g0, g1, bq))
-                torch.mul(lse, _LOG2E, out=lse2[:, :, g0 * bq:g1 * bq].view(bsz * heads, count, bq).transpose(0, 1))
+                torch.mul(lse, LOG2_E, out=lse2[:, :, g0 * bq:g1 * bq].view(bsz * heads, count, bq).transpose(0, 1))
                 continue
             qs, s = _LongShort._block_scores(q, y_kp, kg_s, w5, g0, g1, bq, kb, masks, n_vis, acc, alibi)
             p = torch.softmax(s, dim=-1)
@@ -338,7 +335,7 @@ class _LongShort(torch.autograd.Function):
                 # passes; ``logsumexp`` takes the slow exponential of the masked entries on some CPUs, 0.9 ms a
                 # block of 128 queries at window 256 on an Intel Xeon)
                 lse = torch.amax(s, dim=-1).sub_(torch.amax(p, dim=-1).log_())
-                torch.mul(lse, _LOG2E, out=lse2[:, :, g0 * bq:g1 * bq].view(bsz, heads, count, bq))
+                torch.mul(lse, LOG2_E, out=lse2[:, :, g0 * bq:g1 * bq].view(bsz, heads, count, bq))
             if dropout_p > 0:  # one mask per group, its stream the group's first block: backward draws it again
                 p = p * dropout_keep_mask(p.shape, dropout_p, seed, p, stream=g0)
             p = p.to(q.dtype)
@@ -506,7 +503,7 @@ class _LongShort(torch.autograd.Function):
         columns) and band (B, H, G, bq, kb), for probabilities ``exp2(s - lse2)`` (backward)."""
         bsz, heads, _, dim = q.shape
         count = g1 - g0
-        unit = _LOG2E if base2 else 1.0
+        unit = LOG2_E if base2 else 1.0
         qs = _rows(q, g0 * bq, count * bq).mul(dim**-0.5).reshape(bsz, heads, count, bq, dim)
         yw = _LongShort._window(y_kp, g0, g1, bq, kb)
         sw = torch.matmul(qs * (w5 * unit), yw.transpose(-1, -2)).to(acc)

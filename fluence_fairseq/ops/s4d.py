@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import without_autocast
+from .common import LOG2_E, without_autocast
 
 __all__ = ["discretize", "kernel_factors", "s4d_kernel", "two_sided_kernel", "fft_size", "s4d_conv", "ssm_chunk_step"]
 
@@ -90,7 +90,7 @@ def _exp_parts(dta: Tensor, steps: Tensor, coefficient: Optional[Tensor] = None)
     The magnitude goes through ``exp2``: most of ``exp(Re(dta) t)`` underflows at long lengths (Re(dta) ~ -0.05, t in
     the thousands), and torch's ``exp`` takes a slow path for such arguments on some CPUs. The coefficient enters
     as a log-magnitude and a phase, in the same passes."""
-    log2_mag = dta.real.unsqueeze(-1) * (steps * math.log2(math.e))
+    log2_mag = dta.real.unsqueeze(-1) * (steps * LOG2_E)
     flushed = log2_mag < _flush_log2(log2_mag.dtype)
     phase = dta.imag.unsqueeze(-1) * steps
     if coefficient is not None:

@@ -13,13 +13,12 @@ half of the full products' work on long inputs.
 same additive form of causality and padding as the fused kernel's callers give it (disallowed entries at the most
 negative float), so a row's probabilities are those of ``F.scaled_dot_product_attention``.
 """
-import math
 from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .common import dropout_keep_mask, element_blocks, query_block_scores
+from .common import LOG2_E, dropout_keep_mask, element_blocks, query_block_scores
 
 __all__ = ["blocked_softmax_dropout", "blocked_softmax_dropout_applies"]
 
@@ -36,12 +35,6 @@ NONCAUSAL_FROM_ELEMENTS = 1 << 27
 #: took 0.91x (causal) and 1.01x (noncausal) the time of 512-row blocks (one thread, a scratch script); the
 #: transient memory is a few such blocks whatever the length
 BLOCK_ELEMENTS = 1 << 23
-_LOG2_E = 1.0 / math.log(2.0)
-
-
-def _draw_kept(shape, dropout_p: float, seed: int, like: Tensor) -> Tensor:
-    """A block's dropout multipliers (:func:`~fluence_fairseq.ops.common.dropout_keep_mask`) from ``seed``."""
-    return dropout_keep_mask(shape, dropout_p, seed, like)
 
 
 class _Problem:
@@ -79,7 +72,7 @@ def _exp_shifted(scores: Tensor, shift: Tensor) -> Tensor:
     ``exp`` on an AMD EPYC. The product rounds the exponent: relative errors up to 16 ulps for exponents down to
     -40 (``exp``: 0.5), at most 0.45 ulp of 1 in absolute terms (``exp``: 0.27), where normalised rows are
     measured."""
-    return torch.sub(scores, shift, out=scores).mul_(_LOG2_E).exp2_()
+    return torch.sub(scores, shift, out=scores).mul_(LOG2_E).exp2_()
 
 
 class _BlockedSoftmaxDropout(torch.autograd.Function):
@@ -92,7 +85,7 @@ class _BlockedSoftmaxDropout(torch.autograd.Function):
             top = p.amax(dim=-1, keepdim=True)
             total = _exp_shifted(p, top).sum(dim=-1, keepdim=True)
             lse[:, :, start:end] = top + total.log()
-            p.div_(total).mul_(_draw_kept(p.shape, dropout_p, seed + block, p))
+            p.div_(total).mul_(dropout_keep_mask(p.shape, dropout_p, seed + block, p))
             out[:, :, start:end] = torch.matmul(p, v[:, :, :keys])
         ctx.save_for_backward(q, k, v, lse)
         ctx.problem, ctx.dropout_p, ctx.seed = problem, dropout_p, seed
@@ -106,7 +99,7 @@ class _BlockedSoftmaxDropout(torch.autograd.Function):
         for block, (start, end, keys) in enumerate(problem.blocks):
             q_block = q[:, :, start:end] * problem.scale
             p = _exp_shifted(problem.scores(q_block, k, start, end, keys), lse[:, :, start:end])
-            kept = _draw_kept(p.shape, ctx.dropout_p, ctx.seed + block, p)
+            kept = dropout_keep_mask(p.shape, ctx.dropout_p, ctx.seed + block, p)
             g = grad_out[:, :, start:end]
             dv[:, :, :keys] += torch.matmul((p * kept).transpose(-1, -2), g)
             grad_p = torch.matmul(g, v[:, :, :keys].transpose(-1, -2)).mul_(kept)

@@ -52,9 +52,9 @@ def test_blocks_equal_the_plain_computation_under_the_same_masks_drawn_again_in_
     dropout rate of the entries is dropped."""
     monkeypatch.setattr(ops, "BLOCK_ELEMENTS", 2 * 3 * 16 * 83)  # blocks of 16 rows (fewer where causal sees less)
     drawn = []
-    draw = ops._draw_kept
-    monkeypatch.setattr(ops, "_draw_kept", lambda shape, p, seed, like: drawn.append((seed, draw(shape, p, seed,
-                                                                                                     like))) or
+    draw = ops.dropout_keep_mask
+    monkeypatch.setattr(ops, "dropout_keep_mask", lambda shape, p, seed, like: drawn.append((seed, draw(shape, p, seed,
+                                                                                                           like))) or
                         drawn[-1][1])
     inputs, w, kwargs = _case(causal)
     out = blocked_softmax_dropout(*inputs, dropout_p=0.3, seed=5, **kwargs)
