@@ -261,12 +261,15 @@ def _contiguous_features(x: Tensor, relu: bool) -> Tensor:
     return torch.clamp_min(x, 0.0, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
 
 
-def _raw_grad(g: Tensor, x: Tensor, relu: bool) -> Tensor:
-    """``g`` = dL/d features -> dL/d raw input (in place): 0 where relu cut, i.e. where the raw input ``x`` (or its
-    features: relu(x) = 0 exactly where x <= 0) is <= 0 (torch's convention at 0). relu's own backward kernel
-    written over ``g``: one pass (a product with ``sign(relu(x))`` took three, 180 against 56-67 us for
-    (1, 8, 512, 64) on an Intel Xeon; a boolean ``masked_fill_`` ten times as long)."""
-    return torch.ops.aten.threshold_backward(g, x, 0.0, grad_input=g) if relu else g
+def _raw_grad(g: Tensor, x: Tensor, relu: bool, out: Optional[Tensor] = None) -> Tensor:
+    """``g`` = dL/d features -> dL/d raw input, written into ``out`` (in place over ``g`` without it): 0 where relu
+    cut, i.e. where the raw input ``x`` (or its features: relu(x) = 0 exactly where x <= 0) is <= 0 (torch's
+    convention at 0). relu's own backward kernel: one pass (a product with ``sign(relu(x))`` took three, 180
+    against 56-67 us for (1, 8, 512, 64) on an Intel Xeon; a boolean ``masked_fill_`` ten times as long), which
+    also writes the caller's (strided) rows of the input gradient, so they are not copied there afterwards."""
+    if not relu:
+        return g if out is None else out.copy_(g)
+    return torch.ops.aten.threshold_backward(g, x, 0.0, grad_input=g if out is None else out)
 
 
 def _check_reuse(q: Tensor, k: Tensor, v: Tensor, reuse_inputs: bool, c: Optional[Tensor]):
@@ -593,11 +596,9 @@ class _CausalLinearAttention(torch.autograd.Function):
                 dv_g.mul_(grp.kweight)
             add_matmul_(dv_g, scores.transpose(-1, -2), g_num)
             del scores, after_kv, after_ks, g_num, g_den
-            if relu:  # from the group's own contiguous features, not the strided inputs
-                _raw_grad(dq_i, grp.qa, relu)
-                _raw_grad(dk_i, grp.kc, relu)
-            dq_a[:, :, rows] = dq_i.flatten(2, 3)
-            dk_a[:, :, rows] = dk_i.flatten(2, 3)
+            # relu's mask from the group's own contiguous features, not the strided inputs
+            _raw_grad(dq_i.flatten(2, 3), grp.qa.flatten(2, 3), relu, out=dq_a[:, :, rows])
+            _raw_grad(dk_i.flatten(2, 3), grp.kc.flatten(2, 3), relu, out=dk_a[:, :, rows])
             dv_a[:, :, rows] = dv_g.flatten(2, 3)
             del grp, dq_i, dk_i, dv_g
         if geo.identity:
@@ -610,21 +611,40 @@ class _CausalLinearAttention(torch.autograd.Function):
         return dq, dk, dv, dc, None, None, None, None, None, None, None, None, None, None, None
 
 
+def _add_outer_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``acc += a @ b`` for a thin inner dimension (``a`` (..., n, r), ``b`` (..., r, m), r small) as r broadcast
+    products added in place: as fast as one batched product for r = 2 and much faster for r = 1 (see
+    :func:`~fluence_fairseq.ops.common.thin_matmul`), and it adds a 16-bit product of autocast's backward into
+    ``acc`` in any dtype."""
+    for f in range(a.size(-1)):
+        acc.addcmul_(a[..., f : f + 1], b[..., f : f + 1, :])
+    return acc
+
+
 class _LinearAttention(torch.autograd.Function):
     """Noncausal linear attention ``out = phi_q KV / (phi_q . ksum)`` with per-key weights ``w`` (B, H, S)
     (``None``: all 1), computed a block of :func:`group_size` positions at a time. Keeps only the inputs, the
-    weights and the summary (KV (M, d) and ksum (M)) for backward; neither the output nor the numerator is
-    recomputed there (see ``backward``). ``relu``: q and k are raw and the features are their relu, made a block at
-    a time; ``reuse``: each block's gradients are written over its rows of q, k and v once they are no longer
-    needed (see :func:`linear_attention`)."""
+    weights, the summary (KV (M, d) and ksum (M)) and the denominators for backward; neither the output, the
+    numerator nor the mixed query features are formed there (see ``backward``). ``relu``: q and k are raw and the
+    features are their relu, made a block at a time; ``reuse``: each block's gradients are written over its rows
+    of q, k and v once they are no longer needed, and with ``relu`` the features over q and k in forward (see
+    :func:`linear_attention`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, c, w, qmix, kmix, eps: float, relu: bool, reuse: bool):
         group = group_size(q.device)
+        # with ``reuse`` the inputs are the op's: relu is applied to them in place, a block at a time, so backward
+        # reads the features instead of making them again (relu's gradient mask is the same: relu(x) > 0 exactly
+        # where x > 0)
+        in_place = relu and reuse
+
+        def own_features(x: Tensor) -> Tensor:
+            return x.clamp_min_(0.0) if in_place else _features(x, relu)
+
         kv = ksum = None
         for lo in range(0, k.size(2), group):
             rows = slice(lo, lo + group)
-            ke = _mix(_features(k[:, :, rows], relu), None if kmix is None else kmix[:, :, rows])
+            ke = _mix(own_features(k[:, :, rows]), None if kmix is None else kmix[:, :, rows])
             if w is not None:
                 ke = ke * w[:, :, rows].unsqueeze(-1)
             ke_t = ke.transpose(-1, -2)
@@ -637,59 +657,78 @@ class _LinearAttention(torch.autograd.Function):
                 ksum += ke.sum(-2)
         d = v.size(-1)
         out = torch.empty_like(v) if v.shape[:3] == q.shape[:3] else q.new_empty(*q.shape[:3], d)
+        # the denominators are kept for backward (a d-th of the output)
+        den_all = q.new_empty(q.shape[:3])
         for lo in range(0, q.size(2), group):
             rows = slice(lo, lo + group)
-            qe = _mix(_features(q[:, :, rows], relu), None if qmix is None else qmix[:, :, rows])
-            den = matvec(qe, ksum).clamp_min_(eps).unsqueeze(-1)
-            torch.div(torch.matmul(qe, kv), den, out=out[:, :, rows])
-        ctx.eps, ctx.relu, ctx.reuse = eps, relu, reuse
-        ctx.save_for_backward(q, k, v, c, w, qmix, kmix, kv, ksum)
+            qe = _mix(own_features(q[:, :, rows]), None if qmix is None else qmix[:, :, rows])
+            den = matvec(qe, ksum)
+            den_all[:, :, rows] = den
+            torch.div(torch.matmul(qe, kv), den.clamp_min_(eps).unsqueeze(-1), out=out[:, :, rows])
+        ctx.eps, ctx.relu, ctx.reuse, ctx.in_place = eps, relu, reuse, in_place
+        ctx.save_for_backward(q, k, v, c, w, qmix, kmix, kv, ksum, den_all)
         return out
 
     @staticmethod
     def backward(ctx, g_out):
-        q, k, v, c, w, qmix, kmix, kv, ksum = ctx.saved_tensors
+        q, k, v, c, w, qmix, kmix, kv, ksum, den_all = ctx.saved_tensors
         eps, relu = ctx.eps, ctx.relu
         group = group_size(q.device)
+        m, d = q.size(-1), v.size(-1)
+        r = 1 if qmix is None else qmix.size(-1)
+        # the summary's r blocks side by side: KV as (d r, m) with rows f d + e = KV[f m + i, e] over i, and the key
+        # sum as (r, m); the queries' multipliers then act on the (d wide) output gradient instead of the (r m
+        # wide) features, so backward never forms the mixed query features (see below)
+        kv_rows = kv.unflatten(-2, (r, m)).transpose(-1, -2).flatten(-3, -2)  # (B, H, r d, m)
+        ksum_rows = ksum.unflatten(-1, (r, m))  # (B, H, r, m)
         # with ``reuse`` a block's rows are read for the last time before its gradient lands on them
         dq = q if ctx.reuse else torch.empty_like(q)
-        dkv, dksum = torch.zeros_like(kv), torch.zeros_like(ksum)
-        kv_t = kv.transpose(-1, -2)
+        dkv_rows = kv.new_zeros(*kv.shape[:2], m, r * d)  # dKV with the same blocks side by side: (m, r d)
+        dksum_rows = torch.zeros_like(ksum_rows)
         for lo in range(0, q.size(2), group):
             rows = slice(lo, lo + group)
-            qm = None if qmix is None else qmix[:, :, rows]
             qr = q[:, :, rows]
-            qe = _mix(_features(qr, relu), qm)
-            den = matvec(qe, ksum).unsqueeze(-1)
+            fq = qr if ctx.in_place else _features(qr, relu)  # (B, H, n, m): the features before their multipliers
+            den = den_all[:, :, rows].unsqueeze(-1)
             den_c = den.clamp_min(eps)
             # the output's gradient g reaches the numerator as g_num = g / den and the denominator as
-            # -(g . out) / den (0 under the floor); with a = g_num KVᵀ, g . out = qe . a, so the numerator qe KV
-            # is never formed again
-            g_num = g_out[:, :, rows] / den_c
-            a = torch.matmul(g_num, kv_t)
-            g_den = (qe * a).sum(-1, keepdim=True).div_(den_c).neg_().masked_fill_(den < eps, 0.0)
-            dkv += torch.matmul(qe.transpose(-1, -2), g_num)
-            dksum += matvec(qe.transpose(-1, -2), g_den.squeeze(-1))
-            del qe, g_num
-            dq[:, :, rows] = _raw_grad(_unmix(a.addcmul_(g_den, ksum.unsqueeze(-2)), qm), qr, relu)
-            del a
+            # -(g . out) / den (0 under the floor). With the mixed features qe = [fq x_1, ..., fq x_r]:
+            # dKV = qeᵀ g_num is fqᵀ [g_num x_1, ..., g_num x_r] (gm below, d r wide), and the gradient of the
+            # features before mixing, sum_f x_f (g_num KVᵀ)_f, is gm times the stacked KV (u, m wide); then
+            # g . out = qe . (g_num KVᵀ) = fq . u, so neither the numerator nor qe is formed
+            scale = den_c.reciprocal() if qmix is None else qmix[:, :, rows] / den_c
+            gm = _mix(g_out[:, :, rows], scale)
+            u = torch.matmul(gm, kv_rows)
+            g_den = (fq * u).sum(-1, keepdim=True).div_(den_c).neg_().masked_fill_(den < eps, 0.0)
+            g_mix = g_den if qmix is None else g_den * qmix[:, :, rows]  # (B, H, n, r)
+            dkv_rows += torch.matmul(fq.transpose(-1, -2), gm)
+            dksum_rows += torch.matmul(g_mix.transpose(-1, -2), fq)
+            del gm
+            _raw_grad(_add_outer_(u, g_mix, ksum_rows), qr, relu, out=dq[:, :, rows])
+            del u, fq
         dk, dv = (k, v) if ctx.reuse else (torch.empty_like(k), torch.empty_like(v))
-        dkv_t = dkv.transpose(-1, -2)
+        dkv = dkv_rows.unflatten(-1, (r, d)).transpose(-3, -2).flatten(-3, -2)  # back to (r m, d)
+        dksum = dksum_rows.flatten(-2)
         for lo in range(0, k.size(2), group):
             rows = slice(lo, lo + group)
             km = None if kmix is None else kmix[:, :, rows]
             kr = k[:, :, rows]
-            ke = _mix(_features(kr, relu), km)
+            fk = kr if ctx.in_place else _features(kr, relu)
             vb = v[:, :, rows]
-            dke = torch.matmul(vb, dkv_t).add_(dksum.unsqueeze(-2))
-            dvb = torch.matmul(ke, dkv)
-            del ke
-            if w is not None:
-                wb = w[:, :, rows].unsqueeze(-1)
-                dke.mul_(wb)
+            wb = None if w is None else w[:, :, rows].unsqueeze(-1)
+            if km is None:
+                dfk = torch.matmul(vb, dkv.transpose(-1, -2)).add_(dksum.unsqueeze(-2))
+                if wb is not None:
+                    dfk.mul_(wb)
+            else:
+                # sum_f x_f (v dKV_fᵀ + dksum_f): the multipliers (and weights) on the values, one m wide product
+                kw = km if wb is None else km * wb
+                dfk = _add_outer_(torch.matmul(_mix(vb, kw), dkv_rows.transpose(-1, -2)), kw, dksum_rows)
+            dvb = torch.matmul(_mix(fk, km), dkv)
+            del fk
+            if wb is not None:
                 dvb.mul_(wb)
-            dke = _raw_grad(_unmix(dke, km), kr, relu)
-            dk[:, :, rows] = dke
+            _raw_grad(dfk, kr, relu, out=dk[:, :, rows])
             dv[:, :, rows] = dvb
         # the weights exp(c_j - max) (max detached) are linear in exp(c_j): dL/dc_j = k_j . dL/dk_j
         dc = (k * dk).sum(-1) if c is not None and ctx.needs_input_grad[3] else None
@@ -808,7 +847,9 @@ def linear_attention(
     ``phi_q``, ``phi_k`` and ``v`` (three separate memories that nothing reads after this call): backward writes
     their gradients over them, a block at a time once the block is no longer needed, instead of allocating three
     more L x d tensors (causal: only when queries and keys are the same whole chunks, else it allocates as
-    usual). A second backward through the same graph then fails with autograd's in-place error, as it must."""
+    usual); noncausal with ``relu``, forward also writes the features over ``phi_q`` and ``phi_k`` (relu in place), so
+    backward does not make them again. A second backward through the same graph then fails with autograd's in-place
+    error, as it must."""
     if causal:
         return causal_linear_attention(phi_q, phi_k, v, query_offset=query_offset, key_log_scale=key_log_scale,
                                        key_padding_mask=key_padding_mask, eps=eps, chunk_size=chunk_size,

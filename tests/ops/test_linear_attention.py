@@ -117,6 +117,15 @@ def test_raw_grad_is_relus_backward_in_place(dtype):
     same = grad.clone()
     assert _raw_grad(same, x, relu=True).data_ptr() == same.data_ptr()
     assert _raw_grad(same, x, relu=False) is same
+    # written straight into the caller's strided rows (fairseq's heads layout), the gradient itself untouched
+    for relu in (True, False):
+        rows = torch.full((37, 2, 3, 8), float("nan"), dtype=dtype).permute(1, 2, 0, 3)
+        kept = grad.clone()
+        got = _raw_grad(kept[:, :, 5:20], x[:, :, 5:20], relu=relu, out=rows[:, :, 5:20])
+        assert got.data_ptr() == rows[:, :, 5:20].data_ptr()
+        assert torch.equal(rows[:, :, 5:20], (want if relu else grad)[:, :, 5:20])
+        assert bool(rows[:, :, :5].isnan().all()) and bool(rows[:, :, 20:].isnan().all())
+        assert torch.equal(kept, grad)
 
 
 @pytest.mark.parametrize("causal,keys", [(False, 12), (True, 12), (True, 8)])
@@ -181,3 +190,68 @@ def test_decayed_scans_match_naive_sums(reverse, chunks, tail):
     assert states.shape == per_chunk.shape and final.shape == initial.shape
     torch.testing.assert_close(states, want_states, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(final, want_final, rtol=1e-13, atol=1e-13)
+
+
+def _explicit_linear_attention(q, k, v, *, relu, qmix, kmix, log_scale, padding, eps, causal=False):
+    """Autograd reference: the features made and mixed in full, the weights formed as an L x S matrix."""
+    fq, fk = (torch.relu(q), torch.relu(k)) if relu else (q, k)
+    if qmix is not None:
+        fq = (fq.unsqueeze(-2) * qmix.unsqueeze(-1)).flatten(-2)
+        fk = (fk.unsqueeze(-2) * kmix.unsqueeze(-1)).flatten(-2)
+    scores = fq @ fk.transpose(-1, -2)
+    if log_scale is not None:
+        scores = scores * torch.exp(log_scale - log_scale.amax(-1, keepdim=True)).unsqueeze(-2)
+    if padding is not None:
+        scores = scores.masked_fill(padding[:, None, None, :], 0.0)
+    if causal:
+        scores = scores.tril()
+    return (scores @ v) / scores.sum(-1, keepdim=True).clamp_min(eps)
+
+
+@pytest.mark.parametrize("mixes", [0, 1, 2, 3])  # no multipliers; r = 1, 2 (cosFormer's sin/cos), 3
+@pytest.mark.parametrize("relu,reuse", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("weighted", [False, True])  # per-key log scales (Performer) and padding
+def test_noncausal_gradients_match_the_explicit_formula(mixes, relu, reuse, weighted, monkeypatch):
+    """The noncausal function's outputs and gradients against autograd through the explicit formula (float64), in
+    blocks of 4 positions over 11 queries and 9 keys: its backward forms neither the mixed query features nor the
+    numerator (the multipliers act on the output's gradient and on the values) and reads the forward's
+    denominators, so each of the r multipliers, the key weights, the floor and relu's mask must enter exactly as
+    there. With ``reuse`` (relu applied to the inputs in place, the gradients written over them) the caller's
+    tensors are the op's, so the op gets copies."""
+    monkeypatch.setattr(ops, "GROUP", 4)
+    gen = torch.Generator().manual_seed(11 + mixes)
+    q = torch.randn(2, 3, 11, 5, dtype=torch.float64, generator=gen)
+    k, v = torch.randn(2, 3, 9, 5, dtype=torch.float64, generator=gen), torch.randn(2, 3, 9, 4, dtype=torch.float64,
+                                                                                   generator=gen)
+    if not relu:  # given features are nonnegative
+        q, k = q.abs(), k.abs()
+    q[0, 1, 2] = -q[0, 1, 2].abs() if relu else 0.0  # a row with no features: its denominator floored
+    qmix = kmix = None
+    if mixes:
+        qmix = torch.rand(2, 1, 11, mixes, dtype=torch.float64, generator=gen)
+        kmix = torch.rand(1, 1, 9, mixes, dtype=torch.float64, generator=gen)
+    log_scale = padding = None
+    if weighted:
+        log_scale = 3 * torch.randn(2, 3, 9, dtype=torch.float64, generator=gen)
+        padding = torch.zeros(2, 9, dtype=torch.bool)
+        padding[1, 6:] = True
+    if reuse and weighted:  # reuse refuses log scales (their gradient reads the keys)
+        log_scale = None
+    eps = 1e-6
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    scale_leaf = None if log_scale is None else log_scale.clone().requires_grad_(True)
+    want = _explicit_linear_attention(*leaves, relu=relu, qmix=qmix, kmix=kmix, log_scale=scale_leaf,
+                                      padding=padding, eps=eps)
+    grad = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    inputs = leaves + ([scale_leaf] if scale_leaf is not None else [])
+    want_grads = torch.autograd.grad(want, inputs, grad)
+    owned = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    scale_own = None if log_scale is None else log_scale.clone().requires_grad_(True)
+    # reuse: three memories of the op's own (a view of each leaf, as fairseq's heads are views of projections)
+    args = [t * 1.0 for t in owned] if reuse else owned
+    got = ops.linear_attention(*args, causal=False, eps=eps, relu=relu, query_mix=qmix, key_mix=kmix,
+                               key_log_scale=scale_own, key_padding_mask=padding, reuse_inputs=reuse)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
+    got_grads = torch.autograd.grad(got, owned + ([scale_own] if scale_own is not None else []), grad)
+    for name, g, w in zip(("q", "k", "v", "log_scale"), got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
