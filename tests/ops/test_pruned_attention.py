@@ -378,3 +378,88 @@ def test_bucket_key_gradients_fold_back_without_a_copy():
     # and the swap itself changes nothing: the same numbers as the kernel on the problem as given
     want = pa.FLASH_CPU(q, k, v, attn_mask=bias)[0]
     torch.testing.assert_close(out.transpose(0, 1), want, rtol=0, atol=0)
+
+
+def _banded_keep(heads, tgt_len, src_len, causal=False, seed=0):
+    """Diagonal bands of different widths and offsets per head (as data-informed masks are) with holes inside,
+    and two rows per head that also keep the first keys (they leave their head's band, which splits into runs)."""
+    gen = torch.Generator().manual_seed(seed)
+    i = torch.arange(tgt_len).view(-1, 1) * src_len // tgt_len
+    j = torch.arange(src_len).view(1, -1)
+    keep = []
+    for h in range(heads):
+        lo, hi = 10 + 6 * h, 6 + 9 * h
+        band = (j >= i - lo) & (j <= i + (0 if causal else hi))
+        band &= torch.rand(tgt_len, src_len, generator=gen) > 0.1  # holes
+        band[[tgt_len // 3 + h, 2 * tgt_len // 3 - h], :3] = True  # rows that also keep the first keys
+        keep.append(band & (j <= i) if causal else band)
+    return torch.stack(keep)
+
+
+@pytest.mark.parametrize("causal,tgt_len,src_len", [(False, 256, 256), (False, 250, 233), (False, 192, 300),
+                                                     (True, 256, 256), (True, 250, 250)])
+def test_banded_masks_take_bands_and_match_reference(causal, tgt_len, src_len):
+    """Rows whose kept key blocks lie in a window that moves with the diagonal are computed as bands (strided
+    views of the keys, slices of the queries): every kept entry is in exactly one band or bucket, band rows are
+    consecutive, and the result equals the reference with every query block, on the fused and the autograd paths,
+    with key padding too (lengths that are not multiples of the block: partial last blocks)."""
+    keep = _banded_keep(3, tgt_len, src_len, causal)
+    banded = 0
+    for q_block in (8, 16, 32):
+        layout = BlockLayout.build(keep, 8, q_block)
+        bands = [b for b in layout.buckets if isinstance(b, pa._Band)]
+        banded += len(bands)
+        rows = torch.cat([b.rows for b in layout.buckets])
+        assert rows.unique().numel() == rows.numel()  # no row in two groups
+        assert set(rows.tolist()) == set(layout.counts.nonzero().flatten().tolist())
+        kept = sum(int(b.mask.sum()) for b in layout.buckets)
+        assert kept == int(keep.sum())  # every kept entry inside its row's window or bucket, once
+        for band in bands:
+            assert torch.equal(band.rows, torch.arange(band.first, band.first + band.rows.numel()))
+            assert band.cap >= int(layout.counts[band.rows].max()) and band.rows.numel() >= pa._MIN_BAND_ROWS
+    assert banded
+    pad = torch.zeros(2, src_len, dtype=torch.bool)
+    pad[1, -13:] = True
+    check_against_reference(keep)
+    check_against_reference(keep, key_padding_mask=pad)
+
+
+def test_band_keys_are_views_and_its_rows_slices():
+    """A band's keys and values are one strided view of the key blocks (overlapping windows, no copy), its queries
+    a slice; the same numbers as the gathered blocks."""
+    keep = _banded_keep(2, 256, 256)
+    layout = BlockLayout.build(keep, 8, 16)
+    band = max((b for b in layout.buckets if isinstance(b, pa._Band)), key=lambda b: b.rows.numel())
+    assert band.rows.numel() >= 3
+    x = torch.randn(2, 2 * layout.k_blocks, 8, 4)
+    view = band.blocks(x, 1, band.rows.numel())
+    assert view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    assert torch.equal(view, pa._Bucket.blocks(band, x, 1, band.rows.numel()))
+    rows = torch.randn(2, 2 * layout.q_blocks, 16, 4)
+    taken = band.take(rows, 1, 3)
+    assert taken.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr()
+    assert torch.equal(taken, rows.index_select(1, band.rows[1:3]))
+
+
+def test_bands_off_gives_the_same_result(monkeypatch):
+    """Bands are a way of computing, not a different answer: with them off (buckets only) the outputs and
+    gradients agree to rounding."""
+    keep = _banded_keep(3, 256, 256)
+    q, k, v = inputs(2, 3, 256, 256, dtype=torch.float64)
+    grad = torch.randn(2, 3, 256, 8, dtype=torch.float64)
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(pa, "_BANDS", on)
+        layout = BlockLayout.build(keep, 8, 16)
+        assert any(isinstance(b, pa._Band) for b in layout.buckets) == on
+        out = pruned_attention(q, k, v, keep, layout=layout, path="block-sparse")[0]
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_runs_and_most_frequent():
+    assert pa._runs([0, 1, 2, 5, 6, 9]) == [[0, 1, 2], [5, 6], [9]]
+    assert pa._runs([]) == []
+    got = pa._most_frequent(torch.tensor([3, 1, 3, 2, 3, 1, 7]), 2)
+    assert sorted(got.tolist()) == [1, 3]
