@@ -23,7 +23,7 @@ Two paths give the same numbers:
   a window that moves with the diagonal (the bands data-informed masks are mostly made of) are taken out of the
   buckets where that is cheaper: a *band* of consecutive query blocks of one head reads its keys and values as
   overlapping strided views of the key blocks and its queries as a slice, so nothing is gathered (:class:`_Band`;
-  on an Intel Xeon the 90% masks' block-sparse step took 0.84-0.87x the time of buckets alone, paired). Each
+  on an Intel Xeon the 90% masks' block-sparse step took 0.83-0.87x the time of buckets alone, paired). Each
   bucket's output is written into its rows of one output buffer; queries with no kept key (and rows with no kept
   block) give 0. On CPU
   without dropout, :class:`_BucketsFlashCPU` calls the kernel's forward and backward directly and gathers the
