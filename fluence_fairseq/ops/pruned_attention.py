@@ -102,9 +102,9 @@ class _Bucket:
         """Write ``value`` (B, hi - lo, q_block, D) into the bucket's rows ``lo:hi`` of ``x``."""
         x.index_copy_(1, self.rows[lo:hi], value)
 
-    def blocks(self, x: Tensor, lo: int, hi: int) -> Tensor:
+    def blocks(self, x: Tensor, lo: int, hi: int, gather: bool = True) -> Tensor:
         """The key (or value) blocks of rows ``lo:hi`` from (B, H * k_blocks, k_block, D): (B, n, cap * k_block,
-        D), gathered."""
+        D), gathered (a band's are a view unless ``gather``)."""
         bsz, _, b, head_dim = x.shape
         return x.index_select(1, self.cols[lo * self.cap : hi * self.cap]).view(bsz, hi - lo, self.cap * b, head_dim)
 
@@ -135,10 +135,10 @@ class _Band(_Bucket):
     def put_(self, x: Tensor, lo: int, hi: int, value: Tensor) -> None:
         x[:, self.first + lo : self.first + hi] = value
 
-    def blocks(self, x: Tensor, lo: int, hi: int) -> Tensor:
+    def blocks(self, x: Tensor, lo: int, hi: int, gather: bool = False) -> Tensor:
         bsz, _, b, head_dim = x.shape
         s0, s1, s2, s3 = x.stride()
-        if s1 != b * s2:  # blocks not evenly spaced positions (never from _to_blocks): gather
+        if gather or s1 != b * s2:  # asked to, or blocks not evenly spaced positions (never from _to_blocks)
             return super().blocks(x, lo, hi)
         offset = x.storage_offset() + (self.start + lo * self.step) * s1
         return x.as_strided((bsz, hi - lo, self.cap * b, head_dim), (s0, self.step * s1, s2, s3), offset)
@@ -409,8 +409,7 @@ def _bucket_problem(bucket: _Bucket, lo: int, hi: int, kp: Tensor, vp: Tensor, p
     bsz, _, b, head_dim = kp.shape
     n, width = hi - lo, bucket.cap * b
     rows, cols = bucket.rows[lo:hi], bucket.cols[lo * bucket.cap : hi * bucket.cap]
-    blocks = _Bucket.blocks if gather else type(bucket).blocks
-    kb, vb = blocks(bucket, kp, lo, hi), blocks(bucket, vp, lo, hi)
+    kb, vb = bucket.blocks(kp, lo, hi, gather=gather), bucket.blocks(vp, lo, hi, gather=gather)
     bias = bucket.bias(dtype)[lo:hi].unsqueeze(0)
     has_key = None if bucket.all_have_keys else bucket.has_key[lo:hi]
     if pad is not None:
