@@ -314,21 +314,26 @@ def test_pruned_training_and_generation_rebuild_masks_from_files(translation_bin
     assert "attention pruning: enc-dec keeps" in out and "moved.npy" in out and "H-0" in out
 
 
+@pytest.mark.parametrize("banded", [False, True])
 @pytest.mark.parametrize("cross", [False, True])
-def test_block_sparse_kernel_runs_in_the_module_and_matches_the_masked_path(monkeypatch, cross):
+def test_block_sparse_kernel_runs_in_the_module_and_matches_the_masked_path(monkeypatch, cross, banded):
     """Where the block-sparse kernel measures faster, the module takes it (left-padded rows rolled into one
-    layout); its outputs and gradients equal the exact masked path's."""
+    layout); its outputs and gradients equal the exact masked path's. ``banded``: a longer diagonal band, which
+    the kernel computes as bands (strided views of the rolled keys) besides buckets."""
     import fluence_fairseq.ops.pruned_attention as pa
     from fluence_fairseq.modules.attention_base import FluenceAttention
 
     torch.manual_seed(3)
-    n = 40
+    n, width, holes = (160, 9, 0.05) if banded else (40, 2, 0.3)
     pos = torch.arange(n)
-    band = (pos.view(-1, 1) - pos.view(1, -1)).abs() <= 2
-    keep = band.unsqueeze(0).repeat(2, 1, 1) & (torch.rand(2, n, n) > 0.3)
+    band = (pos.view(-1, 1) - pos.view(1, -1)).abs() <= width
+    keep = band.unsqueeze(0).repeat(2, 1, 1) & (torch.rand(2, n, n) > holes)
     module = FSSoftmax(16, 2, causal=not cross, cross=cross)
     module.set_global_mask(GlobalAttentionMask(keep, block=4))
-    tgt_len, src_len = (30, 36) if cross else (36, 36)
+    tgt_len, src_len = ((140, 150) if cross else (150, 150)) if banded else ((30, 36) if cross else (36, 36))
+    band_calls = []
+    band_take = pa._Band.take
+    monkeypatch.setattr(pa._Band, "take", lambda self, *a: band_calls.append(1) or band_take(self, *a))
     x = torch.randn(tgt_len, 3, 16, requires_grad=True)
     src = torch.randn(src_len, 3, 16) if cross else x
     padding = torch.zeros(3, src_len, dtype=torch.bool)
@@ -342,6 +347,8 @@ def test_block_sparse_kernel_runs_in_the_module_and_matches_the_masked_path(monk
     monkeypatch.setattr(pa.PrunedPlan, "_time", lambda self, layouts, *a: [10.0 if lay is None else 1.0 for lay in layouts])
     fast, _ = module(x, src, src, key_padding_mask=kpm, need_weights=False)
     assert calls, "the block-sparse kernel did not run"
+    if banded:
+        assert band_calls, "the kernel took no band"
     generic = FluenceAttention.attend_pruned.__get__(module)
     monkeypatch.setattr(module, "attend_pruned", generic)
     slow, _ = module(x, src, src, key_padding_mask=kpm, need_weights=False)
