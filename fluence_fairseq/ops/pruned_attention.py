@@ -272,11 +272,11 @@ class BlockLayout:
         rows = head * nq + r
         window = (step * r + a).unsqueeze(1) + torch.arange(width, device=device)  # (n, width) key blocks
         mask = torch.zeros(len(run), width, bq, bk, dtype=torch.bool, device=device)
-        counts = self.counts[rows]
-        tri = torch.repeat_interleave(starts[rows], counts) + (
-            torch.arange(int(counts.sum()), device=device)
-            - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts))
-        which = torch.repeat_interleave(torch.arange(len(run), device=device), counts)
+        # each row's kept triples, as the buckets take them (slots past a row's count are left out here)
+        c = self.counts[rows].unsqueeze(1)
+        slot = torch.arange(int(c.max()), device=device).unsqueeze(0)
+        which, j = (slot < c).nonzero(as_tuple=True)
+        tri = starts[rows][which] + j
         mask[which, self.key_block[tri] - window[which, 0]] = self.mask[tri]
         mask = mask.permute(0, 2, 1, 3).reshape(len(run), bq, width * bk)
         return _Band(rows, (head * nk + window).flatten(), window.flatten(), mask, width, step)
