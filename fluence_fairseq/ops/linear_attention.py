@@ -46,6 +46,13 @@ DEFAULT_CHUNK = 64
 #: threads): paired at L=8192, 0.967x cosFormer and 0.946x Performer causal, 0.972x Performer noncausal, the same
 #: peak memory; 1024 was faster still but took cosFormer's causal peak from 1.45x to 1.57x the projections'
 GROUP = 512
+#: a causal group's chunk-sized temporaries per batch row and head, in elements: ``group x C`` intra-chunk weights
+#: and ``group / C`` carried states of ``M x d``. :data:`GROUP` fills it at cosFormer's 2 x 64 mixed features
+#: (M d / C = 128 per position); narrower states (Performer's 16 features: C = 64 per position) take
+#: proportionally longer groups, up to :data:`MAX_GROUP`: fewer, larger calls for the same temporaries
+#: (Performer's causal step at L=8192, paired: see docs/benchmarks.md)
+GROUP_ELEMENTS = GROUP * 128
+MAX_GROUP = 4 * GROUP
 #: the same off the CPU (GPUs), where a group is a round of small kernel launches: on an H200 (L=4096, batch 4,
 #: width 512, ``python -m benchmarks.group_sizes``) groups of 2,048 took causal cosFormer's step to 0.58x and
 #: Performer's to 0.66x those of 512, at 2.05x and 1.49x their peak memory (1.37x and 0.90x fairseq's attention's)
@@ -56,9 +63,17 @@ DEVICE_GROUP = 2048
 CUMSUM_STATE_ELEMENTS = 1024
 
 
-def group_size(device: torch.device) -> int:
-    """Positions per group on ``device``: :data:`GROUP` on the CPU, :data:`DEVICE_GROUP` elsewhere."""
-    return GROUP if device.type == "cpu" else DEVICE_GROUP
+def group_size(device: torch.device, chunk: int = 0, state_width: int = 0, value_width: int = 0) -> int:
+    """Positions per group on ``device``: :data:`DEVICE_GROUP` off the CPU; on the CPU :data:`GROUP`, or for a
+    causal pass with chunks of ``chunk`` positions and carried states of ``state_width`` x ``value_width`` the
+    most positions (a multiple of :data:`GROUP`, at most :data:`MAX_GROUP`) whose temporaries fit
+    :data:`GROUP_ELEMENTS`."""
+    if device.type != "cpu":
+        return DEVICE_GROUP
+    if chunk < 1:
+        return GROUP
+    per_position = max(chunk, state_width * value_width // chunk, 1)
+    return min(MAX_GROUP, max(GROUP, GROUP_ELEMENTS // per_position // GROUP * GROUP))
 
 
 class LinearState(NamedTuple):
@@ -818,7 +833,8 @@ def causal_linear_attention(
         return out.to(phi_q.dtype), LinearState(kv, ks, m_run)
     out, kv, ks, m_run = _CausalLinearAttention.apply(q, k, vv, c, query_mix, key_mix, kv0, ks0, m0,
                                                       int(query_offset), int(chunk_size), float(eps),
-                                                      group_size(q.device),
+                                                      group_size(q.device, min(int(chunk_size), k.size(2)), m,
+                                                                 v.size(-1)),
                                                       bool(relu), bool(reuse_inputs))
     return out.to(phi_q.dtype), LinearState(kv, ks, m_run)
 

@@ -16,6 +16,31 @@ def test_linear_attention_groups_by_device():
     assert linear_ops.group_size(META) == linear_ops.DEVICE_GROUP == 2048
 
 
+def test_causal_linear_groups_grow_as_the_states_narrow(monkeypatch):
+    """A causal group's temporaries are ``group x C`` intra-chunk weights and ``group / C`` states of M x d: cosFormer's
+    2 x 64 mixed features fill them at GROUP positions, Performer's 16 features at twice as many; capped, never below
+    GROUP, and DEVICE_GROUP off the CPU whatever the widths."""
+    assert linear_ops.group_size(CPU, 64, 128, 64) == 512
+    assert linear_ops.group_size(CPU, 64, 16, 64) == 1024
+    assert linear_ops.group_size(CPU, 32, 16, 64) == 2048 == linear_ops.MAX_GROUP
+    assert linear_ops.group_size(CPU, 8, 1, 1) == linear_ops.MAX_GROUP
+    assert linear_ops.group_size(CPU, 4, 128, 64) == 512  # wide states per position: never below GROUP
+    assert linear_ops.group_size(META, 64, 16, 64) == linear_ops.DEVICE_GROUP
+    seen = []
+    real = linear_ops._CausalLinearAttention.apply
+    monkeypatch.setattr(linear_ops._CausalLinearAttention, "apply",
+                        lambda *args: seen.append(args[12]) or real(*args))
+    v = torch.randn(1, 2, 100, 8)
+    for m, mix in ((16, None), (8, torch.rand(1, 1, 100, 2))):
+        phi = torch.rand(1, 2, 100, m)
+        linear_ops.causal_linear_attention(phi, phi, v, eps=1e-6, chunk_size=64, query_mix=mix, key_mix=mix)
+    # 16 features x 8 values over chunks of 64: 64 per position; 2 x 8 mixed features: still 64
+    assert seen == [1024, 1024]
+    linear_ops.causal_linear_attention(torch.rand(1, 2, 100, 16), torch.rand(1, 2, 100, 16), v, eps=1e-6,
+                                       chunk_size=256)  # chunks of the 100 keys: 100 per position
+    assert seen[-1] == 512
+
+
 def test_longshort_groups_by_device():
     # (B, H, blocks, bq, keys) = (4, 8, 64, 64, 192): 393,216 score elements a block
     on_cpu = _LongShort._groups(4, 8, 64, 64, 192, CPU)
