@@ -3,7 +3,7 @@ ratios to dense softmax attention measured in the same run.
 
     python -m benchmarks.pruning [--length 1024] [--heads 4] [--head-dim 64] [--batch 2] [--threads 1]
         [--repeats 3] [--block 32] [--json OUT] [--quick]
-    python -m benchmarks.pruning --against REV [--pairs 12]   # paired A/B of the block-sparse path
+    python -m benchmarks.pruning --against REV [--pairs 12] [--q-factors 1,2,4]   # paired A/B of the block-sparse path
     python -m benchmarks.pruning --per-head [--patterns noncausal]   # each head alone on every path
 
 Cases, for a noncausal and a causal (decoder self attention) pattern:
@@ -356,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="OUT", help="write the report as JSON")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test): L=64, H=2, D=8, B=1, block 8")
     parser.add_argument("--against", metavar="REV", help="instead: paired A/B of the block-sparse path against the "
-                        "ops module at git revision REV (70%% and 90%%, query blocks of 2 and 4 key blocks)")
+                        "ops module at git revision REV (70%% and 90%%, query blocks of --q-factors key blocks)")
+    parser.add_argument("--q-factors", default="1,2,4", help="with --against: query blocks as multiples of the key "
+                        "block, comma-separated")
     parser.add_argument("--pairs", type=int, default=12, help="with --against: alternations of old and new")
     parser.add_argument("--per-head", action="store_true", help="instead: each head of the 10%% and 30%% masks "
                         "alone on every path, and the sum of the heads' fastest against dense SDPA (would a plan "
@@ -378,8 +380,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not set(patterns) <= {"noncausal", "causal"}:
         raise SystemExit(f"unknown patterns {patterns}; choose from noncausal, causal")
     if args.against:
+        try:
+            q_factors = tuple(int(f) for f in args.q_factors.split(",") if f)
+        except ValueError:
+            raise SystemExit(f"--q-factors must be comma-separated integers, got {args.q_factors!r}")
+        if not q_factors or min(q_factors) < 1:
+            raise SystemExit(f"--q-factors must be positive integers, got {args.q_factors!r}")
         for line in paired(args.against, threads=args.threads, pairs=args.pairs, patterns=patterns,
-                           allocator=args.allocator, **sizes):
+                           allocator=args.allocator, q_factors=q_factors, **sizes):
             print(line, flush=True)
         return
     if args.per_head:

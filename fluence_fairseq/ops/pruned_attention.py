@@ -19,11 +19,13 @@ Two paths give the same numbers:
   buckets). A bucket of ``n`` rows with ``c`` key blocks is one dense attention problem: queries
   (B, n, q_block, D), its rows' key and value blocks gathered into (B, n, c * block, D), the element mask as an
   additive (n, q_block, c * block) bias, solved by the fused flash kernel (buckets with many rows in row chunks of
-  at most :data:`_CHUNK_ELEMENTS` gathered keys, which bounds the transient memory). Rows whose kept blocks lie in
+  at most :data:`_CHUNK_ELEMENTS` gathered keys, which bounds the transient memory). Rows whose kept keys lie in
   a window that moves with the diagonal (the bands data-informed masks are mostly made of) are taken out of the
   buckets where that is cheaper: a *band* of consecutive query blocks of one head reads its keys and values as
-  overlapping strided views of the key blocks and its queries as a slice, so nothing is gathered (:class:`_Band`;
-  on an Intel Xeon the 90% masks' block-sparse step took 0.83-0.87x the time of buckets alone, paired). Each
+  overlapping strided views of the keys and its queries as a slice, so nothing is gathered (:class:`_Band`;
+  on an Intel Xeon the 90% masks' block-sparse step took 0.83-0.87x the time of buckets alone, paired); its
+  window is a number of keys, not of key blocks (a band a few tokens wide computes a little more than a query
+  block's keys, not three key blocks: 0.87-0.89x noncausal, 0.90-0.94x causal, paired). Each
   bucket's output is written into its rows of one output buffer; queries with no kept key (and rows with no kept
   block) give 0. On CPU
   without dropout, :class:`_BucketsFlashCPU` calls the kernel's forward and backward directly and gathers the
@@ -72,19 +74,20 @@ class _Bucket:
     """Rows with the same number ``cap`` of (padded) key blocks: ``rows`` (n,) their ``head * q_blocks + query
     block``, ``cols`` (n * cap,) their key blocks as ``head * k_blocks + key block`` (padding slots repeat a real
     block and are masked), ``mask`` (n, q_block, cap * k_block) bool (True = kept), ``key_block`` (n * cap,) the key
-    block index of every slot (for key padding)."""
+    block index of every slot (for key padding). ``keys``: the keys each row's problem has (``cap * k_block``)."""
 
     #: row chunks may hold this many times :data:`_CHUNK_ELEMENTS` keys (a bucket gathers them)
     chunk_factor = 1
 
     def __init__(self, rows, cols, key_block, mask, cap):
         self.rows, self.cols, self.key_block, self.mask, self.cap = rows, cols, key_block, mask, cap
+        self.keys = mask.size(-1)
         self.has_key = mask.any(dim=-1, keepdim=True)  # (n, q_block, 1): queries with a kept key
         self.all_have_keys = bool(self.has_key.all())
         self._bias: Dict[tuple, Tensor] = {}
 
     def bias(self, dtype) -> Tensor:
-        """(n, q_block, cap * k_block) additive mask: 0 where kept, the most negative ``dtype`` value elsewhere."""
+        """(n, q_block, keys) additive mask: 0 where kept, the most negative ``dtype`` value elsewhere."""
         key = (dtype, self.mask.device)
         if key not in self._bias:
             self._bias[key] = _additive(self.mask, dtype)
@@ -103,31 +106,48 @@ class _Bucket:
         x.index_copy_(1, self.rows[lo:hi], value)
 
     def blocks(self, x: Tensor, lo: int, hi: int, gather: bool = True) -> Tensor:
-        """The key (or value) blocks of rows ``lo:hi`` from (B, H * k_blocks, k_block, D): (B, n, cap * k_block,
+        """The keys (or values) of rows ``lo:hi`` from the key blocks (B, H * k_blocks, k_block, D): (B, n, keys,
         D), gathered (a band's are a view unless ``gather``)."""
         bsz, _, b, head_dim = x.shape
         return x.index_select(1, self.cols[lo * self.cap : hi * self.cap]).view(bsz, hi - lo, self.cap * b, head_dim)
 
+    def key_padding(self, pad: Tensor, lo: int, hi: int) -> Tensor:
+        """(B, n, 1, keys) bool: which keys of rows ``lo:hi`` are padding, from ``pad`` (B, k_blocks, k_block)."""
+        return pad.index_select(1, self.key_block[lo * self.cap : hi * self.cap]).view(pad.size(0), hi - lo, 1,
+                                                                                         self.keys)
+
+    def add_key_grads_(self, grad: Tensor, g: Tensor, lo: int, hi: int) -> None:
+        """Add the key (or value) gradient ``g`` (B, n, keys, D) of rows ``lo:hi`` into ``grad`` (B, H * k_blocks,
+        k_block, D) (a key block kept by several rows collects each row's part)."""
+        bsz, _, b, head_dim = grad.shape
+        grad.index_add_(1, self.cols[lo * self.cap : hi * self.cap], g.reshape(bsz, -1, b, head_dim))
+
 
 class _Band(_Bucket):
-    """Consecutive rows (query blocks ``first .. first + n - 1`` of one head) whose kept key blocks all lie in a
-    window of ``cap`` key blocks that moves ``step`` blocks per row (``step`` = q_block / k_block) and starts at key
-    block ``start`` for the first row: the diagonal bands data-informed masks are made of. Its queries, outputs and
-    gradients are slices and its keys and values *overlapping strided views* of the key blocks, so nothing is
-    gathered (a bucket copies every key block once per row that keeps it, in forward and again in backward)."""
+    """Consecutive rows (query blocks ``first .. first + n - 1`` of one head) whose kept keys all lie in a window of
+    ``width`` keys that moves ``q_block`` keys per row and starts at key ``start`` of the head for the first row:
+    the diagonal bands data-informed masks are made of. The window is in keys, not key blocks (a band of a few
+    tokens around the diagonal computes a little more than a query block's keys, not three key blocks). Its
+    queries, outputs and gradients are slices and its keys and values *overlapping strided views* of the keys, so
+    nothing is gathered (a bucket copies every key block once per row that keeps it, in forward and again in
+    backward); its key gradients are added back a query block's keys of every row at a time (strided views
+    again, no index)."""
 
     #: nothing gathered: a call's transient memory is the kernel's own key and value gradients, half a bucket's
     #: (its gathered keys and values besides) for as many keys
     chunk_factor = 2
 
-    def __init__(self, rows, cols, key_block, mask, cap, step):
-        super().__init__(rows, cols, key_block, mask, cap)
-        self.step = step
-        self.first, self.start = int(rows[0]), int(cols[0])  # first row; first key block (over heads)
+    def __init__(self, rows, mask, head, start, q_block, head_keys):
+        n, width = rows.numel(), mask.size(-1)
+        keys = (head * head_keys + start + q_block * torch.arange(n, device=rows.device)).unsqueeze(1)
+        keys = (keys + torch.arange(width, device=rows.device)).flatten()  # every row's keys (for gathers)
+        super().__init__(rows, keys, keys, mask, 1)
+        self.head, self.start, self.q_block, self.head_keys = head, start, q_block, head_keys
+        self.first = int(rows[0])
 
     def to(self, device) -> "_Band":
-        return _Band(self.rows.to(device), self.cols.to(device), self.key_block.to(device), self.mask.to(device),
-                     self.cap, self.step)
+        return _Band(self.rows.to(device), self.mask.to(device), self.head, self.start, self.q_block,
+                     self.head_keys)
 
     def take(self, x: Tensor, lo: int, hi: int) -> Tensor:
         return x[:, self.first + lo : self.first + hi]
@@ -135,13 +155,38 @@ class _Band(_Bucket):
     def put_(self, x: Tensor, lo: int, hi: int, value: Tensor) -> None:
         x[:, self.first + lo : self.first + hi] = value
 
+    def _window(self, x: Tensor, first: int, rows: int, keys: int) -> Tensor:
+        """``rows`` windows of ``keys`` positions of ``x`` (B, positions, ...), the first starting at position
+        ``first`` and each the next ``q_block`` positions on: (B, rows, keys, ...), one strided view (windows
+        overlap where ``keys`` > ``q_block``)."""
+        stride = x.stride()
+        return x.as_strided((x.size(0), rows, keys) + tuple(x.shape[2:]),
+                            (stride[0], self.q_block * stride[1]) + tuple(stride[1:]),
+                            x.storage_offset() + first * stride[1])
+
+    def _first(self, lo: int) -> int:
+        """Position of row ``lo``'s first key among all heads' keys."""
+        return self.head * self.head_keys + self.start + lo * self.q_block
+
     def blocks(self, x: Tensor, lo: int, hi: int, gather: bool = False) -> Tensor:
         bsz, _, b, head_dim = x.shape
-        s0, s1, s2, s3 = x.stride()
-        if gather or s1 != b * s2:  # asked to, or blocks not evenly spaced positions (never from _to_blocks)
-            return super().blocks(x, lo, hi)
-        offset = x.storage_offset() + (self.start + lo * self.step) * s1
-        return x.as_strided((bsz, hi - lo, self.cap * b, head_dim), (s0, self.step * s1, s2, s3), offset)
+        if gather or x.stride(1) != b * x.stride(2):  # asked to, or keys not evenly spaced (never from _to_blocks)
+            keys = x.reshape(bsz, -1, head_dim).index_select(1, self.cols[lo * self.keys : hi * self.keys])
+            return keys.view(bsz, hi - lo, self.keys, head_dim)
+        return self._window(x.view(bsz, -1, head_dim), self._first(lo), hi - lo, self.keys)
+
+    def key_padding(self, pad: Tensor, lo: int, hi: int) -> Tensor:
+        flat = pad.reshape(pad.size(0), -1)  # (B, head_keys): the same for every head
+        return self._window(flat, self.start + lo * self.q_block, hi - lo, self.keys).unsqueeze(2)
+
+    def add_key_grads_(self, grad: Tensor, g: Tensor, lo: int, hi: int) -> None:
+        # the windows' keys in runs of q_block: run j0 of every row lands on distinct keys (rows step q_block keys),
+        # so each run is one strided view of the gradient, added without an index
+        bsz, _, b, head_dim = grad.shape
+        flat = grad.view(bsz, -1, head_dim)
+        for j0 in range(0, self.keys, self.q_block):
+            j1 = min(self.keys, j0 + self.q_block)
+            self._window(flat, self._first(lo) + j0, hi - lo, j1 - j0).add_(g[:, :, j0:j1])
 
 
 #: rows may be computed as :class:`_Band`\ s (strided windows, nothing gathered) where that is cheaper
@@ -149,8 +194,12 @@ _BANDS = True
 #: a bucket row's cost per computed key block relative to a band row's (its keys and values are gathered in forward
 #: and again in backward, its queries, outputs and gradients too)
 _GATHER_COST = 1.25
-#: window offsets tried per head (the most frequent first and last kept blocks relative to the rows' diagonals)
-_BAND_CANDIDATES = 12
+#: window starts (and ends) tried per head: the rows' own first (last) kept keys relative to their first query,
+#: spread over their distribution where there are more
+_BAND_CANDIDATES = 24
+#: band windows are whole multiples of this many keys, or of the key block if shorter (the CPU flash kernel ran
+#: 48-key problems faster than 44-key ones, 144 faster than 138: its inner loops are vectorised in such multiples)
+_WIDTH_MULTIPLE = 16
 #: a band's fused call costs about as much as this many of its rows' blocks (its fixed work: the call, its
 #: views and slices), and runs of fewer than :data:`_MIN_BAND_ROWS` rows stay in buckets (which group rows of
 #: every head): otherwise a ragged band breaks into one call per row
@@ -158,12 +207,14 @@ _BAND_CALL_COST = 4.0
 _MIN_BAND_ROWS = 2
 
 
-def _most_frequent(values: Tensor, limit: int) -> Tensor:
-    """The up to ``limit`` most frequent of ``values`` (1-d long)."""
-    unique, counts = torch.unique(values, return_counts=True)
-    if unique.numel() > limit:
-        unique = unique[counts.argsort(descending=True, stable=True)[:limit]]
-    return unique
+def _candidates(values: Tensor, limit: int) -> Tensor:
+    """Up to ``limit`` distinct values among ``values`` (1-d long): all of them, or where there are more, those at
+    evenly spaced ranks of the sorted values (so that the candidates follow the values' distribution)."""
+    ordered = values.sort().values
+    if torch.unique(ordered).numel() <= limit:
+        return torch.unique(ordered)
+    ranks = torch.linspace(0, ordered.numel() - 1, limit, device=values.device).round().long()
+    return torch.unique(ordered[ranks])
 
 
 def _runs(rows: List[int]) -> List[List[int]]:
@@ -200,7 +251,7 @@ class BlockLayout:
         self.buckets = self._make_buckets()
         self.bucket_rows = (torch.cat([bk.rows for bk in self.buckets]) if self.buckets
                             else row.new_zeros(0))
-        computed = sum(bk.rows.numel() * bk.cap for bk in self.buckets)
+        computed = sum(bk.rows.numel() * bk.keys for bk in self.buckets) / k_block
         self.computed_density = computed / total if total else 0.0
 
     def _make_buckets(self) -> List[_Bucket]:
@@ -223,63 +274,75 @@ class BlockLayout:
         return buckets
 
     def _make_bands(self, starts: Tensor, caps: Tensor) -> List["_Band"]:
-        """Per head, the window (key blocks ``step * r + a .. step * r + b`` for query block ``r``, ``step`` =
-        q_block / k_block) that is cheapest to compute instead of its rows' buckets, and the runs of consecutive
-        rows whose kept blocks all lie in it (and whose window lies inside the keys): :class:`_Band`\ s. Cost: a
-        band row computes ``b - a + 1`` blocks, a bucket row its cap times :data:`_GATHER_COST`, and each run of
-        band rows adds :data:`_BAND_CALL_COST`; ``a`` and ``b`` are tried among the rows' own first and last kept
-        blocks relative to their diagonal (the most frequent :data:`_BAND_CANDIDATES` of each). No bands when the
-        query block is not a multiple of the key block."""
+        """Per head, the window (keys ``q_block * r + a .. q_block * r + a + width - 1`` for query block ``r``) that
+        is cheapest to compute instead of its rows' buckets, and the runs of consecutive rows whose kept keys all lie
+        in it (and whose window lies inside the keys): :class:`_Band`\ s. Cost, in key blocks: a band row computes
+        ``width / k_block``, a bucket row its cap times :data:`_GATHER_COST`, and each run of band rows adds
+        :data:`_BAND_CALL_COST`; ``a`` and the window's end are tried among the rows' own first and last kept keys
+        relative to their first query (:func:`_candidates`), widths rounded up to :data:`_WIDTH_MULTIPLE` keys (or the
+        key block)."""
         bq, bk, nq, nk = self.q_block, self.k_block, self.q_blocks, self.k_blocks
-        if bq % bk or not self.triples:
+        if not self.triples:
             return []
-        step = bq // bk
+        head_keys, multiple = nk * bk, min(_WIDTH_MULTIPLE, bk)
         counts = self.counts.view(self.heads, nq)
         has = counts > 0
-        first = self.key_block[starts.clamp_max(self.triples - 1)].view(self.heads, nq)
-        last = self.key_block[(starts + counts.flatten() - 1).clamp_min(0)].view(self.heads, nq)
-        diagonal = step * torch.arange(nq, device=counts.device)
-        rel_lo, rel_hi = first - diagonal, last - diagonal
+        # a row's first kept key is in its first triple, its last in its last one (triples are sorted by key block)
+        columns = self.mask.any(dim=1)  # (T, bk): the keys of each triple kept by any of its queries
+        first_col = columns.to(torch.uint8).argmax(-1)
+        last_col = bk - 1 - columns.flip(-1).to(torch.uint8).argmax(-1)
+        t_first = starts.clamp_max(self.triples - 1)
+        t_last = (starts + counts.flatten() - 1).clamp_min(0)
+        origin = bq * torch.arange(nq, device=counts.device)  # each row's first query
+        rel_lo = (self.key_block[t_first] * bk + first_col[t_first]).view(self.heads, nq) - origin
+        rel_hi = (self.key_block[t_last] * bk + last_col[t_last]).view(self.heads, nq) - origin
         bucket_cost = caps.view(self.heads, nq).to(torch.float64) * _GATHER_COST
         bands = []
         for h in range(self.heads):
             if not bool(has[h].any()):
                 continue
-            lo_c = _most_frequent(rel_lo[h][has[h]], _BAND_CANDIDATES)
-            hi_c = _most_frequent(rel_hi[h][has[h]], _BAND_CANDIDATES)
-            a, b = lo_c.view(-1, 1, 1), hi_c.view(1, -1, 1)
-            fits = (has[h] & (rel_lo[h] >= a) & (rel_hi[h] <= b) & (diagonal + a >= 0) & (diagonal + b < nk))
-            width = (b - a + 1).squeeze(-1).to(torch.float64)
-            cost = torch.where(fits, width.unsqueeze(-1), bucket_cost[h]).sum(-1)  # (a candidates, b candidates)
+            lo_c = _candidates(rel_lo[h][has[h]], _BAND_CANDIDATES)
+            hi_c = _candidates(rel_hi[h][has[h]], _BAND_CANDIDATES)
+            a = lo_c.view(-1, 1, 1)
+            span = hi_c.view(1, -1, 1) - a + 1  # (a candidates, end candidates, 1)
+            width = (span.clamp_min(1) + multiple - 1) // multiple * multiple
+            fits = (has[h] & (rel_lo[h] >= a) & (rel_hi[h] < a + width) & (origin + a >= 0)
+                    & (origin + a + width <= head_keys))
+            band_cost = (width / bk).to(torch.float64)
+            cost = torch.where(fits, band_cost, bucket_cost[h]).sum(-1)
             runs = (fits & ~F.pad(fits[..., :-1], (1, 0), value=False)).sum(-1)  # a fused call per run
-            cost = (cost + _BAND_CALL_COST * runs).masked_fill(width <= 0, float("inf"))
+            cost = (cost + _BAND_CALL_COST * runs).masked_fill(span.squeeze(-1) <= 0, float("inf"))
             best = int(cost.argmin())
             if not float(cost.flatten()[best]) < float(bucket_cost[h].sum()):
                 continue
             ia, ib = divmod(best, hi_c.numel())
-            a0, width0 = int(lo_c[ia]), int(hi_c[ib]) - int(lo_c[ia]) + 1
             rows_fit = fits[ia, ib].nonzero().flatten().tolist()
             for run in _runs(rows_fit):
                 if len(run) >= _MIN_BAND_ROWS:  # a lone row is a call of its own: it joins a bucket
-                    bands.append(self._band(h, run, a0, width0, step, starts))
+                    bands.append(self._band(h, run, int(lo_c[ia]), int(width[ia, ib]), starts))
         return bands
 
-    def _band(self, head: int, run: List[int], a: int, width: int, step: int, starts: Tensor) -> "_Band":
-        """The :class:`_Band` of query blocks ``run`` (consecutive) of ``head`` over window offset ``a``."""
+    def _band(self, head: int, run: List[int], a: int, width: int, starts: Tensor) -> "_Band":
+        """The :class:`_Band` of query blocks ``run`` (consecutive) of ``head`` over the window of ``width`` keys
+        starting ``a`` keys from each row's first query."""
         bq, bk, nq, nk = self.q_block, self.k_block, self.q_blocks, self.k_blocks
         device = self.counts.device
         r = torch.tensor(run, dtype=torch.long, device=device)
-        rows = head * nq + r
-        window = (step * r + a).unsqueeze(1) + torch.arange(width, device=device)  # (n, width) key blocks
-        mask = torch.zeros(len(run), width, bq, bk, dtype=torch.bool, device=device)
-        # each row's kept triples, as the buckets take them (slots past a row's count are left out here)
+        rows, n = head * nq + r, len(run)
+        keys = (bq * r + a).unsqueeze(1) + torch.arange(width, device=device)  # (n, width), inside the head's keys
+        # the triple of every (row, key block), -1 where the block is not kept
+        table = torch.full((n, nk), -1, dtype=torch.long, device=device)
         c = self.counts[rows].unsqueeze(1)
         slot = torch.arange(int(c.max()), device=device).unsqueeze(0)
         which, j = (slot < c).nonzero(as_tuple=True)
         tri = starts[rows][which] + j
-        mask[which, self.key_block[tri] - window[which, 0]] = self.mask[tri]
-        mask = mask.permute(0, 2, 1, 3).reshape(len(run), bq, width * bk)
-        return _Band(rows, (head * nk + window).flatten(), window.flatten(), mask, width, step)
+        table[which, self.key_block[tri]] = tri
+        tri = table.gather(1, keys // bk)  # (n, width)
+        # mask[r, i, w] = the triple's mask at query i and the key's column: read from the flat triple masks
+        flat = (tri.clamp_min(0) * (bq * bk) + keys % bk).unsqueeze(1) + bk * torch.arange(bq, device=device).view(
+            1, bq, 1)
+        mask = self.mask.view(-1)[flat] & (tri >= 0).unsqueeze(1)  # (n, bq, width)
+        return _Band(rows, mask, head, int(bq * r[0]) + a, bq, nk * bk)
 
     @classmethod
     def build(cls, keep: Tensor, block: int, q_block: Optional[int] = None) -> "BlockLayout":
@@ -310,7 +373,7 @@ class BlockLayout:
     def __repr__(self):
         return (f"BlockLayout(heads={self.heads}, tgt_len={self.tgt_len}, src_len={self.src_len}, "
                 f"blocks={self.q_block}x{self.k_block}, triples={self.triples}, density={self.density:.3f}, "
-                f"buckets={[(bk.cap, bk.rows.numel()) for bk in self.buckets]})")
+                f"buckets={[(bk.keys, bk.rows.numel()) for bk in self.buckets]})")
 
 
 def _check(q, k, v, keep, key_padding_mask):
@@ -395,29 +458,25 @@ def _chunks(layout: BlockLayout, bsz: int, head_dim: int):
     """(bucket, first row, end row) of every fused call, in the order of ``layout.bucket_rows``."""
     for bucket in layout.buckets:
         n = bucket.rows.numel()
-        step = max(1, _CHUNK_ELEMENTS * bucket.chunk_factor // (bsz * bucket.cap * layout.k_block * head_dim))
+        step = max(1, _CHUNK_ELEMENTS * bucket.chunk_factor // (bsz * bucket.keys * head_dim))
         for lo in range(0, n, step):
             yield bucket, lo, min(n, lo + step)
 
 
 def _bucket_problem(bucket: _Bucket, lo: int, hi: int, kp: Tensor, vp: Tensor, pad: Optional[Tensor], dtype,
                     gather: bool = False):
-    """Rows (n,), key columns (n * cap,), keys and values (B, n, cap * b, D), additive mask (1|B, n, b, cap * b)
-    and queries-with-a-key mask (None if all have one) of rows ``lo:hi`` of a bucket. The keys and values of a
-    band are views of ``kp`` and ``vp`` unless ``gather`` (for autograd, whose backward of overlapping views is
-    slow)."""
-    bsz, _, b, head_dim = kp.shape
-    n, width = hi - lo, bucket.cap * b
-    rows, cols = bucket.rows[lo:hi], bucket.cols[lo * bucket.cap : hi * bucket.cap]
+    """Keys and values (B, n, keys, D), additive mask (1|B, n, b, keys) and queries-with-a-key mask (None if all
+    have one) of rows ``lo:hi`` of a bucket. The keys and values of a band are views of ``kp`` and ``vp`` unless
+    ``gather`` (for autograd, whose backward of overlapping views is slow)."""
     kb, vb = bucket.blocks(kp, lo, hi, gather=gather), bucket.blocks(vp, lo, hi, gather=gather)
     bias = bucket.bias(dtype)[lo:hi].unsqueeze(0)
     has_key = None if bucket.all_have_keys else bucket.has_key[lo:hi]
     if pad is not None:
-        padded = pad.index_select(1, bucket.key_block[lo * bucket.cap : hi * bucket.cap]).view(bsz, n, 1, width)
-        bias = bias.masked_fill(padded, torch.finfo(dtype).min)  # (B, n, b, width)
+        padded = bucket.key_padding(pad, lo, hi)  # (B, n, 1, keys)
+        bias = bias.masked_fill(padded, torch.finfo(dtype).min)  # (B, n, b, keys)
         has_key = (bucket.mask[lo:hi] & ~padded).any(dim=-1, keepdim=True)
         has_key = None if bool(has_key.all()) else has_key
-    return rows, cols, kb, vb, bias, has_key
+    return kb, vb, bias, has_key
 
 
 def _output(layout: BlockLayout, like: Tensor) -> Tensor:
@@ -449,7 +508,7 @@ class _BucketsFlashCPU(torch.autograd.Function):
         qp, kp, vp = _to_blocks(q, nq, bq), _to_blocks(k, nk, bk), _to_blocks(v, nk, bk)
         out, lses = _output(layout, q), []
         for bucket, lo, hi in _chunks(layout, q.size(0), q.size(3)):
-            _, _, kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype)
+            kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype)
             q_r, k_r, v_r, bias_r = _rows_first(bucket.take(qp, lo, hi), kb, vb, bias)
             o, lse = FLASH_CPU(q_r, k_r, v_r, attn_mask=bias_r)
             o = o.transpose(0, 1)
@@ -477,7 +536,7 @@ class _BucketsFlashCPU(torch.autograd.Function):
         grad_q = _output(layout, qp)
         grad_k, grad_v = torch.zeros_like(kp), torch.zeros_like(vp)
         for (bucket, lo, hi), lse in zip(_chunks(layout, bsz, head_dim), lses):
-            _, cols, kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype)
+            kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype)
             o = bucket.take(out, lo, hi)
             gob = bucket.take(go, lo, hi)
             if has_key is not None:
@@ -487,8 +546,8 @@ class _BucketsFlashCPU(torch.autograd.Function):
                                             attn_mask=bias_r)
             del kb, vb, q_r, k_r, v_r
             bucket.put_(grad_q, lo, hi, gq.transpose(0, 1))
-            grad_k.index_add_(1, cols, gk.transpose(0, 1).reshape(bsz, -1, bk, head_dim))
-            grad_v.index_add_(1, cols, gv.transpose(0, 1).reshape(bsz, -1, bk, head_dim))
+            bucket.add_key_grads_(grad_k, gk.transpose(0, 1), lo, hi)
+            bucket.add_key_grads_(grad_v, gv.transpose(0, 1), lo, hi)
 
         def unblock(x, n, b, length):
             return x.view(bsz, heads, n * b, head_dim)[:, :, :length]
@@ -517,7 +576,8 @@ def _sparse_path(q, k, v, layout: BlockLayout, key_padding_mask, dropout_p, lean
     qp, kp, vp = _to_blocks(q, nq, bq), _to_blocks(k, nk, bk), _to_blocks(v, nk, bk)
     out = _output(layout, q)
     for bucket, lo, hi in _chunks(layout, bsz, head_dim):
-        rows, _, kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype, gather=True)
+        rows = bucket.rows[lo:hi]
+        kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype, gather=True)
         o = F.scaled_dot_product_attention(qp.index_select(1, rows), kb, vb, attn_mask=bias,
                                            dropout_p=dropout_p)
         # queries with no kept key would average every masked key: 0 instead (and no gradient)

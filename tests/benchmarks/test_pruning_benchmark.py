@@ -83,12 +83,24 @@ def test_paired_against_a_revision_reports_every_layout(capsys):
     finally:
         torch.set_num_threads(threads)
     lines = capsys.readouterr().out.strip().splitlines()
-    # quick sizes: blocks of 8, query blocks of 16 and 32, at 70% and 90%
+    # quick sizes: blocks of 8, query blocks of 8, 16 and 32 (the default --q-factors), at 70% and 90%
     assert [line.split(":")[0] for line in lines] == [
-        f"causal data-informed {tau}% {q}x8" for tau in (70, 90) for q in (16, 32)]
+        f"causal data-informed {tau}% {q}x8" for tau in (70, 90) for q in (8, 16, 32)]
     for line in lines:
         ratio = float(line.split("new / old ")[1].split()[0])
         assert ratio > 0 and line.endswith("gradients differ by at most 0.0e+00")  # HEAD against itself
+    try:
+        bp.main(["--against", "HEAD", "--quick", "--pairs", "1", "--patterns", "noncausal", "--q-factors", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"noncausal data-informed {tau}% 16x8" for tau in (70, 90)]
+
+
+@pytest.mark.parametrize("factors", ["0", "two", ""])
+def test_paired_refuses_bad_query_block_factors(factors):
+    with pytest.raises(SystemExit, match="--q-factors must be"):
+        bp.main(["--against", "HEAD", "--quick", "--q-factors", factors])
 
 
 @pytest.mark.parametrize("pattern", ["noncausal", "causal"])

@@ -226,9 +226,11 @@ def test_path_choice(monkeypatch):
         pruned_attention(q, k, v, sparse, path="sparse")
 
 
-def test_static_estimate_prefers_coarser_query_blocks_only_when_they_keep_little_more():
-    """A band keeps the same key blocks whatever the query block, so the coarsest is cheapest; a layout
-    that keeps every block at every size is never estimated cheaper than dense."""
+def test_static_estimate_prefers_coarser_query_blocks_only_when_they_keep_little_more(monkeypatch):
+    """In buckets a band keeps the same key blocks whatever the query block, so the coarsest is cheapest (bands,
+    windows of keys, are off here); a layout that keeps every block at every size is never estimated cheaper than
+    dense."""
+    monkeypatch.setattr(pa, "_BANDS", False)
     rel = torch.arange(256).view(-1, 1) - torch.arange(256).view(1, -1)
     band = (rel.abs() <= 3).expand(2, 256, 256).contiguous()
     ranked = pa.PrunedPlan(band, 8).estimates()
@@ -341,8 +343,23 @@ def test_layout_buckets_and_device_move():
     assert sum(counts) == layout.triples
     rows = torch.cat([b.rows for b in layout.buckets])
     assert sorted(rows.tolist()) == [r for r in range(len(counts)) if counts[r] > 0]
+    assert any(isinstance(b, pa._Band) for b in layout.buckets)
     for bucket in layout.buckets:
-        assert all(counts[r] <= bucket.cap <= max(counts[r], 1) * pa._GRID_RATIO + 1 for r in bucket.rows.tolist())
+        if not isinstance(bucket, pa._Band):
+            assert all(counts[r] <= bucket.cap <= max(counts[r], 1) * pa._GRID_RATIO + 1
+                       for r in bucket.rows.tolist())
+    moved = layout.to("cpu")
+    for a, b in zip(layout.buckets, moved.buckets):
+        assert type(a) is type(b) and torch.equal(a.rows, b.rows) and torch.equal(a.mask, b.mask)
+        assert torch.equal(a.cols, b.cols) and a.keys == b.keys
+    check_against_reference(keep)
+
+
+def test_bucket_padding_slots_are_computed_and_masked(monkeypatch):
+    monkeypatch.setattr(pa, "_BANDS", False)
+    rel = torch.arange(96).view(-1, 1) - torch.arange(96).view(1, -1)
+    keep = torch.stack([rel.abs() <= 1, rel.abs() <= 40, rel >= 0])
+    layout = BlockLayout.build(keep, 8)
     assert layout.computed_density > layout.density  # long rows are padded up to their bucket's count ...
     check_against_reference(keep)  # ... and the padding slots are masked
     with pytest.raises(ValueError):
@@ -416,7 +433,13 @@ def test_banded_masks_take_bands_and_match_reference(causal, tgt_len, src_len):
         assert kept == int(keep.sum())  # every kept entry inside its row's window or bucket, once
         for band in bands:
             assert torch.equal(band.rows, torch.arange(band.first, band.first + band.rows.numel()))
-            assert band.cap >= int(layout.counts[band.rows].max()) and band.rows.numel() >= pa._MIN_BAND_ROWS
+            assert band.rows.numel() >= pa._MIN_BAND_ROWS and band.keys % min(pa._WIDTH_MULTIPLE, 8) == 0
+            # every kept entry of its rows lies in its window: the window's mask holds all of them
+            heads_rows = keep.view(3, -1, q_block, src_len) if tgt_len % q_block == 0 else None
+            if heads_rows is not None:
+                h, r = divmod(int(band.rows[0]), layout.q_blocks)
+                want = heads_rows[h, r : r + band.rows.numel()].sum((1, 2))
+                assert torch.equal(band.mask.sum((1, 2)), want)
     assert banded
     pad = torch.zeros(2, src_len, dtype=torch.bool)
     pad[1, -13:] = True
@@ -460,8 +483,10 @@ def test_bands_off_gives_the_same_result(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_runs_and_most_frequent():
+def test_runs_and_window_candidates():
     assert pa._runs([0, 1, 2, 5, 6, 9]) == [[0, 1, 2], [5, 6], [9]]
     assert pa._runs([]) == []
-    got = pa._most_frequent(torch.tensor([3, 1, 3, 2, 3, 1, 7]), 2)
-    assert sorted(got.tolist()) == [1, 3]
+    assert pa._candidates(torch.tensor([3, 1, 3, 2, 3, 1, 7]), 8).tolist() == [1, 2, 3, 7]
+    many = torch.cat([torch.full((90,), 5), torch.arange(100, 110)])  # most rows at 5, a tail of ten others
+    got = pa._candidates(many, 4)
+    assert got.numel() <= 4 and 5 in got.tolist() and got.min() == 5 and got.max() == 109
