@@ -81,7 +81,7 @@ class _Bucket:
 
     def __init__(self, rows, cols, key_block, mask, cap):
         self.rows, self.cols, self.key_block, self.mask, self.cap = rows, cols, key_block, mask, cap
-        self.keys = mask.size(-1)
+        self.items, self.keys = mask.size(0), mask.size(-1)  # problems (one per row here) and keys of each
         self.has_key = mask.any(dim=-1, keepdim=True)  # (n, q_block, 1): queries with a kept key
         self.all_have_keys = bool(self.has_key.all())
         self._bias: Dict[tuple, Tensor] = {}
@@ -96,6 +96,10 @@ class _Bucket:
     def to(self, device) -> "_Bucket":
         return _Bucket(self.rows.to(device), self.cols.to(device), self.key_block.to(device), self.mask.to(device),
                        self.cap)
+
+    def item_rows(self, lo: int, hi: int) -> Tensor:
+        """The layout rows of items ``lo:hi`` (a bucket's items are its rows)."""
+        return self.rows[lo:hi]
 
     def take(self, x: Tensor, lo: int, hi: int) -> Tensor:
         """Rows ``lo:hi`` of the bucket from a (B, H * q_blocks, q_block, D) tensor (gathered)."""
@@ -125,68 +129,87 @@ class _Bucket:
 
 class _Band(_Bucket):
     """Consecutive rows (query blocks ``first .. first + n - 1`` of one head) whose kept keys all lie in a window of
-    ``width`` keys that moves ``q_block`` keys per row and starts at key ``start`` of the head for the first row:
-    the diagonal bands data-informed masks are made of. The window is in keys, not key blocks (a band of a few
-    tokens around the diagonal computes a little more than a query block's keys, not three key blocks). Its
-    queries, outputs and gradients are slices and its keys and values *overlapping strided views* of the keys, so
-    nothing is gathered (a bucket copies every key block once per row that keeps it, in forward and again in
-    backward); its key gradients are added back a query block's keys of every row at a time (strided views
-    again, no index)."""
+    ``width`` keys that moves with the diagonal: the diagonal bands data-informed masks are made of. The band is
+    computed as *items* of ``merge`` consecutive rows (``q_block`` = merge x the layout's query block queries
+    each), item ``i``'s window starting at key ``start + i * step`` of the head: ``step`` = ``q_block`` along the
+    diagonal, 0 for a head's first (last) items, whose windows would reach before its first (after its last) key
+    and are moved inside the keys, all to the same place. The window is in keys, not key blocks (a band of a few
+    tokens around the diagonal computes a little more than a query block's keys, not three key blocks); merged
+    rows make fewer, larger problems, which the CPU flash kernel runs faster per entry (wide bands). Its queries,
+    outputs and gradients are slices and its keys and values *overlapping strided views* of the keys, so nothing
+    is gathered (a bucket copies every key block once per row that keeps it, in forward and again in backward);
+    its key gradients are added back ``step`` keys of every item at a time (strided views again, no index), or
+    summed over the items where they share one window. ``mask`` (items, q_block, width)."""
 
     #: nothing gathered: a call's transient memory is the kernel's own key and value gradients, half a bucket's
     #: (its gathered keys and values besides) for as many keys
     chunk_factor = 2
 
-    def __init__(self, rows, mask, head, start, q_block, head_keys):
-        n, width = rows.numel(), mask.size(-1)
-        keys = (head * head_keys + start + q_block * torch.arange(n, device=rows.device)).unsqueeze(1)
-        keys = (keys + torch.arange(width, device=rows.device)).flatten()  # every row's keys (for gathers)
+    def __init__(self, rows, mask, head, start, q_block, head_keys, merge=1, step=None):
+        items, width = mask.size(0), mask.size(-1)
+        step = q_block if step is None else step
+        if rows.numel() != items * merge or q_block % merge or step not in (0, q_block):
+            raise ValueError(f"a band of {items} items of {merge} rows needs {items * merge} rows, got "
+                             f"{rows.numel()}, a query block that is a multiple of {merge}, got {q_block}, and a "
+                             f"step of 0 or the query block, got {step}")
+        keys = (head * head_keys + start + step * torch.arange(items, device=rows.device)).unsqueeze(1)
+        keys = (keys + torch.arange(width, device=rows.device)).flatten()  # every item's keys (for gathers)
         super().__init__(rows, keys, keys, mask, 1)
         self.head, self.start, self.q_block, self.head_keys = head, start, q_block, head_keys
+        self.merge, self.step = merge, step
         self.first = int(rows[0])
 
     def to(self, device) -> "_Band":
         return _Band(self.rows.to(device), self.mask.to(device), self.head, self.start, self.q_block,
-                     self.head_keys)
+                     self.head_keys, self.merge, self.step)
+
+    def item_rows(self, lo: int, hi: int) -> Tensor:
+        return self.rows[lo * self.merge : hi * self.merge]
 
     def take(self, x: Tensor, lo: int, hi: int) -> Tensor:
-        return x[:, self.first + lo : self.first + hi]
+        """Items ``lo:hi`` from (B, H * q_blocks, layout query block, D): (B, hi - lo, q_block, D), a view."""
+        rows = x[:, self.first + lo * self.merge : self.first + hi * self.merge]
+        return rows if self.merge == 1 else rows.reshape(x.size(0), hi - lo, self.q_block, x.size(-1))
 
     def put_(self, x: Tensor, lo: int, hi: int, value: Tensor) -> None:
-        x[:, self.first + lo : self.first + hi] = value
+        x[:, self.first + lo * self.merge : self.first + hi * self.merge] = value.reshape(
+            x.size(0), (hi - lo) * self.merge, x.size(2), x.size(-1))
 
-    def _window(self, x: Tensor, first: int, rows: int, keys: int) -> Tensor:
-        """``rows`` windows of ``keys`` positions of ``x`` (B, positions, ...), the first starting at position
-        ``first`` and each the next ``q_block`` positions on: (B, rows, keys, ...), one strided view (windows
-        overlap where ``keys`` > ``q_block``)."""
+    def _window(self, x: Tensor, first: int, items: int, keys: int, step: int) -> Tensor:
+        """``items`` windows of ``keys`` positions of ``x`` (B, positions, ...), the first starting at position
+        ``first`` and each ``step`` positions after the one before: (B, items, keys, ...), one strided view
+        (windows overlap where ``keys`` > ``step``)."""
         stride = x.stride()
-        return x.as_strided((x.size(0), rows, keys) + tuple(x.shape[2:]),
-                            (stride[0], self.q_block * stride[1]) + tuple(stride[1:]),
+        return x.as_strided((x.size(0), items, keys) + tuple(x.shape[2:]),
+                            (stride[0], step * stride[1]) + tuple(stride[1:]),
                             x.storage_offset() + first * stride[1])
 
     def _first(self, lo: int) -> int:
-        """Position of row ``lo``'s first key among all heads' keys."""
-        return self.head * self.head_keys + self.start + lo * self.q_block
+        """Position of item ``lo``'s first key among all heads' keys."""
+        return self.head * self.head_keys + self.start + lo * self.step
 
     def blocks(self, x: Tensor, lo: int, hi: int, gather: bool = False) -> Tensor:
         bsz, _, b, head_dim = x.shape
         if gather or x.stride(1) != b * x.stride(2):  # asked to, or keys not evenly spaced (never from _to_blocks)
             keys = x.reshape(bsz, -1, head_dim).index_select(1, self.cols[lo * self.keys : hi * self.keys])
             return keys.view(bsz, hi - lo, self.keys, head_dim)
-        return self._window(x.view(bsz, -1, head_dim), self._first(lo), hi - lo, self.keys)
+        return self._window(x.view(bsz, -1, head_dim), self._first(lo), hi - lo, self.keys, self.step)
 
     def key_padding(self, pad: Tensor, lo: int, hi: int) -> Tensor:
         flat = pad.reshape(pad.size(0), -1)  # (B, head_keys): the same for every head
-        return self._window(flat, self.start + lo * self.q_block, hi - lo, self.keys).unsqueeze(2)
+        return self._window(flat, self.start + lo * self.step, hi - lo, self.keys, self.step).unsqueeze(2)
 
     def add_key_grads_(self, grad: Tensor, g: Tensor, lo: int, hi: int) -> None:
-        # the windows' keys in runs of q_block: run j0 of every row lands on distinct keys (rows step q_block keys),
-        # so each run is one strided view of the gradient, added without an index
         bsz, _, b, head_dim = grad.shape
         flat = grad.view(bsz, -1, head_dim)
-        for j0 in range(0, self.keys, self.q_block):
-            j1 = min(self.keys, j0 + self.q_block)
-            self._window(flat, self._first(lo) + j0, hi - lo, j1 - j0).add_(g[:, :, j0:j1])
+        if self.step == 0:  # one window for every item
+            flat[:, self._first(lo) : self._first(lo) + self.keys] += g.sum(1)
+            return
+        # the windows' keys in runs of step: run j0 of every item lands on distinct keys (items step that many),
+        # so each run is one strided view of the gradient, added without an index
+        for j0 in range(0, self.keys, self.step):
+            j1 = min(self.keys, j0 + self.step)
+            self._window(flat, self._first(lo) + j0, hi - lo, j1 - j0, self.step).add_(g[:, :, j0:j1])
 
 
 #: rows may be computed as :class:`_Band`\ s (strided windows, nothing gathered) where that is cheaper
@@ -205,6 +228,17 @@ _WIDTH_MULTIPLE = 16
 #: every head): otherwise a ragged band breaks into one call per row
 _BAND_CALL_COST = 4.0
 _MIN_BAND_ROWS = 2
+#: the CPU flash kernel's time per computed entry of a problem of ``q`` queries is about ``1 + _ITEM_OVERHEAD / q``
+#: (fixed work per problem: 20, 15.5 and 11 ns per entry for 32, 64 and 128 queries over 128-384 keys, one thread,
+#: Intel Xeon), so a band may merge consecutive rows into items of up to :data:`_MAX_ITEM_QUERIES` queries: more
+#: keys per item (the window grows by a query block per merged row) at a lower cost per entry
+_ITEM_OVERHEAD = 48.0
+_MAX_ITEM_QUERIES = 256
+
+
+def _entry_cost(queries: int) -> float:
+    """Relative time per computed entry of a fused problem of ``queries`` queries (see :data:`_ITEM_OVERHEAD`)."""
+    return 1.0 + _ITEM_OVERHEAD / queries
 
 
 def _candidates(values: Tensor, limit: int) -> Tensor:
@@ -215,6 +249,11 @@ def _candidates(values: Tensor, limit: int) -> Tensor:
         return torch.unique(ordered)
     ranks = torch.linspace(0, ordered.numel() - 1, limit, device=values.device).round().long()
     return torch.unique(ordered[ranks])
+
+
+def _run_count(x: Tensor) -> Tensor:
+    """Runs of True along the last dimension of ``x`` (bool)."""
+    return (x & ~F.pad(x[..., :-1], (1, 0), value=False)).sum(-1)
 
 
 def _runs(rows: List[int]) -> List[List[int]]:
@@ -274,13 +313,15 @@ class BlockLayout:
         return buckets
 
     def _make_bands(self, starts: Tensor, caps: Tensor) -> List["_Band"]:
-        """Per head, the window (keys ``q_block * r + a .. q_block * r + a + width - 1`` for query block ``r``) that
-        is cheapest to compute instead of its rows' buckets, and the runs of consecutive rows whose kept keys all lie
-        in it (and whose window lies inside the keys): :class:`_Band`\ s. Cost, in key blocks: a band row computes
-        ``width / k_block``, a bucket row its cap times :data:`_GATHER_COST`, and each run of band rows adds
-        :data:`_BAND_CALL_COST`; ``a`` and the window's end are tried among the rows' own first and last kept keys
-        relative to their first query (:func:`_candidates`), widths rounded up to :data:`_WIDTH_MULTIPLE` keys (or the
-        key block)."""
+        """Per head, the cheapest way to compute its rows as :class:`_Band`\ s instead of buckets: items of ``m``
+        consecutive rows (``m`` = 1, 2, 4, ... up to :data:`_MAX_ITEM_QUERIES` queries, aligned at multiples of
+        ``m``), each over the window of keys ``m q_block i + a .. m q_block i + a + width - 1``, for the runs of
+        consecutive items whose rows' kept keys all lie in their window (and whose window lies inside the keys).
+        Cost, in entries weighted by :func:`_entry_cost`: an item computes its queries times ``width``, a bucket row
+        its queries times its cap's keys times :data:`_GATHER_COST`, and each run of items adds
+        :data:`_BAND_CALL_COST` blocks; ``a`` and the window's end are tried among the items' own first and last
+        kept keys relative to their first query (:func:`_candidates`), widths rounded up to
+        :data:`_WIDTH_MULTIPLE` keys (or the key block)."""
         bq, bk, nq, nk = self.q_block, self.k_block, self.q_blocks, self.k_blocks
         if not self.triples:
             return []
@@ -293,47 +334,72 @@ class BlockLayout:
         last_col = bk - 1 - columns.flip(-1).to(torch.uint8).argmax(-1)
         t_first = starts.clamp_max(self.triples - 1)
         t_last = (starts + counts.flatten() - 1).clamp_min(0)
-        origin = bq * torch.arange(nq, device=counts.device)  # each row's first query
-        rel_lo = (self.key_block[t_first] * bk + first_col[t_first]).view(self.heads, nq) - origin
-        rel_hi = (self.key_block[t_last] * bk + last_col[t_last]).view(self.heads, nq) - origin
-        bucket_cost = caps.view(self.heads, nq).to(torch.float64) * _GATHER_COST
+        first_key = (self.key_block[t_first] * bk + first_col[t_first]).view(self.heads, nq)
+        last_key = (self.key_block[t_last] * bk + last_col[t_last]).view(self.heads, nq)
+        row_cost = caps.view(self.heads, nq).to(torch.float64) * (bk * bq * _entry_cost(bq) * _GATHER_COST)
+        call_cost = _BAND_CALL_COST * bk * bq * _entry_cost(bq)
+        merges = [m for m in (1, 2, 4, 8, 16) if m == 1 or (m * bq <= _MAX_ITEM_QUERIES and m <= nq)]
         bands = []
         for h in range(self.heads):
             if not bool(has[h].any()):
                 continue
-            lo_c = _candidates(rel_lo[h][has[h]], _BAND_CANDIDATES)
-            hi_c = _candidates(rel_hi[h][has[h]], _BAND_CANDIDATES)
-            a = lo_c.view(-1, 1, 1)
-            span = hi_c.view(1, -1, 1) - a + 1  # (a candidates, end candidates, 1)
-            width = (span.clamp_min(1) + multiple - 1) // multiple * multiple
-            fits = (has[h] & (rel_lo[h] >= a) & (rel_hi[h] < a + width) & (origin + a >= 0)
-                    & (origin + a + width <= head_keys))
-            band_cost = (width / bk).to(torch.float64)
-            cost = torch.where(fits, band_cost, bucket_cost[h]).sum(-1)
-            runs = (fits & ~F.pad(fits[..., :-1], (1, 0), value=False)).sum(-1)  # a fused call per run
-            cost = (cost + _BAND_CALL_COST * runs).masked_fill(span.squeeze(-1) <= 0, float("inf"))
-            best = int(cost.argmin())
-            if not float(cost.flatten()[best]) < float(bucket_cost[h].sum()):
+            best = (float(row_cost[h].sum()), None)  # every row in buckets
+            for m in merges:
+                items = nq // m
+                # an item's rows (its first m * items rows of the head; the rest stay in buckets)
+                item_has = has[h, : items * m].view(items, m)
+                lo = torch.where(item_has, first_key[h, : items * m].view(items, m), head_keys).amin(-1)
+                hi = torch.where(item_has, last_key[h, : items * m].view(items, m), -1).amax(-1)
+                real = item_has.any(-1)
+                start = m * bq * torch.arange(items, device=counts.device)  # each item's first query
+                rel_lo, rel_hi = lo - start, hi - start
+                lo_c = _candidates(rel_lo[real], _BAND_CANDIDATES)
+                hi_c = _candidates(rel_hi[real], _BAND_CANDIDATES)
+                a = lo_c.view(-1, 1, 1)
+                span = hi_c.view(1, -1, 1) - a + 1  # (a candidates, end candidates, 1)
+                width = (span.clamp_min(1) + multiple - 1) // multiple * multiple
+                # windows reaching before the head's first key (after its last) are moved inside: those items
+                # share one window (a band of their own); a row fits when its kept keys lie in its window
+                fits = real & (rel_lo >= a) & (rel_hi < a + width) & (width <= head_keys)
+                before, after = (start + a < 0).expand_as(fits), start + a + width > head_keys
+                item_cost = (width * (m * bq * _entry_cost(m * bq))).to(torch.float64)
+                in_buckets = row_cost[h, : items * m].view(items, m).sum(-1)
+                cost = torch.where(fits, item_cost, in_buckets).sum(-1) + float(row_cost[h, items * m :].sum())
+                calls = sum(_run_count(fits & part) for part in (before, after, ~before & ~after))  # one per run
+                cost = (cost + call_cost * calls).masked_fill(span.squeeze(-1) <= 0, float("inf"))
+                at = int(cost.argmin())
+                if float(cost.flatten()[at]) < best[0]:
+                    ia, ib = divmod(at, hi_c.numel())
+                    a_best, w_best = int(lo_c[ia]), int(width[ia, ib])
+                    best = (float(cost.flatten()[at]), (m, a_best, w_best, fits[ia, ib], before[ia, ib],
+                                                        after[ia, ib]))
+            if best[1] is None:
                 continue
-            ia, ib = divmod(best, hi_c.numel())
-            rows_fit = fits[ia, ib].nonzero().flatten().tolist()
-            for run in _runs(rows_fit):
-                if len(run) >= _MIN_BAND_ROWS:  # a lone row is a call of its own: it joins a bucket
-                    bands.append(self._band(h, run, int(lo_c[ia]), int(width[ia, ib]), starts))
+            m, a, width, fits, before, after = best[1]
+            for part, step in ((fits & before, 0), (fits & ~before & ~after, m * bq), (fits & after, 0)):
+                for run in _runs(part.nonzero().flatten().tolist()):
+                    if len(run) * m < _MIN_BAND_ROWS:  # a lone row is a call of its own: it joins a bucket
+                        continue
+                    first = m * bq * run[0] + a
+                    first = 0 if first < 0 else (head_keys - width if first + width > head_keys else first)
+                    bands.append(self._band(h, run, m, first, width, step, starts))
         return bands
 
-    def _band(self, head: int, run: List[int], a: int, width: int, starts: Tensor) -> "_Band":
-        """The :class:`_Band` of query blocks ``run`` (consecutive) of ``head`` over the window of ``width`` keys
-        starting ``a`` keys from each row's first query."""
+    def _band(self, head: int, items: List[int], merge: int, first: int, width: int, step: int,
+              starts: Tensor) -> "_Band":
+        """The :class:`_Band` of ``items`` (consecutive) of ``merge`` rows each of ``head``, over windows of
+        ``width`` keys, the first item's starting at key ``first`` of the head, each next one ``step`` keys on."""
         bq, bk, nq, nk = self.q_block, self.k_block, self.q_blocks, self.k_blocks
         device = self.counts.device
-        r = torch.tensor(run, dtype=torch.long, device=device)
-        rows, n = head * nq + r, len(run)
-        keys = (bq * r + a).unsqueeze(1) + torch.arange(width, device=device)  # (n, width), inside the head's keys
+        item = torch.tensor(items, dtype=torch.long, device=device)
+        r = (merge * item.unsqueeze(1) + torch.arange(merge, device=device)).flatten()  # the rows, in order
+        rows, n = head * nq + r, r.numel()
+        window = (first + step * (item - items[0])).repeat_interleave(merge)  # each row's item's first key
+        keys = window.unsqueeze(1) + torch.arange(width, device=device)  # (n, width), inside the head's keys
         # the triple of every (row, key block), -1 where the block is not kept
         table = torch.full((n, nk), -1, dtype=torch.long, device=device)
         c = self.counts[rows].unsqueeze(1)
-        slot = torch.arange(int(c.max()), device=device).unsqueeze(0)
+        slot = torch.arange(max(1, int(c.max())), device=device).unsqueeze(0)
         which, j = (slot < c).nonzero(as_tuple=True)
         tri = starts[rows][which] + j
         table[which, self.key_block[tri]] = tri
@@ -341,8 +407,8 @@ class BlockLayout:
         # mask[r, i, w] = the triple's mask at query i and the key's column: read from the flat triple masks
         flat = (tri.clamp_min(0) * (bq * bk) + keys % bk).unsqueeze(1) + bk * torch.arange(bq, device=device).view(
             1, bq, 1)
-        mask = self.mask.view(-1)[flat] & (tri >= 0).unsqueeze(1)  # (n, bq, width)
-        return _Band(rows, mask, head, int(bq * r[0]) + a, bq, nk * bk)
+        mask = self.mask.view(-1)[flat] & (tri >= 0).unsqueeze(1)  # (n, bq, width): rows of an item consecutive
+        return _Band(rows, mask.view(len(items), merge * bq, width), head, first, merge * bq, nk * bk, merge, step)
 
     @classmethod
     def build(cls, keep: Tensor, block: int, q_block: Optional[int] = None) -> "BlockLayout":
@@ -455,9 +521,10 @@ def _to_blocks(x: Tensor, n: int, b: int) -> Tensor:
 
 
 def _chunks(layout: BlockLayout, bsz: int, head_dim: int):
-    """(bucket, first row, end row) of every fused call, in the order of ``layout.bucket_rows``."""
+    """(bucket, first item, end item) of every fused call, in the order of ``layout.bucket_rows`` (a bucket's items
+    are its rows, a band's its items of merged rows)."""
     for bucket in layout.buckets:
-        n = bucket.rows.numel()
+        n = bucket.items
         step = max(1, _CHUNK_ELEMENTS * bucket.chunk_factor // (bsz * bucket.keys * head_dim))
         for lo in range(0, n, step):
             yield bucket, lo, min(n, lo + step)
@@ -576,12 +643,12 @@ def _sparse_path(q, k, v, layout: BlockLayout, key_padding_mask, dropout_p, lean
     qp, kp, vp = _to_blocks(q, nq, bq), _to_blocks(k, nk, bk), _to_blocks(v, nk, bk)
     out = _output(layout, q)
     for bucket, lo, hi in _chunks(layout, bsz, head_dim):
-        rows = bucket.rows[lo:hi]
+        rows = bucket.item_rows(lo, hi)
         kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype, gather=True)
-        o = F.scaled_dot_product_attention(qp.index_select(1, rows), kb, vb, attn_mask=bias,
-                                           dropout_p=dropout_p)
+        o = F.scaled_dot_product_attention(bucket.take(qp, lo, hi), kb, vb, attn_mask=bias, dropout_p=dropout_p)
         # queries with no kept key would average every masked key: 0 instead (and no gradient)
-        out = out.index_copy(1, rows, o if has_key is None else o.masked_fill(~has_key, 0.0))
+        o = o if has_key is None else o.masked_fill(~has_key, 0.0)
+        out = out.index_copy(1, rows, o.reshape(bsz, rows.numel(), bq, head_dim))
     return out.view(bsz, heads, nq * bq, head_dim)[:, :, :tgt_len]
 
 

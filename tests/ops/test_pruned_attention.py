@@ -367,12 +367,13 @@ def test_bucket_padding_slots_are_computed_and_masked(monkeypatch):
 
 
 def test_buckets_split_into_row_chunks(monkeypatch):
-    monkeypatch.setattr(pa, "_CHUNK_ELEMENTS", 1)  # one row per fused call
+    monkeypatch.setattr(pa, "_CHUNK_ELEMENTS", 1)  # one item (a bucket's row, a band's merged rows) per fused call
     rel = torch.arange(72).view(-1, 1) - torch.arange(72).view(1, -1)
     keep = torch.stack([rel.abs() <= 2, rel.abs() <= 30, (rel >= 0) & (rel < 12)])
     keep[1, 20:30] = False
     layout = BlockLayout.build(keep, 8)
-    assert len(list(pa._chunks(layout, 2, 8))) == len(layout.bucket_rows) > len(layout.buckets)
+    assert len(list(pa._chunks(layout, 2, 8))) == sum(b.items for b in layout.buckets) > len(layout.buckets)
+    assert sum(b.items * getattr(b, "merge", 1) for b in layout.buckets) == len(layout.bucket_rows)
     pad = torch.zeros(2, 72, dtype=torch.bool)
     pad[1, -9:] = True
     check_against_reference(keep, key_padding_mask=pad)
@@ -439,7 +440,8 @@ def test_banded_masks_take_bands_and_match_reference(causal, tgt_len, src_len):
             if heads_rows is not None:
                 h, r = divmod(int(band.rows[0]), layout.q_blocks)
                 want = heads_rows[h, r : r + band.rows.numel()].sum((1, 2))
-                assert torch.equal(band.mask.sum((1, 2)), want)
+                per_row = band.mask.reshape(band.rows.numel(), q_block, band.keys)  # items of merged rows
+                assert torch.equal(per_row.sum((1, 2)), want)
     assert banded
     pad = torch.zeros(2, src_len, dtype=torch.bool)
     pad[1, -13:] = True
