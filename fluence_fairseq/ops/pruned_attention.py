@@ -364,6 +364,9 @@ class BlockLayout:
                 before, after = (start + a < 0).expand_as(fits), start + a + width > head_keys
                 item_cost = (width * (m * bq * _entry_cost(m * bq))).to(torch.float64)
                 in_buckets = row_cost[h, : items * m].view(items, m).sum(-1)
+                # an edge item's moved window may hold far more keys than its rows keep (a causal head's first
+                # rows): it joins its band only where that is cheaper than buckets
+                fits &= ~((before | after) & (item_cost >= in_buckets))
                 cost = torch.where(fits, item_cost, in_buckets).sum(-1) + float(row_cost[h, items * m :].sum())
                 calls = sum(_run_count(fits & part) for part in (before, after, ~before & ~after))  # one per run
                 cost = (cost + call_cost * calls).masked_fill(span.squeeze(-1) <= 0, float("inf"))

@@ -435,6 +435,9 @@ def test_banded_masks_take_bands_and_match_reference(causal, tgt_len, src_len):
         for band in bands:
             assert torch.equal(band.rows, torch.arange(band.first, band.first + band.rows.numel()))
             assert band.rows.numel() >= pa._MIN_BAND_ROWS and band.keys % min(pa._WIDTH_MULTIPLE, 8) == 0
+            # every window inside the head's keys; a head's first (last) items share one window moved inside
+            assert band.step in (0, band.q_block) and band.q_block == band.merge * q_block
+            assert 0 <= band.start and band.start + band.step * (band.items - 1) + band.keys <= band.head_keys
             # every kept entry of its rows lies in its window: the window's mask holds all of them
             heads_rows = keep.view(3, -1, q_block, src_len) if tgt_len % q_block == 0 else None
             if heads_rows is not None:
@@ -447,6 +450,28 @@ def test_banded_masks_take_bands_and_match_reference(causal, tgt_len, src_len):
     pad[1, -13:] = True
     check_against_reference(keep)
     check_against_reference(keep, key_padding_mask=pad)
+
+
+def test_a_wide_band_merges_rows_and_its_edge_rows_share_a_window():
+    """A band 81 keys wide over query blocks of 8: items of several rows (fewer, larger problems), and the head's
+    first and last rows, whose windows would reach past the keys, in bands of one shared window (step 0) at the
+    keys' ends; the result is the reference's."""
+    rel = torch.arange(256).view(-1, 1) - torch.arange(256).view(1, -1)
+    keep = (rel.abs() <= 40).expand(2, 256, 256).contiguous()
+    layout = BlockLayout.build(keep, 8)
+    bands = [b for b in layout.buckets if isinstance(b, pa._Band)]
+    assert any(b.merge > 1 for b in bands)
+    edges = [b for b in bands if b.step == 0]
+    assert {b.start for b in edges} >= {0, 256 - edges[-1].keys}
+    for band in edges:
+        x = torch.randn(1, 2 * layout.k_blocks, 8, 4)
+        view = band.blocks(x, 0, band.items)
+        assert view.stride(1) == 0 and torch.equal(view, band.blocks(x, 0, band.items, gather=True))
+    assert sum(b.rows.numel() for b in bands) > 0.9 * 2 * layout.q_blocks
+    check_against_reference(keep, q_blocks=(1,))
+    pad = torch.zeros(2, 256, dtype=torch.bool)
+    pad[1, :7] = True  # padding inside the first rows' shared window
+    check_against_reference(keep, key_padding_mask=pad, q_blocks=(1,))
 
 
 def test_band_keys_are_views_and_its_rows_slices():
