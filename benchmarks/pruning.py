@@ -2,7 +2,7 @@
 ratios to dense softmax attention measured in the same run.
 
     python -m benchmarks.pruning [--length 1024] [--heads 4] [--head-dim 64] [--batch 2] [--threads 1]
-        [--repeats 3] [--block 32] [--json OUT] [--quick]
+        [--repeats 3] [--block 32] [--json OUT] [--quick] [--heads-layout bhld|lbhd]
     python -m benchmarks.pruning --against REV [--pairs 12] [--q-factors 1,2,4]   # paired A/B of the block-sparse path
     python -m benchmarks.pruning --per-head [--patterns noncausal]   # each head alone on every path
 
@@ -135,10 +135,26 @@ def _case(case: dict, job: dict, q, k, v, grad):
             return dict(kept_share=int(keep.sum()) / allowed, block_density=square.density, path=taken, why=why)
 
     def step():
-        q.grad = k.grad = v.grad = None
+        for x in leaves:
+            x.grad = None
         forward().backward(grad)
 
+    leaves = [x if x.is_leaf else x._base for x in (q, k, v)]
     return step, info
+
+
+def heads_inputs(batch: int, heads: int, length: int, head_dim: int, layout: str):
+    """q, k, v (requiring gradients) and an output gradient, (B, H, L, D): contiguous (``bhld``), or views of
+    (L, B, H, D) memory (``lbhd``: the heads an attention module makes from fairseq's (L, B, E) projections; q, k
+    and v are then views of leaf tensors)."""
+    if layout not in ("bhld", "lbhd"):
+        raise ValueError(f"heads layout must be bhld or lbhd, got {layout!r}")
+    if layout == "bhld":
+        shape = (batch, heads, length, head_dim)
+        return (*(torch.randn(shape, requires_grad=True) for _ in range(3)), torch.randn(shape))
+    shape = (length, batch, heads, head_dim)
+    leaves = [torch.randn(shape, requires_grad=True) for _ in range(3)]
+    return (*(x.permute(1, 2, 0, 3) for x in leaves), torch.randn(shape).permute(1, 2, 0, 3))
 
 
 def _worker(job: dict) -> dict:
@@ -147,9 +163,8 @@ def _worker(job: dict) -> dict:
     every case alike and the ratios stay fair."""
     torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
-    shape = (job["batch"], job["heads"], job["length"], job["head_dim"])
-    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
-    grad = torch.randn(shape)
+    q, k, v, grad = heads_inputs(job["batch"], job["heads"], job["length"], job["head_dim"],
+                                 job.get("heads_layout", "bhld"))
     if job.get("memory_only"):
         step, info = _case(job["case"], job, q, k, v, grad)
         step()  # warm-up: pages in library code, makes the plan's choice, fills the cached masks
@@ -173,7 +188,7 @@ def _worker(job: dict) -> dict:
 
 
 def run_benchmark(length=1024, heads=4, head_dim=64, batch=2, threads=1, repeats=3, block=32,
-                  patterns=("noncausal", "causal"), allocator="steady",
+                  patterns=("noncausal", "causal"), allocator="steady", heads_layout="bhld",
                   log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     from .attention import machine_info
 
@@ -181,7 +196,8 @@ def run_benchmark(length=1024, heads=4, head_dim=64, batch=2, threads=1, repeats
     rows, allocator_used = [], None
     for pattern in patterns:
         job = {"causal": pattern == "causal", "length": length, "heads": heads, "head_dim": head_dim,
-               "batch": batch, "threads": threads, "repeats": repeats, "block": block, "allocator": allocator}
+               "batch": batch, "threads": threads, "repeats": repeats, "block": block, "allocator": allocator,
+               "heads_layout": heads_layout}
         cases = [{"kind": kind, "tau": tau, "force": force} for _, kind, tau, force in CASES]
         timed = run_in_fresh_process("benchmarks.pruning", {**job, "cases": cases}, f"{pattern} timing")
         allocator_used = timed["allocator"]
@@ -199,7 +215,7 @@ def run_benchmark(length=1024, heads=4, head_dim=64, batch=2, threads=1, repeats
     machine = machine_info()
     machine.update(threads=threads, threads_from="--threads", allocator=allocator_used)
     config = dict(length=length, heads=heads, head_dim=head_dim, batch=batch, threads=threads, repeats=repeats,
-                  block=block)
+                  block=block, heads_layout=heads_layout)
     targets = []
     for row in rows:
         if not row["case"].startswith("data-informed"):
@@ -327,8 +343,10 @@ def markdown(report: dict) -> str:
     c, m = report["config"], report["machine"]
     lines = [f"Pruned attention, forward+backward, B={c['batch']}, H={c['heads']}, L={c['length']}, D={c['head_dim']}, "
              f"block {c['block']}, on {m['cpu']}, {c['threads']} thread(s), torch {m['torch']}; 1-min load "
-             f"{m['load_avg_1min']:.2f} at the end; allocator {allocator_of(m)}. "
-             "Ratios are to dense SDPA of the same pattern in the same run.", ""]
+             f"{m['load_avg_1min']:.2f} at the end; allocator {allocator_of(m)}; heads "
+             + ("(B, H, L, D) views of (L, B, H, D) memory" if c.get("heads_layout") == "lbhd"
+                else "contiguous (B, H, L, D)")
+             + ". Ratios are to dense SDPA of the same pattern in the same run.", ""]
     lines += ["| pattern | case | kept share | block density | path | fwd+bwd ms | vs dense | peak MiB | vs dense |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
@@ -356,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--block", type=int, default=32)
     parser.add_argument("--patterns", default="noncausal,causal", help="comma-separated: noncausal, causal")
     parser.add_argument("--json", metavar="OUT", help="write the report as JSON")
+    parser.add_argument("--heads-layout", choices=("bhld", "lbhd"), default="bhld",
+                        help="q, k, v contiguous (B, H, L, D) tensors, or (B, H, L, D) views of (L, B, H, D) memory as "
+                        "an attention module's heads are (every case alike, dense SDPA included)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test): L=64, H=2, D=8, B=1, block 8")
     parser.add_argument("--against", metavar="REV", help="instead: paired A/B of the block-sparse path against the "
                         "ops module at git revision REV (70%% and 90%%, query blocks of --q-factors key blocks)")
@@ -397,7 +418,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(line, flush=True)
         return
     report = run_benchmark(threads=args.threads, repeats=1 if args.quick else args.repeats, patterns=patterns,
-                           allocator=args.allocator, **sizes)
+                           allocator=args.allocator, heads_layout=args.heads_layout, **sizes)
     print(markdown(report))
     if args.json:
         with open(args.json, "w") as out:

@@ -57,6 +57,33 @@ def test_report_with_in_process_workers(monkeypatch):
     assert "| causal | data-informed 90% |" in text and "target <= 0.4" in text and "Why each path" in text
 
 
+def test_heads_layouts():
+    """``lbhd``: (B, H, L, D) views of (L, B, H, D) memory whose gradients reach the leaves they view; the report
+    says which layout it ran."""
+    q, k, v, grad = bp.heads_inputs(2, 3, 5, 4, "lbhd")
+    assert q.shape == grad.shape == (2, 3, 5, 4) and not q.is_contiguous() and q._base.shape == (5, 2, 3, 4)
+    torch.nn.functional.scaled_dot_product_attention(q, k, v).backward(grad)
+    assert all(x._base.grad is not None for x in (q, k, v))
+    assert all(x.is_contiguous() and x.is_leaf for x in bp.heads_inputs(2, 3, 5, 4, "bhld")[:3])
+    with pytest.raises(ValueError, match="bhld or lbhd"):
+        bp.heads_inputs(2, 3, 5, 4, "blhd")
+    report = {"config": dict(batch=1, heads=2, length=8, head_dim=4, block=4, threads=1, heads_layout="lbhd"),
+              "machine": dict(cpu="x", torch="t", load_avg_1min=0.0), "rows": [], "targets": []}
+    assert "views of (L, B, H, D) memory" in bp.markdown(report)
+
+
+def test_report_on_module_layout_heads(monkeypatch):
+    monkeypatch.setattr(bp, "run_in_fresh_process", lambda module, job, what, env=None: bp._worker(job))
+    threads = torch.get_num_threads()
+    try:
+        report = bp.run_benchmark(length=64, heads=2, head_dim=8, batch=2, threads=1, repeats=1, block=8,
+                                  patterns=("causal",), heads_layout="lbhd", log=lambda msg: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert report["config"]["heads_layout"] == "lbhd"
+    assert len(report["rows"]) == len(bp.CASES) and all(r["time_ms_median"] > 0 for r in report["rows"])
+
+
 def test_worker_subprocess_memory():
     job = {"case": {"kind": "informed", "tau": 90.0, "force": None}, "causal": True, "length": 32, "heads": 2,
            "head_dim": 8, "batch": 1, "threads": 1, "repeats": 1, "block": 8, "memory_only": True}
