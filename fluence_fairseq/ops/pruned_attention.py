@@ -585,19 +585,19 @@ class _BucketsFlashCPU(torch.autograd.Function):
             lses.append(lse)
             bucket.put_(out, lo, hi, o if has_key is None else o.masked_fill(~has_key, 0.0))
         # backward reads the outputs back from ``out`` (the returned tensor's storage: no copy is kept); rows with
-        # no key are 0 there, which is harmless as their incoming gradient is zeroed
-        ctx.save_for_backward(q, k, v, pad, out, *lses)
-        ctx.layout = layout
+        # no key are 0 there, which is harmless as their incoming gradient is zeroed. The blocks of q, k and v are
+        # kept rather than the inputs: views of them for contiguous heads, and for strided heads (an attention
+        # module's views of (L, B, H, D) memory) the copies forward made, which backward would make again
+        ctx.save_for_backward(qp, kp, vp, pad, out, *lses)
+        ctx.layout, ctx.shapes = layout, (tuple(q.shape), k.size(2))
         return out.view(q.size(0), q.size(1), nq * bq, q.size(3))[:, :, : q.size(2)]
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, pad, out, *lses = ctx.saved_tensors
+        qp, kp, vp, pad, out, *lses = ctx.saved_tensors
         layout = ctx.layout
-        bsz, heads, tgt_len, head_dim = q.shape
-        src_len = k.size(2)
+        (bsz, heads, tgt_len, head_dim), src_len = ctx.shapes
         bq, bk, nq, nk = layout.q_block, layout.k_block, layout.q_blocks, layout.k_blocks
-        qp, kp, vp = _to_blocks(q, nq, bq), _to_blocks(k, nk, bk), _to_blocks(v, nk, bk)
         # contiguous once: every bucket gathers rows of it, and index_select copies a strided input whole at each
         # call (an expanded gradient, from a sum straight over the output, stays a strided view through the
         # reshape: 0.47x -> 0.44x dense at 90% noncausal in that case; a permuted one is copied by the reshape)
@@ -606,7 +606,7 @@ class _BucketsFlashCPU(torch.autograd.Function):
         grad_q = _output(layout, qp)
         grad_k, grad_v = torch.zeros_like(kp), torch.zeros_like(vp)
         for (bucket, lo, hi), lse in zip(_chunks(layout, bsz, head_dim), lses):
-            kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, q.dtype)
+            kb, vb, bias, has_key = _bucket_problem(bucket, lo, hi, kp, vp, pad, qp.dtype)
             o = bucket.take(out, lo, hi)
             gob = bucket.take(go, lo, hi)
             if has_key is not None:
