@@ -99,9 +99,11 @@ CASES += [(f"data-informed {tau}%", "informed", float(tau), None) for tau in (10
 CASES += [("random 90%", "random", 90.0, None)]
 
 
-def _case(case: dict, job: dict, q, k, v, grad):
-    """(step, info) of one case: ``step()`` runs one forward+backward; ``info()`` (after the first step, which
-    makes the plan's measured choice) describes it."""
+def _case(case: dict, job: dict, make_heads, grad):
+    """(step, info) of one case: ``step()`` runs one forward+backward of the heads ``make_heads()`` gives (see
+    :func:`heads_inputs`); ``info()`` (after the first step, which makes the plan's measured choice) describes
+    it."""
+    q = k = v = None  # the step's heads
     heads, length, causal = job["heads"], job["length"], job["causal"]
     if case["kind"] == "sdpa":
         def forward():
@@ -135,26 +137,41 @@ def _case(case: dict, job: dict, q, k, v, grad):
             return dict(kept_share=int(keep.sum()) / allowed, block_density=square.density, path=taken, why=why)
 
     def step():
-        for x in leaves:
-            x.grad = None
+        nonlocal q, k, v
+        q, k, v = make_heads()
         forward().backward(grad)
+        q = k = v = None
 
-    leaves = [x if x.is_leaf else x._base for x in (q, k, v)]
     return step, info
 
 
 def heads_inputs(batch: int, heads: int, length: int, head_dim: int, layout: str):
-    """q, k, v (requiring gradients) and an output gradient, (B, H, L, D): contiguous (``bhld``), or views of
-    (L, B, H, D) memory (``lbhd``: the heads an attention module makes from fairseq's (L, B, E) projections; q, k
-    and v are then views of leaf tensors)."""
+    """``(heads, grad)``: ``heads()`` gives q, k, v (B, H, L, D) for one step, and ``grad`` the output's gradient.
+    ``bhld``: the same contiguous leaf tensors every step (their gradients reset). ``lbhd``: as an attention
+    module makes its heads, views of (L, B, H, D) memory computed afresh at each step from leaf tensors (a product
+    by 1, standing in for the projections), so that nothing outside the attention keeps them between its forward
+    and backward."""
     if layout not in ("bhld", "lbhd"):
         raise ValueError(f"heads layout must be bhld or lbhd, got {layout!r}")
     if layout == "bhld":
         shape = (batch, heads, length, head_dim)
-        return (*(torch.randn(shape, requires_grad=True) for _ in range(3)), torch.randn(shape))
+        leaves = [torch.randn(shape, requires_grad=True) for _ in range(3)]
+
+        def same():
+            for x in leaves:
+                x.grad = None
+            return leaves
+
+        return same, torch.randn(shape)
     shape = (length, batch, heads, head_dim)
     leaves = [torch.randn(shape, requires_grad=True) for _ in range(3)]
-    return (*(x.permute(1, 2, 0, 3) for x in leaves), torch.randn(shape).permute(1, 2, 0, 3))
+
+    def fresh():
+        for x in leaves:
+            x.grad = None
+        return [(x * 1.0).permute(1, 2, 0, 3) for x in leaves]
+
+    return fresh, torch.randn(shape).permute(1, 2, 0, 3)
 
 
 def _worker(job: dict) -> dict:
@@ -163,14 +180,14 @@ def _worker(job: dict) -> dict:
     every case alike and the ratios stay fair."""
     torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
-    q, k, v, grad = heads_inputs(job["batch"], job["heads"], job["length"], job["head_dim"],
-                                 job.get("heads_layout", "bhld"))
+    make_heads, grad = heads_inputs(job["batch"], job["heads"], job["length"], job["head_dim"],
+                                    job.get("heads_layout", "bhld"))
     if job.get("memory_only"):
-        step, info = _case(job["case"], job, q, k, v, grad)
+        step, info = _case(job["case"], job, make_heads, grad)
         step()  # warm-up: pages in library code, makes the plan's choice, fills the cached masks
         return {"peak_mem_mb": peak_rss_increase_mb(step), **info()}
     allocator = use_allocator(job.get("allocator", "steady"))
-    cases = [_case(case, job, q, k, v, grad) for case in job["cases"]]
+    cases = [_case(case, job, make_heads, grad) for case in job["cases"]]
 
     def one_round():  # warm-up (and the plan's measured choice)
         for step, _ in cases:

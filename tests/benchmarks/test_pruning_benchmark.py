@@ -60,11 +60,17 @@ def test_report_with_in_process_workers(monkeypatch):
 def test_heads_layouts():
     """``lbhd``: (B, H, L, D) views of (L, B, H, D) memory whose gradients reach the leaves they view; the report
     says which layout it ran."""
-    q, k, v, grad = bp.heads_inputs(2, 3, 5, 4, "lbhd")
+    make, grad = bp.heads_inputs(2, 3, 5, 4, "lbhd")
+    q, k, v = make()
     assert q.shape == grad.shape == (2, 3, 5, 4) and not q.is_contiguous() and q._base.shape == (5, 2, 3, 4)
+    assert not q._base.is_leaf and make()[0] is not q  # fresh heads at every step, as a module's projections make
     torch.nn.functional.scaled_dot_product_attention(q, k, v).backward(grad)
-    assert all(x._base.grad is not None for x in (q, k, v))
-    assert all(x.is_contiguous() and x.is_leaf for x in bp.heads_inputs(2, 3, 5, 4, "bhld")[:3])
+    leaves = [x._base.grad_fn.next_functions[0][0].variable for x in (q, k, v)]
+    assert all(leaf.is_leaf and leaf.grad is not None for leaf in leaves)
+    make()
+    assert all(leaf.grad is None for leaf in leaves)  # reset at each step
+    same = bp.heads_inputs(2, 3, 5, 4, "bhld")[0]
+    assert all(x.is_contiguous() and x.is_leaf for x in same()) and same()[0] is same()[0]
     with pytest.raises(ValueError, match="bhld or lbhd"):
         bp.heads_inputs(2, 3, 5, 4, "blhd")
     report = {"config": dict(batch=1, heads=2, length=8, head_dim=4, block=4, threads=1, heads_layout="lbhd"),
