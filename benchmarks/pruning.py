@@ -103,10 +103,9 @@ def _case(case: dict, job: dict, make_heads, grad):
     """(step, info) of one case: ``step()`` runs one forward+backward of the heads ``make_heads()`` gives (see
     :func:`heads_inputs`); ``info()`` (after the first step, which makes the plan's measured choice) describes
     it."""
-    q = k = v = None  # the step's heads
     heads, length, causal = job["heads"], job["length"], job["causal"]
     if case["kind"] == "sdpa":
-        def forward():
+        def forward(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         def info():
@@ -122,7 +121,7 @@ def _case(case: dict, job: dict, make_heads, grad):
         path = "dense" if chosen == "dense" else ("block-sparse" if chosen else path)
         allowed = (heads * length * (length + 1) // 2) if causal else keep.numel()
 
-        def forward():
+        def forward(q, k, v):
             return pruned_attention(q, k, v, keep, plan=plan, path=path)[0]
 
         def info():
@@ -137,10 +136,8 @@ def _case(case: dict, job: dict, make_heads, grad):
             return dict(kept_share=int(keep.sum()) / allowed, block_density=square.density, path=taken, why=why)
 
     def step():
-        nonlocal q, k, v
-        q, k, v = make_heads()
-        forward().backward(grad)
-        q = k = v = None
+        # no reference to the heads outside the attention (a module's are dropped once its forward returns)
+        forward(*make_heads()).backward(grad)
 
     return step, info
 
