@@ -316,8 +316,10 @@ class BlockLayout:
         """Per head, the cheapest way to compute its rows as :class:`_Band`\ s instead of buckets: items of ``m``
         consecutive rows (``m`` = 1, 2, 4, ... up to :data:`_MAX_ITEM_QUERIES` queries, aligned at multiples of
         ``m``), each over the window of keys ``m q_block i + a .. m q_block i + a + width - 1``, for the runs of
-        consecutive items whose rows' kept keys all lie in their window (and whose window lies inside the keys).
-        Cost, in entries weighted by :func:`_entry_cost`: an item computes its queries times ``width``, a bucket row
+        consecutive items whose rows' kept keys all lie in their window; windows that would reach before the
+        head's first key (after its last) are moved inside, and those items share one window (a band of step 0)
+        where that costs less than their buckets. Cost, in entries weighted by :func:`_entry_cost`: an item
+        computes its queries times ``width``, a bucket row
         its queries times its cap's keys times :data:`_GATHER_COST`, and each run of items adds
         :data:`_BAND_CALL_COST` blocks; ``a`` and the window's end are tried among the items' own first and last
         kept keys relative to their first query (:func:`_candidates`), widths rounded up to
