@@ -23,13 +23,16 @@ Two paths give the same numbers:
   a window that moves with the diagonal (the bands data-informed masks are mostly made of) are taken out of the
   buckets where that is cheaper: a *band* of consecutive query blocks of one head reads its keys and values as
   overlapping strided views of the keys and its queries as a slice, so nothing is gathered (:class:`_Band`;
-  on an Intel Xeon the 90% masks' block-sparse step took 0.83-0.87x the time of buckets alone, paired); its
-  window is a number of keys, not of key blocks (a band a few tokens wide computes a little more than a query
-  block's keys, not three key blocks: 0.87-0.89x noncausal, 0.90-0.94x causal, paired). Each
+  on an Intel Xeon the 90% masks' block-sparse step took 0.83-0.87x the time of buckets alone, paired with the
+  old side always first, which alone read 0.92-0.94x); its window is a number of keys, not of key blocks (a band
+  a few tokens wide computes a little more than a query block's keys, not three key blocks), wide bands merge
+  consecutive rows into larger problems and a head's first and last rows share one window moved inside the keys
+  (together 0.91-0.93x noncausal, 1.0x causal, paired in alternating order). Each
   bucket's output is written into its rows of one output buffer; queries with no kept key (and rows with no kept
   block) give 0. On CPU
   without dropout, :class:`_BucketsFlashCPU` calls the kernel's forward and backward directly and gathers the
-  key/value blocks again in backward, so only the log-sum-exps are kept beyond the output itself; otherwise
+  key/value blocks again in backward (a band's are views), so only the blocks of q, k and v (views of contiguous
+  heads, forward's copies of strided ones) and the log-sum-exps are kept beyond the output itself; otherwise
   (dropout, other devices) autograd runs around ``F.scaled_dot_product_attention``.
 
 Which path, and which query block, is a matter of cost (:class:`PrunedPlan`): the CPU flash kernel runs 32-query
