@@ -575,7 +575,8 @@ class _BucketsFlashCPU(torch.autograd.Function):
     """The buckets through the CPU flash kernel with a backward that gathers the key/value blocks again: autograd
     around ``F.scaled_dot_product_attention`` would keep every bucket's gathered keys, values and mask alive
     until backward (each kept key block once per row that keeps it: 8x the memory of dense SDPA at L=1024, 90%
-    pruning); here only the bucket outputs and log-sum-exps are kept (one query tensor)."""
+    pruning); here only the blocks of q, k and v (views of contiguous heads, forward's one copy of strided ones),
+    the bucket outputs and the log-sum-exps are kept."""
 
     @staticmethod
     def forward(ctx, q, k, v, layout, pad):
