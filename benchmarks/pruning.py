@@ -143,7 +143,8 @@ def _case(case: dict, job: dict, make_heads, grad):
 
 
 def heads_inputs(batch: int, heads: int, length: int, head_dim: int, layout: str):
-    """``(heads, grad)``: ``heads()`` gives q, k, v (B, H, L, D) for one step, and ``grad`` the output's gradient.
+    """``(make_heads, grad)``: ``make_heads()`` gives q, k, v (B, H, L, D) for one step, ``grad`` is the output's
+    gradient.
     ``bhld``: the same contiguous leaf tensors every step (their gradients reset). ``lbhd``: as an attention
     module makes its heads, views of (L, B, H, D) memory computed afresh at each step from leaf tensors (a product
     by 1, standing in for the projections), so that nothing outside the attention keeps them between its forward
@@ -249,8 +250,9 @@ def paired(against: str, *, length=1024, heads=4, head_dim=64, batch=2, threads=
     """Paired A/B of the block-sparse path: the working tree's :mod:`~fluence_fairseq.ops.pruned_attention`
     against its copy at git revision ``against``, on the same layouts (``q_factors`` x ``block`` query blocks) of
     the data-informed masks, forward+backward alternating old and new (and dense SDPA) in one process, so that
-    both sides of every pair see the same machine state (which side runs first alternates). Lines of: the median of the per-pair ratios new / old
-    with their range, each side's median ms, new / SDPA, and the largest difference of their gradients."""
+    both sides of every pair see the same machine state (which side runs first alternates). Lines of: the median
+    of the per-pair ratios new / old with their range, each side's median ms, new / SDPA, and the largest
+    difference of their gradients."""
     from .ab import load_revision
     import fluence_fairseq.ops.pruned_attention as new
 
