@@ -130,6 +130,32 @@ def test_paired_against_a_revision_reports_every_layout(capsys):
     assert [line.split(":")[0] for line in lines] == [f"noncausal data-informed {tau}% 16x8" for tau in (70, 90)]
 
 
+def test_paired_alternates_which_side_runs_first(monkeypatch):
+    """A step right after dense SDPA ran 5-8% slower than the next one, so the old side always first read the same
+    code at 0.92-0.94x against itself: the pairs alternate (old, new), (new, old), ..."""
+    import types
+
+    import fluence_fairseq.ops.pruned_attention as new_ops
+    order = []
+    real = new_ops._sparse_path
+
+    def spy(name):
+        return lambda *a, **kw: order.append(name) or real(*a, **kw)
+
+    old_ops = types.ModuleType("old_pruned_attention")
+    old_ops.BlockLayout, old_ops._sparse_path = new_ops.BlockLayout, spy("old")
+    monkeypatch.setattr(ab, "load_revision", lambda module, rev: old_ops)
+    monkeypatch.setattr(new_ops, "_sparse_path", spy("new"))
+    threads = torch.get_num_threads()
+    try:
+        lines = bp.paired("HEAD", length=64, heads=2, head_dim=8, batch=1, block=8, pairs=4, taus=(90.0,),
+                          q_factors=(1,), patterns=("causal",))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(lines) == 1
+    assert order[2:] == ["old", "new", "new", "old", "old", "new", "new", "old"]  # after the gradient check's two
+
+
 @pytest.mark.parametrize("factors", ["0", "two", ""])
 def test_paired_refuses_bad_query_block_factors(factors):
     with pytest.raises(SystemExit, match="--q-factors must be"):
