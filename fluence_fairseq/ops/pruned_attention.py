@@ -178,13 +178,13 @@ class _Band(_Bucket):
         x[:, self.first + lo * self.merge : self.first + hi * self.merge] = value.reshape(
             x.size(0), (hi - lo) * self.merge, x.size(2), x.size(-1))
 
-    def _window(self, x: Tensor, first: int, items: int, keys: int, step: int) -> Tensor:
+    def _window(self, x: Tensor, first: int, items: int, keys: int) -> Tensor:
         """``items`` windows of ``keys`` positions of ``x`` (B, positions, ...), the first starting at position
-        ``first`` and each ``step`` positions after the one before: (B, items, keys, ...), one strided view
-        (windows overlap where ``keys`` > ``step``)."""
+        ``first`` and each the band's ``step`` positions after the one before: (B, items, keys, ...), one strided
+        view (windows overlap where ``keys`` > ``step``)."""
         stride = x.stride()
         return x.as_strided((x.size(0), items, keys) + tuple(x.shape[2:]),
-                            (stride[0], step * stride[1]) + tuple(stride[1:]),
+                            (stride[0], self.step * stride[1]) + tuple(stride[1:]),
                             x.storage_offset() + first * stride[1])
 
     def _first(self, lo: int) -> int:
@@ -196,11 +196,11 @@ class _Band(_Bucket):
         if gather or x.stride(1) != b * x.stride(2):  # asked to, or keys not evenly spaced (never from _to_blocks)
             keys = x.reshape(bsz, -1, head_dim).index_select(1, self.cols[lo * self.keys : hi * self.keys])
             return keys.view(bsz, hi - lo, self.keys, head_dim)
-        return self._window(x.view(bsz, -1, head_dim), self._first(lo), hi - lo, self.keys, self.step)
+        return self._window(x.view(bsz, -1, head_dim), self._first(lo), hi - lo, self.keys)
 
     def key_padding(self, pad: Tensor, lo: int, hi: int) -> Tensor:
         flat = pad.reshape(pad.size(0), -1)  # (B, head_keys): the same for every head
-        return self._window(flat, self.start + lo * self.step, hi - lo, self.keys, self.step).unsqueeze(2)
+        return self._window(flat, self.start + lo * self.step, hi - lo, self.keys).unsqueeze(2)
 
     def add_key_grads_(self, grad: Tensor, g: Tensor, lo: int, hi: int) -> None:
         bsz, _, b, head_dim = grad.shape
@@ -212,7 +212,7 @@ class _Band(_Bucket):
         # so each run is one strided view of the gradient, added without an index
         for j0 in range(0, self.keys, self.step):
             j1 = min(self.keys, j0 + self.step)
-            self._window(flat, self._first(lo) + j0, hi - lo, j1 - j0, self.step).add_(g[:, :, j0:j1])
+            self._window(flat, self._first(lo) + j0, hi - lo, j1 - j0).add_(g[:, :, j0:j1])
 
 
 #: rows may be computed as :class:`_Band`\ s (strided windows, nothing gathered) where that is cheaper
