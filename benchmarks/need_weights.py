@@ -10,7 +10,9 @@ calls and fairseq MHA's are timed in turn (repeat r of every call, then r + 1), 
 MHA forms (L, L) matrices that stream through memory, and its step moved by half between runs minutes apart
 (1.60 s and 2.42 s on the AMD EPYC), so a ratio to an MHA timed once per run measured the machine. Reported:
 seconds and the ratios the issue sets bounds on, default / ``need_weights=False`` (at most 1.2) and default /
-fairseq MHA (at most 1). Memory is not measured here:
+fairseq MHA (at most 1), and each head's learned α where the attention has one: an α-entmax step's cost
+depends on it (heads near α = 1 keep most entries), and every module is built after ``torch.manual_seed(0)``, so
+both patterns draw the same α. Memory is not measured here:
 ``tests/modules/test_weights.py`` checks that the default allocates exactly what ``need_weights=False`` does. A
 plain ``need_weights=True`` returns weights only where they come with the math (softmax, the entmax family); the
 others return None and run their ``need_weights=False`` computation (see ``weights_by_default``), so their
@@ -36,6 +38,17 @@ def _step(module, x, weights_in_loss, **kwargs):
         loss = loss + weights.sum()
     loss.backward()
     return time.perf_counter() - start
+
+
+def _alphas(module) -> str:
+    """The learned α of every head (what an α-entmax step's cost depends on), or "-" for a module without (a
+    fixed α is a number, not a tensor of heads)."""
+    alpha = getattr(module, "alpha", None)
+    with torch.no_grad():
+        values = alpha() if callable(alpha) else None
+    if not torch.is_tensor(values):
+        return "-"
+    return " ".join(f"{a:.2f}" for a in values.flatten().tolist())
 
 
 def _measure_interleaved(x, repeats, calls, allocator=""):
@@ -93,7 +106,7 @@ def main(argv=None) -> int:
           f"weights {'in the loss' if in_loss else 'returned, not used'}; allocator {allocator}; "
           "fairseq MHA with need_weights=True in the attention's pattern, timed in turn with it\n")
     print("| attention | pattern | weights=False s | default s | head weights s | MHA s | default / False "
-          "| default / MHA | default returns |\n|---|---|---|---|---|---|---|---|---|")
+          "| default / MHA | default returns | α per head |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, spec in sorted(ATTENTIONS.items()):
         if args.only and name not in args.only:
             continue
@@ -102,6 +115,9 @@ def main(argv=None) -> int:
                     args.patterns == "causal" and not causal and (False, True) in spec.cls.supported_patterns):
                 continue  # by default the causal pattern where an attention has both
             extra = {"cosformer_max_len": L + 1} if name == "cosformer" else {}
+            # the same initial parameters in both patterns: a learned α drawn at random per head moves the step by
+            # half (α-entmax noncausal at L=4096: 3.26 s with one draw, 2.2 s with another; Intel Xeon)
+            torch.manual_seed(0)
             module = spec.build(D, H, causal=causal, **extra)
             calls = [(module, False, {"need_weights": False}), (module, in_loss, {}),
                      (mha, in_loss, mha_kwargs[causal])]
@@ -112,7 +128,7 @@ def main(argv=None) -> int:
             returned = module(x[:8], x[:8], x[:8])[1]
             print(f"| {name} | {'causal' if causal else 'noncausal'} self | {plain_s:.2f} | {default_s:.2f} | "
                   f"{head_s:.2f} | {mha_s:.2f} | {default_s / plain_s:.2f} | {default_s / mha_s:.2f} | "
-                  f"{'None' if returned is None else 'weights'} |", flush=True)
+                  f"{'None' if returned is None else 'weights'} | {_alphas(module)} |", flush=True)
     return 0
 
 

@@ -8,7 +8,7 @@ def _rows(capsys, *extra):
                               "--only", "softmax", "nystrom", "--allocator", "default", *extra]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| softmax")
              or line.startswith("| nystrom")]
-    return {tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|")[-2].strip() for line in lines}
+    return {tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|")[-3].strip() for line in lines}
 
 
 def test_causal_pattern_by_default_and_both_on_request(capsys):
@@ -67,3 +67,16 @@ def test_fairseq_mha_runs_in_the_attentions_pattern(monkeypatch, capsys):
     assert [mask is None for mask in masks] == [True] * 2 + [False] * 2 + [True] * 2
     future = masks[2].isinf()
     assert bool(future.triu(1)[future.new_ones(future.shape).triu(1)].all()) and not bool(future.tril().any())
+
+
+def test_learned_alpha_reported_and_drawn_alike_in_both_patterns(capsys):
+    """α-entmax's step depends on the α its heads drew: the report lists them, and both patterns draw the same."""
+    assert need_weights.main(["--length", "24", "--dim", "16", "--heads", "2", "--repeats", "1", "--only",
+                              "alpha_entmax", "entmax15", "--patterns", "both", "--allocator", "default"]) == 0
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[-2].strip()
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| alpha_entmax")
+            or line.startswith("| entmax15")}
+    causal, noncausal = rows[("alpha_entmax", "causal self")], rows[("alpha_entmax", "noncausal self")]
+    assert causal == noncausal and len(causal.split()) == 2
+    assert all(1.0 < float(a) <= 2.0 for a in causal.split())
+    assert rows[("entmax15", "causal self")] == rows[("entmax15", "noncausal self")] == "-"
