@@ -42,6 +42,7 @@ import time
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Newton steps are capped here; they stop as soon as no row moves by more than the dtype's resolution.
@@ -72,6 +73,15 @@ GROUP_START_FROM = 256
 #: benchmarks/results/entmax_search_groups_s20.md): sparsemax 36 / 26 / 27 ms,
 #: 1.5-entmax 42 / 30 / 35 ms, one α per head 123 / 116 / 123 ms
 START_GROUP = 32
+#: a chunk whose groups above the start are too many to search before its shift (:func:`_sparse_runs`) is judged
+#: again on groups of this many entries, the halves of the :data:`START_GROUP` ones, whose maxima come from the same
+#: pass (the coarse maxima are the larger of each pair): a support of a few dozen entries a row, scattered over
+#: half of its 32-entry groups, lies in a quarter of its 16-entry ones. The start stays the coarse maxima's (a
+#: search on twice the maxima costs more than it tightens). Need-weights benchmark scores, 1.5-entmax, two
+#: (1, 8, 512, 4096) query blocks (support 1.6% of the entries), Intel Xeon, one thread: every chunk gathered on
+#: halves, 226 against 340 ms with 32-entry groups throughout and 226 with 16 throughout, which cost sparser and
+#: denser rows 1.2-2x (``benchmarks/results/entmax_fine_groups_s34.md``)
+FINE_GROUP = 16
 #: a chunk whose search takes powers (α other than 1.5 and 2) runs it on a gathered copy of the entries above
 #: each row's start when no row has more than this share of its entries there (:func:`_gathered_threshold`).
 #: One α per head from 1.1 to 1.9 on the need_weights benchmark's (1, 8, 512, 4096) block (``python -m
@@ -387,11 +397,11 @@ def _entries_above(u: Tensor, start: Tensor, groups: Optional[Tensor],
 
 
 def _entries_above_in_groups(u: Tensor, start: Tensor, chosen: Tensor,
-                             shifted: Optional[Callable[[Tensor, Tensor], Tensor]] = None):
-    """:func:`_entries_above` compared only in the groups of :data:`START_GROUP` consecutive entries marked in
-    ``chosen`` (R, n / START_GROUP): those whose maxima are above the start, the only ones that hold such entries.
-    ``u`` is contiguous, so the chosen groups are rows of its (R n / START_GROUP, START_GROUP) view (copied by one
-    ``index_select``: a two-dimensional index took 2-4x as long).
+                             shifted: Optional[Callable[[Tensor, Tensor], Tensor]] = None, group: int = START_GROUP):
+    """:func:`_entries_above` compared only in the groups of ``group`` consecutive entries marked in ``chosen`` (R,
+    n / group): those whose maxima are above the start, the only ones that hold such entries. ``u`` is contiguous,
+    so the chosen groups are rows of its (R n / group, group) view (copied by one ``index_select``: a
+    two-dimensional index took 2-4x as long).
 
     ``shifted``: ``u`` holds the scores, not yet shifted, and ``shifted(entries, rows)`` shifts the chosen groups'
     entries of the given rows the way the whole chunk would have been; then the entries' shifted values are
@@ -399,12 +409,12 @@ def _entries_above_in_groups(u: Tensor, start: Tensor, chosen: Tensor,
     per_row = chosen.size(-1)
     flat = chosen.view(-1).nonzero().view(-1)  # group ids, row-major
     group_rows = torch.div(flat, per_row, rounding_mode="floor")
-    candidates = u.view(-1, START_GROUP).index_select(0, flat)
+    candidates = u.view(-1, group).index_select(0, flat)
     if shifted is not None:
         candidates = shifted(candidates, group_rows)
     above = candidates > start.view(-1).index_select(0, group_rows).unsqueeze(1)
     group_of, position = above.nonzero().unbind(1)
-    columns = (flat - group_rows * per_row).index_select(0, group_of).mul_(START_GROUP).add_(position)
+    columns = (flat - group_rows * per_row).index_select(0, group_of).mul_(group).add_(position)
     rows = group_rows.index_select(0, group_of)
     return (rows, columns) if shifted is None else (rows, columns, take_entries(candidates, group_of, position))
 
@@ -472,10 +482,11 @@ def _shift_scores(x: Tensor, shift: Tensor, scale: Union[float, Tensor], fused: 
 
 
 def _gathered_unshifted(x: Tensor, shift: Tensor, scale: Union[float, Tensor], fused: bool, start: Tensor,
-                        groups: Tensor, beta: Union[float, Tensor], out: Tensor, support: Optional[list] = None):
+                        groups: Tensor, beta: Union[float, Tensor], out: Tensor, support: Optional[list] = None,
+                        group: int = START_GROUP):
     """:func:`_gathered_threshold` on the rows ``x`` (R, n) *before* their shift (:func:`_shift_scores`), output
-    written into ``out``, through the groups whose shifted maxima ``groups`` (R, n / START_GROUP) are above the
-    ``start``: only their entries are shifted, and the rows are never shifted as a whole (a read and a write of
+    written into ``out``, through the groups of ``group`` entries whose shifted maxima ``groups`` (R, n / group) are
+    above the ``start``: only their entries are shifted, and the rows are never shifted as a whole (a read and a write of
     every entry, the largest pass of a sparse chunk's forward). The maxima decide exactly: the shift's rounding is
     monotone, so a group's largest shifted entry is its largest entry shifted. Returns (τ, the sums divided by).
     The caller has checked that no row is too wide (:func:`_sparse_runs`: its chosen groups hold at most
@@ -485,7 +496,7 @@ def _gathered_unshifted(x: Tensor, shift: Tensor, scale: Union[float, Tensor], f
         row_scale = scale if isinstance(scale, float) else scale.index_select(0, rows)
         return _shift_scores(entries, shift.index_select(0, rows), row_scale, fused)
 
-    row_of, col_of, values = _entries_above_in_groups(x, start, groups > start, shifted)
+    row_of, col_of, values = _entries_above_in_groups(x, start, groups > start, shifted, group)
     counts = torch.bincount(row_of, minlength=out.size(0))
     return _search_listed(values, row_of, col_of, counts, out, beta, start, support=support)
 
@@ -747,21 +758,31 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
     chunks = _row_chunks(rows)
     # except where few groups are above the start: runs of such chunks are searched, and their output written,
     # together and without being shifted as a whole (:func:`_gathered_unshifted`)
-    runs = [(part, False, [part]) for part in chunks]
+    runs = [(part, 0, [part]) for part in chunks]
     if (rows.device.type in GATHER_DEVICES and groups is not None and n % START_GROUP == 0
             and base_rows.is_contiguous()):
         # each row's groups above its start, counted as the signs of their differences (a comparison and a sum of
         # booleans took 1.8x as long)
-        runs = _sparse_runs(chunks, torch.sub(groups, starts).sign_().clamp_(min=0).sum(-1), n)
+        def halves_above(part: slice) -> Tensor:
+            """Each row's groups of FINE_GROUP above its start, for a chunk too dense through the coarse ones (their
+            maxima shifted as the coarse ones are, kept in ``fine`` for the chunk's search)."""
+            # a max pool: 0.93 ms on (512, 4096) where amax over groups of 16 took 2.2 (and over 32, 0.64)
+            maxima = F.max_pool1d(base_rows[part].unsqueeze(1), FINE_GROUP, FINE_GROUP).squeeze(1).to(shift.dtype)
+            fine[part.start] = maxima.sub_(shift_rows[part]).mul_(_rows_of(row_scale, part))
+            return torch.sub(fine[part.start], starts[part]).sign_().clamp_(min=0).sum(-1)
+
+        fine: Dict[int, Tensor] = {}
+        runs = _sparse_runs(chunks, torch.sub(groups, starts).sign_().clamp_(min=0).sum(-1), n, halves_above)
     support = [] if with_support is not None else None
     # grouped: which rows had their entries listed (a group is listed when all its rows are)
     listed_rows = torch.zeros(rows.size(0), dtype=torch.bool, device=x.device) if grouped else None
-    for part, sparse, members in runs:
-        if sparse:
+    for part, group, members in runs:
+        if group:
             listed = None if support is None else []
+            maxima = groups[part] if group == START_GROUP else torch.cat([fine[sub.start] for sub in members])
             searched = [(part, _gathered_unshifted(base_rows[part], shift_rows[part], _rows_of(row_scale, part),
-                                                   fused_shift, starts[part], groups[part], _rows_of(row_beta, part),
-                                                   rows[part], listed))]
+                                                   fused_shift, starts[part], maxima, _rows_of(row_beta, part),
+                                                   rows[part], listed, group))]
             if listed:
                 support.append((listed[0][0] + part.start, listed[0][1]))
                 if grouped:
@@ -856,29 +877,45 @@ def _rows_of(value, part: slice):
     return value if value is None or isinstance(value, float) else value[part]
 
 
-def _sparse_runs(chunks, chosen_per_row: Tensor, n: int):
-    """``(rows, sparse, chunks)``: the row ``chunks`` (equal slices, the last one possibly reaching past the rows)
-    merged into runs of consecutive ones that are sparse or not, each with the chunks it covers. A chunk is sparse
-    when its groups above the start (``chosen_per_row`` of each row) hold less than :data:`SCAN_GROUPS_BELOW` of its
-    entries and none of its rows has more than :data:`GATHER_BELOW` of its entries in them (so no row can be too
-    wide to gather: a chunk with a dense row, a head of α near 1 beside sparse ones, is shifted and judged as a
-    whole, where a row too wide refuses it before anything is listed). A run of sparse chunks stops before its
-    rows times its widest row's chosen entries would pass :data:`RUN_ELEMENTS`."""
+def _sparse_runs(chunks, chosen_per_row: Tensor, n: int,
+                 halves_above: Optional[Callable[[slice], Tensor]] = None):
+    """``(rows, group, chunks)``: the row ``chunks`` (equal slices, the last one possibly reaching past the rows)
+    merged into runs of consecutive ones searched alike, each with the chunks it covers: through their groups of
+    ``group`` entries above the start (sparse), or shifted as a whole (``group`` 0). A chunk is sparse when its
+    groups above the start (``chosen_per_row`` of each row, groups of :data:`START_GROUP`) hold less than
+    :data:`SCAN_GROUPS_BELOW` of its entries and none of its rows has more than :data:`GATHER_BELOW` of its entries
+    in them (so no row can be too wide to gather: a chunk with a dense row, a head of α near 1 beside sparse ones,
+    is shifted and judged as a whole, where a row too wide refuses it before anything is listed); failing that, on
+    the same terms through its groups of :data:`FINE_GROUP`, whose count per row ``halves_above(chunk)`` gives (if
+    given; called for those chunks only). A run of sparse chunks stops before its rows times its widest row's chosen
+    entries would pass :data:`RUN_ELEMENTS`."""
     size = chunks[0].stop - chunks[0].start
     counts = torch.zeros(len(chunks) * size, dtype=chosen_per_row.dtype, device=chosen_per_row.device)
     counts[: chosen_per_row.numel()] = chosen_per_row
     counts = counts.view(len(chunks), size)
     totals, widest = counts.sum(1).tolist(), counts.amax(1).tolist()
+
+    def sparse(total: int, wide: int, rows: int, group: int) -> bool:
+        return total * group < SCAN_GROUPS_BELOW * rows * n and wide * group <= GATHER_BELOW * n
+
     runs, run_wide = [], 0
     for part, total, wide in zip(chunks, totals, widest):
         rows = min(part.stop, chosen_per_row.numel()) - part.start
-        sparse = total * START_GROUP < SCAN_GROUPS_BELOW * rows * n and wide * START_GROUP <= GATHER_BELOW * n
-        if runs and runs[-1][1] == sparse and (not sparse or (
-                runs[-1][0].stop - runs[-1][0].start + rows) * max(run_wide, wide) * START_GROUP <= RUN_ELEMENTS):
-            runs[-1] = (slice(runs[-1][0].start, part.stop), sparse, runs[-1][2] + [part])
+        group = START_GROUP if sparse(total, wide, rows, START_GROUP) else 0
+        # each chosen group holds one or two chosen halves: the halves can pass only where the groups hold less
+        # than twice the share they must
+        if (not group and halves_above is not None and rows > 0
+                and sparse(total, wide, rows, START_GROUP // 2) and total > 0):
+            fine = halves_above(slice(part.start, part.start + rows))
+            total, wide = int(fine.sum()), int(fine.max())
+            group = FINE_GROUP if sparse(total, wide, rows, FINE_GROUP) else 0
+        wide *= group  # entries of the widest row's chosen groups
+        if runs and runs[-1][1] == group and (not group or (
+                runs[-1][0].stop - runs[-1][0].start + rows) * max(run_wide, wide) <= RUN_ELEMENTS):
+            runs[-1] = (slice(runs[-1][0].start, part.stop), group, runs[-1][2] + [part])
             run_wide = max(run_wide, wide)
         else:
-            runs.append((part, sparse, [part]))
+            runs.append((part, group, [part]))
             run_wide = wide
     return runs
 

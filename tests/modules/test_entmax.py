@@ -175,6 +175,45 @@ def test_group_maxima_start_below_the_root_and_on_it_when_the_support_lies_in_se
 
 
 @pytest.mark.usefixtures("search_machinery")
+@pytest.mark.parametrize("alpha", [2.0, 1.5, 1.3])
+def test_support_spread_over_many_groups_is_searched_through_their_halves(alpha, monkeypatch):
+    """Rows whose support has one entry in each of 14 of their 32 groups (too many groups to search through, 7/16)
+    but in 14 of their 64 halves (7/32): the chunk is searched through the halves above the start, before its
+    shift, and gives the reference's probabilities, row statistics equal to the full search's and its support
+    listed; a masked entry and a fully masked row change nothing."""
+    import fluence_fairseq.ops.entmax as ops
+
+    g = ops.START_GROUP
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 32 * g, generator=gen, dtype=torch.float64) * 0.1
+    # one large entry in the first or second half of 14 groups, all 14 in the support; 1.5-entmax's spread so that
+    # its smallest ones are above the start only once scaled by α - 1 (the halves' maxima must be, as the groups')
+    spread = 0.03 if alpha == 1.5 else 0.001
+    for i, group in enumerate(range(0, 28, 2)):
+        x[:, group * g + (5 if i % 2 else g // 2 + 7)] = 3.0 - spread * i
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    mask[1, 7] = True
+    mask[5] = True
+    searched = []
+    unshifted = ops._gathered_unshifted
+    monkeypatch.setattr(ops, "_gathered_unshifted", lambda *a: searched.append(a[-1]) or unshifted(*a))
+    p, stats, support = ops.entmax_with_stats(x, alpha, mask, with_support=0.5)
+    assert searched == [ops.FINE_GROUP]
+    masked = x.masked_fill(mask, float("-inf"))
+    reference = {2.0: entmax_pkg.sparsemax, 1.5: entmax_pkg.entmax15}.get(alpha)
+    expected = reference(masked[:5]) if reference else entmax_pkg.entmax_bisect(masked[:5], alpha, n_iter=100)
+    torch.testing.assert_close(p[:5], expected, atol=1e-10, rtol=0)
+    assert torch.equal(p[5], torch.zeros_like(p[5]))
+    assert torch.equal(torch.stack(support, 1), (p > 0).nonzero())
+    monkeypatch.setattr(ops, "FINE_GROUP", ops.START_GROUP)  # halves as large as the groups: never sparse
+    searched.clear()
+    p_full, stats_full, _ = ops.entmax_with_stats(x, alpha, mask, with_support=0.5)
+    assert searched == []
+    torch.testing.assert_close(p, p_full, atol=1e-12, rtol=0)
+    torch.testing.assert_close(stats, stats_full, atol=1e-12, rtol=0)
+
+
+@pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("scale", [2.0, 20.0])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_general_alpha_searches_the_entries_above_its_start_only(scale, dtype, monkeypatch):
@@ -550,14 +589,39 @@ def test_sparse_runs_merge_consecutive_chunks_alike(monkeypatch):
     chunks = [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8), slice(8, 10)]
     per_row = torch.tensor([3, 4, 60, 1, 20, 20, 0, 0, 10])  # 9 rows: the last chunk has 1
     runs = ops._sparse_runs(chunks, per_row, n)
-    assert [(r.start, r.stop, sparse, len(members)) for r, sparse, members in runs] == [
-        (0, 2, True, 1), (2, 6, False, 2), (6, 10, True, 2)]
+    g = ops.START_GROUP
+    assert [(r.start, r.stop, group, len(members)) for r, group, members in runs] == [
+        (0, 2, g, 1), (2, 6, 0, 2), (6, 10, g, 2)]
     assert [m for _, _, members in runs for m in members] == chunks
     monkeypatch.setattr(ops, "RUN_ELEMENTS", 3 * 10 * ops.START_GROUP)  # the last run: 3 rows, 10 groups at most
     assert [(r.start, r.stop) for r, _, _ in ops._sparse_runs(chunks, per_row, n)] == [(0, 2), (2, 6), (6, 10)]
     monkeypatch.setattr(ops, "RUN_ELEMENTS", 3 * 10 * ops.START_GROUP - 1)
-    assert [(r.start, r.stop, sparse) for r, sparse, _ in ops._sparse_runs(chunks, per_row, n)] == [
-        (0, 2, True), (2, 6, False), (6, 8, True), (8, 10, True)]
+    assert [(r.start, r.stop, group) for r, group, _ in ops._sparse_runs(chunks, per_row, n)] == [
+        (0, 2, g), (2, 6, 0), (6, 8, g), (8, 10, g)]
+
+
+@pytest.mark.usefixtures("search_machinery")
+def test_sparse_runs_judge_dense_chunks_again_on_halves_of_their_groups():
+    """A chunk too dense through its groups is judged on their halves, asked only where the halves could pass
+    (fewer than twice the groups' allowed share): its rows' halves above the start give it FINE_GROUP, or leave it
+    dense; the chunks the groups already pass are not asked."""
+    import fluence_fairseq.ops.entmax as ops
+
+    g, h = ops.START_GROUP, ops.FINE_GROUP
+    assert g == 2 * h
+    n = 64 * g  # 64 groups, 128 halves a row; two rows a chunk: sparse below 32 chosen groups or 64 chosen halves
+    chunks = [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
+    per_row = torch.tensor([10, 10, 20, 20, 20, 20, 40, 40])  # 20 (sparse), 40, 40, 80 (too many to ask)
+    halves = {2: torch.tensor([20, 20]), 4: torch.tensor([40, 30])}  # 40 halves pass, 70 do not
+    asked = []
+
+    def halves_above(part):
+        asked.append((part.start, part.stop))
+        return halves[part.start]
+
+    runs = ops._sparse_runs(chunks, per_row, n, halves_above)
+    assert asked == [(2, 4), (4, 6)]
+    assert [(r.start, r.stop, group) for r, group, _ in runs] == [(0, 2, g), (2, 4, h), (4, 8, 0)]
 
 
 @pytest.mark.usefixtures("search_machinery")
