@@ -82,6 +82,13 @@ START_GROUP = 32
 #: halves, 226 against 340 ms with 32-entry groups throughout and 226 with 16 throughout, which cost sparser and
 #: denser rows 1.2-2x (``benchmarks/results/entmax_fine_groups_s34.md``)
 FINE_GROUP = 16
+#: ... and searched through them when they hold less than this share of its entries, their maxima taken only where
+#: the share the groups' predicts passes: on those scores each chosen group held 1.1-1.5 chosen halves (more the
+#: more groups were chosen), about ``share * (0.5 + 0.25 * share)`` for the groups' ``share``. 1.5-entmax's search
+#: on them scaled by 0.7 / 0.85 / 1.0 / 1.2 (halves' share 0.42 / 0.32 / 0.26 / 0.20): 0.25 gave 1.0 / 1.0 / 1.0 /
+#: 0.57x the search through the groups alone, 0.35 1.08 / 0.86 / 0.62 / 0.57x when every chunk's halves were taken
+#: (their maxima for nothing at 0.7, hence the prediction), 0.5 1.07x at 0.7
+HALVES_BELOW = 0.35
 #: a chunk whose search takes powers (α other than 1.5 and 2) runs it on a gathered copy of the entries above
 #: each row's start when no row has more than this share of its entries there (:func:`_gathered_threshold`).
 #: One α per head from 1.1 to 1.9 on the need_weights benchmark's (1, 8, 512, 4096) block (``python -m
@@ -895,20 +902,21 @@ def _sparse_runs(chunks, chosen_per_row: Tensor, n: int,
     counts = counts.view(len(chunks), size)
     totals, widest = counts.sum(1).tolist(), counts.amax(1).tolist()
 
-    def sparse(total: int, wide: int, rows: int, group: int) -> bool:
-        return total * group < SCAN_GROUPS_BELOW * rows * n and wide * group <= GATHER_BELOW * n
+    def sparse(total: int, wide: int, rows: int, group: int, share: float = SCAN_GROUPS_BELOW) -> bool:
+        return total * group < share * rows * n and wide * group <= GATHER_BELOW * n
 
     runs, run_wide = [], 0
     for part, total, wide in zip(chunks, totals, widest):
         rows = min(part.stop, chosen_per_row.numel()) - part.start
         group = START_GROUP if sparse(total, wide, rows, START_GROUP) else 0
-        # each chosen group holds one or two chosen halves: the halves can pass only where the groups hold less
-        # than twice the share they must
-        if (not group and halves_above is not None and rows > 0
-                and sparse(total, wide, rows, START_GROUP // 2) and total > 0):
+        # each chosen group holds one or two chosen halves, both more often the more groups are chosen: asked where
+        # the halves' share predicted from the groups' (see HALVES_BELOW) passes
+        share = total * START_GROUP / max(1, rows * n)
+        if (not group and halves_above is not None and rows > 0 and total > 0
+                and share * (0.5 + 0.25 * share) < HALVES_BELOW and wide * START_GROUP <= 2 * GATHER_BELOW * n):
             fine = halves_above(slice(part.start, part.start + rows))
             total, wide = int(fine.sum()), int(fine.max())
-            group = FINE_GROUP if sparse(total, wide, rows, FINE_GROUP) else 0
+            group = FINE_GROUP if sparse(total, wide, rows, FINE_GROUP, HALVES_BELOW) else 0
         wide *= group  # entries of the widest row's chosen groups
         if runs and runs[-1][1] == group and (not group or (
                 runs[-1][0].stop - runs[-1][0].start + rows) * max(run_wide, wide) <= RUN_ELEMENTS):

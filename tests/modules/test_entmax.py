@@ -602,17 +602,19 @@ def test_sparse_runs_merge_consecutive_chunks_alike(monkeypatch):
 
 @pytest.mark.usefixtures("search_machinery")
 def test_sparse_runs_judge_dense_chunks_again_on_halves_of_their_groups():
-    """A chunk too dense through its groups is judged on their halves, asked only where the halves could pass
-    (fewer than twice the groups' allowed share): its rows' halves above the start give it FINE_GROUP, or leave it
-    dense; the chunks the groups already pass are not asked."""
+    """A chunk too dense through its groups is judged on their halves, asked only where the halves' share predicted
+    from the groups' passes HALVES_BELOW: its rows' halves above the start give it FINE_GROUP, or leave it dense;
+    the chunks the groups already pass are not asked."""
     import fluence_fairseq.ops.entmax as ops
 
     g, h = ops.START_GROUP, ops.FINE_GROUP
     assert g == 2 * h
     n = 64 * g  # 64 groups, 128 halves a row; two rows a chunk: sparse below 32 chosen groups or 64 chosen halves
     chunks = [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
-    per_row = torch.tensor([10, 10, 20, 20, 20, 20, 40, 40])  # 20 (sparse), 40, 40, 80 (too many to ask)
-    halves = {2: torch.tensor([20, 20]), 4: torch.tensor([40, 30])}  # 40 halves pass, 70 do not
+    # groups' shares 5/32 (sparse), 10/32, 10/32 (halves predicted at 0.18: asked) and 20/32 (predicted at 0.41)
+    per_row = torch.tensor([10, 10, 20, 20, 20, 20, 40, 40])
+    halves = {2: torch.tensor([20, 20]), 4: torch.tensor([40, 50])}  # 40 of 256 halves pass (< 0.35), 90 do not
+    assert ops.HALVES_BELOW == 0.35
     asked = []
 
     def halves_above(part):
