@@ -174,6 +174,42 @@ def test_group_maxima_start_below_the_root_and_on_it_when_the_support_lies_in_se
     torch.testing.assert_close(p, expected, atol=1e-10, rtol=0)
 
 
+def test_support_parts_of_groups_over_budget_are_dropped_before_they_are_joined():
+    """Parts of the support (each listed for a span of rows) whose group of rows holds more than the budget are
+    dropped and their rows unmarked before the parts are joined; a part across two groups is counted by its rows and
+    kept whole. The groups then listed are exactly those listed from all the parts: a group at the budget stays."""
+    import fluence_fairseq.ops.entmax as ops
+
+    group_rows, most = 4, 6
+    gen = torch.Generator().manual_seed(0)
+
+    def part(first, stop, count):
+        rows = torch.randint(first, stop, (count,), generator=gen).sort().values
+        return rows, torch.randint(0, 50, (count,), generator=gen)
+
+    # groups 0 (rows 0-3): 3 + 3 = 6 (at the budget), 1 (4-7): 4 + 3 = 7 (over), 2 (8-11): 2 + 3 from the part
+    # across groups 2 and 3, 3 (12-15): 2 from it and 5 = 7 (over)
+    spans = [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 14), (14, 16)]
+    parts = [part(0, 2, 3), part(2, 4, 3), part(4, 6, 4), part(6, 8, 3), part(8, 10, 2), None, part(14, 16, 5)]
+    parts[5] = (torch.tensor([10, 11, 11, 12, 13]), torch.tensor([1, 2, 3, 4, 5]))
+    listed = torch.ones(16, dtype=torch.bool)
+    kept = ops._parts_within_budget(list(parts), spans, listed.clone(), group_rows, most)
+    assert [id(p) for p in kept] == [id(parts[i]) for i in (0, 1, 4, 5)]
+    marked = listed.clone()
+    ops._parts_within_budget(list(parts), spans, marked, group_rows, most)
+    assert marked.tolist() == [True] * 4 + [False] * 4 + [True] * 4 + [False] * 4
+
+    def joined(ps):
+        return tuple(torch.cat(t) for t in zip(*ps))
+
+    everything = ops._listed_groups(joined(parts), listed.clone(), group_rows, most)
+    budgeted = ops._listed_groups(joined(kept), marked, group_rows, most)
+    for a, b in zip(everything, budgeted):
+        assert torch.equal(a, b)
+    assert everything[2].tolist() == [True, False, True, False]
+    assert ops._parts_within_budget(list(parts[:2]), spans[:2], listed.clone(), group_rows, most) == list(parts[:2])
+
+
 @pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("alpha", [2.0, 1.5, 1.3])
 def test_support_spread_over_many_groups_is_searched_through_their_halves(alpha, monkeypatch):
