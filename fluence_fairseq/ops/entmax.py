@@ -89,6 +89,10 @@ FINE_GROUP = 16
 #: 0.57x the search through the groups alone, 0.35 1.08 / 0.86 / 0.62 / 0.57x when every chunk's halves were taken
 #: (their maxima for nothing at 0.7, hence the prediction), 0.5 1.07x at 0.7
 HALVES_BELOW = 0.35
+#: the same without the support asked for (``with_support`` None: nothing to list, the shifted chunk's search costs
+#: less): the normalisers alone on that block (``python -m benchmarks.entmax_search --against 1204bf9 --scales 0.7
+#: 0.85 1 1.2 3``), 1.5-entmax at scale 0.85 took 120.4 against 107.7 ms with 0.35 (halves' share 0.32)
+UNLISTED_HALVES_BELOW = 0.25
 #: a chunk whose search takes powers (α other than 1.5 and 2) runs it on a gathered copy of the entries above
 #: each row's start when no row has more than this share of its entries there (:func:`_gathered_threshold`).
 #: One α per head from 1.1 to 1.9 on the need_weights benchmark's (1, 8, 512, 4096) block (``python -m
@@ -779,7 +783,8 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
             return torch.sub(fine[part.start], starts[part]).sign_().clamp_(min=0).sum(-1)
 
         fine: Dict[int, Tensor] = {}
-        runs = _sparse_runs(chunks, torch.sub(groups, starts).sign_().clamp_(min=0).sum(-1), n, halves_above)
+        runs = _sparse_runs(chunks, torch.sub(groups, starts).sign_().clamp_(min=0).sum(-1), n, halves_above,
+                            HALVES_BELOW if with_support is not None else UNLISTED_HALVES_BELOW)
     support = [] if with_support is not None else None
     spans = []  # the rows [first, stop) of every part of ``support``
     # grouped: which rows had their entries listed (a group is listed when all its rows are)
@@ -918,7 +923,7 @@ def _rows_of(value, part: slice):
 
 
 def _sparse_runs(chunks, chosen_per_row: Tensor, n: int,
-                 halves_above: Optional[Callable[[slice], Tensor]] = None):
+                 halves_above: Optional[Callable[[slice], Tensor]] = None, halves_below: float = HALVES_BELOW):
     """``(rows, group, chunks)``: the row ``chunks`` (equal slices, the last one possibly reaching past the rows)
     merged into runs of consecutive ones searched alike, each with the chunks it covers: through their groups of
     ``group`` entries above the start (sparse), or shifted as a whole (``group`` 0). A chunk is sparse when its
@@ -927,7 +932,7 @@ def _sparse_runs(chunks, chosen_per_row: Tensor, n: int,
     in them (so no row can be too wide to gather: a chunk with a dense row, a head of α near 1 beside sparse ones,
     is shifted and judged as a whole, where a row too wide refuses it before anything is listed); failing that, on
     the same terms through its groups of :data:`FINE_GROUP`, whose count per row ``halves_above(chunk)`` gives (if
-    given; called for those chunks only). A run of sparse chunks stops before its rows times its widest row's chosen
+    given; called for those chunks only), when they hold less than ``halves_below`` of its entries. A run of sparse chunks stops before its rows times its widest row's chosen
     entries would pass :data:`RUN_ELEMENTS`."""
     size = chunks[0].stop - chunks[0].start
     counts = torch.zeros(len(chunks) * size, dtype=chosen_per_row.dtype, device=chosen_per_row.device)
@@ -946,10 +951,10 @@ def _sparse_runs(chunks, chosen_per_row: Tensor, n: int,
         # the halves' share predicted from the groups' (see HALVES_BELOW) passes
         share = total * START_GROUP / max(1, rows * n)
         if (not group and halves_above is not None and rows > 0 and total > 0
-                and share * (0.5 + 0.25 * share) < HALVES_BELOW and wide * START_GROUP <= 2 * GATHER_BELOW * n):
+                and share * (0.5 + 0.25 * share) < halves_below and wide * START_GROUP <= 2 * GATHER_BELOW * n):
             fine = halves_above(slice(part.start, part.start + rows))
             total, wide = int(fine.sum()), int(fine.max())
-            group = FINE_GROUP if sparse(total, wide, rows, FINE_GROUP, HALVES_BELOW) else 0
+            group = FINE_GROUP if sparse(total, wide, rows, FINE_GROUP, halves_below) else 0
         wide *= group  # entries of the widest row's chosen groups
         if runs and runs[-1][1] == group and (not group or (
                 runs[-1][0].stop - runs[-1][0].start + rows) * max(run_wide, wide) <= RUN_ELEMENTS):
