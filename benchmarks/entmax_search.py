@@ -11,7 +11,7 @@ and softmax's forward and backward on the same scores. ``--against REV`` times `
 as it is at that git revision in the same process, alternating with the working tree's::
 
     python -m benchmarks.entmax_search [--length 4096] [--scales 1 0.1 3] [--against HEAD~1] [--threads 1]
-                                       [--start-group 32]
+                                       [--start-group 32] [--listed] [--halves-below 0.35]
 """
 import argparse
 import platform
@@ -53,15 +53,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--against", default=None, help="a git revision whose ops/entmax.py is timed alongside")
     parser.add_argument("--start-group", type=int, default=None,
                         help="entries per group of the working tree's group-maxima start (ops.entmax.START_GROUP)")
+    parser.add_argument("--listed", action="store_true",
+                        help="ask for the support as the attention's CPU passes do (with_support=1/16, one group of "
+                             "rows per head), which lists it")
+    parser.add_argument("--halves-below", type=float, default=None,
+                        help="the working tree's share below which a chunk is searched through halves of its groups "
+                             "(ops.entmax.HALVES_BELOW with --listed, else UNLISTED_HALVES_BELOW; 0: never)")
     add_allocator_argument(parser)
     args = parser.parse_args(argv)
     allocator = use_allocator(args.allocator)
     torch.set_num_threads(args.threads)
     from fluence_fairseq.modules.registry import ATTENTIONS
     from fluence_fairseq.ops import entmax as new
+    from fluence_fairseq.ops.entmax_attention import SPARSE_BACKWARD_BELOW
 
     if args.start_group is not None:
         new.START_GROUP = args.start_group
+    if args.halves_below is not None:
+        setattr(new, "HALVES_BELOW" if args.listed else "UNLISTED_HALVES_BELOW", args.halves_below)
     sides = [("new", new)]
     if args.against:
         from .ab import load_revision
@@ -80,9 +89,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     # α-entmax module has it: heads from sparse to dense in one block
     from fluence_fairseq.modules.entmax import learned_alpha
     random_alpha = learned_alpha(torch.randn(H, generator=torch.Generator().manual_seed(0))).view(1, H, 1, 1)
+    # --listed: the support asked for as the attention's CPU passes ask (ops.entmax_attention)
+    listing = dict(with_support=SPARSE_BACKWARD_BELOW, support_rows=rows) if args.listed else {}
     print(f"# entmax normalisers on one (1, {H}, {rows}, {L}) query block, {args.threads} thread(s), torch "
           f"{torch.__version__}, {platform.processor() or platform.machine()}; allocator {allocator}; ms are the "
-          f"fastest of {args.repeats}\n")
+          f"fastest of {args.repeats}; support {'listed' if listing else 'not asked for'}\n")
     print("| scale | alpha | non-zero | " + " | ".join(f"steps {n} | fwd ms {n} | bwd ms {n}" for n, _ in sides)
           + " |\n|---|---|---|" + "---|---|---|" * len(sides))
     with torch.no_grad():  # (the process's grad mode is left as it was)
@@ -94,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 p = new.entmax_with_stats(scores, a, None)[0]
                 calls = {}
                 for name, ops in sides:
-                    calls[name, "fwd"] = lambda ops=ops: ops.entmax_with_stats(scores, a, None)
+                    calls[name, "fwd"] = lambda ops=ops: ops.entmax_with_stats(scores, a, None, **listing)
                     calls[name, "bwd"] = lambda ops=ops: ops.entmax_backward(p, grad, a,
                                                                              with_alpha=isinstance(a, torch.Tensor))
                 ms = {key: 1e3 * t for key, t in round_robin(calls, args.repeats, allocator).items()}

@@ -74,24 +74,23 @@ GROUP_START_FROM = 256
 #: 1.5-entmax 42 / 30 / 35 ms, one α per head 123 / 116 / 123 ms
 START_GROUP = 32
 #: a chunk whose groups above the start are too many to search before its shift (:func:`_sparse_runs`) is judged
-#: again on groups of this many entries, the halves of the :data:`START_GROUP` ones, whose maxima come from the same
-#: pass (the coarse maxima are the larger of each pair): a support of a few dozen entries a row, scattered over
-#: half of its 32-entry groups, lies in a quarter of its 16-entry ones. The start stays the coarse maxima's (a
-#: search on twice the maxima costs more than it tightens). Need-weights benchmark scores, 1.5-entmax, two
-#: (1, 8, 512, 4096) query blocks (support 1.6% of the entries), Intel Xeon, one thread: every chunk gathered on
-#: halves, 226 against 340 ms with 32-entry groups throughout and 226 with 16 throughout, which cost sparser and
-#: denser rows 1.2-2x (``benchmarks/results/entmax_fine_groups_s34.md``)
+#: again on groups of this many entries, the halves of the :data:`START_GROUP` ones: a support of a few dozen
+#: entries a row, scattered over half of its 32-entry groups, lies in a quarter of its 16-entry ones. Their maxima
+#: are taken from the chunk only then, by a max pool (torch's amax over groups of 16 runs several times slower than
+#: over 32 on CPUs); the start stays the coarse maxima's (groups of 16 throughout, ``--start-group 16``, cost the
+#: sparser and denser rows more than they saved)
 FINE_GROUP = 16
 #: ... and searched through them when they hold less than this share of its entries, their maxima taken only where
-#: the share the groups' predicts passes: on those scores each chosen group held 1.1-1.5 chosen halves (more the
-#: more groups were chosen), about ``share * (0.5 + 0.25 * share)`` for the groups' ``share``. 1.5-entmax's search
-#: on them scaled by 0.7 / 0.85 / 1.0 / 1.2 (halves' share 0.42 / 0.32 / 0.26 / 0.20): 0.25 gave 1.0 / 1.0 / 1.0 /
-#: 0.57x the search through the groups alone, 0.35 1.08 / 0.86 / 0.62 / 0.57x when every chunk's halves were taken
-#: (their maxima for nothing at 0.7, hence the prediction), 0.5 1.07x at 0.7
+#: the share the groups' predicts passes: each chosen group holds one or two chosen halves, two more often the more
+#: groups are chosen, taken as ``share * (0.5 + 0.25 * share)`` for the groups' ``share``. 1.5-entmax on the
+#: need_weights benchmark's block, support listed, scaled by 0.7 / 0.85 / 1 / 1.2 (``python -m
+#: benchmarks.entmax_search --against 1204bf9 --listed --halves-below X``, Intel Xeon,
+#: benchmarks/results/entmax_search_halves_listed_s34.md): 0.35 took 1.01 / 0.90 / 0.67 / 0.58x the search without
+#: halves, 0.25 1.00 / 1.00 / 1.00 / 0.59x, 0.5 1.09x at 0.7
 HALVES_BELOW = 0.35
-#: the same without the support asked for (``with_support`` None: nothing to list, the shifted chunk's search costs
-#: less): the normalisers alone on that block (``python -m benchmarks.entmax_search --against 1204bf9 --scales 0.7
-#: 0.85 1 1.2 3``), 1.5-entmax at scale 0.85 took 120.4 against 107.7 ms with 0.35 (halves' share 0.32)
+#: the same without the support asked for (nothing to list: the search through the shifted chunk costs less): the
+#: same block unlisted (``python -m benchmarks.entmax_search --against 1204bf9``,
+#: benchmarks/results/entmax_search_halves_s34.md) with 0.25: 1.00 / 0.98 / 1.00 / 0.88x; with 0.35, 1.12x at 0.85
 UNLISTED_HALVES_BELOW = 0.25
 #: a chunk whose search takes powers (α other than 1.5 and 2) runs it on a gathered copy of the entries above
 #: each row's start when no row has more than this share of its entries there (:func:`_gathered_threshold`).

@@ -27,3 +27,22 @@ def test_against_a_revision_adds_its_columns(capsys):
     out = capsys.readouterr().out
     assert "steps at HEAD | fwd ms at HEAD | bwd ms at HEAD" in out
     assert all(len(line.split("|")) == 11 for line in out.splitlines() if line.startswith("| 1"))
+
+
+def test_listed_support_and_halves_setting(capsys, monkeypatch):
+    """--listed asks for the support as the attention does (the report says so, every normaliser still runs);
+    --halves-below sets the share of the listed search only, and restoring it is the caller's (monkeypatch here)."""
+    import fluence_fairseq.ops.entmax as ops
+
+    calls = []
+    real = ops.entmax_with_stats
+    monkeypatch.setattr(ops, "entmax_with_stats", lambda *a, **kw: calls.append(sorted(kw)) or real(*a, **kw))
+    monkeypatch.setattr(ops, "HALVES_BELOW", ops.HALVES_BELOW)
+    monkeypatch.setattr(ops, "UNLISTED_HALVES_BELOW", ops.UNLISTED_HALVES_BELOW)
+    unlisted = ops.UNLISTED_HALVES_BELOW
+    entmax_search.main(["--length", "256", "--heads", "2", "--scales", "1", "--repeats", "1", "--listed",
+                        "--halves-below", "0"])
+    out = capsys.readouterr().out
+    assert "support listed" in out and ops.HALVES_BELOW == 0 and ops.UNLISTED_HALVES_BELOW == unlisted
+    assert ["support_rows", "with_support"] in calls
+    assert len([line for line in out.splitlines() if line.startswith("| 1")]) == 5
