@@ -3,9 +3,11 @@ attention: the floor under ``make bench-pruning``'s ratios.
 
     python -m benchmarks.pruning_kernel [--length 1024] [--heads 4] [--head-dim 64] [--batch 2] [--threads 1]
                                         [--repeats 9] [--tau 90] [--patterns noncausal,causal] [--quick]
+                                        [--allocator steady|default]
 
 Two tables, one forward+backward of the kernel per entry, at the pruning benchmark's shape, the calls of every
-table timed round-robin (repeat r of every call, then r + 1) and their median kept:
+table timed round-robin (repeat r of every call, then r + 1; :func:`benchmarks.common.round_robin`, after its
+warm-up under the steady allocator) and their median kept:
 
 * **mask pass** (the dense path of 10-50% masks): the kernel with no mask; with the (1, H, L, L) additive mask the
   dense path passes (the data-informed mask at 50%); with a mask of the same shape whose every row is one row
@@ -20,13 +22,13 @@ table timed round-robin (repeat r of every call, then r + 1) and their median ke
 """
 import argparse
 import statistics
-import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .attention import machine_info
+from .common import add_allocator_argument, round_robin, use_allocator
 from .pruning import make_mask
 from fluence_fairseq.ops.common import FLASH_CPU, FLASH_CPU_BACKWARD
 from fluence_fairseq.ops.pruned_attention import PrunedPlan, _bucket_problem, _chunks, _rows_first, _to_blocks
@@ -34,17 +36,10 @@ from fluence_fairseq.ops.pruned_attention import PrunedPlan, _bucket_problem, _c
 LOWEST = torch.finfo(torch.float32).min
 
 
-def _median_ms(calls: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
-    """Median milliseconds of each call after one warm-up each, timed round-robin."""
-    for call in calls.values():
-        call()
-    times: Dict[str, List[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            started = time.perf_counter()
-            call()
-            times[name].append((time.perf_counter() - started) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+def _median_ms(calls: Dict[str, Callable[[], object]], repeats: int, allocator: str) -> Dict[str, float]:
+    """Median milliseconds of each call, timed round-robin after the warm-up of
+    :func:`benchmarks.common.round_robin`."""
+    return {name: s * 1e3 for name, s in round_robin(calls, repeats, allocator, statistics.median).items()}
 
 
 def _kernel_step(q, k, v, grad, bias=None, causal: bool = False):
@@ -94,7 +89,7 @@ def _check(name: str, got, want, tol: float = 1e-4) -> None:
             raise AssertionError(f"{name}: {label} differs from the kernel's by {err:.2e}")
 
 
-def mask_pass(length, heads, head_dim, batch, repeats, causal: bool, rows: int = 256) -> List[str]:
+def mask_pass(length, heads, head_dim, batch, repeats, causal: bool, rows: int = 256, allocator: str = "") -> List[str]:
     gen = torch.Generator().manual_seed(0)
     q, k, v, grad = (torch.randn(batch, heads, length, head_dim, generator=gen) for _ in range(4))
     keep = make_mask("informed", 50.0, heads, length, causal).unsqueeze(0)
@@ -107,13 +102,14 @@ def mask_pass(length, heads, head_dim, batch, repeats, causal: bool, rows: int =
     if not causal:  # split calls would each need their own diagonal offset, which the kernel does not take
         _check(f"calls of {rows} rows", _split_step(q, k, v, grad, bias, rows), _kernel_step(q, k, v, grad, bias))
         calls[f"mask, calls of 1 head x {rows} rows"] = lambda: _split_step(q, k, v, grad, bias, rows)
-    ms = _median_ms(calls, repeats)
+    ms = _median_ms(calls, repeats, allocator)
     base = ms["no mask"]
     lines = [f"| {'causal' if causal else 'noncausal'} | {name} | {t:.2f} | {t / base:.3f} |" for name, t in ms.items()]
     return lines
 
 
-def calls_table(length, heads, head_dim, batch, block, repeats, causal: bool, tau: float) -> List[str]:
+def calls_table(length, heads, head_dim, batch, block, repeats, causal: bool, tau: float,
+                allocator: str = "") -> List[str]:
     gen = torch.Generator().manual_seed(0)
     q, k, v, grad = (torch.randn(batch, heads, length, head_dim, generator=gen) for _ in range(4))
     keep = make_mask("informed", tau, heads, length, causal)
@@ -122,7 +118,7 @@ def calls_table(length, heads, head_dim, batch, block, repeats, causal: bool, ta
     _, layout, _ = plan.choice(qr, k.requires_grad_(), v.requires_grad_(), None, 0.0)
     k, v = k.detach(), v.detach()
     dense = _median_ms({"dense": lambda: F.scaled_dot_product_attention(qr, k, v, is_causal=causal).backward(grad)},
-                       repeats)["dense"]
+                       repeats, allocator)["dense"]
     entries = batch * heads * length * (length + 1) // 2 if causal else batch * heads * length * length
     lines = [f"| {'causal' if causal else 'noncausal'} | dense SDPA, fwd+bwd {dense:.2f} ms | "
              f"{batch}x{heads}x{length}x{length} | | | {dense * 1e6 / entries:.2f} | |"]
@@ -143,7 +139,7 @@ def calls_table(length, heads, head_dim, batch, block, repeats, causal: bool, ta
         _check(f"explicit {tuple(qc.shape)}", _explicit_step(qc, kc, vc, gc, bc), _kernel_step(qc, kc, vc, gc, bc))
         ms = _median_ms({"forward": lambda: FLASH_CPU(qc, kc, vc, attn_mask=bc),
                          "backward": lambda: FLASH_CPU_BACKWARD(gc, qc, kc, vc, out, lse, 0.0, False, attn_mask=bc),
-                         "explicit": lambda: _explicit_step(qc, kc, vc, gc, bc)}, repeats)
+                         "explicit": lambda: _explicit_step(qc, kc, vc, gc, bc)}, repeats, allocator)
         n_entries = qc.size(0) * qc.size(1) * qc.size(2) * kc.size(2)
         kind = type(bucket).__name__.strip("_").lower()
         lines.append(f"| | {kind} | {qc.size(0)}x{qc.size(1)}x{qc.size(2)}x{kc.size(2)} | {ms['forward']:.3f} | "
@@ -164,6 +160,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--tau", type=float, default=90.0, help="the block-sparse calls' pruning percentage")
     parser.add_argument("--patterns", default="noncausal,causal", help="comma-separated: noncausal, causal")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test): L=64, H=2, D=8, B=1, block 8")
+    add_allocator_argument(parser)
     args = parser.parse_args(argv)
     if FLASH_CPU_BACKWARD is None:
         raise SystemExit("this torch has no CPU flash-attention kernels")
@@ -174,21 +171,25 @@ def main(argv: Optional[List[str]] = None) -> None:
     block, repeats, rows = args.block, args.repeats, 256
     if args.quick:
         sizes, block, repeats, rows = dict(length=64, heads=2, head_dim=8, batch=1), 8, 1, 32
+    allocator = use_allocator(args.allocator)
     torch.set_num_threads(args.threads)
     machine = machine_info()
     print(f"CPU flash kernel, forward+backward, B={sizes['batch']}, H={sizes['heads']}, L={sizes['length']}, "
           f"D={sizes['head_dim']}, on {machine['cpu']}, {args.threads} thread(s), torch {machine['torch']}; median "
-          f"of {repeats}, round-robin\n")
+          f"of {repeats}, round-robin; allocator {allocator}\n")
     print("Mask pass (the data-informed 50% mask as the dense path's additive mask):\n")
     print("| pattern | kernel call | fwd+bwd ms | vs no mask |\n|---|---|---|---|")
     for pattern in patterns:
-        for line in mask_pass(**sizes, repeats=repeats, causal=pattern == "causal", rows=rows):
+        for line in mask_pass(**sizes, repeats=repeats, causal=pattern == "causal", rows=rows,
+                              allocator=args.allocator):
             print(line, flush=True)
     print(f"\nCalls of the block-sparse path at {args.tau:g}% (items x batch x queries x keys; ns per computed "
           "entry, forward+backward):\n")
-    print("| pattern | call | shape | fwd ms | bwd ms | ns / entry | explicit ns / entry |\n|---|---|---|---|---|---|---|")
+    print("| pattern | call | shape | fwd ms | bwd ms | ns / entry | explicit ns / entry |\n"
+          "|---|---|---|---|---|---|---|")
     for pattern in patterns:
-        for line in calls_table(**sizes, block=block, repeats=repeats, causal=pattern == "causal", tau=args.tau):
+        for line in calls_table(**sizes, block=block, repeats=repeats, causal=pattern == "causal", tau=args.tau,
+                                allocator=args.allocator):
             print(line, flush=True)
     print(f"\n1-min load {machine_info()['load_avg_1min']:.2f} at the end")
 

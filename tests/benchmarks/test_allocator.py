@@ -104,7 +104,7 @@ def test_unknown_allocator_is_refused_and_the_flag_offers_the_choices():
 
 
 @pytest.mark.parametrize("module", ["attention", "models", "need_weights", "pruning", "ab", "paired", "span_groups",
-                                    "group_sizes", "entmax_search", "entmax_support"])
+                                    "group_sizes", "entmax_search", "entmax_support", "pruning_kernel"])
 def test_every_timing_benchmark_takes_the_allocator_flag(module):
     """Each timing benchmark offers --allocator, defaulting to the steady one (its help says so)."""
     out = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--help"], capture_output=True, text=True,

@@ -48,7 +48,7 @@ def test_check_refuses_a_wrong_gradient():
 def test_quick_report_has_every_table(capsys):
     threads = torch.get_num_threads()
     try:
-        pk.main(["--quick"])
+        pk.main(["--quick", "--allocator", "default"])
     finally:
         torch.set_num_threads(threads)
     text = capsys.readouterr().out
@@ -64,4 +64,4 @@ def test_quick_report_has_every_table(capsys):
 
 def test_refuses_unknown_patterns():
     with pytest.raises(SystemExit, match="--patterns"):
-        pk.main(["--quick", "--patterns", "diagonal"])
+        pk.main(["--quick", "--patterns", "diagonal", "--allocator", "default"])
