@@ -496,9 +496,10 @@ def _gathered_unshifted(x: Tensor, shift: Tensor, scale: Union[float, Tensor], f
                         group: int = START_GROUP):
     """:func:`_gathered_threshold` on the rows ``x`` (R, n) *before* their shift (:func:`_shift_scores`), output
     written into ``out``, through the groups of ``group`` entries whose shifted maxima ``groups`` (R, n / group) are
-    above the ``start``: only their entries are shifted, and the rows are never shifted as a whole (a read and a write of
-    every entry, the largest pass of a sparse chunk's forward). The maxima decide exactly: the shift's rounding is
-    monotone, so a group's largest shifted entry is its largest entry shifted. Returns (τ, the sums divided by).
+    above the ``start``: only their entries are shifted, and the rows are never shifted as a whole (a read and a
+    write of every entry, the largest pass of a sparse chunk's forward). The maxima decide exactly: the shift's
+    rounding is monotone, so a group's largest shifted entry is its largest entry shifted. Returns (τ, the sums
+    divided by).
     The caller has checked that no row is too wide (:func:`_sparse_runs`: its chosen groups hold at most
     :data:`GATHER_BELOW` of its entries). ``support``: see :func:`_search_listed`."""
 
@@ -776,7 +777,7 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
         def halves_above(part: slice) -> Tensor:
             """Each row's groups of FINE_GROUP above its start, for a chunk too dense through the coarse ones (their
             maxima shifted as the coarse ones are, kept in ``fine`` for the chunk's search)."""
-            # a max pool: 0.93 ms on (512, 4096) where amax over groups of 16 took 2.2 (and over 32, 0.64)
+            # a max pool (see FINE_GROUP)
             maxima = F.max_pool1d(base_rows[part].unsqueeze(1), FINE_GROUP, FINE_GROUP).squeeze(1).to(shift.dtype)
             fine[part.start] = maxima.sub_(shift_rows[part]).mul_(_rows_of(row_scale, part))
             return torch.sub(fine[part.start], starts[part]).sign_().clamp_(min=0).sum(-1)
@@ -848,9 +849,8 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
 def _parts_within_budget(parts: list, spans: list, listed_rows: Tensor, group_rows: int, most: float) -> list:
     """The support's parts ``(rows, columns)``, listed for the rows ``[first, stop)`` of ``spans``, without those of
     the groups of ``group_rows`` rows that hold more than ``most`` entries (their rows unmarked in ``listed_rows``):
-    a general α's search lists every chunk's support, and joining and counting the entries of heads that keep a
-    fifth of their entries, which are dropped anyway, took 60 of the 414 ms of a (1, 8, 512, 4096) block's search
-    at α = 1.3 (Intel Xeon). A part within one group counts by its size, one across groups by its rows."""
+    a general α's search lists every chunk's support, which for a head keeping a fifth of its keys was joined and
+    counted only to be dropped. A part within one group counts by its size, one across groups by its rows."""
     counts: Dict[int, int] = {}
     owners = []
     for (first, stop), (rows, _) in zip(spans, parts):
@@ -931,8 +931,8 @@ def _sparse_runs(chunks, chosen_per_row: Tensor, n: int,
     in them (so no row can be too wide to gather: a chunk with a dense row, a head of α near 1 beside sparse ones,
     is shifted and judged as a whole, where a row too wide refuses it before anything is listed); failing that, on
     the same terms through its groups of :data:`FINE_GROUP`, whose count per row ``halves_above(chunk)`` gives (if
-    given; called for those chunks only), when they hold less than ``halves_below`` of its entries. A run of sparse chunks stops before its rows times its widest row's chosen
-    entries would pass :data:`RUN_ELEMENTS`."""
+    given; called for those chunks only), when they hold less than ``halves_below`` of its entries. A run of sparse
+    chunks stops before its rows times its widest row's chosen entries would pass :data:`RUN_ELEMENTS`."""
     size = chunks[0].stop - chunks[0].start
     counts = torch.zeros(len(chunks) * size, dtype=chosen_per_row.dtype, device=chosen_per_row.device)
     counts[: chosen_per_row.numel()] = chosen_per_row
@@ -946,8 +946,7 @@ def _sparse_runs(chunks, chosen_per_row: Tensor, n: int,
     for part, total, wide in zip(chunks, totals, widest):
         rows = min(part.stop, chosen_per_row.numel()) - part.start
         group = START_GROUP if sparse(total, wide, rows, START_GROUP) else 0
-        # each chosen group holds one or two chosen halves, both more often the more groups are chosen: asked where
-        # the halves' share predicted from the groups' (see HALVES_BELOW) passes
+        # the halves asked for where their share predicted from the groups' passes (see HALVES_BELOW)
         share = total * START_GROUP / max(1, rows * n)
         if (not group and halves_above is not None and rows > 0 and total > 0
                 and share * (0.5 + 0.25 * share) < halves_below and wide * START_GROUP <= 2 * GATHER_BELOW * n):
