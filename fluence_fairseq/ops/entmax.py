@@ -401,7 +401,9 @@ def _entries_above(u: Tensor, start: Tensor, groups: Optional[Tensor],
         if int(chosen.sum()) * START_GROUP < SCAN_GROUPS_BELOW * u.numel():
             return _entries_above_in_groups(u, start, chosen)
     above = u > start
-    if widest is not None and u.size(0) and int(above.sum(-1).max()) > widest:
+    # counted in int32: a sum of booleans casts them to int64 first (a pass writing 8 bytes an entry), which took
+    # longer than the comparison itself
+    if widest is not None and u.size(0) and int(above.sum(-1, dtype=torch.int32).max()) > widest:
         return None
     return above.nonzero().unbind(1)
 
