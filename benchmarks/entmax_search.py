@@ -12,6 +12,7 @@ as it is at that git revision in the same process, alternating with the working 
 
     python -m benchmarks.entmax_search [--length 4096] [--scales 1 0.1 3] [--against HEAD~1] [--threads 1]
                                        [--start-group 32] [--listed] [--halves-below 0.35]
+                                       [--set GATHER_BELOW=0.25 ...]
 """
 import argparse
 import platform
@@ -59,6 +60,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--halves-below", type=float, default=None,
                         help="the working tree's share below which a chunk is searched through halves of its groups "
                              "(ops.entmax.HALVES_BELOW with --listed, else UNLISTED_HALVES_BELOW; 0: never)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="set a numeric constant of the working tree's ops.entmax (e.g. GATHER_BELOW=0.25); "
+                             "repeatable")
     add_allocator_argument(parser)
     args = parser.parse_args(argv)
     allocator = use_allocator(args.allocator)
@@ -71,6 +75,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         new.START_GROUP = args.start_group
     if args.halves_below is not None:
         setattr(new, "HALVES_BELOW" if args.listed else "UNLISTED_HALVES_BELOW", args.halves_below)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        current = getattr(new, name, None)
+        if not name.isupper() or isinstance(current, bool) or not isinstance(current, (int, float)):
+            raise SystemExit(f"--set {item}: ops.entmax has no numeric constant {name!r}")
+        try:
+            setattr(new, name, type(current)(float(value)) if isinstance(current, int) else float(value))
+        except ValueError:
+            raise SystemExit(f"--set {item}: {value!r} is not a number") from None
     sides = [("new", new)]
     if args.against:
         from .ab import load_revision

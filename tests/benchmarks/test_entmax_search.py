@@ -46,3 +46,17 @@ def test_listed_support_and_halves_setting(capsys, monkeypatch):
     assert "support listed" in out and ops.HALVES_BELOW == 0 and ops.UNLISTED_HALVES_BELOW == unlisted
     assert ["support_rows", "with_support"] in calls
     assert len([line for line in out.splitlines() if line.startswith("| 1")]) == 5
+
+
+def test_set_changes_a_numeric_constant_and_refuses_others(capsys, monkeypatch):
+    import fluence_fairseq.ops.entmax as ops
+
+    monkeypatch.setattr(ops, "GATHER_BELOW", ops.GATHER_BELOW)
+    monkeypatch.setattr(ops, "ROW_CHUNK_ELEMENTS", ops.ROW_CHUNK_ELEMENTS)
+    entmax_search.main(["--length", "256", "--heads", "2", "--scales", "1", "--repeats", "1",
+                        "--set", "GATHER_BELOW=0.25", "--set", "ROW_CHUNK_ELEMENTS=4096"])
+    assert ops.GATHER_BELOW == 0.25 and ops.ROW_CHUNK_ELEMENTS == 4096 and isinstance(ops.ROW_CHUNK_ELEMENTS, int)
+    for bad, why in (("NO_SUCH=1", "no numeric constant"), ("SETTLE=0", "no numeric constant"),
+                     ("GATHER_BELOW=half", "not a number"), ("entmax=1", "no numeric constant")):
+        with pytest.raises(SystemExit, match=why):
+            entmax_search.main(["--length", "256", "--heads", "2", "--scales", "1", "--repeats", "1", "--set", bad])
