@@ -409,15 +409,18 @@ def _entries_above(u: Tensor, start: Tensor, groups: Optional[Tensor],
 
 
 def _entries_above_in_groups(u: Tensor, start: Tensor, chosen: Tensor,
-                             shifted: Optional[Callable[[Tensor, Tensor], Tensor]] = None, group: int = START_GROUP):
-    """:func:`_entries_above` compared only in the groups of ``group`` consecutive entries marked in ``chosen`` (R,
-    n / group): those whose maxima are above the start, the only ones that hold such entries. ``u`` is contiguous,
+                             shifted: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                             group: Optional[int] = None):
+    """:func:`_entries_above` compared only in the groups of ``group`` (default :data:`START_GROUP`, read at the
+    call) consecutive entries marked in ``chosen`` (R, n / group): those whose maxima are above the start, the only
+    ones that hold such entries. ``u`` is contiguous,
     so the chosen groups are rows of its (R n / group, group) view (copied by one ``index_select``: a
     two-dimensional index took 2-4x as long).
 
     ``shifted``: ``u`` holds the scores, not yet shifted, and ``shifted(entries, rows)`` shifts the chosen groups'
     entries of the given rows the way the whole chunk would have been; then the entries' shifted values are
     returned too, ``(rows, columns, values)``."""
+    group = START_GROUP if group is None else group
     per_row = chosen.size(-1)
     flat = chosen.view(-1).nonzero().view(-1)  # group ids, row-major
     group_rows = torch.div(flat, per_row, rounding_mode="floor")
@@ -495,10 +498,10 @@ def _shift_scores(x: Tensor, shift: Tensor, scale: Union[float, Tensor], fused: 
 
 def _gathered_unshifted(x: Tensor, shift: Tensor, scale: Union[float, Tensor], fused: bool, start: Tensor,
                         groups: Tensor, beta: Union[float, Tensor], out: Tensor, support: Optional[list] = None,
-                        group: int = START_GROUP):
+                        group: Optional[int] = None):
     """:func:`_gathered_threshold` on the rows ``x`` (R, n) *before* their shift (:func:`_shift_scores`), output
-    written into ``out``, through the groups of ``group`` entries whose shifted maxima ``groups`` (R, n / group) are
-    above the ``start``: only their entries are shifted, and the rows are never shifted as a whole (a read and a
+    written into ``out``, through the groups of ``group`` entries (default :data:`START_GROUP`) whose shifted
+    maxima ``groups`` (R, n / group) are above the ``start``: only their entries are shifted, and the rows are never shifted as a whole (a read and a
     write of every entry, the largest pass of a sparse chunk's forward). The maxima decide exactly: the shift's
     rounding is monotone, so a group's largest shifted entry is its largest entry shifted. Returns (τ, the sums
     divided by).
@@ -924,7 +927,7 @@ def _rows_of(value, part: slice):
 
 
 def _sparse_runs(chunks, chosen_per_row: Tensor, n: int,
-                 halves_above: Optional[Callable[[slice], Tensor]] = None, halves_below: float = HALVES_BELOW):
+                 halves_above: Optional[Callable[[slice], Tensor]] = None, halves_below: Optional[float] = None):
     """``(rows, group, chunks)``: the row ``chunks`` (equal slices, the last one possibly reaching past the rows)
     merged into runs of consecutive ones searched alike, each with the chunks it covers: through their groups of
     ``group`` entries above the start (sparse), or shifted as a whole (``group`` 0). A chunk is sparse when its
@@ -935,6 +938,7 @@ def _sparse_runs(chunks, chosen_per_row: Tensor, n: int,
     the same terms through its groups of :data:`FINE_GROUP`, whose count per row ``halves_above(chunk)`` gives (if
     given; called for those chunks only), when they hold less than ``halves_below`` of its entries. A run of sparse
     chunks stops before its rows times its widest row's chosen entries would pass :data:`RUN_ELEMENTS`."""
+    halves_below = HALVES_BELOW if halves_below is None else halves_below
     size = chunks[0].stop - chunks[0].start
     counts = torch.zeros(len(chunks) * size, dtype=chosen_per_row.dtype, device=chosen_per_row.device)
     counts[: chosen_per_row.numel()] = chosen_per_row

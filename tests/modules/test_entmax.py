@@ -1694,3 +1694,20 @@ def test_attention_dropout_through_the_pass_by_support_keeps_the_output_unbiased
     standard_error = outs.std(dim=0) / 100 ** 0.5
     assert float(standard_error.max()) > 0.01  # the dropout moved the outputs
     assert bool(((outs.mean(dim=0) - reference).abs() <= 6 * standard_error + 1e-9).all())
+
+
+def test_group_size_is_read_when_called_not_when_imported(monkeypatch):
+    """START_GROUP changed after import (``benchmarks.entmax_search --start-group``) reaches every search through
+    the groups: the entries above the start found through 16-entry groups are those a full comparison finds."""
+    import fluence_fairseq.ops.entmax as ops
+
+    monkeypatch.setattr(ops, "START_GROUP", 16)
+    gen = torch.Generator().manual_seed(4)
+    u = torch.randn(6, 1024, generator=gen) - 3.0
+    u[:, [3, 100, 517, 900]] += 4.0
+    start = torch.full((6, 1), -0.5)
+    groups = ops._group_maxima(u, 16)
+    assert int((groups > start).sum()) * 16 < ops.SCAN_GROUPS_BELOW * u.numel()  # the groups' route is taken
+    rows, columns = ops._entries_above(u, start, groups)
+    expected = (u > start).nonzero().unbind(1)
+    assert torch.equal(rows, expected[0]) and torch.equal(columns, expected[1])
