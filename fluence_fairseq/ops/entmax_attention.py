@@ -76,9 +76,10 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
             scores, mask = query_block_scores(q[:, :, start:end] * scale, k, start, end, keys, query_offset, causal,
                                          key_padding_mask, rel_bias)
             # each (batch, head) pair of the block judged on its own: a head of α near 1 beside sparse ones
-            p, row_stats, found = entmax_with_stats(scores, alpha, mask, with_support=SPARSE_BACKWARD_BELOW,
-                                                    support_rows=end - start) if (
-                listed) else entmax_with_stats(scores, alpha, mask) + (None,)
+            p, row_stats, found = entmax_with_stats(
+                scores, alpha, mask, with_support=SPARSE_BACKWARD_BELOW, support_rows=end - start,
+                support_groups_at_least=1 - MIXED_DENSE_AT_MOST) if listed else entmax_with_stats(
+                scores, alpha, mask) + (None,)
             support = None
             if found is not None and int(found[2].sum()) >= (1 - MIXED_DENSE_AT_MOST) * found[2].numel():
                 support = _BlockSupport(*found, heads=heads)

@@ -598,6 +598,45 @@ def test_a_general_alpha_searched_above_its_start_lists_its_support_without_anot
 
 
 @pytest.mark.usefixtures("search_machinery")
+@pytest.mark.parametrize("chunk_rows", [40, 24])  # one group a chunk; chunks cutting through the groups
+def test_a_floor_on_the_listed_groups_lists_nothing_below_it_and_changes_nothing_at_it(chunk_rows, monkeypatch):
+    """``support_groups_at_least``: when fewer groups may be listed than that share (judged on their samples after
+    the search), no chunk's output is listed at all and the support is None; at the floor the support is exactly
+    the one listed without it (every positive entry of the listed groups in row order, the same groups), also
+    where some chunks listed theirs during their search (a general α searched above its start) and others after
+    it, in any order of the two. The probabilities and statistics never depend on it."""
+    import fluence_fairseq.ops.entmax as ops
+
+    n = 512
+    monkeypatch.setattr(ops, "ROW_CHUNK_ELEMENTS", chunk_rows * n)
+    monkeypatch.setattr(ops, "SCAN_GROUPS_BELOW", 0.0)  # every chunk shifted (not through its groups or their
+    monkeypatch.setattr(ops, "HALVES_BELOW", 0.0)  # halves): the sparse heads list during their search
+    # every other chunk's search keeps what it listed to itself: that chunk is listed from its output afterwards
+    searches = []
+    shifted_search = ops._shifted_search
+    monkeypatch.setattr(ops, "_shifted_search", lambda *args: shifted_search(
+        *args[:-1], args[-1] if searches.append(1) or len(searches) % 2 else []))
+    x = _scores(2, 3, 40, n, seed=4, scale=12.0)
+    a = torch.tensor([1.6, 1.02, 1.8]).view(1, 3, 1, 1)  # per batch row: sparse, dense, sparse
+    share = 1 / 16
+    p, stats, found = ops.entmax_with_stats(x, a, None, with_support=share, support_rows=40)
+    assert found[2].tolist() == [True, False, True, True, False, True]
+    listings = []
+    listed_rows = ops._listed_rows
+    monkeypatch.setattr(ops, "_listed_rows", lambda *args: listings.append(1) or listed_rows(*args))
+    p_at, stats_at, at = ops.entmax_with_stats(x, a, None, with_support=share, support_rows=40,
+                                               support_groups_at_least=4 / 6)
+    assert listings  # some chunks were listed after the search
+    assert torch.equal(p_at, p) and torch.equal(stats_at, stats)
+    assert all(torch.equal(f, w) for f, w in zip(at, found))
+    listings.clear()
+    p_over, stats_over, over = ops.entmax_with_stats(x, a, None, with_support=share, support_rows=40,
+                                                     support_groups_at_least=4.5 / 6)
+    assert over is None and not listings
+    assert torch.equal(p_over, p) and torch.equal(stats_over, stats)
+
+
+@pytest.mark.usefixtures("search_machinery")
 def test_a_group_listed_in_one_chunk_and_refused_in_the_next_is_left_out(monkeypatch):
     """A group whose rows lie in two chunks, sparse in the first (listed) and dense in the second (refused by its
     sample), is not listed, even if the entries of its listed part are few."""
