@@ -73,6 +73,14 @@ GROUP_START_FROM = 256
 #: benchmarks/results/entmax_search_groups_s20.md): sparsemax 36 / 26 / 27 ms,
 #: 1.5-entmax 42 / 30 / 35 ms, one α per head 123 / 116 / 123 ms
 START_GROUP = 32
+#: Newton steps of the start's own search (on the group maxima), or None for as many as it takes to converge. Every
+#: iterate from below is a start at or below the row's τ: the search over the maxima needs no precision of its own
+#: (it bounds τ to a few percent at best), and on short rows its last steps were calls on a few thousand numbers
+#: each. The language-model benchmark's 512-token causal α-entmax blocks (``python -m benchmarks.ab alpha_entmax
+#: --ops entmax,entmax_attention --against HEAD --pattern causal --length 512 --batch 4 --threads 1``, Intel Xeon)
+#: took 0.993x the step with 3 steps, 0.994x with 2; the need_weights benchmark's (1, 8, 512, 4096) block the same
+#: number of full-row steps (``python -m benchmarks.entmax_search --against HEAD --listed``)
+START_STEPS = 3
 #: a chunk whose groups above the start are too many to search before its shift (:func:`_sparse_runs`) is judged
 #: again on groups of this many entries, the halves of the :data:`START_GROUP` ones: a support of a few dozen
 #: entries a row, scattered over half of its 32-entry groups, lies in a quarter of its 16-entry ones. Their maxima
@@ -235,8 +243,8 @@ def _newton_step(u: Tensor, tau: Tensor, beta: Union[float, Tensor], d: Tensor,
     return torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0), total
 
 
-def _newton_threshold(u: Tensor, beta: Union[float, Tensor],
-                      start: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+def _newton_threshold(u: Tensor, beta: Union[float, Tensor], start: Optional[Tensor] = None,
+                      steps: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """τ with ``sum([u - τ]_+ ^ β) = 1`` for β >= 1, by Newton's method on the β-norm (see the module docstring),
     from ``start`` (one τ per row, at or below the root) or -1. ``u`` has its row max at 0 (or is all -inf).
 
@@ -269,7 +277,7 @@ def _newton_threshold(u: Tensor, beta: Union[float, Tensor],
     active: Optional[Tensor] = None  # indices of the rows still iterated; None = all rows, in place
     compacted_powers: Optional[Tensor] = None  # powers_buffer keeps every stopped row's powers
     converged = False
-    for _ in range(MAX_NEWTON_STEPS):
+    for _ in range(MAX_NEWTON_STEPS if steps is None else steps):
         if active is None:
             step, total = _newton_step(rows, tau, beta, d_buffer, powers_buffer)
             current, row_beta = tau, beta
@@ -435,8 +443,8 @@ def _entries_above_in_groups(u: Tensor, start: Tensor, chosen: Tensor,
 
 
 def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor, groups: Optional[Tensor],
-                        output: bool = True, sampled: bool = False,
-                        support: Optional[list] = None) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+                        output: bool = True, sampled: bool = False, support: Optional[list] = None,
+                        steps: Optional[int] = None) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
     """The search of :func:`_newton_threshold` on rows ``u`` (R, n) from ``start`` (R, 1), run on a gathered copy
     of the entries above the start only, and (``output``) the output written over ``u``; returns (τ, the sums
     divided by, or None without ``output``), or None (``u`` untouched) when some row has more than
@@ -456,12 +464,12 @@ def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor, gr
     if u.size(0) and int(counts.max()) > GATHER_BELOW * n:
         return None
     return _search_listed(take_entries(u, row_of, col_of), row_of, col_of, counts, u, beta, start, output,
-                          support)
+                          support, steps)
 
 
 def _search_listed(values: Tensor, row_of: Tensor, col_of: Tensor, counts: Tensor, out: Tensor,
                    beta: Union[float, Tensor], start: Tensor, output: bool = True,
-                   support: Optional[list] = None) -> Tuple[Tensor, Optional[Tensor]]:
+                   support: Optional[list] = None, steps: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """The search of :func:`_gathered_threshold` on the listed entries above the start of the rows of ``out`` (R,
     n), ``values`` at ``(row_of, col_of)`` (each row's in a run; ``counts`` of each row), and
     (``output``) the output written over ``out``; ``support``: a list to which the (rows, columns) of the
@@ -470,7 +478,7 @@ def _search_listed(values: Tensor, row_of: Tensor, col_of: Tensor, counts: Tenso
     widest = int(counts.max()) if rows else 0
     slot = torch.arange(row_of.numel(), device=out.device) - (counts.cumsum(0) - counts).index_select(0, row_of)
     gathered = put_entries(values.new_full((rows, max(1, widest)), float("-inf")), row_of, slot, values)
-    tau, powers, totals = _newton_threshold(gathered, beta, start)
+    tau, powers, totals = _newton_threshold(gathered, beta, start, None if output else steps)
     if not output:
         return tau, None
     total = _normalise(gathered, tau, powers, totals, beta)
@@ -769,8 +777,10 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
         groups = groups.to(shift.dtype).sub_(shift).mul_(alpha_minus_one).view(rows.size(0), -1)
         # the start's own search begins at -1: with a power per step, on the maxima above -1 alone if few are
         minus_one = groups.new_full((groups.size(0), 1), -1.0)
-        found = _gathered_threshold(groups, row_beta, minus_one, None, output=False) if gathers else None
-        starts = (found[0] if found is not None else _newton_threshold(groups, row_beta)[0]).view(-1, 1)
+        found = _gathered_threshold(groups, row_beta, minus_one, None, output=False,
+                                    steps=START_STEPS) if gathers else None
+        starts = (found[0] if found is not None else _newton_threshold(groups, row_beta,
+                                                                        steps=START_STEPS)[0]).view(-1, 1)
     stats = rows.new_empty(rows.size(0), 3)
     stats[:, 0] = shift_rows.view(-1)
     # (x - shift) (α-1) as x (α-1) - shift (α-1) in one pass where that gives the same numbers (:func:`_shift_scores`)

@@ -103,7 +103,8 @@ def test_rows_normalised_in_chunks_equal_one_pass(alpha, monkeypatch):
     searches = []
     search = ops._newton_threshold
     monkeypatch.setattr(ops, "_newton_threshold",
-                        lambda u, beta, start=None: searches.append(u.size(0)) or search(u, beta, start))
+                        lambda u, beta, start=None, steps=None: searches.append(u.size(0)) or search(u, beta, start,
+                                                                                               steps))
     monkeypatch.setattr(ops, "ROW_CHUNK_ELEMENTS", 3 * 9)
     chunked = run()
     assert searches == [3] * 10
@@ -431,7 +432,7 @@ def test_small_problems_take_their_own_path_and_equal_the_search(alpha, dtype, t
     calls = []
     for name in ("_small_entmax_with_stats", "_sorted_threshold", "_plain_newton", "_newton_threshold"):
         original = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *args, _f=original, _n=name: calls.append(_n) or _f(*args))
+        monkeypatch.setattr(ops, name, lambda *args, _f=original, _n=name, **kw: calls.append(_n) or _f(*args, **kw))
     p, stats = ops.entmax_with_stats(x, a, mask)
     sorted_rows = alpha in (2.0, 1.5) and x.numel() <= ops.SORTED_ELEMENTS
     assert calls[0] == "_small_entmax_with_stats" and "_newton_threshold" not in calls
@@ -518,7 +519,7 @@ def test_decoding_steps_normalise_without_the_search(cls, cross, monkeypatch):
         full = attn(tgt, src, src, need_weights=False)[0]
         searched = []
         search = ops._newton_threshold
-        monkeypatch.setattr(ops, "_newton_threshold", lambda *a: searched.append(a[0].shape) or search(*a))
+        monkeypatch.setattr(ops, "_newton_threshold", lambda *a, **k: searched.append(a[0].shape) or search(*a, **k))
         state, steps = {}, []
         for t in range(tgt.size(0)):
             step = tgt[t : t + 1]
@@ -854,10 +855,46 @@ def test_a_general_alphas_start_is_searched_on_the_group_maxima_above_minus_one(
     monkeypatch.setattr(ops, "_gathered_threshold",
                         lambda *a, **k: starts.append(k) or gathered(*a, **k))
     p, stats = ops.entmax_with_stats(x, alpha, None)
-    assert {"output": False} in starts
+    assert any(k.get("output") is False for k in starts)
     assert (found[0] <= stats[..., 1].reshape(-1, 1) + 1e-15).all()
     monkeypatch.setattr(ops, "GATHER_BELOW", 0.0)
     p_full, stats_full = ops.entmax_with_stats(x, alpha, None)
+    torch.testing.assert_close(p, p_full, atol=1e-14, rtol=0)
+    torch.testing.assert_close(stats, stats_full, atol=1e-13, rtol=1e-13)
+
+
+@pytest.mark.usefixtures("search_machinery")
+@pytest.mark.parametrize("alpha", [1.3, 1.5, 2.0, "per-head"])
+def test_the_start_search_stops_after_start_steps_below_every_threshold(alpha, monkeypatch):
+    """The search over the group maxima gives only a start: it stops after START_STEPS Newton steps (each iterate
+    from below is below the maxima's root, so below the row's τ), and the probabilities and statistics equal
+    those from a start searched to convergence."""
+    import fluence_fairseq.ops.entmax as ops
+
+    x = _scores(2, 2, 16, 1024, seed=6, scale=3.0, dtype=torch.float64)
+    a = torch.tensor([1.2, 1.7], dtype=torch.float64).view(1, 2, 1, 1) if alpha == "per-head" else alpha
+    widths = []
+    step = ops._newton_step
+    monkeypatch.setattr(ops, "_newton_step", lambda u, *args: widths.append(u.size(-1)) or step(u, *args))
+    monkeypatch.setattr(ops, "START_STEPS", None)
+    p_full, stats_full = ops.entmax_with_stats(x, a, None)
+    uncapped = widths.count(1024 // ops.START_GROUP)
+    widths.clear()
+    monkeypatch.setattr(ops, "START_STEPS", 1)
+    starts = []
+    search = ops._newton_threshold
+
+    def spy(u, *args, **kw):
+        found = search(u, *args, **kw)
+        if u.size(-1) == 1024 // ops.START_GROUP:
+            starts.append(found[0])
+        return found
+
+    monkeypatch.setattr(ops, "_newton_threshold", spy)
+    p, stats = ops.entmax_with_stats(x, a, None)
+    assert uncapped > 1 and widths.count(1024 // ops.START_GROUP) <= 1
+    if starts:
+        assert (starts[0].view(-1) <= stats[..., 1].reshape(-1) + 1e-15).all()
     torch.testing.assert_close(p, p_full, atol=1e-14, rtol=0)
     torch.testing.assert_close(stats, stats_full, atol=1e-13, rtol=1e-13)
 
