@@ -132,6 +132,15 @@ RUN_ELEMENTS = 1 << 22
 #: a search whose steps take powers settles a row without its confirming step when the next step is predicted far
 #: below the tolerance (:func:`_newton_threshold`)
 SETTLE = True
+#: a search on at most this many entries takes every step on all its rows and settles none: the bookkeeping of
+#: settled and compacted rows is some 45 calls a step on (rows, 1) tensors, ~110 us on an Intel Xeon, more than
+#: the work it spares on a small chunk. Searches from -1 on (2048, n) chunks of 512-token α-entmax scores (one
+#: α per head from 1.15 to 1.81, one thread): n = 64 / 128 / 192 / 256 took 1.93 / 3.84 / 5.99 / 8.08 ms this
+#: way against 2.56 / 4.29 / 6.36 / 8.51, but (1365, 384) and (1024, 512) 9.3 against 8.6. Paired against the
+#: search without it (``python -m benchmarks.ab alpha_entmax --ops entmax,entmax_attention --against HEAD
+#: --pattern causal --length 512 --batch 4 --threads 1``): 0.986x the α-entmax step, 1.5-entmax 1.003x,
+#: sparsemax 0.995x (2^19: 0.998x, 2^19 + 1: 1.007x with α-entmax)
+LEAN_AT_MOST = 1 << 18
 #: the backward of a general α takes its logarithms, exponentials and sums on the gathered support of a chunk of
 #: rows when it is at most this share of the chunk's entries (:func:`_sparse_support`). Per (128, 4096) chunk of
 #: the need_weights benchmark's scores (AMD EPYC, one thread): finding the support costs 0.54 ms, the backward
@@ -275,7 +284,9 @@ def _newton_threshold(u: Tensor, beta: Union[float, Tensor], start: Optional[Ten
     # next step would be far below the tolerance without taking it (see below). 1.5-entmax settling its rows
     # exactly (d - δ, no power) took 2.35 against 3.02 full steps per row but 32.4 against 26.1 ms (``python -m
     # benchmarks.entmax_search``): its steps cost little more than the settling's own pass and checks
-    settles = SETTLE and not (isinstance(beta, float) and beta in (1.0, 2.0))
+    # a small search (see :data:`LEAN_AT_MOST`) neither settles nor compacts its rows
+    lean = rows.numel() <= LEAN_AT_MOST
+    settles = SETTLE and not lean and not (isinstance(beta, float) and beta in (1.0, 2.0))
     last_steps = rows.new_zeros(rows.size(0), 1)
     active: Optional[Tensor] = None  # indices of the rows still iterated; None = all rows, in place
     compacted_powers: Optional[Tensor] = None  # powers_buffer keeps every stopped row's powers
@@ -330,7 +341,7 @@ def _newton_threshold(u: Tensor, beta: Union[float, Tensor], start: Optional[Ten
         if count == 0:
             converged = True
             break
-        if count < COMPACT_BELOW * moving.numel():
+        if not lean and count < COMPACT_BELOW * moving.numel():
             positions = moving.nonzero().view(-1)
             active = positions if active is None else active.index_select(0, positions)
     tau = tau.view(u.shape[:-1] + (1,))

@@ -26,12 +26,13 @@ def _full_row_steps(ops, monkeypatch, width):
 
 @pytest.fixture(params=["torch.pow", "powers by logarithms"])
 def search_machinery(request, monkeypatch):
-    """Small inputs through the search built for large ones (its chunks, starts, gathers, settling), not through
-    the path for small problems (:func:`~fluence_fairseq.ops.entmax._small_entmax_with_stats`); a general α's
-    powers each way :func:`~fluence_fairseq.ops.entmax.nonnegative_power` may take them, whichever this machine
-    would choose."""
+    """Small inputs through the search built for large ones (its chunks, starts, gathers, settling and compacted
+    rows), not through the path for small problems (:func:`~fluence_fairseq.ops.entmax._small_entmax_with_stats`)
+    nor the lean steps of small searches (``LEAN_AT_MOST``); a general α's powers each way
+    :func:`~fluence_fairseq.ops.entmax.nonnegative_power` may take them, whichever this machine would choose."""
     import fluence_fairseq.ops.entmax as ops
     monkeypatch.setattr(ops, "SMALL_ELEMENTS", 0)
+    monkeypatch.setattr(ops, "LEAN_AT_MOST", 0)
     monkeypatch.setattr(ops, "POWERS_BY_LOGARITHMS", request.param == "powers by logarithms")
 
 
@@ -984,6 +985,40 @@ def test_rows_settled_without_a_confirming_step_equal_confirmed_ones(dtype, tol,
                              for h, a in enumerate(alphas)], 1)
     error, confirmed_error = (p.double() - reference).abs().max(), (p_confirmed.double() - reference).abs().max()
     assert error <= confirmed_error + tol
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.5, 1.3, "per-head"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 2e-6)])
+def test_small_searches_take_every_step_on_all_rows_and_equal_the_full_search(alpha, dtype, tol, monkeypatch):
+    """A search on at most LEAN_AT_MOST entries takes each Newton step on all its rows (none compacted, none
+    settled: their bookkeeping cost more calls than the steps they spare), with the same probabilities and
+    thresholds as the search that settles and compacts, and as the entmax package's, with masked entries and a
+    fully masked row."""
+    import fluence_fairseq.ops.entmax as ops
+
+    monkeypatch.setattr(ops, "SMALL_ELEMENTS", 0)
+    x = _scores(2, 3, 16, 160, seed=8, scale=2.0, dtype=dtype)
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(9)) < 0.2
+    mask[1, 2, 3] = True
+    a = torch.tensor([1.1, 1.4, 1.8], dtype=dtype).view(1, 3, 1, 1) if alpha == "per-head" else alpha
+    rows_per_step = []
+    step = ops._newton_step
+    monkeypatch.setattr(ops, "_newton_step", lambda u, *args: rows_per_step.append(u.size(0)) or step(u, *args))
+    monkeypatch.setattr(ops, "LEAN_AT_MOST", 0)
+    p_full, stats_full = ops.entmax_with_stats(x, a, mask)
+    compacted = [r for r in rows_per_step if r < 96]
+    rows_per_step.clear()
+    monkeypatch.setattr(ops, "LEAN_AT_MOST", x.numel())
+    p, stats = ops.entmax_with_stats(x, a, mask)
+    assert compacted and rows_per_step and set(rows_per_step) == {96}
+    torch.testing.assert_close(p, p_full, atol=tol, rtol=0)
+    torch.testing.assert_close(stats[..., :2], stats_full[..., :2], atol=4 * tol, rtol=0)
+    assert bool((p[1, 2, 3] == 0).all()) and not bool(p[mask].any())
+    alphas = [1.1, 1.4, 1.8] if alpha == "per-head" else [alpha] * 3
+    reference = torch.stack([entmax_pkg.entmax_bisect(x[:, h].double().masked_fill(mask[:, h], float("-inf")),
+                                                      alphas[h], n_iter=200) for h in range(3)], 1)
+    reference[1, 2, 3] = 0.0
+    torch.testing.assert_close(p.double(), reference, atol=10 * tol, rtol=0)
 
 
 @pytest.mark.usefixtures("either_path")
