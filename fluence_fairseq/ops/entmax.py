@@ -133,13 +133,11 @@ RUN_ELEMENTS = 1 << 22
 #: below the tolerance (:func:`_newton_threshold`)
 SETTLE = True
 #: a search on at most this many entries takes every step on all its rows and settles none: the bookkeeping of
-#: settled and compacted rows is some 45 calls a step on (rows, 1) tensors, ~110 us on an Intel Xeon, more than
-#: the work it spares on a small chunk. Searches from -1 on (2048, n) chunks of 512-token α-entmax scores (one
-#: α per head from 1.15 to 1.81, one thread): n = 64 / 128 / 192 / 256 took 1.93 / 3.84 / 5.99 / 8.08 ms this
-#: way against 2.56 / 4.29 / 6.36 / 8.51, but (1365, 384) and (1024, 512) 9.3 against 8.6. Paired against the
-#: search without it (``python -m benchmarks.ab alpha_entmax --ops entmax,entmax_attention --against HEAD
-#: --pattern causal --length 512 --batch 4 --threads 1``): 0.986x the α-entmax step, 1.5-entmax 1.003x,
-#: sparsemax 0.995x (2^19: 0.998x, 2^19 + 1: 1.007x with α-entmax)
+#: settled and compacted rows is some 45 calls a step on (rows, 1) tensors, which on a small chunk cost more than
+#: the work they spare (on the 512-token blocks' chunks of 256 keys and fewer; chunks of 384-512 keys, 2^19
+#: entries, keep the full loop, which spares them more work). Paired against the search without it (``python -m
+#: benchmarks.ab NAME --ops entmax,entmax_attention --against d27ca68 --pattern causal --length 512 --batch 4
+#: --threads 1``, Intel Xeon): 0.986x the α-entmax step, 1.5-entmax 1.003x, sparsemax 0.995x
 LEAN_AT_MOST = 1 << 18
 #: the backward of a general α takes its logarithms, exponentials and sums on the gathered support of a chunk of
 #: rows when it is at most this share of the chunk's entries (:func:`_sparse_support`). Per (128, 4096) chunk of
@@ -764,8 +762,9 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
     that may be listed, judged on their samples after the search (:func:`_sampled_listing`), are fewer, before
     any chunk's output is listed: a caller that keeps the support only for that many groups (an attention block
     works on its support when at least half its pairs are sparse) never pays for listing the others (the
-    language-model benchmark's 512-token α-entmax blocks listed 3-13 of their 32 pairs in every block, only to
-    drop them: 4.5% of the attention's training step)."""
+    language-model benchmark's 512-token α-entmax blocks listed fewer than half of their 32 pairs in every block,
+    only to drop them; ``python -m benchmarks.ab alpha_entmax --ops entmax,entmax_attention --against 9c2b139
+    --pattern causal --length 512 --batch 4 --threads 1`` at c3d6c71: 0.965x the step)."""
     alpha = _in_compute_dtype(x, alpha)
     if 0 < x.numel() <= SMALL_ELEMENTS and with_support is None:
         return _small_entmax_with_stats(x, alpha, mask)
