@@ -75,11 +75,11 @@ GROUP_START_FROM = 256
 START_GROUP = 32
 #: Newton steps of the start's own search (on the group maxima), or None for as many as it takes to converge. Every
 #: iterate from below is a start at or below the row's τ: the search over the maxima needs no precision of its own
-#: (it bounds τ to a few percent at best), and on short rows its last steps were calls on a few thousand numbers
-#: each. The language-model benchmark's 512-token causal α-entmax blocks (``python -m benchmarks.ab alpha_entmax
-#: --ops entmax,entmax_attention --against HEAD --pattern causal --length 512 --batch 4 --threads 1``, Intel Xeon)
-#: took 0.993x the step with 3 steps, 0.994x with 2; the need_weights benchmark's (1, 8, 512, 4096) block the same
-#: number of full-row steps (``python -m benchmarks.entmax_search --against HEAD --listed``)
+#: (its root only bounds the row's τ from below), and on short rows its last steps were calls on a few thousand
+#: numbers each. The language-model benchmark's 512-token causal α-entmax blocks (``python -m benchmarks.ab
+#: alpha_entmax --ops entmax,entmax_attention --against c3d6c71 --pattern causal --length 512 --batch 4 --threads
+#: 1``, Intel Xeon) took 0.993x the step with 3 steps, 0.994x with 2; the need_weights benchmark's (1, 8, 512, 4096)
+#: block the same number of full-row steps (``python -m benchmarks.entmax_search --against c3d6c71 --listed``)
 START_STEPS = 3
 #: a chunk whose groups above the start are too many to search before its shift (:func:`_sparse_runs`) is judged
 #: again on groups of this many entries, the halves of the :data:`START_GROUP` ones: a support of a few dozen
