@@ -263,7 +263,9 @@ def _newton_threshold(u: Tensor, beta: Union[float, Tensor], start: Optional[Ten
 
     Rows converge after different numbers of steps (most within one or two of each other); once fewer than
     :data:`COMPACT_BELOW` of the rows still move, the steps run on a gathered copy of those rows only, so the last
-    steps (including the one that only confirms convergence) cost a fraction of a full pass."""
+    steps (including the one that only confirms convergence) cost a fraction of a full pass. A search on at most
+    :data:`LEAN_AT_MOST` entries neither compacts nor settles. ``steps``: at most this many steps (a start's
+    search, whose every iterate is a lower bound), after which τ is returned unconverged (with None, None)."""
     n = u.size(-1)
     rows = u.reshape(-1, n)
     if start is None:
@@ -465,7 +467,8 @@ def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor, gr
     output and adds nothing to any sum the search takes. ``groups``: the rows' group maxima, if known. A chunk is
     refused first when every 16th column says a row would be too wide (:func:`_too_wide`; listing the entries of
     a dense chunk cost as much as a search step; ``sampled``: the caller has checked), then by the widest row of
-    the entries found. ``support``: a list to which the output's support is added (:func:`_search_listed`)."""
+    the entries found. ``support``: a list to which the output's support is added (:func:`_search_listed`).
+    ``steps``: without ``output`` (a start's search), at most this many Newton steps."""
     n = u.size(-1)
     if not sampled and _too_wide(*_sampled_shares(u, start), n):
         return None
