@@ -36,7 +36,7 @@ import math
 import statistics
 import sys
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -379,21 +379,42 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+#: the problem of ``--quick`` (a smoke test)
+QUICK_SIZES = dict(length=64, heads=2, head_dim=8, batch=1, block=8)
+
+
+def add_problem_arguments(parser: argparse.ArgumentParser) -> None:
+    """The pruning benchmarks' problem (this one's and ``benchmarks.pruning_kernel``'s): its sizes, block, threads,
+    patterns and ``--quick``; read back by :func:`problem_of`."""
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--block", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--patterns", default="noncausal,causal", help="comma-separated: noncausal, causal")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test): L=64, H=2, D=8, B=1, block 8")
+
+
+def problem_of(args: argparse.Namespace) -> Tuple[Dict[str, int], Tuple[str, ...]]:
+    """(sizes with the block, patterns) of arguments parsed with :func:`add_problem_arguments`, ``--quick``'s
+    sizes where given; exits naming ``--patterns`` when it holds an unknown pattern or none."""
+    sizes = dict(QUICK_SIZES) if args.quick else dict(length=args.length, heads=args.heads, head_dim=args.head_dim,
+                                                        batch=args.batch, block=args.block)
+    patterns = tuple(p for p in args.patterns.split(",") if p)
+    if not patterns or not set(patterns) <= {"noncausal", "causal"}:
+        raise SystemExit(f"--patterns: unknown patterns or none in {args.patterns!r}; choose noncausal and/or causal")
+    return sizes, patterns
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_problem_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", metavar="OUT", help="write the report as JSON")
     parser.add_argument("--heads-layout", choices=("bhld", "lbhd"), default="bhld",
                         help="q, k, v contiguous (B, H, L, D) tensors, or (B, H, L, D) views of (L, B, H, D) memory as "
                         "an attention module's heads are (every case alike, dense SDPA included)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test): L=64, H=2, D=8, B=1, block 8")
     parser.add_argument("--against", metavar="REV", help="instead: paired A/B of the block-sparse path against the "
                         "ops module at git revision REV (70%% and 90%%, query blocks of --q-factors key blocks)")
     parser.add_argument("--q-factors", default="1,2,4", help="with --against: query blocks as multiples of the key "
@@ -412,12 +433,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.worker:
         print(json.dumps(_worker(json.loads(sys.stdin.read()))))
         return
-    sizes = dict(length=args.length, heads=args.heads, head_dim=args.head_dim, batch=args.batch, block=args.block)
-    if args.quick:
-        sizes = dict(length=64, heads=2, head_dim=8, batch=1, block=8)
-    patterns = tuple(p for p in args.patterns.split(",") if p)
-    if not set(patterns) <= {"noncausal", "causal"}:
-        raise SystemExit(f"unknown patterns {patterns}; choose from noncausal, causal")
+    sizes, patterns = problem_of(args)
     if args.against:
         try:
             q_factors = tuple(int(f) for f in args.q_factors.split(",") if f)

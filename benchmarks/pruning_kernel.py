@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .attention import machine_info
 from .common import add_allocator_argument, round_robin, use_allocator
-from .pruning import make_mask
+from .pruning import add_problem_arguments, make_mask, problem_of
 from fluence_fairseq.ops.common import FLASH_CPU, FLASH_CPU_BACKWARD
 from fluence_fairseq.ops.pruned_attention import PrunedPlan, _bucket_problem, _chunks, _rows_first, _to_blocks
 
@@ -150,27 +150,16 @@ def calls_table(length, heads, head_dim, batch, block, repeats, causal: bool, ta
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--block", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1)
+    add_problem_arguments(parser)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--tau", type=float, default=90.0, help="the block-sparse calls' pruning percentage")
-    parser.add_argument("--patterns", default="noncausal,causal", help="comma-separated: noncausal, causal")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test): L=64, H=2, D=8, B=1, block 8")
     add_allocator_argument(parser)
     args = parser.parse_args(argv)
     if FLASH_CPU_BACKWARD is None:
         raise SystemExit("this torch has no CPU flash-attention kernels")
-    patterns = [p for p in args.patterns.split(",") if p]
-    if not patterns or not set(patterns) <= {"noncausal", "causal"}:
-        raise SystemExit(f"--patterns: noncausal and/or causal, got {args.patterns!r}")
-    sizes = dict(length=args.length, heads=args.heads, head_dim=args.head_dim, batch=args.batch)
-    block, repeats, rows = args.block, args.repeats, 256
-    if args.quick:
-        sizes, block, repeats, rows = dict(length=64, heads=2, head_dim=8, batch=1), 8, 1, 32
+    sizes, patterns = problem_of(args)
+    block = sizes.pop("block")
+    repeats, rows = (1, 32) if args.quick else (args.repeats, 256)
     allocator = use_allocator(args.allocator)
     torch.set_num_threads(args.threads)
     machine = machine_info()

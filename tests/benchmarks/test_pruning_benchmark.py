@@ -105,6 +105,8 @@ def test_worker_subprocess_memory():
 def test_unknown_pattern_is_refused():
     with pytest.raises(SystemExit, match="unknown patterns"):
         bp.main(["--quick", "--patterns", "cross"])
+    with pytest.raises(SystemExit, match="--patterns"):  # none at all (it ran nothing before)
+        bp.main(["--quick", "--patterns", ","])
 
 
 @pytest.mark.skipif(subprocess.run(["git", "rev-parse", "HEAD"], cwd=ab.REPO, capture_output=True).returncode != 0,
