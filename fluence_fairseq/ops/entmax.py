@@ -368,7 +368,8 @@ def _entmax_forward(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tenso
     """Probabilities along the last dim in the compute dtype (float32/float64)."""
     if isinstance(alpha, Tensor):
         alpha = alpha.to(_compute_dtype(x.dtype))
-        lowest, highest = torch.stack(torch.aminmax(alpha)).tolist()  # one read of the device for both checks
+        lowest, highest = torch.stack(torch.aminmax(alpha)).tolist() if alpha.device.type != "cpu" else (
+            float(bound) for bound in torch.aminmax(alpha))  # off the CPU: one read of the device for both
         if not lowest > 1:
             raise ValueError("entmax needs alpha > 1 (alpha = 1 is softmax: use torch.softmax)")
         large = highest > 2
@@ -617,17 +618,42 @@ def _plain_newton(u: Tensor, beta: Union[float, Tensor]) -> Tuple[Tensor, Option
     """:func:`_newton_threshold` from -1 without its bookkeeping for large inputs (no gathered rows, no settling):
     every row takes every step until none moves, those already within the tolerance too (their steps are below
     it, and from below the root Newton's iterates only rise to it). Returns τ and, if it converged, the powers
-    taken at that τ and their sums."""
-    tau = u.new_full((u.size(0), 1), -1.0)
+    taken at that τ and their sums. A general β takes :func:`_small_newton_step`. ``u`` is (..., n), β a float or
+    broadcast against its rows."""
+    tau = u.new_full(u.shape[:-1] + (1,), -1.0)
     tol = 4 * torch.finfo(u.dtype).eps
     d, powers = torch.empty_like(u), torch.empty_like(u)
-    exponent = None if isinstance(beta, float) else 1 - 1 / beta  # two calls of every step, taken once
+    general = not (isinstance(beta, float) and beta in (1.0, 2.0))
+    if general:  # the step's exponents, taken once: every call is a few microseconds of a decoding step
+        # β - 1 kept above 0: 0^0 would be 1 where a row's β is 1 (α = 2), and d^(1e-30) is 1 for every positive d
+        beta_minus_one = beta - 1 if isinstance(beta, float) else (beta - 1).clamp_(min=1e-30)
+        exponent = 1 - 1 / beta
     for _ in range(MAX_NEWTON_STEPS):
-        step, total = _newton_step(u, tau, beta, d, powers, exponent)
-        if not bool((step.abs() > tol * (1 + tau.abs())).any()):
+        if general:
+            step, total = _small_newton_step(u, tau, beta_minus_one, exponent, d, powers)
+        else:
+            step, total = _newton_step(u, tau, beta, d, powers)
+        # τ lies in [-1, 0) (the row max is 0 and τ rises from -1 to the root), so the tolerance tol (1 + |τ|) is
+        # tol (1 - τ): |step| > tol (1 - τ) as |step| + tol τ > tol, one maximum for all rows (three calls, not six)
+        if not float(torch.add(step.abs(), tau, alpha=tol).amax()) > tol:
+            if general:  # d^β = d^(β-1) d, taken once at the end rather than at every step
+                powers.mul_(d)
             return tau, powers, total
         tau.add_(step)
     return tau, None, None
+
+
+def _small_newton_step(u: Tensor, tau: Tensor, beta_minus_one: Union[float, Tensor], exponent: Union[float, Tensor],
+                       d: Tensor, lower: Tensor) -> Tuple[Tensor, Tensor]:
+    """:func:`_newton_step` for a general β in the fewest calls, for :func:`_plain_newton`: ``lower`` takes
+    d^(β-1) (0 off the support: ``beta_minus_one`` > 0), whose sum is the slope and whose dot product with d the
+    sum of the powers; ``d`` keeps [u - τ]_+. Returns the step (0 for rows without entries) and the sums of the
+    powers."""
+    torch.sub(u, tau, out=d).clamp_(min=0)
+    torch.pow(d, beta_minus_one, out=lower)
+    total = torch.linalg.vecdot(lower, d).unsqueeze_(-1)
+    step = torch.sub(total, total.pow(exponent)).div_(lower.sum(-1, keepdim=True))
+    return torch.nan_to_num_(step, nan=0.0, posinf=0.0, neginf=0.0), total
 
 
 #: ``(1/k, -1/k)`` for k = 1, 2, ... per ``(dtype, device)``, as long as the longest rows seen (a call takes the first
@@ -715,8 +741,23 @@ def _small_sorted_entmax(x: Tensor, beta: float) -> Tensor:
     return p.div_(p.sum(-1, keepdim=True)).nan_to_num_(nan=0.0)
 
 
+def _small_general_entmax(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor]) -> Tensor:
+    """α-entmax (a general α: not 1.5 or 2) of a small problem without row statistics, in the fewest calls (a
+    decoding step's 40 rows of a few dozen scores, where every call costs microseconds and the data nothing): the
+    rows shifted as the search shifts them, in their own shape (α broadcasts as given), τ by
+    :func:`_plain_newton`. A row without entries (all -inf or masked) becomes NaN on the way and 0 at the end."""
+    compute = _compute_dtype(x.dtype)
+    base = x.to(compute) if mask is None else x.to(compute).masked_fill(mask, float("-inf"))
+    alpha_minus_one = alpha - 1
+    u = torch.sub(base, base.amax(dim=-1, keepdim=True)).mul_(alpha_minus_one)
+    _, powers, totals = _plain_newton(u, 1 / alpha_minus_one)
+    if powers is None:  # no convergence within MAX_NEWTON_STEPS (never seen): the statistics' path takes it
+        return _small_entmax_with_stats(x, alpha, mask, stats=False, lean=False)[0]
+    return powers.div_(totals).nan_to_num_(nan=0.0)
+
+
 def _small_entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor],
-                             stats: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+                             stats: bool = True, lean: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """:func:`entmax_with_stats` (without the support) for a small problem (:data:`SMALL_ELEMENTS`): the rows
     shifted as the search shifts them, τ exactly from the sorted rows for sparsemax and 1.5-entmax
     (:func:`_sorted_threshold`: no loop, no synchronisation; up to :data:`SORTED_ELEMENTS`) and by plain Newton
@@ -724,6 +765,8 @@ def _small_entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optio
     n = x.size(-1)
     if not stats and mask is None and isinstance(alpha, float) and alpha in (1.5, 2.0) and x.numel() <= SORTED_ELEMENTS:
         return _small_sorted_entmax(x.to(_compute_dtype(x.dtype)), 1.0 / (alpha - 1.0)), None
+    if not stats and lean and not (isinstance(alpha, float) and alpha in (1.5, 2.0)):
+        return _small_general_entmax(x, alpha, mask), None
     alpha_minus_one = alpha - 1
     base, has_entries, shift, _ = _row_shifts(x, mask)
     row_scale, row_beta = _per_row(alpha_minus_one, x.shape), _per_row(1 / alpha_minus_one, x.shape)
@@ -1295,10 +1338,11 @@ def _check_alpha_shape(x: Tensor, alpha: Tensor) -> None:
             f"alpha of shape {tuple(alpha.shape)} must broadcast against the rows of x {tuple(x.shape)} with size 1 "
             "along the normalised (last) dim, e.g. (1, H, 1, 1) for one alpha per head of (B, H, Lq, Lk) scores"
         )
-    try:
-        torch.broadcast_shapes(alpha.shape, x.shape[:-1] + (1,))
-    except RuntimeError:
-        raise ValueError(f"alpha of shape {tuple(alpha.shape)} does not broadcast against x {tuple(x.shape)}") from None
+    # α must broadcast *to* x's rows (an α wider than x failed later with an error about expanding); checked by
+    # hand: ``torch.broadcast_shapes`` runs Python reference code (11 us, a decoding step's call)
+    rows = x.shape[:-1] + (1,)
+    if any(a != r and a != 1 for a, r in zip(reversed(alpha.shape), reversed(rows))):
+        raise ValueError(f"alpha of shape {tuple(alpha.shape)} does not broadcast against x {tuple(x.shape)}")
 
 
 def entmax(x: Tensor, alpha: Union[float, Tensor] = 1.5, dim: int = -1, mask: Optional[Tensor] = None) -> Tensor:

@@ -479,6 +479,65 @@ def test_small_unmasked_problems_take_the_fewest_calls_and_equal_the_search(alph
     torch.testing.assert_close(p.sum(-1)[live].double(), torch.ones_like(p.sum(-1)[live]).double(), atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("alpha", [1.3, "per-head"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 3e-6), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("shape", [(5, 4, 1, 16), (5, 4, 1, 300)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_small_general_problems_without_statistics_take_the_lean_steps_and_equal_the_search(alpha, dtype, tol, shape,
+                                                                                               masked, monkeypatch):
+    """A general α's small problem without row statistics (a decoding step) is normalised in its own shape by
+    the lean Newton steps (no row bookkeeping, d^(β-1) and one dot product a step, one convergence check for all
+    rows) and equals the search's probabilities: with per-head α from 1.01 to exactly 2 (where d^0 would count
+    the zeros), masked entries, -inf scores, rows without entries (all -inf, or all masked), ties and a one-hot
+    row."""
+    import fluence_fairseq.ops.entmax as ops
+    x = _scores(*shape, seed=7, scale=2.0, dtype=torch.float64).to(dtype)
+    x[0, 0, 0, : shape[-1] // 2] = 1.0  # ties at the top
+    x[1, 1, 0, 1:] = float("-inf")  # one entry left: one-hot
+    x[2, 1, 0] = float("-inf")  # a row without entries
+    x[:, 2, :, ::3] = float("-inf")
+    mask = None
+    if masked:
+        mask = torch.zeros(shape[0], 1, 1, shape[-1], dtype=torch.bool)  # key padding, broadcast over heads
+        mask[3, 0, 0, shape[-1] // 3:] = True
+        mask[4] = True  # a row without entries
+    a = torch.tensor([1.01, 1.6, 2.0, 1.2], dtype=dtype).view(1, 4, 1, 1) if alpha == "per-head" else alpha
+    calls = []
+    for name in ("_small_general_entmax", "_small_newton_step", "_newton_step", "_row_shifts"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, _f=original, _n=name, **kw: calls.append(_n) or _f(*args, **kw))
+    p = ops.entmax(x, a, mask=mask)
+    assert calls[0] == "_small_general_entmax" and "_small_newton_step" in calls
+    assert "_newton_step" not in calls and "_row_shifts" not in calls
+    assert p.shape == x.shape and p.dtype == dtype
+    monkeypatch.setattr(ops, "SMALL_ELEMENTS", 0)
+    p_search = ops.entmax(x, a, mask=mask)
+    torch.testing.assert_close(p, p_search, atol=tol, rtol=0)
+    assert torch.equal(p[2, 1, 0], torch.zeros(shape[-1], dtype=dtype)) and p[1, 1, 0, 0] == 1
+    if masked:
+        assert torch.equal(p[4], torch.zeros_like(p[4])) and torch.equal(p[3, :, :, shape[-1] // 3:],
+                                                                        torch.zeros_like(p[3, :, :, shape[-1] // 3:]))
+    live = p.sum(-1) > 0
+    torch.testing.assert_close(p.sum(-1)[live].double(), torch.ones_like(p.sum(-1)[live]).double(), atol=tol, rtol=0)
+
+
+def test_small_general_problems_that_do_not_converge_fall_back_to_the_threshold(monkeypatch):
+    """Where the lean steps do not converge within MAX_NEWTON_STEPS, the small problem is normalised from the
+    threshold reached, as the statistics' path does: that path is taken and its result returned."""
+    import fluence_fairseq.ops.entmax as ops
+    x = _scores(5, 4, 1, 40, seed=2, scale=3.0)
+    a = torch.tensor([1.1, 1.5, 1.9, 1.3]).view(1, 4, 1, 1)
+    monkeypatch.setattr(ops, "MAX_NEWTON_STEPS", 2)
+    leans = []
+    original = ops._small_entmax_with_stats
+    monkeypatch.setattr(ops, "_small_entmax_with_stats",
+                        lambda *args, **kw: leans.append(kw.get("lean", True)) or original(*args, **kw))
+    p = ops.entmax(x, a)
+    assert leans == [True, False]
+    torch.testing.assert_close(p, original(x, a, None, stats=False, lean=False)[0], atol=0, rtol=0)
+    assert ops._plain_newton((x - x.amax(-1, keepdim=True)) * (a - 1), 1 / (a - 1))[1:] == (None, None)  # unconverged
+
+
 def test_factors_cached_under_inference_mode_serve_calls_with_gradients():
     """The sorted thresholds' cached 1/k made by a first call under ``torch.inference_mode`` (fairseq-generate may
     run there) are ordinary tensors: a later call with gradients, and its backward, take them."""
@@ -1210,6 +1269,14 @@ def test_bad_alpha_is_refused_with_a_clear_error():
         entmax(x, torch.tensor([0.5, 1.5, 1.5]).view(1, 3, 1))
     with pytest.raises(ValueError, match="size 1 along the normalised"):
         entmax(x, torch.full((2, 3, 4), 1.5))
+    for shape in [(4, 1), (2, 2, 1), (3, 3, 1)]:  # broadcasting checked by hand: as torch.broadcast_shapes
+        with pytest.raises(ValueError, match="does not broadcast"):
+            entmax(x, torch.full(shape, 1.5))
+    for shape in [(3, 1), (2, 1, 1), (1, 1), (1, 3, 1), (2, 3, 1)]:
+        assert entmax(x, torch.full(shape, 1.5)).shape == x.shape
+    # α broadcasts to x's rows, not x to α's (which failed later with an error about expanding a tensor)
+    with pytest.raises(ValueError, match=r"alpha of shape \(1, 3, 1\) does not broadcast against x \(2, 1, 4\)"):
+        entmax(_scores(2, 1, 4), torch.full((1, 3, 1), 1.5))
     with pytest.raises(TypeError, match="floating-point"):
         entmax(torch.ones(2, 3, dtype=torch.long), 1.5)
 
