@@ -353,6 +353,21 @@ class AlphaEntmaxAttention(EntmaxAttentionBase):
     def alpha(self) -> Tensor:
         return learned_alpha(self.pre_alpha, self.alpha_lr_scale)
 
+    def _alpha_for_scores(self) -> Tensor:
+        """α as the scores take it, made again for a call without gradients only when its parameter's values or
+        the scale changed (four calls on eight numbers, measured at a few percent of a decoding step); with gradients,
+        made every call. The values are compared, not the parameter's version: fairseq's optimizers write
+        ``p.data``, whose writes the version counter does not see."""
+        if torch.is_grad_enabled():
+            return super()._alpha_for_scores()
+        param = self.pre_alpha
+        cached = self.__dict__.get("_alpha_without_grad")
+        if (cached is None or cached[1] != self.alpha_lr_scale or cached[0].device != param.device
+                or cached[0].dtype != param.dtype or not torch.equal(cached[0], param)):
+            cached = self.__dict__["_alpha_without_grad"] = (param.detach().clone(), self.alpha_lr_scale,
+                                                             super()._alpha_for_scores())
+        return cached[2]
+
 
 @fsmha
 class FSSparsemaxAttention(SparsemaxAttention):

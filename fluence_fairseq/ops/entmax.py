@@ -1339,7 +1339,7 @@ def _check_alpha_shape(x: Tensor, alpha: Tensor) -> None:
             "along the normalised (last) dim, e.g. (1, H, 1, 1) for one alpha per head of (B, H, Lq, Lk) scores"
         )
     # α must broadcast *to* x's rows (an α wider than x failed later with an error about expanding); checked by
-    # hand: ``torch.broadcast_shapes`` runs Python reference code (11 us, a decoding step's call)
+    # hand: ``torch.broadcast_shapes`` runs Python reference code, several calls' worth of a decoding step
     rows = x.shape[:-1] + (1,)
     if any(a != r and a != 1 for a, r in zip(reversed(alpha.shape), reversed(rows))):
         raise ValueError(f"alpha of shape {tuple(alpha.shape)} does not broadcast against x {tuple(x.shape)}")

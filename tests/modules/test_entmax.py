@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fluence_fairseq import FSAlphaEntmax, FSEntmax15, FSSparsemax
-from fluence_fairseq.modules.entmax import ALPHA_MAX, ALPHA_MIN, EntmaxAttentionBase, parse_alpha_init
+from fluence_fairseq.modules.entmax import (ALPHA_MAX, ALPHA_MIN, EntmaxAttentionBase, learned_alpha,
+                                           parse_alpha_init)
 from fluence_fairseq.ops.entmax import entmax, entmax15, sparsemax
 
 
@@ -1336,6 +1337,58 @@ def test_gradient_reaches_alpha_through_attention_and_training_moves_it():
         (attn(x, x, x)[0] - target).pow(2).mean().backward()
         opt.step()
     assert not torch.allclose(attn.alpha(), before)
+
+
+def test_alpha_without_gradients_is_made_again_only_when_its_parameter_or_scale_changes():
+    """Calls without gradients (decoding, validation) reuse α until the parameter's values change, however they
+    change: through ``.data`` as fairseq's optimizers write it (the version counter does not see that), in place,
+    by ``load_state_dict``, by a dtype change, or by a new scale; calls with gradients make it every time, with
+    its graph."""
+    torch.manual_seed(0)
+    attn = FSAlphaEntmax(16, 4)
+
+    def current():
+        return learned_alpha(attn.pre_alpha, attn.alpha_lr_scale).detach().view(1, -1, 1, 1)
+
+    with torch.no_grad():
+        first = attn._alpha_for_scores()
+        assert attn._alpha_for_scores() is first
+        torch.testing.assert_close(first, current(), atol=0, rtol=0)
+    for change in (lambda: attn.pre_alpha.data.add_(0.3), lambda: attn.pre_alpha.mul_(0.5),
+                   lambda: attn.load_state_dict({"pre_alpha": torch.randn(4), **{k: v for k, v in
+                                                 attn.state_dict().items() if k != "pre_alpha"}}),
+                   lambda: setattr(attn, "alpha_lr_scale", 2.0), lambda: attn.double()):
+        with torch.no_grad():
+            before = attn._alpha_for_scores()
+            change()
+            after = attn._alpha_for_scores()
+        assert after is not before and after.dtype == attn.pre_alpha.dtype
+        torch.testing.assert_close(after, current(), atol=0, rtol=0)
+        assert not torch.equal(after, before.to(after.dtype))
+    with torch.inference_mode():  # made under inference mode, still served to a later call without gradients
+        served = attn._alpha_for_scores()
+    with torch.no_grad():
+        assert attn._alpha_for_scores() is served
+    with_grad = attn._alpha_for_scores()
+    assert with_grad.grad_fn is not None and with_grad is not served
+    torch.testing.assert_close(with_grad.detach(), served, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [FSSparsemax, FSEntmax15, FSAlphaEntmax])
+def test_attention_dropout_applies_in_training_or_when_asked_for_at_inference_only(cls):
+    """The plain pass drops probabilities in training and, in evaluation, only where fairseq's dropout module is
+    set to apply during inference (MC dropout); otherwise evaluation equals the module without dropout."""
+    torch.manual_seed(0)
+    attn, plain = cls(16, 2, dropout=0.5).eval(), cls(16, 2).eval()
+    plain.load_state_dict(attn.state_dict())
+    x = torch.randn(6, 2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, x, x)[0], plain(x, x, x)[0], atol=0, rtol=0)
+        attn.dropout_module.apply_during_inference = True
+        assert not torch.allclose(attn(x, x, x)[0], plain(x, x, x)[0])
+        attn.dropout_module.apply_during_inference = False
+        attn.train()
+        assert not torch.allclose(attn(x, x, x)[0], plain(x, x, x)[0])
 
 
 def test_alpha_init_option():
