@@ -460,7 +460,7 @@ def _entries_above_in_groups(u: Tensor, start: Tensor, chosen: Tensor,
 
 def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor, groups: Optional[Tensor],
                         output: bool = True, sampled: bool = False, support: Optional[list] = None,
-                        steps: Optional[int] = None) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+                        steps: Optional[int] = None, write: bool = True) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
     """The search of :func:`_newton_threshold` on rows ``u`` (R, n) from ``start`` (R, 1), run on a gathered copy
     of the entries above the start only, and (``output``) the output written over ``u``; returns (τ, the sums
     divided by, or None without ``output``), or None (``u`` untouched) when some row has more than
@@ -469,7 +469,8 @@ def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor, gr
     refused first when every 16th column says a row would be too wide (:func:`_too_wide`; listing the entries of
     a dense chunk cost as much as a search step; ``sampled``: the caller has checked), then by the widest row of
     the entries found. ``support``: a list to which the output's support is added (:func:`_search_listed`).
-    ``steps``: without ``output`` (a start's search), at most this many Newton steps."""
+    ``steps``: without ``output`` (a start's search), at most this many Newton steps. ``write``: see
+    :func:`_search_listed`."""
     n = u.size(-1)
     if not sampled and _too_wide(*_sampled_shares(u, start), n):
         return None
@@ -481,16 +482,19 @@ def _gathered_threshold(u: Tensor, beta: Union[float, Tensor], start: Tensor, gr
     if u.size(0) and int(counts.max()) > GATHER_BELOW * n:
         return None
     return _search_listed(take_entries(u, row_of, col_of), row_of, col_of, counts, u, beta, start, output,
-                          support, steps)
+                          support, steps, write)
 
 
 def _search_listed(values: Tensor, row_of: Tensor, col_of: Tensor, counts: Tensor, out: Tensor,
                    beta: Union[float, Tensor], start: Tensor, output: bool = True,
-                   support: Optional[list] = None, steps: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor]]:
+                   support: Optional[list] = None, steps: Optional[int] = None,
+                   write: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """The search of :func:`_gathered_threshold` on the listed entries above the start of the rows of ``out`` (R,
     n), ``values`` at ``(row_of, col_of)`` (each row's in a run; ``counts`` of each row), and
     (``output``) the output written over ``out``; ``support``: a list to which the (rows, columns) of the
-    output's positive entries are added, in row order."""
+    output's positive entries are added, in row order. Without ``write`` (with ``support``) the output is not
+    written (``out`` is left as it is): the support's part carries the probabilities, (rows, columns, values),
+    and whoever reads the output densely writes it from them (:func:`entmax_with_stats`, ``dense_listed``)."""
     rows = out.size(0)
     widest = int(counts.max()) if rows else 0
     slot = torch.arange(row_of.numel(), device=out.device) - (counts.cumsum(0) - counts).index_select(0, row_of)
@@ -500,6 +504,10 @@ def _search_listed(values: Tensor, row_of: Tensor, col_of: Tensor, counts: Tenso
         return tau, None
     total = _normalise(gathered, tau, powers, totals, beta)
     probabilities = take_entries(gathered, row_of, slot)
+    if not write and support is not None:
+        positive = probabilities > 0
+        support.append((row_of[positive], col_of[positive], probabilities[positive]))
+        return tau, total
     put_entries(out.zero_(), row_of, col_of, probabilities)
     if support is not None:
         positive = probabilities > 0
@@ -523,7 +531,7 @@ def _shift_scores(x: Tensor, shift: Tensor, scale: Union[float, Tensor], fused: 
 
 def _gathered_unshifted(x: Tensor, shift: Tensor, scale: Union[float, Tensor], fused: bool, start: Tensor,
                         groups: Tensor, beta: Union[float, Tensor], out: Tensor, support: Optional[list] = None,
-                        group: Optional[int] = None):
+                        group: Optional[int] = None, write: bool = True):
     """:func:`_gathered_threshold` on the rows ``x`` (R, n) *before* their shift (:func:`_shift_scores`), output
     written into ``out``, through the groups of ``group`` entries (default :data:`START_GROUP`) whose shifted
     maxima ``groups`` (R, n / group) are above the ``start``: only their entries are shifted, and the rows are never shifted as a whole (a read and a
@@ -531,7 +539,7 @@ def _gathered_unshifted(x: Tensor, shift: Tensor, scale: Union[float, Tensor], f
     rounding is monotone, so a group's largest shifted entry is its largest entry shifted. Returns (τ, the sums
     divided by).
     The caller has checked that no row is too wide (:func:`_sparse_runs`: its chosen groups hold at most
-    :data:`GATHER_BELOW` of its entries). ``support``: see :func:`_search_listed`."""
+    :data:`GATHER_BELOW` of its entries). ``support``, ``write``: see :func:`_search_listed`."""
 
     def shifted(entries: Tensor, rows: Tensor) -> Tensor:
         row_scale = scale if isinstance(scale, float) else scale.index_select(0, rows)
@@ -539,7 +547,7 @@ def _gathered_unshifted(x: Tensor, shift: Tensor, scale: Union[float, Tensor], f
 
     row_of, col_of, values = _entries_above_in_groups(x, start, groups > start, shifted, group)
     counts = torch.bincount(row_of, minlength=out.size(0))
-    return _search_listed(values, row_of, col_of, counts, out, beta, start, support=support)
+    return _search_listed(values, row_of, col_of, counts, out, beta, start, support=support, write=write)
 
 
 def _sampled_shares(u: Tensor, start: Union[float, Tensor]) -> Tuple[float, float]:
@@ -790,7 +798,7 @@ def _small_entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optio
 
 def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor],
                       with_support: Optional[float] = None, support_rows: Optional[int] = None,
-                      support_groups_at_least: float = 0.0):
+                      support_groups_at_least: float = 0.0, dense_listed: bool = True):
     """α-entmax of the rows of ``x`` for 1 < α <= 2 (float32/float64 probabilities, no autograd) and, per row,
     ``(shift, τ, scale)`` (..., 3): what :func:`entmax_from_stats` rebuilds the probabilities from,
     ``[(α-1)(x - shift) - τ]_+ ^ (1/(α-1)) * scale`` (``scale`` 0 for rows with nothing to attend to). So a
@@ -810,7 +818,14 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
     works on its support when at least half its pairs are sparse) never pays for listing the others (the
     language-model benchmark's 512-token α-entmax blocks listed fewer than half of their 32 pairs in every block,
     only to drop them; ``python -m benchmarks.ab alpha_entmax --ops entmax,entmax_attention --against 9c2b139
-    --pattern causal --length 512 --batch 4 --threads 1`` at c3d6c71: 0.965x the step)."""
+    --pattern causal --length 512 --batch 4 --threads 1`` at c3d6c71: 0.965x the step).
+
+    ``dense_listed`` False (with ``support_rows``): the caller reads the probabilities of the listed groups from
+    the support alone, so their rows of the dense output are left unwritten wherever the search had their entries
+    listed anyway (garbage there: zeroing a sparse chunk and scattering its entries into it was a pass over every
+    entry); the support is then ``(rows, columns, listed, values)``, ``values`` the probabilities at its entries,
+    and it is None whenever fewer groups than ``support_groups_at_least`` are listed in the end (then every row is
+    written)."""
     alpha = _in_compute_dtype(x, alpha)
     if 0 < x.numel() <= SMALL_ELEMENTS and with_support is None:
         return _small_entmax_with_stats(x, alpha, mask)
@@ -874,16 +889,21 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
     pending: list = []
     # grouped: which rows had their entries listed (a group is listed when all its rows are)
     listed_rows = torch.zeros(rows.size(0), dtype=torch.bool, device=x.device) if grouped else None
+    # the searches that listed their support leave their output unwritten (``dense_listed``): (rows, entries)
+    write = not (grouped and not dense_listed)
+    unwritten: list = []
     for part, group, members in runs:
         if group:
             listed = None if support is None else []
             maxima = groups[part] if group == START_GROUP else torch.cat([fine[sub.start] for sub in members])
             searched = [(part, _gathered_unshifted(base_rows[part], shift_rows[part], _rows_of(row_scale, part),
                                                    fused_shift, starts[part], maxima, _rows_of(row_beta, part),
-                                                   rows[part], listed, group))]
+                                                   rows[part], listed, group, write=write))]
             if listed:
-                support.append((listed[0][0] + part.start, listed[0][1]))
+                support.append((listed[0][0] + part.start,) + listed[0][1:])
                 spans.append((part.start, min(part.stop, rows.size(0))))
+                if not write:
+                    unwritten.append((part, listed[0]))
                 if grouped:
                     listed_rows[part] = True
         else:
@@ -891,12 +911,14 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
             found = {sub.start: [] if support is not None else None for sub in members}
             searched = [(sub, _shifted_search(base_rows[sub], shift_rows[sub], _rows_of(row_scale, sub), fused_shift,
                                               _rows_of(starts, sub), _rows_of(groups, sub), _rows_of(row_beta, sub),
-                                              rows[sub], found[sub.start]))
+                                              rows[sub], found[sub.start], write=write))
                         for sub in members]
             for sub in members if support is not None else ():
                 if found[sub.start]:
-                    support.append((found[sub.start][0][0] + sub.start, found[sub.start][0][1]))
+                    support.append((found[sub.start][0][0] + sub.start,) + found[sub.start][0][1:])
                     spans.append((sub.start, min(sub.stop, rows.size(0))))
+                    if not write:
+                        unwritten.append((sub, found[sub.start][0]))
                     if grouped:
                         listed_rows[sub] = True
                     continue
@@ -929,6 +951,7 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
             possible[sub] |= chosen
         if int(possible.view(-1, support_rows).all(dim=1).sum()) < support_groups_at_least * (
                 possible.numel() // support_rows):
+            _write_listed(rows, unwritten, None, support_rows)
             return out + (None,)
         for sub, chosen in pending:
             row_of, col_of = _listed_rows(rows[sub], chosen)
@@ -942,10 +965,19 @@ def entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Ten
         most = with_support * support_rows * n if grouped else None
         if grouped:  # the groups over their budget dropped before their entries are joined and counted again
             support = _parts_within_budget(support, spans, listed_rows, support_rows, most)
-        support = tuple(torch.cat(parts) for parts in zip(*support)) if support else (
+        values = None
+        if not write:  # the probabilities at the entries: the searches' own, the written rows' read back
+            values = torch.cat([part[2] if len(part) > 2 else take_entries(rows, part[0], part[1])
+                                for part in support]) if support else rows.new_zeros(0)
+        support = tuple(torch.cat([part[i] for part in support]) for i in range(2)) if support else (
             torch.zeros(0, dtype=torch.long, device=x.device),) * 2
         if grouped:
-            return out + (_listed_groups(support, listed_rows, support_rows, most),)
+            found = _listed_groups(support, listed_rows, support_rows, most, values)
+            if not write:
+                if found is not None and int(found[2].sum()) < support_groups_at_least * found[2].numel():
+                    found = None
+                _write_listed(rows, unwritten, None if found is None else found[2], support_rows)
+            return out + (found,)
         if support[0].numel() > with_support * x.numel():
             support = None
     return out + (support,)
@@ -958,7 +990,7 @@ def _parts_within_budget(parts: list, spans: list, listed_rows: Tensor, group_ro
     counted only to be dropped. A part within one group counts by its size, one across groups by its rows."""
     counts: Dict[int, int] = {}
     owners = []
-    for (first, stop), (rows, _) in zip(spans, parts):
+    for (first, stop), (rows, *_) in zip(spans, parts):
         if first // group_rows == (stop - 1) // group_rows:
             owners.append(first // group_rows)
             counts[owners[-1]] = counts.get(owners[-1], 0) + rows.numel()
@@ -977,9 +1009,10 @@ def _parts_within_budget(parts: list, spans: list, listed_rows: Tensor, group_ro
 
 
 def _listed_groups(support: Tuple[Tensor, Tensor], listed_rows: Tensor, group_rows: int,
-                   most: float) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+                   most: float, values: Optional[Tensor] = None) -> Optional[Tuple[Tensor, ...]]:
     """The entries of the groups of ``group_rows`` consecutive rows whose rows were all listed and that hold at
-    most ``most`` entries, and which groups those are; None when none is."""
+    most ``most`` entries, and which groups those are (and ``values``, the entries' probabilities, if given,
+    kept alike); None when none is."""
     row_of, col_of = support
     group_of = torch.div(row_of, group_rows, rounding_mode="floor")
     counts = torch.bincount(group_of, minlength=listed_rows.numel() // group_rows)
@@ -989,7 +1022,27 @@ def _listed_groups(support: Tuple[Tensor, Tensor], listed_rows: Tensor, group_ro
     if not bool(listed.all()):
         keep = listed.index_select(0, group_of)
         row_of, col_of = row_of[keep], col_of[keep]
-    return row_of, col_of, listed
+        values = None if values is None else values[keep]
+    return (row_of, col_of, listed) if values is None else (row_of, col_of, listed, values)
+
+
+def _write_listed(rows: Tensor, unwritten: list, listed: Optional[Tensor], group_rows: int) -> None:
+    """Write into ``rows`` (R, n) the output that searches left unwritten (``unwritten``: (rows slice, (rows,
+    columns, values) of its positive entries, rows counted within the slice)) for every row outside the groups
+    ``listed`` ((groups,) bool, or None: every row): zeros and the entries."""
+    for part, (row_of, col_of, values) in unwritten:
+        out = rows[part]
+        if listed is None:
+            put_entries(out.zero_(), row_of, col_of, values)
+            continue
+        first = part.start
+        group_of = torch.div(torch.arange(first, first + out.size(0), device=rows.device), group_rows,
+                             rounding_mode="floor")
+        missing = ~listed.index_select(0, group_of)
+        if not bool(missing.any()):
+            continue
+        put_entries(out.index_fill_(0, missing.nonzero().view(-1), 0.0), row_of[missing.index_select(0, row_of)],
+                    col_of[missing.index_select(0, row_of)], values[missing.index_select(0, row_of)])
 
 
 def _listed_support(p: Tensor, limit: float, group_rows: Optional[int] = None, first_row: int = 0):
@@ -1089,10 +1142,11 @@ def _sparse_runs(chunks, chosen_per_row: Tensor, n: int,
 
 def _shifted_search(x: Tensor, shift: Tensor, scale: Union[float, Tensor], fused: bool, start: Optional[Tensor],
                     groups: Optional[Tensor], beta: Union[float, Tensor], out: Tensor,
-                    support: Optional[list] = None) -> Tuple[Tensor, Tensor]:
+                    support: Optional[list] = None, write: bool = True) -> Tuple[Tensor, Tensor]:
     """The search on a chunk of rows ``x`` shifted as a whole into ``out`` (:func:`_shift_scores`), the output
     written there; returns (τ, the sums divided by). ``support``: a list to which the output's support is added
-    when the search ran on the listed entries above the start (which hold it), left empty otherwise."""
+    when the search ran on the listed entries above the start (which hold it), left empty otherwise; ``write``:
+    see :func:`_search_listed` (the output is written whenever the support is not listed)."""
     n = x.size(-1)
     chunk = _shift_scores(x, shift, scale, fused, out=out)
     powered = not (isinstance(beta, float) and beta in (1.0, 2.0))
@@ -1103,7 +1157,7 @@ def _shifted_search(x: Tensor, shift: Tensor, scale: Union[float, Tensor], fused
     shares = _sampled_shares(chunk, -1.0 if start is None else start) if powered else (0.0, 0.0)
     dense = shares[0] > DENSE_ABOVE
     if powered and out.device.type in GATHER_DEVICES and start is not None and not dense and not _too_wide(*shares, n):
-        found = _gathered_threshold(chunk, beta, start, groups, sampled=True, support=support)
+        found = _gathered_threshold(chunk, beta, start, groups, sampled=True, support=support, write=write)
         if found is not None:
             return found
     if dense:

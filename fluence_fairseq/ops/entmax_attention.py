@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .common import dropout_keep_mask, query_block_scores
 from .entmax import (GATHER_DEVICES, START_GROUP, entmax_backward, entmax_from_stats, entmax_with_stats,
-                     nonnegative_power, support_backward, take_entries)
+                     nonnegative_power, support_backward)
 
 __all__ = ["blocked_entmax_attention", "lists_support"]
 
@@ -75,24 +75,23 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
         for block, ((start, end), keys) in enumerate(zip(blocks, visible)):
             scores, mask = query_block_scores(q[:, :, start:end] * scale, k, start, end, keys, query_offset, causal,
                                          key_padding_mask, rel_bias)
-            # each (batch, head) pair of the block judged on its own: a head of α near 1 beside sparse ones
+            # each (batch, head) pair of the block judged on its own: a head of α near 1 beside sparse ones; the
+            # listed pairs' probabilities are read from the support alone (their rows of p are not written)
             p, row_stats, found = entmax_with_stats(
                 scores, alpha, mask, with_support=SPARSE_BACKWARD_BELOW, support_rows=end - start,
-                support_groups_at_least=1 - MIXED_DENSE_AT_MOST) if listed else entmax_with_stats(
+                support_groups_at_least=1 - MIXED_DENSE_AT_MOST, dense_listed=False) if listed else entmax_with_stats(
                 scores, alpha, mask) + (None,)
-            support = None
-            if found is not None and int(found[2].sum()) >= (1 - MIXED_DENSE_AT_MOST) * found[2].numel():
-                support = _BlockSupport(*found, heads=heads)
+            support = None if found is None else _BlockSupport(*found[:3], heads=heads)
             supports.append(support)
             del scores
-            if with_weights:  # before dropout, as the plain computation returns them
+            if with_weights and support is None:  # before dropout, as the plain computation returns them
                 weights[:, :, start:end, :keys] = p.mean(dim=1, keepdim=True)
             if support is not None:  # p @ v on the support alone, and on the dense pairs apart
                 entry_kept, dense_kept = _support_dropout(support, end - start, keys, dropout_p, seed, block,
                                                           p) if dropout_p > 0 else (None, None)
                 if v_rows is None:  # the values as rows of (B H Lk, D), copied once if strided
                     v_rows = v.reshape(-1, v.size(-1))
-                out_block = _support_values(p, support.entries, v_rows, v.size(2), entry_kept)
+                out_block = _support_values(found[3], support.entries, p.shape, v_rows, v.size(2), entry_kept)
                 p_kept = None
                 if support.dense is not None:
                     # (dense pairs, rows, keys), as rows of p's (B H) view: indexing by (b, h) took 8.9 ms on
@@ -103,6 +102,8 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
                                 torch.matmul(p_used.to(v.dtype), _of_pairs(v[:, :, :keys], support)),
                                 accumulate=False)
                     del p_used, dense_kept
+                if with_weights:
+                    _add_head_mean(weights, start, keys, support, found[3], p_kept, p.shape)
                 out[:, :, start:end] = out_block
             else:
                 if dropout_p > 0:
@@ -332,18 +333,31 @@ class _Pattern:
         return torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0).values()
 
 
-def _support_values(p: Tensor, support: Tuple[Tensor, Tensor], v_rows: Tensor, src_len: int,
+def _support_values(values: Tensor, support: Tuple[Tensor, Tensor], shape, v_rows: Tensor, src_len: int,
                     kept: Optional[Tensor] = None) -> Tensor:
-    """``p @ v`` (B, H, rows, D) for a block's probabilities ``p`` (B, H, rows, keys) that are 0 off their
-    ``support`` (rows over (B, H, rows), columns), with the values as rows ``v_rows`` (B H src_len, D); ``kept``:
-    the entries' dropout (0 or 1 / (1 - dropout_p) each)."""
-    bsz, heads, rows, keys = p.shape
+    """``p @ v`` (B, H, rows, D) for a block's probabilities of ``shape`` (B, H, rows, keys) that are 0 off their
+    ``support`` (rows over (B, H, rows), columns), ``values`` there, with the values as rows ``v_rows`` (B H
+    src_len, D); ``kept``: the entries' dropout (0 or 1 / (1 - dropout_p) each)."""
+    bsz, heads, rows, _ = shape
     pattern = _Pattern(support, rows, bsz * heads, src_len)
-    weights = take_entries(p.reshape(-1, keys), pattern.row, pattern.col)
-    if kept is not None:
-        weights = weights * kept
-    weights = weights.to(v_rows.dtype)
-    return pattern.times(weights, v_rows).view(bsz, heads, rows, -1)
+    weights = values if kept is None else values * kept
+    return pattern.times(weights.to(v_rows.dtype), v_rows).view(bsz, heads, rows, -1)
+
+
+def _add_head_mean(weights: Tensor, start: int, keys: int, support: "_BlockSupport", values: Tensor,
+                   p_dense: Optional[Tensor], shape) -> None:
+    """Add a block's probabilities of ``shape`` (B, H, rows, keys) averaged over the heads to its rows of
+    ``weights`` (B, 1, Lq, Lk; zeros there): the listed pairs' from their support's ``values`` alone, the dense
+    pairs' ``p_dense`` (pairs, rows, keys) as rows (their p is all that was written)."""
+    bsz, heads, rows, _ = shape
+    row_of, col_of = (t.long() for t in support.entries)
+    pair = torch.div(row_of, rows, rounding_mode="floor")
+    batch = torch.div(pair, heads, rounding_mode="floor")
+    flat = (batch * weights.size(2) + start + row_of - pair * rows) * weights.size(3) + col_of
+    weights.view(-1).index_add_(0, flat, values.to(weights.dtype), alpha=1.0 / heads)
+    if p_dense is not None:
+        weights[:, 0, start:start + rows, :keys].index_add_(0, support.dense[0], p_dense.to(weights.dtype),
+                                                             alpha=1.0 / heads)
 
 
 class _Flat:

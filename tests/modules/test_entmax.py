@@ -235,7 +235,7 @@ def test_support_spread_over_many_groups_is_searched_through_their_halves(alpha,
     mask[5] = True
     searched = []
     unshifted = ops._gathered_unshifted
-    monkeypatch.setattr(ops, "_gathered_unshifted", lambda *a: searched.append(a[-1]) or unshifted(*a))
+    monkeypatch.setattr(ops, "_gathered_unshifted", lambda *a, **kw: searched.append(a[-1]) or unshifted(*a, **kw))
     p, stats, support = ops.entmax_with_stats(x, alpha, mask, with_support=0.5)
     assert searched == [ops.FINE_GROUP]
     masked = x.masked_fill(mask, float("-inf"))
@@ -282,8 +282,8 @@ def test_general_alpha_searches_the_entries_above_its_start_only(scale, dtype, m
             outcomes.append((alphas_of(args[1]), "gathered" if found is not None else "refused"))
         return found
 
-    def unshifted_spy(*args):  # runs of chunks with few groups above their start, searched before their shift
-        found = unshifted(*args)
+    def unshifted_spy(*args, **kw):  # runs of chunks with few groups above their start, searched before their shift
+        found = unshifted(*args, **kw)
         outcomes.append((alphas_of(args[6]), "gathered" if found is not None else "refused"))
         return found
 
@@ -371,9 +371,9 @@ def test_sparse_chunks_searched_before_their_shift_equal_the_shifted_search(alph
     runs, shifted = [], []
     unshifted, shifted_search = ops._gathered_unshifted, ops._shifted_search
     monkeypatch.setattr(ops, "_gathered_unshifted",
-                        lambda *args: runs.append((args[0].size(0), unshifted(*args))) or runs[-1][1])
-    monkeypatch.setattr(ops, "_shifted_search",
-                        lambda x_rows, *args: shifted.append(x_rows.size(0)) or shifted_search(x_rows, *args))
+                        lambda *args, **kw: runs.append((args[0].size(0), unshifted(*args, **kw))) or runs[-1][1])
+    monkeypatch.setattr(ops, "_shifted_search", lambda x_rows, *args, **kw: shifted.append(x_rows.size(0))
+                        or shifted_search(x_rows, *args, **kw))
     p, stats = ops.entmax_with_stats(x, a, mask)
     # heads 0-2 of both batches are sparse: two runs of 18 rows, searched unshifted; the dense heads shifted
     assert [rows for rows, _ in runs] == [18, 18]
@@ -676,8 +676,8 @@ def test_a_floor_on_the_listed_groups_lists_nothing_below_it_and_changes_nothing
     # every other chunk's search keeps what it listed to itself: that chunk is listed from its output afterwards
     searches = []
     shifted_search = ops._shifted_search
-    monkeypatch.setattr(ops, "_shifted_search", lambda *args: shifted_search(
-        *args[:-1], args[-1] if searches.append(1) or len(searches) % 2 else []))
+    monkeypatch.setattr(ops, "_shifted_search", lambda *args, **kw: shifted_search(
+        *args[:-1], args[-1] if searches.append(1) or len(searches) % 2 else [], **kw))
     x = _scores(2, 3, 40, n, seed=4, scale=12.0)
     a = torch.tensor([1.6, 1.02, 1.8]).view(1, 3, 1, 1)  # per batch row: sparse, dense, sparse
     share = 1 / 16
@@ -696,6 +696,51 @@ def test_a_floor_on_the_listed_groups_lists_nothing_below_it_and_changes_nothing
                                                      support_groups_at_least=4.5 / 6)
     assert over is None and not listings
     assert torch.equal(p_over, p) and torch.equal(stats_over, stats)
+
+
+@pytest.mark.usefixtures("search_machinery")
+@pytest.mark.parametrize("searched", ["through their groups", "shifted, every other listing after its search"])
+@pytest.mark.parametrize("share,floor", [(1 / 16, 0.0), (1 / 16, 4 / 6), (1 / 16, 4.5 / 6), (1 / 400, 0.0)])
+def test_listed_groups_left_unwritten_carry_their_probabilities_in_the_support(searched, share, floor, monkeypatch):
+    """``dense_listed=False``: the listed groups' probabilities come with the support, ``(rows, columns, listed,
+    values)``, equal to the dense output's at those entries, and the same support as without it; every row of the
+    groups not listed in the end (dense, over their budget, or all of them below the floor, when the support is
+    None) is written as without it; the rows whose search listed them are not written at all."""
+    import fluence_fairseq.ops.entmax as ops
+
+    n = 512
+    monkeypatch.setattr(ops, "ROW_CHUNK_ELEMENTS", 40 * n)
+    if searched != "through their groups":
+        monkeypatch.setattr(ops, "SCAN_GROUPS_BELOW", 0.0)
+        monkeypatch.setattr(ops, "HALVES_BELOW", 0.0)
+        searches = []
+        shifted_search = ops._shifted_search
+
+        def every_other(*args, **kw):  # a search that keeps its listing to itself writes its output
+            searches.append(1)
+            return shifted_search(*args, **kw) if len(searches) % 2 else shifted_search(*args[:-1], [])
+
+        monkeypatch.setattr(ops, "_shifted_search", every_other)
+    x = _scores(2, 3, 40, n, seed=4, scale=12.0)
+    a = torch.tensor([1.6, 1.02, 1.8]).view(1, 3, 1, 1)  # per batch row: sparse, dense, sparse
+    kwargs = dict(with_support=share, support_rows=40, support_groups_at_least=floor)
+    p, stats, found = ops.entmax_with_stats(x, a, None, **kwargs)
+    if searched != "through their groups":
+        searches.clear()
+    p_left, stats_left, left = ops.entmax_with_stats(x, a, None, dense_listed=False, **kwargs)
+    assert torch.equal(stats_left, stats)
+    rows_p, rows_left = p.view(6, 40, n), p_left.view(6, 40, n)
+    if found is None:
+        assert left is None and torch.equal(p_left, p)
+        return
+    assert len(left) == 4 and all(torch.equal(f, g) for f, g in zip(left[:3], found))
+    torch.testing.assert_close(left[3], p.view(-1, n)[found[0], found[1]], atol=0, rtol=0)
+    listed = found[2]
+    assert torch.equal(rows_left[~listed], rows_p[~listed])  # every group not listed written as before
+    if share == 1 / 400:
+        assert not bool(listed.all()) and bool(listed.any())  # some sparse groups over their budget
+    # the listed groups' rows are left as the search had them (the shifted scores: negative entries), not written
+    assert bool((rows_left[listed] < 0).any())
 
 
 @pytest.mark.usefixtures("search_machinery")
