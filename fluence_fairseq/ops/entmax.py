@@ -757,15 +757,17 @@ def _small_general_entmax(x: Tensor, alpha: Union[float, Tensor], mask: Optional
     compute = _compute_dtype(x.dtype)
     base = x.to(compute) if mask is None else x.to(compute).masked_fill(mask, float("-inf"))
     alpha_minus_one = alpha - 1
+    beta = 1 / alpha_minus_one
     u = torch.sub(base, base.amax(dim=-1, keepdim=True)).mul_(alpha_minus_one)
-    _, powers, totals = _plain_newton(u, 1 / alpha_minus_one)
-    if powers is None:  # no convergence within MAX_NEWTON_STEPS (never seen): the statistics' path takes it
-        return _small_entmax_with_stats(x, alpha, mask, stats=False, lean=False)[0]
+    tau, powers, totals = _plain_newton(u, beta)
+    if powers is None:  # no convergence within MAX_NEWTON_STEPS: from the τ reached, as the statistics' path does
+        _normalise(u, tau, None, None, beta)
+        return u.nan_to_num_(nan=0.0)
     return powers.div_(totals).nan_to_num_(nan=0.0)
 
 
 def _small_entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optional[Tensor],
-                             stats: bool = True, lean: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+                             stats: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """:func:`entmax_with_stats` (without the support) for a small problem (:data:`SMALL_ELEMENTS`): the rows
     shifted as the search shifts them, τ exactly from the sorted rows for sparsemax and 1.5-entmax
     (:func:`_sorted_threshold`: no loop, no synchronisation; up to :data:`SORTED_ELEMENTS`) and by plain Newton
@@ -773,7 +775,7 @@ def _small_entmax_with_stats(x: Tensor, alpha: Union[float, Tensor], mask: Optio
     n = x.size(-1)
     if not stats and mask is None and isinstance(alpha, float) and alpha in (1.5, 2.0) and x.numel() <= SORTED_ELEMENTS:
         return _small_sorted_entmax(x.to(_compute_dtype(x.dtype)), 1.0 / (alpha - 1.0)), None
-    if not stats and lean and not (isinstance(alpha, float) and alpha in (1.5, 2.0)):
+    if not stats and not (isinstance(alpha, float) and alpha in (1.5, 2.0)):
         return _small_general_entmax(x, alpha, mask), None
     alpha_minus_one = alpha - 1
     base, has_entries, shift, _ = _row_shifts(x, mask)

@@ -522,21 +522,23 @@ def test_small_general_problems_without_statistics_take_the_lean_steps_and_equal
     torch.testing.assert_close(p.sum(-1)[live].double(), torch.ones_like(p.sum(-1)[live]).double(), atol=tol, rtol=0)
 
 
-def test_small_general_problems_that_do_not_converge_fall_back_to_the_threshold(monkeypatch):
+def test_small_general_problems_that_do_not_converge_are_normalised_from_the_threshold_reached(monkeypatch):
     """Where the lean steps do not converge within MAX_NEWTON_STEPS, the small problem is normalised from the
-    threshold reached, as the statistics' path does: that path is taken and its result returned."""
+    threshold reached, as the statistics' path does (rows of its own shape): the same probabilities, rows without
+    entries 0."""
     import fluence_fairseq.ops.entmax as ops
     x = _scores(5, 4, 1, 40, seed=2, scale=3.0)
+    x[2, 1, 0] = float("-inf")  # a row without entries
     a = torch.tensor([1.1, 1.5, 1.9, 1.3]).view(1, 4, 1, 1)
     monkeypatch.setattr(ops, "MAX_NEWTON_STEPS", 2)
-    leans = []
-    original = ops._small_entmax_with_stats
-    monkeypatch.setattr(ops, "_small_entmax_with_stats",
-                        lambda *args, **kw: leans.append(kw.get("lean", True)) or original(*args, **kw))
-    p = ops.entmax(x, a)
-    assert leans == [True, False]
-    torch.testing.assert_close(p, original(x, a, None, stats=False, lean=False)[0], atol=0, rtol=0)
-    assert ops._plain_newton((x - x.amax(-1, keepdim=True)) * (a - 1), 1 / (a - 1))[1:] == (None, None)  # unconverged
+    u = (x - x.amax(-1, keepdim=True)) * (a - 1)
+    assert ops._plain_newton(u, 1 / (a - 1))[1:] == (None, None)  # two steps from -1: not converged
+    p = ops._small_general_entmax(x, a, None)
+    p_stats, _ = ops._small_entmax_with_stats(x, a, None)  # with statistics: rows of (R, n), one β each
+    torch.testing.assert_close(p, p_stats, atol=1e-7, rtol=0)
+    assert torch.equal(p[2, 1, 0], torch.zeros(40)) and bool((p.sum(-1)[p.sum(-1) > 0] - 1).abs().max() < 1e-5)
+    monkeypatch.setattr(ops, "MAX_NEWTON_STEPS", 50)
+    assert not torch.allclose(p, ops._small_general_entmax(x, a, None), atol=1e-7)  # converged: other numbers
 
 
 def test_factors_cached_under_inference_mode_serve_calls_with_gradients():
