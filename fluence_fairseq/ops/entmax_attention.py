@@ -91,7 +91,8 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
                                                           p) if dropout_p > 0 else (None, None)
                 if v_rows is None:  # the values as rows of (B H Lk, D), copied once if strided
                     v_rows = v.reshape(-1, v.size(-1))
-                out_block = _support_values(found[3], support.entries, p.shape, v_rows, v.size(2), entry_kept)
+                pattern = _Pattern(support.entries, end - start, p.size(0) * heads, v.size(2))
+                out_block = _support_values(found[3], pattern, p.shape, v_rows, entry_kept)
                 p_kept = None
                 if support.dense is not None:
                     # (dense pairs, rows, keys), as rows of p's (B H) view: indexing by (b, h) took 8.9 ms on
@@ -103,7 +104,7 @@ class _BlockedEntmaxAttention(torch.autograd.Function):
                                 accumulate=False)
                     del p_used, dense_kept
                 if with_weights:
-                    _add_head_mean(weights, start, keys, support, found[3], p_kept, p.shape)
+                    _add_head_mean(weights, start, keys, pattern, found[3], support, p_kept, heads)
                 out[:, :, start:end] = out_block
             else:
                 if dropout_p > 0:
@@ -333,29 +334,26 @@ class _Pattern:
         return torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0).values()
 
 
-def _support_values(values: Tensor, support: Tuple[Tensor, Tensor], shape, v_rows: Tensor, src_len: int,
+def _support_values(values: Tensor, pattern: "_Pattern", shape, v_rows: Tensor,
                     kept: Optional[Tensor] = None) -> Tensor:
     """``p @ v`` (B, H, rows, D) for a block's probabilities of ``shape`` (B, H, rows, keys) that are 0 off their
-    ``support`` (rows over (B, H, rows), columns), ``values`` there, with the values as rows ``v_rows`` (B H
-    src_len, D); ``kept``: the entries' dropout (0 or 1 / (1 - dropout_p) each)."""
+    support ``pattern``, ``values`` there, with the values as rows ``v_rows`` (B H src_len, D); ``kept``: the
+    entries' dropout (0 or 1 / (1 - dropout_p) each)."""
     bsz, heads, rows, _ = shape
-    pattern = _Pattern(support, rows, bsz * heads, src_len)
     weights = values if kept is None else values * kept
     return pattern.times(weights.to(v_rows.dtype), v_rows).view(bsz, heads, rows, -1)
 
 
-def _add_head_mean(weights: Tensor, start: int, keys: int, support: "_BlockSupport", values: Tensor,
-                   p_dense: Optional[Tensor], shape) -> None:
-    """Add a block's probabilities of ``shape`` (B, H, rows, keys) averaged over the heads to its rows of
-    ``weights`` (B, 1, Lq, Lk; zeros there): the listed pairs' from their support's ``values`` alone, the dense
-    pairs' ``p_dense`` (pairs, rows, keys) as rows (their p is all that was written)."""
-    bsz, heads, rows, _ = shape
-    row_of, col_of = (t.long() for t in support.entries)
-    pair = torch.div(row_of, rows, rounding_mode="floor")
-    batch = torch.div(pair, heads, rounding_mode="floor")
-    flat = (batch * weights.size(2) + start + row_of - pair * rows) * weights.size(3) + col_of
+def _add_head_mean(weights: Tensor, start: int, keys: int, pattern: "_Pattern", values: Tensor,
+                   support: "_BlockSupport", p_dense: Optional[Tensor], heads: int) -> None:
+    """Add a block's probabilities averaged over the ``heads`` to its rows of ``weights`` (B, 1, Lq, Lk; zeros
+    there): the listed pairs' from their support (``pattern``, ``values``) alone, the dense pairs' ``p_dense``
+    (pairs, rows, keys) as rows (their p is all that was written)."""
+    batch = torch.div(pattern.pair, heads, rounding_mode="floor")
+    flat = (batch * weights.size(2) + start + pattern.position) * weights.size(3) + pattern.col
     weights.view(-1).index_add_(0, flat, values.to(weights.dtype), alpha=1.0 / heads)
     if p_dense is not None:
+        rows = p_dense.size(1)
         weights[:, 0, start:start + rows, :keys].index_add_(0, support.dense[0], p_dense.to(weights.dtype),
                                                              alpha=1.0 / heads)
 
