@@ -303,8 +303,13 @@ def cpu_flash_applies(q: Tensor, dropout_p: float) -> bool:
 
 class _CpuFlash(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, bias):
+    def forward(ctx, q, k, v, causal, bias, zero_rows):
         out, lse = FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias)
+        if zero_rows is not None:
+            # backward recomputes a row's probabilities as exp(s - lse): an infinite log-sum-exp makes them 0, so
+            # the row passes no gradient (and its output's gradient needs no zeroed copy)
+            out.masked_fill_(zero_rows, 0.0)
+            lse.masked_fill_(zero_rows.squeeze(-1), math.inf)
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.causal = causal
         return out
@@ -313,15 +318,19 @@ class _CpuFlash(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, bias, out, lse = ctx.saved_tensors
         gq, gk, gv = FLASH_CPU_BACKWARD(grad_out.contiguous(), q, k, v, out, lse, 0.0, ctx.causal, attn_mask=bias)
-        return gq, gk, gv, None, None
+        return gq, gk, gv, None, None, None
 
 
-def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, bias=None) -> Tensor:
+def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, bias=None,
+                        zero_rows: Optional[Tensor] = None) -> Tensor:
     """Softmax attention of (B, H, L, D) tensors through the CPU flash kernel (scale ``D ** -0.5``; the same numbers
     as ``F.scaled_dot_product_attention``). ``causal`` masks keys after the query's own index (aligned at 0) and,
     unlike ``F.scaled_dot_product_attention``, may be combined with an additive ``bias`` (B|1, H|1, Lq, Lk) of q's
-    dtype: the kernel then skips the blocks above the diagonal. Only where :func:`cpu_flash_applies`."""
-    return _CpuFlash.apply(q, k, v, causal, bias)
+    dtype: the kernel then skips the blocks above the diagonal. ``zero_rows`` (bool, broadcasting to (B, H, Lq,
+    1)): query rows whose output is 0 and which pass no gradient (rows whose every key the bias masks), zeroed in
+    the kernel's own output and log-sum-exp rather than in copies of the output and its gradient. Only where
+    :func:`cpu_flash_applies`."""
+    return _CpuFlash.apply(q, k, v, causal, bias, zero_rows)
 
 
 class _LinearGradOverInput(torch.autograd.Function):

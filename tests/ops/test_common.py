@@ -3,6 +3,7 @@ thin_matmul."""
 import pytest
 import torch
 
+from fluence_fairseq.ops import common
 from fluence_fairseq.ops.common import (free_memory, linear_grad_over_input, lower_blocks, matvec, prefixes,
                                         thin_matmul)
 
@@ -211,3 +212,36 @@ def test_thin_matmul_equals_matmul_with_broadcast_batches_and_its_gradients(a_sh
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-13, rtol=0)
     assert torch.autograd.gradcheck(thin_matmul, (a, b))
+
+
+@pytest.mark.skipif(common.FLASH_CPU_BACKWARD is None, reason="this torch build has no CPU flash kernels")
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_flash_zero_rows_are_zero_in_the_kernels_own_output_and_pass_no_gradient(causal, monkeypatch):
+    """Rows whose every key the bias masks: zeroed in the tensor the kernel returned (no zeroed copy beside it),
+    their output's gradient (nonzero here) reaching nothing; the other rows and every gradient as the plain masked
+    softmax's."""
+    torch.manual_seed(0)
+    bsz, heads, length, dim = 2, 3, 40, 8
+    q, k, v = (torch.randn(bsz, heads, length, dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    allowed = torch.rand(1, heads, length, length) < 0.3
+    if causal:
+        allowed &= torch.ones(length, length, dtype=torch.bool).tril()
+    allowed[0, 1, 5:9] = False  # rows without a key (and, drawn at 0.3, a few more)
+    allowed[0, 2, :, 0] = True  # ... none in head 2 (key 0 is visible to every query, causal or not)
+    no_key = ~allowed.any(-1, keepdim=True)
+    assert no_key.any() and not no_key[0, 2].any()
+    bias = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill_(~allowed, torch.finfo(torch.float64).min)
+    returned = []
+    kernel = common.FLASH_CPU
+    monkeypatch.setattr(common, "FLASH_CPU", lambda *a, **kw: returned.append(kernel(*a, **kw)) or returned[-1])
+    out = common.cpu_flash_attention(q, k, v, causal=causal, bias=bias, zero_rows=no_key)
+    assert out.data_ptr() == returned[0][0].data_ptr()  # the kernel's own output, zeroed in place
+    scores = torch.matmul(q, k.transpose(-1, -2)) * dim ** -0.5
+    probs = torch.softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), -1)
+    probs = torch.where(no_key, torch.zeros_like(probs), probs)
+    want = torch.matmul(probs, v)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    assert out.masked_select(no_key).abs().max() == 0
+    grad = torch.randn_like(out)  # nonzero on the zeroed rows too
+    for got, expected in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
