@@ -60,6 +60,13 @@ COMPACT_BELOW = 0.75
 #: 0.976x / 0.981x sparsemax / 1.5-entmax noncausal with the default weights (one thread), 0.976x / 0.989x causal
 #: weight-free (two threads); the Xeon not measured at 2^19
 ROW_CHUNK_ELEMENTS = 1 << 19
+#: the backward's chunks on the CPU: its passes (s, s * grad, the row sums, the product written out) take no
+#: search's fixed costs per chunk, so smaller chunks only keep more of them in cache. Against 2^19 on an Intel
+#: Xeon, one thread (``python -m benchmarks.entmax_search --scales 1 --set BACKWARD_ROW_CHUNK_ELEMENTS=131072
+#: --against REV``): the backward of one (1, 8, 512, 4096) block 0.77x for sparsemax and 1.5-entmax, unchanged for
+#: α-entmax; 2^16 took α-entmax's 1.04-1.09x. At the attention, paired (``benchmarks/results/ab_backward_chunks_s37.md``):
+#: α-entmax's step about 0.985x, the others unchanged (their long passes' backward runs on the support)
+BACKWARD_ROW_CHUNK_ELEMENTS = 1 << 17
 #: the same on other devices (GPUs), where every pass is a kernel launch and every Newton step waits for its row
 #: count: chunks of 2^26 elements (256 MiB float32 buffers). With the CPU's chunks the first GPU run spent 4.1 s
 #: on causal 1.5-entmax at L=4096, batch 4, 8 heads (4,096 chunks; fairseq's attention: 19 ms)
@@ -584,10 +591,13 @@ def _mean_start(u: Tensor, beta: Union[float, Tensor], start: Optional[Tensor]) 
     return bound.clamp_(min=-1.0) if start is None else torch.maximum(start, bound)
 
 
-def _row_chunks(rows: Tensor):
-    """Slices of the rows of ``rows`` (R, n), :data:`ROW_CHUNK_ELEMENTS` elements (on the CPU, else
-    :data:`DEVICE_ROW_CHUNK_ELEMENTS`) or one row at a time."""
-    elements = ROW_CHUNK_ELEMENTS if rows.device.type == "cpu" else DEVICE_ROW_CHUNK_ELEMENTS
+def _row_chunks(rows: Tensor, cpu_elements: Optional[int] = None):
+    """Slices of the rows of ``rows`` (R, n), :data:`ROW_CHUNK_ELEMENTS` elements (``cpu_elements`` if given) on the
+    CPU, else :data:`DEVICE_ROW_CHUNK_ELEMENTS`, or one row at a time."""
+    if rows.device.type != "cpu":
+        elements = DEVICE_ROW_CHUNK_ELEMENTS
+    else:
+        elements = ROW_CHUNK_ELEMENTS if cpu_elements is None else cpu_elements
     step = max(1, elements // max(1, rows.size(-1)))
     return [slice(start, start + step) for start in range(0, rows.size(0), step)]
 
@@ -1294,7 +1304,7 @@ def entmax_backward(p: Tensor, grad_p: Tensor, alpha: Union[float, Tensor], with
     grad_x = torch.empty_like(p_rows)
     grad_alpha_rows = p.new_empty(p_rows.size(0), 1) if with_alpha else None
     support_rows = None if support is None else support.reshape(-1, n)
-    for rows in _row_chunks(p_rows):  # as in forward: a chunk's rows stay in cache
+    for rows in _row_chunks(p_rows, BACKWARD_ROW_CHUNK_ELEMENTS):  # a chunk's rows stay in cache
         alpha_part = row_alpha if isinstance(row_alpha, float) else row_alpha[rows]
         _backward_rows(p_rows[rows], grad_rows[rows], alpha_part, grad_x[rows],
                        None if grad_alpha_rows is None else grad_alpha_rows[rows],

@@ -82,9 +82,9 @@ def test_per_head_alpha_broadcasts_like_separate_calls():
 @pytest.mark.usefixtures("search_machinery")
 @pytest.mark.parametrize("alpha", [2.0, 1.5, 1.3, "per-head"])
 def test_rows_normalised_in_chunks_equal_one_pass(alpha, monkeypatch):
-    """The threshold search and the output run a chunk of rows at a time (forced to 3 rows of 9: chunks cut across
-    heads, through a fully masked row and the masked half of a batch); probabilities and the gradients in x and
-    alpha are those of one pass over all rows (to the last ulp: a row's sums may be vectorised from another
+    """The threshold search and the output run a chunk of rows at a time (forced to 3 rows of 9, the backward to 2:
+    chunks cut across heads, through a fully masked row and the masked half of a batch); probabilities and the
+    gradients in x and alpha are those of one pass over all rows (to the last ulp: a row's sums may be vectorised from another
     alignment; α's gradient divides differences of those sums by (α-1)², 25 for α = 1.2, so its ulps are
     compared relative to its size)."""
     import fluence_fairseq.ops.entmax as ops
@@ -108,6 +108,7 @@ def test_rows_normalised_in_chunks_equal_one_pass(alpha, monkeypatch):
                         lambda u, beta, start=None, steps=None: searches.append(u.size(0)) or search(u, beta, start,
                                                                                                steps))
     monkeypatch.setattr(ops, "ROW_CHUNK_ELEMENTS", 3 * 9)
+    monkeypatch.setattr(ops, "BACKWARD_ROW_CHUNK_ELEMENTS", 2 * 9)  # backward's chunks of their own: 2 rows
     chunked = run()
     assert searches == [3] * 10
     for got, want in zip(chunked[:2], whole[:2]):
@@ -1741,6 +1742,9 @@ def test_rows_go_in_large_chunks_off_the_cpu():
     assert len(on_cpu) == rows * 4096 // ops.ROW_CHUNK_ELEMENTS == 1024
     assert len(off_cpu) == rows * 4096 // ops.DEVICE_ROW_CHUNK_ELEMENTS == 8
     assert off_cpu[0] == slice(0, 16384) and off_cpu[-1].stop >= rows
+    backward = ops._row_chunks(torch.empty(1, 4096).expand(rows, 4096), ops.BACKWARD_ROW_CHUNK_ELEMENTS)
+    assert len(backward) == rows * 4096 // ops.BACKWARD_ROW_CHUNK_ELEMENTS
+    assert ops._row_chunks(torch.empty(rows, 4096, device="meta"), ops.BACKWARD_ROW_CHUNK_ELEMENTS) == off_cpu
 
 
 # ------------------------------------------------------------------------- long passes: recomputing backward
