@@ -62,10 +62,10 @@ COMPACT_BELOW = 0.75
 ROW_CHUNK_ELEMENTS = 1 << 19
 #: the backward's chunks on the CPU: its passes (s, s * grad, the row sums, the product written out) take no
 #: search's fixed costs per chunk, so smaller chunks only keep more of them in cache. Against 2^19 on an Intel
-#: Xeon, one thread (``python -m benchmarks.entmax_search --scales 1 --set BACKWARD_ROW_CHUNK_ELEMENTS=131072
-#: --against REV``): the backward of one (1, 8, 512, 4096) block 0.77x for sparsemax and 1.5-entmax, unchanged for
-#: α-entmax; 2^16 took α-entmax's 1.04-1.09x. At the attention, paired (``benchmarks/results/ab_backward_chunks_s37.md``):
-#: α-entmax's step about 0.985x, the others unchanged (their long passes' backward runs on the support)
+#: Xeon, one thread (``benchmarks/results/entmax_search_backward_chunks_s37.md``): the backward of one (1, 8, 512,
+#: 4096) block 0.78x for sparsemax, 0.76x for 1.5-entmax, unchanged for α-entmax (2^16 took its 1.04-1.09x); a
+#: training step of the attention, paired (``ab_backward_chunks_s37.md``): α-entmax 0.985-0.995x, the others
+#: 0.990-0.998x (their long passes' backward runs on the support, not through these chunks)
 BACKWARD_ROW_CHUNK_ELEMENTS = 1 << 17
 #: the same on other devices (GPUs), where every pass is a kernel launch and every Newton step waits for its row
 #: count: chunks of 2^26 elements (256 MiB float32 buffers). With the CPU's chunks the first GPU run spent 4.1 s
