@@ -58,7 +58,10 @@ COMPACT_BELOW = 0.75
 #: 0.965x and 0.963x. Since the search starts at the group maxima (fewer steps, so each chunk's fixed cost weighs
 #: more), 2^19 against 2^18 (``python -m benchmarks.ab NAME --ops entmax,entmax_attention``, AMD EPYC, L=4096):
 #: 0.976x / 0.981x sparsemax / 1.5-entmax noncausal with the default weights (one thread), 0.976x / 0.989x causal
-#: weight-free (two threads); the Xeon not measured at 2^19
+#: weight-free (two threads). On an Intel Xeon (``python -m benchmarks.ab NAME --ops entmax,entmax_attention``, one
+#: thread, L=4096) 2^20 gained α-entmax 1-2% noncausal but cost its causal step with weights 3% and 1.5-entmax's
+#: 1.4%, the same with 2^20 for a general α's chunks alone; 2^17 or 2^18 slow a general α's search (more chunks'
+#: fixed costs; at 2^18 a chunk skips compaction and settling): kept at 2^19
 ROW_CHUNK_ELEMENTS = 1 << 19
 #: the backward's chunks on the CPU: its passes (s, s * grad, the row sums, the product written out) take no
 #: search's fixed costs per chunk, so smaller chunks only keep more of them in cache. Against 2^19 on an Intel
