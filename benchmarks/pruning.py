@@ -355,6 +355,48 @@ def per_head(*, length=1024, heads=4, head_dim=64, batch=2, threads=1, block=32,
     return lines
 
 
+def bias_order(*, length=1024, heads=4, head_dim=64, batch=2, threads=1, pairs=15, taus=(10.0, 30.0, 50.0),
+               patterns=("noncausal", "causal"), allocator="steady", **_) -> List[str]:
+    """The masked dense path's kernel call with the mask shared by the batch's items, so that the kernel takes
+    heads as its batch (:func:`fluence_fairseq.ops.common.cpu_flash_attention`), against the same mask expanded
+    over the items (the kernel's usual order, as before), forward+backward alternating in one process; lines of
+    the median of the per-pair ratios heads-first / usual with their range and each side's median ms."""
+    from fluence_fairseq.ops.common import cpu_flash_attention
+    from fluence_fairseq.ops.pruned_attention import _additive, _rows_with_a_key
+
+    use_allocator(allocator)
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    shape = (batch, heads, length, head_dim)
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape)
+    lines = []
+    for pattern in patterns:
+        causal = pattern == "causal"
+        for tau in taus:
+            keep = make_mask("informed", tau, heads, length, causal).unsqueeze(0)
+            bias, has_key = _additive(keep, q.dtype), _rows_with_a_key(keep)
+
+            def run(b, zero_rows=None if has_key is None else ~has_key):
+                q.grad = k.grad = v.grad = None
+                cpu_flash_attention(q, k, v, causal=causal, bias=b, zero_rows=zero_rows).backward(grad)
+
+            sides = [("usual", lambda: run(bias.expand(batch, -1, -1, -1))), ("heads first", lambda: run(bias))]
+            series = {name: [] for name, _ in sides}
+            for i in range(pairs + 1):
+                for name, side in sides if i % 2 == 0 else sides[::-1]:
+                    started = time.perf_counter()
+                    side()
+                    if i:  # the first round warms up
+                        series[name].append(time.perf_counter() - started)
+            ratios = [h / u for h, u in zip(series["heads first"], series["usual"])]
+            med = {name: statistics.median(t) * 1e3 for name, t in series.items()}
+            lines.append(f"{pattern} data-informed {tau:g}% masked dense: heads first / usual "
+                         f"{statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f}), usual "
+                         f"{med['usual']:.1f} ms, heads first {med['heads first']:.1f} ms")
+    return lines
+
+
 def markdown(report: dict) -> str:
     c, m = report["config"], report["machine"]
     lines = [f"Pruned attention, forward+backward, B={c['batch']}, H={c['heads']}, L={c['length']}, D={c['head_dim']}, "
@@ -420,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--q-factors", default="1,2,4", help="with --against: query blocks as multiples of the key "
                         "block, comma-separated")
     parser.add_argument("--pairs", type=int, default=12, help="with --against: alternations of old and new")
+    parser.add_argument("--bias-order", action="store_true", help="instead: the masked dense path's kernel with "
+                        "heads as its batch against its usual order, paired (10%%, 30%% and 50%% masks)")
     parser.add_argument("--per-head", action="store_true", help="instead: each head of the 10%% and 30%% masks "
                         "alone on every path, and the sum of the heads' fastest against dense SDPA (would a plan "
                         "per head beat one per layer?)")
@@ -443,6 +487,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise SystemExit(f"--q-factors must be positive integers, got {args.q_factors!r}")
         for line in paired(args.against, threads=args.threads, pairs=args.pairs, patterns=patterns,
                            allocator=args.allocator, q_factors=q_factors, **sizes):
+            print(line, flush=True)
+        return
+    if args.bias_order:
+        for line in bias_order(threads=args.threads, pairs=args.pairs, patterns=patterns, allocator=args.allocator,
+                               **sizes):
             print(line, flush=True)
         return
     if args.per_head:

@@ -301,9 +301,27 @@ def cpu_flash_applies(q: Tensor, dropout_p: float) -> bool:
     return q.device.type == "cpu" and dropout_p == 0 and FLASH_CPU_BACKWARD is not None
 
 
+def _heads_first(bias: Optional[Tensor], q: Tensor) -> bool:
+    """Whether the kernel should see heads as its batch: a bias shared by the batch's items but not by the heads.
+    The kernel walks batch, then heads, then query blocks, so in the usual order an item re-reads every head's bias
+    after all the others; with heads as the batch it re-reads one head's bias at once, from the caches (dense
+    path of a 10% pruning mask, L=1024, B=2, H=4, one thread, Intel Xeon: forward 23.7 against 24.7 ms, backward
+    50.3 against 51.1)."""
+    return bias is not None and bias.size(0) == 1 < q.size(0) and bias.size(1) > 1
+
+
+def _swap(*xs):
+    return tuple(None if x is None else x.transpose(0, 1) for x in xs)
+
+
 class _CpuFlash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, bias, zero_rows):
+        swap = _heads_first(bias, q)
+        if swap:  # transposed views: the kernel reads strides, and its results are views of the same memory
+            q, k, v, bias = _swap(q, k, v, bias)
+            if zero_rows is not None:
+                zero_rows = zero_rows.expand(q.size(1), q.size(0), q.size(2), 1).transpose(0, 1)
         out, lse = FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias)
         if zero_rows is not None:
             # backward recomputes a row's probabilities as exp(s - lse): an infinite log-sum-exp makes them 0, so
@@ -311,13 +329,18 @@ class _CpuFlash(torch.autograd.Function):
             out.masked_fill_(zero_rows, 0.0)
             lse.masked_fill_(zero_rows.squeeze(-1), math.inf)
         ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.causal = causal
-        return out
+        ctx.causal, ctx.swap = causal, swap
+        return out.transpose(0, 1) if swap else out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, bias, out, lse = ctx.saved_tensors
-        gq, gk, gv = FLASH_CPU_BACKWARD(grad_out.contiguous(), q, k, v, out, lse, 0.0, ctx.causal, attn_mask=bias)
+        grad_out = grad_out.contiguous()
+        if ctx.swap:
+            grad_out = grad_out.transpose(0, 1)
+        gq, gk, gv = FLASH_CPU_BACKWARD(grad_out, q, k, v, out, lse, 0.0, ctx.causal, attn_mask=bias)
+        if ctx.swap:
+            gq, gk, gv = _swap(gq, gk, gv)
         return gq, gk, gv, None, None, None
 
 

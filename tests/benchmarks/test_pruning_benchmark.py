@@ -183,3 +183,23 @@ def test_per_head_reports_every_head_and_the_sum_of_their_fastest_paths(capsys, 
             assert "masked dense" in times and times[best] == min(times.values())
             fastest += times[best]
         assert abs(float(total.split("sum to ")[1].split()[0]) - fastest) <= 0.2  # the printed times are rounded
+
+
+def test_bias_order_compares_both_kernel_orders_on_every_mask(capsys, monkeypatch):
+    """Both sides run the same mask through the kernel: the shared bias with heads as the kernel's batch, the
+    expanded one in its usual order (seen from the shapes the kernel is called with)."""
+    from fluence_fairseq.ops import common
+
+    kernel, batches = common.FLASH_CPU, []
+    monkeypatch.setattr(common, "FLASH_CPU", lambda q, *a, **kw: batches.append(q.size(0)) or kernel(q, *a, **kw))
+    threads = torch.get_num_threads()
+    try:
+        bp.main(["--bias-order", "--length", "64", "--heads", "3", "--head-dim", "8", "--batch", "2", "--pairs", "2",
+                 "--patterns", "causal"])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(" masked dense")[0] for line in lines] == [f"causal data-informed {tau}%" for tau in (10, 30, 50)]
+    # per mask three rounds (one warm-up) of both sides: heads first calls the kernel with 3 (heads) items, usual
+    # with 2 (the batch)
+    assert sorted(set(batches)) == [2, 3] and batches.count(3) == batches.count(2) == 3 * 3

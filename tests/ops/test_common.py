@@ -1,5 +1,5 @@
 """ops.common: prefixes (views of the first n rows sharing one backward), lower_blocks, free_memory, matvec,
-thin_matmul."""
+thin_matmul, cpu_flash_attention."""
 import pytest
 import torch
 
@@ -216,10 +216,13 @@ def test_thin_matmul_equals_matmul_with_broadcast_batches_and_its_gradients(a_sh
 
 @pytest.mark.skipif(common.FLASH_CPU_BACKWARD is None, reason="this torch build has no CPU flash kernels")
 @pytest.mark.parametrize("causal", [False, True])
-def test_cpu_flash_zero_rows_are_zero_in_the_kernels_own_output_and_pass_no_gradient(causal, monkeypatch):
+@pytest.mark.parametrize("bias_items", [1, 2])
+def test_cpu_flash_zero_rows_are_zero_in_the_kernels_own_output_and_pass_no_gradient(causal, bias_items,
+                                                                                      monkeypatch):
     """Rows whose every key the bias masks: zeroed in the tensor the kernel returned (no zeroed copy beside it),
     their output's gradient (nonzero here) reaching nothing; the other rows and every gradient as the plain masked
-    softmax's."""
+    softmax's. A bias shared by the batch's items (``bias_items`` 1) goes to the kernel with heads as its batch
+    (transposed views), one per item (2, the same bias repeated) in the usual order."""
     torch.manual_seed(0)
     bsz, heads, length, dim = 2, 3, 40, 8
     q, k, v = (torch.randn(bsz, heads, length, dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -231,11 +234,13 @@ def test_cpu_flash_zero_rows_are_zero_in_the_kernels_own_output_and_pass_no_grad
     no_key = ~allowed.any(-1, keepdim=True)
     assert no_key.any() and not no_key[0, 2].any()
     bias = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill_(~allowed, torch.finfo(torch.float64).min)
+    bias = bias.repeat(bias_items, 1, 1, 1)
     returned = []
     kernel = common.FLASH_CPU
     monkeypatch.setattr(common, "FLASH_CPU", lambda *a, **kw: returned.append(kernel(*a, **kw)) or returned[-1])
     out = common.cpu_flash_attention(q, k, v, causal=causal, bias=bias, zero_rows=no_key)
     assert out.data_ptr() == returned[0][0].data_ptr()  # the kernel's own output, zeroed in place
+    assert returned[0][0].shape[:2] == ((heads, bsz) if bias_items == 1 else (bsz, heads))
     scores = torch.matmul(q, k.transpose(-1, -2)) * dim ** -0.5
     probs = torch.softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), -1)
     probs = torch.where(no_key, torch.zeros_like(probs), probs)
