@@ -239,16 +239,20 @@ def test_static_estimate_prefers_coarser_query_blocks_only_when_they_keep_little
     assert pa.PrunedPlan(full, 8).estimates()[0][0] is None
 
 
-@pytest.mark.parametrize("sparse_ms, want", [(5.0, "block-sparse"), (9.2, "dense"), (20.0, "dense")])
-def test_tuned_plan_takes_the_measured_faster_path(monkeypatch, sparse_ms, want):
-    """With ``tune=True`` the path is the one that measured faster (dense unless a layout beats it by 10%), decided
+@pytest.mark.parametrize("sparse_ms, paired, want", [(5.0, None, "block-sparse"), (8.6, 0.92, "block-sparse"),
+                                                     (9.2, 0.97, "dense"), (9.2, 1.04, "dense"),
+                                                     (20.0, None, "dense")])
+def test_tuned_plan_takes_the_measured_faster_path(monkeypatch, sparse_ms, paired, want):
+    """With ``tune=True`` the path is the one that measured faster: a layout 15% below dense at once, one closer
+    only if alternating pairs with dense put it 5% below (and no pairs run where the rounds settle it); decided
     once per (device, dtype, head dim, grad mode) and explained in ``decisions``."""
     rel = torch.arange(64).view(-1, 1) - torch.arange(64).view(1, -1)
     keep = (rel.abs() <= 2).expand(2, 64, 64).contiguous()
     plan = pa.PrunedPlan(keep, 8, tune=True)
-    timed = []
+    timed, confirmed = [], []
     monkeypatch.setattr(pa.PrunedPlan, "_time", lambda self, layouts, *a: timed.extend(layouts) or
                         [10.0 if layout is None else sparse_ms for layout in layouts])
+    monkeypatch.setattr(pa.PrunedPlan, "_paired_ratio", lambda self, layout, *a: confirmed.append(layout) or paired)
     q, k, v = inputs(1, 2, 64, 64)
     out, _ = pruned_attention(q, k, v, keep, plan=plan)
     ref, _ = reference(q, k, v, keep)
@@ -256,6 +260,10 @@ def test_tuned_plan_takes_the_measured_faster_path(monkeypatch, sparse_ms, want)
     (path, layout, reason), = plan.decisions.values()
     assert path == want and (layout is None) == (want == "dense")
     assert "measured (fwd+bwd" in reason and "dense 10.00 ms" in reason
+    assert len(confirmed) == (paired is not None) and all(c is not None for c in confirmed)
+    assert ("pairs" in reason) == (paired is not None)
+    if paired is not None:
+        assert f"/ dense in {pa._CONFIRM_PAIRS} pairs: {paired:.3f}" in reason
     assert None in timed and len(timed) >= 2
     n = len(timed)
     pruned_attention(q, k, v, keep, plan=plan)
@@ -269,6 +277,25 @@ def test_tuned_plan_takes_the_measured_faster_path(monkeypatch, sparse_ms, want)
         cached = any(bucket._bias for bucket in candidate.buckets)
         assert cached == (candidate is layout), (candidate, layout)
     assert plan.cached_bytes() > plan.keep.numel()
+
+
+def test_paired_ratio_times_both_sides_alternately_and_leaves_the_inputs_alone(monkeypatch):
+    """The confirmation runs the layout and the dense path the same number of times, which goes first
+    alternating, and gives the median of the pairs' ratios."""
+    rel = torch.arange(96).view(-1, 1) - torch.arange(96).view(1, -1)
+    keep = (rel.abs() <= 5).expand(2, 96, 96).contiguous()
+    q, k, v = inputs(2, 2, 96, 96)
+    plan = pa.PrunedPlan(keep, 8, tune=True)
+    layout = plan.layouts[0]
+    runs = []
+    sparse, dense = pa._sparse_path, pa._dense_path
+    monkeypatch.setattr(pa, "_sparse_path", lambda *a, **kw: runs.append("sparse") or sparse(*a, **kw))
+    monkeypatch.setattr(pa, "_dense_path", lambda *a, **kw: runs.append("dense") or dense(*a, **kw))
+    ratio = plan._paired_ratio(layout, q, k, v, None, True)
+    assert 0 < ratio < float("inf")
+    pairs = [tuple(runs[i : i + 2]) for i in range(0, len(runs), 2)]
+    assert len(pairs) == pa._CONFIRM_PAIRS and pairs[0] == ("sparse", "dense") and pairs[1] == ("dense", "sparse")
+    assert q.grad is None and k.grad is None and v.grad is None
 
 
 def test_tuning_leaves_inputs_gradients_and_random_state_alone():
