@@ -245,6 +245,16 @@ def run_benchmark(length=1024, heads=4, head_dim=64, batch=2, threads=1, repeats
             "wall_s": time.perf_counter() - started}
 
 
+def _paired_inputs(allocator: str, threads: int, shape) -> Tuple[torch.Tensor, ...]:
+    """The paired comparisons' setting: the allocator and threads set, q, k, v (leaves) and an output gradient of
+    ``shape``, seeded."""
+    use_allocator(allocator)
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    return q, k, v, torch.randn(shape)
+
+
 def paired(against: str, *, length=1024, heads=4, head_dim=64, batch=2, threads=1, block=32, pairs=12,
            taus=(70.0, 90.0), q_factors=(2, 4), patterns=("noncausal", "causal"), allocator="steady") -> List[str]:
     """Paired A/B of the block-sparse path: the working tree's :mod:`~fluence_fairseq.ops.pruned_attention`
@@ -257,12 +267,7 @@ def paired(against: str, *, length=1024, heads=4, head_dim=64, batch=2, threads=
     import fluence_fairseq.ops.pruned_attention as new
 
     old = load_revision("pruned_attention", against)
-    use_allocator(allocator)
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    shape = (batch, heads, length, head_dim)
-    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
-    grad = torch.randn(shape)
+    q, k, v, grad = _paired_inputs(allocator, threads, (batch, heads, length, head_dim))
     lines = []
     for pattern in patterns:
         causal = pattern == "causal"
@@ -364,12 +369,7 @@ def bias_order(*, length=1024, heads=4, head_dim=64, batch=2, threads=1, pairs=1
     from fluence_fairseq.ops.common import cpu_flash_attention
     from fluence_fairseq.ops.pruned_attention import _additive, _rows_with_a_key
 
-    use_allocator(allocator)
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    shape = (batch, heads, length, head_dim)
-    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
-    grad = torch.randn(shape)
+    q, k, v, grad = _paired_inputs(allocator, threads, (batch, heads, length, head_dim))
     lines = []
     for pattern in patterns:
         causal = pattern == "causal"
