@@ -256,13 +256,15 @@ def _paired_inputs(allocator: str, threads: int, shape) -> Tuple[torch.Tensor, .
 
 
 def paired(against: str, *, length=1024, heads=4, head_dim=64, batch=2, threads=1, block=32, pairs=12,
-           taus=(70.0, 90.0), q_factors=(2, 4), patterns=("noncausal", "causal"), allocator="steady") -> List[str]:
+           taus=(70.0, 90.0), q_factors=(2, 4), patterns=("noncausal", "causal"), allocator="steady",
+           new_block: Optional[int] = None) -> List[str]:
     """Paired A/B of the block-sparse path: the working tree's :mod:`~fluence_fairseq.ops.pruned_attention`
     against its copy at git revision ``against``, on the same layouts (``q_factors`` x ``block`` query blocks) of
     the data-informed masks, forward+backward alternating old and new (and dense SDPA) in one process, so that
-    both sides of every pair see the same machine state (which side runs first alternates). Lines of: the median
-    of the per-pair ratios new / old with their range, each side's median ms, new / SDPA, and the largest
-    difference of their gradients."""
+    both sides of every pair see the same machine state (which side runs first alternates). ``new_block``: the
+    new side's layouts take key blocks of this size (at the same query blocks). Lines of: the median of the
+    per-pair ratios new / old with their range, each side's median ms, new / SDPA, and the largest difference of
+    their gradients."""
     from .ab import load_revision
     import fluence_fairseq.ops.pruned_attention as new
 
@@ -283,11 +285,12 @@ def paired(against: str, *, length=1024, heads=4, head_dim=64, batch=2, threads=
                     q.grad = k.grad = v.grad = None
                     F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(grad)
 
-                layouts = {m: m.BlockLayout.build(keep, block, block * factor) for m in (old, new)}
-                got = [g.clone() for g in step(old, layouts[old])]
-                diff = max(float((a - b).abs().max()) for a, b in zip(got, step(new, layouts[new])))
+                old_layout = old.BlockLayout.build(keep, block, block * factor)
+                new_layout = new.BlockLayout.build(keep, new_block or block, block * factor)
+                got = [g.clone() for g in step(old, old_layout)]
+                diff = max(float((a - b).abs().max()) for a, b in zip(got, step(new, new_layout)))
                 series = {"old": [], "new": [], "sdpa": []}
-                sides = [("old", lambda: step(old, layouts[old])), ("new", lambda: step(new, layouts[new]))]
+                sides = [("old", lambda: step(old, old_layout)), ("new", lambda: step(new, new_layout))]
                 for i in range(pairs):
                     # the order alternates: a step right after dense SDPA ran 5-8% slower than the next one (the
                     # same code against itself read 0.92-0.94 with old always first)
@@ -297,7 +300,8 @@ def paired(against: str, *, length=1024, heads=4, head_dim=64, batch=2, threads=
                         series[name].append(time.perf_counter() - started)
                 ratios = [n / o for n, o in zip(series["new"], series["old"])]
                 med = {name: statistics.median(t) * 1e3 for name, t in series.items()}
-                lines.append(f"{pattern} data-informed {tau:g}% {block * factor}x{block}: new / old "
+                shown = f"{block * factor}x{block}" + (f" (new: {block * factor}x{new_block})" if new_block else "")
+                lines.append(f"{pattern} data-informed {tau:g}% {shown}: new / old "
                              f"{statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f}), old "
                              f"{med['old']:.1f} ms, new {med['new']:.1f} ms, new / SDPA "
                              f"{med['new'] / med['sdpa']:.2f}; gradients differ by at most {diff:.1e}")
@@ -358,6 +362,40 @@ def per_head(*, length=1024, heads=4, head_dim=64, batch=2, threads=1, block=32,
             lines.append(f"{pattern} data-informed {tau:g}%: the heads' fastest paths sum to {total:.1f} ms, "
                          f"{total / whole:.3f}x dense SDPA over all {heads} heads ({whole:.1f} ms)")
     return lines
+
+
+def mask_cost(*, length=1024, heads=4, head_dim=64, batch=2, threads=1, pairs=15, allocator="steady",
+              **_) -> List[str]:
+    """What an additive mask costs the CPU flash kernel: its forward and its backward (called directly) without a
+    mask, with a zero (1, H, L, L) mask, and with a zero mask whose every query row is the same memory (a (1, H, 1,
+    L) row expanded), the three taken in turn (which one first rotating); lines of each variant's median ms and
+    its ratio to the unmasked kernel's. The masks are all zeros: the numbers are the same, only what is read
+    differs."""
+    from fluence_fairseq.ops.common import FLASH_CPU, FLASH_CPU_BACKWARD
+
+    q, k, v, grad = _paired_inputs(allocator, threads, (batch, heads, length, head_dim))
+    q, k, v = q.detach(), k.detach(), v.detach()
+    masks = {"no mask": None, "zero mask (1, H, L, L)": torch.zeros(1, heads, length, length),
+             "one row per head (stride 0)": torch.zeros(1, heads, 1, length).expand(1, heads, length, length)}
+    saved = {name: FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask) for name, mask in masks.items()}
+    calls = {}
+    for name, mask in masks.items():
+        out, lse = saved[name]
+        calls[name, "forward"] = lambda mask=mask: FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask)
+        calls[name, "backward"] = lambda mask=mask, out=out, lse=lse: FLASH_CPU_BACKWARD(
+            grad, q, k, v, out, lse, 0.0, False, attn_mask=mask)
+    series = {key: [] for key in calls}
+    order = list(calls)
+    for i in range(pairs + 1):
+        shift = i % len(order)
+        for key in order[shift:] + order[:shift]:
+            started = time.perf_counter()
+            calls[key]()
+            if i:  # the first round warms up
+                series[key].append(time.perf_counter() - started)
+    med = {key: statistics.median(t) * 1e3 for key, t in series.items()}
+    return [f"{part} {name}: {med[name, part]:.1f} ms, {med[name, part] / med['no mask', part]:.3f}x no mask"
+            for part in ("forward", "backward") for name in masks]
 
 
 def bias_order(*, length=1024, heads=4, head_dim=64, batch=2, threads=1, pairs=15, taus=(10.0, 30.0, 50.0),
@@ -462,8 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--q-factors", default="1,2,4", help="with --against: query blocks as multiples of the key "
                         "block, comma-separated")
     parser.add_argument("--pairs", type=int, default=12, help="with --against: alternations of old and new")
+    parser.add_argument("--new-block", type=int, default=None, metavar="N", help="with --against: the working "
+                        "tree's side takes key blocks of N at the same query blocks (--block's multiples)")
     parser.add_argument("--bias-order", action="store_true", help="instead: the masked dense path's kernel with "
                         "heads as its batch against its usual order, paired (10%%, 30%% and 50%% masks)")
+    parser.add_argument("--mask-cost", action="store_true", help="instead: what an additive mask costs the CPU "
+                        "flash kernel's forward and backward (no mask, a full zero mask, one row per head)")
     parser.add_argument("--per-head", action="store_true", help="instead: each head of the 10%% and 30%% masks "
                         "alone on every path, and the sum of the heads' fastest against dense SDPA (would a plan "
                         "per head beat one per layer?)")
@@ -485,8 +527,14 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise SystemExit(f"--q-factors must be comma-separated integers, got {args.q_factors!r}")
         if not q_factors or min(q_factors) < 1:
             raise SystemExit(f"--q-factors must be positive integers, got {args.q_factors!r}")
+        if args.new_block is not None and args.new_block < 1:
+            raise SystemExit(f"--new-block must be a positive integer, got {args.new_block}")
         for line in paired(args.against, threads=args.threads, pairs=args.pairs, patterns=patterns,
-                           allocator=args.allocator, q_factors=q_factors, **sizes):
+                           allocator=args.allocator, q_factors=q_factors, new_block=args.new_block, **sizes):
+            print(line, flush=True)
+        return
+    if args.mask_cost:
+        for line in mask_cost(threads=args.threads, pairs=args.pairs, allocator=args.allocator, **sizes):
             print(line, flush=True)
         return
     if args.bias_order:

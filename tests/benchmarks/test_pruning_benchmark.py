@@ -130,6 +130,19 @@ def test_paired_against_a_revision_reports_every_layout(capsys):
         torch.set_num_threads(threads)
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == [f"noncausal data-informed {tau}% 16x8" for tau in (70, 90)]
+    # the new side's key blocks changed: same query blocks, the same attention (gradients to rounding)
+    try:
+        bp.main(["--against", "HEAD", "--quick", "--pairs", "1", "--patterns", "noncausal", "--q-factors", "2",
+                 "--new-block", "4"])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(": new / old")[0] for line in lines] == [f"noncausal data-informed {tau}% 16x8 (new: 16x4)"
+                                                      for tau in (70, 90)]
+    for line in lines:
+        assert float(line.split("gradients differ by at most ")[1]) < 1e-5
+    with pytest.raises(SystemExit, match="--new-block must be a positive integer"):
+        bp.main(["--against", "HEAD", "--quick", "--new-block", "0"])
 
 
 def test_paired_alternates_which_side_runs_first(monkeypatch):
@@ -203,3 +216,34 @@ def test_bias_order_compares_both_kernel_orders_on_every_mask(capsys, monkeypatc
     # per mask three rounds (one warm-up) of both sides: heads first calls the kernel with 3 (heads) items, usual
     # with 2 (the batch)
     assert sorted(set(batches)) == [2, 3] and batches.count(3) == batches.count(2) == 3 * 3
+
+
+def test_mask_cost_times_each_kernel_call_with_each_mask(capsys, monkeypatch):
+    """Every variant's forward and backward are timed, the masks reach the kernel as described (none, a full
+    zero mask, rows of stride 0), and each ratio is to the unmasked call of the same part."""
+    from fluence_fairseq.ops import common
+
+    seen = []
+    forward, backward = common.FLASH_CPU, common.FLASH_CPU_BACKWARD
+
+    def spy(kernel, part):
+        def call(*a, attn_mask=None, **kw):
+            seen.append((part, None if attn_mask is None else attn_mask.stride(2)))
+            return kernel(*a, attn_mask=attn_mask, **kw)
+        return call
+
+    monkeypatch.setattr(common, "FLASH_CPU", spy(forward, "forward"))
+    monkeypatch.setattr(common, "FLASH_CPU_BACKWARD", spy(backward, "backward"))
+    threads = torch.get_num_threads()
+    try:
+        bp.main(["--mask-cost", "--quick", "--pairs", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = ["no mask", "zero mask (1, H, L, L)", "one row per head (stride 0)"]
+    assert [line.split(":")[0] for line in lines] == [f"{part} {name}" for part in ("forward", "backward")
+                                                      for name in names]
+    assert lines[0].endswith("1.000x no mask") and lines[3].endswith("1.000x no mask")
+    length = bp.QUICK_SIZES["length"]
+    for part in ("forward", "backward"):
+        assert {stride for p, stride in seen if p == part} == {None, length, 0}
