@@ -398,6 +398,51 @@ def mask_cost(*, length=1024, heads=4, head_dim=64, batch=2, threads=1, pairs=15
             for part in ("forward", "backward") for name in masks]
 
 
+def padding(*, length=1024, heads=4, head_dim=64, batch=2, threads=1, pairs=15, taus=(10.0, 30.0, 50.0),
+            patterns=("noncausal", "causal"), allocator="steady", padded=128, **_) -> List[str]:
+    """The masked dense path of a padded batch (the last item's last ``padded`` keys padding, fairseq's right
+    padding of targets; the first item unpadded): item by item on the unpadded keys (what it does from
+    :data:`~fluence_fairseq.ops.pruned_attention.PER_ITEM_FROM` entries per item) against one call with the
+    padding in a (B, H, L, L) bias (what it does below), and the same batch unpadded, forward+backward taken in
+    turn; lines of each side's median ms and the ratios to the unpadded batch."""
+    from fluence_fairseq.ops import pruned_attention as pa
+
+    q, k, v, grad = _paired_inputs(allocator, threads, (batch, heads, length, head_dim))
+    pad = torch.zeros(batch, length, dtype=torch.bool)
+    pad[-1, length - padded:] = True
+    lines = []
+    for pattern in patterns:
+        causal = pattern == "causal"
+        for tau in taus:
+            keep = make_mask("informed", tau, heads, length, causal)
+            plan = pa.PrunedPlan(keep, 32)
+
+            def run(mask, per_item_from):
+                q.grad = k.grad = v.grad = None
+                before, pa.PER_ITEM_FROM = pa.PER_ITEM_FROM, per_item_from
+                try:
+                    pa._dense_path(q, k, v, keep, mask, 0.0, False, plan)[0].backward(grad)
+                finally:
+                    pa.PER_ITEM_FROM = before
+
+            sides = {"unpadded": lambda: run(None, 0), "item by item": lambda: run(pad, 0),
+                     "one call": lambda: run(pad, float("inf"))}
+            series = {name: [] for name in sides}
+            order = list(sides)
+            for i in range(pairs + 1):
+                shift = i % len(order)
+                for name in order[shift:] + order[:shift]:
+                    started = time.perf_counter()
+                    sides[name]()
+                    if i:
+                        series[name].append(time.perf_counter() - started)
+            med = {name: statistics.median(t) * 1e3 for name, t in series.items()}
+            lines.append(f"{pattern} data-informed {tau:g}%, {padded} keys of one item padded: "
+                         + ", ".join(f"{name} {ms:.1f} ms ({ms / med['unpadded']:.3f}x unpadded)"
+                                     for name, ms in med.items()))
+    return lines
+
+
 def bias_order(*, length=1024, heads=4, head_dim=64, batch=2, threads=1, pairs=15, taus=(10.0, 30.0, 50.0),
                patterns=("noncausal", "causal"), allocator="steady", **_) -> List[str]:
     """The masked dense path's kernel call with the mask shared by the batch's items, so that the kernel takes
@@ -506,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "heads as its batch against its usual order, paired (10%%, 30%% and 50%% masks)")
     parser.add_argument("--mask-cost", action="store_true", help="instead: what an additive mask costs the CPU "
                         "flash kernel's forward and backward (no mask, a full zero mask, one row per head)")
+    parser.add_argument("--padding", action="store_true", help="instead: a padded batch's masked dense path item "
+                        "by item against one call with the padding in its bias, and the batch unpadded")
     parser.add_argument("--per-head", action="store_true", help="instead: each head of the 10%% and 30%% masks "
                         "alone on every path, and the sum of the heads' fastest against dense SDPA (would a plan "
                         "per head beat one per layer?)")
@@ -535,6 +582,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     if args.mask_cost:
         for line in mask_cost(threads=args.threads, pairs=args.pairs, allocator=args.allocator, **sizes):
+            print(line, flush=True)
+        return
+    if args.padding:
+        sizes["padded"] = max(1, sizes["length"] // 8)
+        for line in padding(threads=args.threads, pairs=args.pairs, patterns=patterns, allocator=args.allocator,
+                            **sizes):
             print(line, flush=True)
         return
     if args.bias_order:

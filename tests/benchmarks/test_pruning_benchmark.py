@@ -247,3 +247,27 @@ def test_mask_cost_times_each_kernel_call_with_each_mask(capsys, monkeypatch):
     length = bp.QUICK_SIZES["length"]
     for part in ("forward", "backward"):
         assert {stride for p, stride in seen if p == part} == {None, length, 0}
+
+
+def test_padding_compares_item_by_item_one_call_and_unpadded(capsys, monkeypatch):
+    """Each side takes the path it names: item by item (the padded item's kernel call sees only its unpadded
+    keys), one call (full keys, a per-item bias), and the unpadded batch in one call."""
+    from fluence_fairseq.ops import common
+
+    kernel, calls = common.FLASH_CPU, []
+    monkeypatch.setattr(common, "FLASH_CPU", lambda q, k, *a, **kw: calls.append(
+        (q.size(0), k.size(2), kw["attn_mask"].size(0))) or kernel(q, k, *a, **kw))
+    threads = torch.get_num_threads()
+    try:
+        bp.main(["--padding", "--length", "64", "--heads", "3", "--head-dim", "8", "--batch", "2", "--pairs", "1",
+                 "--patterns", "noncausal"])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"noncausal data-informed {tau}%, 8 keys of one item padded"
+                                                      for tau in (10, 30, 50)]
+    assert all("unpadded" in line and "item by item" in line and "one call" in line for line in lines)
+    # per mask and round: unpadded (one call, the shared bias with the 3 heads as the kernel's batch), item by item
+    # (1 item each: 64 then 56 keys), one call (2 items, 64 keys, a bias per item)
+    assert set(calls) == {(3, 64, 3), (1, 64, 1), (1, 56, 1), (2, 64, 2)}
+    assert calls.count((1, 56, 1)) == calls.count((2, 64, 2)) == calls.count((3, 64, 3)) == 3 * 2

@@ -110,6 +110,44 @@ def test_key_padding(side):
     check_against_reference(keep, bsz=3, key_padding_mask=pad)  # some rows lose every key to the padding
 
 
+@pytest.mark.skipif(common.FLASH_CPU_BACKWARD is None, reason="this torch build has no CPU flash kernels")
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_batches_run_item_by_item_on_their_unpadded_keys(causal, monkeypatch):
+    """Past ``PER_ITEM_FROM`` the dense path of a padded batch calls the kernel once per item: on the item's
+    unpadded keys alone where they are one run (left, right or both sides padded), with a bias of its own where
+    they are not (holes); an item with every key padded gives 0. Outputs and gradients as the reference's, with
+    and without a plan (whose causal flag the kernel then takes on keys sliced from ``lo > 0``)."""
+    monkeypatch.setattr(pa, "PER_ITEM_FROM", 0)
+    length = 40
+    rel = torch.arange(length).view(-1, 1) - torch.arange(length).view(1, -1)
+    keep = torch.stack([rel.abs() <= 3, rel.abs() <= 12, torch.ones(length, length, dtype=torch.bool)])
+    keep[:, :, :2] = True  # global columns: padded away on the left, so rows near the start may lose every key
+    if causal:
+        keep &= rel >= 0
+    pad = torch.zeros(6, length, dtype=torch.bool)
+    pad[1, -9:] = True  # right
+    pad[2, :13] = True  # left
+    pad[3, :5], pad[3, -7:] = True, True  # both sides
+    pad[4, 10:20] = True  # a hole
+    pad[5] = True  # nothing to attend to
+    keys = []
+    kernel = common.FLASH_CPU
+    monkeypatch.setattr(common, "FLASH_CPU", lambda q, k, *a, **kw: keys.append(k.size(2)) or kernel(q, k, *a, **kw))
+    q, k, v = inputs(6, 3, length, length, dtype=torch.float64)
+    ref, _ = reference(q, k, v, keep, pad)
+    grad = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for plan in (None, pa.PrunedPlan(keep, 8)):
+        keys.clear()
+        out, _ = pa._dense_path(q, k, v, keep, pad, 0.0, False, plan)
+        assert keys == [length, length - 9, length - 13, length - 12, length]  # item 5 calls no kernel
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+        assert out[5].abs().max() == 0
+        for got, expected in zip(torch.autograd.grad(out, (q, k, v), grad), want):
+            torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    assert plan.causal == causal and len(plan._extent) == 1  # the rows' first and last keys, found once
+
+
 def test_fully_pruned_rows_and_heads_give_zero_output_and_zero_gradients():
     rel = torch.arange(48).view(-1, 1) - torch.arange(48).view(1, -1)
     keep = torch.stack([rel.abs() <= 2, torch.zeros(48, 48, dtype=torch.bool), rel.abs() <= 5])
