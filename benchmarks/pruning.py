@@ -364,6 +364,21 @@ def per_head(*, length=1024, heads=4, head_dim=64, batch=2, threads=1, block=32,
     return lines
 
 
+def _rotating_medians(calls: dict, rounds: int) -> dict:
+    """Median milliseconds of each call over ``rounds`` rounds that take every call in turn, the first call of a
+    round rotating, after one warm-up round."""
+    series = {key: [] for key in calls}
+    order = list(calls)
+    for i in range(rounds + 1):
+        shift = i % len(order)
+        for key in order[shift:] + order[:shift]:
+            started = time.perf_counter()
+            calls[key]()
+            if i:  # the first round warms up
+                series[key].append(time.perf_counter() - started)
+    return {key: statistics.median(t) * 1e3 for key, t in series.items()}
+
+
 def mask_cost(*, length=1024, heads=4, head_dim=64, batch=2, threads=1, pairs=15, allocator="steady",
               **_) -> List[str]:
     """What an additive mask costs the CPU flash kernel: its forward and its backward (called directly) without a
@@ -384,16 +399,7 @@ def mask_cost(*, length=1024, heads=4, head_dim=64, batch=2, threads=1, pairs=15
         calls[name, "forward"] = lambda mask=mask: FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask)
         calls[name, "backward"] = lambda mask=mask, out=out, lse=lse: FLASH_CPU_BACKWARD(
             grad, q, k, v, out, lse, 0.0, False, attn_mask=mask)
-    series = {key: [] for key in calls}
-    order = list(calls)
-    for i in range(pairs + 1):
-        shift = i % len(order)
-        for key in order[shift:] + order[:shift]:
-            started = time.perf_counter()
-            calls[key]()
-            if i:  # the first round warms up
-                series[key].append(time.perf_counter() - started)
-    med = {key: statistics.median(t) * 1e3 for key, t in series.items()}
+    med = _rotating_medians(calls, pairs)
     return [f"{part} {name}: {med[name, part]:.1f} ms, {med[name, part] / med['no mask', part]:.3f}x no mask"
             for part in ("forward", "backward") for name in masks]
 
@@ -427,16 +433,7 @@ def padding(*, length=1024, heads=4, head_dim=64, batch=2, threads=1, pairs=15, 
 
             sides = {"unpadded": lambda: run(None, 0), "item by item": lambda: run(pad, 0),
                      "one call": lambda: run(pad, float("inf"))}
-            series = {name: [] for name in sides}
-            order = list(sides)
-            for i in range(pairs + 1):
-                shift = i % len(order)
-                for name in order[shift:] + order[:shift]:
-                    started = time.perf_counter()
-                    sides[name]()
-                    if i:
-                        series[name].append(time.perf_counter() - started)
-            med = {name: statistics.median(t) * 1e3 for name, t in series.items()}
+            med = _rotating_medians(sides, pairs)
             lines.append(f"{pattern} data-informed {tau:g}%, {padded} keys of one item padded: "
                          + ", ".join(f"{name} {ms:.1f} ms ({ms / med['unpadded']:.3f}x unpadded)"
                                      for name, ms in med.items()))

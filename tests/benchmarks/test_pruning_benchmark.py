@@ -9,6 +9,16 @@ import torch
 from benchmarks import ab, pruning as bp
 
 
+
+def main_lines(capsys, argv):
+    """The lines ``benchmarks.pruning`` prints for ``argv`` (the process's thread count restored after it)."""
+    threads = torch.get_num_threads()
+    try:
+        bp.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return capsys.readouterr().out.strip().splitlines()
+
 def test_synthetic_patterns_are_row_stochastic_and_causal():
     p = bp.synthetic_patterns(4, 48, causal=True)
     assert p.shape == (1, 4, 48, 48)
@@ -112,33 +122,21 @@ def test_unknown_pattern_is_refused():
 @pytest.mark.skipif(subprocess.run(["git", "rev-parse", "HEAD"], cwd=ab.REPO, capture_output=True).returncode != 0,
                     reason="needs a git checkout (the old side is read with git show)")
 def test_paired_against_a_revision_reports_every_layout(capsys):
-    threads = torch.get_num_threads()
-    try:
-        bp.main(["--against", "HEAD", "--quick", "--pairs", "2", "--patterns", "causal"])
-    finally:
-        torch.set_num_threads(threads)
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = main_lines(capsys, ["--against", "HEAD", "--quick", "--pairs", "2", "--patterns", "causal"])
     # quick sizes: blocks of 8, query blocks of 8, 16 and 32 (the default --q-factors), at 70% and 90%
     assert [line.split(":")[0] for line in lines] == [
         f"causal data-informed {tau}% {q}x8" for tau in (70, 90) for q in (8, 16, 32)]
     for line in lines:
         ratio = float(line.split("new / old ")[1].split()[0])
         assert ratio > 0 and line.endswith("gradients differ by at most 0.0e+00")  # HEAD against itself
-    try:
-        bp.main(["--against", "HEAD", "--quick", "--pairs", "1", "--patterns", "noncausal", "--q-factors", "2"])
-    finally:
-        torch.set_num_threads(threads)
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = main_lines(capsys, ["--against", "HEAD", "--quick", "--pairs", "1", "--patterns", "noncausal",
+                                "--q-factors", "2"])
     assert [line.split(":")[0] for line in lines] == [f"noncausal data-informed {tau}% 16x8" for tau in (70, 90)]
     # the new side's key blocks changed: same query blocks, the same attention (gradients to rounding)
-    try:
-        bp.main(["--against", "HEAD", "--quick", "--pairs", "1", "--patterns", "noncausal", "--q-factors", "2",
-                 "--new-block", "4"])
-    finally:
-        torch.set_num_threads(threads)
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = main_lines(capsys, ["--against", "HEAD", "--quick", "--pairs", "1", "--patterns", "noncausal",
+                                "--q-factors", "2", "--new-block", "4"])
     assert [line.split(": new / old")[0] for line in lines] == [f"noncausal data-informed {tau}% 16x8 (new: 16x4)"
-                                                      for tau in (70, 90)]
+                                                                for tau in (70, 90)]
     for line in lines:
         assert float(line.split("gradients differ by at most ")[1]) < 1e-5
     with pytest.raises(SystemExit, match="--new-block must be a positive integer"):
@@ -179,12 +177,7 @@ def test_paired_refuses_bad_query_block_factors(factors):
 
 @pytest.mark.parametrize("pattern", ["noncausal", "causal"])
 def test_per_head_reports_every_head_and_the_sum_of_their_fastest_paths(capsys, pattern):
-    threads = torch.get_num_threads()
-    try:
-        bp.main(["--per-head", "--quick", "--patterns", pattern])
-    finally:
-        torch.set_num_threads(threads)
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = main_lines(capsys, ["--per-head", "--quick", "--patterns", pattern])
     # quick sizes: 2 heads; per mask (10%, 30%) a line for each head, then the sum of their fastest paths
     assert [line.split(" (kept")[0].split(":")[0] for line in lines] == [
         f"{pattern} data-informed {tau}%{suffix}" for tau in (10, 30) for suffix in (" head 0", " head 1", "")]
@@ -205,13 +198,8 @@ def test_bias_order_compares_both_kernel_orders_on_every_mask(capsys, monkeypatc
 
     kernel, batches = common.FLASH_CPU, []
     monkeypatch.setattr(common, "FLASH_CPU", lambda q, *a, **kw: batches.append(q.size(0)) or kernel(q, *a, **kw))
-    threads = torch.get_num_threads()
-    try:
-        bp.main(["--bias-order", "--length", "64", "--heads", "3", "--head-dim", "8", "--batch", "2", "--pairs", "2",
+    lines = main_lines(capsys, ["--bias-order", "--length", "64", "--heads", "3", "--head-dim", "8", "--batch", "2", "--pairs", "2",
                  "--patterns", "causal"])
-    finally:
-        torch.set_num_threads(threads)
-    lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(" masked dense")[0] for line in lines] == [f"causal data-informed {tau}%" for tau in (10, 30, 50)]
     # per mask three rounds (one warm-up) of both sides: heads first calls the kernel with 3 (heads) items, usual
     # with 2 (the batch)
@@ -234,12 +222,7 @@ def test_mask_cost_times_each_kernel_call_with_each_mask(capsys, monkeypatch):
 
     monkeypatch.setattr(common, "FLASH_CPU", spy(forward, "forward"))
     monkeypatch.setattr(common, "FLASH_CPU_BACKWARD", spy(backward, "backward"))
-    threads = torch.get_num_threads()
-    try:
-        bp.main(["--mask-cost", "--quick", "--pairs", "2"])
-    finally:
-        torch.set_num_threads(threads)
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = main_lines(capsys, ["--mask-cost", "--quick", "--pairs", "2"])
     names = ["no mask", "zero mask (1, H, L, L)", "one row per head (stride 0)"]
     assert [line.split(":")[0] for line in lines] == [f"{part} {name}" for part in ("forward", "backward")
                                                       for name in names]
@@ -257,13 +240,8 @@ def test_padding_compares_item_by_item_one_call_and_unpadded(capsys, monkeypatch
     kernel, calls = common.FLASH_CPU, []
     monkeypatch.setattr(common, "FLASH_CPU", lambda q, k, *a, **kw: calls.append(
         (q.size(0), k.size(2), kw["attn_mask"].size(0))) or kernel(q, k, *a, **kw))
-    threads = torch.get_num_threads()
-    try:
-        bp.main(["--padding", "--length", "64", "--heads", "3", "--head-dim", "8", "--batch", "2", "--pairs", "1",
+    lines = main_lines(capsys, ["--padding", "--length", "64", "--heads", "3", "--head-dim", "8", "--batch", "2", "--pairs", "1",
                  "--patterns", "noncausal"])
-    finally:
-        torch.set_num_threads(threads)
-    lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == [f"noncausal data-informed {tau}%, 8 keys of one item padded"
                                                       for tau in (10, 30, 50)]
     assert all("unpadded" in line and "item by item" in line and "one call" in line for line in lines)
