@@ -10,8 +10,9 @@ Two paths give the same numbers:
 * dense: the full (Lq, Lk) problem under the mask as an additive bias (cached in the :class:`PrunedPlan`), through
   the CPU flash kernel (with ``is_causal`` as well when the mask lies in the causal triangle, so the kernel skips
   the blocks above the diagonal) or ``F.scaled_dot_product_attention``; explicit scores and softmax for
-  ``need_weights``. A long padded batch goes through the kernel item by item, each on its unpadded keys
-  (:func:`_dense_per_item`), rather than with its padding in a (B, H, Lq, Lk) bias. Used for ``need_weights``, for sequences that fit in one block, and wherever it is cheaper;
+  ``need_weights``. On the CPU a long padded batch goes through the kernel item by item, each on its unpadded
+  keys (:func:`_dense_per_item`), rather than with its padding in a (B, H, Lq, Lk) bias. Used for
+  ``need_weights``, for sequences that fit in one block, and wherever it is cheaper;
 * block-sparse: queries are cut into blocks of ``q_block`` and keys into blocks of ``block``; a (head, query block,
   key block) triple is *kept* when any of its entries is kept (pruned entries inside a kept block are masked
   exactly by the bias). Only kept triples are computed. Rows (head, query block) keep different numbers of key
@@ -552,8 +553,9 @@ def _dense_per_item(q, k, v, keep, key_padding_mask, bias, causal, extent, whole
     """The dense path of a padded batch through the CPU flash kernel, one call per item: an item whose unpadded
     keys are one run (fairseq pads on one side) takes only those keys, with the shared (1, H, Lq, Lk) bias sliced
     to them, so neither the padded keys' scores nor a (B, H, Lq, Lk) bias with the padding in it are made (at
-    L=1024, B=2, H=4 with 128 keys of one item padded, the latter took 1.43x the unpadded step and 32 MiB); other
-    items get a bias of their own with their padding in it. ``causal`` stays exact with keys sliced from ``lo > 0``:
+    L=1024, B=2, H=4 with 128 keys of one item padded, such a bias took 1.28-1.37x the unpadded step and 32 MiB,
+    item by item 1.03-1.08x: ``python -m benchmarks.pruning --padding``); other items get a bias of their own with
+    their padding in it. ``causal`` stays exact with keys sliced from ``lo > 0``:
     the kernel's own causal mask then covers a subset of the future entries the bias already masks, and every
     block it skips lies beyond each of its queries' last allowed key."""
     outs = []
@@ -741,8 +743,9 @@ _CLEAR = 0.15
 #: a layout faster than dense by less than :data:`_CLEAR` is timed again against it in this many pairs (the order
 #: alternating) and taken when the median of the pairs' ratios is at least :data:`_MARGIN` below 1. A plain margin
 #: of 10% on three round-robin rounds (on an AMD EPYC, an older kernel, a layout measured 8-12% faster ran 5-7%
-#: slower in the benchmark's loop) left the causal 50% mask of ``make bench-pruning`` on the dense path at 1.15x
-#: dense SDPA on an Intel Xeon, where its 128x32 layout takes 0.92x the dense path in every one of 15 pairs
+#: slower in the benchmark's loop) left the causal 50% mask of ``make bench-pruning`` on the dense path at 1.17x
+#: dense SDPA on an Intel Xeon, where its 128x32 layout measured 0.92x the dense path's time; confirmed in pairs
+#: (0.94x), it is taken now (1.08x dense SDPA)
 _CONFIRM_PAIRS = 7
 _MARGIN = 0.05
 
@@ -779,8 +782,8 @@ class PrunedPlan:
     random numbers drawn) at the first call of each (device, dtype, head dim, grad mode); the lowest median wins if
     it is dense or :data:`_CLEAR` below dense's, a layout closer to dense only if alternating pairs with dense
     confirm it at least :data:`_MARGIN` faster. So on any machine the block-sparse path is taken only where it
-    measured faster than dense. ``choice(...)`` gives ``(path, layout, reason)``; ``decisions`` keeps every choice with its reason
-    and timings (the benchmark prints them)."""
+    measured faster than dense. ``choice(...)`` gives ``(path, layout, reason)``; ``decisions`` keeps every choice
+    with its reason and timings (the benchmark prints them)."""
 
     def __init__(self, keep: Tensor, block: int = 32, *, tune: bool = False,
                  layouts: Optional[List[BlockLayout]] = None):
