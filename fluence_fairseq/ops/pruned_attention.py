@@ -493,16 +493,8 @@ def _dense_path(q, k, v, keep, key_padding_mask, dropout_p, need_weights, plan: 
     else:
         bias, has_key = _additive(keep.unsqueeze(0), q.dtype), _rows_with_a_key(keep.unsqueeze(0))
     causal = plan is not None and plan.causal
-    if key_padding_mask is not None and cpu_flash_applies(q, dropout_p) and keep[0].numel() * q.size(1) >= \
-            PER_ITEM_FROM:
-        found: List[Tuple[Tensor, Tensor]] = []
-
-        def extent():  # found at most once per call (a plan keeps it across calls)
-            if not found:
-                found.append(plan.key_extent(q.device) if plan is not None else _key_extent(keep.to(q.device)))
-            return found[0]
-
-        return _dense_per_item(q, k, v, keep, key_padding_mask, bias, causal, extent, has_key), None
+    if key_padding_mask is not None and cpu_flash_applies(q, dropout_p) and keep.numel() >= PER_ITEM_FROM:
+        return _dense_per_item(q, k, v, keep, key_padding_mask, bias, plan, has_key), None
     if key_padding_mask is not None:
         bias = bias.masked_fill(key_padding_mask.view(-1, 1, 1, src_len), torch.finfo(q.dtype).min)
         has_key = _rows_with_a_key(_allowed(keep, key_padding_mask, src_len))
@@ -549,7 +541,7 @@ def _rows_with_a_key_in(keep: Tensor, lo: int, hi: int, extent: Callable[[], Tup
     return None if bool(rows.all()) else rows.view(1, *rows.shape, 1)
 
 
-def _dense_per_item(q, k, v, keep, key_padding_mask, bias, causal, extent, whole_has_key):
+def _dense_per_item(q, k, v, keep, key_padding_mask, bias, plan: Optional["PrunedPlan"], whole_has_key):
     """The dense path of a padded batch through the CPU flash kernel, one call per item: an item whose unpadded
     keys are one run (fairseq pads on one side) takes only those keys, with the shared (1, H, Lq, Lk) bias sliced
     to them, so neither the padded keys' scores nor a (B, H, Lq, Lk) bias with the padding in it are made (at
@@ -557,7 +549,16 @@ def _dense_per_item(q, k, v, keep, key_padding_mask, bias, causal, extent, whole
     item by item 1.03-1.08x: ``python -m benchmarks.pruning --padding``); other items get a bias of their own with
     their padding in it. ``causal`` stays exact with keys sliced from ``lo > 0``:
     the kernel's own causal mask then covers a subset of the future entries the bias already masks, and every
-    block it skips lies beyond each of its queries' last allowed key."""
+    block it skips lies beyond each of its queries' last allowed key. ``whole_has_key``: the rows with a kept key
+    among all keys (None if all have one)."""
+    causal = plan is not None and plan.causal
+    found: List[Tuple[Tensor, Tensor]] = []
+
+    def extent():  # the rows' first and last kept keys: found once per call without a plan, kept by a plan
+        if not found:
+            found.append(plan.key_extent(q.device) if plan is not None else _key_extent(keep.to(q.device)))
+        return found[0]
+
     outs = []
     for b in range(q.size(0)):
         valid = ~key_padding_mask[b]
