@@ -733,8 +733,12 @@ def test_listed_groups_left_unwritten_carry_their_probabilities_in_the_support(s
     # memory the call leaves unwritten made recognisable: float tensors from torch.empty start as NaN (else their
     # contents are whatever the allocator held before: probabilities of the first call, at times)
     real_empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *args, **kw: (lambda t: t.fill_(float("nan")) if t.is_floating_point()
-                                                             else t)(real_empty(*args, **kw)))
+
+    def nan_empty(*args, **kw):
+        fresh = real_empty(*args, **kw)
+        return fresh.fill_(float("nan")) if fresh.is_floating_point() else fresh
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
     p_left, stats_left, left = ops.entmax_with_stats(x, a, None, dense_listed=False, **kwargs)
     monkeypatch.setattr(torch, "empty", real_empty)
     assert torch.equal(stats_left, stats)
