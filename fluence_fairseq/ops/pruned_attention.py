@@ -358,6 +358,8 @@ class BlockLayout:
                 lo = torch.where(item_has, first_key[h, : items * m].view(items, m), head_keys).amin(-1)
                 hi = torch.where(item_has, last_key[h, : items * m].view(items, m), -1).amax(-1)
                 real = item_has.any(-1)
+                if not bool(real.any()):  # the head's kept rows all lie after its whole items: none to band
+                    continue
                 start = m * bq * torch.arange(items, device=counts.device)  # each item's first query
                 rel_lo, rel_hi = lo - start, hi - start
                 lo_c = _candidates(rel_lo[real], _BAND_CANDIDATES)

@@ -174,6 +174,21 @@ def test_everything_pruned():
         assert gq.abs().max() == 0
 
 
+
+@pytest.mark.parametrize("tgt_len,src_len", [(33, 7), (33, 200)])
+def test_a_head_keeping_keys_only_in_its_last_partial_query_block(tgt_len, src_len):
+    """A head whose only kept rows lie in the last query block, a partial one outside every item of merged rows
+    (33 queries: two whole blocks of 16 and one row after them): building its layouts used to search band windows
+    over an empty set of candidates and raise an IndexError, so a model whose mask had such a head failed at the
+    first call of that length."""
+    keep = torch.zeros(2, tgt_len, src_len, dtype=torch.bool)
+    keep[0, -1, 3] = True
+    keep[0, -1, src_len - 1] = True
+    keep[1] = torch.rand(tgt_len, src_len, generator=torch.Generator().manual_seed(0)) < 0.5
+    for q_block in (16, 32):
+        assert BlockLayout.build(keep, 16, q_block).triples > 0
+    check_against_reference(keep, block=16, q_blocks=(1, 2))
+
 def test_gradcheck_float64(device):
     keep = torch.zeros(2, 10, 12, dtype=torch.bool)
     keep[0, :, :3] = True
