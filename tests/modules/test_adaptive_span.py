@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from attention_reference import reference_attention
+import randomized
 from fluence_fairseq.modules import AdaptiveSpan, AdaptiveSpanAttention, FSAdaptiveSpan
 from fluence_fairseq.modules.adaptive_span import head_groups
 
@@ -380,3 +381,10 @@ def test_span_gradient_equals_the_reference_at_whole_and_fractional_spans(S, R, 
     torch.testing.assert_close(g, g_ref, rtol=2e-3, atol=1e-6)
     if z * S + R < T:
         assert g_ref.abs().min() > 0  # the ramp (and at whole z S its far key) really moves every span
+
+
+@pytest.mark.parametrize("seed,small", randomized.seeds(10))
+def test_random_spans_match_the_reference_with_their_gradients(seed, small):
+    """Spans at random, whole-token, zero and full values, both patterns, padding: outputs and gradients (the
+    spans' included) equal the reference computation in float64 (:func:`randomized.adaptive_span_case`)."""
+    randomized.check(randomized.adaptive_span_case, seed, small)

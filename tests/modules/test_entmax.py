@@ -5,6 +5,7 @@ import entmax as entmax_pkg
 import pytest
 import torch
 
+import randomized
 from fluence_fairseq import FSAlphaEntmax, FSEntmax15, FSSparsemax
 from fluence_fairseq.modules.entmax import (ALPHA_MAX, ALPHA_MIN, EntmaxAttentionBase, learned_alpha,
                                            parse_alpha_init)
@@ -2006,3 +2007,10 @@ def test_group_size_is_read_when_called_not_when_imported(monkeypatch):
     rows, columns = ops._entries_above(u, start, groups)
     expected = (u > start).nonzero().unbind(1)
     assert torch.equal(rows, expected[0]) and torch.equal(columns, expected[1])
+
+
+@pytest.mark.parametrize("seed,small", randomized.seeds(12))
+def test_random_rows_match_bisection_in_float64(seed, small):
+    """Random row lengths and counts, scales, ties, masks, -inf entries and α (fixed, per row, learned):
+    probabilities and both gradients match bisection in float64 (:func:`randomized.entmax_case`)."""
+    randomized.check(randomized.entmax_case, seed, small)

@@ -3,6 +3,7 @@ probabilities, against the plain computation (autograd through ops.entmax.entmax
 import pytest
 import torch
 
+import randomized
 from fluence_fairseq.ops.entmax import entmax, entmax_from_stats, entmax_with_stats
 from fluence_fairseq.ops.entmax_attention import blocked_entmax_attention
 
@@ -465,3 +466,10 @@ def test_alpha_gradient_near_one_is_as_accurate_as_the_plain_computation(sharp, 
     plain_error = (alpha_grad(plain, torch.float32) - truth).abs()
     blocked_error = (alpha_grad(blocked, torch.float32) - truth).abs()
     assert bool((blocked_error <= 3 * plain_error + 1e-5 * truth.abs()).all()), (blocked_error, plain_error, truth)
+
+
+@pytest.mark.parametrize("seed,small", randomized.seeds(8))
+def test_random_cases_equal_the_plain_computation(seed, small):
+    """Random blocks, patterns, paddings, biases, α and sparsity: outputs, weights and every gradient agree with
+    the plain computation in float64 (float32: within 3x its own error; :func:`randomized.blocked_entmax_case`)."""
+    randomized.check(randomized.blocked_entmax_case, seed, small)

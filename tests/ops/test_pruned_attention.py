@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import randomized
 from fluence_fairseq.ops import common, pruned_attention as pa
 from fluence_fairseq.pruning.policy import pruning_mask, random_pruning_mask
 from fluence_fairseq.ops.pruned_attention import BlockLayout, choose_path, pruned_attention
@@ -597,3 +598,10 @@ def test_runs_and_window_candidates():
     many = torch.cat([torch.full((90,), 5), torch.arange(100, 110)])  # most rows at 5, a tail of ten others
     got = pa._candidates(many, 4)
     assert got.numel() <= 4 and 5 in got.tolist() and got.min() == 5 and got.max() == 109
+
+
+@pytest.mark.parametrize("seed,small", randomized.seeds(12))
+def test_random_cases_match_the_masked_softmax(seed, small):
+    """Random masks (bands, blocks, scattered entries, empty rows and heads), paddings, lengths, layouts and paths:
+    outputs and gradients equal the float64 masked softmax (:func:`randomized.pruned_attention_case`)."""
+    randomized.check(randomized.pruned_attention_case, seed, small)
