@@ -121,7 +121,7 @@ def test_a_new_attention_module_needs_no_other_edit(tmp_path):
     (tmp_path / "fluence_fairseq" / "modules" / "toy.py").write_text(TOY_MODULE)
     tests = tmp_path / "tests"
     (tests / "modules").mkdir(parents=True)
-    for name in ("conftest.py", "attention_contract.py", "fairseq_helpers.py"):
+    for name in ("conftest.py", "attention_contract.py", "fairseq_helpers.py", "randomized.py"):
         shutil.copy(H.REPO / "tests" / name, tests / name)
     shutil.copy(H.REPO / "tests" / "modules" / "test_contract.py", tests / "modules" / "test_contract.py")
     shutil.copy(H.REPO / "pytest.ini", tmp_path / "pytest.ini")
