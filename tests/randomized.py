@@ -3,9 +3,9 @@ paths' thresholds, masks, padding, dtypes, layouts, α), runs it and returns wha
 
 The default suite runs a few small seeds of each; ``pytest -m slow`` runs hundreds (``SLOW_SEEDS``). They found
 what fixed-shape tests had not: a pruning layout that raised IndexError for a head keeping keys only in its last
-partial query block, and α's gradient of the blocked α-entmax attention 5% off near α = 1. Each ``*_case``
-function takes ``seed`` and ``small`` (cap the sizes for the default suite) and returns a list of problems, each
-naming the case; an exception propagates with the case in its message.
+partial query block, and α's gradient of the blocked α-entmax attention near α = 1 far less accurate than the
+plain computation's. Each ``*_case`` function takes ``seed`` and ``small`` (cap the sizes for the default suite)
+and returns a list of problems, each naming the case; an exception propagates with the case in its message.
 """
 import random
 from typing import Callable, List, Optional
